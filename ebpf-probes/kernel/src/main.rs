@@ -1,0 +1,542 @@
+//! keywarden's kernel programs.
+//!
+//! * `sign_entry` / `sign_return` are uprobe.multi programs attached to the
+//!   signing functions of every crypto library the sensor finds. The attach
+//!   cookie says which function and library fired, so one program serves
+//!   them all.
+//! * `process_exec`, `process_exit` and `openat_enter` are tracepoints that
+//!   give the sensor process lifetimes, crypto libraries being loaded and
+//!   key files being opened.
+//!
+//! Cost matters more than anything here: a uprobe trap already costs several
+//! microseconds in a VM, so records go out with `BPF_RB_NO_WAKEUP` and the
+//! sensor polls on a timer. Only records the sensor must act on at once
+//! (exec, an unseen library) force a wakeup.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+mod probes {
+    use aya_ebpf::{
+        EbpfContext,
+        bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+        helpers::{
+            bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+            bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+            generated::{
+                bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_smp_processor_id,
+                bpf_ktime_get_ns, bpf_send_signal,
+            },
+        },
+        macros::{map, tracepoint, uprobe, uretprobe},
+        maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+        programs::{ProbeContext, RetProbeContext, TracePointContext},
+    };
+    use keywarden_probe_types::*;
+
+    /// Several MiB: a 256 KiB ring dropped events at 36k signatures/s.
+    #[map]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+    #[map]
+    static MD_CTX_STATE: LruHashMap<ProcPtr, MdCtxState> = LruHashMap::with_max_entries(65536, 0);
+
+    #[map]
+    static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(65536, 0);
+
+    /// Pointers that have signed; a free of one of these is reported so the
+    /// sensor forgets which key it was.
+    #[map]
+    static SIGN_HANDLES: LruHashMap<ProcPtr, u8> = LruHashMap::with_max_entries(65536, 0);
+
+    #[map]
+    static LIBRARY_SEEN: LruHashMap<LibrarySeenKey, u8> = LruHashMap::with_max_entries(65536, 0);
+
+    #[map]
+    static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);
+
+    #[map]
+    static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
+
+    #[map]
+    static OP_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+    #[map]
+    static PATH_SCRATCH: PerCpuArray<[u8; PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);
+
+    const SIGSTOP: u32 = 19;
+
+    #[inline(always)]
+    fn count(slot: u32) {
+        if let Some(p) = STATS.get_ptr_mut(slot) {
+            unsafe { *p += 1 };
+        }
+    }
+
+    #[inline(always)]
+    fn config(slot: u32) -> u64 {
+        CONFIG.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Unique per CPU: (cpu << 56) | sequence.
+    #[inline(always)]
+    fn new_op_id() -> u64 {
+        let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+        let seq = match OP_SEQ.get_ptr_mut(0) {
+            Some(p) => unsafe {
+                *p += 1;
+                *p
+            },
+            None => 0,
+        };
+        (cpu << 56) | (seq & ((1 << 56) - 1))
+    }
+
+    #[inline(always)]
+    fn current_task() -> Task {
+        Task {
+            pid_tgid: bpf_get_current_pid_tgid(),
+            uid_gid: bpf_get_current_uid_gid(),
+            cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+            ktime_ns: unsafe { bpf_ktime_get_ns() },
+            comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        }
+    }
+
+    #[inline(always)]
+    fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+        ctx.arg::<u64>(n).unwrap_or(0)
+    }
+
+    // ---------------------------------------------------------------- uprobes
+
+    #[uprobe(multi)]
+    pub fn sign_entry(ctx: ProbeContext) -> u32 {
+        let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+        let (library, f) = func::split_cookie(cookie);
+        let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+        match f {
+            func::DIGEST_SIGN_INIT => on_init(tgid, arg(&ctx, 0), arg(&ctx, 4), 0),
+            func::DIGEST_SIGN_INIT_EX => on_init(tgid, arg(&ctx, 0), arg(&ctx, 5), arg(&ctx, 2)),
+            func::DIGEST_SIGN_UPDATE => on_update(tgid, arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2)),
+            func::DIGEST_SIGN | func::DIGEST_SIGN_FINAL | func::PKEY_SIGN => {
+                on_sign_entry(&ctx, f, library, tgid)
+            }
+            func::PKEY_FREE | func::PKEY_CTX_FREE => on_free(tgid, arg(&ctx, 0)),
+            _ => {}
+        }
+        0
+    }
+
+    /// EVP_DigestSignInit(ctx, pctx, type, e, pkey) and
+    /// EVP_DigestSignInit_ex(ctx, pctx, mdname, libctx, props, pkey, params):
+    /// remember which key this EVP_MD_CTX will sign with.
+    #[inline(always)]
+    fn on_init(tgid: u32, md_ctx: u64, pkey: u64, md_name_ptr: u64) {
+        if md_ctx == 0 {
+            return;
+        }
+        let key = ProcPtr { tgid, _pad: 0, ptr: md_ctx };
+        // A re-init with pkey=NULL keeps the key the context already has.
+        let pkey = if pkey == 0 {
+            match unsafe { MD_CTX_STATE.get(&key) } {
+                Some(old) => old.pkey,
+                None => 0,
+            }
+        } else {
+            pkey
+        };
+        let mut state = MdCtxState { pkey, op_id: new_op_id(), captured: 0, flags: 0, md_name: [0; 16] };
+        if md_name_ptr != 0
+            && unsafe { bpf_probe_read_user_str_bytes(md_name_ptr as *const u8, &mut state.md_name) }.is_ok()
+        {
+            state.flags |= sign_flags::HAS_MD_NAME;
+        }
+        let _ = MD_CTX_STATE.insert(&key, &state, 0);
+    }
+
+    /// EVP_DigestSignUpdate(ctx, data, len): capture streamed data so the
+    /// sensor can verify the final signature. Skipped inside a one-shot
+    /// EVP_DigestSign, which captured its whole input already.
+    #[inline(always)]
+    fn on_update(tgid: u32, md_ctx: u64, data: u64, len: u64) {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        if unsafe { INFLIGHT.get(&tid) }.is_some() {
+            return;
+        }
+        let key = ProcPtr { tgid, _pad: 0, ptr: md_ctx };
+        let Some(state) = MD_CTX_STATE.get_ptr_mut(&key) else { return };
+        let (op_id, captured) = unsafe { ((*state).op_id, (*state).captured) };
+        let taken = emit_data(tgid, op_id, captured, data, len);
+        unsafe { (*state).captured = captured.saturating_add(taken) };
+    }
+
+    /// Copies up to `CAPTURE_MAX - offset` bytes of `src` into data records.
+    /// Returns how many bytes were taken.
+    #[inline(always)]
+    fn emit_data(tgid: u32, op_id: u64, offset: u32, src: u64, len: u64) -> u32 {
+        if src == 0 || len == 0 {
+            return 0;
+        }
+        if offset >= CAPTURE_MAX {
+            count(stats::CAPTURE_TRUNCATED);
+            return 0;
+        }
+        let room = (CAPTURE_MAX - offset) as u64;
+        let total = if len < room { len } else { room };
+        let truncated = (len > room) as u32;
+        if truncated != 0 {
+            count(stats::CAPTURE_TRUNCATED);
+        }
+        if total <= DATA_SMALL as u64 {
+            emit_small(tgid, op_id, offset, src, total as u32, truncated);
+            return total as u32;
+        }
+        let mut done: u32 = 0;
+        for _ in 0..(CAPTURE_MAX as usize / DATA_BIG) {
+            let left = total as u32 - done;
+            if left == 0 {
+                break;
+            }
+            let n = if left > DATA_BIG as u32 { DATA_BIG as u32 } else { left };
+            let last = done + n == total as u32;
+            emit_big(tgid, op_id, offset + done, src + done as u64, n, if last { truncated } else { 0 });
+            done += n;
+        }
+        done
+    }
+
+    #[inline(always)]
+    fn emit_small(tgid: u32, op_id: u64, offset: u32, src: u64, n: u32, truncated: u32) {
+        let Some(mut rec) = EVENTS.reserve::<DataSmallRecord>(0) else {
+            count(stats::LOST_DATA);
+            return;
+        };
+        let r = unsafe { rec.assume_init_mut() };
+        r.header = DataHeader { kind: kind::DATA_SMALL, tgid, op_id, offset, len: n, truncated, _pad: 0 };
+        let n = (n as usize).min(DATA_SMALL);
+        let ok = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                r.data.as_mut_ptr().cast(),
+                n as u32,
+                src as *const core::ffi::c_void,
+            )
+        } == 0;
+        if ok {
+            rec.submit(BPF_RB_NO_WAKEUP as u64);
+        } else {
+            rec.discard(BPF_RB_NO_WAKEUP as u64);
+            count(stats::LOST_DATA);
+        }
+    }
+
+    #[inline(always)]
+    fn emit_big(tgid: u32, op_id: u64, offset: u32, src: u64, n: u32, truncated: u32) {
+        let Some(mut rec) = EVENTS.reserve::<DataBigRecord>(0) else {
+            count(stats::LOST_DATA);
+            return;
+        };
+        let r = unsafe { rec.assume_init_mut() };
+        r.header = DataHeader { kind: kind::DATA_BIG, tgid, op_id, offset, len: n, truncated, _pad: 0 };
+        let n = (n as usize).min(DATA_BIG);
+        let ok = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                r.data.as_mut_ptr().cast(),
+                n as u32,
+                src as *const core::ffi::c_void,
+            )
+        } == 0;
+        if ok {
+            rec.submit(BPF_RB_NO_WAKEUP as u64);
+        } else {
+            rec.discard(BPF_RB_NO_WAKEUP as u64);
+            count(stats::LOST_DATA);
+        }
+    }
+
+    /// EVP_DigestSign(ctx, sig, siglen, tbs, tbslen),
+    /// EVP_DigestSignFinal(ctx, sig, siglen),
+    /// EVP_PKEY_sign(pctx, sig, siglen, tbs, tbslen).
+    #[inline(always)]
+    fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
+        let tid = bpf_get_current_pid_tgid() as u32;
+        let sp = unsafe { (*ctx.regs).rsp };
+        if let Some(outer) = INFLIGHT.get_ptr_mut(&tid) {
+            // A live outer call has a higher stack pointer than this one.
+            if unsafe { (*outer).sp } > sp {
+                unsafe { (*outer).depth += 1 };
+                return;
+            }
+        }
+        let sig = arg(ctx, 1);
+        if sig == 0 {
+            return; // length query: not a signature
+        }
+        let handle_ctx = arg(ctx, 0);
+        let mut inflight = Inflight {
+            func: f as u32,
+            depth: 1,
+            library,
+            flags: 0,
+            handle: handle_ctx,
+            op_id: 0,
+            sig_ptr: sig,
+            siglen_ptr: arg(ctx, 2),
+            sp,
+            md_name: [0; 16],
+        };
+        if f == func::PKEY_SIGN {
+            inflight.op_id = new_op_id();
+        } else {
+            let key = ProcPtr { tgid, _pad: 0, ptr: handle_ctx };
+            match unsafe { MD_CTX_STATE.get(&key) } {
+                Some(state) => {
+                    if state.pkey != 0 {
+                        inflight.handle = state.pkey;
+                        inflight.flags |= sign_flags::HANDLE_IS_PKEY;
+                    }
+                    inflight.flags |= state.flags & sign_flags::HAS_MD_NAME;
+                    inflight.md_name = state.md_name;
+                    // Final signs what the updates streamed under this op id.
+                    inflight.op_id = if f == func::DIGEST_SIGN_FINAL { state.op_id } else { new_op_id() };
+                }
+                None => inflight.op_id = new_op_id(),
+            }
+        }
+        if f != func::DIGEST_SIGN_FINAL {
+            emit_data(tgid, inflight.op_id, 0, arg(ctx, 3), arg(ctx, 4));
+        }
+        let _ = INFLIGHT.insert(&tid, &inflight, 0);
+    }
+
+    #[inline(always)]
+    fn on_free(tgid: u32, ptr: u64) {
+        let key = ProcPtr { tgid, _pad: 0, ptr };
+        if unsafe { SIGN_HANDLES.get(&key) }.is_none() {
+            return;
+        }
+        let _ = SIGN_HANDLES.remove(&key);
+        let rec = HandleFreeRecord { kind: kind::HANDLE_FREE, tgid, handle: ptr };
+        if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
+            count(stats::LOST_OTHER);
+        }
+    }
+
+    #[uretprobe(multi)]
+    pub fn sign_return(ctx: RetProbeContext) -> u32 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let tid = pid_tgid as u32;
+        let Some(p) = INFLIGHT.get_ptr_mut(&tid) else { return 0 };
+        unsafe {
+            if (*p).depth > 1 {
+                (*p).depth -= 1;
+                return 0;
+            }
+        }
+        let inflight = unsafe { *p };
+        let _ = INFLIGHT.remove(&tid);
+        let ret = unsafe { (*ctx.regs).rax } as i32 as i64;
+
+        let Some(mut rec) = EVENTS.reserve::<SignRecord>(0) else {
+            count(stats::LOST_SIGN);
+            return 0;
+        };
+        let r = unsafe { rec.assume_init_mut() };
+        r.kind = kind::SIGN;
+        r.func = inflight.func;
+        r.task = current_task();
+        r.library = inflight.library;
+        r.flags = inflight.flags;
+        r.handle = inflight.handle;
+        r.op_id = inflight.op_id;
+        r.ret = ret;
+        r.md_name = inflight.md_name;
+        r._pad = 0;
+        r.sig_len = 0;
+        r.sig_captured = 0;
+        if ret == 1 {
+            let len: u64 = unsafe { bpf_probe_read_user(inflight.siglen_ptr as *const u64) }.unwrap_or(0);
+            r.sig_len = len;
+            let n = if len > SIG_MAX as u64 { SIG_MAX as u32 } else { len as u32 };
+            if len > SIG_MAX as u64 {
+                r.flags |= sign_flags::SIG_INCOMPLETE;
+            }
+            if n > 0 {
+                let n = (n as usize).min(SIG_MAX);
+                let rc = unsafe {
+                    aya_ebpf::helpers::generated::bpf_probe_read_user(
+                        r.sig.as_mut_ptr().cast(),
+                        n as u32,
+                        inflight.sig_ptr as *const core::ffi::c_void,
+                    )
+                };
+                if rc == 0 {
+                    r.sig_captured = n as u32;
+                } else {
+                    r.flags |= sign_flags::SIG_INCOMPLETE;
+                }
+            }
+        }
+        rec.submit(BPF_RB_NO_WAKEUP as u64);
+        let key = ProcPtr { tgid: (pid_tgid >> 32) as u32, _pad: 0, ptr: inflight.handle };
+        let _ = SIGN_HANDLES.insert(&key, &1, 0);
+        0
+    }
+
+    // ------------------------------------------------------------ tracepoints
+
+    #[tracepoint(category = "sched", name = "sched_process_exec")]
+    pub fn process_exec(ctx: TracePointContext) -> u32 {
+        let task = current_task();
+        let _ = INFLIGHT.remove(&task.tid());
+        let Some(mut rec) = EVENTS.reserve::<ExecRecord>(0) else {
+            count(stats::LOST_OTHER);
+            return 0;
+        };
+        let r = unsafe { rec.assume_init_mut() };
+        r.kind = kind::EXEC;
+        r._pad = 0;
+        r.task = task;
+        r.filename[0] = 0;
+        // __data_loc char[] filename at offset 8: low 16 bits are the offset.
+        if let Ok(loc) = unsafe { ctx.read_at::<u32>(8) } {
+            let off = (loc & 0xffff) as usize;
+            let src = unsafe { (ctx.as_ptr() as *const u8).add(off) };
+            let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut r.filename) };
+        }
+        rec.submit(BPF_RB_FORCE_WAKEUP as u64);
+        0
+    }
+
+    #[tracepoint(category = "sched", name = "sched_process_exit")]
+    pub fn process_exit(_ctx: TracePointContext) -> u32 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let _ = INFLIGHT.remove(&(pid_tgid as u32));
+        if (pid_tgid >> 32) as u32 != pid_tgid as u32 {
+            return 0; // a thread, not the process
+        }
+        let rec = ExitRecord { kind: kind::EXIT, _pad: 0, task: current_task() };
+        if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
+            count(stats::LOST_OTHER);
+        }
+        0
+    }
+
+    const LIBCRYPTO: &[u8; 12] = b"libcrypto.so";
+    const KEY_SUFFIXES: [&[u8]; 5] = [b".pem", b".key", b".der", b".crt", b".p8"];
+
+    /// Classifies an openat path: a crypto library being loaded, or a file
+    /// that may hold a key. Everything else returns at once.
+    #[tracepoint(category = "syscalls", name = "sys_enter_openat")]
+    pub fn openat_enter(ctx: TracePointContext) -> u32 {
+        let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else { return 0 };
+        let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else { return 0 };
+        let buf = unsafe { &mut *buf };
+        let len = match unsafe { bpf_probe_read_user_str_bytes(filename as *const u8, buf) } {
+            Ok(s) => s.len(),
+            Err(_) => return 0,
+        };
+        if len < 4 || len >= PATH_MAX {
+            return 0;
+        }
+        let mut flags = 0u32;
+        if is_libcrypto(buf, len) {
+            flags |= open_flags::LIBRARY;
+        } else if has_key_suffix(buf, len) {
+            flags |= open_flags::KEY_FILE;
+        } else {
+            return 0;
+        }
+        let task = current_task();
+        let mut wake = BPF_RB_NO_WAKEUP as u64;
+        if flags & open_flags::LIBRARY != 0 {
+            let key = LibrarySeenKey { cgroup_id: task.cgroup_id, path_hash: fnv1a(&buf[..]) };
+            if unsafe { LIBRARY_SEEN.get(&key) }.is_some() {
+                return 0;
+            }
+            let _ = LIBRARY_SEEN.insert(&key, &1, 0);
+            wake = BPF_RB_FORCE_WAKEUP as u64;
+            let heartbeat = config(config::HEARTBEAT_NS);
+            let now = task.ktime_ns;
+            if config(config::HOLD_NEW_LIBRARIES) != 0
+                && heartbeat != 0
+                && now.wrapping_sub(heartbeat) < config::HEARTBEAT_MAX_AGE_NS
+                && unsafe { bpf_send_signal(SIGSTOP) } == 0
+            {
+                flags |= open_flags::HELD;
+            }
+        }
+        let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
+            count(stats::LOST_OTHER);
+            return 0;
+        };
+        let r = unsafe { rec.assume_init_mut() };
+        r.kind = kind::FILE_OPEN;
+        r.flags = flags;
+        r.task = task;
+        r.dfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32 as i64;
+        r.path = *buf;
+        rec.submit(wake);
+        0
+    }
+
+    #[inline(always)]
+    fn is_libcrypto(buf: &[u8; PATH_MAX], len: usize) -> bool {
+        // Find the basename: scan back at most 64 bytes for '/'.
+        let mut start = 0usize;
+        let mut i = 0usize;
+        while i < 64 {
+            if i >= len {
+                break;
+            }
+            let idx = (len - 1 - i) & (PATH_MAX - 1);
+            if buf[idx] == b'/' {
+                start = idx + 1;
+                break;
+            }
+            i += 1;
+        }
+        if start + LIBCRYPTO.len() > len {
+            return false;
+        }
+        let mut j = 0usize;
+        while j < LIBCRYPTO.len() {
+            if buf[(start + j) & (PATH_MAX - 1)] != LIBCRYPTO[j] {
+                return false;
+            }
+            j += 1;
+        }
+        true
+    }
+
+    #[inline(always)]
+    fn has_key_suffix(buf: &[u8; PATH_MAX], len: usize) -> bool {
+        for suffix in KEY_SUFFIXES {
+            let n = suffix.len();
+            if len < n {
+                continue;
+            }
+            let mut ok = true;
+            let mut j = 0usize;
+            while j < n {
+                if buf[(len - n + j) & (PATH_MAX - 1)] != suffix[j] {
+                    ok = false;
+                    break;
+                }
+                j += 1;
+            }
+            if ok {
+                return true;
+            }
+        }
+        false
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo) -> ! {
+        loop {}
+    }
+}

@@ -1,0 +1,299 @@
+//! Records and map types shared by the kernel probes and the sensor.
+//!
+//! Everything here is plain `#[repr(C)]` data with explicit padding, so the
+//! same bytes mean the same thing on both sides of the ring buffer. The
+//! kernel side writes these; `keywarden`'s `records` module reads them.
+#![no_std]
+
+/// Largest signature the probes copy out (RSA-4096 is 512 bytes).
+pub const SIG_MAX: usize = 512;
+/// Data records come in two sizes so a 32-byte digest does not reserve 4 KiB
+/// of ring space.
+pub const DATA_SMALL: usize = 256;
+pub const DATA_BIG: usize = 4096;
+/// Most bytes of to-be-signed data captured per signing operation. The sensor
+/// needs the data only to verify a signature against candidate public keys
+/// (see `docs/key-identity.md`); longer messages are marked truncated.
+pub const CAPTURE_MAX: u32 = 16 * 1024;
+/// Bytes of a path the probes copy (the rest is cut and flagged).
+pub const PATH_MAX: usize = 256;
+
+/// What a signing-path uprobe is attached to. The attach cookie carries this
+/// in its low byte and the sensor's library index above it.
+pub mod func {
+    pub const DIGEST_SIGN_INIT: u8 = 1;
+    pub const DIGEST_SIGN_INIT_EX: u8 = 2;
+    pub const DIGEST_SIGN_UPDATE: u8 = 3;
+    pub const DIGEST_SIGN: u8 = 4;
+    pub const DIGEST_SIGN_FINAL: u8 = 5;
+    pub const PKEY_SIGN: u8 = 6;
+    pub const PKEY_FREE: u8 = 7;
+    pub const PKEY_CTX_FREE: u8 = 8;
+
+    /// Splits a cookie into (library index, function id).
+    pub const fn split_cookie(cookie: u64) -> (u32, u8) {
+        ((cookie >> 8) as u32, (cookie & 0xff) as u8)
+    }
+
+    pub const fn cookie(library: u32, func: u8) -> u64 {
+        ((library as u64) << 8) | func as u64
+    }
+}
+
+/// Ring buffer record kinds; every record starts with a `u32` kind.
+pub mod kind {
+    pub const SIGN: u32 = 1;
+    pub const DATA_SMALL: u32 = 2;
+    pub const DATA_BIG: u32 = 3;
+    pub const HANDLE_FREE: u32 = 4;
+    pub const EXEC: u32 = 5;
+    pub const EXIT: u32 = 6;
+    pub const FILE_OPEN: u32 = 7;
+}
+
+/// Flags on a `SignRecord`.
+pub mod sign_flags {
+    /// `handle` is the EVP_PKEY* (seen at EVP_DigestSignInit*); otherwise it
+    /// is the context pointer the signing call was made with.
+    pub const HANDLE_IS_PKEY: u32 = 1 << 0;
+    /// The signature bytes did not fit `SIG_MAX` or could not be read.
+    pub const SIG_INCOMPLETE: u32 = 1 << 1;
+    /// The digest name given to EVP_DigestSignInit_ex is in `md_name`.
+    pub const HAS_MD_NAME: u32 = 1 << 2;
+}
+
+/// Flags on a `FileOpenRecord`.
+pub mod open_flags {
+    /// The basename looks like a crypto library (`libcrypto.so*`).
+    pub const LIBRARY: u32 = 1 << 0;
+    /// The name looks like a key or certificate file.
+    pub const KEY_FILE: u32 = 1 << 1;
+    /// The probe stopped the process (SIGSTOP) until the sensor has attached
+    /// to the library; the sensor must send SIGCONT.
+    pub const HELD: u32 = 1 << 2;
+    /// The path was longer than `PATH_MAX` and is cut.
+    pub const TRUNCATED: u32 = 1 << 3;
+}
+
+/// Slots of the `CONFIG` array map, written by the sensor.
+pub mod config {
+    /// Non-zero: hold (SIGSTOP) a process that opens an unseen crypto library.
+    pub const HOLD_NEW_LIBRARIES: u32 = 0;
+    /// `bpf_ktime_get_ns()` of the sensor's last heartbeat; holding is skipped
+    /// when it is older than `HEARTBEAT_MAX_AGE_NS`, so a dead sensor never
+    /// leaves processes stopped.
+    pub const HEARTBEAT_NS: u32 = 1;
+    pub const SLOTS: u32 = 4;
+    pub const HEARTBEAT_MAX_AGE_NS: u64 = 2_000_000_000;
+}
+
+/// Slots of the per-CPU `STATS` array: events the probes could not deliver.
+pub mod stats {
+    pub const LOST_SIGN: u32 = 0;
+    pub const LOST_DATA: u32 = 1;
+    pub const LOST_OTHER: u32 = 2;
+    pub const CAPTURE_TRUNCATED: u32 = 3;
+    pub const SLOTS: u32 = 8;
+}
+
+/// Who was running when a probe fired.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Task {
+    /// `bpf_get_current_pid_tgid()`: tgid (process id) high, tid low.
+    pub pid_tgid: u64,
+    /// `bpf_get_current_uid_gid()`: gid high, uid low.
+    pub uid_gid: u64,
+    /// cgroup v2 id (the inode of the cgroup directory).
+    pub cgroup_id: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub ktime_ns: u64,
+    pub comm: [u8; 16],
+}
+
+impl Task {
+    pub const fn tgid(&self) -> u32 {
+        (self.pid_tgid >> 32) as u32
+    }
+    pub const fn tid(&self) -> u32 {
+        self.pid_tgid as u32
+    }
+    pub const fn uid(&self) -> u32 {
+        self.uid_gid as u32
+    }
+    pub const fn gid(&self) -> u32 {
+        (self.uid_gid >> 32) as u32
+    }
+}
+
+/// One completed private-key signature (never a length query, never the
+/// inner call of a nested API).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SignRecord {
+    pub kind: u32,
+    /// `func::*` of the outermost call.
+    pub func: u32,
+    pub task: Task,
+    /// Library index from the attach cookie.
+    pub library: u32,
+    pub flags: u32,
+    /// EVP_PKEY* if known, else the EVP_MD_CTX* / EVP_PKEY_CTX* used.
+    pub handle: u64,
+    /// Links this record to the `DataRecord`s captured for it.
+    pub op_id: u64,
+    /// Return value of the outermost call (1 = success for EVP APIs).
+    pub ret: i64,
+    /// `*siglen` after the call.
+    pub sig_len: u64,
+    /// Bytes of `sig` that hold the signature.
+    pub sig_captured: u32,
+    pub _pad: u32,
+    /// Digest name passed to EVP_DigestSignInit_ex, NUL padded.
+    pub md_name: [u8; 16],
+    pub sig: [u8; SIG_MAX],
+}
+
+/// Header of a chunk of to-be-signed data (message or digest).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct DataHeader {
+    pub kind: u32,
+    pub tgid: u32,
+    pub op_id: u64,
+    /// Offset of this chunk within the operation's data.
+    pub offset: u32,
+    /// Valid bytes in this chunk.
+    pub len: u32,
+    /// Non-zero when data beyond `CAPTURE_MAX` was not captured.
+    pub truncated: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataSmallRecord {
+    pub header: DataHeader,
+    pub data: [u8; DATA_SMALL],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct DataBigRecord {
+    pub header: DataHeader,
+    pub data: [u8; DATA_BIG],
+}
+
+/// A key or context that was being used for signing may have been freed, so
+/// the sensor must forget what it learnt about that pointer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HandleFreeRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub handle: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct ExecRecord {
+    pub kind: u32,
+    pub _pad: u32,
+    pub task: Task,
+    /// The path given to execve, as the process saw it.
+    pub filename: [u8; PATH_MAX],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ExitRecord {
+    pub kind: u32,
+    pub _pad: u32,
+    pub task: Task,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FileOpenRecord {
+    pub kind: u32,
+    /// `open_flags::*`
+    pub flags: u32,
+    pub task: Task,
+    /// `dfd` argument of openat (AT_FDCWD = -100 for cwd-relative paths).
+    pub dfd: i64,
+    pub path: [u8; PATH_MAX],
+}
+
+/// Key of `MD_CTX_STATE`: which EVP_MD_CTX in which process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcPtr {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub ptr: u64,
+}
+
+/// What EVP_DigestSignInit* told us about an EVP_MD_CTX.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct MdCtxState {
+    pub pkey: u64,
+    pub op_id: u64,
+    pub captured: u32,
+    pub flags: u32,
+    pub md_name: [u8; 16],
+}
+
+/// A signing call in progress on one thread.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct Inflight {
+    pub func: u32,
+    /// Nesting depth; only the outermost return emits a record.
+    pub depth: u32,
+    pub library: u32,
+    pub flags: u32,
+    pub handle: u64,
+    pub op_id: u64,
+    pub sig_ptr: u64,
+    pub siglen_ptr: u64,
+    /// Stack pointer at entry; an entry with a higher stack pointer means the
+    /// recorded call never returned (longjmp, thread cancel) and is stale.
+    pub sp: u64,
+    pub md_name: [u8; 16],
+}
+
+/// Key of `LIBRARY_SEEN`: a library path opened inside a cgroup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LibrarySeenKey {
+    pub cgroup_id: u64,
+    /// FNV-1a 64 of the path bytes as passed to openat.
+    pub path_hash: u64,
+}
+
+/// FNV-1a over a NUL-terminated buffer; the kernel and the sensor must agree.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == 0 {
+            break;
+        }
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: all of these are repr(C), Copy, and valid for any bit pattern.
+    unsafe impl aya::Pod for ProcPtr {}
+    unsafe impl aya::Pod for MdCtxState {}
+    unsafe impl aya::Pod for Inflight {}
+    unsafe impl aya::Pod for LibrarySeenKey {}
+}

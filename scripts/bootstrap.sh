@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs everything keywarden needs to build and test on a fresh Debian
+# machine: the pinned Rust toolchain with rust-src, bpf-linker linked against
+# that toolchain's own LLVM, and the Debian packages the tests drive.
+# Idempotent: every step checks first, so a second run takes a second or two.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLCHAIN="$(sed -n 's/^channel *= *"\(.*\)"/\1/p' "$ROOT/rust-toolchain.toml")"
+BPF_LINKER_VERSION="0.13.0"
+# LLVM major of the pinned rustc; bpf-linker must match it.
+BPF_LINKER_FEATURE="llvm-23"
+LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config)
+
+log() { printf 'bootstrap: %s\n' "$*" >&2; }
+
+export PATH="$HOME/.cargo/bin:$PATH"
+
+if ! command -v rustup >/dev/null; then
+    log "rustup is missing; install it first (https://rustup.rs)"; exit 1
+fi
+rustup set auto-self-update disable >/dev/null 2>&1 || true
+
+if ! rustup toolchain list | grep -q "^$TOOLCHAIN"; then
+    log "installing Rust $TOOLCHAIN with rust-src"
+    rustup toolchain install "$TOOLCHAIN" --profile minimal --component rust-src,clippy,rustfmt
+elif ! rustup +"$TOOLCHAIN" component list --installed | grep -q '^rust-src'; then
+    log "adding rust-src to $TOOLCHAIN"
+    rustup +"$TOOLCHAIN" component add rust-src
+fi
+
+SYSROOT="$(rustc +"$TOOLCHAIN" --print sysroot)"
+LIBLLVM="$(cd "$SYSROOT/lib" && ls libLLVM.so.*-rust-* | head -n1)"
+mkdir -p "$LLVM_PREFIX/lib"
+ln -sf "$SYSROOT/lib/$LIBLLVM" "$LLVM_PREFIX/lib/libLLVM.so"
+ln -sf "$SYSROOT/lib/$LIBLLVM" "$LLVM_PREFIX/lib/$LIBLLVM"
+
+if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
+    log "building bpf-linker $BPF_LINKER_VERSION against $LIBLLVM (about a minute)"
+    LLVM_PREFIX="$LLVM_PREFIX" cargo +"$TOOLCHAIN" install --locked \
+        --no-default-features --features "$BPF_LINKER_FEATURE" \
+        "bpf-linker@$BPF_LINKER_VERSION"
+fi
+
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    log "installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
