@@ -1,0 +1,500 @@
+//! keywarden's event model.
+//!
+//! The structs mirror OCSF objects one to one, so an event serializes to
+//! OCSF-shaped JSON (NDJSON output) and, later, to Parquet columns without a
+//! second model. Attributes OCSF has no place for (the key's identity, the
+//! cgroup) are keywarden extension attributes at the top level: `key`,
+//! `signature`, `cgroup`. `docs/events.md` documents every field.
+
+use serde::{Deserialize, Serialize};
+
+/// OCSF schema version the events follow.
+pub const OCSF_VERSION: &str = "1.3.0";
+
+pub mod class {
+    /// Module Activity: a function exported from a module was invoked.
+    pub const MODULE_ACTIVITY: u32 = 1005;
+    /// File System Activity (secret-file reads).
+    pub const FILE_SYSTEM_ACTIVITY: u32 = 1001;
+    /// Detection Finding (alerts).
+    pub const DETECTION_FINDING: u32 = 2004;
+}
+
+pub mod activity {
+    pub const INVOKE: u32 = 3;
+    pub const OTHER: u32 = 99;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventCode {
+    /// A private key produced (or failed to produce) a signature.
+    KeyUse,
+    /// The sensor could not cover or attribute something and says so.
+    CoverageWarning,
+}
+
+/// One keywarden event, OCSF base attributes first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Event time, milliseconds since the Unix epoch (OCSF `timestamp_t`).
+    pub time: i64,
+    pub class_uid: u32,
+    pub class_name: String,
+    pub category_uid: u32,
+    pub category_name: String,
+    pub activity_id: u32,
+    pub activity_name: String,
+    /// `class_uid * 100 + activity_id`.
+    pub type_uid: u64,
+    pub type_name: String,
+    pub severity_id: u8,
+    pub severity: String,
+    /// 1 Success, 2 Failure.
+    pub status_id: u8,
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status_detail: Option<String>,
+    pub message: String,
+    pub metadata: Metadata,
+    pub device: Device,
+    pub actor: Actor,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<Container>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<Module>,
+    /// keywarden extension: which private key signed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<KeyIdentity>,
+    /// keywarden extension: the signature that was produced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<Signature>,
+    /// keywarden extension: the cgroup v2 the process ran in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<Cgroup>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub version: String,
+    pub product: Product,
+    /// Unique per sensor run: `<boot id prefix>-<sensor start>-<sequence>`.
+    pub uid: String,
+    pub event_code: EventCode,
+    pub profiles: Vec<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Product {
+    pub name: String,
+    pub vendor_name: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub hostname: String,
+    /// OCSF device type: 1 Server.
+    pub type_id: u8,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Actor {
+    pub process: Process,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub tid: u32,
+    /// The kernel's `comm` (at most 15 bytes).
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd_line: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<File>,
+    pub user: User,
+    /// Why `file` (or its hash) is missing, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attribution_error: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Numeric uid, as a string like OCSF's `user.uid`.
+    pub uid: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct File {
+    /// Path as the process saw it (inside its mount namespace).
+    pub path: String,
+    pub name: String,
+    /// OCSF file type: 1 Regular File.
+    pub type_id: u8,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hashes: Vec<Fingerprint>,
+}
+
+/// OCSF `fingerprint`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// 3 = SHA-256.
+    pub algorithm_id: u8,
+    pub algorithm: String,
+    pub value: String,
+}
+
+impl Fingerprint {
+    pub fn sha256(value: impl Into<String>) -> Self {
+        Self { algorithm_id: 3, algorithm: "SHA-256".into(), value: value.into() }
+    }
+}
+
+/// OCSF `container` (Container profile).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// Full container id (64 hex for Docker, containerd and CRI-O).
+    pub uid: String,
+    /// docker, containerd, cri-o, podman or kubernetes (pod without a known runtime).
+    pub runtime: String,
+    /// Kubernetes pod UID, when the cgroup path carries it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uuid: Option<String>,
+}
+
+/// OCSF `module`: the library whose function was invoked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Module {
+    pub file: File,
+    pub function_name: String,
+    /// The crypto stack: `openssl`, later `boringssl`, `aws-lc`, `rustls`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// The key is known exactly (see `identified_by`).
+    Identified,
+    /// The sensor cannot know which key signed; `unknown_reason` says why.
+    Unknown,
+}
+
+/// Which private key made a signature. Never carries private material.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyIdentity {
+    pub status: KeyStatus,
+    /// Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spki_sha256: Option<String>,
+    /// The same value as an OCSF fingerprint.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<Fingerprint>,
+    /// `rsa-2048`, `ecdsa-p256`, `ed25519`, ...
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub algorithm: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits: Option<u32>,
+    /// File the key (or its certificate) was read from, as the process saw it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_file: Option<String>,
+    /// How the identity was established: `signature_verified` (this
+    /// signature verified under the key) or `handle_cache` (the same key
+    /// object in the same process was verified before and not freed since).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identified_by: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unknown_reason: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Signature {
+    /// Bytes of signature produced (0 when the call failed).
+    pub length: u64,
+    /// Digest named by the caller (EVP_DigestSignInit_ex), when it named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cgroup {
+    /// cgroup v2 id (inode of the cgroup directory).
+    pub id: u64,
+    /// Path below the cgroup v2 root, e.g. `/system.slice/nginx.service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+}
+
+/// OCSF severity ids.
+pub mod severity {
+    pub const INFORMATIONAL: u8 = 1;
+    pub const LOW: u8 = 2;
+    pub const MEDIUM: u8 = 3;
+    pub const HIGH: u8 = 4;
+    pub const CRITICAL: u8 = 5;
+
+    pub fn name(id: u8) -> &'static str {
+        match id {
+            1 => "Informational",
+            2 => "Low",
+            3 => "Medium",
+            4 => "High",
+            5 => "Critical",
+            6 => "Fatal",
+            _ => "Unknown",
+        }
+    }
+}
+
+/// Fields every event shares; the sensor fills one per run.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub hostname: String,
+    pub product_version: String,
+    pub uid_prefix: String,
+}
+
+impl Origin {
+    fn metadata(&self, seq: u64, event_code: EventCode, containerized: bool) -> Metadata {
+        let mut profiles = vec!["host".to_owned()];
+        if containerized {
+            profiles.push("container".to_owned());
+        }
+        Metadata {
+            version: OCSF_VERSION.into(),
+            product: Product {
+                name: "keywarden".into(),
+                vendor_name: "keywarden".into(),
+                version: self.product_version.clone(),
+            },
+            uid: format!("{}-{seq}", self.uid_prefix),
+            event_code,
+            profiles,
+        }
+    }
+
+    fn device(&self) -> Device {
+        Device { hostname: self.hostname.clone(), type_id: 1 }
+    }
+}
+
+/// Everything that describes one signature, before it becomes an `Event`.
+#[derive(Clone, Debug)]
+pub struct KeyUse {
+    pub time_ms: i64,
+    pub seq: u64,
+    pub process: Process,
+    pub container: Option<Container>,
+    pub cgroup: Cgroup,
+    pub library: File,
+    pub library_kind: String,
+    pub function: String,
+    pub success: bool,
+    pub key: KeyIdentity,
+    pub signature: Signature,
+}
+
+impl Event {
+    /// Module Activity 1005 / Invoke: a private key signed.
+    pub fn key_use(origin: &Origin, u: KeyUse) -> Self {
+        let who = &u.process.name;
+        let which = match (&u.key.algorithm, &u.key.spki_sha256) {
+            (Some(alg), Some(spki)) => format!("{alg} key {}", &spki[..spki.len().min(16)]),
+            _ => "an unidentified key".to_owned(),
+        };
+        let message = if u.success {
+            format!("{who} (pid {}) signed with {which} via {}", u.process.pid, u.function)
+        } else {
+            format!("{who} (pid {}) failed to sign with {which} via {}", u.process.pid, u.function)
+        };
+        Event {
+            time: u.time_ms,
+            class_uid: class::MODULE_ACTIVITY,
+            class_name: "Module Activity".into(),
+            category_uid: 1,
+            category_name: "System Activity".into(),
+            activity_id: activity::INVOKE,
+            activity_name: "Invoke".into(),
+            type_uid: class::MODULE_ACTIVITY as u64 * 100 + activity::INVOKE as u64,
+            type_name: "Module Activity: Invoke".into(),
+            severity_id: severity::INFORMATIONAL,
+            severity: severity::name(severity::INFORMATIONAL).into(),
+            status_id: if u.success { 1 } else { 2 },
+            status: if u.success { "Success" } else { "Failure" }.into(),
+            status_detail: None,
+            message,
+            metadata: origin.metadata(u.seq, EventCode::KeyUse, u.container.is_some()),
+            device: origin.device(),
+            actor: Actor { process: u.process },
+            container: u.container,
+            module: Some(Module { file: u.library, function_name: u.function, kind: u.library_kind }),
+            key: Some(u.key),
+            signature: Some(u.signature),
+            cgroup: Some(u.cgroup),
+        }
+    }
+
+    /// Module Activity 1005 / Other: something the sensor could not cover or
+    /// attribute. It is an event, not only a log line, so that gaps in
+    /// coverage reach the same SIEM as the coverage.
+    pub fn coverage_warning(
+        origin: &Origin,
+        time_ms: i64,
+        seq: u64,
+        process: Option<Process>,
+        module: Option<File>,
+        detail: String,
+    ) -> Self {
+        Event {
+            time: time_ms,
+            class_uid: class::MODULE_ACTIVITY,
+            class_name: "Module Activity".into(),
+            category_uid: 1,
+            category_name: "System Activity".into(),
+            activity_id: activity::OTHER,
+            activity_name: "Coverage Warning".into(),
+            type_uid: class::MODULE_ACTIVITY as u64 * 100 + activity::OTHER as u64,
+            type_name: "Module Activity: Other".into(),
+            severity_id: severity::LOW,
+            severity: severity::name(severity::LOW).into(),
+            status_id: 2,
+            status: "Failure".into(),
+            status_detail: Some(detail.clone()),
+            message: detail,
+            metadata: origin.metadata(seq, EventCode::CoverageWarning, false),
+            device: origin.device(),
+            actor: Actor { process: process.unwrap_or_default() },
+            container: None,
+            module: module.map(|file| Module { file, function_name: String::new(), kind: "unknown".into() }),
+            key: None,
+            signature: None,
+            cgroup: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin() -> Origin {
+        Origin { hostname: "h1".into(), product_version: "0.1.0".into(), uid_prefix: "abc".into() }
+    }
+
+    fn sample() -> KeyUse {
+        KeyUse {
+            time_ms: 1_764_000_000_123,
+            seq: 7,
+            process: Process {
+                pid: 42,
+                tid: 43,
+                name: "nginx".into(),
+                cmd_line: None,
+                file: Some(File {
+                    path: "/usr/sbin/nginx".into(),
+                    name: "nginx".into(),
+                    type_id: 1,
+                    hashes: vec![Fingerprint::sha256("00".repeat(32))],
+                }),
+                user: User { uid: "33".into(), name: Some("www-data".into()) },
+                attribution_error: None,
+            },
+            container: Some(Container { uid: "a".repeat(64), runtime: "containerd".into(), pod_uuid: None }),
+            cgroup: Cgroup { id: 99, path: Some("/kubepods/x".into()) },
+            library: File { path: "/usr/lib/libcrypto.so.3".into(), name: "libcrypto.so.3".into(), type_id: 1, hashes: vec![] },
+            library_kind: "openssl".into(),
+            function: "EVP_DigestSign".into(),
+            success: true,
+            key: KeyIdentity {
+                status: KeyStatus::Identified,
+                spki_sha256: Some("ab".repeat(32)),
+                fingerprint: Some(Fingerprint::sha256("ab".repeat(32))),
+                algorithm: Some("ecdsa-p256".into()),
+                bits: Some(256),
+                source_file: Some("/etc/ssl/private/a.key".into()),
+                identified_by: Some("signature_verified".into()),
+                unknown_reason: None,
+            },
+            signature: Signature { length: 71, digest: Some("SHA256".into()) },
+        }
+    }
+
+    #[test]
+    fn key_use_has_ocsf_module_activity_shape() {
+        let ev = Event::key_use(&origin(), sample());
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["class_uid"], 1005);
+        assert_eq!(v["activity_id"], 3);
+        assert_eq!(v["type_uid"], 100503);
+        assert_eq!(v["category_uid"], 1);
+        assert_eq!(v["status_id"], 1);
+        assert_eq!(v["metadata"]["version"], OCSF_VERSION);
+        assert_eq!(v["metadata"]["event_code"], "key_use");
+        assert_eq!(v["metadata"]["uid"], "abc-7");
+        assert_eq!(v["metadata"]["profiles"], serde_json::json!(["host", "container"]));
+        assert_eq!(v["actor"]["process"]["pid"], 42);
+        assert_eq!(v["actor"]["process"]["user"]["uid"], "33");
+        assert_eq!(v["actor"]["process"]["file"]["hashes"][0]["algorithm_id"], 3);
+        assert_eq!(v["module"]["function_name"], "EVP_DigestSign");
+        assert_eq!(v["module"]["type"], "openssl");
+        assert_eq!(v["key"]["spki_sha256"], "ab".repeat(32));
+        assert_eq!(v["key"]["status"], "identified");
+        assert_eq!(v["container"]["uid"], "a".repeat(64));
+        assert_eq!(v["cgroup"]["id"], 99);
+        // The key object has only public identity fields.
+        let fields: Vec<&str> = v["key"].as_object().unwrap().keys().map(String::as_str).collect();
+        let allowed = [
+            "status", "spki_sha256", "fingerprint", "algorithm", "bits", "source_file",
+            "identified_by", "unknown_reason",
+        ];
+        assert!(fields.iter().all(|f| allowed.contains(f)), "{fields:?}");
+    }
+
+    #[test]
+    fn failed_signature_is_failure_status() {
+        let mut u = sample();
+        u.success = false;
+        let ev = Event::key_use(&origin(), u);
+        assert_eq!(ev.status_id, 2);
+        assert_eq!(ev.status, "Failure");
+        assert!(ev.message.contains("failed"));
+    }
+
+    #[test]
+    fn events_round_trip_through_json() {
+        let ev = Event::key_use(&origin(), sample());
+        let text = serde_json::to_string(&ev).unwrap();
+        let back: Event = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, ev);
+        let mut u = sample();
+        u.key = KeyIdentity {
+            status: KeyStatus::Unknown,
+            spki_sha256: None,
+            fingerprint: None,
+            algorithm: None,
+            bits: None,
+            source_file: None,
+            identified_by: None,
+            unknown_reason: Some("no candidate key verified the signature".into()),
+        };
+        let ev = Event::key_use(&origin(), u);
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["key"]["status"], "unknown");
+        assert!(v["key"].get("spki_sha256").is_none());
+        assert!(ev.message.contains("unidentified"));
+    }
+
+    #[test]
+    fn coverage_warning_is_module_activity_other() {
+        let ev = Event::coverage_warning(&origin(), 1, 2, None, None, "cannot read /proc/9/maps".into());
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["class_uid"], 1005);
+        assert_eq!(v["activity_id"], 99);
+        assert_eq!(v["metadata"]["event_code"], "coverage_warning");
+        assert_eq!(v["status_detail"], "cannot read /proc/9/maps");
+    }
+}

@@ -1,0 +1,349 @@
+//! Reads key and certificate files into *public* keys.
+//!
+//! The sensor reads a private key file only to derive its public key; the
+//! private half lives in zeroizing buffers for the length of one function
+//! call and is never logged, stored or exported. Certificates and public-key
+//! files give the same identity without touching secrets at all.
+
+use std::path::Path;
+
+use pkcs8::{DecodePrivateKey, ObjectIdentifier};
+use rsa::pkcs1::DecodeRsaPrivateKey;
+use sha2::{Digest, Sha256};
+use spki::{DecodePublicKey, EncodePublicKey};
+use zeroize::Zeroizing;
+
+/// A public key the sensor can verify signatures with.
+#[derive(Clone)]
+pub enum PublicKey {
+    Rsa(rsa::RsaPublicKey),
+    P256(p256::ecdsa::VerifyingKey),
+    P384(p384::ecdsa::VerifyingKey),
+    P521(p521::ecdsa::VerifyingKey),
+    Ed25519(ed25519_dalek::VerifyingKey),
+}
+
+/// A key's identity: its SPKI hash, what kind of key it is, and the public
+/// key itself for verification.
+#[derive(Clone)]
+pub struct KeyInfo {
+    /// Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
+    pub spki_sha256: String,
+    /// `rsa-2048`, `ecdsa-p256`, `ed25519`, ...
+    pub algorithm: String,
+    pub bits: u32,
+    pub public: PublicKey,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: private key is encrypted; keywarden identifies it through its certificate instead")]
+    Encrypted { path: String },
+    #[error("{path}: no key or certificate keywarden can use ({detail})")]
+    Unsupported { path: String, detail: String },
+    #[error("{path}: file is larger than {max} bytes; not a key file")]
+    TooLarge { path: String, max: u64 },
+}
+
+/// Key files are small; anything bigger is not one (and is not read whole).
+pub const MAX_KEY_FILE: u64 = 1 << 20;
+
+const OID_RSA: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.113549.1.1.1");
+const OID_EC: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.2.1");
+const OID_ED25519: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.101.112");
+const OID_P256: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.2.840.10045.3.1.7");
+const OID_P384: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.34");
+const OID_P521: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.35");
+
+impl KeyInfo {
+    /// Builds the identity from a DER SubjectPublicKeyInfo.
+    pub fn from_spki_der(der: &[u8]) -> Result<Self, String> {
+        let spki = spki::SubjectPublicKeyInfoRef::try_from(der).map_err(|e| format!("SPKI: {e}"))?;
+        let oid = spki.algorithm.oid;
+        let (public, algorithm, bits) = if oid == OID_RSA {
+            let k = rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| format!("RSA: {e}"))?;
+            let bits = rsa::traits::PublicKeyParts::n(&k).bits() as u32;
+            (PublicKey::Rsa(k), format!("rsa-{bits}"), bits)
+        } else if oid == OID_EC {
+            let curve: ObjectIdentifier = spki
+                .algorithm
+                .parameters_oid()
+                .map_err(|e| format!("EC parameters: {e}"))?;
+            if curve == OID_P256 {
+                let k = p256::ecdsa::VerifyingKey::from_public_key_der(der).map_err(|e| e.to_string())?;
+                (PublicKey::P256(k), "ecdsa-p256".into(), 256)
+            } else if curve == OID_P384 {
+                let k = p384::ecdsa::VerifyingKey::from_public_key_der(der).map_err(|e| e.to_string())?;
+                (PublicKey::P384(k), "ecdsa-p384".into(), 384)
+            } else if curve == OID_P521 {
+                let k = p521::ecdsa::VerifyingKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
+                    .map_err(|e| e.to_string())?;
+                (PublicKey::P521(k), "ecdsa-p521".into(), 521)
+            } else {
+                return Err(format!("unsupported EC curve {curve}"));
+            }
+        } else if oid == OID_ED25519 {
+            let k = ed25519_dalek::VerifyingKey::from_public_key_der(der).map_err(|e| e.to_string())?;
+            (PublicKey::Ed25519(k), "ed25519".into(), 256)
+        } else {
+            return Err(format!("unsupported key algorithm {oid}"));
+        };
+        Ok(KeyInfo { spki_sha256: hex::encode(Sha256::digest(der)), algorithm, bits, public })
+    }
+}
+
+impl std::fmt::Debug for KeyInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.algorithm, self.spki_sha256)
+    }
+}
+
+/// SPKI DER of the public half of a PKCS#8 private key.
+fn spki_from_pkcs8(der: &[u8]) -> Result<Vec<u8>, String> {
+    let info = pkcs8::PrivateKeyInfo::try_from(der).map_err(|e| format!("PKCS#8: {e}"))?;
+    let oid = info.algorithm.oid;
+    let doc = if oid == OID_RSA {
+        rsa::RsaPrivateKey::from_pkcs8_der(der)
+            .map_err(|e| e.to_string())?
+            .to_public_key()
+            .to_public_key_der()
+    } else if oid == OID_EC {
+        let curve: ObjectIdentifier =
+            info.algorithm.parameters_oid().map_err(|e| format!("EC parameters: {e}"))?;
+        if curve == OID_P256 {
+            p256::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+        } else if curve == OID_P384 {
+            p384::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+        } else if curve == OID_P521 {
+            p521::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+        } else {
+            return Err(format!("unsupported EC curve {curve}"));
+        }
+    } else if oid == OID_ED25519 {
+        ed25519_dalek::SigningKey::from_pkcs8_der(der)
+            .map_err(|e| e.to_string())?
+            .verifying_key()
+            .to_public_key_der()
+    } else {
+        return Err(format!("unsupported private key algorithm {oid}"));
+    };
+    doc.map(|d| d.as_bytes().to_vec()).map_err(|e| e.to_string())
+}
+
+/// SPKI DER of the public half of a SEC1 `EC PRIVATE KEY`.
+fn spki_from_sec1(der: &[u8]) -> Result<Vec<u8>, String> {
+    let ec = sec1::EcPrivateKey::try_from(der).map_err(|e| format!("SEC1: {e}"))?;
+    let curve = ec
+        .parameters
+        .and_then(|p| p.named_curve())
+        .ok_or_else(|| "SEC1 key without a named curve".to_owned())?;
+    let doc = if curve == OID_P256 {
+        p256::SecretKey::from_sec1_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+    } else if curve == OID_P384 {
+        p384::SecretKey::from_sec1_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+    } else if curve == OID_P521 {
+        p521::SecretKey::from_sec1_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+    } else {
+        return Err(format!("unsupported EC curve {curve}"));
+    };
+    doc.map(|d| d.as_bytes().to_vec()).map_err(|e| e.to_string())
+}
+
+fn spki_from_pkcs1(der: &[u8]) -> Result<Vec<u8>, String> {
+    rsa::RsaPrivateKey::from_pkcs1_der(der)
+        .map_err(|e| e.to_string())?
+        .to_public_key()
+        .to_public_key_der()
+        .map(|d| d.as_bytes().to_vec())
+        .map_err(|e| e.to_string())
+}
+
+fn spki_from_certificate(der: &[u8]) -> Result<Vec<u8>, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("X.509: {e}"))?;
+    Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
+}
+
+/// Every public key found in `bytes` (a PEM bundle may hold a key and a
+/// chain of certificates). `path` is only used in error messages.
+pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
+    let unsupported = |detail: String| KeyFileError::Unsupported { path: path.to_owned(), detail };
+    let mut spkis: Vec<Vec<u8>> = Vec::new();
+    let mut problems: Vec<String> = Vec::new();
+    let mut encrypted = false;
+
+    if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        let blocks = pem::parse_many(bytes).map_err(|e| unsupported(format!("PEM: {e}")))?;
+        for block in blocks {
+            let der = Zeroizing::new(block.contents().to_vec());
+            let encrypted_header = block.headers().get("Proc-Type").is_some_and(|v| v.contains("ENCRYPTED"));
+            let got = match block.tag() {
+                "PRIVATE KEY" => spki_from_pkcs8(&der),
+                "RSA PRIVATE KEY" if encrypted_header => {
+                    encrypted = true;
+                    continue;
+                }
+                "EC PRIVATE KEY" if encrypted_header => {
+                    encrypted = true;
+                    continue;
+                }
+                "RSA PRIVATE KEY" => spki_from_pkcs1(&der),
+                "EC PRIVATE KEY" => spki_from_sec1(&der),
+                "ENCRYPTED PRIVATE KEY" => {
+                    encrypted = true;
+                    continue;
+                }
+                "PUBLIC KEY" => Ok(der.to_vec()),
+                "CERTIFICATE" | "TRUSTED CERTIFICATE" => spki_from_certificate(&der),
+                _ => continue, // EC PARAMETERS, DH PARAMETERS, CRLs, ...
+            };
+            match got {
+                Ok(spki) => spkis.push(spki),
+                Err(e) => problems.push(format!("{}: {e}", block.tag())),
+            }
+        }
+    } else {
+        // DER: try the shapes a key file can have, most specific first.
+        let got = spki_from_pkcs8(bytes)
+            .or_else(|_| spki_from_certificate(bytes))
+            .or_else(|_| spki_from_sec1(bytes))
+            .or_else(|_| spki_from_pkcs1(bytes))
+            .or_else(|_| KeyInfo::from_spki_der(bytes).map(|_| bytes.to_vec()));
+        match got {
+            Ok(spki) => spkis.push(spki),
+            Err(e) => problems.push(e),
+        }
+    }
+
+    let mut keys = Vec::new();
+    for spki in spkis {
+        match KeyInfo::from_spki_der(&spki) {
+            Ok(k) => {
+                if !keys.iter().any(|x: &KeyInfo| x.spki_sha256 == k.spki_sha256) {
+                    keys.push(k);
+                }
+            }
+            Err(e) => problems.push(e),
+        }
+    }
+    if keys.is_empty() {
+        if encrypted {
+            return Err(KeyFileError::Encrypted { path: path.to_owned() });
+        }
+        let detail = if problems.is_empty() { "no key blocks".to_owned() } else { problems.join("; ") };
+        return Err(unsupported(detail));
+    }
+    Ok(keys)
+}
+
+/// Reads and parses a key or certificate file. Reads at most
+/// `MAX_KEY_FILE` bytes, into a buffer that is zeroed when dropped.
+pub fn read_key_file(path: &Path, shown_as: &str) -> Result<Vec<KeyInfo>, KeyFileError> {
+    use std::io::Read;
+    let read_err = |source| KeyFileError::Read { path: shown_as.to_owned(), source };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let len = file.metadata().map_err(read_err)?.len();
+    if len > MAX_KEY_FILE {
+        return Err(KeyFileError::TooLarge { path: shown_as.to_owned(), max: MAX_KEY_FILE });
+    }
+    let mut bytes = Zeroizing::new(Vec::with_capacity(len as usize));
+    file.take(MAX_KEY_FILE).read_to_end(&mut bytes).map_err(read_err)?;
+    keys_in(shown_as, &bytes)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::process::Command;
+
+    /// Generates a key with the system openssl and returns (dir, key path,
+    /// the SPKI SHA-256 that `openssl pkey -pubout -outform DER | sha256sum`
+    /// prints). openssl is the independent oracle for our computation.
+    pub(crate) fn openssl_key(args: &[&str]) -> (tempfile::TempDir, std::path::PathBuf, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        let st = Command::new("openssl")
+            .args(["genpkey", "-out"])
+            .arg(&key)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("openssl pkey -in {} -pubout -outform DER | sha256sum", key.display()))
+            .output()
+            .unwrap();
+        let spki = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned();
+        (dir, key, spki)
+    }
+
+    #[test]
+    fn spki_matches_openssl_for_each_algorithm() {
+        for (args, alg) in [
+            (&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..], "ecdsa-p256"),
+            (&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"][..], "ecdsa-p384"),
+            (&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"][..], "ecdsa-p521"),
+            (&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..], "rsa-2048"),
+            (&["-algorithm", "ED25519"][..], "ed25519"),
+        ] {
+            let (_dir, key, expected) = openssl_key(args);
+            let keys = read_key_file(&key, "key.pem").unwrap();
+            assert_eq!(keys.len(), 1, "{alg}");
+            assert_eq!(keys[0].spki_sha256, expected, "{alg}");
+            assert_eq!(keys[0].algorithm, alg);
+        }
+    }
+
+    #[test]
+    fn traditional_formats_and_certificates_give_the_same_spki() {
+        let (dir, key, expected) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let sec1 = dir.path().join("sec1.pem");
+        let cert = dir.path().join("cert.pem");
+        let der = dir.path().join("key.der");
+        let run = |args: &[&str]| {
+            let st = Command::new("openssl").args(args).output().unwrap();
+            assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        };
+        run(&["ec", "-in", key.to_str().unwrap(), "-out", sec1.to_str().unwrap()]);
+        run(&[
+            "req", "-x509", "-new", "-key", key.to_str().unwrap(), "-subj", "/CN=t", "-days", "1",
+            "-out", cert.to_str().unwrap(),
+        ]);
+        run(&["pkey", "-in", key.to_str().unwrap(), "-outform", "DER", "-out", der.to_str().unwrap()]);
+        for p in [&sec1, &cert, &der] {
+            let keys = read_key_file(p, "k").unwrap();
+            assert_eq!(keys[0].spki_sha256, expected, "{}", p.display());
+        }
+        let (dir2, rsa_key, rsa_expected) = openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
+        let pkcs1 = dir2.path().join("pkcs1.pem");
+        run(&["rsa", "-in", rsa_key.to_str().unwrap(), "-traditional", "-out", pkcs1.to_str().unwrap()]);
+        assert!(std::fs::read_to_string(&pkcs1).unwrap().contains("BEGIN RSA PRIVATE KEY"));
+        assert_eq!(read_key_file(&pkcs1, "k").unwrap()[0].spki_sha256, rsa_expected);
+    }
+
+    #[test]
+    fn encrypted_and_garbage_files_give_clear_errors() {
+        let (dir, key, _) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let enc = dir.path().join("enc.pem");
+        let st = Command::new("openssl")
+            .args(["pkey", "-in", key.to_str().unwrap(), "-aes256", "-passout", "pass:x", "-out"])
+            .arg(&enc)
+            .output()
+            .unwrap();
+        assert!(st.status.success());
+        let err = read_key_file(&enc, "enc.pem").unwrap_err();
+        assert!(matches!(err, KeyFileError::Encrypted { .. }), "{err}");
+        assert!(err.to_string().starts_with("enc.pem: "));
+
+        let garbage = dir.path().join("g.pem");
+        std::fs::write(&garbage, b"hello").unwrap();
+        let err = read_key_file(&garbage, "g.pem").unwrap_err();
+        assert!(err.to_string().contains("g.pem"), "{err}");
+
+        let err = read_key_file(&dir.path().join("missing.pem"), "missing.pem").unwrap_err();
+        assert!(matches!(err, KeyFileError::Read { .. }));
+    }
+}
