@@ -1,2 +1,91 @@
+//! `keywarden`: an eBPF sensor that names the key behind every private-key
+//! signature on a Linux host.
+//!
+//! Data flows one way: probes (`probes`, kernel programs in `ebpf-probes/`)
+//! → decode (`records`) → enrich (`enrich`, `keys`) → events
+//! (`keywarden-analyzer`) → sinks (`sink`).
+
+mod config;
+mod discovery;
+mod enrich;
 mod keys;
-fn main() {}
+mod probes;
+mod records;
+mod run;
+mod sink;
+
+use std::{
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::AtomicBool},
+};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "keywarden", version, about = "Watches every use of a private key on this host", long_about = None)]
+struct Cli {
+    /// Log filter for stderr (tracing syntax, e.g. `info`, `keywarden=debug`).
+    #[arg(long, global = true, default_value = "info", env = "KEYWARDEN_LOG")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sensor in the foreground: NDJSON events to stdout (or
+    /// --output), logs to stderr. SIGINT or SIGTERM detaches, flushes and
+    /// exits 0.
+    Run {
+        /// Configuration file (YAML). Without it the embedded default is used.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Write events to this file (appended) instead of stdout.
+        #[arg(long, short)]
+        output: Option<String>,
+        /// Never stop a process to attach to a library it just opened.
+        #[arg(long)]
+        no_hold: bool,
+    },
+    /// Print the embedded default configuration.
+    Config,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_target(false)
+        .init();
+    match cli.command {
+        Command::Config => {
+            print!("{}", config::DEFAULT_CONFIG);
+            ExitCode::SUCCESS
+        }
+        Command::Run { config, output, no_hold } => {
+            let result = (|| {
+                let mut cfg = config::Config::load(config.as_deref())?;
+                if let Some(o) = output {
+                    cfg.output = o;
+                }
+                if no_hold {
+                    cfg.hold_new_libraries = false;
+                }
+                let shutdown = Arc::new(AtomicBool::new(false));
+                for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                    signal_hook::flag::register(sig, shutdown.clone())?;
+                }
+                run::run(cfg, shutdown)
+            })();
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("keywarden: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -442,6 +442,9 @@ mod probes {
         if len < 4 || len >= PATH_MAX {
             return 0;
         }
+        if (bpf_get_current_pid_tgid() >> 32) == config(config::SENSOR_TGID) {
+            return 0;
+        }
         let mut flags = 0u32;
         if is_libcrypto(buf, len) {
             flags |= open_flags::LIBRARY;

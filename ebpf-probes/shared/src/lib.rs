@@ -83,6 +83,9 @@ pub mod config {
     /// when it is older than `HEARTBEAT_MAX_AGE_NS`, so a dead sensor never
     /// leaves processes stopped.
     pub const HEARTBEAT_NS: u32 = 1;
+    /// The sensor's own tgid: its opens and exec are never held or reported
+    /// (it reads every library it attaches to, and would stop itself).
+    pub const SENSOR_TGID: u32 = 2;
     pub const SLOTS: u32 = 4;
     pub const HEARTBEAT_MAX_AGE_NS: u64 = 2_000_000_000;
 }

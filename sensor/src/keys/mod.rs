@@ -4,4 +4,5 @@
 //! hashes; `verify` checks a captured signature against a public key;
 //! `identify` decides, per signing event, which known key it was.
 pub mod material;
+pub mod identify;
 pub mod verify;

@@ -1,0 +1,66 @@
+//! Sensor configuration. The default is embedded in the binary
+//! (`default-config.yaml`), so `keywarden run` works with no file at all.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+pub const DEFAULT_CONFIG: &str = include_str!("../default-config.yaml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// NDJSON destination: `-` for stdout, else a file (appended to).
+    pub output: String,
+    /// How often the sensor drains the ring buffer. Signature records never
+    /// wake the sensor (a wakeup per event halves signing throughput).
+    pub poll_interval_ms: u64,
+    /// Stop (SIGSTOP) a process that opens a crypto library the sensor has
+    /// not seen in its cgroup, until the library is attached.
+    pub hold_new_libraries: bool,
+    /// Directories and files whose keys and certificates are known from
+    /// the start (for processes that loaded their keys before the sensor).
+    pub key_paths: Vec<String>,
+    /// Host directories searched for crypto libraries at start.
+    pub library_dirs: Vec<String>,
+}
+
+impl Config {
+    pub fn load(path: Option<&Path>) -> Result<Self> {
+        match path {
+            None => Self::parse(DEFAULT_CONFIG, "<embedded default>"),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                Self::parse(&text, &p.display().to_string())
+            }
+        }
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("{origin}: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses() {
+        let c = Config::load(None).unwrap();
+        assert_eq!(c.output, "-");
+        assert!(c.poll_interval_ms > 0);
+        assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_types_name_the_place() {
+        let err = Config::parse("output: '-'\npoll_interval_ms: soon\n", "c.yaml").unwrap_err().to_string();
+        assert!(err.starts_with("c.yaml: "), "{err}");
+        assert!(err.contains("2"), "line number expected: {err}");
+        let text = DEFAULT_CONFIG.to_owned() + "\nbogus: 1\n";
+        let err = Config::parse(&text, "c.yaml").unwrap_err().to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+}

@@ -1,0 +1,138 @@
+//! Which crypto libraries exist on this host, and where to attach to them.
+//!
+//! A uprobe is placed on an inode, so one attachment covers every process
+//! that maps that file, in any mount namespace. Discovery therefore only
+//! has to find each distinct file once: from the maps of running processes
+//! (resolved through `/proc/PID/root`, which reaches into containers) and
+//! from the host's library directories.
+
+use std::{os::unix::fs::MetadataExt, path::{Path, PathBuf}};
+
+use hashbrown::HashSet;
+
+/// A library file found on the host or in a process.
+#[derive(Clone, Debug)]
+pub struct Candidate {
+    /// Path as the process (or host) sees it, e.g. `/usr/lib/.../libcrypto.so.3`.
+    pub shown_as: String,
+    /// Path the sensor can open and attach to from its own mount namespace.
+    pub open_path: PathBuf,
+    /// A process that maps it, when found through a process.
+    pub pid: Option<u32>,
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// `libcrypto.so`, `libcrypto.so.3`, `libcrypto.so.1.1`, ...
+pub fn is_crypto_library(path: &str) -> bool {
+    Path::new(path)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("libcrypto.so"))
+}
+
+fn candidate(shown_as: String, open_path: PathBuf, pid: Option<u32>) -> Option<Candidate> {
+    let md = std::fs::metadata(&open_path).ok()?;
+    md.is_file().then_some(Candidate { shown_as, open_path, pid, dev: md.dev(), ino: md.ino() })
+}
+
+/// Crypto libraries mapped by one process.
+pub fn libraries_of(pid: u32) -> std::io::Result<Vec<Candidate>> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mut out: Vec<Candidate> = Vec::new();
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let Some(path) = line.splitn(6, ' ').nth(5).map(str::trim) else { continue };
+        if !path.starts_with('/') || path.ends_with(" (deleted)") || !is_crypto_library(path) {
+            continue;
+        }
+        if out.iter().any(|c| c.shown_as == path) {
+            continue;
+        }
+        let open_path = PathBuf::from(format!("/proc/{pid}/root{path}"));
+        if let Some(c) = candidate(path.to_owned(), open_path, Some(pid)) {
+            out.push(c);
+        }
+    }
+    Ok(out)
+}
+
+/// Result of a scan of all processes.
+#[derive(Default)]
+pub struct Scan {
+    pub libraries: Vec<Candidate>,
+    /// (pid, reason) for processes whose maps could not be read. Processes
+    /// that exited during the scan are not listed: that is not an error.
+    pub unreadable: Vec<(u32, String)>,
+}
+
+pub fn scan_processes() -> Scan {
+    let mut scan = Scan::default();
+    let mut seen = HashSet::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return scan };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        match libraries_of(pid) {
+            Ok(libs) => {
+                for c in libs {
+                    if seen.insert((c.dev, c.ino)) {
+                        scan.libraries.push(c);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // exited meanwhile
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {}
+            Err(e) => scan.unreadable.push((pid, e.to_string())),
+        }
+    }
+    scan
+}
+
+/// Crypto libraries in the host's library directories, mapped or not, so
+/// a program started later is covered from its first instruction.
+pub fn scan_dirs(dirs: &[String]) -> Vec<Candidate> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for dir in dirs {
+        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        for e in entries.flatten() {
+            let path = e.path();
+            let shown = path.to_string_lossy().into_owned();
+            if !is_crypto_library(&shown) {
+                continue;
+            }
+            if let Some(c) = candidate(shown, path, None)
+                && seen.insert((c.dev, c.ino))
+            {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn library_names() {
+        assert!(is_crypto_library("/usr/lib/x86_64-linux-gnu/libcrypto.so.3"));
+        assert!(is_crypto_library("libcrypto.so.1.1"));
+        assert!(is_crypto_library("/opt/x/libcrypto.so"));
+        assert!(!is_crypto_library("/usr/lib/libssl.so.3"));
+        assert!(!is_crypto_library("/usr/lib/libcrypto.a"));
+        assert!(!is_crypto_library("/usr/lib/libcrypto.so.3/x"));
+    }
+
+    #[test]
+    fn host_dirs_contain_the_system_libcrypto() {
+        let found = scan_dirs(&["/usr/lib/x86_64-linux-gnu".into(), "/lib/x86_64-linux-gnu".into()]);
+        assert!(found.iter().any(|c| c.shown_as.ends_with("libcrypto.so.3")), "{found:?}");
+        // Same inode through two directories (/lib -> /usr/lib) counts once.
+        let mut inodes: Vec<_> = found.iter().map(|c| (c.dev, c.ino)).collect();
+        inodes.sort();
+        inodes.dedup();
+        assert_eq!(inodes.len(), found.len());
+    }
+}

@@ -1,0 +1,4 @@
+//! Attribution: who made a key use (`process`) and in which container
+//! (`container`).
+pub mod container;
+pub mod process;

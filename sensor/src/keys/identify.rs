@@ -1,0 +1,302 @@
+//! Decides which key made each signature.
+//!
+//! The probes report the key *object* a signature was made with (the
+//! EVP_PKEY* seen at EVP_DigestSignInit*, else the context pointer), the
+//! signature, and the data that was signed. The sensor knows candidate
+//! public keys: those in key and certificate files the process opened, and
+//! those in the configured key directories. A candidate under which the
+//! signature verifies is the key, exactly. The answer is cached per
+//! (process, key object) until the probes report that object freed, or the
+//! process execs or exits, so the hot path verifies once per key object.
+//!
+//! When no candidate verifies, or the data could not be captured whole, the
+//! answer is `unknown` with the reason. The sensor never guesses.
+
+use std::{sync::Arc, time::Instant};
+
+use hashbrown::HashMap;
+use keywarden_analyzer::event::{Fingerprint, KeyIdentity, KeyStatus};
+use keywarden_probe_types::{DataHeader, SignRecord, func, sign_flags};
+
+use super::{
+    material::KeyInfo,
+    verify::{Signed, verifies},
+};
+use crate::records::c_str;
+
+/// A public key and where the sensor found it.
+#[derive(Debug)]
+pub struct KnownKey {
+    pub info: KeyInfo,
+    /// File it came from, as the process (or host) saw the path.
+    pub source_file: String,
+}
+
+struct OpData {
+    bytes: Vec<u8>,
+    truncated: bool,
+    /// A chunk is missing (lost, or out of order): the data is unusable.
+    gap: bool,
+    seen: Instant,
+}
+
+#[derive(Default)]
+pub struct Identifier {
+    ops: HashMap<(u32, u64), OpData>,
+    handles: HashMap<(u32, u64), Arc<KnownKey>>,
+    per_process: HashMap<u32, Vec<Arc<KnownKey>>>,
+    inventory: HashMap<String, Arc<KnownKey>>,
+    /// Verifications run (each is one public-key operation).
+    pub verifications: u64,
+}
+
+fn identified(k: &KnownKey, by: &str) -> KeyIdentity {
+    KeyIdentity {
+        status: KeyStatus::Identified,
+        spki_sha256: Some(k.info.spki_sha256.clone()),
+        fingerprint: Some(Fingerprint::sha256(k.info.spki_sha256.clone())),
+        algorithm: Some(k.info.algorithm.clone()),
+        bits: Some(k.info.bits),
+        source_file: Some(k.source_file.clone()),
+        identified_by: Some(by.to_owned()),
+        unknown_reason: None,
+    }
+}
+
+fn unknown(reason: String) -> KeyIdentity {
+    KeyIdentity {
+        status: KeyStatus::Unknown,
+        spki_sha256: None,
+        fingerprint: None,
+        algorithm: None,
+        bits: None,
+        source_file: None,
+        identified_by: None,
+        unknown_reason: Some(reason),
+    }
+}
+
+impl Identifier {
+    pub fn on_data(&mut self, h: &DataHeader, bytes: &[u8]) {
+        let op = self.ops.entry((h.tgid, h.op_id)).or_insert_with(|| OpData {
+            bytes: Vec::new(),
+            truncated: false,
+            gap: false,
+            seen: Instant::now(),
+        });
+        if h.offset as usize != op.bytes.len() {
+            op.gap = true;
+        }
+        op.bytes.extend_from_slice(bytes);
+        op.truncated |= h.truncated != 0;
+        op.seen = Instant::now();
+    }
+
+    /// The probes saw this key object (or context) being freed.
+    pub fn on_free(&mut self, tgid: u32, handle: u64) {
+        self.handles.remove(&(tgid, handle));
+    }
+
+    /// The process exec'd a new image or exited: its pointers mean nothing now.
+    pub fn forget_process(&mut self, tgid: u32) {
+        self.handles.retain(|(t, _), _| *t != tgid);
+        self.per_process.remove(&tgid);
+        self.ops.retain(|(t, _), _| *t != tgid);
+    }
+
+    /// Keys from a file this process opened.
+    pub fn add_process_keys(&mut self, tgid: u32, keys: Vec<KeyInfo>, source_file: &str) {
+        for info in keys {
+            let k = self.add_inventory(info, source_file);
+            let list = self.per_process.entry(tgid).or_default();
+            if !list.iter().any(|x| x.info.spki_sha256 == k.info.spki_sha256) {
+                list.push(k);
+            }
+        }
+    }
+
+    /// A key known on the host; the first file it was seen in is kept.
+    pub fn add_inventory(&mut self, info: KeyInfo, source_file: &str) -> Arc<KnownKey> {
+        self.inventory
+            .entry(info.spki_sha256.clone())
+            .or_insert_with(|| Arc::new(KnownKey { info, source_file: source_file.to_owned() }))
+            .clone()
+    }
+
+    pub fn inventory_len(&self) -> usize {
+        self.inventory.len()
+    }
+
+    /// Drops captured data nobody signed with (failed calls, abandoned
+    /// contexts) after a while.
+    pub fn expire(&mut self, max_age: std::time::Duration) {
+        let now = Instant::now();
+        self.ops.retain(|_, op| now.duration_since(op.seen) < max_age);
+    }
+
+    pub fn identify(&mut self, r: &SignRecord) -> KeyIdentity {
+        let tgid = r.task.tgid();
+        let data = self.ops.remove(&(tgid, r.op_id));
+        let cache_key = (tgid, r.handle);
+        if let Some(k) = self.handles.get(&cache_key) {
+            return identified(k, "handle_cache");
+        }
+        if r.ret != 1 {
+            return unknown("the signing call failed, so there is no signature to check".into());
+        }
+        if r.flags & sign_flags::SIG_INCOMPLETE != 0 || r.sig_captured == 0 {
+            return unknown(format!(
+                "the signature ({} bytes) could not be read whole from the process",
+                r.sig_len
+            ));
+        }
+        let data = data.filter(|d| !d.gap);
+        let complete = data.as_ref().filter(|d| !d.truncated).map(|d| d.bytes.as_slice());
+        let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0).then(|| c_str(&r.md_name));
+        let signed = Signed {
+            signature: &r.sig[..r.sig_captured as usize],
+            data: complete,
+            data_is_digest: r.func == func::PKEY_SIGN as u32,
+            digest_hint: md_name.as_deref(),
+        };
+
+        // The process's own keys first, then the rest of the host's.
+        let mut candidates: Vec<Arc<KnownKey>> = self.per_process.get(&tgid).cloned().unwrap_or_default();
+        for k in self.inventory.values() {
+            if !candidates.iter().any(|c| c.info.spki_sha256 == k.info.spki_sha256) {
+                candidates.push(k.clone());
+            }
+        }
+        for k in &candidates {
+            self.verifications += 1;
+            if verifies(&k.info.public, &signed) {
+                self.handles.insert(cache_key, k.clone());
+                return identified(k, "signature_verified");
+            }
+        }
+        let n = candidates.len();
+        if n == 0 {
+            return unknown(
+                "no public key is known for this process or host: the key was not read from a file the \
+                 sensor saw opened, nor found under key_paths"
+                    .into(),
+            );
+        }
+        if complete.is_none() {
+            let why = match data {
+                None => "was not captured".to_owned(),
+                Some(d) if d.truncated => format!(
+                    "is longer than the {} KiB capture limit",
+                    keywarden_probe_types::CAPTURE_MAX / 1024
+                ),
+                Some(_) => "arrived incomplete".to_owned(),
+            };
+            return unknown(format!(
+                "the signed data {why}, so the signature could not be checked against the {n} known key(s)"
+            ));
+        }
+        unknown(format!("none of the {n} known public key(s) verifies this signature"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::material::{read_key_file, tests::openssl_key};
+    use keywarden_probe_types::{Task, kind};
+    use sha2::Digest;
+
+    fn record(tgid: u32, handle: u64, op_id: u64, sig: &[u8]) -> SignRecord {
+        let mut r = SignRecord {
+            kind: kind::SIGN,
+            func: func::PKEY_SIGN as u32,
+            task: Task { pid_tgid: (tgid as u64) << 32 | tgid as u64, uid_gid: 0, cgroup_id: 1, ktime_ns: 0, comm: [0; 16] },
+            library: 0,
+            flags: 0,
+            handle,
+            op_id,
+            ret: 1,
+            sig_len: sig.len() as u64,
+            sig_captured: sig.len() as u32,
+            _pad: 0,
+            md_name: [0; 16],
+            sig: [0; keywarden_probe_types::SIG_MAX],
+        };
+        r.sig[..sig.len()].copy_from_slice(sig);
+        r
+    }
+
+    fn data(tgid: u32, op_id: u64, bytes: &[u8]) -> DataHeader {
+        DataHeader { kind: kind::DATA_SMALL, tgid, op_id, offset: 0, len: bytes.len() as u32, truncated: 0, _pad: 0 }
+    }
+
+    /// Two keys in one process: each signature is attributed to its own key,
+    /// the cache answers repeat uses, and a freed handle is verified afresh.
+    #[test]
+    fn two_keys_one_process_are_told_apart() {
+        let (d1, k1, spki1) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let (_d2, k2, spki2) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let digest = sha2::Sha256::digest(b"m").to_vec();
+        let sign = |key: &std::path::Path| {
+            let dfile = d1.path().join("d");
+            let sfile = d1.path().join("s");
+            std::fs::write(&dfile, &digest).unwrap();
+            let st = std::process::Command::new("openssl")
+                .args(["pkeyutl", "-sign", "-inkey"]).arg(key).arg("-in").arg(&dfile).arg("-out").arg(&sfile)
+                .status().unwrap();
+            assert!(st.success());
+            std::fs::read(sfile).unwrap()
+        };
+        let mut id = Identifier::default();
+        id.add_process_keys(10, read_key_file(&k1, "k1").unwrap(), "/k1.pem");
+        id.add_process_keys(10, read_key_file(&k2, "k2").unwrap(), "/k2.pem");
+
+        let s2 = sign(&k2);
+        id.on_data(&data(10, 1, &digest), &digest);
+        let got = id.identify(&record(10, 0xb, 1, &s2));
+        assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
+        assert_eq!(got.source_file.as_deref(), Some("/k2.pem"));
+        assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+
+        let s1 = sign(&k1);
+        id.on_data(&data(10, 2, &digest), &digest);
+        let got = id.identify(&record(10, 0xa, 2, &s1));
+        assert_eq!(got.spki_sha256.as_deref(), Some(spki1.as_str()));
+
+        // Same handle again: answered from the cache, no verification.
+        let before = id.verifications;
+        let got = id.identify(&record(10, 0xa, 3, &s1));
+        assert_eq!(got.identified_by.as_deref(), Some("handle_cache"));
+        assert_eq!(id.verifications, before);
+
+        // Handle 0xa freed and reused for key 2: verified again, not cached.
+        id.on_free(10, 0xa);
+        id.on_data(&data(10, 4, &digest), &digest);
+        let got = id.identify(&record(10, 0xa, 4, &s2));
+        assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
+        assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+    }
+
+    #[test]
+    fn unknown_is_explained_never_guessed() {
+        let (_d, k1, _) = openssl_key(&["-algorithm", "ED25519"]);
+        let mut id = Identifier::default();
+        let sig = [7u8; 64];
+        let got = id.identify(&record(5, 1, 1, &sig));
+        assert_eq!(got.status, KeyStatus::Unknown);
+        assert!(got.unknown_reason.unwrap().contains("no public key is known"));
+
+        id.add_inventory(read_key_file(&k1, "k1").unwrap().remove(0), "/k1.pem");
+        let got = id.identify(&record(5, 1, 2, &sig));
+        assert!(got.unknown_reason.unwrap().contains("not captured"), "no data, no check");
+
+        id.on_data(&data(5, 3, b"msg"), b"msg");
+        let got = id.identify(&record(5, 1, 3, &sig));
+        assert!(got.unknown_reason.unwrap().contains("none of the 1 known"));
+        assert!(got.spki_sha256.is_none());
+
+        let mut failed = record(5, 1, 4, &sig);
+        failed.ret = 0;
+        assert!(id.identify(&failed).unknown_reason.unwrap().contains("failed"));
+    }
+}

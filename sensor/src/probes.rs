@@ -1,0 +1,203 @@
+//! Loads the embedded eBPF object and attaches it.
+//!
+//! One uprobe.multi link per library and direction carries a cookie per
+//! function (`library index << 8 | function id`), so a single pair of
+//! programs serves every library the sensor covers. Dropping `Probes`
+//! detaches everything.
+
+use std::{os::unix::fs::MetadataExt, path::Path};
+
+use anyhow::{Context, Result, bail};
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{TracePoint, UProbe, uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope}},
+};
+use hashbrown::HashMap;
+use keywarden_probe_types::{LibrarySeenKey, config, func, stats};
+use tracing::{debug, info};
+
+use crate::discovery::{symbols, targets::Candidate};
+
+/// The signing API the probes understand, per function id.
+pub const OPENSSL_FUNCTIONS: [(&str, u8, bool); 8] = [
+    // (symbol, function id, needs a return probe)
+    ("EVP_DigestSignInit", func::DIGEST_SIGN_INIT, false),
+    ("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX, false),
+    ("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE, false),
+    ("EVP_DigestSign", func::DIGEST_SIGN, true),
+    ("EVP_DigestSignFinal", func::DIGEST_SIGN_FINAL, true),
+    ("EVP_PKEY_sign", func::PKEY_SIGN, true),
+    ("EVP_PKEY_free", func::PKEY_FREE, false),
+    ("EVP_PKEY_CTX_free", func::PKEY_CTX_FREE, false),
+];
+
+pub fn function_name(id: u8) -> &'static str {
+    OPENSSL_FUNCTIONS.iter().find(|f| f.1 == id).map(|f| f.0).unwrap_or("unknown")
+}
+
+/// One covered library.
+#[derive(Debug, Clone)]
+pub struct Library {
+    pub index: u32,
+    pub shown_as: String,
+    pub dev: u64,
+    pub ino: u64,
+    pub kind: &'static str,
+    pub functions: Vec<&'static str>,
+    pub missing: Vec<&'static str>,
+    pub build_id: Option<String>,
+}
+
+pub struct Probes {
+    ebpf: Ebpf,
+    pub ring: RingBuf<MapData>,
+    libraries: Vec<Library>,
+    by_inode: HashMap<(u64, u64), u32>,
+}
+
+/// Checks that make a clear one-line error instead of an EPERM deep inside
+/// a BPF call.
+pub fn preflight() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("keywarden must run as root (it loads eBPF programs and reads /proc of every process)");
+    }
+    if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
+        bail!("this kernel has no uprobe support (CONFIG_UPROBE_EVENTS): /sys/bus/event_source/devices/uprobe is missing");
+    }
+    if !Path::new("/sys/kernel/btf/vmlinux").exists() {
+        bail!("kernel BTF is missing (/sys/kernel/btf/vmlinux); keywarden needs a kernel built with CONFIG_DEBUG_INFO_BTF");
+    }
+    Ok(())
+}
+
+impl Probes {
+    pub fn load() -> Result<Self> {
+        let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywarden-probes"));
+        let mut ebpf = Ebpf::load(object).context("loading keywarden's eBPF object")?;
+        for name in ["sign_entry", "sign_return"] {
+            let p: &mut UProbe = ebpf.program_mut(name).context(name)?.try_into()?;
+            p.load().with_context(|| format!("loading uprobe program {name}"))?;
+        }
+        for (name, category, tp) in [
+            ("process_exec", "sched", "sched_process_exec"),
+            ("process_exit", "sched", "sched_process_exit"),
+            ("openat_enter", "syscalls", "sys_enter_openat"),
+        ] {
+            let p: &mut TracePoint = ebpf.program_mut(name).context(name)?.try_into()?;
+            p.load().with_context(|| format!("loading tracepoint program {name}"))?;
+            p.attach(category, tp).with_context(|| format!("attaching to tracepoint {category}/{tp}"))?;
+        }
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
+        Ok(Self { ebpf, ring, libraries: Vec::new(), by_inode: HashMap::new() })
+    }
+
+    pub fn libraries(&self) -> &[Library] {
+        &self.libraries
+    }
+
+    pub fn library(&self, index: u32) -> Option<&Library> {
+        self.libraries.get(index as usize)
+    }
+
+    pub fn is_covered(&self, dev: u64, ino: u64) -> bool {
+        self.by_inode.contains_key(&(dev, ino))
+    }
+
+    /// Attaches to a library unless its inode is covered already. Returns the
+    /// library when this call attached it.
+    pub fn attach_library(&mut self, c: &Candidate) -> Result<Option<Library>> {
+        let md = std::fs::metadata(&c.open_path).with_context(|| format!("{}: cannot stat", c.shown_as))?;
+        let key = (md.dev(), md.ino());
+        if self.by_inode.contains_key(&key) {
+            return Ok(None);
+        }
+        let names: Vec<&str> = OPENSSL_FUNCTIONS.iter().map(|f| f.0).collect();
+        let syms = symbols::resolve(&c.open_path, &c.shown_as, &names)?;
+        let index = self.libraries.len() as u32;
+        let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        let mut functions = Vec::new();
+        let mut missing = Vec::new();
+        for (name, id, needs_return) in OPENSSL_FUNCTIONS {
+            match syms.offsets.get(name) {
+                Some(&off) => {
+                    let point = UProbeAttachPoint {
+                        location: UProbeAttachLocation::AbsoluteOffset(off),
+                        cookie: Some(func::cookie(index, id)),
+                    };
+                    entry.push(point);
+                    if needs_return {
+                        ret.push(point);
+                    }
+                    functions.push(name);
+                }
+                None => missing.push(name),
+            }
+        }
+        if ret.is_empty() {
+            bail!(
+                "{}: none of the signing functions ({}) is in its symbol table{}",
+                c.shown_as,
+                names.join(", "),
+                if syms.stripped { "; the file is stripped" } else { "" }
+            );
+        }
+        let p: &mut UProbe = self.ebpf.program_mut("sign_entry").context("sign_entry")?.try_into()?;
+        p.attach(entry, &c.open_path, UProbeScope::AllProcesses)
+            .with_context(|| format!("{}: attaching entry uprobes", c.shown_as))?;
+        let p: &mut UProbe = self.ebpf.program_mut("sign_return").context("sign_return")?.try_into()?;
+        p.attach(ret, &c.open_path, UProbeScope::AllProcesses)
+            .with_context(|| format!("{}: attaching return uprobes", c.shown_as))?;
+        let lib = Library {
+            index,
+            shown_as: c.shown_as.clone(),
+            dev: key.0,
+            ino: key.1,
+            kind: "openssl",
+            functions,
+            missing,
+            build_id: syms.build_id,
+        };
+        info!(library = %lib.shown_as, functions = lib.functions.len(), missing = ?lib.missing, "attached");
+        self.by_inode.insert(key, index);
+        self.libraries.push(lib.clone());
+        Ok(Some(lib))
+    }
+
+    pub fn set_config(&mut self, slot: u32, value: u64) -> Result<()> {
+        let mut cfg: Array<&mut MapData, u64> = Array::try_from(self.ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
+        cfg.set(slot, &value, 0)?;
+        Ok(())
+    }
+
+    /// Tells the probes the sensor is alive; holding new processes stops by
+    /// itself when heartbeats stop.
+    pub fn heartbeat(&mut self) -> Result<()> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+        let ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+        self.set_config(config::HEARTBEAT_NS, ns)
+    }
+
+    /// Marks a library path as seen in a cgroup so opening it there again
+    /// does not hold the process.
+    pub fn mark_library_seen(&mut self, cgroup_id: u64, path: &str) -> Result<()> {
+        let mut seen: BpfHashMap<&mut MapData, LibrarySeenKey, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("LIBRARY_SEEN").context("LIBRARY_SEEN map")?)?;
+        let key = LibrarySeenKey { cgroup_id, path_hash: keywarden_probe_types::fnv1a(path.as_bytes()) };
+        seen.insert(&key, &1, 0)?;
+        Ok(())
+    }
+
+    /// Events the probes could not deliver, summed over CPUs, per
+    /// `stats::*` slot.
+    pub fn lost(&self) -> Result<[u64; stats::SLOTS as usize]> {
+        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map("STATS").context("STATS map")?)?;
+        let mut out = [0u64; stats::SLOTS as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = arr.get(&(i as u32), 0)?.iter().sum();
+        }
+        debug!(?out, "probe stats");
+        Ok(out)
+    }
+}

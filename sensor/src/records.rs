@@ -1,0 +1,98 @@
+//! Decodes ring buffer bytes into owned records.
+//!
+//! The kernel writes the `#[repr(C)]` structs from `keywarden-probe-types`;
+//! each starts with a `u32` kind. Anything short or unknown is reported as
+//! `Malformed` rather than trusted.
+
+use keywarden_probe_types::{self as t, kind};
+
+#[derive(Clone)]
+pub enum Record {
+    Sign(Box<t::SignRecord>),
+    Data { header: t::DataHeader, bytes: Vec<u8> },
+    HandleFree(t::HandleFreeRecord),
+    Exec(Box<t::ExecRecord>),
+    Exit(t::ExitRecord),
+    FileOpen(Box<t::FileOpenRecord>),
+    Malformed { kind: u32, len: usize },
+}
+
+fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
+    if bytes.len() < size_of::<T>() {
+        return None;
+    }
+    // SAFETY: length checked; T is a repr(C) plain-data record valid for any
+    // bit pattern, and read_unaligned makes no alignment assumption.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+pub fn decode(bytes: &[u8]) -> Record {
+    let malformed = |kind| Record::Malformed { kind, len: bytes.len() };
+    let Some(k) = read::<u32>(bytes) else { return malformed(0) };
+    let rec = match k {
+        kind::SIGN => read::<t::SignRecord>(bytes).map(|r| Record::Sign(Box::new(r))),
+        kind::DATA_SMALL | kind::DATA_BIG => read::<t::DataHeader>(bytes).and_then(|header| {
+            let cap = if k == kind::DATA_SMALL { t::DATA_SMALL } else { t::DATA_BIG };
+            let start = size_of::<t::DataHeader>();
+            let len = (header.len as usize).min(cap);
+            bytes.get(start..start + len).map(|d| Record::Data { header, bytes: d.to_vec() })
+        }),
+        kind::HANDLE_FREE => read(bytes).map(Record::HandleFree),
+        kind::EXEC => read::<t::ExecRecord>(bytes).map(|r| Record::Exec(Box::new(r))),
+        kind::EXIT => read(bytes).map(Record::Exit),
+        kind::FILE_OPEN => read::<t::FileOpenRecord>(bytes).map(|r| Record::FileOpen(Box::new(r))),
+        _ => None,
+    };
+    rec.unwrap_or_else(|| malformed(k))
+}
+
+/// A NUL-terminated byte buffer as a string (lossy).
+pub fn c_str(bytes: &[u8]) -> String {
+    let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn as_bytes<T>(v: &T) -> Vec<u8> {
+        // SAFETY: reading the bytes of a plain repr(C) value.
+        unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), size_of::<T>()).to_vec() }
+    }
+
+    #[test]
+    fn decodes_known_kinds_and_rejects_short_records() {
+        let rec = t::HandleFreeRecord { kind: kind::HANDLE_FREE, tgid: 7, handle: 0xdead };
+        match decode(&as_bytes(&rec)) {
+            Record::HandleFree(r) => assert_eq!((r.tgid, r.handle), (7, 0xdead)),
+            _ => panic!("wrong kind"),
+        }
+        let bytes = as_bytes(&rec);
+        assert!(matches!(decode(&bytes[..8]), Record::Malformed { kind: kind::HANDLE_FREE, .. }));
+        assert!(matches!(decode(&[1, 2]), Record::Malformed { .. }));
+        assert!(matches!(decode(&99u32.to_ne_bytes()), Record::Malformed { kind: 99, .. }));
+    }
+
+    #[test]
+    fn data_records_carry_only_their_valid_bytes() {
+        let mut rec = t::DataSmallRecord {
+            header: t::DataHeader { kind: kind::DATA_SMALL, tgid: 1, op_id: 5, offset: 0, len: 3, truncated: 0, _pad: 0 },
+            data: [0xaa; t::DATA_SMALL],
+        };
+        rec.data[..3].copy_from_slice(b"abc");
+        match decode(&as_bytes(&rec)) {
+            Record::Data { header, bytes } => {
+                assert_eq!(header.op_id, 5);
+                assert_eq!(bytes, b"abc");
+            }
+            _ => panic!("wrong kind"),
+        }
+    }
+
+    #[test]
+    fn c_str_stops_at_nul() {
+        assert_eq!(c_str(b"openssl\0\0\0"), "openssl");
+        assert_eq!(c_str(b"full"), "full");
+    }
+}
