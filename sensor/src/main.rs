@@ -6,6 +6,7 @@
 //! (`keywarden-analyzer`) → sinks (`sink`).
 
 mod config;
+mod control;
 mod discovery;
 mod enrich;
 mod keys;

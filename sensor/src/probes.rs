@@ -51,7 +51,6 @@ pub struct Library {
 
 pub struct Probes {
     ebpf: Ebpf,
-    pub ring: RingBuf<MapData>,
     libraries: Vec<Library>,
     by_inode: HashMap<(u64, u64), u32>,
 }
@@ -71,8 +70,15 @@ pub fn preflight() -> Result<()> {
     Ok(())
 }
 
+/// The two ring buffers: bulk events (timer-drained) and control records
+/// (exec, new libraries; each wakes the control thread).
+pub struct Rings {
+    pub events: RingBuf<MapData>,
+    pub control: RingBuf<MapData>,
+}
+
 impl Probes {
-    pub fn load() -> Result<Self> {
+    pub fn load() -> Result<(Self, Rings)> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywarden-probes"));
         let mut ebpf = Ebpf::load(object).context("loading keywarden's eBPF object")?;
         for name in ["sign_entry", "sign_return"] {
@@ -88,8 +94,9 @@ impl Probes {
             p.load().with_context(|| format!("loading tracepoint program {name}"))?;
             p.attach(category, tp).with_context(|| format!("attaching to tracepoint {category}/{tp}"))?;
         }
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
-        Ok(Self { ebpf, ring, libraries: Vec::new(), by_inode: HashMap::new() })
+        let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
+        let control = RingBuf::try_from(ebpf.take_map("CONTROL").context("CONTROL map")?)?;
+        Ok((Self { ebpf, libraries: Vec::new(), by_inode: HashMap::new() }, Rings { events, control }))
     }
 
     pub fn libraries(&self) -> &[Library] {

@@ -13,6 +13,7 @@ pub enum Record {
     HandleFree(t::HandleFreeRecord),
     Exec(Box<t::ExecRecord>),
     Exit(t::ExitRecord),
+    ExecMark(t::ExitRecord),
     FileOpen(Box<t::FileOpenRecord>),
     Malformed { kind: u32, len: usize },
 }
@@ -40,6 +41,7 @@ pub fn decode(bytes: &[u8]) -> Record {
         kind::HANDLE_FREE => read(bytes).map(Record::HandleFree),
         kind::EXEC => read::<t::ExecRecord>(bytes).map(|r| Record::Exec(Box::new(r))),
         kind::EXIT => read(bytes).map(Record::Exit),
+        kind::EXEC_MARK => read(bytes).map(Record::ExecMark),
         kind::FILE_OPEN => read::<t::FileOpenRecord>(bytes).map(|r| Record::FileOpen(Box::new(r))),
         _ => None,
     };

@@ -1,17 +1,18 @@
 //! `keywarden run`: discover, attach, then turn probe records into events.
 //!
-//! One thread owns everything here. The ring buffer is drained on a timer
-//! (`poll_interval_ms`), or at once when a record that needs action now
-//! (an exec, an unseen library) forces a wakeup. Each record is handled in
-//! order, which is what makes the identity caches sound: a free or an exec
-//! is always processed before any signature that follows it.
+//! Two threads. The control thread (`control.rs`) acts at once on execs and
+//! newly opened libraries. This, the event thread, drains the bulk ring on
+//! a timer (`poll_interval_ms`; signature records never wake anyone) and
+//! handles each record in order, which is what makes the identity caches
+//! sound: a free or an exec is always processed before any signature that
+//! follows it.
 
 use std::{
     os::fd::AsFd,
     os::unix::fs::MetadataExt,
     path::PathBuf,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, Instant},
@@ -20,15 +21,17 @@ use std::{
 use anyhow::Result;
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{self, Cgroup, Event, KeyUse, Origin, Signature, User};
-use keywarden_probe_types::{ExecRecord, FileOpenRecord, SignRecord, config, open_flags, sign_flags, stats};
+use aya::maps::{MapData, RingBuf};
+use keywarden_probe_types::{FileOpenRecord, SignRecord, config, sign_flags, stats};
 use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
+    control::{Control, Warning},
     discovery::targets::{self, Candidate},
     enrich::{
         container::container_from_cgroup,
-        process::{ProcessTable, cgroup2_root, user_name},
+        process::{CgroupPaths, ProcessTable, cgroup2_root, user_name},
     },
     keys::{
         identify::Identifier,
@@ -44,8 +47,11 @@ use crate::{
 type KeyFileCache = HashMap<(u64, u64, i64, u64), Arc<Result<Vec<KeyInfo>, String>>>;
 
 struct Sensor {
-    probes: Probes,
-    procs: ProcessTable,
+    probes: Arc<Mutex<Probes>>,
+    events: RingBuf<MapData>,
+    procs: Arc<ProcessTable>,
+    cgroups: CgroupPaths,
+    warnings: crossbeam_channel::Receiver<Warning>,
     ident: Identifier,
     sink: NdjsonSink,
     origin: Origin,
@@ -75,12 +81,19 @@ fn origin() -> Origin {
 pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     probes::preflight()?;
     let sink = NdjsonSink::open(&cfg.output)?;
-    let probes = Probes::load()?;
+    let (mut probes, rings) = Probes::load()?;
+    probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
+    probes.heartbeat()?;
+    probes.set_config(config::HOLD_NEW_LIBRARIES, cfg.hold_new_libraries as u64)?;
     let realtime_offset_ns =
         clock_ns(nix::time::ClockId::CLOCK_REALTIME) - clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
+    let (warn_tx, warn_rx) = crossbeam_channel::bounded(1024);
     let mut s = Sensor {
-        probes,
-        procs: ProcessTable::new(),
+        probes: Arc::new(Mutex::new(probes)),
+        events: rings.events,
+        procs: Arc::new(ProcessTable::default()),
+        cgroups: CgroupPaths::new(),
+        warnings: warn_rx,
         ident: Identifier::default(),
         sink,
         origin: origin(),
@@ -91,12 +104,21 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         lost_reported: [0; stats::SLOTS as usize],
         events_by_kind: [0; 2],
     };
-    s.probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
-    s.probes.heartbeat()?;
-    s.probes.set_config(config::HOLD_NEW_LIBRARIES, cfg.hold_new_libraries as u64)?;
+    // The control thread starts first: processes exec'd during discovery
+    // are snapshotted, and held ones released.
+    let control_stop = Arc::new(AtomicBool::new(false));
+    let control = Control {
+        ring: rings.control,
+        probes: s.probes.clone(),
+        procs: s.procs.clone(),
+        warnings: warn_tx,
+        shutdown: control_stop.clone(),
+    };
+    let control = std::thread::Builder::new().name("kw-control".into()).spawn(move || control.run())?;
+
     s.discover(&cfg);
     s.load_key_paths(&cfg.key_paths);
-    let covered: Vec<String> = s.probes.libraries().iter().map(|l| l.shown_as.clone()).collect();
+    let covered: Vec<String> = s.probes().libraries().iter().map(|l| l.shown_as.clone()).collect();
     info!(
         libraries = covered.len(),
         keys_known = s.ident.inventory_len(),
@@ -108,23 +130,16 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     s.sink.flush();
 
     let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(1));
-    let mut last_heartbeat = Instant::now();
     let mut last_housekeeping = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
         let timeout = nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
-        let mut fds = [nix::poll::PollFd::new(s.probes.ring.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let mut fds = [nix::poll::PollFd::new(s.events.as_fd(), nix::poll::PollFlags::POLLIN)];
         match nix::poll::poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(anyhow::anyhow!("polling the ring buffer: {e}")),
         }
         s.drain();
         s.sink.flush();
-        if last_heartbeat.elapsed() >= Duration::from_millis(500) {
-            if let Err(e) = s.probes.heartbeat() {
-                warn!(error = %e, "heartbeat");
-            }
-            last_heartbeat = Instant::now();
-        }
         if last_housekeeping.elapsed() >= Duration::from_secs(5) {
             s.report_lost();
             s.ident.expire(Duration::from_secs(30));
@@ -132,12 +147,17 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         }
     }
 
-    // Stop holding processes before anything else, then deliver what is left.
-    let _ = s.probes.set_config(config::HOLD_NEW_LIBRARIES, 0);
+    // Stop holding processes before anything else, release any still held,
+    // then deliver what is left.
+    let _ = s.probes().set_config(config::HOLD_NEW_LIBRARIES, 0);
+    control_stop.store(true, Ordering::Relaxed);
+    if control.join().is_err() {
+        error!("control thread panicked");
+    }
     s.drain();
     s.report_lost();
     let waiting = s.sink.flush();
-    let lost = s.probes.lost().unwrap_or_default();
+    let lost = s.probes().lost().unwrap_or_default();
     info!(
         events = s.sink.written,
         key_uses = s.events_by_kind[0],
@@ -156,6 +176,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 }
 
 impl Sensor {
+    fn probes(&self) -> std::sync::MutexGuard<'_, Probes> {
+        self.probes.lock().expect("probes lock")
+    }
+
     fn next_seq(&mut self) -> u64 {
         self.seq += 1;
         self.seq
@@ -191,8 +215,8 @@ impl Sensor {
         debug!(elapsed = ?started.elapsed(), candidates = all.len(), "scanned library directories");
         for c in &all {
             self.attach(c);
-            debug!(elapsed = ?started.elapsed(), library = %c.shown_as, "attach done");
         }
+        debug!(elapsed = ?started.elapsed(), "attached");
         // Processes already running with a covered library need no hold.
         for c in all.iter().filter(|c| c.pid.is_some()) {
             let pid = c.pid.unwrap_or_default();
@@ -202,13 +226,14 @@ impl Sensor {
             if let (Some(root), Some(cg)) = (&cgroup_root, cg)
                 && let Ok(md) = std::fs::metadata(root.join(cg.trim_start_matches('/')))
             {
-                let _ = self.probes.mark_library_seen(md.ino(), &c.shown_as);
+                let _ = self.probes().mark_library_seen(md.ino(), &c.shown_as);
             }
         }
     }
 
     fn attach(&mut self, c: &Candidate) {
-        if let Err(e) = self.probes.attach_library(c) {
+        let result = self.probes().attach_library(c);
+        if let Err(e) = result {
             let module = event::File {
                 path: c.shown_as.clone(),
                 name: c.shown_as.rsplit('/').next().unwrap_or_default().to_owned(),
@@ -249,8 +274,11 @@ impl Sensor {
     }
 
     fn drain(&mut self) {
+        while let Ok(w) = self.warnings.try_recv() {
+            self.warn_event(w.process, w.module, w.detail);
+        }
         loop {
-            let rec = match self.probes.ring.next() {
+            let rec = match self.events.next() {
                 Some(item) => decode(&item),
                 None => break,
             };
@@ -263,44 +291,26 @@ impl Sensor {
             Record::Sign(r) => self.on_sign(&r),
             Record::Data { header, bytes } => self.ident.on_data(&header, &bytes),
             Record::HandleFree(f) => self.ident.on_free(f.tgid, f.handle),
-            Record::Exec(e) => self.on_exec(&e),
+            // The control thread snapshotted the new image; here the old
+            // image's pointers stop meaning anything.
+            Record::ExecMark(x) => self.ident.forget_process(x.task.tgid()),
             Record::Exit(x) => {
                 self.ident.forget_process(x.task.tgid());
-                self.procs.remove(x.task.tgid());
+                self.procs.remove_upto(x.task.tgid(), x.task.ktime_ns);
             }
+            Record::Exec(_) => {}
             Record::FileOpen(f) => self.on_open(&f),
             Record::Malformed { kind, len } => error!(kind, len, "malformed record from the probes"),
         }
     }
 
-    fn on_exec(&mut self, e: &ExecRecord) {
-        let tgid = e.task.tgid();
-        self.ident.forget_process(tgid);
-        let path = c_str(&e.filename);
-        self.procs.snapshot(tgid, (!path.is_empty()).then_some(path));
-    }
-
+    /// A file that may hold a key was opened: learn its public key for
+    /// this process. (Library opens go to the control thread.)
     fn on_open(&mut self, f: &FileOpenRecord) {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
-        let info = self.procs.get_or_snapshot(tgid);
+        let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
         let resolved = if path.starts_with('/') || f.dfd == -100 { info.resolve(&path) } else { None };
-        if f.flags & open_flags::LIBRARY != 0 {
-            let open_path = resolved.clone().unwrap_or_else(|| PathBuf::from(format!("/proc/{tgid}/root{path}")));
-            if let Ok(md) = std::fs::metadata(&open_path) {
-                let c = Candidate { shown_as: path.clone(), open_path, pid: Some(tgid), dev: md.dev(), ino: md.ino() };
-                if !self.probes.is_covered(c.dev, c.ino) {
-                    self.attach(&c);
-                }
-            }
-            if f.flags & open_flags::HELD != 0 {
-                debug!(pid = tgid, library = %path, "releasing held process");
-                if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(tgid as i32), nix::sys::signal::SIGCONT) {
-                    debug!(pid = tgid, error = %e, "SIGCONT");
-                }
-            }
-            return;
-        }
         // A file that may hold a key: learn its public key for this process.
         let Some(p) = resolved else {
             debug!(pid = tgid, path = %path, "cannot resolve opened file");
@@ -323,7 +333,7 @@ impl Sensor {
             }
         };
         match &*parsed {
-            Ok(keys) => self.ident.add_process_keys(tgid, keys.clone(), &path),
+            Ok(keys) => self.ident.add_process_keys(tgid, keys.clone(), &info.absolute(&path)),
             Err(e) => debug!(pid = tgid, "{e}"),
         }
     }
@@ -331,12 +341,12 @@ impl Sensor {
     fn on_sign(&mut self, r: &SignRecord) {
         let tgid = r.task.tgid();
         let key = self.ident.identify(r);
-        let info = self.procs.get_or_snapshot(tgid);
-        let cgroup_path = self.procs.cgroup_path(r.task.cgroup_id, info.cgroup_path.as_deref());
+        let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
+        let cgroup_path = self.cgroups.path(r.task.cgroup_id, info.cgroup_path.as_deref());
         let container = cgroup_path.as_deref().and_then(container_from_cgroup).or_else(|| info.container.clone());
         let uid = r.task.uid();
         let user_name = self.users.entry(uid).or_insert_with(|| user_name(uid)).clone();
-        let library = self.probes.library(r.library).cloned();
+        let library = self.probes().library(r.library).cloned();
         let lib_file = event::File {
             path: library.as_ref().map(|l| l.shown_as.clone()).unwrap_or_default(),
             name: library.as_ref().and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned)).unwrap_or_default(),
@@ -372,7 +382,7 @@ impl Sensor {
 
     /// Lost records become a warning event and a log line, never silence.
     fn report_lost(&mut self) {
-        let Ok(lost) = self.probes.lost() else { return };
+        let Ok(lost) = self.probes().lost() else { return };
         let names = ["signature", "signed-data", "process/file"];
         for (slot, name) in [stats::LOST_SIGN, stats::LOST_DATA, stats::LOST_OTHER].into_iter().zip(names) {
             let i = slot as usize;

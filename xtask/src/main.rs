@@ -1,1 +1,100 @@
-fn main() {}
+//! Developer tasks. `./x.sh` installs the toolchain and calls these.
+//!
+//! * `cargo xtask build`  release build (the eBPF object is built by
+//!   `sensor/build.rs` and embedded)
+//! * `cargo xtask run`    build, then run the sensor in the foreground
+//! * `cargo xtask test`   every test: unit tests, then the root-only
+//!   integration tests that load real probes and drive real programs
+//! * `cargo xtask bench`  the benchmarks in `benches/`
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Release build of the `keywarden` binary.
+    Build,
+    /// Build and run `keywarden run` (arguments are passed on).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Run the whole test suite (needs root).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Run a benchmark script from benches/ (default: all).
+    Bench { name: Option<String> },
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.current_dir(root()).status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Build => run(cargo().args(["build", "--release", "-p", "keywarden"])),
+        Task::Run { args } => {
+            run(cargo().args(["build", "--release", "-p", "keywarden"]))?;
+            run(Command::new(root().join("target/release/keywarden")).arg("run").args(args))
+        }
+        Task::Test { filter } => {
+            if !is_root() {
+                bail!("the test suite loads eBPF programs and must run as root");
+            }
+            let filter: Vec<String> = filter.into_iter().collect();
+            // Unit tests: parallel, no kernel involved.
+            run(cargo().args(["test", "--workspace", "--lib", "--bins"]).args(&filter))?;
+            // Integration tests: one sensor at a time, so each test's event
+            // counts are its own and the machine's two cores are not
+            // oversubscribed.
+            run(cargo()
+                .args(["test", "-p", "keywarden", "--test", "*"])
+                .args(&filter)
+                .args(["--", "--test-threads=1"]))
+        }
+        Task::Bench { name } => {
+            run(cargo().args(["build", "--release", "-p", "keywarden"]))?;
+            let mut scripts: Vec<PathBuf> = std::fs::read_dir(root().join("benches"))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "sh"))
+                .filter(|p| name.as_ref().is_none_or(|n| p.to_string_lossy().contains(n.as_str())))
+                .collect();
+            scripts.sort();
+            for s in scripts {
+                run(Command::new("bash").arg(s))?;
+            }
+            Ok(())
+        }
+    }
+}

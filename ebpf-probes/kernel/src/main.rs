@@ -38,8 +38,15 @@ mod probes {
     use keywarden_probe_types::*;
 
     /// Several MiB: a 256 KiB ring dropped events at 36k signatures/s.
+    /// Drained on a timer; nothing here wakes the sensor.
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+    /// Execs and newly opened crypto libraries: few, and each needs the
+    /// sensor at once (to snapshot a process before it exits, or to release
+    /// a held one), so every record wakes the sensor's control thread.
+    #[map]
+    static CONTROL: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
     #[map]
     static MD_CTX_STATE: LruHashMap<ProcPtr, MdCtxState> = LruHashMap::with_max_entries(65536, 0);
@@ -392,7 +399,11 @@ mod probes {
     pub fn process_exec(ctx: TracePointContext) -> u32 {
         let task = current_task();
         let _ = INFLIGHT.remove(&task.tid());
-        let Some(mut rec) = EVENTS.reserve::<ExecRecord>(0) else {
+        let mark = ExitRecord { kind: kind::EXEC_MARK, _pad: 0, task };
+        if EVENTS.output(&mark, BPF_RB_NO_WAKEUP as u64).is_err() {
+            count(stats::LOST_OTHER);
+        }
+        let Some(mut rec) = CONTROL.reserve::<ExecRecord>(0) else {
             count(stats::LOST_OTHER);
             return 0;
         };
@@ -464,7 +475,10 @@ mod probes {
             wake = BPF_RB_FORCE_WAKEUP as u64;
             let heartbeat = config(config::HEARTBEAT_NS);
             let now = task.ktime_ns;
+            // Never hold another keywarden: two sensors holding each other
+            // would both stay stopped.
             if config(config::HOLD_NEW_LIBRARIES) != 0
+                && !task.comm.starts_with(b"keywarden")
                 && heartbeat != 0
                 && now.wrapping_sub(heartbeat) < config::HEARTBEAT_MAX_AGE_NS
                 && unsafe { bpf_send_signal(SIGSTOP) } == 0
@@ -472,7 +486,8 @@ mod probes {
                 flags |= open_flags::HELD;
             }
         }
-        let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
+        let ring = if flags & open_flags::LIBRARY != 0 { &CONTROL } else { &EVENTS };
+        let Some(mut rec) = ring.reserve::<FileOpenRecord>(0) else {
             count(stats::LOST_OTHER);
             return 0;
         };

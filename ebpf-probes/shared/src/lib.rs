@@ -49,6 +49,10 @@ pub mod kind {
     pub const EXEC: u32 = 5;
     pub const EXIT: u32 = 6;
     pub const FILE_OPEN: u32 = 7;
+    /// In the event ring: "this process exec'd here", so caches keyed by
+    /// its pointers are dropped in order. The full `ExecRecord` goes to the
+    /// control ring.
+    pub const EXEC_MARK: u32 = 8;
 }
 
 /// Flags on a `SignRecord`.
@@ -207,6 +211,7 @@ pub struct ExecRecord {
     pub filename: [u8; PATH_MAX],
 }
 
+/// `kind::EXIT` and `kind::EXEC_MARK`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct ExitRecord {

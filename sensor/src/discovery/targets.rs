@@ -96,11 +96,12 @@ pub fn scan_dirs(dirs: &[String]) -> Vec<Candidate> {
     for dir in dirs {
         let Ok(entries) = std::fs::read_dir(dir) else { continue };
         for e in entries.flatten() {
-            let path = e.path();
-            let shown = path.to_string_lossy().into_owned();
-            if !is_crypto_library(&shown) {
+            if !is_crypto_library(&e.path().to_string_lossy()) {
                 continue;
             }
+            // Name the real file, not the `libcrypto.so` development symlink.
+            let Ok(path) = std::fs::canonicalize(e.path()) else { continue };
+            let shown = path.to_string_lossy().into_owned();
             if let Some(c) = candidate(shown, path, None)
                 && seen.insert((c.dev, c.ino))
             {

@@ -12,7 +12,7 @@ use std::{
     os::unix::fs::MetadataExt,
     os::fd::{AsRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
 };
 
 use hashbrown::HashMap;
@@ -29,6 +29,8 @@ pub struct ProcessInfo {
     pub exe_path: Option<String>,
     pub exe_sha256: Option<String>,
     pub cmd_line: Option<String>,
+    /// Working directory at exec, to make relative paths absolute.
+    pub cwd_path: Option<String>,
     pub cgroup_path: Option<String>,
     pub container: Option<Container>,
     /// Why some of the above is missing.
@@ -50,6 +52,14 @@ impl ProcessInfo {
         })
     }
 
+    /// `path` as the process saw it, made absolute with its working directory.
+    pub fn absolute(&self, path: &str) -> String {
+        match (&self.cwd_path, path.starts_with('/')) {
+            (Some(cwd), false) => format!("{}/{}", cwd.trim_end_matches('/'), path),
+            _ => path.to_owned(),
+        }
+    }
+
     /// A path the process opened, resolved the way the process saw it:
     /// absolute paths against its root, relative ones against its cwd.
     pub fn resolve(&self, path: &str) -> Option<PathBuf> {
@@ -68,12 +78,19 @@ struct FileId {
     size: u64,
 }
 
+/// Snapshots per process, versioned by exec time: a signature made before
+/// a process re-exec'd is attributed to the image that made it. Shared by
+/// the control thread (which snapshots at exec) and the event thread
+/// (which reads), hence the locks; hashing happens outside them.
+#[derive(Default)]
 pub struct ProcessTable {
-    procs: HashMap<u32, Arc<ProcessInfo>>,
-    hashes: HashMap<FileId, String>,
-    cgroup_root: Option<PathBuf>,
-    cgroup_paths: HashMap<u64, String>,
+    procs: Mutex<HashMap<u32, Vec<(u64, Arc<ProcessInfo>)>>>,
+    hashes: Mutex<HashMap<FileId, String>>,
 }
+
+/// Versions kept per process (a process rarely execs more than twice
+/// between two polls of the event ring).
+const VERSIONS: usize = 4;
 
 fn open_path(p: &str) -> Option<OwnedFd> {
     use nix::fcntl::{OFlag, open};
@@ -95,29 +112,15 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 }
 
 impl ProcessTable {
-    pub fn new() -> Self {
-        Self { procs: HashMap::new(), hashes: HashMap::new(), cgroup_root: cgroup2_root(), cgroup_paths: HashMap::new() }
-    }
-
-    pub fn get(&self, tgid: u32) -> Option<Arc<ProcessInfo>> {
-        self.procs.get(&tgid).cloned()
-    }
-
-    /// Reads `/proc/PID` now, replacing what was known (an exec changes the
-    /// executable). `exec_path` is the path given to execve, when known.
-    pub fn snapshot(&mut self, tgid: u32, exec_path: Option<String>) -> Arc<ProcessInfo> {
+    /// Reads `/proc/PID` now. The executable, root and cwd are opened first,
+    /// while the process surely exists; hashing reads the opened file.
+    /// `exec_path` is the path given to execve, when known.
+    pub fn snapshot(&self, tgid: u32, exec_path: Option<String>) -> ProcessInfo {
         let proc_dir = format!("/proc/{tgid}");
-        let mut errors = Vec::new();
-        let exe_path = exec_path.or_else(|| {
-            std::fs::read_link(format!("{proc_dir}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
-        });
-        let exe_sha256 = match self.hash_exe(&format!("{proc_dir}/exe")) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                errors.push(format!("executable hash: {e}"));
-                None
-            }
-        };
+        let exe = File::open(format!("{proc_dir}/exe"));
+        let root = open_path(&format!("{proc_dir}/root"));
+        let cwd = open_path(&format!("{proc_dir}/cwd"));
+        let cwd_path = std::fs::read_link(format!("{proc_dir}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
         let cmd_line = std::fs::read(format!("{proc_dir}/cmdline")).ok().map(|b| {
             let parts: Vec<String> =
                 b.split(|&c| c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
@@ -126,47 +129,79 @@ impl ProcessTable {
         let cgroup_path = std::fs::read_to_string(format!("{proc_dir}/cgroup"))
             .ok()
             .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
+        let exe_path = exec_path.or_else(|| {
+            std::fs::read_link(format!("{proc_dir}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
+        });
+        let mut errors = Vec::new();
+        let exe_sha256 = match exe.and_then(|f| self.hash(f)) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                errors.push(format!("executable hash: {e} (process gone before the sensor saw it?)"));
+                None
+            }
+        };
         if cgroup_path.is_none() {
             errors.push(format!("cannot read {proc_dir}/cgroup"));
         }
         let container = cgroup_path.as_deref().and_then(container_from_cgroup);
-        let info = Arc::new(ProcessInfo {
+        ProcessInfo {
             tgid,
             exe_path,
             exe_sha256,
-            cmd_line,
+            cmd_line: cmd_line.filter(|c| !c.is_empty()),
+            cwd_path,
             cgroup_path,
             container,
             error: (!errors.is_empty()).then(|| errors.join("; ")),
-            root: open_path(&format!("{proc_dir}/root")),
-            cwd: open_path(&format!("{proc_dir}/cwd")),
-        });
-        self.procs.insert(tgid, info.clone());
+            root,
+            cwd,
+        }
+    }
+
+    /// Stores a snapshot taken at `exec_ktime` (0: taken when first seen).
+    pub fn record(&self, tgid: u32, exec_ktime: u64, info: ProcessInfo) -> Arc<ProcessInfo> {
+        let info = Arc::new(info);
+        let mut procs = self.procs.lock().expect("process table lock");
+        let versions = procs.entry(tgid).or_default();
+        versions.push((exec_ktime, info.clone()));
+        versions.sort_by_key(|(t, _)| *t);
+        if versions.len() > VERSIONS {
+            versions.remove(0);
+        }
         info
+    }
+
+    /// The image that was running at `ktime`.
+    pub fn lookup(&self, tgid: u32, ktime: u64) -> Option<Arc<ProcessInfo>> {
+        let procs = self.procs.lock().expect("process table lock");
+        procs.get(&tgid)?.iter().rev().find(|(t, _)| *t <= ktime).map(|(_, i)| i.clone())
     }
 
     /// Known, or read now (a process that existed before the sensor, or a
     /// forked child that never exec'd).
-    pub fn get_or_snapshot(&mut self, tgid: u32) -> Arc<ProcessInfo> {
-        match self.procs.get(&tgid) {
-            Some(p) => p.clone(),
-            None => self.snapshot(tgid, None),
+    pub fn lookup_or_snapshot(&self, tgid: u32, ktime: u64) -> Arc<ProcessInfo> {
+        if let Some(i) = self.lookup(tgid, ktime) {
+            return i;
+        }
+        let info = self.snapshot(tgid, None);
+        self.record(tgid, 0, info)
+    }
+
+    /// The process exited at `ktime`: forget what ran before it.
+    pub fn remove_upto(&self, tgid: u32, ktime: u64) {
+        let mut procs = self.procs.lock().expect("process table lock");
+        if let Some(v) = procs.get_mut(&tgid) {
+            v.retain(|(t, _)| *t > ktime);
+            if v.is_empty() {
+                procs.remove(&tgid);
+            }
         }
     }
 
-    pub fn remove(&mut self, tgid: u32) {
-        self.procs.remove(&tgid);
-    }
-
-    pub fn len(&self) -> usize {
-        self.procs.len()
-    }
-
-    fn hash_exe(&mut self, exe: &str) -> std::io::Result<String> {
-        let mut f = File::open(exe)?;
+    fn hash(&self, mut f: File) -> std::io::Result<String> {
         let md = f.metadata()?;
         let id = FileId { dev: md.dev(), ino: md.ino(), mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(), size: md.size() };
-        if let Some(h) = self.hashes.get(&id) {
+        if let Some(h) = self.hashes.lock().expect("hash cache lock").get(&id) {
             return Ok(h.clone());
         }
         let mut hasher = Sha256::new();
@@ -179,30 +214,43 @@ impl ProcessTable {
             hasher.update(&buf[..n]);
         }
         let h = hex::encode(hasher.finalize());
-        if self.hashes.len() > 4096 {
-            self.hashes.clear();
+        let mut hashes = self.hashes.lock().expect("hash cache lock");
+        if hashes.len() > 4096 {
+            hashes.clear();
         }
-        self.hashes.insert(id, h.clone());
+        hashes.insert(id, h.clone());
         Ok(h)
+    }
+}
+
+/// cgroup id -> path, for the event thread.
+pub struct CgroupPaths {
+    root: Option<PathBuf>,
+    cache: HashMap<u64, String>,
+}
+
+impl CgroupPaths {
+    pub fn new() -> Self {
+        Self { root: cgroup2_root(), cache: HashMap::new() }
     }
 
     /// The cgroup path for a cgroup id. The id in an event is where the
     /// process ran *then*; the path read at exec is used when its inode
     /// matches, otherwise the hierarchy is searched once and cached.
-    pub fn cgroup_path(&mut self, id: u64, hint: Option<&str>) -> Option<String> {
-        if let Some(p) = self.cgroup_paths.get(&id) {
+    pub fn path(&mut self, id: u64, hint: Option<&str>) -> Option<String> {
+        if let Some(p) = self.cache.get(&id) {
             return Some(p.clone());
         }
-        let root = self.cgroup_root.clone()?;
+        let root = self.root.clone()?;
         if let Some(h) = hint {
             let full = root.join(h.trim_start_matches('/'));
             if std::fs::metadata(&full).map(|m| m.ino() == id).unwrap_or(false) {
-                self.cgroup_paths.insert(id, h.to_owned());
+                self.cache.insert(id, h.to_owned());
                 return Some(h.to_owned());
             }
         }
         let found = find_inode(&root, &root, id, 0)?;
-        self.cgroup_paths.insert(id, found.clone());
+        self.cache.insert(id, found.clone());
         Some(found)
     }
 }
@@ -237,7 +285,7 @@ mod tests {
 
     #[test]
     fn snapshot_of_self_has_exe_hash_and_cgroup() {
-        let mut t = ProcessTable::new();
+        let t = ProcessTable::default();
         let me = std::process::id();
         let info = t.snapshot(me, None);
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
@@ -251,9 +299,26 @@ mod tests {
 
     #[test]
     fn a_vanished_process_gives_an_error_not_a_panic() {
-        let mut t = ProcessTable::new();
+        let t = ProcessTable::default();
         let info = t.snapshot(u32::MAX - 1, None);
         assert!(info.exe_sha256.is_none());
         assert!(info.error.is_some());
+    }
+
+    #[test]
+    fn versions_follow_exec_time() {
+        let t = ProcessTable::default();
+        let mut a = t.snapshot(std::process::id(), Some("/bin/a".into()));
+        a.root = None;
+        t.record(7, 100, a);
+        t.record(7, 200, t.snapshot(std::process::id(), Some("/bin/b".into())));
+        assert!(t.lookup(7, 50).is_none());
+        assert_eq!(t.lookup(7, 150).unwrap().exe_path.as_deref(), Some("/bin/a"));
+        assert_eq!(t.lookup(7, 250).unwrap().exe_path.as_deref(), Some("/bin/b"));
+        t.remove_upto(7, 150);
+        assert!(t.lookup(7, 150).is_none());
+        assert_eq!(t.lookup(7, 250).unwrap().exe_path.as_deref(), Some("/bin/b"));
+        t.remove_upto(7, 300);
+        assert!(t.lookup(7, 400).is_none());
     }
 }

@@ -15,6 +15,7 @@
 use std::{sync::Arc, time::Instant};
 
 use hashbrown::HashMap;
+use sha2::Digest;
 use keywarden_analyzer::event::{Fingerprint, KeyIdentity, KeyStatus};
 use keywarden_probe_types::{DataHeader, SignRecord, func, sign_flags};
 
@@ -175,6 +176,15 @@ impl Identifier {
             }
         }
         let n = candidates.len();
+        tracing::debug!(
+            pid = tgid,
+            sig_len = signed.signature.len(),
+            sig_sha256 = %hex::encode(sha2::Sha256::digest(signed.signature)),
+            data_len = signed.data.map(<[u8]>::len),
+            data_sha256 = %signed.data.map(|d| hex::encode(sha2::Sha256::digest(d))).unwrap_or_default(),
+            candidates = n,
+            "no candidate verified"
+        );
         if n == 0 {
             return unknown(
                 "no public key is known for this process or host: the key was not read from a file the \

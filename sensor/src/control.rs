@@ -1,0 +1,120 @@
+//! The control thread: acts on records that cannot wait for the next poll.
+//!
+//! * An exec: snapshot the process now (executable hash, root and cwd
+//!   handles), because a short-lived signer may be gone by the time the
+//!   event thread reaches its signature.
+//! * A crypto library opened in a cgroup for the first time: attach to it
+//!   if it is new, then release the process if the probe held it.
+//!
+//! It also sends the heartbeat that lets the probes hold processes at all,
+//! so if this thread stops, holding stops with it.
+
+use std::{
+    os::fd::AsFd,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, RingBuf};
+use keywarden_analyzer::event;
+use keywarden_probe_types::{FileOpenRecord, open_flags};
+use tracing::{debug, warn};
+
+use crate::{
+    discovery::targets::Candidate,
+    enrich::process::ProcessTable,
+    probes::Probes,
+    records::{Record, c_str, decode},
+};
+
+/// Something the control thread could not do, for the event thread to
+/// turn into a coverage-warning event.
+pub struct Warning {
+    pub process: Option<event::Process>,
+    pub module: Option<event::File>,
+    pub detail: String,
+}
+
+pub struct Control {
+    pub ring: RingBuf<MapData>,
+    pub probes: Arc<Mutex<Probes>>,
+    pub procs: Arc<ProcessTable>,
+    pub warnings: crossbeam_channel::Sender<Warning>,
+    pub shutdown: Arc<AtomicBool>,
+}
+
+impl Control {
+    pub fn run(mut self) {
+        let mut last_heartbeat = Instant::now() - Duration::from_secs(1);
+        while !self.shutdown.load(Ordering::Relaxed) {
+            if last_heartbeat.elapsed() >= Duration::from_millis(500) {
+                if let Err(e) = self.probes.lock().expect("probes lock").heartbeat() {
+                    warn!(error = %e, "heartbeat");
+                }
+                last_heartbeat = Instant::now();
+            }
+            let mut fds = [nix::poll::PollFd::new(self.ring.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
+            self.drain();
+        }
+        // A last pass so no held process is left stopped.
+        self.drain();
+    }
+
+    fn drain(&mut self) {
+        loop {
+            let rec = match self.ring.next() {
+                Some(item) => decode(&item),
+                None => break,
+            };
+            match rec {
+                Record::Exec(e) => {
+                    let path = c_str(&e.filename);
+                    let tgid = e.task.tgid();
+                    let info = self.procs.snapshot(tgid, (!path.is_empty()).then_some(path));
+                    self.procs.record(tgid, e.task.ktime_ns, info);
+                }
+                Record::FileOpen(f) => self.on_library(&f),
+                Record::Malformed { kind, len } => warn!(kind, len, "malformed control record"),
+                _ => {}
+            }
+        }
+    }
+
+    fn on_library(&mut self, f: &FileOpenRecord) {
+        let tgid = f.task.tgid();
+        let path = c_str(&f.path);
+        let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
+        let open_path = if path.starts_with('/') || f.dfd == -100 { info.resolve(&path) } else { None }
+            .unwrap_or_else(|| PathBuf::from(format!("/proc/{tgid}/root{path}")));
+        if let Ok(md) = std::fs::metadata(&open_path) {
+            let c = Candidate { shown_as: info.absolute(&path), open_path, pid: Some(tgid), dev: md.dev(), ino: md.ino() };
+            let mut probes = self.probes.lock().expect("probes lock");
+            if !probes.is_covered(c.dev, c.ino)
+                && let Err(e) = probes.attach_library(&c)
+            {
+                let _ = self.warnings.send(Warning {
+                    process: Some(event::Process { pid: tgid, ..Default::default() }),
+                    module: Some(event::File {
+                        path: c.shown_as.clone(),
+                        name: c.shown_as.rsplit('/').next().unwrap_or_default().to_owned(),
+                        type_id: 1,
+                        hashes: vec![],
+                    }),
+                    detail: format!("{e:#}"),
+                });
+            }
+        }
+        if f.flags & open_flags::HELD != 0 {
+            debug!(pid = tgid, library = %path, "releasing held process");
+            if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(tgid as i32), nix::sys::signal::SIGCONT) {
+                debug!(pid = tgid, error = %e, "SIGCONT");
+            }
+        }
+    }
+}

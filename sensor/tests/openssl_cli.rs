@@ -1,0 +1,137 @@
+//! The openssl command line signs through the EVP APIs of the system
+//! libcrypto; each signature must give exactly one event naming its key.
+
+mod support;
+
+use std::{os::unix::process::CommandExt, process::Command};
+
+use support::*;
+
+#[test]
+fn cli_signing_gives_one_event_per_signature_with_the_right_key() {
+    let work = tempfile::tempdir().unwrap();
+    let msg = work.path().join("msg");
+    std::fs::write(&msg, b"keywarden signs this").unwrap();
+    let keys = [
+        ("ec", openssl_key(work.path(), "ec", "ec"), "ecdsa-p256"),
+        ("rsa", openssl_key(work.path(), "rsa", "rsa"), "rsa-2048"),
+        ("ed25519", openssl_key(work.path(), "ed", "ed25519"), "ed25519"),
+    ];
+    let sensor = Sensor::start(&[]);
+    let mut runs = Vec::new();
+    for (name, key, alg) in &keys {
+        let sig = work.path().join(format!("{name}.sig"));
+        let mut cmd = Command::new("openssl");
+        if *name == "ed25519" {
+            // OpenSSL 3.0's dgst cannot sign with Ed25519 ("Key type not
+            // supported"); pkeyutl -rawin is its one-shot EVP_DigestSign path.
+            cmd.args(["pkeyutl", "-sign", "-rawin", "-inkey"]).arg(&key.path).arg("-in").arg(&msg);
+            cmd.arg("-out").arg(&sig);
+        } else {
+            cmd.args(["dgst", "-sha256", "-sign"]).arg(&key.path).arg("-out").arg(&sig).arg(&msg);
+        }
+        let (pid, out) = run_pid(&mut cmd);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::metadata(&sig).unwrap().len() > 0);
+        runs.push((pid, key.spki.clone(), *alg));
+    }
+    let events = sensor.stop();
+    for (pid, spki, alg) in runs {
+        let uses = key_uses_of(&events, pid);
+        assert_eq!(uses.len(), 1, "{alg}: expected exactly one event for pid {pid}, got {uses:#?}");
+        let e = uses[0];
+        assert_eq!(e["status"], "Success", "{e:#}");
+        assert_eq!(e["key"]["status"], "identified", "{e:#}");
+        assert_eq!(e["key"]["spki_sha256"], spki.as_str(), "{e:#}");
+        assert_eq!(e["key"]["algorithm"], alg);
+        assert_eq!(e["actor"]["process"]["name"], "openssl");
+        assert_eq!(e["actor"]["process"]["file"]["hashes"][0]["value"], sha256_file("/usr/bin/openssl".as_ref()));
+        assert_eq!(e["actor"]["process"]["user"]["uid"], "0");
+        assert!(e["key"]["source_file"].as_str().unwrap().ends_with(".pem"), "{e:#}");
+        assert_eq!(e["module"]["type"], "openssl");
+    }
+}
+
+#[test]
+fn pkeyutl_gives_one_event_per_signature_and_marks_failures() {
+    let work = tempfile::tempdir().unwrap();
+    let ec = openssl_key(work.path(), "ec", "ec");
+    let rsa = openssl_key(work.path(), "rsa", "rsa");
+    let digest = work.path().join("digest");
+    std::fs::write(&digest, [0x5a; 32]).unwrap();
+    let short = work.path().join("short");
+    std::fs::write(&short, [0x5a; 5]).unwrap();
+    let sensor = Sensor::start(&[]);
+    let mut ok_pids = Vec::new();
+    for i in 0..3 {
+        let key = if i % 2 == 0 { &ec } else { &rsa };
+        let mut cmd = Command::new("openssl");
+        cmd.args(["pkeyutl", "-sign", "-inkey"]).arg(&key.path).arg("-in").arg(&digest);
+        if i % 2 == 1 {
+            cmd.args(["-pkeyopt", "digest:sha256"]);
+        }
+        cmd.arg("-out").arg(work.path().join(format!("sig{i}")));
+        let (pid, out) = run_pid(&mut cmd);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        ok_pids.push((pid, key.spki.clone()));
+    }
+    // A 5-byte input is not a SHA-256 digest: EVP_PKEY_sign fails.
+    let mut cmd = Command::new("openssl");
+    cmd.args(["pkeyutl", "-sign", "-inkey"]).arg(&rsa.path).arg("-in").arg(&short);
+    cmd.args(["-pkeyopt", "digest:sha256", "-out"]).arg(work.path().join("bad.sig"));
+    let (bad_pid, out) = run_pid(&mut cmd);
+    assert!(!out.status.success(), "the bad signature was expected to fail");
+    let events = sensor.stop();
+    for (pid, spki) in ok_pids {
+        let uses = key_uses_of(&events, pid);
+        assert_eq!(uses.len(), 1, "pid {pid}: {uses:#?}");
+        assert_eq!(uses[0]["module"]["function_name"], "EVP_PKEY_sign");
+        assert_eq!(uses[0]["key"]["spki_sha256"], spki.as_str(), "{:#}", uses[0]);
+    }
+    let bad = key_uses_of(&events, bad_pid);
+    assert_eq!(bad.len(), 1, "the failed signature is one event: {bad:#?}");
+    assert_eq!(bad[0]["status"], "Failure");
+    assert_eq!(bad[0]["signature"]["length"], 0);
+}
+
+#[test]
+fn sigterm_detaches_and_exits_zero() {
+    let sensor = Sensor::start(&[]);
+    let pid = sensor.pid();
+    let loaded = || {
+        let out = run_ok(Command::new("bpftool").args(["-j", "prog", "show"]));
+        let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        progs.as_array().unwrap().iter().filter(|p| p["name"] == "sign_entry").count()
+    };
+    assert!(loaded() >= 1, "the sensor's programs should be loaded while it runs");
+    let events = sensor.stop_with(nix::sys::signal::Signal::SIGTERM);
+    assert!(key_uses_of(&events, pid).is_empty());
+    // Detached and unloaded: nothing of ours stays in the kernel.
+    wait_for("programs to unload", std::time::Duration::from_secs(10), || loaded() == 0);
+}
+
+#[test]
+fn not_root_is_one_clear_error() {
+    let out = keywarden()
+        .args(["run"])
+        .env("NO_COLOR", "1")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("must run as root"), "{err}");
+    assert_eq!(err.lines().filter(|l| l.contains("error")).count(), 1, "{err}");
+}
+
+#[test]
+fn version_and_help() {
+    let out = run_ok(keywarden().arg("--version"));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("keywarden "));
+    let out = run_ok(keywarden().arg("--help"));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("run"), "{help}");
+    let out = run_ok(keywarden().args(["run", "--help"]));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--output"));
+}

@@ -1,0 +1,186 @@
+//! Shared pieces of the integration tests: start the real `keywarden`
+//! binary, wait for `ready`, stop it with a signal, read its NDJSON.
+//! These tests need root; `cargo xtask test` runs them one at a time.
+#![allow(dead_code)]
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub struct Sensor {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub events_path: PathBuf,
+    pub log_path: PathBuf,
+}
+
+pub fn keywarden() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_keywarden"))
+}
+
+impl Sensor {
+    /// Starts the sensor with extra `run` arguments and waits for `ready`.
+    pub fn start(extra: &[&str]) -> Sensor {
+        let dir = tempfile::tempdir().unwrap();
+        let events_path = dir.path().join("events.ndjson");
+        let log_path = dir.path().join("sensor.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = keywarden()
+            .args(["--log", "info,keywarden=debug", "run", "--output"])
+            .arg(&events_path)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn keywarden");
+        let mut s = Sensor { child: Some(child), dir, events_path, log_path };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if s.log().contains("ready") {
+                break;
+            }
+            if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("keywarden exited with {status} before ready:\n{}", s.log());
+            }
+            assert!(Instant::now() < deadline, "keywarden not ready after 60 s:\n{}", s.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends `signal`, waits for a clean exit (status 0) and returns events.
+    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> Vec<Value> {
+        // Give the sensor one poll interval plus margin to see the last records.
+        std::thread::sleep(Duration::from_millis(300));
+        let mut child = self.child.take().unwrap();
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            assert!(Instant::now() < deadline, "keywarden did not exit after {signal}:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(status.success(), "keywarden exited with {status} after {signal}:\n{}", self.log());
+        read_events(&self.events_path)
+    }
+
+    pub fn stop(self) -> Vec<Value> {
+        self.stop_with(nix::sys::signal::Signal::SIGINT)
+    }
+}
+
+impl Drop for Sensor {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn read_events(path: &Path) -> Vec<Value> {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        f.read_to_string(&mut text).unwrap();
+    }
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON line {l:?}: {e}")))
+        .collect()
+}
+
+pub fn key_uses(events: &[Value]) -> Vec<&Value> {
+    events.iter().filter(|e| e["metadata"]["event_code"] == "key_use").collect()
+}
+
+pub fn key_uses_of(events: &[Value], pid: u32) -> Vec<&Value> {
+    key_uses(events).into_iter().filter(|e| e["actor"]["process"]["pid"] == pid).collect()
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+/// Runs a command and returns its pid with its output.
+pub fn run_pid(cmd: &mut Command) -> (u32, Output) {
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    (pid, child.wait_with_output().unwrap())
+}
+
+/// A fresh key made by openssl, and its SPKI SHA-256 as openssl computes it.
+pub struct TestKey {
+    pub path: PathBuf,
+    pub spki: String,
+}
+
+pub fn openssl_key(dir: &Path, name: &str, alg: &str) -> TestKey {
+    let path = dir.join(format!("{name}.pem"));
+    let mut cmd = Command::new("openssl");
+    cmd.args(["genpkey", "-out"]).arg(&path);
+    match alg {
+        "ec" => cmd.args(["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]),
+        "rsa" => cmd.args(["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]),
+        "ed25519" => cmd.args(["-algorithm", "ED25519"]),
+        other => panic!("unknown algorithm {other}"),
+    };
+    run_ok(&mut cmd);
+    TestKey { spki: spki_of(&path), path }
+}
+
+/// `openssl pkey -in KEY -pubout -outform DER | sha256sum`
+pub fn spki_of(key: &Path) -> String {
+    let out = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "openssl pkey -in '{}' -pubout -outform DER | sha256sum",
+        key.display()
+    )));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+pub fn sha256_file(p: &Path) -> String {
+    let out = run_ok(Command::new("sha256sum").arg(p));
+    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+}
+
+pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A free TCP port on loopback.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Mount point of cgroup v2.
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for l in mounts.lines() {
+        let (left, right) = l.split_once(" - ").unwrap();
+        if right.split_whitespace().next() == Some("cgroup2") {
+            return PathBuf::from(left.split_whitespace().nth(4).unwrap());
+        }
+    }
+    panic!("no cgroup2 mount");
+}
