@@ -271,9 +271,12 @@ mod probes {
     fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
         let tid = bpf_get_current_pid_tgid() as u32;
         let sp = unsafe { (*ctx.regs).rsp };
+        let now = unsafe { bpf_ktime_get_ns() };
         if let Some(outer) = INFLIGHT.get_ptr_mut(&tid) {
-            // A live outer call has a higher stack pointer than this one.
-            if unsafe { (*outer).sp } > sp {
+            // A live outer call was entered at the same (tail call) or a
+            // higher stack pointer than this one, and recently.
+            let (outer_sp, outer_start) = unsafe { ((*outer).sp, (*outer).started_ns) };
+            if outer_sp >= sp && now.wrapping_sub(outer_start) < INFLIGHT_MAX_AGE_NS {
                 unsafe { (*outer).depth += 1 };
                 return;
             }
@@ -293,6 +296,7 @@ mod probes {
             sig_ptr: sig,
             siglen_ptr: arg(ctx, 2),
             sp,
+            started_ns: now,
             md_name: [0; 16],
         };
         if f == func::PKEY_SIGN {

@@ -265,11 +265,19 @@ pub struct Inflight {
     pub op_id: u64,
     pub sig_ptr: u64,
     pub siglen_ptr: u64,
-    /// Stack pointer at entry; an entry with a higher stack pointer means the
-    /// recorded call never returned (longjmp, thread cancel) and is stale.
+    /// Stack pointer at entry. A call entered at the same or a lower stack
+    /// pointer is nested in this one (same: a tail call, as EVP_DigestSign
+    /// makes to EVP_DigestSignFinal); a higher one means this record is
+    /// stale (its call never returned: longjmp, thread cancel).
     pub sp: u64,
+    /// `bpf_ktime_get_ns()` at entry; records older than
+    /// `INFLIGHT_MAX_AGE_NS` are stale too.
+    pub started_ns: u64,
     pub md_name: [u8; 16],
 }
+
+/// No signature takes this long; an older in-flight record is stale.
+pub const INFLIGHT_MAX_AGE_NS: u64 = 10_000_000_000;
 
 /// Key of `LIBRARY_SEEN`: a library path opened inside a cgroup.
 #[repr(C)]

@@ -6,8 +6,11 @@
 //! public keys: those in key and certificate files the process opened, and
 //! those in the configured key directories. A candidate under which the
 //! signature verifies is the key, exactly. The answer is cached per
-//! (process, key object) until the probes report that object freed, or the
-//! process execs or exits, so the hot path verifies once per key object.
+//! (process, key object) so the hot path does no public-key work. When the
+//! probes see the object passed to EVP_PKEY_free (often only a reference
+//! drop: libssl does it on every handshake), the entry becomes *suspect*
+//! and the next signature is checked against the cached key once more; an
+//! exec or exit forgets the process entirely.
 //!
 //! When no candidate verifies, or the data could not be captured whole, the
 //! answer is `unknown` with the reason. The sensor never guesses.
@@ -44,7 +47,8 @@ struct OpData {
 #[derive(Default)]
 pub struct Identifier {
     ops: HashMap<(u32, u64), OpData>,
-    handles: HashMap<(u32, u64), Arc<KnownKey>>,
+    /// (process, key object) -> (key, suspect since a free).
+    handles: HashMap<(u32, u64), (Arc<KnownKey>, bool)>,
     per_process: HashMap<u32, Vec<Arc<KnownKey>>>,
     inventory: HashMap<String, Arc<KnownKey>>,
     /// Verifications run (each is one public-key operation).
@@ -93,9 +97,12 @@ impl Identifier {
         op.seen = Instant::now();
     }
 
-    /// The probes saw this key object (or context) being freed.
+    /// The probes saw this key object (or context) passed to a free
+    /// function. It may be gone, and its address reused for another key.
     pub fn on_free(&mut self, tgid: u32, handle: u64) {
-        self.handles.remove(&(tgid, handle));
+        if let Some(entry) = self.handles.get_mut(&(tgid, handle)) {
+            entry.1 = true;
+        }
     }
 
     /// The process exec'd a new image or exited: its pointers mean nothing now.
@@ -139,9 +146,11 @@ impl Identifier {
         let tgid = r.task.tgid();
         let data = self.ops.remove(&(tgid, r.op_id));
         let cache_key = (tgid, r.handle);
-        if let Some(k) = self.handles.get(&cache_key) {
-            return identified(k, "handle_cache");
-        }
+        let suspect = match self.handles.get(&cache_key) {
+            Some((k, false)) => return identified(k, "handle_cache"),
+            Some((k, true)) => Some(k.clone()),
+            None => None,
+        };
         if r.ret != 1 {
             return unknown("the signing call failed, so there is no signature to check".into());
         }
@@ -161,8 +170,14 @@ impl Identifier {
             digest_hint: md_name.as_deref(),
         };
 
-        // The process's own keys first, then the rest of the host's.
-        let mut candidates: Vec<Arc<KnownKey>> = self.per_process.get(&tgid).cloned().unwrap_or_default();
+        // The key this object had before (if suspect), then the process's
+        // own keys, then the rest of the host's.
+        let mut candidates: Vec<Arc<KnownKey>> = suspect.into_iter().collect();
+        for k in self.per_process.get(&tgid).into_iter().flatten() {
+            if !candidates.iter().any(|c| c.info.spki_sha256 == k.info.spki_sha256) {
+                candidates.push(k.clone());
+            }
+        }
         for k in self.inventory.values() {
             if !candidates.iter().any(|c| c.info.spki_sha256 == k.info.spki_sha256) {
                 candidates.push(k.clone());
@@ -171,10 +186,11 @@ impl Identifier {
         for k in &candidates {
             self.verifications += 1;
             if verifies(&k.info.public, &signed) {
-                self.handles.insert(cache_key, k.clone());
+                self.handles.insert(cache_key, (k.clone(), false));
                 return identified(k, "signature_verified");
             }
         }
+        self.handles.remove(&cache_key);
         let n = candidates.len();
         tracing::debug!(
             pid = tgid,
@@ -279,12 +295,25 @@ mod tests {
         assert_eq!(got.identified_by.as_deref(), Some("handle_cache"));
         assert_eq!(id.verifications, before);
 
-        // Handle 0xa freed and reused for key 2: verified again, not cached.
+        // A free that was only a reference drop: confirmed with one
+        // verification against the cached key, then cached again.
         id.on_free(10, 0xa);
         id.on_data(&data(10, 4, &digest), &digest);
-        let got = id.identify(&record(10, 0xa, 4, &s2));
+        let before = id.verifications;
+        let got = id.identify(&record(10, 0xa, 4, &s1));
+        assert_eq!(got.spki_sha256.as_deref(), Some(spki1.as_str()));
+        assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+        assert_eq!(id.verifications, before + 1);
+        assert_eq!(id.identify(&record(10, 0xa, 5, &s1)).identified_by.as_deref(), Some("handle_cache"));
+
+        // Handle 0xa freed and its address reused for key 2: the cached key
+        // no longer verifies, so the other candidates are searched.
+        id.on_free(10, 0xa);
+        id.on_data(&data(10, 6, &digest), &digest);
+        let got = id.identify(&record(10, 0xa, 6, &s2));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
         assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+        assert_eq!(id.identify(&record(10, 0xa, 7, &s2)).spki_sha256.as_deref(), Some(spki2.as_str()));
     }
 
     #[test]

@@ -1,0 +1,126 @@
+//! nginx with two server names and two keys, chosen by SNI. nginx starts
+//! before the sensor, so its keys were loaded before anything watched; the
+//! sensor knows them only from `key_paths`, and must still name the right
+//! key for every handshake.
+
+mod support;
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use support::*;
+
+struct Nginx(Child);
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGQUIT);
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cert(dir: &std::path::Path, key: &TestKey, name: &str) -> std::path::PathBuf {
+    let crt = dir.join(format!("{name}.crt"));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj"])
+            .arg(format!("/CN={name}"))
+            .arg("-key")
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&crt),
+    );
+    crt
+}
+
+#[test]
+fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir(&keys_dir).unwrap();
+    let key_a = openssl_key(&keys_dir, "a", "ec");
+    let key_b = openssl_key(&keys_dir, "b", "rsa");
+    let crt_a = cert(&keys_dir, &key_a, "a.test");
+    let crt_b = cert(&keys_dir, &key_b, "b.test");
+    let port = free_port();
+    let conf = dir.join("nginx.conf");
+    let server = |name: &str, crt: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "server {{ listen 127.0.0.1:{port} ssl; server_name {name}; ssl_certificate {}; ssl_certificate_key {}; \
+             location / {{ return 200 \"{name}\\n\"; }} }}\n",
+            crt.display(),
+            key.display()
+        )
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 64; }}\nhttp {{\naccess_log off;\nclient_body_temp_path {d};\n\
+             proxy_temp_path {d};\nfastcgi_temp_path {d};\nuwsgi_temp_path {d};\nscgi_temp_path {d};\n{}{}}}\n",
+            server("a.test", &crt_a, &key_a.path),
+            server("b.test", &crt_b, &key_b.path),
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    let nginx = Nginx(
+        Command::new("/usr/sbin/nginx")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx (the test command installs it)"),
+    );
+    wait_for("nginx to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    let master = nginx.0.id();
+    let worker: u32 = {
+        let out = run_ok(Command::new("pgrep").args(["-P", &master.to_string()]));
+        String::from_utf8(out.stdout).unwrap().trim().parse().expect("one nginx worker")
+    };
+
+    let sensor_conf = dir.join("keywarden.yaml");
+    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
+    let with_keys = default.replace("key_paths:\n", &format!("key_paths:\n  - {}\n", keys_dir.display()));
+    assert_ne!(with_keys, default);
+    std::fs::write(&sensor_conf, with_keys).unwrap();
+    let sensor = Sensor::start(&["--config", sensor_conf.to_str().unwrap()]);
+
+    let (n_a, n_b) = (7, 5);
+    for (name, n) in [("a.test", n_a), ("b.test", n_b)] {
+        for _ in 0..n {
+            let out = run_ok(
+                Command::new("curl")
+                    .args(["-sk", "--resolve", &format!("{name}:{port}:127.0.0.1")])
+                    .arg(format!("https://{name}:{port}/")),
+            );
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), name);
+        }
+    }
+    let events = sensor.stop();
+    drop(nginx);
+
+    let uses = key_uses_of(&events, worker);
+    let count = |spki: &str| uses.iter().filter(|e| e["key"]["spki_sha256"] == spki).count();
+    assert_eq!(count(&key_a.spki), n_a, "events for key A: {uses:#?}");
+    assert_eq!(count(&key_b.spki), n_b, "events for key B: {uses:#?}");
+    assert_eq!(uses.len(), n_a + n_b, "every worker signature is one of the two keys");
+    let nginx_sha = sha256_file("/usr/sbin/nginx".as_ref());
+    for e in &uses {
+        assert_eq!(e["status"], "Success");
+        assert_eq!(e["actor"]["process"]["file"]["hashes"][0]["value"], nginx_sha.as_str(), "{e:#}");
+        assert_eq!(e["actor"]["process"]["name"], "nginx");
+        assert!(e["key"]["source_file"].as_str().unwrap().starts_with(keys_dir.to_str().unwrap()));
+    }
+    for e in &uses {
+        assert!(["signature_verified", "handle_cache"].contains(&e["key"]["identified_by"].as_str().unwrap()));
+    }
+    // curl made no signature (no client certificate).
+    assert!(key_uses(&events).iter().all(|e| e["actor"]["process"]["name"] != "curl"));
+}
