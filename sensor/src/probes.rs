@@ -1,9 +1,8 @@
 //! Loads the embedded eBPF object and attaches it.
 //!
-//! One uprobe.multi link per library and direction carries a cookie per
-//! function (`library index << 8 | function id`), so a single pair of
-//! programs serves every library the sensor covers. Dropping `Probes`
-//! detaches everything.
+//! Each attach point carries a cookie (`library index << 8 | function id`),
+//! so a single pair of programs serves every function of every library the
+//! sensor covers. Dropping `Probes` detaches everything.
 
 use std::{os::unix::fs::MetadataExt, path::Path};
 
@@ -14,13 +13,13 @@ use aya::{
     programs::{TracePoint, UProbe, uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope}},
 };
 use hashbrown::HashMap;
-use keywarden_probe_types::{LibrarySeenKey, config, func, stats};
+use keywarden_probe_types::{KnownHandle, LibrarySeenKey, ProcPtr, config, func, stats};
 use tracing::{debug, info};
 
 use crate::discovery::{symbols, targets::Candidate};
 
 /// The signing API the probes understand, per function id.
-pub const OPENSSL_FUNCTIONS: [(&str, u8, bool); 8] = [
+pub const OPENSSL_FUNCTIONS: [(&str, u8, bool); 9] = [
     // (symbol, function id, needs a return probe)
     ("EVP_DigestSignInit", func::DIGEST_SIGN_INIT, false),
     ("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX, false),
@@ -29,7 +28,11 @@ pub const OPENSSL_FUNCTIONS: [(&str, u8, bool); 8] = [
     ("EVP_DigestSignFinal", func::DIGEST_SIGN_FINAL, true),
     ("EVP_PKEY_sign", func::PKEY_SIGN, true),
     ("EVP_PKEY_free", func::PKEY_FREE, false),
-    ("EVP_PKEY_CTX_free", func::PKEY_CTX_FREE, false),
+    // A context must be (re)initialized before it signs with another key;
+    // hooking the init, not EVP_PKEY_CTX_free, keeps the signing loop at
+    // one trap (openssl speed frees a context per signature).
+    ("EVP_PKEY_sign_init", func::PKEY_SIGN_INIT, false),
+    ("EVP_PKEY_sign_init_ex", func::PKEY_SIGN_INIT, false),
 ];
 
 pub fn function_name(id: u8) -> &'static str {
@@ -193,6 +196,19 @@ impl Probes {
             BpfHashMap::try_from(self.ebpf.map_mut("LIBRARY_SEEN").context("LIBRARY_SEEN map")?)?;
         let key = LibrarySeenKey { cgroup_id, path_hash: keywarden_probe_types::fnv1a(path.as_bytes()) };
         seen.insert(&key, &1, 0)?;
+        Ok(())
+    }
+
+    /// Marks (tgid, key object) identified, or not any more.
+    pub fn set_known(&mut self, tgid: u32, handle: u64, known: bool) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, ProcPtr, KnownHandle> =
+            BpfHashMap::try_from(self.ebpf.map_mut("KNOWN").context("KNOWN map")?)?;
+        let key = ProcPtr { tgid, _pad: 0, ptr: handle };
+        if known {
+            map.insert(&key, &KnownHandle { identified: 1 }, 0)?;
+        } else {
+            let _ = map.remove(&key);
+        }
         Ok(())
     }
 

@@ -8,7 +8,8 @@ use keywarden_probe_types::{self as t, kind};
 
 #[derive(Clone)]
 pub enum Record {
-    Sign(Box<t::SignRecord>),
+    /// A signature; `sig` is empty for a key object the probes knew.
+    Sign(Box<t::SignRecord>, Vec<u8>),
     Data { header: t::DataHeader, bytes: Vec<u8> },
     HandleFree(t::HandleFreeRecord),
     Exec(Box<t::ExecRecord>),
@@ -31,7 +32,11 @@ pub fn decode(bytes: &[u8]) -> Record {
     let malformed = |kind| Record::Malformed { kind, len: bytes.len() };
     let Some(k) = read::<u32>(bytes) else { return malformed(0) };
     let rec = match k {
-        kind::SIGN => read::<t::SignRecord>(bytes).map(|r| Record::Sign(Box::new(r))),
+        kind::SIGN => read::<t::SignWithSigRecord>(bytes).map(|r| {
+            let n = (r.head.sig_captured as usize).min(t::SIG_MAX);
+            Record::Sign(Box::new(r.head), r.sig[..n].to_vec())
+        }),
+        kind::SIGN_KNOWN => read::<t::SignRecord>(bytes).map(|r| Record::Sign(Box::new(r), Vec::new())),
         kind::DATA_SMALL | kind::DATA_BIG => read::<t::DataHeader>(bytes).and_then(|header| {
             let cap = if k == kind::DATA_SMALL { t::DATA_SMALL } else { t::DATA_BIG };
             let start = size_of::<t::DataHeader>();

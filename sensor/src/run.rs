@@ -288,14 +288,18 @@ impl Sensor {
 
     fn handle(&mut self, rec: Record) {
         match rec {
-            Record::Sign(r) => self.on_sign(&r),
+            Record::Sign(r, sig) => self.on_sign(&r, &sig),
             Record::Data { header, bytes } => self.ident.on_data(&header, &bytes),
             Record::HandleFree(f) => self.ident.on_free(f.tgid, f.handle),
             // The control thread snapshotted the new image; here the old
             // image's pointers stop meaning anything.
-            Record::ExecMark(x) => self.ident.forget_process(x.task.tgid()),
+            Record::ExecMark(x) => {
+                self.ident.forget_process(x.task.tgid());
+                self.sync_known();
+            }
             Record::Exit(x) => {
                 self.ident.forget_process(x.task.tgid());
+                self.sync_known();
                 self.procs.remove_upto(x.task.tgid(), x.task.ktime_ns);
             }
             Record::Exec(_) => {}
@@ -338,9 +342,10 @@ impl Sensor {
         }
     }
 
-    fn on_sign(&mut self, r: &SignRecord) {
+    fn on_sign(&mut self, r: &SignRecord, sig: &[u8]) {
         let tgid = r.task.tgid();
-        let key = self.ident.identify(r);
+        let key = self.ident.identify(r, sig);
+        self.sync_known();
         let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
         let cgroup_path = self.cgroups.path(r.task.cgroup_id, info.cgroup_path.as_deref());
         let container = cgroup_path.as_deref().and_then(container_from_cgroup).or_else(|| info.container.clone());
@@ -378,6 +383,25 @@ impl Sensor {
         self.events_by_kind[0] += 1;
         let ev = Event::key_use(&self.origin, u);
         self.sink.push(&ev);
+    }
+
+    /// Tells the probes which key objects are identified (they stop copying
+    /// data for those) and which are not any more.
+    fn sync_known(&mut self) {
+        if self.ident.learned.is_empty() && self.ident.retract.is_empty() {
+            return;
+        }
+        let learned = std::mem::take(&mut self.ident.learned);
+        let retract = std::mem::take(&mut self.ident.retract);
+        let mut probes = self.probes();
+        for (tgid, handle) in learned {
+            if let Err(e) = probes.set_known(tgid, handle, true) {
+                debug!(error = %e, "KNOWN insert");
+            }
+        }
+        for (tgid, handle) in retract {
+            let _ = probes.set_known(tgid, handle, false);
+        }
     }
 
     /// Lost records become a warning event and a log line, never silence.

@@ -28,7 +28,8 @@ pub mod func {
     pub const DIGEST_SIGN_FINAL: u8 = 5;
     pub const PKEY_SIGN: u8 = 6;
     pub const PKEY_FREE: u8 = 7;
-    pub const PKEY_CTX_FREE: u8 = 8;
+    /// EVP_PKEY_sign_init / _ex: a context is being (re)bound to a key.
+    pub const PKEY_SIGN_INIT: u8 = 8;
 
     /// Splits a cookie into (library index, function id).
     pub const fn split_cookie(cookie: u64) -> (u32, u8) {
@@ -53,6 +54,8 @@ pub mod kind {
     /// its pointers are dropped in order. The full `ExecRecord` goes to the
     /// control ring.
     pub const EXEC_MARK: u32 = 8;
+    /// A bare `SignRecord` for a key object in the `KNOWN` map.
+    pub const SIGN_KNOWN: u32 = 9;
 }
 
 /// Flags on a `SignRecord`.
@@ -64,6 +67,9 @@ pub mod sign_flags {
     pub const SIG_INCOMPLETE: u32 = 1 << 1;
     /// The digest name given to EVP_DigestSignInit_ex is in `md_name`.
     pub const HAS_MD_NAME: u32 = 1 << 2;
+    /// The sensor had already identified this key object (`KNOWN` map), so
+    /// the probes copied neither the signed data nor the signature.
+    pub const KNOWN_HANDLE: u32 = 1 << 3;
 }
 
 /// Flags on a `FileOpenRecord`.
@@ -158,6 +164,15 @@ pub struct SignRecord {
     pub _pad: u32,
     /// Digest name passed to EVP_DigestSignInit_ex, NUL padded.
     pub md_name: [u8; 16],
+}
+
+/// A `SignRecord` followed by the signature, for key objects the sensor has
+/// not identified yet. Known ones get the bare `SignRecord` (kind
+/// `SIGN_KNOWN`): a tenth of the ring space and no copy.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SignWithSigRecord {
+    pub head: SignRecord,
     pub sig: [u8; SIG_MAX],
 }
 
@@ -191,8 +206,9 @@ pub struct DataBigRecord {
     pub data: [u8; DATA_BIG],
 }
 
-/// A key or context that was being used for signing may have been freed, so
-/// the sensor must forget what it learnt about that pointer.
+/// A key that was used for signing may have been freed, or a context that
+/// signed is being re-initialized: what the sensor learnt about that
+/// pointer may no longer hold.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct HandleFreeRecord {
@@ -276,6 +292,13 @@ pub struct Inflight {
     pub md_name: [u8; 16],
 }
 
+/// Value of the `KNOWN` map: the sensor identified (tgid, handle) already.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KnownHandle {
+    pub identified: u64,
+}
+
 /// No signature takes this long; an older in-flight record is stale.
 pub const INFLIGHT_MAX_AGE_NS: u64 = 10_000_000_000;
 
@@ -311,5 +334,6 @@ mod pod {
     unsafe impl aya::Pod for ProcPtr {}
     unsafe impl aya::Pod for MdCtxState {}
     unsafe impl aya::Pod for Inflight {}
+    unsafe impl aya::Pod for KnownHandle {}
     unsafe impl aya::Pod for LibrarySeenKey {}
 }

@@ -53,6 +53,11 @@ pub struct Identifier {
     inventory: HashMap<String, Arc<KnownKey>>,
     /// Verifications run (each is one public-key operation).
     pub verifications: u64,
+    /// (tgid, handle) newly identified: the sensor tells the probes, which
+    /// then stop copying data and signatures for them.
+    pub learned: Vec<(u32, u64)>,
+    /// (tgid, handle) the probes must stop treating as known.
+    pub retract: Vec<(u32, u64)>,
 }
 
 fn identified(k: &KnownKey, by: &str) -> KeyIdentity {
@@ -107,6 +112,8 @@ impl Identifier {
 
     /// The process exec'd a new image or exited: its pointers mean nothing now.
     pub fn forget_process(&mut self, tgid: u32) {
+        let gone: Vec<(u32, u64)> = self.handles.keys().filter(|(t, _)| *t == tgid).copied().collect();
+        self.retract.extend(gone);
         self.handles.retain(|(t, _), _| *t != tgid);
         self.per_process.remove(&tgid);
         self.ops.retain(|(t, _), _| *t != tgid);
@@ -142,7 +149,9 @@ impl Identifier {
         self.ops.retain(|_, op| now.duration_since(op.seen) < max_age);
     }
 
-    pub fn identify(&mut self, r: &SignRecord) -> KeyIdentity {
+    /// Which key made the signature in `r`; `sig` is the signature the
+    /// probes copied (empty for a key object they knew).
+    pub fn identify(&mut self, r: &SignRecord, sig: &[u8]) -> KeyIdentity {
         let tgid = r.task.tgid();
         let data = self.ops.remove(&(tgid, r.op_id));
         let cache_key = (tgid, r.handle);
@@ -151,10 +160,20 @@ impl Identifier {
             Some((k, true)) => Some(k.clone()),
             None => None,
         };
+        if r.flags & sign_flags::KNOWN_HANDLE != 0 {
+            // The probes skipped the copy, but the cache no longer vouches
+            // for this object (exec, or a free racing the cache update).
+            self.retract.push(cache_key);
+            return unknown(
+                "the probes treated this key object as identified, but it changed since; \
+                 the next signature is captured and checked"
+                    .into(),
+            );
+        }
         if r.ret != 1 {
             return unknown("the signing call failed, so there is no signature to check".into());
         }
-        if r.flags & sign_flags::SIG_INCOMPLETE != 0 || r.sig_captured == 0 {
+        if r.flags & sign_flags::SIG_INCOMPLETE != 0 || sig.is_empty() {
             return unknown(format!(
                 "the signature ({} bytes) could not be read whole from the process",
                 r.sig_len
@@ -164,7 +183,7 @@ impl Identifier {
         let complete = data.as_ref().filter(|d| !d.truncated).map(|d| d.bytes.as_slice());
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0).then(|| c_str(&r.md_name));
         let signed = Signed {
-            signature: &r.sig[..r.sig_captured as usize],
+            signature: sig,
             data: complete,
             data_is_digest: r.func == func::PKEY_SIGN as u32,
             digest_hint: md_name.as_deref(),
@@ -187,6 +206,7 @@ impl Identifier {
             self.verifications += 1;
             if verifies(&k.info.public, &signed) {
                 self.handles.insert(cache_key, (k.clone(), false));
+                self.learned.push(cache_key);
                 return identified(k, "signature_verified");
             }
         }
@@ -232,8 +252,8 @@ mod tests {
     use keywarden_probe_types::{Task, kind};
     use sha2::Digest;
 
-    fn record(tgid: u32, handle: u64, op_id: u64, sig: &[u8]) -> SignRecord {
-        let mut r = SignRecord {
+    fn record(tgid: u32, handle: u64, op_id: u64, sig: &[u8]) -> (SignRecord, Vec<u8>) {
+        let r = SignRecord {
             kind: kind::SIGN,
             func: func::PKEY_SIGN as u32,
             task: Task { pid_tgid: (tgid as u64) << 32 | tgid as u64, uid_gid: 0, cgroup_id: 1, ktime_ns: 0, comm: [0; 16] },
@@ -246,10 +266,12 @@ mod tests {
             sig_captured: sig.len() as u32,
             _pad: 0,
             md_name: [0; 16],
-            sig: [0; keywarden_probe_types::SIG_MAX],
         };
-        r.sig[..sig.len()].copy_from_slice(sig);
-        r
+        (r, sig.to_vec())
+    }
+
+    fn identify(id: &mut Identifier, (r, sig): (SignRecord, Vec<u8>)) -> KeyIdentity {
+        id.identify(&r, &sig)
     }
 
     fn data(tgid: u32, op_id: u64, bytes: &[u8]) -> DataHeader {
@@ -279,19 +301,19 @@ mod tests {
 
         let s2 = sign(&k2);
         id.on_data(&data(10, 1, &digest), &digest);
-        let got = id.identify(&record(10, 0xb, 1, &s2));
+        let got = identify(&mut id, record(10, 0xb, 1, &s2));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
         assert_eq!(got.source_file.as_deref(), Some("/k2.pem"));
         assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
 
         let s1 = sign(&k1);
         id.on_data(&data(10, 2, &digest), &digest);
-        let got = id.identify(&record(10, 0xa, 2, &s1));
+        let got = identify(&mut id, record(10, 0xa, 2, &s1));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki1.as_str()));
 
         // Same handle again: answered from the cache, no verification.
         let before = id.verifications;
-        let got = id.identify(&record(10, 0xa, 3, &s1));
+        let got = identify(&mut id, record(10, 0xa, 3, &s1));
         assert_eq!(got.identified_by.as_deref(), Some("handle_cache"));
         assert_eq!(id.verifications, before);
 
@@ -300,20 +322,32 @@ mod tests {
         id.on_free(10, 0xa);
         id.on_data(&data(10, 4, &digest), &digest);
         let before = id.verifications;
-        let got = id.identify(&record(10, 0xa, 4, &s1));
+        let got = identify(&mut id, record(10, 0xa, 4, &s1));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki1.as_str()));
         assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
         assert_eq!(id.verifications, before + 1);
-        assert_eq!(id.identify(&record(10, 0xa, 5, &s1)).identified_by.as_deref(), Some("handle_cache"));
+        assert_eq!(identify(&mut id, record(10, 0xa, 5, &s1)).identified_by.as_deref(), Some("handle_cache"));
 
         // Handle 0xa freed and its address reused for key 2: the cached key
         // no longer verifies, so the other candidates are searched.
         id.on_free(10, 0xa);
         id.on_data(&data(10, 6, &digest), &digest);
-        let got = id.identify(&record(10, 0xa, 6, &s2));
+        let got = identify(&mut id, record(10, 0xa, 6, &s2));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
         assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
-        assert_eq!(id.identify(&record(10, 0xa, 7, &s2)).spki_sha256.as_deref(), Some(spki2.as_str()));
+        assert_eq!(identify(&mut id, record(10, 0xa, 7, &s2)).spki_sha256.as_deref(), Some(spki2.as_str()));
+        assert!(id.learned.contains(&(10, 0xa)) && id.learned.contains(&(10, 0xb)));
+
+        // A record the probes sent without data for an object the sensor no
+        // longer vouches for: unknown, and the probes are told to capture again.
+        id.forget_process(10);
+        assert!(id.retract.contains(&(10, 0xa)));
+        id.retract.clear();
+        let (mut lite, _) = record(10, 0xa, 8, &s2);
+        lite.flags |= sign_flags::KNOWN_HANDLE;
+        let got = id.identify(&lite, &[]);
+        assert_eq!(got.status, KeyStatus::Unknown);
+        assert_eq!(id.retract, vec![(10, 0xa)]);
     }
 
     #[test]
@@ -321,21 +355,21 @@ mod tests {
         let (_d, k1, _) = openssl_key(&["-algorithm", "ED25519"]);
         let mut id = Identifier::default();
         let sig = [7u8; 64];
-        let got = id.identify(&record(5, 1, 1, &sig));
+        let got = identify(&mut id, record(5, 1, 1, &sig));
         assert_eq!(got.status, KeyStatus::Unknown);
         assert!(got.unknown_reason.unwrap().contains("no public key is known"));
 
         id.add_inventory(read_key_file(&k1, "k1").unwrap().remove(0), "/k1.pem");
-        let got = id.identify(&record(5, 1, 2, &sig));
+        let got = identify(&mut id, record(5, 1, 2, &sig));
         assert!(got.unknown_reason.unwrap().contains("not captured"), "no data, no check");
 
         id.on_data(&data(5, 3, b"msg"), b"msg");
-        let got = id.identify(&record(5, 1, 3, &sig));
+        let got = identify(&mut id, record(5, 1, 3, &sig));
         assert!(got.unknown_reason.unwrap().contains("none of the 1 known"));
         assert!(got.spki_sha256.is_none());
 
-        let mut failed = record(5, 1, 4, &sig);
+        let (mut failed, s) = record(5, 1, 4, &sig);
         failed.ret = 0;
-        assert!(id.identify(&failed).unknown_reason.unwrap().contains("failed"));
+        assert!(id.identify(&failed, &s).unknown_reason.unwrap().contains("failed"));
     }
 }
