@@ -16,27 +16,45 @@ use hashbrown::HashMap;
 use keywarden_probe_types::{KnownHandle, LibrarySeenKey, ProcPtr, config, func, stats};
 use tracing::{debug, info};
 
-use crate::discovery::{symbols, targets::Candidate};
+use iced_x86::Register;
 
-/// The signing API the probes understand, per function id.
-pub const OPENSSL_FUNCTIONS: [(&str, u8, bool); 9] = [
-    // (symbol, function id, needs a return probe)
-    ("EVP_DigestSignInit", func::DIGEST_SIGN_INIT, false),
-    ("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX, false),
-    ("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE, false),
-    ("EVP_DigestSign", func::DIGEST_SIGN, true),
-    ("EVP_DigestSignFinal", func::DIGEST_SIGN_FINAL, true),
-    ("EVP_PKEY_sign", func::PKEY_SIGN, true),
-    ("EVP_PKEY_free", func::PKEY_FREE, false),
+use crate::discovery::{placement, symbols, targets::Candidate};
+
+/// One probed function: symbol, function id, whether it needs a return
+/// probe, and the argument registers its entry program reads.
+pub struct ProbedFunction {
+    pub symbol: &'static str,
+    pub id: u8,
+    pub needs_return: bool,
+    pub args: &'static [Register],
+}
+
+const fn f(symbol: &'static str, id: u8, needs_return: bool, args: &'static [Register]) -> ProbedFunction {
+    ProbedFunction { symbol, id, needs_return, args }
+}
+
+/// The OpenSSL signing API the probes understand.
+pub const OPENSSL_FUNCTIONS: [ProbedFunction; 9] = [
+    // (ctx, pctx, type, engine, pkey)
+    f("EVP_DigestSignInit", func::DIGEST_SIGN_INIT, false, &[Register::RDI, Register::R8]),
+    // (ctx, pctx, mdname, libctx, props, pkey, params)
+    f("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX, false, &[Register::RDI, Register::RDX, Register::R9]),
+    f("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE, false, &[Register::RDI, Register::RSI, Register::RDX]),
+    // Signing calls read the stack pointer and need a return probe: they
+    // are probed on their first instruction.
+    f("EVP_DigestSign", func::DIGEST_SIGN, true, &[]),
+    f("EVP_DigestSignFinal", func::DIGEST_SIGN_FINAL, true, &[]),
+    f("EVP_PKEY_sign", func::PKEY_SIGN, true, &[]),
+    f("EVP_PKEY_free", func::PKEY_FREE, false, &[Register::RDI]),
     // A context must be (re)initialized before it signs with another key;
     // hooking the init, not EVP_PKEY_CTX_free, keeps the signing loop at
     // one trap (openssl speed frees a context per signature).
-    ("EVP_PKEY_sign_init", func::PKEY_SIGN_INIT, false),
-    ("EVP_PKEY_sign_init_ex", func::PKEY_SIGN_INIT, false),
+    f("EVP_PKEY_sign_init", func::PKEY_SIGN_INIT, false, &[Register::RDI]),
+    f("EVP_PKEY_sign_init_ex", func::PKEY_SIGN_INIT, false, &[Register::RDI]),
 ];
 
 pub fn function_name(id: u8) -> &'static str {
-    OPENSSL_FUNCTIONS.iter().find(|f| f.1 == id).map(|f| f.0).unwrap_or("unknown")
+    OPENSSL_FUNCTIONS.iter().find(|f| f.id == id).map(|f| f.symbol).unwrap_or("unknown")
 }
 
 /// One covered library.
@@ -122,28 +140,30 @@ impl Probes {
         if self.by_inode.contains_key(&key) {
             return Ok(None);
         }
-        let names: Vec<&str> = OPENSSL_FUNCTIONS.iter().map(|f| f.0).collect();
+        let names: Vec<&str> = OPENSSL_FUNCTIONS.iter().map(|f| f.symbol).collect();
         let syms = symbols::resolve(&c.open_path, &c.shown_as, &names)?;
         let index = self.libraries.len() as u32;
         let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut functions = Vec::new();
         let mut missing = Vec::new();
-        for (name, id, needs_return) in OPENSSL_FUNCTIONS {
-            match syms.offsets.get(name) {
-                Some(&off) => {
-                    let point = UProbeAttachPoint {
-                        location: UProbeAttachLocation::AbsoluteOffset(off),
-                        cookie: Some(func::cookie(index, id)),
-                    };
-                    entry.push(point);
-                    if needs_return {
-                        ret.push(point);
-                    }
-                    functions.push(name);
-                }
-                None => missing.push(name),
+        for pf in &OPENSSL_FUNCTIONS {
+            let Some(&off) = syms.offsets.get(pf.symbol) else {
+                missing.push(pf.symbol);
+                continue;
+            };
+            let cookie = Some(func::cookie(index, pf.id));
+            let at = |o| UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(o), cookie };
+            if pf.needs_return {
+                entry.push(at(off));
+                ret.push(at(off));
+            } else {
+                let code = syms.code.get(pf.symbol).map(Vec::as_slice).unwrap_or(&[]);
+                let shift = placement::entry_offset(code, pf.args);
+                debug!(function = pf.symbol, shift, "entry probe placement");
+                entry.push(at(off + shift));
             }
+            functions.push(pf.symbol);
         }
         if ret.is_empty() {
             bail!(

@@ -156,14 +156,11 @@ mod probes {
             return;
         }
         let key = ProcPtr { tgid, _pad: 0, ptr: md_ctx };
+        let existing = MD_CTX_STATE.get_ptr_mut(&key);
         // A re-init with pkey=NULL keeps the key the context already has.
-        let pkey = if pkey == 0 {
-            match unsafe { MD_CTX_STATE.get(&key) } {
-                Some(old) => old.pkey,
-                None => 0,
-            }
-        } else {
-            pkey
+        let pkey = match (pkey, existing) {
+            (0, Some(old)) => unsafe { (*old).pkey },
+            _ => pkey,
         };
         let mut state = MdCtxState { pkey, op_id: new_op_id(), captured: 0, flags: 0, md_name: [0; 16] };
         if md_name_ptr != 0
@@ -171,7 +168,14 @@ mod probes {
         {
             state.flags |= sign_flags::HAS_MD_NAME;
         }
-        let _ = MD_CTX_STATE.insert(&key, &state, 0);
+        // Contexts are re-initialized per signature (TLS, openssl speed):
+        // overwrite in place rather than pay an LRU insert each time.
+        match existing {
+            Some(p) => unsafe { *p = state },
+            None => {
+                let _ = MD_CTX_STATE.insert(&key, &state, 0);
+            }
+        }
     }
 
     /// EVP_DigestSignUpdate(ctx, data, len): capture streamed data so the

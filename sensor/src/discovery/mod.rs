@@ -1,4 +1,6 @@
 //! Finding the code to probe: crypto libraries on the host and in running
-//! processes (`targets`), and the functions inside them (`symbols`).
+//! processes (`targets`), the functions inside them (`symbols`), and the
+//! instruction to probe in each (`placement`).
+pub mod placement;
 pub mod symbols;
 pub mod targets;

@@ -19,11 +19,17 @@ pub enum SymbolError {
     Parse { path: String, source: object::Error },
 }
 
+/// Bytes of each function kept for instruction decoding.
+pub const CODE_PREFIX: usize = 64;
+
 /// What one ELF file holds, for the names asked about.
 #[derive(Debug, Default)]
 pub struct ElfSymbols {
     /// name -> file offset of the function's first instruction.
     pub offsets: HashMap<String, u64>,
+    /// name -> the function's first bytes (up to `CODE_PREFIX`), for probe
+    /// placement.
+    pub code: HashMap<String, Vec<u8>>,
     /// The file has no `.symtab` and no `.dynsym` entries at all.
     pub stripped: bool,
     /// GNU build-id as hex, when the file has one.
@@ -60,7 +66,12 @@ pub fn resolve(path: &Path, shown_as: &str, wanted: &[&str]) -> Result<ElfSymbol
         if let Some((seg_addr, _, seg_off)) =
             segments.iter().find(|(a, size, _)| addr >= *a && addr < a + size)
         {
-            out.offsets.insert(name.to_owned(), addr - seg_addr + seg_off);
+            let off = addr - seg_addr + seg_off;
+            let len = (sym.size().max(1) as usize).min(CODE_PREFIX);
+            if let Some(code) = data.get(off as usize..(off as usize + len).min(data.len())) {
+                out.code.insert(name.to_owned(), code.to_vec());
+            }
+            out.offsets.insert(name.to_owned(), off);
         }
     }
     out.stripped = !any;

@@ -49,6 +49,12 @@ pub struct Identifier {
     ops: HashMap<(u32, u64), OpData>,
     /// (process, key object) -> (key, suspect since a free).
     handles: HashMap<(u32, u64), (Arc<KnownKey>, bool)>,
+    /// (process, key object) that no known key verified, with the key-set
+    /// generation it was checked against and why. Checked again once the
+    /// generation moves (a new key became known).
+    unidentified: HashMap<(u32, u64), (u64, String)>,
+    /// Bumped whenever a new public key becomes known.
+    generation: u64,
     per_process: HashMap<u32, Vec<Arc<KnownKey>>>,
     inventory: HashMap<String, Arc<KnownKey>>,
     /// Verifications run (each is one public-key operation).
@@ -108,6 +114,7 @@ impl Identifier {
         if let Some(entry) = self.handles.get_mut(&(tgid, handle)) {
             entry.1 = true;
         }
+        self.unidentified.remove(&(tgid, handle));
     }
 
     /// The process exec'd a new image or exited: its pointers mean nothing now.
@@ -115,6 +122,9 @@ impl Identifier {
         let gone: Vec<(u32, u64)> = self.handles.keys().filter(|(t, _)| *t == tgid).copied().collect();
         self.retract.extend(gone);
         self.handles.retain(|(t, _), _| *t != tgid);
+        let gone: Vec<(u32, u64)> = self.unidentified.keys().filter(|(t, _)| *t == tgid).copied().collect();
+        self.retract.extend(gone);
+        self.unidentified.retain(|(t, _), _| *t != tgid);
         self.per_process.remove(&tgid);
         self.ops.retain(|(t, _), _| *t != tgid);
     }
@@ -126,16 +136,33 @@ impl Identifier {
             let list = self.per_process.entry(tgid).or_default();
             if !list.iter().any(|x| x.info.spki_sha256 == k.info.spki_sha256) {
                 list.push(k);
+                // Known on the host already, but new for this process.
+                let stale: Vec<(u32, u64)> =
+                    self.unidentified.keys().filter(|(t, _)| *t == tgid).copied().collect();
+                for key in stale {
+                    self.unidentified.remove(&key);
+                    self.retract.push(key);
+                }
             }
         }
     }
 
     /// A key known on the host; the first file it was seen in is kept.
     pub fn add_inventory(&mut self, info: KeyInfo, source_file: &str) -> Arc<KnownKey> {
-        self.inventory
-            .entry(info.spki_sha256.clone())
-            .or_insert_with(|| Arc::new(KnownKey { info, source_file: source_file.to_owned() }))
-            .clone()
+        if let Some(k) = self.inventory.get(&info.spki_sha256) {
+            return k.clone();
+        }
+        self.new_key_known();
+        let k = Arc::new(KnownKey { info, source_file: source_file.to_owned() });
+        self.inventory.insert(k.info.spki_sha256.clone(), k.clone());
+        k
+    }
+
+    /// A new candidate exists: every "unidentified" verdict is void.
+    fn new_key_known(&mut self) {
+        self.generation += 1;
+        let stale: Vec<(u32, u64)> = self.unidentified.drain().map(|(k, _)| k).collect();
+        self.retract.extend(stale);
     }
 
     pub fn inventory_len(&self) -> usize {
@@ -160,6 +187,11 @@ impl Identifier {
             Some((k, true)) => Some(k.clone()),
             None => None,
         };
+        if let Some((generation, reason)) = self.unidentified.get(&cache_key)
+            && *generation == self.generation
+        {
+            return unknown(reason.clone());
+        }
         if r.flags & sign_flags::KNOWN_HANDLE != 0 {
             // The probes skipped the copy, but the cache no longer vouches
             // for this object (exec, or a free racing the cache update).
@@ -241,7 +273,12 @@ impl Identifier {
                 "the signed data {why}, so the signature could not be checked against the {n} known key(s)"
             ));
         }
-        unknown(format!("none of the {n} known public key(s) verifies this signature"))
+        // Complete data and no key verifies: remember that for this key
+        // object, so its next signatures cost nothing until a key is added.
+        let reason = format!("none of the {n} known public key(s) verifies this signature");
+        self.unidentified.insert(cache_key, (self.generation, reason.clone()));
+        self.learned.push(cache_key);
+        unknown(reason)
     }
 }
 
@@ -367,6 +404,18 @@ mod tests {
         let got = identify(&mut id, record(5, 1, 3, &sig));
         assert!(got.unknown_reason.unwrap().contains("none of the 1 known"));
         assert!(got.spki_sha256.is_none());
+        // Remembered: the probes stop copying, and no verification runs...
+        assert!(id.learned.contains(&(5, 1)));
+        let before = id.verifications;
+        let (mut lite, _) = record(5, 1, 9, &[]);
+        lite.flags |= sign_flags::KNOWN_HANDLE;
+        assert!(id.identify(&lite, &[]).unknown_reason.unwrap().contains("none of the 1 known"));
+        assert_eq!(id.verifications, before);
+        // ...until a new key becomes known, which retracts the verdict.
+        id.retract.clear();
+        let (_d2, k2, _) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        id.add_inventory(read_key_file(&k2, "k2").unwrap().remove(0), "/k2.pem");
+        assert_eq!(id.retract, vec![(5, 1)]);
 
         let (mut failed, s) = record(5, 1, 4, &sig);
         failed.ret = 0;
