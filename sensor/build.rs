@@ -13,7 +13,11 @@ fn main() -> anyhow::Result<()> {
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../ebpf-probes/kernel");
     aya_build::build_ebpf(
-        [aya_build::Package { name: "keywarden-probes", root_dir: root, ..Default::default() }],
+        [aya_build::Package {
+            name: "keywarden-probes",
+            root_dir: root,
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(&toolchain),
     )
 }

@@ -2,9 +2,9 @@
 //!
 //! The structs mirror OCSF objects one to one, so an event serializes to
 //! OCSF-shaped JSON (NDJSON output) and, later, to Parquet columns without a
-//! second model. Attributes OCSF has no place for (the key's identity, the
-//! cgroup) are keywarden extension attributes at the top level: `key`,
-//! `signature`, `cgroup`. `docs/events.md` documents every field.
+//! second model. Attributes OCSF has no place for are keywarden extension
+//! attributes: `key`, `signature`, `cgroup` at the top level and
+//! `actor.process.attribution_error`. `docs/events.md` documents every field.
 
 use serde::{Deserialize, Serialize};
 
@@ -114,7 +114,7 @@ pub struct Process {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub file: Option<File>,
     pub user: User,
-    /// Why `file` (or its hash) is missing, when it is.
+    /// keywarden extension: why `file` (or its hash) is missing, when it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attribution_error: Option<String>,
 }
@@ -149,7 +149,11 @@ pub struct Fingerprint {
 
 impl Fingerprint {
     pub fn sha256(value: impl Into<String>) -> Self {
-        Self { algorithm_id: 3, algorithm: "SHA-256".into(), value: value.into() }
+        Self {
+            algorithm_id: 3,
+            algorithm: "SHA-256".into(),
+            value: value.into(),
+        }
     }
 }
 
@@ -158,7 +162,8 @@ impl Fingerprint {
 pub struct Container {
     /// Full container id (64 hex for Docker, containerd and CRI-O).
     pub uid: String,
-    /// docker, containerd, cri-o, podman or kubernetes (pod without a known runtime).
+    /// docker, containerd, cri-o, podman, kubernetes (a kubepods cgroup
+    /// whose runtime the path does not tell) or unknown.
     pub runtime: String,
     /// Kubernetes pod UID, when the cgroup path carries it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -199,12 +204,16 @@ pub struct KeyIdentity {
     pub algorithm: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bits: Option<u32>,
-    /// File the key (or its certificate) was read from, as the process saw it.
+    /// File the sensor learnt this public key from: a key or certificate
+    /// file this process opened (path as the process saw it) when there is
+    /// one, else the first file on the host it was found in (a `key_paths`
+    /// entry, or a file another process opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_file: Option<String>,
     /// How the identity was established: `signature_verified` (this
     /// signature verified under the key) or `handle_cache` (the same key
-    /// object in the same process was verified before and not freed since).
+    /// object in the same process was verified before and not freed or
+    /// re-initialized since).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identified_by: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -278,7 +287,10 @@ impl Origin {
     }
 
     fn device(&self) -> Device {
-        Device { hostname: self.hostname.clone(), type_id: 1 }
+        Device {
+            hostname: self.hostname.clone(),
+            type_id: 1,
+        }
     }
 }
 
@@ -307,9 +319,15 @@ impl Event {
             _ => "an unidentified key".to_owned(),
         };
         let message = if u.success {
-            format!("{who} (pid {}) signed with {which} via {}", u.process.pid, u.function)
+            format!(
+                "{who} (pid {}) signed with {which} via {}",
+                u.process.pid, u.function
+            )
         } else {
-            format!("{who} (pid {}) failed to sign with {which} via {}", u.process.pid, u.function)
+            format!(
+                "{who} (pid {}) failed to sign with {which} via {}",
+                u.process.pid, u.function
+            )
         };
         Event {
             time: u.time_ms,
@@ -331,7 +349,11 @@ impl Event {
             device: origin.device(),
             actor: Actor { process: u.process },
             container: u.container,
-            module: Some(Module { file: u.library, function_name: u.function, kind: u.library_kind }),
+            module: Some(Module {
+                file: u.library,
+                function_name: u.function,
+                kind: u.library_kind,
+            }),
             key: Some(u.key),
             signature: Some(u.signature),
             cgroup: Some(u.cgroup),
@@ -367,9 +389,15 @@ impl Event {
             message: detail,
             metadata: origin.metadata(seq, EventCode::CoverageWarning, false),
             device: origin.device(),
-            actor: Actor { process: process.unwrap_or_default() },
+            actor: Actor {
+                process: process.unwrap_or_default(),
+            },
             container: None,
-            module: module.map(|file| Module { file, function_name: String::new(), kind: "unknown".into() }),
+            module: module.map(|file| Module {
+                file,
+                function_name: String::new(),
+                kind: "unknown".into(),
+            }),
             key: None,
             signature: None,
             cgroup: None,
@@ -382,7 +410,11 @@ mod tests {
     use super::*;
 
     fn origin() -> Origin {
-        Origin { hostname: "h1".into(), product_version: "0.1.0".into(), uid_prefix: "abc".into() }
+        Origin {
+            hostname: "h1".into(),
+            product_version: "0.1.0".into(),
+            uid_prefix: "abc".into(),
+        }
     }
 
     fn sample() -> KeyUse {
@@ -400,12 +432,27 @@ mod tests {
                     type_id: 1,
                     hashes: vec![Fingerprint::sha256("00".repeat(32))],
                 }),
-                user: User { uid: "33".into(), name: Some("www-data".into()) },
+                user: User {
+                    uid: "33".into(),
+                    name: Some("www-data".into()),
+                },
                 attribution_error: None,
             },
-            container: Some(Container { uid: "a".repeat(64), runtime: "containerd".into(), pod_uuid: None }),
-            cgroup: Cgroup { id: 99, path: Some("/kubepods/x".into()) },
-            library: File { path: "/usr/lib/libcrypto.so.3".into(), name: "libcrypto.so.3".into(), type_id: 1, hashes: vec![] },
+            container: Some(Container {
+                uid: "a".repeat(64),
+                runtime: "containerd".into(),
+                pod_uuid: None,
+            }),
+            cgroup: Cgroup {
+                id: 99,
+                path: Some("/kubepods/x".into()),
+            },
+            library: File {
+                path: "/usr/lib/libcrypto.so.3".into(),
+                name: "libcrypto.so.3".into(),
+                type_id: 1,
+                hashes: vec![],
+            },
             library_kind: "openssl".into(),
             function: "EVP_DigestSign".into(),
             success: true,
@@ -419,7 +466,10 @@ mod tests {
                 identified_by: Some("signature_verified".into()),
                 unknown_reason: None,
             },
-            signature: Signature { length: 71, digest: Some("SHA256".into()) },
+            signature: Signature {
+                length: 71,
+                digest: Some("SHA256".into()),
+            },
         }
     }
 
@@ -435,10 +485,16 @@ mod tests {
         assert_eq!(v["metadata"]["version"], OCSF_VERSION);
         assert_eq!(v["metadata"]["event_code"], "key_use");
         assert_eq!(v["metadata"]["uid"], "abc-7");
-        assert_eq!(v["metadata"]["profiles"], serde_json::json!(["host", "container"]));
+        assert_eq!(
+            v["metadata"]["profiles"],
+            serde_json::json!(["host", "container"])
+        );
         assert_eq!(v["actor"]["process"]["pid"], 42);
         assert_eq!(v["actor"]["process"]["user"]["uid"], "33");
-        assert_eq!(v["actor"]["process"]["file"]["hashes"][0]["algorithm_id"], 3);
+        assert_eq!(
+            v["actor"]["process"]["file"]["hashes"][0]["algorithm_id"],
+            3
+        );
         assert_eq!(v["module"]["function_name"], "EVP_DigestSign");
         assert_eq!(v["module"]["type"], "openssl");
         assert_eq!(v["key"]["spki_sha256"], "ab".repeat(32));
@@ -446,10 +502,21 @@ mod tests {
         assert_eq!(v["container"]["uid"], "a".repeat(64));
         assert_eq!(v["cgroup"]["id"], 99);
         // The key object has only public identity fields.
-        let fields: Vec<&str> = v["key"].as_object().unwrap().keys().map(String::as_str).collect();
+        let fields: Vec<&str> = v["key"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
         let allowed = [
-            "status", "spki_sha256", "fingerprint", "algorithm", "bits", "source_file",
-            "identified_by", "unknown_reason",
+            "status",
+            "spki_sha256",
+            "fingerprint",
+            "algorithm",
+            "bits",
+            "source_file",
+            "identified_by",
+            "unknown_reason",
         ];
         assert!(fields.iter().all(|f| allowed.contains(f)), "{fields:?}");
     }
@@ -490,7 +557,14 @@ mod tests {
 
     #[test]
     fn coverage_warning_is_module_activity_other() {
-        let ev = Event::coverage_warning(&origin(), 1, 2, None, None, "cannot read /proc/9/maps".into());
+        let ev = Event::coverage_warning(
+            &origin(),
+            1,
+            2,
+            None,
+            None,
+            "cannot read /proc/9/maps".into(),
+        );
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["class_uid"], 1005);
         assert_eq!(v["activity_id"], 99);

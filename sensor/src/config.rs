@@ -31,7 +31,8 @@ impl Config {
         match path {
             None => Self::parse(DEFAULT_CONFIG, "<embedded default>"),
             Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
+                let text = std::fs::read_to_string(p)
+                    .with_context(|| format!("{}: cannot read", p.display()))?;
                 Self::parse(&text, &p.display().to_string())
             }
         }
@@ -56,7 +57,9 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_types_name_the_place() {
-        let err = Config::parse("output: '-'\npoll_interval_ms: soon\n", "c.yaml").unwrap_err().to_string();
+        let err = Config::parse("output: '-'\npoll_interval_ms: soon\n", "c.yaml")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("c.yaml: "), "{err}");
         assert!(err.contains("2"), "line number expected: {err}");
         let text = DEFAULT_CONFIG.to_owned() + "\nbogus: 1\n";

@@ -58,7 +58,10 @@ impl Control {
                 }
                 last_heartbeat = Instant::now();
             }
-            let mut fds = [nix::poll::PollFd::new(self.ring.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let mut fds = [nix::poll::PollFd::new(
+                self.ring.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
             let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16));
             self.drain();
         }
@@ -76,7 +79,9 @@ impl Control {
                 Record::Exec(e) => {
                     let path = c_str(&e.filename);
                     let tgid = e.task.tgid();
-                    let info = self.procs.snapshot(tgid, (!path.is_empty()).then_some(path));
+                    let info = self
+                        .procs
+                        .snapshot(tgid, (!path.is_empty()).then_some(path));
                     self.procs.record(tgid, e.task.ktime_ns, info);
                 }
                 Record::FileOpen(f) => self.on_library(&f),
@@ -90,16 +95,29 @@ impl Control {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
         let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
-        let open_path = if path.starts_with('/') || f.dfd == -100 { info.resolve(&path) } else { None }
-            .unwrap_or_else(|| PathBuf::from(format!("/proc/{tgid}/root{path}")));
+        let open_path = if path.starts_with('/') || f.dfd == -100 {
+            info.resolve(&path)
+        } else {
+            None
+        }
+        .unwrap_or_else(|| PathBuf::from(format!("/proc/{tgid}/root{path}")));
         if let Ok(md) = std::fs::metadata(&open_path) {
-            let c = Candidate { shown_as: info.absolute(&path), open_path, pid: Some(tgid), dev: md.dev(), ino: md.ino() };
+            let c = Candidate {
+                shown_as: info.absolute(&path),
+                open_path,
+                pid: Some(tgid),
+                dev: md.dev(),
+                ino: md.ino(),
+            };
             let mut probes = self.probes.lock().expect("probes lock");
             if !probes.is_covered(c.dev, c.ino)
                 && let Err(e) = probes.attach_library(&c)
             {
                 let _ = self.warnings.send(Warning {
-                    process: Some(event::Process { pid: tgid, ..Default::default() }),
+                    process: Some(event::Process {
+                        pid: tgid,
+                        ..Default::default()
+                    }),
                     module: Some(event::File {
                         path: c.shown_as.clone(),
                         name: c.shown_as.rsplit('/').next().unwrap_or_default().to_owned(),
@@ -112,7 +130,10 @@ impl Control {
         }
         if f.flags & open_flags::HELD != 0 {
             debug!(pid = tgid, library = %path, "releasing held process");
-            if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(tgid as i32), nix::sys::signal::SIGCONT) {
+            if let Err(e) = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(tgid as i32),
+                nix::sys::signal::SIGCONT,
+            ) {
                 debug!(pid = tgid, error = %e, "SIGCONT");
             }
         }

@@ -57,7 +57,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
+        )
         .with_target(false)
         .init();
     match cli.command {
@@ -65,7 +67,11 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
-        Command::Run { config, output, no_hold } => {
+        Command::Run {
+            config,
+            output,
+            no_hold,
+        } => {
             let result = (|| {
                 let mut cfg = config::Config::load(config.as_deref())?;
                 if let Some(o) = output {

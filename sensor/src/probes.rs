@@ -10,7 +10,10 @@ use anyhow::{Context, Result, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{TracePoint, UProbe, uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope}},
+    programs::{
+        TracePoint, UProbe,
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+    },
 };
 use hashbrown::HashMap;
 use keywarden_probe_types::{KnownHandle, LibrarySeenKey, ProcPtr, config, func, stats};
@@ -29,17 +32,42 @@ pub struct ProbedFunction {
     pub args: &'static [Register],
 }
 
-const fn f(symbol: &'static str, id: u8, needs_return: bool, args: &'static [Register]) -> ProbedFunction {
-    ProbedFunction { symbol, id, needs_return, args }
+const fn f(
+    symbol: &'static str,
+    id: u8,
+    needs_return: bool,
+    args: &'static [Register],
+) -> ProbedFunction {
+    ProbedFunction {
+        symbol,
+        id,
+        needs_return,
+        args,
+    }
 }
 
 /// The OpenSSL signing API the probes understand.
 pub const OPENSSL_FUNCTIONS: [ProbedFunction; 9] = [
     // (ctx, pctx, type, engine, pkey)
-    f("EVP_DigestSignInit", func::DIGEST_SIGN_INIT, false, &[Register::RDI, Register::R8]),
+    f(
+        "EVP_DigestSignInit",
+        func::DIGEST_SIGN_INIT,
+        false,
+        &[Register::RDI, Register::R8],
+    ),
     // (ctx, pctx, mdname, libctx, props, pkey, params)
-    f("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX, false, &[Register::RDI, Register::RDX, Register::R9]),
-    f("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE, false, &[Register::RDI, Register::RSI, Register::RDX]),
+    f(
+        "EVP_DigestSignInit_ex",
+        func::DIGEST_SIGN_INIT_EX,
+        false,
+        &[Register::RDI, Register::RDX, Register::R9],
+    ),
+    f(
+        "EVP_DigestSignUpdate",
+        func::DIGEST_SIGN_UPDATE,
+        false,
+        &[Register::RDI, Register::RSI, Register::RDX],
+    ),
     // Signing calls read the stack pointer and need a return probe: they
     // are probed on their first instruction.
     f("EVP_DigestSign", func::DIGEST_SIGN, true, &[]),
@@ -49,12 +77,26 @@ pub const OPENSSL_FUNCTIONS: [ProbedFunction; 9] = [
     // A context must be (re)initialized before it signs with another key;
     // hooking the init, not EVP_PKEY_CTX_free, keeps the signing loop at
     // one trap (openssl speed frees a context per signature).
-    f("EVP_PKEY_sign_init", func::PKEY_SIGN_INIT, false, &[Register::RDI]),
-    f("EVP_PKEY_sign_init_ex", func::PKEY_SIGN_INIT, false, &[Register::RDI]),
+    f(
+        "EVP_PKEY_sign_init",
+        func::PKEY_SIGN_INIT,
+        false,
+        &[Register::RDI],
+    ),
+    f(
+        "EVP_PKEY_sign_init_ex",
+        func::PKEY_SIGN_INIT,
+        false,
+        &[Register::RDI],
+    ),
 ];
 
 pub fn function_name(id: u8) -> &'static str {
-    OPENSSL_FUNCTIONS.iter().find(|f| f.id == id).map(|f| f.symbol).unwrap_or("unknown")
+    OPENSSL_FUNCTIONS
+        .iter()
+        .find(|f| f.id == id)
+        .map(|f| f.symbol)
+        .unwrap_or("unknown")
 }
 
 /// One covered library.
@@ -62,8 +104,6 @@ pub fn function_name(id: u8) -> &'static str {
 pub struct Library {
     pub index: u32,
     pub shown_as: String,
-    pub dev: u64,
-    pub ino: u64,
     pub kind: &'static str,
     pub functions: Vec<&'static str>,
     pub missing: Vec<&'static str>,
@@ -80,13 +120,19 @@ pub struct Probes {
 /// a BPF call.
 pub fn preflight() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!("keywarden must run as root (it loads eBPF programs and reads /proc of every process)");
+        bail!(
+            "keywarden must run as root (it loads eBPF programs and reads /proc of every process)"
+        );
     }
     if !Path::new("/sys/bus/event_source/devices/uprobe").exists() {
-        bail!("this kernel has no uprobe support (CONFIG_UPROBE_EVENTS): /sys/bus/event_source/devices/uprobe is missing");
+        bail!(
+            "this kernel has no uprobe support (CONFIG_UPROBE_EVENTS): /sys/bus/event_source/devices/uprobe is missing"
+        );
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
-        bail!("kernel BTF is missing (/sys/kernel/btf/vmlinux); keywarden needs a kernel built with CONFIG_DEBUG_INFO_BTF");
+        bail!(
+            "kernel BTF is missing (/sys/kernel/btf/vmlinux); keywarden needs a kernel built with CONFIG_DEBUG_INFO_BTF"
+        );
     }
     Ok(())
 }
@@ -104,7 +150,8 @@ impl Probes {
         let mut ebpf = Ebpf::load(object).context("loading keywarden's eBPF object")?;
         for name in ["sign_entry", "sign_return"] {
             let p: &mut UProbe = ebpf.program_mut(name).context(name)?.try_into()?;
-            p.load().with_context(|| format!("loading uprobe program {name}"))?;
+            p.load()
+                .with_context(|| format!("loading uprobe program {name}"))?;
         }
         for (name, category, tp) in [
             ("process_exec", "sched", "sched_process_exec"),
@@ -112,12 +159,21 @@ impl Probes {
             ("openat_enter", "syscalls", "sys_enter_openat"),
         ] {
             let p: &mut TracePoint = ebpf.program_mut(name).context(name)?.try_into()?;
-            p.load().with_context(|| format!("loading tracepoint program {name}"))?;
-            p.attach(category, tp).with_context(|| format!("attaching to tracepoint {category}/{tp}"))?;
+            p.load()
+                .with_context(|| format!("loading tracepoint program {name}"))?;
+            p.attach(category, tp)
+                .with_context(|| format!("attaching to tracepoint {category}/{tp}"))?;
         }
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let control = RingBuf::try_from(ebpf.take_map("CONTROL").context("CONTROL map")?)?;
-        Ok((Self { ebpf, libraries: Vec::new(), by_inode: HashMap::new() }, Rings { events, control }))
+        Ok((
+            Self {
+                ebpf,
+                libraries: Vec::new(),
+                by_inode: HashMap::new(),
+            },
+            Rings { events, control },
+        ))
     }
 
     pub fn libraries(&self) -> &[Library] {
@@ -135,7 +191,8 @@ impl Probes {
     /// Attaches to a library unless its inode is covered already. Returns the
     /// library when this call attached it.
     pub fn attach_library(&mut self, c: &Candidate) -> Result<Option<Library>> {
-        let md = std::fs::metadata(&c.open_path).with_context(|| format!("{}: cannot stat", c.shown_as))?;
+        let md = std::fs::metadata(&c.open_path)
+            .with_context(|| format!("{}: cannot stat", c.shown_as))?;
         let key = (md.dev(), md.ino());
         if self.by_inode.contains_key(&key) {
             return Ok(None);
@@ -153,7 +210,10 @@ impl Probes {
                 continue;
             };
             let cookie = Some(func::cookie(index, pf.id));
-            let at = |o| UProbeAttachPoint { location: UProbeAttachLocation::AbsoluteOffset(o), cookie };
+            let at = |o| UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(o),
+                cookie,
+            };
             if pf.needs_return {
                 entry.push(at(off));
                 ret.push(at(off));
@@ -166,37 +226,60 @@ impl Probes {
             functions.push(pf.symbol);
         }
         if ret.is_empty() {
+            let signing: Vec<&str> = OPENSSL_FUNCTIONS
+                .iter()
+                .filter(|f| f.needs_return)
+                .map(|f| f.symbol)
+                .collect();
             bail!(
-                "{}: none of the signing functions ({}) is in its symbol table{}",
+                "{}: none of the signing functions ({}) is in its symbol table{}; signatures made through it are not seen",
                 c.shown_as,
-                names.join(", "),
-                if syms.stripped { "; the file is stripped" } else { "" }
+                signing.join(", "),
+                if syms.stripped {
+                    " (the file is stripped)"
+                } else {
+                    ""
+                }
             );
         }
-        let p: &mut UProbe = self.ebpf.program_mut("sign_entry").context("sign_entry")?.try_into()?;
+        let p: &mut UProbe = self
+            .ebpf
+            .program_mut("sign_entry")
+            .context("sign_entry")?
+            .try_into()?;
         p.attach(entry, &c.open_path, UProbeScope::AllProcesses)
             .with_context(|| format!("{}: attaching entry uprobes", c.shown_as))?;
-        let p: &mut UProbe = self.ebpf.program_mut("sign_return").context("sign_return")?.try_into()?;
+        let p: &mut UProbe = self
+            .ebpf
+            .program_mut("sign_return")
+            .context("sign_return")?
+            .try_into()?;
         p.attach(ret, &c.open_path, UProbeScope::AllProcesses)
             .with_context(|| format!("{}: attaching return uprobes", c.shown_as))?;
         let lib = Library {
             index,
             shown_as: c.shown_as.clone(),
-            dev: key.0,
-            ino: key.1,
             kind: "openssl",
             functions,
             missing,
             build_id: syms.build_id,
         };
-        info!(library = %lib.shown_as, functions = lib.functions.len(), missing = ?lib.missing, "attached");
+        info!(
+            library = %lib.shown_as,
+            index = lib.index,
+            build_id = lib.build_id.as_deref().unwrap_or("none"),
+            functions = lib.functions.len(),
+            missing = ?lib.missing,
+            "attached"
+        );
         self.by_inode.insert(key, index);
         self.libraries.push(lib.clone());
         Ok(Some(lib))
     }
 
     pub fn set_config(&mut self, slot: u32, value: u64) -> Result<()> {
-        let mut cfg: Array<&mut MapData, u64> = Array::try_from(self.ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
+        let mut cfg: Array<&mut MapData, u64> =
+            Array::try_from(self.ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
         cfg.set(slot, &value, 0)?;
         Ok(())
     }
@@ -212,18 +295,28 @@ impl Probes {
     /// Marks a library path as seen in a cgroup so opening it there again
     /// does not hold the process.
     pub fn mark_library_seen(&mut self, cgroup_id: u64, path: &str) -> Result<()> {
-        let mut seen: BpfHashMap<&mut MapData, LibrarySeenKey, u8> =
-            BpfHashMap::try_from(self.ebpf.map_mut("LIBRARY_SEEN").context("LIBRARY_SEEN map")?)?;
-        let key = LibrarySeenKey { cgroup_id, path_hash: keywarden_probe_types::fnv1a(path.as_bytes()) };
+        let mut seen: BpfHashMap<&mut MapData, LibrarySeenKey, u8> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("LIBRARY_SEEN")
+                .context("LIBRARY_SEEN map")?,
+        )?;
+        let key = LibrarySeenKey {
+            cgroup_id,
+            path_hash: keywarden_probe_types::fnv1a(path.as_bytes()),
+        };
         seen.insert(&key, &1, 0)?;
         Ok(())
     }
 
-    /// Marks (tgid, key object) identified, or not any more.
+    /// Marks (tgid, key object) as judged by the sensor, or not any more.
     pub fn set_known(&mut self, tgid: u32, handle: u64, known: bool) -> Result<()> {
         let mut map: BpfHashMap<&mut MapData, ProcPtr, KnownHandle> =
             BpfHashMap::try_from(self.ebpf.map_mut("KNOWN").context("KNOWN map")?)?;
-        let key = ProcPtr { tgid, _pad: 0, ptr: handle };
+        let key = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: handle,
+        };
         if known {
             map.insert(&key, &KnownHandle { identified: 1 }, 0)?;
         } else {
@@ -235,7 +328,8 @@ impl Probes {
     /// Events the probes could not deliver, summed over CPUs, per
     /// `stats::*` slot.
     pub fn lost(&self) -> Result<[u64; stats::SLOTS as usize]> {
-        let arr: PerCpuArray<&MapData, u64> = PerCpuArray::try_from(self.ebpf.map("STATS").context("STATS map")?)?;
+        let arr: PerCpuArray<&MapData, u64> =
+            PerCpuArray::try_from(self.ebpf.map("STATS").context("STATS map")?)?;
         let mut out = [0u64; stats::SLOTS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = arr.get(&(i as u32), 0)?.iter().sum();

@@ -10,13 +10,19 @@ use keywarden_probe_types::{self as t, kind};
 pub enum Record {
     /// A signature; `sig` is empty for a key object the probes knew.
     Sign(Box<t::SignRecord>, Vec<u8>),
-    Data { header: t::DataHeader, bytes: Vec<u8> },
+    Data {
+        header: t::DataHeader,
+        bytes: Vec<u8>,
+    },
     HandleFree(t::HandleFreeRecord),
     Exec(Box<t::ExecRecord>),
     Exit(t::ExitRecord),
     ExecMark(t::ExitRecord),
     FileOpen(Box<t::FileOpenRecord>),
-    Malformed { kind: u32, len: usize },
+    Malformed {
+        kind: u32,
+        len: usize,
+    },
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -29,19 +35,33 @@ fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
 }
 
 pub fn decode(bytes: &[u8]) -> Record {
-    let malformed = |kind| Record::Malformed { kind, len: bytes.len() };
-    let Some(k) = read::<u32>(bytes) else { return malformed(0) };
+    let malformed = |kind| Record::Malformed {
+        kind,
+        len: bytes.len(),
+    };
+    let Some(k) = read::<u32>(bytes) else {
+        return malformed(0);
+    };
     let rec = match k {
         kind::SIGN => read::<t::SignWithSigRecord>(bytes).map(|r| {
             let n = (r.head.sig_captured as usize).min(t::SIG_MAX);
             Record::Sign(Box::new(r.head), r.sig[..n].to_vec())
         }),
-        kind::SIGN_KNOWN => read::<t::SignRecord>(bytes).map(|r| Record::Sign(Box::new(r), Vec::new())),
+        kind::SIGN_KNOWN => {
+            read::<t::SignRecord>(bytes).map(|r| Record::Sign(Box::new(r), Vec::new()))
+        }
         kind::DATA_SMALL | kind::DATA_BIG => read::<t::DataHeader>(bytes).and_then(|header| {
-            let cap = if k == kind::DATA_SMALL { t::DATA_SMALL } else { t::DATA_BIG };
+            let cap = if k == kind::DATA_SMALL {
+                t::DATA_SMALL
+            } else {
+                t::DATA_BIG
+            };
             let start = size_of::<t::DataHeader>();
             let len = (header.len as usize).min(cap);
-            bytes.get(start..start + len).map(|d| Record::Data { header, bytes: d.to_vec() })
+            bytes.get(start..start + len).map(|d| Record::Data {
+                header,
+                bytes: d.to_vec(),
+            })
         }),
         kind::HANDLE_FREE => read(bytes).map(Record::HandleFree),
         kind::EXEC => read::<t::ExecRecord>(bytes).map(|r| Record::Exec(Box::new(r))),
@@ -70,21 +90,42 @@ mod tests {
 
     #[test]
     fn decodes_known_kinds_and_rejects_short_records() {
-        let rec = t::HandleFreeRecord { kind: kind::HANDLE_FREE, tgid: 7, handle: 0xdead };
+        let rec = t::HandleFreeRecord {
+            kind: kind::HANDLE_FREE,
+            tgid: 7,
+            handle: 0xdead,
+        };
         match decode(&as_bytes(&rec)) {
             Record::HandleFree(r) => assert_eq!((r.tgid, r.handle), (7, 0xdead)),
             _ => panic!("wrong kind"),
         }
         let bytes = as_bytes(&rec);
-        assert!(matches!(decode(&bytes[..8]), Record::Malformed { kind: kind::HANDLE_FREE, .. }));
+        assert!(matches!(
+            decode(&bytes[..8]),
+            Record::Malformed {
+                kind: kind::HANDLE_FREE,
+                ..
+            }
+        ));
         assert!(matches!(decode(&[1, 2]), Record::Malformed { .. }));
-        assert!(matches!(decode(&99u32.to_ne_bytes()), Record::Malformed { kind: 99, .. }));
+        assert!(matches!(
+            decode(&99u32.to_ne_bytes()),
+            Record::Malformed { kind: 99, .. }
+        ));
     }
 
     #[test]
     fn data_records_carry_only_their_valid_bytes() {
         let mut rec = t::DataSmallRecord {
-            header: t::DataHeader { kind: kind::DATA_SMALL, tgid: 1, op_id: 5, offset: 0, len: 3, truncated: 0, _pad: 0 },
+            header: t::DataHeader {
+                kind: kind::DATA_SMALL,
+                tgid: 1,
+                op_id: 5,
+                offset: 0,
+                len: 3,
+                truncated: 0,
+                _pad: 0,
+            },
             data: [0xaa; t::DATA_SMALL],
         };
         rec.data[..3].copy_from_slice(b"abc");

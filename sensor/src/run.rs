@@ -19,9 +19,9 @@ use std::{
 };
 
 use anyhow::Result;
+use aya::maps::{MapData, RingBuf};
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{self, Cgroup, Event, KeyUse, Origin, Signature, User};
-use aya::maps::{MapData, RingBuf};
 use keywarden_probe_types::{FileOpenRecord, SignRecord, config, sign_flags, stats};
 use tracing::{debug, error, info, warn};
 
@@ -64,11 +64,15 @@ struct Sensor {
 }
 
 fn clock_ns(id: nix::time::ClockId) -> i64 {
-    nix::time::clock_gettime(id).map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec()).unwrap_or(0)
+    nix::time::clock_gettime(id)
+        .map(|t| t.tv_sec() * 1_000_000_000 + t.tv_nsec())
+        .unwrap_or(0)
 }
 
 fn origin() -> Origin {
-    let hostname = nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default();
+    let hostname = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
     let start_ms = clock_ns(nix::time::ClockId::CLOCK_REALTIME) / 1_000_000;
     Origin {
@@ -85,8 +89,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
     probes.heartbeat()?;
     probes.set_config(config::HOLD_NEW_LIBRARIES, cfg.hold_new_libraries as u64)?;
-    let realtime_offset_ns =
-        clock_ns(nix::time::ClockId::CLOCK_REALTIME) - clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
+    let realtime_offset_ns = clock_ns(nix::time::ClockId::CLOCK_REALTIME)
+        - clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
     let (warn_tx, warn_rx) = crossbeam_channel::bounded(1024);
     let mut s = Sensor {
         probes: Arc::new(Mutex::new(probes)),
@@ -114,11 +118,18 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         warnings: warn_tx,
         shutdown: control_stop.clone(),
     };
-    let control = std::thread::Builder::new().name("kw-control".into()).spawn(move || control.run())?;
+    let control = std::thread::Builder::new()
+        .name("kw-control".into())
+        .spawn(move || control.run())?;
 
     s.discover(&cfg);
     s.load_key_paths(&cfg.key_paths);
-    let covered: Vec<String> = s.probes().libraries().iter().map(|l| l.shown_as.clone()).collect();
+    let covered: Vec<String> = s
+        .probes()
+        .libraries()
+        .iter()
+        .map(|l| l.shown_as.clone())
+        .collect();
     info!(
         libraries = covered.len(),
         keys_known = s.ident.inventory_len(),
@@ -132,8 +143,12 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(1));
     let mut last_housekeeping = Instant::now();
     while !shutdown.load(Ordering::Relaxed) {
-        let timeout = nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
-        let mut fds = [nix::poll::PollFd::new(s.events.as_fd(), nix::poll::PollFlags::POLLIN)];
+        let timeout =
+            nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
+        let mut fds = [nix::poll::PollFd::new(
+            s.events.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         match nix::poll::poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(anyhow::anyhow!("polling the ring buffer: {e}")),
@@ -165,6 +180,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         lost_sign = lost[stats::LOST_SIGN as usize],
         lost_data = lost[stats::LOST_DATA as usize],
         lost_other = lost[stats::LOST_OTHER as usize],
+        data_unreadable = lost[stats::DATA_UNREADABLE as usize],
+        data_truncated = lost[stats::CAPTURE_TRUNCATED as usize],
         unwritten = waiting + s.sink.dropped as usize,
         verifications = s.ident.verifications,
         "stopped: probes detached"
@@ -189,7 +206,12 @@ impl Sensor {
         clock_ns(nix::time::ClockId::CLOCK_REALTIME) / 1_000_000
     }
 
-    fn warn_event(&mut self, process: Option<event::Process>, module: Option<event::File>, detail: String) {
+    fn warn_event(
+        &mut self,
+        process: Option<event::Process>,
+        module: Option<event::File>,
+        detail: String,
+    ) {
         warn!("{detail}");
         let seq = self.next_seq();
         let ev = Event::coverage_warning(&self.origin, self.now_ms(), seq, process, module, detail);
@@ -204,7 +226,10 @@ impl Sensor {
         debug!(elapsed = ?started.elapsed(), libraries = scan.libraries.len(), "scanned processes");
         for (pid, why) in &scan.unreadable {
             self.warn_event(
-                Some(event::Process { pid: *pid, ..Default::default() }),
+                Some(event::Process {
+                    pid: *pid,
+                    ..Default::default()
+                }),
                 None,
                 format!("cannot read /proc/{pid}/maps: {why}; its libraries are not covered"),
             );
@@ -222,7 +247,10 @@ impl Sensor {
             let pid = c.pid.unwrap_or_default();
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
                 .ok()
-                .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
+                .and_then(|s| {
+                    s.lines()
+                        .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+                });
             if let (Some(root), Some(cg)) = (&cgroup_root, cg)
                 && let Ok(md) = std::fs::metadata(root.join(cg.trim_start_matches('/')))
             {
@@ -260,7 +288,10 @@ impl Sensor {
             let mut files = Vec::new();
             walk(std::path::Path::new(root), 0, &mut files);
             for f in files {
-                if f.metadata().map(|m| m.len() > material::MAX_KEY_FILE).unwrap_or(true) {
+                if f.metadata()
+                    .map(|m| m.len() > material::MAX_KEY_FILE)
+                    .unwrap_or(true)
+                {
                     continue;
                 }
                 let shown = f.to_string_lossy().into_owned();
@@ -304,7 +335,9 @@ impl Sensor {
             }
             Record::Exec(_) => {}
             Record::FileOpen(f) => self.on_open(&f),
-            Record::Malformed { kind, len } => error!(kind, len, "malformed record from the probes"),
+            Record::Malformed { kind, len } => {
+                error!(kind, len, "malformed record from the probes")
+            }
         }
     }
 
@@ -314,17 +347,28 @@ impl Sensor {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
         let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
-        let resolved = if path.starts_with('/') || f.dfd == -100 { info.resolve(&path) } else { None };
+        let resolved = if path.starts_with('/') || f.dfd == -100 {
+            info.resolve(&path)
+        } else {
+            None
+        };
         // A file that may hold a key: learn its public key for this process.
         let Some(p) = resolved else {
             debug!(pid = tgid, path = %path, "cannot resolve opened file");
             return;
         };
-        let Ok(md) = std::fs::metadata(&p) else { return };
+        let Ok(md) = std::fs::metadata(&p) else {
+            return;
+        };
         if !md.is_file() {
             return;
         }
-        let id = (md.dev(), md.ino(), md.mtime() * 1_000_000_000 + md.mtime_nsec(), md.size());
+        let id = (
+            md.dev(),
+            md.ino(),
+            md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            md.size(),
+        );
         let parsed = match self.key_files.get(&id) {
             Some(r) => r.clone(),
             None => {
@@ -337,7 +381,9 @@ impl Sensor {
             }
         };
         match &*parsed {
-            Ok(keys) => self.ident.add_process_keys(tgid, keys.clone(), &info.absolute(&path)),
+            Ok(keys) => self
+                .ident
+                .add_process_keys(tgid, keys.clone(), &info.absolute(&path)),
             Err(e) => debug!(pid = tgid, "{e}"),
         }
     }
@@ -347,18 +393,35 @@ impl Sensor {
         let key = self.ident.identify(r, sig);
         self.sync_known();
         let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
-        let cgroup_path = self.cgroups.path(r.task.cgroup_id, info.cgroup_path.as_deref());
-        let container = cgroup_path.as_deref().and_then(container_from_cgroup).or_else(|| info.container.clone());
+        let cgroup_path = self
+            .cgroups
+            .path(r.task.cgroup_id, info.cgroup_path.as_deref());
+        let container = cgroup_path
+            .as_deref()
+            .and_then(container_from_cgroup)
+            .or_else(|| info.container.clone());
         let uid = r.task.uid();
-        let user_name = self.users.entry(uid).or_insert_with(|| user_name(uid)).clone();
+        let user_name = self
+            .users
+            .entry(uid)
+            .or_insert_with(|| user_name(uid))
+            .clone();
         let library = self.probes().library(r.library).cloned();
         let lib_file = event::File {
-            path: library.as_ref().map(|l| l.shown_as.clone()).unwrap_or_default(),
-            name: library.as_ref().and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned)).unwrap_or_default(),
+            path: library
+                .as_ref()
+                .map(|l| l.shown_as.clone())
+                .unwrap_or_default(),
+            name: library
+                .as_ref()
+                .and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned))
+                .unwrap_or_default(),
             type_id: 1,
             hashes: vec![],
         };
-        let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0).then(|| c_str(&r.md_name)).filter(|s| !s.is_empty());
+        let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0)
+            .then(|| c_str(&r.md_name))
+            .filter(|s| !s.is_empty());
         let u = KeyUse {
             time_ms: (r.task.ktime_ns as i64 + self.realtime_offset_ns) / 1_000_000,
             seq: self.next_seq(),
@@ -368,25 +431,34 @@ impl Sensor {
                 name: c_str(&r.task.comm),
                 cmd_line: info.cmd_line.clone(),
                 file: info.file(),
-                user: User { uid: uid.to_string(), name: user_name },
+                user: User {
+                    uid: uid.to_string(),
+                    name: user_name,
+                },
                 attribution_error: info.error.clone(),
             },
             container,
-            cgroup: Cgroup { id: r.task.cgroup_id, path: cgroup_path },
+            cgroup: Cgroup {
+                id: r.task.cgroup_id,
+                path: cgroup_path,
+            },
             library: lib_file,
             library_kind: library.map(|l| l.kind).unwrap_or("unknown").to_owned(),
             function: probes::function_name(r.func as u8).to_owned(),
             success: r.ret == 1,
             key,
-            signature: Signature { length: if r.ret == 1 { r.sig_len } else { 0 }, digest: md_name },
+            signature: Signature {
+                length: if r.ret == 1 { r.sig_len } else { 0 },
+                digest: md_name,
+            },
         };
         self.events_by_kind[0] += 1;
         let ev = Event::key_use(&self.origin, u);
         self.sink.push(&ev);
     }
 
-    /// Tells the probes which key objects are identified (they stop copying
-    /// data for those) and which are not any more.
+    /// Tells the probes which key objects the sensor has judged (they stop
+    /// copying data for those) and which verdicts no longer hold.
     fn sync_known(&mut self) {
         if self.ident.learned.is_empty() && self.ident.retract.is_empty() {
             return;
@@ -406,9 +478,14 @@ impl Sensor {
 
     /// Lost records become a warning event and a log line, never silence.
     fn report_lost(&mut self) {
-        let Ok(lost) = self.probes().lost() else { return };
+        let Ok(lost) = self.probes().lost() else {
+            return;
+        };
         let names = ["signature", "signed-data", "process/file"];
-        for (slot, name) in [stats::LOST_SIGN, stats::LOST_DATA, stats::LOST_OTHER].into_iter().zip(names) {
+        for (slot, name) in [stats::LOST_SIGN, stats::LOST_DATA, stats::LOST_OTHER]
+            .into_iter()
+            .zip(names)
+        {
             let i = slot as usize;
             let new = lost[i] - self.lost_reported[i];
             if new > 0 {

@@ -35,13 +35,23 @@ impl NdjsonSink {
                 .append(true)
                 .open(target)
                 .with_context(|| format!("{target}: cannot open output file"))?;
-            (Box::new(BufWriter::with_capacity(1 << 16, f)), target.to_owned())
+            (
+                Box::new(BufWriter::with_capacity(1 << 16, f)),
+                target.to_owned(),
+            )
         };
         Ok(Self::new(out, name))
     }
 
     pub fn new(out: Box<dyn Write + Send>, name: String) -> Self {
-        Self { out, name, backlog: VecDeque::new(), written: 0, dropped: 0, failing: false }
+        Self {
+            out,
+            name,
+            backlog: VecDeque::new(),
+            written: 0,
+            dropped: 0,
+            failing: false,
+        }
     }
 
     pub fn push(&mut self, ev: &Event) {
@@ -117,13 +127,20 @@ mod tests {
     }
 
     fn event(seq: u64) -> Event {
-        let o = Origin { hostname: "h".into(), product_version: "0".into(), uid_prefix: "p".into() };
+        let o = Origin {
+            hostname: "h".into(),
+            product_version: "0".into(),
+            uid_prefix: "p".into(),
+        };
         Event::coverage_warning(&o, 0, seq, None, None, format!("e{seq}"))
     }
 
     #[test]
     fn full_disk_keeps_events_until_space_returns() {
-        let disk = Disk { data: Default::default(), full: Arc::new(Mutex::new(true)) };
+        let disk = Disk {
+            data: Default::default(),
+            full: Arc::new(Mutex::new(true)),
+        };
         let mut sink = NdjsonSink::new(Box::new(disk.clone()), "disk".into());
         for i in 0..3 {
             sink.push(&event(i));

@@ -19,7 +19,12 @@ fn unique_hex() -> String {
 }
 
 fn system_libcrypto() -> PathBuf {
-    for d in ["/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib"] {
+    for d in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ] {
         let p = PathBuf::from(d).join("libcrypto.so.3");
         if p.exists() {
             return std::fs::canonicalize(p).unwrap();
@@ -47,7 +52,12 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
     let id = unique_hex();
     let pod = "5f0c1a2b-3c4d-4e5f-8a9b-0c1d2e3f4a5b";
     let root = cgroup2_root();
-    let parts = ["kubepods".to_owned(), "besteffort".to_owned(), format!("pod{pod}"), format!("cri-containerd-{id}.scope")];
+    let parts = [
+        "kubepods".to_owned(),
+        "besteffort".to_owned(),
+        format!("pod{pod}"),
+        format!("cri-containerd-{id}.scope"),
+    ];
     let mut dirs = CgroupDirs(Vec::new());
     let mut p = root.clone();
     for part in &parts {
@@ -66,7 +76,11 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
         msg.display()
     );
     let (pid, out) = run_pid(Command::new("sh").arg("-c").arg(&script));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
     assert_eq!(uses.len(), 1, "{uses:#?}");
@@ -74,9 +88,18 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
     assert_eq!(e["container"]["uid"], id.as_str(), "{e:#}");
     assert_eq!(e["container"]["runtime"], "containerd");
     assert_eq!(e["container"]["pod_uuid"], pod);
-    assert_eq!(e["cgroup"]["path"], format!("/{}", parts.join("/")).as_str());
+    assert_eq!(
+        e["cgroup"]["path"],
+        format!("/{}", parts.join("/")).as_str()
+    );
     assert_eq!(e["key"]["spki_sha256"], key.spki.as_str());
-    assert!(e["metadata"]["profiles"].as_array().unwrap().iter().any(|p| p == "container"));
+    assert!(
+        e["metadata"]["profiles"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p == "container")
+    );
 }
 
 #[test]
@@ -91,7 +114,10 @@ fn a_library_path_first_seen_after_start_is_covered_from_the_first_signature() {
     std::fs::write(&msg, b"new library").unwrap();
 
     let sensor = Sensor::start(&[]);
-    assert!(!sensor.log().contains(copy.to_str().unwrap()), "the copy must be unknown at start");
+    assert!(
+        !sensor.log().contains(copy.to_str().unwrap()),
+        "the copy must be unknown at start"
+    );
     // Signs within milliseconds of starting: only holding the process until
     // the library is attached makes this deterministic (with --no-hold this
     // test failed 3 runs out of 3).
@@ -104,11 +130,20 @@ fn a_library_path_first_seen_after_start_is_covered_from_the_first_signature() {
             .arg(work.path().join("sig"))
             .arg(&msg),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
     assert_eq!(uses.len(), 1, "{uses:#?}");
-    assert_eq!(uses[0]["module"]["file"]["path"], copy.to_str().unwrap(), "{:#}", uses[0]);
+    assert_eq!(
+        uses[0]["module"]["file"]["path"],
+        copy.to_str().unwrap(),
+        "{:#}",
+        uses[0]
+    );
     assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
 }
 
@@ -127,7 +162,14 @@ fn a_library_only_inside_another_mount_namespace_is_found_at_start() {
     std::fs::copy(system_libcrypto(), &copy).unwrap();
     let key = openssl_key(work.path(), "k", "ec");
     let crt = work.path().join("k.crt");
-    run_ok(Command::new("openssl").args(["req", "-x509", "-new", "-days", "1", "-subj", "/CN=ns"]).arg("-key").arg(&key.path).arg("-out").arg(&crt));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "1", "-subj", "/CN=ns"])
+            .arg("-key")
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&crt),
+    );
     let port = free_port();
     // Inside a private mount namespace the system path is the copy.
     let script = format!(
@@ -146,24 +188,37 @@ fn a_library_only_inside_another_mount_namespace_is_found_at_start() {
             .spawn()
             .unwrap(),
     );
-    wait_for("s_server to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_for("s_server to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     let pid = server.0.id();
     let ns_maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(ns_maps.contains("libcrypto.so.3"));
 
     let config = work.path().join("kw.yaml");
     let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    std::fs::write(&config, default.replace("key_paths:\n", &format!("key_paths:\n  - {}\n", work.path().display()))).unwrap();
+    std::fs::write(
+        &config,
+        default.replace(
+            "key_paths:\n",
+            &format!("key_paths:\n  - {}\n", work.path().display()),
+        ),
+    )
+    .unwrap();
     let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
     let log = sensor.log();
-    let attached = log.lines().filter(|l| l.contains("attached") && l.contains("libcrypto.so.3")).count();
-    assert!(attached >= 2, "host and namespace copies are different files:\n{log}");
-
-    run_ok(
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("echo | openssl s_client -connect 127.0.0.1:{port} -servername ns >/dev/null 2>&1; true")),
+    let attached = log
+        .lines()
+        .filter(|l| l.contains("attached") && l.contains("libcrypto.so.3"))
+        .count();
+    assert!(
+        attached >= 2,
+        "host and namespace copies are different files:\n{log}"
     );
+
+    run_ok(Command::new("sh").arg("-c").arg(format!(
+        "echo | openssl s_client -connect 127.0.0.1:{port} -servername ns >/dev/null 2>&1; true"
+    )));
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
     assert_eq!(uses.len(), 1, "one handshake, one signature: {uses:#?}");

@@ -16,7 +16,10 @@ struct Nginx(Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::SIGQUIT);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::SIGQUIT,
+        );
         std::thread::sleep(Duration::from_millis(200));
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -78,16 +81,25 @@ fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
             .spawn()
             .expect("start nginx (the test command installs it)"),
     );
-    wait_for("nginx to listen", Duration::from_secs(10), || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+    wait_for("nginx to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     let master = nginx.0.id();
     let worker: u32 = {
         let out = run_ok(Command::new("pgrep").args(["-P", &master.to_string()]));
-        String::from_utf8(out.stdout).unwrap().trim().parse().expect("one nginx worker")
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .trim()
+            .parse()
+            .expect("one nginx worker")
     };
 
     let sensor_conf = dir.join("keywarden.yaml");
     let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    let with_keys = default.replace("key_paths:\n", &format!("key_paths:\n  - {}\n", keys_dir.display()));
+    let with_keys = default.replace(
+        "key_paths:\n",
+        &format!("key_paths:\n  - {}\n", keys_dir.display()),
+    );
     assert_ne!(with_keys, default);
     std::fs::write(&sensor_conf, with_keys).unwrap();
     let sensor = Sensor::start(&["--config", sensor_conf.to_str().unwrap()]);
@@ -107,20 +119,44 @@ fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
     drop(nginx);
 
     let uses = key_uses_of(&events, worker);
-    let count = |spki: &str| uses.iter().filter(|e| e["key"]["spki_sha256"] == spki).count();
+    let count = |spki: &str| {
+        uses.iter()
+            .filter(|e| e["key"]["spki_sha256"] == spki)
+            .count()
+    };
     assert_eq!(count(&key_a.spki), n_a, "events for key A: {uses:#?}");
     assert_eq!(count(&key_b.spki), n_b, "events for key B: {uses:#?}");
-    assert_eq!(uses.len(), n_a + n_b, "every worker signature is one of the two keys");
+    assert_eq!(
+        uses.len(),
+        n_a + n_b,
+        "every worker signature is one of the two keys"
+    );
     let nginx_sha = sha256_file("/usr/sbin/nginx".as_ref());
     for e in &uses {
         assert_eq!(e["status"], "Success");
-        assert_eq!(e["actor"]["process"]["file"]["hashes"][0]["value"], nginx_sha.as_str(), "{e:#}");
+        assert_eq!(
+            e["actor"]["process"]["file"]["hashes"][0]["value"],
+            nginx_sha.as_str(),
+            "{e:#}"
+        );
         assert_eq!(e["actor"]["process"]["name"], "nginx");
-        assert!(e["key"]["source_file"].as_str().unwrap().starts_with(keys_dir.to_str().unwrap()));
+        assert!(
+            e["key"]["source_file"]
+                .as_str()
+                .unwrap()
+                .starts_with(keys_dir.to_str().unwrap())
+        );
     }
     for e in &uses {
-        assert!(["signature_verified", "handle_cache"].contains(&e["key"]["identified_by"].as_str().unwrap()));
+        assert!(
+            ["signature_verified", "handle_cache"]
+                .contains(&e["key"]["identified_by"].as_str().unwrap())
+        );
     }
     // curl made no signature (no client certificate).
-    assert!(key_uses(&events).iter().all(|e| e["actor"]["process"]["name"] != "curl"));
+    assert!(
+        key_uses(&events)
+            .iter()
+            .all(|e| e["actor"]["process"]["name"] != "curl")
+    );
 }

@@ -15,7 +15,11 @@ fn cli_signing_gives_one_event_per_signature_with_the_right_key() {
     let keys = [
         ("ec", openssl_key(work.path(), "ec", "ec"), "ecdsa-p256"),
         ("rsa", openssl_key(work.path(), "rsa", "rsa"), "rsa-2048"),
-        ("ed25519", openssl_key(work.path(), "ed", "ed25519"), "ed25519"),
+        (
+            "ed25519",
+            openssl_key(work.path(), "ed", "ed25519"),
+            "ed25519",
+        ),
     ];
     let sensor = Sensor::start(&[]);
     let mut runs = Vec::new();
@@ -25,29 +29,50 @@ fn cli_signing_gives_one_event_per_signature_with_the_right_key() {
         if *name == "ed25519" {
             // OpenSSL 3.0's dgst cannot sign with Ed25519 ("Key type not
             // supported"); pkeyutl -rawin is its one-shot EVP_DigestSign path.
-            cmd.args(["pkeyutl", "-sign", "-rawin", "-inkey"]).arg(&key.path).arg("-in").arg(&msg);
+            cmd.args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+                .arg(&key.path)
+                .arg("-in")
+                .arg(&msg);
             cmd.arg("-out").arg(&sig);
         } else {
-            cmd.args(["dgst", "-sha256", "-sign"]).arg(&key.path).arg("-out").arg(&sig).arg(&msg);
+            cmd.args(["dgst", "-sha256", "-sign"])
+                .arg(&key.path)
+                .arg("-out")
+                .arg(&sig)
+                .arg(&msg);
         }
         let (pid, out) = run_pid(&mut cmd);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         assert!(std::fs::metadata(&sig).unwrap().len() > 0);
         runs.push((pid, key.spki.clone(), *alg));
     }
     let events = sensor.stop();
     for (pid, spki, alg) in runs {
         let uses = key_uses_of(&events, pid);
-        assert_eq!(uses.len(), 1, "{alg}: expected exactly one event for pid {pid}, got {uses:#?}");
+        assert_eq!(
+            uses.len(),
+            1,
+            "{alg}: expected exactly one event for pid {pid}, got {uses:#?}"
+        );
         let e = uses[0];
         assert_eq!(e["status"], "Success", "{e:#}");
         assert_eq!(e["key"]["status"], "identified", "{e:#}");
         assert_eq!(e["key"]["spki_sha256"], spki.as_str(), "{e:#}");
         assert_eq!(e["key"]["algorithm"], alg);
         assert_eq!(e["actor"]["process"]["name"], "openssl");
-        assert_eq!(e["actor"]["process"]["file"]["hashes"][0]["value"], sha256_file("/usr/bin/openssl".as_ref()));
+        assert_eq!(
+            e["actor"]["process"]["file"]["hashes"][0]["value"],
+            sha256_file("/usr/bin/openssl".as_ref())
+        );
         assert_eq!(e["actor"]["process"]["user"]["uid"], "0");
-        assert!(e["key"]["source_file"].as_str().unwrap().ends_with(".pem"), "{e:#}");
+        assert!(
+            e["key"]["source_file"].as_str().unwrap().ends_with(".pem"),
+            "{e:#}"
+        );
         assert_eq!(e["module"]["type"], "openssl");
     }
 }
@@ -66,27 +91,46 @@ fn pkeyutl_gives_one_event_per_signature_and_marks_failures() {
     for i in 0..3 {
         let key = if i % 2 == 0 { &ec } else { &rsa };
         let mut cmd = Command::new("openssl");
-        cmd.args(["pkeyutl", "-sign", "-inkey"]).arg(&key.path).arg("-in").arg(&digest);
+        cmd.args(["pkeyutl", "-sign", "-inkey"])
+            .arg(&key.path)
+            .arg("-in")
+            .arg(&digest);
         if i % 2 == 1 {
             cmd.args(["-pkeyopt", "digest:sha256"]);
         }
         cmd.arg("-out").arg(work.path().join(format!("sig{i}")));
         let (pid, out) = run_pid(&mut cmd);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         ok_pids.push((pid, key.spki.clone()));
     }
     // A 5-byte input is not a SHA-256 digest: EVP_PKEY_sign fails.
     let mut cmd = Command::new("openssl");
-    cmd.args(["pkeyutl", "-sign", "-inkey"]).arg(&rsa.path).arg("-in").arg(&short);
-    cmd.args(["-pkeyopt", "digest:sha256", "-out"]).arg(work.path().join("bad.sig"));
+    cmd.args(["pkeyutl", "-sign", "-inkey"])
+        .arg(&rsa.path)
+        .arg("-in")
+        .arg(&short);
+    cmd.args(["-pkeyopt", "digest:sha256", "-out"])
+        .arg(work.path().join("bad.sig"));
     let (bad_pid, out) = run_pid(&mut cmd);
-    assert!(!out.status.success(), "the bad signature was expected to fail");
+    assert!(
+        !out.status.success(),
+        "the bad signature was expected to fail"
+    );
     let events = sensor.stop();
     for (pid, spki) in ok_pids {
         let uses = key_uses_of(&events, pid);
         assert_eq!(uses.len(), 1, "pid {pid}: {uses:#?}");
         assert_eq!(uses[0]["module"]["function_name"], "EVP_PKEY_sign");
-        assert_eq!(uses[0]["key"]["spki_sha256"], spki.as_str(), "{:#}", uses[0]);
+        assert_eq!(
+            uses[0]["key"]["spki_sha256"],
+            spki.as_str(),
+            "{:#}",
+            uses[0]
+        );
     }
     let bad = key_uses_of(&events, bad_pid);
     assert_eq!(bad.len(), 1, "the failed signature is one event: {bad:#?}");
@@ -101,13 +145,25 @@ fn sigterm_detaches_and_exits_zero() {
     let loaded = || {
         let out = run_ok(Command::new("bpftool").args(["-j", "prog", "show"]));
         let progs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        progs.as_array().unwrap().iter().filter(|p| p["name"] == "sign_entry").count()
+        progs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["name"] == "sign_entry")
+            .count()
     };
-    assert!(loaded() >= 1, "the sensor's programs should be loaded while it runs");
+    assert!(
+        loaded() >= 1,
+        "the sensor's programs should be loaded while it runs"
+    );
     let events = sensor.stop_with(nix::sys::signal::Signal::SIGTERM);
     assert!(key_uses_of(&events, pid).is_empty());
     // Detached and unloaded: nothing of ours stays in the kernel.
-    wait_for("programs to unload", std::time::Duration::from_secs(10), || loaded() == 0);
+    wait_for(
+        "programs to unload",
+        std::time::Duration::from_secs(10),
+        || loaded() == 0,
+    );
 }
 
 #[test]
@@ -122,7 +178,11 @@ fn not_root_is_one_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("must run as root"), "{err}");
-    assert_eq!(err.lines().filter(|l| l.contains("error")).count(), 1, "{err}");
+    assert_eq!(
+        err.lines().filter(|l| l.contains("error")).count(),
+        1,
+        "{err}"
+    );
 }
 
 #[test]

@@ -40,12 +40,18 @@ enum Task {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: {cmd:?}");
-    let status = cmd.current_dir(root()).status().with_context(|| format!("spawning {cmd:?}"))?;
+    let status = cmd
+        .current_dir(root())
+        .status()
+        .with_context(|| format!("spawning {cmd:?}"))?;
     if !status.success() {
         bail!("{cmd:?} failed with {status}");
     }
@@ -57,7 +63,11 @@ fn cargo() -> Command {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.starts_with(b"0\n"))
+        .unwrap_or(false)
 }
 
 fn main() -> Result<()> {
@@ -65,7 +75,9 @@ fn main() -> Result<()> {
         Task::Build => run(cargo().args(["build", "--release", "-p", "keywarden"])),
         Task::Run { args } => {
             run(cargo().args(["build", "--release", "-p", "keywarden"]))?;
-            run(Command::new(root().join("target/release/keywarden")).arg("run").args(args))
+            run(Command::new(root().join("target/release/keywarden"))
+                .arg("run")
+                .args(args))
         }
         Task::Test { filter } => {
             if !is_root() {
@@ -73,7 +85,9 @@ fn main() -> Result<()> {
             }
             let filter: Vec<String> = filter.into_iter().collect();
             // Unit tests: parallel, no kernel involved.
-            run(cargo().args(["test", "--workspace", "--lib", "--bins"]).args(&filter))?;
+            run(cargo()
+                .args(["test", "--workspace", "--lib", "--bins"])
+                .args(&filter))?;
             // Integration tests: one sensor at a time, so each test's event
             // counts are its own and the machine's two cores are not
             // oversubscribed.
@@ -88,7 +102,10 @@ fn main() -> Result<()> {
                 .flatten()
                 .map(|e| e.path())
                 .filter(|p| p.extension().is_some_and(|e| e == "sh"))
-                .filter(|p| name.as_ref().is_none_or(|n| p.to_string_lossy().contains(n.as_str())))
+                .filter(|p| {
+                    name.as_ref()
+                        .is_none_or(|n| p.to_string_lossy().contains(n.as_str()))
+                })
                 .collect();
             scripts.sort();
             for s in scripts {

@@ -62,7 +62,8 @@ mod probes {
     #[map]
     static SIGN_HANDLES: LruHashMap<ProcPtr, u8> = LruHashMap::with_max_entries(65536, 0);
 
-    /// (tgid, key object) pairs the sensor has identified. Written by the
+    /// (tgid, key object) pairs the sensor has judged: identified, or
+    /// checked against every known key without a match. Written by the
     /// sensor; entries are removed here when the object is freed or
     /// re-initialized, so a reused address is always checked again.
     #[map]
@@ -155,16 +156,29 @@ mod probes {
         if md_ctx == 0 {
             return;
         }
-        let key = ProcPtr { tgid, _pad: 0, ptr: md_ctx };
+        let key = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: md_ctx,
+        };
         let existing = MD_CTX_STATE.get_ptr_mut(&key);
         // A re-init with pkey=NULL keeps the key the context already has.
         let pkey = match (pkey, existing) {
             (0, Some(old)) => unsafe { (*old).pkey },
             _ => pkey,
         };
-        let mut state = MdCtxState { pkey, op_id: new_op_id(), captured: 0, flags: 0, md_name: [0; 16] };
+        let mut state = MdCtxState {
+            pkey,
+            op_id: new_op_id(),
+            captured: 0,
+            flags: 0,
+            md_name: [0; 16],
+        };
         if md_name_ptr != 0
-            && unsafe { bpf_probe_read_user_str_bytes(md_name_ptr as *const u8, &mut state.md_name) }.is_ok()
+            && unsafe {
+                bpf_probe_read_user_str_bytes(md_name_ptr as *const u8, &mut state.md_name)
+            }
+            .is_ok()
         {
             state.flags |= sign_flags::HAS_MD_NAME;
         }
@@ -187,8 +201,14 @@ mod probes {
         if unsafe { INFLIGHT.get(&tid) }.is_some_and(|i| i.depth > 0) {
             return;
         }
-        let key = ProcPtr { tgid, _pad: 0, ptr: md_ctx };
-        let Some(state) = MD_CTX_STATE.get_ptr_mut(&key) else { return };
+        let key = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: md_ctx,
+        };
+        let Some(state) = MD_CTX_STATE.get_ptr_mut(&key) else {
+            return;
+        };
         let (op_id, captured) = unsafe { ((*state).op_id, (*state).captured) };
         let taken = emit_data(tgid, op_id, captured, data, len);
         unsafe { (*state).captured = captured.saturating_add(taken) };
@@ -221,9 +241,20 @@ mod probes {
             if left == 0 {
                 break;
             }
-            let n = if left > DATA_BIG as u32 { DATA_BIG as u32 } else { left };
+            let n = if left > DATA_BIG as u32 {
+                DATA_BIG as u32
+            } else {
+                left
+            };
             let last = done + n == total as u32;
-            emit_big(tgid, op_id, offset + done, src + done as u64, n, if last { truncated } else { 0 });
+            emit_big(
+                tgid,
+                op_id,
+                offset + done,
+                src + done as u64,
+                n,
+                if last { truncated } else { 0 },
+            );
             done += n;
         }
         done
@@ -236,7 +267,15 @@ mod probes {
             return;
         };
         let r = unsafe { rec.assume_init_mut() };
-        r.header = DataHeader { kind: kind::DATA_SMALL, tgid, op_id, offset, len: n, truncated, _pad: 0 };
+        r.header = DataHeader {
+            kind: kind::DATA_SMALL,
+            tgid,
+            op_id,
+            offset,
+            len: n,
+            truncated,
+            _pad: 0,
+        };
         let n = (n as usize).min(DATA_SMALL);
         let ok = unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_user(
@@ -249,7 +288,7 @@ mod probes {
             rec.submit(BPF_RB_NO_WAKEUP as u64);
         } else {
             rec.discard(BPF_RB_NO_WAKEUP as u64);
-            count(stats::LOST_DATA);
+            count(stats::DATA_UNREADABLE);
         }
     }
 
@@ -260,7 +299,15 @@ mod probes {
             return;
         };
         let r = unsafe { rec.assume_init_mut() };
-        r.header = DataHeader { kind: kind::DATA_BIG, tgid, op_id, offset, len: n, truncated, _pad: 0 };
+        r.header = DataHeader {
+            kind: kind::DATA_BIG,
+            tgid,
+            op_id,
+            offset,
+            len: n,
+            truncated,
+            _pad: 0,
+        };
         let n = (n as usize).min(DATA_BIG);
         let ok = unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_user(
@@ -273,7 +320,7 @@ mod probes {
             rec.submit(BPF_RB_NO_WAKEUP as u64);
         } else {
             rec.discard(BPF_RB_NO_WAKEUP as u64);
-            count(stats::LOST_DATA);
+            count(stats::DATA_UNREADABLE);
         }
     }
 
@@ -291,7 +338,8 @@ mod probes {
         if let Some(outer) = slot {
             // A live outer call was entered at the same (tail call) or a
             // higher stack pointer than this one, and recently.
-            let (depth, outer_sp, outer_start) = unsafe { ((*outer).depth, (*outer).sp, (*outer).started_ns) };
+            let (depth, outer_sp, outer_start) =
+                unsafe { ((*outer).depth, (*outer).sp, (*outer).started_ns) };
             if depth > 0 && outer_sp >= sp && now.wrapping_sub(outer_start) < INFLIGHT_MAX_AGE_NS {
                 unsafe { (*outer).depth += 1 };
                 return;
@@ -318,7 +366,11 @@ mod probes {
         if f == func::PKEY_SIGN {
             inflight.op_id = new_op_id();
         } else {
-            let key = ProcPtr { tgid, _pad: 0, ptr: handle_ctx };
+            let key = ProcPtr {
+                tgid,
+                _pad: 0,
+                ptr: handle_ctx,
+            };
             match unsafe { MD_CTX_STATE.get(&key) } {
                 Some(state) => {
                     if state.pkey != 0 {
@@ -328,12 +380,20 @@ mod probes {
                     inflight.flags |= state.flags & sign_flags::HAS_MD_NAME;
                     inflight.md_name = state.md_name;
                     // Final signs what the updates streamed under this op id.
-                    inflight.op_id = if f == func::DIGEST_SIGN_FINAL { state.op_id } else { new_op_id() };
+                    inflight.op_id = if f == func::DIGEST_SIGN_FINAL {
+                        state.op_id
+                    } else {
+                        new_op_id()
+                    };
                 }
                 None => inflight.op_id = new_op_id(),
             }
         }
-        let known = ProcPtr { tgid, _pad: 0, ptr: inflight.handle };
+        let known = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: inflight.handle,
+        };
         if unsafe { KNOWN.get(&known) }.is_some() {
             inflight.flags |= sign_flags::KNOWN_HANDLE;
         } else if f != func::DIGEST_SIGN_FINAL {
@@ -357,7 +417,11 @@ mod probes {
         if !signed && !known {
             return;
         }
-        let rec = HandleFreeRecord { kind: kind::HANDLE_FREE, tgid, handle: ptr };
+        let rec = HandleFreeRecord {
+            kind: kind::HANDLE_FREE,
+            tgid,
+            handle: ptr,
+        };
         if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
             count(stats::LOST_OTHER);
         }
@@ -367,7 +431,9 @@ mod probes {
     pub fn sign_return(ctx: RetProbeContext) -> u32 {
         let pid_tgid = bpf_get_current_pid_tgid();
         let tid = pid_tgid as u32;
-        let Some(p) = INFLIGHT.get_ptr_mut(&tid) else { return 0 };
+        let Some(p) = INFLIGHT.get_ptr_mut(&tid) else {
+            return 0;
+        };
         unsafe {
             match (*p).depth {
                 0 => return 0, // empty slot: a length query returning
@@ -401,7 +467,10 @@ mod probes {
             md_name: inflight.md_name,
         };
         if inflight.flags & sign_flags::KNOWN_HANDLE != 0 {
-            let rec = SignRecord { kind: kind::SIGN_KNOWN, ..head };
+            let rec = SignRecord {
+                kind: kind::SIGN_KNOWN,
+                ..head
+            };
             if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
                 count(stats::LOST_SIGN);
             }
@@ -414,7 +483,11 @@ mod probes {
         let r = unsafe { rec.assume_init_mut() };
         r.head = head;
         let len = head.sig_len;
-        let n = if len > SIG_MAX as u64 { SIG_MAX as u32 } else { len as u32 };
+        let n = if len > SIG_MAX as u64 {
+            SIG_MAX as u32
+        } else {
+            len as u32
+        };
         if len > SIG_MAX as u64 {
             r.head.flags |= sign_flags::SIG_INCOMPLETE;
         }
@@ -434,7 +507,11 @@ mod probes {
             }
         }
         rec.submit(BPF_RB_NO_WAKEUP as u64);
-        let key = ProcPtr { tgid: (pid_tgid >> 32) as u32, _pad: 0, ptr: inflight.handle };
+        let key = ProcPtr {
+            tgid: (pid_tgid >> 32) as u32,
+            _pad: 0,
+            ptr: inflight.handle,
+        };
         if unsafe { SIGN_HANDLES.get(&key) }.is_none() {
             let _ = SIGN_HANDLES.insert(&key, &1, 0);
         }
@@ -447,7 +524,11 @@ mod probes {
     pub fn process_exec(ctx: TracePointContext) -> u32 {
         let task = current_task();
         let _ = INFLIGHT.remove(&task.tid());
-        let mark = ExitRecord { kind: kind::EXEC_MARK, _pad: 0, task };
+        let mark = ExitRecord {
+            kind: kind::EXEC_MARK,
+            _pad: 0,
+            task,
+        };
         if EVENTS.output(&mark, BPF_RB_NO_WAKEUP as u64).is_err() {
             count(stats::LOST_OTHER);
         }
@@ -477,7 +558,11 @@ mod probes {
         if (pid_tgid >> 32) as u32 != pid_tgid as u32 {
             return 0; // a thread, not the process
         }
-        let rec = ExitRecord { kind: kind::EXIT, _pad: 0, task: current_task() };
+        let rec = ExitRecord {
+            kind: kind::EXIT,
+            _pad: 0,
+            task: current_task(),
+        };
         if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
             count(stats::LOST_OTHER);
         }
@@ -491,8 +576,12 @@ mod probes {
     /// that may hold a key. Everything else returns at once.
     #[tracepoint(category = "syscalls", name = "sys_enter_openat")]
     pub fn openat_enter(ctx: TracePointContext) -> u32 {
-        let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else { return 0 };
-        let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else { return 0 };
+        let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else {
+            return 0;
+        };
+        let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else {
+            return 0;
+        };
         let buf = unsafe { &mut *buf };
         let len = match unsafe { bpf_probe_read_user_str_bytes(filename as *const u8, buf) } {
             Ok(s) => s.len(),
@@ -515,7 +604,10 @@ mod probes {
         let task = current_task();
         let mut wake = BPF_RB_NO_WAKEUP as u64;
         if flags & open_flags::LIBRARY != 0 {
-            let key = LibrarySeenKey { cgroup_id: task.cgroup_id, path_hash: fnv1a(&buf[..]) };
+            let key = LibrarySeenKey {
+                cgroup_id: task.cgroup_id,
+                path_hash: fnv1a(&buf[..]),
+            };
             if unsafe { LIBRARY_SEEN.get(&key) }.is_some() {
                 return 0;
             }
@@ -534,7 +626,11 @@ mod probes {
                 flags |= open_flags::HELD;
             }
         }
-        let ring = if flags & open_flags::LIBRARY != 0 { &CONTROL } else { &EVENTS };
+        let ring = if flags & open_flags::LIBRARY != 0 {
+            &CONTROL
+        } else {
+            &EVENTS
+        };
         let Some(mut rec) = ring.reserve::<FileOpenRecord>(0) else {
             count(stats::LOST_OTHER);
             return 0;

@@ -13,7 +13,7 @@ pub const DATA_SMALL: usize = 256;
 pub const DATA_BIG: usize = 4096;
 /// Most bytes of to-be-signed data captured per signing operation. The sensor
 /// needs the data only to verify a signature against candidate public keys
-/// (see `docs/key-identity.md`); longer messages are marked truncated.
+/// (see `docs/design.md`); longer messages are marked truncated.
 pub const CAPTURE_MAX: u32 = 16 * 1024;
 /// Bytes of a path the probes copy (the rest is cut and flagged).
 pub const PATH_MAX: usize = 256;
@@ -67,8 +67,8 @@ pub mod sign_flags {
     pub const SIG_INCOMPLETE: u32 = 1 << 1;
     /// The digest name given to EVP_DigestSignInit_ex is in `md_name`.
     pub const HAS_MD_NAME: u32 = 1 << 2;
-    /// The sensor had already identified this key object (`KNOWN` map), so
-    /// the probes copied neither the signed data nor the signature.
+    /// The sensor had already judged this key object (`KNOWN` map), so the
+    /// probes copied neither the signed data nor the signature.
     pub const KNOWN_HANDLE: u32 = 1 << 3;
 }
 
@@ -106,6 +106,9 @@ pub mod stats {
     pub const LOST_DATA: u32 = 1;
     pub const LOST_OTHER: u32 = 2;
     pub const CAPTURE_TRUNCATED: u32 = 3;
+    /// Signed data the probe could not read from the process (not a ring
+    /// overflow: the page was not present, for instance).
+    pub const DATA_UNREADABLE: u32 = 4;
     pub const SLOTS: u32 = 8;
 }
 
@@ -167,7 +170,7 @@ pub struct SignRecord {
 }
 
 /// A `SignRecord` followed by the signature, for key objects the sensor has
-/// not identified yet. Known ones get the bare `SignRecord` (kind
+/// not judged yet. Known ones get the bare `SignRecord` (kind
 /// `SIGN_KNOWN`): a tenth of the ring space and no copy.
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -292,7 +295,8 @@ pub struct Inflight {
     pub md_name: [u8; 16],
 }
 
-/// Value of the `KNOWN` map: the sensor identified (tgid, handle) already.
+/// Value of the `KNOWN` map: the sensor has judged (tgid, handle) already
+/// (identified it, or found that no known key verifies it).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KnownHandle {

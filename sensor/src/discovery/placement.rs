@@ -22,7 +22,10 @@ const MAX_INSTRUCTIONS: usize = 8;
 /// Instructions x86 uprobes emulate without single-stepping: `push r64`
 /// (including r8-r15 via REX.B) and the one-byte `nop`.
 fn kernel_emulates(bytes: &[u8]) -> bool {
-    matches!(bytes, [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..] | [0x90, ..])
+    matches!(
+        bytes,
+        [0x50..=0x57, ..] | [0x41, 0x50..=0x57, ..] | [0x90, ..]
+    )
 }
 
 /// Offset from the function start at which to place an entry probe that
@@ -47,8 +50,10 @@ pub fn entry_offset(code: &[u8], args: &[Register]) -> u64 {
             break;
         }
         let writes_arg = info.info(&insn).used_registers().iter().any(|r| {
-            !matches!(r.access(), OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None)
-                && args.contains(&r.register().full_register())
+            !matches!(
+                r.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
+            ) && args.contains(&r.register().full_register())
         });
         if writes_arg {
             break;
@@ -90,7 +95,10 @@ mod tests {
         assert_eq!(entry_offset(&[0x53, 0x48, 0x83, 0xec, 0x20], &[RDI]), 0); // push %rbx
         assert_eq!(entry_offset(&[0x41, 0x54, 0x49, 0x89, 0xd4], &[RDI]), 0); // push %r12
         // test %rdi,%rdi; je ...; push %rbx: the branch stops the search.
-        assert_eq!(entry_offset(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x53], &[RDI]), 0);
+        assert_eq!(
+            entry_offset(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x53], &[RDI]),
+            0
+        );
         assert_eq!(entry_offset(&[], &[RDI]), 0);
     }
 }

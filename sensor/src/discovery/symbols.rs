@@ -14,7 +14,10 @@ use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 #[derive(Debug, thiserror::Error)]
 pub enum SymbolError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: not an ELF file keywarden can parse: {source}")]
     Parse { path: String, source: object::Error },
 }
@@ -39,8 +42,14 @@ pub struct ElfSymbols {
 /// Looks up `wanted` function names. Names not present are simply absent
 /// from the result; the caller decides what a missing name means.
 pub fn resolve(path: &Path, shown_as: &str, wanted: &[&str]) -> Result<ElfSymbols, SymbolError> {
-    let data = std::fs::read(path).map_err(|source| SymbolError::Read { path: shown_as.to_owned(), source })?;
-    let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse { path: shown_as.to_owned(), source })?;
+    let data = std::fs::read(path).map_err(|source| SymbolError::Read {
+        path: shown_as.to_owned(),
+        source,
+    })?;
+    let file = object::File::parse(&*data).map_err(|source| SymbolError::Parse {
+        path: shown_as.to_owned(),
+        source,
+    })?;
     let mut out = ElfSymbols {
         build_id: file.build_id().ok().flatten().map(hex::encode),
         ..Default::default()
@@ -63,8 +72,9 @@ pub fn resolve(path: &Path, shown_as: &str, wanted: &[&str]) -> Result<ElfSymbol
             continue;
         }
         let addr = sym.address();
-        if let Some((seg_addr, _, seg_off)) =
-            segments.iter().find(|(a, size, _)| addr >= *a && addr < a + size)
+        if let Some((seg_addr, _, seg_off)) = segments
+            .iter()
+            .find(|(a, size, _)| addr >= *a && addr < a + size)
         {
             let off = addr - seg_addr + seg_off;
             let len = (sym.size().max(1) as usize).min(CODE_PREFIX);
@@ -83,7 +93,12 @@ mod tests {
     use super::*;
 
     fn system_libcrypto() -> std::path::PathBuf {
-        for dir in ["/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"] {
+        for dir in [
+            "/usr/lib/x86_64-linux-gnu",
+            "/lib/x86_64-linux-gnu",
+            "/usr/lib64",
+            "/usr/lib",
+        ] {
             let p = Path::new(dir).join("libcrypto.so.3");
             if p.exists() {
                 return p;
@@ -95,7 +110,12 @@ mod tests {
     #[test]
     fn finds_versioned_exports_of_libcrypto() {
         let lib = system_libcrypto();
-        let syms = resolve(&lib, "libcrypto", &["EVP_DigestSign", "EVP_PKEY_sign", "no_such_fn"]).unwrap();
+        let syms = resolve(
+            &lib,
+            "libcrypto",
+            &["EVP_DigestSign", "EVP_PKEY_sign", "no_such_fn"],
+        )
+        .unwrap();
         assert!(syms.offsets.contains_key("EVP_DigestSign"));
         assert!(syms.offsets.contains_key("EVP_PKEY_sign"));
         assert!(!syms.offsets.contains_key("no_such_fn"));

@@ -6,7 +6,10 @@
 //! (resolved through `/proc/PID/root`, which reaches into containers) and
 //! from the host's library directories.
 
-use std::{os::unix::fs::MetadataExt, path::{Path, PathBuf}};
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use hashbrown::HashSet;
 
@@ -33,7 +36,13 @@ pub fn is_crypto_library(path: &str) -> bool {
 
 fn candidate(shown_as: String, open_path: PathBuf, pid: Option<u32>) -> Option<Candidate> {
     let md = std::fs::metadata(&open_path).ok()?;
-    md.is_file().then_some(Candidate { shown_as, open_path, pid, dev: md.dev(), ino: md.ino() })
+    md.is_file().then_some(Candidate {
+        shown_as,
+        open_path,
+        pid,
+        dev: md.dev(),
+        ino: md.ino(),
+    })
 }
 
 /// Crypto libraries mapped by one process.
@@ -42,7 +51,9 @@ pub fn libraries_of(pid: u32) -> std::io::Result<Vec<Candidate>> {
     let mut out: Vec<Candidate> = Vec::new();
     for line in maps.lines() {
         // address perms offset dev inode path
-        let Some(path) = line.splitn(6, ' ').nth(5).map(str::trim) else { continue };
+        let Some(path) = line.splitn(6, ' ').nth(5).map(str::trim) else {
+            continue;
+        };
         if !path.starts_with('/') || path.ends_with(" (deleted)") || !is_crypto_library(path) {
             continue;
         }
@@ -69,9 +80,13 @@ pub struct Scan {
 pub fn scan_processes() -> Scan {
     let mut scan = Scan::default();
     let mut seen = HashSet::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return scan };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return scan;
+    };
     for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
         match libraries_of(pid) {
             Ok(libs) => {
                 for c in libs {
@@ -94,13 +109,17 @@ pub fn scan_dirs(dirs: &[String]) -> Vec<Candidate> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for dir in dirs {
-        let Ok(entries) = std::fs::read_dir(dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            continue;
+        };
         for e in entries.flatten() {
             if !is_crypto_library(&e.path().to_string_lossy()) {
                 continue;
             }
             // Name the real file, not the `libcrypto.so` development symlink.
-            let Ok(path) = std::fs::canonicalize(e.path()) else { continue };
+            let Ok(path) = std::fs::canonicalize(e.path()) else {
+                continue;
+            };
             let shown = path.to_string_lossy().into_owned();
             if let Some(c) = candidate(shown, path, None)
                 && seen.insert((c.dev, c.ino))
@@ -118,7 +137,9 @@ mod tests {
 
     #[test]
     fn library_names() {
-        assert!(is_crypto_library("/usr/lib/x86_64-linux-gnu/libcrypto.so.3"));
+        assert!(is_crypto_library(
+            "/usr/lib/x86_64-linux-gnu/libcrypto.so.3"
+        ));
         assert!(is_crypto_library("libcrypto.so.1.1"));
         assert!(is_crypto_library("/opt/x/libcrypto.so"));
         assert!(!is_crypto_library("/usr/lib/libssl.so.3"));
@@ -128,8 +149,14 @@ mod tests {
 
     #[test]
     fn host_dirs_contain_the_system_libcrypto() {
-        let found = scan_dirs(&["/usr/lib/x86_64-linux-gnu".into(), "/lib/x86_64-linux-gnu".into()]);
-        assert!(found.iter().any(|c| c.shown_as.ends_with("libcrypto.so.3")), "{found:?}");
+        let found = scan_dirs(&[
+            "/usr/lib/x86_64-linux-gnu".into(),
+            "/lib/x86_64-linux-gnu".into(),
+        ]);
+        assert!(
+            found.iter().any(|c| c.shown_as.ends_with("libcrypto.so.3")),
+            "{found:?}"
+        );
         // Same inode through two directories (/lib -> /usr/lib) counts once.
         let mut inodes: Vec<_> = found.iter().map(|c| (c.dev, c.ino)).collect();
         inodes.sort();

@@ -7,7 +7,9 @@
 use keywarden_analyzer::event::Container;
 
 fn is_container_id(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 /// `(prefix, runtime)` of systemd-driver scope names: `<prefix><id>.scope`.
@@ -31,7 +33,11 @@ pub fn container_from_cgroup(path: &str) -> Option<Container> {
             if let Some(id) = name.strip_prefix(prefix)
                 && is_container_id(id)
             {
-                return Some(Container { uid: id.to_owned(), runtime: runtime.to_owned(), pod_uuid });
+                return Some(Container {
+                    uid: id.to_owned(),
+                    runtime: runtime.to_owned(),
+                    pod_uuid,
+                });
             }
         }
         // cgroupfs driver: a bare id below /docker/ or a kubepods pod.
@@ -44,7 +50,11 @@ pub fn container_from_cgroup(path: &str) -> Option<Container> {
             } else {
                 "unknown"
             };
-            return Some(Container { uid: (*part).to_owned(), runtime: runtime.to_owned(), pod_uuid });
+            return Some(Container {
+                uid: (*part).to_owned(),
+                runtime: runtime.to_owned(),
+                pod_uuid,
+            });
         }
     }
     None
@@ -59,7 +69,13 @@ fn pod_uid(part: &str) -> Option<String> {
     }
     let uid = name[idx + 3..].replace('_', "-");
     let ok = uid.len() == 36
-        && uid.bytes().enumerate().all(|(i, b)| if [8, 13, 18, 23].contains(&i) { b == b'-' } else { b.is_ascii_hexdigit() });
+        && uid.bytes().enumerate().all(|(i, b)| {
+            if [8, 13, 18, 23].contains(&i) {
+                b == b'-'
+            } else {
+                b.is_ascii_hexdigit()
+            }
+        });
     ok.then_some(uid)
 }
 
@@ -78,11 +94,15 @@ mod tests {
     fn kubernetes_layouts() {
         let pod_us = POD.replace('-', "_");
         assert_eq!(
-            parse(&format!("/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_us}.slice/cri-containerd-{ID}.scope")),
+            parse(&format!(
+                "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{pod_us}.slice/cri-containerd-{ID}.scope"
+            )),
             Some((ID.into(), "containerd".into(), Some(POD.into())))
         );
         assert_eq!(
-            parse(&format!("/kubepods/besteffort/pod{POD}/cri-containerd-{ID}.scope")),
+            parse(&format!(
+                "/kubepods/besteffort/pod{POD}/cri-containerd-{ID}.scope"
+            )),
             Some((ID.into(), "containerd".into(), Some(POD.into())))
         );
         assert_eq!(
@@ -90,15 +110,23 @@ mod tests {
             Some((ID.into(), "kubernetes".into(), Some(POD.into())))
         );
         assert_eq!(
-            parse(&format!("/kubepods.slice/kubepods-pod{pod_us}.slice/crio-{ID}.scope")),
+            parse(&format!(
+                "/kubepods.slice/kubepods-pod{pod_us}.slice/crio-{ID}.scope"
+            )),
             Some((ID.into(), "cri-o".into(), Some(POD.into())))
         );
     }
 
     #[test]
     fn docker_and_podman_layouts() {
-        assert_eq!(parse(&format!("/docker/{ID}")), Some((ID.into(), "docker".into(), None)));
-        assert_eq!(parse(&format!("/system.slice/docker-{ID}.scope")), Some((ID.into(), "docker".into(), None)));
+        assert_eq!(
+            parse(&format!("/docker/{ID}")),
+            Some((ID.into(), "docker".into(), None))
+        );
+        assert_eq!(
+            parse(&format!("/system.slice/docker-{ID}.scope")),
+            Some((ID.into(), "docker".into(), None))
+        );
         assert_eq!(
             parse(&format!("/machine.slice/libpod-{ID}.scope/container")),
             Some((ID.into(), "podman".into(), None))
@@ -113,6 +141,9 @@ mod tests {
         // 63 hex chars, uppercase, and conmon scopes are not container ids.
         assert_eq!(parse(&format!("/docker/{}", &ID[1..])), None);
         assert_eq!(parse(&format!("/docker/{}", ID.to_uppercase())), None);
-        assert_eq!(parse(&format!("/system.slice/crio-conmon-{ID}.scope")), None);
+        assert_eq!(
+            parse(&format!("/system.slice/crio-conmon-{ID}.scope")),
+            None
+        );
     }
 }

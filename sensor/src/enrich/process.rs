@@ -9,8 +9,8 @@
 use std::{
     fs::File,
     io::Read,
-    os::unix::fs::MetadataExt,
     os::fd::{AsRawFd, OwnedFd},
+    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
 };
@@ -24,7 +24,6 @@ use super::container::container_from_cgroup;
 /// What the sensor knows about one process (thread group).
 #[derive(Debug)]
 pub struct ProcessInfo {
-    pub tgid: u32,
     /// Executable path as the process saw it.
     pub exe_path: Option<String>,
     pub exe_sha256: Option<String>,
@@ -43,12 +42,19 @@ pub struct ProcessInfo {
 impl ProcessInfo {
     pub fn file(&self) -> Option<event::File> {
         let path = self.exe_path.clone()?;
-        let name = Path::new(&path).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = Path::new(&path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         Some(event::File {
             path,
             name,
             type_id: 1,
-            hashes: self.exe_sha256.iter().map(|h| Fingerprint::sha256(h.clone())).collect(),
+            hashes: self
+                .exe_sha256
+                .iter()
+                .map(|h| Fingerprint::sha256(h.clone()))
+                .collect(),
         })
     }
 
@@ -63,9 +69,16 @@ impl ProcessInfo {
     /// A path the process opened, resolved the way the process saw it:
     /// absolute paths against its root, relative ones against its cwd.
     pub fn resolve(&self, path: &str) -> Option<PathBuf> {
-        let base = if path.starts_with('/') { self.root.as_ref()? } else { self.cwd.as_ref()? };
+        let base = if path.starts_with('/') {
+            self.root.as_ref()?
+        } else {
+            self.cwd.as_ref()?
+        };
         let rel = path.trim_start_matches('/');
-        Some(PathBuf::from(format!("/proc/self/fd/{}/{rel}", base.as_raw_fd())))
+        Some(PathBuf::from(format!(
+            "/proc/self/fd/{}/{rel}",
+            base.as_raw_fd()
+        )))
     }
 }
 
@@ -82,9 +95,12 @@ struct FileId {
 /// a process re-exec'd is attributed to the image that made it. Shared by
 /// the control thread (which snapshots at exec) and the event thread
 /// (which reads), hence the locks; hashing happens outside them.
+/// Snapshots of one process, oldest first, each with its exec time.
+type Versions = Vec<(u64, Arc<ProcessInfo>)>;
+
 #[derive(Default)]
 pub struct ProcessTable {
-    procs: Mutex<HashMap<u32, Vec<(u64, Arc<ProcessInfo>)>>>,
+    procs: Mutex<HashMap<u32, Versions>>,
     hashes: Mutex<HashMap<FileId, String>>,
 }
 
@@ -120,23 +136,35 @@ impl ProcessTable {
         let exe = File::open(format!("{proc_dir}/exe"));
         let root = open_path(&format!("{proc_dir}/root"));
         let cwd = open_path(&format!("{proc_dir}/cwd"));
-        let cwd_path = std::fs::read_link(format!("{proc_dir}/cwd")).ok().map(|p| p.to_string_lossy().into_owned());
+        let cwd_path = std::fs::read_link(format!("{proc_dir}/cwd"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
         let cmd_line = std::fs::read(format!("{proc_dir}/cmdline")).ok().map(|b| {
-            let parts: Vec<String> =
-                b.split(|&c| c == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+            let parts: Vec<String> = b
+                .split(|&c| c == 0)
+                .filter(|s| !s.is_empty())
+                .map(|s| String::from_utf8_lossy(s).into_owned())
+                .collect();
             parts.join(" ")
         });
         let cgroup_path = std::fs::read_to_string(format!("{proc_dir}/cgroup"))
             .ok()
-            .and_then(|s| s.lines().find_map(|l| l.strip_prefix("0::").map(str::to_owned)));
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
+            });
         let exe_path = exec_path.or_else(|| {
-            std::fs::read_link(format!("{proc_dir}/exe")).ok().map(|p| p.to_string_lossy().into_owned())
+            std::fs::read_link(format!("{proc_dir}/exe"))
+                .ok()
+                .map(|p| p.to_string_lossy().into_owned())
         });
         let mut errors = Vec::new();
         let exe_sha256 = match exe.and_then(|f| self.hash(f)) {
             Ok(h) => Some(h),
             Err(e) => {
-                errors.push(format!("executable hash: {e} (process gone before the sensor saw it?)"));
+                errors.push(format!(
+                    "executable hash: {e} (process gone before the sensor saw it?)"
+                ));
                 None
             }
         };
@@ -145,7 +173,6 @@ impl ProcessTable {
         }
         let container = cgroup_path.as_deref().and_then(container_from_cgroup);
         ProcessInfo {
-            tgid,
             exe_path,
             exe_sha256,
             cmd_line: cmd_line.filter(|c| !c.is_empty()),
@@ -174,7 +201,12 @@ impl ProcessTable {
     /// The image that was running at `ktime`.
     pub fn lookup(&self, tgid: u32, ktime: u64) -> Option<Arc<ProcessInfo>> {
         let procs = self.procs.lock().expect("process table lock");
-        procs.get(&tgid)?.iter().rev().find(|(t, _)| *t <= ktime).map(|(_, i)| i.clone())
+        procs
+            .get(&tgid)?
+            .iter()
+            .rev()
+            .find(|(t, _)| *t <= ktime)
+            .map(|(_, i)| i.clone())
     }
 
     /// Known, or read now (a process that existed before the sensor, or a
@@ -200,7 +232,12 @@ impl ProcessTable {
 
     fn hash(&self, mut f: File) -> std::io::Result<String> {
         let md = f.metadata()?;
-        let id = FileId { dev: md.dev(), ino: md.ino(), mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(), size: md.size() };
+        let id = FileId {
+            dev: md.dev(),
+            ino: md.ino(),
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            size: md.size(),
+        };
         if let Some(h) = self.hashes.lock().expect("hash cache lock").get(&id) {
             return Ok(h.clone());
         }
@@ -231,7 +268,10 @@ pub struct CgroupPaths {
 
 impl CgroupPaths {
     pub fn new() -> Self {
-        Self { root: cgroup2_root(), cache: HashMap::new() }
+        Self {
+            root: cgroup2_root(),
+            cache: HashMap::new(),
+        }
     }
 
     /// The cgroup path for a cgroup id. The id in an event is where the
@@ -244,7 +284,10 @@ impl CgroupPaths {
         let root = self.root.clone()?;
         if let Some(h) = hint {
             let full = root.join(h.trim_start_matches('/'));
-            if std::fs::metadata(&full).map(|m| m.ino() == id).unwrap_or(false) {
+            if std::fs::metadata(&full)
+                .map(|m| m.ino() == id)
+                .unwrap_or(false)
+            {
                 self.cache.insert(id, h.to_owned());
                 return Some(h.to_owned());
             }
@@ -276,7 +319,10 @@ fn find_inode(root: &Path, dir: &Path, ino: u64, depth: usize) -> Option<String>
 
 /// User name for a uid, from the host's passwd database.
 pub fn user_name(uid: u32) -> Option<String> {
-    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name)
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
 }
 
 #[cfg(test)]
@@ -289,8 +335,15 @@ mod tests {
         let me = std::process::id();
         let info = t.snapshot(me, None);
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
-        assert_eq!(info.exe_sha256.as_deref(), Some(hex::encode(Sha256::digest(&exe)).as_str()));
-        assert!(info.cgroup_path.as_deref().is_some_and(|p| p.starts_with('/')));
+        assert_eq!(
+            info.exe_sha256.as_deref(),
+            Some(hex::encode(Sha256::digest(&exe)).as_str())
+        );
+        assert!(
+            info.cgroup_path
+                .as_deref()
+                .is_some_and(|p| p.starts_with('/'))
+        );
         assert!(info.error.is_none(), "{:?}", info.error);
         // Resolving through the kept root finds the same file.
         let resolved = info.resolve("/proc/self/../self/cmdline").unwrap();
@@ -311,13 +364,26 @@ mod tests {
         let mut a = t.snapshot(std::process::id(), Some("/bin/a".into()));
         a.root = None;
         t.record(7, 100, a);
-        t.record(7, 200, t.snapshot(std::process::id(), Some("/bin/b".into())));
+        t.record(
+            7,
+            200,
+            t.snapshot(std::process::id(), Some("/bin/b".into())),
+        );
         assert!(t.lookup(7, 50).is_none());
-        assert_eq!(t.lookup(7, 150).unwrap().exe_path.as_deref(), Some("/bin/a"));
-        assert_eq!(t.lookup(7, 250).unwrap().exe_path.as_deref(), Some("/bin/b"));
+        assert_eq!(
+            t.lookup(7, 150).unwrap().exe_path.as_deref(),
+            Some("/bin/a")
+        );
+        assert_eq!(
+            t.lookup(7, 250).unwrap().exe_path.as_deref(),
+            Some("/bin/b")
+        );
         t.remove_upto(7, 150);
         assert!(t.lookup(7, 150).is_none());
-        assert_eq!(t.lookup(7, 250).unwrap().exe_path.as_deref(), Some("/bin/b"));
+        assert_eq!(
+            t.lookup(7, 250).unwrap().exe_path.as_deref(),
+            Some("/bin/b")
+        );
         t.remove_upto(7, 300);
         assert!(t.lookup(7, 400).is_none());
     }

@@ -18,9 +18,9 @@
 use std::{sync::Arc, time::Instant};
 
 use hashbrown::HashMap;
-use sha2::Digest;
 use keywarden_analyzer::event::{Fingerprint, KeyIdentity, KeyStatus};
 use keywarden_probe_types::{DataHeader, SignRecord, func, sign_flags};
+use sha2::Digest;
 
 use super::{
     material::KeyInfo,
@@ -59,8 +59,9 @@ pub struct Identifier {
     inventory: HashMap<String, Arc<KnownKey>>,
     /// Verifications run (each is one public-key operation).
     pub verifications: u64,
-    /// (tgid, handle) newly identified: the sensor tells the probes, which
-    /// then stop copying data and signatures for them.
+    /// (tgid, handle) newly judged (identified, or unidentified with complete
+    /// data): the sensor tells the probes, which then stop copying data and
+    /// signatures for them.
     pub learned: Vec<(u32, u64)>,
     /// (tgid, handle) the probes must stop treating as known.
     pub retract: Vec<(u32, u64)>,
@@ -119,26 +120,48 @@ impl Identifier {
 
     /// The process exec'd a new image or exited: its pointers mean nothing now.
     pub fn forget_process(&mut self, tgid: u32) {
-        let gone: Vec<(u32, u64)> = self.handles.keys().filter(|(t, _)| *t == tgid).copied().collect();
+        let gone: Vec<(u32, u64)> = self
+            .handles
+            .keys()
+            .filter(|(t, _)| *t == tgid)
+            .copied()
+            .collect();
         self.retract.extend(gone);
         self.handles.retain(|(t, _), _| *t != tgid);
-        let gone: Vec<(u32, u64)> = self.unidentified.keys().filter(|(t, _)| *t == tgid).copied().collect();
+        let gone: Vec<(u32, u64)> = self
+            .unidentified
+            .keys()
+            .filter(|(t, _)| *t == tgid)
+            .copied()
+            .collect();
         self.retract.extend(gone);
         self.unidentified.retain(|(t, _), _| *t != tgid);
         self.per_process.remove(&tgid);
         self.ops.retain(|(t, _), _| *t != tgid);
     }
 
-    /// Keys from a file this process opened.
+    /// Keys from a file this process opened. The process's entry names
+    /// that file, even when the key was known from elsewhere first.
     pub fn add_process_keys(&mut self, tgid: u32, keys: Vec<KeyInfo>, source_file: &str) {
         for info in keys {
-            let k = self.add_inventory(info, source_file);
+            self.add_inventory(info.clone(), source_file);
+            let k = Arc::new(KnownKey {
+                info,
+                source_file: source_file.to_owned(),
+            });
             let list = self.per_process.entry(tgid).or_default();
-            if !list.iter().any(|x| x.info.spki_sha256 == k.info.spki_sha256) {
+            if !list
+                .iter()
+                .any(|x| x.info.spki_sha256 == k.info.spki_sha256)
+            {
                 list.push(k);
                 // Known on the host already, but new for this process.
-                let stale: Vec<(u32, u64)> =
-                    self.unidentified.keys().filter(|(t, _)| *t == tgid).copied().collect();
+                let stale: Vec<(u32, u64)> = self
+                    .unidentified
+                    .keys()
+                    .filter(|(t, _)| *t == tgid)
+                    .copied()
+                    .collect();
                 for key in stale {
                     self.unidentified.remove(&key);
                     self.retract.push(key);
@@ -153,7 +176,10 @@ impl Identifier {
             return k.clone();
         }
         self.new_key_known();
-        let k = Arc::new(KnownKey { info, source_file: source_file.to_owned() });
+        let k = Arc::new(KnownKey {
+            info,
+            source_file: source_file.to_owned(),
+        });
         self.inventory.insert(k.info.spki_sha256.clone(), k.clone());
         k
     }
@@ -173,7 +199,8 @@ impl Identifier {
     /// contexts) after a while.
     pub fn expire(&mut self, max_age: std::time::Duration) {
         let now = Instant::now();
-        self.ops.retain(|_, op| now.duration_since(op.seen) < max_age);
+        self.ops
+            .retain(|_, op| now.duration_since(op.seen) < max_age);
     }
 
     /// Which key made the signature in `r`; `sig` is the signature the
@@ -197,8 +224,8 @@ impl Identifier {
             // for this object (exec, or a free racing the cache update).
             self.retract.push(cache_key);
             return unknown(
-                "the probes treated this key object as identified, but it changed since; \
-                 the next signature is captured and checked"
+                "the probes skipped capturing this signature because the key object had been checked \
+                 before, but that verdict no longer holds; the next signature is captured and checked"
                     .into(),
             );
         }
@@ -212,7 +239,10 @@ impl Identifier {
             ));
         }
         let data = data.filter(|d| !d.gap);
-        let complete = data.as_ref().filter(|d| !d.truncated).map(|d| d.bytes.as_slice());
+        let complete = data
+            .as_ref()
+            .filter(|d| !d.truncated)
+            .map(|d| d.bytes.as_slice());
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0).then(|| c_str(&r.md_name));
         let signed = Signed {
             signature: sig,
@@ -225,12 +255,18 @@ impl Identifier {
         // own keys, then the rest of the host's.
         let mut candidates: Vec<Arc<KnownKey>> = suspect.into_iter().collect();
         for k in self.per_process.get(&tgid).into_iter().flatten() {
-            if !candidates.iter().any(|c| c.info.spki_sha256 == k.info.spki_sha256) {
+            if !candidates
+                .iter()
+                .any(|c| c.info.spki_sha256 == k.info.spki_sha256)
+            {
                 candidates.push(k.clone());
             }
         }
         for k in self.inventory.values() {
-            if !candidates.iter().any(|c| c.info.spki_sha256 == k.info.spki_sha256) {
+            if !candidates
+                .iter()
+                .any(|c| c.info.spki_sha256 == k.info.spki_sha256)
+            {
                 candidates.push(k.clone());
             }
         }
@@ -276,7 +312,8 @@ impl Identifier {
         // Complete data and no key verifies: remember that for this key
         // object, so its next signatures cost nothing until a key is added.
         let reason = format!("none of the {n} known public key(s) verifies this signature");
-        self.unidentified.insert(cache_key, (self.generation, reason.clone()));
+        self.unidentified
+            .insert(cache_key, (self.generation, reason.clone()));
         self.learned.push(cache_key);
         unknown(reason)
     }
@@ -293,7 +330,13 @@ mod tests {
         let r = SignRecord {
             kind: kind::SIGN,
             func: func::PKEY_SIGN as u32,
-            task: Task { pid_tgid: (tgid as u64) << 32 | tgid as u64, uid_gid: 0, cgroup_id: 1, ktime_ns: 0, comm: [0; 16] },
+            task: Task {
+                pid_tgid: (tgid as u64) << 32 | tgid as u64,
+                uid_gid: 0,
+                cgroup_id: 1,
+                ktime_ns: 0,
+                comm: [0; 16],
+            },
             library: 0,
             flags: 0,
             handle,
@@ -312,23 +355,39 @@ mod tests {
     }
 
     fn data(tgid: u32, op_id: u64, bytes: &[u8]) -> DataHeader {
-        DataHeader { kind: kind::DATA_SMALL, tgid, op_id, offset: 0, len: bytes.len() as u32, truncated: 0, _pad: 0 }
+        DataHeader {
+            kind: kind::DATA_SMALL,
+            tgid,
+            op_id,
+            offset: 0,
+            len: bytes.len() as u32,
+            truncated: 0,
+            _pad: 0,
+        }
     }
 
     /// Two keys in one process: each signature is attributed to its own key,
     /// the cache answers repeat uses, and a freed handle is verified afresh.
     #[test]
     fn two_keys_one_process_are_told_apart() {
-        let (d1, k1, spki1) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
-        let (_d2, k2, spki2) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let (d1, k1, spki1) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let (_d2, k2, spki2) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
         let digest = sha2::Sha256::digest(b"m").to_vec();
         let sign = |key: &std::path::Path| {
             let dfile = d1.path().join("d");
             let sfile = d1.path().join("s");
             std::fs::write(&dfile, &digest).unwrap();
             let st = std::process::Command::new("openssl")
-                .args(["pkeyutl", "-sign", "-inkey"]).arg(key).arg("-in").arg(&dfile).arg("-out").arg(&sfile)
-                .status().unwrap();
+                .args(["pkeyutl", "-sign", "-inkey"])
+                .arg(key)
+                .arg("-in")
+                .arg(&dfile)
+                .arg("-out")
+                .arg(&sfile)
+                .status()
+                .unwrap();
             assert!(st.success());
             std::fs::read(sfile).unwrap()
         };
@@ -363,7 +422,12 @@ mod tests {
         assert_eq!(got.spki_sha256.as_deref(), Some(spki1.as_str()));
         assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
         assert_eq!(id.verifications, before + 1);
-        assert_eq!(identify(&mut id, record(10, 0xa, 5, &s1)).identified_by.as_deref(), Some("handle_cache"));
+        assert_eq!(
+            identify(&mut id, record(10, 0xa, 5, &s1))
+                .identified_by
+                .as_deref(),
+            Some("handle_cache")
+        );
 
         // Handle 0xa freed and its address reused for key 2: the cached key
         // no longer verifies, so the other candidates are searched.
@@ -372,7 +436,12 @@ mod tests {
         let got = identify(&mut id, record(10, 0xa, 6, &s2));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
         assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
-        assert_eq!(identify(&mut id, record(10, 0xa, 7, &s2)).spki_sha256.as_deref(), Some(spki2.as_str()));
+        assert_eq!(
+            identify(&mut id, record(10, 0xa, 7, &s2))
+                .spki_sha256
+                .as_deref(),
+            Some(spki2.as_str())
+        );
         assert!(id.learned.contains(&(10, 0xa)) && id.learned.contains(&(10, 0xb)));
 
         // A record the probes sent without data for an object the sensor no
@@ -394,11 +463,18 @@ mod tests {
         let sig = [7u8; 64];
         let got = identify(&mut id, record(5, 1, 1, &sig));
         assert_eq!(got.status, KeyStatus::Unknown);
-        assert!(got.unknown_reason.unwrap().contains("no public key is known"));
+        assert!(
+            got.unknown_reason
+                .unwrap()
+                .contains("no public key is known")
+        );
 
         id.add_inventory(read_key_file(&k1, "k1").unwrap().remove(0), "/k1.pem");
         let got = identify(&mut id, record(5, 1, 2, &sig));
-        assert!(got.unknown_reason.unwrap().contains("not captured"), "no data, no check");
+        assert!(
+            got.unknown_reason.unwrap().contains("not captured"),
+            "no data, no check"
+        );
 
         id.on_data(&data(5, 3, b"msg"), b"msg");
         let got = identify(&mut id, record(5, 1, 3, &sig));
@@ -409,16 +485,27 @@ mod tests {
         let before = id.verifications;
         let (mut lite, _) = record(5, 1, 9, &[]);
         lite.flags |= sign_flags::KNOWN_HANDLE;
-        assert!(id.identify(&lite, &[]).unknown_reason.unwrap().contains("none of the 1 known"));
+        assert!(
+            id.identify(&lite, &[])
+                .unknown_reason
+                .unwrap()
+                .contains("none of the 1 known")
+        );
         assert_eq!(id.verifications, before);
         // ...until a new key becomes known, which retracts the verdict.
         id.retract.clear();
-        let (_d2, k2, _) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let (_d2, k2, _) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
         id.add_inventory(read_key_file(&k2, "k2").unwrap().remove(0), "/k2.pem");
         assert_eq!(id.retract, vec![(5, 1)]);
 
         let (mut failed, s) = record(5, 1, 4, &sig);
         failed.ret = 0;
-        assert!(id.identify(&failed, &s).unknown_reason.unwrap().contains("failed"));
+        assert!(
+            id.identify(&failed, &s)
+                .unknown_reason
+                .unwrap()
+                .contains("failed")
+        );
     }
 }

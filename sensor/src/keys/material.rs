@@ -38,8 +38,13 @@ pub struct KeyInfo {
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
     #[error("{path}: cannot read: {source}")]
-    Read { path: String, source: std::io::Error },
-    #[error("{path}: private key is encrypted; keywarden identifies it through its certificate instead")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}: private key is encrypted; keywarden identifies it through its certificate instead"
+    )]
     Encrypted { path: String },
     #[error("{path}: no key or certificate keywarden can use ({detail})")]
     Unsupported { path: String, detail: String },
@@ -60,7 +65,8 @@ const OID_P521: ObjectIdentifier = ObjectIdentifier::new_unwrap("1.3.132.0.35");
 impl KeyInfo {
     /// Builds the identity from a DER SubjectPublicKeyInfo.
     pub fn from_spki_der(der: &[u8]) -> Result<Self, String> {
-        let spki = spki::SubjectPublicKeyInfoRef::try_from(der).map_err(|e| format!("SPKI: {e}"))?;
+        let spki =
+            spki::SubjectPublicKeyInfoRef::try_from(der).map_err(|e| format!("SPKI: {e}"))?;
         let oid = spki.algorithm.oid;
         let (public, algorithm, bits) = if oid == OID_RSA {
             let k = rsa::RsaPublicKey::from_public_key_der(der).map_err(|e| format!("RSA: {e}"))?;
@@ -72,25 +78,34 @@ impl KeyInfo {
                 .parameters_oid()
                 .map_err(|e| format!("EC parameters: {e}"))?;
             if curve == OID_P256 {
-                let k = p256::ecdsa::VerifyingKey::from_public_key_der(der).map_err(|e| e.to_string())?;
+                let k = p256::ecdsa::VerifyingKey::from_public_key_der(der)
+                    .map_err(|e| e.to_string())?;
                 (PublicKey::P256(k), "ecdsa-p256".into(), 256)
             } else if curve == OID_P384 {
-                let k = p384::ecdsa::VerifyingKey::from_public_key_der(der).map_err(|e| e.to_string())?;
+                let k = p384::ecdsa::VerifyingKey::from_public_key_der(der)
+                    .map_err(|e| e.to_string())?;
                 (PublicKey::P384(k), "ecdsa-p384".into(), 384)
             } else if curve == OID_P521 {
-                let k = p521::ecdsa::VerifyingKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
-                    .map_err(|e| e.to_string())?;
+                let k =
+                    p521::ecdsa::VerifyingKey::from_sec1_bytes(spki.subject_public_key.raw_bytes())
+                        .map_err(|e| e.to_string())?;
                 (PublicKey::P521(k), "ecdsa-p521".into(), 521)
             } else {
                 return Err(format!("unsupported EC curve {curve}"));
             }
         } else if oid == OID_ED25519 {
-            let k = ed25519_dalek::VerifyingKey::from_public_key_der(der).map_err(|e| e.to_string())?;
+            let k =
+                ed25519_dalek::VerifyingKey::from_public_key_der(der).map_err(|e| e.to_string())?;
             (PublicKey::Ed25519(k), "ed25519".into(), 256)
         } else {
             return Err(format!("unsupported key algorithm {oid}"));
         };
-        Ok(KeyInfo { spki_sha256: hex::encode(Sha256::digest(der)), algorithm, bits, public })
+        Ok(KeyInfo {
+            spki_sha256: hex::encode(Sha256::digest(der)),
+            algorithm,
+            bits,
+            public,
+        })
     }
 }
 
@@ -110,14 +125,25 @@ fn spki_from_pkcs8(der: &[u8]) -> Result<Vec<u8>, String> {
             .to_public_key()
             .to_public_key_der()
     } else if oid == OID_EC {
-        let curve: ObjectIdentifier =
-            info.algorithm.parameters_oid().map_err(|e| format!("EC parameters: {e}"))?;
+        let curve: ObjectIdentifier = info
+            .algorithm
+            .parameters_oid()
+            .map_err(|e| format!("EC parameters: {e}"))?;
         if curve == OID_P256 {
-            p256::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+            p256::SecretKey::from_pkcs8_der(der)
+                .map_err(|e| e.to_string())?
+                .public_key()
+                .to_public_key_der()
         } else if curve == OID_P384 {
-            p384::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+            p384::SecretKey::from_pkcs8_der(der)
+                .map_err(|e| e.to_string())?
+                .public_key()
+                .to_public_key_der()
         } else if curve == OID_P521 {
-            p521::SecretKey::from_pkcs8_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+            p521::SecretKey::from_pkcs8_der(der)
+                .map_err(|e| e.to_string())?
+                .public_key()
+                .to_public_key_der()
         } else {
             return Err(format!("unsupported EC curve {curve}"));
         }
@@ -129,7 +155,8 @@ fn spki_from_pkcs8(der: &[u8]) -> Result<Vec<u8>, String> {
     } else {
         return Err(format!("unsupported private key algorithm {oid}"));
     };
-    doc.map(|d| d.as_bytes().to_vec()).map_err(|e| e.to_string())
+    doc.map(|d| d.as_bytes().to_vec())
+        .map_err(|e| e.to_string())
 }
 
 /// SPKI DER of the public half of a SEC1 `EC PRIVATE KEY`.
@@ -140,15 +167,25 @@ fn spki_from_sec1(der: &[u8]) -> Result<Vec<u8>, String> {
         .and_then(|p| p.named_curve())
         .ok_or_else(|| "SEC1 key without a named curve".to_owned())?;
     let doc = if curve == OID_P256 {
-        p256::SecretKey::from_sec1_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+        p256::SecretKey::from_sec1_der(der)
+            .map_err(|e| e.to_string())?
+            .public_key()
+            .to_public_key_der()
     } else if curve == OID_P384 {
-        p384::SecretKey::from_sec1_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+        p384::SecretKey::from_sec1_der(der)
+            .map_err(|e| e.to_string())?
+            .public_key()
+            .to_public_key_der()
     } else if curve == OID_P521 {
-        p521::SecretKey::from_sec1_der(der).map_err(|e| e.to_string())?.public_key().to_public_key_der()
+        p521::SecretKey::from_sec1_der(der)
+            .map_err(|e| e.to_string())?
+            .public_key()
+            .to_public_key_der()
     } else {
         return Err(format!("unsupported EC curve {curve}"));
     };
-    doc.map(|d| d.as_bytes().to_vec()).map_err(|e| e.to_string())
+    doc.map(|d| d.as_bytes().to_vec())
+        .map_err(|e| e.to_string())
 }
 
 fn spki_from_pkcs1(der: &[u8]) -> Result<Vec<u8>, String> {
@@ -168,7 +205,10 @@ fn spki_from_certificate(der: &[u8]) -> Result<Vec<u8>, String> {
 /// Every public key found in `bytes` (a PEM bundle may hold a key and a
 /// chain of certificates). `path` is only used in error messages.
 pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
-    let unsupported = |detail: String| KeyFileError::Unsupported { path: path.to_owned(), detail };
+    let unsupported = |detail: String| KeyFileError::Unsupported {
+        path: path.to_owned(),
+        detail,
+    };
     let mut spkis: Vec<Vec<u8>> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
     let mut encrypted = false;
@@ -177,7 +217,10 @@ pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
         let blocks = pem::parse_many(bytes).map_err(|e| unsupported(format!("PEM: {e}")))?;
         for block in blocks {
             let der = Zeroizing::new(block.contents().to_vec());
-            let encrypted_header = block.headers().get("Proc-Type").is_some_and(|v| v.contains("ENCRYPTED"));
+            let encrypted_header = block
+                .headers()
+                .get("Proc-Type")
+                .is_some_and(|v| v.contains("ENCRYPTED"));
             let got = match block.tag() {
                 "PRIVATE KEY" => spki_from_pkcs8(&der),
                 "RSA PRIVATE KEY" if encrypted_header => {
@@ -220,7 +263,10 @@ pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
     for spki in spkis {
         match KeyInfo::from_spki_der(&spki) {
             Ok(k) => {
-                if !keys.iter().any(|x: &KeyInfo| x.spki_sha256 == k.spki_sha256) {
+                if !keys
+                    .iter()
+                    .any(|x: &KeyInfo| x.spki_sha256 == k.spki_sha256)
+                {
                     keys.push(k);
                 }
             }
@@ -229,9 +275,15 @@ pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
     }
     if keys.is_empty() {
         if encrypted {
-            return Err(KeyFileError::Encrypted { path: path.to_owned() });
+            return Err(KeyFileError::Encrypted {
+                path: path.to_owned(),
+            });
         }
-        let detail = if problems.is_empty() { "no key blocks".to_owned() } else { problems.join("; ") };
+        let detail = if problems.is_empty() {
+            "no key blocks".to_owned()
+        } else {
+            problems.join("; ")
+        };
         return Err(unsupported(detail));
     }
     Ok(keys)
@@ -241,14 +293,22 @@ pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
 /// `MAX_KEY_FILE` bytes, into a buffer that is zeroed when dropped.
 pub fn read_key_file(path: &Path, shown_as: &str) -> Result<Vec<KeyInfo>, KeyFileError> {
     use std::io::Read;
-    let read_err = |source| KeyFileError::Read { path: shown_as.to_owned(), source };
+    let read_err = |source| KeyFileError::Read {
+        path: shown_as.to_owned(),
+        source,
+    };
     let file = std::fs::File::open(path).map_err(read_err)?;
     let len = file.metadata().map_err(read_err)?.len();
     if len > MAX_KEY_FILE {
-        return Err(KeyFileError::TooLarge { path: shown_as.to_owned(), max: MAX_KEY_FILE });
+        return Err(KeyFileError::TooLarge {
+            path: shown_as.to_owned(),
+            max: MAX_KEY_FILE,
+        });
     }
     let mut bytes = Zeroizing::new(Vec::with_capacity(len as usize));
-    file.take(MAX_KEY_FILE).read_to_end(&mut bytes).map_err(read_err)?;
+    file.take(MAX_KEY_FILE)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
     keys_in(shown_as, &bytes)
 }
 
@@ -269,23 +329,47 @@ pub(crate) mod tests {
             .args(args)
             .output()
             .unwrap();
-        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
         let out = Command::new("sh")
             .arg("-c")
-            .arg(format!("openssl pkey -in {} -pubout -outform DER | sha256sum", key.display()))
+            .arg(format!(
+                "openssl pkey -in {} -pubout -outform DER | sha256sum",
+                key.display()
+            ))
             .output()
             .unwrap();
-        let spki = String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned();
+        let spki = String::from_utf8(out.stdout)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
         (dir, key, spki)
     }
 
     #[test]
     fn spki_matches_openssl_for_each_algorithm() {
         for (args, alg) in [
-            (&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..], "ecdsa-p256"),
-            (&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"][..], "ecdsa-p384"),
-            (&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"][..], "ecdsa-p521"),
-            (&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..], "rsa-2048"),
+            (
+                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"][..],
+                "ecdsa-p256",
+            ),
+            (
+                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"][..],
+                "ecdsa-p384",
+            ),
+            (
+                &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"][..],
+                "ecdsa-p521",
+            ),
+            (
+                &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"][..],
+                "rsa-2048",
+            ),
             (&["-algorithm", "ED25519"][..], "ed25519"),
         ] {
             let (_dir, key, expected) = openssl_key(args);
@@ -305,31 +389,82 @@ pub(crate) mod tests {
         let der = dir.path().join("key.der");
         let run = |args: &[&str]| {
             let st = Command::new("openssl").args(args).output().unwrap();
-            assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
         };
-        run(&["ec", "-in", key.to_str().unwrap(), "-out", sec1.to_str().unwrap()]);
         run(&[
-            "req", "-x509", "-new", "-key", key.to_str().unwrap(), "-subj", "/CN=t", "-days", "1",
-            "-out", cert.to_str().unwrap(),
+            "ec",
+            "-in",
+            key.to_str().unwrap(),
+            "-out",
+            sec1.to_str().unwrap(),
         ]);
-        run(&["pkey", "-in", key.to_str().unwrap(), "-outform", "DER", "-out", der.to_str().unwrap()]);
+        run(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            key.to_str().unwrap(),
+            "-subj",
+            "/CN=t",
+            "-days",
+            "1",
+            "-out",
+            cert.to_str().unwrap(),
+        ]);
+        run(&[
+            "pkey",
+            "-in",
+            key.to_str().unwrap(),
+            "-outform",
+            "DER",
+            "-out",
+            der.to_str().unwrap(),
+        ]);
         for p in [&sec1, &cert, &der] {
             let keys = read_key_file(p, "k").unwrap();
             assert_eq!(keys[0].spki_sha256, expected, "{}", p.display());
         }
-        let (dir2, rsa_key, rsa_expected) = openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
+        let (dir2, rsa_key, rsa_expected) =
+            openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
         let pkcs1 = dir2.path().join("pkcs1.pem");
-        run(&["rsa", "-in", rsa_key.to_str().unwrap(), "-traditional", "-out", pkcs1.to_str().unwrap()]);
-        assert!(std::fs::read_to_string(&pkcs1).unwrap().contains("BEGIN RSA PRIVATE KEY"));
-        assert_eq!(read_key_file(&pkcs1, "k").unwrap()[0].spki_sha256, rsa_expected);
+        run(&[
+            "rsa",
+            "-in",
+            rsa_key.to_str().unwrap(),
+            "-traditional",
+            "-out",
+            pkcs1.to_str().unwrap(),
+        ]);
+        assert!(
+            std::fs::read_to_string(&pkcs1)
+                .unwrap()
+                .contains("BEGIN RSA PRIVATE KEY")
+        );
+        assert_eq!(
+            read_key_file(&pkcs1, "k").unwrap()[0].spki_sha256,
+            rsa_expected
+        );
     }
 
     #[test]
     fn encrypted_and_garbage_files_give_clear_errors() {
-        let (dir, key, _) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let (dir, key, _) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
         let enc = dir.path().join("enc.pem");
         let st = Command::new("openssl")
-            .args(["pkey", "-in", key.to_str().unwrap(), "-aes256", "-passout", "pass:x", "-out"])
+            .args([
+                "pkey",
+                "-in",
+                key.to_str().unwrap(),
+                "-aes256",
+                "-passout",
+                "pass:x",
+                "-out",
+            ])
             .arg(&enc)
             .output()
             .unwrap();

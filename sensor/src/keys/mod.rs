@@ -3,6 +3,6 @@
 //! `material` turns key and certificate files into public keys and SPKI
 //! hashes; `verify` checks a captured signature against a public key;
 //! `identify` decides, per signing event, which known key it was.
-pub mod material;
 pub mod identify;
+pub mod material;
 pub mod verify;

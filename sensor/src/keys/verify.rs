@@ -33,10 +33,20 @@ enum Hash {
 }
 
 impl Hash {
-    const ALL: [Hash; 5] = [Hash::Sha256, Hash::Sha384, Hash::Sha512, Hash::Sha1, Hash::Sha224];
+    const ALL: [Hash; 5] = [
+        Hash::Sha256,
+        Hash::Sha384,
+        Hash::Sha512,
+        Hash::Sha1,
+        Hash::Sha224,
+    ];
 
     fn from_name(name: &str) -> Option<Hash> {
-        let n: String = name.chars().filter(|c| c.is_ascii_alphanumeric()).collect::<String>().to_ascii_uppercase();
+        let n: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect::<String>()
+            .to_ascii_uppercase();
         Some(match n.as_str() {
             "SHA1" => Hash::Sha1,
             "SHA224" | "SHA2224" => Hash::Sha224,
@@ -71,19 +81,27 @@ impl Hash {
     /// verification, and a success proves the key whichever digest it was.
     fn candidates(hint: Option<&str>) -> Vec<Hash> {
         let first = hint.and_then(Hash::from_name);
-        first.into_iter().chain(Hash::ALL.into_iter().filter(|h| Some(*h) != first)).collect()
+        first
+            .into_iter()
+            .chain(Hash::ALL.into_iter().filter(|h| Some(*h) != first))
+            .collect()
     }
 }
 
 /// The digests a verification could be over: hashes of the message, or the
 /// captured digest itself.
 fn prehashes(s: &Signed<'_>) -> Vec<(Option<Hash>, Vec<u8>)> {
-    let Some(data) = s.data else { return Vec::new() };
+    let Some(data) = s.data else {
+        return Vec::new();
+    };
     if s.data_is_digest {
         let h = Hash::ALL.iter().copied().find(|h| h.len() == data.len());
         return vec![(h, data.to_vec())];
     }
-    Hash::candidates(s.digest_hint).into_iter().map(|h| (Some(h), h.digest(data))).collect()
+    Hash::candidates(s.digest_hint)
+        .into_iter()
+        .map(|h| (Some(h), h.digest(data)))
+        .collect()
 }
 
 /// ECDSA over a prehash; the DER signature is what OpenSSL produces.
@@ -107,8 +125,12 @@ pub fn verifies(key: &PublicKey, s: &Signed<'_>) -> bool {
     match key {
         PublicKey::Ed25519(k) => {
             // PureEdDSA signs the message itself, so it must be whole.
-            let (Some(msg), false) = (s.data, s.data_is_digest) else { return false };
-            let Ok(sig) = ed25519_dalek::Signature::from_slice(s.signature) else { return false };
+            let (Some(msg), false) = (s.data, s.data_is_digest) else {
+                return false;
+            };
+            let Ok(sig) = ed25519_dalek::Signature::from_slice(s.signature) else {
+                return false;
+            };
             k.verify_strict(msg, &sig).is_ok()
         }
         PublicKey::P256(k) => ecdsa_verify!(p256, 32, k, s),
@@ -137,7 +159,10 @@ fn rsa_verify(k: &rsa::RsaPublicKey, s: &Signed<'_>) -> bool {
             return true;
         }
         // A raw EVP_PKEY_sign input (e.g. TLS 1.1's MD5+SHA1) signs unprefixed.
-        if s.data_is_digest && k.verify(Pkcs1v15Sign::new_unprefixed(), &digest, s.signature).is_ok() {
+        if s.data_is_digest
+            && k.verify(Pkcs1v15Sign::new_unprefixed(), &digest, s.signature)
+                .is_ok()
+        {
             return true;
         }
         let Some(hash) = hash else { continue };
@@ -171,8 +196,21 @@ mod tests {
         let m = dir.join("msg");
         let sig = dir.join("sig");
         std::fs::write(&m, msg).unwrap();
-        let st = Command::new("openssl").args(args).arg("-inkey").arg(key).arg("-in").arg(&m).arg("-out").arg(&sig).output().unwrap();
-        assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+        let st = Command::new("openssl")
+            .args(args)
+            .arg("-inkey")
+            .arg(key)
+            .arg("-in")
+            .arg(&m)
+            .arg("-out")
+            .arg(&sig)
+            .output()
+            .unwrap();
+        assert!(
+            st.status.success(),
+            "{}",
+            String::from_utf8_lossy(&st.stderr)
+        );
         std::fs::read(sig).unwrap()
     }
 
@@ -183,7 +221,10 @@ mod tests {
         let (d1, ec, _) = openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
         let (d2, rsa, _) = openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);
         let (d3, ed, _) = openssl_key(&["-algorithm", "ED25519"]);
-        let keys: Vec<_> = [&ec, &rsa, &ed].iter().map(|p| read_key_file(p, "k").unwrap().remove(0)).collect();
+        let keys: Vec<_> = [&ec, &rsa, &ed]
+            .iter()
+            .map(|p| read_key_file(p, "k").unwrap().remove(0))
+            .collect();
 
         // pkeyutl signs a digest (EVP_PKEY_sign): data is the digest.
         let dfile = d1.path().join("digest");
@@ -191,7 +232,16 @@ mod tests {
         for (i, (dir, key, extra)) in [
             (&d1, &ec, &[][..]),
             (&d2, &rsa, &["-pkeyopt", "digest:sha256"][..]),
-            (&d2, &rsa, &["-pkeyopt", "digest:sha256", "-pkeyopt", "rsa_padding_mode:pss"][..]),
+            (
+                &d2,
+                &rsa,
+                &[
+                    "-pkeyopt",
+                    "digest:sha256",
+                    "-pkeyopt",
+                    "rsa_padding_mode:pss",
+                ][..],
+            ),
         ]
         .into_iter()
         .enumerate()
@@ -199,7 +249,12 @@ mod tests {
             let mut args = vec!["pkeyutl", "-sign"];
             args.extend_from_slice(extra);
             let sig = sign(key, dir.path(), &args, &digest);
-            let s = Signed { signature: &sig, data: Some(&digest), data_is_digest: true, digest_hint: None };
+            let s = Signed {
+                signature: &sig,
+                data: Some(&digest),
+                data_is_digest: true,
+                digest_hint: None,
+            };
             let owner = if i == 0 { 0 } else { 1 };
             for (j, k) in keys.iter().enumerate() {
                 assert_eq!(verifies(&k.public, &s), j == owner, "case {i} key {j}");
@@ -208,10 +263,18 @@ mod tests {
 
         // Ed25519 signs the message itself (one-shot EVP_DigestSign).
         let sig = sign(&ed, d3.path(), &["pkeyutl", "-sign", "-rawin"], msg);
-        let s = Signed { signature: &sig, data: Some(msg), data_is_digest: false, digest_hint: None };
+        let s = Signed {
+            signature: &sig,
+            data: Some(msg),
+            data_is_digest: false,
+            digest_hint: None,
+        };
         assert!(verifies(&keys[2].public, &s));
         assert!(!verifies(&keys[0].public, &s));
-        let s = Signed { data: Some(b"other message"), ..s };
+        let s = Signed {
+            data: Some(b"other message"),
+            ..s
+        };
         assert!(!verifies(&keys[2].public, &s));
         let s = Signed { data: None, ..s };
         assert!(!verifies(&keys[2].public, &s), "no data, no verification");
@@ -226,12 +289,27 @@ mod tests {
         let sig = d.path().join("s");
         std::fs::write(&m, msg).unwrap();
         for md in ["-sha384", "-sha512", "-sha1"] {
-            let st = Command::new("openssl").args(["dgst", md, "-sign"]).arg(&ec).arg("-out").arg(&sig).arg(&m).output().unwrap();
+            let st = Command::new("openssl")
+                .args(["dgst", md, "-sign"])
+                .arg(&ec)
+                .arg("-out")
+                .arg(&sig)
+                .arg(&m)
+                .output()
+                .unwrap();
             assert!(st.status.success());
             let sig = std::fs::read(&sig).unwrap();
-            let s = Signed { signature: &sig, data: Some(msg), data_is_digest: false, digest_hint: None };
+            let s = Signed {
+                signature: &sig,
+                data: Some(msg),
+                data_is_digest: false,
+                digest_hint: None,
+            };
             assert!(verifies(&key.public, &s), "{md}");
-            let s = Signed { data: Some(b"tampered"), ..s };
+            let s = Signed {
+                data: Some(b"tampered"),
+                ..s
+            };
             assert!(!verifies(&key.public, &s), "{md}");
         }
     }

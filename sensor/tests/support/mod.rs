@@ -40,7 +40,12 @@ impl Sensor {
             .stderr(log)
             .spawn()
             .expect("spawn keywarden");
-        let mut s = Sensor { child: Some(child), dir, events_path, log_path };
+        let mut s = Sensor {
+            child: Some(child),
+            dir,
+            events_path,
+            log_path,
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if s.log().contains("ready") {
@@ -49,7 +54,11 @@ impl Sensor {
             if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("keywarden exited with {status} before ready:\n{}", s.log());
             }
-            assert!(Instant::now() < deadline, "keywarden not ready after 60 s:\n{}", s.log());
+            assert!(
+                Instant::now() < deadline,
+                "keywarden not ready after 60 s:\n{}",
+                s.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         s
@@ -74,10 +83,18 @@ impl Sensor {
             if let Some(st) = child.try_wait().unwrap() {
                 break st;
             }
-            assert!(Instant::now() < deadline, "keywarden did not exit after {signal}:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "keywarden did not exit after {signal}:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         };
-        assert!(status.success(), "keywarden exited with {status} after {signal}:\n{}", self.log());
+        assert!(
+            status.success(),
+            "keywarden exited with {status} after {signal}:\n{}",
+            self.log()
+        );
         read_events(&self.events_path)
     }
 
@@ -106,22 +123,38 @@ pub fn read_events(path: &Path) -> Vec<Value> {
 }
 
 pub fn key_uses(events: &[Value]) -> Vec<&Value> {
-    events.iter().filter(|e| e["metadata"]["event_code"] == "key_use").collect()
+    events
+        .iter()
+        .filter(|e| e["metadata"]["event_code"] == "key_use")
+        .collect()
 }
 
 pub fn key_uses_of(events: &[Value], pid: u32) -> Vec<&Value> {
-    key_uses(events).into_iter().filter(|e| e["actor"]["process"]["pid"] == pid).collect()
+    key_uses(events)
+        .into_iter()
+        .filter(|e| e["actor"]["process"]["pid"] == pid)
+        .collect()
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 /// Runs a command and returns its pid with its output.
 pub fn run_pid(cmd: &mut Command) -> (u32, Output) {
-    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     let pid = child.id();
     (pid, child.wait_with_output().unwrap())
 }
@@ -143,7 +176,10 @@ pub fn openssl_key(dir: &Path, name: &str, alg: &str) -> TestKey {
         other => panic!("unknown algorithm {other}"),
     };
     run_ok(&mut cmd);
-    TestKey { spki: spki_of(&path), path }
+    TestKey {
+        spki: spki_of(&path),
+        path,
+    }
 }
 
 /// `openssl pkey -in KEY -pubout -outform DER | sha256sum`
@@ -152,12 +188,22 @@ pub fn spki_of(key: &Path) -> String {
         "openssl pkey -in '{}' -pubout -outform DER | sha256sum",
         key.display()
     )));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 pub fn sha256_file(p: &Path) -> String {
     let out = run_ok(Command::new("sha256sum").arg(p));
-    String::from_utf8(out.stdout).unwrap().split_whitespace().next().unwrap().to_owned()
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
 }
 
 pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
@@ -170,7 +216,11 @@ pub fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 
 /// A free TCP port on loopback.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Mount point of cgroup v2.
