@@ -3,10 +3,8 @@
 //! * `sign_entry` / `sign_return` are uprobes attached to the signing
 //!   functions of every crypto library the sensor finds. The attach cookie
 //!   says which function and library fired, so one program serves them all.
-//!   They are plain perf-event uprobes, not uprobe.multi links: on the
-//!   measured 6.18 VM an empty uprobe.multi program cost 35% of
-//!   `openssl speed ecdsap256` throughput and a plain one 5%
-//!   (docs/performance.md).
+//!   They are plain perf-event uprobes (uprobe.multi links measured the
+//!   same; see docs/performance.md).
 //! * `process_exec`, `process_exit` and `openat_enter` are tracepoints that
 //!   give the sensor process lifetimes, crypto libraries being loaded and
 //!   key files being opened.
