@@ -119,7 +119,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         shutdown: control_stop.clone(),
     };
     let control = std::thread::Builder::new()
-        .name("kw-control".into())
+        .name("keywarden-ctl".into())
         .spawn(move || control.run())?;
 
     s.discover(&cfg);

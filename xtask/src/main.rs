@@ -84,15 +84,11 @@ fn main() -> Result<()> {
                 bail!("the test suite loads eBPF programs and must run as root");
             }
             let filter: Vec<String> = filter.into_iter().collect();
-            // Unit tests: parallel, no kernel involved.
+            // One invocation, so everything builds once. Tests run one at a
+            // time: each integration test starts its own sensor, and event
+            // counts must be that test's own.
             run(cargo()
-                .args(["test", "--workspace", "--lib", "--bins"])
-                .args(&filter))?;
-            // Integration tests: one sensor at a time, so each test's event
-            // counts are its own and the machine's two cores are not
-            // oversubscribed.
-            run(cargo()
-                .args(["test", "-p", "keywarden", "--test", "*"])
+                .args(["test", "--workspace"])
                 .args(&filter)
                 .args(["--", "--test-threads=1"]))
         }

@@ -600,8 +600,8 @@ mod probes {
             return 0;
         }
         let task = current_task();
-        let mut wake = BPF_RB_NO_WAKEUP as u64;
-        if flags & open_flags::LIBRARY != 0 {
+        let is_library = flags & open_flags::LIBRARY != 0;
+        if is_library {
             let key = LibrarySeenKey {
                 cgroup_id: task.cgroup_id,
                 path_hash: fnv1a(&buf[..]),
@@ -610,37 +610,52 @@ mod probes {
                 return 0;
             }
             let _ = LIBRARY_SEEN.insert(&key, &1, 0);
-            wake = BPF_RB_FORCE_WAKEUP as u64;
-            let heartbeat = config(config::HEARTBEAT_NS);
-            let now = task.ktime_ns;
-            // Never hold another keywarden: two sensors holding each other
-            // would both stay stopped.
-            if config(config::HOLD_NEW_LIBRARIES) != 0
-                && !task.comm.starts_with(b"keywarden")
-                && heartbeat != 0
-                && now.wrapping_sub(heartbeat) < config::HEARTBEAT_MAX_AGE_NS
-                && unsafe { bpf_send_signal(SIGSTOP) } == 0
-            {
-                flags |= open_flags::HELD;
-            }
         }
-        let ring = if flags & open_flags::LIBRARY != 0 {
-            &CONTROL
-        } else {
-            &EVENTS
-        };
+        // Reserve first: a process is only ever held when the record that
+        // makes the sensor release it is sure to be delivered.
+        let ring = if is_library { &CONTROL } else { &EVENTS };
         let Some(mut rec) = ring.reserve::<FileOpenRecord>(0) else {
             count(stats::LOST_OTHER);
             return 0;
         };
+        if is_library && should_hold(&ctx, &task) && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+            flags |= open_flags::HELD;
+        }
         let r = unsafe { rec.assume_init_mut() };
         r.kind = kind::FILE_OPEN;
         r.flags = flags;
         r.task = task;
         r.dfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32 as i64;
         r.path = *buf;
-        rec.submit(wake);
+        rec.submit(if is_library {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        } as u64);
         0
+    }
+
+    const O_ACCMODE: u64 = 0o3;
+    const O_RDONLY: u64 = 0;
+    const O_CLOEXEC: u64 = 0o2000000;
+
+    /// Hold (SIGSTOP) the opener of an unseen crypto library until the
+    /// sensor has attached? Only when holding is on, the sensor's heartbeat
+    /// is fresh, the open looks like the dynamic loader's (read-only,
+    /// close-on-exec: `cp` or `sha256sum` of a library is never held), and
+    /// the opener is not a keywarden thread (two sensors holding each other
+    /// would both stay stopped; every sensor thread's name starts with
+    /// "keywarden").
+    #[inline(always)]
+    fn should_hold(ctx: &TracePointContext, task: &Task) -> bool {
+        let heartbeat = config(config::HEARTBEAT_NS);
+        let open_flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
+        config(config::HOLD_NEW_LIBRARIES) != 0
+            && heartbeat != 0
+            && task.ktime_ns.wrapping_sub(heartbeat) < config::HEARTBEAT_MAX_AGE_NS
+            && open_flags & O_ACCMODE == O_RDONLY
+            && open_flags & O_CLOEXEC != 0
+            && !task.comm.starts_with(b"keywarden")
     }
 
     #[inline(always)]

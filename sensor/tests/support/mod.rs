@@ -159,6 +159,34 @@ pub fn run_pid(cmd: &mut Command) -> (u32, Output) {
     (pid, child.wait_with_output().unwrap())
 }
 
+/// Runs a command with a deadline. A process still running then (stopped
+/// and never released, say) is continued, killed, and the test fails.
+pub fn run_pid_deadline(cmd: &mut Command, deadline: Duration) -> (u32, Output) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let end = Instant::now() + deadline;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let state = state
+                .lines()
+                .find(|l| l.starts_with("State:"))
+                .unwrap_or("")
+                .to_owned();
+            let p = nix::unistd::Pid::from_raw(pid as i32);
+            let _ = nix::sys::signal::kill(p, nix::sys::signal::SIGCONT);
+            let _ = child.kill();
+            panic!("{cmd:?} still running after {deadline:?} ({state})");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (pid, child.wait_with_output().unwrap())
+}
+
 /// A fresh key made by openssl, and its SPKI SHA-256 as openssl computes it.
 pub struct TestKey {
     pub path: PathBuf,
