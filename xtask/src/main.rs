@@ -58,6 +58,42 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cargo test`, passing its output through, and ends with one line
+/// totalling every test binary ("N passed, M failed"), so the outcome is
+/// on the last line whichever binary ran last.
+fn run_tests(cmd: &mut Command) -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    eprintln!("xtask: {cmd:?}");
+    let mut child = cmd.current_dir(root()).stdout(std::process::Stdio::piped()).spawn()?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(n)) = (words.next(), words.next()) else { continue };
+                let n: u64 = n.parse().unwrap_or(0);
+                match label {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    if passed == 0 {
+        bail!("no test ran");
+    }
+    Ok(())
+}
+
 fn cargo() -> Command {
     Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
 }
@@ -87,10 +123,11 @@ fn main() -> Result<()> {
             // One invocation, so everything builds once. Tests run one at a
             // time: each integration test starts its own sensor, and event
             // counts must be that test's own.
-            run(cargo()
-                .args(["test", "--workspace"])
+            let mut cmd = cargo();
+            cmd.args(["test", "--workspace", "--lib", "--bins", "--tests"])
                 .args(&filter)
-                .args(["--", "--test-threads=1"]))
+                .args(["--", "--test-threads=1"]);
+            run_tests(&mut cmd)
         }
         Task::Bench { name } => {
             run(cargo().args(["build", "--release", "-p", "keywarden"]))?;
