@@ -134,7 +134,6 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         libraries = covered.len(),
         keys_known = s.ident.inventory_len(),
         hold_new_libraries = cfg.hold_new_libraries,
-        enforcement = "bpf_send_signal (uprobe); BPF LSM is not used yet",
         "ready: probes attached to {}",
         covered.join(", ")
     );
