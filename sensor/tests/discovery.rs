@@ -33,6 +33,39 @@ fn system_libcrypto() -> PathBuf {
     panic!("no libcrypto.so.3");
 }
 
+/// A copy of libcrypto in a fresh directory, a key and a message, and the
+/// command that signs with them through the copy (`LD_LIBRARY_PATH`), so
+/// the library path is one no process had mapped.
+struct NewLibrarySigner {
+    work: tempfile::TempDir,
+    library: PathBuf,
+    key: TestKey,
+}
+
+impl NewLibrarySigner {
+    fn new(alg: &str) -> Self {
+        let work = tempfile::tempdir().unwrap();
+        let libdir = work.path().join("lib");
+        std::fs::create_dir(&libdir).unwrap();
+        let library = libdir.join("libcrypto.so.3");
+        std::fs::copy(system_libcrypto(), &library).unwrap();
+        let key = openssl_key(work.path(), "k", alg);
+        std::fs::write(work.path().join("msg"), b"new library").unwrap();
+        Self { work, library, key }
+    }
+
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("openssl");
+        cmd.env("LD_LIBRARY_PATH", self.library.parent().unwrap())
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&self.key.path)
+            .arg("-out")
+            .arg(self.work.path().join("sig"))
+            .arg(self.work.path().join("msg"));
+        cmd
+    }
+}
+
 /// Removes a cgroup directory chain bottom-up when the test ends.
 struct CgroupDirs(Vec<PathBuf>);
 impl Drop for CgroupDirs {
@@ -104,32 +137,16 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
 
 #[test]
 fn a_library_path_first_seen_after_start_is_covered_from_the_first_signature() {
-    let work = tempfile::tempdir().unwrap();
-    let libdir = work.path().join("lib");
-    std::fs::create_dir(&libdir).unwrap();
-    let copy = libdir.join("libcrypto.so.3");
-    std::fs::copy(system_libcrypto(), &copy).unwrap();
-    let key = openssl_key(work.path(), "k", "rsa");
-    let msg = work.path().join("msg");
-    std::fs::write(&msg, b"new library").unwrap();
-
+    let signer = NewLibrarySigner::new("rsa");
     let sensor = Sensor::start(&[]);
     assert!(
-        !sensor.log().contains(copy.to_str().unwrap()),
+        !sensor.log().contains(signer.library.to_str().unwrap()),
         "the copy must be unknown at start"
     );
     // Signs within milliseconds of starting: only holding the process until
     // the library is attached makes this deterministic (with --no-hold this
     // test failed 3 runs out of 3).
-    let (pid, out) = run_pid(
-        Command::new("openssl")
-            .env("LD_LIBRARY_PATH", &libdir)
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(&key.path)
-            .arg("-out")
-            .arg(work.path().join("sig"))
-            .arg(&msg),
-    );
+    let (pid, out) = run_pid_deadline(&mut signer.command(), Duration::from_secs(30));
     assert!(
         out.status.success(),
         "{}",
@@ -140,11 +157,11 @@ fn a_library_path_first_seen_after_start_is_covered_from_the_first_signature() {
     assert_eq!(uses.len(), 1, "{uses:#?}");
     assert_eq!(
         uses[0]["module"]["file"]["path"],
-        copy.to_str().unwrap(),
+        signer.library.to_str().unwrap(),
         "{:#}",
         uses[0]
     );
-    assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+    assert_eq!(uses[0]["key"]["spki_sha256"], signer.key.spki.as_str());
 }
 
 /// Two sensors at once (an operator mistake, or a second tool): each reads
@@ -152,25 +169,10 @@ fn a_library_path_first_seen_after_start_is_covered_from_the_first_signature() {
 /// would stay stopped and the program with them.
 #[test]
 fn two_sensors_never_hold_each_other() {
-    let work = tempfile::tempdir().unwrap();
-    let libdir = work.path().join("lib");
-    std::fs::create_dir(&libdir).unwrap();
-    std::fs::copy(system_libcrypto(), libdir.join("libcrypto.so.3")).unwrap();
-    let key = openssl_key(work.path(), "k", "ec");
-    let msg = work.path().join("msg");
-    std::fs::write(&msg, b"two sensors").unwrap();
+    let signer = NewLibrarySigner::new("ec");
     let first = Sensor::start(&[]);
     let second = Sensor::start(&[]);
-    let (pid, out) = run_pid_deadline(
-        Command::new("openssl")
-            .env("LD_LIBRARY_PATH", &libdir)
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(&key.path)
-            .arg("-out")
-            .arg(work.path().join("sig"))
-            .arg(&msg),
-        Duration::from_secs(20),
-    );
+    let (pid, out) = run_pid_deadline(&mut signer.command(), Duration::from_secs(20));
     assert!(
         out.status.success(),
         "{}",
@@ -186,7 +188,7 @@ fn two_sensors_never_hold_each_other() {
             let uses = key_uses_of(&events, pid);
             assert!(
                 uses.iter()
-                    .all(|e| e["key"]["spki_sha256"] == key.spki.as_str()),
+                    .all(|e| e["key"]["spki_sha256"] == signer.key.spki.as_str()),
                 "{uses:#?}"
             );
             uses.len()

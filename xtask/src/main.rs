@@ -64,7 +64,10 @@ fn run(cmd: &mut Command) -> Result<()> {
 fn run_tests(cmd: &mut Command) -> Result<()> {
     use std::io::{BufRead, BufReader};
     eprintln!("xtask: {cmd:?}");
-    let mut child = cmd.current_dir(root()).stdout(std::process::Stdio::piped()).spawn()?;
+    let mut child = cmd
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
     let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
     for line in BufReader::new(child.stdout.take().expect("piped stdout")).lines() {
         let line = line?;
@@ -72,7 +75,9 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
                 let mut words = part.split_whitespace().rev();
-                let (Some(label), Some(n)) = (words.next(), words.next()) else { continue };
+                let (Some(label), Some(n)) = (words.next(), words.next()) else {
+                    continue;
+                };
                 let n: u64 = n.parse().unwrap_or(0);
                 match label {
                     "passed" => passed += n,

@@ -258,69 +258,45 @@ mod probes {
         done
     }
 
-    #[inline(always)]
-    fn emit_small(tgid: u32, op_id: u64, offset: u32, src: u64, n: u32, truncated: u32) {
-        let Some(mut rec) = EVENTS.reserve::<DataSmallRecord>(0) else {
-            count(stats::LOST_DATA);
-            return;
+    /// Defines an emitter for one size of data record. The two sizes are
+    /// distinct types because a ring reservation must have a constant size.
+    macro_rules! data_emitter {
+        ($name:ident, $record:ty, $kind:expr, $cap:expr) => {
+            #[inline(always)]
+            fn $name(tgid: u32, op_id: u64, offset: u32, src: u64, n: u32, truncated: u32) {
+                let Some(mut rec) = EVENTS.reserve::<$record>(0) else {
+                    count(stats::LOST_DATA);
+                    return;
+                };
+                let r = unsafe { rec.assume_init_mut() };
+                r.header = DataHeader {
+                    kind: $kind,
+                    tgid,
+                    op_id,
+                    offset,
+                    len: n,
+                    truncated,
+                    _pad: 0,
+                };
+                let n = (n as usize).min($cap);
+                let rc = unsafe {
+                    aya_ebpf::helpers::generated::bpf_probe_read_user(
+                        r.data.as_mut_ptr().cast(),
+                        n as u32,
+                        src as *const core::ffi::c_void,
+                    )
+                };
+                if rc == 0 {
+                    rec.submit(BPF_RB_NO_WAKEUP as u64);
+                } else {
+                    rec.discard(BPF_RB_NO_WAKEUP as u64);
+                    count(stats::DATA_UNREADABLE);
+                }
+            }
         };
-        let r = unsafe { rec.assume_init_mut() };
-        r.header = DataHeader {
-            kind: kind::DATA_SMALL,
-            tgid,
-            op_id,
-            offset,
-            len: n,
-            truncated,
-            _pad: 0,
-        };
-        let n = (n as usize).min(DATA_SMALL);
-        let ok = unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_user(
-                r.data.as_mut_ptr().cast(),
-                n as u32,
-                src as *const core::ffi::c_void,
-            )
-        } == 0;
-        if ok {
-            rec.submit(BPF_RB_NO_WAKEUP as u64);
-        } else {
-            rec.discard(BPF_RB_NO_WAKEUP as u64);
-            count(stats::DATA_UNREADABLE);
-        }
     }
-
-    #[inline(always)]
-    fn emit_big(tgid: u32, op_id: u64, offset: u32, src: u64, n: u32, truncated: u32) {
-        let Some(mut rec) = EVENTS.reserve::<DataBigRecord>(0) else {
-            count(stats::LOST_DATA);
-            return;
-        };
-        let r = unsafe { rec.assume_init_mut() };
-        r.header = DataHeader {
-            kind: kind::DATA_BIG,
-            tgid,
-            op_id,
-            offset,
-            len: n,
-            truncated,
-            _pad: 0,
-        };
-        let n = (n as usize).min(DATA_BIG);
-        let ok = unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_user(
-                r.data.as_mut_ptr().cast(),
-                n as u32,
-                src as *const core::ffi::c_void,
-            )
-        } == 0;
-        if ok {
-            rec.submit(BPF_RB_NO_WAKEUP as u64);
-        } else {
-            rec.discard(BPF_RB_NO_WAKEUP as u64);
-            count(stats::DATA_UNREADABLE);
-        }
-    }
+    data_emitter!(emit_small, DataSmallRecord, kind::DATA_SMALL, DATA_SMALL);
+    data_emitter!(emit_big, DataBigRecord, kind::DATA_BIG, DATA_BIG);
 
     /// EVP_DigestSign(ctx, sig, siglen, tbs, tbslen),
     /// EVP_DigestSignFinal(ctx, sig, siglen),

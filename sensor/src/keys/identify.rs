@@ -67,6 +67,15 @@ pub struct Identifier {
     pub retract: Vec<(u32, u64)>,
 }
 
+/// Removes every entry of process `tgid` and returns their keys.
+fn take_process<V>(map: &mut HashMap<(u32, u64), V>, tgid: u32) -> Vec<(u32, u64)> {
+    let keys: Vec<(u32, u64)> = map.keys().filter(|(t, _)| *t == tgid).copied().collect();
+    for k in &keys {
+        map.remove(k);
+    }
+    keys
+}
+
 fn identified(k: &KnownKey, by: &str) -> KeyIdentity {
     KeyIdentity {
         status: KeyStatus::Identified,
@@ -120,22 +129,9 @@ impl Identifier {
 
     /// The process exec'd a new image or exited: its pointers mean nothing now.
     pub fn forget_process(&mut self, tgid: u32) {
-        let gone: Vec<(u32, u64)> = self
-            .handles
-            .keys()
-            .filter(|(t, _)| *t == tgid)
-            .copied()
-            .collect();
+        let mut gone = take_process(&mut self.handles, tgid);
+        gone.extend(take_process(&mut self.unidentified, tgid));
         self.retract.extend(gone);
-        self.handles.retain(|(t, _), _| *t != tgid);
-        let gone: Vec<(u32, u64)> = self
-            .unidentified
-            .keys()
-            .filter(|(t, _)| *t == tgid)
-            .copied()
-            .collect();
-        self.retract.extend(gone);
-        self.unidentified.retain(|(t, _), _| *t != tgid);
         self.per_process.remove(&tgid);
         self.ops.retain(|(t, _), _| *t != tgid);
     }

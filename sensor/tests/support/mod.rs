@@ -216,21 +216,19 @@ pub fn spki_of(key: &Path) -> String {
         "openssl pkey -in '{}' -pubout -outform DER | sha256sum",
         key.display()
     )));
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_owned()
+    first_word(&out.stdout)
 }
 
 pub fn sha256_file(p: &Path) -> String {
-    let out = run_ok(Command::new("sha256sum").arg(p));
-    String::from_utf8(out.stdout)
-        .unwrap()
+    first_word(&run_ok(Command::new("sha256sum").arg(p)).stdout)
+}
+
+/// The hash that `sha256sum` prints before the file name.
+fn first_word(stdout: &[u8]) -> String {
+    String::from_utf8_lossy(stdout)
         .split_whitespace()
         .next()
-        .unwrap()
+        .expect("sha256sum output")
         .to_owned()
 }
 
