@@ -138,6 +138,43 @@ fn pkeyutl_gives_one_event_per_signature_and_marks_failures() {
     assert_eq!(bad[0]["signature"]["length"], 0);
 }
 
+/// A key that never touches a file the sensor sees (it arrives on stdin)
+/// cannot be named: the event says `unknown` and why, and carries no
+/// identity at all rather than a guess.
+#[test]
+fn a_key_the_sensor_cannot_know_is_unknown_with_a_reason() {
+    let work = tempfile::tempdir().unwrap();
+    let key = openssl_key(work.path(), "hidden", "ec");
+    let pem = std::fs::read(&key.path).unwrap();
+    std::fs::remove_file(&key.path).unwrap();
+    let digest = work.path().join("digest");
+    std::fs::write(&digest, [7u8; 32]).unwrap();
+    let sensor = Sensor::start(&[]);
+    let mut child = Command::new("openssl")
+        .args(["pkeyutl", "-sign", "-inkey", "/dev/stdin", "-in"])
+        .arg(&digest)
+        .arg("-out")
+        .arg(work.path().join("sig"))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(&pem).unwrap();
+    assert!(child.wait().unwrap().success());
+    let events = sensor.stop();
+    let uses = key_uses_of(&events, pid);
+    assert_eq!(uses.len(), 1, "{uses:#?}");
+    let k = &uses[0]["key"];
+    assert_eq!(k["status"], "unknown", "{k:#}");
+    assert!(k["unknown_reason"].as_str().unwrap().contains("verifies this signature"), "{k:#}");
+    for field in ["spki_sha256", "fingerprint", "algorithm", "source_file"] {
+        assert!(k.get(field).is_none(), "{field} must be absent: {k:#}");
+    }
+    // Nothing in the output names the key.
+    assert!(!serde_json::to_string(&events).unwrap().contains(&key.spki));
+}
+
 #[test]
 fn sigterm_detaches_and_exits_zero() {
     let sensor = Sensor::start(&[]);
