@@ -22,6 +22,8 @@ pub mod class {
 
 pub mod activity {
     pub const INVOKE: u32 = 3;
+    /// File System Activity: Open.
+    pub const OPEN: u32 = 14;
     pub const OTHER: u32 = 99;
 }
 
@@ -32,6 +34,8 @@ pub enum EventCode {
     KeyUse,
     /// The sensor could not cover or attribute something and says so.
     CoverageWarning,
+    /// A process opened a file on the secret-file watch list.
+    SecretFileOpen,
 }
 
 /// One keywarden event, OCSF base attributes first.
@@ -72,6 +76,35 @@ pub struct Event {
     /// keywarden extension: the cgroup v2 the process ran in.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<Cgroup>,
+    /// OCSF `file`: the file acted on (File System Activity).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<File>,
+    /// keywarden extension: details of a watched secret file's opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<SecretFile>,
+}
+
+/// What was opened, how often, and which keys it holds. Never its contents.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecretFile {
+    /// The path as the host sees it: the same as `file.path` for a process
+    /// with the host's root and mount namespace, else
+    /// `/proc/<pid>/root/<path>` (reachable from the host while the process
+    /// lives). Absent when the process exited before the sensor could tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+    /// The watch-list glob that matched.
+    pub matched: String,
+    /// Opens by this process within the coalescing window (at least 1).
+    pub count: u32,
+    /// Time of the first and last open in the window (ms since the epoch).
+    pub first_time: i64,
+    pub last_time: i64,
+    /// SPKI SHA-256 of every key (private key or certificate) in the file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// The file holds a private key (not only certificates or public keys).
+    pub holds_private_key: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -294,6 +327,20 @@ impl Origin {
     }
 }
 
+/// One (coalesced) open of a watched secret file, before it becomes an
+/// `Event`.
+#[derive(Clone, Debug)]
+pub struct SecretFileOpen {
+    pub seq: u64,
+    pub process: Process,
+    pub container: Option<Container>,
+    pub cgroup: Cgroup,
+    pub file: File,
+    /// The key in the file, when it holds exactly one.
+    pub key: Option<KeyIdentity>,
+    pub secret: SecretFile,
+}
+
 /// Everything that describes one signature, before it becomes an `Event`.
 #[derive(Clone, Debug)]
 pub struct KeyUse {
@@ -357,6 +404,54 @@ impl Event {
             key: Some(u.key),
             signature: Some(u.signature),
             cgroup: Some(u.cgroup),
+            file: None,
+            secret_file: None,
+        }
+    }
+
+    /// File System Activity 1001 / Open: a watched secret file was opened
+    /// (`count` times by this process within the coalescing window). The
+    /// probe sees the open being attempted, not its result, so the status
+    /// is Unknown (0) with that said in `status_detail`.
+    pub fn secret_file_open(origin: &Origin, o: SecretFileOpen) -> Self {
+        let count = o.secret.count;
+        let message = format!(
+            "{} (pid {}) opened {}{}",
+            o.process.name,
+            o.process.pid,
+            o.file.path,
+            if count > 1 {
+                format!(" {count} times")
+            } else {
+                String::new()
+            }
+        );
+        Event {
+            time: o.secret.first_time,
+            class_uid: class::FILE_SYSTEM_ACTIVITY,
+            class_name: "File System Activity".into(),
+            category_uid: 1,
+            category_name: "System Activity".into(),
+            activity_id: activity::OPEN,
+            activity_name: "Open".into(),
+            type_uid: class::FILE_SYSTEM_ACTIVITY as u64 * 100 + activity::OPEN as u64,
+            type_name: "File System Activity: Open".into(),
+            severity_id: severity::INFORMATIONAL,
+            severity: severity::name(severity::INFORMATIONAL).into(),
+            status_id: 0,
+            status: "Unknown".into(),
+            status_detail: Some("open attempted; its result is not observed".into()),
+            message,
+            metadata: origin.metadata(o.seq, EventCode::SecretFileOpen, o.container.is_some()),
+            device: origin.device(),
+            actor: Actor { process: o.process },
+            container: o.container,
+            module: None,
+            key: o.key,
+            signature: None,
+            cgroup: Some(o.cgroup),
+            file: Some(o.file),
+            secret_file: Some(o.secret),
         }
     }
 
@@ -401,6 +496,8 @@ impl Event {
             key: None,
             signature: None,
             cgroup: None,
+            file: None,
+            secret_file: None,
         }
     }
 }
@@ -553,6 +650,43 @@ mod tests {
         assert_eq!(v["key"]["status"], "unknown");
         assert!(v["key"].get("spki_sha256").is_none());
         assert!(ev.message.contains("unidentified"));
+    }
+
+    #[test]
+    fn secret_file_open_is_file_system_activity_open() {
+        let u = sample();
+        let o = SecretFileOpen {
+            seq: 9,
+            process: u.process,
+            container: None,
+            cgroup: u.cgroup,
+            file: File {
+                path: "/srv/app/.env".into(),
+                name: ".env".into(),
+                type_id: 1,
+                hashes: vec![],
+            },
+            key: None,
+            secret: SecretFile {
+                host_path: Some("/srv/app/.env".into()),
+                matched: "**/.env".into(),
+                count: 3,
+                first_time: 10,
+                last_time: 20,
+                keys: vec![],
+                holds_private_key: false,
+            },
+        };
+        let v = serde_json::to_value(Event::secret_file_open(&origin(), o)).unwrap();
+        assert_eq!(v["class_uid"], 1001);
+        assert_eq!(v["activity_id"], 14);
+        assert_eq!(v["type_uid"], 100114);
+        assert_eq!(v["metadata"]["event_code"], "secret_file_open");
+        assert_eq!(v["file"]["path"], "/srv/app/.env");
+        assert_eq!(v["secret_file"]["count"], 3);
+        assert_eq!(v["status_id"], 0);
+        assert!(v["message"].as_str().unwrap().ends_with("3 times"));
+        assert!(v.get("module").is_none() && v.get("signature").is_none());
     }
 
     #[test]

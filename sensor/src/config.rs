@@ -24,6 +24,17 @@ pub struct Config {
     pub key_paths: Vec<String>,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
+    pub secret_files: SecretFiles,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretFiles {
+    /// Globs of files whose opens are reported (at most 16).
+    pub watch: Vec<crate::secrets::watch::WatchEntry>,
+    /// Opens of one file by one process within this many milliseconds
+    /// become one event with a count.
+    pub coalesce_ms: u64,
 }
 
 impl Config {
@@ -53,6 +64,9 @@ mod tests {
         assert_eq!(c.output, "-");
         assert!(c.poll_interval_ms > 0);
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
+        assert_eq!(c.secret_files.watch.len(), 7);
+        crate::secrets::watch::WatchList::new(&c.secret_files.watch)
+            .expect("default watch list compiles");
     }
 
     #[test]

@@ -32,6 +32,20 @@ use crate::{
     records::{Record, c_str, decode},
 };
 
+/// Real-time priority for this thread. A signer like `cat` or `openssl`
+/// can exec, open its key and exit within a millisecond; on a busy host an
+/// ordinary thread may wake later than that, and then the process's root,
+/// working directory and executable are gone. The thread sleeps in `poll`
+/// and does bounded work per record, so it cannot starve the host.
+fn raise_priority() {
+    let param = libc::sched_param { sched_priority: 10 };
+    // SAFETY: plain syscall on the calling thread with a valid parameter.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) };
+    if rc != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "control thread keeps normal priority");
+    }
+}
+
 /// Something the control thread could not do, for the event thread to
 /// turn into a coverage-warning event.
 pub struct Warning {
@@ -50,6 +64,7 @@ pub struct Control {
 
 impl Control {
     pub fn run(mut self) {
+        raise_priority();
         let mut last_heartbeat = Instant::now() - Duration::from_secs(1);
         while !self.shutdown.load(Ordering::Relaxed) {
             if last_heartbeat.elapsed() >= Duration::from_millis(500) {

@@ -13,6 +13,7 @@ mod keys;
 mod probes;
 mod records;
 mod run;
+mod secrets;
 mod sink;
 
 use std::{

@@ -16,7 +16,9 @@ use aya::{
     },
 };
 use hashbrown::HashMap;
-use keywarden_probe_types::{KnownHandle, LibrarySeenKey, ProcPtr, config, func, stats};
+use keywarden_probe_types::{
+    KnownHandle, LibrarySeenKey, ProcPtr, WatchPattern, config, func, stats, watch,
+};
 use tracing::{debug, info};
 
 use iced_x86::Register;
@@ -305,6 +307,20 @@ impl Probes {
             path_hash: keywarden_probe_types::fnv1a(path.as_bytes()),
         };
         seen.insert(&key, &1, 0)?;
+        Ok(())
+    }
+
+    /// Loads the compiled secret-file watch list; unused slots are cleared.
+    pub fn set_watch(&mut self, patterns: &[WatchPattern]) -> Result<()> {
+        let mut arr: Array<&mut MapData, WatchPattern> =
+            Array::try_from(self.ebpf.map_mut("WATCH").context("WATCH map")?)?;
+        for slot in 0..watch::SLOTS {
+            arr.set(
+                slot,
+                patterns.get(slot as usize).unwrap_or(&WatchPattern::EMPTY),
+                0,
+            )?;
+        }
         Ok(())
     }
 

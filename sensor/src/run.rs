@@ -21,8 +21,13 @@ use std::{
 use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use hashbrown::HashMap;
-use keywarden_analyzer::event::{self, Cgroup, Event, KeyUse, Origin, Signature, User};
-use keywarden_probe_types::{FileOpenRecord, SignRecord, config, sign_flags, stats};
+use keywarden_analyzer::event::{
+    self, Cgroup, Event, Fingerprint, KeyIdentity, KeyStatus, KeyUse, Origin, SecretFile,
+    SecretFileOpen, Signature, User,
+};
+use keywarden_probe_types::{
+    FileOpenRecord, SignRecord, Task, config, open_flags, sign_flags, stats,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -31,20 +36,21 @@ use crate::{
     discovery::targets::{self, Candidate},
     enrich::{
         container::container_from_cgroup,
-        process::{CgroupPaths, ProcessTable, cgroup2_root, user_name},
+        process::{CgroupPaths, ProcessInfo, ProcessTable, cgroup2_root, user_name},
     },
     keys::{
         identify::Identifier,
-        material::{self, KeyInfo},
+        material::{self, KeyFile, KeyInfo},
     },
     probes::{self, Probes},
     records::{Record, c_str, decode},
+    secrets::watch::{Coalescer, WatchList},
     sink::NdjsonSink,
 };
 
 /// Parsed key files, by file identity, so a file opened on every request is
 /// parsed once. Failures are cached too (most `.pem` files are not keys).
-type KeyFileCache = HashMap<(u64, u64, i64, u64), Arc<Result<Vec<KeyInfo>, String>>>;
+type KeyFileCache = HashMap<(u64, u64, i64, u64), Arc<Result<KeyFile, String>>>;
 
 struct Sensor {
     probes: Arc<Mutex<Probes>>,
@@ -60,7 +66,10 @@ struct Sensor {
     key_files: KeyFileCache,
     users: HashMap<u32, Option<String>>,
     lost_reported: [u64; stats::SLOTS as usize],
-    events_by_kind: [u64; 2],
+    /// key uses, warnings, secret-file opens
+    events_by_kind: [u64; 3],
+    watch: WatchList,
+    secret_opens: Coalescer<SecretFileOpen>,
 }
 
 fn clock_ns(id: nix::time::ClockId) -> i64 {
@@ -85,7 +94,9 @@ fn origin() -> Origin {
 pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     probes::preflight()?;
     let sink = NdjsonSink::open(&cfg.output)?;
+    let watch = WatchList::new(&cfg.secret_files.watch)?;
     let (mut probes, rings) = Probes::load()?;
+    probes.set_watch(&watch.kernel)?;
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
     probes.heartbeat()?;
     probes.set_config(config::HOLD_NEW_LIBRARIES, cfg.hold_new_libraries as u64)?;
@@ -106,7 +117,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         key_files: HashMap::new(),
         users: HashMap::new(),
         lost_reported: [0; stats::SLOTS as usize],
-        events_by_kind: [0; 2],
+        events_by_kind: [0; 3],
+        watch,
+        secret_opens: Coalescer::new(Duration::from_millis(cfg.secret_files.coalesce_ms)),
     };
     // The control thread starts first: processes exec'd during discovery
     // are snapshotted, and held ones released.
@@ -124,6 +137,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 
     s.discover(&cfg);
     s.load_key_paths(&cfg.key_paths);
+    for missing in s.watch.missing_roots() {
+        warn!("secret_files.watch entry {missing}; it watches nothing on the host itself");
+    }
     let covered: Vec<String> = s
         .probes()
         .libraries()
@@ -153,6 +169,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
             Err(e) => return Err(anyhow::anyhow!("polling the ring buffer: {e}")),
         }
         s.drain();
+        s.emit_secret_opens(false);
         s.sink.flush();
         if last_housekeeping.elapsed() >= Duration::from_secs(5) {
             s.report_lost();
@@ -169,6 +186,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         error!("control thread panicked");
     }
     s.drain();
+    s.emit_secret_opens(true);
     s.report_lost();
     let waiting = s.sink.flush();
     let lost = s.probes().lost().unwrap_or_default();
@@ -176,6 +194,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         events = s.sink.written,
         key_uses = s.events_by_kind[0],
         warnings = s.events_by_kind[1],
+        secret_file_opens = s.events_by_kind[2],
         lost_sign = lost[stats::LOST_SIGN as usize],
         lost_data = lost[stats::LOST_DATA as usize],
         lost_other = lost[stats::LOST_OTHER as usize],
@@ -340,51 +359,171 @@ impl Sensor {
         }
     }
 
-    /// A file that may hold a key was opened: learn its public key for
-    /// this process. (Library opens go to the control thread.)
+    /// A possible key file or a watched secret file was opened. Key files
+    /// teach the sensor this process's public keys; watched files become
+    /// (coalesced) File System Activity events. (Library opens go to the
+    /// control thread.)
     fn on_open(&mut self, f: &FileOpenRecord) {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
         let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
-        let resolved = if path.starts_with('/') || f.dfd == -100 {
-            info.resolve(&path)
+        let absolute = info.absolute(&path);
+        let watched = if f.flags & open_flags::WATCHED != 0 {
+            self.watch.matches(&absolute)
         } else {
             None
         };
-        // A file that may hold a key: learn its public key for this process.
-        let Some(p) = resolved else {
-            debug!(pid = tgid, path = %path, "cannot resolve opened file");
-            return;
+        let is_key_file = f.flags & open_flags::KEY_FILE != 0;
+        // Only files that may hold keys are read; a .env or a token never is.
+        let key_file = if is_key_file || watched.as_ref().is_some_and(|m| m.only_private_keys) {
+            self.key_file(&info, &path, f.dfd)
+        } else {
+            None
         };
-        let Ok(md) = std::fs::metadata(&p) else {
-            return;
-        };
-        if !md.is_file() {
+        if is_key_file && let Some(Ok(k)) = key_file.as_deref() {
+            self.ident.add_process_keys(tgid, k.keys.clone(), &absolute);
+        }
+        let Some(m) = watched else { return };
+        let holds_private_key = matches!(key_file.as_deref(), Some(Ok(k)) if k.has_private_key);
+        if m.only_private_keys && !holds_private_key {
             return;
         }
+        let time_ms = self.wall_ms(f.task.ktime_ns);
+        let keys: Vec<KeyInfo> = match key_file.as_deref() {
+            Some(Ok(k)) => k.keys.clone(),
+            _ => Vec::new(),
+        };
+        let (process, container, cgroup) = self.attribution(&f.task, &info);
+        let host_path = info.host_path(tgid, &absolute);
+        let name = absolute.rsplit('/').next().unwrap_or_default().to_owned();
+        let seq = self.next_seq();
+        self.secret_opens
+            .add(tgid, &absolute, time_ms, || SecretFileOpen {
+                seq,
+                process,
+                container,
+                cgroup,
+                file: event::File {
+                    path: absolute.clone(),
+                    name,
+                    type_id: 1,
+                    hashes: vec![],
+                },
+                key: (keys.len() == 1).then(|| KeyIdentity {
+                    status: KeyStatus::Identified,
+                    spki_sha256: Some(keys[0].spki_sha256.clone()),
+                    fingerprint: Some(Fingerprint::sha256(keys[0].spki_sha256.clone())),
+                    algorithm: Some(keys[0].algorithm.clone()),
+                    bits: Some(keys[0].bits),
+                    source_file: Some(absolute.clone()),
+                    identified_by: Some("key_file".into()),
+                    unknown_reason: None,
+                }),
+                secret: SecretFile {
+                    host_path,
+                    matched: m.glob.clone(),
+                    count: 1,
+                    first_time: time_ms,
+                    last_time: time_ms,
+                    keys: keys.iter().map(|k| k.spki_sha256.clone()).collect(),
+                    holds_private_key,
+                },
+            });
+    }
+
+    /// Emits coalesced secret-file opens whose window has closed (all with
+    /// `flush`).
+    fn emit_secret_opens(&mut self, flush: bool) {
+        for (mut open, count, last) in self.secret_opens.due(flush) {
+            open.secret.count = count;
+            open.secret.last_time = last;
+            self.events_by_kind[2] += 1;
+            let ev = Event::secret_file_open(&self.origin, open);
+            self.sink.push(&ev);
+        }
+    }
+
+    /// Parses a key or certificate file the process opened, once per file
+    /// version. `None` when the path cannot be resolved or is not a file.
+    fn key_file(
+        &mut self,
+        info: &ProcessInfo,
+        path: &str,
+        dfd: i64,
+    ) -> Option<Arc<Result<KeyFile, String>>> {
+        let resolved = if path.starts_with('/') || dfd == -100 {
+            info.resolve(path)
+        } else {
+            None
+        };
+        let Some(p) = resolved else {
+            debug!(path = %path, "cannot resolve opened file");
+            return None;
+        };
+        let md = std::fs::metadata(&p).ok().filter(|m| m.is_file())?;
         let id = (
             md.dev(),
             md.ino(),
             md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             md.size(),
         );
-        let parsed = match self.key_files.get(&id) {
-            Some(r) => r.clone(),
-            None => {
-                let r = Arc::new(material::read_key_file(&p, &path).map_err(|e| e.to_string()));
-                if self.key_files.len() > 10_000 {
-                    self.key_files.clear();
-                }
-                self.key_files.insert(id, r.clone());
-                r
-            }
-        };
-        match &*parsed {
-            Ok(keys) => self
-                .ident
-                .add_process_keys(tgid, keys.clone(), &info.absolute(&path)),
-            Err(e) => debug!(pid = tgid, "{e}"),
+        if let Some(r) = self.key_files.get(&id) {
+            return Some(r.clone());
         }
+        let r = Arc::new(material::read_key_file_detailed(&p, path).map_err(|e| e.to_string()));
+        if let Err(e) = &*r {
+            debug!("{e}");
+        }
+        if self.key_files.len() > 10_000 {
+            self.key_files.clear();
+        }
+        self.key_files.insert(id, r.clone());
+        Some(r)
+    }
+
+    fn wall_ms(&self, ktime_ns: u64) -> i64 {
+        (ktime_ns as i64 + self.realtime_offset_ns) / 1_000_000
+    }
+
+    /// Who did it: the OCSF process, container and cgroup of a record.
+    fn attribution(
+        &mut self,
+        task: &Task,
+        info: &ProcessInfo,
+    ) -> (event::Process, Option<event::Container>, Cgroup) {
+        let cgroup_path = self
+            .cgroups
+            .path(task.cgroup_id, info.cgroup_path.as_deref());
+        let container = cgroup_path
+            .as_deref()
+            .and_then(container_from_cgroup)
+            .or_else(|| info.container.clone());
+        let uid = task.uid();
+        let user_name = self
+            .users
+            .entry(uid)
+            .or_insert_with(|| user_name(uid))
+            .clone();
+        let process = event::Process {
+            pid: task.tgid(),
+            tid: task.tid(),
+            name: c_str(&task.comm),
+            cmd_line: info.cmd_line.clone(),
+            file: info.file(),
+            user: User {
+                uid: uid.to_string(),
+                name: user_name,
+            },
+            attribution_error: info.error.clone(),
+        };
+        (
+            process,
+            container,
+            Cgroup {
+                id: task.cgroup_id,
+                path: cgroup_path,
+            },
+        )
     }
 
     fn on_sign(&mut self, r: &SignRecord, sig: &[u8]) {
@@ -392,19 +531,7 @@ impl Sensor {
         let key = self.ident.identify(r, sig);
         self.sync_known();
         let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
-        let cgroup_path = self
-            .cgroups
-            .path(r.task.cgroup_id, info.cgroup_path.as_deref());
-        let container = cgroup_path
-            .as_deref()
-            .and_then(container_from_cgroup)
-            .or_else(|| info.container.clone());
-        let uid = r.task.uid();
-        let user_name = self
-            .users
-            .entry(uid)
-            .or_insert_with(|| user_name(uid))
-            .clone();
+        let (process, container, cgroup) = self.attribution(&r.task, &info);
         let library = self.probes().library(r.library).cloned();
         let lib_file = event::File {
             path: library
@@ -422,25 +549,11 @@ impl Sensor {
             .then(|| c_str(&r.md_name))
             .filter(|s| !s.is_empty());
         let u = KeyUse {
-            time_ms: (r.task.ktime_ns as i64 + self.realtime_offset_ns) / 1_000_000,
+            time_ms: self.wall_ms(r.task.ktime_ns),
             seq: self.next_seq(),
-            process: event::Process {
-                pid: tgid,
-                tid: r.task.tid(),
-                name: c_str(&r.task.comm),
-                cmd_line: info.cmd_line.clone(),
-                file: info.file(),
-                user: User {
-                    uid: uid.to_string(),
-                    name: user_name,
-                },
-                attribution_error: info.error.clone(),
-            },
+            process,
             container,
-            cgroup: Cgroup {
-                id: r.task.cgroup_id,
-                path: cgroup_path,
-            },
+            cgroup,
             library: lib_file,
             library_kind: library.map(|l| l.kind).unwrap_or("unknown").to_owned(),
             function: probes::function_name(r.func as u8).to_owned(),

@@ -167,7 +167,13 @@ fn a_key_the_sensor_cannot_know_is_unknown_with_a_reason() {
     assert_eq!(uses.len(), 1, "{uses:#?}");
     let k = &uses[0]["key"];
     assert_eq!(k["status"], "unknown", "{k:#}");
-    assert!(k["unknown_reason"].as_str().unwrap().contains("verifies this signature"), "{k:#}");
+    assert!(
+        k["unknown_reason"]
+            .as_str()
+            .unwrap()
+            .contains("verifies this signature"),
+        "{k:#}"
+    );
     for field in ["spki_sha256", "fingerprint", "algorithm", "source_file"] {
         assert!(k.get(field).is_none(), "{field} must be absent: {k:#}");
     }

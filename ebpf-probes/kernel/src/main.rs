@@ -70,6 +70,12 @@ mod probes {
     #[map]
     static LIBRARY_SEEN: LruHashMap<LibrarySeenKey, u8> = LruHashMap::with_max_entries(65536, 0);
 
+    /// The secret-file watch list, compiled to literal tests (see
+    /// `keywarden_probe_types::watch`); filled by the sensor, used in order
+    /// until the first empty slot.
+    #[map]
+    static WATCH: Array<WatchPattern> = Array::with_max_entries(watch::SLOTS, 0);
+
     #[map]
     static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);
 
@@ -80,7 +86,8 @@ mod probes {
     static OP_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
     #[map]
-    static PATH_SCRATCH: PerCpuArray<[u8; PATH_MAX]> = PerCpuArray::with_max_entries(1, 0);
+    static PATH_SCRATCH: PerCpuArray<[u8; keywarden_probe_types::PATH_SCRATCH]> =
+        PerCpuArray::with_max_entries(1, 0);
 
     const SIGSTOP: u32 = 19;
 
@@ -553,10 +560,14 @@ mod probes {
         let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else {
             return 0;
         };
-        let Some(buf) = PATH_SCRATCH.get_ptr_mut(0) else {
+        let Some(scratch) = PATH_SCRATCH.get_ptr_mut(0) else {
             return 0;
         };
-        let buf = unsafe { &mut *buf };
+        let scratch = unsafe { &mut *scratch };
+        // The path goes into the first PATH_MAX bytes; the rest is slack
+        // for word reads past the end of a short path.
+        let buf: &mut [u8; PATH_MAX] =
+            unsafe { &mut *(scratch.as_mut_ptr() as *mut [u8; PATH_MAX]) };
         let len = match unsafe { bpf_probe_read_user_str_bytes(filename as *const u8, buf) } {
             Ok(s) => s.len(),
             Err(_) => return 0,
@@ -570,10 +581,16 @@ mod probes {
         let mut flags = 0u32;
         if is_libcrypto(buf, len) {
             flags |= open_flags::LIBRARY;
-        } else if has_key_suffix(buf, len) {
-            flags |= open_flags::KEY_FILE;
         } else {
-            return 0;
+            if has_key_suffix(buf, len) {
+                flags |= open_flags::KEY_FILE;
+            }
+            if is_watched(scratch, len) {
+                flags |= open_flags::WATCHED;
+            }
+            if flags == 0 {
+                return 0;
+            }
         }
         let task = current_task();
         let is_library = flags & open_flags::LIBRARY != 0;
@@ -661,6 +678,117 @@ mod probes {
             j += 1;
         }
         true
+    }
+
+    /// Index of the first byte of the last path component.
+    #[inline(always)]
+    fn basename_start(buf: &[u8; PATH_MAX], len: usize) -> usize {
+        let mut i = 0usize;
+        while i < 128 {
+            if i >= len {
+                break;
+            }
+            let idx = (len - 1 - i) & (PATH_MAX - 1);
+            if buf[idx] == b'/' {
+                return idx + 1;
+            }
+            i += 1;
+        }
+        0
+    }
+
+    /// State for `watch_slot`, which `bpf_loop` calls once per slot.
+    #[repr(C)]
+    struct WatchScan {
+        scratch: *const [u8; keywarden_probe_types::PATH_SCRATCH],
+        len: u64,
+        basename: u64,
+        hit: u64,
+    }
+
+    /// Does the path pass any compiled watch pattern? The slots are walked
+    /// with `bpf_loop`, so the verifier checks one slot once; each slot is a
+    /// branch-free comparison of eight words, exiting after the first word
+    /// when it already differs (most unrelated paths).
+    #[inline(always)]
+    fn is_watched(scratch: &[u8; keywarden_probe_types::PATH_SCRATCH], len: usize) -> bool {
+        let path: &[u8; PATH_MAX] = unsafe { &*(scratch.as_ptr() as *const [u8; PATH_MAX]) };
+        let mut scan = WatchScan {
+            scratch,
+            len: len as u64,
+            basename: basename_start(path, len) as u64,
+            hit: 0,
+        };
+        unsafe {
+            aya_ebpf::helpers::generated::bpf_loop(
+                watch::SLOTS,
+                watch_slot as *mut core::ffi::c_void,
+                (&mut scan as *mut WatchScan).cast(),
+                0,
+            );
+        }
+        scan.hit != 0
+    }
+
+    /// One `bpf_loop` step: 0 to go on, 1 to stop (a hit, or the end).
+    extern "C" fn watch_slot(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+        let scan = unsafe { &mut *(ctx as *mut WatchScan) };
+        let Some(p) = WATCH.get(index as u32) else {
+            return 1;
+        };
+        let plen = p.len as usize;
+        if p.kind == watch::NONE || plen == 0 || plen > watch::PATTERN_MAX {
+            return 1;
+        }
+        let len = (scan.len as usize) & (PATH_MAX - 1);
+        let basename = (scan.basename as usize) & (PATH_MAX - 1);
+        let at = match p.kind {
+            watch::PATH_PREFIX if plen <= len => Some(0),
+            watch::PATH_EXACT if plen == len => Some(0),
+            watch::PATH_SUFFIX if plen <= len => Some(len - plen),
+            watch::BASENAME_PREFIX if basename + plen <= len => Some(basename),
+            _ => None,
+        };
+        let scratch = unsafe { &*scan.scratch };
+        if let Some(at) = at
+            && words_equal(scratch, at, p)
+        {
+            scan.hit = 1;
+            return 1;
+        }
+        0
+    }
+
+    #[inline(always)]
+    fn word_at(scratch: &[u8; keywarden_probe_types::PATH_SCRATCH], off: usize) -> u64 {
+        // off <= 255 + 56, and the buffer has 64 bytes of slack past 256.
+        let off = off & 0x1ff;
+        if off + 8 > keywarden_probe_types::PATH_SCRATCH {
+            return 0;
+        }
+        unsafe { core::ptr::read_unaligned(scratch.as_ptr().add(off) as *const u64) }
+    }
+
+    /// `path[at..at + len] == literal`, as eight masked word compares.
+    #[inline(always)]
+    fn words_equal(
+        scratch: &[u8; keywarden_probe_types::PATH_SCRATCH],
+        at: usize,
+        p: &WatchPattern,
+    ) -> bool {
+        // The verifier cannot see that `len - plen` is not negative; LLVM
+        // can, and would drop a plain mask. black_box keeps it.
+        let at = core::hint::black_box(at) & (PATH_MAX - 1);
+        if (word_at(scratch, at) ^ p.words[0]) & p.masks[0] != 0 {
+            return false;
+        }
+        let mut diff = 0u64;
+        let mut w = 1usize;
+        while w < watch::WORDS {
+            diff |= (word_at(scratch, at + w * 8) ^ p.words[w]) & p.masks[w];
+            w += 1;
+        }
+        diff == 0
     }
 
     #[inline(always)]

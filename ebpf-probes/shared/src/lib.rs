@@ -17,6 +17,9 @@ pub const DATA_BIG: usize = 4096;
 pub const CAPTURE_MAX: u32 = 16 * 1024;
 /// Bytes of a path the probes copy (the rest is cut and flagged).
 pub const PATH_MAX: usize = 256;
+/// The probe's path buffer: `PATH_MAX` plus room for reading a whole
+/// pattern (64 bytes) starting at any path offset.
+pub const PATH_SCRATCH: usize = PATH_MAX + 64;
 
 /// What a signing-path uprobe is attached to. The attach cookie carries this
 /// in its low byte and the sensor's library index above it.
@@ -83,6 +86,84 @@ pub mod open_flags {
     pub const HELD: u32 = 1 << 2;
     /// The path was longer than `PATH_MAX` and is cut.
     pub const TRUNCATED: u32 = 1 << 3;
+    /// The path passed the kernel prefilter of the secret-file watch list.
+    pub const WATCHED: u32 = 1 << 4;
+}
+
+/// The kernel side of the secret-file watch list: each glob from the
+/// configuration is compiled (`sensor/src/secrets/prefilter.rs`) into one
+/// literal test the probe can afford on every `openat`. The set of paths
+/// passing these tests is a superset of those the globs match; the sensor
+/// matches the globs exactly.
+pub mod watch {
+    pub const SLOTS: u32 = 16;
+    pub const PATTERN_MAX: usize = 64;
+    /// Unused slot.
+    pub const NONE: u32 = 0;
+    /// The path starts with the bytes (`/etc/ssl/private/`).
+    pub const PATH_PREFIX: u32 = 1;
+    /// The path ends with the bytes (`.key`, `/.env`).
+    pub const PATH_SUFFIX: u32 = 2;
+    /// The last path component starts with the bytes (`id_`).
+    pub const BASENAME_PREFIX: u32 = 3;
+    /// The path is exactly the bytes (a relative `.env`).
+    pub const PATH_EXACT: u32 = 4;
+    /// Words of a pattern: `PATTERN_MAX / 8`.
+    pub const WORDS: usize = PATTERN_MAX / 8;
+}
+
+/// One compiled watch pattern (a slot of the `WATCH` array map). The
+/// literal is stored as little-endian words with a byte mask per word, so
+/// the probe compares eight words without a data-dependent loop.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WatchPattern {
+    /// `watch::*`
+    pub kind: u32,
+    /// Length of the literal in bytes.
+    pub len: u32,
+    pub words: [u64; watch::WORDS],
+    /// 0xff for each byte of `words` that belongs to the literal.
+    pub masks: [u64; watch::WORDS],
+}
+
+impl WatchPattern {
+    pub const EMPTY: WatchPattern = WatchPattern {
+        kind: watch::NONE,
+        len: 0,
+        words: [0; watch::WORDS],
+        masks: [0; watch::WORDS],
+    };
+
+    /// Builds a pattern from a literal of at most `PATTERN_MAX` bytes.
+    pub fn new(kind: u32, literal: &[u8]) -> Option<WatchPattern> {
+        if literal.is_empty() || literal.len() > watch::PATTERN_MAX {
+            return None;
+        }
+        let mut p = WatchPattern {
+            kind,
+            len: literal.len() as u32,
+            ..Self::EMPTY
+        };
+        let mut i = 0;
+        while i < literal.len() {
+            p.words[i / 8] |= (literal[i] as u64) << (8 * (i % 8));
+            p.masks[i / 8] |= 0xff << (8 * (i % 8));
+            i += 1;
+        }
+        Some(p)
+    }
+
+    /// The literal back, for messages and tests.
+    pub fn literal(&self) -> [u8; watch::PATTERN_MAX] {
+        let mut out = [0u8; watch::PATTERN_MAX];
+        let mut i = 0;
+        while i < self.len as usize && i < watch::PATTERN_MAX {
+            out[i] = (self.words[i / 8] >> (8 * (i % 8))) as u8;
+            i += 1;
+        }
+        out
+    }
 }
 
 /// Slots of the `CONFIG` array map, written by the sensor.
@@ -339,5 +420,6 @@ mod pod {
     unsafe impl aya::Pod for MdCtxState {}
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for KnownHandle {}
+    unsafe impl aya::Pod for WatchPattern {}
     unsafe impl aya::Pod for LibrarySeenKey {}
 }

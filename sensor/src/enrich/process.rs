@@ -30,6 +30,10 @@ pub struct ProcessInfo {
     pub cmd_line: Option<String>,
     /// Working directory at exec, to make relative paths absolute.
     pub cwd_path: Option<String>,
+    /// Whether the paths this process opens are host paths: its root
+    /// directory is the sensor's and its mount namespace too. `None` when it
+    /// exited before the sensor could look.
+    pub host_root: Option<bool>,
     pub cgroup_path: Option<String>,
     pub container: Option<Container>,
     /// Why some of the above is missing.
@@ -64,6 +68,17 @@ impl ProcessInfo {
             (Some(cwd), false) => format!("{}/{}", cwd.trim_end_matches('/'), path),
             _ => path.to_owned(),
         }
+    }
+
+    /// The path as the host sees it (see `SecretFile::host_path`).
+    pub fn host_path(&self, tgid: u32, absolute: &str) -> Option<String> {
+        self.host_root.map(|host| {
+            if host {
+                absolute.to_owned()
+            } else {
+                format!("/proc/{tgid}/root{absolute}")
+            }
+        })
     }
 
     /// A path the process opened, resolved the way the process saw it:
@@ -108,6 +123,27 @@ pub struct ProcessTable {
 /// between two polls of the event ring).
 const VERSIONS: usize = 4;
 
+/// Same mount namespace as the sensor? `None` when it cannot be read (the
+/// process is gone).
+fn same_mount_ns(tgid: u32) -> Option<bool> {
+    let theirs = std::fs::metadata(format!("/proc/{tgid}/ns/mnt"))
+        .ok()?
+        .ino();
+    Some(theirs == std::fs::metadata("/proc/self/ns/mnt").ok()?.ino())
+}
+
+/// Is this root directory (held open since exec, so it answers even after
+/// the process exited) the sensor's own `/`?
+fn same_root_as_host(root: &OwnedFd) -> bool {
+    let Ok(theirs) = nix::sys::stat::fstat(root) else {
+        return false;
+    };
+    let Ok(ours) = nix::sys::stat::stat("/") else {
+        return false;
+    };
+    (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+}
+
 fn open_path(p: &str) -> Option<OwnedFd> {
     use nix::fcntl::{OFlag, open};
     use nix::sys::stat::Mode;
@@ -133,9 +169,10 @@ impl ProcessTable {
     /// `exec_path` is the path given to execve, when known.
     pub fn snapshot(&self, tgid: u32, exec_path: Option<String>) -> ProcessInfo {
         let proc_dir = format!("/proc/{tgid}");
-        let exe = File::open(format!("{proc_dir}/exe"));
+        // Root and cwd first: they are what resolves the files it opens.
         let root = open_path(&format!("{proc_dir}/root"));
         let cwd = open_path(&format!("{proc_dir}/cwd"));
+        let exe = File::open(format!("{proc_dir}/exe"));
         let cwd_path = std::fs::read_link(format!("{proc_dir}/cwd"))
             .ok()
             .map(|p| p.to_string_lossy().into_owned());
@@ -177,6 +214,11 @@ impl ProcessTable {
             exe_sha256,
             cmd_line: cmd_line.filter(|c| !c.is_empty()),
             cwd_path,
+            host_root: match (root.as_ref().map(same_root_as_host), same_mount_ns(tgid)) {
+                (Some(true), Some(true)) => Some(true),
+                (Some(false), _) | (_, Some(false)) => Some(false),
+                _ => None,
+            },
             cgroup_path,
             container,
             error: (!errors.is_empty()).then(|| errors.join("; ")),

@@ -202,9 +202,19 @@ fn spki_from_certificate(der: &[u8]) -> Result<Vec<u8>, String> {
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
+/// What a key file holds.
+#[derive(Clone, Debug)]
+pub struct KeyFile {
+    /// Every public key found (from private keys, public keys, certificates).
+    pub keys: Vec<KeyInfo>,
+    /// At least one block was a private key.
+    pub has_private_key: bool,
+}
+
 /// Every public key found in `bytes` (a PEM bundle may hold a key and a
-/// chain of certificates). `path` is only used in error messages.
-pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
+/// chain of certificates), and whether it holds a private key. `path` is
+/// only used in error messages.
+pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
     let unsupported = |detail: String| KeyFileError::Unsupported {
         path: path.to_owned(),
         detail,
@@ -212,6 +222,7 @@ pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
     let mut spkis: Vec<Vec<u8>> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
     let mut encrypted = false;
+    let mut private = false;
 
     if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
         let blocks = pem::parse_many(bytes).map_err(|e| unsupported(format!("PEM: {e}")))?;
@@ -242,16 +253,21 @@ pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
                 _ => continue, // EC PARAMETERS, DH PARAMETERS, CRLs, ...
             };
             match got {
-                Ok(spki) => spkis.push(spki),
+                Ok(spki) => {
+                    private |= block.tag().ends_with("PRIVATE KEY");
+                    spkis.push(spki);
+                }
                 Err(e) => problems.push(format!("{}: {e}", block.tag())),
             }
         }
     } else {
         // DER: try the shapes a key file can have, most specific first.
-        let got = spki_from_pkcs8(bytes)
-            .or_else(|_| spki_from_certificate(bytes))
+        let private_der = spki_from_pkcs8(bytes)
             .or_else(|_| spki_from_sec1(bytes))
-            .or_else(|_| spki_from_pkcs1(bytes))
+            .or_else(|_| spki_from_pkcs1(bytes));
+        private = private_der.is_ok();
+        let got = private_der
+            .or_else(|_| spki_from_certificate(bytes))
             .or_else(|_| KeyInfo::from_spki_der(bytes).map(|_| bytes.to_vec()));
         match got {
             Ok(spki) => spkis.push(spki),
@@ -286,12 +302,20 @@ pub fn keys_in(path: &str, bytes: &[u8]) -> Result<Vec<KeyInfo>, KeyFileError> {
         };
         return Err(unsupported(detail));
     }
-    Ok(keys)
+    Ok(KeyFile {
+        keys,
+        has_private_key: private,
+    })
 }
 
 /// Reads and parses a key or certificate file. Reads at most
 /// `MAX_KEY_FILE` bytes, into a buffer that is zeroed when dropped.
 pub fn read_key_file(path: &Path, shown_as: &str) -> Result<Vec<KeyInfo>, KeyFileError> {
+    read_key_file_detailed(path, shown_as).map(|f| f.keys)
+}
+
+/// Like `read_key_file`, also telling whether the file holds a private key.
+pub fn read_key_file_detailed(path: &Path, shown_as: &str) -> Result<KeyFile, KeyFileError> {
     use std::io::Read;
     let read_err = |source| KeyFileError::Read {
         path: shown_as.to_owned(),
@@ -309,7 +333,7 @@ pub fn read_key_file(path: &Path, shown_as: &str) -> Result<Vec<KeyInfo>, KeyFil
     file.take(MAX_KEY_FILE)
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
-    keys_in(shown_as, &bytes)
+    key_file_in(shown_as, &bytes)
 }
 
 #[cfg(test)]
@@ -424,9 +448,10 @@ pub(crate) mod tests {
             "-out",
             der.to_str().unwrap(),
         ]);
-        for p in [&sec1, &cert, &der] {
-            let keys = read_key_file(p, "k").unwrap();
-            assert_eq!(keys[0].spki_sha256, expected, "{}", p.display());
+        for (p, private) in [(&sec1, true), (&cert, false), (&der, true)] {
+            let f = read_key_file_detailed(p, "k").unwrap();
+            assert_eq!(f.keys[0].spki_sha256, expected, "{}", p.display());
+            assert_eq!(f.has_private_key, private, "{}", p.display());
         }
         let (dir2, rsa_key, rsa_expected) =
             openssl_key(&["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"]);

@@ -1,0 +1,275 @@
+//! The secret-file watch list and the coalescing of repeated opens.
+
+use std::time::{Duration, Instant};
+
+use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
+use hashbrown::HashMap;
+use keywarden_probe_types::WatchPattern;
+use serde::Deserialize;
+
+use super::prefilter::{self, PatternError};
+
+/// One configured entry: a glob, optionally limited to files that hold a
+/// private key (`**/*.pem` matches certificates too).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum WatchEntry {
+    Glob(String),
+    Detailed {
+        glob: String,
+        #[serde(default)]
+        only_private_keys: bool,
+    },
+}
+
+impl WatchEntry {
+    pub fn glob(&self) -> &str {
+        match self {
+            WatchEntry::Glob(g) | WatchEntry::Detailed { glob: g, .. } => g,
+        }
+    }
+
+    fn only_private_keys(&self) -> bool {
+        matches!(
+            self,
+            WatchEntry::Detailed {
+                only_private_keys: true,
+                ..
+            }
+        )
+    }
+}
+
+/// What matched a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Match {
+    /// The first matching glob.
+    pub glob: String,
+    /// Every matching entry wants only files that hold a private key.
+    pub only_private_keys: bool,
+}
+
+pub struct WatchList {
+    set: GlobSet,
+    entries: Vec<WatchEntry>,
+    /// What the probe filters on, one per entry.
+    pub kernel: Vec<WatchPattern>,
+}
+
+impl WatchList {
+    pub fn new(entries: &[WatchEntry]) -> Result<Self, PatternError> {
+        let globs: Vec<String> = entries.iter().map(|e| e.glob().to_owned()).collect();
+        let kernel = prefilter::compile_all(&globs)?;
+        let mut builder = GlobSetBuilder::new();
+        for g in &globs {
+            let glob = GlobBuilder::new(g)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| PatternError {
+                    glob: g.clone(),
+                    why: e.kind().to_string(),
+                })?;
+            builder.add(glob);
+        }
+        let set = builder.build().map_err(|e| PatternError {
+            glob: String::new(),
+            why: e.to_string(),
+        })?;
+        Ok(Self {
+            set,
+            entries: entries.to_vec(),
+            kernel,
+        })
+    }
+
+    /// Does an absolute path (as the process saw it) match the list?
+    pub fn matches(&self, path: &str) -> Option<Match> {
+        let hits = self.set.matches(path);
+        let first = *hits.first()?;
+        Some(Match {
+            glob: self.entries[first].glob().to_owned(),
+            only_private_keys: hits.iter().all(|&i| self.entries[i].only_private_keys()),
+        })
+    }
+
+    /// Entries naming a directory that does not exist on this host, for a
+    /// warning (a typo watches nothing; containers may still have it).
+    pub fn missing_roots(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .map(|e| e.glob())
+            .filter(|g| g.starts_with('/'))
+            .filter_map(|g| {
+                let literal = match g.find(['*', '?', '[', '{']) {
+                    None => g,
+                    Some(i) => &g[..g[..i].rfind('/').unwrap_or(0).max(1)],
+                };
+                (!std::path::Path::new(literal).exists())
+                    .then(|| format!("{g} ({literal} does not exist on this host)"))
+            })
+            .collect()
+    }
+}
+
+/// Opens of one file by one process within the window become one event.
+pub struct Coalescer<T> {
+    window: Duration,
+    pending: HashMap<(u32, String), (Instant, T, u32, i64)>,
+}
+
+impl<T> Coalescer<T> {
+    pub fn new(window: Duration) -> Self {
+        Self {
+            window,
+            pending: HashMap::new(),
+        }
+    }
+
+    /// Records an open at `time_ms`. Returns false when it joined a pending
+    /// one (nothing else to do), true when it started a new window (the
+    /// caller built `first` for it).
+    pub fn add(&mut self, tgid: u32, path: &str, time_ms: i64, first: impl FnOnce() -> T) -> bool {
+        if let Some(p) = self.pending.get_mut(&(tgid, path.to_owned())) {
+            p.2 += 1;
+            p.3 = time_ms;
+            return false;
+        }
+        self.pending.insert(
+            (tgid, path.to_owned()),
+            (Instant::now(), first(), 1, time_ms),
+        );
+        true
+    }
+
+    /// Windows that have closed (all of them with `flush`): the first
+    /// open's record, the count, and the last open's time.
+    pub fn due(&mut self, flush: bool) -> Vec<(T, u32, i64)> {
+        let now = Instant::now();
+        let keys: Vec<(u32, String)> = self
+            .pending
+            .iter()
+            .filter(|(_, (t, ..))| flush || now.duration_since(*t) >= self.window)
+            .map(|(k, _)| k.clone())
+            .collect();
+        keys.into_iter()
+            .filter_map(|k| self.pending.remove(&k))
+            .map(|(_, v, n, last)| (v, n, last))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> Vec<WatchEntry> {
+        let text = "
+- /etc/ssl/private/**
+- '**/*.key'
+- { glob: '**/*.pem', only_private_keys: true }
+- '**/.env'
+- '**/.aws/credentials'
+- /var/run/secrets/kubernetes.io/serviceaccount/token
+- '**/.ssh/id_*'
+";
+        serde_saphyr::from_str(text).unwrap()
+    }
+
+    #[test]
+    fn default_list_matches_what_it_should() {
+        let w = WatchList::new(&defaults()).unwrap();
+        let m = |p: &str| w.matches(p).map(|m| (m.glob, m.only_private_keys));
+        assert_eq!(
+            m("/etc/ssl/private/site.key").unwrap().0,
+            "/etc/ssl/private/**"
+        );
+        assert_eq!(
+            m("/etc/ssl/private/nested/x").unwrap().0,
+            "/etc/ssl/private/**"
+        );
+        assert_eq!(m("/home/a/app/server.key").unwrap().0, "**/*.key");
+        assert_eq!(m("/srv/x/cert.pem"), Some(("**/*.pem".into(), true)));
+        assert_eq!(m("/srv/app/.env").unwrap().0, "**/.env");
+        assert_eq!(
+            m("/root/.aws/credentials").unwrap().0,
+            "**/.aws/credentials"
+        );
+        assert!(m("/var/run/secrets/kubernetes.io/serviceaccount/token").is_some());
+        assert_eq!(m("/home/a/.ssh/id_ed25519").unwrap().0, "**/.ssh/id_*");
+        for no in [
+            "/srv/app/.envrc",
+            "/home/a/.ssh/known_hosts",
+            "/etc/passwd",
+            "/srv/key.txt",
+            "/home/a/id_rsa",
+        ] {
+            assert_eq!(m(no), None, "{no}");
+        }
+    }
+
+    #[test]
+    fn kernel_prefilter_is_a_superset_of_the_globs() {
+        // Every path the globs match must pass the compiled kernel tests.
+        let w = WatchList::new(&defaults()).unwrap();
+        let passes = |path: &str| {
+            w.kernel.iter().any(|p| {
+                let full = p.literal();
+                let lit = &full[..p.len as usize];
+                let b = path.as_bytes();
+                match p.kind {
+                    keywarden_probe_types::watch::PATH_PREFIX => b.starts_with(lit),
+                    keywarden_probe_types::watch::PATH_SUFFIX => b.ends_with(lit),
+                    keywarden_probe_types::watch::BASENAME_PREFIX => {
+                        path.rsplit('/').next().unwrap().as_bytes().starts_with(lit)
+                    }
+                    keywarden_probe_types::watch::PATH_EXACT => b == lit,
+                    _ => false,
+                }
+            })
+        };
+        for p in [
+            "/etc/ssl/private/a",
+            "/x/y.key",
+            "/x/y.pem",
+            "/x/.env",
+            "/r/.aws/credentials",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            "/h/.ssh/id_rsa",
+        ] {
+            assert!(w.matches(p).is_some(), "{p}");
+            assert!(
+                passes(p),
+                "{p} matched by a glob but not by the kernel test"
+            );
+        }
+        assert!(!passes("/usr/lib/x86_64-linux-gnu/libc.so.6"));
+    }
+
+    #[test]
+    fn bad_entries_and_missing_roots_are_named() {
+        let bad = vec![WatchEntry::Glob("**/*".into())];
+        let e = WatchList::new(&bad).err().unwrap();
+        assert!(e.to_string().contains("\"**/*\""), "{e}");
+        let w = WatchList::new(&[WatchEntry::Glob("/no/such/dir/**".into())]).unwrap();
+        assert_eq!(
+            w.missing_roots(),
+            vec!["/no/such/dir/** (/no/such/dir does not exist on this host)".to_owned()]
+        );
+    }
+
+    #[test]
+    fn repeated_opens_coalesce_per_process_and_path() {
+        let mut c: Coalescer<&str> = Coalescer::new(Duration::from_secs(60));
+        assert!(c.add(1, "/a", 10, || "first"));
+        assert!(!c.add(1, "/a", 20, || "second"));
+        assert!(!c.add(1, "/a", 30, || "third"));
+        assert!(c.add(2, "/a", 40, || "other pid"));
+        assert!(c.due(false).is_empty(), "window still open");
+        let mut out = c.due(true);
+        out.sort();
+        assert_eq!(out, vec![("first", 3, 30), ("other pid", 1, 40)]);
+        let mut c: Coalescer<u8> = Coalescer::new(Duration::ZERO);
+        c.add(1, "/a", 1, || 1);
+        assert_eq!(c.due(false), vec![(1, 1, 1)]);
+    }
+}
