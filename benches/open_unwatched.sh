@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Cost of the sensor's openat probe to opens it does not care about: a tight
+# C loop opening and closing unwatched files, with and without the sensor.
+# Runs alternate; the result is the median ratio of opens/s (with / without).
+#
+#   ROUNDS=5 OPENS=1000000 bash benches/open_unwatched.sh
+# Needs root, gcc and a release build (cargo xtask bench does the build).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROUNDS="${ROUNDS:-5}"
+OPENS="${OPENS:-1000000}"
+BIN="${KEYWARDEN_BIN:-target/release/keywarden}"
+OUT="${BENCH_OUT:-target/bench/open_unwatched}"
+mkdir -p "$OUT/files"
+[[ -x "$BIN" ]] || { echo "build first: cargo build --release -p keywarden" >&2; exit 1; }
+for i in $(seq 0 99); do : >"$OUT/files/data-$i.txt"; done
+
+cat >"$OUT/opener.c" <<'C'
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+/* Opens and closes N unwatched files; prints opens per second. */
+int main(int argc, char **argv) {
+    long n = atol(argv[2]);
+    char path[4096];
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    for (long i = 0; i < n; i++) {
+        snprintf(path, sizeof path, "%s/data-%ld.txt", argv[1], i % 100);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) { perror(path); return 1; }
+        close(fd);
+    }
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    double s = (b.tv_sec - a.tv_sec) + (b.tv_nsec - a.tv_nsec) / 1e9;
+    printf("%.0f\n", n / s);
+    return 0;
+}
+C
+gcc -O2 -o "$OUT/opener" "$OUT/opener.c"
+
+results="$OUT/results.tsv"
+echo -e "round\tbaseline\twith_sensor\tratio" >"$results"
+for r in $(seq 1 "$ROUNDS"); do
+    base=$("$OUT/opener" "$OUT/files" "$OPENS")
+    "$BIN" run --output /dev/null 2>"$OUT/sensor.log" &
+    sensor=$!
+    for _ in $(seq 1 200); do grep -q ready "$OUT/sensor.log" && break; sleep 0.05; done
+    with=$("$OUT/opener" "$OUT/files" "$OPENS")
+    kill -INT "$sensor"; wait "$sensor"
+    ratio=$(python3 -c "print(f'{$with / $base:.3f}')")
+    echo -e "$r\t$base\t$with\t$ratio" | tee -a "$results"
+done
+python3 - "$results" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+med = lambda k: statistics.median(float(r[k]) for r in rows)
+print()
+print("| opens/s without (median) | with sensor (median) | median ratio |")
+print("|---|---|---|")
+print(f"| {med('baseline'):.0f} | {med('with_sensor'):.0f} | {med('ratio'):.3f} |")
+PY
