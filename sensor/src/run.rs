@@ -157,6 +157,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 
     let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(1));
     let mut last_housekeeping = Instant::now();
+    let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
         let timeout =
             nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
@@ -166,7 +167,11 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         )];
         match nix::poll::poll(&mut fds, timeout) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
-            Err(e) => return Err(anyhow::anyhow!("polling the ring buffer: {e}")),
+            Err(e) => {
+                // Leave through the same door as a signal: nobody stays held.
+                failure = Some(anyhow::anyhow!("polling the ring buffer: {e}"));
+                break;
+            }
         }
         s.drain();
         s.emit_secret_opens(false);
@@ -204,6 +209,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         verifications = s.ident.verifications,
         "stopped: probes detached"
     );
+    if let Some(e) = failure {
+        return Err(e);
+    }
     if waiting > 0 {
         anyhow::bail!("{waiting} events could not be written to {}", cfg.output);
     }
