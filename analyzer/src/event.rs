@@ -3,8 +3,8 @@
 //! The structs mirror OCSF objects one to one, so an event serializes to
 //! OCSF-shaped JSON (NDJSON output) and, later, to Parquet columns without a
 //! second model. Attributes OCSF has no place for are keywarden extension
-//! attributes: `key`, `signature`, `cgroup` at the top level and
-//! `actor.process.attribution_error`. `docs/events.md` documents every field.
+//! attributes: `key`, `signature`, `cgroup`, `secret_file` at the top level
+//! and `actor.process.attribution_error`. `docs/events.md` documents every field.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +14,7 @@ pub const OCSF_VERSION: &str = "1.3.0";
 pub mod class {
     /// Module Activity: a function exported from a module was invoked.
     pub const MODULE_ACTIVITY: u32 = 1005;
-    /// File System Activity (secret-file reads).
+    /// File System Activity (secret-file opens).
     pub const FILE_SYSTEM_ACTIVITY: u32 = 1001;
     /// Detection Finding (alerts).
     pub const DETECTION_FINDING: u32 = 2004;
@@ -54,6 +54,7 @@ pub struct Event {
     pub type_name: String,
     pub severity_id: u8,
     pub severity: String,
+    /// 0 Unknown (secret-file opens: the attempt is seen, not its result),
     /// 1 Success, 2 Failure.
     pub status_id: u8,
     pub status: String,

@@ -24,17 +24,28 @@ pub struct Config {
     pub key_paths: Vec<String>,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
+    /// Optional in a configuration file: the embedded default list applies.
+    #[serde(default = "SecretFiles::embedded_default")]
     pub secret_files: SecretFiles,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretFiles {
-    /// Globs of files whose opens are reported (at most 16).
+    /// Globs of files whose opens are reported. They compile to at most 16
+    /// kernel tests; a `**/name` entry takes two.
     pub watch: Vec<crate::secrets::watch::WatchEntry>,
     /// Opens of one file by one process within this many milliseconds
     /// become one event with a count.
     pub coalesce_ms: u64,
+}
+
+impl SecretFiles {
+    fn embedded_default() -> Self {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("embedded default configuration")
+            .secret_files
+    }
 }
 
 impl Config {
@@ -67,6 +78,16 @@ mod tests {
         assert_eq!(c.secret_files.watch.len(), 7);
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
             .expect("default watch list compiles");
+    }
+
+    #[test]
+    fn a_file_without_secret_files_gets_the_default_list() {
+        let text = "output: '-'\npoll_interval_ms: 20\nhold_new_libraries: true\nkey_paths: []\nlibrary_dirs: []\n";
+        let c = Config::parse(text, "c.yaml").unwrap();
+        assert_eq!(
+            c.secret_files.watch.len(),
+            Config::load(None).unwrap().secret_files.watch.len()
+        );
     }
 
     #[test]

@@ -35,8 +35,10 @@ use crate::{
 /// Real-time priority for this thread. A signer like `cat` or `openssl`
 /// can exec, open its key and exit within a millisecond; on a busy host an
 /// ordinary thread may wake later than that, and then the process's root,
-/// working directory and executable are gone. The thread sleeps in `poll`
-/// and does bounded work per record, so it cannot starve the host.
+/// working directory and executable are gone. The thread sleeps in `poll`;
+/// per exec it only opens handles and reads a few /proc files (hashing the
+/// executable is left to the event thread). Attaching to a new library
+/// (reading its symbols) is the longest thing it does, once per library.
 fn raise_priority() {
     let param = libc::sched_param { sched_priority: 10 };
     // SAFETY: plain syscall on the calling thread with a valid parameter.

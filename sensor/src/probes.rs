@@ -325,7 +325,7 @@ impl Probes {
     }
 
     /// Marks (tgid, key object) as judged by the sensor, or not any more.
-    pub fn set_known(&mut self, tgid: u32, handle: u64, known: bool) -> Result<()> {
+    pub fn set_known(&mut self, tgid: u32, handle: u64, generation: Option<u64>) -> Result<()> {
         let mut map: BpfHashMap<&mut MapData, ProcPtr, KnownHandle> =
             BpfHashMap::try_from(self.ebpf.map_mut("KNOWN").context("KNOWN map")?)?;
         let key = ProcPtr {
@@ -333,8 +333,8 @@ impl Probes {
             _pad: 0,
             ptr: handle,
         };
-        if known {
-            map.insert(&key, &KnownHandle { identified: 1 }, 0)?;
+        if let Some(generation) = generation {
+            map.insert(&key, &KnownHandle { generation }, 0)?;
         } else {
             let _ = map.remove(&key);
         }

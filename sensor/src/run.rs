@@ -374,8 +374,22 @@ impl Sensor {
     fn on_open(&mut self, f: &FileOpenRecord) {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
+        if f.flags & open_flags::TRUNCATED != 0 {
+            debug!(pid = tgid, "path longer than the probe copies; not matched");
+            return;
+        }
         let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
-        let absolute = info.absolute(&path);
+        // A path relative to a directory descriptor cannot be made absolute
+        // here; it is matched as it is (`**/name` globs still apply).
+        let absolute = if f.dfd == -100 || path.starts_with('/') {
+            info.absolute(&path)
+        } else {
+            path.clone()
+        };
+        let time_ms = self.wall_ms(f.task.ktime_ns);
+        if f.flags & open_flags::KEY_FILE == 0 && self.secret_opens.join(tgid, &absolute, time_ms) {
+            return; // a repeat within the window: counted, nothing else to do
+        }
         let watched = if f.flags & open_flags::WATCHED != 0 {
             self.watch.matches(&absolute)
         } else {
@@ -396,7 +410,9 @@ impl Sensor {
         if m.only_private_keys && !holds_private_key {
             return;
         }
-        let time_ms = self.wall_ms(f.task.ktime_ns);
+        if self.secret_opens.join(tgid, &absolute, time_ms) {
+            return;
+        }
         let keys: Vec<KeyInfo> = match key_file.as_deref() {
             Some(Ok(k)) => k.keys.clone(),
             _ => Vec::new(),
@@ -517,12 +533,12 @@ impl Sensor {
             tid: task.tid(),
             name: c_str(&task.comm),
             cmd_line: info.cmd_line.clone(),
-            file: info.file(),
+            file: info.file(&self.procs),
             user: User {
                 uid: uid.to_string(),
                 name: user_name,
             },
-            attribution_error: info.error.clone(),
+            attribution_error: info.attribution_error(&self.procs),
         };
         (
             process,
@@ -586,13 +602,13 @@ impl Sensor {
         let learned = std::mem::take(&mut self.ident.learned);
         let retract = std::mem::take(&mut self.ident.retract);
         let mut probes = self.probes();
-        for (tgid, handle) in learned {
-            if let Err(e) = probes.set_known(tgid, handle, true) {
+        for (tgid, handle, generation) in learned {
+            if let Err(e) = probes.set_known(tgid, handle, Some(generation)) {
                 debug!(error = %e, "KNOWN insert");
             }
         }
         for (tgid, handle) in retract {
-            let _ = probes.set_known(tgid, handle, false);
+            let _ = probes.set_known(tgid, handle, None);
         }
     }
 

@@ -6,8 +6,8 @@
 //!   They are plain perf-event uprobes (uprobe.multi links measured the
 //!   same; see docs/performance.md).
 //! * `process_exec`, `process_exit` and `openat_enter` are tracepoints that
-//!   give the sensor process lifetimes, crypto libraries being loaded and
-//!   key files being opened.
+//!   give the sensor process lifetimes, crypto libraries being loaded, key
+//!   files being opened, and opens that pass the secret-file watch list.
 //!
 //! Cost matters more than anything here: a uprobe trap already costs several
 //! microseconds in a VM, so records go out with `BPF_RB_NO_WAKEUP` and the
@@ -66,6 +66,10 @@ mod probes {
     /// re-initialized, so a reused address is always checked again.
     #[map]
     static KNOWN: LruHashMap<ProcPtr, KnownHandle> = LruHashMap::with_max_entries(65536, 0);
+
+    /// Frees and re-initializations seen per (tgid, key object).
+    #[map]
+    static FREE_GEN: LruHashMap<ProcPtr, u64> = LruHashMap::with_max_entries(65536, 0);
 
     #[map]
     static LIBRARY_SEEN: LruHashMap<LibrarySeenKey, u8> = LruHashMap::with_max_entries(65536, 0);
@@ -342,6 +346,7 @@ mod probes {
             siglen_ptr: arg(ctx, 2),
             sp,
             started_ns: now,
+            handle_gen: 0,
             md_name: [0; 16],
         };
         if f == func::PKEY_SIGN {
@@ -375,7 +380,9 @@ mod probes {
             _pad: 0,
             ptr: inflight.handle,
         };
-        if unsafe { KNOWN.get(&known) }.is_some() {
+        let generation = unsafe { FREE_GEN.get(&known) }.copied().unwrap_or(0);
+        inflight.handle_gen = generation;
+        if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
             inflight.flags |= sign_flags::KNOWN_HANDLE;
         } else if f != func::DIGEST_SIGN_FINAL {
             emit_data(tgid, inflight.op_id, 0, arg(ctx, 3), arg(ctx, 4));
@@ -398,6 +405,10 @@ mod probes {
         if !signed && !known {
             return;
         }
+        // Voids any KNOWN entry the sensor writes later for a signature
+        // made before this free.
+        let generation = unsafe { FREE_GEN.get(&key) }.copied().unwrap_or(0);
+        let _ = FREE_GEN.insert(&key, &(generation + 1), 0);
         let rec = HandleFreeRecord {
             kind: kind::HANDLE_FREE,
             tgid,
@@ -446,6 +457,7 @@ mod probes {
             sig_captured: 0,
             _pad: 0,
             md_name: inflight.md_name,
+            handle_gen: inflight.handle_gen,
         };
         if inflight.flags & sign_flags::KNOWN_HANDLE != 0 {
             let rec = SignRecord {
@@ -572,7 +584,7 @@ mod probes {
             Ok(s) => s.len(),
             Err(_) => return 0,
         };
-        if len < 4 || len >= PATH_MAX {
+        if len < 4 {
             return 0;
         }
         if (bpf_get_current_pid_tgid() >> 32) == config(config::SENSOR_TGID) {
@@ -591,6 +603,11 @@ mod probes {
             if flags == 0 {
                 return 0;
             }
+        }
+        // The helper reads at most PATH_MAX - 1 bytes: a path that long may
+        // be cut, and the sensor must not match it as if it were whole.
+        if len >= PATH_MAX - 1 {
+            flags |= open_flags::TRUNCATED;
         }
         let task = current_task();
         let is_library = flags & open_flags::LIBRARY != 0;

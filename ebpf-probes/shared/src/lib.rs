@@ -248,6 +248,10 @@ pub struct SignRecord {
     pub _pad: u32,
     /// Digest name passed to EVP_DigestSignInit_ex, NUL padded.
     pub md_name: [u8; 16],
+    /// How many times the key object was freed or re-initialized before
+    /// this signature (`FREE_GEN`); the sensor's `KNOWN` entry for it is
+    /// only trusted at this generation.
+    pub handle_gen: u64,
 }
 
 /// A `SignRecord` followed by the signature, for key objects the sensor has
@@ -373,15 +377,20 @@ pub struct Inflight {
     /// `bpf_ktime_get_ns()` at entry; records older than
     /// `INFLIGHT_MAX_AGE_NS` are stale too.
     pub started_ns: u64,
+    /// `FREE_GEN` of the handle at entry.
+    pub handle_gen: u64,
     pub md_name: [u8; 16],
 }
 
 /// Value of the `KNOWN` map: the sensor has judged (tgid, handle) already
-/// (identified it, or found that no known key verifies it).
+/// (identified it, or found that no known key verifies it), at free
+/// generation `generation` (see `SignRecord::handle_gen`). A free after the
+/// judged signature moves the generation on and voids the entry, even if
+/// the sensor writes it later.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KnownHandle {
-    pub identified: u64,
+    pub generation: u64,
 }
 
 /// No signature takes this long; an older in-flight record is stale.

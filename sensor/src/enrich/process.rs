@@ -26,7 +26,11 @@ use super::container::container_from_cgroup;
 pub struct ProcessInfo {
     /// Executable path as the process saw it.
     pub exe_path: Option<String>,
-    pub exe_sha256: Option<String>,
+    /// The executable, opened at snapshot time (valid after the process
+    /// exits); hashed on first use by the event thread, off the control
+    /// thread's real-time priority.
+    exe: Option<File>,
+    exe_sha256: std::sync::OnceLock<Result<String, String>>,
     pub cmd_line: Option<String>,
     /// Working directory at exec, to make relative paths absolute.
     pub cwd_path: Option<String>,
@@ -44,7 +48,7 @@ pub struct ProcessInfo {
 }
 
 impl ProcessInfo {
-    pub fn file(&self) -> Option<event::File> {
+    pub fn file(&self, table: &ProcessTable) -> Option<event::File> {
         let path = self.exe_path.clone()?;
         let name = Path::new(&path)
             .file_name()
@@ -55,11 +59,38 @@ impl ProcessInfo {
             name,
             type_id: 1,
             hashes: self
-                .exe_sha256
-                .iter()
-                .map(|h| Fingerprint::sha256(h.clone()))
+                .exe_hash(table)
+                .ok()
+                .map(Fingerprint::sha256)
+                .into_iter()
                 .collect(),
         })
+    }
+
+    /// SHA-256 of the executable, computed once (cached per file version
+    /// across processes by `table`).
+    pub fn exe_hash(&self, table: &ProcessTable) -> Result<&str, &str> {
+        self.exe_sha256
+            .get_or_init(|| match &self.exe {
+                Some(f) => f
+                    .try_clone()
+                    .and_then(|f| table.hash(f))
+                    .map_err(|e| format!("executable hash: {e}")),
+                None => {
+                    Err("executable hash: the process was gone before the sensor saw it".to_owned())
+                }
+            })
+            .as_deref()
+            .map_err(String::as_str)
+    }
+
+    /// Everything missing from the attribution, and why.
+    pub fn attribution_error(&self, table: &ProcessTable) -> Option<String> {
+        let mut errors: Vec<&str> = self.error.iter().map(String::as_str).collect();
+        if let Err(e) = self.exe_hash(table) {
+            errors.push(e);
+        }
+        (!errors.is_empty()).then(|| errors.join("; "))
     }
 
     /// `path` as the process saw it, made absolute with its working directory.
@@ -72,6 +103,9 @@ impl ProcessInfo {
 
     /// The path as the host sees it (see `SecretFile::host_path`).
     pub fn host_path(&self, tgid: u32, absolute: &str) -> Option<String> {
+        if !absolute.starts_with('/') {
+            return None;
+        }
         self.host_root.map(|host| {
             if host {
                 absolute.to_owned()
@@ -196,22 +230,14 @@ impl ProcessTable {
                 .map(|p| p.to_string_lossy().into_owned())
         });
         let mut errors = Vec::new();
-        let exe_sha256 = match exe.and_then(|f| self.hash(f)) {
-            Ok(h) => Some(h),
-            Err(e) => {
-                errors.push(format!(
-                    "executable hash: {e} (process gone before the sensor saw it?)"
-                ));
-                None
-            }
-        };
         if cgroup_path.is_none() {
             errors.push(format!("cannot read {proc_dir}/cgroup"));
         }
         let container = cgroup_path.as_deref().and_then(container_from_cgroup);
         ProcessInfo {
             exe_path,
-            exe_sha256,
+            exe: exe.ok(),
+            exe_sha256: std::sync::OnceLock::new(),
             cmd_line: cmd_line.filter(|c| !c.is_empty()),
             cwd_path,
             host_root: match (root.as_ref().map(same_root_as_host), same_mount_ns(tgid)) {
@@ -272,7 +298,7 @@ impl ProcessTable {
         }
     }
 
-    fn hash(&self, mut f: File) -> std::io::Result<String> {
+    pub fn hash(&self, mut f: File) -> std::io::Result<String> {
         let md = f.metadata()?;
         let id = FileId {
             dev: md.dev(),
@@ -378,7 +404,7 @@ mod tests {
         let info = t.snapshot(me, None);
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert_eq!(
-            info.exe_sha256.as_deref(),
+            info.exe_hash(&t).ok(),
             Some(hex::encode(Sha256::digest(&exe)).as_str())
         );
         assert!(
@@ -396,8 +422,8 @@ mod tests {
     fn a_vanished_process_gives_an_error_not_a_panic() {
         let t = ProcessTable::default();
         let info = t.snapshot(u32::MAX - 1, None);
-        assert!(info.exe_sha256.is_none());
-        assert!(info.error.is_some());
+        assert!(info.exe_hash(&t).is_err());
+        assert!(info.attribution_error(&t).is_some());
     }
 
     #[test]

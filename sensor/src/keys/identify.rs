@@ -59,10 +59,11 @@ pub struct Identifier {
     inventory: HashMap<String, Arc<KnownKey>>,
     /// Verifications run (each is one public-key operation).
     pub verifications: u64,
-    /// (tgid, handle) newly judged (identified, or unidentified with complete
-    /// data): the sensor tells the probes, which then stop copying data and
-    /// signatures for them.
-    pub learned: Vec<(u32, u64)>,
+    /// (tgid, handle, free generation) newly judged (identified, or
+    /// unidentified with complete data): the sensor tells the probes, which
+    /// then stop copying data and signatures for them while the generation
+    /// holds.
+    pub learned: Vec<(u32, u64, u64)>,
     /// (tgid, handle) the probes must stop treating as known.
     pub retract: Vec<(u32, u64)>,
 }
@@ -270,7 +271,7 @@ impl Identifier {
             self.verifications += 1;
             if verifies(&k.info.public, &signed) {
                 self.handles.insert(cache_key, (k.clone(), false));
-                self.learned.push(cache_key);
+                self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
                 return identified(k, "signature_verified");
             }
         }
@@ -310,7 +311,7 @@ impl Identifier {
         let reason = format!("none of the {n} known public key(s) verifies this signature");
         self.unidentified
             .insert(cache_key, (self.generation, reason.clone()));
-        self.learned.push(cache_key);
+        self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
         unknown(reason)
     }
 }
@@ -342,6 +343,7 @@ mod tests {
             sig_captured: sig.len() as u32,
             _pad: 0,
             md_name: [0; 16],
+            handle_gen: 0,
         };
         (r, sig.to_vec())
     }
@@ -438,7 +440,7 @@ mod tests {
                 .as_deref(),
             Some(spki2.as_str())
         );
-        assert!(id.learned.contains(&(10, 0xa)) && id.learned.contains(&(10, 0xb)));
+        assert!(id.learned.contains(&(10, 0xa, 0)) && id.learned.contains(&(10, 0xb, 0)));
 
         // A record the probes sent without data for an object the sensor no
         // longer vouches for: unknown, and the probes are told to capture again.
@@ -477,7 +479,7 @@ mod tests {
         assert!(got.unknown_reason.unwrap().contains("none of the 1 known"));
         assert!(got.spki_sha256.is_none());
         // Remembered: the probes stop copying, and no verification runs...
-        assert!(id.learned.contains(&(5, 1)));
+        assert!(id.learned.contains(&(5, 1, 0)));
         let before = id.verifications;
         let (mut lite, _) = record(5, 1, 9, &[]);
         lite.flags |= sign_flags::KNOWN_HANDLE;

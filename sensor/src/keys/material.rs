@@ -291,8 +291,10 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
     }
     if keys.is_empty() {
         if encrypted {
-            return Err(KeyFileError::Encrypted {
-                path: path.to_owned(),
+            // A private key, but not one whose public half can be read.
+            return Ok(KeyFile {
+                keys,
+                has_private_key: true,
             });
         }
         let detail = if problems.is_empty() {
@@ -311,10 +313,19 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
 /// Reads and parses a key or certificate file. Reads at most
 /// `MAX_KEY_FILE` bytes, into a buffer that is zeroed when dropped.
 pub fn read_key_file(path: &Path, shown_as: &str) -> Result<Vec<KeyInfo>, KeyFileError> {
-    read_key_file_detailed(path, shown_as).map(|f| f.keys)
+    let f = read_key_file_detailed(path, shown_as)?;
+    if f.keys.is_empty() {
+        // Only encrypted private keys: nothing to identify signatures with.
+        return Err(KeyFileError::Encrypted {
+            path: shown_as.to_owned(),
+        });
+    }
+    Ok(f.keys)
 }
 
 /// Like `read_key_file`, also telling whether the file holds a private key.
+/// A file with only encrypted private keys gives no keys and
+/// `has_private_key: true`.
 pub fn read_key_file_detailed(path: &Path, shown_as: &str) -> Result<KeyFile, KeyFileError> {
     use std::io::Read;
     let read_err = |source| KeyFileError::Read {
@@ -497,6 +508,11 @@ pub(crate) mod tests {
         let err = read_key_file(&enc, "enc.pem").unwrap_err();
         assert!(matches!(err, KeyFileError::Encrypted { .. }), "{err}");
         assert!(err.to_string().starts_with("enc.pem: "));
+        let f = read_key_file_detailed(&enc, "enc.pem").unwrap();
+        assert!(
+            f.keys.is_empty() && f.has_private_key,
+            "an encrypted key is still a private key"
+        );
 
         let garbage = dir.path().join("g.pem");
         std::fs::write(&garbage, b"hello").unwrap();

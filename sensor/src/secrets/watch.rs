@@ -125,6 +125,19 @@ impl<T> Coalescer<T> {
         }
     }
 
+    /// Counts an open into a window already open for (process, path).
+    /// Returns false when there is none (the caller then calls `add`).
+    pub fn join(&mut self, tgid: u32, path: &str, time_ms: i64) -> bool {
+        match self.pending.get_mut(&(tgid, path.to_owned())) {
+            Some(p) => {
+                p.2 += 1;
+                p.3 = time_ms;
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Records an open at `time_ms`. Returns false when it joined a pending
     /// one (nothing else to do), true when it started a new window (the
     /// caller built `first` for it).
@@ -264,10 +277,12 @@ mod tests {
         assert!(!c.add(1, "/a", 20, || "second"));
         assert!(!c.add(1, "/a", 30, || "third"));
         assert!(c.add(2, "/a", 40, || "other pid"));
+        assert!(c.join(2, "/a", 45));
+        assert!(!c.join(3, "/a", 45), "no window for pid 3");
         assert!(c.due(false).is_empty(), "window still open");
         let mut out = c.due(true);
         out.sort();
-        assert_eq!(out, vec![("first", 3, 30), ("other pid", 1, 40)]);
+        assert_eq!(out, vec![("first", 3, 30), ("other pid", 2, 45)]);
         let mut c: Coalescer<u8> = Coalescer::new(Duration::ZERO);
         c.add(1, "/a", 1, || 1);
         assert_eq!(c.due(false), vec![(1, 1, 1)]);
