@@ -73,6 +73,7 @@ impl Control {
                 if let Err(e) = self.probes.lock().expect("probes lock").heartbeat() {
                     warn!(error = %e, "heartbeat");
                 }
+                self.release_orphans();
                 last_heartbeat = Instant::now();
             }
             let mut fds = [nix::poll::PollFd::new(
@@ -105,6 +106,41 @@ impl Control {
                 Record::Malformed { kind, len } => warn!(kind, len, "malformed control record"),
                 _ => {}
             }
+        }
+    }
+
+    /// Releases processes held longer than a live sensor ever holds one:
+    /// they were held by a sensor that died before releasing them (the
+    /// `HELD` map is pinned, so it outlives that sensor).
+    fn release_orphans(&mut self) {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+            .unwrap_or(0);
+        let held = self
+            .probes
+            .lock()
+            .expect("probes lock")
+            .held()
+            .unwrap_or_default();
+        for (tgid, since) in held {
+            if now.saturating_sub(since) < keywarden_probe_types::config::HEARTBEAT_MAX_AGE_NS {
+                continue;
+            }
+            let stopped = std::fs::read_to_string(format!("/proc/{tgid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
+                .unwrap_or(false);
+            if stopped {
+                warn!(
+                    pid = tgid,
+                    "releasing a process held by a sensor that stopped before releasing it"
+                );
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(tgid as i32),
+                    nix::sys::signal::SIGCONT,
+                );
+            }
+            self.probes.lock().expect("probes lock").forget_held(tgid);
         }
     }
 
@@ -146,6 +182,14 @@ impl Control {
             }
         }
         if f.flags & open_flags::HELD != 0 {
+            if let Some(ms) = std::env::var("KEYWARDEN_TEST_RELEASE_DELAY_MS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+            {
+                // Test hook: widens the window in which a sensor can die
+                // holding a process (sensor/tests/discovery.rs).
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             debug!(pid = tgid, library = %path, "releasing held process");
             if let Err(e) = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(tgid as i32),
@@ -153,6 +197,7 @@ impl Control {
             ) {
                 debug!(pid = tgid, error = %e, "SIGCONT");
             }
+            self.probes.lock().expect("probes lock").forget_held(tgid);
         }
     }
 }

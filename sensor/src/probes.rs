@@ -118,6 +118,31 @@ pub struct Probes {
     by_inode: HashMap<(u64, u64), u32>,
 }
 
+/// Where maps that must outlive a sensor are pinned (bpffs).
+pub const PIN_DIR: &str = "/sys/fs/bpf/keywarden";
+
+/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there, and creates the
+/// pin directory.
+fn ensure_pin_dir() -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    let mounted = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+    if !mounted {
+        nix::mount::mount(
+            Some("bpf"),
+            root,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .context("mounting bpffs on /sys/fs/bpf (needed to keep the list of held processes)")?;
+    }
+    std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
+    Ok(())
+}
+
 /// Checks that make a clear one-line error instead of an EPERM deep inside
 /// a BPF call.
 pub fn preflight() -> Result<()> {
@@ -149,7 +174,11 @@ pub struct Rings {
 impl Probes {
     pub fn load() -> Result<(Self, Rings)> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywarden-probes"));
-        let mut ebpf = Ebpf::load(object).context("loading keywarden's eBPF object")?;
+        ensure_pin_dir()?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .default_map_pin_directory(PIN_DIR)
+            .load(object)
+            .context("loading keywarden's eBPF object")?;
         for name in ["sign_entry", "sign_return"] {
             let p: &mut UProbe = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load()
@@ -322,6 +351,22 @@ impl Probes {
             )?;
         }
         Ok(())
+    }
+
+    /// Processes still recorded as held (by this or an earlier sensor).
+    pub fn held(&self) -> Result<Vec<(u32, u64)>> {
+        let map: BpfHashMap<&MapData, u32, u64> =
+            BpfHashMap::try_from(self.ebpf.map("HELD").context("HELD map")?)?;
+        Ok(map.iter().filter_map(Result::ok).collect())
+    }
+
+    /// Forgets a held process (after it was released).
+    pub fn forget_held(&mut self, tgid: u32) {
+        if let Ok(mut map) = BpfHashMap::<&mut MapData, u32, u64>::try_from(
+            self.ebpf.map_mut("HELD").expect("HELD map"),
+        ) {
+            let _ = map.remove(&tgid);
+        }
     }
 
     /// Marks (tgid, key object) as judged by the sensor, or not any more.

@@ -204,6 +204,61 @@ fn two_sensors_never_hold_each_other() {
     );
 }
 
+/// A sensor killed while it holds a process must not leave that process
+/// stopped for good: the next sensor releases it (the held list is pinned
+/// in bpffs and outlives the dead sensor).
+#[test]
+fn a_process_held_by_a_killed_sensor_is_released_by_the_next() {
+    let signer = NewLibrarySigner::new("ec");
+    let first = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_RELEASE_DELAY_MS", "60000")]);
+    let child = signer
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let state = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(") ")
+                    .map(|(_, r)| r.chars().next().unwrap_or('?'))
+            })
+            .unwrap_or('?')
+    };
+    wait_for("the signer to be held", Duration::from_secs(10), || {
+        state() == 'T'
+    });
+    first.kill();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(state(), 'T', "still stopped: nobody released it");
+    let second = Sensor::start(&[]);
+    let mut child = child;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGCONT,
+            );
+            let _ = child.kill();
+            panic!("the held signer was never released:\n{}", second.log());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success());
+    assert!(
+        second.log().contains("held by a sensor that stopped"),
+        "{}",
+        second.log()
+    );
+    second.stop();
+}
+
 struct Server(Child);
 impl Drop for Server {
     fn drop(&mut self) {

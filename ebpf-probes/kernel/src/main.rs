@@ -80,6 +80,12 @@ mod probes {
     #[map]
     static WATCH: Array<WatchPattern> = Array::with_max_entries(watch::SLOTS, 0);
 
+    /// Processes the probe stopped and the sensor has not released yet,
+    /// with the time they were stopped. Pinned in bpffs, so it outlives a
+    /// sensor that dies mid-hold: the next sensor releases what is left.
+    #[map]
+    static HELD: HashMap<u32, u64> = HashMap::pinned(4096, 0);
+
     #[map]
     static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);
 
@@ -630,6 +636,7 @@ mod probes {
         };
         if is_library && should_hold(&ctx, &task) && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
             flags |= open_flags::HELD;
+            let _ = HELD.insert(&task.tgid(), &task.ktime_ns, 0);
         }
         let r = unsafe { rec.assume_init_mut() };
         r.kind = kind::FILE_OPEN;

@@ -26,6 +26,19 @@ pub fn keywarden() -> Command {
 impl Sensor {
     /// Starts the sensor with extra `run` arguments and waits for `ready`.
     pub fn start(extra: &[&str]) -> Sensor {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// Kills the sensor outright (SIGKILL), as a crash would.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Like `start`, with extra environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Sensor {
         let dir = tempfile::tempdir().unwrap();
         let events_path = dir.path().join("events.ndjson");
         let log_path = dir.path().join("sensor.log");
@@ -34,6 +47,7 @@ impl Sensor {
             .args(["--log", "info,keywarden=debug", "run", "--output"])
             .arg(&events_path)
             .args(extra)
+            .envs(env.iter().copied())
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
