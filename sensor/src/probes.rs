@@ -4,7 +4,7 @@
 //! so a single pair of programs serves every function of every library the
 //! sensor covers. Dropping `Probes` detaches everything.
 
-use std::{os::unix::fs::MetadataExt, path::Path};
+use std::{os::unix::fs::MetadataExt, path::Path, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -114,7 +114,7 @@ pub struct Library {
 
 pub struct Probes {
     ebpf: Ebpf,
-    libraries: Vec<Library>,
+    libraries: Vec<Arc<Library>>,
     by_inode: HashMap<(u64, u64), u32>,
 }
 
@@ -207,12 +207,14 @@ impl Probes {
         ))
     }
 
-    pub fn libraries(&self) -> &[Library] {
+    pub fn libraries(&self) -> &[Arc<Library>] {
         &self.libraries
     }
 
-    pub fn library(&self, index: u32) -> Option<&Library> {
-        self.libraries.get(index as usize)
+    /// The library a record came from; shared, so the event thread takes
+    /// a reference count per event rather than a copy.
+    pub fn library(&self, index: u32) -> Option<Arc<Library>> {
+        self.libraries.get(index as usize).cloned()
     }
 
     pub fn is_covered(&self, dev: u64, ino: u64) -> bool {
@@ -221,7 +223,7 @@ impl Probes {
 
     /// Attaches to a library unless its inode is covered already. Returns the
     /// library when this call attached it.
-    pub fn attach_library(&mut self, c: &Candidate) -> Result<Option<Library>> {
+    pub fn attach_library(&mut self, c: &Candidate) -> Result<Option<Arc<Library>>> {
         let md = std::fs::metadata(&c.open_path)
             .with_context(|| format!("{}: cannot stat", c.shown_as))?;
         let key = (md.dev(), md.ino());
@@ -304,6 +306,7 @@ impl Probes {
             "attached"
         );
         self.by_inode.insert(key, index);
+        let lib = Arc::new(lib);
         self.libraries.push(lib.clone());
         Ok(Some(lib))
     }

@@ -9,7 +9,7 @@ use keywarden_probe_types::{self as t, kind};
 #[derive(Clone)]
 pub enum Record {
     /// A signature; `sig` is empty for a key object the probes knew.
-    Sign(Box<t::SignRecord>, Vec<u8>),
+    Sign(t::SignRecord, Vec<u8>),
     Data {
         header: t::DataHeader,
         bytes: Vec<u8>,
@@ -45,11 +45,9 @@ pub fn decode(bytes: &[u8]) -> Record {
     let rec = match k {
         kind::SIGN => read::<t::SignWithSigRecord>(bytes).map(|r| {
             let n = (r.head.sig_captured as usize).min(t::SIG_MAX);
-            Record::Sign(Box::new(r.head), r.sig[..n].to_vec())
+            Record::Sign(r.head, r.sig[..n].to_vec())
         }),
-        kind::SIGN_KNOWN => {
-            read::<t::SignRecord>(bytes).map(|r| Record::Sign(Box::new(r), Vec::new()))
-        }
+        kind::SIGN_KNOWN => read::<t::SignRecord>(bytes).map(|r| Record::Sign(r, Vec::new())),
         kind::DATA_SMALL | kind::DATA_BIG => read::<t::DataHeader>(bytes).and_then(|header| {
             let cap = if k == kind::DATA_SMALL {
                 t::DATA_SMALL

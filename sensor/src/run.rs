@@ -22,8 +22,7 @@ use anyhow::Result;
 use aya::maps::{MapData, RingBuf};
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{
-    self, Cgroup, Event, Fingerprint, KeyIdentity, KeyStatus, KeyUse, Origin, SecretFile,
-    SecretFileOpen, Signature, User,
+    self, Cgroup, Event, KeyUse, Origin, SecretFile, SecretFileOpen, Signature, User,
 };
 use keywarden_probe_types::{
     FileOpenRecord, SignRecord, Task, config, open_flags, sign_flags, stats,
@@ -39,7 +38,7 @@ use crate::{
         process::{CgroupPaths, ProcessInfo, ProcessTable, cgroup2_root, user_name},
     },
     keys::{
-        identify::Identifier,
+        identify::{Identifier, identity_of},
         material::{self, KeyFile, KeyInfo},
     },
     probes::{self, Probes},
@@ -421,8 +420,11 @@ impl Sensor {
         let host_path = info.host_path(tgid, &absolute);
         let name = absolute.rsplit('/').next().unwrap_or_default().to_owned();
         let seq = self.next_seq();
-        self.secret_opens
-            .add(tgid, &absolute, time_ms, || SecretFileOpen {
+        self.secret_opens.add(
+            tgid,
+            &absolute,
+            time_ms,
+            SecretFileOpen {
                 seq,
                 process,
                 container,
@@ -433,16 +435,7 @@ impl Sensor {
                     type_id: 1,
                     hashes: vec![],
                 },
-                key: (keys.len() == 1).then(|| KeyIdentity {
-                    status: KeyStatus::Identified,
-                    spki_sha256: Some(keys[0].spki_sha256.clone()),
-                    fingerprint: Some(Fingerprint::sha256(keys[0].spki_sha256.clone())),
-                    algorithm: Some(keys[0].algorithm.clone()),
-                    bits: Some(keys[0].bits),
-                    source_file: Some(absolute.clone()),
-                    identified_by: Some("key_file".into()),
-                    unknown_reason: None,
-                }),
+                key: (keys.len() == 1).then(|| identity_of(&keys[0], &absolute, "key_file")),
                 secret: SecretFile {
                     host_path,
                     matched: m.glob.clone(),
@@ -452,7 +445,8 @@ impl Sensor {
                     keys: keys.iter().map(|k| k.spki_sha256.clone()).collect(),
                     holds_private_key,
                 },
-            });
+            },
+        );
     }
 
     /// Emits coalesced secret-file opens whose window has closed (all with
@@ -556,7 +550,7 @@ impl Sensor {
         self.sync_known();
         let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&r.task, &info);
-        let library = self.probes().library(r.library).cloned();
+        let library = self.probes().library(r.library);
         let lib_file = event::File {
             path: library
                 .as_ref()

@@ -597,13 +597,15 @@ mod probes {
             return 0;
         }
         let mut flags = 0u32;
-        if is_libcrypto(buf, len) {
+        // The last path component, found once for every test below.
+        let basename = basename_start(buf, len);
+        if is_libcrypto(buf, len, basename) {
             flags |= open_flags::LIBRARY;
         } else {
             if has_key_suffix(buf, len) {
                 flags |= open_flags::KEY_FILE;
             }
-            if is_watched(scratch, len) {
+            if is_watched(scratch, len, basename) {
                 flags |= open_flags::WATCHED;
             }
             if flags == 0 {
@@ -676,21 +678,7 @@ mod probes {
     }
 
     #[inline(always)]
-    fn is_libcrypto(buf: &[u8; PATH_MAX], len: usize) -> bool {
-        // Find the basename: scan back at most 64 bytes for '/'.
-        let mut start = 0usize;
-        let mut i = 0usize;
-        while i < 64 {
-            if i >= len {
-                break;
-            }
-            let idx = (len - 1 - i) & (PATH_MAX - 1);
-            if buf[idx] == b'/' {
-                start = idx + 1;
-                break;
-            }
-            i += 1;
-        }
+    fn is_libcrypto(buf: &[u8; PATH_MAX], len: usize, start: usize) -> bool {
         if start + LIBCRYPTO.len() > len {
             return false;
         }
@@ -735,12 +723,15 @@ mod probes {
     /// branch-free comparison of eight words, exiting after the first word
     /// when it already differs (most unrelated paths).
     #[inline(always)]
-    fn is_watched(scratch: &[u8; keywarden_probe_types::PATH_SCRATCH], len: usize) -> bool {
-        let path: &[u8; PATH_MAX] = unsafe { &*(scratch.as_ptr() as *const [u8; PATH_MAX]) };
+    fn is_watched(
+        scratch: &[u8; keywarden_probe_types::PATH_SCRATCH],
+        len: usize,
+        basename: usize,
+    ) -> bool {
         let mut scan = WatchScan {
             scratch,
             len: len as u64,
-            basename: basename_start(path, len) as u64,
+            basename: basename as u64,
             hit: 0,
         };
         unsafe {

@@ -78,13 +78,19 @@ fn take_process<V>(map: &mut HashMap<(u32, u64), V>, tgid: u32) -> Vec<(u32, u64
 }
 
 fn identified(k: &KnownKey, by: &str) -> KeyIdentity {
+    identity_of(&k.info, &k.source_file, by)
+}
+
+/// The event's view of a known key: identity, where it came from, and how
+/// it was established. Never anything private.
+pub fn identity_of(info: &KeyInfo, source_file: &str, by: &str) -> KeyIdentity {
     KeyIdentity {
         status: KeyStatus::Identified,
-        spki_sha256: Some(k.info.spki_sha256.clone()),
-        fingerprint: Some(Fingerprint::sha256(k.info.spki_sha256.clone())),
-        algorithm: Some(k.info.algorithm.clone()),
-        bits: Some(k.info.bits),
-        source_file: Some(k.source_file.clone()),
+        spki_sha256: Some(info.spki_sha256.clone()),
+        fingerprint: Some(Fingerprint::sha256(info.spki_sha256.clone())),
+        algorithm: Some(info.algorithm.clone()),
+        bits: Some(info.bits),
+        source_file: Some(source_file.to_owned()),
         identified_by: Some(by.to_owned()),
         unknown_reason: None,
     }

@@ -111,10 +111,20 @@ impl WatchList {
     }
 }
 
+/// One open window: when it opened, the first open's record, how many
+/// opens, and the last one's time.
+struct Window<T> {
+    opened: Instant,
+    first: T,
+    count: u32,
+    last_ms: i64,
+}
+
 /// Opens of one file by one process within the window become one event.
+/// Keyed by process, then path, so a repeat is found without allocating.
 pub struct Coalescer<T> {
     window: Duration,
-    pending: HashMap<(u32, String), (Instant, T, u32, i64)>,
+    pending: HashMap<u32, HashMap<String, Window<T>>>,
 }
 
 impl<T> Coalescer<T> {
@@ -128,46 +138,49 @@ impl<T> Coalescer<T> {
     /// Counts an open into a window already open for (process, path).
     /// Returns false when there is none (the caller then calls `add`).
     pub fn join(&mut self, tgid: u32, path: &str, time_ms: i64) -> bool {
-        match self.pending.get_mut(&(tgid, path.to_owned())) {
-            Some(p) => {
-                p.2 += 1;
-                p.3 = time_ms;
+        match self.pending.get_mut(&tgid).and_then(|m| m.get_mut(path)) {
+            Some(w) => {
+                w.count += 1;
+                w.last_ms = time_ms;
                 true
             }
             None => false,
         }
     }
 
-    /// Records an open at `time_ms`. Returns false when it joined a pending
-    /// one (nothing else to do), true when it started a new window (the
-    /// caller built `first` for it).
-    pub fn add(&mut self, tgid: u32, path: &str, time_ms: i64, first: impl FnOnce() -> T) -> bool {
-        if let Some(p) = self.pending.get_mut(&(tgid, path.to_owned())) {
-            p.2 += 1;
-            p.3 = time_ms;
-            return false;
-        }
-        self.pending.insert(
-            (tgid, path.to_owned()),
-            (Instant::now(), first(), 1, time_ms),
-        );
-        true
+    /// Opens a window with its first open (after `join` found none).
+    pub fn add(&mut self, tgid: u32, path: &str, time_ms: i64, first: T) {
+        let window = Window {
+            opened: Instant::now(),
+            first,
+            count: 1,
+            last_ms: time_ms,
+        };
+        self.pending
+            .entry(tgid)
+            .or_default()
+            .insert(path.to_owned(), window);
     }
 
     /// Windows that have closed (all of them with `flush`): the first
     /// open's record, the count, and the last open's time.
     pub fn due(&mut self, flush: bool) -> Vec<(T, u32, i64)> {
         let now = Instant::now();
-        let keys: Vec<(u32, String)> = self
-            .pending
-            .iter()
-            .filter(|(_, (t, ..))| flush || now.duration_since(*t) >= self.window)
-            .map(|(k, _)| k.clone())
-            .collect();
-        keys.into_iter()
-            .filter_map(|k| self.pending.remove(&k))
-            .map(|(_, v, n, last)| (v, n, last))
-            .collect()
+        let mut out = Vec::new();
+        for windows in self.pending.values_mut() {
+            let closed: Vec<String> = windows
+                .iter()
+                .filter(|(_, w)| flush || now.duration_since(w.opened) >= self.window)
+                .map(|(p, _)| p.clone())
+                .collect();
+            for p in closed {
+                if let Some(w) = windows.remove(&p) {
+                    out.push((w.first, w.count, w.last_ms));
+                }
+            }
+        }
+        self.pending.retain(|_, w| !w.is_empty());
+        out
     }
 }
 
@@ -273,10 +286,12 @@ mod tests {
     #[test]
     fn repeated_opens_coalesce_per_process_and_path() {
         let mut c: Coalescer<&str> = Coalescer::new(Duration::from_secs(60));
-        assert!(c.add(1, "/a", 10, || "first"));
-        assert!(!c.add(1, "/a", 20, || "second"));
-        assert!(!c.add(1, "/a", 30, || "third"));
-        assert!(c.add(2, "/a", 40, || "other pid"));
+        assert!(!c.join(1, "/a", 10));
+        c.add(1, "/a", 10, "first");
+        assert!(c.join(1, "/a", 20));
+        assert!(c.join(1, "/a", 30));
+        assert!(!c.join(2, "/a", 40));
+        c.add(2, "/a", 40, "other pid");
         assert!(c.join(2, "/a", 45));
         assert!(!c.join(3, "/a", 45), "no window for pid 3");
         assert!(c.due(false).is_empty(), "window still open");
@@ -284,7 +299,7 @@ mod tests {
         out.sort();
         assert_eq!(out, vec![("first", 3, 30), ("other pid", 2, 45)]);
         let mut c: Coalescer<u8> = Coalescer::new(Duration::ZERO);
-        c.add(1, "/a", 1, || 1);
+        c.add(1, "/a", 1, 1);
         assert_eq!(c.due(false), vec![(1, 1, 1)]);
     }
 }
