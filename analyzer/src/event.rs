@@ -36,6 +36,8 @@ pub enum EventCode {
     CoverageWarning,
     /// A process opened a file on the secret-file watch list.
     SecretFileOpen,
+    /// A rule matched an event (Detection Finding).
+    Alert,
 }
 
 /// One keywarden event, OCSF base attributes first.
@@ -83,6 +85,66 @@ pub struct Event {
     /// keywarden extension: details of a watched secret file's opens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<SecretFile>,
+    /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
+    /// decided the activity (an enforced secret-file open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
+    /// 1 Allowed, 2 Denied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action_id: Option<u8>,
+    /// Detection Finding: which rule matched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finding_info: Option<FindingInfo>,
+    /// Detection Finding: the event(s) the rule matched, as exported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidences: Vec<Evidence>,
+    /// keywarden extension on Detection Findings: what the sensor did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub responses: Vec<Response>,
+}
+
+/// OCSF `finding_info`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FindingInfo {
+    /// Unique per finding (the event's `metadata.uid`).
+    pub uid: String,
+    pub title: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desc: Option<String>,
+    pub analytic: Analytic,
+}
+
+/// OCSF `analytic`: the rule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Analytic {
+    /// The rule id.
+    pub uid: String,
+    pub name: String,
+    /// 1 Rule.
+    pub type_id: u8,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where the rule was written: `file:line`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// OCSF `evidences[]` entry: the matched event, whole, under `data`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub data: serde_json::Value,
+}
+
+/// One action a rule asked for and what became of it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// `alert`, `kill`, `block`.
+    pub action: String,
+    /// `done`, `in_kernel` (the probe acted before the event existed),
+    /// `failed`, or `skipped`.
+    pub outcome: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// What was opened, how often, and which keys it holds. Never its contents.
@@ -106,6 +168,13 @@ pub struct SecretFile {
     pub keys: Vec<String>,
     /// The file holds a private key (not only certificates or public keys).
     pub holds_private_key: bool,
+    /// `allowed` or `denied` when a blocking rule decided these opens
+    /// (then the status is known: Success or Failure with EPERM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<String>,
+    /// The rule that decided the verdict.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -407,6 +476,11 @@ impl Event {
             cgroup: Some(u.cgroup),
             file: None,
             secret_file: None,
+            action: None,
+            action_id: None,
+            finding_info: None,
+            evidences: Vec::new(),
+            responses: Vec::new(),
         }
     }
 
@@ -416,10 +490,46 @@ impl Event {
     /// is Unknown (0) with that said in `status_detail`.
     pub fn secret_file_open(origin: &Origin, o: SecretFileOpen) -> Self {
         let count = o.secret.count;
+        // A rule's verdict makes the result known; otherwise the probe saw
+        // only the attempt.
+        let denied = o.secret.verdict.as_deref() == Some("denied");
+        let verdict = match o.secret.verdict.as_deref() {
+            Some("allowed") => Some(("Allowed", 1u8)),
+            Some("denied") => Some(("Denied", 2u8)),
+            _ => None,
+        };
+        let (status_id, status, status_detail) = match (verdict, &o.secret.rule) {
+            (None, _) => (
+                0,
+                "Unknown",
+                Some("open attempted; its result is not observed".to_owned()),
+            ),
+            (Some(_), rule) if denied => (
+                2,
+                "Failure",
+                Some(format!(
+                    "denied with EPERM by rule {}",
+                    rule.as_deref().unwrap_or("?")
+                )),
+            ),
+            (Some(_), rule) => (
+                1,
+                "Success",
+                Some(format!(
+                    "allowed by rule {}",
+                    rule.as_deref().unwrap_or("?")
+                )),
+            ),
+        };
         let message = format!(
-            "{} (pid {}) opened {}{}",
+            "{} (pid {}) {} {}{}",
             o.process.name,
             o.process.pid,
+            if denied {
+                "was denied opening"
+            } else {
+                "opened"
+            },
             o.file.path,
             if count > 1 {
                 format!(" {count} times")
@@ -439,9 +549,9 @@ impl Event {
             type_name: "File System Activity: Open".into(),
             severity_id: severity::INFORMATIONAL,
             severity: severity::name(severity::INFORMATIONAL).into(),
-            status_id: 0,
-            status: "Unknown".into(),
-            status_detail: Some("open attempted; its result is not observed".into()),
+            status_id,
+            status: status.into(),
+            status_detail,
             message,
             metadata: origin.metadata(o.seq, EventCode::SecretFileOpen, o.container.is_some()),
             device: origin.device(),
@@ -452,7 +562,12 @@ impl Event {
             signature: None,
             cgroup: Some(o.cgroup),
             file: Some(o.file),
+            action: verdict.map(|(a, _)| a.into()),
+            action_id: verdict.map(|(_, id)| id),
             secret_file: Some(o.secret),
+            finding_info: None,
+            evidences: Vec::new(),
+            responses: Vec::new(),
         }
     }
 
@@ -499,7 +614,204 @@ impl Event {
             cgroup: None,
             file: None,
             secret_file: None,
+            action: None,
+            action_id: None,
+            finding_info: None,
+            evidences: Vec::new(),
+            responses: Vec::new(),
         }
+    }
+}
+
+/// What a matched rule says about itself, for its finding.
+#[derive(Clone, Debug)]
+pub struct RuleRef {
+    pub id: String,
+    pub description: Option<String>,
+    pub severity_id: u8,
+    pub source: Option<String>,
+}
+
+impl Event {
+    /// Detection Finding 2004 / Create: a rule matched `evidence`. The
+    /// actor, container, key and file are copied from the evidence so a
+    /// SIEM can pivot without opening it.
+    pub fn detection_finding(
+        origin: &Origin,
+        time_ms: i64,
+        seq: u64,
+        rule: &RuleRef,
+        evidence: &Event,
+        responses: Vec<Response>,
+    ) -> Self {
+        let metadata = origin.metadata(seq, EventCode::Alert, evidence.container.is_some());
+        let message = format!("rule {} matched: {}", rule.id, evidence.message);
+        Event {
+            time: time_ms,
+            class_uid: class::DETECTION_FINDING,
+            class_name: "Detection Finding".into(),
+            category_uid: 2,
+            category_name: "Findings".into(),
+            activity_id: 1,
+            activity_name: "Create".into(),
+            type_uid: class::DETECTION_FINDING as u64 * 100 + 1,
+            type_name: "Detection Finding: Create".into(),
+            severity_id: rule.severity_id,
+            severity: severity::name(rule.severity_id).into(),
+            status_id: 1,
+            status: "New".into(),
+            status_detail: None,
+            message,
+            finding_info: Some(FindingInfo {
+                uid: metadata.uid.clone(),
+                title: rule
+                    .description
+                    .clone()
+                    .unwrap_or_else(|| format!("keywarden rule {}", rule.id)),
+                desc: Some(evidence.message.clone()),
+                analytic: Analytic {
+                    uid: rule.id.clone(),
+                    name: rule.id.clone(),
+                    type_id: 1,
+                    kind: "Rule".into(),
+                    source: rule.source.clone(),
+                },
+            }),
+            metadata,
+            device: origin.device(),
+            actor: evidence.actor.clone(),
+            container: evidence.container.clone(),
+            module: None,
+            key: evidence.key.clone(),
+            signature: None,
+            cgroup: evidence.cgroup.clone(),
+            file: evidence.file.clone(),
+            secret_file: None,
+            action: evidence.action.clone(),
+            action_id: evidence.action_id,
+            evidences: vec![Evidence {
+                data: serde_json::to_value(evidence).unwrap_or_default(),
+            }],
+            responses,
+        }
+    }
+}
+
+/// Fully populated sample events for tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) mod tests_support {
+    use super::*;
+
+    pub fn origin() -> Origin {
+        Origin {
+            hostname: "h1".into(),
+            product_version: "0.1.0".into(),
+            uid_prefix: "abc".into(),
+        }
+    }
+
+    pub fn process() -> Process {
+        Process {
+            pid: 42,
+            tid: 43,
+            name: "nginx".into(),
+            cmd_line: Some("nginx: worker process".into()),
+            file: Some(File {
+                path: "/usr/sbin/nginx".into(),
+                name: "nginx".into(),
+                type_id: 1,
+                hashes: vec![Fingerprint::sha256("00".repeat(32))],
+            }),
+            user: User {
+                uid: "33".into(),
+                name: Some("www-data".into()),
+            },
+            attribution_error: None,
+        }
+    }
+
+    pub fn container() -> Container {
+        Container {
+            uid: "a".repeat(64),
+            runtime: "containerd".into(),
+            pod_uuid: Some("0f0e0d0c-0000-4000-8000-000000000001".into()),
+        }
+    }
+
+    pub fn key() -> KeyIdentity {
+        KeyIdentity {
+            status: KeyStatus::Identified,
+            spki_sha256: Some("ab".repeat(32)),
+            fingerprint: Some(Fingerprint::sha256("ab".repeat(32))),
+            algorithm: Some("ecdsa-p256".into()),
+            bits: Some(256),
+            source_file: Some("/etc/ssl/private/a.key".into()),
+            identified_by: Some("signature_verified".into()),
+            unknown_reason: None,
+        }
+    }
+
+    pub fn key_use_event() -> Event {
+        Event::key_use(
+            &origin(),
+            KeyUse {
+                time_ms: 1_764_000_000_123,
+                seq: 7,
+                process: process(),
+                container: Some(container()),
+                cgroup: Cgroup {
+                    id: 99,
+                    path: Some("/kubepods/x".into()),
+                },
+                library: File {
+                    path: "/usr/lib/libcrypto.so.3".into(),
+                    name: "libcrypto.so.3".into(),
+                    type_id: 1,
+                    hashes: vec![],
+                },
+                library_kind: "openssl".into(),
+                function: "EVP_DigestSign".into(),
+                success: true,
+                key: key(),
+                signature: Signature {
+                    length: 71,
+                    digest: Some("SHA256".into()),
+                },
+            },
+        )
+    }
+
+    pub fn secret_open_event() -> Event {
+        Event::secret_file_open(
+            &origin(),
+            SecretFileOpen {
+                seq: 8,
+                process: process(),
+                container: Some(container()),
+                cgroup: Cgroup {
+                    id: 99,
+                    path: Some("/kubepods/x".into()),
+                },
+                file: File {
+                    path: "/etc/ssl/private/a.key".into(),
+                    name: "a.key".into(),
+                    type_id: 1,
+                    hashes: vec![],
+                },
+                key: Some(key()),
+                secret: SecretFile {
+                    host_path: Some("/etc/ssl/private/a.key".into()),
+                    matched: "/etc/ssl/private/**".into(),
+                    count: 1,
+                    first_time: 1,
+                    last_time: 1,
+                    keys: vec!["ab".repeat(32)],
+                    holds_private_key: true,
+                    verdict: None,
+                    rule: None,
+                },
+            },
+        )
     }
 }
 
@@ -676,6 +988,8 @@ mod tests {
                 last_time: 20,
                 keys: vec![],
                 holds_private_key: false,
+                verdict: None,
+                rule: None,
             },
         };
         let v = serde_json::to_value(Event::secret_file_open(&origin(), o)).unwrap();
@@ -705,5 +1019,61 @@ mod tests {
         assert_eq!(v["activity_id"], 99);
         assert_eq!(v["metadata"]["event_code"], "coverage_warning");
         assert_eq!(v["status_detail"], "cannot read /proc/9/maps");
+    }
+
+    #[test]
+    fn detection_finding_carries_rule_evidence_and_responses() {
+        let evidence = tests_support::secret_open_event();
+        let rule = RuleRef {
+            id: "tls-key-readers".into(),
+            description: Some("Only nginx reads the TLS key".into()),
+            severity_id: severity::HIGH,
+            source: Some("rules/x.yaml:3".into()),
+        };
+        let responses = vec![Response {
+            action: "block".into(),
+            outcome: "done".into(),
+            detail: None,
+        }];
+        let ev = Event::detection_finding(&origin(), 5, 11, &rule, &evidence, responses);
+        let v = serde_json::to_value(&ev).unwrap();
+        assert_eq!(v["class_uid"], 2004);
+        assert_eq!(v["type_uid"], 200401);
+        assert_eq!(v["category_uid"], 2);
+        assert_eq!(v["severity_id"], 4);
+        assert_eq!(v["metadata"]["event_code"], "alert");
+        assert_eq!(v["finding_info"]["analytic"]["uid"], "tls-key-readers");
+        assert_eq!(v["finding_info"]["uid"], v["metadata"]["uid"]);
+        assert_eq!(v["evidences"][0]["data"]["class_uid"], 1001);
+        assert_eq!(v["actor"]["process"]["pid"], 42);
+        assert_eq!(v["responses"][0]["action"], "block");
+        let back: Event = serde_json::from_value(v).unwrap();
+        assert_eq!(back, ev);
+    }
+
+    #[test]
+    fn a_verdict_makes_the_open_status_known() {
+        let mut e = tests_support::secret_open_event();
+        assert_eq!(e.status_id, 0);
+        let mut o = e.secret_file.take().unwrap();
+        o.verdict = Some("denied".into());
+        o.rule = Some("r1".into());
+        let ev = Event::secret_file_open(
+            &origin(),
+            SecretFileOpen {
+                seq: 1,
+                process: e.actor.process.clone(),
+                container: None,
+                cgroup: e.cgroup.clone().unwrap(),
+                file: e.file.clone().unwrap(),
+                key: None,
+                secret: o,
+            },
+        );
+        assert_eq!(ev.status_id, 2);
+        assert_eq!(ev.action_id, Some(2));
+        assert_eq!(ev.action.as_deref(), Some("Denied"));
+        assert!(ev.status_detail.unwrap().contains("EPERM by rule r1"));
+        assert!(ev.message.contains("was denied opening"));
     }
 }

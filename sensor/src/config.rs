@@ -24,6 +24,10 @@ pub struct Config {
     pub key_paths: Vec<String>,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
+    /// Rule files or directories of `*.yaml` rules (docs/rules.md). Empty:
+    /// events only, no findings and no enforcement.
+    #[serde(default)]
+    pub rules: Vec<String>,
     /// Optional in a configuration file: the embedded default list applies.
     #[serde(default = "SecretFiles::embedded_default")]
     pub secret_files: SecretFiles,

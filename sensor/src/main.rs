@@ -8,6 +8,7 @@
 mod config;
 mod control;
 mod discovery;
+mod enforce;
 mod enrich;
 mod keys;
 mod probes;
@@ -49,9 +50,28 @@ enum Command {
         /// Never stop a process to attach to a library it just opened.
         #[arg(long)]
         no_hold: bool,
+        /// Rule file or directory (repeatable); added to the configuration's
+        /// `rules`.
+        #[arg(long, value_name = "PATH")]
+        rules: Vec<String>,
+    },
+    /// Work with rule files.
+    Rules {
+        #[command(subcommand)]
+        command: RulesCommand,
     },
     /// Print the embedded default configuration.
     Config,
+}
+
+#[derive(Subcommand)]
+enum RulesCommand {
+    /// Validate rule files (or directories of *.yaml): every error is
+    /// printed as file:line:column; exits 1 if there is any.
+    Check {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -68,13 +88,28 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
+        Command::Rules {
+            command: RulesCommand::Check { paths },
+        } => match keywarden_analyzer::rules::RuleSet::load(&paths) {
+            Ok(set) => {
+                println!("{} rules in {} files: OK", set.rules.len(), set.files.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                eprintln!("keywarden: error: {} problems in rules", e.0.len());
+                ExitCode::FAILURE
+            }
+        },
         Command::Run {
             config,
             output,
             no_hold,
+            rules,
         } => {
             let result = (|| {
                 let mut cfg = config::Config::load(config.as_deref())?;
+                cfg.rules.extend(rules);
                 if let Some(o) = output {
                     cfg.output = o;
                 }

@@ -389,6 +389,36 @@ impl Probes {
         Ok(())
     }
 
+    /// Condemns a process (`Some(index)`): its next signature attempt is
+    /// killed in the kernel. `None` pardons it.
+    pub fn set_verdict(&mut self, tgid: u32, verdict: Option<u32>) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, u32, u32> =
+            BpfHashMap::try_from(self.ebpf.map_mut("VERDICT").context("VERDICT map")?)?;
+        match verdict {
+            Some(v) => map.insert(&tgid, &v, 0)?,
+            None => {
+                let _ = map.remove(&tgid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds the basename of a file holding a protected key: opening any
+    /// file of that name holds the opener until the sensor has judged it.
+    pub fn protect_name(&mut self, basename: &str) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, u64, u8> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("PROTECTED_NAMES")
+                .context("PROTECTED_NAMES map")?,
+        )?;
+        map.insert(
+            &keywarden_probe_types::protected_name_hash(basename.as_bytes()),
+            &1,
+            0,
+        )?;
+        Ok(())
+    }
+
     /// Events the probes could not deliver, summed over CPUs, per
     /// `stats::*` slot.
     pub fn lost(&self) -> Result<[u64; stats::SLOTS as usize]> {

@@ -19,6 +19,7 @@ pub enum Record {
     Exit(t::ExitRecord),
     ExecMark(t::ExitRecord),
     FileOpen(Box<t::FileOpenRecord>),
+    Killed(t::KilledRecord),
     Malformed {
         kind: u32,
         len: usize,
@@ -66,6 +67,7 @@ pub fn decode(bytes: &[u8]) -> Record {
         kind::EXIT => read(bytes).map(Record::Exit),
         kind::EXEC_MARK => read(bytes).map(Record::ExecMark),
         kind::FILE_OPEN => read::<t::FileOpenRecord>(bytes).map(|r| Record::FileOpen(Box::new(r))),
+        kind::KILLED => read(bytes).map(Record::Killed),
         _ => None,
     };
     rec.unwrap_or_else(|| malformed(k))

@@ -24,8 +24,12 @@ use hashbrown::HashMap;
 use keywarden_analyzer::event::{
     self, Cgroup, Event, KeyUse, Origin, SecretFile, SecretFileOpen, Signature, User,
 };
+use keywarden_analyzer::{
+    event::Response,
+    rules::{Action, RuleSet},
+};
 use keywarden_probe_types::{
-    FileOpenRecord, SignRecord, Task, config, open_flags, sign_flags, stats,
+    FileOpenRecord, KilledRecord, SignRecord, Task, config, open_flags, sign_flags, stats,
 };
 use tracing::{debug, error, info, warn};
 
@@ -33,6 +37,10 @@ use crate::{
     config::Config,
     control::{Control, Warning},
     discovery::targets::{self, Candidate},
+    enforce::{
+        Condemnation, Enforcer,
+        guard::{Guard, GuardedOpen},
+    },
     enrich::{
         container::container_from_cgroup,
         process::{CgroupPaths, ProcessInfo, ProcessTable, cgroup2_root, user_name},
@@ -69,6 +77,14 @@ struct Sensor {
     events_by_kind: [u64; 3],
     watch: WatchList,
     secret_opens: Coalescer<SecretFileOpen>,
+    enforcer: Enforcer,
+    guarded: crossbeam_channel::Receiver<GuardedOpen>,
+    /// Basenames already in the kernel's `PROTECTED_NAMES`.
+    protected_names: hashbrown::HashSet<String>,
+    /// Protected keys found in a file (so their openers can be held).
+    protected_found: hashbrown::HashSet<String>,
+    /// Detection Findings written.
+    findings: u64,
 }
 
 fn clock_ns(id: nix::time::ClockId) -> i64 {
@@ -92,6 +108,15 @@ fn origin() -> Origin {
 
 pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     probes::preflight()?;
+    let rule_paths: Vec<PathBuf> = cfg.rules.iter().map(PathBuf::from).collect();
+    let rules = if rule_paths.is_empty() {
+        RuleSet::default()
+    } else {
+        RuleSet::load(&rule_paths).map_err(|e| anyhow::anyhow!("invalid rules:\n{e}"))?
+    };
+    // Refuse block rules that cannot be enforced before anything attaches.
+    crate::enforce::guard::plan(&rules)?;
+    let enforcer = Enforcer::new(rules)?;
     let sink = NdjsonSink::open(&cfg.output)?;
     let watch = WatchList::new(&cfg.secret_files.watch)?;
     let (mut probes, rings) = Probes::load()?;
@@ -102,6 +127,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     let realtime_offset_ns = clock_ns(nix::time::ClockId::CLOCK_REALTIME)
         - clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
     let (warn_tx, warn_rx) = crossbeam_channel::bounded(1024);
+    let (guard_tx, guard_rx) = crossbeam_channel::bounded(4096);
     let mut s = Sensor {
         probes: Arc::new(Mutex::new(probes)),
         events: rings.events,
@@ -119,6 +145,27 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         events_by_kind: [0; 3],
         watch,
         secret_opens: Coalescer::new(Duration::from_millis(cfg.secret_files.coalesce_ms)),
+        enforcer,
+        guarded: guard_rx,
+        protected_names: hashbrown::HashSet::new(),
+        protected_found: hashbrown::HashSet::new(),
+        findings: 0,
+    };
+    crate::enforce::report_mechanisms(&s.enforcer.rules);
+    let guard_stop = Arc::new(AtomicBool::new(false));
+    let guard = match Guard::new(
+        &s.enforcer.rules,
+        s.procs.clone(),
+        s.origin.clone(),
+        guard_tx,
+        guard_stop.clone(),
+    )? {
+        Some(g) => Some(
+            std::thread::Builder::new()
+                .name("keywarden-guard".into())
+                .spawn(move || g.run())?,
+        ),
+        None => None,
     };
     // The control thread starts first: processes exec'd during discovery
     // are snapshotted, and held ones released.
@@ -136,6 +183,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 
     s.discover(&cfg);
     s.load_key_paths(&cfg.key_paths);
+    s.warn_unprotectable();
     for missing in s.watch.missing_roots() {
         warn!("secret_files.watch entry {missing}; it watches nothing on the host itself");
     }
@@ -189,6 +237,12 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     if control.join().is_err() {
         error!("control thread panicked");
     }
+    guard_stop.store(true, Ordering::Relaxed);
+    if let Some(g) = guard
+        && g.join().is_err()
+    {
+        error!("guard thread panicked");
+    }
     s.drain();
     s.emit_secret_opens(true);
     s.report_lost();
@@ -199,6 +253,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         key_uses = s.events_by_kind[0],
         warnings = s.events_by_kind[1],
         secret_file_opens = s.events_by_kind[2],
+        findings = s.findings,
         lost_sign = lost[stats::LOST_SIGN as usize],
         lost_data = lost[stats::LOST_DATA as usize],
         lost_other = lost[stats::LOST_OTHER as usize],
@@ -320,10 +375,19 @@ impl Sensor {
                     continue;
                 }
                 let shown = f.to_string_lossy().into_owned();
-                if let Ok(keys) = material::read_key_file(&f, &shown) {
-                    for k in keys {
-                        self.ident.add_inventory(k, &shown);
+                match material::read_key_file_detailed(&f, &shown) {
+                    Ok(k) if k.keys.is_empty() && k.has_private_key => warn!(
+                        "key_paths: {shown}: encrypted private key; signatures made with it are reported as unknown"
+                    ),
+                    Ok(k) => {
+                        self.protect_file(&shown, &k);
+                        for key in k.keys {
+                            self.ident.add_inventory(key, &shown);
+                        }
                     }
+                    // Named like a key but unusable: say why.
+                    Err(e) if material::looks_like_key_file(&shown) => warn!("key_paths: {e}"),
+                    Err(e) => debug!("key_paths: {e}"),
                 }
             }
         }
@@ -332,6 +396,9 @@ impl Sensor {
     fn drain(&mut self) {
         while let Ok(w) = self.warnings.try_recv() {
             self.warn_event(w.process, w.module, w.detail);
+        }
+        while let Ok(g) = self.guarded.try_recv() {
+            self.on_guarded(g);
         }
         loop {
             let rec = match self.events.next() {
@@ -350,16 +417,26 @@ impl Sensor {
             // The control thread snapshotted the new image; here the old
             // image's pointers stop meaning anything.
             Record::ExecMark(x) => {
+                self.enforcer.forget(x.task.tgid());
                 self.ident.forget_process(x.task.tgid());
                 self.sync_known();
             }
             Record::Exit(x) => {
+                self.enforcer.forget(x.task.tgid());
                 self.ident.forget_process(x.task.tgid());
                 self.sync_known();
                 self.procs.remove_upto(x.task.tgid(), x.task.ktime_ns);
             }
             Record::Exec(_) => {}
-            Record::FileOpen(f) => self.on_open(&f),
+            Record::FileOpen(f) => {
+                self.on_open(&f);
+                // A process held because it opened a protected key file
+                // goes on once judged, whatever the outcome.
+                if f.flags & open_flags::HELD != 0 {
+                    self.release(f.task.tgid());
+                }
+            }
+            Record::Killed(k) => self.on_killed(&k),
             Record::Malformed { kind, len } => {
                 error!(kind, len, "malformed record from the probes")
             }
@@ -386,7 +463,15 @@ impl Sensor {
             path.clone()
         };
         let time_ms = self.wall_ms(f.task.ktime_ns);
-        if f.flags & open_flags::KEY_FILE == 0 && self.secret_opens.join(tgid, &absolute, time_ms) {
+        let host_path = info.host_path(tgid, &absolute);
+        // Opens of guarded files are reported by the guard, with a verdict.
+        let guarded = self
+            .enforcer
+            .is_guarded(host_path.as_deref().unwrap_or(&absolute));
+        if !guarded
+            && f.flags & open_flags::KEY_FILE == 0
+            && self.secret_opens.join(tgid, &absolute, time_ms)
+        {
             return; // a repeat within the window: counted, nothing else to do
         }
         let watched = if f.flags & open_flags::WATCHED != 0 {
@@ -395,16 +480,29 @@ impl Sensor {
             None
         };
         let is_key_file = f.flags & open_flags::KEY_FILE != 0;
+        let protected_name = f.flags & open_flags::PROTECTED != 0;
         // Only files that may hold keys are read; a .env or a token never is.
-        let key_file = if is_key_file || watched.as_ref().is_some_and(|m| m.only_private_keys) {
+        let key_file = if is_key_file
+            || protected_name
+            || watched.as_ref().is_some_and(|m| m.only_private_keys)
+        {
             self.key_file(&info, &path, f.dfd)
         } else {
             None
         };
-        if is_key_file && let Some(Ok(k)) = key_file.as_deref() {
-            self.ident.add_process_keys(tgid, k.keys.clone(), &absolute);
+        if let Some(Ok(k)) = key_file.as_deref() {
+            if is_key_file {
+                self.ident.add_process_keys(tgid, k.keys.clone(), &absolute);
+            }
+            if self.enforcer.protects_any() && k.has_private_key {
+                self.protect_file(&absolute, k);
+                self.judge_key_load(&f.task, &info, k, &absolute);
+            }
         }
         let Some(m) = watched else { return };
+        if guarded {
+            return;
+        }
         let holds_private_key = matches!(key_file.as_deref(), Some(Ok(k)) if k.has_private_key);
         if m.only_private_keys && !holds_private_key {
             return;
@@ -417,7 +515,6 @@ impl Sensor {
             _ => Vec::new(),
         };
         let (process, container, cgroup) = self.attribution(&f.task, &info);
-        let host_path = info.host_path(tgid, &absolute);
         let name = absolute.rsplit('/').next().unwrap_or_default().to_owned();
         let seq = self.next_seq();
         self.secret_opens.add(
@@ -444,6 +541,8 @@ impl Sensor {
                     last_time: time_ms,
                     keys: keys.iter().map(|k| k.spki_sha256.clone()).collect(),
                     holds_private_key,
+                    verdict: None,
+                    rule: None,
                 },
             },
         );
@@ -457,7 +556,7 @@ impl Sensor {
             open.secret.last_time = last;
             self.events_by_kind[2] += 1;
             let ev = Event::secret_file_open(&self.origin, open);
-            self.sink.push(&ev);
+            self.emit(ev, None);
         }
     }
 
@@ -584,7 +683,7 @@ impl Sensor {
         };
         self.events_by_kind[0] += 1;
         let ev = Event::key_use(&self.origin, u);
-        self.sink.push(&ev);
+        self.emit(ev, None);
     }
 
     /// Tells the probes which key objects the sensor has judged (they stop
@@ -604,6 +703,327 @@ impl Sensor {
         for (tgid, handle) in retract {
             let _ = probes.set_known(tgid, handle, None);
         }
+    }
+
+    /// Writes an event, then acts on every rule it fires. `killed_by` names
+    /// the rule whose kill the probe already carried out.
+    fn emit(&mut self, ev: Event, killed_by: Option<&str>) {
+        self.sink.push(&ev);
+        if self.enforcer.rules.rules.is_empty() {
+            return;
+        }
+        let fired: Vec<_> = self.enforcer.rules.evaluate(&ev).cloned().collect();
+        for rule in fired {
+            let mut responses = Vec::new();
+            for action in &rule.actions {
+                let (outcome, detail) = match action {
+                    Action::Alert => ("done", None),
+                    Action::Kill if killed_by == Some(rule.id.as_str()) => (
+                        "in_kernel",
+                        Some(
+                            "SIGKILL as it entered the signing call; no signature was made"
+                                .to_owned(),
+                        ),
+                    ),
+                    Action::Kill => self.kill_after(&ev),
+                    Action::Block => {
+                        match ev.secret_file.as_ref().and_then(|s| s.verdict.as_deref()) {
+                            Some("denied") => ("done", Some("open refused with EPERM".to_owned())),
+                            _ => (
+                                "skipped",
+                                Some(
+                                    "this open was not behind a fanotify mark of this rule"
+                                        .to_owned(),
+                                ),
+                            ),
+                        }
+                    }
+                };
+                responses.push(Response {
+                    action: action.name().to_owned(),
+                    outcome: outcome.to_owned(),
+                    detail,
+                });
+            }
+            warn!(rule = %rule.id, pid = ev.actor.process.pid, "rule fired: {}", ev.message);
+            let seq = self.next_seq();
+            let finding = Event::detection_finding(
+                &self.origin,
+                self.now_ms(),
+                seq,
+                &rule.reference(),
+                &ev,
+                responses,
+            );
+            self.findings += 1;
+            self.sink.push(&finding);
+        }
+    }
+
+    /// `kill` for a use the probe could not stop in time (the key was only
+    /// known once it had signed): SIGKILL now, and condemn the process in
+    /// the kernel so a signature already on its way is stopped too.
+    fn kill_after(&mut self, ev: &Event) -> (&'static str, Option<String>) {
+        let pid = ev.actor.process.pid;
+        if pid == 0 || pid == std::process::id() {
+            return ("skipped", Some("no process to kill".to_owned()));
+        }
+        let _ = self.probes().set_verdict(pid, Some(0));
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGKILL,
+        ) {
+            Ok(()) => (
+                "done",
+                Some("SIGKILL after the event (the key was not known to be protected before it was used)".to_owned()),
+            ),
+            Err(e) => ("failed", Some(format!("SIGKILL: {e}"))),
+        }
+    }
+
+    /// Lets a process held by the open probe go on.
+    fn release(&mut self, tgid: u32) {
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tgid as i32),
+            nix::sys::signal::SIGCONT,
+        ) {
+            debug!(pid = tgid, error = %e, "SIGCONT");
+        }
+        self.probes().forget_held(tgid);
+    }
+
+    /// A file holding a protected private key: opening any file of its name
+    /// holds the opener until judged (`judge_key_load`).
+    fn protect_file(&mut self, path: &str, k: &KeyFile) {
+        if !k.has_private_key
+            || !k
+                .keys
+                .iter()
+                .any(|key| self.enforcer.protecting(&key.spki_sha256).next().is_some())
+        {
+            return;
+        }
+        for key in &k.keys {
+            if self.enforcer.protecting(&key.spki_sha256).next().is_some() {
+                self.protected_found.insert(key.spki_sha256.clone());
+            }
+        }
+        let name = path.rsplit('/').next().unwrap_or(path).to_owned();
+        if self.protected_names.contains(&name) {
+            return;
+        }
+        match self.probes().protect_name(&name) {
+            Ok(()) => info!(file = %path, "protected key file: openers are held until judged"),
+            Err(e) => warn!(file = %path, error = %e, "cannot protect key file"),
+        }
+        self.protected_names.insert(name);
+    }
+
+    /// Kill rules whose key no `key_paths` file holds cannot stop the first
+    /// signature; say so at start.
+    fn warn_unprotectable(&mut self) {
+        let known: Vec<String> = self
+            .enforcer
+            .protected_spkis()
+            .filter(|s| !self.protected_found.contains(*s))
+            .map(str::to_owned)
+            .collect();
+        for spki in known {
+            let rules: Vec<String> = self
+                .enforcer
+                .protecting(&spki)
+                .map(|r| r.id.clone())
+                .collect();
+            warn!(
+                key = %spki,
+                rules = %rules.join(","),
+                "no file under key_paths holds this protected key: a process is held and judged when it opens a file holding it, otherwise stopped right after its first signature"
+            );
+        }
+    }
+
+    /// A process opened a file holding a private key. If a kill rule
+    /// protects that key and does not allow this process, condemn it: its
+    /// next signature attempt is killed in the kernel.
+    fn judge_key_load(&mut self, task: &Task, info: &ProcessInfo, k: &KeyFile, path: &str) {
+        let tgid = task.tgid();
+        if self.enforcer.is_condemned(tgid) {
+            return;
+        }
+        for key in &k.keys {
+            if self.enforcer.protecting(&key.spki_sha256).next().is_none() {
+                continue;
+            }
+            // The use the rule would see, less what only a signature tells.
+            let (process, container, cgroup) = self.attribution(task, info);
+            let probe = Event::key_use(
+                &self.origin,
+                KeyUse {
+                    time_ms: self.wall_ms(task.ktime_ns),
+                    seq: 0,
+                    process,
+                    container,
+                    cgroup,
+                    library: event::File::default(),
+                    library_kind: String::new(),
+                    function: String::new(),
+                    success: true,
+                    key: identity_of(key, path, "key_file"),
+                    signature: Signature {
+                        length: 0,
+                        digest: None,
+                    },
+                },
+            );
+            let rule = self
+                .enforcer
+                .protecting(&key.spki_sha256)
+                .find(|r| r.matches(&probe))
+                .map(|r| r.id.clone());
+            if let Some(rule) = rule {
+                let verdict = self.enforcer.condemn(Condemnation {
+                    tgid,
+                    rule: rule.clone(),
+                    key: key.clone(),
+                    file: path.to_owned(),
+                });
+                match self.probes().set_verdict(tgid, Some(verdict)) {
+                    Ok(()) => {
+                        info!(pid = tgid, rule = %rule, file = %path, "process may not sign with this key: it is killed if it tries")
+                    }
+                    Err(e) => error!(pid = tgid, error = %e, "cannot condemn process"),
+                }
+                return;
+            }
+        }
+    }
+
+    /// The probe killed a condemned process as it began to sign.
+    fn on_killed(&mut self, k: &KilledRecord) {
+        let tgid = k.task.tgid();
+        let Some(c) = self.enforcer.condemnation(k.verdict).cloned() else {
+            // Condemned after a use (`kill_after`): already reported.
+            return;
+        };
+        let info = self.procs.lookup_or_snapshot(tgid, k.task.ktime_ns);
+        let (process, container, cgroup) = self.attribution(&k.task, &info);
+        let library = self.probes().library(k.library);
+        let u = KeyUse {
+            time_ms: self.wall_ms(k.task.ktime_ns),
+            seq: self.next_seq(),
+            process,
+            container,
+            cgroup,
+            library: event::File {
+                path: library
+                    .as_ref()
+                    .map(|l| l.shown_as.clone())
+                    .unwrap_or_default(),
+                name: library
+                    .as_ref()
+                    .and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned))
+                    .unwrap_or_default(),
+                type_id: 1,
+                hashes: vec![],
+            },
+            library_kind: library.map(|l| l.kind).unwrap_or("unknown").to_owned(),
+            function: probes::function_name(k.func as u8).to_owned(),
+            success: false,
+            key: identity_of(&c.key, &c.file, "key_file"),
+            signature: Signature {
+                length: 0,
+                digest: None,
+            },
+        };
+        self.events_by_kind[0] += 1;
+        let mut ev = Event::key_use(&self.origin, u);
+        ev.status_detail = Some(format!(
+            "killed (SIGKILL) before signing: rule {} does not allow this process to use the key it loaded from {}",
+            c.rule, c.file
+        ));
+        ev.message = format!(
+            "{} (pid {}) was killed before signing with {} key {} (rule {})",
+            ev.actor.process.name,
+            tgid,
+            c.key.algorithm,
+            &c.key.spki_sha256[..16],
+            c.rule
+        );
+        self.emit(ev, Some(&c.rule));
+    }
+
+    /// An open the guard decided: reported like any secret-file open, with
+    /// its verdict.
+    fn on_guarded(&mut self, g: GuardedOpen) {
+        let mut comm = [0u8; 16];
+        let n = g.comm.len().min(15);
+        comm[..n].copy_from_slice(&g.comm.as_bytes()[..n]);
+        let task = Task {
+            pid_tgid: ((g.tgid as u64) << 32) | g.tgid as u64,
+            uid_gid: g.uid as u64,
+            cgroup_id: g.cgroup_id,
+            ktime_ns: g.ktime_ns,
+            comm,
+        };
+        let info = self.procs.lookup_or_snapshot(g.tgid, g.ktime_ns);
+        let time_ms = self.wall_ms(g.ktime_ns);
+        if self.secret_opens.join(g.tgid, &g.host_path, time_ms) {
+            return;
+        }
+        let watched = self.watch.matches(&g.host_path);
+        let key_file = if g
+            .host_path
+            .rsplit('/')
+            .next()
+            .is_some_and(material::looks_like_key_file)
+            || watched.as_ref().is_some_and(|m| m.only_private_keys)
+        {
+            material::read_key_file_detailed(std::path::Path::new(&g.host_path), &g.host_path).ok()
+        } else {
+            None
+        };
+        let keys: Vec<KeyInfo> = key_file
+            .as_ref()
+            .map(|k| k.keys.clone())
+            .unwrap_or_default();
+        let (process, container, cgroup) = self.attribution(&task, &info);
+        let seq = self.next_seq();
+        self.secret_opens.add(
+            g.tgid,
+            &g.host_path,
+            time_ms,
+            SecretFileOpen {
+                seq,
+                process,
+                container,
+                cgroup,
+                file: event::File {
+                    path: g.host_path.clone(),
+                    name: g
+                        .host_path
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    type_id: 1,
+                    hashes: vec![],
+                },
+                key: (keys.len() == 1).then(|| identity_of(&keys[0], &g.host_path, "key_file")),
+                secret: SecretFile {
+                    host_path: Some(g.host_path.clone()),
+                    matched: watched
+                        .map(|m| m.glob.clone())
+                        .unwrap_or_else(|| format!("rule:{}", g.rule)),
+                    count: 1,
+                    first_time: time_ms,
+                    last_time: time_ms,
+                    keys: keys.iter().map(|k| k.spki_sha256.clone()).collect(),
+                    holds_private_key: key_file.as_ref().is_some_and(|k| k.has_private_key),
+                    verdict: Some(if g.allowed { "allowed" } else { "denied" }.to_owned()),
+                    rule: Some(g.rule),
+                },
+            },
+        );
     }
 
     /// Lost records become a warning event and a log line, never silence.

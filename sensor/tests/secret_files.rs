@@ -90,6 +90,6 @@ fn files_created_after_start_are_covered_and_opens_coalesce() {
         "certificate without a private key"
     );
     let text = serde_json::to_string(&events).unwrap()
-        + &std::fs::read_to_string(&work.path().join("x")).unwrap_or_default();
+        + &std::fs::read_to_string(work.path().join("x")).unwrap_or_default();
     assert!(!text.contains(marker), "secret contents leaked into events");
 }

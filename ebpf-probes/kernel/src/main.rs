@@ -86,6 +86,18 @@ mod probes {
     #[map]
     static HELD: HashMap<u32, u64> = HashMap::pinned(4096, 0);
 
+    /// Processes the sensor has condemned: they loaded a protected key that
+    /// their binary may not use (or used one). Any signature they begin is
+    /// stopped with SIGKILL before it is made. Value: the sensor's index of
+    /// the decision, echoed in the `KilledRecord`.
+    #[map]
+    static VERDICT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+    /// Basename hashes (`protected_name_hash`) of files that hold protected
+    /// keys: opening one holds the process until the sensor has judged it.
+    #[map]
+    static PROTECTED_NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
     #[map]
     static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);
 
@@ -100,6 +112,7 @@ mod probes {
         PerCpuArray::with_max_entries(1, 0);
 
     const SIGSTOP: u32 = 19;
+    const SIGKILL: u32 = 9;
 
     #[inline(always)]
     fn count(slot: u32) {
@@ -155,12 +168,42 @@ mod probes {
             func::DIGEST_SIGN_INIT_EX => on_init(tgid, arg(&ctx, 0), arg(&ctx, 5), arg(&ctx, 2)),
             func::DIGEST_SIGN_UPDATE => on_update(tgid, arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2)),
             func::DIGEST_SIGN | func::DIGEST_SIGN_FINAL | func::PKEY_SIGN => {
-                on_sign_entry(&ctx, f, library, tgid)
+                if !condemned(&ctx, f, library, tgid) {
+                    on_sign_entry(&ctx, f, library, tgid)
+                }
             }
             func::PKEY_FREE | func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
             _ => {}
         }
         0
+    }
+
+    /// A process the sensor condemned is killed here, as it enters a signing
+    /// call and before any signature exists. The signal is delivered on the
+    /// way back to user space from this trap, so not one instruction of
+    /// the signing function runs. Length queries pass: they sign nothing.
+    #[inline(always)]
+    fn condemned(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) -> bool {
+        let Some(verdict) = (unsafe { VERDICT.get(&tgid) }).copied() else {
+            return false;
+        };
+        if arg(ctx, 1) == 0 {
+            return false;
+        }
+        if unsafe { bpf_send_signal(SIGKILL) } != 0 {
+            return false;
+        }
+        let rec = KilledRecord {
+            kind: kind::KILLED,
+            func: f as u32,
+            task: current_task(),
+            library,
+            verdict,
+        };
+        if EVENTS.output(&rec, BPF_RB_FORCE_WAKEUP as u64).is_err() {
+            count(stats::LOST_OTHER);
+        }
+        true
     }
 
     /// EVP_DigestSignInit(ctx, pctx, type, e, pkey) and
@@ -523,6 +566,8 @@ mod probes {
     pub fn process_exec(ctx: TracePointContext) -> u32 {
         let task = current_task();
         let _ = INFLIGHT.remove(&task.tid());
+        // A new image is judged afresh.
+        let _ = VERDICT.remove(&task.tgid());
         let mark = ExitRecord {
             kind: kind::EXEC_MARK,
             _pad: 0,
@@ -557,6 +602,7 @@ mod probes {
         if (pid_tgid >> 32) as u32 != pid_tgid as u32 {
             return 0; // a thread, not the process
         }
+        let _ = VERDICT.remove(&(pid_tgid as u32));
         let rec = ExitRecord {
             kind: kind::EXIT,
             _pad: 0,
@@ -611,6 +657,10 @@ mod probes {
             if flags == 0 {
                 return 0;
             }
+            let name = basename_hash(buf, basename, len);
+            if unsafe { PROTECTED_NAMES.get(&name) }.is_some() {
+                flags |= open_flags::PROTECTED;
+            }
         }
         // The helper reads at most PATH_MAX - 1 bytes: a path that long may
         // be cut, and the sensor must not match it as if it were whole.
@@ -636,7 +686,12 @@ mod probes {
             count(stats::LOST_OTHER);
             return 0;
         };
-        if is_library && should_hold(&ctx, &task) && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+        let hold = if is_library {
+            should_hold(&ctx, &task)
+        } else {
+            flags & open_flags::PROTECTED != 0 && sensor_alive(&task)
+        };
+        if hold && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
             flags |= open_flags::HELD;
             let _ = HELD.insert(&task.tgid(), &task.ktime_ns, 0);
         }
@@ -646,7 +701,7 @@ mod probes {
         r.task = task;
         r.dfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32 as i64;
         r.path = *buf;
-        rec.submit(if is_library {
+        rec.submit(if is_library || flags & open_flags::HELD != 0 {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -667,14 +722,38 @@ mod probes {
     /// "keywarden").
     #[inline(always)]
     fn should_hold(ctx: &TracePointContext, task: &Task) -> bool {
-        let heartbeat = config(config::HEARTBEAT_NS);
         let open_flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
         config(config::HOLD_NEW_LIBRARIES) != 0
-            && heartbeat != 0
-            && task.ktime_ns.wrapping_sub(heartbeat) < config::HEARTBEAT_MAX_AGE_NS
             && open_flags & O_ACCMODE == O_RDONLY
             && open_flags & O_CLOEXEC != 0
+            && sensor_alive(task)
+    }
+
+    /// Holding anyone needs a sensor to release them: its heartbeat is
+    /// fresh, and the opener is not a keywarden thread.
+    #[inline(always)]
+    fn sensor_alive(task: &Task) -> bool {
+        let heartbeat = config(config::HEARTBEAT_NS);
+        heartbeat != 0
+            && task.ktime_ns.wrapping_sub(heartbeat) < config::HEARTBEAT_MAX_AGE_NS
             && !task.comm.starts_with(b"keywarden")
+    }
+
+    /// `protected_name_hash` of the last path component, computed in place.
+    #[inline(always)]
+    fn basename_hash(buf: &[u8; PATH_MAX], start: usize, len: usize) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut i = 0usize;
+        while i < PROTECTED_NAME_MAX {
+            let idx = start + i;
+            if idx >= len {
+                break;
+            }
+            h ^= buf[idx & (PATH_MAX - 1)] as u64;
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+            i += 1;
+        }
+        h
     }
 
     #[inline(always)]

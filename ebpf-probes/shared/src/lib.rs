@@ -59,6 +59,8 @@ pub mod kind {
     pub const EXEC_MARK: u32 = 8;
     /// A bare `SignRecord` for a key object in the `KNOWN` map.
     pub const SIGN_KNOWN: u32 = 9;
+    /// `KilledRecord`: a condemned process was killed as it began to sign.
+    pub const KILLED: u32 = 10;
 }
 
 /// Flags on a `SignRecord`.
@@ -88,6 +90,20 @@ pub mod open_flags {
     pub const TRUNCATED: u32 = 1 << 3;
     /// The path passed the kernel prefilter of the secret-file watch list.
     pub const WATCHED: u32 = 1 << 4;
+    /// The basename is that of a file holding a protected key
+    /// (`PROTECTED_NAMES`); with `HELD`, the process is stopped until the
+    /// sensor has decided whether it may sign with that key.
+    pub const PROTECTED: u32 = 1 << 5;
+}
+
+/// Longest basename prefix hashed for `PROTECTED_NAMES`.
+pub const PROTECTED_NAME_MAX: usize = 64;
+
+/// Hash of a basename as `PROTECTED_NAMES` keys it: FNV-1a over its first
+/// `PROTECTED_NAME_MAX` bytes. The kernel computes the same in place.
+pub fn protected_name_hash(name: &[u8]) -> u64 {
+    let n = name.len().min(PROTECTED_NAME_MAX);
+    fnv1a(&name[..n])
 }
 
 /// The kernel side of the secret-file watch list: each glob from the
@@ -303,6 +319,20 @@ pub struct HandleFreeRecord {
     pub kind: u32,
     pub tgid: u32,
     pub handle: u64,
+}
+
+/// The probe killed a process that the sensor had condemned (`VERDICT`) as
+/// it entered a signing function, before the signature existed.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct KilledRecord {
+    pub kind: u32,
+    /// `func::*` it was entering.
+    pub func: u32,
+    pub task: Task,
+    pub library: u32,
+    /// The `VERDICT` value: which condemnation (the sensor's index).
+    pub verdict: u32,
 }
 
 #[repr(C)]

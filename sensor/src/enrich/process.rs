@@ -224,7 +224,10 @@ impl ProcessTable {
                 s.lines()
                     .find_map(|l| l.strip_prefix("0::").map(str::to_owned))
             });
-        let exe_path = exec_path.or_else(|| {
+        // The path given to execve when it is absolute (for a script, the
+        // script); else the kernel's link, which is always absolute (allow
+        // lists compare absolute paths).
+        let exe_path = exec_path.filter(|p| p.starts_with('/')).or_else(|| {
             std::fs::read_link(format!("{proc_dir}/exe"))
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned())

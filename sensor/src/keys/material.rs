@@ -45,6 +45,7 @@ pub enum KeyFileError {
     #[error(
         "{path}: private key is encrypted; keywarden identifies it through its certificate instead"
     )]
+    #[cfg(test)]
     Encrypted { path: String },
     #[error("{path}: no key or certificate keywarden can use ({detail})")]
     Unsupported { path: String, detail: String },
@@ -214,6 +215,14 @@ pub struct KeyFile {
 /// Every public key found in `bytes` (a PEM bundle may hold a key and a
 /// chain of certificates), and whether it holds a private key. `path` is
 /// only used in error messages.
+/// Whether a file name has a suffix the open probe treats as a key or
+/// certificate file (the kernel's `KEY_SUFFIXES`).
+pub fn looks_like_key_file(name: &str) -> bool {
+    [".pem", ".key", ".der", ".crt", ".p8"]
+        .iter()
+        .any(|s| name.ends_with(s))
+}
+
 pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
     let unsupported = |detail: String| KeyFileError::Unsupported {
         path: path.to_owned(),
@@ -312,6 +321,7 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
 
 /// Reads and parses a key or certificate file. Reads at most
 /// `MAX_KEY_FILE` bytes, into a buffer that is zeroed when dropped.
+#[cfg(test)]
 pub fn read_key_file(path: &Path, shown_as: &str) -> Result<Vec<KeyInfo>, KeyFileError> {
     let f = read_key_file_detailed(path, shown_as)?;
     if f.keys.is_empty() {

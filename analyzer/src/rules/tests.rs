@@ -1,0 +1,241 @@
+use super::*;
+use crate::event::tests_support::{key_use_event, secret_open_event};
+
+fn parse(src: &str) -> Result<RuleSet, RuleErrors> {
+    RuleSet::parse(src, "t.yaml")
+}
+
+fn one_error(src: &str) -> RuleError {
+    let errs = parse(src).expect_err("should fail").0;
+    assert_eq!(errs.len(), 1, "{errs:?}");
+    errs.into_iter().next().unwrap()
+}
+
+const KEY: &str = "abababababababababababababababababababababababababababababababab";
+
+#[test]
+fn a_full_rule_parses_and_matches() {
+    let src = format!(
+        r#"
+rules:
+  - id: tls-key-readers
+    description: Only nginx reads the TLS key
+    severity: high
+    event: secret_file_open
+    match:
+      file.path: /etc/ssl/private/**
+      secret_file.holds_private_key: true
+    allow:
+      - exe_path: /usr/sbin/apache2
+    actions: [alert, block]
+  - id: protect-signing-key
+    severity: critical
+    event: key_use
+    match:
+      key.spki_sha256: {KEY}
+      actor.process.user.uid: [0, 33]
+    actions: [kill]
+"#
+    );
+    let set = parse(&src).unwrap();
+    assert_eq!(set.rules.len(), 2);
+    let r = &set.rules[0];
+    assert_eq!(r.source, "t.yaml:3");
+    assert_eq!(r.severity_id, 4);
+    assert_eq!(r.actions, vec![Action::Alert, Action::Block]);
+    assert_eq!(r.values_of("file.path").unwrap(), ["/etc/ssl/private/**"]);
+
+    let open = secret_open_event();
+    let fired: Vec<&str> = set.evaluate(&open).map(|r| r.id.as_str()).collect();
+    assert_eq!(fired, ["tls-key-readers"]);
+    let sign = key_use_event();
+    let fired: Vec<&str> = set.evaluate(&sign).map(|r| r.id.as_str()).collect();
+    assert_eq!(fired, ["protect-signing-key"]);
+}
+
+#[test]
+fn conditions_must_all_hold() {
+    let set = parse(
+        "rules:\n  - id: a\n    severity: low\n    event: secret_file_open\n    match:\n      file.path: /etc/ssl/private/*.key\n      actor.process.name: cat\n    actions: [alert]\n",
+    )
+    .unwrap();
+    let mut ev = secret_open_event();
+    assert!(!set.rules[0].matches(&ev), "process is nginx, not cat");
+    ev.actor.process.name = "cat".into();
+    assert!(set.rules[0].matches(&ev));
+    ev.file.as_mut().unwrap().path = "/etc/ssl/private/sub/a.key".into();
+    assert!(!set.rules[0].matches(&ev), "`*` does not cross directories");
+}
+
+#[test]
+fn allow_entries_need_every_field_they_set() {
+    let src = format!(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    allow:\n      - exe_path: /usr/sbin/nginx\n        uid: 0\n      - exe_sha256: {}\n    actions: [alert]\n",
+        "11".repeat(32)
+    );
+    let set = parse(&src).unwrap();
+    let r = &set.rules[0];
+    let mut ev = key_use_event(); // nginx, uid 33, exe hash 00…
+    assert!(
+        r.matches(&ev),
+        "nginx as uid 33 is not the allowed nginx as uid 0"
+    );
+    ev.actor.process.user.uid = "0".into();
+    assert!(!r.matches(&ev));
+    ev.actor.process.user.uid = "33".into();
+    ev.actor.process.file.as_mut().unwrap().path = "/tmp/x".into();
+    ev.actor.process.file.as_mut().unwrap().hashes[0].value = "11".repeat(32);
+    assert!(!r.matches(&ev), "allowed by hash wherever it lives");
+}
+
+#[test]
+fn container_allow_is_a_prefix() {
+    let set = parse(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    allow:\n      - container: aaaaaaaaaaaa\n    actions: [alert]\n",
+    )
+    .unwrap();
+    let mut ev = key_use_event();
+    assert!(!set.rules[0].matches(&ev));
+    ev.container = None;
+    assert!(set.rules[0].matches(&ev));
+}
+
+#[test]
+fn unknown_keys_point_at_the_key() {
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actoins: [alert]\n",
+    );
+    assert_eq!((e.line, e.column), (5, 5), "{e}");
+    assert!(e.message.contains("unknown field `actoins`"), "{e}");
+    assert!(e.to_string().starts_with("t.yaml:5:5: "), "{e}");
+}
+
+#[test]
+fn unknown_and_misplaced_event_fields_are_errors() {
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    match:\n      key.spki: x\n    actions: [alert]\n",
+    );
+    assert_eq!((e.line, e.column), (6, 7));
+    assert!(e.message.contains("unknown event field `key.spki`"));
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    match:\n      file.path: /x\n    actions: [alert]\n",
+    );
+    assert_eq!((e.line, e.column), (6, 7));
+    assert!(
+        e.message
+            .contains("key_use events have no field `file.path`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn values_are_typed() {
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    match:\n      key.spki_sha256: ABC\n    actions: [alert]\n",
+    );
+    assert_eq!((e.line, e.column), (6, 24));
+    assert!(e.message.contains("not a SHA-256"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    match:\n      actor.process.pid: [1, two]\n    actions: [alert]\n",
+    );
+    assert!(e.message.contains("`two` is not a number"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: secret_file_open\n    match:\n      file.path: \"/etc/[ssl\"\n    actions: [alert]\n",
+    );
+    assert!(e.message.contains("invalid glob"), "{e}");
+}
+
+#[test]
+fn allow_entries_are_checked() {
+    let src = "rules:\n  - id: a\n    severity: low\n    event: key_use\n    allow:\n      - exe_path: nginx\n      - exe_sha256: 12ab\n      - container: xyz\n      - {}\n    actions: [alert]\n";
+    let errs = parse(src).err().unwrap().0;
+    let msgs: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    assert_eq!(errs.len(), 4, "{msgs:?}");
+    assert!(
+        msgs[0].starts_with("t.yaml:6:19: exe_path `nginx` is not an absolute path"),
+        "{msgs:?}"
+    );
+    assert!(msgs[1].contains("exe_sha256 `12ab` is not 64 hex digits"));
+    assert!(msgs[2].contains("container `xyz`"));
+    assert!(msgs[3].contains("needs exe_path"));
+}
+
+#[test]
+fn actions_fit_the_event() {
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [block]\n",
+    );
+    assert!(
+        e.message.contains("block applies to secret_file_open"),
+        "{e}"
+    );
+    assert_eq!((e.line, e.column), (5, 15));
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: secret_file_open\n    actions: [block]\n",
+    );
+    assert!(e.message.contains("needs a `file.path` condition"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [deny]\n",
+    );
+    assert!(e.message.contains("not available"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [page]\n",
+    );
+    assert!(e.message.contains("unknown action `page`"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: urgent\n    event: key_use\n    actions: [alert]\n",
+    );
+    assert!(e.message.contains("unknown severity"), "{e}");
+    let e =
+        one_error("rules:\n  - id: a\n    severity: low\n    event: dns\n    actions: [alert]\n");
+    assert!(e.message.contains("unknown event `dns`"), "{e}");
+}
+
+#[test]
+fn duplicate_ids_and_syntax_errors() {
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [alert]\n  - id: a\n    severity: low\n    event: key_use\n    actions: [alert]\n",
+    );
+    assert_eq!(e.line, 6);
+    assert!(e.message.contains("already used at t.yaml:2"), "{e}");
+    let e = one_error("rules:\n  - id: a\n    actions: [alert\n");
+    assert_eq!((e.line, e.column), (3, 14));
+    assert!(!e.message.contains('\n'));
+}
+
+#[test]
+fn shipped_rules_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let set = RuleSet::load(&[dir]).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!set.rules.is_empty());
+}
+
+#[test]
+fn load_collects_errors_across_files() {
+    let dir = std::env::temp_dir().join(format!("kw-rules-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("a.yaml"),
+        "rules:\n  - id: x\n    severity: low\n    event: key_use\n    actions: [alert]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("b.yml"),
+        "rules:\n  - id: x\n    severity: low\n    event: key_use\n    actions: [alert]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("c.yaml"), "rules:\n  - id: y\n    severity: low\n    event: key_use\n    actions: [alert]\n  - id: z\n    severity: nope\n    event: key_use\n    actions: [alert]\n").unwrap();
+    std::fs::write(dir.join("notes.txt"), "not a rule").unwrap();
+    let errs = RuleSet::load(std::slice::from_ref(&dir)).err().unwrap().0;
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(errs.len(), 2, "{errs:?}");
+    assert!(
+        errs.iter()
+            .any(|e| e.file.ends_with("c.yaml") && e.line == 7)
+    );
+    assert!(
+        errs.iter()
+            .any(|e| e.file.ends_with("b.yml") && e.message.contains("a.yaml:2"))
+    );
+    assert!(errs.iter().any(|e| e.message.contains("already used")));
+}
