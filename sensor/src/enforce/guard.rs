@@ -102,8 +102,8 @@ fn root_of(glob: &str) -> Result<Root> {
     let (fixed, recursive) = match first_meta {
         // A literal file: its directory (the file may be replaced).
         None => (&parts[..parts.len() - 1], false),
-        // Only the file name varies.
-        Some(i) if i == parts.len() - 1 => (&parts[..i], false),
+        // Only the file name varies (`**` there still means any depth).
+        Some(i) if i == parts.len() - 1 => (&parts[..i], parts[i].contains("**")),
         Some(i) => (&parts[..i], true),
     };
     let dir = fixed.join("/");
