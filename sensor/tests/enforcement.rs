@@ -1,0 +1,299 @@
+//! Rules that act: `kill` stops a signer in the kernel before its signature
+//! exists, `block` refuses an open with EPERM, and every firing is a
+//! Detection Finding. Real probes, real fanotify, real openssl.
+
+mod support;
+
+use std::{os::unix::process::ExitStatusExt, path::Path, process::Command};
+
+use serde_json::Value;
+use support::*;
+
+/// The default configuration with `key_paths` extended by `dir`.
+fn config_with_key_path(work: &Path, dir: &Path) -> std::path::PathBuf {
+    let config = work.join("kw.yaml");
+    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
+    std::fs::write(
+        &config,
+        default.replace(
+            "key_paths:\n",
+            &format!("key_paths:\n  - {}\n", dir.display()),
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn of_pid<'a>(events: &'a [Value], code: &str, pid: u32) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|e| e["metadata"]["event_code"] == code && e["actor"]["process"]["pid"] == pid)
+        .collect()
+}
+
+fn responses(finding: &Value) -> Vec<(String, String)> {
+    finding["responses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["action"].as_str().unwrap().to_owned(),
+                r["outcome"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let key = openssl_key(&keys, "signing", "ec");
+    let allowed_dir = work.path().join("allowed");
+    std::fs::create_dir(&allowed_dir).unwrap();
+    let allowed = allowed_dir.join("openssl");
+    std::fs::copy("/usr/bin/openssl", &allowed).unwrap();
+    let rules = work.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: protect-signing-key\n    severity: critical\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    allow:\n      - exe_path: {}\n    actions: [alert, kill]\n",
+            key.spki,
+            allowed.display()
+        ),
+    )
+    .unwrap();
+    let data = work.path().join("data.txt");
+    std::fs::write(&data, "payload").unwrap();
+    let config = config_with_key_path(work.path(), &keys);
+    let sensor = Sensor::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
+    assert!(
+        sensor.log().contains("protected key file"),
+        "{}",
+        sensor.log()
+    );
+
+    let denied_sig = work.path().join("denied.sig");
+    let (denied_pid, out) = run_pid_deadline(
+        Command::new("/usr/bin/openssl")
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&denied_sig)
+            .arg(&data),
+        std::time::Duration::from_secs(20),
+    );
+    assert_eq!(out.status.signal(), Some(9), "{out:?}");
+    let written = std::fs::metadata(&denied_sig).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(written, 0, "the signature file must stay empty");
+
+    let allowed_sig = work.path().join("allowed.sig");
+    let (allowed_pid, out) = run_pid_deadline(
+        Command::new(&allowed)
+            .args(["dgst", "-sha256", "-sign"])
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&allowed_sig)
+            .arg(&data),
+        std::time::Duration::from_secs(20),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::metadata(&allowed_sig).unwrap().len() > 0);
+
+    let events = sensor.stop();
+    // The denied process: a failed key use naming the key, and a finding
+    // saying the kill happened in the kernel.
+    let uses = of_pid(&events, "key_use", denied_pid);
+    assert_eq!(uses.len(), 1, "{uses:#?}");
+    assert_eq!(uses[0]["status_id"], 2);
+    assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+    assert!(
+        uses[0]["status_detail"]
+            .as_str()
+            .unwrap()
+            .contains("killed"),
+        "{}",
+        uses[0]
+    );
+    let findings = of_pid(&events, "alert", denied_pid);
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let f = findings[0];
+    assert_eq!(f["class_uid"], 2004);
+    assert_eq!(f["finding_info"]["analytic"]["uid"], "protect-signing-key");
+    assert_eq!(f["severity_id"], 5);
+    assert_eq!(
+        responses(f),
+        [
+            ("alert".to_owned(), "done".to_owned()),
+            ("kill".to_owned(), "in_kernel".to_owned())
+        ]
+    );
+    assert_eq!(
+        f["evidences"][0]["data"]["metadata"]["event_code"],
+        "key_use"
+    );
+
+    // The allowed binary: one successful signature with the same key, and
+    // no finding.
+    let uses = of_pid(&events, "key_use", allowed_pid);
+    assert_eq!(uses.len(), 1, "{uses:#?}");
+    assert_eq!(uses[0]["status_id"], 1);
+    assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+    assert!(of_pid(&events, "alert", allowed_pid).is_empty());
+}
+
+#[test]
+fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
+    let work = tempfile::tempdir().unwrap();
+    let guarded = work.path().join("guarded");
+    std::fs::create_dir(&guarded).unwrap();
+    let before = guarded.join("app.env");
+    std::fs::write(&before, "DB_PASSWORD=hunter2-before\n").unwrap();
+    let rules = work.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: guarded-env\n    severity: high\n    event: secret_file_open\n    match:\n      file.path: {}/**\n    allow:\n      - exe_path: /usr/bin/head\n    actions: [alert, block]\n",
+            guarded.display()
+        ),
+    )
+    .unwrap();
+    let sensor = Sensor::start(&["--rules", rules.to_str().unwrap()]);
+    assert!(sensor.log().contains("fanotify"), "{}", sensor.log());
+
+    let (cat_pid, out) = run_pid(Command::new("cat").arg(&before));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{out:?}"
+    );
+    let (head_pid, out) = run_pid(Command::new("head").arg(&before));
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "DB_PASSWORD=hunter2-before\n"
+    );
+
+    // A file created after start, in a directory created after start.
+    let sub = guarded.join("later");
+    std::fs::create_dir(&sub).unwrap();
+    let after = sub.join("token");
+    std::fs::write(&after, "hunter2-after").unwrap();
+    // New directories are marked by a periodic rescan.
+    wait_for(
+        "the new directory to be guarded",
+        std::time::Duration::from_secs(10),
+        || {
+            !Command::new("cat")
+                .arg(&after)
+                .output()
+                .unwrap()
+                .status
+                .success()
+        },
+    );
+    let (late_pid, out) = run_pid(Command::new("cat").arg(&after));
+    assert!(!out.status.success(), "{out:?}");
+
+    let events = sensor.stop();
+    let denied = of_pid(&events, "secret_file_open", cat_pid);
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    let d = denied[0];
+    assert_eq!(d["secret_file"]["verdict"], "denied");
+    assert_eq!(d["secret_file"]["rule"], "guarded-env");
+    assert_eq!(d["secret_file"]["count"], 1);
+    assert_eq!(d["status_id"], 2);
+    assert_eq!(d["action_id"], 2);
+    assert_eq!(d["file"]["path"], before.to_str().unwrap());
+    assert_eq!(d["actor"]["process"]["name"], "cat");
+    let finding = of_pid(&events, "alert", cat_pid);
+    assert_eq!(finding.len(), 1, "{finding:#?}");
+    assert_eq!(
+        responses(finding[0]),
+        [
+            ("alert".to_owned(), "done".to_owned()),
+            ("block".to_owned(), "done".to_owned())
+        ]
+    );
+
+    let allowed = of_pid(&events, "secret_file_open", head_pid);
+    assert_eq!(allowed.len(), 1, "{allowed:#?}");
+    assert_eq!(allowed[0]["secret_file"]["verdict"], "allowed");
+    assert_eq!(allowed[0]["status_id"], 1);
+    assert_eq!(allowed[0]["action_id"], 1);
+    assert!(of_pid(&events, "alert", head_pid).is_empty());
+
+    let late = of_pid(&events, "secret_file_open", late_pid);
+    assert_eq!(late.len(), 1, "{late:#?}");
+    assert_eq!(late[0]["secret_file"]["verdict"], "denied");
+
+    let all = serde_json::to_string(&events).unwrap();
+    assert!(!all.contains("hunter2"), "secret contents leaked");
+}
+
+#[test]
+fn bad_rules_are_refused_with_their_place() {
+    let work = tempfile::tempdir().unwrap();
+    let bad = work.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "rules:\n  - id: a\n    severity: high\n    event: key_use\n    match:\n      key.spki: abc\n    actions: [alert]\n",
+    )
+    .unwrap();
+    let out = keywarden()
+        .args(["rules", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "{}:6:7: unknown event field `key.spki`",
+            bad.display()
+        )),
+        "{err}"
+    );
+    // The sensor refuses to start on them, before attaching anything.
+    let out = keywarden()
+        .args(["run", "--output", "/dev/null", "--rules"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains(":6:7:"));
+    // A block rule that would hold every open on the host names itself.
+    let wide = work.path().join("wide.yaml");
+    std::fs::write(
+        &wide,
+        "rules:\n  - id: wide\n    severity: high\n    event: secret_file_open\n    match:\n      file.path: \"**/*.key\"\n    actions: [block]\n",
+    )
+    .unwrap();
+    let out = keywarden()
+        .args(["run", "--output", "/dev/null", "--rules"])
+        .arg(&wide)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("rule wide") && err.contains("fixed directory"),
+        "{err}"
+    );
+
+    let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("../rules");
+    let out = keywarden()
+        .args(["rules", "check"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
+}
