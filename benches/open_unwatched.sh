@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Cost of the sensor's openat probe to opens it does not care about: a tight
-# C loop opening and closing unwatched files, with and without the sensor.
-# Runs alternate; the result is the median ratio of opens/s (with / without).
+# C loop opening and closing unwatched files, with and without the sensor,
+# and with the sensor enforcing a block rule (fanotify marks on another
+# directory) and a kill rule. Runs alternate; the results are median ratios
+# of opens/s against the baseline of the same round.
 #
 #   ROUNDS=5 OPENS=1000000 bash benches/open_unwatched.sh
 # Needs root, gcc and a release build (cargo xtask bench does the build).
@@ -41,24 +43,50 @@ int main(int argc, char **argv) {
 C
 gcc -O2 -o "$OUT/opener" "$OUT/opener.c"
 
+mkdir -p "$OUT/guarded"
+cat >"$OUT/rules.yaml" <<YAML
+rules:
+  - id: bench-block
+    severity: high
+    event: secret_file_open
+    match:
+      file.path: $PWD/$OUT/guarded/**
+    allow:
+      - exe_path: /usr/bin/head
+    actions: [alert, block]
+  - id: bench-kill
+    severity: high
+    event: key_use
+    match:
+      key.spki_sha256: $(printf '0%.0s' $(seq 1 64))
+    actions: [kill]
+YAML
+
+# Starts the sensor with extra arguments, runs the opener, stops the sensor.
+with_sensor() {
+    "$BIN" run --output /dev/null "$@" 2>"$OUT/sensor.log" &
+    local sensor=$!
+    for _ in $(seq 1 200); do grep -q ready "$OUT/sensor.log" && break; sleep 0.05; done
+    "$OUT/opener" "$OUT/files" "$OPENS"
+    kill -INT "$sensor"; wait "$sensor"
+}
+
 results="$OUT/results.tsv"
-echo -e "round\tbaseline\twith_sensor\tratio" >"$results"
+echo -e "round\tbaseline\twith_sensor\tratio\twith_rules\trules_ratio" >"$results"
 for r in $(seq 1 "$ROUNDS"); do
     base=$("$OUT/opener" "$OUT/files" "$OPENS")
-    "$BIN" run --output /dev/null 2>"$OUT/sensor.log" &
-    sensor=$!
-    for _ in $(seq 1 200); do grep -q ready "$OUT/sensor.log" && break; sleep 0.05; done
-    with=$("$OUT/opener" "$OUT/files" "$OPENS")
-    kill -INT "$sensor"; wait "$sensor"
+    with=$(with_sensor)
+    rules=$(with_sensor --rules "$OUT/rules.yaml")
     ratio=$(python3 -c "print(f'{$with / $base:.3f}')")
-    echo -e "$r\t$base\t$with\t$ratio" | tee -a "$results"
+    rratio=$(python3 -c "print(f'{$rules / $base:.3f}')")
+    echo -e "$r\t$base\t$with\t$ratio\t$rules\t$rratio" | tee -a "$results"
 done
 python3 - "$results" <<'PY'
 import csv, statistics, sys
 rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
 med = lambda k: statistics.median(float(r[k]) for r in rows)
 print()
-print("| opens/s without (median) | with sensor (median) | median ratio |")
-print("|---|---|---|")
-print(f"| {med('baseline'):.0f} | {med('with_sensor'):.0f} | {med('ratio'):.3f} |")
+print("| opens/s without (median) | with sensor (median) | median ratio | with block + kill rules (median) | median ratio |")
+print("|---|---|---|---|---|")
+print(f"| {med('baseline'):.0f} | {med('with_sensor'):.0f} | {med('ratio'):.3f} | {med('with_rules'):.0f} | {med('rules_ratio'):.3f} |")
 PY

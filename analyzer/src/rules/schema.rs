@@ -69,9 +69,14 @@ impl<'de> Deserialize<'de> for Key {
     }
 }
 
-/// A scalar or a list of scalars, as text; the field's kind decides how the
-/// text is read.
-struct Values(Vec<String>);
+/// A scalar or a list of scalars. Plain scalars are read back from the
+/// source text (`raw_scalar`), so `0123` stays `0123` for a text field
+/// instead of becoming the number 123; the field's kind decides how the text
+/// is read.
+enum Values {
+    One(String),
+    Many(Vec<Spanned<Scalar>>),
+}
 
 struct Scalar(String);
 
@@ -89,6 +94,9 @@ impl<'de> serde::de::Visitor<'de> for ScalarVisitor {
         Ok(v.to_string())
     }
     fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+        Ok(v.to_string())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<String, E> {
         Ok(v.to_string())
     }
     fn visit_str<E>(self, v: &str) -> Result<String, E> {
@@ -110,29 +118,59 @@ impl<'de> serde::de::Visitor<'de> for ValuesVisitor {
         f.write_str("a value or a list of values")
     }
     fn visit_bool<E>(self, v: bool) -> Result<Values, E> {
-        Ok(Values(vec![v.to_string()]))
+        Ok(Values::One(v.to_string()))
     }
     fn visit_i64<E>(self, v: i64) -> Result<Values, E> {
-        Ok(Values(vec![v.to_string()]))
+        Ok(Values::One(v.to_string()))
     }
     fn visit_u64<E>(self, v: u64) -> Result<Values, E> {
-        Ok(Values(vec![v.to_string()]))
+        Ok(Values::One(v.to_string()))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Values, E> {
+        Ok(Values::One(v.to_string()))
     }
     fn visit_str<E>(self, v: &str) -> Result<Values, E> {
-        Ok(Values(vec![v.to_owned()]))
+        Ok(Values::One(v.to_owned()))
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Values, A::Error> {
         let mut out = Vec::new();
-        while let Some(Scalar(s)) = seq.next_element()? {
+        while let Some(s) = seq.next_element()? {
             out.push(s);
         }
-        Ok(Values(out))
+        Ok(Values::Many(out))
     }
 }
 
 impl<'de> Deserialize<'de> for Values {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(ValuesVisitor)
+    }
+}
+
+/// The text of a plain (unquoted) scalar exactly as written; `None` for a
+/// quoted one, whose parsed value is already that text.
+fn raw_scalar(source: &str, at: &serde_saphyr::Location) -> Option<String> {
+    let span = at.span();
+    if span.is_empty() {
+        return None;
+    }
+    let raw: String = source.chars().skip(span.offset()).take(span.len()).collect();
+    let raw = raw.trim();
+    if raw.is_empty() || raw.starts_with(['"', '\'', '[', '{']) {
+        return None;
+    }
+    Some(raw.to_owned())
+}
+
+impl Values {
+    fn texts(&self, source: &str, at: &serde_saphyr::Location) -> Vec<String> {
+        match self {
+            Values::One(v) => vec![raw_scalar(source, at).unwrap_or_else(|| v.clone())],
+            Values::Many(items) => items
+                .iter()
+                .map(|i| raw_scalar(source, &i.referenced).unwrap_or_else(|| i.value.0.clone()))
+                .collect(),
+        }
     }
 }
 
@@ -176,7 +214,7 @@ pub(super) fn parse(source: &str, file: &str) -> Result<Vec<Rule>, RuleErrors> {
     };
     let mut rules = Vec::new();
     for r in doc.rules {
-        if let Some(rule) = translate(r, &mut errors) {
+        if let Some(rule) = translate(r, source, &mut errors) {
             rules.push(rule);
         }
     }
@@ -227,7 +265,7 @@ fn refine_unknown_field(source: &str, message: &str, line: u64, column: u64) -> 
     (line, column)
 }
 
-fn translate(r: RuleDoc, errors: &mut Errors<'_>) -> Option<Rule> {
+fn translate(r: RuleDoc, source: &str, errors: &mut Errors<'_>) -> Option<Rule> {
     let before = errors.list.len();
     let id = r.id.value.trim().to_owned();
     if id.is_empty()
@@ -281,14 +319,15 @@ fn translate(r: RuleDoc, errors: &mut Errors<'_>) -> Option<Rule> {
             );
             continue;
         }
-        if values.value.0.is_empty() {
+        let texts = values.value.texts(source, &values.referenced);
+        if texts.is_empty() {
             errors.span(values, format!("`{}` needs at least one value", key.name));
             continue;
         }
-        match build_test(field, &values.value.0) {
+        match build_test(field, &texts) {
             Ok(test) => conditions.push(Condition {
                 field: field.name,
-                values: values.value.0.clone(),
+                values: texts,
                 test,
                 visit: field.visit,
             }),

@@ -239,3 +239,18 @@ fn load_collects_errors_across_files() {
     );
     assert!(errs.iter().any(|e| e.message.contains("already used")));
 }
+
+#[test]
+fn plain_scalars_keep_their_text() {
+    // An all-digit SPKI would be the number 0 if read as YAML decides.
+    let zeros = "0".repeat(64);
+    let src = format!(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    match:\n      key.spki_sha256: {zeros}\n      actor.process.name: [0123, \"007\", 1e3]\n    actions: [alert]\n"
+    );
+    let set = parse(&src).unwrap();
+    assert_eq!(set.rules[0].values_of("key.spki_sha256").unwrap(), [zeros]);
+    assert_eq!(
+        set.rules[0].values_of("actor.process.name").unwrap(),
+        ["0123", "007", "1e3"]
+    );
+}
