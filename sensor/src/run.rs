@@ -116,9 +116,25 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     };
     // Refuse block rules that cannot be enforced before anything attaches.
     crate::enforce::guard::plan(&rules)?;
+    // Paths rules care about are watched too, or they could never fire.
+    // (Guarded paths are reported by the guard; watching them also teaches
+    // the sensor which keys a process loaded.)
+    let mut watch_entries = cfg.secret_files.watch.clone();
+    for r in &rules.rules {
+        if r.event != keywarden_analyzer::event::EventCode::SecretFileOpen {
+            continue;
+        }
+        for glob in r.values_of("file.path").unwrap_or_default() {
+            if !watch_entries.iter().any(|e| e.glob() == glob) {
+                watch_entries.push(crate::secrets::watch::WatchEntry::Glob(glob.clone()));
+            }
+        }
+    }
+    let watch = WatchList::new(&watch_entries).map_err(|e| {
+        anyhow::anyhow!("{e} (the watch list is secret_files.watch plus the file.path globs of secret_file_open rules)")
+    })?;
     let enforcer = Enforcer::new(rules)?;
     let sink = NdjsonSink::open(&cfg.output)?;
-    let watch = WatchList::new(&cfg.secret_files.watch)?;
     let (mut probes, rings) = Probes::load()?;
     probes.set_watch(&watch.kernel)?;
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;

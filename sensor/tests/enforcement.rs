@@ -297,3 +297,37 @@ fn bad_rules_are_refused_with_their_place() {
     assert!(out.status.success(), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("OK"));
 }
+
+#[test]
+fn a_rule_on_a_path_outside_the_watch_list_watches_it() {
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("app-config.yaml");
+    std::fs::write(&config, "password: hunter2\n").unwrap();
+    let rules = work.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: app-config-read\n    severity: medium\n    event: secret_file_open\n    match:\n      file.path: {}\n    actions: [alert]\n",
+            config.display()
+        ),
+    )
+    .unwrap();
+    let sensor = Sensor::start(&["--rules", rules.to_str().unwrap()]);
+    let (pid, out) = run_pid(Command::new("cat").arg(&config));
+    assert!(out.status.success());
+    let events = sensor.stop();
+    let opens = of_pid(&events, "secret_file_open", pid);
+    assert_eq!(opens.len(), 1, "{opens:#?}");
+    assert_eq!(opens[0]["secret_file"]["matched"], config.to_str().unwrap());
+    let findings = of_pid(&events, "alert", pid);
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    assert_eq!(
+        findings[0]["finding_info"]["analytic"]["uid"],
+        "app-config-read"
+    );
+    assert_eq!(
+        responses(findings[0]),
+        [("alert".to_owned(), "done".to_owned())]
+    );
+    assert!(!serde_json::to_string(&events).unwrap().contains("hunter2"));
+}
