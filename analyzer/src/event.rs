@@ -85,6 +85,11 @@ pub struct Event {
     /// keywarden extension: details of a watched secret file's opens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_file: Option<SecretFile>,
+    /// keywarden extension (OCSF `network_endpoint` shape): the other end
+    /// of the connection a signature was made for, with its geography and
+    /// network when the GeoIP databases know them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<NetworkEndpoint>,
     /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
     /// decided the activity (an enforced secret-file open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -101,6 +106,56 @@ pub struct Event {
     /// keywarden extension on Detection Findings: what the sensor did.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub responses: Vec<Response>,
+    /// keywarden extension on Detection Findings: why a baseline or
+    /// threshold rule fired.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub analysis: Option<Analysis>,
+}
+
+/// The state behind a finding of a deviation or threshold rule.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// How the evidence deviated from its key's baseline (`new_country`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deviations: Vec<String>,
+    /// The key's baseline before the evidence: what was normal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<crate::baseline::KeyBaseline>,
+    /// Matching events for the key within the rule's window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_seconds: Option<u64>,
+}
+
+/// OCSF `network_endpoint`, reduced to what keywarden fills.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkEndpoint {
+    pub ip: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autonomous_system: Option<AutonomousSystem>,
+}
+
+/// OCSF `location`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    /// ISO 3166-1 alpha-2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub country: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub city: Option<String>,
+}
+
+/// OCSF `autonomous_system`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutonomousSystem {
+    pub number: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 /// OCSF `finding_info`.
@@ -476,11 +531,13 @@ impl Event {
             cgroup: Some(u.cgroup),
             file: None,
             secret_file: None,
+            peer: None,
             action: None,
             action_id: None,
             finding_info: None,
             evidences: Vec::new(),
             responses: Vec::new(),
+            analysis: None,
         }
     }
 
@@ -562,12 +619,14 @@ impl Event {
             signature: None,
             cgroup: Some(o.cgroup),
             file: Some(o.file),
+            peer: None,
             action: verdict.map(|(a, _)| a.into()),
             action_id: verdict.map(|(_, id)| id),
             secret_file: Some(o.secret),
             finding_info: None,
             evidences: Vec::new(),
             responses: Vec::new(),
+            analysis: None,
         }
     }
 
@@ -614,11 +673,13 @@ impl Event {
             cgroup: None,
             file: None,
             secret_file: None,
+            peer: None,
             action: None,
             action_id: None,
             finding_info: None,
             evidences: Vec::new(),
             responses: Vec::new(),
+            analysis: None,
         }
     }
 }
@@ -687,12 +748,14 @@ impl Event {
             cgroup: evidence.cgroup.clone(),
             file: evidence.file.clone(),
             secret_file: None,
+            peer: evidence.peer.clone(),
             action: evidence.action.clone(),
             action_id: evidence.action_id,
             evidences: vec![Evidence {
                 data: serde_json::to_value(evidence).unwrap_or_default(),
             }],
             responses,
+            analysis: None,
         }
     }
 }
@@ -752,6 +815,23 @@ pub(crate) mod tests_support {
     }
 
     pub fn key_use_event() -> Event {
+        let mut ev = key_use_event_without_peer();
+        ev.peer = Some(NetworkEndpoint {
+            ip: "192.0.2.10".into(),
+            port: Some(51000),
+            location: Some(Location {
+                country: Some("DE".into()),
+                city: Some("Berlin".into()),
+            }),
+            autonomous_system: Some(AutonomousSystem {
+                number: 64500,
+                name: Some("Example Net".into()),
+            }),
+        });
+        ev
+    }
+
+    fn key_use_event_without_peer() -> Event {
         Event::key_use(
             &origin(),
             KeyUse {

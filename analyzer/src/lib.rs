@@ -3,5 +3,8 @@
 //!
 //! `event` is the event model, which is also the export schema documented
 //! in `docs/events.md`; `rules` is the rule language (`docs/rules.md`).
+pub mod baseline;
 pub mod event;
+pub mod geo;
+pub mod pipeline;
 pub mod rules;

@@ -181,6 +181,38 @@ pub static FIELDS: &[Field] = &[
         .signature
         .as_ref()
         .map(|s| Value::Num(s.length))),
+    field!("peer.ip", Text, KEY_USE, |e| e
+        .peer
+        .as_ref()
+        .map(|p| Value::Str(&p.ip))),
+    field!("peer.port", Number, KEY_USE, |e| e
+        .peer
+        .as_ref()
+        .and_then(|p| p.port)
+        .map(|p| Value::Num(p as u64))),
+    field!("peer.location.country", Text, KEY_USE, |e| e
+        .peer
+        .as_ref()
+        .and_then(|p| p.location.as_ref())
+        .and_then(|l| l.country.as_deref())
+        .map(Value::Str)),
+    field!("peer.location.city", Text, KEY_USE, |e| e
+        .peer
+        .as_ref()
+        .and_then(|p| p.location.as_ref())
+        .and_then(|l| l.city.as_deref())
+        .map(Value::Str)),
+    field!("peer.autonomous_system.number", Number, KEY_USE, |e| e
+        .peer
+        .as_ref()
+        .and_then(|p| p.autonomous_system.as_ref())
+        .map(|a| Value::Num(a.number as u64))),
+    field!("peer.autonomous_system.name", Text, KEY_USE, |e| e
+        .peer
+        .as_ref()
+        .and_then(|p| p.autonomous_system.as_ref())
+        .and_then(|a| a.name.as_deref())
+        .map(Value::Str)),
     field!("file.path", Path, SECRET, |e| e
         .file
         .as_ref()

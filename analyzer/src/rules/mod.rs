@@ -10,11 +10,18 @@
 pub mod fields;
 mod schema;
 
-use std::path::{Path, PathBuf};
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+};
 
 use globset::{Glob, GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
+use hashbrown::HashMap;
 
-use crate::event::{Event, EventCode, RuleRef, severity};
+use crate::{
+    baseline::Deviation,
+    event::{Event, EventCode, RuleRef, severity},
+};
 use fields::{Field, Kind, Value};
 
 /// One problem in a rule file, with where it is.
@@ -168,9 +175,95 @@ pub struct Rule {
     /// Empty: the rule applies to every actor. Otherwise it applies to
     /// actors no entry allows.
     pub allow: Vec<AllowEntry>,
+    /// The use must deviate from its key's baseline in one of these ways
+    /// (empty: no baseline condition).
+    pub deviations: Vec<Deviation>,
+    /// Fire only when more than `count` matching events for one key fall
+    /// in the window.
+    pub threshold: Option<Threshold>,
     pub actions: Vec<Action>,
     /// `file:line` of the rule.
     pub source: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Threshold {
+    pub count: u64,
+    pub window_ms: i64,
+}
+
+/// A rule that fired on an event, and why.
+#[derive(Clone, Debug)]
+pub struct Firing<'r> {
+    pub rule: &'r Rule,
+    /// The deviations of the event the rule asked for.
+    pub deviations: Vec<Deviation>,
+    /// For threshold rules: matching events in the window.
+    pub count: Option<u64>,
+}
+
+/// Per (rule, key) sliding counts for threshold rules. One owner (a
+/// pipeline shard) holds them.
+#[derive(Default)]
+pub struct Thresholds {
+    windows: HashMap<(usize, String), Sliding>,
+}
+
+#[derive(Default)]
+struct Sliding {
+    /// (second, events in it), oldest first.
+    buckets: VecDeque<(i64, u64)>,
+    total: u64,
+    /// Fired and not re-armed yet (re-armed when the count falls back).
+    fired: bool,
+}
+
+impl Sliding {
+    fn add(&mut self, time_ms: i64, window_ms: i64) -> u64 {
+        let sec = time_ms.div_euclid(1000);
+        match self.buckets.back_mut() {
+            Some((s, n)) if *s == sec => *n += 1,
+            _ => self.buckets.push_back((sec, 1)),
+        }
+        self.total += 1;
+        while let Some(&(s, n)) = self.buckets.front() {
+            if (s + 1) * 1000 <= time_ms - window_ms {
+                self.buckets.pop_front();
+                self.total -= n;
+            } else {
+                break;
+            }
+        }
+        self.total
+    }
+}
+
+impl Thresholds {
+    /// Counts the event for (rule, key); true once each time the count
+    /// goes above the threshold.
+    fn crossed(&mut self, rule: usize, key: &str, t: Threshold, time_ms: i64) -> (bool, u64) {
+        let w = self.windows.entry((rule, key.to_owned())).or_default();
+        let n = w.add(time_ms, t.window_ms);
+        if n > t.count {
+            let first = !w.fired;
+            w.fired = true;
+            (first, n)
+        } else {
+            w.fired = false;
+            (false, n)
+        }
+    }
+}
+
+/// What threshold rules count by: the key, else the file, else the process.
+fn group_key(event: &Event) -> String {
+    if let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.as_deref()) {
+        return spki.to_owned();
+    }
+    if let Some(f) = &event.file {
+        return f.path.clone();
+    }
+    format!("pid:{}", event.actor.process.pid)
 }
 
 impl Rule {
@@ -187,6 +280,13 @@ impl Rule {
     /// The rule fires: selected, and the actor is not allowed.
     pub fn matches(&self, event: &Event) -> bool {
         self.selects(event) && !self.allows(&Actor::of(event))
+    }
+
+    /// Decidable from one event alone: no baseline, no counting. Only such
+    /// rules are enforced before the fact (condemning a key load, answering
+    /// a guarded open).
+    pub fn is_stateless(&self) -> bool {
+        self.deviations.is_empty() && self.threshold.is_none()
     }
 
     pub fn has(&self, action: Action) -> bool {
@@ -297,12 +397,51 @@ impl RuleSet {
         }
     }
 
-    /// Rules that fire on this event, in order.
-    pub fn evaluate<'a>(&'a self, event: &'a Event) -> impl Iterator<Item = &'a Rule> + 'a {
+    /// Rules that fire on this event, in order. `deviations` are how the
+    /// event differs from its key's baseline; `thresholds` is the caller's
+    /// counting state for threshold rules.
+    pub fn evaluate<'a>(
+        &'a self,
+        event: &Event,
+        deviations: &[Deviation],
+        thresholds: &mut Thresholds,
+    ) -> Vec<Firing<'a>> {
         let actor = Actor::of(event);
-        self.rules
-            .iter()
-            .filter(move |r| r.selects(event) && !r.allows(&actor))
+        let mut out = Vec::new();
+        for (i, r) in self.rules.iter().enumerate() {
+            if !r.selects(event) || r.allows(&actor) {
+                continue;
+            }
+            let devs: Vec<Deviation> = if r.deviations.is_empty() {
+                Vec::new()
+            } else {
+                let d: Vec<Deviation> = deviations
+                    .iter()
+                    .copied()
+                    .filter(|d| r.deviations.contains(d))
+                    .collect();
+                if d.is_empty() {
+                    continue;
+                }
+                d
+            };
+            let count = match r.threshold {
+                Some(t) => {
+                    let (crossed, n) = thresholds.crossed(i, &group_key(event), t, event.time);
+                    if !crossed {
+                        continue;
+                    }
+                    Some(n)
+                }
+                None => None,
+            };
+            out.push(Firing {
+                rule: r,
+                deviations: devs,
+                count,
+            });
+        }
+        out
     }
 
     pub fn with_action(&self, action: Action) -> impl Iterator<Item = &Rule> {

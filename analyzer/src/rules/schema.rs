@@ -11,10 +11,10 @@ use serde::Deserialize;
 use serde_saphyr::Spanned;
 
 use super::{
-    Action, AllowEntry, Condition, Rule, RuleError, RuleErrors, build_test, event_code, fields,
-    path_glob, severity_id,
+    Action, AllowEntry, Condition, Rule, RuleError, RuleErrors, Threshold, build_test, event_code,
+    fields, path_glob, severity_id,
 };
-use crate::event::EventCode;
+use crate::{baseline::Deviation, event::EventCode};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,7 +34,18 @@ struct RuleDoc {
     matches: BTreeMap<Key, Spanned<Values>>,
     #[serde(default)]
     allow: Vec<Spanned<AllowDoc>>,
+    #[serde(default)]
+    deviation: Vec<Spanned<String>>,
+    #[serde(default)]
+    threshold: Option<Spanned<ThresholdDoc>>,
     actions: Vec<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThresholdDoc {
+    count: u64,
+    window_seconds: u64,
 }
 
 #[derive(Deserialize)]
@@ -154,7 +165,11 @@ fn raw_scalar(source: &str, at: &serde_saphyr::Location) -> Option<String> {
     if span.is_empty() {
         return None;
     }
-    let raw: String = source.chars().skip(span.offset()).take(span.len()).collect();
+    let raw: String = source
+        .chars()
+        .skip(span.offset())
+        .take(span.len())
+        .collect();
     let raw = raw.trim();
     if raw.is_empty() || raw.starts_with(['"', '\'', '[', '{']) {
         return None;
@@ -383,6 +398,46 @@ fn translate(r: RuleDoc, source: &str, errors: &mut Errors<'_>) -> Option<Rule> 
         allow.push(out);
     }
 
+    let mut deviations = Vec::new();
+    for d in &r.deviation {
+        match Deviation::from_name(&d.value) {
+            Some(dev) if event == Some(EventCode::KeyUse) => deviations.push(dev),
+            Some(_) => errors.span(
+                d,
+                "deviation applies to key_use rules: baselines are learned per key",
+            ),
+            None => {
+                let known: Vec<&str> = Deviation::ALL.iter().map(|d| d.name()).collect();
+                errors.span(
+                    d,
+                    format!(
+                        "unknown deviation `{}` (expected one of {})",
+                        d.value,
+                        known.join(", ")
+                    ),
+                )
+            }
+        }
+    }
+    let threshold = match &r.threshold {
+        Some(t) if t.value.count == 0 => {
+            errors.span(
+                t,
+                "threshold count must be at least 1 (the rule fires above it)",
+            );
+            None
+        }
+        Some(t) if !(1..=3600).contains(&t.value.window_seconds) => {
+            errors.span(t, "threshold window_seconds must be between 1 and 3600");
+            None
+        }
+        Some(t) => Some(Threshold {
+            count: t.value.count,
+            window_ms: t.value.window_seconds as i64 * 1000,
+        }),
+        None => None,
+    };
+
     let mut actions = Vec::new();
     if r.actions.is_empty() {
         errors.span(&r.id, format!("rule {id} has no actions"));
@@ -438,6 +493,8 @@ fn translate(r: RuleDoc, source: &str, errors: &mut Errors<'_>) -> Option<Rule> 
         event: event?,
         conditions,
         allow,
+        deviations,
+        threshold,
         actions,
         source: format!("{}:{}", errors.file, r.id.referenced.line()),
     })

@@ -1,4 +1,5 @@
 use super::*;
+use crate::baseline::Deviation;
 use crate::event::tests_support::{key_use_event, secret_open_event};
 
 fn parse(src: &str) -> Result<RuleSet, RuleErrors> {
@@ -46,10 +47,19 @@ rules:
     assert_eq!(r.values_of("file.path").unwrap(), ["/etc/ssl/private/**"]);
 
     let open = secret_open_event();
-    let fired: Vec<&str> = set.evaluate(&open).map(|r| r.id.as_str()).collect();
+    let mut th = Thresholds::default();
+    let fired: Vec<&str> = set
+        .evaluate(&open, &[], &mut th)
+        .iter()
+        .map(|f| f.rule.id.as_str())
+        .collect();
     assert_eq!(fired, ["tls-key-readers"]);
     let sign = key_use_event();
-    let fired: Vec<&str> = set.evaluate(&sign).map(|r| r.id.as_str()).collect();
+    let fired: Vec<&str> = set
+        .evaluate(&sign, &[], &mut th)
+        .iter()
+        .map(|f| f.rule.id.as_str())
+        .collect();
     assert_eq!(fired, ["protect-signing-key"]);
 }
 
@@ -253,4 +263,72 @@ fn plain_scalars_keep_their_text() {
         set.rules[0].values_of("actor.process.name").unwrap(),
         ["0123", "007", "1e3"]
     );
+}
+
+#[test]
+fn deviation_rules_fire_only_on_the_deviations_they_name() {
+    let set = parse(
+        "rules:\n  - id: new-place\n    severity: high\n    event: key_use\n    deviation: [new_country, new_asn]\n    actions: [alert]\n",
+    )
+    .unwrap();
+    let ev = key_use_event();
+    let mut th = Thresholds::default();
+    assert!(set.evaluate(&ev, &[], &mut th).is_empty());
+    assert!(
+        set.evaluate(&ev, &[Deviation::NewBinary], &mut th)
+            .is_empty()
+    );
+    let f = set.evaluate(&ev, &[Deviation::NewBinary, Deviation::NewCountry], &mut th);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].deviations, [Deviation::NewCountry]);
+    assert!(!set.rules[0].is_stateless());
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    deviation: [new_planet]\n    actions: [alert]\n",
+    );
+    assert_eq!((e.line, e.column), (5, 17));
+    assert!(e.message.contains("unknown deviation `new_planet`"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: secret_file_open\n    deviation: [new_binary]\n    actions: [alert]\n",
+    );
+    assert!(e.message.contains("deviation applies to key_use"), "{e}");
+}
+
+#[test]
+fn thresholds_fire_once_per_crossing_per_key_in_a_sliding_window() {
+    let set = parse(
+        "rules:\n  - id: busy\n    severity: medium\n    event: key_use\n    threshold: {count: 3, window_seconds: 60}\n    actions: [alert]\n",
+    )
+    .unwrap();
+    let mut th = Thresholds::default();
+    let mut ev = key_use_event();
+    let mut fired = Vec::new();
+    for i in 0..6 {
+        ev.time = 1_000_000 + i * 1000;
+        fired.push(
+            set.evaluate(&ev, &[], &mut th)
+                .first()
+                .and_then(|f| f.count),
+        );
+    }
+    assert_eq!(fired, [None, None, None, Some(4), None, None]);
+    // Another key counts on its own.
+    let mut other = key_use_event();
+    other.key.as_mut().unwrap().spki_sha256 = Some("cd".repeat(32));
+    other.time = ev.time;
+    assert!(set.evaluate(&other, &[], &mut th).is_empty());
+    // Two minutes later the window has emptied: it re-arms.
+    let mut fired = Vec::new();
+    for i in 0..4 {
+        ev.time = 1_000_000 + 180_000 + i;
+        fired.push(!set.evaluate(&ev, &[], &mut th).is_empty());
+    }
+    assert_eq!(fired, [false, false, false, true]);
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    threshold: {count: 0, window_seconds: 60}\n    actions: [alert]\n",
+    );
+    assert!(e.message.contains("at least 1"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    threshold: {count: 5, window: 60}\n    actions: [alert]\n",
+    );
+    assert!(e.message.contains("unknown field `window`"), "{e}");
 }

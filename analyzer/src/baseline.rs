@@ -1,0 +1,429 @@
+//! What is normal for each key, learned from its uses.
+//!
+//! A key's baseline is the set of binaries (exe SHA-256), containers, users,
+//! peer countries and ASNs it has been used from, and its busiest minute.
+//! During the learning period (counted from the key's first use) everything
+//! is learned silently. After it, a use from something new is a
+//! *deviation*; the new value is then learned, so each change is reported
+//! once. Rules decide which deviations matter (`deviation:` in a rule).
+//!
+//! Baselines persist as one JSON file written atomically (temporary file,
+//! fsync, rename), so a crash leaves the old file or the new one, never half
+//! of one.
+
+use std::{
+    collections::BTreeSet,
+    io::Write,
+    path::{Path, PathBuf},
+};
+
+use hashbrown::HashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::event::Event;
+
+/// Most distinct values remembered per attribute: a key used from
+/// everywhere stops growing its baseline (and stops deviating on it).
+pub const MAX_VALUES: usize = 1024;
+
+/// How a use differs from its key's baseline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Deviation {
+    NewBinary,
+    NewContainer,
+    NewUser,
+    NewCountry,
+    NewAsn,
+    /// More uses in the current minute than twice the busiest minute
+    /// learned (and at least 10).
+    RateAboveBaseline,
+}
+
+impl Deviation {
+    pub const ALL: [Deviation; 6] = [
+        Deviation::NewBinary,
+        Deviation::NewContainer,
+        Deviation::NewUser,
+        Deviation::NewCountry,
+        Deviation::NewAsn,
+        Deviation::RateAboveBaseline,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Deviation::NewBinary => "new_binary",
+            Deviation::NewContainer => "new_container",
+            Deviation::NewUser => "new_user",
+            Deviation::NewCountry => "new_country",
+            Deviation::NewAsn => "new_asn",
+            Deviation::RateAboveBaseline => "rate_above_baseline",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|d| d.name() == s)
+    }
+}
+
+/// The attributes of one use that baselines track.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observation {
+    pub time_ms: i64,
+    /// exe SHA-256, or the exe path when the hash is unknown.
+    pub binary: Option<String>,
+    /// Container id, or `host`.
+    pub container: String,
+    pub user: Option<String>,
+    pub country: Option<String>,
+    pub asn: Option<u32>,
+}
+
+impl Observation {
+    pub fn of(event: &Event) -> Self {
+        let file = event.actor.process.file.as_ref();
+        let peer = event.peer.as_ref();
+        Observation {
+            time_ms: event.time,
+            binary: file.and_then(|f| {
+                f.hashes
+                    .first()
+                    .map(|h| h.value.clone())
+                    .or_else(|| Some(f.path.clone()))
+            }),
+            container: event
+                .container
+                .as_ref()
+                .map(|c| c.uid.clone())
+                .unwrap_or_else(|| "host".to_owned()),
+            user: Some(event.actor.process.user.uid.clone()).filter(|u| !u.is_empty()),
+            country: peer
+                .and_then(|p| p.location.as_ref())
+                .and_then(|l| l.country.clone()),
+            asn: peer
+                .and_then(|p| p.autonomous_system.as_ref())
+                .map(|a| a.number),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateProfile {
+    /// Start of the minute being counted (ms since the epoch, floored).
+    pub minute_ms: i64,
+    pub this_minute: u64,
+    /// The busiest complete or current minute seen while learning.
+    pub max_per_minute: u64,
+}
+
+/// What is normal for one key.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyBaseline {
+    pub spki_sha256: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub uses: u64,
+    pub binaries: BTreeSet<String>,
+    pub containers: BTreeSet<String>,
+    pub users: BTreeSet<String>,
+    pub countries: BTreeSet<String>,
+    pub asns: BTreeSet<u32>,
+    pub rate: RateProfile,
+}
+
+fn learn<T: Ord + Clone>(
+    set: &mut BTreeSet<T>,
+    v: &T,
+    learning: bool,
+    dev: Deviation,
+    out: &mut Vec<Deviation>,
+) {
+    if set.contains(v) {
+        return;
+    }
+    if set.len() >= MAX_VALUES {
+        return;
+    }
+    if !learning {
+        out.push(dev);
+    }
+    set.insert(v.clone());
+}
+
+impl KeyBaseline {
+    /// Folds one use in; returns how it deviates (nothing while learning).
+    pub fn observe(&mut self, o: &Observation, learning_ms: i64) -> Vec<Deviation> {
+        if self.uses == 0 {
+            self.first_seen_ms = o.time_ms;
+        }
+        self.uses += 1;
+        self.last_seen_ms = self.last_seen_ms.max(o.time_ms);
+        let learning = o.time_ms - self.first_seen_ms < learning_ms;
+        let mut out = Vec::new();
+        if let Some(b) = &o.binary {
+            learn(
+                &mut self.binaries,
+                b,
+                learning,
+                Deviation::NewBinary,
+                &mut out,
+            );
+        }
+        learn(
+            &mut self.containers,
+            &o.container,
+            learning,
+            Deviation::NewContainer,
+            &mut out,
+        );
+        if let Some(u) = &o.user {
+            learn(&mut self.users, u, learning, Deviation::NewUser, &mut out);
+        }
+        if let Some(c) = &o.country {
+            learn(
+                &mut self.countries,
+                c,
+                learning,
+                Deviation::NewCountry,
+                &mut out,
+            );
+        }
+        if let Some(a) = &o.asn {
+            learn(&mut self.asns, a, learning, Deviation::NewAsn, &mut out);
+        }
+        let minute = o.time_ms.div_euclid(60_000) * 60_000;
+        if minute != self.rate.minute_ms {
+            self.rate.minute_ms = minute;
+            self.rate.this_minute = 0;
+        }
+        self.rate.this_minute += 1;
+        if learning {
+            self.rate.max_per_minute = self.rate.max_per_minute.max(self.rate.this_minute);
+        } else {
+            let limit = (self.rate.max_per_minute * 2).max(10);
+            // Once per minute: when the count first passes the limit.
+            if self.rate.this_minute == limit + 1 {
+                out.push(Deviation::RateAboveBaseline);
+            }
+        }
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BaselineError {
+    #[error("{path}: cannot read baselines: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: baselines are not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{path}: cannot write baselines: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Baselines of many keys, as one owner holds them (a pipeline shard).
+#[derive(Clone, Debug, Default)]
+pub struct BaselineStore {
+    pub keys: HashMap<String, KeyBaseline>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileFormat {
+    version: u32,
+    keys: Vec<KeyBaseline>,
+}
+
+impl BaselineStore {
+    pub fn observe(&mut self, spki: &str, o: &Observation, learning_ms: i64) -> Vec<Deviation> {
+        let b = self.keys.entry_ref(spki).or_insert_with(|| KeyBaseline {
+            spki_sha256: spki.to_owned(),
+            ..Default::default()
+        });
+        b.observe(o, learning_ms)
+    }
+
+    pub fn merge(&mut self, other: BaselineStore) {
+        self.keys.extend(other.keys);
+    }
+
+    /// Loads `path`; a missing file is an empty store.
+    pub fn load(path: &Path) -> Result<Self, BaselineError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Self::default()),
+            Err(source) => {
+                return Err(BaselineError::Read {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let f: FileFormat = serde_json::from_str(&text).map_err(|source| BaselineError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(BaselineStore {
+            keys: f
+                .keys
+                .into_iter()
+                .map(|k| (k.spki_sha256.clone(), k))
+                .collect(),
+        })
+    }
+
+    /// Writes atomically: a 0600 temporary file in the same directory,
+    /// fsync'd, then renamed over `path`.
+    pub fn save(&self, path: &Path) -> Result<(), BaselineError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| BaselineError::Write {
+            path: path.to_owned(),
+            source,
+        };
+        let mut keys: Vec<&KeyBaseline> = self.keys.values().collect();
+        keys.sort_by(|a, b| a.spki_sha256.cmp(&b.spki_sha256));
+        let body = serde_json::to_vec(&serde_json::json!({ "version": 1, "keys": keys }))
+            .map_err(|e| err(std::io::Error::other(e)))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+        let result = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result.map_err(err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: i64 = 60_000;
+
+    fn obs(t: i64, binary: &str) -> Observation {
+        Observation {
+            time_ms: t,
+            binary: Some(binary.into()),
+            container: "host".into(),
+            user: Some("33".into()),
+            country: Some("DE".into()),
+            asn: Some(64500),
+        }
+    }
+
+    #[test]
+    fn learns_silently_then_reports_each_change_once() {
+        let mut b = KeyBaseline::default();
+        let learning = 10 * MIN;
+        assert!(b.observe(&obs(0, "nginx"), learning).is_empty());
+        assert!(
+            b.observe(&obs(MIN, "curl"), learning).is_empty(),
+            "still learning"
+        );
+        assert_eq!(b.binaries.len(), 2);
+        let later = 11 * MIN;
+        assert!(b.observe(&obs(later, "nginx"), learning).is_empty());
+        assert_eq!(
+            b.observe(&obs(later, "evil"), learning),
+            [Deviation::NewBinary]
+        );
+        assert!(
+            b.observe(&obs(later + 1, "evil"), learning).is_empty(),
+            "learned now"
+        );
+        let mut o = obs(later + 2, "nginx");
+        o.country = Some("FR".into());
+        o.asn = Some(64501);
+        o.container = "c".repeat(64);
+        o.user = Some("0".into());
+        assert_eq!(
+            b.observe(&o, learning),
+            [
+                Deviation::NewContainer,
+                Deviation::NewUser,
+                Deviation::NewCountry,
+                Deviation::NewAsn
+            ]
+        );
+        assert_eq!(b.uses, 6);
+    }
+
+    #[test]
+    fn rate_above_twice_the_busiest_learned_minute_is_reported_once_a_minute() {
+        let mut b = KeyBaseline::default();
+        for i in 0..20 {
+            b.observe(&obs(i, "n"), MIN);
+        }
+        assert_eq!(b.rate.max_per_minute, 20);
+        let t = 5 * MIN;
+        let mut devs = Vec::new();
+        for i in 0..100 {
+            devs.extend(b.observe(&obs(t + i, "n"), MIN));
+        }
+        assert_eq!(
+            devs,
+            [Deviation::RateAboveBaseline],
+            "once, at the 41st use"
+        );
+        let mut devs = Vec::new();
+        for i in 0..40 {
+            devs.extend(b.observe(&obs(t + MIN + i, "n"), MIN));
+        }
+        assert!(devs.is_empty(), "40 in a new minute is within 2x20");
+    }
+
+    #[test]
+    fn attribute_sets_are_bounded() {
+        let mut b = KeyBaseline::default();
+        for i in 0..(MAX_VALUES as i64 + 10) {
+            b.observe(&obs(i, &format!("b{i}")), 1);
+        }
+        assert_eq!(b.binaries.len(), MAX_VALUES);
+    }
+
+    #[test]
+    fn store_round_trips_atomically_with_private_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("kw-baseline-{}", std::process::id()));
+        let path = dir.join("baselines.json");
+        let mut s = BaselineStore::default();
+        s.observe(&"ab".repeat(32), &obs(1, "nginx"), MIN);
+        s.observe(&"cd".repeat(32), &obs(2, "curl"), MIN);
+        s.save(&path).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = BaselineStore::load(&path).unwrap();
+        assert_eq!(back.keys, s.keys);
+        assert!(
+            std::fs::read_dir(&dir).unwrap().count() == 1,
+            "no temporary file left"
+        );
+        std::fs::write(&path, "{not json").unwrap();
+        let e = BaselineStore::load(&path).unwrap_err().to_string();
+        assert!(
+            e.contains("baselines.json") && e.contains("not valid"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(BaselineStore::load(&path).unwrap().keys.is_empty());
+    }
+}

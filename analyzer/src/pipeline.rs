@@ -1,0 +1,618 @@
+//! The correlation pipeline: events in, events (enriched) and rule firings
+//! out, across shards that each own the state of their keys.
+//!
+//! ```text
+//! submit ─▶ [bounded queue, shard = hash(key) % N] ─▶ shard: geo → baseline → rules ─▶ [bounded queue] ─▶ drain
+//! ```
+//!
+//! A key's events always go to the same shard, so its baseline and
+//! threshold counters have exactly one owner and need no lock. Queues are
+//! crossbeam bounded channels (lock-free in the common case).
+//!
+//! Full-queue policy, per stage:
+//! * **input** (`submit`): with `Overflow::Drop`, the event is counted in
+//!   `dropped` and not analysed; the caller (the sensor's ring reader) never
+//!   waits. `Overflow::Block` waits instead (replaying a file loses nothing).
+//! * **output**: a shard waits for the drain. That backs up into the input
+//!   queue, where the input policy applies; the ring reader still never
+//!   blocks.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
+    time::Instant,
+};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+
+use crate::{
+    baseline::{BaselineStore, Deviation, KeyBaseline, Observation},
+    event::Event,
+    geo::Geo,
+    rules::{RuleSet, Thresholds},
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overflow {
+    Drop,
+    Block,
+}
+
+pub struct Config {
+    pub shards: usize,
+    /// Capacity of each shard's input queue and of the output queue.
+    pub queue: usize,
+    /// How long after its first use a key's baseline learns silently.
+    pub learning_ms: i64,
+    pub overflow: Overflow,
+    pub geo: Option<Arc<Geo>>,
+    pub baselines: BaselineStore,
+}
+
+/// One event to analyse. `killed_by` names the rule whose kill the probe
+/// already carried out (so nobody kills again).
+#[derive(Debug)]
+pub struct Input {
+    pub event: Event,
+    pub killed_by: Option<String>,
+}
+
+/// One rule firing, owned (rules may be reloaded while it is in flight).
+#[derive(Clone, Debug)]
+pub struct Fired {
+    pub rule: Arc<crate::rules::Rule>,
+    pub deviations: Vec<Deviation>,
+    pub count: Option<u64>,
+    /// The key's baseline before this event, for deviation rules.
+    pub baseline: Option<KeyBaseline>,
+}
+
+impl Fired {
+    /// The Detection Finding for this firing of `evidence`.
+    pub fn finding(
+        &self,
+        origin: &crate::event::Origin,
+        time_ms: i64,
+        seq: u64,
+        evidence: &Event,
+        responses: Vec<crate::event::Response>,
+    ) -> Event {
+        let mut f = Event::detection_finding(
+            origin,
+            time_ms,
+            seq,
+            &self.rule.reference(),
+            evidence,
+            responses,
+        );
+        if !self.deviations.is_empty() || self.count.is_some() {
+            f.analysis = Some(crate::event::Analysis {
+                deviations: self
+                    .deviations
+                    .iter()
+                    .map(|d| d.name().to_owned())
+                    .collect(),
+                baseline: self.baseline.clone(),
+                count: self.count,
+                window_seconds: self.rule.threshold.map(|t| (t.window_ms / 1000) as u64),
+            });
+        }
+        f
+    }
+}
+
+pub struct Output {
+    pub event: Event,
+    pub killed_by: Option<String>,
+    pub fired: Vec<Fired>,
+}
+
+/// Counters of one stage, readable while it runs.
+#[derive(Default)]
+pub struct StageStats {
+    pub received: AtomicU64,
+    pub dropped: AtomicU64,
+    pub processed: AtomicU64,
+    pub latency_ns_total: AtomicU64,
+    pub latency_ns_max: AtomicU64,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StageSnapshot {
+    pub received: u64,
+    pub dropped: u64,
+    pub processed: u64,
+    pub latency_ns_total: u64,
+    pub latency_ns_max: u64,
+}
+
+impl StageStats {
+    pub fn snapshot(&self) -> StageSnapshot {
+        StageSnapshot {
+            received: self.received.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            processed: self.processed.load(Ordering::Relaxed),
+            latency_ns_total: self.latency_ns_total.load(Ordering::Relaxed),
+            latency_ns_max: self.latency_ns_max.load(Ordering::Relaxed),
+        }
+    }
+}
+
+enum Msg {
+    /// Boxed: an event is large, and queues move it twice.
+    Event(Box<Input>),
+    /// Send a copy of the shard's baselines.
+    Snapshot(Sender<BaselineStore>),
+    /// Forget one key's baseline (or all with `None`).
+    Reset(Option<String>),
+}
+
+/// Rules shared with the shards; replaced whole on reload.
+struct SharedRules {
+    generation: AtomicU64,
+    current: Mutex<Arc<RuleSetShared>>,
+}
+
+/// A rule set with each rule behind an `Arc`, so firings can own them.
+struct RuleSetShared {
+    set: RuleSet,
+    arcs: Vec<Arc<crate::rules::Rule>>,
+}
+
+impl RuleSetShared {
+    fn new(set: RuleSet) -> Self {
+        let arcs = set.rules.iter().cloned().map(Arc::new).collect();
+        RuleSetShared { set, arcs }
+    }
+}
+
+pub struct Pipeline {
+    inputs: Vec<Sender<Msg>>,
+    output: Receiver<Output>,
+    workers: Vec<JoinHandle<()>>,
+    rules: Arc<SharedRules>,
+    overflow: Overflow,
+    /// One per shard.
+    pub stats: Vec<Arc<StageStats>>,
+}
+
+/// Which shard owns an event: by key, else by file, else by process.
+fn shard_of(event: &Event, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    match event.key.as_ref().and_then(|k| k.spki_sha256.as_deref()) {
+        Some(spki) => spki.hash(&mut h),
+        None => match &event.file {
+            Some(f) => f.path.hash(&mut h),
+            None => event.actor.process.pid.hash(&mut h),
+        },
+    }
+    (h.finish() % shards as u64) as usize
+}
+
+fn spki_shard(spki: &str, shards: usize) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    spki.hash(&mut h);
+    (h.finish() % shards as u64) as usize
+}
+
+impl Pipeline {
+    pub fn start(rules: RuleSet, cfg: Config) -> Self {
+        let shards = cfg.shards.max(1);
+        let shared = Arc::new(SharedRules {
+            generation: AtomicU64::new(0),
+            current: Mutex::new(Arc::new(RuleSetShared::new(rules))),
+        });
+        let (out_tx, out_rx) = bounded(cfg.queue.max(1));
+        // Hand each shard the baselines of its keys.
+        let mut stores: Vec<BaselineStore> =
+            (0..shards).map(|_| BaselineStore::default()).collect();
+        for (spki, b) in cfg.baselines.keys {
+            stores[spki_shard(&spki, shards)].keys.insert(spki, b);
+        }
+        let mut inputs = Vec::new();
+        let mut workers = Vec::new();
+        let mut stats = Vec::new();
+        for (i, store) in stores.into_iter().enumerate() {
+            let (tx, rx) = bounded(cfg.queue.max(1));
+            let st = Arc::new(StageStats::default());
+            let shard = Shard {
+                rx,
+                out: out_tx.clone(),
+                rules: shared.clone(),
+                seen_generation: u64::MAX,
+                current: None,
+                thresholds: Thresholds::default(),
+                baselines: store,
+                learning_ms: cfg.learning_ms,
+                geo: cfg.geo.clone(),
+                stats: st.clone(),
+            };
+            workers.push(
+                std::thread::Builder::new()
+                    .name(format!("keywarden-shard-{i}"))
+                    .spawn(move || shard.run())
+                    .expect("spawn pipeline shard"),
+            );
+            inputs.push(tx);
+            stats.push(st);
+        }
+        Pipeline {
+            inputs,
+            output: out_rx,
+            workers,
+            rules: shared,
+            overflow: cfg.overflow,
+            stats,
+        }
+    }
+
+    /// Hands an event to its shard. Under `Overflow::Drop` a full queue
+    /// gives the event back (counted in `dropped`), so the caller can still
+    /// write it unanalysed: nothing is lost, only not correlated.
+    pub fn submit(&self, input: Input) -> Result<(), Box<Input>> {
+        let i = shard_of(&input.event, self.inputs.len());
+        self.stats[i].received.fetch_add(1, Ordering::Relaxed);
+        let msg = Msg::Event(Box::new(input));
+        let unsent = match self.overflow {
+            Overflow::Block => self.inputs[i].send(msg).err().map(|e| e.0),
+            Overflow::Drop => match self.inputs[i].try_send(msg) {
+                Ok(()) => None,
+                Err(TrySendError::Full(m)) | Err(TrySendError::Disconnected(m)) => Some(m),
+            },
+        };
+        match unsent {
+            None => Ok(()),
+            Some(Msg::Event(input)) => {
+                self.stats[i].dropped.fetch_add(1, Ordering::Relaxed);
+                Err(input)
+            }
+            Some(_) => unreachable!("only events are submitted"),
+        }
+    }
+
+    /// Results ready now (never waits).
+    pub fn try_drain(&self) -> impl Iterator<Item = Output> + '_ {
+        self.output.try_iter()
+    }
+
+    /// Replaces the rules; shards pick them up before their next event.
+    /// Threshold counters start afresh; baselines are kept.
+    pub fn reload(&self, rules: RuleSet) {
+        *self.rules.current.lock().expect("rules lock") = Arc::new(RuleSetShared::new(rules));
+        self.rules.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Sends a control message to shard `i`, taking results meanwhile: a
+    /// shard waits on a full output queue, so waiting for its input queue
+    /// without draining could wait forever.
+    fn send_draining(&self, i: usize, mut msg: Msg, outputs: &mut Vec<Output>) -> bool {
+        loop {
+            match self.inputs[i].try_send(msg) {
+                Ok(()) => return true,
+                Err(TrySendError::Disconnected(_)) => return false,
+                Err(TrySendError::Full(m)) => {
+                    msg = m;
+                    outputs.extend(self.output.try_iter());
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    /// Waits for a shard's reply, taking results meanwhile.
+    fn await_draining<T>(&self, rx: &Receiver<T>, outputs: &mut Vec<Output>) -> Option<T> {
+        loop {
+            outputs.extend(self.output.try_iter());
+            match rx.recv_timeout(std::time::Duration::from_millis(5)) {
+                Ok(v) => return Some(v),
+                Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// A copy of every shard's baselines, once each shard has reached the
+    /// request in its queue. Results taken while waiting are returned for
+    /// the caller to handle.
+    pub fn baselines(&self) -> (BaselineStore, Vec<Output>) {
+        let mut all = BaselineStore::default();
+        let mut outputs = Vec::new();
+        for i in 0..self.inputs.len() {
+            let (reply_tx, reply_rx) = bounded(1);
+            if self.send_draining(i, Msg::Snapshot(reply_tx), &mut outputs)
+                && let Some(s) = self.await_draining(&reply_rx, &mut outputs)
+            {
+                all.merge(s);
+            }
+        }
+        outputs.extend(self.output.try_iter());
+        (all, outputs)
+    }
+
+    /// Forgets one key's baseline, or every baseline. Returns results taken
+    /// while queueing the request.
+    pub fn reset_baseline(&self, spki: Option<&str>) -> Vec<Output> {
+        let mut outputs = Vec::new();
+        for i in 0..self.inputs.len() {
+            self.send_draining(i, Msg::Reset(spki.map(str::to_owned)), &mut outputs);
+        }
+        outputs
+    }
+
+    /// Stops accepting events, lets the shards finish, and returns what
+    /// they produced that nobody drained yet, with the final baselines.
+    pub fn finish(self) -> (Vec<Output>, BaselineStore) {
+        let (store, mut rest) = self.baselines();
+        drop(self.inputs);
+        for w in self.workers {
+            while !w.is_finished() {
+                rest.extend(self.output.try_iter());
+                std::thread::yield_now();
+            }
+            let _ = w.join();
+        }
+        rest.extend(self.output.try_iter());
+        (rest, store)
+    }
+
+    /// Where the baselines are kept between runs (see `BaselineStore`).
+    pub fn default_baseline_path() -> PathBuf {
+        PathBuf::from("/var/lib/keywarden/baselines.json")
+    }
+}
+
+struct Shard {
+    rx: Receiver<Msg>,
+    out: Sender<Output>,
+    rules: Arc<SharedRules>,
+    seen_generation: u64,
+    current: Option<Arc<RuleSetShared>>,
+    thresholds: Thresholds,
+    baselines: BaselineStore,
+    learning_ms: i64,
+    geo: Option<Arc<Geo>>,
+    stats: Arc<StageStats>,
+}
+
+impl Shard {
+    fn run(mut self) {
+        while let Ok(msg) = self.rx.recv() {
+            match msg {
+                Msg::Event(input) => {
+                    let started = Instant::now();
+                    let out = self.process(*input);
+                    let ns = started.elapsed().as_nanos() as u64;
+                    self.stats.processed.fetch_add(1, Ordering::Relaxed);
+                    self.stats.latency_ns_total.fetch_add(ns, Ordering::Relaxed);
+                    self.stats.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
+                    if self.out.send(out).is_err() {
+                        return;
+                    }
+                }
+                Msg::Snapshot(reply) => {
+                    let _ = reply.send(self.baselines.clone());
+                }
+                Msg::Reset(None) => self.baselines.keys.clear(),
+                Msg::Reset(Some(spki)) => {
+                    self.baselines.keys.remove(&spki);
+                }
+            }
+        }
+    }
+
+    fn rules(&mut self) -> Arc<RuleSetShared> {
+        let generation = self.rules.generation.load(Ordering::Acquire);
+        if generation != self.seen_generation || self.current.is_none() {
+            self.current = Some(self.rules.current.lock().expect("rules lock").clone());
+            self.seen_generation = generation;
+            self.thresholds = Thresholds::default();
+        }
+        self.current.clone().expect("rules loaded")
+    }
+
+    fn process(&mut self, input: Input) -> Output {
+        let mut event = input.event;
+        if let Some(geo) = &self.geo {
+            geo.enrich(&mut event);
+        }
+        let rules = self.rules();
+        let mut deviations = Vec::new();
+        let mut before = None;
+        if event.metadata.event_code == crate::event::EventCode::KeyUse
+            && let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.clone())
+        {
+            let wants_baseline = rules.set.rules.iter().any(|r| !r.deviations.is_empty());
+            if wants_baseline {
+                before = self.baselines.keys.get(&spki).cloned();
+            }
+            deviations = self
+                .baselines
+                .observe(&spki, &Observation::of(&event), self.learning_ms);
+        }
+        let fired = rules
+            .set
+            .evaluate(&event, &deviations, &mut self.thresholds)
+            .into_iter()
+            .map(|f| {
+                let index = rules
+                    .set
+                    .rules
+                    .iter()
+                    .position(|r| std::ptr::eq(r, f.rule))
+                    .expect("rule from this set");
+                Fired {
+                    rule: rules.arcs[index].clone(),
+                    baseline: if f.deviations.is_empty() {
+                        None
+                    } else {
+                        before.clone()
+                    },
+                    deviations: f.deviations,
+                    count: f.count,
+                }
+            })
+            .collect();
+        Output {
+            event,
+            killed_by: input.killed_by,
+            fired,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::tests_support::key_use_event;
+
+    fn rules(src: &str) -> RuleSet {
+        RuleSet::parse(src, "t.yaml").unwrap()
+    }
+
+    fn cfg(shards: usize, queue: usize, overflow: Overflow) -> Config {
+        Config {
+            shards,
+            queue,
+            learning_ms: 60_000,
+            overflow,
+            geo: None,
+            baselines: BaselineStore::default(),
+        }
+    }
+
+    fn event_for(key: u8, time: i64, binary: &str) -> Event {
+        let mut e = key_use_event();
+        e.key.as_mut().unwrap().spki_sha256 = Some(format!("{key:02x}").repeat(32));
+        e.time = time;
+        e.actor.process.file.as_mut().unwrap().hashes[0].value = binary.into();
+        e
+    }
+
+    #[test]
+    fn baselines_per_key_survive_sharding_and_deviations_fire_rules() {
+        let p = Pipeline::start(
+            rules(
+                "rules:\n  - id: new-binary\n    severity: high\n    event: key_use\n    deviation: [new_binary]\n    actions: [alert]\n",
+            ),
+            cfg(4, 64, Overflow::Block),
+        );
+        // 20 keys learn "nginx"; after learning, key 7 is used by "evil".
+        for k in 0..20u8 {
+            p.submit(Input {
+                event: event_for(k, 0, "nginx"),
+                killed_by: None,
+            })
+            .unwrap();
+        }
+        for k in 0..20u8 {
+            let b = if k == 7 { "evil" } else { "nginx" };
+            p.submit(Input {
+                event: event_for(k, 120_000, b),
+                killed_by: None,
+            })
+            .unwrap();
+        }
+        let (out, store) = p.finish();
+        assert_eq!(out.len(), 40);
+        let fired: Vec<&Output> = out.iter().filter(|o| !o.fired.is_empty()).collect();
+        assert_eq!(fired.len(), 1);
+        let f = &fired[0].fired[0];
+        assert_eq!(f.rule.id, "new-binary");
+        assert_eq!(f.deviations, [Deviation::NewBinary]);
+        let before = f.baseline.as_ref().unwrap();
+        assert_eq!(before.binaries.iter().collect::<Vec<_>>(), ["nginx"]);
+        assert_eq!(store.keys.len(), 20);
+        assert_eq!(store.keys[&"07".repeat(32)].binaries.len(), 2);
+    }
+
+    #[test]
+    fn a_full_input_queue_drops_and_counts_instead_of_waiting() {
+        let p = Pipeline::start(RuleSet::default(), cfg(1, 2, Overflow::Drop));
+        // Nobody drains: the output queue (2) fills, then the shard blocks,
+        // then the input queue (2) fills; the rest must be dropped at once.
+        let mut accepted = 0;
+        for i in 0..100 {
+            match p.submit(Input {
+                event: event_for(1, i, "n"),
+                killed_by: None,
+            }) {
+                Ok(()) => accepted += 1,
+                Err(back) => assert_eq!(back.event.time, i, "the dropped event comes back"),
+            }
+        }
+        let s = p.stats[0].snapshot();
+        assert_eq!(s.received, 100);
+        assert_eq!(s.dropped, 100 - accepted);
+        assert!(accepted <= 5, "accepted {accepted}");
+        let (out, _) = p.finish();
+        assert_eq!(out.len() as u64, accepted);
+    }
+
+    #[test]
+    fn reload_swaps_rules_between_events() {
+        let p = Pipeline::start(RuleSet::default(), cfg(2, 16, Overflow::Block));
+        p.submit(Input {
+            event: event_for(1, 0, "n"),
+            killed_by: None,
+        })
+        .unwrap();
+        // Drain before reloading so the first event is processed under the
+        // old (empty) rules.
+        let mut out = Vec::new();
+        while out.is_empty() {
+            out.extend(p.try_drain());
+        }
+        p.reload(rules(
+            "rules:\n  - id: any\n    severity: low\n    event: key_use\n    actions: [alert]\n",
+        ));
+        p.submit(Input {
+            event: event_for(1, 1, "n"),
+            killed_by: None,
+        })
+        .unwrap();
+        let (rest, _) = p.finish();
+        assert!(out[0].fired.is_empty());
+        assert_eq!(rest.len(), 1);
+        assert_eq!(rest[0].fired[0].rule.id, "any");
+    }
+
+    #[test]
+    fn baselines_can_be_listed_and_reset_while_running() {
+        let mut seed = BaselineStore::default();
+        seed.observe(
+            &"aa".repeat(32),
+            &Observation {
+                time_ms: 0,
+                ..Default::default()
+            },
+            1,
+        );
+        let mut c = cfg(3, 16, Overflow::Block);
+        c.baselines = seed;
+        let p = Pipeline::start(RuleSet::default(), c);
+        p.submit(Input {
+            event: event_for(0xbb, 0, "n"),
+            killed_by: None,
+        })
+        .unwrap();
+        let (all, outputs) = p.baselines();
+        assert_eq!(all.keys.len(), 2);
+        assert_eq!(
+            outputs.len(),
+            1,
+            "the event went through before the snapshot"
+        );
+        assert!(p.reset_baseline(Some(&"aa".repeat(32))).is_empty());
+        let (all, _) = p.baselines();
+        assert_eq!(all.keys.len(), 1);
+        assert!(all.keys.contains_key(&"bb".repeat(32)));
+        let (_, store) = p.finish();
+        assert_eq!(store.keys.len(), 1);
+    }
+}
