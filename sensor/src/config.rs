@@ -31,6 +31,41 @@ pub struct Config {
     /// Optional in a configuration file: the embedded default list applies.
     #[serde(default = "SecretFiles::embedded_default")]
     pub secret_files: SecretFiles,
+    /// Correlation: baselines, GeoIP, the pipeline's shape.
+    #[serde(default)]
+    pub analyzer: AnalyzerConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyzerConfig {
+    /// Pipeline shards (threads); a key's state lives in exactly one.
+    pub shards: usize,
+    /// Events each shard's queue holds before new ones are written
+    /// unanalysed (and counted).
+    pub queue: usize,
+    /// How long after a key's first use its baseline learns silently.
+    pub learning_period_s: u64,
+    /// Where baselines persist (written atomically every minute and at
+    /// exit).
+    pub baselines: String,
+    /// GeoLite2/GeoIP2 City or Country database (peer country and city).
+    pub geoip_city: Option<String>,
+    /// GeoLite2 ASN or GeoIP2 ISP database (peer network).
+    pub geoip_asn: Option<String>,
+}
+
+impl Default for AnalyzerConfig {
+    fn default() -> Self {
+        AnalyzerConfig {
+            shards: 2,
+            queue: 65536,
+            learning_period_s: 7 * 24 * 3600,
+            baselines: "/var/lib/keywarden/baselines.json".into(),
+            geoip_city: None,
+            geoip_asn: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -5,6 +5,7 @@
 //! → decode (`records`) → enrich (`enrich`, `keys`) → events
 //! (`keywarden-analyzer`) → sinks (`sink`).
 
+mod analyze;
 mod config;
 mod control;
 mod discovery;
@@ -51,9 +52,35 @@ enum Command {
         #[arg(long)]
         no_hold: bool,
         /// Rule file or directory (repeatable); added to the configuration's
-        /// `rules`.
+        /// `rules`. SIGHUP reloads them.
         #[arg(long, value_name = "PATH")]
         rules: Vec<String>,
+        /// Baseline file (overrides `analyzer.baselines`).
+        #[arg(long, value_name = "FILE")]
+        baselines: Option<String>,
+    },
+    /// Replay recorded NDJSON events through the same pipeline and rules as
+    /// the live sensor; writes the findings as NDJSON.
+    Analyze {
+        /// Recorded events (`keywarden run` output); `-` for stdin.
+        #[arg(long, short)]
+        input: String,
+        /// Configuration whose `rules` and `analyzer` settings apply.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        rules: Vec<String>,
+        /// Start from these baselines (read only; never written).
+        #[arg(long, value_name = "FILE")]
+        baselines: Option<String>,
+        /// Findings go here (appended) instead of stdout.
+        #[arg(long, short)]
+        output: Option<String>,
+    },
+    /// List or reset learned baselines.
+    Baseline {
+        #[command(subcommand)]
+        command: BaselineCommand,
     },
     /// Work with rule files.
     Rules {
@@ -65,6 +92,34 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum BaselineCommand {
+    /// One line per key: uses, first and last use, what it was used from.
+    List {
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/var/lib/keywarden/baselines.json"
+        )]
+        file: PathBuf,
+    },
+    /// Forget a key's baseline (it learns again from its next use), or all.
+    /// Stop the sensor first: it rewrites the file every minute.
+    Reset {
+        #[arg(
+            long,
+            value_name = "FILE",
+            default_value = "/var/lib/keywarden/baselines.json"
+        )]
+        file: PathBuf,
+        /// The key's SPKI SHA-256.
+        #[arg(long, conflicts_with = "all", required_unless_present = "all")]
+        key: Option<String>,
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum RulesCommand {
     /// Validate rule files (or directories of *.yaml): every error is
     /// printed as file:line:column; exits 1 if there is any.
@@ -72,6 +127,16 @@ enum RulesCommand {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+}
+
+fn exit(r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keywarden: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -101,15 +166,38 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Analyze {
+            input,
+            config,
+            rules,
+            baselines,
+            output,
+        } => exit(analyze::run(analyze::Args {
+            input,
+            config,
+            rules,
+            baselines,
+            output,
+        })),
+        Command::Baseline { command } => exit(match command {
+            BaselineCommand::List { file } => analyze::list_baselines(&file),
+            BaselineCommand::Reset { file, key, all } => {
+                analyze::reset_baselines(&file, if all { None } else { key.as_deref() })
+            }
+        }),
         Command::Run {
             config,
             output,
             no_hold,
             rules,
+            baselines,
         } => {
             let result = (|| {
                 let mut cfg = config::Config::load(config.as_deref())?;
                 cfg.rules.extend(rules);
+                if let Some(b) = baselines {
+                    cfg.analyzer.baselines = b;
+                }
                 if let Some(o) = output {
                     cfg.output = o;
                 }
@@ -120,7 +208,9 @@ fn main() -> ExitCode {
                 for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
                     signal_hook::flag::register(sig, shutdown.clone())?;
                 }
-                run::run(cfg, shutdown)
+                let reload = Arc::new(AtomicBool::new(false));
+                signal_hook::flag::register(signal_hook::consts::SIGHUP, reload.clone())?;
+                run::run(cfg, shutdown, reload)
             })();
             match result {
                 Ok(()) => ExitCode::SUCCESS,

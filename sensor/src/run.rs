@@ -25,7 +25,10 @@ use keywarden_analyzer::event::{
     self, Cgroup, Event, KeyUse, Origin, SecretFile, SecretFileOpen, Signature, User,
 };
 use keywarden_analyzer::{
+    baseline::BaselineStore,
     event::Response,
+    geo::Geo,
+    pipeline::{self, Input, Output, Overflow, Pipeline},
     rules::{Action, RuleSet},
 };
 use keywarden_probe_types::{
@@ -85,6 +88,12 @@ struct Sensor {
     protected_found: hashbrown::HashSet<String>,
     /// Detection Findings written.
     findings: u64,
+    /// The correlation pipeline (taken at shutdown).
+    pipeline: Option<Pipeline>,
+    geo: Option<Arc<Geo>>,
+    baseline_path: PathBuf,
+    /// Events written without analysis because the pipeline was full.
+    unanalysed: u64,
 }
 
 fn clock_ns(id: nix::time::ClockId) -> i64 {
@@ -93,7 +102,7 @@ fn clock_ns(id: nix::time::ClockId) -> i64 {
         .unwrap_or(0)
 }
 
-fn origin() -> Origin {
+pub(crate) fn origin() -> Origin {
     let hostname = nix::unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default();
@@ -106,14 +115,9 @@ fn origin() -> Origin {
     }
 }
 
-pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
+pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<()> {
     probes::preflight()?;
-    let rule_paths: Vec<PathBuf> = cfg.rules.iter().map(PathBuf::from).collect();
-    let rules = if rule_paths.is_empty() {
-        RuleSet::default()
-    } else {
-        RuleSet::load(&rule_paths).map_err(|e| anyhow::anyhow!("invalid rules:\n{e}"))?
-    };
+    let rules = crate::analyze::load_rules(&cfg.rules)?;
     // Refuse block rules that cannot be enforced before anything attaches.
     crate::enforce::guard::plan(&rules)?;
     // Paths rules care about are watched too, or they could never fire.
@@ -133,6 +137,20 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     let watch = WatchList::new(&watch_entries).map_err(|e| {
         anyhow::anyhow!("{e} (the watch list is secret_files.watch plus the file.path globs of secret_file_open rules)")
     })?;
+    let geo = crate::analyze::open_geo(&cfg.analyzer)?;
+    let baseline_path = PathBuf::from(&cfg.analyzer.baselines);
+    let baselines = BaselineStore::load(&baseline_path)?;
+    let pipeline = Pipeline::start(
+        rules.clone(),
+        pipeline::Config {
+            shards: cfg.analyzer.shards,
+            queue: cfg.analyzer.queue,
+            learning_ms: cfg.analyzer.learning_period_s as i64 * 1000,
+            overflow: Overflow::Drop,
+            geo: geo.clone(),
+            baselines,
+        },
+    );
     let enforcer = Enforcer::new(rules)?;
     let sink = NdjsonSink::open(&cfg.output)?;
     let (mut probes, rings) = Probes::load()?;
@@ -166,6 +184,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         protected_names: hashbrown::HashSet::new(),
         protected_found: hashbrown::HashSet::new(),
         findings: 0,
+        pipeline: Some(pipeline),
+        geo,
+        baseline_path,
+        unanalysed: 0,
     };
     crate::enforce::report_mechanisms(&s.enforcer.rules);
     let guard_stop = Arc::new(AtomicBool::new(false));
@@ -220,6 +242,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
 
     let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(1));
     let mut last_housekeeping = Instant::now();
+    let mut last_save = Instant::now();
     let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
         let timeout =
@@ -238,11 +261,20 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         }
         s.drain();
         s.emit_secret_opens(false);
+        s.drain_pipeline();
         s.sink.flush();
+        if reload.swap(false, Ordering::Relaxed) {
+            s.reload_rules(&cfg);
+        }
         if last_housekeeping.elapsed() >= Duration::from_secs(5) {
             s.report_lost();
             s.ident.expire(Duration::from_secs(30));
+            s.refresh_geo();
             last_housekeeping = Instant::now();
+        }
+        if last_save.elapsed() >= Duration::from_secs(60) {
+            s.save_baselines();
+            last_save = Instant::now();
         }
     }
 
@@ -261,6 +293,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
     }
     s.drain();
     s.emit_secret_opens(true);
+    s.finish_pipeline();
     s.report_lost();
     let waiting = s.sink.flush();
     let lost = s.probes().lost().unwrap_or_default();
@@ -270,6 +303,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>) -> Result<()> {
         warnings = s.events_by_kind[1],
         secret_file_opens = s.events_by_kind[2],
         findings = s.findings,
+        unanalysed = s.unanalysed,
         lost_sign = lost[stats::LOST_SIGN as usize],
         lost_data = lost[stats::LOST_DATA as usize],
         lost_other = lost[stats::LOST_OTHER as usize],
@@ -721,20 +755,54 @@ impl Sensor {
         }
     }
 
-    /// Writes an event, then acts on every rule it fires. `killed_by` names
-    /// the rule whose kill the probe already carried out.
+    /// Hands an event to the pipeline, which writes it (enriched) and acts
+    /// on the rules it fires once it comes out (`drain_pipeline`).
+    /// `killed_by` names the rule whose kill the probe already carried out.
+    /// If the pipeline is full the event is written at once, unanalysed, and
+    /// counted: never lost, never waited for.
     fn emit(&mut self, ev: Event, killed_by: Option<&str>) {
-        self.sink.push(&ev);
-        if self.enforcer.rules.rules.is_empty() {
-            return;
+        let input = Input {
+            event: ev,
+            killed_by: killed_by.map(str::to_owned),
+        };
+        let back = match &self.pipeline {
+            Some(p) => p.submit(input).err(),
+            None => Some(Box::new(input)),
+        };
+        if let Some(back) = back {
+            self.unanalysed += 1;
+            if self.unanalysed.is_power_of_two() {
+                warn!(
+                    total = self.unanalysed,
+                    "analyzer queue full: events written without correlation"
+                );
+            }
+            self.sink.push(&back.event);
         }
-        let fired: Vec<_> = self.enforcer.rules.evaluate(&ev).cloned().collect();
-        for rule in fired {
+    }
+
+    fn drain_pipeline(&mut self) {
+        let ready: Vec<Output> = match &self.pipeline {
+            Some(p) => p.try_drain().collect(),
+            None => return,
+        };
+        for o in ready {
+            self.handle_output(o);
+        }
+    }
+
+    /// Writes an analysed event, then acts on every rule it fired and
+    /// writes a finding for each.
+    fn handle_output(&mut self, o: Output) {
+        let ev = o.event;
+        self.sink.push(&ev);
+        for fired in o.fired {
+            let rule = fired.rule.clone();
             let mut responses = Vec::new();
             for action in &rule.actions {
                 let (outcome, detail) = match action {
                     Action::Alert => ("done", None),
-                    Action::Kill if killed_by == Some(rule.id.as_str()) => (
+                    Action::Kill if o.killed_by.as_deref() == Some(rule.id.as_str()) => (
                         "in_kernel",
                         Some(
                             "SIGKILL as it entered the signing call; no signature was made"
@@ -763,17 +831,103 @@ impl Sensor {
             }
             warn!(rule = %rule.id, pid = ev.actor.process.pid, "rule fired: {}", ev.message);
             let seq = self.next_seq();
-            let finding = Event::detection_finding(
-                &self.origin,
-                self.now_ms(),
-                seq,
-                &rule.reference(),
-                &ev,
-                responses,
-            );
+            let finding = fired.finding(&self.origin, self.now_ms(), seq, &ev, responses);
             self.findings += 1;
             self.sink.push(&finding);
         }
+    }
+
+    /// Stops the pipeline, writes what it still held, saves baselines.
+    fn finish_pipeline(&mut self) {
+        let Some(p) = self.pipeline.take() else {
+            return;
+        };
+        let (rest, store) = p.finish();
+        for o in rest {
+            self.handle_output(o);
+        }
+        if let Err(e) = store.save(&self.baseline_path) {
+            error!("{e}");
+        }
+    }
+
+    fn save_baselines(&mut self) {
+        let Some(p) = &self.pipeline else { return };
+        let (store, outputs) = p.baselines();
+        for o in outputs {
+            self.handle_output(o);
+        }
+        if let Err(e) = store.save(&self.baseline_path) {
+            self.warn_event(None, None, e.to_string());
+        }
+    }
+
+    /// Picks up replaced GeoIP databases; a bad file keeps the old data.
+    fn refresh_geo(&mut self) {
+        let Some(geo) = self.geo.clone() else { return };
+        for r in geo.refresh() {
+            match r {
+                Ok(true) => info!("GeoIP database reloaded"),
+                Ok(false) => {}
+                Err(e) => self.warn_event(
+                    None,
+                    None,
+                    format!("GeoIP database not reloaded, previous data kept: {e}"),
+                ),
+            }
+        }
+    }
+
+    /// SIGHUP: load the rules again. A set with errors is refused whole and
+    /// the running one kept; events keep flowing either way.
+    fn reload_rules(&mut self, cfg: &Config) {
+        let rules = match crate::analyze::load_rules(&cfg.rules) {
+            Ok(r) => r,
+            Err(e) => {
+                self.warn_event(
+                    None,
+                    None,
+                    format!("rules not reloaded, keeping the running set: {e:#}"),
+                );
+                return;
+            }
+        };
+        if let Err(e) = crate::enforce::guard::plan(&rules) {
+            self.warn_event(
+                None,
+                None,
+                format!("rules not reloaded, keeping the running set: {e:#}"),
+            );
+            return;
+        }
+        let block = |set: &RuleSet| -> Vec<(String, Vec<String>)> {
+            set.with_action(Action::Block)
+                .map(|r| {
+                    (
+                        r.id.clone(),
+                        r.values_of("file.path").unwrap_or_default().to_vec(),
+                    )
+                })
+                .collect()
+        };
+        if block(&rules) != block(&self.enforcer.rules) {
+            warn!("block rules changed: which directories are guarded changes only at restart");
+        }
+        let enforcer = match Enforcer::new(rules.clone()) {
+            Ok(e) => e,
+            Err(e) => {
+                self.warn_event(None, None, format!("rules not reloaded: {e:#}"));
+                return;
+            }
+        };
+        self.enforcer = enforcer;
+        self.protected_found.clear();
+        self.load_key_paths(&cfg.key_paths);
+        self.warn_unprotectable();
+        if let Some(p) = &self.pipeline {
+            p.reload(rules.clone());
+        }
+        info!(rules = rules.rules.len(), "rules reloaded");
     }
 
     /// `kill` for a use the probe could not stop in time (the key was only

@@ -46,6 +46,9 @@ impl Sensor {
         let child = keywarden()
             .args(["--log", "info,keywarden=debug", "run", "--output"])
             .arg(&events_path)
+            // Each sensor learns on its own: no test sees another's baselines.
+            .arg("--baselines")
+            .arg(dir.path().join("baselines.json"))
             .args(extra)
             .envs(env.iter().copied())
             .env("NO_COLOR", "1")
