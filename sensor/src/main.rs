@@ -55,8 +55,9 @@ enum Command {
         /// `rules`. SIGHUP reloads them.
         #[arg(long, value_name = "PATH")]
         rules: Vec<String>,
-        /// Baseline file (overrides `analyzer.baselines`).
-        #[arg(long, value_name = "FILE")]
+        /// Baseline file (overrides `analyzer.baselines`; the last one given
+        /// wins).
+        #[arg(long, value_name = "FILE", overrides_with = "baselines")]
         baselines: Option<String>,
     },
     /// Replay recorded NDJSON events through the same pipeline and rules as

@@ -78,6 +78,13 @@ pub struct GuardedOpen {
 pub fn plan(rules: &RuleSet) -> Result<Vec<Root>> {
     let mut roots = BTreeSet::new();
     for r in rules.with_action(Action::Block) {
+        if r.threshold.is_some() {
+            bail!(
+                "rule {} ({}): block decides each open alone, so it cannot have a threshold",
+                r.id,
+                r.source
+            );
+        }
         for c in &r.conditions {
             if !DECIDABLE.contains(&c.field) && !c.field.starts_with("actor.") {
                 bail!(

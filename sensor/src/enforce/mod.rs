@@ -46,8 +46,10 @@ pub struct Enforcer {
 impl Enforcer {
     pub fn new(rules: RuleSet) -> Result<Self> {
         let mut protected: HashMap<String, Vec<usize>> = HashMap::new();
+        // Only rules decidable from the key load alone kill before the
+        // signature; deviation and threshold rules need the use itself.
         for (i, r) in rules.rules.iter().enumerate() {
-            if r.has(Action::Kill) {
+            if r.has(Action::Kill) && r.is_stateless() {
                 for spki in r.values_of("key.spki_sha256").unwrap_or_default() {
                     protected.entry(spki.clone()).or_default().push(i);
                 }

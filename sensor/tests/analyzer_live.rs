@@ -1,0 +1,240 @@
+//! The analyzer behind the live sensor: a key's baseline is learned from
+//! real signatures, a binary it never signed from is a deviation that a rule
+//! turns into a finding and a kill, and replaying the recorded events
+//! through `keywarden analyze` gives the same findings.
+
+mod support;
+
+use std::{
+    io::Write,
+    os::unix::process::ExitStatusExt,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use support::*;
+
+fn findings(events: &[Value]) -> Vec<&Value> {
+    events
+        .iter()
+        .filter(|e| e["metadata"]["event_code"] == "alert")
+        .collect()
+}
+
+#[test]
+fn a_new_binary_signing_with_a_learned_key_is_found_killed_and_replayed_alike() {
+    let work = tempfile::tempdir().unwrap();
+    let keys = work.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let key = openssl_key(&keys, "service", "ec");
+    let cert = keys.join("service.crt");
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-new",
+                "-subj",
+                "/CN=localhost",
+                "-days",
+                "1",
+                "-key",
+            ])
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&cert),
+    );
+    // A binary the key never signed from: openssl with one byte appended
+    // (it still runs; its SHA-256 differs).
+    let other = work.path().join("openssl-other");
+    std::fs::copy("/usr/bin/openssl", &other).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&other)
+        .unwrap()
+        .write_all(b"X")
+        .unwrap();
+    let rules = work.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: service-key-new-binary\n    severity: high\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    deviation: [new_binary]\n    actions: [alert, kill]\n",
+            key.spki
+        ),
+    )
+    .unwrap();
+    let config = work.path().join("kw.yaml");
+    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
+    let text = default
+        .replace(
+            "key_paths:\n",
+            &format!("key_paths:\n  - {}\n", keys.display()),
+        )
+        .replace("learning_period_s: 604800", "learning_period_s: 2")
+        .replace("rules: []", &format!("rules: [{}]", rules.display()));
+    assert!(text.contains("learning_period_s: 2") && text.contains("rules.yaml"));
+    std::fs::write(&config, text).unwrap();
+
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    let data = work.path().join("data");
+    std::fs::write(&data, "x").unwrap();
+    let sign = |bin: &std::path::Path| {
+        run_pid(
+            Command::new(bin)
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(&key.path)
+                .arg("-out")
+                .arg(work.path().join("sig"))
+                .arg(&data),
+        )
+    };
+    // Learning: the system openssl signs.
+    let (learn_pid, out) = sign("/usr/bin/openssl".as_ref());
+    assert!(out.status.success());
+    std::thread::sleep(Duration::from_millis(2500));
+    // After learning: the same binary is normal...
+    let (normal_pid, out) = sign("/usr/bin/openssl".as_ref());
+    assert!(out.status.success());
+    // ...and a server from another binary signing in a TLS handshake is not.
+    let port = free_port();
+    let mut server = Command::new(&other)
+        .args(["s_server", "-quiet", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-key")
+        .arg(&key.path)
+        .arg("-cert")
+        .arg(&cert)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let server_pid = server.id();
+    wait_for("s_server to listen", Duration::from_secs(10), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let _ = Command::new("openssl")
+        .args(["s_client", "-connect"])
+        .arg(format!("127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    let mut status = None;
+    wait_for("the server to be killed", Duration::from_secs(10), || {
+        status = server.try_wait().unwrap();
+        status.is_some()
+    });
+    assert_eq!(status.unwrap().signal(), Some(9));
+    let events = sensor.stop();
+
+    let found = findings(&events);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let f = found[0];
+    assert_eq!(f["actor"]["process"]["pid"], server_pid);
+    assert_eq!(
+        f["finding_info"]["analytic"]["uid"],
+        "service-key-new-binary"
+    );
+    assert_eq!(
+        f["analysis"]["deviations"],
+        serde_json::json!(["new_binary"])
+    );
+    let learned = f["analysis"]["baseline"]["binaries"].as_array().unwrap();
+    assert_eq!(learned.len(), 1);
+    assert_eq!(
+        learned[0],
+        sha256_file("/usr/bin/openssl".as_ref()).as_str()
+    );
+    let kill = &f["responses"][1];
+    assert_eq!(
+        (kill["action"].as_str(), kill["outcome"].as_str()),
+        (Some("kill"), Some("done"))
+    );
+    // The learning and normal signatures are events, not findings.
+    for pid in [learn_pid, normal_pid] {
+        assert_eq!(key_uses_of(&events, pid).len(), 1);
+    }
+
+    // Replay the recorded events: the same finding for the same evidence.
+    let sensor_events = work.path().join("recorded.ndjson");
+    std::fs::write(
+        &sensor_events,
+        events
+            .iter()
+            .map(|e| e.to_string() + "\n")
+            .collect::<String>(),
+    )
+    .unwrap();
+    let out = run_ok(
+        keywarden()
+            .args(["analyze", "--config"])
+            .arg(&config)
+            .arg("--input")
+            .arg(&sensor_events),
+    );
+    let replayed: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(replayed.len(), 1, "{replayed:#?}");
+    let r = &replayed[0];
+    assert_eq!(
+        r["finding_info"]["analytic"]["uid"],
+        f["finding_info"]["analytic"]["uid"]
+    );
+    assert_eq!(
+        r["evidences"][0]["data"]["metadata"]["uid"],
+        f["evidences"][0]["data"]["metadata"]["uid"]
+    );
+    assert_eq!(r["analysis"]["deviations"], f["analysis"]["deviations"]);
+    assert_eq!(r["responses"][1]["outcome"], "skipped");
+}
+
+#[test]
+fn baselines_persist_across_restarts_and_can_be_listed_and_reset() {
+    let work = tempfile::tempdir().unwrap();
+    let key = openssl_key(work.path(), "k", "ec");
+    let baselines = work.path().join("b.json");
+    let data = work.path().join("data");
+    std::fs::write(&data, "x").unwrap();
+    for _ in 0..2 {
+        let sensor = Sensor::start(&["--baselines", baselines.to_str().unwrap()]);
+        run_ok(
+            Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(&key.path)
+                .arg("-out")
+                .arg(work.path().join("sig"))
+                .arg(&data),
+        );
+        sensor.stop();
+    }
+    let list = |file: &std::path::Path| {
+        String::from_utf8(run_ok(keywarden().args(["baseline", "list", "--file"]).arg(file)).stdout)
+            .unwrap()
+    };
+    let text = list(&baselines);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&key.spki))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("uses=2"), "two runs, one use each: {line}");
+    run_ok(
+        keywarden()
+            .args(["baseline", "reset", "--file"])
+            .arg(&baselines)
+            .args(["--key", &key.spki]),
+    );
+    assert!(!list(&baselines).contains(&key.spki));
+    let out = keywarden()
+        .args(["baseline", "reset", "--file"])
+        .arg(&baselines)
+        .args(["--key", &key.spki])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no baseline for key"));
+}
