@@ -610,7 +610,14 @@ impl Event {
             status: status.into(),
             status_detail,
             message,
-            metadata: origin.metadata(o.seq, EventCode::SecretFileOpen, o.container.is_some()),
+            metadata: {
+                let mut m =
+                    origin.metadata(o.seq, EventCode::SecretFileOpen, o.container.is_some());
+                if verdict.is_some() {
+                    m.profiles.push("security_control".to_owned());
+                }
+                m
+            },
             device: origin.device(),
             actor: Actor { process: o.process },
             container: o.container,
@@ -1153,6 +1160,7 @@ mod tests {
         assert_eq!(ev.status_id, 2);
         assert_eq!(ev.action_id, Some(2));
         assert_eq!(ev.action.as_deref(), Some("Denied"));
+        assert!(ev.metadata.profiles.iter().any(|p| p == "security_control"));
         assert!(ev.status_detail.unwrap().contains("EPERM by rule r1"));
         assert!(ev.message.contains("was denied opening"));
     }

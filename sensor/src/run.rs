@@ -1141,6 +1141,9 @@ impl Sensor {
             return;
         }
         let watched = self.watch.matches(&g.host_path);
+        if g.verdict.is_none() && watched.is_none() {
+            return; // allowed, no rule decided, and not watched
+        }
         let key_file = if g
             .host_path
             .rsplit('/')
@@ -1181,16 +1184,21 @@ impl Sensor {
                 key: (keys.len() == 1).then(|| identity_of(&keys[0], &g.host_path, "key_file")),
                 secret: SecretFile {
                     host_path: Some(g.host_path.clone()),
-                    matched: watched
-                        .map(|m| m.glob.clone())
-                        .unwrap_or_else(|| format!("rule:{}", g.rule)),
+                    matched: match (&watched, &g.verdict) {
+                        (Some(m), _) => m.glob.clone(),
+                        (None, Some((_, rule))) => format!("rule:{rule}"),
+                        (None, None) => String::new(),
+                    },
                     count: 1,
                     first_time: time_ms,
                     last_time: time_ms,
                     keys: keys.iter().map(|k| k.spki_sha256.clone()).collect(),
                     holds_private_key: key_file.as_ref().is_some_and(|k| k.has_private_key),
-                    verdict: Some(if g.allowed { "allowed" } else { "denied" }.to_owned()),
-                    rule: Some(g.rule),
+                    verdict: g
+                        .verdict
+                        .as_ref()
+                        .map(|(allowed, _)| if *allowed { "allowed" } else { "denied" }.to_owned()),
+                    rule: g.verdict.map(|(_, rule)| rule),
                 },
             },
         );

@@ -160,7 +160,7 @@ fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
     std::fs::write(
         &rules,
         format!(
-            "rules:\n  - id: guarded-env\n    severity: high\n    event: secret_file_open\n    match:\n      file.path: {}/**\n    allow:\n      - exe_path: /usr/bin/head\n    actions: [alert, block]\n",
+            "rules:\n  - id: guarded-env\n    severity: high\n    event: secret_file_open\n    match:\n      file.path: {}/**\n      file.name: [app.env, token]\n    allow:\n      - exe_path: /usr/bin/head\n    actions: [alert, block]\n",
             guarded.display()
         ),
     )
@@ -174,6 +174,12 @@ fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
         String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
         "{out:?}"
     );
+    // A watched file under the guarded directory that the rule does not
+    // select: allowed, and still reported (without a verdict).
+    let dotenv = guarded.join(".env");
+    std::fs::write(&dotenv, "API_KEY=hunter2-dotenv\n").unwrap();
+    let (dotenv_pid, out) = run_pid(Command::new("cat").arg(&dotenv));
+    assert!(out.status.success(), "{out:?}");
     let (head_pid, out) = run_pid(Command::new("head").arg(&before));
     assert!(out.status.success(), "{out:?}");
     assert_eq!(
@@ -229,6 +235,13 @@ fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
     assert_eq!(allowed[0]["status_id"], 1);
     assert_eq!(allowed[0]["action_id"], 1);
     assert!(of_pid(&events, "alert", head_pid).is_empty());
+
+    let unselected = of_pid(&events, "secret_file_open", dotenv_pid);
+    assert_eq!(unselected.len(), 1, "{unselected:#?}");
+    assert!(unselected[0]["secret_file"].get("verdict").is_none());
+    assert_eq!(unselected[0]["secret_file"]["matched"], "**/.env");
+    assert_eq!(unselected[0]["status_id"], 0);
+    assert!(of_pid(&events, "alert", dotenv_pid).is_empty());
 
     let late = of_pid(&events, "secret_file_open", late_pid);
     assert_eq!(late.len(), 1, "{late:#?}");

@@ -5,7 +5,9 @@
 //! * `cargo xtask run`    build, then run the sensor in the foreground
 //! * `cargo xtask test`   every test: unit tests, then the root-only
 //!   integration tests that load real probes and drive real programs
-//! * `cargo xtask bench`  the benchmarks in `benches/`
+//! * `cargo xtask bench`  the benchmarks in `benches/` (scripts, then the
+//!   criterion pipeline benchmark)
+//! * `cargo xtask fuzz`   the rule-parser fuzz target, seeded from `rules/`
 
 use std::{
     path::{Path, PathBuf},
@@ -35,8 +37,14 @@ enum Task {
         /// Only run tests whose name contains this.
         filter: Option<String>,
     },
-    /// Run a benchmark script from benches/ (default: all).
+    /// Run a benchmark from benches/ (default: all).
     Bench { name: Option<String> },
+    /// Fuzz the rule parser (installs cargo-fuzz if missing).
+    Fuzz {
+        /// How long to run.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
 }
 
 fn root() -> PathBuf {
@@ -149,7 +157,43 @@ fn main() -> Result<()> {
             for s in scripts {
                 run(Command::new("bash").arg(s))?;
             }
+            if name
+                .as_ref()
+                .is_none_or(|n| "pipeline_throughput".contains(n.as_str()))
+            {
+                run(cargo().args([
+                    "bench",
+                    "-p",
+                    "keywarden-analyzer",
+                    "--bench",
+                    "pipeline_throughput",
+                ]))?;
+            }
             Ok(())
+        }
+        Task::Fuzz { seconds } => {
+            let have = Command::new("cargo")
+                .args(["fuzz", "--version"])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if !have {
+                run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+            }
+            let fuzz = root().join("analyzer/fuzz");
+            let corpus = fuzz.join("corpus/rules_parse");
+            std::fs::create_dir_all(&corpus)?;
+            for e in std::fs::read_dir(root().join("rules"))?.flatten() {
+                std::fs::copy(e.path(), corpus.join(e.file_name()))?;
+            }
+            // cargo-fuzz needs nightly flags (-Zsanitizer); the pinned
+            // stable toolchain accepts them with RUSTC_BOOTSTRAP.
+            run(Command::new("cargo")
+                .env("RUSTC_BOOTSTRAP", "1")
+                .args(["fuzz", "run", "--fuzz-dir", "analyzer/fuzz", "rules_parse"])
+                .arg(&corpus)
+                .arg("--")
+                .arg(format!("-max_total_time={seconds}"))
+                .arg("-max_len=4096"))
         }
     }
 }

@@ -68,8 +68,10 @@ pub struct GuardedOpen {
     pub cgroup_id: u64,
     pub ktime_ns: u64,
     pub host_path: String,
-    pub allowed: bool,
-    pub rule: String,
+    /// (allowed, deciding rule); `None` when the path is under a block
+    /// rule's glob but no block rule selected this open (it was allowed,
+    /// and is reported like any watched open).
+    pub verdict: Option<(bool, String)>,
 }
 
 /// The directories block rules need marked. A glob must start with a fixed
@@ -275,7 +277,10 @@ impl Guard {
                 .unwrap_or_default();
             self.judge(pid as u32, &path)
         };
-        let allowed = verdict.as_ref().is_none_or(|v| v.allowed);
+        let allowed = verdict
+            .as_ref()
+            .and_then(|v| v.verdict.as_ref())
+            .is_none_or(|(allowed, _)| *allowed);
         debug!(
             pid,
             allowed,
@@ -300,8 +305,9 @@ impl Guard {
         }
     }
 
-    /// `None`: no block rule selects this open. Otherwise the verdict:
-    /// denied if any selecting rule does not allow the actor.
+    /// `None`: the path is under no block rule's glob. Otherwise the open
+    /// and its verdict: denied if any selecting rule does not allow the
+    /// actor, none if no rule selects it.
     fn judge(&self, tgid: u32, host_path: &str) -> Option<GuardedOpen> {
         let candidates: Vec<&BlockRule> = self
             .rules
@@ -380,8 +386,12 @@ impl Guard {
             .into_iter()
             .filter(|b| b.rule.selects(&probe))
             .collect();
-        let first = selecting.first()?;
         let denying = selecting.iter().find(|b| b.rule.matches(&probe));
+        let verdict = match (denying, selecting.first()) {
+            (Some(d), _) => Some((false, d.rule.id.clone())),
+            (None, Some(first)) => Some((true, first.rule.id.clone())),
+            (None, None) => None,
+        };
         Some(GuardedOpen {
             tgid,
             uid,
@@ -389,8 +399,7 @@ impl Guard {
             cgroup_id,
             ktime_ns,
             host_path: host_path.to_owned(),
-            allowed: denying.is_none(),
-            rule: denying.unwrap_or(first).rule.id.clone(),
+            verdict,
         })
     }
 }

@@ -1,0 +1,229 @@
+//! Analyzer pipeline throughput on realistic events: 10,000 keys, 100
+//! rules, GeoIP lookups on every event, one shard (one core) and two.
+//!
+//!     cargo bench -p keywarden-analyzer --bench pipeline_throughput
+//!
+//! Each iteration pushes a batch of key-use events (peers spread over the
+//! test GeoIP ranges, 20 binaries, 4 users, containers) through the whole
+//! pipeline and waits for every result: submit → shard (geo, baseline,
+//! rules) → output queue → drain.
+
+use std::{net::Ipv4Addr, sync::Arc, time::Duration};
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use keywarden_analyzer::{
+    baseline::BaselineStore,
+    event::{
+        Cgroup, Container, Event, File, Fingerprint, KeyIdentity, KeyStatus, KeyUse,
+        NetworkEndpoint, Origin, Process, Signature, User,
+    },
+    geo::Geo,
+    pipeline::{self, Input, Overflow, Pipeline},
+    rules::RuleSet,
+};
+use mmdb_writer::{Value, Writer, ipnet::IpNet};
+
+const KEYS: usize = 10_000;
+const BATCH: usize = 20_000;
+
+fn spki(i: usize) -> String {
+    format!("{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15)
+}
+
+/// City and ASN databases over 10.0.0.0/8 in /16 blocks, 12 countries.
+fn geo(dir: &std::path::Path) -> Arc<Geo> {
+    let countries = [
+        "DE", "FR", "US", "JP", "BR", "IN", "GB", "NL", "SE", "CA", "AU", "SG",
+    ];
+    let mut city = Writer::new("GeoLite2-City");
+    let mut asn = Writer::new("GeoLite2-ASN");
+    for b in 0..=255u32 {
+        let net: IpNet = format!("10.{b}.0.0/16").parse().unwrap();
+        city.insert(
+            net,
+            &serde_json::json!({"country": {"iso_code": countries[b as usize % countries.len()]},
+                                "city": {"names": {"en": format!("City {b}")}}}),
+        )
+        .unwrap();
+        asn.insert_value(
+            net,
+            Value::map([
+                ("autonomous_system_number", Value::from(64_512 + b)),
+                ("autonomous_system_organization", Value::from("Example Net")),
+            ]),
+        )
+        .unwrap();
+    }
+    let c = dir.join("city.mmdb");
+    let a = dir.join("asn.mmdb");
+    std::fs::write(&c, city.to_bytes().unwrap()).unwrap();
+    std::fs::write(&a, asn.to_bytes().unwrap()).unwrap();
+    Arc::new(Geo::open(Some(&c), Some(&a)).unwrap())
+}
+
+/// 100 rules of the kinds operators write: key allow lists, deviations,
+/// thresholds, field matches.
+fn rules() -> RuleSet {
+    let mut y = String::from("rules:\n");
+    for i in 0..60 {
+        y += &format!(
+            "  - id: protect-{i}\n    severity: high\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    allow:\n      - exe_path: /usr/sbin/nginx\n      - uid: 33\n    actions: [alert]\n",
+            spki(i * 150)
+        );
+    }
+    for i in 0..20 {
+        let dev = ["new_country", "new_asn", "new_binary", "new_container"][i % 4];
+        y += &format!(
+            "  - id: deviation-{i}\n    severity: medium\n    event: key_use\n    match:\n      key.algorithm: {}\n    deviation: [{dev}]\n    actions: [alert]\n",
+            ["ecdsa-p256", "rsa-2048"][i % 2]
+        );
+    }
+    for i in 0..10 {
+        y += &format!(
+            "  - id: busy-{i}\n    severity: low\n    event: key_use\n    match:\n      module.function_name: {}\n    threshold: {{count: 1000, window_seconds: 60}}\n    actions: [alert]\n",
+            ["EVP_DigestSign", "EVP_PKEY_sign"][i % 2]
+        );
+    }
+    for i in 0..10 {
+        y += &format!(
+            "  - id: field-{i}\n    severity: low\n    event: key_use\n    match:\n      peer.location.country: [{}]\n      actor.process.user.uid: {}\n    actions: [alert]\n",
+            ["JP", "BR"][i % 2],
+            1000 + i
+        );
+    }
+    RuleSet::parse(&y, "bench.yaml").unwrap()
+}
+
+fn events() -> Vec<Event> {
+    let origin = Origin {
+        hostname: "bench".into(),
+        product_version: "0".into(),
+        uid_prefix: "b".into(),
+    };
+    (0..BATCH)
+        .map(|i| {
+            let k = (i * 7919) % KEYS;
+            let mut ev = Event::key_use(
+                &origin,
+                KeyUse {
+                    time_ms: 1_800_000_000_000 + i as i64,
+                    seq: i as u64,
+                    process: Process {
+                        pid: 1000 + (i % 500) as u32,
+                        tid: 1000 + (i % 500) as u32,
+                        name: "nginx".into(),
+                        cmd_line: None,
+                        file: Some(File {
+                            path: format!("/usr/sbin/app{}", i % 20),
+                            name: "app".into(),
+                            type_id: 1,
+                            hashes: vec![Fingerprint::sha256(format!("{:064x}", i % 20))],
+                        }),
+                        user: User {
+                            uid: (33 + (i % 4)).to_string(),
+                            name: None,
+                        },
+                        attribution_error: None,
+                    },
+                    container: (i % 3 == 0).then(|| Container {
+                        uid: format!("{:064x}", i % 50),
+                        runtime: "containerd".into(),
+                        pod_uuid: None,
+                    }),
+                    cgroup: Cgroup { id: 1, path: None },
+                    library: File {
+                        path: "/usr/lib/x86_64-linux-gnu/libcrypto.so.3".into(),
+                        name: "libcrypto.so.3".into(),
+                        type_id: 1,
+                        hashes: vec![],
+                    },
+                    library_kind: "openssl".into(),
+                    function: if i % 2 == 0 {
+                        "EVP_DigestSign"
+                    } else {
+                        "EVP_PKEY_sign"
+                    }
+                    .into(),
+                    success: true,
+                    key: KeyIdentity {
+                        status: KeyStatus::Identified,
+                        spki_sha256: Some(spki(k)),
+                        fingerprint: None,
+                        algorithm: Some(if k % 2 == 0 { "ecdsa-p256" } else { "rsa-2048" }.into()),
+                        bits: Some(256),
+                        source_file: None,
+                        identified_by: Some("handle_cache".into()),
+                        unknown_reason: None,
+                    },
+                    signature: Signature {
+                        length: 71,
+                        digest: None,
+                    },
+                },
+            );
+            ev.peer = Some(NetworkEndpoint {
+                ip: Ipv4Addr::new(10, (i % 256) as u8, (i / 256 % 256) as u8, 7).to_string(),
+                port: Some(40_000 + (i % 20_000) as u16),
+                location: None,
+                autonomous_system: None,
+            });
+            ev
+        })
+        .collect()
+}
+
+fn run_batch(p: &Pipeline, batch: &[Event]) {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for ev in batch {
+                let _ = p.submit(Input {
+                    event: ev.clone(),
+                    killed_by: None,
+                });
+            }
+        });
+        let mut got = 0;
+        while got < batch.len() {
+            let n = p.try_drain().count();
+            if n == 0 {
+                std::thread::yield_now();
+            }
+            got += n;
+        }
+    });
+}
+
+fn bench(c: &mut Criterion) {
+    let dir = std::env::temp_dir().join(format!("kw-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let geo = geo(&dir);
+    let batch = events();
+    // Baselines already learned for every key (the steady state).
+    let mut group = c.benchmark_group("pipeline");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.measurement_time(Duration::from_secs(10));
+    group.sample_size(10);
+    for shards in [1usize, 2] {
+        let p = Pipeline::start(
+            rules(),
+            pipeline::Config {
+                shards,
+                queue: 65_536,
+                learning_ms: 1,
+                overflow: Overflow::Block,
+                geo: Some(geo.clone()),
+                baselines: BaselineStore::default(),
+            },
+        );
+        run_batch(&p, &batch); // warm: baselines learned
+        group.bench_with_input(BenchmarkId::new("shards", shards), &shards, |b, _| {
+            b.iter(|| run_batch(&p, &batch))
+        });
+        p.finish();
+    }
+    group.finish();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
