@@ -238,3 +238,92 @@ fn baselines_persist_across_restarts_and_can_be_listed_and_reset() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no baseline for key"));
 }
+
+#[test]
+fn sighup_reloads_rules_and_a_bad_set_keeps_the_last_good_one() {
+    let work = tempfile::tempdir().unwrap();
+    let key = openssl_key(work.path(), "k", "ec");
+    let rules = work.path().join("rules.yaml");
+    let rule = |id: &str| {
+        format!(
+            "rules:\n  - id: {id}\n    severity: low\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    actions: [alert]\n",
+            key.spki
+        )
+    };
+    std::fs::write(&rules, "rules: []\n").unwrap();
+    let sensor = Sensor::start(&["--rules", rules.to_str().unwrap()]);
+    let data = work.path().join("data");
+    std::fs::write(&data, "x").unwrap();
+    let sign = || {
+        run_pid(
+            Command::new("openssl")
+                .args(["dgst", "-sha256", "-sign"])
+                .arg(&key.path)
+                .arg("-out")
+                .arg(work.path().join("sig"))
+                .arg(&data),
+        )
+        .0
+    };
+    let hup = |sensor: &Sensor, expect: &str| {
+        let before = sensor.log().matches(expect).count();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sensor.pid() as i32),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        wait_for(expect, Duration::from_secs(10), || {
+            sensor.log().matches(expect).count() > before
+        });
+    };
+    let before_reload = sign();
+    std::fs::write(&rules, rule("first")).unwrap();
+    hup(&sensor, "rules reloaded");
+    let after_reload = sign();
+    // A broken file is refused; the running rule stays.
+    std::fs::write(
+        &rules,
+        rule("second").replace("severity: low", "severity: loud"),
+    )
+    .unwrap();
+    hup(&sensor, "rules not reloaded");
+    let after_bad = sign();
+    let events = sensor.stop();
+
+    let fired = |pid: u32| -> Vec<String> {
+        findings(&events)
+            .into_iter()
+            .filter(|f| f["actor"]["process"]["pid"] == pid)
+            .map(|f| {
+                f["finding_info"]["analytic"]["uid"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    };
+    assert!(fired(before_reload).is_empty());
+    assert_eq!(fired(after_reload), ["first"]);
+    assert_eq!(fired(after_bad), ["first"], "the last good set stays");
+    let warning = events
+        .iter()
+        .find(|e| {
+            e["metadata"]["event_code"] == "coverage_warning"
+                && e["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("rules not reloaded")
+        })
+        .expect("a warning event for the refused reload");
+    assert!(
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .contains("rules.yaml:3:15"),
+        "{warning}"
+    );
+    // Every signature is still an event: nothing was lost across reloads.
+    for pid in [before_reload, after_reload, after_bad] {
+        assert_eq!(key_uses_of(&events, pid).len(), 1);
+    }
+}
