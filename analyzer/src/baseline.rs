@@ -151,6 +151,31 @@ fn learn<T: Ord + Clone>(
 }
 
 impl KeyBaseline {
+    /// Whether `observe` would report a deviation for this use, without
+    /// changing anything (so callers copy the baseline only when it matters).
+    pub fn would_deviate(&self, o: &Observation, learning_ms: i64) -> bool {
+        if self.uses == 0 || o.time_ms - self.first_seen_ms < learning_ms {
+            return false;
+        }
+        let new = |set: &BTreeSet<String>, v: &Option<String>| {
+            v.as_ref()
+                .is_some_and(|v| set.len() < MAX_VALUES && !set.contains(v))
+        };
+        let minute = o.time_ms.div_euclid(60_000) * 60_000;
+        let this_minute = if minute == self.rate.minute_ms {
+            self.rate.this_minute + 1
+        } else {
+            1
+        };
+        new(&self.binaries, &o.binary)
+            || new(&self.containers, &Some(o.container.clone()))
+            || new(&self.users, &o.user)
+            || new(&self.countries, &o.country)
+            || o.asn
+                .is_some_and(|a| self.asns.len() < MAX_VALUES && !self.asns.contains(&a))
+            || this_minute == (self.rate.max_per_minute * 2).max(10) + 1
+    }
+
     /// Folds one use in; returns how it deviates (nothing while learning).
     pub fn observe(&mut self, o: &Observation, learning_ms: i64) -> Vec<Deviation> {
         if self.uses == 0 {

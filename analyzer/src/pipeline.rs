@@ -161,18 +161,26 @@ struct SharedRules {
 struct RuleSetShared {
     set: RuleSet,
     arcs: Vec<Arc<crate::rules::Rule>>,
+    /// Some rule has a `deviation`, so findings carry the baseline.
+    wants_baseline: bool,
 }
 
 impl RuleSetShared {
     fn new(set: RuleSet) -> Self {
         let arcs = set.rules.iter().cloned().map(Arc::new).collect();
-        RuleSetShared { set, arcs }
+        let wants_baseline = set.rules.iter().any(|r| !r.deviations.is_empty());
+        RuleSetShared {
+            set,
+            arcs,
+            wants_baseline,
+        }
     }
 }
 
 pub struct Pipeline {
     inputs: Vec<Sender<Msg>>,
-    output: Receiver<Output>,
+    /// Boxed for the same reason as inputs.
+    output: Receiver<Box<Output>>,
     workers: Vec<JoinHandle<()>>,
     rules: Arc<SharedRules>,
     overflow: Overflow,
@@ -278,7 +286,19 @@ impl Pipeline {
 
     /// Results ready now (never waits).
     pub fn try_drain(&self) -> impl Iterator<Item = Output> + '_ {
-        self.output.try_iter()
+        self.output.try_iter().map(|o| *o)
+    }
+
+    /// Waits up to `timeout` for a result, then takes whatever else is ready.
+    pub fn drain_timeout(&self, timeout: std::time::Duration) -> Vec<Output> {
+        let mut out: Vec<Output> = self
+            .output
+            .recv_timeout(timeout)
+            .into_iter()
+            .map(|o| *o)
+            .collect();
+        out.extend(self.try_drain());
+        out
     }
 
     /// Replaces the rules; shards pick them up before their next event.
@@ -298,7 +318,7 @@ impl Pipeline {
                 Err(TrySendError::Disconnected(_)) => return false,
                 Err(TrySendError::Full(m)) => {
                     msg = m;
-                    outputs.extend(self.output.try_iter());
+                    outputs.extend(self.try_drain());
                     std::thread::yield_now();
                 }
             }
@@ -308,7 +328,7 @@ impl Pipeline {
     /// Waits for a shard's reply, taking results meanwhile.
     fn await_draining<T>(&self, rx: &Receiver<T>, outputs: &mut Vec<Output>) -> Option<T> {
         loop {
-            outputs.extend(self.output.try_iter());
+            outputs.extend(self.try_drain());
             match rx.recv_timeout(std::time::Duration::from_millis(5)) {
                 Ok(v) => return Some(v),
                 Err(crossbeam_channel::RecvTimeoutError::Timeout) => continue,
@@ -331,7 +351,7 @@ impl Pipeline {
                 all.merge(s);
             }
         }
-        outputs.extend(self.output.try_iter());
+        outputs.extend(self.try_drain());
         (all, outputs)
     }
 
@@ -352,12 +372,12 @@ impl Pipeline {
         drop(self.inputs);
         for w in self.workers {
             while !w.is_finished() {
-                rest.extend(self.output.try_iter());
+                rest.extend(self.output.try_iter().map(|o| *o));
                 std::thread::yield_now();
             }
             let _ = w.join();
         }
-        rest.extend(self.output.try_iter());
+        rest.extend(self.output.try_iter().map(|o| *o));
         (rest, store)
     }
 
@@ -369,7 +389,7 @@ impl Pipeline {
 
 struct Shard {
     rx: Receiver<Msg>,
-    out: Sender<Output>,
+    out: Sender<Box<Output>>,
     rules: Arc<SharedRules>,
     seen_generation: u64,
     current: Option<Arc<RuleSetShared>>,
@@ -391,7 +411,7 @@ impl Shard {
                     self.stats.processed.fetch_add(1, Ordering::Relaxed);
                     self.stats.latency_ns_total.fetch_add(ns, Ordering::Relaxed);
                     self.stats.latency_ns_max.fetch_max(ns, Ordering::Relaxed);
-                    if self.out.send(out).is_err() {
+                    if self.out.send(Box::new(out)).is_err() {
                         return;
                     }
                 }
@@ -427,13 +447,18 @@ impl Shard {
         if event.metadata.event_code == crate::event::EventCode::KeyUse
             && let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.clone())
         {
-            let wants_baseline = rules.set.rules.iter().any(|r| !r.deviations.is_empty());
-            if wants_baseline {
-                before = self.baselines.keys.get(&spki).cloned();
+            let observation = Observation::of(&event);
+            // The finding shows the baseline as it was; copy it only when
+            // this use is about to change it.
+            if rules.wants_baseline
+                && let Some(b) = self.baselines.keys.get(&spki)
+                && b.would_deviate(&observation, self.learning_ms)
+            {
+                before = Some(b.clone());
             }
             deviations = self
                 .baselines
-                .observe(&spki, &Observation::of(&event), self.learning_ms);
+                .observe(&spki, &observation, self.learning_ms);
         }
         let fired = rules
             .set

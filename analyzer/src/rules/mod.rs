@@ -206,7 +206,8 @@ pub struct Firing<'r> {
 /// pipeline shard) holds them.
 #[derive(Default)]
 pub struct Thresholds {
-    windows: HashMap<(usize, String), Sliding>,
+    /// rule index → key → window
+    windows: HashMap<usize, HashMap<String, Sliding>>,
 }
 
 #[derive(Default)]
@@ -242,7 +243,12 @@ impl Thresholds {
     /// Counts the event for (rule, key); true once each time the count
     /// goes above the threshold.
     fn crossed(&mut self, rule: usize, key: &str, t: Threshold, time_ms: i64) -> (bool, u64) {
-        let w = self.windows.entry((rule, key.to_owned())).or_default();
+        let w = self
+            .windows
+            .entry(rule)
+            .or_default()
+            .entry_ref(key)
+            .or_default();
         let n = w.add(time_ms, t.window_ms);
         if n > t.count {
             let first = !w.fired;
@@ -256,14 +262,14 @@ impl Thresholds {
 }
 
 /// What threshold rules count by: the key, else the file, else the process.
-fn group_key(event: &Event) -> String {
+fn group_key(event: &Event) -> std::borrow::Cow<'_, str> {
     if let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.as_deref()) {
-        return spki.to_owned();
+        return spki.into();
     }
     if let Some(f) = &event.file {
-        return f.path.clone();
+        return f.path.as_str().into();
     }
-    format!("pid:{}", event.actor.process.pid)
+    format!("pid:{}", event.actor.process.pid).into()
 }
 
 impl Rule {
