@@ -149,7 +149,14 @@ fn events() -> Vec<Event> {
                         status: KeyStatus::Identified,
                         spki_sha256: Some(spki(k)),
                         fingerprint: None,
-                        algorithm: Some(if k % 2 == 0 { "ecdsa-p256" } else { "rsa-2048" }.into()),
+                        algorithm: Some(
+                            if k.is_multiple_of(2) {
+                                "ecdsa-p256"
+                            } else {
+                                "rsa-2048"
+                            }
+                            .into(),
+                        ),
                         bits: Some(256),
                         source_file: None,
                         identified_by: Some("handle_cache".into()),

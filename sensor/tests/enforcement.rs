@@ -344,3 +344,56 @@ fn a_rule_on_a_path_outside_the_watch_list_watches_it() {
     );
     assert!(!serde_json::to_string(&events).unwrap().contains("hunter2"));
 }
+
+/// A process that predates the sensor, whose executable lives in a guarded
+/// directory, opens a guarded file: the guard must judge it without opening
+/// that executable itself (an open it would have to answer).
+#[test]
+fn a_guarded_executable_started_before_the_sensor_is_judged_without_deadlock() {
+    let work = tempfile::tempdir().unwrap();
+    let guarded = work.path().join("g");
+    std::fs::create_dir(&guarded).unwrap();
+    let shell = guarded.join("sh");
+    std::fs::copy("/bin/dash", &shell).unwrap();
+    let secret = guarded.join("secret");
+    std::fs::write(&secret, "s=hunter2\n").unwrap();
+    let go = work.path().join("go");
+    let script = format!(
+        "while [ ! -e {go} ]; do sleep 0.05; done; read x < {secret} && echo read-ok",
+        go = go.display(),
+        secret = secret.display()
+    );
+    let child = Command::new(&shell)
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let rules = work.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: g\n    severity: high\n    event: secret_file_open\n    match:\n      file.path: {}/**\n      file.name: secret\n    allow:\n      - exe_path: /usr/bin/head\n    actions: [block]\n",
+            guarded.display()
+        ),
+    )
+    .unwrap();
+    let sensor = Sensor::start(&["--rules", rules.to_str().unwrap()]);
+    std::fs::write(&go, "").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut child = child;
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "the opener is stuck");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Operation not permitted"),
+        "{out:?}"
+    );
+    let events = sensor.stop();
+    let denied = of_pid(&events, "secret_file_open", pid);
+    assert_eq!(denied.len(), 1, "{denied:#?}");
+    assert_eq!(denied[0]["secret_file"]["verdict"], "denied");
+}

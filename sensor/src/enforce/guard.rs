@@ -318,7 +318,21 @@ impl Guard {
             return None;
         }
         let ktime_ns = monotonic_ns();
-        let info = self.procs.lookup_or_snapshot(tgid, ktime_ns);
+        // Most processes were snapshotted at exec by the control thread.
+        // Otherwise snapshot here, but never open an executable that lives
+        // under a guarded directory: that open would wait for this thread.
+        let info = match self.procs.lookup(tgid, ktime_ns) {
+            Some(i) => i,
+            None => {
+                let exe = std::fs::read_link(format!("/proc/{tgid}/exe")).unwrap_or_default();
+                let snapshot = if self.marked.iter().any(|d| exe.starts_with(d)) {
+                    self.procs.snapshot_without_exe(tgid)
+                } else {
+                    self.procs.snapshot(tgid, None)
+                };
+                self.procs.record(tgid, 0, snapshot)
+            }
+        };
         let status = std::fs::read_to_string(format!("/proc/{tgid}/status")).unwrap_or_default();
         let uid = status
             .lines()

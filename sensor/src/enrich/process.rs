@@ -202,11 +202,26 @@ impl ProcessTable {
     /// while the process surely exists; hashing reads the opened file.
     /// `exec_path` is the path given to execve, when known.
     pub fn snapshot(&self, tgid: u32, exec_path: Option<String>) -> ProcessInfo {
+        self.snapshot_with(tgid, exec_path, true)
+    }
+
+    /// A snapshot that never opens the executable for reading: for the
+    /// fanotify guard, whose own open of a guarded file would wait for an
+    /// answer only it can give. The hash is then unknown.
+    pub fn snapshot_without_exe(&self, tgid: u32) -> ProcessInfo {
+        self.snapshot_with(tgid, None, false)
+    }
+
+    fn snapshot_with(&self, tgid: u32, exec_path: Option<String>, open_exe: bool) -> ProcessInfo {
         let proc_dir = format!("/proc/{tgid}");
         // Root and cwd first: they are what resolves the files it opens.
         let root = open_path(&format!("{proc_dir}/root"));
         let cwd = open_path(&format!("{proc_dir}/cwd"));
-        let exe = File::open(format!("{proc_dir}/exe"));
+        let exe = if open_exe {
+            File::open(format!("{proc_dir}/exe"))
+        } else {
+            Err(std::io::Error::other("not opened"))
+        };
         let cwd_path = std::fs::read_link(format!("{proc_dir}/cwd"))
             .ok()
             .map(|p| p.to_string_lossy().into_owned());
