@@ -838,34 +838,36 @@ pub(crate) mod tests_support {
         ev
     }
 
-    fn key_use_event_without_peer() -> Event {
-        Event::key_use(
-            &origin(),
-            KeyUse {
-                time_ms: 1_764_000_000_123,
-                seq: 7,
-                process: process(),
-                container: Some(container()),
-                cgroup: Cgroup {
-                    id: 99,
-                    path: Some("/kubepods/x".into()),
-                },
-                library: File {
-                    path: "/usr/lib/libcrypto.so.3".into(),
-                    name: "libcrypto.so.3".into(),
-                    type_id: 1,
-                    hashes: vec![],
-                },
-                library_kind: "openssl".into(),
-                function: "EVP_DigestSign".into(),
-                success: true,
-                key: key(),
-                signature: Signature {
-                    length: 71,
-                    digest: Some("SHA256".into()),
-                },
+    /// The signature every sample event describes.
+    pub fn key_use() -> KeyUse {
+        KeyUse {
+            time_ms: 1_764_000_000_123,
+            seq: 7,
+            process: process(),
+            container: Some(container()),
+            cgroup: Cgroup {
+                id: 99,
+                path: Some("/kubepods/x".into()),
             },
-        )
+            library: File {
+                path: "/usr/lib/libcrypto.so.3".into(),
+                name: "libcrypto.so.3".into(),
+                type_id: 1,
+                hashes: vec![],
+            },
+            library_kind: "openssl".into(),
+            function: "EVP_DigestSign".into(),
+            success: true,
+            key: key(),
+            signature: Signature {
+                length: 71,
+                digest: Some("SHA256".into()),
+            },
+        }
+    }
+
+    fn key_use_event_without_peer() -> Event {
+        Event::key_use(&origin(), key_use())
     }
 
     pub fn secret_open_event() -> Event {
@@ -906,69 +908,7 @@ pub(crate) mod tests_support {
 mod tests {
     use super::*;
 
-    fn origin() -> Origin {
-        Origin {
-            hostname: "h1".into(),
-            product_version: "0.1.0".into(),
-            uid_prefix: "abc".into(),
-        }
-    }
-
-    fn sample() -> KeyUse {
-        KeyUse {
-            time_ms: 1_764_000_000_123,
-            seq: 7,
-            process: Process {
-                pid: 42,
-                tid: 43,
-                name: "nginx".into(),
-                cmd_line: None,
-                file: Some(File {
-                    path: "/usr/sbin/nginx".into(),
-                    name: "nginx".into(),
-                    type_id: 1,
-                    hashes: vec![Fingerprint::sha256("00".repeat(32))],
-                }),
-                user: User {
-                    uid: "33".into(),
-                    name: Some("www-data".into()),
-                },
-                attribution_error: None,
-            },
-            container: Some(Container {
-                uid: "a".repeat(64),
-                runtime: "containerd".into(),
-                pod_uuid: None,
-            }),
-            cgroup: Cgroup {
-                id: 99,
-                path: Some("/kubepods/x".into()),
-            },
-            library: File {
-                path: "/usr/lib/libcrypto.so.3".into(),
-                name: "libcrypto.so.3".into(),
-                type_id: 1,
-                hashes: vec![],
-            },
-            library_kind: "openssl".into(),
-            function: "EVP_DigestSign".into(),
-            success: true,
-            key: KeyIdentity {
-                status: KeyStatus::Identified,
-                spki_sha256: Some("ab".repeat(32)),
-                fingerprint: Some(Fingerprint::sha256("ab".repeat(32))),
-                algorithm: Some("ecdsa-p256".into()),
-                bits: Some(256),
-                source_file: Some("/etc/ssl/private/a.key".into()),
-                identified_by: Some("signature_verified".into()),
-                unknown_reason: None,
-            },
-            signature: Signature {
-                length: 71,
-                digest: Some("SHA256".into()),
-            },
-        }
-    }
+    use tests_support::{key_use as sample, origin};
 
     #[test]
     fn key_use_has_ocsf_module_activity_shape() {

@@ -18,7 +18,6 @@
 //!   blocks.
 
 use std::{
-    path::PathBuf,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
@@ -190,22 +189,19 @@ pub struct Pipeline {
 
 /// Which shard owns an event: by key, else by file, else by process.
 fn shard_of(event: &Event, shards: usize) -> usize {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
     match event.key.as_ref().and_then(|k| k.spki_sha256.as_deref()) {
-        Some(spki) => spki.hash(&mut h),
+        Some(spki) => shard_for(spki, shards),
         None => match &event.file {
-            Some(f) => f.path.hash(&mut h),
-            None => event.actor.process.pid.hash(&mut h),
+            Some(f) => shard_for(&f.path, shards),
+            None => event.actor.process.pid as usize % shards,
         },
     }
-    (h.finish() % shards as u64) as usize
 }
 
-fn spki_shard(spki: &str, shards: usize) -> usize {
-    use std::hash::{Hash, Hasher};
+fn shard_for<T: std::hash::Hash + ?Sized>(v: &T, shards: usize) -> usize {
+    use std::hash::Hasher;
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    spki.hash(&mut h);
+    v.hash(&mut h);
     (h.finish() % shards as u64) as usize
 }
 
@@ -221,7 +217,9 @@ impl Pipeline {
         let mut stores: Vec<BaselineStore> =
             (0..shards).map(|_| BaselineStore::default()).collect();
         for (spki, b) in cfg.baselines.keys {
-            stores[spki_shard(&spki, shards)].keys.insert(spki, b);
+            stores[shard_for(spki.as_str(), shards)]
+                .keys
+                .insert(spki, b);
         }
         let mut inputs = Vec::new();
         let mut workers = Vec::new();
@@ -380,11 +378,6 @@ impl Pipeline {
         rest.extend(self.output.try_iter().map(|o| *o));
         (rest, store)
     }
-
-    /// Where the baselines are kept between runs (see `BaselineStore`).
-    pub fn default_baseline_path() -> PathBuf {
-        PathBuf::from("/var/lib/keywarden/baselines.json")
-    }
 }
 
 struct Shard {
@@ -464,23 +457,15 @@ impl Shard {
             .set
             .evaluate(&event, &deviations, &mut self.thresholds)
             .into_iter()
-            .map(|f| {
-                let index = rules
-                    .set
-                    .rules
-                    .iter()
-                    .position(|r| std::ptr::eq(r, f.rule))
-                    .expect("rule from this set");
-                Fired {
-                    rule: rules.arcs[index].clone(),
-                    baseline: if f.deviations.is_empty() {
-                        None
-                    } else {
-                        before.clone()
-                    },
-                    deviations: f.deviations,
-                    count: f.count,
-                }
+            .map(|f| Fired {
+                rule: rules.arcs[f.index].clone(),
+                baseline: if f.deviations.is_empty() {
+                    None
+                } else {
+                    before.clone()
+                },
+                deviations: f.deviations,
+                count: f.count,
             })
             .collect();
         Output {

@@ -699,19 +699,7 @@ impl Sensor {
         self.sync_known();
         let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&r.task, &info);
-        let library = self.probes().library(r.library);
-        let lib_file = event::File {
-            path: library
-                .as_ref()
-                .map(|l| l.shown_as.clone())
-                .unwrap_or_default(),
-            name: library
-                .as_ref()
-                .and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned))
-                .unwrap_or_default(),
-            type_id: 1,
-            hashes: vec![],
-        };
+        let (lib_file, library_kind) = self.library_of(r.library);
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0)
             .then(|| c_str(&r.md_name))
             .filter(|s| !s.is_empty());
@@ -722,7 +710,7 @@ impl Sensor {
             container,
             cgroup,
             library: lib_file,
-            library_kind: library.map(|l| l.kind).unwrap_or("unknown").to_owned(),
+            library_kind,
             function: probes::function_name(r.func as u8).to_owned(),
             success: r.ret == 1,
             key,
@@ -734,6 +722,27 @@ impl Sensor {
         self.events_by_kind[0] += 1;
         let ev = Event::key_use(&self.origin, u);
         self.emit(ev, None);
+    }
+
+    /// The library a probe record names, as an OCSF file, and its kind.
+    fn library_of(&self, index: u32) -> (event::File, String) {
+        let library = self.probes().library(index);
+        let file = event::File {
+            path: library
+                .as_ref()
+                .map(|l| l.shown_as.clone())
+                .unwrap_or_default(),
+            name: library
+                .as_ref()
+                .and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned))
+                .unwrap_or_default(),
+            type_id: 1,
+            hashes: vec![],
+        };
+        (
+            file,
+            library.map(|l| l.kind).unwrap_or("unknown").to_owned(),
+        )
     }
 
     /// Tells the probes which key objects the sensor has judged (they stop
@@ -842,6 +851,18 @@ impl Sensor {
         let Some(p) = self.pipeline.take() else {
             return;
         };
+        for (shard, st) in p.stats.iter().enumerate() {
+            let st = st.snapshot();
+            info!(
+                shard,
+                received = st.received,
+                dropped = st.dropped,
+                processed = st.processed,
+                mean_latency_us = st.latency_ns_total / st.processed.max(1) / 1000,
+                max_latency_us = st.latency_ns_max / 1000,
+                "analyzer shard"
+            );
+        }
         let (rest, store) = p.finish();
         for o in rest {
             self.handle_output(o);
@@ -1077,26 +1098,15 @@ impl Sensor {
         };
         let info = self.procs.lookup_or_snapshot(tgid, k.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&k.task, &info);
-        let library = self.probes().library(k.library);
+        let (library, library_kind) = self.library_of(k.library);
         let u = KeyUse {
             time_ms: self.wall_ms(k.task.ktime_ns),
             seq: self.next_seq(),
             process,
             container,
             cgroup,
-            library: event::File {
-                path: library
-                    .as_ref()
-                    .map(|l| l.shown_as.clone())
-                    .unwrap_or_default(),
-                name: library
-                    .as_ref()
-                    .and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned))
-                    .unwrap_or_default(),
-                type_id: 1,
-                hashes: vec![],
-            },
-            library_kind: library.map(|l| l.kind).unwrap_or("unknown").to_owned(),
+            library,
+            library_kind,
             function: probes::function_name(k.func as u8).to_owned(),
             success: false,
             key: identity_of(&c.key, &c.file, "key_file"),

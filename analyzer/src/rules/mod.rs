@@ -196,6 +196,8 @@ pub struct Threshold {
 #[derive(Clone, Debug)]
 pub struct Firing<'r> {
     pub rule: &'r Rule,
+    /// The rule's position in its set.
+    pub index: usize,
     /// The deviations of the event the rule asked for.
     pub deviations: Vec<Deviation>,
     /// For threshold rules: matching events in the window.
@@ -443,6 +445,7 @@ impl RuleSet {
             };
             out.push(Firing {
                 rule: r,
+                index: i,
                 deviations: devs,
                 count,
             });

@@ -615,7 +615,6 @@ mod probes {
     }
 
     const LIBCRYPTO: &[u8; 12] = b"libcrypto.so";
-    const KEY_SUFFIXES: [&[u8]; 5] = [b".pem", b".key", b".der", b".crt", b".p8"];
 
     /// Classifies an openat path: a crypto library being loaded, or a file
     /// that may hold a key. Everything else returns at once.

@@ -96,6 +96,10 @@ pub mod open_flags {
     pub const PROTECTED: u32 = 1 << 5;
 }
 
+/// Name endings the open probe treats as key or certificate files; the
+/// sensor uses the same list for opens it learns of another way.
+pub const KEY_SUFFIXES: [&[u8]; 5] = [b".pem", b".key", b".der", b".crt", b".p8"];
+
 /// Longest basename prefix hashed for `PROTECTED_NAMES`.
 pub const PROTECTED_NAME_MAX: usize = 64;
 

@@ -212,17 +212,17 @@ pub struct KeyFile {
     pub has_private_key: bool,
 }
 
+/// Whether a file name has a suffix the open probe treats as a key or
+/// certificate file.
+pub fn looks_like_key_file(name: &str) -> bool {
+    keywarden_probe_types::KEY_SUFFIXES
+        .iter()
+        .any(|s| name.as_bytes().ends_with(s))
+}
+
 /// Every public key found in `bytes` (a PEM bundle may hold a key and a
 /// chain of certificates), and whether it holds a private key. `path` is
 /// only used in error messages.
-/// Whether a file name has a suffix the open probe treats as a key or
-/// certificate file (the kernel's `KEY_SUFFIXES`).
-pub fn looks_like_key_file(name: &str) -> bool {
-    [".pem", ".key", ".der", ".crt", ".p8"]
-        .iter()
-        .any(|s| name.ends_with(s))
-}
-
 pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
     let unsupported = |detail: String| KeyFileError::Unsupported {
         path: path.to_owned(),
