@@ -166,6 +166,8 @@ fn events() -> Vec<Event> {
                         length: 71,
                         digest: None,
                     },
+                    peer: None,
+                    local: None,
                 },
             );
             ev.peer = Some(NetworkEndpoint {

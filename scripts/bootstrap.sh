@@ -11,7 +11,7 @@ BPF_LINKER_VERSION="0.13.0"
 # LLVM major of the pinned rustc; bpf-linker must match it.
 BPF_LINKER_FEATURE="llvm-23"
 LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps)
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -52,4 +52,13 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Python with the `cryptography` wheel, which carries its own OpenSSL: the
+# tests sign with it. A venv under target/ keeps it out of the system.
+VENV="$ROOT/target/pyvenv"
+if ! "$VENV/bin/python" -c 'import cryptography' 2>/dev/null; then
+    log "creating $VENV with the cryptography wheel"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install -q --only-binary=:all: cryptography
 fi

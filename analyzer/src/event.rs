@@ -90,6 +90,10 @@ pub struct Event {
     /// network when the GeoIP databases know them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<NetworkEndpoint>,
+    /// keywarden extension (OCSF `network_endpoint` shape): this host's end
+    /// of that connection (which service's listening port, for a server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<NetworkEndpoint>,
     /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
     /// decided the activity (an enforced secret-file open).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -333,7 +337,8 @@ pub struct Container {
 pub struct Module {
     pub file: File,
     pub function_name: String,
-    /// The crypto stack: `openssl`, later `boringssl`, `aws-lc`, `rustls`.
+    /// The crypto stack of the probed function: `openssl`, `boringssl`,
+    /// `aws-lc`, `rustls` or `ring`.
     #[serde(rename = "type")]
     pub kind: String,
 }
@@ -480,6 +485,10 @@ pub struct KeyUse {
     pub success: bool,
     pub key: KeyIdentity,
     pub signature: Signature,
+    /// The connection the signature was made for, when it was made during
+    /// one (a TLS handshake): remote end, then local end.
+    pub peer: Option<NetworkEndpoint>,
+    pub local: Option<NetworkEndpoint>,
 }
 
 impl Event {
@@ -531,7 +540,8 @@ impl Event {
             cgroup: Some(u.cgroup),
             file: None,
             secret_file: None,
-            peer: None,
+            peer: u.peer,
+            local: u.local,
             action: None,
             action_id: None,
             finding_info: None,
@@ -627,6 +637,7 @@ impl Event {
             cgroup: Some(o.cgroup),
             file: Some(o.file),
             peer: None,
+            local: None,
             action: verdict.map(|(a, _)| a.into()),
             action_id: verdict.map(|(_, id)| id),
             secret_file: Some(o.secret),
@@ -681,6 +692,7 @@ impl Event {
             file: None,
             secret_file: None,
             peer: None,
+            local: None,
             action: None,
             action_id: None,
             finding_info: None,
@@ -756,6 +768,7 @@ impl Event {
             file: evidence.file.clone(),
             secret_file: None,
             peer: evidence.peer.clone(),
+            local: evidence.local.clone(),
             action: evidence.action.clone(),
             action_id: evidence.action_id,
             evidences: vec![Evidence {
@@ -835,6 +848,11 @@ pub(crate) mod tests_support {
                 name: Some("Example Net".into()),
             }),
         });
+        ev.local = Some(NetworkEndpoint {
+            ip: "203.0.113.5".into(),
+            port: Some(443),
+            ..Default::default()
+        });
         ev
     }
 
@@ -863,6 +881,8 @@ pub(crate) mod tests_support {
                 length: 71,
                 digest: Some("SHA256".into()),
             },
+            peer: None,
+            local: None,
         }
     }
 

@@ -3,8 +3,13 @@
 //! * An exec: snapshot the process now (executable hash, root and cwd
 //!   handles), because a short-lived signer may be gone by the time the
 //!   event thread reaches its signature.
-//! * A crypto library opened in a cgroup for the first time: attach to it
-//!   if it is new, then release the process if the probe held it.
+//!   Then look for signing code in the new image (a static binary carries
+//!   its own OpenSSL, BoringSSL or rustls) and attach to it; a process the
+//!   probe held at exec, because its path was new in its cgroup, is
+//!   released after that, so even a signer that signs in its first
+//!   millisecond is seen.
+//! * A shared object opened in a cgroup for the first time: the same, for
+//!   the library.
 //!
 //! It also sends the heartbeat that lets the probes hold processes at all,
 //! so if this thread stops, holding stops with it.
@@ -22,11 +27,12 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use keywarden_analyzer::event;
-use keywarden_probe_types::{FileOpenRecord, open_flags};
+use keywarden_probe_types::{ExecRecord, FileOpenRecord, exec_flags, open_flags};
 use tracing::{debug, warn};
 
 use crate::{
-    discovery::targets::Candidate,
+    coverage::{Coverage, cover},
+    discovery::{signing_code::ScanCache, targets::Candidate},
     enrich::process::ProcessTable,
     probes::Probes,
     records::{Record, c_str, decode},
@@ -60,6 +66,7 @@ pub struct Control {
     pub ring: RingBuf<MapData>,
     pub probes: Arc<Mutex<Probes>>,
     pub procs: Arc<ProcessTable>,
+    pub cache: Arc<Mutex<ScanCache>>,
     pub warnings: crossbeam_channel::Sender<Warning>,
     pub shutdown: Arc<AtomicBool>,
 }
@@ -94,14 +101,7 @@ impl Control {
                 None => break,
             };
             match rec {
-                Record::Exec(e) => {
-                    let path = c_str(&e.filename);
-                    let tgid = e.task.tgid();
-                    let info = self
-                        .procs
-                        .snapshot(tgid, (!path.is_empty()).then_some(path));
-                    self.procs.record(tgid, e.task.ktime_ns, info);
-                }
+                Record::Exec(e) => self.on_exec(&e),
                 Record::FileOpen(f) => self.on_library(&f),
                 Record::Malformed { kind, len } => warn!(kind, len, "malformed control record"),
                 _ => {}
@@ -144,6 +144,79 @@ impl Control {
         }
     }
 
+    fn on_exec(&mut self, e: &ExecRecord) {
+        let path = c_str(&e.filename);
+        let tgid = e.task.tgid();
+        let info = self
+            .procs
+            .snapshot(tgid, (!path.is_empty()).then_some(path.clone()));
+        let shown_as = info.exe_path.clone().unwrap_or_else(|| path.clone());
+        self.procs.record(tgid, e.task.ktime_ns, info);
+        // /proc/PID/exe reaches the image itself, in any mount namespace.
+        let open_path = PathBuf::from(format!("/proc/{tgid}/exe"));
+        if let Ok(md) = std::fs::metadata(&open_path) {
+            let c = Candidate {
+                shown_as,
+                open_path,
+                pid: Some(tgid),
+                dev: md.dev(),
+                ino: md.ino(),
+            };
+            self.cover(&c);
+        }
+        if e.flags & exec_flags::HELD != 0 {
+            let mut probes = self.probes.lock().expect("probes lock");
+            let _ = probes.mark_library_seen(e.task.cgroup_id, &path);
+            drop(probes);
+            self.release(tgid, &path);
+        }
+    }
+
+    /// Attaches to the signing code in a file; what cannot be covered is
+    /// reported (once per file).
+    fn cover(&mut self, c: &Candidate) {
+        let detail = match cover(&self.cache, &self.probes, c) {
+            Coverage::Uncovered {
+                reason,
+                first: true,
+            } => reason,
+            Coverage::Failed(why) => why,
+            _ => return,
+        };
+        let _ = self.warnings.send(Warning {
+            process: c.pid.map(|pid| event::Process {
+                pid,
+                ..Default::default()
+            }),
+            module: Some(event::File {
+                path: c.shown_as.clone(),
+                name: c.shown_as.rsplit('/').next().unwrap_or_default().to_owned(),
+                type_id: 1,
+                hashes: vec![],
+            }),
+            detail,
+        });
+    }
+
+    fn release(&mut self, tgid: u32, what: &str) {
+        if let Some(ms) = std::env::var("KEYWARDEN_TEST_RELEASE_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            // Test hook: widens the window in which a sensor can die
+            // holding a process (sensor/tests/discovery.rs).
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        debug!(pid = tgid, %what, "releasing held process");
+        if let Err(e) = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(tgid as i32),
+            nix::sys::signal::SIGCONT,
+        ) {
+            debug!(pid = tgid, error = %e, "SIGCONT");
+        }
+        self.probes.lock().expect("probes lock").forget_held(tgid);
+    }
+
     fn on_library(&mut self, f: &FileOpenRecord) {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
@@ -154,7 +227,9 @@ impl Control {
             None
         }
         .unwrap_or_else(|| PathBuf::from(format!("/proc/{tgid}/root{path}")));
-        if let Ok(md) = std::fs::metadata(&open_path) {
+        if let Ok(md) = std::fs::metadata(&open_path)
+            && md.is_file()
+        {
             let c = Candidate {
                 shown_as: info.absolute(&path),
                 open_path,
@@ -162,42 +237,10 @@ impl Control {
                 dev: md.dev(),
                 ino: md.ino(),
             };
-            let mut probes = self.probes.lock().expect("probes lock");
-            if !probes.is_covered(c.dev, c.ino)
-                && let Err(e) = probes.attach_library(&c)
-            {
-                let _ = self.warnings.send(Warning {
-                    process: Some(event::Process {
-                        pid: tgid,
-                        ..Default::default()
-                    }),
-                    module: Some(event::File {
-                        path: c.shown_as.clone(),
-                        name: c.shown_as.rsplit('/').next().unwrap_or_default().to_owned(),
-                        type_id: 1,
-                        hashes: vec![],
-                    }),
-                    detail: format!("{e:#}"),
-                });
-            }
+            self.cover(&c);
         }
         if f.flags & open_flags::HELD != 0 {
-            if let Some(ms) = std::env::var("KEYWARDEN_TEST_RELEASE_DELAY_MS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-            {
-                // Test hook: widens the window in which a sensor can die
-                // holding a process (sensor/tests/discovery.rs).
-                std::thread::sleep(Duration::from_millis(ms));
-            }
-            debug!(pid = tgid, library = %path, "releasing held process");
-            if let Err(e) = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(tgid as i32),
-                nix::sys::signal::SIGCONT,
-            ) {
-                debug!(pid = tgid, error = %e, "SIGCONT");
-            }
-            self.probes.lock().expect("probes lock").forget_held(tgid);
+            self.release(tgid, &path);
         }
     }
 }

@@ -8,6 +8,7 @@
 mod analyze;
 mod config;
 mod control;
+mod coverage;
 mod discovery;
 mod enforce;
 mod enrich;
@@ -88,6 +89,22 @@ enum Command {
         #[command(subcommand)]
         command: RulesCommand,
     },
+    /// Which files hold signing code and which stacks the probes would
+    /// see in them, without loading any probe: every program and shared
+    /// object mapped by a running process plus the configured library
+    /// directories, or only the files given. Files with crypto code that
+    /// cannot be probed (stripped) are listed as NOT covered; exits 2 if
+    /// there is any.
+    Coverage {
+        /// Files to examine instead of the host.
+        paths: Vec<PathBuf>,
+        /// Configuration whose `library_dirs` apply.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON object per file instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the embedded default configuration.
     Config,
 }
@@ -164,6 +181,18 @@ fn main() -> ExitCode {
             Err(e) => {
                 eprintln!("{e}");
                 eprintln!("keywarden: error: {} problems in rules", e.0.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Coverage {
+            paths,
+            config,
+            json,
+        } => match coverage::report(&paths, config.as_deref(), json) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::from(2),
+            Err(e) => {
+                eprintln!("keywarden: error: {e:#}");
                 ExitCode::FAILURE
             }
         },

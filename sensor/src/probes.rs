@@ -4,7 +4,7 @@
 //! so a single pair of programs serves every function of every library the
 //! sensor covers. Dropping `Probes` detaches everything.
 
-use std::{os::unix::fs::MetadataExt, path::Path, sync::Arc};
+use std::{path::Path, sync::Arc};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -17,99 +17,46 @@ use aya::{
 };
 use hashbrown::HashMap;
 use keywarden_probe_types::{
-    KnownHandle, LibrarySeenKey, ProcPtr, WatchPattern, config, func, stats, watch,
+    KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, WatchPattern, config, func, stats, watch,
 };
 use tracing::{debug, info};
 
-use iced_x86::Register;
+use crate::discovery::{
+    placement,
+    signing_code::{C_API, SigningCode, Stack, needs_return},
+    targets::Candidate,
+};
 
-use crate::discovery::{placement, symbols, targets::Candidate};
-
-/// One probed function: symbol, function id, whether it needs a return
-/// probe, and the argument registers its entry program reads.
-pub struct ProbedFunction {
-    pub symbol: &'static str,
-    pub id: u8,
-    pub needs_return: bool,
-    pub args: &'static [Register],
-}
-
-const fn f(
-    symbol: &'static str,
-    id: u8,
-    needs_return: bool,
-    args: &'static [Register],
-) -> ProbedFunction {
-    ProbedFunction {
-        symbol,
-        id,
-        needs_return,
-        args,
-    }
-}
-
-/// The OpenSSL signing API the probes understand.
-pub const OPENSSL_FUNCTIONS: [ProbedFunction; 9] = [
-    // (ctx, pctx, type, engine, pkey)
-    f(
-        "EVP_DigestSignInit",
-        func::DIGEST_SIGN_INIT,
-        false,
-        &[Register::RDI, Register::R8],
-    ),
-    // (ctx, pctx, mdname, libctx, props, pkey, params)
-    f(
-        "EVP_DigestSignInit_ex",
-        func::DIGEST_SIGN_INIT_EX,
-        false,
-        &[Register::RDI, Register::RDX, Register::R9],
-    ),
-    f(
-        "EVP_DigestSignUpdate",
-        func::DIGEST_SIGN_UPDATE,
-        false,
-        &[Register::RDI, Register::RSI, Register::RDX],
-    ),
-    // Signing calls read the stack pointer and need a return probe: they
-    // are probed on their first instruction.
-    f("EVP_DigestSign", func::DIGEST_SIGN, true, &[]),
-    f("EVP_DigestSignFinal", func::DIGEST_SIGN_FINAL, true, &[]),
-    f("EVP_PKEY_sign", func::PKEY_SIGN, true, &[]),
-    f("EVP_PKEY_free", func::PKEY_FREE, false, &[Register::RDI]),
-    // A context must be (re)initialized before it signs with another key;
-    // hooking the init, not EVP_PKEY_CTX_free, keeps the signing loop at
-    // one trap (openssl speed frees a context per signature).
-    f(
-        "EVP_PKEY_sign_init",
-        func::PKEY_SIGN_INIT,
-        false,
-        &[Register::RDI],
-    ),
-    f(
-        "EVP_PKEY_sign_init_ex",
-        func::PKEY_SIGN_INIT,
-        false,
-        &[Register::RDI],
-    ),
-];
-
-pub fn function_name(id: u8) -> &'static str {
-    OPENSSL_FUNCTIONS
-        .iter()
-        .find(|f| f.id == id)
-        .map(|f| f.symbol)
-        .unwrap_or("unknown")
-}
-
-/// One covered library.
+/// One covered ELF file (a library or a program).
 #[derive(Debug, Clone)]
 pub struct Library {
     pub index: u32,
     pub shown_as: String,
-    pub kind: &'static str,
-    pub functions: Vec<&'static str>,
+    /// (function id, stack) of each attached function.
+    pub functions: Vec<(u8, Stack, String)>,
     pub missing: Vec<&'static str>,
     pub build_id: Option<String>,
+}
+
+impl Library {
+    /// The stack a function of this file belongs to, for events.
+    pub fn stack_of(&self, id: u8) -> &'static str {
+        self.functions
+            .iter()
+            .find(|(f, _, _)| *f == id)
+            .map(|(_, s, _)| s.name())
+            .unwrap_or("unknown")
+    }
+
+    pub fn stacks(&self) -> Vec<&'static str> {
+        let mut out: Vec<&'static str> = Vec::new();
+        for (_, s, _) in &self.functions {
+            if !out.contains(&s.name()) {
+                out.push(s.name());
+            }
+        }
+        out
+    }
 }
 
 pub struct Probes {
@@ -184,6 +131,16 @@ impl Probes {
             p.load()
                 .with_context(|| format!("loading uprobe program {name}"))?;
         }
+        // Peer attribution needs sock/sock_recv_length (Linux 6.3+); without
+        // it signatures simply carry no peer, and the sensor says so.
+        let p: &mut TracePoint = ebpf
+            .program_mut("sock_recv")
+            .context("sock_recv")?
+            .try_into()?;
+        p.load().context("loading tracepoint program sock_recv")?;
+        if let Err(e) = p.attach("sock", "sock_recv_length") {
+            tracing::warn!(error = %e, "no sock/sock_recv_length tracepoint: signatures carry no network peer");
+        }
         for (name, category, tp) in [
             ("process_exec", "sched", "sched_process_exec"),
             ("process_exit", "sched", "sched_process_exit"),
@@ -221,85 +178,73 @@ impl Probes {
         self.by_inode.contains_key(&(dev, ino))
     }
 
-    /// Attaches to a library unless its inode is covered already. Returns the
-    /// library when this call attached it.
-    pub fn attach_library(&mut self, c: &Candidate) -> Result<Option<Arc<Library>>> {
-        let md = std::fs::metadata(&c.open_path)
-            .with_context(|| format!("{}: cannot stat", c.shown_as))?;
-        let key = (md.dev(), md.ino());
+    /// Attaches to the signing code found in a file, unless its inode is
+    /// covered already. Returns the library when this call attached it.
+    pub fn attach(&mut self, c: &Candidate, code: &SigningCode) -> Result<Option<Arc<Library>>> {
+        let key = (c.dev, c.ino);
         if self.by_inode.contains_key(&key) {
             return Ok(None);
         }
-        let names: Vec<&str> = OPENSSL_FUNCTIONS.iter().map(|f| f.symbol).collect();
-        let syms = symbols::resolve(&c.open_path, &c.shown_as, &names)?;
-        let index = self.libraries.len() as u32;
-        let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
-        let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
-        let mut functions = Vec::new();
-        let mut missing = Vec::new();
-        for pf in &OPENSSL_FUNCTIONS {
-            let Some(&off) = syms.offsets.get(pf.symbol) else {
-                missing.push(pf.symbol);
-                continue;
-            };
-            let cookie = Some(func::cookie(index, pf.id));
-            let at = |o| UProbeAttachPoint {
-                location: UProbeAttachLocation::AbsoluteOffset(o),
-                cookie,
-            };
-            if pf.needs_return {
-                entry.push(at(off));
-                ret.push(at(off));
-            } else {
-                let code = syms.code.get(pf.symbol).map(Vec::as_slice).unwrap_or(&[]);
-                let shift = placement::entry_offset(code, pf.args);
-                debug!(function = pf.symbol, shift, "entry probe placement");
-                entry.push(at(off + shift));
-            }
-            functions.push(pf.symbol);
-        }
-        if ret.is_empty() {
-            let signing: Vec<&str> = OPENSSL_FUNCTIONS
-                .iter()
-                .filter(|f| f.needs_return)
-                .map(|f| f.symbol)
-                .collect();
+        if !code.can_see_signatures() {
             bail!(
-                "{}: none of the signing functions ({}) is in its symbol table{}; signatures made through it are not seen",
+                "{}: no signing function (EVP_DigestSign, EVP_DigestSignFinal, EVP_PKEY_sign, a rustls Signer or ring) is in its symbol table{}; signatures made through it are not seen",
                 c.shown_as,
-                signing.join(", "),
-                if syms.stripped {
+                if code.stripped {
                     " (the file is stripped)"
                 } else {
                     ""
                 }
             );
         }
-        let p: &mut UProbe = self
+        let index = self.libraries.len() as u32;
+        let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        let mut functions = Vec::new();
+        for p in &code.points {
+            let at = |o| UProbeAttachPoint {
+                location: UProbeAttachLocation::AbsoluteOffset(o),
+                cookie: Some(func::cookie(index, p.id)),
+            };
+            if needs_return(p.id) {
+                entry.push(at(p.offset));
+                ret.push(at(p.offset));
+            } else {
+                let args = C_API
+                    .iter()
+                    .find(|f| f.id == p.id)
+                    .map(|f| f.args)
+                    .unwrap_or(&[]);
+                let shift = placement::entry_offset(&p.code, args);
+                debug!(function = %p.symbol, shift, "entry probe placement");
+                entry.push(at(p.offset + shift));
+            }
+            functions.push((p.id, p.stack, p.symbol.clone()));
+        }
+        let prog: &mut UProbe = self
             .ebpf
             .program_mut("sign_entry")
             .context("sign_entry")?
             .try_into()?;
-        p.attach(entry, &c.open_path, UProbeScope::AllProcesses)
+        prog.attach(entry, &c.open_path, UProbeScope::AllProcesses)
             .with_context(|| format!("{}: attaching entry uprobes", c.shown_as))?;
-        let p: &mut UProbe = self
+        let prog: &mut UProbe = self
             .ebpf
             .program_mut("sign_return")
             .context("sign_return")?
             .try_into()?;
-        p.attach(ret, &c.open_path, UProbeScope::AllProcesses)
+        prog.attach(ret, &c.open_path, UProbeScope::AllProcesses)
             .with_context(|| format!("{}: attaching return uprobes", c.shown_as))?;
         let lib = Library {
             index,
             shown_as: c.shown_as.clone(),
-            kind: "openssl",
             functions,
-            missing,
-            build_id: syms.build_id,
+            missing: code.missing.clone(),
+            build_id: code.build_id.clone(),
         };
         info!(
             library = %lib.shown_as,
             index = lib.index,
+            stacks = ?lib.stacks(),
             build_id = lib.build_id.as_deref().unwrap_or("none"),
             functions = lib.functions.len(),
             missing = ?lib.missing,
@@ -309,6 +254,18 @@ impl Probes {
         let lib = Arc::new(lib);
         self.libraries.push(lib.clone());
         Ok(Some(lib))
+    }
+
+    /// Tells the probes where `struct sock` keeps its addresses, which
+    /// turns on peer attribution.
+    pub fn set_sock_layout(&mut self, layout: &SockLayout) -> Result<()> {
+        let mut arr: Array<&mut MapData, SockLayout> = Array::try_from(
+            self.ebpf
+                .map_mut("SOCK_LAYOUT")
+                .context("SOCK_LAYOUT map")?,
+        )?;
+        arr.set(0, layout, 0)?;
+        Ok(())
     }
 
     pub fn set_config(&mut self, slot: u32, value: u64) -> Result<()> {

@@ -39,7 +39,11 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::Config,
     control::{Control, Warning},
-    discovery::targets::{self, Candidate},
+    coverage::{Coverage, cover},
+    discovery::{
+        signing_code::{ScanCache, function_name},
+        targets::{self, Candidate},
+    },
     enforce::{
         Condemnation, Enforcer,
         guard::{Guard, GuardedOpen},
@@ -52,7 +56,7 @@ use crate::{
         identify::{Identifier, identity_of},
         material::{self, KeyFile, KeyInfo},
     },
-    probes::{self, Probes},
+    probes::Probes,
     records::{Record, c_str, decode},
     secrets::watch::{Coalescer, WatchList},
     sink::NdjsonSink,
@@ -94,6 +98,10 @@ struct Sensor {
     baseline_path: PathBuf,
     /// Events written without analysis because the pipeline was full.
     unanalysed: u64,
+    /// Signing-code scans per file, shared with the control thread.
+    cache: Arc<Mutex<ScanCache>>,
+    /// Files found at start with crypto code the probes cannot see.
+    uncovered_at_start: Vec<String>,
 }
 
 fn clock_ns(id: nix::time::ClockId) -> i64 {
@@ -116,7 +124,7 @@ pub(crate) fn origin() -> Origin {
 }
 
 pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<()> {
-    probes::preflight()?;
+    crate::probes::preflight()?;
     let rules = crate::analyze::load_rules(&cfg.rules)?;
     // Refuse block rules that cannot be enforced before anything attaches.
     crate::enforce::guard::plan(&rules)?;
@@ -188,7 +196,13 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         geo,
         baseline_path,
         unanalysed: 0,
+        cache: Arc::new(Mutex::new(ScanCache::default())),
+        uncovered_at_start: Vec::new(),
     };
+    match crate::enrich::sock_layout::from_kernel() {
+        Ok(layout) => s.probes().set_sock_layout(&layout)?,
+        Err(e) => warn!("signatures carry no network peer: {e:#}"),
+    }
     crate::enforce::report_mechanisms(&s.enforcer.rules);
     let guard_stop = Arc::new(AtomicBool::new(false));
     let guard = match Guard::new(
@@ -212,6 +226,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         ring: rings.control,
         probes: s.probes.clone(),
         procs: s.procs.clone(),
+        cache: s.cache.clone(),
         warnings: warn_tx,
         shutdown: control_stop.clone(),
     };
@@ -229,14 +244,23 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         .probes()
         .libraries()
         .iter()
-        .map(|l| l.shown_as.clone())
+        .map(|l| format!("{} ({})", l.shown_as, l.stacks().join("+")))
         .collect();
     info!(
         libraries = covered.len(),
+        uncovered = s.uncovered_at_start.len(),
         keys_known = s.ident.inventory_len(),
         hold_new_libraries = cfg.hold_new_libraries,
-        "ready: probes attached to {}",
-        covered.join(", ")
+        "ready: probes attached to {}{}",
+        covered.join(", "),
+        if s.uncovered_at_start.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; NOT covered (crypto code without symbols): {}",
+                s.uncovered_at_start.join(", ")
+            )
+        }
     );
     s.sink.flush();
 
@@ -368,11 +392,30 @@ impl Sensor {
         let mut all: Vec<Candidate> = scan.libraries;
         all.extend(targets::scan_dirs(&cfg.library_dirs));
         debug!(elapsed = ?started.elapsed(), candidates = all.len(), "scanned library directories");
+        let mut uncovered = Vec::new();
         for c in &all {
-            self.attach(c);
+            match cover(&self.cache, &self.probes, c) {
+                Coverage::Uncovered { reason, first } => {
+                    if first {
+                        self.warn_event(None, Some(module_file(&c.shown_as)), reason);
+                    }
+                    uncovered.push(c.shown_as.clone());
+                }
+                // A library named like libcrypto that cannot be covered is
+                // worth a warning; any other unreadable mapping is not.
+                Coverage::Failed(why) if targets::is_crypto_library(&c.shown_as) => {
+                    self.warn_event(None, Some(module_file(&c.shown_as)), why);
+                    uncovered.push(c.shown_as.clone());
+                }
+                Coverage::Failed(why) => debug!("{why}"),
+                _ => {}
+            }
         }
-        debug!(elapsed = ?started.elapsed(), "attached");
-        // Processes already running with a covered library need no hold.
+        let scans = self.cache.lock().expect("scan cache lock").scans;
+        debug!(elapsed = ?started.elapsed(), files = all.len(), scans, "attached");
+        self.uncovered_at_start = uncovered;
+        // Files of processes already running were looked at: opening or
+        // executing them again in the same cgroup needs no hold.
         for c in all.iter().filter(|c| c.pid.is_some()) {
             let pid = c.pid.unwrap_or_default();
             let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
@@ -386,19 +429,6 @@ impl Sensor {
             {
                 let _ = self.probes().mark_library_seen(md.ino(), &c.shown_as);
             }
-        }
-    }
-
-    fn attach(&mut self, c: &Candidate) {
-        let result = self.probes().attach_library(c);
-        if let Err(e) = result {
-            let module = event::File {
-                path: c.shown_as.clone(),
-                name: c.shown_as.rsplit('/').next().unwrap_or_default().to_owned(),
-                type_id: 1,
-                hashes: vec![],
-            };
-            self.warn_event(None, Some(module), format!("{e:#}"));
         }
     }
 
@@ -699,7 +729,8 @@ impl Sensor {
         self.sync_known();
         let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&r.task, &info);
-        let (lib_file, library_kind) = self.library_of(r.library);
+        let (lib_file, library_kind) = self.library_of(r.library, r.func as u8);
+        let (peer, local) = endpoints(r);
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0)
             .then(|| c_str(&r.md_name))
             .filter(|s| !s.is_empty());
@@ -711,21 +742,24 @@ impl Sensor {
             cgroup,
             library: lib_file,
             library_kind,
-            function: probes::function_name(r.func as u8).to_owned(),
+            function: function_name(r.func as u8).to_owned(),
             success: r.ret == 1,
             key,
             signature: Signature {
                 length: if r.ret == 1 { r.sig_len } else { 0 },
                 digest: md_name,
             },
+            peer,
+            local,
         };
         self.events_by_kind[0] += 1;
         let ev = Event::key_use(&self.origin, u);
         self.emit(ev, None);
     }
 
-    /// The library a probe record names, as an OCSF file, and its kind.
-    fn library_of(&self, index: u32) -> (event::File, String) {
+    /// The library a probe record names, as an OCSF file, and the stack
+    /// the probed function belongs to.
+    fn library_of(&self, index: u32, func: u8) -> (event::File, String) {
         let library = self.probes().library(index);
         let file = event::File {
             path: library
@@ -741,7 +775,10 @@ impl Sensor {
         };
         (
             file,
-            library.map(|l| l.kind).unwrap_or("unknown").to_owned(),
+            library
+                .map(|l| l.stack_of(func))
+                .unwrap_or("unknown")
+                .to_owned(),
         )
     }
 
@@ -1064,6 +1101,8 @@ impl Sensor {
                         length: 0,
                         digest: None,
                     },
+                    peer: None,
+                    local: None,
                 },
             );
             let rule = self
@@ -1098,7 +1137,7 @@ impl Sensor {
         };
         let info = self.procs.lookup_or_snapshot(tgid, k.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&k.task, &info);
-        let (library, library_kind) = self.library_of(k.library);
+        let (library, library_kind) = self.library_of(k.library, k.func as u8);
         let u = KeyUse {
             time_ms: self.wall_ms(k.task.ktime_ns),
             seq: self.next_seq(),
@@ -1107,13 +1146,15 @@ impl Sensor {
             cgroup,
             library,
             library_kind,
-            function: probes::function_name(k.func as u8).to_owned(),
+            function: function_name(k.func as u8).to_owned(),
             success: false,
             key: identity_of(&c.key, &c.file, "key_file"),
             signature: Signature {
                 length: 0,
                 digest: None,
             },
+            peer: None,
+            local: None,
         };
         self.events_by_kind[0] += 1;
         let mut ev = Event::key_use(&self.origin, u);
@@ -1236,5 +1277,50 @@ impl Sensor {
                 );
             }
         }
+    }
+}
+
+/// The remote and local ends of the connection a signature was made for.
+fn endpoints(
+    r: &SignRecord,
+) -> (
+    Option<event::NetworkEndpoint>,
+    Option<event::NetworkEndpoint>,
+) {
+    if r.flags & sign_flags::HAS_PEER == 0 {
+        return (None, None);
+    }
+    let p = &r.peer;
+    let ip = |b: &[u8; 16]| -> Option<std::net::IpAddr> {
+        match p.family {
+            2 => Some(std::net::Ipv4Addr::new(b[0], b[1], b[2], b[3]).into()),
+            10 => {
+                let v6 = std::net::Ipv6Addr::from(*b);
+                // A v4 client on a dual-stack socket: name it as v4.
+                Some(v6.to_ipv4_mapped().map_or(v6.into(), Into::into))
+            }
+            _ => None,
+        }
+    };
+    let end = |addr: &[u8; 16], port: u16| {
+        ip(addr).map(|ip| event::NetworkEndpoint {
+            ip: ip.to_string(),
+            port: Some(port),
+            ..Default::default()
+        })
+    };
+    (
+        end(&p.remote_addr, p.remote_port),
+        end(&p.local_addr, p.local_port),
+    )
+}
+
+/// An OCSF file for a library or program path.
+fn module_file(path: &str) -> event::File {
+    event::File {
+        path: path.to_owned(),
+        name: path.rsplit('/').next().unwrap_or_default().to_owned(),
+        type_id: 1,
+        hashes: vec![],
     }
 }

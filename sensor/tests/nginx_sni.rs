@@ -5,40 +5,9 @@
 
 mod support;
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::process::Command;
 
 use support::*;
-
-struct Nginx(Child);
-
-impl Drop for Nginx {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::SIGQUIT,
-        );
-        std::thread::sleep(Duration::from_millis(200));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn cert(dir: &std::path::Path, key: &TestKey, name: &str) -> std::path::PathBuf {
-    let crt = dir.join(format!("{name}.crt"));
-    run_ok(
-        Command::new("openssl")
-            .args(["req", "-x509", "-new", "-days", "2", "-subj"])
-            .arg(format!("/CN={name}"))
-            .arg("-key")
-            .arg(&key.path)
-            .arg("-out")
-            .arg(&crt),
-    );
-    crt
-}
 
 #[test]
 fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
@@ -51,7 +20,6 @@ fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
     let crt_a = cert(&keys_dir, &key_a, "a.test");
     let crt_b = cert(&keys_dir, &key_b, "b.test");
     let port = free_port();
-    let conf = dir.join("nginx.conf");
     let server = |name: &str, crt: &std::path::Path, key: &std::path::Path| {
         format!(
             "server {{ listen 127.0.0.1:{port} ssl; server_name {name}; ssl_certificate {}; ssl_certificate_key {}; \
@@ -60,39 +28,12 @@ fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
             key.display()
         )
     };
-    std::fs::write(
-        &conf,
-        format!(
-            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
-             events {{ worker_connections 64; }}\nhttp {{\naccess_log off;\nclient_body_temp_path {d};\n\
-             proxy_temp_path {d};\nfastcgi_temp_path {d};\nuwsgi_temp_path {d};\nscgi_temp_path {d};\n{}{}}}\n",
-            server("a.test", &crt_a, &key_a.path),
-            server("b.test", &crt_b, &key_b.path),
-            d = dir.display()
-        ),
-    )
-    .unwrap();
-    let nginx = Nginx(
-        Command::new("/usr/sbin/nginx")
-            .arg("-c")
-            .arg(&conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx (the test command installs it)"),
+    let nginx = start_nginx(
+        dir,
+        port,
+        &(server("a.test", &crt_a, &key_a.path) + &server("b.test", &crt_b, &key_b.path)),
     );
-    wait_for("nginx to listen", Duration::from_secs(10), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    let master = nginx.0.id();
-    let worker: u32 = {
-        let out = run_ok(Command::new("pgrep").args(["-P", &master.to_string()]));
-        String::from_utf8(out.stdout)
-            .unwrap()
-            .trim()
-            .parse()
-            .expect("one nginx worker")
-    };
+    let worker = nginx_worker(&nginx);
 
     let sensor_conf = dir.join("keywarden.yaml");
     let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();

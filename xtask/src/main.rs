@@ -133,6 +133,11 @@ fn main() -> Result<()> {
                 bail!("the test suite loads eBPF programs and must run as root");
             }
             let filter: Vec<String> = filter.into_iter().collect();
+            // The TLS fixtures (static rustls, ring, AWS-LC, BoringSSL) are
+            // their own workspace, built once and then kept up to date.
+            run(cargo()
+                .args(["build", "--release", "-j2", "--manifest-path"])
+                .arg(root().join("fixtures/tls-programs/Cargo.toml")))?;
             // One invocation, so everything builds once. Tests run one at a
             // time: each integration test starts its own sensor, and event
             // counts must be that test's own.

@@ -190,6 +190,15 @@ pub static FIELDS: &[Field] = &[
         .as_ref()
         .and_then(|p| p.port)
         .map(|p| Value::Num(p as u64))),
+    field!("local.ip", Text, KEY_USE, |e| e
+        .local
+        .as_ref()
+        .map(|p| Value::Str(&p.ip))),
+    field!("local.port", Number, KEY_USE, |e| e
+        .local
+        .as_ref()
+        .and_then(|p| p.port)
+        .map(|p| Value::Num(p as u64))),
     field!("peer.location.country", Text, KEY_USE, |e| e
         .peer
         .as_ref()

@@ -26,7 +26,8 @@ mod probes {
         bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
         helpers::{
             bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-            bpf_probe_read_kernel_str_bytes, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+            bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
+            bpf_probe_read_user_str_bytes,
             generated::{
                 bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_smp_processor_id,
                 bpf_ktime_get_ns, bpf_send_signal,
@@ -101,6 +102,14 @@ mod probes {
     #[map]
     static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);
 
+    /// Thread -> the TCP socket (`struct sock *`) it last received on.
+    #[map]
+    static LAST_SOCK: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
+
+    /// Where the address fields sit in `struct sock` (from BTF).
+    #[map]
+    static SOCK_LAYOUT: Array<SockLayout> = Array::with_max_entries(1, 0);
+
     #[map]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
 
@@ -168,6 +177,11 @@ mod probes {
             func::DIGEST_SIGN_INIT_EX => on_init(tgid, arg(&ctx, 0), arg(&ctx, 5), arg(&ctx, 2)),
             func::DIGEST_SIGN_UPDATE => on_update(tgid, arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2)),
             func::DIGEST_SIGN | func::DIGEST_SIGN_FINAL | func::PKEY_SIGN => {
+                if !condemned(&ctx, f, library, tgid) {
+                    on_sign_entry(&ctx, f, library, tgid)
+                }
+            }
+            func::RUST_SIGNER_SIGN | func::RING_ECDSA_SIGN | func::RING_ED25519_SIGN => {
                 if !condemned(&ctx, f, library, tgid) {
                     on_sign_entry(&ctx, f, library, tgid)
                 }
@@ -358,9 +372,55 @@ mod probes {
     data_emitter!(emit_small, DataSmallRecord, kind::DATA_SMALL, DATA_SMALL);
     data_emitter!(emit_big, DataBigRecord, kind::DATA_BIG, DATA_BIG);
 
+    /// The connection this thread last received from, if it is still an
+    /// established TCP connection. Reads kernel memory at offsets from BTF;
+    /// a socket freed meanwhile reads as not established.
+    #[inline(always)]
+    fn peer_of(tid: u32) -> Option<Peer> {
+        let sk = *unsafe { LAST_SOCK.get(&tid) }?;
+        let l = SOCK_LAYOUT.get(0)?;
+        if l.valid == 0 {
+            return None;
+        }
+        let at = |off: u32| (sk + off as u64) as *const u8;
+        let state: u8 = unsafe { bpf_probe_read_kernel(at(l.state)) }.ok()?;
+        if state != TCP_ESTABLISHED {
+            return None;
+        }
+        let family: u16 = unsafe { bpf_probe_read_kernel(at(l.family) as *const u16) }.ok()?;
+        let dport: u16 = unsafe { bpf_probe_read_kernel(at(l.dport) as *const u16) }.ok()?;
+        let num: u16 = unsafe { bpf_probe_read_kernel(at(l.num) as *const u16) }.ok()?;
+        let mut peer = Peer {
+            family,
+            local_port: num,
+            remote_port: u16::from_be(dport),
+            _pad: 0,
+            local_addr: [0; 16],
+            remote_addr: [0; 16],
+        };
+        if family == AF_INET {
+            let d: [u8; 4] =
+                unsafe { bpf_probe_read_kernel(at(l.daddr) as *const [u8; 4]) }.ok()?;
+            let s: [u8; 4] =
+                unsafe { bpf_probe_read_kernel(at(l.rcv_saddr) as *const [u8; 4]) }.ok()?;
+            peer.remote_addr[..4].copy_from_slice(&d);
+            peer.local_addr[..4].copy_from_slice(&s);
+        } else if family == AF_INET6 {
+            peer.remote_addr =
+                unsafe { bpf_probe_read_kernel(at(l.v6_daddr) as *const [u8; 16]) }.ok()?;
+            peer.local_addr =
+                unsafe { bpf_probe_read_kernel(at(l.v6_rcv_saddr) as *const [u8; 16]) }.ok()?;
+        } else {
+            return None;
+        }
+        Some(peer)
+    }
+
     /// EVP_DigestSign(ctx, sig, siglen, tbs, tbslen),
     /// EVP_DigestSignFinal(ctx, sig, siglen),
-    /// EVP_PKEY_sign(pctx, sig, siglen, tbs, tbslen).
+    /// EVP_PKEY_sign(pctx, sig, siglen, tbs, tbslen),
+    /// and the Rust signers (`func::returns_rust_value`), whose first
+    /// argument is where the result goes.
     #[inline(always)]
     fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
         let tid = bpf_get_current_pid_tgid() as u32;
@@ -379,11 +439,26 @@ mod probes {
                 return;
             }
         }
-        let sig = arg(ctx, 1);
+        // All six argument registers, each read at its own constant
+        // offset: the verifier refuses a context pointer LLVM would
+        // otherwise compute from `f`.
+        let a: [u64; 6] = core::hint::black_box([
+            arg(ctx, 0),
+            arg(ctx, 1),
+            arg(ctx, 2),
+            arg(ctx, 3),
+            arg(ctx, 4),
+            arg(ctx, 5),
+        ]);
+        // (key object or context, output, output length, data, data length)
+        let (handle_ctx, sig, siglen_ptr, data, data_len) = match f {
+            func::RUST_SIGNER_SIGN | func::RING_ED25519_SIGN => (a[1], a[0], 0, a[2], a[3]),
+            func::RING_ECDSA_SIGN => (a[1], a[0], 0, a[4], a[5]),
+            _ => (a[0], a[1], a[2], a[3], a[4]),
+        };
         if sig == 0 {
             return; // length query: not a signature
         }
-        let handle_ctx = arg(ctx, 0);
         let mut inflight = Inflight {
             func: f as u32,
             depth: 1,
@@ -392,12 +467,31 @@ mod probes {
             handle: handle_ctx,
             op_id: 0,
             sig_ptr: sig,
-            siglen_ptr: arg(ctx, 2),
+            siglen_ptr,
             sp,
             started_ns: now,
             handle_gen: 0,
             md_name: [0; 16],
+            peer: Peer::default(),
         };
+        if let Some(peer) = peer_of(tid) {
+            inflight.peer = peer;
+            inflight.flags |= sign_flags::HAS_PEER;
+        }
+        if func::returns_rust_value(f) {
+            // Rust signer objects are short-lived boxes whose addresses
+            // are reused for other keys, and nothing reports their frees:
+            // every signature is captured and verified.
+            inflight.op_id = new_op_id();
+            emit_data(tgid, inflight.op_id, 0, data, data_len);
+            match slot {
+                Some(p) => unsafe { *p = inflight },
+                None => {
+                    let _ = INFLIGHT.insert(&tid, &inflight, 0);
+                }
+            }
+            return;
+        }
         if f == func::PKEY_SIGN {
             inflight.op_id = new_op_id();
         } else {
@@ -434,7 +528,7 @@ mod probes {
         if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
             inflight.flags |= sign_flags::KNOWN_HANDLE;
         } else if f != func::DIGEST_SIGN_FINAL {
-            emit_data(tgid, inflight.op_id, 0, arg(ctx, 3), arg(ctx, 4));
+            emit_data(tgid, inflight.op_id, 0, data, data_len);
         }
         match slot {
             Some(p) => unsafe { *p = inflight },
@@ -487,26 +581,48 @@ mod probes {
         }
         let inflight = unsafe { *p };
         unsafe { (*p).depth = 0 };
-        let ret = unsafe { (*ctx.regs).rax } as i32 as i64;
+        let mut ret = unsafe { (*ctx.regs).rax } as i32 as i64;
+        let mut sig_len = 0u64;
+        let mut sig_src = inflight.sig_ptr;
+        let mut flags = inflight.flags;
+        match inflight.func as u8 {
+            func::RUST_SIGNER_SIGN => match vec_in_result(inflight.sig_ptr) {
+                Some((ptr, len)) => {
+                    ret = 1;
+                    sig_src = ptr;
+                    sig_len = len;
+                }
+                None => ret = 0,
+            },
+            func::RING_ECDSA_SIGN | func::RING_ED25519_SIGN => {
+                // `Signature` keeps its bytes inline: copy the value and
+                // let the sensor find the signature in it.
+                ret = 1;
+                sig_len = RING_VALUE_BYTES;
+                flags |= sign_flags::SIG_IN_VALUE;
+            }
+            _ if ret == 1 => {
+                sig_len =
+                    unsafe { bpf_probe_read_user(inflight.siglen_ptr as *const u64) }.unwrap_or(0)
+            }
+            _ => {}
+        }
 
         let head = SignRecord {
             kind: kind::SIGN,
             func: inflight.func,
             task: current_task(),
             library: inflight.library,
-            flags: inflight.flags,
+            flags,
             handle: inflight.handle,
             op_id: inflight.op_id,
             ret,
-            sig_len: if ret == 1 {
-                unsafe { bpf_probe_read_user(inflight.siglen_ptr as *const u64) }.unwrap_or(0)
-            } else {
-                0
-            },
+            sig_len,
             sig_captured: 0,
             _pad: 0,
             md_name: inflight.md_name,
             handle_gen: inflight.handle_gen,
+            peer: inflight.peer,
         };
         if inflight.flags & sign_flags::KNOWN_HANDLE != 0 {
             let rec = SignRecord {
@@ -539,7 +655,7 @@ mod probes {
                 aya_ebpf::helpers::generated::bpf_probe_read_user(
                     r.sig.as_mut_ptr().cast(),
                     n as u32,
-                    inflight.sig_ptr as *const core::ffi::c_void,
+                    sig_src as *const core::ffi::c_void,
                 )
             };
             if rc == 0 {
@@ -549,6 +665,9 @@ mod probes {
             }
         }
         rec.submit(BPF_RB_NO_WAKEUP as u64);
+        if func::returns_rust_value(inflight.func as u8) {
+            return 0;
+        }
         let key = ProcPtr {
             tgid: (pid_tgid >> 32) as u32,
             _pad: 0,
@@ -560,7 +679,69 @@ mod probes {
         0
     }
 
+    /// Bytes of ring's returned `Signature` value copied: its largest
+    /// signature (ECDSA P-384, DER) is 104 bytes, plus the length word and
+    /// the `Result` tag.
+    const RING_VALUE_BYTES: u64 = 160;
+
+    /// `Result<Vec<u8>, rustls::Error>` as `Signer::sign` returns it. A
+    /// `Vec<u8>` is three words, capacity, pointer, length, in rustc's
+    /// current order; the `Result` puts its tag before them (rustc 1.99
+    /// with rustls 0.23) or folds it into the capacity. Rust promises none
+    /// of this, so the probe looks for the shape (capacity >= length > 0,
+    /// a user-space pointer between them) at either position, and the
+    /// sensor only trusts what verifies. Returns (pointer, length).
+    #[inline(always)]
+    fn vec_in_result(at: u64) -> Option<(u64, u64)> {
+        let w: [u64; 4] = unsafe { bpf_probe_read_user(at as *const [u64; 4]) }.ok()?;
+        for s in 0..2 {
+            let (cap, ptr, len) = (w[s], w[s + 1], w[s + 2]);
+            if (0x10000..(1u64 << 47)).contains(&ptr)
+                && len > 0
+                && len <= SIG_MAX as u64
+                && cap >= len
+                && cap < 1 << 32
+            {
+                return Some((ptr, len));
+            }
+        }
+        None
+    }
+
     // ------------------------------------------------------------ tracepoints
+
+    const AF_INET: u16 = 2;
+    const AF_INET6: u16 = 10;
+    const IPPROTO_TCP: u16 = 6;
+    const TCP_ESTABLISHED: u8 = 1;
+
+    /// sock/sock_recv_length fires in the receiving thread for every socket
+    /// receive (`read`, `recv*`): remember the TCP socket, so a signature
+    /// this thread makes next can name its connection. Costs one map
+    /// write per receive, and nothing for reads of files.
+    #[tracepoint(category = "sock", name = "sock_recv_length")]
+    pub fn sock_recv(ctx: TracePointContext) -> u32 {
+        let family = unsafe { ctx.read_at::<u16>(16) }.unwrap_or(0);
+        let protocol = unsafe { ctx.read_at::<u16>(18) }.unwrap_or(0);
+        if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
+            return 0;
+        }
+        let Ok(sk) = (unsafe { ctx.read_at::<u64>(8) }) else {
+            return 0;
+        };
+        let tid = bpf_get_current_pid_tgid() as u32;
+        match LAST_SOCK.get_ptr_mut(&tid) {
+            Some(p) => unsafe {
+                if *p != sk {
+                    *p = sk
+                }
+            },
+            None => {
+                let _ = LAST_SOCK.insert(&tid, &sk, 0);
+            }
+        }
+        0
+    }
 
     #[tracepoint(category = "sched", name = "sched_process_exec")]
     pub fn process_exec(ctx: TracePointContext) -> u32 {
@@ -582,7 +763,7 @@ mod probes {
         };
         let r = unsafe { rec.assume_init_mut() };
         r.kind = kind::EXEC;
-        r._pad = 0;
+        r.flags = 0;
         r.task = task;
         r.filename[0] = 0;
         // __data_loc char[] filename at offset 8: low 16 bits are the offset.
@@ -590,6 +771,21 @@ mod probes {
             let off = (loc & 0xffff) as usize;
             let src = unsafe { (ctx.as_ptr() as *const u8).add(off) };
             let _ = unsafe { bpf_probe_read_kernel_str_bytes(src, &mut r.filename) };
+        }
+        // An image not seen in this cgroup yet may carry its own signing
+        // code (a static binary): stop it before its first instruction
+        // until the sensor has looked. The sensor marks the path seen.
+        let seen = LibrarySeenKey {
+            cgroup_id: task.cgroup_id,
+            path_hash: fnv1a(&r.filename),
+        };
+        if config(config::HOLD_NEW_LIBRARIES) != 0
+            && unsafe { LIBRARY_SEEN.get(&seen) }.is_none()
+            && sensor_alive(&task)
+            && unsafe { bpf_send_signal(SIGSTOP) } == 0
+        {
+            r.flags |= exec_flags::HELD;
+            let _ = HELD.insert(&task.tgid(), &task.ktime_ns, 0);
         }
         rec.submit(BPF_RB_FORCE_WAKEUP as u64);
         0
@@ -614,10 +810,10 @@ mod probes {
         0
     }
 
-    const LIBCRYPTO: &[u8; 12] = b"libcrypto.so";
-
-    /// Classifies an openat path: a crypto library being loaded, or a file
-    /// that may hold a key. Everything else returns at once.
+    /// Classifies an openat path: a shared object being loaded (any of them
+    /// may carry its own crypto: Python's `cryptography` links OpenSSL into
+    /// `_rust.abi3.so`), or a file that may hold a key. Everything else
+    /// returns at once.
     #[tracepoint(category = "syscalls", name = "sys_enter_openat")]
     pub fn openat_enter(ctx: TracePointContext) -> u32 {
         let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else {
@@ -644,7 +840,7 @@ mod probes {
         let mut flags = 0u32;
         // The last path component, found once for every test below.
         let basename = basename_start(buf, len);
-        if is_libcrypto(buf, len, basename) {
+        if is_shared_object(buf, len, basename) {
             flags |= open_flags::LIBRARY;
         } else {
             if has_key_suffix(buf, len) {
@@ -755,19 +951,31 @@ mod probes {
         h
     }
 
+    /// The basename ends in `.so`, or in `.so.` and a version of digits
+    /// and dots (`libcrypto.so.3`, `_rust.abi3.so`): how the dynamic
+    /// loader names what it opens. Looks at most 16 bytes back.
     #[inline(always)]
-    fn is_libcrypto(buf: &[u8; PATH_MAX], len: usize, start: usize) -> bool {
-        if start + LIBCRYPTO.len() > len {
-            return false;
-        }
-        let mut j = 0usize;
-        while j < LIBCRYPTO.len() {
-            if buf[(start + j) & (PATH_MAX - 1)] != LIBCRYPTO[j] {
-                return false;
+    fn is_shared_object(buf: &[u8; PATH_MAX], len: usize, start: usize) -> bool {
+        let at = |i: usize| buf[i & (PATH_MAX - 1)];
+        let mut end = len;
+        let mut i = 0usize;
+        while i < 16 {
+            if end <= start {
+                break;
             }
-            j += 1;
+            let c = at(end - 1);
+            if !(c.is_ascii_digit() || c == b'.') {
+                break;
+            }
+            end -= 1;
+            i += 1;
         }
-        true
+        // `end` is past the last letter; a version must start with '.'.
+        end >= start + 3
+            && at(end - 3) == b'.'
+            && at(end - 2) == b's'
+            && at(end - 1) == b'o'
+            && (end == len || at(end) == b'.')
     }
 
     /// Index of the first byte of the last path component.

@@ -33,6 +33,24 @@ pub mod func {
     pub const PKEY_FREE: u8 = 7;
     /// EVP_PKEY_sign_init / _ex: a context is being (re)bound to a key.
     pub const PKEY_SIGN_INIT: u8 = 8;
+    /// `<T as rustls::crypto::signer::Signer>::sign(&self, message: &[u8])
+    /// -> Result<Vec<u8>, rustls::Error>`, any provider. Rust ABI: the
+    /// result goes through a hidden pointer (first argument), then `self`,
+    /// then the message as pointer and length.
+    pub const RUST_SIGNER_SIGN: u8 = 9;
+    /// ring's `EcdsaKeyPair::sign(&self, rng: &dyn SecureRandom, message)
+    /// -> Result<Signature, Unspecified>`: result pointer, self, rng (two
+    /// words), message (two words).
+    pub const RING_ECDSA_SIGN: u8 = 10;
+    /// ring's `Ed25519KeyPair::sign(&self, message) -> Signature`: result
+    /// pointer, self, message.
+    pub const RING_ED25519_SIGN: u8 = 11;
+
+    /// Functions that return the signature inside a Rust value (through the
+    /// hidden result pointer) rather than a C output buffer.
+    pub const fn returns_rust_value(f: u8) -> bool {
+        matches!(f, RUST_SIGNER_SIGN | RING_ECDSA_SIGN | RING_ED25519_SIGN)
+    }
 
     /// Splits a cookie into (library index, function id).
     pub const fn split_cookie(cookie: u64) -> (u32, u8) {
@@ -75,6 +93,58 @@ pub mod sign_flags {
     /// The sensor had already judged this key object (`KNOWN` map), so the
     /// probes copied neither the signed data nor the signature.
     pub const KNOWN_HANDLE: u32 = 1 << 3;
+    /// `sig` holds the bytes of ring's returned `Signature` value (length
+    /// and bytes, in the compiler's layout), not the bare signature; the
+    /// sensor finds the signature in it by verifying.
+    pub const SIG_IN_VALUE: u32 = 1 << 4;
+    /// `peer` holds the TCP connection this thread last received from.
+    pub const HAS_PEER: u32 = 1 << 5;
+}
+
+/// Flags on an `ExecRecord`.
+pub mod exec_flags {
+    /// The probe stopped the new image (SIGSTOP) before its first
+    /// instruction because its path was not seen in this cgroup yet; the
+    /// sensor scans the executable for signing code, attaches, and sends
+    /// SIGCONT.
+    pub const HELD: u32 = 1 << 0;
+}
+
+/// The TCP connection a signature was made for: the one the signing thread
+/// last received from, while it is still established. A TLS handshake
+/// signs right after reading the peer's message, on the same thread, in
+/// both roles.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// AF_INET (2) or AF_INET6 (10).
+    pub family: u16,
+    /// Host byte order.
+    pub local_port: u16,
+    pub remote_port: u16,
+    pub _pad: u16,
+    /// IPv4 addresses use the first four bytes.
+    pub local_addr: [u8; 16],
+    pub remote_addr: [u8; 16],
+}
+
+/// Byte offsets of `struct sock_common` fields (the start of every
+/// `struct sock`), taken from the kernel's BTF by the sensor: Rust eBPF
+/// programs have no CO-RE relocations, so the layout comes in through a map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLayout {
+    /// Non-zero once the sensor filled the offsets in.
+    pub valid: u32,
+    pub daddr: u32,
+    pub rcv_saddr: u32,
+    pub dport: u32,
+    pub num: u32,
+    pub family: u32,
+    pub state: u32,
+    pub v6_daddr: u32,
+    pub v6_rcv_saddr: u32,
+    pub _pad: u32,
 }
 
 /// Flags on a `FileOpenRecord`.
@@ -272,6 +342,8 @@ pub struct SignRecord {
     /// this signature (`FREE_GEN`); the sensor's `KNOWN` entry for it is
     /// only trusted at this generation.
     pub handle_gen: u64,
+    /// Valid with `sign_flags::HAS_PEER`.
+    pub peer: Peer,
 }
 
 /// A `SignRecord` followed by the signature, for key objects the sensor has
@@ -343,7 +415,8 @@ pub struct KilledRecord {
 #[derive(Clone, Copy)]
 pub struct ExecRecord {
     pub kind: u32,
-    pub _pad: u32,
+    /// `exec_flags::*`
+    pub flags: u32,
     pub task: Task,
     /// The path given to execve, as the process saw it.
     pub filename: [u8; PATH_MAX],
@@ -414,6 +487,7 @@ pub struct Inflight {
     /// `FREE_GEN` of the handle at entry.
     pub handle_gen: u64,
     pub md_name: [u8; 16],
+    pub peer: Peer,
 }
 
 /// Value of the `KNOWN` map: the sensor has judged (tgid, handle) already
@@ -465,4 +539,5 @@ mod pod {
     unsafe impl aya::Pod for KnownHandle {}
     unsafe impl aya::Pod for WatchPattern {}
     unsafe impl aya::Pod for LibrarySeenKey {}
+    unsafe impl aya::Pod for SockLayout {}
 }

@@ -1,6 +1,7 @@
-//! Finding the code to probe: crypto libraries on the host and in running
-//! processes (`targets`), the functions inside them (`symbols`), and the
-//! instruction to probe in each (`placement`).
+//! Finding the code to probe: ELF files mapped by running processes or
+//! sitting in the host's library directories (`targets`), the signing
+//! functions inside each, for every stack keywarden knows (`signing_code`),
+//! and the instruction to probe in each (`placement`).
 pub mod placement;
-pub mod symbols;
+pub mod signing_code;
 pub mod targets;

@@ -1,10 +1,13 @@
-//! Which crypto libraries exist on this host, and where to attach to them.
+//! Which ELF files may hold signing code on this host, and where to open
+//! them.
 //!
 //! A uprobe is placed on an inode, so one attachment covers every process
 //! that maps that file, in any mount namespace. Discovery therefore only
-//! has to find each distinct file once: from the maps of running processes
-//! (resolved through `/proc/PID/root`, which reaches into containers) and
-//! from the host's library directories.
+//! has to find each distinct file once: every executable mapping of every
+//! running process (its program and its shared objects, resolved through
+//! `/proc/PID/root`, which reaches into containers: crypto is often linked
+//! statically), and the crypto libraries in the host's library directories,
+//! so a program started later is covered from its first instruction.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -45,16 +48,18 @@ fn candidate(shown_as: String, open_path: PathBuf, pid: Option<u32>) -> Option<C
     })
 }
 
-/// Crypto libraries mapped by one process.
-pub fn libraries_of(pid: u32) -> std::io::Result<Vec<Candidate>> {
+/// Files one process maps executable: its program and shared objects.
+pub fn executable_files_of(pid: u32) -> std::io::Result<Vec<Candidate>> {
     let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
     let mut out: Vec<Candidate> = Vec::new();
     for line in maps.lines() {
         // address perms offset dev inode path
-        let Some(path) = line.splitn(6, ' ').nth(5).map(str::trim) else {
+        let mut fields = line.splitn(6, ' ');
+        let perms = fields.nth(1).unwrap_or_default();
+        let Some(path) = fields.nth(3).map(str::trim) else {
             continue;
         };
-        if !path.starts_with('/') || path.ends_with(" (deleted)") || !is_crypto_library(path) {
+        if !perms.contains('x') || !path.starts_with('/') || path.ends_with(" (deleted)") {
             continue;
         }
         if out.iter().any(|c| c.shown_as == path) {
@@ -87,7 +92,7 @@ pub fn scan_processes() -> Scan {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        match libraries_of(pid) {
+        match executable_files_of(pid) {
             Ok(libs) => {
                 for c in libs {
                     if seen.insert((c.dev, c.ino)) {

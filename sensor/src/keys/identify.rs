@@ -12,6 +12,12 @@
 //! and the next signature is checked against the cached key once more; an
 //! exec or exit forgets the process entirely.
 //!
+//! Rust signers (rustls `Signer::sign`, ring) are different: their signer
+//! objects are short-lived boxes whose frees nothing reports, so there is
+//! no key object to cache by. Every such signature is verified, starting
+//! with the key that signed last in that process (one verification per
+//! handshake in the usual case).
+//!
 //! When no candidate verifies, or the data could not be captured whole, the
 //! answer is `unknown` with the reason. The sensor never guesses.
 
@@ -56,6 +62,8 @@ pub struct Identifier {
     /// Bumped whenever a new public key becomes known.
     generation: u64,
     per_process: HashMap<u32, Vec<Arc<KnownKey>>>,
+    /// The key a Rust signer of this process used last.
+    last_rust_key: HashMap<u32, Arc<KnownKey>>,
     inventory: HashMap<String, Arc<KnownKey>>,
     /// Verifications run (each is one public-key operation).
     pub verifications: u64,
@@ -140,6 +148,7 @@ impl Identifier {
         gone.extend(take_process(&mut self.unidentified, tgid));
         self.retract.extend(gone);
         self.per_process.remove(&tgid);
+        self.last_rust_key.remove(&tgid);
         self.ops.retain(|(t, _), _| *t != tgid);
     }
 
@@ -212,12 +221,15 @@ impl Identifier {
         let tgid = r.task.tgid();
         let data = self.ops.remove(&(tgid, r.op_id));
         let cache_key = (tgid, r.handle);
+        let rust = func::returns_rust_value(r.func as u8);
         let suspect = match self.handles.get(&cache_key) {
+            _ if rust => self.last_rust_key.get(&tgid).cloned(),
             Some((k, false)) => return identified(k, "handle_cache"),
             Some((k, true)) => Some(k.clone()),
             None => None,
         };
-        if let Some((generation, reason)) = self.unidentified.get(&cache_key)
+        if !rust
+            && let Some((generation, reason)) = self.unidentified.get(&cache_key)
             && *generation == self.generation
         {
             return unknown(reason.clone());
@@ -247,12 +259,20 @@ impl Identifier {
             .filter(|d| !d.truncated)
             .map(|d| d.bytes.as_slice());
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0).then(|| c_str(&r.md_name));
-        let signed = Signed {
-            signature: sig,
+        // ring returns its signature inside a value whose layout Rust does
+        // not fix: each plausible reading is tried, and only one verifies.
+        let readings = if r.flags & sign_flags::SIG_IN_VALUE != 0 {
+            ring_signature_readings(sig)
+        } else {
+            vec![sig]
+        };
+        let signed_as = |signature| Signed {
+            signature,
             data: complete,
             data_is_digest: r.func == func::PKEY_SIGN as u32,
             digest_hint: md_name.as_deref(),
         };
+        let signed = signed_as(readings.first().copied().unwrap_or_default());
 
         // The key this object had before (if suspect), then the process's
         // own keys, then the rest of the host's.
@@ -274,24 +294,44 @@ impl Identifier {
             }
         }
         for k in &candidates {
-            self.verifications += 1;
-            if verifies(&k.info.public, &signed) {
-                self.handles.insert(cache_key, (k.clone(), false));
-                self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
-                return identified(k, "signature_verified");
+            for reading in &readings {
+                self.verifications += 1;
+                if verifies(&k.info.public, &signed_as(reading)) {
+                    if rust {
+                        self.last_rust_key.insert(tgid, k.clone());
+                    } else {
+                        self.handles.insert(cache_key, (k.clone(), false));
+                        self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
+                    }
+                    return identified(k, "signature_verified");
+                }
             }
         }
-        self.handles.remove(&cache_key);
         let n = candidates.len();
         tracing::debug!(
             pid = tgid,
             sig_len = signed.signature.len(),
+            readings = readings.len(),
             sig_sha256 = %hex::encode(sha2::Sha256::digest(signed.signature)),
             data_len = signed.data.map(<[u8]>::len),
             data_sha256 = %signed.data.map(|d| hex::encode(sha2::Sha256::digest(d))).unwrap_or_default(),
             candidates = n,
             "no candidate verified"
         );
+        if rust {
+            return unknown(if n == 0 {
+                "no public key is known for this process or host: the key was not read from a file the \
+                 sensor saw opened, nor found under key_paths"
+                    .into()
+            } else if complete.is_none() {
+                format!(
+                    "the signed data was not captured whole, so the signature could not be checked against the {n} known key(s)"
+                )
+            } else {
+                format!("none of the {n} known public key(s) verifies this signature")
+            });
+        }
+        self.handles.remove(&cache_key);
         if n == 0 {
             return unknown(
                 "no public key is known for this process or host: the key was not read from a file the \
@@ -322,6 +362,30 @@ impl Identifier {
     }
 }
 
+/// Where the signature can sit in the bytes of ring's returned value
+/// (`Signature { value: [u8; 105], len: usize }`, maybe inside a `Result`
+/// with its tag first): the length word first, or after the bytes.
+fn ring_signature_readings(value: &[u8]) -> Vec<&[u8]> {
+    const MAX_LEN: usize = 105;
+    let word = |at: usize| {
+        value
+            .get(at..at + 8)
+            .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()) as usize)
+    };
+    let mut out = Vec::new();
+    // (offset of the length word, offset of the bytes)
+    for (len_at, bytes_at) in [(0, 8), (8, 16), (112, 0), (120, 8)] {
+        if let Some(len) = word(len_at)
+            && len > 0
+            && len <= MAX_LEN
+            && let Some(sig) = value.get(bytes_at..bytes_at + len)
+        {
+            out.push(sig);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,6 +414,7 @@ mod tests {
             _pad: 0,
             md_name: [0; 16],
             handle_gen: 0,
+            peer: Default::default(),
         };
         (r, sig.to_vec())
     }

@@ -277,3 +277,101 @@ pub fn cgroup2_root() -> PathBuf {
     }
     panic!("no cgroup2 mount");
 }
+
+/// A server process started by a test, stopped when dropped.
+pub struct Server(pub Child);
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // nginx leaves gracefully on SIGQUIT; the fixtures die on anything.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::SIGQUIT,
+        );
+        std::thread::sleep(Duration::from_millis(200));
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a server and waits until `port` on 127.0.0.1 accepts.
+pub fn start_server(cmd: &mut Command, port: u16) -> Server {
+    let server = Server(
+        cmd.stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {cmd:?}: {e}")),
+    );
+    wait_for(
+        &format!("{cmd:?} to listen"),
+        Duration::from_secs(20),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+    );
+    server
+}
+
+/// A self-signed certificate for `name` (also valid for 127.0.0.1), which
+/// doubles as its own CA for clients that verify.
+pub fn cert(dir: &Path, key: &TestKey, name: &str) -> PathBuf {
+    let crt = dir.join(format!("{name}.crt"));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj"])
+            .arg(format!("/CN={name}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName=DNS:{name},IP:127.0.0.1"))
+            // An end-entity certificate (rustls refuses a CA as a peer).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-key")
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&crt),
+    );
+    crt
+}
+
+/// nginx with one worker and `servers` (server blocks) in `dir`.
+pub fn start_nginx(dir: &Path, port: u16, servers: &str) -> Server {
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 512; }}\nhttp {{\naccess_log off;\nclient_body_temp_path {d};\n\
+             proxy_temp_path {d};\nfastcgi_temp_path {d};\nuwsgi_temp_path {d};\nscgi_temp_path {d};\n{servers}}}\n",
+            d = dir.display()
+        ),
+    )
+    .unwrap();
+    start_server(Command::new("/usr/sbin/nginx").arg("-c").arg(&conf), port)
+}
+
+/// The pid of nginx's single worker.
+pub fn nginx_worker(master: &Server) -> u32 {
+    let out = run_ok(Command::new("pgrep").args(["-P", &master.pid().to_string()]));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .expect("one nginx worker")
+}
+
+/// A TLS fixture program (`fixtures/tls-programs`), built by the test
+/// command before the tests run.
+pub fn fixture(name: &str) -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fixtures/tls-programs/target/release")
+        .join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: `cargo xtask test` builds the TLS fixtures first",
+        p.display()
+    );
+    p
+}

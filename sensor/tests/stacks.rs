@@ -1,0 +1,466 @@
+//! Every signing stack a host runs, with the network peer of each
+//! signature: the rustls fixture on aws-lc-rs and on ring (server and mTLS
+//! client), a BoringSSL server, Python's `cryptography` wheel and Node
+//! (both carry their own OpenSSL), curl with a client certificate, nginx
+//! under 100 concurrent handshakes from distinct addresses, a stripped
+//! binary (reported, not missed), and a static signer exec'd 100 times.
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::Command,
+};
+
+use serde_json::Value;
+use support::*;
+
+/// Key uses of one process, checked to be exactly `n`, all successful,
+/// all with `spki`.
+fn uses_of<'a>(events: &'a [Value], pid: u32, spki: &str, n: usize) -> Vec<&'a Value> {
+    let uses = key_uses_of(events, pid);
+    assert_eq!(uses.len(), n, "key uses of pid {pid}: {uses:#?}");
+    for e in &uses {
+        assert_eq!(e["status"], "Success", "{e:#}");
+        assert_eq!(e["key"]["spki_sha256"], spki, "{e:#}");
+    }
+    uses
+}
+
+fn peer(e: &Value) -> (String, u64) {
+    (
+        e["peer"]["ip"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no peer: {e:#}"))
+            .to_owned(),
+        e["peer"]["port"].as_u64().unwrap(),
+    )
+}
+
+/// A client run with a fixed source port, so the test knows the peer the
+/// server's events must name.
+fn curl_from(port: u16, local_port: u16) -> Command {
+    let mut c = Command::new("curl");
+    c.args(["-sk", "--local-port", &local_port.to_string()])
+        .arg(format!("https://127.0.0.1:{port}/"));
+    c
+}
+
+/// Distinct source ports for `n` curl runs.
+fn source_ports(n: usize) -> Vec<u16> {
+    (0..n).map(|_| free_port()).collect()
+}
+
+fn rustls_server(
+    provider: &str,
+    crt: &Path,
+    key: &Path,
+    port: u16,
+    client_ca: Option<&Path>,
+) -> Server {
+    let mut cmd = Command::new(fixture("kw-rustls"));
+    cmd.args(["server", "--provider", provider, "--cert"])
+        .arg(crt)
+        .arg("--key")
+        .arg(key)
+        .args(["--listen", &format!("127.0.0.1:{port}")]);
+    if let Some(ca) = client_ca {
+        cmd.arg("--client-ca").arg(ca);
+    }
+    start_server(&mut cmd, port)
+}
+
+/// A TLS server fixture started after the sensor (so it is covered from
+/// exec), answering curl from known source ports: exactly one event per
+/// handshake, the server's key, the right stack and function, and each
+/// connection's peer and local addresses.
+fn server_names_every_handshake(
+    start: impl FnOnce(&Path, &Path, u16) -> Server,
+    stack: &str,
+    function: &str,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = openssl_key(dir.path(), "server", "ec");
+    let crt = cert(dir.path(), &key, "localhost");
+    let port = free_port();
+    let sensor = Sensor::start(&[]);
+    let server = start(&key.path, &crt, port);
+    let ports = source_ports(4);
+    for p in &ports {
+        let out = run_ok(&mut curl_from(port, *p));
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
+    }
+    let events = sensor.stop();
+    let uses = uses_of(&events, server.pid(), &key.spki, ports.len());
+    drop(server);
+    let mut seen = BTreeSet::new();
+    for e in &uses {
+        assert_eq!(e["module"]["type"], stack, "{e:#}");
+        assert_eq!(e["module"]["function_name"], function, "{e:#}");
+        assert_eq!(e["key"]["identified_by"], "signature_verified");
+        assert_eq!(e["local"]["ip"], "127.0.0.1");
+        assert_eq!(e["local"]["port"], port);
+        let (ip, p) = peer(e);
+        assert_eq!(ip, "127.0.0.1");
+        seen.insert(p as u16);
+    }
+    assert_eq!(
+        seen,
+        ports.iter().copied().collect(),
+        "one event per connection, each naming it"
+    );
+}
+
+#[test]
+fn rustls_server_on_aws_lc_rs() {
+    server_names_every_handshake(
+        |key, crt, port| rustls_server("aws-lc-rs", crt, key, port, None),
+        "rustls",
+        "rustls::crypto::signer::Signer::sign",
+    );
+}
+
+#[test]
+fn rustls_server_on_ring() {
+    server_names_every_handshake(
+        |key, crt, port| rustls_server("ring", crt, key, port, None),
+        "rustls",
+        "rustls::crypto::signer::Signer::sign",
+    );
+}
+
+#[test]
+fn boringssl_server() {
+    server_names_every_handshake(
+        |key, crt, port| {
+            start_server(
+                Command::new(fixture("kw-boring"))
+                    .arg("--cert")
+                    .arg(crt)
+                    .arg("--key")
+                    .arg(key)
+                    .args(["--listen", &format!("127.0.0.1:{port}")]),
+                port,
+            )
+        },
+        "boringssl",
+        "EVP_DigestSign",
+    );
+}
+
+/// mTLS with the rustls client on both providers: the client's signatures
+/// name its own key and the server as peer; the server's name its key.
+#[test]
+fn rustls_mtls_client_signs_with_its_certificate_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let skey = openssl_key(dir.path(), "server", "ec");
+    let scrt = cert(dir.path(), &skey, "localhost");
+    let ckey = openssl_key(dir.path(), "client", "ec");
+    let ccrt = cert(dir.path(), &ckey, "client");
+    for provider in ["aws-lc-rs", "ring"] {
+        let port = free_port();
+        let sensor = Sensor::start(&[]);
+        let server = rustls_server(provider, &scrt, &skey.path, port, Some(&ccrt));
+        let n = 3;
+        let (client, out) = run_pid(
+            Command::new(fixture("kw-rustls"))
+                .args(["client", "--provider", provider, "--ca"])
+                .arg(&scrt)
+                .arg("--cert")
+                .arg(&ccrt)
+                .arg("--key")
+                .arg(&ckey.path)
+                .args(["--connect", &format!("127.0.0.1:{port}")])
+                .args(["--server-name", "localhost", "--count", &n.to_string()]),
+        );
+        assert!(out.status.success(), "{provider} client: {out:?}");
+        let events = sensor.stop();
+        for e in uses_of(&events, client, &ckey.spki, n) {
+            assert_eq!(e["module"]["type"], "rustls");
+            assert_eq!(peer(e), ("127.0.0.1".to_owned(), port as u64), "{e:#}");
+        }
+        uses_of(&events, server.pid(), &skey.spki, n);
+    }
+}
+
+/// curl with `--cert` against nginx requiring client certificates: curl's
+/// signatures (system libcrypto) name the client key and nginx as peer.
+#[test]
+fn curl_client_certificate_is_attributed() {
+    let dir = tempfile::tempdir().unwrap();
+    let skey = openssl_key(dir.path(), "server", "ec");
+    let scrt = cert(dir.path(), &skey, "localhost");
+    let ckey = openssl_key(dir.path(), "client", "rsa");
+    let ccrt = cert(dir.path(), &ckey, "client");
+    let port = free_port();
+    let nginx = start_nginx(
+        dir.path(),
+        port,
+        &format!(
+            "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
+             ssl_client_certificate {}; ssl_verify_client on; ssl_session_tickets off; \
+             location / {{ return 200 \"ok\"; }} }}\n",
+            scrt.display(),
+            skey.path.display(),
+            ccrt.display()
+        ),
+    );
+    let sensor = Sensor::start(&[]);
+    let mut pids = Vec::new();
+    for _ in 0..3 {
+        let (pid, out) = run_pid(
+            Command::new("curl")
+                .args(["-sk", "--cert"])
+                .arg(&ccrt)
+                .arg("--key")
+                .arg(&ckey.path)
+                .arg(format!("https://127.0.0.1:{port}/")),
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok", "{out:?}");
+        pids.push(pid);
+    }
+    let events = sensor.stop();
+    drop(nginx);
+    for pid in pids {
+        for e in uses_of(&events, pid, &ckey.spki, 1) {
+            assert_eq!(peer(e), ("127.0.0.1".to_owned(), port as u64), "{e:#}");
+            assert_eq!(e["module"]["type"], "openssl");
+        }
+    }
+}
+
+/// Python's `cryptography` wheel links its own OpenSSL (local symbols in
+/// `_rust.abi3.so`); Node links OpenSSL into its executable. Neither
+/// touches the system libcrypto.
+#[test]
+fn python_cryptography_and_node_carry_their_own_openssl() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec = openssl_key(dir.path(), "ec", "ec");
+    let ed = openssl_key(dir.path(), "ed", "ed25519");
+    let rsa = openssl_key(dir.path(), "rsa", "rsa");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: the test command creates it",
+        python.display()
+    );
+    let n = 3;
+    let sensor = Sensor::start(&[]);
+    let mut expect = Vec::new();
+    for key in [&ec, &ed, &rsa] {
+        let script = format!(
+            "from cryptography.hazmat.primitives import hashes, serialization\n\
+             from cryptography.hazmat.primitives.asymmetric import ec, padding, ed25519\n\
+             k = serialization.load_pem_private_key(open('{}', 'rb').read(), None)\n\
+             for i in range({n}):\n\
+             \x20   m = b'message %d' % i\n\
+             \x20   if isinstance(k, ec.EllipticCurvePrivateKey): k.sign(m, ec.ECDSA(hashes.SHA256()))\n\
+             \x20   elif isinstance(k, ed25519.Ed25519PrivateKey): k.sign(m)\n\
+             \x20   else: k.sign(m, padding.PKCS1v15(), hashes.SHA256())\n",
+            key.path.display()
+        );
+        let (pid, out) = run_pid(Command::new(&python).arg("-c").arg(&script));
+        assert!(out.status.success(), "{out:?}");
+        expect.push((pid, key.spki.clone(), Some("_rust.abi3.so")));
+        let js = format!(
+            "const c = require('crypto'); const fs = require('fs');\n\
+             const k = c.createPrivateKey(fs.readFileSync('{}'));\n\
+             for (let i = 0; i < {n}; i++) c.sign(k.asymmetricKeyType === 'ed25519' ? null : 'sha256', Buffer.from('m' + i), k);\n",
+            key.path.display()
+        );
+        let (pid, out) = run_pid(Command::new("node").arg("-e").arg(&js));
+        assert!(out.status.success(), "{out:?}");
+        // Node from nodesource links OpenSSL into `node`; Debian's uses
+        // the system libcrypto. Either way the signature is seen.
+        expect.push((pid, key.spki.clone(), None));
+    }
+    let events = sensor.stop();
+    for (pid, spki, module) in expect {
+        for e in uses_of(&events, pid, &spki, n) {
+            if let Some(module) = module {
+                assert_eq!(e["module"]["file"]["name"], module, "{e:#}");
+            }
+            assert_eq!(e["module"]["type"], "openssl");
+            assert!(e.get("peer").is_none(), "no connection, no peer: {e:#}");
+        }
+    }
+}
+
+/// 100 concurrent handshakes to nginx, each from its own loopback address:
+/// every event names a real connection, and each address exactly once.
+#[test]
+fn nginx_peers_under_100_concurrent_handshakes() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = openssl_key(dir.path(), "server", "ec");
+    let crt = cert(dir.path(), &key, "localhost");
+    let port = free_port();
+    let nginx = start_nginx(
+        dir.path(),
+        port,
+        &format!(
+            "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
+             ssl_session_tickets off; ssl_session_cache off; location / {{ return 200 \"ok\"; }} }}\n",
+            crt.display(),
+            key.path.display()
+        ),
+    );
+    let worker = nginx_worker(&nginx);
+    let sensor = Sensor::start(&["--config", &with_key_paths(dir.path(), &[dir.path()])]);
+    // All clients connect at once (a barrier), then handshake; each prints
+    // the address and port it connected from.
+    let script = format!(
+        "import socket, ssl, threading\n\
+         ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE\n\
+         n = 100; barrier = threading.Barrier(n); out = [None] * n\n\
+         def run(i):\n\
+         \x20   s = socket.socket(); s.bind(('127.0.0.%d' % (i + 2), 0)); barrier.wait()\n\
+         \x20   s.connect(('127.0.0.1', {port})); t = ctx.wrap_socket(s)\n\
+         \x20   t.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); body = t.recv(4096)\n\
+         \x20   out[i] = '%s %d' % t.getsockname() if b'ok' in body else 'FAIL'; t.close()\n\
+         ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]\n\
+         print('\\n'.join(out))\n"
+    );
+    let out = run_ok(Command::new("python3").arg("-c").arg(&script));
+    let clients: BTreeSet<(String, u64)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (ip, port) = l
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("client failed: {l}"));
+            (ip.to_owned(), port.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(clients.len(), 100);
+    let events = sensor.stop();
+    drop(nginx);
+    let uses = uses_of(&events, worker, &key.spki, 100);
+    let mut per_ip: BTreeMap<String, usize> = BTreeMap::new();
+    for e in &uses {
+        let p = peer(e);
+        assert!(
+            clients.contains(&p),
+            "{p:?} is not one of the connections: {e:#}"
+        );
+        assert_eq!(e["local"]["port"], port);
+        *per_ip.entry(p.0).or_default() += 1;
+    }
+    let expected: BTreeMap<String, usize> = (2..102).map(|i| (format!("127.0.0.{i}"), 1)).collect();
+    assert_eq!(per_ip, expected);
+}
+
+/// A configuration file with `key_paths` set.
+fn with_key_paths(dir: &Path, paths: &[&Path]) -> String {
+    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
+    let list: String = paths
+        .iter()
+        .map(|p| format!("  - {}\n", p.display()))
+        .collect();
+    let conf = default.replace("key_paths:\n", &format!("key_paths:\n{list}"));
+    assert_ne!(conf, default);
+    let file = dir.join("keywarden.yaml");
+    std::fs::write(&file, conf).unwrap();
+    file.to_string_lossy().into_owned()
+}
+
+/// A stripped copy of a fixture holds rustls, ring and AWS-LC but no
+/// symbols: `keywarden coverage` says so, and running it under the sensor
+/// gives exactly one warning event naming the file and its build-id.
+#[test]
+fn stripped_binary_is_reported_not_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let stripped = dir.path().join("kw-rustls-stripped");
+    std::fs::copy(fixture("kw-rustls"), &stripped).unwrap();
+    run_ok(Command::new("strip").arg(&stripped));
+    let build_id = {
+        let out = run_ok(Command::new("readelf").arg("-n").arg(&stripped));
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("Build ID: "))
+            .expect("a build-id")
+            .to_owned()
+    };
+    let out = keywarden()
+        .arg("coverage")
+        .arg(&stripped)
+        .arg(fixture("kw-rustls"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!("NOT COVERED  {}", stripped.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains("stripped") && text.contains(&build_id),
+        "{text}"
+    );
+    assert!(
+        text.contains("covered      ") && text.contains("rustls"),
+        "{text}"
+    );
+
+    let key = openssl_key(dir.path(), "k", "ec");
+    let sensor = Sensor::start(&[]);
+    for _ in 0..3 {
+        let out = Command::new(&stripped)
+            .args(["sign", "--key"])
+            .arg(&key.path)
+            .arg("--input")
+            .arg(&key.path)
+            .arg("--output")
+            .arg(dir.path().join("sig"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    let events = sensor.stop();
+    let warnings: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["metadata"]["event_code"] == "coverage_warning")
+        .filter(|e| e["module"]["file"]["path"] == stripped.to_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 1, "one warning per file: {events:#?}");
+    let detail = warnings[0]["status_detail"].as_str().unwrap_or_default();
+    assert!(
+        detail.contains(&build_id) && detail.contains("stripped"),
+        "{detail}"
+    );
+}
+
+/// A static signer (ring, no libcrypto) exec'd 100 times after the sensor
+/// is ready signs within its first milliseconds: 100 events, one per run.
+#[test]
+fn short_lived_static_signer_run_100_times() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = openssl_key(dir.path(), "k", "ec");
+    let input = dir.path().join("input");
+    std::fs::write(&input, b"sign me").unwrap();
+    // A private copy, so no earlier test has made its path known.
+    let signer = dir.path().join("kw-signer");
+    std::fs::copy(fixture("kw-rustls"), &signer).unwrap();
+    let sensor = Sensor::start(&[]);
+    let mut pids = Vec::new();
+    for _ in 0..100 {
+        let (pid, out) = run_pid(
+            Command::new(&signer)
+                .args(["sign", "--key"])
+                .arg(&key.path)
+                .arg("--input")
+                .arg(&input)
+                .arg("--output")
+                .arg(dir.path().join("sig")),
+        );
+        assert!(out.status.success(), "{out:?}");
+        pids.push(pid);
+    }
+    let events = sensor.stop();
+    for pid in pids {
+        for e in uses_of(&events, pid, &key.spki, 1) {
+            assert_eq!(e["module"]["type"], "ring", "{e:#}");
+        }
+    }
+}
