@@ -222,6 +222,34 @@ mod tests {
     use super::*;
     use crate::event::{NetworkEndpoint, tests_support::key_use_event};
 
+    /// `fixtures/geo/` holds the databases the sensor's live tests use,
+    /// written by `test_dbs::write` (`KEYWARDEN_WRITE_GEO_FIXTURES=1 cargo
+    /// test -p keywarden-analyzer fixture_databases` rewrites them). The
+    /// committed files must answer exactly as the table says.
+    #[test]
+    fn fixture_databases_match_the_table() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/geo");
+        if std::env::var_os("KEYWARDEN_WRITE_GEO_FIXTURES").is_some() {
+            std::fs::create_dir_all(&dir).unwrap();
+            test_dbs::write(&dir, "FR");
+        }
+        let geo = Geo::open(Some(&dir.join("city.mmdb")), Some(&dir.join("asn.mmdb"))).unwrap();
+        for (net, country, city, number, org) in test_dbs::NETWORKS {
+            let first: std::net::IpAddr = net.split('/').next().unwrap().parse().unwrap();
+            let (loc, asn) = geo.lookup(first);
+            let loc = loc.unwrap_or_else(|| panic!("{net} has no location"));
+            assert_eq!(loc.country.as_deref(), Some(*country), "{net}");
+            assert_eq!(loc.city.as_deref(), Some(*city), "{net}");
+            let asn = asn.unwrap();
+            assert_eq!(
+                (asn.number, asn.name.as_deref()),
+                (*number, Some(*org)),
+                "{net}"
+            );
+        }
+        assert_eq!(geo.lookup("10.0.0.1".parse().unwrap()), (None, None));
+    }
+
     #[test]
     fn looks_up_and_enriches_and_reloads_replaced_files() {
         let dir = std::env::temp_dir().join(format!("kw-geo-{}", std::process::id()));

@@ -327,3 +327,94 @@ fn sighup_reloads_rules_and_a_bad_set_keeps_the_last_good_one() {
         assert_eq!(key_uses_of(&events, pid).len(), 1);
     }
 }
+
+/// nginx's key, learned from clients "in Germany" (127.0.0.2, per the
+/// fixture GeoIP databases), is then used for a client "in France"
+/// (127.0.0.130): one finding, naming the country, the peer and the
+/// baseline it broke.
+#[test]
+fn a_handshake_from_a_new_country_is_a_finding() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let key = openssl_key(dir, "nginx", "ec");
+    let crt = cert(dir, &key, "localhost");
+    let port = free_port();
+    let nginx = start_nginx(
+        dir,
+        port,
+        &format!(
+            "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
+             ssl_session_tickets off; ssl_session_cache off; location / {{ return 200 \"ok\"; }} }}\n",
+            crt.display(),
+            key.path.display()
+        ),
+    );
+    let rules = dir.join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: tls-key-new-country\n    severity: high\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    deviation: [new_country]\n    actions: [alert]\n",
+            key.spki
+        ),
+    )
+    .unwrap();
+    let geo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/geo");
+    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
+    let text = default
+        .replace(
+            "key_paths:\n",
+            &format!("key_paths:\n  - {}\n", dir.display()),
+        )
+        .replace("learning_period_s: 604800", "learning_period_s: 2")
+        .replace(
+            "geoip_city: null",
+            &format!("geoip_city: {}", geo.join("city.mmdb").display()),
+        )
+        .replace(
+            "geoip_asn: null",
+            &format!("geoip_asn: {}", geo.join("asn.mmdb").display()),
+        )
+        .replace("rules: []", &format!("rules: [{}]", rules.display()));
+    assert!(text.contains("city.mmdb") && text.contains("asn.mmdb") && text.contains("rules.yaml"));
+    let config = dir.join("kw.yaml");
+    std::fs::write(&config, text).unwrap();
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    let from = |source: &str| {
+        let out = run_ok(
+            Command::new("curl")
+                .args(["-sk", "--interface", source])
+                .arg(format!("https://127.0.0.1:{port}/")),
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
+    };
+    // Learning, then the same country again after it: no finding.
+    from("127.0.0.2");
+    from("127.0.0.3");
+    std::thread::sleep(Duration::from_millis(2500));
+    from("127.0.0.4");
+    // A country this key was never used from.
+    from("127.0.0.130");
+    let events = sensor.stop();
+    drop(nginx);
+    let uses: Vec<&Value> = key_uses(&events)
+        .into_iter()
+        .filter(|e| e["key"]["spki_sha256"] == key.spki.as_str())
+        .collect();
+    assert_eq!(uses.len(), 4, "{uses:#?}");
+    let found = findings(&events);
+    assert_eq!(found.len(), 1, "{found:#?}");
+    let f = found[0];
+    assert_eq!(f["finding_info"]["analytic"]["uid"], "tls-key-new-country");
+    assert_eq!(f["peer"]["ip"], "127.0.0.130");
+    assert_eq!(f["peer"]["location"]["country"], "FR");
+    assert_eq!(f["peer"]["autonomous_system"]["number"], 64501);
+    assert_eq!(
+        f["analysis"]["deviations"],
+        serde_json::json!(["new_country"])
+    );
+    assert_eq!(
+        f["analysis"]["baseline"]["countries"],
+        serde_json::json!(["DE"]),
+        "{f:#}"
+    );
+}
