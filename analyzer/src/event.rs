@@ -300,6 +300,18 @@ pub struct File {
     pub hashes: Vec<Fingerprint>,
 }
 
+impl File {
+    /// A regular file known by its path only (no hashes).
+    pub fn regular(path: &str) -> File {
+        File {
+            path: path.to_owned(),
+            name: path.rsplit('/').next().unwrap_or_default().to_owned(),
+            type_id: 1,
+            hashes: Vec::new(),
+        }
+    }
+}
+
 /// OCSF `fingerprint`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {

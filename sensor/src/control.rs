@@ -188,12 +188,7 @@ impl Control {
                 pid,
                 ..Default::default()
             }),
-            module: Some(event::File {
-                path: c.shown_as.clone(),
-                name: c.shown_as.rsplit('/').next().unwrap_or_default().to_owned(),
-                type_id: 1,
-                hashes: vec![],
-            }),
+            module: Some(event::File::regular(&c.shown_as)),
             detail,
         });
     }

@@ -18,10 +18,8 @@ use crate::{
 };
 
 pub enum Coverage {
-    /// Probes attached to it by this call.
-    Attached,
-    /// Its inode was attached before.
-    AlreadyCovered,
+    /// Its signing code is probed (attached now or earlier).
+    Covered,
     /// No crypto code in it.
     Nothing,
     /// Crypto code that cannot be probed; `first` is true the first time
@@ -49,7 +47,7 @@ pub fn cover(cache: &Mutex<ScanCache>, probes: &Mutex<Probes>, c: &Candidate) ->
         return Coverage::Nothing;
     }
     if probes.lock().expect("probes lock").is_covered(c.dev, c.ino) {
-        return Coverage::AlreadyCovered;
+        return Coverage::Covered;
     }
     let Ok(md) = std::fs::metadata(&c.open_path) else {
         return Coverage::Failed(format!("{}: cannot stat", c.shown_as));
@@ -73,8 +71,7 @@ pub fn cover(cache: &Mutex<ScanCache>, probes: &Mutex<Probes>, c: &Candidate) ->
         return Coverage::Nothing;
     }
     match probes.lock().expect("probes lock").attach(c, &code) {
-        Ok(Some(_)) => Coverage::Attached,
-        Ok(None) => Coverage::AlreadyCovered,
+        Ok(_) => Coverage::Covered,
         Err(e) => Coverage::Failed(format!("{e:#}")),
     }
 }

@@ -397,14 +397,14 @@ impl Sensor {
             match cover(&self.cache, &self.probes, c) {
                 Coverage::Uncovered { reason, first } => {
                     if first {
-                        self.warn_event(None, Some(module_file(&c.shown_as)), reason);
+                        self.warn_event(None, Some(event::File::regular(&c.shown_as)), reason);
                     }
                     uncovered.push(c.shown_as.clone());
                 }
                 // A library named like libcrypto that cannot be covered is
                 // worth a warning; any other unreadable mapping is not.
                 Coverage::Failed(why) if targets::is_crypto_library(&c.shown_as) => {
-                    self.warn_event(None, Some(module_file(&c.shown_as)), why);
+                    self.warn_event(None, Some(event::File::regular(&c.shown_as)), why);
                     uncovered.push(c.shown_as.clone());
                 }
                 Coverage::Failed(why) => debug!("{why}"),
@@ -761,18 +761,7 @@ impl Sensor {
     /// the probed function belongs to.
     fn library_of(&self, index: u32, func: u8) -> (event::File, String) {
         let library = self.probes().library(index);
-        let file = event::File {
-            path: library
-                .as_ref()
-                .map(|l| l.shown_as.clone())
-                .unwrap_or_default(),
-            name: library
-                .as_ref()
-                .and_then(|l| l.shown_as.rsplit('/').next().map(str::to_owned))
-                .unwrap_or_default(),
-            type_id: 1,
-            hashes: vec![],
-        };
+        let file = event::File::regular(library.as_ref().map_or("", |l| &l.shown_as));
         (
             file,
             library
@@ -1221,17 +1210,7 @@ impl Sensor {
                 process,
                 container,
                 cgroup,
-                file: event::File {
-                    path: g.host_path.clone(),
-                    name: g
-                        .host_path
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or_default()
-                        .to_owned(),
-                    type_id: 1,
-                    hashes: vec![],
-                },
+                file: event::File::regular(&g.host_path),
                 key: (keys.len() == 1).then(|| identity_of(&keys[0], &g.host_path, "key_file")),
                 secret: SecretFile {
                     host_path: Some(g.host_path.clone()),
@@ -1313,14 +1292,4 @@ fn endpoints(
         end(&p.remote_addr, p.remote_port),
         end(&p.local_addr, p.local_port),
     )
-}
-
-/// An OCSF file for a library or program path.
-fn module_file(path: &str) -> event::File {
-    event::File {
-        path: path.to_owned(),
-        name: path.rsplit('/').next().unwrap_or_default().to_owned(),
-        type_id: 1,
-        hashes: vec![],
-    }
 }

@@ -64,17 +64,14 @@ fn a_new_binary_signing_with_a_learned_key_is_found_killed_and_replayed_alike() 
         ),
     )
     .unwrap();
-    let config = work.path().join("kw.yaml");
-    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    let text = default
-        .replace(
-            "key_paths:\n",
-            &format!("key_paths:\n  - {}\n", keys.display()),
-        )
-        .replace("learning_period_s: 604800", "learning_period_s: 2")
-        .replace("rules: []", &format!("rules: [{}]", rules.display()));
-    assert!(text.contains("learning_period_s: 2") && text.contains("rules.yaml"));
-    std::fs::write(&config, text).unwrap();
+    let config = sensor_config(
+        work.path(),
+        &[&keys],
+        &[
+            ("learning_period_s: 604800", "learning_period_s: 2".into()),
+            ("rules: []", format!("rules: [{}]", rules.display())),
+        ],
+    );
 
     let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
     let data = work.path().join("data");
@@ -339,16 +336,7 @@ fn a_handshake_from_a_new_country_is_a_finding() {
     let key = openssl_key(dir, "nginx", "ec");
     let crt = cert(dir, &key, "localhost");
     let port = free_port();
-    let nginx = start_nginx(
-        dir,
-        port,
-        &format!(
-            "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
-             ssl_session_tickets off; ssl_session_cache off; location / {{ return 200 \"ok\"; }} }}\n",
-            crt.display(),
-            key.path.display()
-        ),
-    );
+    let nginx = start_nginx(dir, port, &nginx_tls_server(port, &crt, &key.path, ""));
     let rules = dir.join("rules.yaml");
     std::fs::write(
         &rules,
@@ -359,25 +347,22 @@ fn a_handshake_from_a_new_country_is_a_finding() {
     )
     .unwrap();
     let geo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/geo");
-    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    let text = default
-        .replace(
-            "key_paths:\n",
-            &format!("key_paths:\n  - {}\n", dir.display()),
-        )
-        .replace("learning_period_s: 604800", "learning_period_s: 2")
-        .replace(
-            "geoip_city: null",
-            &format!("geoip_city: {}", geo.join("city.mmdb").display()),
-        )
-        .replace(
-            "geoip_asn: null",
-            &format!("geoip_asn: {}", geo.join("asn.mmdb").display()),
-        )
-        .replace("rules: []", &format!("rules: [{}]", rules.display()));
-    assert!(text.contains("city.mmdb") && text.contains("asn.mmdb") && text.contains("rules.yaml"));
-    let config = dir.join("kw.yaml");
-    std::fs::write(&config, text).unwrap();
+    let config = sensor_config(
+        dir,
+        &[dir],
+        &[
+            ("learning_period_s: 604800", "learning_period_s: 2".into()),
+            (
+                "geoip_city: null",
+                format!("geoip_city: {}", geo.join("city.mmdb").display()),
+            ),
+            (
+                "geoip_asn: null",
+                format!("geoip_asn: {}", geo.join("asn.mmdb").display()),
+            ),
+            ("rules: []", format!("rules: [{}]", rules.display())),
+        ],
+    );
     let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
     let from = |source: &str| {
         let out = run_ok(

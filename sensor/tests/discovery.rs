@@ -307,16 +307,7 @@ fn a_library_only_inside_another_mount_namespace_is_found_at_start() {
     let ns_maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
     assert!(ns_maps.contains("libcrypto.so.3"));
 
-    let config = work.path().join("kw.yaml");
-    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    std::fs::write(
-        &config,
-        default.replace(
-            "key_paths:\n",
-            &format!("key_paths:\n  - {}\n", work.path().display()),
-        ),
-    )
-    .unwrap();
+    let config = sensor_config(work.path(), &[work.path()], &[]);
     let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
     let log = sensor.log();
     let attached = log

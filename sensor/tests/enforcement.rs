@@ -9,21 +9,6 @@ use std::{os::unix::process::ExitStatusExt, path::Path, process::Command};
 use serde_json::Value;
 use support::*;
 
-/// The default configuration with `key_paths` extended by `dir`.
-fn config_with_key_path(work: &Path, dir: &Path) -> std::path::PathBuf {
-    let config = work.join("kw.yaml");
-    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    std::fs::write(
-        &config,
-        default.replace(
-            "key_paths:\n",
-            &format!("key_paths:\n  - {}\n", dir.display()),
-        ),
-    )
-    .unwrap();
-    config
-}
-
 fn of_pid<'a>(events: &'a [Value], code: &str, pid: u32) -> Vec<&'a Value> {
     events
         .iter()
@@ -67,7 +52,7 @@ fn kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs() {
     .unwrap();
     let data = work.path().join("data.txt");
     std::fs::write(&data, "payload").unwrap();
-    let config = config_with_key_path(work.path(), &keys);
+    let config = sensor_config(work.path(), &[&keys], &[]);
     let sensor = Sensor::start(&[
         "--config",
         config.to_str().unwrap(),

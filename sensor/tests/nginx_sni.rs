@@ -35,14 +35,7 @@ fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
     );
     let worker = nginx_worker(&nginx);
 
-    let sensor_conf = dir.join("keywarden.yaml");
-    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    let with_keys = default.replace(
-        "key_paths:\n",
-        &format!("key_paths:\n  - {}\n", keys_dir.display()),
-    );
-    assert_ne!(with_keys, default);
-    std::fs::write(&sensor_conf, with_keys).unwrap();
+    let sensor_conf = sensor_config(dir, &[&keys_dir], &[]);
     let sensor = Sensor::start(&["--config", sensor_conf.to_str().unwrap()]);
 
     let (n_a, n_b) = (7, 5);

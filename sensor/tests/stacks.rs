@@ -197,13 +197,14 @@ fn curl_client_certificate_is_attributed() {
     let nginx = start_nginx(
         dir.path(),
         port,
-        &format!(
-            "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
-             ssl_client_certificate {}; ssl_verify_client on; ssl_session_tickets off; \
-             location / {{ return 200 \"ok\"; }} }}\n",
-            scrt.display(),
-            skey.path.display(),
-            ccrt.display()
+        &nginx_tls_server(
+            port,
+            &scrt,
+            &skey.path,
+            &format!(
+                "ssl_client_certificate {}; ssl_verify_client on;",
+                ccrt.display()
+            ),
         ),
     );
     let sensor = Sensor::start(&[]);
@@ -298,15 +299,11 @@ fn nginx_peers_under_100_concurrent_handshakes() {
     let nginx = start_nginx(
         dir.path(),
         port,
-        &format!(
-            "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
-             ssl_session_tickets off; ssl_session_cache off; location / {{ return 200 \"ok\"; }} }}\n",
-            crt.display(),
-            key.path.display()
-        ),
+        &nginx_tls_server(port, &crt, &key.path, ""),
     );
     let worker = nginx_worker(&nginx);
-    let sensor = Sensor::start(&["--config", &with_key_paths(dir.path(), &[dir.path()])]);
+    let config = sensor_config(dir.path(), &[dir.path()], &[]);
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
     // All clients connect at once (a barrier), then handshake; each prints
     // the address and port it connected from.
     let script = format!(
@@ -349,20 +346,6 @@ fn nginx_peers_under_100_concurrent_handshakes() {
     }
     let expected: BTreeMap<String, usize> = (2..102).map(|i| (format!("127.0.0.{i}"), 1)).collect();
     assert_eq!(per_ip, expected);
-}
-
-/// A configuration file with `key_paths` set.
-fn with_key_paths(dir: &Path, paths: &[&Path]) -> String {
-    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
-    let list: String = paths
-        .iter()
-        .map(|p| format!("  - {}\n", p.display()))
-        .collect();
-    let conf = default.replace("key_paths:\n", &format!("key_paths:\n{list}"));
-    assert_ne!(conf, default);
-    let file = dir.join("keywarden.yaml");
-    std::fs::write(&file, conf).unwrap();
-    file.to_string_lossy().into_owned()
 }
 
 /// A stripped copy of a fixture holds rustls, ring and AWS-LC but no

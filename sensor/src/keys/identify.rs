@@ -264,7 +264,7 @@ impl Identifier {
         let readings = if r.flags & sign_flags::SIG_IN_VALUE != 0 {
             ring_signature_readings(sig)
         } else {
-            vec![sig]
+            [Some(sig), None, None, None]
         };
         let signed_as = |signature| Signed {
             signature,
@@ -272,7 +272,14 @@ impl Identifier {
             data_is_digest: r.func == func::PKEY_SIGN as u32,
             digest_hint: md_name.as_deref(),
         };
-        let signed = signed_as(readings.first().copied().unwrap_or_default());
+        let signed = signed_as(
+            readings
+                .iter()
+                .flatten()
+                .next()
+                .copied()
+                .unwrap_or_default(),
+        );
 
         // The key this object had before (if suspect), then the process's
         // own keys, then the rest of the host's.
@@ -294,7 +301,7 @@ impl Identifier {
             }
         }
         for k in &candidates {
-            for reading in &readings {
+            for reading in readings.iter().flatten() {
                 self.verifications += 1;
                 if verifies(&k.info.public, &signed_as(reading)) {
                     if rust {
@@ -311,7 +318,7 @@ impl Identifier {
         tracing::debug!(
             pid = tgid,
             sig_len = signed.signature.len(),
-            readings = readings.len(),
+            readings = readings.iter().flatten().count(),
             sig_sha256 = %hex::encode(sha2::Sha256::digest(signed.signature)),
             data_len = signed.data.map(<[u8]>::len),
             data_sha256 = %signed.data.map(|d| hex::encode(sha2::Sha256::digest(d))).unwrap_or_default(),
@@ -365,25 +372,19 @@ impl Identifier {
 /// Where the signature can sit in the bytes of ring's returned value
 /// (`Signature { value: [u8; 105], len: usize }`, maybe inside a `Result`
 /// with its tag first): the length word first, or after the bytes.
-fn ring_signature_readings(value: &[u8]) -> Vec<&[u8]> {
+fn ring_signature_readings(value: &[u8]) -> [Option<&[u8]>; 4] {
     const MAX_LEN: usize = 105;
     let word = |at: usize| {
         value
             .get(at..at + 8)
             .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()) as usize)
     };
-    let mut out = Vec::new();
     // (offset of the length word, offset of the bytes)
-    for (len_at, bytes_at) in [(0, 8), (8, 16), (112, 0), (120, 8)] {
-        if let Some(len) = word(len_at)
-            && len > 0
-            && len <= MAX_LEN
-            && let Some(sig) = value.get(bytes_at..bytes_at + len)
-        {
-            out.push(sig);
-        }
-    }
-    out
+    [(0, 8), (8, 16), (112, 0), (120, 8)].map(|(len_at, bytes_at)| {
+        word(len_at)
+            .filter(|len| (1..=MAX_LEN).contains(len))
+            .and_then(|len| value.get(bytes_at..bytes_at + len))
+    })
 }
 
 #[cfg(test)]
@@ -523,6 +524,31 @@ mod tests {
         let got = id.identify(&lite, &[]);
         assert_eq!(got.status, KeyStatus::Unknown);
         assert_eq!(id.retract, vec![(10, 0xa)]);
+    }
+
+    /// ring's `Signature`, alone or after a `Result` tag, or with the
+    /// length after the bytes: the signature is among the readings.
+    #[test]
+    fn ring_signature_value_layouts_are_all_read() {
+        let sig: Vec<u8> = (1..=70).collect();
+        let mut len_first = (sig.len() as u64).to_le_bytes().to_vec();
+        len_first.extend_from_slice(&sig);
+        len_first.resize(160, 0);
+        let mut tagged = vec![0u8; 8];
+        tagged.extend_from_slice(&len_first[..152]);
+        let mut len_after = sig.clone();
+        len_after.resize(112, 0);
+        len_after.extend_from_slice(&(sig.len() as u64).to_le_bytes());
+        len_after.resize(160, 0);
+        for value in [&len_first, &tagged, &len_after] {
+            let readings = ring_signature_readings(value);
+            assert!(readings.iter().flatten().any(|r| *r == sig.as_slice()));
+        }
+        assert!(
+            ring_signature_readings(&[0u8; 160])
+                .iter()
+                .all(Option::is_none)
+        );
     }
 
     #[test]

@@ -375,3 +375,38 @@ pub fn fixture(name: &str) -> PathBuf {
     );
     p
 }
+
+/// The embedded default configuration with `key_paths` set and each
+/// `(from, to)` replacement applied (each must match), written to
+/// `dir/keywarden.yaml`.
+pub fn sensor_config(dir: &Path, key_paths: &[&Path], edits: &[(&str, String)]) -> PathBuf {
+    let default = String::from_utf8(run_ok(keywarden().arg("config")).stdout).unwrap();
+    let list: String = key_paths
+        .iter()
+        .map(|p| format!("  - {}\n", p.display()))
+        .collect();
+    let mut text = default.replace("key_paths:\n", &format!("key_paths:\n{list}"));
+    for (from, to) in edits {
+        assert!(
+            text.contains(from),
+            "the default configuration has no {from:?}"
+        );
+        text = text.replace(from, to);
+    }
+    let file = dir.join("keywarden.yaml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+/// An nginx `server` block: TLS on 127.0.0.1:`port` with a full handshake
+/// per connection (no session cache or tickets), answering `ok`. `extra`
+/// goes inside the block (client certificates, a server name).
+pub fn nginx_tls_server(port: u16, crt: &Path, key: &Path, extra: &str) -> String {
+    format!(
+        "server {{ listen 127.0.0.1:{port} ssl; ssl_certificate {}; ssl_certificate_key {}; \
+         ssl_session_cache off; ssl_session_tickets off; {extra} \
+         location / {{ return 200 \"ok\"; }} }}\n",
+        crt.display(),
+        key.display()
+    )
+}
