@@ -147,9 +147,12 @@ impl Control {
     fn on_exec(&mut self, e: &ExecRecord) {
         let path = c_str(&e.filename);
         let tgid = e.task.tgid();
-        let info = self
-            .procs
-            .snapshot(tgid, (!path.is_empty()).then_some(path.clone()));
+        if let Some(ms) = test_delay("KEYWARDEN_TEST_EXEC_DELAY_MS") {
+            // Test hook: a control thread too slow to see a short-lived
+            // process alive (sensor/tests/openssl_cli.rs).
+            std::thread::sleep(ms);
+        }
+        let info = self.procs.snapshot_exec(tgid, &path, &e.exe);
         let shown_as = info.exe_path.clone().unwrap_or_else(|| path.clone());
         self.procs.record(tgid, e.task.ktime_ns, info);
         // /proc/PID/exe reaches the image itself, in any mount namespace.
@@ -194,13 +197,10 @@ impl Control {
     }
 
     fn release(&mut self, tgid: u32, what: &str) {
-        if let Some(ms) = std::env::var("KEYWARDEN_TEST_RELEASE_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
+        if let Some(ms) = test_delay("KEYWARDEN_TEST_RELEASE_DELAY_MS") {
             // Test hook: widens the window in which a sensor can die
             // holding a process (sensor/tests/discovery.rs).
-            std::thread::sleep(Duration::from_millis(ms));
+            std::thread::sleep(ms);
         }
         debug!(pid = tgid, %what, "releasing held process");
         if let Err(e) = nix::sys::signal::kill(
@@ -238,4 +238,10 @@ impl Control {
             self.release(tgid, &path);
         }
     }
+}
+
+/// A delay a test asks for through the environment (milliseconds).
+fn test_delay(var: &str) -> Option<Duration> {
+    let ms = std::env::var(var).ok()?.parse().ok()?;
+    Some(Duration::from_millis(ms))
 }

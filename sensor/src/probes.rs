@@ -17,7 +17,8 @@ use aya::{
 };
 use hashbrown::HashMap;
 use keywarden_probe_types::{
-    KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, WatchPattern, config, func, stats, watch,
+    ExeLayout, KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, WatchPattern, config, func, stats,
+    watch,
 };
 use tracing::{debug, info};
 
@@ -256,15 +257,27 @@ impl Probes {
         Ok(Some(lib))
     }
 
-    /// Tells the probes where `struct sock` keeps its addresses, which
-    /// turns on peer attribution.
-    pub fn set_sock_layout(&mut self, layout: &SockLayout) -> Result<()> {
-        let mut arr: Array<&mut MapData, SockLayout> = Array::try_from(
-            self.ebpf
-                .map_mut("SOCK_LAYOUT")
-                .context("SOCK_LAYOUT map")?,
-        )?;
-        arr.set(0, layout, 0)?;
+    /// Tells the probes where `struct sock` keeps its addresses (turns on
+    /// peer attribution) and where an executable's inode is (lets the
+    /// sensor hash the file of a process that already exited).
+    pub fn set_kernel_layout(
+        &mut self,
+        sock: Option<&SockLayout>,
+        exe: Option<&ExeLayout>,
+    ) -> Result<()> {
+        if let Some(sock) = sock {
+            let mut arr: Array<&mut MapData, SockLayout> = Array::try_from(
+                self.ebpf
+                    .map_mut("SOCK_LAYOUT")
+                    .context("SOCK_LAYOUT map")?,
+            )?;
+            arr.set(0, sock, 0)?;
+        }
+        if let Some(exe) = exe {
+            let mut arr: Array<&mut MapData, ExeLayout> =
+                Array::try_from(self.ebpf.map_mut("EXE_LAYOUT").context("EXE_LAYOUT map")?)?;
+            arr.set(0, exe, 0)?;
+        }
         Ok(())
     }
 

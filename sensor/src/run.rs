@@ -50,6 +50,7 @@ use crate::{
     },
     enrich::{
         container::container_from_cgroup,
+        kernel_layout,
         process::{CgroupPaths, ProcessInfo, ProcessTable, cgroup2_root, user_name},
     },
     keys::{
@@ -62,6 +63,11 @@ use crate::{
     sink::NdjsonSink,
 };
 
+/// How long the event thread waits for the control thread's snapshot of a
+/// fresh exec. The control thread takes it as soon as the exec record wakes
+/// it; this only bounds the stall when that record was lost.
+const EXEC_SNAPSHOT_WAIT: Duration = Duration::from_millis(250);
+
 /// Parsed key files, by file identity, so a file opened on every request is
 /// parsed once. Failures are cached too (most `.pem` files are not keys).
 type KeyFileCache = HashMap<(u64, u64, i64, u64), Arc<Result<KeyFile, String>>>;
@@ -70,6 +76,9 @@ struct Sensor {
     probes: Arc<Mutex<Probes>>,
     events: RingBuf<MapData>,
     procs: Arc<ProcessTable>,
+    /// Processes whose exec mark was read and whose snapshot (taken by the
+    /// control thread) was not waited for yet: tgid -> exec time.
+    pending_exec: HashMap<u32, u64>,
     cgroups: CgroupPaths,
     warnings: crossbeam_channel::Receiver<Warning>,
     ident: Identifier,
@@ -174,6 +183,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         probes: Arc::new(Mutex::new(probes)),
         events: rings.events,
         procs: Arc::new(ProcessTable::default()),
+        pending_exec: HashMap::new(),
         cgroups: CgroupPaths::new(),
         warnings: warn_rx,
         ident: Identifier::default(),
@@ -199,10 +209,17 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         cache: Arc::new(Mutex::new(ScanCache::default())),
         uncovered_at_start: Vec::new(),
     };
-    match crate::enrich::sock_layout::from_kernel() {
-        Ok(layout) => s.probes().set_sock_layout(&layout)?,
-        Err(e) => warn!("signatures carry no network peer: {e:#}"),
-    }
+    let sock = kernel_layout::sock()
+        .inspect_err(|e| warn!("signatures carry no network peer: {e:#}"))
+        .ok();
+    let exe = kernel_layout::exe()
+        .inspect_err(|e| {
+            warn!(
+                "a process that exits before the sensor looks at it has no executable hash: {e:#}"
+            )
+        })
+        .ok();
+    s.probes().set_kernel_layout(sock.as_ref(), exe.as_ref())?;
     crate::enforce::report_mechanisms(&s.enforcer.rules);
     let guard_stop = Arc::new(AtomicBool::new(false));
     let guard = match Guard::new(
@@ -497,11 +514,13 @@ impl Sensor {
             // The control thread snapshotted the new image; here the old
             // image's pointers stop meaning anything.
             Record::ExecMark(x) => {
+                self.pending_exec.insert(x.task.tgid(), x.task.ktime_ns);
                 self.enforcer.forget(x.task.tgid());
                 self.ident.forget_process(x.task.tgid());
                 self.sync_known();
             }
             Record::Exit(x) => {
+                self.pending_exec.remove(&x.task.tgid());
                 self.enforcer.forget(x.task.tgid());
                 self.ident.forget_process(x.task.tgid());
                 self.sync_known();
@@ -534,7 +553,7 @@ impl Sensor {
             debug!(pid = tgid, "path longer than the probe copies; not matched");
             return;
         }
-        let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
+        let info = self.process_at(tgid, f.task.ktime_ns);
         // A path relative to a directory descriptor cannot be made absolute
         // here; it is matched as it is (`**/name` globs still apply).
         let absolute = if f.dfd == -100 || path.starts_with('/') {
@@ -701,6 +720,15 @@ impl Sensor {
             .entry(uid)
             .or_insert_with(|| user_name(uid))
             .clone();
+        // What is missing, and why: the cgroup comes from the id the probe
+        // read, the hash from the file opened at exec.
+        let mut missing = Vec::new();
+        if cgroup_path.is_none() {
+            missing.push(format!("cgroup {} not found under cgroup2", task.cgroup_id));
+        }
+        if let Err(e) = info.exe_hash(&self.procs) {
+            missing.push(e.to_owned());
+        }
         let process = event::Process {
             pid: task.tgid(),
             tid: task.tid(),
@@ -711,7 +739,7 @@ impl Sensor {
                 uid: uid.to_string(),
                 name: user_name,
             },
-            attribution_error: info.attribution_error(&self.procs),
+            attribution_error: (!missing.is_empty()).then(|| missing.join("; ")),
         };
         (
             process,
@@ -723,11 +751,29 @@ impl Sensor {
         )
     }
 
+    /// The image a process ran at `ktime`, waiting briefly for the control
+    /// thread's snapshot of its latest exec (a lost control record must not
+    /// stall the event ring for long).
+    fn process_at(&mut self, tgid: u32, ktime: u64) -> Arc<ProcessInfo> {
+        if let Some(&exec) = self.pending_exec.get(&tgid)
+            && exec <= ktime
+        {
+            self.pending_exec.remove(&tgid);
+            if !self.procs.wait_for_exec(tgid, exec, EXEC_SNAPSHOT_WAIT) {
+                debug!(
+                    pid = tgid,
+                    "no exec snapshot from the control thread in time"
+                );
+            }
+        }
+        self.procs.lookup_or_snapshot(tgid, ktime)
+    }
+
     fn on_sign(&mut self, r: &SignRecord, sig: &[u8]) {
         let tgid = r.task.tgid();
         let key = self.ident.identify(r, sig);
         self.sync_known();
-        let info = self.procs.lookup_or_snapshot(tgid, r.task.ktime_ns);
+        let info = self.process_at(tgid, r.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&r.task, &info);
         let (lib_file, library_kind) = self.library_of(r.library, r.func as u8);
         let (peer, local) = endpoints(r);
@@ -1124,7 +1170,7 @@ impl Sensor {
             // Condemned after a use (`kill_after`): already reported.
             return;
         };
-        let info = self.procs.lookup_or_snapshot(tgid, k.task.ktime_ns);
+        let info = self.process_at(tgid, k.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&k.task, &info);
         let (library, library_kind) = self.library_of(k.library, k.func as u8);
         let u = KeyUse {
@@ -1175,7 +1221,7 @@ impl Sensor {
             ktime_ns: g.ktime_ns,
             comm,
         };
-        let info = self.procs.lookup_or_snapshot(g.tgid, g.ktime_ns);
+        let info = self.process_at(g.tgid, g.ktime_ns);
         let time_ms = self.wall_ms(g.ktime_ns);
         if self.secret_opens.join(g.tgid, &g.host_path, time_ms) {
             return;

@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::{os::unix::process::CommandExt, process::Command};
+use std::{os::unix::process::CommandExt, process::Command, time::Duration};
 
 use support::*;
 
@@ -75,6 +75,86 @@ fn cli_signing_gives_one_event_per_signature_with_the_right_key() {
         );
         assert_eq!(e["module"]["type"], "openssl");
     }
+}
+
+/// A signer can exit before the sensor's control thread reaches its exec
+/// (made slow here with a test hook). Its executable is then opened by
+/// path and hashed only if it is the inode the exec probe saw: a file
+/// replaced meanwhile is reported, never hashed as the one that ran.
+#[test]
+fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
+    let work = tempfile::tempdir().unwrap();
+    let key = openssl_key(work.path(), "ec", "ec");
+    let msg = work.path().join("msg");
+    std::fs::write(&msg, b"short-lived").unwrap();
+    let exe = work.path().join("signer");
+    std::fs::copy("/usr/bin/openssl", &exe).unwrap();
+    let original = sha256_file(&exe);
+    let sensor = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_EXEC_DELAY_MS", "150")]);
+    let sign = || {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["dgst", "-sha256", "-sign"])
+            .arg(&key.path)
+            .arg("-out")
+            .arg(work.path().join("sig"))
+            .arg(&msg);
+        let (pid, out) = run_pid(&mut cmd);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pid
+    };
+    // The first run of a new path is held until the sensor has looked;
+    // the next ones are not, and exit long before the delayed snapshot.
+    let held = sign();
+    let gone = sign();
+    wait_for(
+        "the sensor to report the second run",
+        Duration::from_secs(20),
+        || !key_uses_of(&sensor.events(), gone).is_empty(),
+    );
+    let replaced = sign();
+    // A new file (a new inode) at the same path, before the sensor looks.
+    let next = work.path().join("signer.new");
+    std::fs::copy("/usr/bin/openssl", &next).unwrap();
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&next)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"changed"))
+        .unwrap();
+    std::fs::rename(&next, &exe).unwrap();
+    let events = sensor.stop();
+    let only = |pid| {
+        let uses = key_uses_of(&events, pid);
+        assert_eq!(uses.len(), 1, "pid {pid}: {uses:#?}");
+        assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+        uses[0].clone()
+    };
+    for pid in [held, gone] {
+        let e = only(pid);
+        let process = &e["actor"]["process"];
+        assert_eq!(
+            process["file"]["hashes"][0]["value"],
+            original.as_str(),
+            "{e:#}"
+        );
+        assert_eq!(process["file"]["path"], exe.to_str().unwrap(), "{e:#}");
+        assert!(process.get("attribution_error").is_none(), "{e:#}");
+    }
+    // The run that was not held really was gone: /proc had no command line.
+    assert!(only(gone)["actor"]["process"].get("cmd_line").is_none());
+    let e = only(replaced);
+    let process = &e["actor"]["process"];
+    assert!(process["file"].get("hashes").is_none(), "{e:#}");
+    assert!(
+        process["attribution_error"]
+            .as_str()
+            .unwrap()
+            .contains("is no longer the file it ran"),
+        "{e:#}"
+    );
 }
 
 #[test]

@@ -29,8 +29,8 @@ mod probes {
             bpf_probe_read_kernel, bpf_probe_read_kernel_str_bytes, bpf_probe_read_user,
             bpf_probe_read_user_str_bytes,
             generated::{
-                bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_smp_processor_id,
-                bpf_ktime_get_ns, bpf_send_signal,
+                bpf_get_attach_cookie, bpf_get_current_cgroup_id, bpf_get_current_task,
+                bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_send_signal,
             },
         },
         macros::{map, tracepoint, uprobe, uretprobe},
@@ -109,6 +109,10 @@ mod probes {
     /// Where the address fields sit in `struct sock` (from BTF).
     #[map]
     static SOCK_LAYOUT: Array<SockLayout> = Array::with_max_entries(1, 0);
+
+    /// Where the executable's inode hangs off `task_struct` (from BTF).
+    #[map]
+    static EXE_LAYOUT: Array<ExeLayout> = Array::with_max_entries(1, 0);
 
     #[map]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
@@ -414,6 +418,36 @@ mod probes {
             return None;
         }
         Some(peer)
+    }
+
+    /// The file the current task runs: `current->mm->exe_file->f_inode`.
+    #[inline(always)]
+    fn current_exe() -> Option<ExeId> {
+        let l = EXE_LAYOUT.get(0)?;
+        if l.valid == 0 {
+            return None;
+        }
+        let ptr = |base: u64, off: u32| -> Option<u64> {
+            let p: u64 =
+                unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64) }.ok()?;
+            (p != 0).then_some(p)
+        };
+        let task = unsafe { bpf_get_current_task() };
+        let mm = ptr(task, l.task_mm)?;
+        let file = ptr(mm, l.mm_exe_file)?;
+        let inode = ptr(file, l.file_inode)?;
+        let at = |off: u32| (inode + off as u64) as *const u64;
+        Some(ExeId {
+            valid: 1,
+            mtime_nsec: unsafe {
+                bpf_probe_read_kernel((inode + l.inode_mtime_nsec as u64) as *const u32)
+            }
+            .ok()?,
+            ino: unsafe { bpf_probe_read_kernel(at(l.inode_ino)) }.ok()?,
+            size: unsafe { bpf_probe_read_kernel(at(l.inode_size)) }.ok()?,
+            mtime_sec: unsafe { bpf_probe_read_kernel(at(l.inode_mtime_sec) as *const i64) }
+                .ok()?,
+        })
     }
 
     /// EVP_DigestSign(ctx, sig, siglen, tbs, tbslen),
@@ -765,6 +799,7 @@ mod probes {
         r.kind = kind::EXEC;
         r.flags = 0;
         r.task = task;
+        r.exe = current_exe().unwrap_or_default();
         r.filename[0] = 0;
         // __data_loc char[] filename at offset 8: low 16 bits are the offset.
         if let Ok(loc) = unsafe { ctx.read_at::<u32>(8) } {

@@ -418,8 +418,43 @@ pub struct ExecRecord {
     /// `exec_flags::*`
     pub flags: u32,
     pub task: Task,
+    /// The file the new image runs (zero when the layout is unknown).
+    pub exe: ExeId,
     /// The path given to execve, as the process saw it.
     pub filename: [u8; PATH_MAX],
+}
+
+/// The executable a process runs, as the exec probe read it from
+/// `current->mm->exe_file->f_inode`. A short-lived signer can exit before
+/// the sensor opens `/proc/PID/exe`; with this the sensor can still hash
+/// the exact file it ran, found by path and checked against these fields.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExeId {
+    /// Non-zero when the probe read the fields.
+    pub valid: u32,
+    pub mtime_nsec: u32,
+    pub ino: u64,
+    pub size: u64,
+    pub mtime_sec: i64,
+}
+
+/// Byte offsets along `task_struct.mm->exe_file->f_inode`, from the
+/// kernel's BTF (see `SockLayout` for why they come through a map).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExeLayout {
+    /// Non-zero once the sensor filled the offsets in.
+    pub valid: u32,
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    pub inode_size: u32,
+    pub inode_mtime_sec: u32,
+    /// Read as a u32: `i_mtime_nsec` since 6.7, the low half of
+    /// `timespec64.tv_nsec` (little-endian) before.
+    pub inode_mtime_nsec: u32,
 }
 
 /// `kind::EXIT` and `kind::EXEC_MARK`.
@@ -540,4 +575,5 @@ mod pod {
     unsafe impl aya::Pod for WatchPattern {}
     unsafe impl aya::Pod for LibrarySeenKey {}
     unsafe impl aya::Pod for SockLayout {}
+    unsafe impl aya::Pod for ExeLayout {}
 }

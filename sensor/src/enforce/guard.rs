@@ -328,7 +328,7 @@ impl Guard {
                 let snapshot = if self.marked.iter().any(|d| exe.starts_with(d)) {
                     self.procs.snapshot_without_exe(tgid)
                 } else {
-                    self.procs.snapshot(tgid, None)
+                    self.procs.snapshot(tgid)
                 };
                 self.procs.record(tgid, 0, snapshot)
             }

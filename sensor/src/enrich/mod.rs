@@ -1,6 +1,7 @@
 //! Attribution: who made a key use (`process`), in which container
-//! (`container`), and for which network peer (`sock_layout` lets the probes
-//! read a socket's addresses).
+//! (`container`), and for which network peer. `kernel_layout` tells the
+//! probes where the kernel keeps a socket's addresses and an executable's
+//! inode.
 pub mod container;
+pub mod kernel_layout;
 pub mod process;
-pub mod sock_layout;

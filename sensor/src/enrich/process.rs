@@ -12,11 +12,13 @@ use std::{
     os::fd::{AsRawFd, OwnedFd},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Condvar, Mutex},
+    time::Duration,
 };
 
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{self, Container, Fingerprint};
+use keywarden_probe_types::ExeId;
 use sha2::{Digest, Sha256};
 
 use super::container::container_from_cgroup;
@@ -29,7 +31,7 @@ pub struct ProcessInfo {
     /// The executable, opened at snapshot time (valid after the process
     /// exits); hashed on first use by the event thread, off the control
     /// thread's real-time priority.
-    exe: Option<File>,
+    exe: Result<File, String>,
     exe_sha256: std::sync::OnceLock<Result<String, String>>,
     pub cmd_line: Option<String>,
     /// Working directory at exec, to make relative paths absolute.
@@ -40,8 +42,6 @@ pub struct ProcessInfo {
     pub host_root: Option<bool>,
     pub cgroup_path: Option<String>,
     pub container: Option<Container>,
-    /// Why some of the above is missing.
-    pub error: Option<String>,
     /// `/proc/PID/root` and `/proc/PID/cwd`, opened O_PATH.
     pub root: Option<OwnedFd>,
     pub cwd: Option<OwnedFd>,
@@ -72,25 +72,14 @@ impl ProcessInfo {
     pub fn exe_hash(&self, table: &ProcessTable) -> Result<&str, &str> {
         self.exe_sha256
             .get_or_init(|| match &self.exe {
-                Some(f) => f
+                Ok(f) => f
                     .try_clone()
                     .and_then(|f| table.hash(f))
                     .map_err(|e| format!("executable hash: {e}")),
-                None => {
-                    Err("executable hash: the process was gone before the sensor saw it".to_owned())
-                }
+                Err(why) => Err(format!("executable hash: {why}")),
             })
             .as_deref()
             .map_err(String::as_str)
-    }
-
-    /// Everything missing from the attribution, and why.
-    pub fn attribution_error(&self, table: &ProcessTable) -> Option<String> {
-        let mut errors: Vec<&str> = self.error.iter().map(String::as_str).collect();
-        if let Err(e) = self.exe_hash(table) {
-            errors.push(e);
-        }
-        (!errors.is_empty()).then(|| errors.join("; "))
     }
 
     /// `path` as the process saw it, made absolute with its working directory.
@@ -150,6 +139,8 @@ type Versions = Vec<(u64, Arc<ProcessInfo>)>;
 #[derive(Default)]
 pub struct ProcessTable {
     procs: Mutex<HashMap<u32, Versions>>,
+    /// Signalled on every `record`.
+    recorded: Condvar,
     hashes: Mutex<HashMap<FileId, String>>,
 }
 
@@ -178,6 +169,28 @@ fn same_root_as_host(root: &OwnedFd) -> bool {
     (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 }
 
+/// `path` opened, if it is the file the exec probe saw.
+fn same_file(path: &str, exe: &ExeId) -> Result<File, String> {
+    let gone = "the process was gone before the sensor saw it";
+    let f = File::open(path).map_err(|e| format!("{gone}, and {path}: {e}"))?;
+    let md = f
+        .metadata()
+        .map_err(|e| format!("{gone}, and {path}: {e}"))?;
+    let same = (md.ino(), md.size(), md.mtime(), md.mtime_nsec() as u32)
+        == (exe.ino, exe.size, exe.mtime_sec, exe.mtime_nsec);
+    if same {
+        Ok(f)
+    } else {
+        tracing::debug!(
+            path,
+            probe = ?exe,
+            file = ?(md.ino(), md.size(), md.mtime(), md.mtime_nsec()),
+            "executable changed since exec"
+        );
+        Err(format!("{gone}, and {path} is no longer the file it ran"))
+    }
+}
+
 fn open_path(p: &str) -> Option<OwnedFd> {
     use nix::fcntl::{OFlag, open};
     use nix::sys::stat::Mode;
@@ -200,9 +213,25 @@ pub fn cgroup2_root() -> Option<PathBuf> {
 impl ProcessTable {
     /// Reads `/proc/PID` now. The executable, root and cwd are opened first,
     /// while the process surely exists; hashing reads the opened file.
-    /// `exec_path` is the path given to execve, when known.
-    pub fn snapshot(&self, tgid: u32, exec_path: Option<String>) -> ProcessInfo {
-        self.snapshot_with(tgid, exec_path, true)
+    pub fn snapshot(&self, tgid: u32) -> ProcessInfo {
+        self.snapshot_with(tgid, None, true)
+    }
+
+    /// The snapshot of a process that just exec'd `exec_path` (the path
+    /// given to execve), with the identity of the file it runs as the exec
+    /// probe read it. A signer can be gone before the sensor gets here;
+    /// its executable is then opened by path, and used only if it is still
+    /// the same file (inode, size, mtime).
+    pub fn snapshot_exec(&self, tgid: u32, exec_path: &str, exe: &ExeId) -> ProcessInfo {
+        let mut info = self.snapshot_with(
+            tgid,
+            (!exec_path.is_empty()).then(|| exec_path.to_owned()),
+            true,
+        );
+        if info.exe.is_err() && exe.valid != 0 && exec_path.starts_with('/') {
+            info.exe = same_file(exec_path, exe);
+        }
+        info
     }
 
     /// A snapshot that never opens the executable for reading: for the
@@ -219,8 +248,9 @@ impl ProcessTable {
         let cwd = open_path(&format!("{proc_dir}/cwd"));
         let exe = if open_exe {
             File::open(format!("{proc_dir}/exe"))
+                .map_err(|_| "the process was gone before the sensor saw it".to_owned())
         } else {
-            Err(std::io::Error::other("not opened"))
+            Err("not read while a guarded open waits".to_owned())
         };
         let cwd_path = std::fs::read_link(format!("{proc_dir}/cwd"))
             .ok()
@@ -247,14 +277,10 @@ impl ProcessTable {
                 .ok()
                 .map(|p| p.to_string_lossy().into_owned())
         });
-        let mut errors = Vec::new();
-        if cgroup_path.is_none() {
-            errors.push(format!("cannot read {proc_dir}/cgroup"));
-        }
         let container = cgroup_path.as_deref().and_then(container_from_cgroup);
         ProcessInfo {
             exe_path,
-            exe: exe.ok(),
+            exe,
             exe_sha256: std::sync::OnceLock::new(),
             cmd_line: cmd_line.filter(|c| !c.is_empty()),
             cwd_path,
@@ -265,7 +291,6 @@ impl ProcessTable {
             },
             cgroup_path,
             container,
-            error: (!errors.is_empty()).then(|| errors.join("; ")),
             root,
             cwd,
         }
@@ -281,7 +306,26 @@ impl ProcessTable {
         if versions.len() > VERSIONS {
             versions.remove(0);
         }
+        drop(procs);
+        self.recorded.notify_all();
         info
+    }
+
+    /// Waits, at most `timeout`, until the snapshot of the exec at
+    /// `exec_ktime` is recorded. The exec mark precedes a process's records
+    /// in the event ring, but the control thread takes the snapshot; an
+    /// event thread that did not wait would snapshot a process that may be
+    /// gone by then. False on timeout.
+    pub fn wait_for_exec(&self, tgid: u32, exec_ktime: u64, timeout: Duration) -> bool {
+        let procs = self.procs.lock().expect("process table lock");
+        let (_procs, waited) = self
+            .recorded
+            .wait_timeout_while(procs, timeout, |p| {
+                !p.get(&tgid)
+                    .is_some_and(|v| v.iter().any(|(t, _)| *t >= exec_ktime))
+            })
+            .expect("process table lock");
+        !waited.timed_out()
     }
 
     /// The image that was running at `ktime`.
@@ -301,7 +345,7 @@ impl ProcessTable {
         if let Some(i) = self.lookup(tgid, ktime) {
             return i;
         }
-        let info = self.snapshot(tgid, None);
+        let info = self.snapshot(tgid);
         self.record(tgid, 0, info)
     }
 
@@ -419,7 +463,7 @@ mod tests {
     fn snapshot_of_self_has_exe_hash_and_cgroup() {
         let t = ProcessTable::default();
         let me = std::process::id();
-        let info = t.snapshot(me, None);
+        let info = t.snapshot(me);
         let exe = std::fs::read(std::env::current_exe().unwrap()).unwrap();
         assert_eq!(
             info.exe_hash(&t).ok(),
@@ -430,7 +474,6 @@ mod tests {
                 .as_deref()
                 .is_some_and(|p| p.starts_with('/'))
         );
-        assert!(info.error.is_none(), "{:?}", info.error);
         // Resolving through the kept root finds the same file.
         let resolved = info.resolve("/proc/self/../self/cmdline").unwrap();
         assert!(resolved.exists());
@@ -439,21 +482,20 @@ mod tests {
     #[test]
     fn a_vanished_process_gives_an_error_not_a_panic() {
         let t = ProcessTable::default();
-        let info = t.snapshot(u32::MAX - 1, None);
+        let info = t.snapshot(u32::MAX - 1);
         assert!(info.exe_hash(&t).is_err());
-        assert!(info.attribution_error(&t).is_some());
     }
 
     #[test]
     fn versions_follow_exec_time() {
         let t = ProcessTable::default();
-        let mut a = t.snapshot(std::process::id(), Some("/bin/a".into()));
+        let mut a = t.snapshot_exec(std::process::id(), "/bin/a", &ExeId::default());
         a.root = None;
         t.record(7, 100, a);
         t.record(
             7,
             200,
-            t.snapshot(std::process::id(), Some("/bin/b".into())),
+            t.snapshot_exec(std::process::id(), "/bin/b", &ExeId::default()),
         );
         assert!(t.lookup(7, 50).is_none());
         assert_eq!(

@@ -89,6 +89,11 @@ impl Sensor {
         self.child.as_ref().unwrap().id()
     }
 
+    /// The events written so far (the sensor flushes on every poll).
+    pub fn events(&self) -> Vec<Value> {
+        read_events(&self.events_path)
+    }
+
     /// Sends `signal`, waits for a clean exit (status 0) and returns events.
     pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> Vec<Value> {
         // Give the sensor one poll interval plus margin to see the last records.
