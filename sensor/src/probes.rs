@@ -201,6 +201,7 @@ impl Probes {
         let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut functions = Vec::new();
+        let mut refcount_at = None;
         for p in &code.points {
             let at = |o| UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(o),
@@ -218,6 +219,11 @@ impl Probes {
                 let shift = placement::entry_offset(&p.code, args);
                 debug!(function = %p.symbol, shift, "entry probe placement");
                 entry.push(at(p.offset + shift));
+                if p.id == func::PKEY_FREE {
+                    refcount_at = placement::refcount_field(&p.code)
+                        .filter(|(_, decrement_at)| *decrement_at > shift)
+                        .map(|(field, _)| field);
+                }
             }
             functions.push((p.id, p.stack, p.symbol.clone()));
         }
@@ -235,6 +241,19 @@ impl Probes {
             .try_into()?;
         prog.attach(ret, &c.open_path, UProbeScope::AllProcesses)
             .with_context(|| format!("{}: attaching return uprobes", c.shown_as))?;
+        // Where EVP_PKEY_free's object keeps its reference count: a free
+        // that only drops a reference then leaves the key object's cached
+        // identity alone (libssl drops one on every handshake). Without it
+        // every free makes the next signature be checked again.
+        if let Some(field) = refcount_at {
+            let mut map: aya::maps::HashMap<&mut MapData, u32, u32> = aya::maps::HashMap::try_from(
+                self.ebpf
+                    .map_mut("REFCOUNT_AT")
+                    .context("REFCOUNT_AT map")?,
+            )?;
+            map.insert(&index, &field, 0)?;
+        }
+        debug!(library = %c.shown_as, refcount_at, "key object reference count");
         let lib = Library {
             index,
             shown_as: c.shown_as.clone(),

@@ -110,6 +110,11 @@ mod probes {
     #[map]
     static SOCK_LAYOUT: Array<SockLayout> = Array::with_max_entries(1, 0);
 
+    /// Library index -> offset of the reference count in the object its
+    /// `EVP_PKEY_free` takes (read by the sensor from that function's code).
+    #[map]
+    static REFCOUNT_AT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
     /// Where the executable's inode hangs off `task_struct` (from BTF).
     #[map]
     static EXE_LAYOUT: Array<ExeLayout> = Array::with_max_entries(1, 0);
@@ -190,7 +195,12 @@ mod probes {
                     on_sign_entry(&ctx, f, library, tgid)
                 }
             }
-            func::PKEY_FREE | func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
+            func::PKEY_FREE => {
+                if !only_drops_a_reference(library, arg(&ctx, 0)) {
+                    on_free(tgid, arg(&ctx, 0))
+                }
+            }
+            func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
             _ => {}
         }
         0
@@ -570,6 +580,19 @@ mod probes {
                 let _ = INFLIGHT.insert(&tid, &inflight, 0);
             }
         }
+    }
+
+    /// Whether this `EVP_PKEY_free` leaves the object alive: its reference
+    /// count, read before the free decrements it, is above one. Unknown
+    /// layouts count as a real free.
+    #[inline(always)]
+    fn only_drops_a_reference(library: u32, pkey: u64) -> bool {
+        let Some(&off) = (unsafe { REFCOUNT_AT.get(&library) }) else {
+            return false;
+        };
+        let refs: Result<i32, _> =
+            unsafe { bpf_probe_read_user((pkey + off as u64) as *const i32) };
+        refs.is_ok_and(|n| n > 1)
     }
 
     #[inline(always)]

@@ -10,10 +10,19 @@
 //! So for probes that only read arguments (no return probe, no stack
 //! pointer), the sensor moves the probe forward to the first instruction the
 //! kernel emulates, as long as every instruction before it falls through
-//! and leaves the argument registers the probe reads untouched. Otherwise
-//! the probe stays on the first instruction: slower, never wrong.
+//! and leaves the argument registers the probe reads untouched. One branch
+//! may be passed: a NULL check of an argument the probe reads (`test %rdi,
+//! %rdi; je`), since a call with NULL there means nothing to the probe
+//! (`EVP_PKEY_free(NULL)`). Otherwise the probe stays on the first
+//! instruction: slower, never wrong.
+//!
+//! `refcount_field` reads, from the same bytes, which field a free
+//! function decrements; see `sensor/src/probes.rs` for why.
 
-use iced_x86::{Decoder, DecoderOptions, FlowControl, InstructionInfoFactory, OpAccess, Register};
+use iced_x86::{
+    Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
+    OpKind, Register,
+};
 
 /// How far to look: the wrappers this is for set up a frame in a few
 /// instructions.
@@ -33,6 +42,8 @@ fn kernel_emulates(bytes: &[u8]) -> bool {
 pub fn entry_offset(code: &[u8], args: &[Register]) -> u64 {
     let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
+    // The register the previous instruction compared with zero.
+    let mut null_tested = None;
     for _ in 0..MAX_INSTRUCTIONS {
         if !decoder.can_decode() {
             break;
@@ -46,7 +57,10 @@ pub fn entry_offset(code: &[u8], args: &[Register]) -> u64 {
         if kernel_emulates(bytes) {
             return insn.ip();
         }
-        if insn.flow_control() != FlowControl::Next {
+        let passes_null_check =
+            insn.mnemonic() == Mnemonic::Je && null_tested.is_some_and(|r| args.contains(&r));
+        null_tested = null_test(&insn);
+        if insn.flow_control() != FlowControl::Next && !passes_null_check {
             break;
         }
         let writes_arg = info.info(&insn).used_registers().iter().any(|r| {
@@ -60,6 +74,63 @@ pub fn entry_offset(code: &[u8], args: &[Register]) -> u64 {
         }
     }
     0
+}
+
+/// `test %reg,%reg`: the register checked against zero.
+fn null_test(insn: &Instruction) -> Option<Register> {
+    (insn.mnemonic() == Mnemonic::Test
+        && insn.op_count() == 2
+        && insn.op0_kind() == OpKind::Register
+        && insn.op1_kind() == OpKind::Register
+        && insn.op0_register() == insn.op1_register())
+    .then(|| insn.op0_register().full_register())
+}
+
+/// The reference count a free function decrements: the displacement of its
+/// first locked read-modify-write of a 32-bit field of the object in
+/// `%rdi` (OpenSSL's `lock xadd %eax,0x30(%rdi)` in `EVP_PKEY_free`), and
+/// where that instruction is. `None` when the first instructions do not
+/// show it plainly: the argument register overwritten, a call or jump, or
+/// no locked instruction. Then the caller keeps treating every free as one.
+pub fn refcount_field(code: &[u8]) -> Option<(u32, u64)> {
+    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+    let mut info = InstructionInfoFactory::new();
+    for _ in 0..MAX_INSTRUCTIONS * 2 {
+        if !decoder.can_decode() {
+            return None;
+        }
+        let insn = decoder.decode();
+        if insn.is_invalid() {
+            return None;
+        }
+        if insn.has_lock_prefix() {
+            let plain_field = insn.memory_base() == Register::RDI
+                && insn.memory_index() == Register::None
+                && matches!(
+                    insn.mnemonic(),
+                    Mnemonic::Xadd | Mnemonic::Sub | Mnemonic::Add | Mnemonic::Dec
+                )
+                && insn.memory_size().size() == 4;
+            let disp = u32::try_from(insn.memory_displacement64()).ok()?;
+            return plain_field.then_some((disp, insn.ip()));
+        }
+        if !matches!(
+            insn.flow_control(),
+            FlowControl::Next | FlowControl::ConditionalBranch
+        ) {
+            return None;
+        }
+        let writes_rdi = info.info(&insn).used_registers().iter().any(|r| {
+            !matches!(
+                r.access(),
+                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
+            ) && r.register().full_register() == Register::RDI
+        });
+        if writes_rdi {
+            return None;
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -94,11 +165,47 @@ mod tests {
     fn stays_at_entry_when_it_is_already_emulated_or_control_flow_comes_first() {
         assert_eq!(entry_offset(&[0x53, 0x48, 0x83, 0xec, 0x20], &[RDI]), 0); // push %rbx
         assert_eq!(entry_offset(&[0x41, 0x54, 0x49, 0x89, 0xd4], &[RDI]), 0); // push %r12
-        // test %rdi,%rdi; je ...; push %rbx: the branch stops the search.
+        // A conditional branch that is not a NULL check of an argument
+        // stops the search: cmp $1,%rdi; je ...; push %rbx.
         assert_eq!(
-            entry_offset(&[0x48, 0x85, 0xff, 0x74, 0x10, 0x53], &[RDI]),
+            entry_offset(&[0x48, 0x83, 0xff, 0x01, 0x74, 0x10, 0x53], &[RDI]),
+            0
+        );
+        // test %rsi,%rsi; je: rsi is not an argument the probe reads.
+        assert_eq!(
+            entry_offset(&[0x48, 0x85, 0xf6, 0x74, 0x10, 0x53], &[RDI]),
             0
         );
         assert_eq!(entry_offset(&[], &[RDI]), 0);
+    }
+
+    // OpenSSL 3.0.19's EVP_PKEY_free (Debian build), first instructions.
+    const PKEY_FREE: &[u8] = &[
+        0x48, 0x85, 0xff, // test %rdi,%rdi
+        0x0f, 0x84, 0xa7, 0x00, 0x00, 0x00, // je +0xa7
+        0x53, // push %rbx
+        0xb8, 0xff, 0xff, 0xff, 0xff, // mov $-1,%eax
+        0x48, 0x89, 0xfb, // mov %rdi,%rbx
+        0xf0, 0x0f, 0xc1, 0x47, 0x30, // lock xadd %eax,0x30(%rdi)
+        0x83, 0xe8, 0x01, // sub $1,%eax
+    ];
+
+    #[test]
+    fn passes_a_null_check_of_the_argument_it_reads() {
+        assert_eq!(entry_offset(PKEY_FREE, &[RDI]), 9);
+    }
+
+    #[test]
+    fn finds_the_reference_count_a_free_decrements() {
+        assert_eq!(refcount_field(PKEY_FREE), Some((0x30, 18)));
+        // mov %rsi,%rdi first: the object is no longer in %rdi.
+        let mut moved = vec![0x48, 0x89, 0xf7];
+        moved.extend_from_slice(PKEY_FREE);
+        assert!(refcount_field(&moved).is_none());
+        // A call before any locked instruction (BoringSSL's free calls
+        // CRYPTO_refcount_dec_and_test_zero).
+        assert!(refcount_field(&[0xe8, 0, 0, 0, 0, 0xf0, 0x0f, 0xc1, 0x47, 0x30]).is_none());
+        // A locked 64-bit add is not a 32-bit reference count.
+        assert!(refcount_field(&[0xf0, 0x48, 0x01, 0x47, 0x30]).is_none());
     }
 }
