@@ -220,7 +220,9 @@ impl Probes {
                 debug!(function = %p.symbol, shift, "entry probe placement");
                 entry.push(at(p.offset + shift));
                 if p.id == func::PKEY_FREE {
-                    refcount_at = placement::refcount_field(&p.code)
+                    // The probe must read the count before the decrement.
+                    refcount_at = code
+                        .pkey_refcount
                         .filter(|(_, decrement_at)| *decrement_at > shift)
                         .map(|(field, _)| field);
                 }

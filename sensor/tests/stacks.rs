@@ -71,6 +71,16 @@ fn rustls_server(
     start_server(&mut cmd, port)
 }
 
+/// How the sensor knows the key after the first handshake.
+#[derive(PartialEq)]
+enum Later {
+    /// The key object is cached: a C signing call (or one nested in a Rust
+    /// signer) with an EVP_PKEY whose reference drops are not frees.
+    Cached,
+    /// Every signature is verified (a Rust signer with no C key object).
+    Verified,
+}
+
 /// A TLS server fixture started after the sensor (so it is covered from
 /// exec), answering curl from known source ports: exactly one event per
 /// handshake, the server's key, the right stack and function, and each
@@ -79,6 +89,7 @@ fn server_names_every_handshake(
     start: impl FnOnce(&Path, &Path, u16) -> Server,
     stack: &str,
     function: &str,
+    later: Later,
 ) {
     let dir = tempfile::tempdir().unwrap();
     let key = openssl_key(dir.path(), "server", "ec");
@@ -95,10 +106,15 @@ fn server_names_every_handshake(
     let uses = uses_of(&events, server.pid(), &key.spki, ports.len());
     drop(server);
     let mut seen = BTreeSet::new();
-    for e in &uses {
+    for (i, e) in uses.iter().enumerate() {
         assert_eq!(e["module"]["type"], stack, "{e:#}");
         assert_eq!(e["module"]["function_name"], function, "{e:#}");
-        assert_eq!(e["key"]["identified_by"], "signature_verified");
+        let by = if i > 0 && later == Later::Cached {
+            "handle_cache"
+        } else {
+            "signature_verified"
+        };
+        assert_eq!(e["key"]["identified_by"], by, "handshake {i}: {e:#}");
         assert_eq!(e["local"]["ip"], "127.0.0.1");
         assert_eq!(e["local"]["port"], port);
         let (ip, p) = peer(e);
@@ -118,6 +134,7 @@ fn rustls_server_on_aws_lc_rs() {
         |key, crt, port| rustls_server("aws-lc-rs", crt, key, port, None),
         "rustls",
         "rustls::crypto::signer::Signer::sign",
+        Later::Cached,
     );
 }
 
@@ -127,6 +144,7 @@ fn rustls_server_on_ring() {
         |key, crt, port| rustls_server("ring", crt, key, port, None),
         "rustls",
         "rustls::crypto::signer::Signer::sign",
+        Later::Verified,
     );
 }
 
@@ -146,6 +164,7 @@ fn boringssl_server() {
         },
         "boringssl",
         "EVP_DigestSign",
+        Later::Cached,
     );
 }
 

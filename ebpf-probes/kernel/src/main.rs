@@ -460,6 +460,46 @@ mod probes {
         })
     }
 
+    /// A C signing call nested in a Rust signer: the signer's record takes
+    /// the EVP_PKEY that call signs with (see `sign_flags::INNER_HANDLE`),
+    /// and skips copying the signature when the sensor knows that key
+    /// object already.
+    #[inline(always)]
+    fn adopt_inner_handle(outer: *mut Inflight, tgid: u32, md_ctx: u64) {
+        let (outer_func, outer_flags) = unsafe { ((*outer).func, (*outer).flags) };
+        if !func::returns_rust_value(outer_func as u8)
+            || outer_flags & sign_flags::INNER_HANDLE != 0
+        {
+            return;
+        }
+        let ctx_key = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: md_ctx,
+        };
+        let Some(pkey) = (unsafe { MD_CTX_STATE.get(&ctx_key) }).map(|s| s.pkey) else {
+            return;
+        };
+        if pkey == 0 {
+            return;
+        }
+        let known = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: pkey,
+        };
+        let generation = unsafe { FREE_GEN.get(&known) }.copied().unwrap_or(0);
+        let mut flags = outer_flags | sign_flags::INNER_HANDLE | sign_flags::HANDLE_IS_PKEY;
+        if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
+            flags |= sign_flags::KNOWN_HANDLE;
+        }
+        unsafe {
+            (*outer).handle = pkey;
+            (*outer).handle_gen = generation;
+            (*outer).flags = flags;
+        }
+    }
+
     /// EVP_DigestSign(ctx, sig, siglen, tbs, tbslen),
     /// EVP_DigestSignFinal(ctx, sig, siglen),
     /// EVP_PKEY_sign(pctx, sig, siglen, tbs, tbslen),
@@ -480,6 +520,9 @@ mod probes {
                 unsafe { ((*outer).depth, (*outer).sp, (*outer).started_ns) };
             if depth > 0 && outer_sp >= sp && now.wrapping_sub(outer_start) < INFLIGHT_MAX_AGE_NS {
                 unsafe { (*outer).depth += 1 };
+                if f == func::DIGEST_SIGN || f == func::DIGEST_SIGN_FINAL {
+                    adopt_inner_handle(outer, tgid, arg(ctx, 0));
+                }
                 return;
             }
         }
@@ -722,7 +765,9 @@ mod probes {
             }
         }
         rec.submit(BPF_RB_NO_WAKEUP as u64);
-        if func::returns_rust_value(inflight.func as u8) {
+        if func::returns_rust_value(inflight.func as u8)
+            && inflight.flags & sign_flags::INNER_HANDLE == 0
+        {
             return 0;
         }
         let key = ProcPtr {

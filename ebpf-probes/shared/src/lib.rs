@@ -99,6 +99,11 @@ pub mod sign_flags {
     pub const SIG_IN_VALUE: u32 = 1 << 4;
     /// `peer` holds the TCP connection this thread last received from.
     pub const HAS_PEER: u32 = 1 << 5;
+    /// A Rust signer made this signature through a C signing call nested
+    /// in it (rustls on aws-lc-rs reaches `EVP_DigestSign`): `handle` is
+    /// that call's EVP_PKEY, which lives as long as the key pair and so
+    /// can be cached like any C key object.
+    pub const INNER_HANDLE: u32 = 1 << 6;
 }
 
 /// Flags on an `ExecRecord`.

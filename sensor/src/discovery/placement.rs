@@ -86,14 +86,25 @@ fn null_test(insn: &Instruction) -> Option<Register> {
     .then(|| insn.op0_register().full_register())
 }
 
-/// The reference count a free function decrements: the displacement of its
-/// first locked read-modify-write of a 32-bit field of the object in
-/// `%rdi` (OpenSSL's `lock xadd %eax,0x30(%rdi)` in `EVP_PKEY_free`), and
-/// where that instruction is. `None` when the first instructions do not
-/// show it plainly: the argument register overwritten, a call or jump, or
-/// no locked instruction. Then the caller keeps treating every free as one.
-pub fn refcount_field(code: &[u8]) -> Option<(u32, u64)> {
-    let mut decoder = Decoder::with_ip(64, code, 0, DecoderOptions::NONE);
+/// The reference count a free function decrements, and where (offset from
+/// the function's start) it does so:
+/// - its first locked read-modify-write of a 32-bit field of the object in
+///   `%rdi` (OpenSSL's `lock xadd %eax,0x30(%rdi)` in `EVP_PKEY_free`);
+/// - or a call, with `%rdi` untouched, to a function `is_refcount_call`
+///   accepts (BoringSSL and AWS-LC call
+///   `CRYPTO_refcount_dec_and_test_zero(&pkey->references)`, their first
+///   field): offset 0.
+///
+/// `None` when the first instructions do not show it plainly: the argument
+/// register overwritten, another call or a jump, or nothing locked. Then
+/// the caller keeps treating every free as one. `address` is the
+/// function's address, which call targets are relative to.
+pub fn refcount_field(
+    code: &[u8],
+    address: u64,
+    is_refcount_call: impl Fn(u64) -> bool,
+) -> Option<(u32, u64)> {
+    let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
     for _ in 0..MAX_INSTRUCTIONS * 2 {
         if !decoder.can_decode() {
@@ -112,7 +123,12 @@ pub fn refcount_field(code: &[u8]) -> Option<(u32, u64)> {
                 )
                 && insn.memory_size().size() == 4;
             let disp = u32::try_from(insn.memory_displacement64()).ok()?;
-            return plain_field.then_some((disp, insn.ip()));
+            return plain_field.then_some((disp, insn.ip() - address));
+        }
+        if insn.flow_control() == FlowControl::Call {
+            let direct = insn.op0_kind() == OpKind::NearBranch64;
+            return (direct && is_refcount_call(insn.near_branch64()))
+                .then_some((0, insn.ip() - address));
         }
         if !matches!(
             insn.flow_control(),
@@ -195,17 +211,34 @@ mod tests {
         assert_eq!(entry_offset(PKEY_FREE, &[RDI]), 9);
     }
 
+    // AWS-LC 1.x's EVP_PKEY_free (aws-lc-rs 1.15, kw-rustls), at 0x2663b0.
+    const AWS_LC_PKEY_FREE: &[u8] = &[
+        0x48, 0x85, 0xff, // test %rdi,%rdi
+        0x74, 0x5b, // je +0x5b
+        0x53, // push %rbx
+        0x48, 0x89, 0xfb, // mov %rdi,%rbx
+        0xe8, 0xd2, 0xa9, 0x03, 0x00, // call 0x2a0d90 (CRYPTO_refcount_dec_and_test_zero)
+        0x85, 0xc0, // test %eax,%eax
+    ];
+
     #[test]
     fn finds_the_reference_count_a_free_decrements() {
-        assert_eq!(refcount_field(PKEY_FREE), Some((0x30, 18)));
+        let none = |_| false;
+        assert_eq!(refcount_field(PKEY_FREE, 0x1000, none), Some((0x30, 18)));
         // mov %rsi,%rdi first: the object is no longer in %rdi.
         let mut moved = vec![0x48, 0x89, 0xf7];
         moved.extend_from_slice(PKEY_FREE);
-        assert!(refcount_field(&moved).is_none());
-        // A call before any locked instruction (BoringSSL's free calls
-        // CRYPTO_refcount_dec_and_test_zero).
-        assert!(refcount_field(&[0xe8, 0, 0, 0, 0, 0xf0, 0x0f, 0xc1, 0x47, 0x30]).is_none());
+        assert!(refcount_field(&moved, 0, none).is_none());
         // A locked 64-bit add is not a 32-bit reference count.
-        assert!(refcount_field(&[0xf0, 0x48, 0x01, 0x47, 0x30]).is_none());
+        assert!(refcount_field(&[0xf0, 0x48, 0x01, 0x47, 0x30], 0, none).is_none());
+    }
+
+    #[test]
+    fn a_call_to_the_refcount_function_means_the_first_field() {
+        let at = 0x2663b0;
+        let refcount = |t| t == 0x2a0d90;
+        assert_eq!(refcount_field(AWS_LC_PKEY_FREE, at, refcount), Some((0, 9)));
+        // Any other call ends the search.
+        assert!(refcount_field(AWS_LC_PKEY_FREE, at, |_| false).is_none());
     }
 }

@@ -23,6 +23,8 @@ use iced_x86::Register;
 use keywarden_probe_types::func;
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
+use super::placement;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {
     #[error("{path}: cannot read: {source}")]
@@ -175,6 +177,8 @@ pub struct ProbePoint {
     pub symbol: String,
     /// File offset of the function's first instruction.
     pub offset: u64,
+    /// Its virtual address (what its calls are relative to).
+    pub address: u64,
     /// The function's first bytes (up to `CODE_PREFIX`), for placement.
     pub code: Vec<u8>,
 }
@@ -193,6 +197,10 @@ pub struct SigningCode {
     /// Crypto code recognised by its strings, reported only when no probe
     /// point was found (what a stripped binary still shows).
     pub markers: Vec<&'static str>,
+    /// Where `EVP_PKEY_free` finds the key object's reference count, and
+    /// the offset in that function where it decrements it
+    /// (`placement::refcount_field`).
+    pub pkey_refcount: Option<(u32, u64)>,
 }
 
 impl SigningCode {
@@ -324,10 +332,16 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
         .collect();
     let mut boringssl = false;
     let mut seen: HashSet<(u8, u64)> = HashSet::new();
+    let mut refcount_fns: HashSet<u64> = HashSet::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
         let Ok(raw) = sym.name() else { continue };
         if raw.starts_with("_ZN4bssl") {
             boringssl = true; // BoringSSL's C++ namespace
+        }
+        // Plain, AWS-LC-prefixed, or BoringSSL's C++
+        // `bssl::CRYPTO_refcount_dec_and_test_zero(std::atomic<uint32_t>*)`.
+        if sym.is_definition() && raw.contains("CRYPTO_refcount_dec_and_test_zero") {
+            refcount_fns.insert(sym.address());
         }
         if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.address() == 0 {
             continue;
@@ -357,9 +371,15 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
             stack,
             symbol,
             offset,
+            address: addr,
             code,
         });
     }
+    out.pkey_refcount = out
+        .points
+        .iter()
+        .find(|p| p.id == func::PKEY_FREE)
+        .and_then(|p| placement::refcount_field(&p.code, p.address, |t| refcount_fns.contains(&t)));
     if boringssl {
         for p in &mut out.points {
             if p.stack == Stack::Openssl {
@@ -482,6 +502,28 @@ mod tests {
         // The offset points into the file, where the bytes of code are.
         let len = std::fs::metadata(&lib).unwrap().len();
         assert!(code.points.iter().all(|p| p.offset > 0 && p.offset < len));
+        // OpenSSL 3's EVP_PKEY keeps `references` after two ints and five
+        // pointers (include/crypto/evp.h): 0x30, decremented in place.
+        assert_eq!(code.pkey_refcount.map(|(field, _)| field), Some(0x30));
+    }
+
+    /// The TLS fixtures (built by the test command before unit tests run)
+    /// carry AWS-LC and BoringSSL, whose EVP_PKEY_free calls
+    /// CRYPTO_refcount_dec_and_test_zero on the first field.
+    #[test]
+    fn finds_the_reference_count_of_aws_lc_and_boringssl_keys() {
+        let dir =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tls-programs/target/release");
+        for name in ["kw-rustls", "kw-boring"] {
+            let path = dir.join(name);
+            let code = scan(&path, name)
+                .unwrap_or_else(|e| panic!("{name}: {e} (build the fixtures: cargo xtask test)"));
+            assert_eq!(
+                code.pkey_refcount.map(|(field, _)| field),
+                Some(0),
+                "{name}"
+            );
+        }
     }
 
     #[test]

@@ -221,7 +221,10 @@ impl Identifier {
         let tgid = r.task.tgid();
         let data = self.ops.remove(&(tgid, r.op_id));
         let cache_key = (tgid, r.handle);
-        let rust = func::returns_rust_value(r.func as u8);
+        // A Rust signer whose nested C call showed its key object is
+        // cached by that object, like a C signature.
+        let rust =
+            func::returns_rust_value(r.func as u8) && r.flags & sign_flags::INNER_HANDLE == 0;
         let suspect = match self.handles.get(&cache_key) {
             _ if rust => self.last_rust_key.get(&tgid).cloned(),
             Some((k, false)) => return identified(k, "handle_cache"),
