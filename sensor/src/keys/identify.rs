@@ -7,14 +7,16 @@
 //! those in the configured key directories. A candidate under which the
 //! signature verifies is the key, exactly. The answer is cached per
 //! (process, key object) so the hot path does no public-key work. When the
-//! probes see the object passed to EVP_PKEY_free (often only a reference
-//! drop: libssl does it on every handshake), the entry becomes *suspect*
-//! and the next signature is checked against the cached key once more; an
-//! exec or exit forgets the process entirely.
+//! probes see the object freed by EVP_PKEY_free (a mere reference drop,
+//! which libssl makes on every handshake, is filtered out in the probe),
+//! the entry becomes *suspect* and the next signature is checked against
+//! the cached key once more; an exec or exit forgets the process entirely.
 //!
 //! Rust signers (rustls `Signer::sign`, ring) are different: their signer
-//! objects are short-lived boxes whose frees nothing reports, so there is
-//! no key object to cache by. Every such signature is verified, starting
+//! objects are short-lived boxes whose frees nothing reports. When one
+//! signs through a nested C call (rustls on aws-lc-rs), the probes report
+//! that call's EVP_PKEY (`sign_flags::INNER_HANDLE`) and it is cached like
+//! a C key object. Otherwise every such signature is verified, starting
 //! with the key that signed last in that process (one verification per
 //! handshake in the usual case).
 //!
