@@ -614,7 +614,6 @@ impl Sensor {
             _ => Vec::new(),
         };
         let (process, container, cgroup) = self.attribution(&f.task, &info);
-        let name = absolute.rsplit('/').next().unwrap_or_default().to_owned();
         let seq = self.next_seq();
         self.secret_opens.add(
             tgid,
@@ -625,12 +624,7 @@ impl Sensor {
                 process,
                 container,
                 cgroup,
-                file: event::File {
-                    path: absolute.clone(),
-                    name,
-                    type_id: 1,
-                    hashes: vec![],
-                },
+                file: event::File::regular(&absolute),
                 key: (keys.len() == 1).then(|| identity_of(&keys[0], &absolute, "key_file")),
                 secret: SecretFile {
                     host_path,

@@ -77,14 +77,12 @@ fn a_new_binary_signing_with_a_learned_key_is_found_killed_and_replayed_alike() 
     let data = work.path().join("data");
     std::fs::write(&data, "x").unwrap();
     let sign = |bin: &std::path::Path| {
-        run_pid(
-            Command::new(bin)
-                .args(["dgst", "-sha256", "-sign"])
-                .arg(&key.path)
-                .arg("-out")
-                .arg(work.path().join("sig"))
-                .arg(&data),
-        )
+        run_pid(&mut openssl_sign(
+            bin,
+            &key.path,
+            &data,
+            &work.path().join("sig"),
+        ))
     };
     // Learning: the system openssl signs.
     let (learn_pid, out) = sign("/usr/bin/openssl".as_ref());
@@ -199,14 +197,12 @@ fn baselines_persist_across_restarts_and_can_be_listed_and_reset() {
     std::fs::write(&data, "x").unwrap();
     for _ in 0..2 {
         let sensor = Sensor::start(&["--baselines", baselines.to_str().unwrap()]);
-        run_ok(
-            Command::new("openssl")
-                .args(["dgst", "-sha256", "-sign"])
-                .arg(&key.path)
-                .arg("-out")
-                .arg(work.path().join("sig"))
-                .arg(&data),
-        );
+        run_ok(&mut openssl_sign(
+            "openssl",
+            &key.path,
+            &data,
+            &work.path().join("sig"),
+        ));
         sensor.stop();
     }
     let list = |file: &std::path::Path| {
@@ -252,14 +248,12 @@ fn sighup_reloads_rules_and_a_bad_set_keeps_the_last_good_one() {
     let data = work.path().join("data");
     std::fs::write(&data, "x").unwrap();
     let sign = || {
-        run_pid(
-            Command::new("openssl")
-                .args(["dgst", "-sha256", "-sign"])
-                .arg(&key.path)
-                .arg("-out")
-                .arg(work.path().join("sig"))
-                .arg(&data),
-        )
+        run_pid(&mut openssl_sign(
+            "openssl",
+            &key.path,
+            &data,
+            &work.path().join("sig"),
+        ))
         .0
     };
     let hup = |sensor: &Sensor, expect: &str| {

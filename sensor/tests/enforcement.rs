@@ -67,12 +67,7 @@ fn kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs() {
 
     let denied_sig = work.path().join("denied.sig");
     let (denied_pid, out) = run_pid_deadline(
-        Command::new("/usr/bin/openssl")
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(&key.path)
-            .arg("-out")
-            .arg(&denied_sig)
-            .arg(&data),
+        &mut openssl_sign("/usr/bin/openssl", &key.path, &data, &denied_sig),
         std::time::Duration::from_secs(20),
     );
     assert_eq!(out.status.signal(), Some(9), "{out:?}");
@@ -81,12 +76,7 @@ fn kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs() {
 
     let allowed_sig = work.path().join("allowed.sig");
     let (allowed_pid, out) = run_pid_deadline(
-        Command::new(&allowed)
-            .args(["dgst", "-sha256", "-sign"])
-            .arg(&key.path)
-            .arg("-out")
-            .arg(&allowed_sig)
-            .arg(&data),
+        &mut openssl_sign(&allowed, &key.path, &data, &allowed_sig),
         std::time::Duration::from_secs(20),
     );
     assert!(out.status.success(), "{out:?}");
@@ -163,10 +153,8 @@ fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
     // select: allowed, and still reported (without a verdict).
     let dotenv = guarded.join(".env");
     std::fs::write(&dotenv, "API_KEY=hunter2-dotenv\n").unwrap();
-    let (dotenv_pid, out) = run_pid(Command::new("cat").arg(&dotenv));
-    assert!(out.status.success(), "{out:?}");
-    let (head_pid, out) = run_pid(Command::new("head").arg(&before));
-    assert!(out.status.success(), "{out:?}");
+    let (dotenv_pid, _) = run_pid_ok(Command::new("cat").arg(&dotenv));
+    let (head_pid, out) = run_pid_ok(Command::new("head").arg(&before));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "DB_PASSWORD=hunter2-before\n"
@@ -311,8 +299,7 @@ fn a_rule_on_a_path_outside_the_watch_list_watches_it() {
     )
     .unwrap();
     let sensor = Sensor::start(&["--rules", rules.to_str().unwrap()]);
-    let (pid, out) = run_pid(Command::new("cat").arg(&config));
-    assert!(out.status.success());
+    let (pid, _) = run_pid_ok(Command::new("cat").arg(&config));
     let events = sensor.stop();
     let opens = of_pid(&events, "secret_file_open", pid);
     assert_eq!(opens.len(), 1, "{opens:#?}");

@@ -25,28 +25,21 @@ fn cli_signing_gives_one_event_per_signature_with_the_right_key() {
     let mut runs = Vec::new();
     for (name, key, alg) in &keys {
         let sig = work.path().join(format!("{name}.sig"));
-        let mut cmd = Command::new("openssl");
-        if *name == "ed25519" {
+        let mut cmd = if *name == "ed25519" {
             // OpenSSL 3.0's dgst cannot sign with Ed25519 ("Key type not
             // supported"); pkeyutl -rawin is its one-shot EVP_DigestSign path.
+            let mut cmd = Command::new("openssl");
             cmd.args(["pkeyutl", "-sign", "-rawin", "-inkey"])
                 .arg(&key.path)
                 .arg("-in")
-                .arg(&msg);
-            cmd.arg("-out").arg(&sig);
-        } else {
-            cmd.args(["dgst", "-sha256", "-sign"])
-                .arg(&key.path)
+                .arg(&msg)
                 .arg("-out")
-                .arg(&sig)
-                .arg(&msg);
-        }
-        let (pid, out) = run_pid(&mut cmd);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+                .arg(&sig);
+            cmd
+        } else {
+            openssl_sign("openssl", &key.path, &msg, &sig)
+        };
+        let (pid, _) = run_pid_ok(&mut cmd);
         assert!(std::fs::metadata(&sig).unwrap().len() > 0);
         runs.push((pid, key.spki.clone(), *alg));
     }
@@ -92,18 +85,12 @@ fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
     let original = sha256_file(&exe);
     let sensor = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_EXEC_DELAY_MS", "150")]);
     let sign = || {
-        let mut cmd = Command::new(&exe);
-        cmd.args(["dgst", "-sha256", "-sign"])
-            .arg(&key.path)
-            .arg("-out")
-            .arg(work.path().join("sig"))
-            .arg(&msg);
-        let (pid, out) = run_pid(&mut cmd);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (pid, _) = run_pid_ok(&mut openssl_sign(
+            &exe,
+            &key.path,
+            &msg,
+            &work.path().join("sig"),
+        ));
         pid
     };
     // The first run of a new path is held until the sensor has looked;
@@ -179,12 +166,7 @@ fn pkeyutl_gives_one_event_per_signature_and_marks_failures() {
             cmd.args(["-pkeyopt", "digest:sha256"]);
         }
         cmd.arg("-out").arg(work.path().join(format!("sig{i}")));
-        let (pid, out) = run_pid(&mut cmd);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (pid, _) = run_pid_ok(&mut cmd);
         ok_pids.push((pid, key.spki.clone()));
     }
     // A 5-byte input is not a SHA-256 digest: EVP_PKEY_sign fails.

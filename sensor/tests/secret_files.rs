@@ -23,8 +23,7 @@ fn cat_of_a_key_file_names_the_key_and_its_reader() {
     let site_key = work.path().join("site.key");
     std::fs::rename(&key.path, &site_key).unwrap();
     let sensor = Sensor::start(&[]);
-    let (pid, out) = run_pid(Command::new("cat").arg(&site_key));
-    assert!(out.status.success());
+    let (pid, _) = run_pid_ok(Command::new("cat").arg(&site_key));
     let events = sensor.stop();
     let opens = secret_opens_of(&events, pid);
     assert_eq!(opens.len(), 1, "{opens:#?}");

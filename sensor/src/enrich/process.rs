@@ -169,13 +169,15 @@ fn same_root_as_host(root: &OwnedFd) -> bool {
     (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
 }
 
+/// Why a snapshot has no executable, most of the time.
+const GONE: &str = "the process was gone before the sensor saw it";
+
 /// `path` opened, if it is the file the exec probe saw.
 fn same_file(path: &str, exe: &ExeId) -> Result<File, String> {
-    let gone = "the process was gone before the sensor saw it";
-    let f = File::open(path).map_err(|e| format!("{gone}, and {path}: {e}"))?;
+    let f = File::open(path).map_err(|e| format!("{GONE}, and {path}: {e}"))?;
     let md = f
         .metadata()
-        .map_err(|e| format!("{gone}, and {path}: {e}"))?;
+        .map_err(|e| format!("{GONE}, and {path}: {e}"))?;
     let same = (md.ino(), md.size(), md.mtime(), md.mtime_nsec() as u32)
         == (exe.ino, exe.size, exe.mtime_sec, exe.mtime_nsec);
     if same {
@@ -187,7 +189,7 @@ fn same_file(path: &str, exe: &ExeId) -> Result<File, String> {
             file = ?(md.ino(), md.size(), md.mtime(), md.mtime_nsec()),
             "executable changed since exec"
         );
-        Err(format!("{gone}, and {path} is no longer the file it ran"))
+        Err(format!("{GONE}, and {path} is no longer the file it ran"))
     }
 }
 
@@ -247,8 +249,10 @@ impl ProcessTable {
         let root = open_path(&format!("{proc_dir}/root"));
         let cwd = open_path(&format!("{proc_dir}/cwd"));
         let exe = if open_exe {
-            File::open(format!("{proc_dir}/exe"))
-                .map_err(|_| "the process was gone before the sensor saw it".to_owned())
+            File::open(format!("{proc_dir}/exe")).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => GONE.to_owned(),
+                _ => format!("{proc_dir}/exe: {e}"),
+            })
         } else {
             Err("not read while a guarded open waits".to_owned())
         };

@@ -181,6 +181,18 @@ pub fn run_pid(cmd: &mut Command) -> (u32, Output) {
     (pid, child.wait_with_output().unwrap())
 }
 
+/// `run_pid`, for a command that must succeed (fails the test with its
+/// stderr otherwise).
+pub fn run_pid_ok(cmd: &mut Command) -> (u32, Output) {
+    let (pid, out) = run_pid(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (pid, out)
+}
+
 /// Runs a command with a deadline. A process still running then (stopped
 /// and never released, say) is continued, killed, and the test fails.
 pub fn run_pid_deadline(cmd: &mut Command, deadline: Duration) -> (u32, Output) {
@@ -233,6 +245,23 @@ pub fn openssl_key(dir: &Path, name: &str, alg: &str) -> TestKey {
 }
 
 /// `openssl pkey -in KEY -pubout -outform DER | sha256sum`
+/// `BIN dgst -sha256 -sign KEY -out OUT DATA`: one EVP_DigestSign
+/// signature with `key` by the openssl command line at `bin`.
+pub fn openssl_sign(
+    bin: impl AsRef<std::ffi::OsStr>,
+    key: &Path,
+    data: &Path,
+    out: &Path,
+) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.args(["dgst", "-sha256", "-sign"])
+        .arg(key)
+        .arg("-out")
+        .arg(out)
+        .arg(data);
+    cmd
+}
+
 pub fn spki_of(key: &Path) -> String {
     let out = run_ok(Command::new("sh").arg("-c").arg(format!(
         "openssl pkey -in '{}' -pubout -outform DER | sha256sum",
