@@ -147,12 +147,21 @@ impl Control {
     fn on_exec(&mut self, e: &ExecRecord) {
         let path = c_str(&e.filename);
         let tgid = e.task.tgid();
-        if let Some(ms) = test_delay("KEYWARDEN_TEST_EXEC_DELAY_MS") {
+        if let Some(limit) = test_delay("KEYWARDEN_TEST_SNAPSHOT_AFTER_EXIT_MS")
+            && e.flags & exec_flags::HELD == 0
+        {
             // Test hook: a control thread too slow to see a short-lived
-            // process alive (sensor/tests/openssl_cli.rs).
-            std::thread::sleep(ms);
+            // process alive (sensor/tests/openssl_cli.rs). It waits until
+            // the process has let go of its root directory, which exit
+            // does after its image (it may not be reaped yet).
+            let start = std::time::Instant::now();
+            while std::fs::read_link(format!("/proc/{tgid}/root")).is_ok()
+                && start.elapsed() < limit
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
-        let info = self.procs.snapshot_exec(tgid, &path, &e.exe);
+        let info = self.procs.snapshot_exec(tgid, &path, &e.exe, &e.root);
         let shown_as = info.exe_path.clone().unwrap_or_else(|| path.clone());
         self.procs.record(tgid, e.task.ktime_ns, info);
         // /proc/PID/exe reaches the image itself, in any mount namespace.

@@ -17,8 +17,8 @@ use aya::{
 };
 use hashbrown::HashMap;
 use keywarden_probe_types::{
-    ExeLayout, KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, WatchPattern, config, func, stats,
-    watch,
+    KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, TaskLayout, WatchPattern, config, func,
+    stats, watch,
 };
 use tracing::{debug, info};
 
@@ -279,12 +279,13 @@ impl Probes {
     }
 
     /// Tells the probes where `struct sock` keeps its addresses (turns on
-    /// peer attribution) and where an executable's inode is (lets the
-    /// sensor hash the file of a process that already exited).
+    /// peer attribution) and where a task's executable and root are (lets
+    /// the sensor hash the file of a process that already exited, and read
+    /// the key files it opened).
     pub fn set_kernel_layout(
         &mut self,
         sock: Option<&SockLayout>,
-        exe: Option<&ExeLayout>,
+        task: Option<&TaskLayout>,
     ) -> Result<()> {
         if let Some(sock) = sock {
             let mut arr: Array<&mut MapData, SockLayout> = Array::try_from(
@@ -294,10 +295,13 @@ impl Probes {
             )?;
             arr.set(0, sock, 0)?;
         }
-        if let Some(exe) = exe {
-            let mut arr: Array<&mut MapData, ExeLayout> =
-                Array::try_from(self.ebpf.map_mut("EXE_LAYOUT").context("EXE_LAYOUT map")?)?;
-            arr.set(0, exe, 0)?;
+        if let Some(task) = task {
+            let mut arr: Array<&mut MapData, TaskLayout> = Array::try_from(
+                self.ebpf
+                    .map_mut("TASK_LAYOUT")
+                    .context("TASK_LAYOUT map")?,
+            )?;
+            arr.set(0, task, 0)?;
         }
         Ok(())
     }

@@ -212,14 +212,15 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let sock = kernel_layout::sock()
         .inspect_err(|e| warn!("signatures carry no network peer: {e:#}"))
         .ok();
-    let exe = kernel_layout::exe()
+    let task = kernel_layout::task()
         .inspect_err(|e| {
             warn!(
-                "a process that exits before the sensor looks at it has no executable hash: {e:#}"
+                "a process that exits before the sensor looks at it has no executable hash, \
+                 and the key files it opened are not read: {e:#}"
             )
         })
         .ok();
-    s.probes().set_kernel_layout(sock.as_ref(), exe.as_ref())?;
+    s.probes().set_kernel_layout(sock.as_ref(), task.as_ref())?;
     crate::enforce::report_mechanisms(&s.enforcer.rules);
     let guard_stop = Arc::new(AtomicBool::new(false));
     let guard = match Guard::new(

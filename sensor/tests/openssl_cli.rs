@@ -71,20 +71,24 @@ fn cli_signing_gives_one_event_per_signature_with_the_right_key() {
 }
 
 /// A signer can exit before the sensor's control thread reaches its exec
-/// (made slow here with a test hook). Its executable is then opened by
+/// (here a test hook makes the control thread wait for the exit). Its
+/// executable is then opened by
 /// path and hashed only if it is the inode the exec probe saw: a file
-/// replaced meanwhile is reported, never hashed as the one that ran.
+/// replaced meanwhile is reported, never hashed as the one that ran. The
+/// key file it opened, which no live process ever opened, is still read
+/// (through an equivalent root) and names the key.
 #[test]
 fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
     let work = tempfile::tempdir().unwrap();
     let key = openssl_key(work.path(), "ec", "ec");
+    let unseen = openssl_key(work.path(), "unseen", "ec");
     let msg = work.path().join("msg");
     std::fs::write(&msg, b"short-lived").unwrap();
     let exe = work.path().join("signer");
     std::fs::copy("/usr/bin/openssl", &exe).unwrap();
     let original = sha256_file(&exe);
-    let sensor = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_EXEC_DELAY_MS", "150")]);
-    let sign = || {
+    let sensor = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_SNAPSHOT_AFTER_EXIT_MS", "5000")]);
+    let sign = |key: &TestKey| {
         let (pid, _) = run_pid_ok(&mut openssl_sign(
             &exe,
             &key.path,
@@ -94,16 +98,27 @@ fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
         pid
     };
     // The first run of a new path is held until the sensor has looked;
-    // the next ones are not, and exit long before the delayed snapshot.
-    let held = sign();
-    let gone = sign();
+    // the next ones are not, and exit before the snapshot.
+    let held = sign(&key);
+    let gone = sign(&unseen);
     wait_for(
         "the sensor to report the second run",
         Duration::from_secs(20),
         || !key_uses_of(&sensor.events(), gone).is_empty(),
     );
-    let replaced = sign();
-    // A new file (a new inode) at the same path, before the sensor looks.
+    // The third run waits for its input while a new file (a new inode)
+    // takes its executable's path.
+    let mut third = openssl_sign(
+        &exe,
+        &key.path,
+        "/dev/stdin".as_ref(),
+        &work.path().join("sig"),
+    )
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let replaced = third.id();
     let next = work.path().join("signer.new");
     std::fs::copy("/usr/bin/openssl", &next).unwrap();
     std::fs::OpenOptions::new()
@@ -112,15 +127,28 @@ fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
         .and_then(|mut f| std::io::Write::write_all(&mut f, b"changed"))
         .unwrap();
     std::fs::rename(&next, &exe).unwrap();
+    std::io::Write::write_all(&mut third.stdin.take().unwrap(), b"short-lived").unwrap();
+    assert!(third.wait().unwrap().success());
     let events = sensor.stop();
-    let only = |pid| {
+    let only = |pid, key: &TestKey| {
         let uses = key_uses_of(&events, pid);
         assert_eq!(uses.len(), 1, "pid {pid}: {uses:#?}");
-        assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+        assert_eq!(
+            uses[0]["key"]["spki_sha256"],
+            key.spki.as_str(),
+            "{:#}",
+            uses[0]
+        );
+        assert_eq!(
+            uses[0]["key"]["source_file"],
+            key.path.to_str().unwrap(),
+            "{:#}",
+            uses[0]
+        );
         uses[0].clone()
     };
-    for pid in [held, gone] {
-        let e = only(pid);
+    for (pid, key) in [(held, &key), (gone, &unseen)] {
+        let e = only(pid, key);
         let process = &e["actor"]["process"];
         assert_eq!(
             process["file"]["hashes"][0]["value"],
@@ -131,8 +159,12 @@ fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
         assert!(process.get("attribution_error").is_none(), "{e:#}");
     }
     // The run that was not held really was gone: /proc had no command line.
-    assert!(only(gone)["actor"]["process"].get("cmd_line").is_none());
-    let e = only(replaced);
+    assert!(
+        only(gone, &unseen)["actor"]["process"]
+            .get("cmd_line")
+            .is_none()
+    );
+    let e = only(replaced, &key);
     let process = &e["actor"]["process"];
     assert!(process["file"].get("hashes").is_none(), "{e:#}");
     assert!(

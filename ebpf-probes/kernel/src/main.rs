@@ -117,7 +117,7 @@ mod probes {
 
     /// Where the executable's inode hangs off `task_struct` (from BTF).
     #[map]
-    static EXE_LAYOUT: Array<ExeLayout> = Array::with_max_entries(1, 0);
+    static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
 
     #[map]
     static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
@@ -433,7 +433,7 @@ mod probes {
     /// The file the current task runs: `current->mm->exe_file->f_inode`.
     #[inline(always)]
     fn current_exe() -> Option<ExeId> {
-        let l = EXE_LAYOUT.get(0)?;
+        let l = TASK_LAYOUT.get(0)?;
         if l.valid == 0 {
             return None;
         }
@@ -456,6 +456,35 @@ mod probes {
             ino: unsafe { bpf_probe_read_kernel(at(l.inode_ino)) }.ok()?,
             size: unsafe { bpf_probe_read_kernel(at(l.inode_size)) }.ok()?,
             mtime_sec: unsafe { bpf_probe_read_kernel(at(l.inode_mtime_sec) as *const i64) }
+                .ok()?,
+        })
+    }
+
+    /// Where the current task's absolute paths resolve:
+    /// `current->fs->root.dentry->d_inode->i_ino` and
+    /// `current->nsproxy->mnt_ns->ns.inum`.
+    #[inline(always)]
+    fn current_root() -> Option<RootId> {
+        let l = TASK_LAYOUT.get(0)?;
+        if l.valid == 0 {
+            return None;
+        }
+        let ptr = |base: u64, off: u32| -> Option<u64> {
+            let p: u64 =
+                unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64) }.ok()?;
+            (p != 0).then_some(p)
+        };
+        let task = unsafe { bpf_get_current_task() };
+        let fs = ptr(task, l.task_fs)?;
+        let dentry = ptr(fs, l.fs_root_dentry)?;
+        let inode = ptr(dentry, l.dentry_inode)?;
+        let nsproxy = ptr(task, l.task_nsproxy)?;
+        let mnt_ns = ptr(nsproxy, l.nsproxy_mnt_ns)?;
+        Some(RootId {
+            valid: 1,
+            mnt_ns: unsafe { bpf_probe_read_kernel((mnt_ns + l.mnt_ns_inum as u64) as *const u32) }
+                .ok()?,
+            ino: unsafe { bpf_probe_read_kernel((inode + l.inode_ino as u64) as *const u64) }
                 .ok()?,
         })
     }
@@ -868,6 +897,7 @@ mod probes {
         r.flags = 0;
         r.task = task;
         r.exe = current_exe().unwrap_or_default();
+        r.root = current_root().unwrap_or_default();
         r.filename[0] = 0;
         // __data_loc char[] filename at offset 8: low 16 bits are the offset.
         if let Ok(loc) = unsafe { ctx.read_at::<u32>(8) } {

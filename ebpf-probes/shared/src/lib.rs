@@ -425,6 +425,8 @@ pub struct ExecRecord {
     pub task: Task,
     /// The file the new image runs (zero when the layout is unknown).
     pub exe: ExeId,
+    /// Where its absolute paths resolve (zero when the layout is unknown).
+    pub root: RootId,
     /// The path given to execve, as the process saw it.
     pub filename: [u8; PATH_MAX],
 }
@@ -444,11 +446,30 @@ pub struct ExeId {
     pub mtime_sec: i64,
 }
 
-/// Byte offsets along `task_struct.mm->exe_file->f_inode`, from the
-/// kernel's BTF (see `SockLayout` for why they come through a map).
+/// The root directory a process resolves absolute paths against, as the
+/// exec probe read it: `current->fs->root` and the mount namespace. A
+/// short-lived signer can exit before the sensor opens `/proc/PID/root`;
+/// the key files it opened are then read through the root of a live
+/// process (or the sensor's own) with the same namespace and root inode.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ExeLayout {
+pub struct RootId {
+    /// Non-zero when the probe read the fields.
+    pub valid: u32,
+    /// `mnt_namespace.ns.inum`: the inode of `/proc/PID/ns/mnt`.
+    pub mnt_ns: u32,
+    /// Inode number of the root directory.
+    pub ino: u64,
+}
+
+/// Byte offsets of what the exec probe reads from the task, from the
+/// kernel's BTF (see `SockLayout` for why they come through a map):
+/// `task_struct.mm->exe_file->f_inode` (for `ExeId`), and
+/// `task_struct.fs->root.dentry->d_inode` and
+/// `task_struct.nsproxy->mnt_ns->ns.inum` (for `RootId`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskLayout {
     /// Non-zero once the sensor filled the offsets in.
     pub valid: u32,
     pub task_mm: u32,
@@ -460,6 +481,14 @@ pub struct ExeLayout {
     /// Read as a u32: `i_mtime_nsec` since 6.7, the low half of
     /// `timespec64.tv_nsec` (little-endian) before.
     pub inode_mtime_nsec: u32,
+    pub task_fs: u32,
+    /// `fs_struct.root` plus `path.dentry`.
+    pub fs_root_dentry: u32,
+    pub dentry_inode: u32,
+    pub task_nsproxy: u32,
+    pub nsproxy_mnt_ns: u32,
+    /// `mnt_namespace.ns` plus `ns_common.inum`.
+    pub mnt_ns_inum: u32,
 }
 
 /// `kind::EXIT` and `kind::EXEC_MARK`.
@@ -580,5 +609,5 @@ mod pod {
     unsafe impl aya::Pod for WatchPattern {}
     unsafe impl aya::Pod for LibrarySeenKey {}
     unsafe impl aya::Pod for SockLayout {}
-    unsafe impl aya::Pod for ExeLayout {}
+    unsafe impl aya::Pod for TaskLayout {}
 }

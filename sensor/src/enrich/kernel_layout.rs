@@ -7,14 +7,15 @@
 //!   first member of every `struct sock`, partly inside anonymous unions).
 //!   The probes name the peer of a signature by reading the socket the
 //!   signing thread last received on.
-//! - `ExeLayout`: `task_struct.mm->exe_file->f_inode`, whose inode number,
+//! - `TaskLayout`: `task_struct.mm->exe_file->f_inode`, whose inode number,
 //!   size and mtime let the sensor hash the file a process ran even after
-//!   the process has exited.
+//!   the process has exited; and the process's root directory and mount
+//!   namespace, which let it read the key files such a process opened.
 
 use anyhow::{Context, Result, anyhow};
 use btf_rs::{Btf, Type};
 use hashbrown::HashMap;
-use keywarden_probe_types::{ExeLayout, SockLayout};
+use keywarden_probe_types::{SockLayout, TaskLayout};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -91,12 +92,18 @@ pub fn sock() -> Result<SockLayout> {
     })
 }
 
-pub fn exe() -> Result<ExeLayout> {
+pub fn task() -> Result<TaskLayout> {
     let btf = vmlinux()?;
     let task = struct_fields(&btf, "task_struct")?;
     let mm = struct_fields(&btf, "mm_struct")?;
     let file = struct_fields(&btf, "file")?;
     let inode = struct_fields(&btf, "inode")?;
+    let fs = struct_fields(&btf, "fs_struct")?;
+    let path = struct_fields(&btf, "path")?;
+    let dentry = struct_fields(&btf, "dentry")?;
+    let nsproxy = struct_fields(&btf, "nsproxy")?;
+    let mnt_namespace = struct_fields(&btf, "mnt_namespace")?;
+    let ns_common = struct_fields(&btf, "ns_common")?;
     // Linux 6.7 split the mtime into i_mtime_sec and i_mtime_nsec; before
     // it was a timespec64 (i_mtime, or __i_mtime in 6.6): tv_sec, tv_nsec.
     let (mtime_sec, mtime_nsec) = match (inode.get("i_mtime_sec"), inode.get("i_mtime_nsec")) {
@@ -107,7 +114,7 @@ pub fn exe() -> Result<ExeLayout> {
             (ts, ts + 8)
         }
     };
-    Ok(ExeLayout {
+    Ok(TaskLayout {
         valid: 1,
         task_mm: field(&task, "task_struct", "mm")?,
         mm_exe_file: field(&mm, "mm_struct", "exe_file")?,
@@ -116,6 +123,13 @@ pub fn exe() -> Result<ExeLayout> {
         inode_size: field(&inode, "inode", "i_size")?,
         inode_mtime_sec: mtime_sec,
         inode_mtime_nsec: mtime_nsec,
+        task_fs: field(&task, "task_struct", "fs")?,
+        fs_root_dentry: field(&fs, "fs_struct", "root")? + field(&path, "path", "dentry")?,
+        dentry_inode: field(&dentry, "dentry", "d_inode")?,
+        task_nsproxy: field(&task, "task_struct", "nsproxy")?,
+        nsproxy_mnt_ns: field(&nsproxy, "nsproxy", "mnt_ns")?,
+        mnt_ns_inum: field(&mnt_namespace, "mnt_namespace", "ns")?
+            + field(&ns_common, "ns_common", "inum")?,
     })
 }
 
@@ -141,7 +155,7 @@ mod tests {
     /// each was found and that the inode fields are in plausible order.
     #[test]
     fn reads_the_exe_inode_path_from_this_kernel() {
-        let l = exe().unwrap();
+        let l = task().unwrap();
         assert_eq!(l.valid, 1);
         assert!(
             l.task_mm > 0 && l.mm_exe_file > 0 && l.file_inode > 0,
@@ -149,5 +163,8 @@ mod tests {
         );
         assert!(l.inode_ino < l.inode_size, "{l:?}");
         assert!(l.inode_mtime_sec != l.inode_mtime_nsec, "{l:?}");
+        // `struct path` is { mnt, dentry }: the dentry is 8 bytes into it.
+        assert!(l.task_fs > 0 && l.fs_root_dentry % 8 == 0, "{l:?}");
+        assert!(l.task_nsproxy > 0 && l.nsproxy_mnt_ns > 0, "{l:?}");
     }
 }

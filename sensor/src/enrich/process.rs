@@ -18,7 +18,7 @@ use std::{
 
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{self, Container, Fingerprint};
-use keywarden_probe_types::ExeId;
+use keywarden_probe_types::{ExeId, RootId};
 use sha2::{Digest, Sha256};
 
 use super::container::container_from_cgroup;
@@ -142,6 +142,9 @@ pub struct ProcessTable {
     /// Signalled on every `record`.
     recorded: Condvar,
     hashes: Mutex<HashMap<FileId, String>>,
+    /// Roots found for processes that were gone (see `equivalent_root`),
+    /// by (mount namespace, root inode).
+    roots: Mutex<HashMap<(u32, u64), Arc<OwnedFd>>>,
 }
 
 /// Versions kept per process (a process rarely execs more than twice
@@ -155,6 +158,10 @@ fn same_mount_ns(tgid: u32) -> Option<bool> {
         .ok()?
         .ino();
     Some(theirs == std::fs::metadata("/proc/self/ns/mnt").ok()?.ino())
+}
+
+fn same_ns_as_sensor(mnt_ns: u32) -> bool {
+    std::fs::metadata("/proc/self/ns/mnt").is_ok_and(|m| m.ino() == u64::from(mnt_ns))
 }
 
 /// Is this root directory (held open since exec, so it answers even after
@@ -193,6 +200,27 @@ fn same_file(path: &str, exe: &ExeId) -> Result<File, String> {
     }
 }
 
+/// A root directory where a gone process's absolute paths resolve as they
+/// did for it: one with the same mount namespace and root inode, the
+/// sensor's own or a live process's. (Bind mounts aside, the same
+/// directory inode in the same namespace is the same directory.)
+fn equivalent_root(id: &RootId) -> Option<OwnedFd> {
+    let matches = |ns: &str, root: &OwnedFd| {
+        std::fs::metadata(ns).is_ok_and(|m| m.ino() == u64::from(id.mnt_ns))
+            && nix::sys::stat::fstat(root).is_ok_and(|st| st.st_ino == id.ino)
+    };
+    if let Some(ours) = open_path("/")
+        && matches("/proc/self/ns/mnt", &ours)
+    {
+        return Some(ours);
+    }
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_str()?.parse::<u32>().ok()?;
+        let root = open_path(&format!("/proc/{pid}/root"))?;
+        matches(&format!("/proc/{pid}/ns/mnt"), &root).then_some(root)
+    })
+}
+
 fn open_path(p: &str) -> Option<OwnedFd> {
     use nix::fcntl::{OFlag, open};
     use nix::sys::stat::Mode;
@@ -220,11 +248,21 @@ impl ProcessTable {
     }
 
     /// The snapshot of a process that just exec'd `exec_path` (the path
-    /// given to execve), with the identity of the file it runs as the exec
-    /// probe read it. A signer can be gone before the sensor gets here;
-    /// its executable is then opened by path, and used only if it is still
-    /// the same file (inode, size, mtime).
-    pub fn snapshot_exec(&self, tgid: u32, exec_path: &str, exe: &ExeId) -> ProcessInfo {
+    /// given to execve), with the identity of the file it runs and of its
+    /// root directory as the exec probe read them. A signer can be gone
+    /// before the sensor gets here:
+    /// - its executable is then opened by path, and used only if it is
+    ///   still the same file (inode, size, mtime);
+    /// - the absolute paths it opened (its key files) resolve against an
+    ///   equivalent root. Relative ones cannot: its working directory is
+    ///   gone with it.
+    pub fn snapshot_exec(
+        &self,
+        tgid: u32,
+        exec_path: &str,
+        exe: &ExeId,
+        root: &RootId,
+    ) -> ProcessInfo {
         let mut info = self.snapshot_with(
             tgid,
             (!exec_path.is_empty()).then(|| exec_path.to_owned()),
@@ -233,7 +271,34 @@ impl ProcessTable {
         if info.exe.is_err() && exe.valid != 0 && exec_path.starts_with('/') {
             info.exe = same_file(exec_path, exe);
         }
+        if info.root.is_none() && root.valid != 0 {
+            self.adopt_equivalent_root(&mut info, root);
+        }
         info
+    }
+
+    fn adopt_equivalent_root(&self, info: &mut ProcessInfo, id: &RootId) {
+        let key = (id.mnt_ns, id.ino);
+        let mut roots = self.roots.lock().expect("root cache lock");
+        let found = match roots.get(&key) {
+            Some(fd) => Some(fd.clone()),
+            None => equivalent_root(id).map(|fd| {
+                let fd = Arc::new(fd);
+                if roots.len() >= 256 {
+                    roots.clear();
+                }
+                roots.insert(key, fd.clone());
+                fd
+            }),
+        };
+        drop(roots);
+        let Some(fd) = found else {
+            tracing::debug!(?id, "no live root matches a gone process's");
+            return;
+        };
+        let Ok(fd) = fd.try_clone() else { return };
+        info.host_root = Some(same_root_as_host(&fd) && same_ns_as_sensor(id.mnt_ns));
+        info.root = Some(fd);
     }
 
     /// A snapshot that never opens the executable for reading: for the
@@ -490,16 +555,56 @@ mod tests {
         assert!(info.exe_hash(&t).is_err());
     }
 
+    /// A process gone before the snapshot still resolves its absolute
+    /// paths, through a root with its namespace and root inode; a root
+    /// that matches none is not guessed.
+    #[test]
+    fn a_gone_process_resolves_paths_through_an_equivalent_root() {
+        let t = ProcessTable::default();
+        let gone = u32::MAX - 1;
+        let ours = RootId {
+            valid: 1,
+            mnt_ns: std::fs::metadata("/proc/self/ns/mnt").unwrap().ino() as u32,
+            ino: std::fs::metadata("/").unwrap().ino(),
+        };
+        let info = t.snapshot_exec(gone, "/bin/x", &ExeId::default(), &ours);
+        assert_eq!(info.host_root, Some(true));
+        assert!(info.resolve("/proc/self/cmdline").unwrap().exists());
+        assert!(
+            info.resolve("relative").is_none(),
+            "no cwd for a gone process"
+        );
+
+        let elsewhere = RootId {
+            ino: ours.ino + 12345,
+            ..ours
+        };
+        let info = t.snapshot_exec(gone, "/bin/x", &ExeId::default(), &elsewhere);
+        assert!(info.root.is_none() && info.host_root.is_none());
+        let unread = t.snapshot_exec(gone, "/bin/x", &ExeId::default(), &RootId::default());
+        assert!(unread.root.is_none());
+    }
+
     #[test]
     fn versions_follow_exec_time() {
         let t = ProcessTable::default();
-        let mut a = t.snapshot_exec(std::process::id(), "/bin/a", &ExeId::default());
+        let mut a = t.snapshot_exec(
+            std::process::id(),
+            "/bin/a",
+            &ExeId::default(),
+            &RootId::default(),
+        );
         a.root = None;
         t.record(7, 100, a);
         t.record(
             7,
             200,
-            t.snapshot_exec(std::process::id(), "/bin/b", &ExeId::default()),
+            t.snapshot_exec(
+                std::process::id(),
+                "/bin/b",
+                &ExeId::default(),
+                &RootId::default(),
+            ),
         );
         assert!(t.lookup(7, 50).is_none());
         assert_eq!(
