@@ -27,6 +27,13 @@ use std::{
 
 use clap::{Parser, Subcommand};
 
+/// Events cross threads (ring reader → pipeline shards → sinks) and are
+/// freed on a thread other than the one that allocated them; under glibc
+/// malloc that contended on arena locks and cost one pipeline shard 38% of
+/// its throughput (`benches/pipeline_throughput.rs`).
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "keywarden", version, about = "Watches every use of a private key on this host", long_about = None)]
 struct Cli {

@@ -8,6 +8,7 @@
 //! `file:line:column`. `docs/rules.md` documents the language.
 
 pub mod fields;
+mod index;
 mod schema;
 
 use std::{
@@ -204,12 +205,14 @@ pub struct Firing<'r> {
     pub count: Option<u64>,
 }
 
-/// Per (rule, key) sliding counts for threshold rules. One owner (a
+/// Per (key, rule) sliding counts for threshold rules. One owner (a
 /// pipeline shard) holds them.
 #[derive(Default)]
 pub struct Thresholds {
-    /// rule index → key → window
-    windows: HashMap<usize, HashMap<String, Sliding>>,
+    /// group key → (rule index, window), one per threshold rule that
+    /// counted the key. Keyed by the key first: an event's rules then share
+    /// one lookup, where a map per rule cost a cache miss per rule.
+    windows: HashMap<String, Vec<(usize, Sliding)>>,
 }
 
 #[derive(Default)]
@@ -242,24 +245,36 @@ impl Sliding {
 }
 
 impl Thresholds {
-    /// Counts the event for (rule, key); true once each time the count
-    /// goes above the threshold.
-    fn crossed(&mut self, rule: usize, key: &str, t: Threshold, time_ms: i64) -> (bool, u64) {
-        let w = self
-            .windows
-            .entry(rule)
-            .or_default()
-            .entry_ref(key)
-            .or_default();
-        let n = w.add(time_ms, t.window_ms);
-        if n > t.count {
-            let first = !w.fired;
-            w.fired = true;
-            (first, n)
-        } else {
-            w.fired = false;
-            (false, n)
+    /// The windows of one group key.
+    fn of(&mut self, key: &str) -> &mut Vec<(usize, Sliding)> {
+        self.windows.entry_ref(key).or_default()
+    }
+}
+
+/// Counts the event in `rule`'s window among a key's; true once each time
+/// the count goes above the threshold.
+fn crossed(
+    windows: &mut Vec<(usize, Sliding)>,
+    rule: usize,
+    t: Threshold,
+    time_ms: i64,
+) -> (bool, u64) {
+    let at = match windows.iter().position(|(r, _)| *r == rule) {
+        Some(at) => at,
+        None => {
+            windows.push((rule, Sliding::default()));
+            windows.len() - 1
         }
+    };
+    let w = &mut windows[at].1;
+    let n = w.add(time_ms, t.window_ms);
+    if n > t.count {
+        let first = !w.fired;
+        w.fired = true;
+        (first, n)
+    } else {
+        w.fired = false;
+        (false, n)
     }
 }
 
@@ -322,9 +337,12 @@ impl Rule {
 /// A validated set of rules, in load order.
 #[derive(Clone, Debug, Default)]
 pub struct RuleSet {
+    /// Not to be changed once the set has evaluated an event: the index is
+    /// built then.
     pub rules: Vec<Rule>,
     /// The files they came from.
     pub files: Vec<PathBuf>,
+    index: std::sync::OnceLock<index::RuleIndex>,
 }
 
 impl RuleSet {
@@ -333,7 +351,7 @@ impl RuleSet {
         let rules = schema::parse(source, name)?;
         let set = RuleSet {
             rules,
-            files: Vec::new(),
+            ..RuleSet::default()
         };
         set.check_unique()?;
         Ok(set)
@@ -416,7 +434,17 @@ impl RuleSet {
     ) -> Vec<Firing<'a>> {
         let actor = Actor::of(event);
         let mut out = Vec::new();
-        for (i, r) in self.rules.iter().enumerate() {
+        let index = self
+            .index
+            .get_or_init(|| index::RuleIndex::build(&self.rules));
+        let candidates = index.candidates(event);
+        // One lookup of the event's threshold windows serves all its rules.
+        let mut windows = candidates
+            .iter()
+            .any(|&i| self.rules[i].threshold.is_some())
+            .then(|| thresholds.of(&group_key(event)));
+        for i in candidates {
+            let r = &self.rules[i];
             if !r.selects(event) || r.allows(&actor) {
                 continue;
             }
@@ -435,7 +463,10 @@ impl RuleSet {
             };
             let count = match r.threshold {
                 Some(t) => {
-                    let (crossed, n) = thresholds.crossed(i, &group_key(event), t, event.time);
+                    let windows = windows
+                        .as_deref_mut()
+                        .expect("looked up for threshold rules");
+                    let (crossed, n) = crossed(windows, i, t, event.time);
                     if !crossed {
                         continue;
                     }

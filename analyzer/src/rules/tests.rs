@@ -332,3 +332,66 @@ fn thresholds_fire_once_per_crossing_per_key_in_a_sliding_window() {
     );
     assert!(e.message.contains("unknown field `window`"), "{e}");
 }
+
+/// The rule index only skips rules that cannot select an event: for every
+/// event, the rules it selects are the ones a test of every rule finds,
+/// in the same order. And it does skip: another key's rules are not even
+/// candidates.
+#[test]
+fn the_rule_index_finds_exactly_the_rules_that_select() {
+    let other = "cd".repeat(32);
+    let src = format!(
+        r#"
+rules:
+  - {{id: by-key, severity: high, event: key_use, match: {{key.spki_sha256: {KEY}}}, actions: [alert]}}
+  - {{id: by-other-key, severity: high, event: key_use, match: {{key.spki_sha256: {other}}}, actions: [alert]}}
+  - {{id: either-key, severity: high, event: key_use, match: {{key.spki_sha256: [{other}, {KEY}]}}, actions: [alert]}}
+  - {{id: key-and-name, severity: high, event: key_use, match: {{actor.process.name: nginx, key.spki_sha256: {KEY}}}, actions: [alert]}}
+  - {{id: algorithm, severity: low, event: key_use, match: {{key.algorithm: [rsa-2048, ecdsa-p256]}}, actions: [alert]}}
+  - {{id: uid-only, severity: low, event: key_use, match: {{actor.process.user.uid: 33}}, actions: [alert]}}
+  - {{id: every-use, severity: low, event: key_use, actions: [alert]}}
+  - {{id: opens-by-path, severity: low, event: secret_file_open, match: {{file.path: /etc/ssl/**}}, actions: [alert]}}
+  - {{id: opens-by-key, severity: low, event: secret_file_open, match: {{key.spki_sha256: {KEY}}}, actions: [alert]}}
+  - {{id: country, severity: low, event: key_use, match: {{peer.location.country: [DE, FR]}}, actions: [alert]}}
+"#
+    );
+    let set = parse(&src).unwrap();
+    let index = index::RuleIndex::build(&set.rules);
+    let mut events = vec![key_use_event(), secret_open_event()];
+    let mut e = key_use_event();
+    e.key.as_mut().unwrap().spki_sha256 = Some(other.clone());
+    e.key.as_mut().unwrap().algorithm = Some("rsa-2048".into());
+    e.actor.process.name = "apache2".into();
+    events.push(e);
+    let mut e = key_use_event();
+    e.key = None;
+    e.peer = None;
+    events.push(e);
+    let mut e = secret_open_event();
+    e.key = None;
+    events.push(e);
+    for ev in &events {
+        let every: Vec<usize> = (0..set.rules.len())
+            .filter(|&i| set.rules[i].selects(ev))
+            .collect();
+        let candidates = index.candidates(ev);
+        let indexed: Vec<usize> = candidates
+            .iter()
+            .copied()
+            .filter(|&i| set.rules[i].selects(ev))
+            .collect();
+        assert_eq!(indexed, every, "{ev:#?}");
+        assert!(candidates.windows(2).all(|w| w[0] < w[1]));
+    }
+    let ids = |ev: &Event| -> Vec<&str> {
+        index
+            .candidates(ev)
+            .into_iter()
+            .map(|i| set.rules[i].id.as_str())
+            .collect()
+    };
+    let mine = ids(&key_use_event());
+    assert!(!mine.contains(&"by-other-key"), "{mine:?}");
+    assert!(mine.contains(&"by-key") && mine.contains(&"either-key"));
+    assert!(!ids(&events[2]).contains(&"by-key"));
+}
