@@ -189,6 +189,21 @@ fn events() -> Vec<Event> {
         .collect()
 }
 
+/// The batch again, as it would come next: time goes on (threshold
+/// windows slide as they do live).
+fn later(batch: &[Event], round: &mut i64) -> Vec<Event> {
+    *round += 1;
+    let span = BATCH as i64;
+    batch
+        .iter()
+        .map(|e| {
+            let mut e = e.clone();
+            e.time += *round * span;
+            e
+        })
+        .collect()
+}
+
 /// Pushes the batch through and waits for every result. The events are
 /// built beforehand (the sensor builds each once; cloning is not the
 /// pipeline's cost).
@@ -244,9 +259,10 @@ fn per_core(geo: &Arc<Geo>, batch: &[Event]) {
             baselines: BaselineStore::default(),
         },
     );
-    run_batch(&p, batch.to_vec()); // warm: baselines learned
+    let mut round = 0;
+    run_batch(&p, later(batch, &mut round)); // warm: baselines learned
     let rounds = 20;
-    let batches: Vec<Vec<Event>> = (0..rounds).map(|_| batch.to_vec()).collect();
+    let batches: Vec<Vec<Event>> = (0..rounds).map(|_| later(batch, &mut round)).collect();
     let before = cpu_ns_of_threads("keywarden-shard");
     for b in batches {
         run_batch(&p, b);
@@ -283,10 +299,11 @@ fn bench(c: &mut Criterion) {
                 baselines: BaselineStore::default(),
             },
         );
-        run_batch(&p, batch.clone()); // warm: baselines learned
+        let mut round = 0;
+        run_batch(&p, later(&batch, &mut round)); // warm: baselines learned
         group.bench_with_input(BenchmarkId::new("shards", shards), &shards, |b, _| {
             b.iter_batched(
-                || batch.clone(),
+                || later(&batch, &mut round),
                 |evs| run_batch(&p, evs),
                 BatchSize::PerIteration,
             )

@@ -228,7 +228,10 @@ impl Sliding {
     fn add(&mut self, time_ms: i64, window_ms: i64) -> u64 {
         let sec = time_ms.div_euclid(1000);
         match self.buckets.back_mut() {
-            Some((s, n)) if *s == sec => *n += 1,
+            // Events from different CPUs arrive slightly out of order: a
+            // late one counts in the newest second, so buckets stay in
+            // order and the window still drops them.
+            Some((s, n)) if *s >= sec => *n += 1,
             _ => self.buckets.push_back((sec, 1)),
         }
         self.total += 1;

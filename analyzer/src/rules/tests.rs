@@ -395,3 +395,17 @@ rules:
     assert!(mine.contains(&"by-key") && mine.contains(&"either-key"));
     assert!(!ids(&events[2]).contains(&"by-key"));
 }
+
+/// Events from different CPUs arrive slightly out of order. A late event
+/// counts in the newest second: buckets stay ordered, so the window still
+/// slides past them and they do not pile up.
+#[test]
+fn a_late_event_counts_in_the_newest_second() {
+    let mut w = Sliding::default();
+    for i in 0..1000 {
+        let t = if i % 2 == 0 { 101_000 } else { 100_000 };
+        assert_eq!(w.add(t, 60_000), i + 1);
+    }
+    assert_eq!(w.buckets.len(), 1);
+    assert_eq!(w.add(200_000, 60_000), 1, "the window slid past them all");
+}
