@@ -10,10 +10,14 @@ use std::{
     net::IpAddr,
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use maxminddb::{Reader, geoip2};
+use serde::Deserialize;
 
 use crate::event::{AutonomousSystem, Event, Location};
 
@@ -86,6 +90,47 @@ impl Db {
 pub struct Geo {
     city: Option<Db>,
     asn: Option<Db>,
+    /// Bumped when a database is reloaded (see `GeoView`).
+    generation: AtomicU64,
+}
+
+/// The databases as one reader (a pipeline shard) holds them between
+/// reloads. Looking up through `Geo` itself takes a lock and touches a
+/// reference count that every shard shares; a view only reads the
+/// generation, and takes a new view when it changed.
+pub struct GeoView {
+    generation: u64,
+    city: Option<Arc<Reader<Vec<u8>>>>,
+    asn: Option<Arc<Reader<Vec<u8>>>>,
+}
+
+/// The two fields of a City or Country record that events carry. Decoding
+/// only these skips the rest of a real record (names in eight languages,
+/// continent, subdivisions, location), and borrows instead of copying.
+#[derive(Deserialize)]
+struct CityRecord<'a> {
+    #[serde(borrow, default)]
+    country: Option<CountryRecord<'a>>,
+    #[serde(borrow, default)]
+    city: Option<CityName<'a>>,
+}
+
+#[derive(Deserialize)]
+struct CountryRecord<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+}
+
+#[derive(Deserialize)]
+struct CityName<'a> {
+    #[serde(borrow, default)]
+    names: Option<EnglishName<'a>>,
+}
+
+#[derive(Deserialize)]
+struct EnglishName<'a> {
+    #[serde(borrow, default)]
+    en: Option<&'a str>,
 }
 
 impl Geo {
@@ -95,29 +140,68 @@ impl Geo {
         Ok(Geo {
             city: city.map(Db::open).transpose()?,
             asn: asn.map(Db::open).transpose()?,
+            generation: AtomicU64::new(0),
         })
     }
 
     /// Reloads replaced files. Errors leave the previous data in use.
     pub fn refresh(&self) -> Vec<Result<bool, GeoError>> {
-        [&self.city, &self.asn]
+        let results: Vec<_> = [&self.city, &self.asn]
             .into_iter()
             .flatten()
             .map(Db::refresh)
-            .collect()
+            .collect();
+        if results.iter().any(|r| matches!(r, Ok(true))) {
+            self.generation.fetch_add(1, Ordering::Release);
+        }
+        results
+    }
+
+    /// The databases as loaded now.
+    pub fn view(&self) -> GeoView {
+        GeoView {
+            generation: self.generation.load(Ordering::Acquire),
+            city: self.city.as_ref().and_then(Db::reader),
+            asn: self.asn.as_ref().and_then(Db::reader),
+        }
+    }
+
+    /// `view` kept current: replaced when a database was reloaded since.
+    pub fn refresh_view(&self, view: &mut Option<GeoView>) {
+        let now = self.generation.load(Ordering::Acquire);
+        if view.as_ref().is_none_or(|v| v.generation != now) {
+            *view = Some(self.view());
+        }
     }
 
     /// Where an address is, and whose network it is in.
     pub fn lookup(&self, ip: IpAddr) -> (Option<Location>, Option<AutonomousSystem>) {
-        let location = self.city.as_ref().and_then(Db::reader).and_then(|r| {
-            let city: geoip2::City = r.lookup(ip).ok()?.decode().ok()??;
+        self.view().lookup(ip)
+    }
+
+    /// Fills `peer.location` and `peer.autonomous_system` of an event that
+    /// has a peer address.
+    pub fn enrich(&self, event: &mut Event) {
+        self.view().enrich(event)
+    }
+}
+
+impl GeoView {
+    /// Where an address is, and whose network it is in.
+    pub fn lookup(&self, ip: IpAddr) -> (Option<Location>, Option<AutonomousSystem>) {
+        let location = self.city.as_ref().and_then(|r| {
+            let record: CityRecord = r.lookup(ip).ok()?.decode().ok()??;
             let loc = Location {
-                country: city.country.iso_code.map(str::to_owned),
-                city: city.city.names.english.map(str::to_owned),
+                country: record.country.and_then(|c| c.iso_code).map(str::to_owned),
+                city: record
+                    .city
+                    .and_then(|c| c.names)
+                    .and_then(|n| n.en)
+                    .map(str::to_owned),
             };
             (loc.country.is_some() || loc.city.is_some()).then_some(loc)
         });
-        let asn = self.asn.as_ref().and_then(Db::reader).and_then(|r| {
+        let asn = self.asn.as_ref().and_then(|r| {
             let a: geoip2::Asn = r.lookup(ip).ok()?.decode().ok()??;
             Some(AutonomousSystem {
                 number: a.autonomous_system_number?,
@@ -250,6 +334,56 @@ mod tests {
         assert_eq!(geo.lookup("10.0.0.1".parse().unwrap()), (None, None));
     }
 
+    /// Real City records carry much more than the two fields events use
+    /// (names in many languages, continent, subdivisions, location); those
+    /// are skipped, and a Country database (no city) still gives the
+    /// country.
+    #[test]
+    fn reads_country_and_english_city_name_from_full_records() {
+        use mmdb_writer::{Writer, ipnet::IpNet};
+        let dir = std::env::temp_dir().join(format!("kw-geo-full-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut city = Writer::new("GeoIP2-City");
+        let net: IpNet = "192.0.2.0/24".parse().unwrap();
+        city.insert(
+            net,
+            &serde_json::json!({
+                "continent": {"code": "EU", "geoname_id": 6255148, "names": {"de": "Europa", "en": "Europe"}},
+                "country": {"geoname_id": 2921044, "iso_code": "DE", "names": {"de": "Deutschland", "en": "Germany", "ja": "ドイツ連邦共和国"}},
+                "city": {"geoname_id": 2950159, "names": {"de": "Berlin", "en": "Berlin", "ru": "Берлин"}},
+                "subdivisions": [{"iso_code": "BE", "names": {"en": "Land Berlin"}}],
+                "location": {"latitude": 52.5, "longitude": 13.4, "time_zone": "Europe/Berlin"},
+            }),
+        )
+        .unwrap();
+        let path = dir.join("full.mmdb");
+        std::fs::write(&path, city.to_bytes().unwrap()).unwrap();
+        let mut country = Writer::new("GeoLite2-Country");
+        country
+            .insert(
+                net,
+                &serde_json::json!({"country": {"iso_code": "DE", "names": {"en": "Germany"}}}),
+            )
+            .unwrap();
+        let country_path = dir.join("country.mmdb");
+        std::fs::write(&country_path, country.to_bytes().unwrap()).unwrap();
+
+        let ip = "192.0.2.9".parse().unwrap();
+        let (loc, _) = Geo::open(Some(&path), None).unwrap().lookup(ip);
+        let loc = loc.unwrap();
+        assert_eq!(
+            (loc.country.as_deref(), loc.city.as_deref()),
+            (Some("DE"), Some("Berlin"))
+        );
+        let (loc, _) = Geo::open(Some(&country_path), None).unwrap().lookup(ip);
+        let loc = loc.unwrap();
+        assert_eq!(
+            (loc.country.as_deref(), loc.city.as_deref()),
+            (Some("DE"), None)
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn looks_up_and_enriches_and_reloads_replaced_files() {
         let dir = std::env::temp_dir().join(format!("kw-geo-{}", std::process::id()));
@@ -276,13 +410,27 @@ mod tests {
         assert_eq!(peer.autonomous_system.unwrap().number, 64500);
 
         // Replace the city database (write elsewhere, rename over it).
+        let mut view = None;
+        geo.refresh_view(&mut view);
         assert!(geo.refresh().iter().all(|r| matches!(r, Ok(false))));
         let other = dir.join("next");
         std::fs::create_dir_all(&other).unwrap();
         let (new_city, _) = test_dbs::write(&other, "JP");
         std::fs::rename(&new_city, &city).unwrap();
+        let stale = view
+            .as_ref()
+            .unwrap()
+            .lookup("127.0.0.200".parse().unwrap());
+        assert_eq!(stale.0.unwrap().country.as_deref(), Some("FR"));
         assert!(matches!(geo.refresh()[0], Ok(true)));
         let (loc, _) = geo.lookup("127.0.0.200".parse().unwrap());
+        assert_eq!(loc.unwrap().country.as_deref(), Some("JP"));
+        // A shard's view follows the reload.
+        geo.refresh_view(&mut view);
+        let (loc, _) = view
+            .as_ref()
+            .unwrap()
+            .lookup("127.0.0.200".parse().unwrap());
         assert_eq!(loc.unwrap().country.as_deref(), Some("JP"));
 
         // A corrupt replacement keeps the old data and says why.

@@ -31,7 +31,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use crate::{
     baseline::{BaselineStore, Deviation, KeyBaseline, Observation},
     event::Event,
-    geo::Geo,
+    geo::{Geo, GeoView},
     rules::{RuleSet, Thresholds},
 };
 
@@ -237,6 +237,7 @@ impl Pipeline {
                 baselines: store,
                 learning_ms: cfg.learning_ms,
                 geo: cfg.geo.clone(),
+                geo_view: None,
                 stats: st.clone(),
             };
             workers.push(
@@ -390,6 +391,7 @@ struct Shard {
     baselines: BaselineStore,
     learning_ms: i64,
     geo: Option<Arc<Geo>>,
+    geo_view: Option<GeoView>,
     stats: Arc<StageStats>,
 }
 
@@ -432,7 +434,10 @@ impl Shard {
     fn process(&mut self, input: Input) -> Output {
         let mut event = input.event;
         if let Some(geo) = &self.geo {
-            geo.enrich(&mut event);
+            geo.refresh_view(&mut self.geo_view);
+            if let Some(view) = &self.geo_view {
+                view.enrich(&mut event);
+            }
         }
         let rules = self.rules();
         let mut deviations = Vec::new();
