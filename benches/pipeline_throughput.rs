@@ -34,8 +34,25 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const KEYS: usize = 10_000;
 const BATCH: usize = 20_000;
 
+/// 64 hex digits that look like a SHA-256 of `i` under `domain`: spread
+/// from the first digit, as real digests are (zero-padded counters would
+/// make every comparison walk a long common prefix).
+fn digest(domain: u64, i: usize) -> String {
+    // splitmix64
+    let mut x = domain.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ i as u64;
+    (0..4)
+        .map(|_| {
+            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = x;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            format!("{:016x}", z ^ (z >> 31))
+        })
+        .collect()
+}
+
 fn spki(i: usize) -> String {
-    format!("{:064x}", i as u128 * 0x9e37_79b9_7f4a_7c15)
+    digest(1, i)
 }
 
 /// City and ASN databases over 10.0.0.0/8 in /16 blocks, 12 countries.
@@ -125,7 +142,7 @@ fn events() -> Vec<Event> {
                             path: format!("/usr/sbin/app{}", i % 20),
                             name: "app".into(),
                             type_id: 1,
-                            hashes: vec![Fingerprint::sha256(format!("{:064x}", i % 20))],
+                            hashes: vec![Fingerprint::sha256(digest(2, i % 20))],
                         }),
                         user: User {
                             uid: (33 + (i % 4)).to_string(),
@@ -134,7 +151,7 @@ fn events() -> Vec<Event> {
                         attribution_error: None,
                     },
                     container: (i % 3 == 0).then(|| Container {
-                        uid: format!("{:064x}", i % 50),
+                        uid: digest(3, i % 50),
                         runtime: "containerd".into(),
                         pod_uuid: None,
                     }),
@@ -247,15 +264,34 @@ fn cpu_ns_of_threads(prefix: &str) -> u64 {
 /// analysis sustains, apart from the threads that feed and drain it here
 /// (the sensor's ring reader and sinks), which share this VM's two cores
 /// with it during the criterion runs.
+/// Also without GeoIP, without rules, and without both, to show what each
+/// part costs.
 fn per_core(geo: &Arc<Geo>, batch: &[Event]) {
+    for (with_geo, with_rules) in [(true, true), (false, true), (true, false), (false, false)] {
+        let what = match (with_geo, with_rules) {
+            (true, true) => "",
+            (false, true) => " (no GeoIP)",
+            (true, false) => " (no rules)",
+            (false, false) => " (no GeoIP, no rules)",
+        };
+        let rules = if with_rules {
+            rules()
+        } else {
+            RuleSet::default()
+        };
+        per_core_with(with_geo.then(|| geo.clone()), rules, batch, what);
+    }
+}
+
+fn per_core_with(geo: Option<Arc<Geo>>, rules: RuleSet, batch: &[Event], what: &str) {
     let p = Pipeline::start(
-        rules(),
+        rules,
         pipeline::Config {
             shards: 1,
             queue: 65_536,
             learning_ms: 1,
             overflow: Overflow::Block,
-            geo: Some(geo.clone()),
+            geo,
             baselines: BaselineStore::default(),
         },
     );
@@ -270,7 +306,7 @@ fn per_core(geo: &Arc<Geo>, batch: &[Event]) {
     let cpu_ns = cpu_ns_of_threads("keywarden-shard") - before;
     let events = (rounds * batch.len()) as f64;
     println!(
-        "pipeline/per_core: {events} events in {:.3} s of one shard's CPU time = {:.0} events/s per core",
+        "pipeline/per_core{what}: {events} events in {:.3} s of one shard's CPU time = {:.0} events/s per core",
         cpu_ns as f64 / 1e9,
         events / (cpu_ns as f64 / 1e9)
     );

@@ -66,40 +66,36 @@ impl Deviation {
     }
 }
 
-/// The attributes of one use that baselines track.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Observation {
+/// The attributes of one use that baselines track, borrowed from its event
+/// (a value is copied only when a baseline learns it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observation<'a> {
     pub time_ms: i64,
     /// exe SHA-256, or the exe path when the hash is unknown.
-    pub binary: Option<String>,
+    pub binary: Option<&'a str>,
     /// Container id, or `host`.
-    pub container: String,
-    pub user: Option<String>,
-    pub country: Option<String>,
+    pub container: &'a str,
+    pub user: Option<&'a str>,
+    pub country: Option<&'a str>,
     pub asn: Option<u32>,
 }
 
-impl Observation {
-    pub fn of(event: &Event) -> Self {
+impl<'a> Observation<'a> {
+    pub fn of(event: &'a Event) -> Self {
         let file = event.actor.process.file.as_ref();
         let peer = event.peer.as_ref();
         Observation {
             time_ms: event.time,
-            binary: file.and_then(|f| {
+            binary: file.map(|f| {
                 f.hashes
                     .first()
-                    .map(|h| h.value.clone())
-                    .or_else(|| Some(f.path.clone()))
+                    .map_or(f.path.as_str(), |h| h.value.as_str())
             }),
-            container: event
-                .container
-                .as_ref()
-                .map(|c| c.uid.clone())
-                .unwrap_or_else(|| "host".to_owned()),
-            user: Some(event.actor.process.user.uid.clone()).filter(|u| !u.is_empty()),
+            container: event.container.as_ref().map_or("host", |c| c.uid.as_str()),
+            user: Some(event.actor.process.user.uid.as_str()).filter(|u| !u.is_empty()),
             country: peer
                 .and_then(|p| p.location.as_ref())
-                .and_then(|l| l.country.clone()),
+                .and_then(|l| l.country.as_deref()),
             asn: peer
                 .and_then(|p| p.autonomous_system.as_ref())
                 .map(|a| a.number),
@@ -131,13 +127,15 @@ pub struct KeyBaseline {
     pub rate: RateProfile,
 }
 
-fn learn<T: Ord + Clone>(
-    set: &mut BTreeSet<T>,
+fn learn<T: Ord + ?Sized + ToOwned>(
+    set: &mut BTreeSet<T::Owned>,
     v: &T,
     learning: bool,
     dev: Deviation,
     out: &mut Vec<Deviation>,
-) {
+) where
+    T::Owned: Ord + std::borrow::Borrow<T>,
+{
     if set.contains(v) {
         return;
     }
@@ -147,7 +145,7 @@ fn learn<T: Ord + Clone>(
     if !learning {
         out.push(dev);
     }
-    set.insert(v.clone());
+    set.insert(v.to_owned());
 }
 
 impl KeyBaseline {
@@ -157,9 +155,8 @@ impl KeyBaseline {
         if self.uses == 0 || o.time_ms - self.first_seen_ms < learning_ms {
             return false;
         }
-        let new = |set: &BTreeSet<String>, v: &Option<String>| {
-            v.as_ref()
-                .is_some_and(|v| set.len() < MAX_VALUES && !set.contains(v))
+        let new = |set: &BTreeSet<String>, v: Option<&str>| {
+            v.is_some_and(|v| set.len() < MAX_VALUES && !set.contains(v))
         };
         let minute = o.time_ms.div_euclid(60_000) * 60_000;
         let this_minute = if minute == self.rate.minute_ms {
@@ -167,10 +164,10 @@ impl KeyBaseline {
         } else {
             1
         };
-        new(&self.binaries, &o.binary)
-            || new(&self.containers, &Some(o.container.clone()))
-            || new(&self.users, &o.user)
-            || new(&self.countries, &o.country)
+        new(&self.binaries, o.binary)
+            || new(&self.containers, Some(o.container))
+            || new(&self.users, o.user)
+            || new(&self.countries, o.country)
             || o.asn
                 .is_some_and(|a| self.asns.len() < MAX_VALUES && !self.asns.contains(&a))
             || this_minute == (self.rate.max_per_minute * 2).max(10) + 1
@@ -185,7 +182,7 @@ impl KeyBaseline {
         self.last_seen_ms = self.last_seen_ms.max(o.time_ms);
         let learning = o.time_ms - self.first_seen_ms < learning_ms;
         let mut out = Vec::new();
-        if let Some(b) = &o.binary {
+        if let Some(b) = o.binary {
             learn(
                 &mut self.binaries,
                 b,
@@ -196,15 +193,15 @@ impl KeyBaseline {
         }
         learn(
             &mut self.containers,
-            &o.container,
+            o.container,
             learning,
             Deviation::NewContainer,
             &mut out,
         );
-        if let Some(u) = &o.user {
+        if let Some(u) = o.user {
             learn(&mut self.users, u, learning, Deviation::NewUser, &mut out);
         }
-        if let Some(c) = &o.country {
+        if let Some(c) = o.country {
             learn(
                 &mut self.countries,
                 c,
@@ -213,8 +210,8 @@ impl KeyBaseline {
                 &mut out,
             );
         }
-        if let Some(a) = &o.asn {
-            learn(&mut self.asns, a, learning, Deviation::NewAsn, &mut out);
+        if let Some(a) = o.asn {
+            learn(&mut self.asns, &a, learning, Deviation::NewAsn, &mut out);
         }
         let minute = o.time_ms.div_euclid(60_000) * 60_000;
         if minute != self.rate.minute_ms {
@@ -268,11 +265,15 @@ struct FileFormat {
 
 impl BaselineStore {
     pub fn observe(&mut self, spki: &str, o: &Observation, learning_ms: i64) -> Vec<Deviation> {
-        let b = self.keys.entry_ref(spki).or_insert_with(|| KeyBaseline {
+        self.of(spki).observe(o, learning_ms)
+    }
+
+    /// The baseline of one key, new if it had none.
+    pub fn of(&mut self, spki: &str) -> &mut KeyBaseline {
+        self.keys.entry_ref(spki).or_insert_with(|| KeyBaseline {
             spki_sha256: spki.to_owned(),
             ..Default::default()
-        });
-        b.observe(o, learning_ms)
+        })
     }
 
     pub fn merge(&mut self, other: BaselineStore) {
@@ -344,13 +345,13 @@ mod tests {
 
     const MIN: i64 = 60_000;
 
-    fn obs(t: i64, binary: &str) -> Observation {
+    fn obs(t: i64, binary: &str) -> Observation<'_> {
         Observation {
             time_ms: t,
-            binary: Some(binary.into()),
-            container: "host".into(),
-            user: Some("33".into()),
-            country: Some("DE".into()),
+            binary: Some(binary),
+            container: "host",
+            user: Some("33"),
+            country: Some("DE"),
             asn: Some(64500),
         }
     }
@@ -375,11 +376,12 @@ mod tests {
             b.observe(&obs(later + 1, "evil"), learning).is_empty(),
             "learned now"
         );
+        let container = "c".repeat(64);
         let mut o = obs(later + 2, "nginx");
-        o.country = Some("FR".into());
+        o.country = Some("FR");
         o.asn = Some(64501);
-        o.container = "c".repeat(64);
-        o.user = Some("0".into());
+        o.container = &container;
+        o.user = Some("0");
         assert_eq!(
             b.observe(&o, learning),
             [

@@ -443,20 +443,16 @@ impl Shard {
         let mut deviations = Vec::new();
         let mut before = None;
         if event.metadata.event_code == crate::event::EventCode::KeyUse
-            && let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.clone())
+            && let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.as_deref())
         {
             let observation = Observation::of(&event);
+            let b = self.baselines.of(spki);
             // The finding shows the baseline as it was; copy it only when
             // this use is about to change it.
-            if rules.wants_baseline
-                && let Some(b) = self.baselines.keys.get(&spki)
-                && b.would_deviate(&observation, self.learning_ms)
-            {
+            if rules.wants_baseline && b.would_deviate(&observation, self.learning_ms) {
                 before = Some(b.clone());
             }
-            deviations = self
-                .baselines
-                .observe(&spki, &observation, self.learning_ms);
+            deviations = b.observe(&observation, self.learning_ms);
         }
         let fired = rules
             .set

@@ -448,22 +448,16 @@ impl RuleSet {
             .then(|| thresholds.of(&group_key(event)));
         for i in candidates {
             let r = &self.rules[i];
+            // A deviation rule needs one of its deviations: the cheapest
+            // test, and most uses deviate in nothing.
+            let wanted = |d: &Deviation| r.deviations.contains(d);
+            if !r.deviations.is_empty() && !deviations.iter().any(wanted) {
+                continue;
+            }
             if !r.selects(event) || r.allows(&actor) {
                 continue;
             }
-            let devs: Vec<Deviation> = if r.deviations.is_empty() {
-                Vec::new()
-            } else {
-                let d: Vec<Deviation> = deviations
-                    .iter()
-                    .copied()
-                    .filter(|d| r.deviations.contains(d))
-                    .collect();
-                if d.is_empty() {
-                    continue;
-                }
-                d
-            };
+            let devs: Vec<Deviation> = deviations.iter().copied().filter(wanted).collect();
             let count = match r.threshold {
                 Some(t) => {
                     let windows = windows
