@@ -127,108 +127,83 @@ pub struct KeyBaseline {
     pub rate: RateProfile,
 }
 
-fn learn<T: Ord + ?Sized + ToOwned>(
-    set: &mut BTreeSet<T::Owned>,
-    v: &T,
-    learning: bool,
-    dev: Deviation,
-    out: &mut Vec<Deviation>,
-) where
-    T::Owned: Ord + std::borrow::Borrow<T>,
-{
-    if set.contains(v) {
-        return;
-    }
-    if set.len() >= MAX_VALUES {
-        return;
-    }
-    if !learning {
-        out.push(dev);
-    }
-    set.insert(v.to_owned());
-}
-
 impl KeyBaseline {
-    /// Whether `observe` would report a deviation for this use, without
-    /// changing anything (so callers copy the baseline only when it matters).
-    pub fn would_deviate(&self, o: &Observation, learning_ms: i64) -> bool {
-        if self.uses == 0 || o.time_ms - self.first_seen_ms < learning_ms {
-            return false;
-        }
-        let new = |set: &BTreeSet<String>, v: Option<&str>| {
-            v.is_some_and(|v| set.len() < MAX_VALUES && !set.contains(v))
+    /// Folds one use in; returns how it deviates (nothing while learning).
+    pub fn observe(&mut self, o: &Observation, learning_ms: i64) -> Vec<Deviation> {
+        self.observe_keeping(o, learning_ms, false).0
+    }
+
+    /// `observe`, and with `keep_before` a copy of the baseline as it was
+    /// when this use deviates from it (findings show what was normal).
+    /// What is new is found once, and the copy made only then: most uses
+    /// of a learned key change nothing but counters.
+    pub fn observe_keeping(
+        &mut self,
+        o: &Observation,
+        learning_ms: i64,
+        keep_before: bool,
+    ) -> (Vec<Deviation>, Option<KeyBaseline>) {
+        let first = self.uses == 0;
+        let first_seen_ms = if first { o.time_ms } else { self.first_seen_ms };
+        let learning = o.time_ms - first_seen_ms < learning_ms;
+        let new = |set: &BTreeSet<String>, v: Option<&'_ str>| {
+            v.filter(|v| set.len() < MAX_VALUES && !set.contains(*v))
+                .is_some()
         };
+        let new_binary = new(&self.binaries, o.binary);
+        let new_container = new(&self.containers, Some(o.container));
+        let new_user = new(&self.users, o.user);
+        let new_country = new(&self.countries, o.country);
+        let new_asn = o
+            .asn
+            .is_some_and(|a| self.asns.len() < MAX_VALUES && !self.asns.contains(&a));
         let minute = o.time_ms.div_euclid(60_000) * 60_000;
         let this_minute = if minute == self.rate.minute_ms {
             self.rate.this_minute + 1
         } else {
             1
         };
-        new(&self.binaries, o.binary)
-            || new(&self.containers, Some(o.container))
-            || new(&self.users, o.user)
-            || new(&self.countries, o.country)
-            || o.asn
-                .is_some_and(|a| self.asns.len() < MAX_VALUES && !self.asns.contains(&a))
-            || this_minute == (self.rate.max_per_minute * 2).max(10) + 1
-    }
+        // Once per minute: when the count first passes the limit.
+        let rate_above = !learning && this_minute == (self.rate.max_per_minute * 2).max(10) + 1;
+        let news = [
+            (new_binary, Deviation::NewBinary),
+            (new_container, Deviation::NewContainer),
+            (new_user, Deviation::NewUser),
+            (new_country, Deviation::NewCountry),
+            (new_asn, Deviation::NewAsn),
+        ];
+        let deviates = !learning && (rate_above || news.iter().any(|(n, _)| *n));
+        let before = (keep_before && deviates && !first).then(|| self.clone());
 
-    /// Folds one use in; returns how it deviates (nothing while learning).
-    pub fn observe(&mut self, o: &Observation, learning_ms: i64) -> Vec<Deviation> {
-        if self.uses == 0 {
-            self.first_seen_ms = o.time_ms;
-        }
+        self.first_seen_ms = first_seen_ms;
         self.uses += 1;
         self.last_seen_ms = self.last_seen_ms.max(o.time_ms);
-        let learning = o.time_ms - self.first_seen_ms < learning_ms;
-        let mut out = Vec::new();
-        if let Some(b) = o.binary {
-            learn(
-                &mut self.binaries,
-                b,
-                learning,
-                Deviation::NewBinary,
-                &mut out,
-            );
-        }
-        learn(
-            &mut self.containers,
-            o.container,
-            learning,
-            Deviation::NewContainer,
-            &mut out,
-        );
-        if let Some(u) = o.user {
-            learn(&mut self.users, u, learning, Deviation::NewUser, &mut out);
-        }
-        if let Some(c) = o.country {
-            learn(
-                &mut self.countries,
-                c,
-                learning,
-                Deviation::NewCountry,
-                &mut out,
-            );
-        }
-        if let Some(a) = o.asn {
-            learn(&mut self.asns, &a, learning, Deviation::NewAsn, &mut out);
-        }
-        let minute = o.time_ms.div_euclid(60_000) * 60_000;
-        if minute != self.rate.minute_ms {
-            self.rate.minute_ms = minute;
-            self.rate.this_minute = 0;
-        }
-        self.rate.this_minute += 1;
-        if learning {
-            self.rate.max_per_minute = self.rate.max_per_minute.max(self.rate.this_minute);
-        } else {
-            let limit = (self.rate.max_per_minute * 2).max(10);
-            // Once per minute: when the count first passes the limit.
-            if self.rate.this_minute == limit + 1 {
-                out.push(Deviation::RateAboveBaseline);
+        let learn = |set: &mut BTreeSet<String>, new: bool, v: Option<&str>| {
+            if let (true, Some(v)) = (new, v) {
+                set.insert(v.to_owned());
             }
+        };
+        learn(&mut self.binaries, new_binary, o.binary);
+        learn(&mut self.containers, new_container, Some(o.container));
+        learn(&mut self.users, new_user, o.user);
+        learn(&mut self.countries, new_country, o.country);
+        if let (true, Some(a)) = (new_asn, o.asn) {
+            self.asns.insert(a);
         }
-        out
+        self.rate.minute_ms = minute;
+        self.rate.this_minute = this_minute;
+        if learning {
+            self.rate.max_per_minute = self.rate.max_per_minute.max(this_minute);
+        }
+        let mut out: Vec<Deviation> = if learning {
+            Vec::new()
+        } else {
+            news.iter().filter(|(n, _)| *n).map(|(_, d)| *d).collect()
+        };
+        if rate_above {
+            out.push(Deviation::RateAboveBaseline);
+        }
+        (out, before)
     }
 }
 
@@ -416,6 +391,26 @@ mod tests {
             devs.extend(b.observe(&obs(t + MIN + i, "n"), MIN));
         }
         assert!(devs.is_empty(), "40 in a new minute is within 2x20");
+    }
+
+    /// The copy for a finding is the baseline before the deviating use,
+    /// and none is made for uses that change nothing (or while learning).
+    #[test]
+    fn a_deviating_use_keeps_the_baseline_it_deviated_from() {
+        let mut b = KeyBaseline::default();
+        let learning = 1000;
+        let (d, before) = b.observe_keeping(&obs(0, "nginx"), learning, true);
+        assert!(d.is_empty() && before.is_none());
+        let (d, before) = b.observe_keeping(&obs(5000, "nginx"), learning, true);
+        assert!(d.is_empty() && before.is_none(), "nothing new");
+        let (d, before) = b.observe_keeping(&obs(6000, "evil"), learning, true);
+        assert_eq!(d, [Deviation::NewBinary]);
+        let before = before.unwrap();
+        assert_eq!(before.uses, 2);
+        assert!(!before.binaries.contains("evil") && b.binaries.contains("evil"));
+        let (d, before) = b.observe_keeping(&obs(7000, "other"), learning, false);
+        assert_eq!(d, [Deviation::NewBinary]);
+        assert!(before.is_none(), "not asked for");
     }
 
     #[test]

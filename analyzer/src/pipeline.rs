@@ -446,13 +446,13 @@ impl Shard {
             && let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.as_deref())
         {
             let observation = Observation::of(&event);
-            let b = self.baselines.of(spki);
-            // The finding shows the baseline as it was; copy it only when
-            // this use is about to change it.
-            if rules.wants_baseline && b.would_deviate(&observation, self.learning_ms) {
-                before = Some(b.clone());
-            }
-            deviations = b.observe(&observation, self.learning_ms);
+            // The finding shows the baseline as it was (when a rule can
+            // ask for it).
+            (deviations, before) = self.baselines.of(spki).observe_keeping(
+                &observation,
+                self.learning_ms,
+                rules.wants_baseline,
+            );
         }
         let fired = rules
             .set
