@@ -164,7 +164,7 @@ mod tests {
         assert!(l.inode_ino < l.inode_size, "{l:?}");
         assert!(l.inode_mtime_sec != l.inode_mtime_nsec, "{l:?}");
         // `struct path` is { mnt, dentry }: the dentry is 8 bytes into it.
-        assert!(l.task_fs > 0 && l.fs_root_dentry % 8 == 0, "{l:?}");
+        assert!(l.task_fs > 0 && l.fs_root_dentry.is_multiple_of(8), "{l:?}");
         assert!(l.task_nsproxy > 0 && l.nsproxy_mnt_ns > 0, "{l:?}");
     }
 }
