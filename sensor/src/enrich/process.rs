@@ -142,9 +142,6 @@ pub struct ProcessTable {
     /// Signalled on every `record`.
     recorded: Condvar,
     hashes: Mutex<HashMap<FileId, String>>,
-    /// Roots found for processes that were gone (see `equivalent_root`),
-    /// by (mount namespace, root inode).
-    roots: Mutex<HashMap<(u32, u64), Arc<OwnedFd>>>,
 }
 
 /// Versions kept per process (a process rarely execs more than twice
@@ -203,7 +200,9 @@ fn same_file(path: &str, exe: &ExeId) -> Result<File, String> {
 /// A root directory where a gone process's absolute paths resolve as they
 /// did for it: one with the same mount namespace and root inode, the
 /// sensor's own or a live process's. (Bind mounts aside, the same
-/// directory inode in the same namespace is the same directory.)
+/// directory inode in the same namespace is the same directory.) Not
+/// cached: namespace and inode numbers are reused once freed, and this is
+/// the rare path (the control thread runs at real-time priority).
 fn equivalent_root(id: &RootId) -> Option<OwnedFd> {
     let matches = |ns: &str, root: &OwnedFd| {
         std::fs::metadata(ns).is_ok_and(|m| m.ino() == u64::from(id.mnt_ns))
@@ -272,33 +271,15 @@ impl ProcessTable {
             info.exe = same_file(exec_path, exe);
         }
         if info.root.is_none() && root.valid != 0 {
-            self.adopt_equivalent_root(&mut info, root);
+            match equivalent_root(root) {
+                Some(fd) => {
+                    info.host_root = Some(same_root_as_host(&fd) && same_ns_as_sensor(root.mnt_ns));
+                    info.root = Some(fd);
+                }
+                None => tracing::debug!(pid = tgid, ?root, "no live root matches a gone process's"),
+            }
         }
         info
-    }
-
-    fn adopt_equivalent_root(&self, info: &mut ProcessInfo, id: &RootId) {
-        let key = (id.mnt_ns, id.ino);
-        let mut roots = self.roots.lock().expect("root cache lock");
-        let found = match roots.get(&key) {
-            Some(fd) => Some(fd.clone()),
-            None => equivalent_root(id).map(|fd| {
-                let fd = Arc::new(fd);
-                if roots.len() >= 256 {
-                    roots.clear();
-                }
-                roots.insert(key, fd.clone());
-                fd
-            }),
-        };
-        drop(roots);
-        let Some(fd) = found else {
-            tracing::debug!(?id, "no live root matches a gone process's");
-            return;
-        };
-        let Ok(fd) = fd.try_clone() else { return };
-        info.host_root = Some(same_root_as_host(&fd) && same_ns_as_sensor(id.mnt_ns));
-        info.root = Some(fd);
     }
 
     /// A snapshot that never opens the executable for reading: for the
