@@ -250,7 +250,7 @@ impl Control {
 }
 
 /// A delay a test asks for through the environment (milliseconds).
-fn test_delay(var: &str) -> Option<Duration> {
+pub(crate) fn test_delay(var: &str) -> Option<Duration> {
     let ms = std::env::var(var).ok()?.parse().ok()?;
     Some(Duration::from_millis(ms))
 }

@@ -610,33 +610,62 @@ impl Sensor {
         if self.secret_opens.join(tgid, &absolute, time_ms) {
             return;
         }
-        let keys: Vec<KeyInfo> = match key_file.as_deref() {
-            Some(Ok(k)) => k.keys.clone(),
-            _ => Vec::new(),
+        let keys = match key_file.as_deref() {
+            Some(Ok(k)) => Some(k),
+            _ => None,
         };
-        let (process, container, cgroup) = self.attribution(&f.task, &info);
+        self.start_secret_open(
+            &f.task,
+            &info,
+            &absolute,
+            keys,
+            host_path,
+            m.glob.clone(),
+            None,
+        );
+    }
+
+    /// The first open of a secret file by a process in its coalescing
+    /// window (later ones `join` it): seen by the probes, or answered by
+    /// the fanotify guard (`verdict`: allowed or not, and by which rule).
+    #[allow(clippy::too_many_arguments)] // each is one field of the event
+    fn start_secret_open(
+        &mut self,
+        task: &Task,
+        info: &ProcessInfo,
+        path: &str,
+        key_file: Option<&KeyFile>,
+        host_path: Option<String>,
+        matched: String,
+        verdict: Option<(bool, String)>,
+    ) {
+        let time_ms = self.wall_ms(task.ktime_ns);
+        let keys: &[KeyInfo] = key_file.map_or(&[], |k| &k.keys);
+        let (process, container, cgroup) = self.attribution(task, info);
         let seq = self.next_seq();
         self.secret_opens.add(
-            tgid,
-            &absolute,
+            task.tgid(),
+            path,
             time_ms,
             SecretFileOpen {
                 seq,
                 process,
                 container,
                 cgroup,
-                file: event::File::regular(&absolute),
-                key: (keys.len() == 1).then(|| identity_of(&keys[0], &absolute, "key_file")),
+                file: event::File::regular(path),
+                key: (keys.len() == 1).then(|| identity_of(&keys[0], path, "key_file")),
                 secret: SecretFile {
                     host_path,
-                    matched: m.glob.clone(),
+                    matched,
                     count: 1,
                     first_time: time_ms,
                     last_time: time_ms,
                     keys: keys.iter().map(|k| k.spki_sha256.clone()).collect(),
-                    holds_private_key,
-                    verdict: None,
-                    rule: None,
+                    holds_private_key: key_file.is_some_and(|k| k.has_private_key),
+                    verdict: verdict
+                        .as_ref()
+                        .map(|(allowed, _)| if *allowed { "allowed" } else { "denied" }.to_owned()),
+                    rule: verdict.map(|(_, rule)| rule),
                 },
             },
         );
@@ -1216,7 +1245,7 @@ impl Sensor {
             ktime_ns: g.ktime_ns,
             comm,
         };
-        let info = self.process_at(g.tgid, g.ktime_ns);
+        let info = g.process.clone();
         let time_ms = self.wall_ms(g.ktime_ns);
         if self.secret_opens.join(g.tgid, &g.host_path, time_ms) {
             return;
@@ -1236,42 +1265,19 @@ impl Sensor {
         } else {
             None
         };
-        let keys: Vec<KeyInfo> = key_file
-            .as_ref()
-            .map(|k| k.keys.clone())
-            .unwrap_or_default();
-        let (process, container, cgroup) = self.attribution(&task, &info);
-        let seq = self.next_seq();
-        self.secret_opens.add(
-            g.tgid,
+        let matched = match (&watched, &g.verdict) {
+            (Some(m), _) => m.glob.clone(),
+            (None, Some((_, rule))) => format!("rule:{rule}"),
+            (None, None) => String::new(),
+        };
+        self.start_secret_open(
+            &task,
+            &info,
             &g.host_path,
-            time_ms,
-            SecretFileOpen {
-                seq,
-                process,
-                container,
-                cgroup,
-                file: event::File::regular(&g.host_path),
-                key: (keys.len() == 1).then(|| identity_of(&keys[0], &g.host_path, "key_file")),
-                secret: SecretFile {
-                    host_path: Some(g.host_path.clone()),
-                    matched: match (&watched, &g.verdict) {
-                        (Some(m), _) => m.glob.clone(),
-                        (None, Some((_, rule))) => format!("rule:{rule}"),
-                        (None, None) => String::new(),
-                    },
-                    count: 1,
-                    first_time: time_ms,
-                    last_time: time_ms,
-                    keys: keys.iter().map(|k| k.spki_sha256.clone()).collect(),
-                    holds_private_key: key_file.as_ref().is_some_and(|k| k.has_private_key),
-                    verdict: g
-                        .verdict
-                        .as_ref()
-                        .map(|(allowed, _)| if *allowed { "allowed" } else { "denied" }.to_owned()),
-                    rule: g.verdict.map(|(_, rule)| rule),
-                },
-            },
+            key_file.as_ref(),
+            Some(g.host_path.clone()),
+            matched,
+            g.verdict,
         );
     }
 

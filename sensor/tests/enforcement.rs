@@ -140,7 +140,13 @@ fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
         ),
     )
     .unwrap();
-    let sensor = Sensor::start(&["--rules", rules.to_str().unwrap()]);
+    // Each report of a guarded open reaches the event thread after its
+    // process has exited (and was forgotten): it must still be attributed
+    // as the guard judged it.
+    let sensor = Sensor::start_with_env(
+        &["--rules", rules.to_str().unwrap()],
+        &[("KEYWARDEN_TEST_GUARD_REPORT_DELAY_MS", "300")],
+    );
     assert!(sensor.log().contains("fanotify"), "{}", sensor.log());
 
     let (cat_pid, out) = run_pid(Command::new("cat").arg(&before));
@@ -207,7 +213,8 @@ fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
     assert_eq!(allowed[0]["secret_file"]["verdict"], "allowed");
     assert_eq!(allowed[0]["status_id"], 1);
     assert_eq!(allowed[0]["action_id"], 1);
-    assert!(of_pid(&events, "alert", head_pid).is_empty());
+    let head_alerts = of_pid(&events, "alert", head_pid);
+    assert!(head_alerts.is_empty(), "{head_alerts:#?}");
 
     let unselected = of_pid(&events, "secret_file_open", dotenv_pid);
     assert_eq!(unselected.len(), 1, "{unselected:#?}");
@@ -335,12 +342,12 @@ fn a_guarded_executable_started_before_the_sensor_is_judged_without_deadlock() {
         go = go.display(),
         secret = secret.display()
     );
-    let child = Command::new(&shell)
-        .args(["-c", &script])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn(
+        Command::new(&shell)
+            .args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    );
     let pid = child.id();
     let rules = work.path().join("rules.yaml");
     std::fs::write(

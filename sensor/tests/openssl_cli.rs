@@ -108,16 +108,16 @@ fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
     );
     // The third run waits for its input while a new file (a new inode)
     // takes its executable's path.
-    let mut third = openssl_sign(
-        &exe,
-        &key.path,
-        "/dev/stdin".as_ref(),
-        &work.path().join("sig"),
-    )
-    .stdin(std::process::Stdio::piped())
-    .stdout(std::process::Stdio::null())
-    .spawn()
-    .unwrap();
+    let mut third = spawn(
+        openssl_sign(
+            &exe,
+            &key.path,
+            "/dev/stdin".as_ref(),
+            &work.path().join("sig"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null()),
+    );
     let replaced = third.id();
     let next = work.path().join("signer.new");
     std::fs::copy("/usr/bin/openssl", &next).unwrap();

@@ -392,71 +392,67 @@ mod probes {
     #[inline(always)]
     fn peer_of(tid: u32) -> Option<Peer> {
         let sk = *unsafe { LAST_SOCK.get(&tid) }?;
-        let l = SOCK_LAYOUT.get(0)?;
-        if l.valid == 0 {
-            return None;
-        }
-        let at = |off: u32| (sk + off as u64) as *const u8;
-        let state: u8 = unsafe { bpf_probe_read_kernel(at(l.state)) }.ok()?;
+        let l = SOCK_LAYOUT.get(0).filter(|l| l.valid != 0)?;
+        let state: u8 = kernel_read(sk, l.state)?;
         if state != TCP_ESTABLISHED {
             return None;
         }
-        let family: u16 = unsafe { bpf_probe_read_kernel(at(l.family) as *const u16) }.ok()?;
-        let dport: u16 = unsafe { bpf_probe_read_kernel(at(l.dport) as *const u16) }.ok()?;
-        let num: u16 = unsafe { bpf_probe_read_kernel(at(l.num) as *const u16) }.ok()?;
+        let family: u16 = kernel_read(sk, l.family)?;
+        let dport: u16 = kernel_read(sk, l.dport)?;
         let mut peer = Peer {
             family,
-            local_port: num,
+            local_port: kernel_read(sk, l.num)?,
             remote_port: u16::from_be(dport),
             _pad: 0,
             local_addr: [0; 16],
             remote_addr: [0; 16],
         };
         if family == AF_INET {
-            let d: [u8; 4] =
-                unsafe { bpf_probe_read_kernel(at(l.daddr) as *const [u8; 4]) }.ok()?;
-            let s: [u8; 4] =
-                unsafe { bpf_probe_read_kernel(at(l.rcv_saddr) as *const [u8; 4]) }.ok()?;
+            let d: [u8; 4] = kernel_read(sk, l.daddr)?;
+            let s: [u8; 4] = kernel_read(sk, l.rcv_saddr)?;
             peer.remote_addr[..4].copy_from_slice(&d);
             peer.local_addr[..4].copy_from_slice(&s);
         } else if family == AF_INET6 {
-            peer.remote_addr =
-                unsafe { bpf_probe_read_kernel(at(l.v6_daddr) as *const [u8; 16]) }.ok()?;
-            peer.local_addr =
-                unsafe { bpf_probe_read_kernel(at(l.v6_rcv_saddr) as *const [u8; 16]) }.ok()?;
+            peer.remote_addr = kernel_read(sk, l.v6_daddr)?;
+            peer.local_addr = kernel_read(sk, l.v6_rcv_saddr)?;
         } else {
             return None;
         }
         Some(peer)
     }
 
+    /// The task layout, once the sensor filled it in.
+    #[inline(always)]
+    fn task_layout() -> Option<&'static TaskLayout> {
+        TASK_LAYOUT.get(0).filter(|l| l.valid != 0)
+    }
+
+    /// A `T` at `base + off` in kernel memory.
+    #[inline(always)]
+    fn kernel_read<T>(base: u64, off: u32) -> Option<T> {
+        unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }.ok()
+    }
+
+    /// A non-NULL pointer at `base + off` in kernel memory.
+    #[inline(always)]
+    fn kernel_ptr(base: u64, off: u32) -> Option<u64> {
+        kernel_read::<u64>(base, off).filter(|&p| p != 0)
+    }
+
     /// The file the current task runs: `current->mm->exe_file->f_inode`.
     #[inline(always)]
     fn current_exe() -> Option<ExeId> {
-        let l = TASK_LAYOUT.get(0)?;
-        if l.valid == 0 {
-            return None;
-        }
-        let ptr = |base: u64, off: u32| -> Option<u64> {
-            let p: u64 =
-                unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64) }.ok()?;
-            (p != 0).then_some(p)
-        };
+        let l = task_layout()?;
         let task = unsafe { bpf_get_current_task() };
-        let mm = ptr(task, l.task_mm)?;
-        let file = ptr(mm, l.mm_exe_file)?;
-        let inode = ptr(file, l.file_inode)?;
-        let at = |off: u32| (inode + off as u64) as *const u64;
+        let mm = kernel_ptr(task, l.task_mm)?;
+        let file = kernel_ptr(mm, l.mm_exe_file)?;
+        let inode = kernel_ptr(file, l.file_inode)?;
         Some(ExeId {
             valid: 1,
-            mtime_nsec: unsafe {
-                bpf_probe_read_kernel((inode + l.inode_mtime_nsec as u64) as *const u32)
-            }
-            .ok()?,
-            ino: unsafe { bpf_probe_read_kernel(at(l.inode_ino)) }.ok()?,
-            size: unsafe { bpf_probe_read_kernel(at(l.inode_size)) }.ok()?,
-            mtime_sec: unsafe { bpf_probe_read_kernel(at(l.inode_mtime_sec) as *const i64) }
-                .ok()?,
+            mtime_nsec: kernel_read(inode, l.inode_mtime_nsec)?,
+            ino: kernel_read(inode, l.inode_ino)?,
+            size: kernel_read(inode, l.inode_size)?,
+            mtime_sec: kernel_read(inode, l.inode_mtime_sec)?,
         })
     }
 
@@ -465,27 +461,17 @@ mod probes {
     /// `current->nsproxy->mnt_ns->ns.inum`.
     #[inline(always)]
     fn current_root() -> Option<RootId> {
-        let l = TASK_LAYOUT.get(0)?;
-        if l.valid == 0 {
-            return None;
-        }
-        let ptr = |base: u64, off: u32| -> Option<u64> {
-            let p: u64 =
-                unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64) }.ok()?;
-            (p != 0).then_some(p)
-        };
+        let l = task_layout()?;
         let task = unsafe { bpf_get_current_task() };
-        let fs = ptr(task, l.task_fs)?;
-        let dentry = ptr(fs, l.fs_root_dentry)?;
-        let inode = ptr(dentry, l.dentry_inode)?;
-        let nsproxy = ptr(task, l.task_nsproxy)?;
-        let mnt_ns = ptr(nsproxy, l.nsproxy_mnt_ns)?;
+        let fs = kernel_ptr(task, l.task_fs)?;
+        let dentry = kernel_ptr(fs, l.fs_root_dentry)?;
+        let inode = kernel_ptr(dentry, l.dentry_inode)?;
+        let nsproxy = kernel_ptr(task, l.task_nsproxy)?;
+        let mnt_ns = kernel_ptr(nsproxy, l.nsproxy_mnt_ns)?;
         Some(RootId {
             valid: 1,
-            mnt_ns: unsafe { bpf_probe_read_kernel((mnt_ns + l.mnt_ns_inum as u64) as *const u32) }
-                .ok()?,
-            ino: unsafe { bpf_probe_read_kernel((inode + l.inode_ino as u64) as *const u64) }
-                .ok()?,
+            mnt_ns: kernel_read(mnt_ns, l.mnt_ns_inum)?,
+            ino: kernel_read(inode, l.inode_ino)?,
         })
     }
 

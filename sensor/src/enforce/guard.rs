@@ -39,7 +39,7 @@ use nix::sys::fanotify::{
 };
 use tracing::{debug, info, warn};
 
-use crate::enrich::process::{ProcessTable, cgroup2_root};
+use crate::enrich::process::{ProcessInfo, ProcessTable, cgroup2_root};
 
 /// Fields a block rule may test: what is known before the file is read.
 const DECIDABLE: &[&str] = &[
@@ -72,6 +72,11 @@ pub struct GuardedOpen {
     /// rule's glob but no block rule selected this open (it was allowed,
     /// and is reported like any watched open).
     pub verdict: Option<(bool, String)>,
+    /// The process as the guard judged it, while its open waited. The
+    /// event thread reports this one: its own lookup can come after the
+    /// process exited and its records were forgotten (the exit travels
+    /// through the event ring, this open through a channel).
+    pub process: Arc<ProcessInfo>,
 }
 
 /// The directories block rules need marked. A glob must start with a fixed
@@ -295,6 +300,11 @@ impl Guard {
         if let Err(e) = self.fan.write_response(FanotifyResponse::new(fd, response)) {
             warn!(error = %e, pid, "answering a fanotify permission event");
         }
+        if let Some(d) = crate::control::test_delay("KEYWARDEN_TEST_GUARD_REPORT_DELAY_MS") {
+            // Test hook: the report reaches the event thread after the
+            // process has exited (sensor/tests/enforcement.rs).
+            std::thread::sleep(d);
+        }
         if let Some(v) = verdict
             && self.tx.try_send(v).is_err()
         {
@@ -414,6 +424,7 @@ impl Guard {
             ktime_ns,
             host_path: host_path.to_owned(),
             verdict,
+            process: info,
         })
     }
 }

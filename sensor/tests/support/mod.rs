@@ -170,13 +170,26 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     out
 }
 
+/// Spawns a command. A test that just copied the executable can see
+/// "Text file busy": another test thread forked while the copy's write
+/// descriptor was open, and the child holds it until it execs. That
+/// passes within milliseconds, so it is retried.
+pub fn spawn(cmd: &mut Command) -> Child {
+    let mut tries = 0;
+    loop {
+        match cmd.spawn() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r.unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}")),
+        }
+    }
+}
+
 /// Runs a command and returns its pid with its output.
 pub fn run_pid(cmd: &mut Command) -> (u32, Output) {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let child = spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
     let pid = child.id();
     (pid, child.wait_with_output().unwrap())
 }
@@ -196,11 +209,7 @@ pub fn run_pid_ok(cmd: &mut Command) -> (u32, Output) {
 /// Runs a command with a deadline. A process still running then (stopped
 /// and never released, say) is continued, killed, and the test fails.
 pub fn run_pid_deadline(cmd: &mut Command, deadline: Duration) -> (u32, Output) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let mut child = spawn(cmd.stdout(Stdio::piped()).stderr(Stdio::piped()));
     let pid = child.id();
     let end = Instant::now() + deadline;
     while child.try_wait().unwrap().is_none() {
