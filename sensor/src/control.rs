@@ -28,13 +28,13 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use keywarden_analyzer::event;
 use keywarden_probe_types::{ExecRecord, FileOpenRecord, exec_flags, open_flags};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     coverage::{Coverage, cover},
     discovery::{signing_code::ScanCache, targets::Candidate},
     enrich::process::ProcessTable,
-    probes::Probes,
+    probes::{Lease, Probes},
     records::{Record, c_str, decode},
 };
 
@@ -69,16 +69,34 @@ pub struct Control {
     pub cache: Arc<Mutex<ScanCache>>,
     pub warnings: crossbeam_channel::Sender<Warning>,
     pub shutdown: Arc<AtomicBool>,
+    pub lease_at_start: Lease,
 }
+
+/// Logged when another keywarden holds the host's lease (`HoldLease`).
+pub const ANOTHER_SENSOR_HOLDS: &str = "another keywarden on this host holds new processes until it has attached; \
+this sensor attaches to what it sees without holding, so it may miss the first signatures of a new program \
+(two sensors holding at once would end each other's holds early)";
 
 impl Control {
     pub fn run(mut self) {
         raise_priority();
         let mut last_heartbeat = Instant::now() - Duration::from_secs(1);
+        // What the start-up heartbeat found (run.rs said so if it was Other).
+        let mut lease = self.lease_at_start;
         while !self.shutdown.load(Ordering::Relaxed) {
             if last_heartbeat.elapsed() >= Duration::from_millis(500) {
-                if let Err(e) = self.probes.lock().expect("probes lock").heartbeat() {
-                    warn!(error = %e, "heartbeat");
+                match self.probes.lock().expect("probes lock").heartbeat() {
+                    Ok(now) if now != lease => {
+                        match now {
+                            Lease::Ours => info!(
+                                "this sensor holds new processes again: the other keywarden stopped"
+                            ),
+                            Lease::Other => warn!("{ANOTHER_SENSOR_HOLDS}"),
+                        }
+                        lease = now;
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %e, "heartbeat"),
                 }
                 self.release_orphans();
                 last_heartbeat = Instant::now();
@@ -225,7 +243,12 @@ impl Control {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
         let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
-        let open_path = if path.starts_with('/') || f.dfd == -100 {
+        // The descriptor it got is the very file, in whatever mount
+        // namespace, unless it was closed already (a process not held).
+        let by_fd = PathBuf::from(format!("/proc/{tgid}/fd/{}", f.fd));
+        let open_path = if f.fd >= 0 && std::fs::metadata(&by_fd).is_ok() {
+            Some(by_fd)
+        } else if path.starts_with('/') || f.dfd == -100 {
             info.resolve(&path)
         } else {
             None

@@ -17,8 +17,8 @@ use aya::{
 };
 use hashbrown::HashMap;
 use keywarden_probe_types::{
-    KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, TaskLayout, WatchPattern, config, func,
-    stats, watch,
+    HoldLease, KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, TaskLayout, WatchPattern, config,
+    func, stats, watch,
 };
 use tracing::{debug, info};
 
@@ -64,6 +64,36 @@ pub struct Probes {
     ebpf: Ebpf,
     libraries: Vec<Arc<Library>>,
     by_inode: HashMap<(u64, u64), u32>,
+    /// This sensor's name in the host-wide hold lease (`HoldLease`).
+    hold_token: u64,
+}
+
+/// Who holds processes on this host, as seen at a heartbeat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lease {
+    /// This sensor: its probes may hold.
+    Ours,
+    /// Another live sensor; this one attaches without holding.
+    Other,
+}
+
+/// A random, non-zero token: two sensors in different PID namespaces can
+/// share a PID, never a token.
+fn new_hold_token() -> u64 {
+    let mut buf = [0u8; 8];
+    loop {
+        // SAFETY: writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let token = u64::from_ne_bytes(buf);
+        if n == buf.len() as isize && token != 0 {
+            return token;
+        }
+    }
+}
+
+fn monotonic_ns() -> Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
 }
 
 /// Where maps that must outlive a sensor are pinned (bpffs).
@@ -146,6 +176,7 @@ impl Probes {
             ("process_exec", "sched", "sched_process_exec"),
             ("process_exit", "sched", "sched_process_exit"),
             ("openat_enter", "syscalls", "sys_enter_openat"),
+            ("openat_exit", "syscalls", "sys_exit_openat"),
         ] {
             let p: &mut TracePoint = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load()
@@ -160,6 +191,7 @@ impl Probes {
                 ebpf,
                 libraries: Vec::new(),
                 by_inode: HashMap::new(),
+                hold_token: new_hold_token(),
             },
             Rings { events, control },
         ))
@@ -313,12 +345,41 @@ impl Probes {
         Ok(())
     }
 
-    /// Tells the probes the sensor is alive; holding new processes stops by
-    /// itself when heartbeats stop.
-    pub fn heartbeat(&mut self) -> Result<()> {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
-        let ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
-        self.set_config(config::HEARTBEAT_NS, ns)
+    /// Renews this sensor's hold lease, or takes it when nobody holds it or
+    /// its holder's heartbeat is stale. Holding stops by itself when
+    /// heartbeats stop. Two sensors racing for a free lease may both write
+    /// it; the probes obey whichever write came last, so at any moment at
+    /// most one sensor holds, and the loser sees `Other` at its next beat.
+    pub fn heartbeat(&mut self) -> Result<Lease> {
+        self.set_config(config::HOLD_TOKEN, self.hold_token)?;
+        let now = monotonic_ns()?;
+        let mut map: Array<&mut MapData, HoldLease> =
+            Array::try_from(self.ebpf.map_mut("HOLD_LEASE").context("HOLD_LEASE map")?)?;
+        let lease = map.get(&0, 0)?;
+        let free = lease.token == 0
+            || lease.heartbeat_ns == 0
+            || now.saturating_sub(lease.heartbeat_ns) >= config::HEARTBEAT_MAX_AGE_NS;
+        if lease.token != self.hold_token && !free {
+            return Ok(Lease::Other);
+        }
+        let renewed = HoldLease {
+            token: self.hold_token,
+            heartbeat_ns: now,
+        };
+        map.set(0, &renewed, 0)?;
+        Ok(Lease::Ours)
+    }
+
+    /// Gives the lease up at shutdown (if this sensor holds it), so another
+    /// running sensor can take it at its next heartbeat rather than after
+    /// the lease goes stale.
+    pub fn give_up_lease(&mut self) -> Result<()> {
+        let mut map: Array<&mut MapData, HoldLease> =
+            Array::try_from(self.ebpf.map_mut("HOLD_LEASE").context("HOLD_LEASE map")?)?;
+        if map.get(&0, 0)?.token == self.hold_token {
+            map.set(0, &HoldLease::default(), 0)?;
+        }
+        Ok(())
     }
 
     /// Marks a library path as seen in a cgroup so opening it there again

@@ -38,7 +38,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
-    control::{Control, Warning},
+    control::{ANOTHER_SENSOR_HOLDS, Control, Warning},
     coverage::{Coverage, cover},
     discovery::{
         signing_code::{ScanCache, function_name},
@@ -57,7 +57,7 @@ use crate::{
         identify::{Identifier, identity_of},
         material::{self, KeyFile, KeyInfo},
     },
-    probes::Probes,
+    probes::{Lease, Probes},
     records::{Record, c_str, decode},
     secrets::watch::{Coalescer, WatchList},
     sink::NdjsonSink,
@@ -173,7 +173,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let (mut probes, rings) = Probes::load()?;
     probes.set_watch(&watch.kernel)?;
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
-    probes.heartbeat()?;
+    let lease_at_start = probes.heartbeat()?;
+    if lease_at_start == Lease::Other {
+        warn!("{ANOTHER_SENSOR_HOLDS}");
+    }
     probes.set_config(config::HOLD_NEW_LIBRARIES, cfg.hold_new_libraries as u64)?;
     let realtime_offset_ns = clock_ns(nix::time::ClockId::CLOCK_REALTIME)
         - clock_ns(nix::time::ClockId::CLOCK_MONOTONIC);
@@ -247,6 +250,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         cache: s.cache.clone(),
         warnings: warn_tx,
         shutdown: control_stop.clone(),
+        lease_at_start,
     };
     let control = std::thread::Builder::new()
         .name("keywarden-ctl".into())
@@ -326,6 +330,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     control_stop.store(true, Ordering::Relaxed);
     if control.join().is_err() {
         error!("control thread panicked");
+    }
+    if let Err(e) = s.probes().give_up_lease() {
+        warn!(error = %e, "giving up the hold lease (another sensor takes it once it is stale)");
     }
     guard_stop.store(true, Ordering::Relaxed);
     if let Some(g) = guard

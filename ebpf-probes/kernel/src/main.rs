@@ -87,6 +87,27 @@ mod probes {
     #[map]
     static HELD: HashMap<u32, u64> = HashMap::pinned(4096, 0);
 
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct PendingLibrary {
+        /// User pointer to the path, read again at exit.
+        filename: u64,
+        open_flags: u64,
+        dfd: i64,
+    }
+
+    /// A read-only open of a shared object, by thread (pid_tgid), waiting
+    /// for its result. LRU: a thread killed inside openat never reaches
+    /// the exit tracepoint.
+    #[map]
+    static PENDING_LIBRARY: LruHashMap<u64, PendingLibrary> =
+        LruHashMap::with_max_entries(16384, 0);
+
+    /// Which sensor may hold processes on this host (see `HoldLease`).
+    /// Pinned, so all sensors share it.
+    #[map]
+    static HOLD_LEASE: Array<HoldLease> = Array::pinned(1, 0);
+
     /// Processes the sensor has condemned: they loaded a protected key that
     /// their binary may not use (or used one). Any signature they begin is
     /// stopped with SIGKILL before it is made. Value: the sensor's index of
@@ -932,90 +953,65 @@ mod probes {
     /// Classifies an openat path: a shared object being loaded (any of them
     /// may carry its own crypto: Python's `cryptography` links OpenSSL into
     /// `_rust.abi3.so`), or a file that may hold a key. Everything else
-    /// returns at once.
+    /// returns at once. A library open is only noted here and handled when
+    /// it has succeeded (`openat_exit`).
     #[tracepoint(category = "syscalls", name = "sys_enter_openat")]
     pub fn openat_enter(ctx: TracePointContext) -> u32 {
         let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else {
             return 0;
         };
-        let Some(scratch) = PATH_SCRATCH.get_ptr_mut(0) else {
+        let Some((scratch, len)) = read_path(filename) else {
             return 0;
         };
-        let scratch = unsafe { &mut *scratch };
-        // The path goes into the first PATH_MAX bytes; the rest is slack
-        // for word reads past the end of a short path.
-        let buf: &mut [u8; PATH_MAX] =
-            unsafe { &mut *(scratch.as_mut_ptr() as *mut [u8; PATH_MAX]) };
-        let len = match unsafe { bpf_probe_read_user_str_bytes(filename as *const u8, buf) } {
-            Ok(s) => s.len(),
-            Err(_) => return 0,
-        };
-        if len < 4 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        if (pid_tgid >> 32) == config(config::SENSOR_TGID) {
             return 0;
         }
-        if (bpf_get_current_pid_tgid() >> 32) == config(config::SENSOR_TGID) {
-            return 0;
-        }
+        let buf = path_of(scratch);
         let mut flags = 0u32;
         // The last path component, found once for every test below.
         let basename = basename_start(buf, len);
         if is_shared_object(buf, len, basename) {
-            flags |= open_flags::LIBRARY;
-        } else {
-            if has_key_suffix(buf, len) {
-                flags |= open_flags::KEY_FILE;
+            // Writing a library (an install, `cp`, a build) is not loading
+            // it, and the file may still be partial. A load that fails (the
+            // loader tries every directory of its search path) loads
+            // nothing. Either, marked seen, would hide a later real load.
+            let open_flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
+            if open_flags & O_ACCMODE == O_RDONLY {
+                let pending = PendingLibrary {
+                    filename,
+                    open_flags,
+                    dfd: open_dfd(&ctx),
+                };
+                let _ = PENDING_LIBRARY.insert(&pid_tgid, &pending, 0);
             }
-            if is_watched(scratch, len, basename) {
-                flags |= open_flags::WATCHED;
-            }
-            if flags == 0 {
-                return 0;
-            }
-            let name = basename_hash(buf, basename, len);
-            if unsafe { PROTECTED_NAMES.get(&name) }.is_some() {
-                flags |= open_flags::PROTECTED;
-            }
+            return 0;
         }
-        // The helper reads at most PATH_MAX - 1 bytes: a path that long may
-        // be cut, and the sensor must not match it as if it were whole.
-        if len >= PATH_MAX - 1 {
-            flags |= open_flags::TRUNCATED;
+        if has_key_suffix(buf, len) {
+            flags |= open_flags::KEY_FILE;
+        }
+        if is_watched(scratch, len, basename) {
+            flags |= open_flags::WATCHED;
+        }
+        if flags == 0 {
+            return 0;
+        }
+        let name = basename_hash(buf, basename, len);
+        if unsafe { PROTECTED_NAMES.get(&name) }.is_some() {
+            flags |= open_flags::PROTECTED;
         }
         let task = current_task();
-        let is_library = flags & open_flags::LIBRARY != 0;
-        if is_library {
-            let key = LibrarySeenKey {
-                cgroup_id: task.cgroup_id,
-                path_hash: fnv1a(&buf[..]),
-            };
-            if unsafe { LIBRARY_SEEN.get(&key) }.is_some() {
-                return 0;
-            }
-            let _ = LIBRARY_SEEN.insert(&key, &1, 0);
-        }
         // Reserve first: a process is only ever held when the record that
         // makes the sensor release it is sure to be delivered.
-        let ring = if is_library { &CONTROL } else { &EVENTS };
-        let Some(mut rec) = ring.reserve::<FileOpenRecord>(0) else {
+        let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
             count(stats::LOST_OTHER);
             return 0;
         };
-        let hold = if is_library {
-            should_hold(&ctx, &task)
-        } else {
-            flags & open_flags::PROTECTED != 0 && sensor_alive(&task)
-        };
-        if hold && unsafe { bpf_send_signal(SIGSTOP) } == 0 {
-            flags |= open_flags::HELD;
-            let _ = HELD.insert(&task.tgid(), &task.ktime_ns, 0);
+        if flags & open_flags::PROTECTED != 0 && sensor_alive(&task) {
+            hold(&task, &mut flags);
         }
-        let r = unsafe { rec.assume_init_mut() };
-        r.kind = kind::FILE_OPEN;
-        r.flags = flags;
-        r.task = task;
-        r.dfd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32 as i64;
-        r.path = *buf;
-        rec.submit(if is_library || flags & open_flags::HELD != 0 {
+        fill_open(&mut rec, flags, len, task, open_dfd(&ctx), -1, buf);
+        rec.submit(if flags & open_flags::HELD != 0 {
             BPF_RB_FORCE_WAKEUP
         } else {
             BPF_RB_NO_WAKEUP
@@ -1023,33 +1019,145 @@ mod probes {
         0
     }
 
+    /// A library opened read-only for the first time in this cgroup: tell
+    /// the control thread, holding the opener (see `should_hold`) until it
+    /// has attached.
+    #[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+    pub fn openat_exit(ctx: TracePointContext) -> u32 {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        let Some(pending) = (unsafe { PENDING_LIBRARY.get(&pid_tgid) }).copied() else {
+            return 0;
+        };
+        let _ = PENDING_LIBRARY.remove(&pid_tgid);
+        let fd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+        if fd < 0 {
+            return 0;
+        }
+        let Some((scratch, len)) = read_path(pending.filename) else {
+            return 0;
+        };
+        let buf = path_of(scratch);
+        let task = current_task();
+        let key = LibrarySeenKey {
+            cgroup_id: task.cgroup_id,
+            path_hash: fnv1a(&buf[..]),
+        };
+        if unsafe { LIBRARY_SEEN.get(&key) }.is_some() {
+            return 0;
+        }
+        let _ = LIBRARY_SEEN.insert(&key, &1, 0);
+        let Some(mut rec) = CONTROL.reserve::<FileOpenRecord>(0) else {
+            count(stats::LOST_OTHER);
+            return 0;
+        };
+        let mut flags = open_flags::LIBRARY;
+        if should_hold(pending.open_flags, &task) {
+            hold(&task, &mut flags);
+        }
+        fill_open(&mut rec, flags, len, task, pending.dfd, fd, buf);
+        rec.submit(BPF_RB_FORCE_WAKEUP as u64);
+        0
+    }
+
+    /// The `dfd` argument of openat.
+    #[inline(always)]
+    fn open_dfd(ctx: &TracePointContext) -> i64 {
+        unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32 as i64
+    }
+
+    /// Reads a NUL-terminated user path into the per-CPU scratch buffer:
+    /// the buffer and the path's length, or None if it is unreadable or
+    /// too short to be of interest.
+    #[inline(always)]
+    fn read_path(
+        filename: u64,
+    ) -> Option<(&'static [u8; keywarden_probe_types::PATH_SCRATCH], usize)> {
+        let scratch = PATH_SCRATCH.get_ptr_mut(0)?;
+        // The path goes into the first PATH_MAX bytes; the rest is slack
+        // for word reads past the end of a short path.
+        let buf: &mut [u8; PATH_MAX] = unsafe { &mut *(scratch as *mut [u8; PATH_MAX]) };
+        let len = unsafe { bpf_probe_read_user_str_bytes(filename as *const u8, buf) }
+            .ok()?
+            .len();
+        if len < 4 {
+            return None;
+        }
+        Some((unsafe { &*scratch }, len))
+    }
+
+    /// The path part of the scratch buffer (see `read_path`).
+    #[inline(always)]
+    fn path_of(scratch: &[u8; keywarden_probe_types::PATH_SCRATCH]) -> &[u8; PATH_MAX] {
+        unsafe { &*(scratch.as_ptr() as *const [u8; PATH_MAX]) }
+    }
+
+    /// Stops the current process until the sensor sends SIGCONT, and
+    /// records it in `HELD` so a later sensor can release it if this one
+    /// dies first.
+    #[inline(always)]
+    fn hold(task: &Task, flags: &mut u32) {
+        if unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+            *flags |= open_flags::HELD;
+            let _ = HELD.insert(&task.tgid(), &task.ktime_ns, 0);
+        }
+    }
+
+    #[inline(always)]
+    fn fill_open(
+        rec: &mut aya_ebpf::maps::ring_buf::RingBufEntry<FileOpenRecord>,
+        mut flags: u32,
+        len: usize,
+        task: Task,
+        dfd: i64,
+        fd: i64,
+        buf: &[u8; PATH_MAX],
+    ) {
+        // The helper reads at most PATH_MAX - 1 bytes: a path that long may
+        // be cut, and the sensor must not match it as if it were whole.
+        if len >= PATH_MAX - 1 {
+            flags |= open_flags::TRUNCATED;
+        }
+        let r = unsafe { rec.assume_init_mut() };
+        r.kind = kind::FILE_OPEN;
+        r.flags = flags;
+        r.task = task;
+        r.dfd = dfd;
+        r.fd = fd;
+        r.path = *buf;
+    }
+
     const O_ACCMODE: u64 = 0o3;
     const O_RDONLY: u64 = 0;
     const O_CLOEXEC: u64 = 0o2000000;
 
     /// Hold (SIGSTOP) the opener of an unseen crypto library until the
-    /// sensor has attached? Only when holding is on, the sensor's heartbeat
-    /// is fresh, the open looks like the dynamic loader's (read-only,
+    /// sensor has attached? Only when holding is on, this sensor holds the
+    /// host's lease with a fresh heartbeat, the open looks like the dynamic loader's (read-only,
     /// close-on-exec: `cp` or `sha256sum` of a library is never held), and
     /// the opener is not a keywarden thread (two sensors holding each other
     /// would both stay stopped; every sensor thread's name starts with
     /// "keywarden").
     #[inline(always)]
-    fn should_hold(ctx: &TracePointContext, task: &Task) -> bool {
-        let open_flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
+    fn should_hold(open_flags: u64, task: &Task) -> bool {
         config(config::HOLD_NEW_LIBRARIES) != 0
             && open_flags & O_ACCMODE == O_RDONLY
             && open_flags & O_CLOEXEC != 0
             && sensor_alive(task)
     }
 
-    /// Holding anyone needs a sensor to release them: its heartbeat is
-    /// fresh, and the opener is not a keywarden thread.
+    /// Holding anyone needs a sensor to release them: this sensor holds
+    /// the host's lease, its heartbeat is fresh, and the opener is not a
+    /// keywarden thread.
     #[inline(always)]
     fn sensor_alive(task: &Task) -> bool {
-        let heartbeat = config(config::HEARTBEAT_NS);
-        heartbeat != 0
-            && task.ktime_ns.wrapping_sub(heartbeat) < config::HEARTBEAT_MAX_AGE_NS
+        let token = config(config::HOLD_TOKEN);
+        let Some(lease) = HOLD_LEASE.get(0) else {
+            return false;
+        };
+        token != 0
+            && lease.token == token
+            && lease.heartbeat_ns != 0
+            && task.ktime_ns.wrapping_sub(lease.heartbeat_ns) < config::HEARTBEAT_MAX_AGE_NS
             && !task.comm.starts_with(b"keywarden")
     }
 

@@ -265,15 +265,33 @@ impl WatchPattern {
 pub mod config {
     /// Non-zero: hold (SIGSTOP) a process that opens an unseen crypto library.
     pub const HOLD_NEW_LIBRARIES: u32 = 0;
-    /// `bpf_ktime_get_ns()` of the sensor's last heartbeat; holding is skipped
-    /// when it is older than `HEARTBEAT_MAX_AGE_NS`, so a dead sensor never
-    /// leaves processes stopped.
-    pub const HEARTBEAT_NS: u32 = 1;
+    /// This sensor's random token: its probes hold a process only while
+    /// the host-wide `HoldLease` names this token.
+    pub const HOLD_TOKEN: u32 = 1;
     /// The sensor's own tgid: its opens and exec are never held or reported
     /// (it reads every library it attaches to, and would stop itself).
     pub const SENSOR_TGID: u32 = 2;
     pub const SLOTS: u32 = 4;
+    /// A lease whose heartbeat is older than this is void: its sensor died
+    /// or stalled, holding stops, and another sensor may take the lease.
     pub const HEARTBEAT_MAX_AGE_NS: u64 = 2_000_000_000;
+}
+
+/// The right to hold (SIGSTOP) processes on this host, in a one-entry map
+/// pinned in bpffs so every running sensor sees the same one.
+///
+/// Why one holder: a hold ends with a SIGCONT, and stops do not nest. With
+/// two sensors both holding, one sensor's late SIGCONT for an exec hold can
+/// end the other's library hold before either has attached, and the
+/// signature is missed by both. So only the sensor whose token the lease
+/// names holds; the others attach to what they see, without holding.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HoldLease {
+    /// `config::HOLD_TOKEN` of the holding sensor (0: nobody).
+    pub token: u64,
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC) of its last heartbeat.
+    pub heartbeat_ns: u64,
 }
 
 /// Slots of the per-CPU `STATS` array: events the probes could not deliver.
@@ -509,6 +527,10 @@ pub struct FileOpenRecord {
     pub task: Task,
     /// `dfd` argument of openat (AT_FDCWD = -100 for cwd-relative paths).
     pub dfd: i64,
+    /// The descriptor openat returned, for a library (reported when the
+    /// open has succeeded); -1 for other files (reported at entry). While
+    /// the process is held, `/proc/PID/fd/N` is the very file it opened.
+    pub fd: i64,
     pub path: [u8; PATH_MAX],
 }
 
@@ -608,6 +630,7 @@ mod pod {
     unsafe impl aya::Pod for KnownHandle {}
     unsafe impl aya::Pod for WatchPattern {}
     unsafe impl aya::Pod for LibrarySeenKey {}
+    unsafe impl aya::Pod for HoldLease {}
     unsafe impl aya::Pod for SockLayout {}
     unsafe impl aya::Pod for TaskLayout {}
 }
