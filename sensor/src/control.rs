@@ -196,7 +196,7 @@ impl Control {
         }
         if e.flags & exec_flags::HELD != 0 {
             let mut probes = self.probes.lock().expect("probes lock");
-            let _ = probes.mark_library_seen(e.task.cgroup_id, &path);
+            let _ = probes.mark_library_seen(e.task.cgroup_id, &path, &e.exe);
             drop(probes);
             self.release(tgid, &path);
         }

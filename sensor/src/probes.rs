@@ -17,8 +17,8 @@ use aya::{
 };
 use hashbrown::HashMap;
 use keywarden_probe_types::{
-    HoldLease, KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, TaskLayout, WatchPattern, config,
-    func, stats, watch,
+    ExeId, HoldLease, KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, TaskLayout, WatchPattern,
+    config, func, stats, watch,
 };
 use tracing::{debug, info};
 
@@ -88,6 +88,18 @@ fn new_hold_token() -> u64 {
         if n == buf.len() as isize && token != 0 {
             return token;
         }
+    }
+}
+
+/// A file's identity as the probes read it from its inode.
+pub fn file_id(md: &std::fs::Metadata) -> ExeId {
+    use std::os::unix::fs::MetadataExt;
+    ExeId {
+        valid: 1,
+        mtime_nsec: md.mtime_nsec() as u32,
+        ino: md.ino(),
+        size: md.size(),
+        mtime_sec: md.mtime(),
     }
 }
 
@@ -382,18 +394,15 @@ impl Probes {
         Ok(())
     }
 
-    /// Marks a library path as seen in a cgroup so opening it there again
-    /// does not hold the process.
-    pub fn mark_library_seen(&mut self, cgroup_id: u64, path: &str) -> Result<()> {
+    /// Marks a library path, as the file it is now, as seen in a cgroup so
+    /// opening it there again does not hold the process.
+    pub fn mark_library_seen(&mut self, cgroup_id: u64, path: &str, file: &ExeId) -> Result<()> {
         let mut seen: BpfHashMap<&mut MapData, LibrarySeenKey, u8> = BpfHashMap::try_from(
             self.ebpf
                 .map_mut("LIBRARY_SEEN")
                 .context("LIBRARY_SEEN map")?,
         )?;
-        let key = LibrarySeenKey {
-            cgroup_id,
-            path_hash: keywarden_probe_types::fnv1a(path.as_bytes()),
-        };
+        let key = LibrarySeenKey::new(cgroup_id, path.as_bytes(), file);
         seen.insert(&key, &1, 0)?;
         Ok(())
     }

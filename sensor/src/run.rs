@@ -451,8 +451,13 @@ impl Sensor {
                 });
             if let (Some(root), Some(cg)) = (&cgroup_root, cg)
                 && let Ok(md) = std::fs::metadata(root.join(cg.trim_start_matches('/')))
+                && let Ok(file) = std::fs::metadata(&c.open_path)
             {
-                let _ = self.probes().mark_library_seen(md.ino(), &c.shown_as);
+                let _ = self.probes().mark_library_seen(
+                    md.ino(),
+                    &c.shown_as,
+                    &crate::probes::file_id(&file),
+                );
             }
         }
     }

@@ -135,6 +135,7 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
 /// be hidden (seen in a test where the copy came after the sensor started).
 /// Nor may a failed open: the dynamic loader tries every directory of its
 /// search path, and a library put into one of them later must be covered.
+/// And a library upgraded in place is a new file at a seen path.
 #[test]
 fn a_library_written_while_the_sensor_runs_is_covered_when_loaded() {
     let sensor = Sensor::start(&[]);
@@ -161,8 +162,26 @@ fn a_library_written_while_the_sensor_runs_is_covered_when_loaded() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // Upgraded in place, as a package manager does: a new file renamed over
+    // the path. The next process loads the new inode, which the probes
+    // attached to the old one do not cover.
+    let staged = later.path().join(".libcrypto.so.3.new");
+    std::fs::copy(&signer.library, &staged).unwrap();
+    std::fs::rename(&staged, &library).unwrap();
+    let mut upgraded = signer.command();
+    upgraded.env("LD_LIBRARY_PATH", later.path());
+    let (pid_upgraded, out) = run_pid_deadline(&mut upgraded, Duration::from_secs(30));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let events = sensor.stop();
-    for (pid, library) in [(pid, &signer.library), (pid_after, &library)] {
+    for (pid, library) in [
+        (pid, &signer.library),
+        (pid_after, &library),
+        (pid_upgraded, &library),
+    ] {
         let uses = key_uses_of(&events, pid);
         assert_eq!(uses.len(), 1, "{uses:#?}");
         assert_eq!(uses[0]["module"]["file"]["path"], library.to_str().unwrap());

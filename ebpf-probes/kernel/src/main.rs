@@ -466,7 +466,28 @@ mod probes {
         let l = task_layout()?;
         let task = unsafe { bpf_get_current_task() };
         let mm = kernel_ptr(task, l.task_mm)?;
-        let file = kernel_ptr(mm, l.mm_exe_file)?;
+        file_id(l, kernel_ptr(mm, l.mm_exe_file)?)
+    }
+
+    /// The file behind one of the current task's descriptors:
+    /// `current->files->fdt->fd[fd]`.
+    #[inline(always)]
+    fn current_fd_file(fd: i64) -> Option<ExeId> {
+        let l = task_layout()?;
+        let task = unsafe { bpf_get_current_task() };
+        let files = kernel_ptr(task, l.task_files)?;
+        let fdt = kernel_ptr(files, l.files_fdt)?;
+        let max: u32 = kernel_read(fdt, l.fdtable_max_fds)?;
+        if fd < 0 || fd >= max as i64 {
+            return None;
+        }
+        let fds = kernel_ptr(fdt, l.fdtable_fd)?;
+        file_id(l, kernel_ptr(fds, fd as u32 * 8)?)
+    }
+
+    /// Inode number, size and mtime of a `struct file`.
+    #[inline(always)]
+    fn file_id(l: &TaskLayout, file: u64) -> Option<ExeId> {
         let inode = kernel_ptr(file, l.file_inode)?;
         Some(ExeId {
             valid: 1,
@@ -915,10 +936,7 @@ mod probes {
         // An image not seen in this cgroup yet may carry its own signing
         // code (a static binary): stop it before its first instruction
         // until the sensor has looked. The sensor marks the path seen.
-        let seen = LibrarySeenKey {
-            cgroup_id: task.cgroup_id,
-            path_hash: fnv1a(&r.filename),
-        };
+        let seen = LibrarySeenKey::new(task.cgroup_id, &r.filename, &r.exe);
         if config(config::HOLD_NEW_LIBRARIES) != 0
             && unsafe { LIBRARY_SEEN.get(&seen) }.is_none()
             && sensor_alive(&task)
@@ -1038,10 +1056,8 @@ mod probes {
         };
         let buf = path_of(scratch);
         let task = current_task();
-        let key = LibrarySeenKey {
-            cgroup_id: task.cgroup_id,
-            path_hash: fnv1a(&buf[..]),
-        };
+        let file = current_fd_file(fd).unwrap_or_default();
+        let key = LibrarySeenKey::new(task.cgroup_id, &buf[..], &file);
         if unsafe { LIBRARY_SEEN.get(&key) }.is_some() {
             return 0;
         }

@@ -507,6 +507,10 @@ pub struct TaskLayout {
     pub nsproxy_mnt_ns: u32,
     /// `mnt_namespace.ns` plus `ns_common.inum`.
     pub mnt_ns_inum: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_max_fds: u32,
+    pub fdtable_fd: u32,
 }
 
 /// `kind::EXIT` and `kind::EXEC_MARK`.
@@ -595,13 +599,35 @@ pub struct KnownHandle {
 /// No signature takes this long; an older in-flight record is stale.
 pub const INFLIGHT_MAX_AGE_NS: u64 = 10_000_000_000;
 
-/// Key of `LIBRARY_SEEN`: a library path opened inside a cgroup.
+/// Key of `LIBRARY_SEEN`: a library (or executable) path opened inside a
+/// cgroup, and which file it was. The file's identity is part of the key
+/// because packages are upgraded in place: after `apt upgrade libssl3` the
+/// same path names a new inode (or, after a `cp` over it, the same inode
+/// with a new mtime), and new processes load that one. Keyed by path
+/// alone, the new file would never be reported, and never covered.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LibrarySeenKey {
     pub cgroup_id: u64,
-    /// FNV-1a 64 of the path bytes as passed to openat.
+    /// FNV-1a 64 of the path bytes as passed to openat (or execve).
     pub path_hash: u64,
+    /// Inode number (0 if the probe could not read it).
+    pub ino: u64,
+    /// mtime as `sec * 1e9 + nsec`, wrapping.
+    pub mtime_ns: u64,
+}
+
+impl LibrarySeenKey {
+    pub fn new(cgroup_id: u64, path: &[u8], file: &ExeId) -> Self {
+        Self {
+            cgroup_id,
+            path_hash: fnv1a(path),
+            ino: file.ino,
+            mtime_ns: (file.mtime_sec as u64)
+                .wrapping_mul(1_000_000_000)
+                .wrapping_add(file.mtime_nsec as u64),
+        }
+    }
 }
 
 /// FNV-1a over a NUL-terminated buffer; the kernel and the sensor must agree.

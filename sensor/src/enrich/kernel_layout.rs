@@ -104,6 +104,8 @@ pub fn task() -> Result<TaskLayout> {
     let nsproxy = struct_fields(&btf, "nsproxy")?;
     let mnt_namespace = struct_fields(&btf, "mnt_namespace")?;
     let ns_common = struct_fields(&btf, "ns_common")?;
+    let files = struct_fields(&btf, "files_struct")?;
+    let fdtable = struct_fields(&btf, "fdtable")?;
     // Linux 6.7 split the mtime into i_mtime_sec and i_mtime_nsec; before
     // it was a timespec64 (i_mtime, or __i_mtime in 6.6): tv_sec, tv_nsec.
     let (mtime_sec, mtime_nsec) = match (inode.get("i_mtime_sec"), inode.get("i_mtime_nsec")) {
@@ -130,6 +132,10 @@ pub fn task() -> Result<TaskLayout> {
         nsproxy_mnt_ns: field(&nsproxy, "nsproxy", "mnt_ns")?,
         mnt_ns_inum: field(&mnt_namespace, "mnt_namespace", "ns")?
             + field(&ns_common, "ns_common", "inum")?,
+        task_files: field(&task, "task_struct", "files")?,
+        files_fdt: field(&files, "files_struct", "fdt")?,
+        fdtable_max_fds: field(&fdtable, "fdtable", "max_fds")?,
+        fdtable_fd: field(&fdtable, "fdtable", "fd")?,
     })
 }
 
