@@ -92,7 +92,7 @@ pub fn run(args: Args) -> Result<()> {
     let origin = crate::run::origin();
     let mut seq = 0u64;
     let mut findings = 0u64;
-    let mut write = |o: pipeline::Output, out: &mut dyn Write| -> Result<()> {
+    let mut write = |o: Box<pipeline::Output>, out: &mut dyn Write| -> Result<()> {
         for f in &o.fired {
             seq += 1;
             let responses = f

@@ -883,8 +883,8 @@ impl Sensor {
             killed_by: killed_by.map(str::to_owned),
         };
         let back = match &self.pipeline {
-            Some(p) => p.submit(input).err(),
-            None => Some(Box::new(input)),
+            Some(p) => p.submit(input).err().map(|o| o.event),
+            None => Some(input.event),
         };
         if let Some(back) = back {
             self.unanalysed += 1;
@@ -894,12 +894,12 @@ impl Sensor {
                     "analyzer queue full: events written without correlation"
                 );
             }
-            self.sink.push(&back.event);
+            self.sink.push(&back);
         }
     }
 
     fn drain_pipeline(&mut self) {
-        let ready: Vec<Output> = match &self.pipeline {
+        let ready: Vec<Box<Output>> = match &self.pipeline {
             Some(p) => p.try_drain().collect(),
             None => return,
         };
@@ -910,10 +910,10 @@ impl Sensor {
 
     /// Writes an analysed event, then acts on every rule it fired and
     /// writes a finding for each.
-    fn handle_output(&mut self, o: Output) {
-        let ev = o.event;
-        self.sink.push(&ev);
-        for fired in o.fired {
+    fn handle_output(&mut self, o: Box<Output>) {
+        let ev = &o.event;
+        self.sink.push(ev);
+        for fired in &o.fired {
             let rule = fired.rule.clone();
             let mut responses = Vec::new();
             for action in &rule.actions {
@@ -926,7 +926,7 @@ impl Sensor {
                                 .to_owned(),
                         ),
                     ),
-                    Action::Kill => self.kill_after(&ev),
+                    Action::Kill => self.kill_after(ev),
                     Action::Block => {
                         match ev.secret_file.as_ref().and_then(|s| s.verdict.as_deref()) {
                             Some("denied") => ("done", Some("open refused with EPERM".to_owned())),
@@ -948,7 +948,7 @@ impl Sensor {
             }
             warn!(rule = %rule.id, pid = ev.actor.process.pid, "rule fired: {}", ev.message);
             let seq = self.next_seq();
-            let finding = fired.finding(&self.origin, self.now_ms(), seq, &ev, responses);
+            let finding = fired.finding(&self.origin, self.now_ms(), seq, ev, responses);
             self.findings += 1;
             self.sink.push(&finding);
         }
