@@ -188,9 +188,31 @@ impl Geo {
 
 impl GeoView {
     /// Where an address is, and whose network it is in.
-    pub fn lookup(&self, ip: IpAddr) -> (Option<Location>, Option<AutonomousSystem>) {
-        let location = self.city.as_ref().and_then(|r| {
-            let record: CityRecord = r.lookup(ip).ok()?.decode().ok()??;
+    pub fn lookup(&self, ip: IpAddr) -> Answer {
+        self.lookup_with_prefix(ip).0
+    }
+
+    /// `lookup`, and the longest prefix of the networks the databases
+    /// matched (how narrow the range with this same answer may be).
+    fn lookup_with_prefix(&self, ip: IpAddr) -> (Answer, u8) {
+        fn found<'r>(
+            r: &'r Reader<Vec<u8>>,
+            ip: IpAddr,
+            prefix: &mut u8,
+        ) -> Option<maxminddb::LookupResult<'r, Vec<u8>>> {
+            let Ok(result) = r.lookup(ip) else {
+                *prefix = 128; // an error says nothing of the neighbours
+                return None;
+            };
+            // No network: assume the narrowest, so nothing is shared.
+            *prefix = (*prefix).max(result.network().map_or(128, |n| n.prefix()));
+            Some(result)
+        }
+        let mut prefix = 0u8;
+        let city = self.city.as_deref().and_then(|r| found(r, ip, &mut prefix));
+        let asn = self.asn.as_deref().and_then(|r| found(r, ip, &mut prefix));
+        let location = city.and_then(|result| {
+            let record: CityRecord = result.decode().ok()??;
             let loc = Location {
                 country: record.country.and_then(|c| c.iso_code).map(str::to_owned),
                 city: record
@@ -201,14 +223,14 @@ impl GeoView {
             };
             (loc.country.is_some() || loc.city.is_some()).then_some(loc)
         });
-        let asn = self.asn.as_ref().and_then(|r| {
-            let a: geoip2::Asn = r.lookup(ip).ok()?.decode().ok()??;
+        let asn = asn.and_then(|result| {
+            let a: geoip2::Asn = result.decode().ok()??;
             Some(AutonomousSystem {
                 number: a.autonomous_system_number?,
                 name: a.autonomous_system_organization.map(str::to_owned),
             })
         });
-        (location, asn)
+        ((location, asn), prefix)
     }
 
     /// Fills `peer.location` and `peer.autonomous_system` of an event that
@@ -221,6 +243,107 @@ impl GeoView {
             return;
         };
         let (location, asn) = self.lookup(ip);
+        if location.is_some() {
+            peer.location = location;
+        }
+        if asn.is_some() {
+            peer.autonomous_system = asn;
+        }
+    }
+}
+
+/// What a lookup found: where an address is, and whose network it is in.
+pub type Answer = (Option<Location>, Option<AutonomousSystem>);
+
+/// Recent answers of one reader (a pipeline shard), so the clients a key
+/// serves again and again cost a hash lookup instead of two tree walks and
+/// two record decodes.
+///
+/// Exact, never approximate: an answer is filed under its /24 (IPv4) or /48
+/// (IPv6) only when both databases' matching networks are at least that
+/// wide, so every address in it has the same answer; otherwise under the
+/// address itself. Cleared when a database is reloaded, and when full
+/// (cheaper than keeping recency for every hit).
+pub struct GeoCache {
+    capacity: usize,
+    generation: u64,
+    answers: hashbrown::HashMap<(IpAddr, u8), Answer>,
+}
+
+impl GeoCache {
+    /// `capacity` 0 caches nothing.
+    pub fn new(capacity: usize) -> Self {
+        GeoCache {
+            capacity,
+            generation: u64::MAX,
+            answers: hashbrown::HashMap::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.answers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+}
+
+/// The /24 or /48 an address is in, as a cache key.
+fn block_of(ip: IpAddr) -> (IpAddr, u8) {
+    match ip {
+        IpAddr::V4(v4) => (IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()), BLOCK_V4),
+        IpAddr::V6(v6) => (
+            IpAddr::V6((u128::from(v6) & !((1u128 << 80) - 1)).into()),
+            BLOCK_V6,
+        ),
+    }
+}
+
+const BLOCK_V4: u8 = 24;
+const BLOCK_V6: u8 = 48;
+
+impl GeoView {
+    /// `lookup` through a cache.
+    pub fn lookup_cached(&self, ip: IpAddr, cache: &mut GeoCache) -> Answer {
+        if cache.capacity == 0 {
+            return self.lookup(ip);
+        }
+        if cache.generation != self.generation {
+            cache.answers.clear();
+            cache.generation = self.generation;
+        }
+        let block = block_of(ip);
+        let exact = (ip, if ip.is_ipv4() { 32 } else { 128 });
+        if let Some(a) = cache
+            .answers
+            .get(&block)
+            .or_else(|| cache.answers.get(&exact))
+        {
+            return a.clone();
+        }
+        let (answer, widest_prefix) = self.lookup_with_prefix(ip);
+        if cache.answers.len() >= cache.capacity {
+            cache.answers.clear();
+        }
+        let key = if widest_prefix <= block.1 {
+            block
+        } else {
+            exact
+        };
+        cache.answers.insert(key, answer.clone());
+        answer
+    }
+
+    /// `enrich` through a cache.
+    pub fn enrich_cached(&self, event: &mut Event, cache: &mut GeoCache) {
+        let Some(peer) = event.peer.as_mut() else {
+            return;
+        };
+        let Ok(ip) = peer.ip.parse::<IpAddr>() else {
+            return;
+        };
+        let (location, asn) = self.lookup_cached(ip, cache);
         if location.is_some() {
             peer.location = location;
         }
@@ -381,6 +504,64 @@ mod tests {
             (loc.country.as_deref(), loc.city.as_deref()),
             (Some("DE"), None)
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_databases_do_and_follows_reloads() {
+        let dir = std::env::temp_dir().join(format!("kw-geo-cache-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (city, asn) = test_dbs::write(&dir, "FR");
+        let geo = Geo::open(Some(&city), Some(&asn)).unwrap();
+        let mut view = None;
+        geo.refresh_view(&mut view);
+        let view = view.unwrap();
+        let mut cache = GeoCache::new(4);
+        // 127.0.0.0/24 is two /25 networks: filed by /24, the second
+        // address would get the first one's answer.
+        let ips = [
+            "127.0.0.1",
+            "127.0.0.200",
+            "127.0.0.2",
+            "127.0.0.129",
+            "198.51.100.7",
+            "198.51.100.8",
+            "192.0.2.1",
+            "10.1.2.3",
+            "10.1.2.4",
+            "2001:db8::1",
+        ];
+        for round in 0..3 {
+            for ip in ips {
+                let ip: IpAddr = ip.parse().unwrap();
+                assert_eq!(
+                    view.lookup_cached(ip, &mut cache),
+                    view.lookup(ip),
+                    "{ip}, round {round}"
+                );
+                assert!(cache.len() <= 4);
+            }
+        }
+        // Answers from a wide network are shared across its /24.
+        let mut wide = GeoCache::new(100);
+        view.lookup_cached("198.51.100.7".parse().unwrap(), &mut wide);
+        view.lookup_cached("198.51.100.8".parse().unwrap(), &mut wide);
+        view.lookup_cached("127.0.0.1".parse().unwrap(), &mut wide);
+        view.lookup_cached("127.0.0.2".parse().unwrap(), &mut wide);
+        assert_eq!(wide.len(), 3, "one /24 entry, two exact ones");
+
+        // A reloaded database empties the cache of a view that follows it.
+        let other = dir.join("next");
+        std::fs::create_dir_all(&other).unwrap();
+        let (new_city, _) = test_dbs::write(&other, "JP");
+        std::fs::rename(&new_city, &city).unwrap();
+        assert!(matches!(geo.refresh()[0], Ok(true)));
+        let mut view = Some(view);
+        geo.refresh_view(&mut view);
+        let (loc, _) = view
+            .unwrap()
+            .lookup_cached("127.0.0.200".parse().unwrap(), &mut wide);
+        assert_eq!(loc.unwrap().country.as_deref(), Some("JP"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -68,6 +68,7 @@ pub fn run(args: Args) -> Result<()> {
             learning_ms: cfg.analyzer.learning_period_s as i64 * 1000,
             overflow: Overflow::Block,
             geo: open_geo(&cfg.analyzer)?,
+            geo_cache: pipeline::GEO_CACHE_ENTRIES,
             baselines,
         },
     );

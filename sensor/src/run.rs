@@ -165,6 +165,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             learning_ms: cfg.analyzer.learning_period_s as i64 * 1000,
             overflow: Overflow::Drop,
             geo: geo.clone(),
+            geo_cache: pipeline::GEO_CACHE_ENTRIES,
             baselines,
         },
     );
@@ -966,8 +967,8 @@ impl Sensor {
                 received = st.received,
                 dropped = st.dropped,
                 processed = st.processed,
-                mean_latency_us = st.latency_ns_total / st.processed.max(1) / 1000,
-                max_latency_us = st.latency_ns_max / 1000,
+                mean_latency_us = st.mean_latency_ns() / 1000,
+                max_latency_us_sampled = st.latency_ns_max / 1000,
                 "analyzer shard"
             );
         }

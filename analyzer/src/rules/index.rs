@@ -25,6 +25,9 @@ pub struct RuleIndex {
     fields: Vec<IndexedField>,
     /// Rules with no exact-match condition.
     always: Vec<usize>,
+    /// Per rule: the condition it is filed under. A rule found through the
+    /// index has that condition met already (its value was the key).
+    pub indexed_condition: Vec<Option<usize>>,
 }
 
 #[derive(Clone, Debug)]
@@ -49,10 +52,12 @@ impl RuleIndex {
             let chosen = rule
                 .conditions
                 .iter()
-                .filter(exact)
-                .find(sha256)
-                .or_else(|| rule.conditions.iter().find(exact));
-            let Some(c) = chosen else {
+                .enumerate()
+                .filter(|(_, c)| exact(c))
+                .find(|(_, c)| sha256(c))
+                .or_else(|| rule.conditions.iter().enumerate().find(|(_, c)| exact(c)));
+            index.indexed_condition.push(chosen.map(|(at, _)| at));
+            let Some((_, c)) = chosen else {
                 index.always.push(i);
                 continue;
             };
@@ -83,9 +88,11 @@ impl RuleIndex {
         index
     }
 
-    /// Rules that may select `event`, ascending, each once.
-    pub fn candidates(&self, event: &Event) -> Vec<usize> {
-        let mut out = self.always.clone();
+    /// Rules that may select `event`, ascending, each once, into `out`
+    /// (a buffer the caller keeps, so an event allocates nothing here).
+    pub fn candidates(&self, event: &Event, out: &mut Vec<usize>) {
+        out.clear();
+        out.extend_from_slice(&self.always);
         for f in &self.fields {
             (f.visit)(event, &mut |v| {
                 if let Value::Str(s) = v
@@ -98,6 +105,5 @@ impl RuleIndex {
         }
         out.sort_unstable();
         out.dedup();
-        out
     }
 }

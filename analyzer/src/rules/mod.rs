@@ -213,6 +213,8 @@ pub struct Thresholds {
     /// counted the key. Keyed by the key first: an event's rules then share
     /// one lookup, where a map per rule cost a cache miss per rule.
     windows: HashMap<String, Vec<(usize, Sliding)>>,
+    /// The candidate-rule list, reused from event to event.
+    candidates: Vec<usize>,
 }
 
 #[derive(Default)]
@@ -435,18 +437,19 @@ impl RuleSet {
         deviations: &[Deviation],
         thresholds: &mut Thresholds,
     ) -> Vec<Firing<'a>> {
-        let actor = Actor::of(event);
+        let mut actor = None;
         let mut out = Vec::new();
         let index = self
             .index
             .get_or_init(|| index::RuleIndex::build(&self.rules));
-        let candidates = index.candidates(event);
+        let mut candidates = std::mem::take(&mut thresholds.candidates);
+        index.candidates(event, &mut candidates);
         // One lookup of the event's threshold windows serves all its rules.
         let mut windows = candidates
             .iter()
             .any(|&i| self.rules[i].threshold.is_some())
             .then(|| thresholds.of(&group_key(event)));
-        for i in candidates {
+        for &i in &candidates {
             let r = &self.rules[i];
             // A deviation rule needs one of its deviations: the cheapest
             // test, and most uses deviate in nothing.
@@ -454,7 +457,16 @@ impl RuleSet {
             if !r.deviations.is_empty() && !deviations.iter().any(wanted) {
                 continue;
             }
-            if !r.selects(event) || r.allows(&actor) {
+            // The condition the index found it by holds already.
+            let met = index.indexed_condition[i];
+            let selects = event.metadata.event_code == r.event
+                && r.conditions
+                    .iter()
+                    .enumerate()
+                    .all(|(at, c)| Some(at) == met || c.holds(event));
+            if !selects
+                || (!r.allow.is_empty() && r.allows(actor.get_or_insert_with(|| Actor::of(event))))
+            {
                 continue;
             }
             let devs: Vec<Deviation> = deviations.iter().copied().filter(wanted).collect();
@@ -478,6 +490,7 @@ impl RuleSet {
                 count,
             });
         }
+        thresholds.candidates = candidates;
         out
     }
 

@@ -374,7 +374,8 @@ rules:
         let every: Vec<usize> = (0..set.rules.len())
             .filter(|&i| set.rules[i].selects(ev))
             .collect();
-        let candidates = index.candidates(ev);
+        let mut candidates = vec![99];
+        index.candidates(ev, &mut candidates);
         let indexed: Vec<usize> = candidates
             .iter()
             .copied()
@@ -382,10 +383,17 @@ rules:
             .collect();
         assert_eq!(indexed, every, "{ev:#?}");
         assert!(candidates.windows(2).all(|w| w[0] < w[1]));
+        // evaluate skips the condition a rule was found by: it must hold.
+        for &i in &candidates {
+            if let Some(at) = index.indexed_condition[i] {
+                assert!(set.rules[i].conditions[at].holds(ev), "{}", set.rules[i].id);
+            }
+        }
     }
     let ids = |ev: &Event| -> Vec<&str> {
-        index
-            .candidates(ev)
+        let mut candidates = Vec::new();
+        index.candidates(ev, &mut candidates);
+        candidates
             .into_iter()
             .map(|i| set.rules[i].id.as_str())
             .collect()
