@@ -243,11 +243,12 @@ impl Control {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
         let info = self.procs.lookup_or_snapshot(tgid, f.task.ktime_ns);
-        // The descriptor it got is the very file, in whatever mount
-        // namespace, unless it was closed already (a process not held).
-        let by_fd = PathBuf::from(format!("/proc/{tgid}/fd/{}", f.fd));
-        let open_path = if f.fd >= 0 && std::fs::metadata(&by_fd).is_ok() {
-            Some(by_fd)
+        // While the process is held, the descriptor it got is the very
+        // file, in whatever mount namespace. Not held, it may be closed,
+        // or reused for another file, by now.
+        let held = f.flags & open_flags::HELD != 0;
+        let open_path = if held && f.fd >= 0 {
+            Some(PathBuf::from(format!("/proc/{tgid}/fd/{}", f.fd)))
         } else if path.starts_with('/') || f.dfd == -100 {
             info.resolve(&path)
         } else {
@@ -266,7 +267,7 @@ impl Control {
             };
             self.cover(&c);
         }
-        if f.flags & open_flags::HELD != 0 {
+        if held {
             self.release(tgid, &path);
         }
     }
