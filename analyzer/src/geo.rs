@@ -236,19 +236,8 @@ impl GeoView {
     /// Fills `peer.location` and `peer.autonomous_system` of an event that
     /// has a peer address.
     pub fn enrich(&self, event: &mut Event) {
-        let Some(peer) = event.peer.as_mut() else {
-            return;
-        };
-        let Ok(ip) = peer.ip.parse::<IpAddr>() else {
-            return;
-        };
-        let (location, asn) = self.lookup(ip);
-        if location.is_some() {
-            peer.location = location;
-        }
-        if asn.is_some() {
-            peer.autonomous_system = asn;
-        }
+        // A cache of capacity 0 looks every address up (and allocates nothing).
+        self.enrich_cached(event, &mut GeoCache::new(0))
     }
 }
 
@@ -335,7 +324,8 @@ impl GeoView {
         answer
     }
 
-    /// `enrich` through a cache.
+    /// `enrich` through a cache: fills `peer.location` and
+    /// `peer.autonomous_system` of an event that has a peer address.
     pub fn enrich_cached(&self, event: &mut Event, cache: &mut GeoCache) {
         let Some(peer) = event.peer.as_mut() else {
             return;
@@ -507,12 +497,19 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    #[test]
-    fn the_cache_answers_as_the_databases_do_and_follows_reloads() {
-        let dir = std::env::temp_dir().join(format!("kw-geo-cache-{}", std::process::id()));
+    /// The test databases (FR for 127.0.0.128/25) in a fresh directory,
+    /// opened: the directory, the City file, and the `Geo`.
+    fn fresh_geo(tag: &str) -> (std::path::PathBuf, std::path::PathBuf, Geo) {
+        let dir = std::env::temp_dir().join(format!("kw-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let (city, asn) = test_dbs::write(&dir, "FR");
         let geo = Geo::open(Some(&city), Some(&asn)).unwrap();
+        (dir, city, geo)
+    }
+
+    #[test]
+    fn the_cache_answers_as_the_databases_do_and_follows_reloads() {
+        let (dir, city, geo) = fresh_geo("geo-cache");
         let mut view = None;
         geo.refresh_view(&mut view);
         let view = view.unwrap();
@@ -567,10 +564,7 @@ mod tests {
 
     #[test]
     fn looks_up_and_enriches_and_reloads_replaced_files() {
-        let dir = std::env::temp_dir().join(format!("kw-geo-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let (city, asn) = test_dbs::write(&dir, "FR");
-        let geo = Geo::open(Some(&city), Some(&asn)).unwrap();
+        let (dir, city, geo) = fresh_geo("geo");
         let (loc, a) = geo.lookup("127.0.0.200".parse().unwrap());
         assert_eq!(loc.unwrap().country.as_deref(), Some("FR"));
         assert_eq!(a.unwrap().number, 64501);

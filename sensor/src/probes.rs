@@ -198,15 +198,14 @@ impl Probes {
         }
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").context("EVENTS map")?)?;
         let control = RingBuf::try_from(ebpf.take_map("CONTROL").context("CONTROL map")?)?;
-        Ok((
-            Self {
-                ebpf,
-                libraries: Vec::new(),
-                by_inode: HashMap::new(),
-                hold_token: new_hold_token(),
-            },
-            Rings { events, control },
-        ))
+        let mut probes = Self {
+            ebpf,
+            libraries: Vec::new(),
+            by_inode: HashMap::new(),
+            hold_token: new_hold_token(),
+        };
+        probes.set_config(config::HOLD_TOKEN, probes.hold_token)?;
+        Ok((probes, Rings { events, control }))
     }
 
     pub fn libraries(&self) -> &[Arc<Library>] {
@@ -332,28 +331,25 @@ impl Probes {
         task: Option<&TaskLayout>,
     ) -> Result<()> {
         if let Some(sock) = sock {
-            let mut arr: Array<&mut MapData, SockLayout> = Array::try_from(
-                self.ebpf
-                    .map_mut("SOCK_LAYOUT")
-                    .context("SOCK_LAYOUT map")?,
-            )?;
-            arr.set(0, sock, 0)?;
+            self.array::<SockLayout>("SOCK_LAYOUT")?.set(0, sock, 0)?;
         }
         if let Some(task) = task {
-            let mut arr: Array<&mut MapData, TaskLayout> = Array::try_from(
-                self.ebpf
-                    .map_mut("TASK_LAYOUT")
-                    .context("TASK_LAYOUT map")?,
-            )?;
-            arr.set(0, task, 0)?;
+            self.array::<TaskLayout>("TASK_LAYOUT")?.set(0, task, 0)?;
         }
         Ok(())
     }
 
+    /// One of the probes' array maps, by name.
+    fn array<T: aya::Pod>(&mut self, name: &str) -> Result<Array<&mut MapData, T>> {
+        let map = self
+            .ebpf
+            .map_mut(name)
+            .with_context(|| format!("{name} map"))?;
+        Ok(Array::try_from(map)?)
+    }
+
     pub fn set_config(&mut self, slot: u32, value: u64) -> Result<()> {
-        let mut cfg: Array<&mut MapData, u64> =
-            Array::try_from(self.ebpf.map_mut("CONFIG").context("CONFIG map")?)?;
-        cfg.set(slot, &value, 0)?;
+        self.array::<u64>("CONFIG")?.set(slot, &value, 0)?;
         Ok(())
     }
 
@@ -363,19 +359,18 @@ impl Probes {
     /// it; the probes obey whichever write came last, so at any moment at
     /// most one sensor holds, and the loser sees `Other` at its next beat.
     pub fn heartbeat(&mut self) -> Result<Lease> {
-        self.set_config(config::HOLD_TOKEN, self.hold_token)?;
         let now = monotonic_ns()?;
-        let mut map: Array<&mut MapData, HoldLease> =
-            Array::try_from(self.ebpf.map_mut("HOLD_LEASE").context("HOLD_LEASE map")?)?;
+        let token = self.hold_token;
+        let mut map = self.array::<HoldLease>("HOLD_LEASE")?;
         let lease = map.get(&0, 0)?;
         let free = lease.token == 0
             || lease.heartbeat_ns == 0
             || now.saturating_sub(lease.heartbeat_ns) >= config::HEARTBEAT_MAX_AGE_NS;
-        if lease.token != self.hold_token && !free {
+        if lease.token != token && !free {
             return Ok(Lease::Other);
         }
         let renewed = HoldLease {
-            token: self.hold_token,
+            token,
             heartbeat_ns: now,
         };
         map.set(0, &renewed, 0)?;
@@ -386,9 +381,9 @@ impl Probes {
     /// running sensor can take it at its next heartbeat rather than after
     /// the lease goes stale.
     pub fn give_up_lease(&mut self) -> Result<()> {
-        let mut map: Array<&mut MapData, HoldLease> =
-            Array::try_from(self.ebpf.map_mut("HOLD_LEASE").context("HOLD_LEASE map")?)?;
-        if map.get(&0, 0)?.token == self.hold_token {
+        let token = self.hold_token;
+        let mut map = self.array::<HoldLease>("HOLD_LEASE")?;
+        if map.get(&0, 0)?.token == token {
             map.set(0, &HoldLease::default(), 0)?;
         }
         Ok(())
@@ -409,8 +404,7 @@ impl Probes {
 
     /// Loads the compiled secret-file watch list; unused slots are cleared.
     pub fn set_watch(&mut self, patterns: &[WatchPattern]) -> Result<()> {
-        let mut arr: Array<&mut MapData, WatchPattern> =
-            Array::try_from(self.ebpf.map_mut("WATCH").context("WATCH map")?)?;
+        let mut arr = self.array::<WatchPattern>("WATCH")?;
         for slot in 0..watch::SLOTS {
             arr.set(
                 slot,

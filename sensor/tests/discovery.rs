@@ -140,12 +140,7 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
 fn a_library_written_while_the_sensor_runs_is_covered_when_loaded() {
     let sensor = Sensor::start(&[]);
     let signer = NewLibrarySigner::new("ec");
-    let (pid, out) = run_pid_deadline(&mut signer.command(), Duration::from_secs(30));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = run_pid_deadline_ok(&mut signer.command(), Duration::from_secs(30));
     // A search-path directory without the library: the loader's open there
     // fails, and it uses the system's.
     let later = tempfile::tempdir().unwrap();
@@ -156,12 +151,7 @@ fn a_library_written_while_the_sensor_runs_is_covered_when_loaded() {
     std::fs::copy(&signer.library, &library).unwrap();
     let mut after = signer.command();
     after.env("LD_LIBRARY_PATH", later.path());
-    let (pid_after, out) = run_pid_deadline(&mut after, Duration::from_secs(30));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid_after = run_pid_deadline_ok(&mut after, Duration::from_secs(30));
     // Upgraded in place, as a package manager does: a new file renamed over
     // the path. The next process loads the new inode, which the probes
     // attached to the old one do not cover.
@@ -170,12 +160,7 @@ fn a_library_written_while_the_sensor_runs_is_covered_when_loaded() {
     std::fs::rename(&staged, &library).unwrap();
     let mut upgraded = signer.command();
     upgraded.env("LD_LIBRARY_PATH", later.path());
-    let (pid_upgraded, out) = run_pid_deadline(&mut upgraded, Duration::from_secs(30));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid_upgraded = run_pid_deadline_ok(&mut upgraded, Duration::from_secs(30));
     let events = sensor.stop();
     for (pid, library) in [
         (pid, &signer.library),
@@ -200,12 +185,7 @@ fn a_library_path_first_seen_after_start_is_covered_from_the_first_signature() {
     // Signs within milliseconds of starting: only holding the process until
     // the library is attached makes this deterministic (with --no-hold this
     // test failed 3 runs out of 3).
-    let (pid, out) = run_pid_deadline(&mut signer.command(), Duration::from_secs(30));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = run_pid_deadline_ok(&mut signer.command(), Duration::from_secs(30));
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
     assert_eq!(uses.len(), 1, "{uses:#?}");
@@ -243,12 +223,7 @@ fn two_sensors_never_hold_each_other() {
         "{}",
         first.log()
     );
-    let (pid, out) = run_pid_deadline(&mut signer.command(), Duration::from_secs(20));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid = run_pid_deadline_ok(&mut signer.command(), Duration::from_secs(20));
     let uses_of = |events: &[serde_json::Value], pid: u32| -> usize {
         let uses = key_uses_of(events, pid);
         assert!(
@@ -277,12 +252,7 @@ fn two_sensors_never_hold_each_other() {
     // Now the second holds: a library path new to it is covered from the
     // first signature.
     let again = NewLibrarySigner::new("ec");
-    let (pid2, out) = run_pid_deadline(&mut again.command(), Duration::from_secs(20));
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let pid2 = run_pid_deadline_ok(&mut again.command(), Duration::from_secs(20));
     let events = second.stop();
     assert!(uses_of(&events, pid) <= 1, "never counted twice");
     let uses = key_uses_of(&events, pid2);

@@ -1148,17 +1148,15 @@ mod probes {
 
     /// Hold (SIGSTOP) the opener of an unseen crypto library until the
     /// sensor has attached? Only when holding is on, this sensor holds the
-    /// host's lease with a fresh heartbeat, the open looks like the dynamic loader's (read-only,
-    /// close-on-exec: `cp` or `sha256sum` of a library is never held), and
+    /// host's lease with a fresh heartbeat, the open looks like the dynamic
+    /// loader's (read-only, which `openat_enter` checked, and close-on-exec:
+    /// `sha256sum` of a library is never held), and
     /// the opener is not a keywarden thread (two sensors holding each other
     /// would both stay stopped; every sensor thread's name starts with
     /// "keywarden").
     #[inline(always)]
     fn should_hold(open_flags: u64, task: &Task) -> bool {
-        config(config::HOLD_NEW_LIBRARIES) != 0
-            && open_flags & O_ACCMODE == O_RDONLY
-            && open_flags & O_CLOEXEC != 0
-            && sensor_alive(task)
+        config(config::HOLD_NEW_LIBRARIES) != 0 && open_flags & O_CLOEXEC != 0 && sensor_alive(task)
     }
 
     /// Holding anyone needs a sensor to release them: this sensor holds

@@ -230,6 +230,17 @@ pub fn run_pid_deadline(cmd: &mut Command, deadline: Duration) -> (u32, Output) 
     (pid, child.wait_with_output().unwrap())
 }
 
+/// `run_pid_deadline` for a command that must succeed: its pid.
+pub fn run_pid_deadline_ok(cmd: &mut Command, deadline: Duration) -> u32 {
+    let (pid, out) = run_pid_deadline(cmd, deadline);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pid
+}
+
 /// A fresh key made by openssl, and its SPKI SHA-256 as openssl computes it.
 pub struct TestKey {
     pub path: PathBuf,
