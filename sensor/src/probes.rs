@@ -244,7 +244,6 @@ impl Probes {
         let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut functions = Vec::new();
-        let mut refcount_at = None;
         for p in &code.points {
             let at = |o| UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(o),
@@ -253,6 +252,23 @@ impl Probes {
             if needs_return(p.id) {
                 entry.push(at(p.offset));
                 ret.push(at(p.offset));
+            } else if let Some(freed) = code
+                .pkey_freed
+                .filter(|_| p.id == func::PKEY_FREE)
+                .and_then(|f| Some((f.offset, placement::register_code(f.object_in)?)))
+            {
+                // Only real frees trap (libssl drops references to the
+                // server key several times per handshake).
+                let (shift, register) = freed;
+                debug!(function = %p.symbol, shift, register, "free probe past the count's test");
+                entry.push(UProbeAttachPoint {
+                    location: UProbeAttachLocation::AbsoluteOffset(p.offset + shift),
+                    cookie: Some(func::cookie_with_register(
+                        index,
+                        func::PKEY_FREED,
+                        register,
+                    )),
+                });
             } else {
                 let args = C_API
                     .iter()
@@ -262,13 +278,6 @@ impl Probes {
                 let shift = placement::entry_offset(&p.code, args);
                 debug!(function = %p.symbol, shift, "entry probe placement");
                 entry.push(at(p.offset + shift));
-                if p.id == func::PKEY_FREE {
-                    // The probe must read the count before the decrement.
-                    refcount_at = code
-                        .pkey_refcount
-                        .filter(|(_, decrement_at)| *decrement_at > shift)
-                        .map(|(field, _)| field);
-                }
             }
             functions.push((p.id, p.stack, p.symbol.clone()));
         }
@@ -286,19 +295,6 @@ impl Probes {
             .try_into()?;
         prog.attach(ret, &c.open_path, UProbeScope::AllProcesses)
             .with_context(|| format!("{}: attaching return uprobes", c.shown_as))?;
-        // Where EVP_PKEY_free's object keeps its reference count: a free
-        // that only drops a reference then leaves the key object's cached
-        // identity alone (libssl drops one on every handshake). Without it
-        // every free makes the next signature be checked again.
-        if let Some(field) = refcount_at {
-            let mut map: aya::maps::HashMap<&mut MapData, u32, u32> = aya::maps::HashMap::try_from(
-                self.ebpf
-                    .map_mut("REFCOUNT_AT")
-                    .context("REFCOUNT_AT map")?,
-            )?;
-            map.insert(&index, &field, 0)?;
-        }
-        debug!(library = %c.shown_as, refcount_at, "key object reference count");
         let lib = Library {
             index,
             shown_as: c.shown_as.clone(),

@@ -305,6 +305,61 @@ fn python_cryptography_and_node_carry_their_own_openssl() {
     }
 }
 
+/// A key object really freed and a new one (likely at the same address)
+/// loaded in its place: each signature names the key that made it. Only
+/// the free path of `EVP_PKEY_free` is probed (past its reference-count
+/// test), so this fails if real frees go unseen: the new object would be
+/// named by the old one's cached identity.
+#[test]
+fn a_freed_key_object_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    // Ed25519: cryptography signs it through EVP_DigestSignInit and
+    // EVP_DigestSign, so the identity is cached per key object (its ECDSA
+    // goes through a fresh EVP_PKEY_CTX per signature, verified each time).
+    let a = openssl_key(dir.path(), "a", "ed25519");
+    let b = openssl_key(dir.path(), "b", "ed25519");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python");
+    let rounds = 3;
+    let script = format!(
+        "from cryptography.hazmat.primitives import serialization\n\
+         for i in range({rounds}):\n\
+         \x20   for path in ('{}', '{}'):\n\
+         \x20       k = serialization.load_pem_private_key(open(path, 'rb').read(), None)\n\
+         \x20       k.sign(b'one')\n\
+         \x20       k.sign(b'two')\n\
+         \x20       del k\n",
+        a.path.display(),
+        b.path.display()
+    );
+    let sensor = Sensor::start(&[]);
+    let (pid, _) = run_pid_ok(Command::new(&python).arg("-c").arg(&script));
+    let events = sensor.stop();
+    // Analysis is sharded by key, so the output interleaves keys out of
+    // order: sort by the sensor's sequence number (the end of the uid).
+    let mut uses = key_uses_of(&events, pid);
+    uses.sort_by_key(|e| {
+        let uid = e["metadata"]["uid"].as_str().unwrap_or_default();
+        uid.rsplit('-').next().and_then(|n| n.parse::<u64>().ok())
+    });
+    let got: Vec<(&str, &str)> = uses
+        .iter()
+        .map(|e| {
+            (
+                e["key"]["spki_sha256"].as_str().unwrap_or("?"),
+                e["key"]["identified_by"].as_str().unwrap_or("?"),
+            )
+        })
+        .collect();
+    let mut want = Vec::new();
+    for _ in 0..rounds {
+        for key in [&a, &b] {
+            want.push((key.spki.as_str(), "signature_verified"));
+            want.push((key.spki.as_str(), "handle_cache"));
+        }
+    }
+    assert_eq!(got, want, "{uses:#?}");
+}
+
 /// 100 concurrent handshakes to nginx, each from its own loopback address:
 /// every event names a real connection, and each address exactly once.
 #[test]

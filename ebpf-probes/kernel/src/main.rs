@@ -131,11 +131,6 @@ mod probes {
     #[map]
     static SOCK_LAYOUT: Array<SockLayout> = Array::with_max_entries(1, 0);
 
-    /// Library index -> offset of the reference count in the object its
-    /// `EVP_PKEY_free` takes (read by the sensor from that function's code).
-    #[map]
-    static REFCOUNT_AT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
-
     /// Where the executable's inode hangs off `task_struct` (from BTF).
     #[map]
     static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
@@ -195,6 +190,23 @@ mod probes {
         ctx.arg::<u64>(n).unwrap_or(0)
     }
 
+    /// A register by its `func::reg` code (0 for any other code).
+    #[inline(always)]
+    fn register(ctx: &ProbeContext, code: u8) -> u64 {
+        let regs = unsafe { &*ctx.regs };
+        match code {
+            func::reg::RDI => regs.rdi,
+            func::reg::RSI => regs.rsi,
+            func::reg::RBX => regs.rbx,
+            func::reg::RBP => regs.rbp,
+            func::reg::R12 => regs.r12,
+            func::reg::R13 => regs.r13,
+            func::reg::R14 => regs.r14,
+            func::reg::R15 => regs.r15,
+            _ => 0,
+        }
+    }
+
     // ---------------------------------------------------------------- uprobes
 
     #[uprobe]
@@ -216,11 +228,10 @@ mod probes {
                     on_sign_entry(&ctx, f, library, tgid)
                 }
             }
-            func::PKEY_FREE => {
-                if !only_drops_a_reference(library, arg(&ctx, 0)) {
-                    on_free(tgid, arg(&ctx, 0))
-                }
-            }
+            // At the entry (where the sensor found no reference-count
+            // test to go past) every call counts as a free.
+            func::PKEY_FREE => on_free(tgid, arg(&ctx, 0)),
+            func::PKEY_FREED => on_free(tgid, register(&ctx, func::cookie_register(cookie))),
             func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
             _ => {}
         }
@@ -680,19 +691,6 @@ mod probes {
                 let _ = INFLIGHT.insert(&tid, &inflight, 0);
             }
         }
-    }
-
-    /// Whether this `EVP_PKEY_free` leaves the object alive: its reference
-    /// count, read before the free decrements it, is above one. Unknown
-    /// layouts count as a real free.
-    #[inline(always)]
-    fn only_drops_a_reference(library: u32, pkey: u64) -> bool {
-        let Some(&off) = (unsafe { REFCOUNT_AT.get(&library) }) else {
-            return false;
-        };
-        let refs: Result<i32, _> =
-            unsafe { bpf_probe_read_user((pkey + off as u64) as *const i32) };
-        refs.is_ok_and(|n| n > 1)
     }
 
     #[inline(always)]

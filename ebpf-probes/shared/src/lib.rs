@@ -45,6 +45,23 @@ pub mod func {
     /// ring's `Ed25519KeyPair::sign(&self, message) -> Signature`: result
     /// pointer, self, message.
     pub const RING_ED25519_SIGN: u8 = 11;
+    /// Inside `EVP_PKEY_free`, on the path taken only when the reference
+    /// count reached zero (`placement::freed_path` in the sensor finds it).
+    /// The object is in the register the cookie names (`cookie_register`).
+    pub const PKEY_FREED: u8 = 12;
+
+    /// Registers a probe inside a function can be told to read a pointer
+    /// from (callee-saved ones, and the first two argument registers).
+    pub mod reg {
+        pub const RDI: u8 = 1;
+        pub const RSI: u8 = 2;
+        pub const RBX: u8 = 3;
+        pub const RBP: u8 = 4;
+        pub const R12: u8 = 5;
+        pub const R13: u8 = 6;
+        pub const R14: u8 = 7;
+        pub const R15: u8 = 8;
+    }
 
     /// Functions that return the signature inside a Rust value (through the
     /// hidden result pointer) rather than a C output buffer.
@@ -59,6 +76,15 @@ pub mod func {
 
     pub const fn cookie(library: u32, func: u8) -> u64 {
         ((library as u64) << 8) | func as u64
+    }
+
+    /// A cookie that also names a register (`reg`), in its top byte.
+    pub const fn cookie_with_register(library: u32, func: u8, register: u8) -> u64 {
+        cookie(library, func) | (register as u64) << 56
+    }
+
+    pub const fn cookie_register(cookie: u64) -> u8 {
+        (cookie >> 56) as u8
     }
 }
 

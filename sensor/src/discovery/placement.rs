@@ -16,8 +16,8 @@
 //! (`EVP_PKEY_free(NULL)`). Otherwise the probe stays on the first
 //! instruction: slower, never wrong.
 //!
-//! `refcount_field` reads, from the same bytes, which field a free
-//! function decrements; see `sensor/src/probes.rs` for why.
+//! `freed_path` finds, in a free function, the point past its
+//! reference-count test that only a real free reaches.
 
 use iced_x86::{
     Decoder, DecoderOptions, FlowControl, Instruction, InstructionInfoFactory, Mnemonic, OpAccess,
@@ -86,67 +86,238 @@ fn null_test(insn: &Instruction) -> Option<Register> {
     .then(|| insn.op0_register().full_register())
 }
 
-/// The reference count a free function decrements, and where (offset from
-/// the function's start) it does so:
-/// - its first locked read-modify-write of a 32-bit field of the object in
-///   `%rdi` (OpenSSL's `lock xadd %eax,0x30(%rdi)` in `EVP_PKEY_free`);
-/// - or a call, with `%rdi` untouched, to a function `is_refcount_call`
-///   accepts (BoringSSL and AWS-LC call
-///   `CRYPTO_refcount_dec_and_test_zero(&pkey->references)`, their first
-///   field): offset 0.
+/// Where a free function's "last reference gone" path starts, as a probe
+/// point: `offset` from the function's start, and the register holding the
+/// object there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FreedAt {
+    pub offset: u64,
+    pub object_in: Register,
+}
+
+/// How the reference count is dropped.
+enum Decrement {
+    /// `lock xadd %r,(obj)` with `%r = -1`: `%r` then holds the old count.
+    Xadd(Register),
+    /// A call to the library's `CRYPTO_refcount_dec_and_test_zero`: `%eax`
+    /// is non-zero when the count reached zero.
+    Call,
+}
+
+/// Where to probe a free function (`EVP_PKEY_free`) so that it fires only
+/// when the object is really freed, not when a reference is dropped.
 ///
-/// `None` when the first instructions do not show it plainly: the argument
-/// register overwritten, another call or a jump, or nothing locked. Then
-/// the caller keeps treating every free as one. `address` is the
-/// function's address, which call targets are relative to.
-pub fn refcount_field(
+/// libssl drops references to the server key several times per handshake,
+/// and every process with libcrypto loaded frees short-lived keys;
+/// probing the function's entry made each of those a trap (about 20 per
+/// nginx handshake, counting client and server). Past the count's test,
+/// only the real frees trap (about 7), and no count has to be read
+/// (reading it at entry raced with a concurrent drop: two threads could
+/// both see 2 and neither report the free).
+///
+/// The shapes recognised, from the function's start:
+/// - a NULL check of `%rdi`, copies of `%rdi` into other registers;
+/// - the decrement: OpenSSL's `mov $-1,%eax; lock xadd %eax,N(%rdi)`
+///   followed by `sub $1,%eax; test %eax,%eax` or `cmp $1,%eax`, or
+///   BoringSSL's and AWS-LC's `call CRYPTO_refcount_dec_and_test_zero`
+///   followed by `test %eax,%eax`;
+/// - then `je` or `jne`, whose zero-count side is followed to its first
+///   instruction the kernel emulates (`call`, `jmp`, `jcc`, `push`, `nop`)
+///   while a register still holds the object.
+///
+/// Anything else gives `None`, and the caller probes the entry, where every
+/// free counts: slower, never wrong. `address` is the function's address,
+/// which branch targets are relative to.
+pub fn freed_path(
     code: &[u8],
     address: u64,
     is_refcount_call: impl Fn(u64) -> bool,
-) -> Option<(u32, u64)> {
+) -> Option<FreedAt> {
+    let at = |ip: u64| code.get(usize::try_from(ip.checked_sub(address)?).ok()?..);
     let mut decoder = Decoder::with_ip(64, code, address, DecoderOptions::NONE);
     let mut info = InstructionInfoFactory::new();
+    let mut holders = vec![Register::RDI];
+    let mut minus_one = None;
+    let mut null_tested = None;
+    let mut decrement = None;
     for _ in 0..MAX_INSTRUCTIONS * 2 {
-        if !decoder.can_decode() {
-            return None;
-        }
-        let insn = decoder.decode();
-        if insn.is_invalid() {
-            return None;
-        }
+        let insn = next(&mut decoder)?;
         if insn.has_lock_prefix() {
-            let plain_field = insn.memory_base() == Register::RDI
+            let counter = insn.op1_register().full_register();
+            let plain = insn.mnemonic() == Mnemonic::Xadd
+                && holders.contains(&insn.memory_base())
                 && insn.memory_index() == Register::None
-                && matches!(
-                    insn.mnemonic(),
-                    Mnemonic::Xadd | Mnemonic::Sub | Mnemonic::Add | Mnemonic::Dec
-                )
-                && insn.memory_size().size() == 4;
-            let disp = u32::try_from(insn.memory_displacement64()).ok()?;
-            return plain_field.then_some((disp, insn.ip() - address));
+                && insn.memory_size().size() == 4
+                && insn.op1_kind() == OpKind::Register
+                && minus_one == Some(counter);
+            decrement = plain.then_some(Decrement::Xadd(counter));
+            break;
         }
         if insn.flow_control() == FlowControl::Call {
-            let direct = insn.op0_kind() == OpKind::NearBranch64;
-            return (direct && is_refcount_call(insn.near_branch64()))
-                .then_some((0, insn.ip() - address));
+            let ours = insn.op0_kind() == OpKind::NearBranch64
+                && is_refcount_call(insn.near_branch64())
+                && holders.contains(&Register::RDI);
+            holders.retain(|r| !CALLER_SAVED.contains(r));
+            decrement = ours.then_some(Decrement::Call);
+            break;
         }
-        if !matches!(
-            insn.flow_control(),
-            FlowControl::Next | FlowControl::ConditionalBranch
-        ) {
+        let passes_null_check =
+            insn.mnemonic() == Mnemonic::Je && null_tested.is_some_and(|r| holders.contains(&r));
+        null_tested = null_test(&insn);
+        if insn.flow_control() != FlowControl::Next && !passes_null_check {
             return None;
         }
-        let writes_rdi = info.info(&insn).used_registers().iter().any(|r| {
-            !matches!(
-                r.access(),
-                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
-            ) && r.register().full_register() == Register::RDI
-        });
-        if writes_rdi {
+        minus_one = match (insn.mnemonic(), insn.op0_kind(), insn.op1_kind()) {
+            (Mnemonic::Mov, OpKind::Register, OpKind::Immediate32)
+                if insn.immediate32() == u32::MAX =>
+            {
+                Some(insn.op0_register().full_register())
+            }
+            _ if minus_one.is_some_and(|r| writes(&mut info, &insn, r)) => None,
+            _ => minus_one,
+        };
+        track(&mut info, &insn, &mut holders);
+    }
+    // After the decrement: which value of ZF means "the count reached
+    // zero", then the branch on it.
+    let mut zero_means_freed = None;
+    let mut decremented = false;
+    let branch = loop {
+        let insn = next(&mut decoder)?;
+        let reg0 = (insn.op0_kind() == OpKind::Register).then(|| insn.op0_register());
+        let imm1 = matches!(
+            insn.op1_kind(),
+            OpKind::Immediate8to32 | OpKind::Immediate32 | OpKind::Immediate8
+        )
+        .then(|| insn.immediate(1));
+        let self_test = null_test(&insn);
+        zero_means_freed = match (&decrement, insn.mnemonic()) {
+            (Some(Decrement::Xadd(r)), Mnemonic::Sub)
+                if !decremented
+                    && reg0.map(|x| x.full_register()) == Some(*r)
+                    && imm1 == Some(1) =>
+            {
+                decremented = true;
+                Some(true)
+            }
+            (Some(Decrement::Xadd(r)), Mnemonic::Test) if decremented && self_test == Some(*r) => {
+                Some(true)
+            }
+            (Some(Decrement::Xadd(r)), Mnemonic::Cmp)
+                if !decremented
+                    && reg0.map(|x| x.full_register()) == Some(*r)
+                    && imm1 == Some(1) =>
+            {
+                Some(true)
+            }
+            (Some(Decrement::Call), Mnemonic::Test) if self_test == Some(Register::RAX) => {
+                Some(false)
+            }
+            (_, Mnemonic::Je | Mnemonic::Jne) => break insn,
+            _ => return None,
+        };
+    };
+    let taken_if_zero = branch.mnemonic() == Mnemonic::Je;
+    let zero_path = if zero_means_freed? == taken_if_zero {
+        branch.near_branch64()
+    } else {
+        branch.next_ip()
+    };
+    let mut decoder = Decoder::with_ip(64, at(zero_path)?, zero_path, DecoderOptions::NONE);
+    for _ in 0..MAX_INSTRUCTIONS {
+        let insn = next(&mut decoder)?;
+        let bytes = &at(insn.ip())?[..insn.len()];
+        if kernel_emulates(bytes) || kernel_emulates_branch(bytes) {
+            let object_in = if holders.contains(&Register::RDI) {
+                Register::RDI
+            } else {
+                *holders.first()?
+            };
+            return Some(FreedAt {
+                offset: insn.ip() - address,
+                object_in,
+            });
+        }
+        if insn.flow_control() != FlowControl::Next {
             return None;
         }
+        track(&mut info, &insn, &mut holders);
     }
     None
+}
+
+/// The probes' code (`func::reg`) for a register an entry probe can read
+/// a pointer from; `None` for the others.
+pub fn register_code(r: Register) -> Option<u8> {
+    use keywarden_probe_types::func::reg;
+    Some(match r {
+        Register::RDI => reg::RDI,
+        Register::RSI => reg::RSI,
+        Register::RBX => reg::RBX,
+        Register::RBP => reg::RBP,
+        Register::R12 => reg::R12,
+        Register::R13 => reg::R13,
+        Register::R14 => reg::R14,
+        Register::R15 => reg::R15,
+        _ => return None,
+    })
+}
+
+/// Registers a call may overwrite (System V x86-64).
+const CALLER_SAVED: [Register; 9] = [
+    Register::RAX,
+    Register::RCX,
+    Register::RDX,
+    Register::RSI,
+    Register::RDI,
+    Register::R8,
+    Register::R9,
+    Register::R10,
+    Register::R11,
+];
+
+/// Relative `call`, `jmp` and conditional jumps without prefixes: the
+/// kernel emulates them too (arch/x86/kernel/uprobes.c).
+fn kernel_emulates_branch(bytes: &[u8]) -> bool {
+    matches!(
+        bytes,
+        [0xe8 | 0xe9 | 0xeb, ..] | [0x70..=0x7f, ..] | [0x0f, 0x80..=0x8f, ..]
+    )
+}
+
+fn next(decoder: &mut Decoder) -> Option<Instruction> {
+    if !decoder.can_decode() {
+        return None;
+    }
+    let insn = decoder.decode();
+    (!insn.is_invalid()).then_some(insn)
+}
+
+/// Whether `insn` writes (any part of) the 64-bit register `reg`.
+fn writes(info: &mut InstructionInfoFactory, insn: &Instruction, reg: Register) -> bool {
+    info.info(insn).used_registers().iter().any(|r| {
+        !matches!(
+            r.access(),
+            OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
+        ) && r.register().full_register() == reg
+    })
+}
+
+/// Keeps `holders` (registers holding the object) up to date across one
+/// instruction: `mov %holder,%r` adds `%r`; any other write removes it.
+fn track(info: &mut InstructionInfoFactory, insn: &Instruction, holders: &mut Vec<Register>) {
+    let copy_from = (insn.mnemonic() == Mnemonic::Mov
+        && insn.op0_kind() == OpKind::Register
+        && insn.op1_kind() == OpKind::Register
+        && insn.op0_register().size() == 8)
+        .then(|| insn.op1_register());
+    holders.retain(|r| !writes(info, insn, *r));
+    if let Some(from) = copy_from {
+        let to = insn.op0_register();
+        if holders.contains(&from) && !holders.contains(&to) {
+            holders.push(to);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -195,15 +366,29 @@ mod tests {
         assert_eq!(entry_offset(&[], &[RDI]), 0);
     }
 
-    // OpenSSL 3.0.19's EVP_PKEY_free (Debian build), first instructions.
+    // OpenSSL 3.0.19's EVP_PKEY_free (Debian build), to its first call on
+    // the free path.
     const PKEY_FREE: &[u8] = &[
-        0x48, 0x85, 0xff, // test %rdi,%rdi
-        0x0f, 0x84, 0xa7, 0x00, 0x00, 0x00, // je +0xa7
-        0x53, // push %rbx
-        0xb8, 0xff, 0xff, 0xff, 0xff, // mov $-1,%eax
-        0x48, 0x89, 0xfb, // mov %rdi,%rbx
-        0xf0, 0x0f, 0xc1, 0x47, 0x30, // lock xadd %eax,0x30(%rdi)
-        0x83, 0xe8, 0x01, // sub $1,%eax
+        0x48, 0x85, 0xff, // 0x00 test %rdi,%rdi
+        0x0f, 0x84, 0xa7, 0x00, 0x00, 0x00, // 0x03 je +0xa7
+        0x53, // 0x09 push %rbx
+        0xb8, 0xff, 0xff, 0xff, 0xff, // 0x0a mov $-1,%eax
+        0x48, 0x89, 0xfb, // 0x0f mov %rdi,%rbx
+        0xf0, 0x0f, 0xc1, 0x47, 0x30, // 0x12 lock xadd %eax,0x30(%rdi)
+        0x83, 0xe8, 0x01, // 0x17 sub $1,%eax
+        0x85, 0xc0, // 0x1a test %eax,%eax
+        0x74, 0x12, // 0x1c je 0x30
+        0x7e, 0x10, // 0x1e jle 0x30
+        0x5b, // 0x20 pop %rbx
+        0x31, 0xc0, // 0x21 xor %eax,%eax
+        0x31, 0xd2, // 0x23 xor %edx,%edx
+        0x31, 0xf6, // 0x25 xor %esi,%esi
+        0x31, 0xff, // 0x27 xor %edi,%edi
+        0xc3, // 0x29 ret
+        0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00, // 0x2a nopw
+        0xbe, 0x01, 0x00, 0x00, 0x00, // 0x30 mov $1,%esi
+        0x48, 0x89, 0xdf, // 0x35 mov %rbx,%rdi
+        0xe8, 0xb3, 0x83, 0xff, 0xff, // 0x38 call
     ];
 
     #[test]
@@ -211,34 +396,64 @@ mod tests {
         assert_eq!(entry_offset(PKEY_FREE, &[RDI]), 9);
     }
 
-    // AWS-LC 1.x's EVP_PKEY_free (aws-lc-rs 1.15, kw-rustls), at 0x2663b0.
+    // AWS-LC's EVP_PKEY_free (aws-lc-rs 1.15, kw-rustls), at 0x266ac0.
     const AWS_LC_PKEY_FREE: &[u8] = &[
-        0x48, 0x85, 0xff, // test %rdi,%rdi
-        0x74, 0x5b, // je +0x5b
-        0x53, // push %rbx
-        0x48, 0x89, 0xfb, // mov %rdi,%rbx
-        0xe8, 0xd2, 0xa9, 0x03, 0x00, // call 0x2a0d90 (CRYPTO_refcount_dec_and_test_zero)
-        0x85, 0xc0, // test %eax,%eax
+        0x48, 0x85, 0xff, // 0x00 test %rdi,%rdi
+        0x74, 0x4b, // 0x03 je 0x50
+        0x53, // 0x05 push %rbx
+        0x48, 0x89, 0xfb, // 0x06 mov %rdi,%rbx
+        0xe8, 0xd2, 0xa9, 0x03,
+        0x00, // 0x09 call 0x2a14a0 (CRYPTO_refcount_dec_and_test_zero)
+        0x85, 0xc0, // 0x0e test %eax,%eax
+        0x74, 0x36, // 0x10 je 0x48
+        0x48, 0x8b, 0x43, 0x10, // 0x12 mov 0x10(%rbx),%rax
+        0x48, 0x85, 0xc0, // 0x16 test %rax,%rax
+        0x74, 0x11, // 0x19 je 0x2c
     ];
 
+    const AWS_LC_AT: u64 = 0x266ac0;
+    const AWS_LC_REFCOUNT: u64 = 0x2a14a0;
+
     #[test]
-    fn finds_the_reference_count_a_free_decrements() {
+    fn finds_where_only_a_real_free_goes() {
         let none = |_| false;
-        assert_eq!(refcount_field(PKEY_FREE, 0x1000, none), Some((0x30, 18)));
-        // mov %rsi,%rdi first: the object is no longer in %rdi.
-        let mut moved = vec![0x48, 0x89, 0xf7];
-        moved.extend_from_slice(PKEY_FREE);
-        assert!(refcount_field(&moved, 0, none).is_none());
-        // A locked 64-bit add is not a 32-bit reference count.
-        assert!(refcount_field(&[0xf0, 0x48, 0x01, 0x47, 0x30], 0, none).is_none());
+        // OpenSSL: the je's target, up to its call, with the object
+        // copied back into %rdi.
+        let freed = |object_in, offset| Some(FreedAt { offset, object_in });
+        assert_eq!(freed_path(PKEY_FREE, 0x1000, none), freed(RDI, 0x38));
+        // AWS-LC: the fall-through of `je` after a zero result, at the next
+        // conditional jump, with the object in %rbx.
+        let refcount = |t| t == AWS_LC_REFCOUNT;
+        assert_eq!(
+            freed_path(AWS_LC_PKEY_FREE, AWS_LC_AT, refcount),
+            freed(RBX, 0x19)
+        );
+        // BoringSSL's shape: `jne` to the free path (cmp/branch reversed).
+        let mut jne = AWS_LC_PKEY_FREE.to_vec();
+        jne[0x10] = 0x75; // jne 0x48, where the same instructions sit
+        jne.resize(0x48, 0x90);
+        jne.extend_from_slice(&[0x48, 0x8b, 0x43, 0x10, 0x74, 0x00]);
+        assert_eq!(freed_path(&jne, AWS_LC_AT, refcount), freed(RBX, 0x4c));
     }
 
     #[test]
-    fn a_call_to_the_refcount_function_means_the_first_field() {
-        let at = 0x2663b0;
-        let refcount = |t| t == 0x2a0d90;
-        assert_eq!(refcount_field(AWS_LC_PKEY_FREE, at, refcount), Some((0, 9)));
-        // Any other call ends the search.
-        assert!(refcount_field(AWS_LC_PKEY_FREE, at, |_| false).is_none());
+    fn any_other_shape_keeps_the_probe_at_the_entry() {
+        let none = |_| false;
+        // mov %rsi,%rdi first: the object is no longer in %rdi.
+        let mut moved = vec![0x48, 0x89, 0xf7];
+        moved.extend_from_slice(PKEY_FREE);
+        assert!(freed_path(&moved, 0, none).is_none());
+        // An increment (`mov $1,%eax` before the xadd) is no free.
+        let mut up = PKEY_FREE.to_vec();
+        up[0x0b..0x0f].copy_from_slice(&[1, 0, 0, 0]);
+        assert!(freed_path(&up, 0, none).is_none());
+        // Something else between the decrement and the branch.
+        let mut other = PKEY_FREE.to_vec();
+        other[0x1a..0x1c].copy_from_slice(&[0x85, 0xdb]); // test %ebx,%ebx
+        assert!(freed_path(&other, 0, none).is_none());
+        // A call to anything but the refcount function ends the search.
+        assert!(freed_path(AWS_LC_PKEY_FREE, AWS_LC_AT, none).is_none());
+        // Code cut short before the free path's probe point.
+        assert!(freed_path(&PKEY_FREE[..0x38], 0, none).is_none());
     }
 }

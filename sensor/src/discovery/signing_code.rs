@@ -37,7 +37,7 @@ pub enum ScanError {
 }
 
 /// Bytes of each function kept for instruction decoding.
-pub const CODE_PREFIX: usize = 64;
+pub const CODE_PREFIX: usize = 128;
 
 /// The library family a probed function belongs to; events name it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
@@ -197,10 +197,9 @@ pub struct SigningCode {
     /// Crypto code recognised by its strings, reported only when no probe
     /// point was found (what a stripped binary still shows).
     pub markers: Vec<&'static str>,
-    /// Where `EVP_PKEY_free` finds the key object's reference count, and
-    /// the offset in that function where it decrements it
-    /// (`placement::refcount_field`).
-    pub pkey_refcount: Option<(u32, u64)>,
+    /// Where in `EVP_PKEY_free` only a real free (the last reference
+    /// dropped) goes (`placement::freed_path`).
+    pub pkey_freed: Option<placement::FreedAt>,
 }
 
 impl SigningCode {
@@ -375,11 +374,11 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
             code,
         });
     }
-    out.pkey_refcount = out
+    out.pkey_freed = out
         .points
         .iter()
         .find(|p| p.id == func::PKEY_FREE)
-        .and_then(|p| placement::refcount_field(&p.code, p.address, |t| refcount_fns.contains(&t)));
+        .and_then(|p| placement::freed_path(&p.code, p.address, |t| refcount_fns.contains(&t)));
     if boringssl {
         for p in &mut out.points {
             if p.stack == Stack::Openssl {
@@ -502,27 +501,25 @@ mod tests {
         // The offset points into the file, where the bytes of code are.
         let len = std::fs::metadata(&lib).unwrap().len();
         assert!(code.points.iter().all(|p| p.offset > 0 && p.offset < len));
-        // OpenSSL 3's EVP_PKEY keeps `references` after two ints and five
-        // pointers (include/crypto/evp.h): 0x30, decremented in place.
-        assert_eq!(code.pkey_refcount.map(|(field, _)| field), Some(0x30));
+        // EVP_PKEY_free's free path is found, past the count's test.
+        let freed = code.pkey_freed.expect("EVP_PKEY_free's free path");
+        assert!(freed.offset > 0x10, "{freed:?}");
     }
 
     /// The TLS fixtures (built by the test command before unit tests run)
     /// carry AWS-LC and BoringSSL, whose EVP_PKEY_free calls
-    /// CRYPTO_refcount_dec_and_test_zero on the first field.
+    /// CRYPTO_refcount_dec_and_test_zero; the object is then in a
+    /// callee-saved register.
     #[test]
-    fn finds_the_reference_count_of_aws_lc_and_boringssl_keys() {
+    fn finds_the_free_path_of_aws_lc_and_boringssl_keys() {
         let dir =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/tls-programs/target/release");
         for name in ["kw-rustls", "kw-boring"] {
             let path = dir.join(name);
             let code = scan(&path, name)
                 .unwrap_or_else(|e| panic!("{name}: {e} (build the fixtures: cargo xtask test)"));
-            assert_eq!(
-                code.pkey_refcount.map(|(field, _)| field),
-                Some(0),
-                "{name}"
-            );
+            let freed = code.pkey_freed.unwrap_or_else(|| panic!("{name}"));
+            assert_eq!(freed.object_in, iced_x86::Register::RBX, "{name}");
         }
     }
 
