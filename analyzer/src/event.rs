@@ -6,6 +6,7 @@
 //! attributes: `key`, `signature`, `cgroup`, `secret_file` at the top level
 //! and `actor.process.attribution_error`. `docs/events.md` documents every field.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 /// OCSF schema version the events follow.
@@ -144,22 +145,25 @@ pub struct NetworkEndpoint {
     pub autonomous_system: Option<AutonomousSystem>,
 }
 
-/// OCSF `location`.
+/// OCSF `location`. Its strings are `CompactString`s: GeoIP fills them
+/// in for every event from a cached answer, and names this short are then
+/// copied inline instead of allocated on the analysis thread and freed on
+/// another (a tenth of the pipeline's time as `String`s).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Location {
     /// ISO 3166-1 alpha-2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub country: Option<String>,
+    pub country: Option<CompactString>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub city: Option<String>,
+    pub city: Option<CompactString>,
 }
 
-/// OCSF `autonomous_system`.
+/// OCSF `autonomous_system` (a `CompactString` name, as in `Location`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AutonomousSystem {
     pub number: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub name: Option<CompactString>,
 }
 
 /// OCSF `finding_info`.

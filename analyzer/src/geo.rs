@@ -16,6 +16,7 @@ use std::{
     },
 };
 
+use compact_str::CompactString;
 use maxminddb::{Reader, geoip2};
 use serde::Deserialize;
 
@@ -214,12 +215,15 @@ impl GeoView {
         let location = city.and_then(|result| {
             let record: CityRecord = result.decode().ok()??;
             let loc = Location {
-                country: record.country.and_then(|c| c.iso_code).map(str::to_owned),
+                country: record
+                    .country
+                    .and_then(|c| c.iso_code)
+                    .map(CompactString::from),
                 city: record
                     .city
                     .and_then(|c| c.names)
                     .and_then(|n| n.en)
-                    .map(str::to_owned),
+                    .map(CompactString::from),
             };
             (loc.country.is_some() || loc.city.is_some()).then_some(loc)
         });
@@ -227,7 +231,7 @@ impl GeoView {
             let a: geoip2::Asn = result.decode().ok()??;
             Some(AutonomousSystem {
                 number: a.autonomous_system_number?,
-                name: a.autonomous_system_organization.map(str::to_owned),
+                name: a.autonomous_system_organization.map(CompactString::from),
             })
         });
         ((location, asn), prefix)
