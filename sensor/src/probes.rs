@@ -252,9 +252,8 @@ impl Probes {
             if needs_return(p.id) {
                 entry.push(at(p.offset));
                 ret.push(at(p.offset));
-            } else if let Some(freed) = code
-                .pkey_freed
-                .filter(|_| p.id == func::PKEY_FREE)
+            } else if let Some(freed) = p
+                .freed
                 .and_then(|f| Some((f.offset, placement::register_code(f.object_in)?)))
             {
                 // Only real frees trap (libssl drops references to the

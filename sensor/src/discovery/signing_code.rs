@@ -181,6 +181,10 @@ pub struct ProbePoint {
     pub address: u64,
     /// The function's first bytes (up to `CODE_PREFIX`), for placement.
     pub code: Vec<u8>,
+    /// For `EVP_PKEY_free`: where in it only a real free (the last
+    /// reference dropped) goes (`placement::freed_path`). Per point: one
+    /// file can link two libraries (OpenSSL and AWS-LC in one Rust binary).
+    pub freed: Option<placement::FreedAt>,
 }
 
 /// What one ELF file holds.
@@ -197,9 +201,6 @@ pub struct SigningCode {
     /// Crypto code recognised by its strings, reported only when no probe
     /// point was found (what a stripped binary still shows).
     pub markers: Vec<&'static str>,
-    /// Where in `EVP_PKEY_free` only a real free (the last reference
-    /// dropped) goes (`placement::freed_path`).
-    pub pkey_freed: Option<placement::FreedAt>,
 }
 
 impl SigningCode {
@@ -372,13 +373,12 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
             offset,
             address: addr,
             code,
+            freed: None,
         });
     }
-    out.pkey_freed = out
-        .points
-        .iter()
-        .find(|p| p.id == func::PKEY_FREE)
-        .and_then(|p| placement::freed_path(&p.code, p.address, |t| refcount_fns.contains(&t)));
+    for p in out.points.iter_mut().filter(|p| p.id == func::PKEY_FREE) {
+        p.freed = placement::freed_path(&p.code, p.address, |t| refcount_fns.contains(&t));
+    }
     if boringssl {
         for p in &mut out.points {
             if p.stack == Stack::Openssl {
@@ -502,7 +502,11 @@ mod tests {
         let len = std::fs::metadata(&lib).unwrap().len();
         assert!(code.points.iter().all(|p| p.offset > 0 && p.offset < len));
         // EVP_PKEY_free's free path is found, past the count's test.
-        let freed = code.pkey_freed.expect("EVP_PKEY_free's free path");
+        let freed = code
+            .points
+            .iter()
+            .find_map(|p| p.freed)
+            .expect("EVP_PKEY_free's free path");
         assert!(freed.offset > 0x10, "{freed:?}");
     }
 
@@ -518,7 +522,11 @@ mod tests {
             let path = dir.join(name);
             let code = scan(&path, name)
                 .unwrap_or_else(|e| panic!("{name}: {e} (build the fixtures: cargo xtask test)"));
-            let freed = code.pkey_freed.unwrap_or_else(|| panic!("{name}"));
+            let freed = code
+                .points
+                .iter()
+                .find_map(|p| p.freed)
+                .unwrap_or_else(|| panic!("{name}"));
             assert_eq!(freed.object_in, iced_x86::Register::RBX, "{name}");
         }
     }
