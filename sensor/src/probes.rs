@@ -252,13 +252,12 @@ impl Probes {
             if needs_return(p.id) {
                 entry.push(at(p.offset));
                 ret.push(at(p.offset));
-            } else if let Some(freed) = p
+            } else if let Some((shift, register)) = p
                 .freed
                 .and_then(|f| Some((f.offset, placement::register_code(f.object_in)?)))
             {
                 // Only real frees trap (libssl drops references to the
                 // server key several times per handshake).
-                let (shift, register) = freed;
                 debug!(function = %p.symbol, shift, register, "free probe past the count's test");
                 entry.push(UProbeAttachPoint {
                     location: UProbeAttachLocation::AbsoluteOffset(p.offset + shift),

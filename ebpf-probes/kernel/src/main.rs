@@ -228,11 +228,11 @@ mod probes {
                     on_sign_entry(&ctx, f, library, tgid)
                 }
             }
-            // At the entry (where the sensor found no reference-count
-            // test to go past) every call counts as a free.
-            func::PKEY_FREE => on_free(tgid, arg(&ctx, 0)),
+            // EVP_PKEY_free at its entry (where the sensor found no
+            // reference-count test to go past: every call counts as a
+            // free), or a context rebound to a key.
+            func::PKEY_FREE | func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
             func::PKEY_FREED => on_free(tgid, register(&ctx, func::cookie_register(cookie))),
-            func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
             _ => {}
         }
         0

@@ -45,13 +45,9 @@ pub fn entry_offset(code: &[u8], args: &[Register]) -> u64 {
     // The register the previous instruction compared with zero.
     let mut null_tested = None;
     for _ in 0..MAX_INSTRUCTIONS {
-        if !decoder.can_decode() {
+        let Some(insn) = next(&mut decoder) else {
             break;
-        }
-        let insn = decoder.decode();
-        if insn.is_invalid() {
-            break;
-        }
+        };
         let start = insn.ip() as usize;
         let bytes = &code[start..(start + insn.len()).min(code.len())];
         if kernel_emulates(bytes) {
@@ -63,13 +59,7 @@ pub fn entry_offset(code: &[u8], args: &[Register]) -> u64 {
         if insn.flow_control() != FlowControl::Next && !passes_null_check {
             break;
         }
-        let writes_arg = info.info(&insn).used_registers().iter().any(|r| {
-            !matches!(
-                r.access(),
-                OpAccess::Read | OpAccess::CondRead | OpAccess::NoMemAccess | OpAccess::None
-            ) && args.contains(&r.register().full_register())
-        });
-        if writes_arg {
+        if args.iter().any(|&a| writes(&mut info, &insn, a)) {
             break;
         }
     }
@@ -228,11 +218,13 @@ pub fn freed_path(
         let insn = next(&mut decoder)?;
         let bytes = &at(insn.ip())?[..insn.len()];
         if kernel_emulates(bytes) || kernel_emulates_branch(bytes) {
-            let object_in = if holders.contains(&Register::RDI) {
-                Register::RDI
-            } else {
-                *holders.first()?
-            };
+            // %rdi if it holds the object, else any register the probe
+            // can be told to read.
+            let object_in = holders
+                .iter()
+                .copied()
+                .filter(|&r| register_code(r).is_some())
+                .min_by_key(|&r| r != Register::RDI)?;
             return Some(FreedAt {
                 offset: insn.ip() - address,
                 object_in,
