@@ -128,6 +128,14 @@ pub struct KeyBaseline {
 }
 
 impl KeyBaseline {
+    /// The baseline of a key nothing has been learned about yet.
+    pub fn fresh(spki: &str) -> Self {
+        KeyBaseline {
+            spki_sha256: spki.to_owned(),
+            ..Default::default()
+        }
+    }
+
     /// Folds one use in; returns how it deviates (nothing while learning).
     pub fn observe(&mut self, o: &Observation, learning_ms: i64) -> Vec<Deviation> {
         self.observe_keeping(o, learning_ms, false).0
@@ -245,10 +253,9 @@ impl BaselineStore {
 
     /// The baseline of one key, new if it had none.
     pub fn of(&mut self, spki: &str) -> &mut KeyBaseline {
-        self.keys.entry_ref(spki).or_insert_with(|| KeyBaseline {
-            spki_sha256: spki.to_owned(),
-            ..Default::default()
-        })
+        self.keys
+            .entry_ref(spki)
+            .or_insert_with(|| KeyBaseline::fresh(spki))
     }
 
     pub fn merge(&mut self, other: BaselineStore) {

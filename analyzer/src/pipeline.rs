@@ -31,12 +31,13 @@ use std::{
 };
 
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use hashbrown::HashMap;
 
 use crate::{
     baseline::{BaselineStore, Deviation, KeyBaseline, Observation},
     event::Event,
     geo::{Geo, GeoCache, GeoView},
-    rules::{RuleSet, Thresholds},
+    rules::{RuleSet, Thresholds, Windows},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,8 +76,9 @@ pub struct Fired {
     pub rule: Arc<crate::rules::Rule>,
     pub deviations: Vec<Deviation>,
     pub count: Option<u64>,
-    /// The key's baseline before this event, for deviation rules.
-    pub baseline: Option<KeyBaseline>,
+    /// The key's baseline before this event, for deviation rules: shared
+    /// by every rule the event fired.
+    pub baseline: Option<Arc<KeyBaseline>>,
 }
 
 impl Fired {
@@ -104,7 +106,7 @@ impl Fired {
                     .iter()
                     .map(|d| d.name().to_owned())
                     .collect(),
-                baseline: self.baseline.clone(),
+                baseline: self.baseline.as_deref().cloned(),
                 count: self.count,
                 window_seconds: self.rule.threshold.map(|t| (t.window_ms / 1000) as u64),
             });
@@ -244,12 +246,16 @@ impl Pipeline {
         });
         let (out_tx, out_rx) = bounded(cfg.queue.max(1));
         // Hand each shard the baselines of its keys.
-        let mut stores: Vec<BaselineStore> =
-            (0..shards).map(|_| BaselineStore::default()).collect();
-        for (spki, b) in cfg.baselines.keys {
-            stores[shard_for(spki.as_str(), shards)]
-                .keys
-                .insert(spki, b);
+        let mut stores: Vec<HashMap<String, KeyState>> =
+            (0..shards).map(|_| HashMap::new()).collect();
+        for (spki, baseline) in cfg.baselines.keys {
+            stores[shard_for(spki.as_str(), shards)].insert(
+                spki,
+                KeyState {
+                    baseline,
+                    windows: Windows::default(),
+                },
+            );
         }
         let mut inputs = Vec::new();
         let mut workers = Vec::new();
@@ -264,7 +270,7 @@ impl Pipeline {
                 seen_generation: u64::MAX,
                 current: None,
                 thresholds: Thresholds::default(),
-                baselines: store,
+                keys: store,
                 learning_ms: cfg.learning_ms,
                 geo: cfg.geo.clone(),
                 geo_view: None,
@@ -411,14 +417,23 @@ impl Pipeline {
     }
 }
 
+/// A shard's state for one key: what is normal for it, and its threshold
+/// counts. Kept together so an event looks its key up once.
+struct KeyState {
+    baseline: KeyBaseline,
+    windows: Windows,
+}
+
 struct Shard {
     rx: Receiver<Msg>,
     out: Sender<Box<Output>>,
     rules: Arc<SharedRules>,
     seen_generation: u64,
     current: Option<Arc<RuleSetShared>>,
+    /// Counts of threshold rules for events without a key state below.
     thresholds: Thresholds,
-    baselines: BaselineStore,
+    /// What the shard knows of each of its keys.
+    keys: HashMap<String, KeyState>,
     learning_ms: i64,
     geo: Option<Arc<Geo>>,
     geo_view: Option<GeoView>,
@@ -449,11 +464,25 @@ impl Shard {
                     }
                 }
                 Msg::Snapshot(reply) => {
-                    let _ = reply.send(self.baselines.clone());
+                    let _ = reply.send(BaselineStore {
+                        keys: self
+                            .keys
+                            .iter()
+                            .filter(|(_, k)| k.baseline.uses > 0)
+                            .map(|(spki, k)| (spki.clone(), k.baseline.clone()))
+                            .collect(),
+                    });
                 }
-                Msg::Reset(None) => self.baselines.keys.clear(),
+                // A reset forgets what was learned; threshold counts go on.
+                Msg::Reset(None) => {
+                    for k in self.keys.values_mut() {
+                        k.baseline = KeyBaseline::fresh(&k.baseline.spki_sha256);
+                    }
+                }
                 Msg::Reset(Some(spki)) => {
-                    self.baselines.keys.remove(&spki);
+                    if let Some(k) = self.keys.get_mut(&spki) {
+                        k.baseline = KeyBaseline::fresh(&spki);
+                    }
                 }
             }
         }
@@ -464,7 +493,11 @@ impl Shard {
         if generation != self.seen_generation || self.current.is_none() {
             self.current = Some(self.rules.current.lock().expect("rules lock").clone());
             self.seen_generation = generation;
+            // Counts belong to rules by position: new rules count afresh.
             self.thresholds = Thresholds::default();
+            for k in self.keys.values_mut() {
+                k.windows.clear();
+            }
         }
         self.current.clone().expect("rules loaded")
     }
@@ -481,21 +514,28 @@ impl Shard {
         let rules = self.rules();
         let mut deviations = Vec::new();
         let mut before = None;
+        let mut key_windows = None;
         if event.metadata.event_code == crate::event::EventCode::KeyUse
             && let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.as_deref())
         {
-            let observation = Observation::of(event);
+            let key = self.keys.entry_ref(spki).or_insert_with(|| KeyState {
+                baseline: KeyBaseline::fresh(spki),
+                windows: Windows::default(),
+            });
             // The finding shows the baseline as it was (when a rule can
             // ask for it).
-            (deviations, before) = self.baselines.of(spki).observe_keeping(
-                &observation,
+            let kept;
+            (deviations, kept) = key.baseline.observe_keeping(
+                &Observation::of(event),
                 self.learning_ms,
                 rules.wants_baseline,
             );
+            before = kept.map(Arc::new);
+            key_windows = Some(&mut key.windows);
         }
         work.fired = rules
             .set
-            .evaluate(event, &deviations, &mut self.thresholds)
+            .evaluate(event, &deviations, &mut self.thresholds, key_windows)
             .into_iter()
             .map(|f| Fired {
                 rule: rules.arcs[f.index].clone(),
@@ -664,5 +704,60 @@ mod tests {
         assert!(all.keys.contains_key(&"bb".repeat(32)));
         let (_, store) = p.finish();
         assert_eq!(store.keys.len(), 1);
+    }
+
+    /// Threshold counts are per key and live with the key's state in its
+    /// shard; reloaded rules count afresh.
+    #[test]
+    fn thresholds_count_per_key_and_restart_with_new_rules() {
+        let busy = "rules:\n  - id: busy\n    severity: low\n    event: key_use\n    threshold: {count: 3, window_seconds: 60}\n    actions: [alert]\n";
+        let p = Pipeline::start(rules(busy), cfg(2, 64, Overflow::Block));
+        let send = |key: u8, t: i64| {
+            p.submit(Input {
+                event: event_for(key, t, "n"),
+                killed_by: None,
+            })
+            .unwrap()
+        };
+        let fired_on = |outs: Vec<Box<Output>>| -> Vec<(String, i64)> {
+            let mut v: Vec<(String, i64)> = outs
+                .iter()
+                .filter(|o| !o.fired.is_empty())
+                .map(|o| {
+                    (
+                        o.event.key.as_ref().unwrap().spki_sha256.clone().unwrap(),
+                        o.event.time,
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        };
+        let drain_all = |n: usize| {
+            let mut out = Vec::new();
+            while out.len() < n {
+                out.extend(p.try_drain());
+                std::thread::yield_now();
+            }
+            out
+        };
+        // Key 1: four uses, the fourth is over 3. Key 2: three, not over.
+        for t in 0..4 {
+            send(1, t * 1000);
+        }
+        for t in 0..3 {
+            send(2, t * 1000);
+        }
+        assert_eq!(fired_on(drain_all(7)), [("01".repeat(32), 3000)]);
+        // Same rules, reloaded: counting starts again, so three more uses
+        // of key 2 stay under the threshold (six would be over it).
+        p.reload(rules(busy));
+        for t in 3..6 {
+            send(2, t * 1000);
+        }
+        assert!(fired_on(drain_all(3)).is_empty());
+        send(2, 6000);
+        let (rest, _) = p.finish();
+        assert_eq!(fired_on(rest), [("02".repeat(32), 6000)]);
     }
 }

@@ -205,19 +205,33 @@ pub struct Firing<'r> {
     pub count: Option<u64>,
 }
 
-/// Per (key, rule) sliding counts for threshold rules. One owner (a
+/// Per (group, rule) sliding counts for threshold rules. One owner (a
 /// pipeline shard) holds them.
 #[derive(Default)]
 pub struct Thresholds {
-    /// group key → (rule index, window), one per threshold rule that
-    /// counted the key. Keyed by the key first: an event's rules then share
-    /// one lookup, where a map per rule cost a cache miss per rule.
-    windows: HashMap<String, Vec<(usize, Sliding)>>,
+    /// group key → its windows, for groups whose windows nobody else keeps
+    /// (a file, a process, or a key when the caller passes none).
+    windows: HashMap<String, Windows>,
     /// The candidate-rule list, reused from event to event.
     candidates: Vec<usize>,
 }
 
-#[derive(Default)]
+/// One group's threshold windows (a key's, a file's or a process's): per
+/// threshold rule that counted it, its window. Grouped by the key first:
+/// an event's rules then share one lookup, where a map per rule cost a
+/// cache miss per rule. A pipeline shard keeps a key's windows beside the
+/// key's baseline, so one lookup serves both.
+#[derive(Debug, Default)]
+pub struct Windows(Vec<(usize, Sliding)>);
+
+impl Windows {
+    /// Forgets every count (the rules they belonged to were replaced).
+    pub fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+#[derive(Debug, Default)]
 struct Sliding {
     /// (second, events in it), oldest first.
     buckets: VecDeque<(i64, u64)>,
@@ -251,19 +265,15 @@ impl Sliding {
 
 impl Thresholds {
     /// The windows of one group key.
-    fn of(&mut self, key: &str) -> &mut Vec<(usize, Sliding)> {
+    fn of(&mut self, key: &str) -> &mut Windows {
         self.windows.entry_ref(key).or_default()
     }
 }
 
 /// Counts the event in `rule`'s window among a key's; true once each time
 /// the count goes above the threshold.
-fn crossed(
-    windows: &mut Vec<(usize, Sliding)>,
-    rule: usize,
-    t: Threshold,
-    time_ms: i64,
-) -> (bool, u64) {
+fn crossed(windows: &mut Windows, rule: usize, t: Threshold, time_ms: i64) -> (bool, u64) {
+    let windows = &mut windows.0;
     let at = match windows.iter().position(|(r, _)| *r == rule) {
         Some(at) => at,
         None => {
@@ -430,12 +440,15 @@ impl RuleSet {
 
     /// Rules that fire on this event, in order. `deviations` are how the
     /// event differs from its key's baseline; `thresholds` is the caller's
-    /// counting state for threshold rules.
+    /// counting state for threshold rules. `key_windows` are the event's
+    /// own threshold windows when the caller keeps them (beside the key's
+    /// baseline); otherwise they are looked up in `thresholds`.
     pub fn evaluate<'a>(
         &'a self,
         event: &Event,
         deviations: &[Deviation],
         thresholds: &mut Thresholds,
+        key_windows: Option<&mut Windows>,
     ) -> Vec<Firing<'a>> {
         let mut actor = None;
         let mut out = Vec::new();
@@ -445,10 +458,13 @@ impl RuleSet {
         let mut candidates = std::mem::take(&mut thresholds.candidates);
         index.candidates(event, &mut candidates);
         // One lookup of the event's threshold windows serves all its rules.
-        let mut windows = candidates
-            .iter()
-            .any(|&i| self.rules[i].threshold.is_some())
-            .then(|| thresholds.of(&group_key(event)));
+        let mut windows = match key_windows {
+            Some(w) => Some(w),
+            None => candidates
+                .iter()
+                .any(|&i| self.rules[i].threshold.is_some())
+                .then(|| thresholds.of(&group_key(event))),
+        };
         for &i in &candidates {
             let r = &self.rules[i];
             // A deviation rule needs one of its deviations: the cheapest

@@ -49,14 +49,14 @@ rules:
     let open = secret_open_event();
     let mut th = Thresholds::default();
     let fired: Vec<&str> = set
-        .evaluate(&open, &[], &mut th)
+        .evaluate(&open, &[], &mut th, None)
         .iter()
         .map(|f| f.rule.id.as_str())
         .collect();
     assert_eq!(fired, ["tls-key-readers"]);
     let sign = key_use_event();
     let fired: Vec<&str> = set
-        .evaluate(&sign, &[], &mut th)
+        .evaluate(&sign, &[], &mut th, None)
         .iter()
         .map(|f| f.rule.id.as_str())
         .collect();
@@ -273,12 +273,17 @@ fn deviation_rules_fire_only_on_the_deviations_they_name() {
     .unwrap();
     let ev = key_use_event();
     let mut th = Thresholds::default();
-    assert!(set.evaluate(&ev, &[], &mut th).is_empty());
+    assert!(set.evaluate(&ev, &[], &mut th, None).is_empty());
     assert!(
-        set.evaluate(&ev, &[Deviation::NewBinary], &mut th)
+        set.evaluate(&ev, &[Deviation::NewBinary], &mut th, None)
             .is_empty()
     );
-    let f = set.evaluate(&ev, &[Deviation::NewBinary, Deviation::NewCountry], &mut th);
+    let f = set.evaluate(
+        &ev,
+        &[Deviation::NewBinary, Deviation::NewCountry],
+        &mut th,
+        None,
+    );
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].deviations, [Deviation::NewCountry]);
     assert!(!set.rules[0].is_stateless());
@@ -305,7 +310,7 @@ fn thresholds_fire_once_per_crossing_per_key_in_a_sliding_window() {
     for i in 0..6 {
         ev.time = 1_000_000 + i * 1000;
         fired.push(
-            set.evaluate(&ev, &[], &mut th)
+            set.evaluate(&ev, &[], &mut th, None)
                 .first()
                 .and_then(|f| f.count),
         );
@@ -315,12 +320,12 @@ fn thresholds_fire_once_per_crossing_per_key_in_a_sliding_window() {
     let mut other = key_use_event();
     other.key.as_mut().unwrap().spki_sha256 = Some("cd".repeat(32));
     other.time = ev.time;
-    assert!(set.evaluate(&other, &[], &mut th).is_empty());
+    assert!(set.evaluate(&other, &[], &mut th, None).is_empty());
     // Two minutes later the window has emptied: it re-arms.
     let mut fired = Vec::new();
     for i in 0..4 {
         ev.time = 1_000_000 + 180_000 + i;
-        fired.push(!set.evaluate(&ev, &[], &mut th).is_empty());
+        fired.push(!set.evaluate(&ev, &[], &mut th, None).is_empty());
     }
     assert_eq!(fired, [false, false, false, true]);
     let e = one_error(
