@@ -103,6 +103,106 @@ impl<'a> Observation<'a> {
     }
 }
 
+/// The values a baseline learned for one attribute (binaries, containers,
+/// users, countries).
+///
+/// A lookup reads one small array of hashes, then compares the one string
+/// whose hash matches, so answers are exact. A `BTreeSet<String>` compared
+/// the searched value with every string it visited, each in its own heap
+/// block, and those cache misses were most of a baseline's cost per event.
+/// Serialised as a sorted list of strings, as a `BTreeSet` was, so
+/// baseline files are unchanged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ValueSet {
+    /// Sorted by (hash, value); `values[i]` hashes to `hashes[i]`.
+    hashes: Vec<u64>,
+    values: Vec<String>,
+}
+
+impl ValueSet {
+    /// Only compared within this process, never stored: any fixed seed
+    /// does (values are compared whole on a match, so collisions cost a
+    /// comparison, never a wrong answer).
+    fn hash(v: &str) -> u64 {
+        use std::hash::BuildHasher;
+        foldhash::fast::FixedState::with_seed(0x6b65_7977_6172_6465).hash_one(v)
+    }
+
+    /// Where `v` is, or where it would go.
+    fn find(&self, v: &str) -> (u64, Result<usize, usize>) {
+        let h = Self::hash(v);
+        (h, self.locate(h, v))
+    }
+
+    /// Where `v`, whose hash is `h`, is or would go: values that share a
+    /// hash sit together, in value order.
+    fn locate(&self, h: u64, v: &str) -> Result<usize, usize> {
+        let mut i = self.hashes.partition_point(|&x| x < h);
+        while self.hashes.get(i) == Some(&h) {
+            match self.values[i].as_str().cmp(v) {
+                std::cmp::Ordering::Equal => return Ok(i),
+                std::cmp::Ordering::Greater => break,
+                std::cmp::Ordering::Less => i += 1,
+            }
+        }
+        Err(i)
+    }
+
+    pub fn contains(&self, v: &str) -> bool {
+        self.find(v).1.is_ok()
+    }
+
+    /// Adds `v`; false if it was there already.
+    pub fn insert(&mut self, v: &str) -> bool {
+        match self.find(v) {
+            (_, Ok(_)) => false,
+            (h, Err(at)) => {
+                self.hashes.insert(at, h);
+                self.values.insert(at, v.to_owned());
+                true
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    /// The values in sorted order (for people and files; lookups don't
+    /// need it).
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        let mut sorted: Vec<&str> = self.values.iter().map(String::as_str).collect();
+        sorted.sort_unstable();
+        sorted.into_iter()
+    }
+}
+
+impl<S: AsRef<str>> FromIterator<S> for ValueSet {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        let mut set = ValueSet::default();
+        for v in iter {
+            set.insert(v.as_ref());
+        }
+        set
+    }
+}
+
+impl Serialize for ValueSet {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for ValueSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Vec::<String>::deserialize(d)?.into_iter().collect())
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RateProfile {
     /// Start of the minute being counted (ms since the epoch, floored).
@@ -119,10 +219,10 @@ pub struct KeyBaseline {
     pub first_seen_ms: i64,
     pub last_seen_ms: i64,
     pub uses: u64,
-    pub binaries: BTreeSet<String>,
-    pub containers: BTreeSet<String>,
-    pub users: BTreeSet<String>,
-    pub countries: BTreeSet<String>,
+    pub binaries: ValueSet,
+    pub containers: ValueSet,
+    pub users: ValueSet,
+    pub countries: ValueSet,
     pub asns: BTreeSet<u32>,
     pub rate: RateProfile,
 }
@@ -154,8 +254,8 @@ impl KeyBaseline {
         let first = self.uses == 0;
         let first_seen_ms = if first { o.time_ms } else { self.first_seen_ms };
         let learning = o.time_ms - first_seen_ms < learning_ms;
-        let new = |set: &BTreeSet<String>, v: Option<&'_ str>| {
-            v.filter(|v| set.len() < MAX_VALUES && !set.contains(*v))
+        let new = |set: &ValueSet, v: Option<&'_ str>| {
+            v.filter(|v| set.len() < MAX_VALUES && !set.contains(v))
                 .is_some()
         };
         let new_binary = new(&self.binaries, o.binary);
@@ -186,9 +286,9 @@ impl KeyBaseline {
         self.first_seen_ms = first_seen_ms;
         self.uses += 1;
         self.last_seen_ms = self.last_seen_ms.max(o.time_ms);
-        let learn = |set: &mut BTreeSet<String>, new: bool, v: Option<&str>| {
+        let learn = |set: &mut ValueSet, new: bool, v: Option<&str>| {
             if let (true, Some(v)) = (new, v) {
-                set.insert(v.to_owned());
+                set.insert(v);
             }
         };
         learn(&mut self.binaries, new_binary, o.binary);
@@ -454,5 +554,42 @@ mod tests {
         );
         std::fs::remove_dir_all(&dir).unwrap();
         assert!(BaselineStore::load(&path).unwrap().keys.is_empty());
+    }
+
+    #[test]
+    fn value_sets_answer_exactly_and_store_like_sorted_sets() {
+        let words = ["nginx", "curl", "", "python3", "nginx2", "a"];
+        let mut set = ValueSet::default();
+        for w in words {
+            assert!(set.insert(w), "{w} is new");
+            assert!(!set.insert(w), "{w} is there now");
+        }
+        assert_eq!(set.len(), words.len());
+        for w in words {
+            assert!(set.contains(w));
+        }
+        assert!(!set.contains("ngin") && !set.contains("nginx3"));
+        let sorted: BTreeSet<&str> = words.into_iter().collect();
+        assert_eq!(
+            serde_json::to_string(&set).unwrap(),
+            serde_json::to_string(&sorted).unwrap()
+        );
+        let back: ValueSet = serde_json::from_str(&serde_json::to_string(&set).unwrap()).unwrap();
+        assert_eq!(back, set);
+        assert!(set.iter().eq(sorted.into_iter()));
+    }
+
+    #[test]
+    fn value_sets_tell_apart_values_that_share_a_hash() {
+        // Three values filed under one hash, as a collision would file them.
+        let set = ValueSet {
+            hashes: vec![1, 7, 7, 7, 9],
+            values: ["z", "b", "d", "f", "a"].map(String::from).to_vec(),
+        };
+        assert_eq!(set.locate(7, "d"), Ok(2));
+        assert_eq!(set.locate(7, "f"), Ok(3));
+        assert_eq!(set.locate(7, "c"), Err(2), "between b and d");
+        assert_eq!(set.locate(7, "g"), Err(4), "after f, before hash 9");
+        assert_eq!(set.locate(7, "a"), Err(1), "a is only under hash 9");
     }
 }

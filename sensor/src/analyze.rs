@@ -182,8 +182,8 @@ pub fn list_baselines(file: &Path) -> Result<()> {
             k.last_seen_ms,
             k.binaries.len(),
             k.containers.len(),
-            k.users.iter().cloned().collect::<Vec<_>>().join(","),
-            k.countries.iter().cloned().collect::<Vec<_>>().join(","),
+            k.users.iter().collect::<Vec<_>>().join(","),
+            k.countries.iter().collect::<Vec<_>>().join(","),
             k.asns
                 .iter()
                 .map(u32::to_string)
