@@ -20,6 +20,10 @@ pub struct NdjsonSink {
     out: Box<dyn Write + Send>,
     name: String,
     backlog: VecDeque<Vec<u8>>,
+    /// The longest line so far (up to 16 KiB): each line is serialised into a buffer of
+    /// that size, not grown from empty through a chain of reallocations
+    /// (a key-use event is ~2 KB of JSON).
+    line_capacity: usize,
     pub written: u64,
     pub dropped: u64,
     failing: bool,
@@ -48,6 +52,7 @@ impl NdjsonSink {
             out,
             name,
             backlog: VecDeque::new(),
+            line_capacity: 1024,
             written: 0,
             dropped: 0,
             failing: false,
@@ -55,15 +60,15 @@ impl NdjsonSink {
     }
 
     pub fn push(&mut self, ev: &Event) {
-        let mut line = match serde_json::to_vec(ev) {
-            Ok(l) => l,
-            Err(e) => {
-                error!(error = %e, "event could not be serialized");
-                self.dropped += 1;
-                return;
-            }
-        };
+        let mut line = Vec::with_capacity(self.line_capacity);
+        if let Err(e) = serde_json::to_writer(&mut line, ev) {
+            error!(error = %e, "event could not be serialized");
+            self.dropped += 1;
+            return;
+        }
         line.push(b'\n');
+        // Capped: one huge finding must not make every line allocate big.
+        self.line_capacity = self.line_capacity.max(line.len().min(16 * 1024));
         if self.backlog.len() >= BACKLOG_MAX {
             self.backlog.pop_front();
             self.dropped += 1;

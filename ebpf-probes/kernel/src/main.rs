@@ -696,10 +696,13 @@ mod probes {
     #[inline(always)]
     fn on_free(tgid: u32, ptr: u64) {
         let key = ProcPtr { tgid, _pad: 0, ptr };
-        // Deleting answers "was it there" with a plain integer (combining
+        // Most objects freed never signed (a TLS client frees five per
+        // handshake): a lock-free lookup first spares them the LRU maps'
+        // locked delete. Each answer is a plain bool at once (combining
         // two map-value pointers is something the verifier refuses).
-        let signed = SIGN_HANDLES.remove(&key).is_ok();
-        let known = KNOWN.remove(&key).is_ok();
+        let signed =
+            unsafe { SIGN_HANDLES.get(&key) }.is_some() && SIGN_HANDLES.remove(&key).is_ok();
+        let known = unsafe { KNOWN.get(&key) }.is_some() && KNOWN.remove(&key).is_ok();
         if !signed && !known {
             return;
         }
