@@ -11,7 +11,7 @@ use aya::{
     Ebpf,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        TracePoint, UProbe,
+        RawTracePoint, TracePoint, UProbe,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
     },
 };
@@ -174,15 +174,17 @@ impl Probes {
             p.load()
                 .with_context(|| format!("loading uprobe program {name}"))?;
         }
-        // Peer attribution needs sock/sock_recv_length (Linux 6.3+); without
-        // it signatures simply carry no peer, and the sensor says so.
-        let p: &mut TracePoint = ebpf
+        // Peer attribution needs the sock_recv_length tracepoint (Linux
+        // 6.3+); without it signatures simply carry no peer, and the sensor
+        // says so.
+        let p: &mut RawTracePoint = ebpf
             .program_mut("sock_recv")
             .context("sock_recv")?
             .try_into()?;
-        p.load().context("loading tracepoint program sock_recv")?;
-        if let Err(e) = p.attach("sock", "sock_recv_length") {
-            tracing::warn!(error = %e, "no sock/sock_recv_length tracepoint: signatures carry no network peer");
+        p.load()
+            .context("loading raw tracepoint program sock_recv")?;
+        if let Err(e) = p.attach("sock_recv_length") {
+            tracing::warn!(error = %e, "no sock_recv_length tracepoint: signatures carry no network peer");
         }
         for (name, category, tp) in [
             ("process_exec", "sched", "sched_process_exec"),

@@ -160,8 +160,9 @@ pub struct Peer {
 }
 
 /// Byte offsets of `struct sock_common` fields (the start of every
-/// `struct sock`), taken from the kernel's BTF by the sensor: Rust eBPF
-/// programs have no CO-RE relocations, so the layout comes in through a map.
+/// `struct sock`) and of `struct sock`'s protocol, taken from the kernel's
+/// BTF by the sensor: Rust eBPF programs have no CO-RE relocations, so the
+/// layout comes in through a map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SockLayout {
@@ -175,7 +176,8 @@ pub struct SockLayout {
     pub state: u32,
     pub v6_daddr: u32,
     pub v6_rcv_saddr: u32,
-    pub _pad: u32,
+    /// `struct sock.sk_protocol` (a `u16`).
+    pub protocol: u32,
 }
 
 /// Flags on a `FileOpenRecord`.

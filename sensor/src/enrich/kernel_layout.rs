@@ -4,9 +4,9 @@
 //! Rust eBPF programs have no CO-RE relocations, so field offsets come from
 //! `/sys/kernel/btf/vmlinux` at start and reach the probes through maps:
 //! - `SockLayout`: a connection's addresses, in `struct sock_common` (the
-//!   first member of every `struct sock`, partly inside anonymous unions).
-//!   The probes name the peer of a signature by reading the socket the
-//!   signing thread last received on.
+//!   first member of every `struct sock`, partly inside anonymous unions),
+//!   and `struct sock`'s protocol. The probes name the peer of a signature
+//!   by reading the socket the signing thread last received on.
 //! - `TaskLayout`: `task_struct.mm->exe_file->f_inode`, whose inode number,
 //!   size and mtime let the sensor hash the file a process ran even after
 //!   the process has exited; and the process's root directory and mount
@@ -76,8 +76,10 @@ fn vmlinux() -> Result<Btf> {
 }
 
 pub fn sock() -> Result<SockLayout> {
-    let f = struct_fields(&vmlinux()?, "sock_common")?;
+    let btf = vmlinux()?;
+    let f = struct_fields(&btf, "sock_common")?;
     let get = |name| field(&f, "sock_common", name);
+    let sock = struct_fields(&btf, "sock")?;
     Ok(SockLayout {
         valid: 1,
         daddr: get("skc_daddr")?,
@@ -88,7 +90,7 @@ pub fn sock() -> Result<SockLayout> {
         state: get("skc_state")?,
         v6_daddr: get("skc_v6_daddr")?,
         v6_rcv_saddr: get("skc_v6_rcv_saddr")?,
-        _pad: 0,
+        protocol: field(&sock, "sock", "sk_protocol")?,
     })
 }
 
