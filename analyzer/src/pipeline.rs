@@ -760,4 +760,40 @@ mod tests {
         let (rest, _) = p.finish();
         assert_eq!(fired_on(rest), [("02".repeat(32), 6000)]);
     }
+
+    /// A baseline reset forgets what was learned, not how busy the key
+    /// is: its threshold counts go on.
+    #[test]
+    fn a_baseline_reset_keeps_threshold_counts() {
+        let p = Pipeline::start(
+            rules(
+                "rules:\n  - id: busy\n    severity: low\n    event: key_use\n    threshold: {count: 3, window_seconds: 60}\n    actions: [alert]\n",
+            ),
+            cfg(1, 64, Overflow::Block),
+        );
+        let send = |t: i64| {
+            p.submit(Input {
+                event: event_for(1, t, "n"),
+                killed_by: None,
+            })
+            .unwrap()
+        };
+        for t in 0..3 {
+            send(t * 1000);
+        }
+        let mut outs = p.reset_baseline(None);
+        send(3000);
+        let (all, rest) = p.baselines();
+        outs.extend(rest);
+        let (more, _) = p.finish();
+        outs.extend(more);
+        assert_eq!(outs.len(), 4);
+        let fired: Vec<i64> = outs
+            .iter()
+            .filter(|o| !o.fired.is_empty())
+            .map(|o| o.event.time)
+            .collect();
+        assert_eq!(fired, [3000], "the fourth use is over 3, reset or not");
+        assert_eq!(all.keys[&"01".repeat(32)].uses, 1, "learning started again");
+    }
 }

@@ -424,7 +424,7 @@ mod probes {
     #[inline(always)]
     fn peer_of(tid: u32) -> Option<Peer> {
         let sk = *unsafe { LAST_SOCK.get(&tid) }?;
-        let l = SOCK_LAYOUT.get(0).filter(|l| l.valid != 0)?;
+        let l = sock_layout()?;
         let state: u8 = kernel_read(sk, l.state)?;
         if state != TCP_ESTABLISHED {
             return None;
@@ -451,6 +451,12 @@ mod probes {
             return None;
         }
         Some(peer)
+    }
+
+    /// The socket layout, once the sensor filled it in.
+    #[inline(always)]
+    fn sock_layout() -> Option<&'static SockLayout> {
+        SOCK_LAYOUT.get(0).filter(|l| l.valid != 0)
     }
 
     /// The task layout, once the sensor filled it in.
@@ -881,12 +887,12 @@ mod probes {
     /// A raw tracepoint: the program gets the `struct sock *` itself, and
     /// the kernel does not build the tracepoint's record for it first
     /// (about a third of this hook's cost per receive, in a profile of a
-    /// TLS client). Two reads of the socket
-    /// and one map write per receive; nothing for reads of files.
+    /// TLS client). Two reads of the socket and one map write per receive;
+    /// nothing for reads of files.
     #[raw_tracepoint(tracepoint = "sock_recv_length")]
     pub fn sock_recv(ctx: RawTracePointContext) -> u32 {
         let sk: u64 = ctx.arg(0);
-        let Some(l) = SOCK_LAYOUT.get(0).filter(|l| l.valid != 0) else {
+        let Some(l) = sock_layout() else {
             return 0;
         };
         let family: u16 = kernel_read(sk, l.family).unwrap_or(0);
