@@ -12,6 +12,7 @@ mod coverage;
 mod discovery;
 mod enforce;
 mod enrich;
+mod free_watch;
 mod keys;
 mod probes;
 mod records;

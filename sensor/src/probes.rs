@@ -4,7 +4,12 @@
 //! so a single pair of programs serves every function of every library the
 //! sensor covers. Dropping `Probes` detaches everything.
 
-use std::{path::Path, sync::Arc};
+use std::{
+    num::NonZeroU32,
+    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    path::Path,
+    sync::Arc,
+};
 
 use anyhow::{Context, Result, bail};
 use aya::{
@@ -12,7 +17,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         RawTracePoint, TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
 use hashbrown::HashMap;
@@ -64,8 +69,31 @@ pub struct Probes {
     ebpf: Ebpf,
     libraries: Vec<Arc<Library>>,
     by_inode: HashMap<(u64, u64), u32>,
+    /// Each library's free functions, attached per process (`free_watch`).
+    frees: HashMap<u32, FreeProbes>,
     /// This sensor's name in the host-wide hold lease (`HoldLease`).
     hold_token: u64,
+}
+
+/// A library's free functions (`EVP_PKEY_free`, `EVP_PKEY_sign_init`),
+/// which are attached to one process at a time rather than host-wide
+/// (`crate::free_watch` says why).
+struct FreeProbes {
+    /// Kept open: later attaches name the file by this descriptor, so they
+    /// reach the same inode even once the path it was found by (a
+    /// container's root under `/proc/PID`) is gone.
+    file: std::fs::File,
+    /// (file offset, cookie)
+    points: Vec<(u64, u64)>,
+}
+
+/// Whether an attach failed because its target process is gone or exiting.
+pub fn process_gone(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|n| n == libc::ESRCH || n == libc::ENOENT)
+    })
 }
 
 /// Who holds processes on this host, as seen at a heartbeat.
@@ -91,9 +119,23 @@ fn new_hold_token() -> u64 {
     }
 }
 
+/// The functions whose calls make a cached verdict on a key object void.
+fn invalidates(id: u8) -> bool {
+    matches!(id, func::PKEY_FREE | func::PKEY_SIGN_INIT)
+}
+
+/// Opens a path, checking it is still the file (device, inode) scanned.
+fn open_same_file(path: &Path, (dev, ino): (u64, u64)) -> Result<std::fs::File> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let md = file.metadata()?;
+    if (md.dev(), md.ino()) != (dev, ino) {
+        bail!("{} was replaced since it was scanned", path.display());
+    }
+    Ok(file)
+}
+
 /// A file's identity as the probes read it from its inode.
 pub fn file_id(md: &std::fs::Metadata) -> ExeId {
-    use std::os::unix::fs::MetadataExt;
     ExeId {
         valid: 1,
         mtime_nsec: md.mtime_nsec() as u32,
@@ -204,6 +246,7 @@ impl Probes {
             ebpf,
             libraries: Vec::new(),
             by_inode: HashMap::new(),
+            frees: HashMap::new(),
             hold_token: new_hold_token(),
         };
         probes.set_config(config::HOLD_TOKEN, probes.hold_token)?;
@@ -245,6 +288,8 @@ impl Probes {
         let index = self.libraries.len() as u32;
         let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        // (offset, cookie) of the free functions, attached per process later.
+        let mut frees: Vec<(u64, u64)> = Vec::new();
         let mut functions = Vec::new();
         for p in &code.points {
             let at = |o| UProbeAttachPoint {
@@ -261,14 +306,20 @@ impl Probes {
                 // Only real frees trap (libssl drops references to the
                 // server key several times per handshake).
                 debug!(function = %p.symbol, shift, register, "free probe past the count's test");
-                entry.push(UProbeAttachPoint {
-                    location: UProbeAttachLocation::AbsoluteOffset(p.offset + shift),
-                    cookie: Some(func::cookie_with_register(
-                        index,
-                        func::PKEY_FREED,
-                        register,
-                    )),
-                });
+                frees.push((
+                    p.offset + shift,
+                    func::cookie_with_register(index, func::PKEY_FREED, register),
+                ));
+            } else if invalidates(p.id) {
+                let args = C_API
+                    .iter()
+                    .find(|f| f.id == p.id)
+                    .map(|f| f.args)
+                    .unwrap_or(&[]);
+                frees.push((
+                    p.offset + placement::entry_offset(&p.code, args),
+                    func::cookie(index, p.id),
+                ));
             } else {
                 let args = C_API
                     .iter()
@@ -311,10 +362,73 @@ impl Probes {
             missing = ?lib.missing,
             "attached"
         );
+        if !frees.is_empty() {
+            match open_same_file(&c.open_path, key) {
+                Ok(file) => {
+                    self.frees.insert(
+                        index,
+                        FreeProbes {
+                            file,
+                            points: frees,
+                        },
+                    );
+                }
+                // Without its free probes no verdict on this file's
+                // signatures is cached: each one is verified.
+                Err(e) => tracing::warn!(
+                    library = %lib.shown_as,
+                    error = %e,
+                    "key objects' frees cannot be watched: every signature through it is verified"
+                ),
+            }
+        }
         self.by_inode.insert(key, index);
         let lib = Arc::new(lib);
         self.libraries.push(lib.clone());
         Ok(Some(lib))
+    }
+
+    /// Whether a library has free functions to watch (a Rust signer with no
+    /// C key object has none, and needs none: it is verified every time).
+    pub fn has_free_probes(&self, library: u32) -> bool {
+        self.frees.contains_key(&library)
+    }
+
+    /// Attaches a library's free functions for one process (`Some(tgid)`)
+    /// or host-wide (`None`). Once this returns they trap: the kernel
+    /// installs a uprobe in the matching processes' memory before the
+    /// attach completes.
+    pub fn attach_frees(&mut self, library: u32, tgid: Option<u32>) -> Result<UProbeLinkId> {
+        let f = self
+            .frees
+            .get(&library)
+            .with_context(|| format!("library {library} has no free functions"))?;
+        let scope = match tgid.and_then(NonZeroU32::new) {
+            Some(pid) => UProbeScope::OneProcess(pid),
+            None => UProbeScope::AllProcesses,
+        };
+        let points = f.points.iter().map(|&(offset, cookie)| UProbeAttachPoint {
+            location: UProbeAttachLocation::AbsoluteOffset(offset),
+            cookie: Some(cookie),
+        });
+        let path = format!("/proc/self/fd/{}", f.file.as_raw_fd());
+        let prog: &mut UProbe = self
+            .ebpf
+            .program_mut("sign_entry")
+            .context("sign_entry")?
+            .try_into()?;
+        Ok(prog.attach(points, &path, scope)?)
+    }
+
+    pub fn detach_frees(&mut self, link: UProbeLinkId) {
+        let detached = self
+            .ebpf
+            .program_mut("sign_entry")
+            .and_then(|p| <&mut UProbe>::try_from(p).ok())
+            .map(|p| p.detach(link));
+        if let Some(Err(e)) = detached {
+            debug!(error = %e, "detaching free probes");
+        }
     }
 
     /// Tells the probes where `struct sock` keeps its addresses (turns on

@@ -19,7 +19,10 @@ use std::{
 };
 
 use anyhow::Result;
-use aya::maps::{MapData, RingBuf};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::uprobe::UProbeLinkId,
+};
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{
     self, Cgroup, Event, KeyUse, Origin, SecretFile, SecretFileOpen, Signature, User,
@@ -53,6 +56,7 @@ use crate::{
         kernel_layout,
         process::{CgroupPaths, ProcessInfo, ProcessTable, cgroup2_root, user_name},
     },
+    free_watch::{self, FreeWatches},
     keys::{
         identify::{Identifier, identity_of},
         material::{self, KeyFile, KeyInfo},
@@ -111,6 +115,9 @@ struct Sensor {
     cache: Arc<Mutex<ScanCache>>,
     /// Files found at start with crypto code the probes cannot see.
     uncovered_at_start: Vec<String>,
+    /// Processes whose key-object frees the probes see (attached when a
+    /// process first signs).
+    free_watches: FreeWatches<UProbeLinkId>,
 }
 
 fn clock_ns(id: nix::time::ClockId) -> i64 {
@@ -212,6 +219,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         unanalysed: 0,
         cache: Arc::new(Mutex::new(ScanCache::default())),
         uncovered_at_start: Vec::new(),
+        free_watches: FreeWatches::new(free_watch::MAX_WATCHED_PROCESSES),
     };
     let sock = kernel_layout::sock()
         .inspect_err(|e| warn!("signatures carry no network peer: {e:#}"))
@@ -316,6 +324,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         if last_housekeeping.elapsed() >= Duration::from_secs(5) {
             s.report_lost();
             s.ident.expire(Duration::from_secs(30));
+            s.sweep_free_watches();
             s.refresh_geo();
             last_housekeeping = Instant::now();
         }
@@ -361,6 +370,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         data_truncated = lost[stats::CAPTURE_TRUNCATED as usize],
         unwritten = waiting + s.sink.dropped as usize,
         verifications = s.ident.verifications,
+        free_watched_processes = s.free_watches.watched(),
+        free_probes_host_wide = s.free_watches.host_wide_libraries(),
         "stopped: probes detached"
     );
     if let Some(e) = failure {
@@ -531,12 +542,14 @@ impl Sensor {
                 self.pending_exec.insert(x.task.tgid(), x.task.ktime_ns);
                 self.enforcer.forget(x.task.tgid());
                 self.ident.forget_process(x.task.tgid());
+                self.unwatch_frees(x.task.tgid());
                 self.sync_known();
             }
             Record::Exit(x) => {
                 self.pending_exec.remove(&x.task.tgid());
                 self.enforcer.forget(x.task.tgid());
                 self.ident.forget_process(x.task.tgid());
+                self.unwatch_frees(x.task.tgid());
                 self.sync_known();
                 self.procs.remove_upto(x.task.tgid(), x.task.ktime_ns);
             }
@@ -808,7 +821,11 @@ impl Sensor {
 
     fn on_sign(&mut self, r: &SignRecord, sig: &[u8]) {
         let tgid = r.task.tgid();
-        let key = self.ident.identify(r, sig);
+        let cacheable = self.free_watches.covers(tgid, r.library, r.task.ktime_ns);
+        let key = self.ident.identify(r, sig, cacheable);
+        if !cacheable && Identifier::caches_by_handle(r) {
+            self.watch_frees(tgid, r.library);
+        }
         self.sync_known();
         let info = self.process_at(tgid, r.task.ktime_ns);
         let (process, container, cgroup) = self.attribution(&r.task, &info);
@@ -838,6 +855,88 @@ impl Sensor {
         self.events_by_kind[0] += 1;
         let ev = Event::key_use(&self.origin, u);
         self.emit(ev, None);
+    }
+
+    /// Attaches a library's free probes to a process that signed through
+    /// it, so its later verdicts can be cached (`free_watch`). Past the
+    /// per-process limit, or when a per-process attach fails for another
+    /// reason than the process going away, they go host-wide instead.
+    fn watch_frees(&mut self, tgid: u32, library: u32) {
+        let mut probes = self.probes.lock().expect("probes lock");
+        if !probes.has_free_probes(library) {
+            return;
+        }
+        let mut step = self.free_watches.next_step(tgid, library);
+        if step == free_watch::Step::AttachProcess {
+            match probes.attach_frees(library, Some(tgid)) {
+                Ok(link) => {
+                    let since = clock_ns(nix::time::ClockId::CLOCK_MONOTONIC) as u64;
+                    // Gone already (0): the next sweep detaches it.
+                    let started = free_watch::start_time(tgid).unwrap_or(0);
+                    debug!(pid = tgid, library, "watching key-object frees");
+                    if let Some(old) = self
+                        .free_watches
+                        .attached(tgid, library, link, since, started)
+                    {
+                        probes.detach_frees(old);
+                    }
+                    return;
+                }
+                Err(e) if crate::probes::process_gone(&e) => {
+                    self.free_watches.unwatchable(tgid, library);
+                    return;
+                }
+                Err(e) => {
+                    warn!(pid = tgid, library, error = %format!("{e:#}"), "attaching free probes to one process; attaching them host-wide");
+                    step = free_watch::Step::AttachHostWide;
+                }
+            }
+        }
+        if step == free_watch::Step::AttachHostWide {
+            let since = match probes.attach_frees(library, None) {
+                Ok(_) => {
+                    info!(
+                        library,
+                        watched = self.free_watches.watched(),
+                        "free probes host-wide for this library: past the per-process limit"
+                    );
+                    Some(clock_ns(nix::time::ClockId::CLOCK_MONOTONIC) as u64)
+                }
+                Err(e) => {
+                    warn!(library, error = %format!("{e:#}"), "free probes cannot be attached: every signature through this library is verified");
+                    None
+                }
+            };
+            for old in self.free_watches.host_wide(library, since) {
+                probes.detach_frees(old);
+            }
+        }
+    }
+
+    /// Watched processes whose exit record was lost: forgotten like any
+    /// exited process, so a reused pid is not taken as watched.
+    fn sweep_free_watches(&mut self) {
+        let gone = self
+            .free_watches
+            .gone(|tgid, started| free_watch::start_time(tgid) == Some(started));
+        for tgid in gone {
+            debug!(pid = tgid, "watched process gone without an exit record");
+            self.ident.forget_process(tgid);
+            self.unwatch_frees(tgid);
+        }
+        self.sync_known();
+    }
+
+    /// A process exited or exec'd: its free probes go.
+    fn unwatch_frees(&mut self, tgid: u32) {
+        let links = self.free_watches.forget(tgid);
+        if links.is_empty() {
+            return;
+        }
+        let mut probes = self.probes();
+        for link in links {
+            probes.detach_frees(link);
+        }
     }
 
     /// The library a probe record names, as an OCSF file, and the stack

@@ -9,8 +9,9 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    io::{BufRead, BufReader, Write},
     path::Path,
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use serde_json::Value;
@@ -71,11 +72,14 @@ fn rustls_server(
     start_server(&mut cmd, port)
 }
 
-/// How the sensor knows the key after the first handshake.
+/// How the sensor knows the key once it has seen the first handshake.
 #[derive(PartialEq)]
 enum Later {
     /// The key object is cached: a C signing call (or one nested in a Rust
-    /// signer) with an EVP_PKEY whose reference drops are not frees.
+    /// signer) with an EVP_PKEY whose reference drops are not frees. The
+    /// cache holds from the first signature made after the sensor saw the
+    /// process's first: the second is checked once more (its free probes
+    /// were not in place when the first was made).
     Cached,
     /// Every signature is verified (a Rust signer with no C key object).
     Verified,
@@ -98,9 +102,12 @@ fn server_names_every_handshake(
     let sensor = Sensor::start(&[]);
     let server = start(&key.path, &crt, port);
     let ports = source_ports(4);
-    for p in &ports {
+    for (i, p) in ports.iter().enumerate() {
         let out = run_ok(&mut curl_from(port, *p));
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
+        if i == 0 && later == Later::Cached {
+            sensor.wait_for_free_watch(server.pid());
+        }
     }
     let events = sensor.stop();
     let uses = uses_of(&events, server.pid(), &key.spki, ports.len());
@@ -109,7 +116,7 @@ fn server_names_every_handshake(
     for (i, e) in uses.iter().enumerate() {
         assert_eq!(e["module"]["type"], stack, "{e:#}");
         assert_eq!(e["module"]["function_name"], function, "{e:#}");
-        let by = if i > 0 && later == Later::Cached {
+        let by = if i > 1 && later == Later::Cached {
             "handle_cache"
         } else {
             "signature_verified"
@@ -308,8 +315,10 @@ fn python_cryptography_and_node_carry_their_own_openssl() {
 /// A key object really freed and a new one (likely at the same address)
 /// loaded in its place: each signature names the key that made it. Only
 /// the free path of `EVP_PKEY_free` is probed (past its reference-count
-/// test), so this fails if real frees go unseen: the new object would be
-/// named by the old one's cached identity.
+/// test), and only in processes that signed, so this fails if real frees
+/// go unseen: the new object would be named by the old one's cached
+/// identity. The process signs once and waits until the sensor watches its
+/// frees; from then on, the second signature with each object is cached.
 #[test]
 fn a_freed_key_object_is_forgotten() {
     let dir = tempfile::tempdir().unwrap();
@@ -321,9 +330,15 @@ fn a_freed_key_object_is_forgotten() {
     let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python");
     let rounds = 3;
     let script = format!(
-        "from cryptography.hazmat.primitives import serialization\n\
+        "import sys\n\
+         from cryptography.hazmat.primitives import serialization\n\
+         k = serialization.load_pem_private_key(open('{0}', 'rb').read(), None)\n\
+         k.sign(b'first')\n\
+         del k\n\
+         print('signed', flush=True)\n\
+         sys.stdin.readline()\n\
          for i in range({rounds}):\n\
-         \x20   for path in ('{}', '{}'):\n\
+         \x20   for path in ('{0}', '{1}'):\n\
          \x20       k = serialization.load_pem_private_key(open(path, 'rb').read(), None)\n\
          \x20       k.sign(b'one')\n\
          \x20       k.sign(b'two')\n\
@@ -332,7 +347,22 @@ fn a_freed_key_object_is_forgotten() {
         b.path.display()
     );
     let sensor = Sensor::start(&[]);
-    let (pid, _) = run_pid_ok(Command::new(&python).arg("-c").arg(&script));
+    let mut child = spawn(
+        Command::new(&python)
+            .arg("-c")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped()),
+    );
+    let pid = child.id();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "signed");
+    sensor.wait_for_free_watch(pid);
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    assert!(child.wait().unwrap().success());
     let events = sensor.stop();
     // Analysis is sharded by key, so the output interleaves keys out of
     // order: sort by the sensor's sequence number (the end of the uid).
@@ -350,7 +380,7 @@ fn a_freed_key_object_is_forgotten() {
             )
         })
         .collect();
-    let mut want = Vec::new();
+    let mut want = vec![(a.spki.as_str(), "signature_verified")];
     for _ in 0..rounds {
         for key in [&a, &b] {
             want.push((key.spki.as_str(), "signature_verified"));
@@ -358,6 +388,120 @@ fn a_freed_key_object_is_forgotten() {
         }
     }
     assert_eq!(got, want, "{uses:#?}");
+}
+
+/// A function's machine code as process `pid` maps it from the ELF file
+/// `lib`, and as the file holds it. A uprobe shows in the process's copy:
+/// the kernel writes a breakpoint (0xCC) there, in that process only.
+fn function_code(pid: u32, lib: &str, symbol: &str) -> (Vec<u8>, Vec<u8>) {
+    use object::{Object, ObjectSegment, ObjectSymbol};
+    use std::os::unix::fs::FileExt;
+    let data = std::fs::read(lib).unwrap();
+    let elf = object::File::parse(&*data).unwrap();
+    let sym = elf
+        .dynamic_symbols()
+        .chain(elf.symbols())
+        .find(|s| s.name() == Ok(symbol))
+        .unwrap_or_else(|| panic!("{symbol} is not in {lib}"));
+    let (addr, size) = (sym.address(), sym.size());
+    assert!(size > 0, "{symbol} has no size");
+    let seg = elf
+        .segments()
+        .find(|s| s.address() <= addr && addr + size <= s.address() + s.size())
+        .unwrap();
+    let file_off = seg.file_range().0 + (addr - seg.address());
+    let in_file = data[file_off as usize..(file_off + size) as usize].to_vec();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let at = maps
+        .lines()
+        .filter(|l| l.ends_with(lib))
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (start, end) = f.next()?.split_once('-')?;
+            let (start, end) = (
+                u64::from_str_radix(start, 16).ok()?,
+                u64::from_str_radix(end, 16).ok()?,
+            );
+            let offset = u64::from_str_radix(f.nth(1)?, 16).ok()?;
+            (offset <= file_off && file_off + size <= offset + (end - start))
+                .then(|| start + file_off - offset)
+        })
+        .unwrap_or_else(|| panic!("pid {pid} does not map {symbol} of {lib}"));
+    let mut in_memory = vec![0u8; size as usize];
+    std::fs::File::open(format!("/proc/{pid}/mem"))
+        .unwrap()
+        .read_exact_at(&mut in_memory, at)
+        .unwrap();
+    (in_memory, in_file)
+}
+
+/// The free probes sit only in processes that signed. A TLS client of the
+/// same libcrypto (which frees several key objects per handshake and signs
+/// nothing) has no breakpoint in `EVP_PKEY_free`; the nginx worker, once
+/// it signed, has one. Probed host-wide, the client would have it too.
+#[test]
+fn free_probes_are_only_in_processes_that_sign() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = openssl_key(dir.path(), "server", "ec");
+    let crt = cert(dir.path(), &key, "localhost");
+    let port = free_port();
+    let nginx = start_nginx(
+        dir.path(),
+        port,
+        &nginx_tls_server(port, &crt, &key.path, ""),
+    );
+    let worker = nginx_worker(&nginx);
+    let config = sensor_config(dir.path(), &[dir.path()], &[]);
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    run_ok(&mut curl_from(port, free_port()));
+    sensor.wait_for_free_watch(worker);
+    // A client that stays connected (its stdin stays open) after its
+    // handshake, which the worker's second signature marks.
+    let mut client = spawn(
+        Command::new("openssl")
+            .args(["s_client", "-quiet", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    wait_for(
+        "the client's handshake",
+        std::time::Duration::from_secs(20),
+        || key_uses_of(&sensor.events(), worker).len() >= 2,
+    );
+    let maps = std::fs::read_to_string(format!("/proc/{worker}/maps")).unwrap();
+    let libcrypto = maps
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.contains("/libcrypto.so"))
+        .expect("nginx maps libcrypto")
+        .to_owned();
+    let (client_code, file_code) = function_code(client.id(), &libcrypto, "EVP_PKEY_free");
+    let (worker_code, _) = function_code(worker, &libcrypto, "EVP_PKEY_free");
+    let _ = client.kill();
+    let _ = client.wait();
+    let events = sensor.stop();
+    drop(nginx);
+    assert_eq!(
+        client_code, file_code,
+        "the client, which never signed, has no probe in EVP_PKEY_free"
+    );
+    assert_ne!(
+        worker_code, file_code,
+        "the worker, which signed, has its free probe"
+    );
+    assert_eq!(
+        worker_code
+            .iter()
+            .zip(&file_code)
+            .filter(|(m, f)| m != f)
+            .count(),
+        1,
+        "one breakpoint, on the free path"
+    );
+    assert!(worker_code.contains(&0xcc));
+    assert_eq!(key_uses_of(&events, worker).len(), 2);
 }
 
 /// 100 concurrent handshakes to nginx, each from its own loopback address:

@@ -11,6 +11,10 @@
 //! which libssl makes on every handshake, is filtered out in the probe),
 //! the entry becomes *suspect* and the next signature is checked against
 //! the cached key once more; an exec or exit forgets the process entirely.
+//! Frees are only seen in processes the free probes were attached to
+//! (`crate::free_watch`), so a verdict is cached only for a signature made
+//! once they were; before that an entry is kept as suspect, a hint of
+//! which key to check first.
 //!
 //! Rust signers (rustls `Signer::sign`, ring) are different: their signer
 //! objects are short-lived boxes whose frees nothing reports. When one
@@ -217,16 +221,22 @@ impl Identifier {
             .retain(|_, op| now.duration_since(op.seen) < max_age);
     }
 
+    /// Whether verdicts on signatures like `r` are cached by key object. A
+    /// Rust signer whose nested C call showed its key object is, like a C
+    /// signature; one with no C key object is verified every time.
+    pub fn caches_by_handle(r: &SignRecord) -> bool {
+        !func::returns_rust_value(r.func as u8) || r.flags & sign_flags::INNER_HANDLE != 0
+    }
+
     /// Which key made the signature in `r`; `sig` is the signature the
-    /// probes copied (empty for a key object they knew).
-    pub fn identify(&mut self, r: &SignRecord, sig: &[u8]) -> KeyIdentity {
+    /// probes copied (empty for a key object they knew). `cacheable`: the
+    /// probes see every later free of the key object in this process
+    /// (`crate::free_watch`), so a verdict may be kept for it.
+    pub fn identify(&mut self, r: &SignRecord, sig: &[u8], cacheable: bool) -> KeyIdentity {
         let tgid = r.task.tgid();
         let data = self.ops.remove(&(tgid, r.op_id));
         let cache_key = (tgid, r.handle);
-        // A Rust signer whose nested C call showed its key object is
-        // cached by that object, like a C signature.
-        let rust =
-            func::returns_rust_value(r.func as u8) && r.flags & sign_flags::INNER_HANDLE == 0;
+        let rust = !Self::caches_by_handle(r);
         let suspect = match self.handles.get(&cache_key) {
             _ if rust => self.last_rust_key.get(&tgid).cloned(),
             Some((k, false)) => return identified(k, "handle_cache"),
@@ -311,9 +321,12 @@ impl Identifier {
                 if verifies(&k.info.public, &signed_as(reading)) {
                     if rust {
                         self.last_rust_key.insert(tgid, k.clone());
-                    } else {
+                    } else if cacheable {
                         self.handles.insert(cache_key, (k.clone(), false));
                         self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
+                    } else {
+                        // Its next signature is checked against this key first.
+                        self.handles.insert(cache_key, (k.clone(), true));
                     }
                     return identified(k, "signature_verified");
                 }
@@ -367,9 +380,11 @@ impl Identifier {
         // Complete data and no key verifies: remember that for this key
         // object, so its next signatures cost nothing until a key is added.
         let reason = format!("none of the {n} known public key(s) verifies this signature");
-        self.unidentified
-            .insert(cache_key, (self.generation, reason.clone()));
-        self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
+        if cacheable {
+            self.unidentified
+                .insert(cache_key, (self.generation, reason.clone()));
+            self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
+        }
         unknown(reason)
     }
 }
@@ -426,7 +441,7 @@ mod tests {
     }
 
     fn identify(id: &mut Identifier, (r, sig): (SignRecord, Vec<u8>)) -> KeyIdentity {
-        id.identify(&r, &sig)
+        id.identify(&r, &sig, true)
     }
 
     fn data(tgid: u32, op_id: u64, bytes: &[u8]) -> DataHeader {
@@ -526,9 +541,76 @@ mod tests {
         id.retract.clear();
         let (mut lite, _) = record(10, 0xa, 8, &s2);
         lite.flags |= sign_flags::KNOWN_HANDLE;
-        let got = id.identify(&lite, &[]);
+        let got = id.identify(&lite, &[], true);
         assert_eq!(got.status, KeyStatus::Unknown);
         assert_eq!(id.retract, vec![(10, 0xa)]);
+    }
+
+    /// Until the process's frees are watched, no verdict is kept: each
+    /// signature is verified (the key that verified last is tried first)
+    /// and the probes are not told to stop copying. The first signature
+    /// made once they are watched is kept.
+    #[test]
+    fn verdicts_are_kept_only_once_frees_are_watched() {
+        let (d, k, spki) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let digest = sha2::Sha256::digest(b"m").to_vec();
+        let (dfile, sfile) = (d.path().join("d"), d.path().join("s"));
+        std::fs::write(&dfile, &digest).unwrap();
+        let st = std::process::Command::new("openssl")
+            .args(["pkeyutl", "-sign", "-inkey"])
+            .arg(&k)
+            .arg("-in")
+            .arg(&dfile)
+            .arg("-out")
+            .arg(&sfile)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let sig = std::fs::read(sfile).unwrap();
+        let mut id = Identifier::default();
+        // Another key first, so only a remembered hint checks ours first.
+        let (_d2, other, _) = openssl_key(&["-algorithm", "ED25519"]);
+        id.add_process_keys(10, read_key_file(&other, "o").unwrap(), "/o.pem");
+        id.add_process_keys(10, read_key_file(&k, "k").unwrap(), "/k.pem");
+
+        for op in 1..=2 {
+            id.on_data(&data(10, op, &digest), &digest);
+            let before = id.verifications;
+            let (r, s) = record(10, 0xa, op, &sig);
+            let got = id.identify(&r, &s, false);
+            assert_eq!(got.spki_sha256.as_deref(), Some(spki.as_str()));
+            assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+            assert!(id.learned.is_empty(), "the probes keep copying");
+            if op == 2 {
+                assert_eq!(id.verifications, before + 1, "the hint is tried first");
+            }
+        }
+        id.on_data(&data(10, 3, &digest), &digest);
+        let (r, s) = record(10, 0xa, 3, &sig);
+        assert_eq!(
+            id.identify(&r, &s, true).identified_by.as_deref(),
+            Some("signature_verified")
+        );
+        assert_eq!(id.learned, vec![(10, 0xa, 0)]);
+        let (r, s) = record(10, 0xa, 4, &sig);
+        assert_eq!(
+            id.identify(&r, &s, true).identified_by.as_deref(),
+            Some("handle_cache")
+        );
+
+        // An unknown key is not remembered as unknown either.
+        let mut id = Identifier::default();
+        id.add_process_keys(10, read_key_file(&other, "o").unwrap(), "/o.pem");
+        id.on_data(&data(10, 5, &digest), &digest);
+        let (r, s) = record(10, 0xb, 5, &sig);
+        assert_eq!(id.identify(&r, &s, false).status, KeyStatus::Unknown);
+        assert!(id.learned.is_empty());
+        id.on_data(&data(10, 6, &digest), &digest);
+        let before = id.verifications;
+        let (r, s) = record(10, 0xb, 6, &sig);
+        assert_eq!(id.identify(&r, &s, false).status, KeyStatus::Unknown);
+        assert!(id.verifications > before, "checked again");
     }
 
     /// ring's `Signature`, alone or after a `Result` tag, or with the
@@ -586,7 +668,7 @@ mod tests {
         let (mut lite, _) = record(5, 1, 9, &[]);
         lite.flags |= sign_flags::KNOWN_HANDLE;
         assert!(
-            id.identify(&lite, &[])
+            id.identify(&lite, &[], true)
                 .unknown_reason
                 .unwrap()
                 .contains("none of the 1 known")
@@ -602,7 +684,7 @@ mod tests {
         let (mut failed, s) = record(5, 1, 4, &sig);
         failed.ret = 0;
         assert!(
-            id.identify(&failed, &s)
+            id.identify(&failed, &s, true)
                 .unknown_reason
                 .unwrap()
                 .contains("failed")

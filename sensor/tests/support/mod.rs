@@ -89,6 +89,22 @@ impl Sensor {
         self.child.as_ref().unwrap().id()
     }
 
+    /// Waits until the sensor watches the key-object frees of `pid`, which
+    /// it starts when the process first signs. Signatures the process makes
+    /// from then on may be answered from the sensor's cache.
+    pub fn wait_for_free_watch(&self, pid: u32) {
+        let line = format!("pid={pid} ");
+        wait_for(
+            &format!("the sensor to watch pid {pid}'s frees"),
+            Duration::from_secs(20),
+            || {
+                self.log()
+                    .lines()
+                    .any(|l| l.contains("watching key-object frees") && l.contains(&line))
+            },
+        );
+    }
+
     /// The events written so far (the sensor flushes on every poll).
     pub fn events(&self) -> Vec<Value> {
         read_events(&self.events_path)
