@@ -888,9 +888,16 @@ mod probes {
     /// the kernel does not build the tracepoint's record for it first
     /// (about a third of this hook's cost per receive, in a profile of a
     /// TLS client). Two reads of the socket and one map write per receive;
-    /// nothing for reads of files.
+    /// nothing for reads of files. A receive that got no data (`EAGAIN`,
+    /// which an event loop meets on every drained socket, or end of file)
+    /// names no connection the thread is working on, and returns first.
     #[raw_tracepoint(tracepoint = "sock_recv_length")]
     pub fn sock_recv(ctx: RawTracePointContext) -> u32 {
+        // TP_PROTO(struct sock *sk, int ret, int flags)
+        let ret: u64 = ctx.arg(1);
+        if ret as i32 <= 0 {
+            return 0;
+        }
         let sk: u64 = ctx.arg(0);
         let Some(l) = sock_layout() else {
             return 0;
