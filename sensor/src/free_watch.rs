@@ -207,6 +207,14 @@ impl<L> FreeWatches<L> {
         out
     }
 
+    /// Processes that could not be attached are tried again at their next
+    /// signature (an exit record that was lost would otherwise leave their
+    /// pid unwatchable for good).
+    pub fn retry_unwatchable(&mut self) {
+        self.processes
+            .retain(|_, w| matches!(w, Watch::Attached { .. }));
+    }
+
     /// Processes watched one by one right now.
     pub fn watched(&self) -> usize {
         self.attached
@@ -262,6 +270,11 @@ mod tests {
         assert!(!w.covers(10, 0, u64::MAX));
         assert!(w.forget(10).is_empty());
         assert_eq!(w.next_step(10, 0), Step::AttachProcess);
+        w.unwatchable(10, 0);
+        w.attached(11, 0, 1, 100, 8);
+        w.retry_unwatchable();
+        assert_eq!(w.next_step(10, 0), Step::AttachProcess);
+        assert_eq!(w.next_step(11, 0), Step::Nothing, "attached ones stay");
     }
 
     #[test]

@@ -862,11 +862,14 @@ impl Sensor {
     /// per-process limit, or when a per-process attach fails for another
     /// reason than the process going away, they go host-wide instead.
     fn watch_frees(&mut self, tgid: u32, library: u32) {
+        let mut step = self.free_watches.next_step(tgid, library);
+        if step == free_watch::Step::Nothing {
+            return;
+        }
         let mut probes = self.probes.lock().expect("probes lock");
         if !probes.has_free_probes(library) {
             return;
         }
-        let mut step = self.free_watches.next_step(tgid, library);
         if step == free_watch::Step::AttachProcess {
             match probes.attach_frees(library, Some(tgid)) {
                 Ok(link) => {
@@ -898,7 +901,7 @@ impl Sensor {
                     info!(
                         library,
                         watched = self.free_watches.watched(),
-                        "free probes host-wide for this library: past the per-process limit"
+                        "free probes for this library are host-wide from now on"
                     );
                     Some(clock_ns(nix::time::ClockId::CLOCK_MONOTONIC) as u64)
                 }
@@ -916,6 +919,7 @@ impl Sensor {
     /// Watched processes whose exit record was lost: forgotten like any
     /// exited process, so a reused pid is not taken as watched.
     fn sweep_free_watches(&mut self) {
+        self.free_watches.retry_unwatchable();
         let gone = self
             .free_watches
             .gone(|tgid, started| free_watch::start_time(tgid) == Some(started));
