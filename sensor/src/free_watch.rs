@@ -25,7 +25,8 @@
 use hashbrown::HashMap;
 
 /// Processes watched one by one before a library's free probes go
-/// host-wide. Each costs the sensor one perf event per free function.
+/// host-wide. Each costs the sensor a perf event (a file descriptor) per
+/// free function of the library, two or three.
 pub const MAX_WATCHED_PROCESSES: usize = 256;
 
 /// A process's start time (clock ticks after boot, `/proc/PID/stat` field
@@ -58,7 +59,8 @@ enum Watch<L> {
     /// start time, to tell it from a later process given the same pid.
     Attached { link: L, since: u64, started: u64 },
     /// The attach failed because the process is gone or going; its exit
-    /// (or exec) record clears this.
+    /// (or exec) record clears this, and so does the next sweep
+    /// (`retry_unwatchable`).
     Unwatchable,
 }
 

@@ -310,16 +310,6 @@ impl Probes {
                     p.offset + shift,
                     func::cookie_with_register(index, func::PKEY_FREED, register),
                 ));
-            } else if invalidates(p.id) {
-                let args = C_API
-                    .iter()
-                    .find(|f| f.id == p.id)
-                    .map(|f| f.args)
-                    .unwrap_or(&[]);
-                frees.push((
-                    p.offset + placement::entry_offset(&p.code, args),
-                    func::cookie(index, p.id),
-                ));
             } else {
                 let args = C_API
                     .iter()
@@ -328,7 +318,11 @@ impl Probes {
                     .unwrap_or(&[]);
                 let shift = placement::entry_offset(&p.code, args);
                 debug!(function = %p.symbol, shift, "entry probe placement");
-                entry.push(at(p.offset + shift));
+                if invalidates(p.id) {
+                    frees.push((p.offset + shift, func::cookie(index, p.id)));
+                } else {
+                    entry.push(at(p.offset + shift));
+                }
             }
             functions.push((p.id, p.stack, p.symbol.clone()));
         }

@@ -139,8 +139,27 @@ pub(crate) fn origin() -> Origin {
     }
 }
 
+/// Raises the soft limit on open files to the hard one. Every uprobe attach
+/// point holds a perf event descriptor (about twenty per covered library),
+/// and the free probes add two or three per signing process
+/// (`free_watch`): the usual soft limit of 1024 runs out on a busy host.
+/// What fails for want of descriptors is reported where it fails.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(soft, hard, error = %e, "raising the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => warn!(error = %e, "reading the open-file limit"),
+    }
+}
+
 pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<()> {
     crate::probes::preflight()?;
+    raise_open_file_limit();
     let rules = crate::analyze::load_rules(&cfg.rules)?;
     // Refuse block rules that cannot be enforced before anything attaches.
     crate::enforce::guard::plan(&rules)?;
@@ -1455,4 +1474,17 @@ fn endpoints(
         end(&p.remote_addr, p.remote_port),
         end(&p.local_addr, p.local_port),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        use nix::sys::resource::{Resource, getrlimit, setrlimit};
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+        let low = hard.min(4096) - 1;
+        setrlimit(Resource::RLIMIT_NOFILE, low, hard).unwrap();
+        super::raise_open_file_limit();
+        assert_eq!(getrlimit(Resource::RLIMIT_NOFILE).unwrap(), (hard, hard));
+    }
 }
