@@ -157,13 +157,7 @@ impl<L> FreeWatches<L> {
         if since.is_none() {
             return Vec::new();
         }
-        let keys: Vec<(u32, u32)> = self
-            .processes
-            .keys()
-            .filter(|(_, l)| *l == library)
-            .copied()
-            .collect();
-        self.take(keys)
+        self.take_where(|_, l| l == library)
     }
 
     /// The process exited or exec'd a new image: its links, to detach.
@@ -171,19 +165,14 @@ impl<L> FreeWatches<L> {
         if self.processes.is_empty() {
             return Vec::new();
         }
-        let keys: Vec<(u32, u32)> = self
-            .processes
-            .keys()
-            .filter(|(t, _)| *t == tgid)
-            .copied()
-            .collect();
-        self.take(keys)
+        self.take_where(|t, _| t == tgid)
     }
 
-    fn take(&mut self, keys: Vec<(u32, u32)>) -> Vec<L> {
+    /// Removes the entries whose (tgid, library) match, returning their links.
+    fn take_where(&mut self, matches: impl Fn(u32, u32) -> bool) -> Vec<L> {
         let mut links = Vec::new();
-        for k in keys {
-            if let Some(Watch::Attached { link, .. }) = self.processes.remove(&k) {
+        for (_, w) in self.processes.extract_if(|&(t, l), _| matches(t, l)) {
+            if let Watch::Attached { link, .. } = w {
                 self.attached -= 1;
                 links.push(link);
             }

@@ -390,6 +390,33 @@ fn a_freed_key_object_is_forgotten() {
     assert_eq!(got, want, "{uses:#?}");
 }
 
+/// nginx (one worker) serving TLS with an EC key the sensor knows from
+/// `key_paths`, and a sensor started after it.
+struct NginxUnderSensor {
+    key: TestKey,
+    port: u16,
+    nginx: Server,
+    worker: u32,
+    sensor: Sensor,
+}
+
+fn nginx_under_sensor(dir: &Path) -> NginxUnderSensor {
+    let key = openssl_key(dir, "server", "ec");
+    let crt = cert(dir, &key, "localhost");
+    let port = free_port();
+    let nginx = start_nginx(dir, port, &nginx_tls_server(port, &crt, &key.path, ""));
+    let worker = nginx_worker(&nginx);
+    let config = sensor_config(dir, &[dir], &[]);
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    NginxUnderSensor {
+        key,
+        port,
+        nginx,
+        worker,
+        sensor,
+    }
+}
+
 /// A function's machine code as process `pid` maps it from the ELF file
 /// `lib`, and as the file holds it. A uprobe shows in the process's copy:
 /// the kernel writes a breakpoint (0xCC) there, in that process only.
@@ -442,17 +469,13 @@ fn function_code(pid: u32, lib: &str, symbol: &str) -> (Vec<u8>, Vec<u8>) {
 #[test]
 fn free_probes_are_only_in_processes_that_sign() {
     let dir = tempfile::tempdir().unwrap();
-    let key = openssl_key(dir.path(), "server", "ec");
-    let crt = cert(dir.path(), &key, "localhost");
-    let port = free_port();
-    let nginx = start_nginx(
-        dir.path(),
+    let NginxUnderSensor {
         port,
-        &nginx_tls_server(port, &crt, &key.path, ""),
-    );
-    let worker = nginx_worker(&nginx);
-    let config = sensor_config(dir.path(), &[dir.path()], &[]);
-    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+        nginx,
+        worker,
+        sensor,
+        ..
+    } = nginx_under_sensor(dir.path());
     run_ok(&mut curl_from(port, free_port()));
     sensor.wait_for_free_watch(worker);
     // A client that stays connected (its stdin stays open) after its
@@ -509,17 +532,13 @@ fn free_probes_are_only_in_processes_that_sign() {
 #[test]
 fn nginx_peers_under_100_concurrent_handshakes() {
     let dir = tempfile::tempdir().unwrap();
-    let key = openssl_key(dir.path(), "server", "ec");
-    let crt = cert(dir.path(), &key, "localhost");
-    let port = free_port();
-    let nginx = start_nginx(
-        dir.path(),
+    let NginxUnderSensor {
+        key,
         port,
-        &nginx_tls_server(port, &crt, &key.path, ""),
-    );
-    let worker = nginx_worker(&nginx);
-    let config = sensor_config(dir.path(), &[dir.path()], &[]);
-    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+        nginx,
+        worker,
+        sensor,
+    } = nginx_under_sensor(dir.path());
     // All clients connect at once (a barrier), then handshake; each prints
     // the address and port it connected from.
     let script = format!(

@@ -444,6 +444,23 @@ mod tests {
         id.identify(&r, &sig, true)
     }
 
+    /// `openssl pkeyutl -sign` of `digest` with `key`, in `dir`.
+    fn pkeyutl_sign(dir: &std::path::Path, key: &std::path::Path, digest: &[u8]) -> Vec<u8> {
+        let (dfile, sfile) = (dir.join("d"), dir.join("s"));
+        std::fs::write(&dfile, digest).unwrap();
+        let st = std::process::Command::new("openssl")
+            .args(["pkeyutl", "-sign", "-inkey"])
+            .arg(key)
+            .arg("-in")
+            .arg(&dfile)
+            .arg("-out")
+            .arg(&sfile)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        std::fs::read(sfile).unwrap()
+    }
+
     fn data(tgid: u32, op_id: u64, bytes: &[u8]) -> DataHeader {
         DataHeader {
             kind: kind::DATA_SMALL,
@@ -465,22 +482,7 @@ mod tests {
         let (_d2, k2, spki2) =
             openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
         let digest = sha2::Sha256::digest(b"m").to_vec();
-        let sign = |key: &std::path::Path| {
-            let dfile = d1.path().join("d");
-            let sfile = d1.path().join("s");
-            std::fs::write(&dfile, &digest).unwrap();
-            let st = std::process::Command::new("openssl")
-                .args(["pkeyutl", "-sign", "-inkey"])
-                .arg(key)
-                .arg("-in")
-                .arg(&dfile)
-                .arg("-out")
-                .arg(&sfile)
-                .status()
-                .unwrap();
-            assert!(st.success());
-            std::fs::read(sfile).unwrap()
-        };
+        let sign = |key: &std::path::Path| pkeyutl_sign(d1.path(), key, &digest);
         let mut id = Identifier::default();
         id.add_process_keys(10, read_key_file(&k1, "k1").unwrap(), "/k1.pem");
         id.add_process_keys(10, read_key_file(&k2, "k2").unwrap(), "/k2.pem");
@@ -555,19 +557,7 @@ mod tests {
         let (d, k, spki) =
             openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
         let digest = sha2::Sha256::digest(b"m").to_vec();
-        let (dfile, sfile) = (d.path().join("d"), d.path().join("s"));
-        std::fs::write(&dfile, &digest).unwrap();
-        let st = std::process::Command::new("openssl")
-            .args(["pkeyutl", "-sign", "-inkey"])
-            .arg(&k)
-            .arg("-in")
-            .arg(&dfile)
-            .arg("-out")
-            .arg(&sfile)
-            .status()
-            .unwrap();
-        assert!(st.success());
-        let sig = std::fs::read(sfile).unwrap();
+        let sig = pkeyutl_sign(d.path(), &k, &digest);
         let mut id = Identifier::default();
         // Another key first, so only a remembered hint checks ours first.
         let (_d2, other, _) = openssl_key(&["-algorithm", "ED25519"]);
