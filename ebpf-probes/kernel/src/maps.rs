@@ -1,0 +1,116 @@
+//! Every map the programs use, in one place. A map's name is its symbol
+//! (`#[map]` exports the static under its own name), which is how the
+//! sensor finds it, so neither names nor definitions change here lightly.
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
+};
+use keywarden_probe_types::*;
+
+/// Several MiB: a 256 KiB ring dropped events at 36k signatures/s.
+/// Drained on a timer; nothing here wakes the sensor.
+#[map]
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+
+/// Execs and newly opened crypto libraries: few, and each needs the
+/// sensor at once (to snapshot a process before it exits, or to release
+/// a held one), so every record wakes the sensor's control thread.
+#[map]
+pub(crate) static CONTROL: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
+
+#[map]
+pub(crate) static MD_CTX_STATE: LruHashMap<ProcPtr, MdCtxState> =
+    LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+pub(crate) static INFLIGHT: HashMap<u32, Inflight> = HashMap::with_max_entries(65536, 0);
+
+/// Pointers that have signed; a free of one of these is reported so the
+/// sensor forgets which key it was.
+#[map]
+pub(crate) static SIGN_HANDLES: LruHashMap<ProcPtr, u8> = LruHashMap::with_max_entries(65536, 0);
+
+/// (tgid, key object) pairs the sensor has judged: identified, or
+/// checked against every known key without a match. Written by the
+/// sensor; entries are removed here when the object is freed or
+/// re-initialized, so a reused address is always checked again.
+#[map]
+pub(crate) static KNOWN: LruHashMap<ProcPtr, KnownHandle> = LruHashMap::with_max_entries(65536, 0);
+
+/// Frees and re-initializations seen per (tgid, key object).
+#[map]
+pub(crate) static FREE_GEN: LruHashMap<ProcPtr, u64> = LruHashMap::with_max_entries(65536, 0);
+
+#[map]
+pub(crate) static LIBRARY_SEEN: LruHashMap<LibrarySeenKey, u8> =
+    LruHashMap::with_max_entries(65536, 0);
+
+/// The secret-file watch list, compiled to literal tests (see
+/// `keywarden_probe_types::watch`); filled by the sensor, used in order
+/// until the first empty slot.
+#[map]
+pub(crate) static WATCH: Array<WatchPattern> = Array::with_max_entries(watch::SLOTS, 0);
+
+/// Processes the probe stopped and the sensor has not released yet,
+/// with the time they were stopped. Pinned in bpffs, so it outlives a
+/// sensor that dies mid-hold: the next sensor releases what is left.
+#[map]
+pub(crate) static HELD: HashMap<u32, u64> = HashMap::pinned(4096, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub(crate) struct PendingLibrary {
+    /// User pointer to the path, read again at exit.
+    pub(crate) filename: u64,
+    pub(crate) open_flags: u64,
+    pub(crate) dfd: i64,
+}
+
+/// A read-only open of a shared object, by thread (pid_tgid), waiting
+/// for its result. LRU: a thread killed inside openat never reaches
+/// the exit tracepoint.
+#[map]
+pub(crate) static PENDING_LIBRARY: LruHashMap<u64, PendingLibrary> =
+    LruHashMap::with_max_entries(16384, 0);
+
+/// Which sensor may hold processes on this host (see `HoldLease`).
+/// Pinned, so all sensors share it.
+#[map]
+pub(crate) static HOLD_LEASE: Array<HoldLease> = Array::pinned(1, 0);
+
+/// Processes the sensor has condemned: they loaded a protected key that
+/// their binary may not use (or used one). Any signature they begin is
+/// stopped with SIGKILL before it is made. Value: the sensor's index of
+/// the decision, echoed in the `KilledRecord`.
+#[map]
+pub(crate) static VERDICT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
+
+/// Basename hashes (`protected_name_hash`) of files that hold protected
+/// keys: opening one holds the process until the sensor has judged it.
+#[map]
+pub(crate) static PROTECTED_NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+#[map]
+pub(crate) static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);
+
+/// Thread -> the TCP socket (`struct sock *`) it last received on.
+#[map]
+pub(crate) static LAST_SOCK: LruHashMap<u32, u64> = LruHashMap::with_max_entries(65536, 0);
+
+/// Where the address fields sit in `struct sock` (from BTF).
+#[map]
+pub(crate) static SOCK_LAYOUT: Array<SockLayout> = Array::with_max_entries(1, 0);
+
+/// Where the executable's inode hangs off `task_struct` (from BTF).
+#[map]
+pub(crate) static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
+
+#[map]
+pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
+
+#[map]
+pub(crate) static OP_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+#[map]
+pub(crate) static PATH_SCRATCH: PerCpuArray<[u8; keywarden_probe_types::PATH_SCRATCH]> =
+    PerCpuArray::with_max_entries(1, 0);

@@ -1,0 +1,447 @@
+//! Opens: `openat_enter` classifies every openat path (a shared object
+//! being loaded, a possible key file, a path on the secret-file watch
+//! list) and returns at once for anything else; `openat_exit` reports a
+//! library once its open has succeeded, holding the opener if needed.
+use aya_ebpf::{
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user_str_bytes,
+        generated::{bpf_get_current_task, bpf_send_signal},
+    },
+    macros::tracepoint,
+    programs::TracePointContext,
+};
+use keywarden_probe_types::*;
+
+use crate::{
+    maps::{
+        CONTROL, EVENTS, HELD, LIBRARY_SEEN, PATH_SCRATCH, PENDING_LIBRARY, PROTECTED_NAMES,
+        PendingLibrary, WATCH,
+    },
+    util::{
+        SIGSTOP, config, count, current_task, file_id, kernel_ptr, kernel_read, sensor_alive,
+        task_layout,
+    },
+};
+
+/// Classifies an openat path: a shared object being loaded (any of them
+/// may carry its own crypto: Python's `cryptography` links OpenSSL into
+/// `_rust.abi3.so`), or a file that may hold a key. Everything else
+/// returns at once. A library open is only noted here and handled when
+/// it has succeeded (`openat_exit`).
+#[tracepoint(category = "syscalls", name = "sys_enter_openat")]
+pub fn openat_enter(ctx: TracePointContext) -> u32 {
+    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
+    // offset 24 is `filename` in sys_enter_openat's record.
+    let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else {
+        return 0;
+    };
+    let Some((scratch, len)) = read_path(filename) else {
+        return 0;
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) == config(config::SENSOR_TGID) {
+        return 0;
+    }
+    let buf = path_of(scratch);
+    let mut flags = 0u32;
+    // The last path component, found once for every test below.
+    let basename = basename_start(buf, len);
+    if is_shared_object(buf, len, basename) {
+        // Writing a library (an install, `cp`, a build) is not loading
+        // it, and the file may still be partial. A load that fails (the
+        // loader tries every directory of its search path) loads
+        // nothing. Either, marked seen, would hide a later real load.
+        // SAFETY: offset 32 is `flags` in the same record, read the same
+        // checked way.
+        let open_flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
+        if open_flags & O_ACCMODE == O_RDONLY {
+            let pending = PendingLibrary {
+                filename,
+                open_flags,
+                dfd: open_dfd(&ctx),
+            };
+            let _ = PENDING_LIBRARY.insert(&pid_tgid, &pending, 0);
+        }
+        return 0;
+    }
+    if has_key_suffix(buf, len) {
+        flags |= open_flags::KEY_FILE;
+    }
+    if is_watched(scratch, len, basename) {
+        flags |= open_flags::WATCHED;
+    }
+    if flags == 0 {
+        return 0;
+    }
+    let name = basename_hash(buf, basename, len);
+    // SAFETY: only whether an entry exists is used; the reference is dropped at
+    // once.
+    if unsafe { PROTECTED_NAMES.get(&name) }.is_some() {
+        flags |= open_flags::PROTECTED;
+    }
+    let task = current_task();
+    // Reserve first: a process is only ever held when the record that
+    // makes the sensor release it is sure to be delivered.
+    let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
+        count(stats::LOST_OTHER);
+        return 0;
+    };
+    if flags & open_flags::PROTECTED != 0 && sensor_alive(&task) {
+        hold(&task, &mut flags);
+    }
+    fill_open(&mut rec, flags, len, task, open_dfd(&ctx), -1, buf);
+    rec.submit(if flags & open_flags::HELD != 0 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64);
+    0
+}
+
+/// A library opened read-only for the first time in this cgroup: tell
+/// the control thread, holding the opener (see `should_hold`) until it
+/// has attached.
+#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+pub fn openat_exit(ctx: TracePointContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    // SAFETY: the entry is copied out at once; only this thread writes its key,
+    // and one evicted meanwhile is still map memory: stale at worst.
+    let Some(pending) = (unsafe { PENDING_LIBRARY.get(&pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = PENDING_LIBRARY.remove(&pid_tgid);
+    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
+    // offset 16 is `ret` in sys_exit_openat's record.
+    let fd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+    if fd < 0 {
+        return 0;
+    }
+    let Some((scratch, len)) = read_path(pending.filename) else {
+        return 0;
+    };
+    let buf = path_of(scratch);
+    let task = current_task();
+    let file = current_fd_file(fd).unwrap_or_default();
+    let key = LibrarySeenKey::new(task.cgroup_id, &buf[..], &file);
+    // SAFETY: only whether an entry exists is used; the reference is dropped at
+    // once.
+    if unsafe { LIBRARY_SEEN.get(&key) }.is_some() {
+        return 0;
+    }
+    let _ = LIBRARY_SEEN.insert(&key, &1, 0);
+    let Some(mut rec) = CONTROL.reserve::<FileOpenRecord>(0) else {
+        count(stats::LOST_OTHER);
+        return 0;
+    };
+    let mut flags = open_flags::LIBRARY;
+    if should_hold(pending.open_flags, &task) {
+        hold(&task, &mut flags);
+    }
+    fill_open(&mut rec, flags, len, task, pending.dfd, fd, buf);
+    rec.submit(BPF_RB_FORCE_WAKEUP as u64);
+    0
+}
+
+/// The `dfd` argument of openat.
+#[inline(always)]
+fn open_dfd(ctx: &TracePointContext) -> i64 {
+    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
+    // offset 16 is `dfd` in sys_enter_openat's record.
+    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32 as i64
+}
+
+/// Reads a NUL-terminated user path into the per-CPU scratch buffer:
+/// the buffer and the path's length, or None if it is unreadable or
+/// too short to be of interest.
+#[inline(always)]
+fn read_path(filename: u64) -> Option<(&'static [u8; keywarden_probe_types::PATH_SCRATCH], usize)> {
+    let scratch = PATH_SCRATCH.get_ptr_mut(0)?;
+    // The path goes into the first PATH_MAX bytes; the rest is slack
+    // for word reads past the end of a short path.
+    // SAFETY: `scratch` is this CPU's PATH_SCRATCH slot: valid all run, and its
+    // PATH_SCRATCH bytes hold the PATH_MAX this borrow covers.
+    let buf: &mut [u8; PATH_MAX] = unsafe { &mut *(scratch as *mut [u8; PATH_MAX]) };
+    // SAFETY: the helper checks the user address (a fault is an error) and
+    // writes at most `buf`'s PATH_MAX bytes.
+    let len = unsafe { bpf_probe_read_user_str_bytes(filename as *const u8, buf) }
+        .ok()?
+        .len();
+    if len < 4 {
+        return None;
+    }
+    // SAFETY: the same slot, its mutable borrow over; only the openat
+    // tracepoints use it, and they do not nest on a CPU.
+    Some((unsafe { &*scratch }, len))
+}
+
+/// The path part of the scratch buffer (see `read_path`).
+#[inline(always)]
+fn path_of(scratch: &[u8; keywarden_probe_types::PATH_SCRATCH]) -> &[u8; PATH_MAX] {
+    // SAFETY: PATH_SCRATCH >= PATH_MAX, so the first PATH_MAX bytes of
+    // `scratch` are a valid `[u8; PATH_MAX]` for the same borrow.
+    unsafe { &*(scratch.as_ptr() as *const [u8; PATH_MAX]) }
+}
+
+/// Stops the current process until the sensor sends SIGCONT, and
+/// records it in `HELD` so a later sensor can release it if this one
+/// dies first.
+#[inline(always)]
+fn hold(task: &Task, flags: &mut u32) {
+    // SAFETY: takes only a signal number and signals the current task; no
+    // memory of ours is involved.
+    if unsafe { bpf_send_signal(SIGSTOP) } == 0 {
+        *flags |= open_flags::HELD;
+        let _ = HELD.insert(&task.tgid(), &task.ktime_ns, 0);
+    }
+}
+
+#[inline(always)]
+fn fill_open(
+    rec: &mut aya_ebpf::maps::ring_buf::RingBufEntry<FileOpenRecord>,
+    mut flags: u32,
+    len: usize,
+    task: Task,
+    dfd: i64,
+    fd: i64,
+    buf: &[u8; PATH_MAX],
+) {
+    // The helper reads at most PATH_MAX - 1 bytes: a path that long may
+    // be cut, and the sensor must not match it as if it were whole.
+    if len >= PATH_MAX - 1 {
+        flags |= open_flags::TRUNCATED;
+    }
+    // SAFETY: writable ring memory sized for a `FileOpenRecord` (integers and
+    // bytes); no field is read before it is written.
+    let r = unsafe { rec.assume_init_mut() };
+    r.kind = kind::FILE_OPEN;
+    r.flags = flags;
+    r.task = task;
+    r.dfd = dfd;
+    r.fd = fd;
+    r.path = *buf;
+}
+
+/// The file behind one of the current task's descriptors:
+/// `current->files->fdt->fd[fd]`.
+#[inline(always)]
+fn current_fd_file(fd: i64) -> Option<ExeId> {
+    let l = task_layout()?;
+    // SAFETY: takes no arguments; the task pointer it returns is only read
+    // through bpf_probe_read_kernel (`kernel_ptr`, `kernel_read`).
+    let task = unsafe { bpf_get_current_task() };
+    let files = kernel_ptr(task, l.task_files)?;
+    let fdt = kernel_ptr(files, l.files_fdt)?;
+    let max: u32 = kernel_read(fdt, l.fdtable_max_fds)?;
+    if fd < 0 || fd >= max as i64 {
+        return None;
+    }
+    let fds = kernel_ptr(fdt, l.fdtable_fd)?;
+    file_id(l, kernel_ptr(fds, fd as u32 * 8)?)
+}
+
+const O_ACCMODE: u64 = 0o3;
+const O_RDONLY: u64 = 0;
+const O_CLOEXEC: u64 = 0o2000000;
+
+/// Hold (SIGSTOP) the opener of an unseen crypto library until the
+/// sensor has attached? Only when holding is on, this sensor holds the
+/// host's lease with a fresh heartbeat, the open looks like the dynamic
+/// loader's (read-only, which `openat_enter` checked, and close-on-exec:
+/// `sha256sum` of a library is never held), and
+/// the opener is not a keywarden thread (two sensors holding each other
+/// would both stay stopped; every sensor thread's name starts with
+/// "keywarden").
+#[inline(always)]
+fn should_hold(open_flags: u64, task: &Task) -> bool {
+    config(config::HOLD_NEW_LIBRARIES) != 0 && open_flags & O_CLOEXEC != 0 && sensor_alive(task)
+}
+
+/// `protected_name_hash` of the last path component, computed in place.
+#[inline(always)]
+fn basename_hash(buf: &[u8; PATH_MAX], start: usize, len: usize) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0usize;
+    while i < PROTECTED_NAME_MAX {
+        let idx = start + i;
+        if idx >= len {
+            break;
+        }
+        h ^= buf[idx & (PATH_MAX - 1)] as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    h
+}
+
+/// The basename ends in `.so`, or in `.so.` and a version of digits
+/// and dots (`libcrypto.so.3`, `_rust.abi3.so`): how the dynamic
+/// loader names what it opens. Looks at most 16 bytes back.
+#[inline(always)]
+fn is_shared_object(buf: &[u8; PATH_MAX], len: usize, start: usize) -> bool {
+    let at = |i: usize| buf[i & (PATH_MAX - 1)];
+    let mut end = len;
+    let mut i = 0usize;
+    while i < 16 {
+        if end <= start {
+            break;
+        }
+        let c = at(end - 1);
+        if !(c.is_ascii_digit() || c == b'.') {
+            break;
+        }
+        end -= 1;
+        i += 1;
+    }
+    // `end` is past the last letter; a version must start with '.'.
+    end >= start + 3
+        && at(end - 3) == b'.'
+        && at(end - 2) == b's'
+        && at(end - 1) == b'o'
+        && (end == len || at(end) == b'.')
+}
+
+/// Index of the first byte of the last path component.
+#[inline(always)]
+fn basename_start(buf: &[u8; PATH_MAX], len: usize) -> usize {
+    let mut i = 0usize;
+    while i < 128 {
+        if i >= len {
+            break;
+        }
+        let idx = (len - 1 - i) & (PATH_MAX - 1);
+        if buf[idx] == b'/' {
+            return idx + 1;
+        }
+        i += 1;
+    }
+    0
+}
+
+/// State for `watch_slot`, which `bpf_loop` calls once per slot.
+#[repr(C)]
+struct WatchScan {
+    scratch: *const [u8; keywarden_probe_types::PATH_SCRATCH],
+    len: u64,
+    basename: u64,
+    hit: u64,
+}
+
+/// Does the path pass any compiled watch pattern? The slots are walked
+/// with `bpf_loop`, so the verifier checks one slot once; each slot is a
+/// branch-free comparison of eight words, exiting after the first word
+/// when it already differs (most unrelated paths).
+#[inline(always)]
+fn is_watched(
+    scratch: &[u8; keywarden_probe_types::PATH_SCRATCH],
+    len: usize,
+    basename: usize,
+) -> bool {
+    let mut scan = WatchScan {
+        scratch,
+        len: len as u64,
+        basename: basename as u64,
+        hit: 0,
+    };
+    // SAFETY: `watch_slot` has the callback signature bpf_loop expects, and
+    // `scan` outlives the call, which runs every callback before returning.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            watch::SLOTS,
+            watch_slot as *mut core::ffi::c_void,
+            (&mut scan as *mut WatchScan).cast(),
+            0,
+        );
+    }
+    scan.hit != 0
+}
+
+/// One `bpf_loop` step: 0 to go on, 1 to stop (a hit, or the end).
+extern "C" fn watch_slot(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `&mut scan` that is_watched passed to bpf_loop: live
+    // for the whole loop, and nothing else touches it meanwhile.
+    let scan = unsafe { &mut *(ctx as *mut WatchScan) };
+    let Some(p) = WATCH.get(index as u32) else {
+        return 1;
+    };
+    let plen = p.len as usize;
+    if p.kind == watch::NONE || plen == 0 || plen > watch::PATTERN_MAX {
+        return 1;
+    }
+    let len = (scan.len as usize) & (PATH_MAX - 1);
+    let basename = (scan.basename as usize) & (PATH_MAX - 1);
+    let at = match p.kind {
+        watch::PATH_PREFIX if plen <= len => Some(0),
+        watch::PATH_EXACT if plen == len => Some(0),
+        watch::PATH_SUFFIX if plen <= len => Some(len - plen),
+        watch::BASENAME_PREFIX if basename + plen <= len => Some(basename),
+        _ => None,
+    };
+    // SAFETY: `scan.scratch` comes from is_watched's borrow of the per-CPU
+    // scratch buffer, which lasts the whole loop.
+    let scratch = unsafe { &*scan.scratch };
+    if let Some(at) = at
+        && words_equal(scratch, at, p)
+    {
+        scan.hit = 1;
+        return 1;
+    }
+    0
+}
+
+#[inline(always)]
+fn word_at(scratch: &[u8; keywarden_probe_types::PATH_SCRATCH], off: usize) -> u64 {
+    // off <= 255 + 56, and the buffer has 64 bytes of slack past 256.
+    let off = off & 0x1ff;
+    if off + 8 > keywarden_probe_types::PATH_SCRATCH {
+        return 0;
+    }
+    // SAFETY: `off + 8 <= PATH_SCRATCH` was checked just above, so the eight
+    // bytes lie inside `scratch`; read_unaligned needs no alignment.
+    unsafe { core::ptr::read_unaligned(scratch.as_ptr().add(off) as *const u64) }
+}
+
+/// `path[at..at + len] == literal`, as eight masked word compares.
+#[inline(always)]
+fn words_equal(
+    scratch: &[u8; keywarden_probe_types::PATH_SCRATCH],
+    at: usize,
+    p: &WatchPattern,
+) -> bool {
+    // The verifier cannot see that `len - plen` is not negative; LLVM
+    // can, and would drop a plain mask. black_box keeps it.
+    let at = core::hint::black_box(at) & (PATH_MAX - 1);
+    if (word_at(scratch, at) ^ p.words[0]) & p.masks[0] != 0 {
+        return false;
+    }
+    let mut diff = 0u64;
+    let mut w = 1usize;
+    while w < watch::WORDS {
+        diff |= (word_at(scratch, at + w * 8) ^ p.words[w]) & p.masks[w];
+        w += 1;
+    }
+    diff == 0
+}
+
+#[inline(always)]
+fn has_key_suffix(buf: &[u8; PATH_MAX], len: usize) -> bool {
+    for suffix in KEY_SUFFIXES {
+        let n = suffix.len();
+        if len < n {
+            continue;
+        }
+        let mut ok = true;
+        let mut j = 0usize;
+        while j < n {
+            if buf[(len - n + j) & (PATH_MAX - 1)] != suffix[j] {
+                ok = false;
+                break;
+            }
+            j += 1;
+        }
+        if ok {
+            return true;
+        }
+    }
+    false
+}

@@ -1,0 +1,677 @@
+//! The signing-path uprobes. `sign_entry` / `sign_return` are attached to
+//! the signing functions of every crypto library the sensor finds. The
+//! attach cookie says which function and library fired, so one program
+//! serves them all. They are plain perf-event uprobes (uprobe.multi links
+//! measured the same; see docs/performance.md).
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_probe_read_user, bpf_probe_read_user_str_bytes,
+        generated::{
+            bpf_get_attach_cookie, bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_send_signal,
+        },
+    },
+    macros::{uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext},
+};
+use keywarden_probe_types::*;
+
+use super::network::peer_of;
+use crate::{
+    maps::{EVENTS, FREE_GEN, INFLIGHT, KNOWN, MD_CTX_STATE, OP_SEQ, SIGN_HANDLES, VERDICT},
+    util::{count, current_task},
+};
+
+const SIGKILL: u32 = 9;
+
+/// Unique per CPU: (cpu << 56) | sequence.
+#[inline(always)]
+fn new_op_id() -> u64 {
+    // SAFETY: takes no arguments; it only reads the current CPU's number.
+    let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
+    let seq = match OP_SEQ.get_ptr_mut(0) {
+        // SAFETY: `p` is this CPU's slot of a per-CPU array: valid and aligned
+        // for the whole run, as array slots are never freed.
+        Some(p) => unsafe {
+            *p += 1;
+            *p
+        },
+        None => 0,
+    };
+    (cpu << 56) | (seq & ((1 << 56) - 1))
+}
+
+#[inline(always)]
+fn arg(ctx: &ProbeContext, n: usize) -> u64 {
+    ctx.arg::<u64>(n).unwrap_or(0)
+}
+
+/// A register by its `func::reg` code (0 for any other code).
+#[inline(always)]
+fn register(ctx: &ProbeContext, code: u8) -> u64 {
+    // SAFETY: a uprobe's context is the trapped task's saved `pt_regs`, valid
+    // for the whole run and only read here.
+    let regs = unsafe { &*ctx.regs };
+    match code {
+        func::reg::RDI => regs.rdi,
+        func::reg::RSI => regs.rsi,
+        func::reg::RBX => regs.rbx,
+        func::reg::RBP => regs.rbp,
+        func::reg::R12 => regs.r12,
+        func::reg::R13 => regs.r13,
+        func::reg::R14 => regs.r14,
+        func::reg::R15 => regs.r15,
+        _ => 0,
+    }
+}
+
+#[uprobe]
+pub fn sign_entry(ctx: ProbeContext) -> u32 {
+    // SAFETY: passes this program's own context, as the helper requires; it
+    // only reads the cookie the sensor attached to this probe.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (library, f) = func::split_cookie(cookie);
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match f {
+        func::DIGEST_SIGN_INIT => on_init(tgid, arg(&ctx, 0), arg(&ctx, 4), 0),
+        func::DIGEST_SIGN_INIT_EX => on_init(tgid, arg(&ctx, 0), arg(&ctx, 5), arg(&ctx, 2)),
+        func::DIGEST_SIGN_UPDATE => on_update(tgid, arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2)),
+        func::DIGEST_SIGN | func::DIGEST_SIGN_FINAL | func::PKEY_SIGN => {
+            if !condemned(&ctx, f, library, tgid) {
+                on_sign_entry(&ctx, f, library, tgid)
+            }
+        }
+        func::RUST_SIGNER_SIGN | func::RING_ECDSA_SIGN | func::RING_ED25519_SIGN => {
+            if !condemned(&ctx, f, library, tgid) {
+                on_sign_entry(&ctx, f, library, tgid)
+            }
+        }
+        // EVP_PKEY_free at its entry (where the sensor found no
+        // reference-count test to go past: every call counts as a
+        // free), or a context rebound to a key.
+        func::PKEY_FREE | func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
+        func::PKEY_FREED => on_free(tgid, register(&ctx, func::cookie_register(cookie))),
+        _ => {}
+    }
+    0
+}
+
+/// A process the sensor condemned is killed here, as it enters a signing
+/// call and before any signature exists. The signal is delivered on the
+/// way back to user space from this trap, so not one instruction of
+/// the signing function runs. Length queries pass: they sign nothing.
+#[inline(always)]
+fn condemned(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) -> bool {
+    // SAFETY: the verdict is copied out at once; should the sensor delete it
+    // meanwhile, the slot is still map memory: a stale value.
+    let Some(verdict) = (unsafe { VERDICT.get(&tgid) }).copied() else {
+        return false;
+    };
+    if arg(ctx, 1) == 0 {
+        return false;
+    }
+    // SAFETY: takes only a signal number and signals the current task; no
+    // memory of ours is involved.
+    if unsafe { bpf_send_signal(SIGKILL) } != 0 {
+        return false;
+    }
+    let rec = KilledRecord {
+        kind: kind::KILLED,
+        func: f as u32,
+        task: current_task(),
+        library,
+        verdict,
+    };
+    if EVENTS.output(&rec, BPF_RB_FORCE_WAKEUP as u64).is_err() {
+        count(stats::LOST_OTHER);
+    }
+    true
+}
+
+/// EVP_DigestSignInit(ctx, pctx, type, e, pkey) and
+/// EVP_DigestSignInit_ex(ctx, pctx, mdname, libctx, props, pkey, params):
+/// remember which key this EVP_MD_CTX will sign with.
+#[inline(always)]
+fn on_init(tgid: u32, md_ctx: u64, pkey: u64, md_name_ptr: u64) {
+    if md_ctx == 0 {
+        return;
+    }
+    let key = ProcPtr {
+        tgid,
+        _pad: 0,
+        ptr: md_ctx,
+    };
+    let existing = MD_CTX_STATE.get_ptr_mut(&key);
+    // A re-init with pkey=NULL keeps the key the context already has.
+    let pkey = match (pkey, existing) {
+        // SAFETY: `old` points into MD_CTX_STATE's preallocated values, valid
+        // all run; an eviction elsewhere can make it stale, never dangling.
+        (0, Some(old)) => unsafe { (*old).pkey },
+        _ => pkey,
+    };
+    let mut state = MdCtxState {
+        pkey,
+        op_id: new_op_id(),
+        captured: 0,
+        flags: 0,
+        md_name: [0; 16],
+    };
+    if md_name_ptr != 0
+        // SAFETY: the helper checks the user address (a fault is an error) and
+        // writes at most `md_name`'s 16 bytes.
+        && unsafe {
+            bpf_probe_read_user_str_bytes(md_name_ptr as *const u8, &mut state.md_name)
+        }
+        .is_ok()
+    {
+        state.flags |= sign_flags::HAS_MD_NAME;
+    }
+    // Contexts are re-initialized per signature (TLS, openssl speed):
+    // overwrite in place rather than pay an LRU insert each time.
+    match existing {
+        // SAFETY: `p` is `existing`, the MD_CTX_STATE value pointer above,
+        // still valid.
+        Some(p) => unsafe { *p = state },
+        None => {
+            let _ = MD_CTX_STATE.insert(&key, &state, 0);
+        }
+    }
+}
+
+/// EVP_DigestSignUpdate(ctx, data, len): capture streamed data so the
+/// sensor can verify the final signature. Skipped inside a one-shot
+/// EVP_DigestSign, which captured its whole input already.
+#[inline(always)]
+fn on_update(tgid: u32, md_ctx: u64, data: u64, len: u64) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: only this thread's programs write or remove its INFLIGHT entry,
+    // and a plain hash map never evicts: it stays put while read.
+    if unsafe { INFLIGHT.get(&tid) }.is_some_and(|i| i.depth > 0) {
+        return;
+    }
+    let key = ProcPtr {
+        tgid,
+        _pad: 0,
+        ptr: md_ctx,
+    };
+    let Some(state) = MD_CTX_STATE.get_ptr_mut(&key) else {
+        return;
+    };
+    // SAFETY: `state` points into MD_CTX_STATE's preallocated values, valid all
+    // run; an eviction elsewhere can make it stale, never dangling.
+    let (op_id, captured) = unsafe { ((*state).op_id, (*state).captured) };
+    let taken = emit_data(tgid, op_id, captured, data, len);
+    // SAFETY: the same MD_CTX_STATE value pointer as above.
+    unsafe { (*state).captured = captured.saturating_add(taken) };
+}
+
+/// Copies up to `CAPTURE_MAX - offset` bytes of `src` into data records.
+/// Returns how many bytes were taken.
+#[inline(always)]
+fn emit_data(tgid: u32, op_id: u64, offset: u32, src: u64, len: u64) -> u32 {
+    if src == 0 || len == 0 {
+        return 0;
+    }
+    if offset >= CAPTURE_MAX {
+        count(stats::CAPTURE_TRUNCATED);
+        return 0;
+    }
+    let room = (CAPTURE_MAX - offset) as u64;
+    let total = if len < room { len } else { room };
+    let truncated = (len > room) as u32;
+    if truncated != 0 {
+        count(stats::CAPTURE_TRUNCATED);
+    }
+    if total <= DATA_SMALL as u64 {
+        emit_small(tgid, op_id, offset, src, total as u32, truncated);
+        return total as u32;
+    }
+    let mut done: u32 = 0;
+    for _ in 0..(CAPTURE_MAX as usize / DATA_BIG) {
+        let left = total as u32 - done;
+        if left == 0 {
+            break;
+        }
+        let n = if left > DATA_BIG as u32 {
+            DATA_BIG as u32
+        } else {
+            left
+        };
+        let last = done + n == total as u32;
+        emit_big(
+            tgid,
+            op_id,
+            offset + done,
+            src + done as u64,
+            n,
+            if last { truncated } else { 0 },
+        );
+        done += n;
+    }
+    done
+}
+
+/// Defines an emitter for one size of data record. The two sizes are
+/// distinct types because a ring reservation must have a constant size.
+macro_rules! data_emitter {
+    ($name:ident, $record:ty, $kind:expr, $cap:expr) => {
+        #[inline(always)]
+        fn $name(tgid: u32, op_id: u64, offset: u32, src: u64, n: u32, truncated: u32) {
+            let Some(mut rec) = EVENTS.reserve::<$record>(0) else {
+                count(stats::LOST_DATA);
+                return;
+            };
+            // SAFETY: writable ring memory sized for `$record` (integers and
+            // bytes); no field is read before it is written.
+            let r = unsafe { rec.assume_init_mut() };
+            r.header = DataHeader {
+                kind: $kind,
+                tgid,
+                op_id,
+                offset,
+                len: n,
+                truncated,
+                _pad: 0,
+            };
+            let n = (n as usize).min($cap);
+            // SAFETY: `n` is at most `$cap`, the length of `data`; the helper
+            // checks the user address: a fault is an error.
+            let rc = unsafe {
+                aya_ebpf::helpers::generated::bpf_probe_read_user(
+                    r.data.as_mut_ptr().cast(),
+                    n as u32,
+                    src as *const core::ffi::c_void,
+                )
+            };
+            if rc == 0 {
+                rec.submit(BPF_RB_NO_WAKEUP as u64);
+            } else {
+                rec.discard(BPF_RB_NO_WAKEUP as u64);
+                count(stats::DATA_UNREADABLE);
+            }
+        }
+    };
+}
+data_emitter!(emit_small, DataSmallRecord, kind::DATA_SMALL, DATA_SMALL);
+data_emitter!(emit_big, DataBigRecord, kind::DATA_BIG, DATA_BIG);
+
+/// A C signing call nested in a Rust signer: the signer's record takes
+/// the EVP_PKEY that call signs with (see `sign_flags::INNER_HANDLE`),
+/// and skips copying the signature when the sensor knows that key
+/// object already.
+#[inline(always)]
+fn adopt_inner_handle(outer: *mut Inflight, tgid: u32, md_ctx: u64) {
+    // SAFETY: `outer` is this thread's INFLIGHT slot (see `on_sign_entry`),
+    // which only its programs touch; a plain hash map never evicts.
+    let (outer_func, outer_flags) = unsafe { ((*outer).func, (*outer).flags) };
+    if !func::returns_rust_value(outer_func as u8) || outer_flags & sign_flags::INNER_HANDLE != 0 {
+        return;
+    }
+    let ctx_key = ProcPtr {
+        tgid,
+        _pad: 0,
+        ptr: md_ctx,
+    };
+    // SAFETY: `pkey` is copied out at once; an entry evicted meanwhile is still
+    // map memory, so the worst is a stale key.
+    let Some(pkey) = (unsafe { MD_CTX_STATE.get(&ctx_key) }).map(|s| s.pkey) else {
+        return;
+    };
+    if pkey == 0 {
+        return;
+    }
+    let known = ProcPtr {
+        tgid,
+        _pad: 0,
+        ptr: pkey,
+    };
+    // SAFETY: copied out at once; an entry evicted or rewritten meanwhile is
+    // still map memory, so the worst is a stale generation.
+    let generation = unsafe { FREE_GEN.get(&known) }.copied().unwrap_or(0);
+    let mut flags = outer_flags | sign_flags::INNER_HANDLE | sign_flags::HANDLE_IS_PKEY;
+    // SAFETY: only the generation is read, at once; the sensor may rewrite the
+    // entry meanwhile, which gives a stale answer, never a fault.
+    if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
+        flags |= sign_flags::KNOWN_HANDLE;
+    }
+    // SAFETY: `outer` is this thread's INFLIGHT slot, as above.
+    unsafe {
+        (*outer).handle = pkey;
+        (*outer).handle_gen = generation;
+        (*outer).flags = flags;
+    }
+}
+
+/// EVP_DigestSign(ctx, sig, siglen, tbs, tbslen),
+/// EVP_DigestSignFinal(ctx, sig, siglen),
+/// EVP_PKEY_sign(pctx, sig, siglen, tbs, tbslen),
+/// and the Rust signers (`func::returns_rust_value`), whose first
+/// argument is where the result goes.
+#[inline(always)]
+fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    // SAFETY: a uprobe's context is the trapped task's saved `pt_regs`, valid
+    // for the whole run.
+    let sp = unsafe { (*ctx.regs).rsp };
+    // SAFETY: takes no arguments; it only reads the clock.
+    let now = unsafe { bpf_ktime_get_ns() };
+    // Each thread keeps its slot; depth 0 marks it empty, which saves a
+    // hash insert and delete on every signature.
+    let slot = INFLIGHT.get_ptr_mut(&tid);
+    if let Some(outer) = slot {
+        // A live outer call was entered at the same (tail call) or a
+        // higher stack pointer than this one, and recently.
+        // SAFETY: `outer` is this thread's INFLIGHT slot, which only its
+        // programs write or remove; a plain hash map never evicts.
+        let (depth, outer_sp, outer_start) =
+            unsafe { ((*outer).depth, (*outer).sp, (*outer).started_ns) };
+        if depth > 0 && outer_sp >= sp && now.wrapping_sub(outer_start) < INFLIGHT_MAX_AGE_NS {
+            // SAFETY: the same slot, still this thread's.
+            unsafe { (*outer).depth += 1 };
+            if f == func::DIGEST_SIGN || f == func::DIGEST_SIGN_FINAL {
+                adopt_inner_handle(outer, tgid, arg(ctx, 0));
+            }
+            return;
+        }
+    }
+    // All six argument registers, each read at its own constant
+    // offset: the verifier refuses a context pointer LLVM would
+    // otherwise compute from `f`.
+    let a: [u64; 6] = core::hint::black_box([
+        arg(ctx, 0),
+        arg(ctx, 1),
+        arg(ctx, 2),
+        arg(ctx, 3),
+        arg(ctx, 4),
+        arg(ctx, 5),
+    ]);
+    // (key object or context, output, output length, data, data length)
+    let (handle_ctx, sig, siglen_ptr, data, data_len) = match f {
+        func::RUST_SIGNER_SIGN | func::RING_ED25519_SIGN => (a[1], a[0], 0, a[2], a[3]),
+        func::RING_ECDSA_SIGN => (a[1], a[0], 0, a[4], a[5]),
+        _ => (a[0], a[1], a[2], a[3], a[4]),
+    };
+    if sig == 0 {
+        return; // length query: not a signature
+    }
+    let mut inflight = Inflight {
+        func: f as u32,
+        depth: 1,
+        library,
+        flags: 0,
+        handle: handle_ctx,
+        op_id: 0,
+        sig_ptr: sig,
+        siglen_ptr,
+        sp,
+        started_ns: now,
+        handle_gen: 0,
+        md_name: [0; 16],
+        peer: Peer::default(),
+    };
+    if let Some(peer) = peer_of(tid) {
+        inflight.peer = peer;
+        inflight.flags |= sign_flags::HAS_PEER;
+    }
+    if func::returns_rust_value(f) {
+        // Rust signer objects are short-lived boxes whose addresses
+        // are reused for other keys, and nothing reports their frees:
+        // every signature is captured and verified.
+        inflight.op_id = new_op_id();
+        emit_data(tgid, inflight.op_id, 0, data, data_len);
+        match slot {
+            // SAFETY: `p` is this thread's INFLIGHT slot, as above.
+            Some(p) => unsafe { *p = inflight },
+            None => {
+                let _ = INFLIGHT.insert(&tid, &inflight, 0);
+            }
+        }
+        return;
+    }
+    if f == func::PKEY_SIGN {
+        inflight.op_id = new_op_id();
+    } else {
+        let key = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: handle_ctx,
+        };
+        // SAFETY: the fields are read at once; an entry evicted or
+        // re-initialized meanwhile is still map memory: a stale state at worst.
+        match unsafe { MD_CTX_STATE.get(&key) } {
+            Some(state) => {
+                if state.pkey != 0 {
+                    inflight.handle = state.pkey;
+                    inflight.flags |= sign_flags::HANDLE_IS_PKEY;
+                }
+                inflight.flags |= state.flags & sign_flags::HAS_MD_NAME;
+                inflight.md_name = state.md_name;
+                // Final signs what the updates streamed under this op id.
+                inflight.op_id = if f == func::DIGEST_SIGN_FINAL {
+                    state.op_id
+                } else {
+                    new_op_id()
+                };
+            }
+            None => inflight.op_id = new_op_id(),
+        }
+    }
+    let known = ProcPtr {
+        tgid,
+        _pad: 0,
+        ptr: inflight.handle,
+    };
+    // SAFETY: copied out at once; an entry evicted or rewritten meanwhile is
+    // still map memory, so the worst is a stale generation.
+    let generation = unsafe { FREE_GEN.get(&known) }.copied().unwrap_or(0);
+    inflight.handle_gen = generation;
+    // SAFETY: only the generation is read, at once; the sensor may rewrite the
+    // entry meanwhile, which gives a stale answer, never a fault.
+    if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
+        inflight.flags |= sign_flags::KNOWN_HANDLE;
+    } else if f != func::DIGEST_SIGN_FINAL {
+        emit_data(tgid, inflight.op_id, 0, data, data_len);
+    }
+    match slot {
+        // SAFETY: `p` is this thread's INFLIGHT slot, as above.
+        Some(p) => unsafe { *p = inflight },
+        None => {
+            let _ = INFLIGHT.insert(&tid, &inflight, 0);
+        }
+    }
+}
+
+#[inline(always)]
+fn on_free(tgid: u32, ptr: u64) {
+    let key = ProcPtr { tgid, _pad: 0, ptr };
+    // Most objects freed never signed (a TLS client frees five per
+    // handshake): a lock-free lookup first spares them the LRU maps'
+    // locked delete. Each answer is a plain bool at once (combining
+    // two map-value pointers is something the verifier refuses).
+    // SAFETY: only whether an entry exists is used; the reference is dropped at
+    // once, before the delete.
+    let signed = unsafe { SIGN_HANDLES.get(&key) }.is_some() && SIGN_HANDLES.remove(&key).is_ok();
+    // SAFETY: likewise: only whether KNOWN has the entry is used.
+    let known = unsafe { KNOWN.get(&key) }.is_some() && KNOWN.remove(&key).is_ok();
+    if !signed && !known {
+        return;
+    }
+    // Voids any KNOWN entry the sensor writes later for a signature
+    // made before this free.
+    // SAFETY: copied out at once; an entry evicted or rewritten meanwhile is
+    // still map memory, so the worst is a stale generation.
+    let generation = unsafe { FREE_GEN.get(&key) }.copied().unwrap_or(0);
+    let _ = FREE_GEN.insert(&key, &(generation + 1), 0);
+    let rec = HandleFreeRecord {
+        kind: kind::HANDLE_FREE,
+        tgid,
+        handle: ptr,
+    };
+    if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
+        count(stats::LOST_OTHER);
+    }
+}
+
+#[uretprobe]
+pub fn sign_return(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let Some(p) = INFLIGHT.get_ptr_mut(&tid) else {
+        return 0;
+    };
+    // SAFETY: `p` is this thread's INFLIGHT slot: only this thread's programs
+    // write or remove it, and a plain hash map never evicts it.
+    unsafe {
+        match (*p).depth {
+            0 => return 0, // empty slot: a length query returning
+            1 => {}
+            _ => {
+                (*p).depth -= 1;
+                return 0;
+            }
+        }
+    }
+    // SAFETY: the same slot, copied out whole.
+    let inflight = unsafe { *p };
+    // SAFETY: the same slot; depth 0 marks it empty.
+    unsafe { (*p).depth = 0 };
+    // SAFETY: a uretprobe's context is the returning task's saved `pt_regs`,
+    // whose `rax` holds the return value.
+    let mut ret = unsafe { (*ctx.regs).rax } as i32 as i64;
+    let mut sig_len = 0u64;
+    let mut sig_src = inflight.sig_ptr;
+    let mut flags = inflight.flags;
+    match inflight.func as u8 {
+        func::RUST_SIGNER_SIGN => match vec_in_result(inflight.sig_ptr) {
+            Some((ptr, len)) => {
+                ret = 1;
+                sig_src = ptr;
+                sig_len = len;
+            }
+            None => ret = 0,
+        },
+        func::RING_ECDSA_SIGN | func::RING_ED25519_SIGN => {
+            // `Signature` keeps its bytes inline: copy the value and
+            // let the sensor find the signature in it.
+            ret = 1;
+            sig_len = RING_VALUE_BYTES;
+            flags |= sign_flags::SIG_IN_VALUE;
+        }
+        _ if ret == 1 => {
+            // SAFETY: the helper checks the user address; a fault returns an
+            // error (read as length 0), never a crash.
+            sig_len = unsafe { bpf_probe_read_user(inflight.siglen_ptr as *const u64) }.unwrap_or(0)
+        }
+        _ => {}
+    }
+
+    let head = SignRecord {
+        kind: kind::SIGN,
+        func: inflight.func,
+        task: current_task(),
+        library: inflight.library,
+        flags,
+        handle: inflight.handle,
+        op_id: inflight.op_id,
+        ret,
+        sig_len,
+        sig_captured: 0,
+        _pad: 0,
+        md_name: inflight.md_name,
+        handle_gen: inflight.handle_gen,
+        peer: inflight.peer,
+    };
+    if inflight.flags & sign_flags::KNOWN_HANDLE != 0 {
+        let rec = SignRecord {
+            kind: kind::SIGN_KNOWN,
+            ..head
+        };
+        if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
+            count(stats::LOST_SIGN);
+        }
+        return 0;
+    }
+    let Some(mut rec) = EVENTS.reserve::<SignWithSigRecord>(0) else {
+        count(stats::LOST_SIGN);
+        return 0;
+    };
+    // SAFETY: writable ring memory sized for the record (integers and bytes);
+    // no field is read before it is written.
+    let r = unsafe { rec.assume_init_mut() };
+    r.head = head;
+    let len = head.sig_len;
+    let n = if len > SIG_MAX as u64 {
+        SIG_MAX as u32
+    } else {
+        len as u32
+    };
+    if len > SIG_MAX as u64 {
+        r.head.flags |= sign_flags::SIG_INCOMPLETE;
+    }
+    if n > 0 {
+        let n = (n as usize).min(SIG_MAX);
+        // SAFETY: `n` is at most SIG_MAX, the length of `sig`; the helper
+        // checks the user address and returns an error on a fault.
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                r.sig.as_mut_ptr().cast(),
+                n as u32,
+                sig_src as *const core::ffi::c_void,
+            )
+        };
+        if rc == 0 {
+            r.head.sig_captured = n as u32;
+        } else {
+            r.head.flags |= sign_flags::SIG_INCOMPLETE;
+        }
+    }
+    rec.submit(BPF_RB_NO_WAKEUP as u64);
+    if func::returns_rust_value(inflight.func as u8)
+        && inflight.flags & sign_flags::INNER_HANDLE == 0
+    {
+        return 0;
+    }
+    let key = ProcPtr {
+        tgid: (pid_tgid >> 32) as u32,
+        _pad: 0,
+        ptr: inflight.handle,
+    };
+    // SAFETY: only whether an entry exists is used; the reference is dropped at
+    // once.
+    if unsafe { SIGN_HANDLES.get(&key) }.is_none() {
+        let _ = SIGN_HANDLES.insert(&key, &1, 0);
+    }
+    0
+}
+
+/// Bytes of ring's returned `Signature` value copied: its largest
+/// signature (ECDSA P-384, DER) is 104 bytes, plus the length word and
+/// the `Result` tag.
+const RING_VALUE_BYTES: u64 = 160;
+
+/// `Result<Vec<u8>, rustls::Error>` as `Signer::sign` returns it. A
+/// `Vec<u8>` is three words, capacity, pointer, length, in rustc's
+/// current order; the `Result` puts its tag before them (rustc 1.99
+/// with rustls 0.23) or folds it into the capacity. Rust promises none
+/// of this, so the probe looks for the shape (capacity >= length > 0,
+/// a user-space pointer between them) at either position, and the
+/// sensor only trusts what verifies. Returns (pointer, length).
+#[inline(always)]
+fn vec_in_result(at: u64) -> Option<(u64, u64)> {
+    // SAFETY: the helper checks the user address (a fault is an error), and any
+    // four words are a valid `[u64; 4]`.
+    let w: [u64; 4] = unsafe { bpf_probe_read_user(at as *const [u64; 4]) }.ok()?;
+    for s in 0..2 {
+        let (cap, ptr, len) = (w[s], w[s + 1], w[s + 2]);
+        if (0x10000..(1u64 << 47)).contains(&ptr)
+            && len > 0
+            && len <= SIG_MAX as u64
+            && cap >= len
+            && cap < 1 << 32
+        {
+            return Some((ptr, len));
+        }
+    }
+    None
+}
