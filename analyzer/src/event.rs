@@ -198,14 +198,50 @@ pub struct Evidence {
     pub data: serde_json::Value,
 }
 
+/// What became of one action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Carried out after the event.
+    Done,
+    /// The probe acted in the kernel before the event existed (a kill as
+    /// the process entered the signing call).
+    InKernel,
+    /// Tried, and the system refused (`detail` says why).
+    Failed,
+    /// Not tried: replay, nothing to act on, or not this action's case.
+    Skipped,
+}
+
+/// The decision a blocking rule made on an open.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Allowed,
+    /// Refused with EPERM.
+    Denied,
+}
+
+/// How a key's identity was established.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentifiedBy {
+    /// This signature verified under the key.
+    SignatureVerified,
+    /// The same key object in the same process was verified before and
+    /// not freed or re-initialized since.
+    HandleCache,
+    /// Read from the key file the process opened (secret-file opens, and
+    /// kills decided at key load, when no signature exists).
+    KeyFile,
+}
+
 /// One action a rule asked for and what became of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Response {
     /// `alert`, `kill`, `block`.
     pub action: String,
-    /// `done`, `in_kernel` (the probe acted before the event existed),
-    /// `failed`, or `skipped`.
-    pub outcome: String,
+    pub outcome: Outcome,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }
@@ -231,10 +267,10 @@ pub struct SecretFile {
     pub keys: Vec<String>,
     /// The file holds a private key (not only certificates or public keys).
     pub holds_private_key: bool,
-    /// `allowed` or `denied` when a blocking rule decided these opens
-    /// (then the status is known: Success or Failure with EPERM).
+    /// Set when a blocking rule decided these opens (then the status is
+    /// known: Success, or Failure with EPERM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<String>,
+    pub verdict: Option<Verdict>,
     /// The rule that decided the verdict.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -389,12 +425,9 @@ pub struct KeyIdentity {
     /// entry, or a file another process opened).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_file: Option<String>,
-    /// How the identity was established: `signature_verified` (this
-    /// signature verified under the key) or `handle_cache` (the same key
-    /// object in the same process was verified before and not freed or
-    /// re-initialized since).
+    /// How the identity was established.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identified_by: Option<String>,
+    pub identified_by: Option<IdentifiedBy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unknown_reason: Option<String>,
 }
@@ -575,11 +608,11 @@ impl Event {
         let count = o.secret.count;
         // A rule's verdict makes the result known; otherwise the probe saw
         // only the attempt.
-        let denied = o.secret.verdict.as_deref() == Some("denied");
-        let verdict = match o.secret.verdict.as_deref() {
-            Some("allowed") => Some(("Allowed", 1u8)),
-            Some("denied") => Some(("Denied", 2u8)),
-            _ => None,
+        let denied = o.secret.verdict == Some(Verdict::Denied);
+        let verdict = match o.secret.verdict {
+            Some(Verdict::Allowed) => Some(("Allowed", 1u8)),
+            Some(Verdict::Denied) => Some(("Denied", 2u8)),
+            None => None,
         };
         let (status_id, status, status_detail) = match (verdict, &o.secret.rule) {
             (None, _) => (
@@ -845,7 +878,7 @@ pub(crate) mod tests_support {
             algorithm: Some("ecdsa-p256".into()),
             bits: Some(256),
             source_file: Some("/etc/ssl/private/a.key".into()),
-            identified_by: Some("signature_verified".into()),
+            identified_by: Some(IdentifiedBy::SignatureVerified),
             unknown_reason: None,
         }
     }
@@ -1095,7 +1128,7 @@ mod tests {
         };
         let responses = vec![Response {
             action: "block".into(),
-            outcome: "done".into(),
+            outcome: Outcome::Done,
             detail: None,
         }];
         let ev = Event::detection_finding(&origin(), 5, 11, &rule, &evidence, responses);
@@ -1119,7 +1152,7 @@ mod tests {
         let mut e = tests_support::secret_open_event();
         assert_eq!(e.status_id, 0);
         let mut o = e.secret_file.take().unwrap();
-        o.verdict = Some("denied".into());
+        o.verdict = Some(Verdict::Denied);
         o.rule = Some("r1".into());
         let ev = Event::secret_file_open(
             &origin(),

@@ -9,20 +9,21 @@
 use std::{
     io::{BufRead, Write},
     path::{Path, PathBuf},
-    sync::Arc,
 };
 
 use anyhow::{Context, Result};
 use keywarden_analyzer::{
     baseline::BaselineStore,
-    event::{Event, EventCode, Response},
-    geo::Geo,
+    event::{Event, EventCode},
     pipeline::{self, Input, Overflow, Pipeline},
-    rules::RuleSet,
 };
 use tracing::warn;
 
-use crate::config::{AnalyzerConfig, Config};
+use crate::{
+    config::Config,
+    respond::{self, Replay},
+    setup::{self, load_rules, open_geo},
+};
 
 pub struct Args {
     pub input: String,
@@ -30,26 +31,6 @@ pub struct Args {
     pub rules: Vec<String>,
     pub baselines: Option<String>,
     pub output: Option<String>,
-}
-
-/// Opens the configured GeoIP databases (shared by `run` and `analyze`).
-pub fn open_geo(cfg: &AnalyzerConfig) -> Result<Option<Arc<Geo>>> {
-    if cfg.geoip_city.is_none() && cfg.geoip_asn.is_none() {
-        return Ok(None);
-    }
-    let geo = Geo::open(
-        cfg.geoip_city.as_deref().map(Path::new),
-        cfg.geoip_asn.as_deref().map(Path::new),
-    )?;
-    Ok(Some(Arc::new(geo)))
-}
-
-pub fn load_rules(paths: &[String]) -> Result<RuleSet> {
-    if paths.is_empty() {
-        return Ok(RuleSet::default());
-    }
-    let paths: Vec<PathBuf> = paths.iter().map(PathBuf::from).collect();
-    RuleSet::load(&paths).map_err(|e| anyhow::anyhow!("invalid rules:\n{e}"))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -62,15 +43,12 @@ pub fn run(args: Args) -> Result<()> {
     };
     let pipeline = Pipeline::start(
         rules,
-        pipeline::Config {
-            shards: cfg.analyzer.shards,
-            queue: cfg.analyzer.queue,
-            learning_ms: cfg.analyzer.learning_period_s as i64 * 1000,
-            overflow: Overflow::Block,
-            geo: open_geo(&cfg.analyzer)?,
-            geo_cache: pipeline::GEO_CACHE_ENTRIES,
+        setup::pipeline_config(
+            &cfg.analyzer,
+            open_geo(&cfg.analyzer)?,
             baselines,
-        },
+            Overflow::Block,
+        ),
     );
     let reader: Box<dyn BufRead + Send> = if args.input == "-" {
         Box::new(std::io::BufReader::new(std::io::stdin()))
@@ -90,23 +68,15 @@ pub fn run(args: Args) -> Result<()> {
                 .with_context(|| format!("{p}: cannot open for writing"))?,
         ),
     };
-    let origin = crate::run::origin();
+    let origin = setup::origin();
     let mut seq = 0u64;
     let mut findings = 0u64;
     let mut write = |o: Box<pipeline::Output>, out: &mut dyn Write| -> Result<()> {
-        for f in &o.fired {
+        let next_seq = || {
             seq += 1;
-            let responses = f
-                .rule
-                .actions
-                .iter()
-                .map(|a| Response {
-                    action: a.name().to_owned(),
-                    outcome: "skipped".to_owned(),
-                    detail: Some("replay: not enforced".to_owned()),
-                })
-                .collect();
-            let finding = f.finding(&origin, o.event.time, seq, &o.event, responses);
+            seq
+        };
+        for finding in respond::findings(&o, &mut Replay, &origin, o.event.time, next_seq) {
             serde_json::to_writer(&mut *out, &finding)?;
             out.write_all(b"\n")?;
             findings += 1;

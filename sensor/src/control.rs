@@ -131,9 +131,7 @@ impl Control {
     /// they were held by a sensor that died before releasing them (the
     /// `HELD` map is pinned, so it outlives that sensor).
     fn release_orphans(&mut self) {
-        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-            .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-            .unwrap_or(0);
+        let now = crate::clock::monotonic_ns();
         let held = self
             .probes
             .lock()
@@ -153,10 +151,12 @@ impl Control {
                     pid = tgid,
                     "releasing a process held by a sensor that stopped before releasing it"
                 );
-                let _ = nix::sys::signal::kill(
+                if let Err(e) = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(tgid as i32),
                     nix::sys::signal::SIGCONT,
-                );
+                ) {
+                    debug!(pid = tgid, error = %e, "SIGCONT to an orphaned hold");
+                }
             }
             self.probes.lock().expect("probes lock").forget_held(tgid);
         }
@@ -196,7 +196,10 @@ impl Control {
         }
         if e.flags & exec_flags::HELD != 0 {
             let mut probes = self.probes.lock().expect("probes lock");
-            let _ = probes.mark_library_seen(e.task.cgroup_id, &path, &e.exe);
+            if let Err(err) = probes.mark_library_seen(e.task.cgroup_id, &path, &e.exe) {
+                // Only costs a hold the next time this file is opened there.
+                debug!(file = %path, error = %err, "marking a library seen");
+            }
             drop(probes);
             self.release(tgid, &path);
         }
@@ -249,7 +252,7 @@ impl Control {
         let held = f.flags & open_flags::HELD != 0;
         let open_path = if held && f.fd >= 0 {
             Some(PathBuf::from(format!("/proc/{tgid}/fd/{}", f.fd)))
-        } else if path.starts_with('/') || f.dfd == -100 {
+        } else if f.resolvable(&path) {
             info.resolve(&path)
         } else {
             None

@@ -6,6 +6,7 @@
 //! (`keywarden-analyzer`) → sinks (`sink`).
 
 mod analyze;
+mod clock;
 mod config;
 mod control;
 mod coverage;
@@ -14,10 +15,13 @@ mod enforce;
 mod enrich;
 mod free_watch;
 mod keys;
+mod logging;
 mod probes;
 mod records;
+mod respond;
 mod run;
 mod secrets;
+mod setup;
 mod sink;
 
 use std::{
@@ -168,7 +172,10 @@ fn exit(r: anyhow::Result<()>) -> ExitCode {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        // Escaped (no forged lines), so without colours: an escape code
+        // is a control character like any other.
+        .with_writer(|| logging::EscapedStderr)
+        .with_ansi(false)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_new(&cli.log).unwrap_or_else(|_| "info".into()),
         )

@@ -145,34 +145,69 @@ pub fn file_id(md: &std::fs::Metadata) -> ExeId {
     }
 }
 
-fn monotonic_ns() -> Result<u64> {
-    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
-    Ok(now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64)
+/// A map delete: an entry that is already gone is what was wanted.
+fn removed(r: Result<(), aya::maps::MapError>) -> Result<()> {
+    match r {
+        Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Where maps that must outlive a sensor are pinned (bpffs).
 pub const PIN_DIR: &str = "/sys/fs/bpf/keywarden";
 
-/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there, and creates the
-/// pin directory.
-fn ensure_pin_dir() -> Result<()> {
-    let root = Path::new("/sys/fs/bpf");
+/// Mounts a pseudo-filesystem of type `fstype` on `target` unless one is
+/// already mounted there. A freshly booted host has neither bpffs nor
+/// tracefs mounted (systemd mounts them on demand, minimal images never do),
+/// and the sensor must start there without an operator's help.
+fn ensure_mounted(fstype: &str, target: &str, why: &str) -> Result<()> {
     let mounted = std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .any(|l| l.split_whitespace().nth(4) == Some("/sys/fs/bpf") && l.contains(" - bpf "));
+        .any(|l| is_mount_of(l, fstype, target));
     if !mounted {
         nix::mount::mount(
-            Some("bpf"),
-            root,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
+            Some(fstype),
+            target,
+            Some(fstype),
+            nix::mount::MsFlags::MS_NOSUID
+                | nix::mount::MsFlags::MS_NODEV
+                | nix::mount::MsFlags::MS_NOEXEC,
             None::<&str>,
         )
-        .context("mounting bpffs on /sys/fs/bpf (needed to keep the list of held processes)")?;
+        .with_context(|| format!("mounting {fstype} on {target} (needed {why})"))?;
+        tracing::info!(fstype, target, "mounted, since nothing was mounted there");
     }
+    Ok(())
+}
+
+/// Whether one `/proc/self/mountinfo` line is a mount of `fstype` on
+/// `target` (field 5 is the mount point; the type follows the " - ").
+fn is_mount_of(line: &str, fstype: &str, target: &str) -> bool {
+    line.split_whitespace().nth(4) == Some(target)
+        && line
+            .split_once(" - ")
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            == Some(fstype)
+}
+
+/// Mounts bpffs on /sys/fs/bpf if nothing is mounted there, and creates the
+/// pin directory.
+fn ensure_pin_dir() -> Result<()> {
+    ensure_mounted("bpf", "/sys/fs/bpf", "to keep the list of held processes")?;
     std::fs::create_dir_all(PIN_DIR).with_context(|| format!("creating {PIN_DIR}"))?;
     Ok(())
+}
+
+/// Tracepoints are attached through perf events whose ids are read from
+/// tracefs; mount it where aya looks first when it is missing.
+fn ensure_tracefs() -> Result<()> {
+    if Path::new("/sys/kernel/tracing/events").exists()
+        || Path::new("/sys/kernel/debug/tracing/events").exists()
+    {
+        return Ok(());
+    }
+    ensure_mounted("tracefs", "/sys/kernel/tracing", "to attach tracepoints")
 }
 
 /// Checks that make a clear one-line error instead of an EPERM deep inside
@@ -207,6 +242,7 @@ impl Probes {
     pub fn load() -> Result<(Self, Rings)> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywarden-probes"));
         ensure_pin_dir()?;
+        ensure_tracefs()?;
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(PIN_DIR)
             .load(object)
@@ -463,7 +499,7 @@ impl Probes {
     /// it; the probes obey whichever write came last, so at any moment at
     /// most one sensor holds, and the loser sees `Other` at its next beat.
     pub fn heartbeat(&mut self) -> Result<Lease> {
-        let now = monotonic_ns()?;
+        let now = crate::clock::monotonic_ns();
         let token = self.hold_token;
         let mut map = self.array::<HoldLease>("HOLD_LEASE")?;
         let lease = map.get(&0, 0)?;
@@ -526,12 +562,17 @@ impl Probes {
         Ok(map.iter().filter_map(Result::ok).collect())
     }
 
-    /// Forgets a held process (after it was released).
+    /// Forgets a held process (after it was released). A failure is only
+    /// logged: the entry then ages out as an orphan, whose release is a
+    /// harmless SIGCONT.
     pub fn forget_held(&mut self, tgid: u32) {
-        if let Ok(mut map) = BpfHashMap::<&mut MapData, u32, u64>::try_from(
+        let r = BpfHashMap::<&mut MapData, u32, u64>::try_from(
             self.ebpf.map_mut("HELD").expect("HELD map"),
-        ) {
-            let _ = map.remove(&tgid);
+        )
+        .map_err(anyhow::Error::from)
+        .and_then(|mut map| removed(map.remove(&tgid)));
+        if let Err(e) = r {
+            tracing::warn!(pid = tgid, error = %e, "cannot remove a released process from HELD");
         }
     }
 
@@ -547,7 +588,7 @@ impl Probes {
         if let Some(generation) = generation {
             map.insert(&key, &KnownHandle { generation }, 0)?;
         } else {
-            let _ = map.remove(&key);
+            removed(map.remove(&key))?;
         }
         Ok(())
     }
@@ -559,9 +600,7 @@ impl Probes {
             BpfHashMap::try_from(self.ebpf.map_mut("VERDICT").context("VERDICT map")?)?;
         match verdict {
             Some(v) => map.insert(&tgid, &v, 0)?,
-            None => {
-                let _ = map.remove(&tgid);
-            }
+            None => removed(map.remove(&tgid))?,
         }
         Ok(())
     }
@@ -593,5 +632,21 @@ impl Probes {
         }
         debug!(?out, "probe stats");
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_mount_of;
+
+    #[test]
+    fn mountinfo_lines_are_matched_by_mount_point_and_type() {
+        let tracefs = "35 24 0:12 / /sys/kernel/tracing rw,nosuid,nodev,noexec,relatime shared:13 - tracefs tracefs rw";
+        assert!(is_mount_of(tracefs, "tracefs", "/sys/kernel/tracing"));
+        assert!(!is_mount_of(tracefs, "bpf", "/sys/kernel/tracing"));
+        assert!(!is_mount_of(tracefs, "tracefs", "/sys/fs/bpf"));
+        // A mount point whose name mentions the type is not that type.
+        let tmpfs = "40 24 0:40 / /sys/fs/bpf rw,relatime - tmpfs bpf rw";
+        assert!(!is_mount_of(tmpfs, "bpf", "/sys/fs/bpf"));
     }
 }

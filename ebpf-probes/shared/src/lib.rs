@@ -550,6 +550,17 @@ pub struct ExitRecord {
     pub task: Task,
 }
 
+/// openat's `dfd` for "relative to the working directory" (Linux ABI).
+pub const AT_FDCWD: i64 = -100;
+
+impl FileOpenRecord {
+    /// Whether the path can be made absolute from the process's root and
+    /// working directory (not relative to some other directory descriptor).
+    pub fn resolvable(&self, path: &str) -> bool {
+        path.starts_with('/') || self.dfd == AT_FDCWD
+    }
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
 pub struct FileOpenRecord {
@@ -557,7 +568,7 @@ pub struct FileOpenRecord {
     /// `open_flags::*`
     pub flags: u32,
     pub task: Task,
-    /// `dfd` argument of openat (AT_FDCWD = -100 for cwd-relative paths).
+    /// `dfd` argument of openat (`AT_FDCWD` for cwd-relative paths).
     pub dfd: i64,
     /// The descriptor openat returned, for a library (reported when the
     /// open has succeeded); -1 for other files (reported at entry). While

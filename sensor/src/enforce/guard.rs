@@ -327,7 +327,7 @@ impl Guard {
         if candidates.is_empty() {
             return None;
         }
-        let ktime_ns = monotonic_ns();
+        let ktime_ns = crate::clock::monotonic_ns();
         // Most processes were snapshotted at exec by the control thread.
         // Otherwise snapshot here, but never open an executable that lives
         // under a guarded directory: that open would wait for this thread.
@@ -427,12 +427,6 @@ impl Guard {
             process: info,
         })
     }
-}
-
-fn monotonic_ns() -> u64 {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
-        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
-        .unwrap_or(0)
 }
 
 /// `dir`, and with `recursive` every directory below it (bounded, and

@@ -14,6 +14,7 @@
 //! but keeps the process was investigated and is not possible on the kernels
 //! keywarden targets: see docs/design.md.
 
+pub mod decisions;
 pub mod guard;
 
 use anyhow::Result;

@@ -30,7 +30,7 @@
 use std::{sync::Arc, time::Instant};
 
 use hashbrown::HashMap;
-use keywarden_analyzer::event::{Fingerprint, KeyIdentity, KeyStatus};
+use keywarden_analyzer::event::{Fingerprint, IdentifiedBy, KeyIdentity, KeyStatus};
 use keywarden_probe_types::{DataHeader, SignRecord, func, sign_flags};
 use sha2::Digest;
 
@@ -91,13 +91,13 @@ fn take_process<V>(map: &mut HashMap<(u32, u64), V>, tgid: u32) -> Vec<(u32, u64
     keys
 }
 
-fn identified(k: &KnownKey, by: &str) -> KeyIdentity {
+fn identified(k: &KnownKey, by: IdentifiedBy) -> KeyIdentity {
     identity_of(&k.info, &k.source_file, by)
 }
 
 /// The event's view of a known key: identity, where it came from, and how
 /// it was established. Never anything private.
-pub fn identity_of(info: &KeyInfo, source_file: &str, by: &str) -> KeyIdentity {
+pub fn identity_of(info: &KeyInfo, source_file: &str, by: IdentifiedBy) -> KeyIdentity {
     KeyIdentity {
         status: KeyStatus::Identified,
         spki_sha256: Some(info.spki_sha256.clone()),
@@ -105,7 +105,7 @@ pub fn identity_of(info: &KeyInfo, source_file: &str, by: &str) -> KeyIdentity {
         algorithm: Some(info.algorithm.clone()),
         bits: Some(info.bits),
         source_file: Some(source_file.to_owned()),
-        identified_by: Some(by.to_owned()),
+        identified_by: Some(by),
         unknown_reason: None,
     }
 }
@@ -239,7 +239,7 @@ impl Identifier {
         let rust = !Self::caches_by_handle(r);
         let suspect = match self.handles.get(&cache_key) {
             _ if rust => self.last_rust_key.get(&tgid).cloned(),
-            Some((k, false)) => return identified(k, "handle_cache"),
+            Some((k, false)) => return identified(k, IdentifiedBy::HandleCache),
             Some((k, true)) => Some(k.clone()),
             None => None,
         };
@@ -328,7 +328,7 @@ impl Identifier {
                         // Its next signature is checked against this key first.
                         self.handles.insert(cache_key, (k.clone(), true));
                     }
-                    return identified(k, "signature_verified");
+                    return identified(k, IdentifiedBy::SignatureVerified);
                 }
             }
         }
@@ -492,7 +492,7 @@ mod tests {
         let got = identify(&mut id, record(10, 0xb, 1, &s2));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
         assert_eq!(got.source_file.as_deref(), Some("/k2.pem"));
-        assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+        assert_eq!(got.identified_by, Some(IdentifiedBy::SignatureVerified));
 
         let s1 = sign(&k1);
         id.on_data(&data(10, 2, &digest), &digest);
@@ -502,7 +502,7 @@ mod tests {
         // Same handle again: answered from the cache, no verification.
         let before = id.verifications;
         let got = identify(&mut id, record(10, 0xa, 3, &s1));
-        assert_eq!(got.identified_by.as_deref(), Some("handle_cache"));
+        assert_eq!(got.identified_by, Some(IdentifiedBy::HandleCache));
         assert_eq!(id.verifications, before);
 
         // A free that was only a reference drop: confirmed with one
@@ -512,13 +512,11 @@ mod tests {
         let before = id.verifications;
         let got = identify(&mut id, record(10, 0xa, 4, &s1));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki1.as_str()));
-        assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+        assert_eq!(got.identified_by, Some(IdentifiedBy::SignatureVerified));
         assert_eq!(id.verifications, before + 1);
         assert_eq!(
-            identify(&mut id, record(10, 0xa, 5, &s1))
-                .identified_by
-                .as_deref(),
-            Some("handle_cache")
+            identify(&mut id, record(10, 0xa, 5, &s1)).identified_by,
+            Some(IdentifiedBy::HandleCache)
         );
 
         // Handle 0xa freed and its address reused for key 2: the cached key
@@ -527,7 +525,7 @@ mod tests {
         id.on_data(&data(10, 6, &digest), &digest);
         let got = identify(&mut id, record(10, 0xa, 6, &s2));
         assert_eq!(got.spki_sha256.as_deref(), Some(spki2.as_str()));
-        assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+        assert_eq!(got.identified_by, Some(IdentifiedBy::SignatureVerified));
         assert_eq!(
             identify(&mut id, record(10, 0xa, 7, &s2))
                 .spki_sha256
@@ -570,7 +568,7 @@ mod tests {
             let (r, s) = record(10, 0xa, op, &sig);
             let got = id.identify(&r, &s, false);
             assert_eq!(got.spki_sha256.as_deref(), Some(spki.as_str()));
-            assert_eq!(got.identified_by.as_deref(), Some("signature_verified"));
+            assert_eq!(got.identified_by, Some(IdentifiedBy::SignatureVerified));
             assert!(id.learned.is_empty(), "the probes keep copying");
             if op == 2 {
                 assert_eq!(id.verifications, before + 1, "the hint is tried first");
@@ -579,14 +577,14 @@ mod tests {
         id.on_data(&data(10, 3, &digest), &digest);
         let (r, s) = record(10, 0xa, 3, &sig);
         assert_eq!(
-            id.identify(&r, &s, true).identified_by.as_deref(),
-            Some("signature_verified")
+            id.identify(&r, &s, true).identified_by,
+            Some(IdentifiedBy::SignatureVerified)
         );
         assert_eq!(id.learned, vec![(10, 0xa, 0)]);
         let (r, s) = record(10, 0xa, 4, &sig);
         assert_eq!(
-            id.identify(&r, &s, true).identified_by.as_deref(),
-            Some("handle_cache")
+            id.identify(&r, &s, true).identified_by,
+            Some(IdentifiedBy::HandleCache)
         );
 
         // An unknown key is not remembered as unknown either.

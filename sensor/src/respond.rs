@@ -1,0 +1,119 @@
+//! The response stage: what each action of a fired rule did, and the
+//! Detection Finding that reports it.
+//!
+//! `keywarden run` acts for real (`Live`); `keywarden analyze` replays
+//! recorded events and never acts (`Replay`). Both turn a pipeline output
+//! into findings through `findings`, so a replay's findings differ from the
+//! live ones only in their responses.
+
+use std::sync::{Arc, Mutex};
+
+use keywarden_analyzer::{
+    event::{Event, Origin, Outcome, Response, Verdict},
+    pipeline::Output,
+    rules::{Action, Rule},
+};
+
+use crate::probes::Probes;
+
+/// Carries out one action of a rule that `out` fired.
+pub trait Responder {
+    fn respond(&mut self, action: Action, rule: &Rule, out: &Output) -> (Outcome, Option<String>);
+}
+
+/// One finding per rule `out` fired, each with the responses `responder`
+/// gave. `next_seq` numbers them.
+pub fn findings(
+    out: &Output,
+    responder: &mut dyn Responder,
+    origin: &Origin,
+    time_ms: i64,
+    mut next_seq: impl FnMut() -> u64,
+) -> Vec<Event> {
+    out.fired
+        .iter()
+        .map(|fired| {
+            let responses = fired
+                .rule
+                .actions
+                .iter()
+                .map(|&action| {
+                    let (outcome, detail) = responder.respond(action, &fired.rule, out);
+                    Response {
+                        action: action.name().to_owned(),
+                        outcome,
+                        detail,
+                    }
+                })
+                .collect();
+            fired.finding(origin, time_ms, next_seq(), &out.event, responses)
+        })
+        .collect()
+}
+
+/// Replay: nothing is enforced.
+pub struct Replay;
+
+impl Responder for Replay {
+    fn respond(&mut self, _: Action, _: &Rule, _: &Output) -> (Outcome, Option<String>) {
+        (Outcome::Skipped, Some("replay: not enforced".to_owned()))
+    }
+}
+
+/// The live sensor: kills through signals and the kernel's verdict map;
+/// blocks were decided by the fanotify guard before the event existed.
+pub struct Live {
+    pub probes: Arc<Mutex<Probes>>,
+}
+
+impl Responder for Live {
+    fn respond(&mut self, action: Action, rule: &Rule, out: &Output) -> (Outcome, Option<String>) {
+        match action {
+            Action::Alert => (Outcome::Done, None),
+            Action::Kill if out.killed_by.as_deref() == Some(rule.id.as_str()) => (
+                Outcome::InKernel,
+                Some("SIGKILL as it entered the signing call; no signature was made".to_owned()),
+            ),
+            Action::Kill => self.kill_after(&out.event),
+            Action::Block => match out.event.secret_file.as_ref().and_then(|s| s.verdict) {
+                Some(Verdict::Denied) => {
+                    (Outcome::Done, Some("open refused with EPERM".to_owned()))
+                }
+                _ => (
+                    Outcome::Skipped,
+                    Some("this open was not behind a fanotify mark of this rule".to_owned()),
+                ),
+            },
+        }
+    }
+}
+
+impl Live {
+    /// `kill` for a use the probe could not stop in time (the key was only
+    /// known once it had signed): SIGKILL now, and condemn the process in
+    /// the kernel so a signature already on its way is stopped too.
+    fn kill_after(&mut self, ev: &Event) -> (Outcome, Option<String>) {
+        let pid = ev.actor.process.pid;
+        if pid == 0 || pid == std::process::id() {
+            return (Outcome::Skipped, Some("no process to kill".to_owned()));
+        }
+        if let Err(e) = self
+            .probes
+            .lock()
+            .expect("probes lock")
+            .set_verdict(pid, Some(0))
+        {
+            tracing::warn!(pid, error = %e, "cannot condemn the process in the kernel; killing it only");
+        }
+        match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::SIGKILL,
+        ) {
+            Ok(()) => (
+                Outcome::Done,
+                Some("SIGKILL after the event (the key was not known to be protected before it was used)".to_owned()),
+            ),
+            Err(e) => (Outcome::Failed, Some(format!("SIGKILL: {e}"))),
+        }
+    }
+}
