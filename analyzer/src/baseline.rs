@@ -13,7 +13,6 @@
 
 use std::{
     collections::BTreeSet,
-    io::Write,
     path::{Path, PathBuf},
 };
 
@@ -387,10 +386,9 @@ impl BaselineStore {
         })
     }
 
-    /// Writes atomically: a 0600 temporary file in the same directory,
-    /// fsync'd, then renamed over `path`.
+    /// Writes atomically and mode 0600 (`atomic_file`): a temporary file
+    /// with an unpredictable name, fsync'd, then renamed over `path`.
     pub fn save(&self, path: &Path) -> Result<(), BaselineError> {
-        use std::os::unix::fs::OpenOptionsExt;
         let err = |source| BaselineError::Write {
             path: path.to_owned(),
             source,
@@ -402,22 +400,7 @@ impl BaselineStore {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(err)?;
         }
-        let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-        let result = (|| {
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, path)
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        }
-        result.map_err(err)
+        crate::atomic_file::write(path, &body, 0o600).map_err(err)
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! `event` is the event model, which is also the export schema documented
 //! in `docs/events.md`; `rules` is the rule language (`docs/rules.md`).
+pub mod atomic_file;
 pub mod baseline;
 pub mod event;
 pub mod geo;

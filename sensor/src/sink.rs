@@ -8,6 +8,7 @@ use std::{
     collections::VecDeque,
     fs::OpenOptions,
     io::{BufWriter, Write},
+    os::unix::fs::OpenOptionsExt,
 };
 
 use anyhow::{Context, Result};
@@ -34,11 +35,18 @@ impl NdjsonSink {
         let (out, name): (Box<dyn Write + Send>, String) = if target == "-" {
             (Box::new(std::io::stdout()), "stdout".into())
         } else {
+            // Never through a symlink (someone who can write the directory
+            // could point it at any root-owned file), and readable by root
+            // only: events hold command lines and paths.
             let f = OpenOptions::new()
                 .create(true)
                 .append(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .mode(0o600)
                 .open(target)
-                .with_context(|| format!("{target}: cannot open output file"))?;
+                .with_context(|| {
+                    format!("{target}: cannot open output file (a symlink there is refused)")
+                })?;
             (
                 Box::new(BufWriter::with_capacity(1 << 16, f)),
                 target.to_owned(),
