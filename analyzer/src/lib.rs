@@ -5,6 +5,8 @@
 //! in `docs/events.md`; `rules` is the rule language (`docs/rules.md`).
 pub mod atomic_file;
 pub mod baseline;
+#[cfg(test)]
+mod docs_check;
 pub mod event;
 pub mod geo;
 pub mod pipeline;
