@@ -184,7 +184,7 @@ fn events() -> Vec<Event> {
                         ),
                         bits: Some(256),
                         source_file: None,
-                        identified_by: Some("handle_cache".into()),
+                        identified_by: Some(keywarden_analyzer::event::IdentifiedBy::HandleCache),
                         unknown_reason: None,
                     },
                     signature: Signature {

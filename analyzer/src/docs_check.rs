@@ -107,7 +107,7 @@ fn table<'a>(lines: &[&'a str], first_header: &str) -> Vec<Vec<&'a str>> {
     lines[start + 1..]
         .iter()
         .take_while(|l| l.trim_start().starts_with('|'))
-        .map(|l| cells(*l))
+        .map(|l| cells(l))
         .filter(|row| {
             !row.iter()
                 .all(|c| c.chars().all(|ch| ch == '-' || ch == ':'))

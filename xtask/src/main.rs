@@ -3,8 +3,9 @@
 //! * `cargo xtask build`  release build (the eBPF object is built by
 //!   `sensor/build.rs` and embedded)
 //! * `cargo xtask run`    build, then run the sensor in the foreground
-//! * `cargo xtask test`   every test: unit tests, then the root-only
-//!   integration tests that load real probes and drive real programs
+//! * `cargo xtask test`   rustfmt and clippy (`-D warnings`), then every
+//!   test: unit tests, then the root-only integration tests that load real
+//!   probes and drive real programs
 //! * `cargo xtask bench`  the benchmarks in `benches/` (scripts, then the
 //!   criterion pipeline benchmark)
 //! * `cargo xtask fuzz`   the rule-parser fuzz target, seeded from `rules/`
@@ -132,6 +133,17 @@ fn main() -> Result<()> {
             if !is_root() {
                 bail!("the test suite loads eBPF programs and must run as root");
             }
+            // The guard rails first: a formatting slip or a lint fails the
+            // run before the long integration tests start.
+            run(cargo().args(["fmt", "--all", "--check"]))?;
+            run(cargo().args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]))?;
             let filter: Vec<String> = filter.into_iter().collect();
             // The TLS fixtures (static rustls, ring, AWS-LC, BoringSSL) are
             // their own workspace, built once and then kept up to date.

@@ -688,14 +688,25 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: all of these are repr(C), Copy, and valid for any bit pattern.
+    // Each of these is repr(C), Copy, has no padding the kernel could
+    // leave uninitialised that user space relies on, and is valid for any
+    // bit pattern: what aya::Pod requires.
+    // SAFETY: ProcPtr is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for ProcPtr {}
+    // SAFETY: MdCtxState is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for MdCtxState {}
+    // SAFETY: Inflight is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for Inflight {}
+    // SAFETY: KnownHandle is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for KnownHandle {}
+    // SAFETY: WatchPattern is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for WatchPattern {}
+    // SAFETY: LibrarySeenKey is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for LibrarySeenKey {}
+    // SAFETY: HoldLease is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for HoldLease {}
+    // SAFETY: SockLayout is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for SockLayout {}
+    // SAFETY: TaskLayout is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for TaskLayout {}
 }
