@@ -14,6 +14,7 @@ mod discovery;
 mod enforce;
 mod enrich;
 mod free_watch;
+mod host;
 mod keys;
 mod logging;
 mod probes;

@@ -8,7 +8,7 @@ use aya_ebpf::helpers::{
 };
 use keywarden_probe_types::*;
 
-use crate::maps::{CONFIG, HOLD_LEASE, STATS, TASK_LAYOUT};
+use crate::maps::{CONFIG, HOLD_LEASE, SENSORS, STATS, TASK_LAYOUT};
 
 pub(crate) const SIGSTOP: u32 = 19;
 
@@ -74,7 +74,8 @@ pub(crate) fn file_id(l: &TaskLayout, file: u64) -> Option<ExeId> {
 
 /// Holding anyone needs a sensor to release them: this sensor holds
 /// the host's lease, its heartbeat is fresh, and the opener is not a
-/// keywarden thread.
+/// sensor. Sensors are known by thread-group id (`SENSORS`), never by
+/// name: anyone can name a process "keywarden-x".
 #[inline(always)]
 pub(crate) fn sensor_alive(task: &Task) -> bool {
     let token = config(config::HOLD_TOKEN);
@@ -85,5 +86,13 @@ pub(crate) fn sensor_alive(task: &Task) -> bool {
         && lease.token == token
         && lease.heartbeat_ns != 0
         && task.ktime_ns.wrapping_sub(lease.heartbeat_ns) < config::HEARTBEAT_MAX_AGE_NS
-        && !task.comm.starts_with(b"keywarden")
+        && !is_sensor(task.tgid())
+}
+
+/// The task belongs to a running sensor (this one or another): two sensors
+/// holding each other would both stay stopped.
+#[inline(always)]
+pub(crate) fn is_sensor(tgid: u32) -> bool {
+    // SAFETY: only the presence of the entry is used, never its memory.
+    unsafe { SENSORS.get(&tgid) }.is_some()
 }

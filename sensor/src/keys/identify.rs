@@ -1,5 +1,9 @@
 //! Decides which key made each signature.
 //!
+//! (Over 600 lines only with its tests, which take the second half: they
+//! drive the cache through frees, address reuse and re-initialisation with
+//! real keys and belong beside the logic they check.)
+//!
 //! The probes report the key *object* a signature was made with (the
 //! EVP_PKEY* seen at EVP_DigestSignInit*, else the context pointer), the
 //! signature, and the data that was signed. The sensor knows candidate

@@ -51,6 +51,11 @@ pub enum KeyFileError {
     Unsupported { path: String, detail: String },
     #[error("{path}: file is larger than {max} bytes; not a key file")]
     TooLarge { path: String, max: u64 },
+    #[error("{path}: not read: {why}")]
+    Refused {
+        path: String,
+        why: super::safe_open::Refused,
+    },
 }
 
 /// Key files are small; anything bigger is not one (and is not read whole).
@@ -355,6 +360,38 @@ pub fn read_key_file_detailed(path: &Path, shown_as: &str) -> Result<KeyFile, Ke
         .read_to_end(&mut bytes)
         .map_err(read_err)?;
     key_file_in(shown_as, &bytes)
+}
+
+/// Reads and parses a key file from a descriptor `safe_open` opened: a
+/// regular file within `MAX_KEY_FILE`, on a filesystem the sensor reads.
+pub fn read_key_file_from(file: std::fs::File, shown_as: &str) -> Result<KeyFile, KeyFileError> {
+    use super::safe_open::{Refused, read_checked};
+    let mut bytes = Zeroizing::new(Vec::new());
+    match read_checked(file, MAX_KEY_FILE, &mut bytes) {
+        Ok(()) => key_file_in(shown_as, &bytes),
+        Err(Refused::TooLarge { max }) => Err(KeyFileError::TooLarge {
+            path: shown_as.to_owned(),
+            max,
+        }),
+        Err(why) => Err(KeyFileError::Refused {
+            path: shown_as.to_owned(),
+            why,
+        }),
+    }
+}
+
+/// Reads a key file named by an untrusted process, resolved inside `root`
+/// (see `safe_open`).
+pub fn read_key_file_in_root(
+    root: std::os::fd::BorrowedFd<'_>,
+    path: &str,
+    shown_as: &str,
+) -> Result<KeyFile, KeyFileError> {
+    let file = super::safe_open::open_beneath(root, path).map_err(|why| KeyFileError::Refused {
+        path: shown_as.to_owned(),
+        why,
+    })?;
+    read_key_file_from(file, shown_as)
 }
 
 #[cfg(test)]

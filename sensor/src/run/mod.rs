@@ -116,7 +116,7 @@ fn watch_list(cfg: &Config, rules: &RuleSet) -> Result<WatchList> {
 }
 
 pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<()> {
-    crate::probes::preflight()?;
+    crate::host::preflight()?;
     raise_open_file_limit();
     let rules = setup::load_rules(&cfg.rules)?;
     // Refuse block rules that cannot be enforced before anything attaches.
@@ -134,6 +134,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let (mut probes, rings) = Probes::load()?;
     probes.set_watch(&watch.kernel)?;
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
+    probes.register_sensor()?;
     let lease_at_start = probes.heartbeat()?;
     if lease_at_start == Lease::Other {
         warn!("{ANOTHER_SENSOR_HOLDS}");
@@ -265,6 +266,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     control_stop.store(true, Ordering::Relaxed);
     if control.join().is_err() {
         error!("control thread panicked");
+    }
+    if let Err(e) = s.probes().unregister_sensor() {
+        warn!(error = %e, "removing this sensor from SENSORS (the next sensor prunes it)");
     }
     if let Err(e) = s.probes().give_up_lease() {
         warn!(error = %e, "giving up the hold lease (another sensor takes it once it is stale)");

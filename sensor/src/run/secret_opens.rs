@@ -3,7 +3,14 @@
 //! file becomes a (coalesced) File System Activity event. Library opens go
 //! to the control thread instead (`control.rs`).
 
-use std::{os::unix::fs::MetadataExt, sync::Arc, time::Duration};
+use std::{
+    os::{
+        fd::{AsFd, OwnedFd},
+        unix::fs::MetadataExt,
+    },
+    sync::Arc,
+    time::Duration,
+};
 
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{self, Event, IdentifiedBy, SecretFile, SecretFileOpen, Verdict};
@@ -17,6 +24,7 @@ use crate::{
     keys::{
         identify::{Identifier, identity_of},
         material::{self, KeyFile, KeyInfo},
+        safe_open,
     },
     records::c_str,
     secrets::watch::{Coalescer, WatchList},
@@ -174,7 +182,10 @@ impl SecretOpens {
             .is_some_and(material::looks_like_key_file)
             || watched.as_ref().is_some_and(|m| m.only_private_keys)
         {
-            material::read_key_file_detailed(std::path::Path::new(&g.host_path), &g.host_path).ok()
+            // The guard's path is the host's view of the very file.
+            std::fs::File::open("/").ok().and_then(|root| {
+                material::read_key_file_in_root(root.as_fd(), &g.host_path, &g.host_path).ok()
+            })
         } else {
             None
         };
@@ -261,23 +272,42 @@ impl SecretOpens {
     }
 
     /// Parses a key or certificate file the process opened, once per file
-    /// version. `None` when the path cannot be resolved or is not a file.
+    /// version. The path is resolved inside the process's own root (or
+    /// working directory, for a relative path) and opened without blocking
+    /// or following magic links (`safe_open`); `None` when it cannot be
+    /// resolved. A relative path is kept beneath the working directory: a
+    /// `../x.pem` is not climbed (never out of the process's view).
     fn key_file(
         &mut self,
         info: &ProcessInfo,
         path: &str,
         f: &FileOpenRecord,
     ) -> Option<Arc<Result<KeyFile, String>>> {
-        let resolved = if f.resolvable(path) {
-            info.resolve(path)
+        // The process's root and working directory now, not at its exec:
+        // a process may chroot or chdir after it starts. (Gone already:
+        // those the control thread took at exec.)
+        let tgid = f.task.tgid();
+        let (now, kept) = if path.starts_with('/') {
+            (format!("/proc/{tgid}/root"), info.root.as_ref())
+        } else if f.resolvable(path) {
+            (format!("/proc/{tgid}/cwd"), info.cwd.as_ref())
         } else {
-            None
-        };
-        let Some(p) = resolved else {
             debug!(path = %path, "cannot resolve opened file");
             return None;
         };
-        let md = std::fs::metadata(&p).ok().filter(|m| m.is_file())?;
+        let now = std::fs::File::open(now).ok().map(OwnedFd::from);
+        let Some(base) = now.as_ref().or(kept) else {
+            debug!(path = %path, "cannot resolve opened file");
+            return None;
+        };
+        let file = match safe_open::open_beneath(base.as_fd(), path) {
+            Ok(file) => file,
+            Err(e) => {
+                debug!(path = %path, error = %e, "opened file not read");
+                return None;
+            }
+        };
+        let md = file.metadata().ok()?;
         let id = (
             md.dev(),
             md.ino(),
@@ -287,7 +317,7 @@ impl SecretOpens {
         if let Some(r) = self.key_files.get(&id) {
             return Some(r.clone());
         }
-        let r = Arc::new(material::read_key_file_detailed(&p, path).map_err(|e| e.to_string()));
+        let r = Arc::new(material::read_key_file_from(file, path).map_err(|e| e.to_string()));
         if let Err(e) = &*r {
             debug!("{e}");
         }
