@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use crate::{
     baseline::KeyBaseline,
     event::{
-        Analysis, Event, EventCode, File, KeyIdentity, KeyStatus, Process, Response, RuleRef,
-        SecretFile, SecretFileOpen, severity,
+        Analysis, Event, EventCode, File, KeyIdentity, Process, Response, RuleRef, SecretFile,
+        SecretFileOpen, severity,
         tests_support::{self, origin},
     },
     rules::fields::{FIELDS, Kind},
@@ -337,16 +337,7 @@ fn key_use_samples() -> Vec<Event> {
     // could not be hashed.
     let mut u = tests_support::key_use();
     u.success = false;
-    u.key = KeyIdentity {
-        status: KeyStatus::Unknown,
-        spki_sha256: None,
-        fingerprint: None,
-        algorithm: None,
-        bits: None,
-        source_file: None,
-        identified_by: None,
-        unknown_reason: Some("the signing call failed, so there is no signature to check".into()),
-    };
+    u.key = KeyIdentity::unknown("the signing call failed, so there is no signature to check");
     u.process.attribution_error = Some("executable hash: No such file or directory".into());
     let unknown = Event::key_use(&origin(), u);
     vec![full, killed, unknown]

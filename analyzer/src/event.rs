@@ -432,6 +432,22 @@ pub struct KeyIdentity {
     pub unknown_reason: Option<String>,
 }
 
+impl KeyIdentity {
+    /// A key the sensor cannot name, and why: never a guess.
+    pub fn unknown(reason: impl Into<String>) -> Self {
+        Self {
+            status: KeyStatus::Unknown,
+            spki_sha256: None,
+            fingerprint: None,
+            algorithm: None,
+            bits: None,
+            source_file: None,
+            identified_by: None,
+            unknown_reason: Some(reason.into()),
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Signature {
     /// Bytes of signature produced (0 when the call failed).
@@ -1044,16 +1060,7 @@ mod tests {
         let back: Event = serde_json::from_str(&text).unwrap();
         assert_eq!(back, ev);
         let mut u = sample();
-        u.key = KeyIdentity {
-            status: KeyStatus::Unknown,
-            spki_sha256: None,
-            fingerprint: None,
-            algorithm: None,
-            bits: None,
-            source_file: None,
-            identified_by: None,
-            unknown_reason: Some("no candidate key verified the signature".into()),
-        };
+        u.key = KeyIdentity::unknown("no candidate key verified the signature");
         let ev = Event::key_use(&origin(), u);
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["key"]["status"], "unknown");

@@ -480,34 +480,32 @@ impl Probes {
         Ok(())
     }
 
-    /// Adds this sensor to the pinned `SENSORS` set (never held), after
-    /// pruning entries of sensors that are gone: a process that no longer
-    /// exists, or no longer runs the executable this sensor runs (so a
-    /// reused pid is not exempt).
+    /// Adds this sensor to the pinned `SENSORS` set (never held), with its
+    /// start time, after pruning the entries of sensors that are gone: a
+    /// pid whose process started at another time is a reused pid, never
+    /// exempt. (A sensor of another build running beside this one stays.)
     pub fn register_sensor(&mut self) -> Result<()> {
-        let mut map: BpfHashMap<&mut MapData, u32, u8> =
+        let mut map: BpfHashMap<&mut MapData, u32, u64> =
             BpfHashMap::try_from(self.ebpf.map_mut("SENSORS").context("SENSORS map")?)?;
-        let own = std::fs::metadata("/proc/self/exe").context("/proc/self/exe")?;
         let stale: Vec<u32> = map
-            .keys()
+            .iter()
             .filter_map(Result::ok)
-            .filter(|pid| {
-                std::fs::metadata(format!("/proc/{pid}/exe"))
-                    .map(|m| (m.dev(), m.ino()) != (own.dev(), own.ino()))
-                    .unwrap_or(true)
-            })
+            .filter(|&(pid, started)| crate::free_watch::start_time(pid) != Some(started))
+            .map(|(pid, _)| pid)
             .collect();
         for pid in stale {
             removed(map.remove(&pid))?;
         }
-        map.insert(&std::process::id(), &1, 0)
+        let own = std::process::id();
+        let started = crate::free_watch::start_time(own).context("reading /proc/self/stat")?;
+        map.insert(&own, &started, 0)
             .context("adding this sensor to SENSORS")?;
         Ok(())
     }
 
     /// Removes this sensor from `SENSORS` at exit.
     pub fn unregister_sensor(&mut self) -> Result<()> {
-        let mut map: BpfHashMap<&mut MapData, u32, u8> =
+        let mut map: BpfHashMap<&mut MapData, u32, u64> =
             BpfHashMap::try_from(self.ebpf.map_mut("SENSORS").context("SENSORS map")?)?;
         removed(map.remove(&std::process::id()))
     }

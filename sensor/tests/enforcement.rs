@@ -40,16 +40,7 @@ fn kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs() {
     std::fs::create_dir(&allowed_dir).unwrap();
     let allowed = allowed_dir.join("openssl");
     std::fs::copy("/usr/bin/openssl", &allowed).unwrap();
-    let rules = work.path().join("rules.yaml");
-    std::fs::write(
-        &rules,
-        format!(
-            "rules:\n  - id: protect-signing-key\n    severity: critical\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    allow:\n      - exe_path: {}\n    actions: [alert, kill]\n",
-            key.spki,
-            allowed.display()
-        ),
-    )
-    .unwrap();
+    let rules = kill_rule(work.path(), &key.spki, &allowed);
     let data = work.path().join("data.txt");
     std::fs::write(&data, "payload").unwrap();
     let config = sensor_config(work.path(), &[&keys], &[]);

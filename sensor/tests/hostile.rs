@@ -250,15 +250,7 @@ fn a_process_named_like_the_sensor_is_not_exempt_from_kill_rules() {
         let mode = if p.is_dir() { 0o755 } else { 0o644 };
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
     }
-    let rules = work.path().join("rules.yaml");
-    std::fs::write(
-        &rules,
-        format!(
-            "rules:\n  - id: protect-signing-key\n    severity: critical\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    allow:\n      - exe_path: /nowhere/openssl\n    actions: [alert, kill]\n",
-            key.spki
-        ),
-    )
-    .unwrap();
+    let rules = kill_rule(work.path(), &key.spki, Path::new("/nowhere/openssl"));
     let config = sensor_config(work.path(), &[&keys], &[]);
     let sensor = Sensor::start(&[
         "--config",

@@ -57,12 +57,12 @@ pub(crate) static WATCH: Array<WatchPattern> = Array::with_max_entries(watch::SL
 #[map]
 pub(crate) static HELD: HashMap<u32, u64> = HashMap::pinned(4096, 0);
 
-/// Thread-group ids of running sensors, which are never held. Pinned and
-/// shared by every sensor on the host; each adds itself at start and
-/// removes itself at exit, and a starting sensor prunes entries whose
-/// process is gone or does not run the sensor's own executable.
+/// Thread-group ids of running sensors, which are never held, with each
+/// one's start time (`/proc/PID/stat`). Pinned and shared by every sensor
+/// on the host; each adds itself at start and removes itself at exit, and a
+/// starting sensor prunes entries whose pid now names another process.
 #[map]
-pub(crate) static SENSORS: HashMap<u32, u8> = HashMap::pinned(64, 0);
+pub(crate) static SENSORS: HashMap<u32, u64> = HashMap::pinned(64, 0);
 
 #[repr(C)]
 #[derive(Clone, Copy)]

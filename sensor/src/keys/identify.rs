@@ -114,19 +114,6 @@ pub fn identity_of(info: &KeyInfo, source_file: &str, by: IdentifiedBy) -> KeyId
     }
 }
 
-fn unknown(reason: String) -> KeyIdentity {
-    KeyIdentity {
-        status: KeyStatus::Unknown,
-        spki_sha256: None,
-        fingerprint: None,
-        algorithm: None,
-        bits: None,
-        source_file: None,
-        identified_by: None,
-        unknown_reason: Some(reason),
-    }
-}
-
 impl Identifier {
     pub fn on_data(&mut self, h: &DataHeader, bytes: &[u8]) {
         let op = self.ops.entry((h.tgid, h.op_id)).or_insert_with(|| OpData {
@@ -251,23 +238,24 @@ impl Identifier {
             && let Some((generation, reason)) = self.unidentified.get(&cache_key)
             && *generation == self.generation
         {
-            return unknown(reason.clone());
+            return KeyIdentity::unknown(reason.clone());
         }
         if r.flags & sign_flags::KNOWN_HANDLE != 0 {
             // The probes skipped the copy, but the cache no longer vouches
             // for this object (exec, or a free racing the cache update).
             self.retract.push(cache_key);
-            return unknown(
+            return KeyIdentity::unknown(
                 "the probes skipped capturing this signature because the key object had been checked \
-                 before, but that verdict no longer holds; the next signature is captured and checked"
-                    .into(),
+                 before, but that verdict no longer holds; the next signature is captured and checked",
             );
         }
         if r.ret != 1 {
-            return unknown("the signing call failed, so there is no signature to check".into());
+            return KeyIdentity::unknown(
+                "the signing call failed, so there is no signature to check",
+            );
         }
         if r.flags & sign_flags::SIG_INCOMPLETE != 0 || sig.is_empty() {
-            return unknown(format!(
+            return KeyIdentity::unknown(format!(
                 "the signature ({} bytes) could not be read whole from the process",
                 r.sig_len
             ));
@@ -348,7 +336,7 @@ impl Identifier {
             "no candidate verified"
         );
         if rust {
-            return unknown(if n == 0 {
+            return KeyIdentity::unknown(if n == 0 {
                 "no public key is known for this process or host: the key was not read from a file the \
                  sensor saw opened, nor found under key_paths"
                     .into()
@@ -362,10 +350,9 @@ impl Identifier {
         }
         self.handles.remove(&cache_key);
         if n == 0 {
-            return unknown(
+            return KeyIdentity::unknown(
                 "no public key is known for this process or host: the key was not read from a file the \
-                 sensor saw opened, nor found under key_paths"
-                    .into(),
+                 sensor saw opened, nor found under key_paths",
             );
         }
         if complete.is_none() {
@@ -377,7 +364,7 @@ impl Identifier {
                 ),
                 Some(_) => "arrived incomplete".to_owned(),
             };
-            return unknown(format!(
+            return KeyIdentity::unknown(format!(
                 "the signed data {why}, so the signature could not be checked against the {n} known key(s)"
             ));
         }
@@ -389,7 +376,7 @@ impl Identifier {
                 .insert(cache_key, (self.generation, reason.clone()));
             self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
         }
-        unknown(reason)
+        KeyIdentity::unknown(reason)
     }
 }
 

@@ -480,3 +480,19 @@ pub fn nginx_tls_server(port: u16, crt: &Path, key: &Path, extra: &str) -> Strin
         key.display()
     )
 }
+
+/// Writes `DIR/rules.yaml` with one rule, `protect-signing-key`: only the
+/// executable at `allowed` may sign with the key `spki`; anyone else is
+/// alerted on and killed.
+pub fn kill_rule(dir: &Path, spki: &str, allowed: &Path) -> PathBuf {
+    let rules = dir.join("rules.yaml");
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: protect-signing-key\n    severity: critical\n    event: key_use\n    match:\n      key.spki_sha256: {spki}\n    allow:\n      - exe_path: {}\n    actions: [alert, kill]\n",
+            allowed.display()
+        ),
+    )
+    .unwrap();
+    rules
+}
