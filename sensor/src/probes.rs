@@ -29,7 +29,7 @@ use tracing::{debug, info};
 
 use crate::discovery::{
     placement,
-    signing_code::{C_API, SigningCode, Stack, needs_return},
+    signing_code::{self, SigningCode, Stack, needs_return},
     targets::Candidate,
 };
 
@@ -121,7 +121,10 @@ fn new_hold_token() -> u64 {
 
 /// The functions whose calls make a cached verdict on a key object void.
 fn invalidates(id: u8) -> bool {
-    matches!(id, func::PKEY_FREE | func::PKEY_SIGN_INIT)
+    matches!(
+        func::describe(id).map(|f| f.role),
+        Some(func::Role::Forget { .. })
+    )
 }
 
 /// Opens a path, checking it is still the file (device, inode) scanned.
@@ -237,8 +240,9 @@ impl Probes {
         }
         if !code.can_see_signatures() {
             bail!(
-                "{}: no signing function (EVP_DigestSign, EVP_DigestSignFinal, EVP_PKEY_sign, a rustls Signer or ring) is in its symbol table{}; signatures made through it are not seen",
+                "{}: no signing function ({}) is in its symbol table{}; signatures made through it are not seen",
                 c.shown_as,
+                signing_code::signing_functions(),
                 if code.stripped {
                     " (the file is stripped)"
                 } else {
@@ -272,12 +276,8 @@ impl Probes {
                     func::cookie_with_register(index, func::PKEY_FREED, register),
                 ));
             } else {
-                let args = C_API
-                    .iter()
-                    .find(|f| f.id == p.id)
-                    .map(|f| f.args)
-                    .unwrap_or(&[]);
-                let shift = placement::entry_offset(&p.code, args);
+                let args = placement::argument_registers(p.id);
+                let shift = placement::entry_offset(&p.code, &args);
                 debug!(function = %p.symbol, shift, "entry probe placement");
                 if invalidates(p.id) {
                     frees.push((p.offset + shift, func::cookie(index, p.id)));

@@ -21,72 +21,7 @@ pub const PATH_MAX: usize = 256;
 /// pattern (64 bytes) starting at any path offset.
 pub const PATH_SCRATCH: usize = PATH_MAX + 64;
 
-/// What a signing-path uprobe is attached to. The attach cookie carries this
-/// in its low byte and the sensor's library index above it.
-pub mod func {
-    pub const DIGEST_SIGN_INIT: u8 = 1;
-    pub const DIGEST_SIGN_INIT_EX: u8 = 2;
-    pub const DIGEST_SIGN_UPDATE: u8 = 3;
-    pub const DIGEST_SIGN: u8 = 4;
-    pub const DIGEST_SIGN_FINAL: u8 = 5;
-    pub const PKEY_SIGN: u8 = 6;
-    pub const PKEY_FREE: u8 = 7;
-    /// EVP_PKEY_sign_init / _ex: a context is being (re)bound to a key.
-    pub const PKEY_SIGN_INIT: u8 = 8;
-    /// `<T as rustls::crypto::signer::Signer>::sign(&self, message: &[u8])
-    /// -> Result<Vec<u8>, rustls::Error>`, any provider. Rust ABI: the
-    /// result goes through a hidden pointer (first argument), then `self`,
-    /// then the message as pointer and length.
-    pub const RUST_SIGNER_SIGN: u8 = 9;
-    /// ring's `EcdsaKeyPair::sign(&self, rng: &dyn SecureRandom, message)
-    /// -> Result<Signature, Unspecified>`: result pointer, self, rng (two
-    /// words), message (two words).
-    pub const RING_ECDSA_SIGN: u8 = 10;
-    /// ring's `Ed25519KeyPair::sign(&self, message) -> Signature`: result
-    /// pointer, self, message.
-    pub const RING_ED25519_SIGN: u8 = 11;
-    /// Inside `EVP_PKEY_free`, on the path taken only when the reference
-    /// count reached zero (`placement::freed_path` in the sensor finds it).
-    /// The object is in the register the cookie names (`cookie_register`).
-    pub const PKEY_FREED: u8 = 12;
-
-    /// Registers a probe inside a function can be told to read a pointer
-    /// from (callee-saved ones, and the first two argument registers).
-    pub mod reg {
-        pub const RDI: u8 = 1;
-        pub const RSI: u8 = 2;
-        pub const RBX: u8 = 3;
-        pub const RBP: u8 = 4;
-        pub const R12: u8 = 5;
-        pub const R13: u8 = 6;
-        pub const R14: u8 = 7;
-        pub const R15: u8 = 8;
-    }
-
-    /// Functions that return the signature inside a Rust value (through the
-    /// hidden result pointer) rather than a C output buffer.
-    pub const fn returns_rust_value(f: u8) -> bool {
-        matches!(f, RUST_SIGNER_SIGN | RING_ECDSA_SIGN | RING_ED25519_SIGN)
-    }
-
-    /// Splits a cookie into (library index, function id).
-    pub const fn split_cookie(cookie: u64) -> (u32, u8) {
-        ((cookie >> 8) as u32, (cookie & 0xff) as u8)
-    }
-
-    pub const fn cookie(library: u32, func: u8) -> u64 {
-        ((library as u64) << 8) | func as u64
-    }
-
-    /// A cookie that also names a register (`reg`), in its top byte.
-    pub const fn cookie_with_register(library: u32, func: u8, register: u8) -> u64 {
-        cookie(library, func) | (register as u64) << 56
-    }
-
-    pub const fn cookie_register(cookie: u64) -> u8 {
-        (cookie >> 56) as u8
-    }
-}
+pub mod func;
 
 /// Ring buffer record kinds; every record starts with a `u32` kind.
 pub mod kind {

@@ -238,6 +238,38 @@ pub fn freed_path(
     None
 }
 
+/// The System V registers of a function's first six arguments.
+const ARGUMENT_REGISTERS: [Register; 6] = [
+    Register::RDI,
+    Register::RSI,
+    Register::RDX,
+    Register::RCX,
+    Register::R8,
+    Register::R9,
+];
+
+/// The registers an entry program reads for function `id`, as its
+/// `func::FUNCTIONS` role says (none for a signing call: those are probed
+/// on their first instruction, because they read the stack pointer).
+pub fn argument_registers(id: u8) -> Vec<Register> {
+    use keywarden_probe_types::func::{Role, describe};
+    let positions = match describe(id).map(|f| f.role) {
+        Some(Role::BindContext {
+            context,
+            key,
+            digest_name,
+        }) => vec![Some(context), Some(key), digest_name],
+        Some(Role::Update { context, data, len }) => vec![Some(context), Some(data), Some(len)],
+        Some(Role::Forget { object }) => vec![Some(object)],
+        Some(Role::Sign(_) | Role::Freed) | None => vec![],
+    };
+    positions
+        .into_iter()
+        .flatten()
+        .filter_map(|n| ARGUMENT_REGISTERS.get(n as usize).copied())
+        .collect()
+}
+
 /// The probes' code (`func::reg`) for a register an entry probe can read
 /// a pointer from; `None` for the others.
 pub fn register_code(r: Register) -> Option<u8> {
@@ -316,6 +348,23 @@ fn track(info: &mut InstructionInfoFactory, insn: &Instruction, holders: &mut Ve
 mod tests {
     use super::*;
     use Register::*;
+
+    #[test]
+    fn entry_programs_read_the_registers_the_table_names() {
+        use keywarden_probe_types::func;
+        assert_eq!(argument_registers(func::DIGEST_SIGN_INIT), [RDI, R8]);
+        assert_eq!(
+            argument_registers(func::DIGEST_SIGN_INIT_EX),
+            [RDI, R9, RDX]
+        );
+        assert_eq!(
+            argument_registers(func::DIGEST_SIGN_UPDATE),
+            [RDI, RSI, RDX]
+        );
+        assert_eq!(argument_registers(func::PKEY_FREE), [RDI]);
+        assert!(argument_registers(func::DIGEST_SIGN).is_empty());
+        assert!(argument_registers(0).is_empty());
+    }
 
     // Bytes of OpenSSL 3.0.19's EVP_DigestSignInit (Debian build).
     const DIGEST_SIGN_INIT: &[u8] = &[

@@ -19,7 +19,6 @@
 use std::{os::unix::fs::MetadataExt, path::Path, sync::Arc};
 
 use hashbrown::{HashMap, HashSet};
-use iced_x86::Register;
 use keywarden_probe_types::func;
 use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
 
@@ -51,6 +50,11 @@ pub enum Stack {
 }
 
 impl Stack {
+    /// A stack with the OpenSSL-style C API.
+    pub fn is_c(self) -> bool {
+        matches!(self, Stack::Openssl | Stack::Boringssl | Stack::AwsLc)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Stack::Openssl => "openssl",
@@ -62,109 +66,114 @@ impl Stack {
     }
 }
 
-/// One function of the OpenSSL-style C API the probes understand: name,
-/// function id, whether it needs a return probe, and the argument
-/// registers its entry program reads (for `placement`).
-pub struct CFunction {
-    pub symbol: &'static str,
-    pub id: u8,
-    pub needs_return: bool,
-    pub args: &'static [Register],
+/// How a symbol names a probed function (`func::FUNCTIONS` says what
+/// the function does; this says how to find it in a file).
+#[derive(Clone, Copy, Debug)]
+pub enum Pattern {
+    /// A C function, by its exact name, also under AWS-LC's version
+    /// prefix. The stack is told apart by the prefix (and BoringSSL by
+    /// its own markers).
+    C(&'static str),
+    /// Any implementation of a Rust trait method: the demangled path
+    /// ends with this (`<T as Trait>::method`), so it also covers
+    /// implementations outside the crate (an HSM or KMS signer).
+    TraitMethod(&'static str, Stack),
+    /// One Rust function, by its demangled path without the hash.
+    Path(&'static str, Stack),
 }
 
-const fn c(
-    symbol: &'static str,
-    id: u8,
-    needs_return: bool,
-    args: &'static [Register],
-) -> CFunction {
-    CFunction {
-        symbol,
-        id,
-        needs_return,
-        args,
+impl Pattern {
+    /// The crate a Rust pattern lives in: its name appears verbatim in
+    /// both manglings (`$LT$rustls..` or `6rustls`), a cheap filter
+    /// before demangling.
+    fn rust_crate(&self) -> Option<&'static str> {
+        let path = match self {
+            Pattern::C(_) => return None,
+            Pattern::TraitMethod(p, _) => p.trim_start_matches(" as "),
+            Pattern::Path(p, _) => p,
+        };
+        path.split("::").next()
     }
 }
 
-/// The EVP signing API. OpenSSL 1.1 and 3.x, BoringSSL and AWS-LC share
-/// these names and argument orders (BoringSSL and AWS-LC lack the `_ex`
-/// variants).
-pub const C_API: [CFunction; 9] = [
-    // (ctx, pctx, type, engine, pkey)
-    c(
-        "EVP_DigestSignInit",
-        func::DIGEST_SIGN_INIT,
-        false,
-        &[Register::RDI, Register::R8],
-    ),
-    // (ctx, pctx, mdname, libctx, props, pkey, params)
-    c(
-        "EVP_DigestSignInit_ex",
-        func::DIGEST_SIGN_INIT_EX,
-        false,
-        &[Register::RDI, Register::RDX, Register::R9],
-    ),
-    c(
-        "EVP_DigestSignUpdate",
-        func::DIGEST_SIGN_UPDATE,
-        false,
-        &[Register::RDI, Register::RSI, Register::RDX],
-    ),
-    // Signing calls read the stack pointer and need a return probe: they
-    // are probed on their first instruction.
-    c("EVP_DigestSign", func::DIGEST_SIGN, true, &[]),
-    c("EVP_DigestSignFinal", func::DIGEST_SIGN_FINAL, true, &[]),
-    c("EVP_PKEY_sign", func::PKEY_SIGN, true, &[]),
-    c("EVP_PKEY_free", func::PKEY_FREE, false, &[Register::RDI]),
-    // A context must be (re)initialized before it signs with another key;
-    // hooking the init, not EVP_PKEY_CTX_free, keeps the signing loop at
-    // one trap (openssl speed frees a context per signature).
-    c(
-        "EVP_PKEY_sign_init",
-        func::PKEY_SIGN_INIT,
-        false,
-        &[Register::RDI],
-    ),
-    c(
-        "EVP_PKEY_sign_init_ex",
-        func::PKEY_SIGN_INIT,
-        false,
-        &[Register::RDI],
-    ),
+/// A symbol pattern and the function id it finds.
+#[derive(Clone, Copy, Debug)]
+pub struct Symbol {
+    pub pattern: Pattern,
+    pub id: u8,
+}
+
+const fn c(name: &'static str, id: u8) -> Symbol {
+    Symbol {
+        pattern: Pattern::C(name),
+        id,
+    }
+}
+
+/// Every symbol the sensor attaches to. OpenSSL 1.1 and 3.x, BoringSSL
+/// and AWS-LC share the C names and argument orders (BoringSSL and
+/// AWS-LC lack the `_ex` variants).
+pub const SYMBOLS: [Symbol; 12] = [
+    c("EVP_DigestSignInit", func::DIGEST_SIGN_INIT),
+    c("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX),
+    c("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE),
+    c("EVP_DigestSign", func::DIGEST_SIGN),
+    c("EVP_DigestSignFinal", func::DIGEST_SIGN_FINAL),
+    c("EVP_PKEY_sign", func::PKEY_SIGN),
+    c("EVP_PKEY_free", func::PKEY_FREE),
+    c("EVP_PKEY_sign_init", func::PKEY_SIGN_INIT),
+    c("EVP_PKEY_sign_init_ex", func::PKEY_SIGN_INIT),
+    Symbol {
+        pattern: Pattern::TraitMethod(" as rustls::crypto::signer::Signer>::sign", Stack::Rustls),
+        id: func::RUST_SIGNER_SIGN,
+    },
+    Symbol {
+        pattern: Pattern::Path(
+            "ring::ec::suite_b::ecdsa::signing::EcdsaKeyPair::sign",
+            Stack::Ring,
+        ),
+        id: func::RING_ECDSA_SIGN,
+    },
+    Symbol {
+        pattern: Pattern::Path(
+            "ring::ec::curve25519::ed25519::signing::Ed25519KeyPair::sign",
+            Stack::Ring,
+        ),
+        id: func::RING_ED25519_SIGN,
+    },
 ];
 
-/// Demangled Rust paths (hash omitted) and their function ids. A rustls
-/// signer is any `impl Signer`, so the match is on the trait part only:
-/// that also covers signers outside rustls (an HSM or KMS signer).
-const RUSTLS_SIGNER: &str = " as rustls::crypto::signer::Signer>::sign";
-const RING_FUNCTIONS: [(&str, u8); 2] = [
-    (
-        "ring::ec::suite_b::ecdsa::signing::EcdsaKeyPair::sign",
-        func::RING_ECDSA_SIGN,
-    ),
-    (
-        "ring::ec::curve25519::ed25519::signing::Ed25519KeyPair::sign",
-        func::RING_ED25519_SIGN,
-    ),
-];
+/// The C names in [`SYMBOLS`].
+pub fn c_symbols() -> impl Iterator<Item = &'static str> {
+    SYMBOLS.iter().filter_map(|s| match s.pattern {
+        Pattern::C(name) => Some(name),
+        _ => None,
+    })
+}
+
+/// The signing functions, as a reader would look for them (for messages
+/// about files where none was found).
+pub fn signing_functions() -> String {
+    SYMBOLS
+        .iter()
+        .filter(|s| needs_return(s.id))
+        .map(|s| match s.pattern {
+            Pattern::C(name) => name.to_owned(),
+            Pattern::TraitMethod(suffix, _) => format!("<_{suffix}"),
+            Pattern::Path(path, _) => path.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// The name an event gives a function id.
 pub fn function_name(id: u8) -> &'static str {
-    match id {
-        func::RUST_SIGNER_SIGN => "rustls::crypto::signer::Signer::sign",
-        func::RING_ECDSA_SIGN => RING_FUNCTIONS[0].0,
-        func::RING_ED25519_SIGN => RING_FUNCTIONS[1].0,
-        _ => C_API
-            .iter()
-            .find(|f| f.id == id)
-            .map(|f| f.symbol)
-            .unwrap_or("unknown"),
-    }
+    func::describe(id).map_or("unknown", |f| f.name)
 }
 
 /// Whether the function needs a return probe (it produces the signature).
 pub fn needs_return(id: u8) -> bool {
-    func::returns_rust_value(id) || C_API.iter().any(|f| f.id == id && f.needs_return)
+    func::sign_call(id).is_some()
 }
 
 /// One place to attach.
@@ -225,8 +234,7 @@ impl SigningCode {
         if self.can_see_signatures() || self.markers.is_empty() {
             return None;
         }
-        let wanted = "EVP_DigestSign, EVP_DigestSignFinal, EVP_PKEY_sign, \
-                      <_ as rustls::crypto::signer::Signer>::sign, ring's EcdsaKeyPair::sign";
+        let wanted = signing_functions();
         Some(format!(
             "holds crypto code ({}) but {}: none of its signing functions ({wanted}) can be located, \
              so signatures made by it are not seen (build-id {})",
@@ -268,39 +276,49 @@ fn strip_aws_lc_prefix(name: &str) -> Option<&str> {
 
 /// Which probe point a raw symbol name is, if any.
 fn classify(raw: &str) -> Option<(u8, Stack, String)> {
-    if let Some(f) = C_API.iter().find(|f| f.symbol == raw) {
-        return Some((f.id, Stack::Openssl, raw.to_owned()));
+    let c_name = |name: &str| {
+        SYMBOLS
+            .iter()
+            .find(|s| matches!(s.pattern, Pattern::C(n) if n == name))
+            .map(|s| s.id)
+    };
+    if let Some(id) = c_name(raw) {
+        return Some((id, Stack::Openssl, raw.to_owned()));
     }
     if let Some(name) = strip_aws_lc_prefix(raw)
-        && let Some(f) = C_API.iter().find(|f| f.symbol == name)
+        && let Some(id) = c_name(name)
     {
-        return Some((f.id, Stack::AwsLc, name.to_owned()));
+        return Some((id, Stack::AwsLc, name.to_owned()));
     }
-    // A cheap filter before demangling: the crate names appear verbatim
-    // in both manglings (`$LT$rustls..` in a legacy impl path, `6rustls`
-    // in v0, `4ring` for ring's own paths).
     if !(raw.starts_with("_ZN") || raw.starts_with("_R"))
-        || !(raw.contains("rustls") || raw.contains("4ring"))
+        || !SYMBOLS
+            .iter()
+            .filter_map(|s| s.pattern.rust_crate())
+            .any(|krate| raw.contains(krate))
     {
         return None;
     }
     let demangled = format!("{:#}", rustc_demangle::try_demangle(raw).ok()?);
-    if demangled.starts_with('<') && demangled.ends_with(RUSTLS_SIGNER) {
-        return Some((func::RUST_SIGNER_SIGN, Stack::Rustls, demangled));
-    }
     // An inherent method demangles as `Type::method` from legacy names and
     // `<Type>::method` from v0 names.
     let plain = match demangled
         .strip_prefix('<')
         .and_then(|r| r.split_once(">::"))
     {
-        Some((ty, method)) if !ty.contains(" as ") => format!("{ty}::{method}"),
-        _ => demangled,
+        Some((ty, method)) if !ty.contains(" as ") => Some(format!("{ty}::{method}")),
+        _ => None,
     };
-    RING_FUNCTIONS
-        .iter()
-        .find(|(path, _)| plain == *path)
-        .map(|(_, id)| (*id, Stack::Ring, plain))
+    SYMBOLS.iter().find_map(|s| match s.pattern {
+        Pattern::TraitMethod(suffix, stack)
+            if demangled.starts_with('<') && demangled.ends_with(suffix) =>
+        {
+            Some((s.id, stack, demangled.clone()))
+        }
+        Pattern::Path(path, stack) if plain.as_deref().unwrap_or(&demangled) == path => {
+            Some((s.id, stack, path.to_owned()))
+        }
+        _ => None,
+    })
 }
 
 /// Reads the ELF file at `path` (shown in messages as `shown_as`).
@@ -386,11 +404,9 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
             }
         }
     }
-    if out.points.iter().any(|p| p.id < func::RUST_SIGNER_SIGN) {
-        out.missing = C_API
-            .iter()
-            .filter(|f| !out.points.iter().any(|p| p.symbol == f.symbol))
-            .map(|f| f.symbol)
+    if out.points.iter().any(|p| p.stack.is_c()) {
+        out.missing = c_symbols()
+            .filter(|name| !out.points.iter().any(|p| p.symbol == *name))
             .collect();
     }
     if !out.can_see_signatures() {
@@ -489,8 +505,8 @@ mod tests {
         let lib = system_libcrypto();
         let code = scan(&lib, "libcrypto").unwrap();
         let names: Vec<&str> = code.points.iter().map(|p| p.symbol.as_str()).collect();
-        for f in &C_API {
-            assert!(names.contains(&f.symbol), "{} in {names:?}", f.symbol);
+        for name in c_symbols() {
+            assert!(names.contains(&name), "{name} in {names:?}");
         }
         assert!(code.points.iter().all(|p| p.stack == Stack::Openssl));
         assert!(code.missing.is_empty());
@@ -532,6 +548,21 @@ mod tests {
     }
 
     #[test]
+    fn every_function_has_a_symbol_and_every_symbol_a_function() {
+        for f in &func::FUNCTIONS {
+            let found = SYMBOLS.iter().any(|s| s.id == f.id);
+            // `Freed` is placed inside the free function the sensor found.
+            assert_eq!(found, f.role != func::Role::Freed, "{f:?}");
+        }
+        for s in &SYMBOLS {
+            assert!(func::describe(s.id).is_some(), "{s:?}");
+        }
+        assert!(signing_functions().contains("EVP_DigestSignFinal"));
+        assert_eq!(function_name(func::PKEY_SIGN), "EVP_PKEY_sign");
+        assert_eq!(function_name(0), "unknown");
+    }
+
+    #[test]
     fn names_of_every_stack_are_recognised() {
         assert_eq!(
             strip_aws_lc_prefix("aws_lc_0_47_0_EVP_DigestSign"),
@@ -563,7 +594,7 @@ mod tests {
             "_RNvMs1_NtNtNtNtCs9sBilay3yjM_4ring2ec7suite_b5ecdsa7signingNtB5_12EcdsaKeyPair4sign";
         let (id, _, name) = classify(ring_v0).unwrap();
         assert_eq!(id, func::RING_ECDSA_SIGN);
-        assert_eq!(name, RING_FUNCTIONS[0].0);
+        assert_eq!(name, function_name(func::RING_ECDSA_SIGN));
         // Near misses stay out: closures, other methods, other traits.
         assert!(
             classify("_ZN4ring2ec7suite_b5ecdsa7signing12EcdsaKeyPair3new17hfedcba9876543210E")

@@ -216,7 +216,7 @@ impl Identifier {
     /// Rust signer whose nested C call showed its key object is, like a C
     /// signature; one with no C key object is verified every time.
     pub fn caches_by_handle(r: &SignRecord) -> bool {
-        !func::returns_rust_value(r.func as u8) || r.flags & sign_flags::INNER_HANDLE != 0
+        !func::is_rust_signer(r.func as u8) || r.flags & sign_flags::INNER_HANDLE != 0
     }
 
     /// Which key made the signature in `r`; `sig` is the signature the
@@ -276,7 +276,10 @@ impl Identifier {
         let signed_as = |signature| Signed {
             signature,
             data: complete,
-            data_is_digest: r.func == func::PKEY_SIGN as u32,
+            data_is_digest: matches!(
+                func::sign_call(r.func as u8).map(|c| c.input),
+                Some(func::Input::Digest { .. })
+            ),
             digest_hint: md_name.as_deref(),
         };
         let signed = signed_as(

@@ -15,7 +15,10 @@ use aya_ebpf::{
     macros::{uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext},
 };
-use keywarden_probe_types::*;
+use keywarden_probe_types::{
+    func::{Handle, Input, Output, Role, SignCall},
+    *,
+};
 
 use super::network::peer_of;
 use crate::{
@@ -42,9 +45,27 @@ fn new_op_id() -> u64 {
     (cpu << 56) | (seq & ((1 << 56) - 1))
 }
 
+/// All six argument registers, each read at its own constant offset:
+/// the verifier refuses a context pointer LLVM would otherwise compute
+/// from an argument number known only at run time.
 #[inline(always)]
-fn arg(ctx: &ProbeContext, n: usize) -> u64 {
-    ctx.arg::<u64>(n).unwrap_or(0)
+fn args(ctx: &ProbeContext) -> [u64; 6] {
+    let arg = |n| ctx.arg::<u64>(n).unwrap_or(0);
+    core::hint::black_box([arg(0), arg(1), arg(2), arg(3), arg(4), arg(5)])
+}
+
+/// Argument `n` (a position from `func::FUNCTIONS`); 0 past the sixth.
+#[inline(always)]
+fn pick(a: &[u64; 6], n: u8) -> u64 {
+    match n {
+        0 => a[0],
+        1 => a[1],
+        2 => a[2],
+        3 => a[3],
+        4 => a[4],
+        5 => a[5],
+        _ => 0,
+    }
 }
 
 /// A register by its `func::reg` code (0 for any other code).
@@ -72,29 +93,50 @@ pub fn sign_entry(ctx: ProbeContext) -> u32 {
     // only reads the cookie the sensor attached to this probe.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let (library, f) = func::split_cookie(cookie);
+    let Some(function) = func::describe(f) else {
+        return 0;
+    };
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    match f {
-        func::DIGEST_SIGN_INIT => on_init(tgid, arg(&ctx, 0), arg(&ctx, 4), 0),
-        func::DIGEST_SIGN_INIT_EX => on_init(tgid, arg(&ctx, 0), arg(&ctx, 5), arg(&ctx, 2)),
-        func::DIGEST_SIGN_UPDATE => on_update(tgid, arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 2)),
-        func::DIGEST_SIGN | func::DIGEST_SIGN_FINAL | func::PKEY_SIGN => {
-            if !condemned(&ctx, f, library, tgid) {
-                on_sign_entry(&ctx, f, library, tgid)
+    match function.role {
+        Role::BindContext {
+            context,
+            key,
+            digest_name,
+        } => {
+            let a = args(&ctx);
+            let name = match digest_name {
+                Some(n) => pick(&a, n),
+                None => 0,
+            };
+            on_init(tgid, pick(&a, context), pick(&a, key), name)
+        }
+        Role::Update { context, data, len } => {
+            let a = args(&ctx);
+            on_update(tgid, pick(&a, context), pick(&a, data), pick(&a, len))
+        }
+        Role::Sign(call) => {
+            let a = args(&ctx);
+            if !condemned(f, library, tgid, output_of(&a, call).0) {
+                on_sign_entry(&ctx, &a, f, call, library, tgid)
             }
         }
-        func::RUST_SIGNER_SIGN | func::RING_ECDSA_SIGN | func::RING_ED25519_SIGN => {
-            if !condemned(&ctx, f, library, tgid) {
-                on_sign_entry(&ctx, f, library, tgid)
-            }
-        }
-        // EVP_PKEY_free at its entry (where the sensor found no
+        // A free at the function's entry (where the sensor found no
         // reference-count test to go past: every call counts as a
         // free), or a context rebound to a key.
-        func::PKEY_FREE | func::PKEY_SIGN_INIT => on_free(tgid, arg(&ctx, 0)),
-        func::PKEY_FREED => on_free(tgid, register(&ctx, func::cookie_register(cookie))),
-        _ => {}
+        Role::Forget { object } => on_free(tgid, pick(&args(&ctx), object)),
+        Role::Freed => on_free(tgid, register(&ctx, func::cookie_register(cookie))),
     }
     0
+}
+
+/// Where a signing call puts its signature: (buffer or result pointer,
+/// length pointer or 0).
+#[inline(always)]
+fn output_of(a: &[u64; 6], call: SignCall) -> (u64, u64) {
+    match call.output {
+        Output::Buffer { out, len_at } => (pick(a, out), pick(a, len_at)),
+        Output::RustVec { result } | Output::RingSignature { result } => (pick(a, result), 0),
+    }
 }
 
 /// A process the sensor condemned is killed here, as it enters a signing
@@ -102,13 +144,13 @@ pub fn sign_entry(ctx: ProbeContext) -> u32 {
 /// way back to user space from this trap, so not one instruction of
 /// the signing function runs. Length queries pass: they sign nothing.
 #[inline(always)]
-fn condemned(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) -> bool {
+fn condemned(f: u8, library: u32, tgid: u32, output: u64) -> bool {
     // SAFETY: the verdict is copied out at once; should the sensor delete it
     // meanwhile, the slot is still map memory: a stale value.
     let Some(verdict) = (unsafe { VERDICT.get(&tgid) }).copied() else {
         return false;
     };
-    if arg(ctx, 1) == 0 {
+    if output == 0 {
         return false;
     }
     // SAFETY: takes only a signal number and signals the current task; no
@@ -305,7 +347,7 @@ fn adopt_inner_handle(outer: *mut Inflight, tgid: u32, md_ctx: u64) {
     // SAFETY: `outer` is this thread's INFLIGHT slot (see `on_sign_entry`),
     // which only its programs touch; a plain hash map never evicts.
     let (outer_func, outer_flags) = unsafe { ((*outer).func, (*outer).flags) };
-    if !func::returns_rust_value(outer_func as u8) || outer_flags & sign_flags::INNER_HANDLE != 0 {
+    if !func::is_rust_signer(outer_func as u8) || outer_flags & sign_flags::INNER_HANDLE != 0 {
         return;
     }
     let ctx_key = ProcPtr {
@@ -343,13 +385,10 @@ fn adopt_inner_handle(outer: *mut Inflight, tgid: u32, md_ctx: u64) {
     }
 }
 
-/// EVP_DigestSign(ctx, sig, siglen, tbs, tbslen),
-/// EVP_DigestSignFinal(ctx, sig, siglen),
-/// EVP_PKEY_sign(pctx, sig, siglen, tbs, tbslen),
-/// and the Rust signers (`func::returns_rust_value`), whose first
-/// argument is where the result goes.
+/// A signing call (`func::Role::Sign`), with arguments `a` laid out as
+/// its `call` says.
 #[inline(always)]
-fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
+fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, library: u32, tgid: u32) {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: a uprobe's context is the trapped task's saved `pt_regs`, valid
     // for the whole run.
@@ -369,28 +408,17 @@ fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
         if depth > 0 && outer_sp >= sp && now.wrapping_sub(outer_start) < INFLIGHT_MAX_AGE_NS {
             // SAFETY: the same slot, still this thread's.
             unsafe { (*outer).depth += 1 };
-            if f == func::DIGEST_SIGN || f == func::DIGEST_SIGN_FINAL {
-                adopt_inner_handle(outer, tgid, arg(ctx, 0));
+            if matches!(call.handle_is, Handle::DigestContext) {
+                adopt_inner_handle(outer, tgid, pick(a, call.handle));
             }
             return;
         }
     }
-    // All six argument registers, each read at its own constant
-    // offset: the verifier refuses a context pointer LLVM would
-    // otherwise compute from `f`.
-    let a: [u64; 6] = core::hint::black_box([
-        arg(ctx, 0),
-        arg(ctx, 1),
-        arg(ctx, 2),
-        arg(ctx, 3),
-        arg(ctx, 4),
-        arg(ctx, 5),
-    ]);
-    // (key object or context, output, output length, data, data length)
-    let (handle_ctx, sig, siglen_ptr, data, data_len) = match f {
-        func::RUST_SIGNER_SIGN | func::RING_ED25519_SIGN => (a[1], a[0], 0, a[2], a[3]),
-        func::RING_ECDSA_SIGN => (a[1], a[0], 0, a[4], a[5]),
-        _ => (a[0], a[1], a[2], a[3], a[4]),
+    let handle_ctx = pick(a, call.handle);
+    let (sig, siglen_ptr) = output_of(a, call);
+    let (data, data_len) = match call.input {
+        Input::Message { data, len } | Input::Digest { data, len } => (pick(a, data), pick(a, len)),
+        Input::Streamed => (0, 0),
     };
     if sig == 0 {
         return; // length query: not a signature
@@ -414,7 +442,7 @@ fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
         inflight.peer = peer;
         inflight.flags |= sign_flags::HAS_PEER;
     }
-    if func::returns_rust_value(f) {
+    if matches!(call.handle_is, Handle::RustSigner) {
         // Rust signer objects are short-lived boxes whose addresses
         // are reused for other keys, and nothing reports their frees:
         // every signature is captured and verified.
@@ -429,7 +457,7 @@ fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
         }
         return;
     }
-    if f == func::PKEY_SIGN {
+    if !matches!(call.handle_is, Handle::DigestContext) {
         inflight.op_id = new_op_id();
     } else {
         let key = ProcPtr {
@@ -448,7 +476,7 @@ fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
                 inflight.flags |= state.flags & sign_flags::HAS_MD_NAME;
                 inflight.md_name = state.md_name;
                 // Final signs what the updates streamed under this op id.
-                inflight.op_id = if f == func::DIGEST_SIGN_FINAL {
+                inflight.op_id = if matches!(call.input, Input::Streamed) {
                     state.op_id
                 } else {
                     new_op_id()
@@ -470,7 +498,7 @@ fn on_sign_entry(ctx: &ProbeContext, f: u8, library: u32, tgid: u32) {
     // entry meanwhile, which gives a stale answer, never a fault.
     if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
         inflight.flags |= sign_flags::KNOWN_HANDLE;
-    } else if f != func::DIGEST_SIGN_FINAL {
+    } else if !matches!(call.input, Input::Streamed) {
         emit_data(tgid, inflight.op_id, 0, data, data_len);
     }
     match slot {
@@ -542,8 +570,8 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
     let mut sig_len = 0u64;
     let mut sig_src = inflight.sig_ptr;
     let mut flags = inflight.flags;
-    match inflight.func as u8 {
-        func::RUST_SIGNER_SIGN => match vec_in_result(inflight.sig_ptr) {
+    match func::sign_call(inflight.func as u8).map(|c| c.output) {
+        Some(Output::RustVec { .. }) => match vec_in_result(inflight.sig_ptr) {
             Some((ptr, len)) => {
                 ret = 1;
                 sig_src = ptr;
@@ -551,7 +579,7 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
             }
             None => ret = 0,
         },
-        func::RING_ECDSA_SIGN | func::RING_ED25519_SIGN => {
+        Some(Output::RingSignature { .. }) => {
             // `Signature` keeps its bytes inline: copy the value and
             // let the sensor find the signature in it.
             ret = 1;
@@ -627,9 +655,7 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
         }
     }
     rec.submit(BPF_RB_NO_WAKEUP as u64);
-    if func::returns_rust_value(inflight.func as u8)
-        && inflight.flags & sign_flags::INNER_HANDLE == 0
-    {
+    if func::is_rust_signer(inflight.func as u8) && inflight.flags & sign_flags::INNER_HANDLE == 0 {
         return 0;
     }
     let key = ProcPtr {

@@ -1,0 +1,308 @@
+//! One description per probed function, read by both sides.
+//!
+//! The kernel's entry and return programs take their arguments and find
+//! the signature by what [`FUNCTIONS`] says about a function; the sensor
+//! attaches probes, places them and names functions in events from the
+//! same entries. Adding a signing function is one entry here, plus the
+//! symbol pattern that finds it (`sensor/src/discovery/signing_code.rs`).
+//!
+//! An attach cookie carries the function id in its low byte and the
+//! sensor's library index above it (see [`cookie`]).
+
+/// Function ids: an entry's position in [`FUNCTIONS`], plus one (0 is
+/// no function).
+pub const DIGEST_SIGN_INIT: u8 = 1;
+pub const DIGEST_SIGN_INIT_EX: u8 = 2;
+pub const DIGEST_SIGN_UPDATE: u8 = 3;
+pub const DIGEST_SIGN: u8 = 4;
+pub const DIGEST_SIGN_FINAL: u8 = 5;
+pub const PKEY_SIGN: u8 = 6;
+pub const PKEY_FREE: u8 = 7;
+pub const PKEY_SIGN_INIT: u8 = 8;
+pub const RUST_SIGNER_SIGN: u8 = 9;
+pub const RING_ECDSA_SIGN: u8 = 10;
+pub const RING_ED25519_SIGN: u8 = 11;
+pub const PKEY_FREED: u8 = 12;
+
+/// A probed function: its id, what events call it, and what it does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Function {
+    pub id: u8,
+    /// The name events give it (`module.function_name`).
+    pub name: &'static str,
+    pub role: Role,
+}
+
+/// What a call means to the probes. Numbers are argument positions in
+/// the function's ABI (System V; for a Rust function returning a large
+/// value, position 0 is the hidden result pointer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Binds a digest-signing context to a key object, and optionally a
+    /// digest name (a C string).
+    BindContext {
+        context: u8,
+        key: u8,
+        digest_name: Option<u8>,
+    },
+    /// Streams message bytes into a bound context.
+    Update { context: u8, data: u8, len: u8 },
+    /// Makes one signature.
+    Sign(SignCall),
+    /// The object in `object` stops being the key it was: freed, or a
+    /// context rebound to another key.
+    Forget { object: u8 },
+    /// A probe inside a free function, past its reference-count test: the
+    /// object is in the register the attach cookie names
+    /// ([`cookie_register`]). The sensor finds that place per build.
+    Freed,
+}
+
+/// How a signing call names its key, takes its input and returns the
+/// signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SignCall {
+    /// The argument holding the key object or the context bound to one.
+    pub handle: u8,
+    pub handle_is: Handle,
+    pub input: Input,
+    pub output: Output,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handle {
+    /// A digest-signing context (`EVP_MD_CTX`): the key and digest name
+    /// are what its [`Role::BindContext`] call bound.
+    DigestContext,
+    /// A key context (`EVP_PKEY_CTX`), signing a digest it is given.
+    KeyContext,
+    /// A Rust signer object. These are short-lived boxes whose addresses
+    /// are reused for other keys, and nothing reports their frees, so
+    /// every signature is captured and verified.
+    RustSigner,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// The message itself: pointer and length arguments.
+    Message { data: u8, len: u8 },
+    /// A digest of the message: pointer and length arguments.
+    Digest { data: u8, len: u8 },
+    /// What the context's [`Role::Update`] calls streamed.
+    Streamed,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Into a caller's buffer; its length is written through a `size_t *`
+    /// argument. A null buffer is a length query, not a signature.
+    Buffer { out: u8, len_at: u8 },
+    /// `Result<Vec<u8>, _>` through the hidden result pointer.
+    RustVec { result: u8 },
+    /// ring's `Signature`, which keeps its bytes inline, by value through
+    /// the hidden result pointer.
+    RingSignature { result: u8 },
+}
+
+const fn sign(handle: u8, handle_is: Handle, input: Input, output: Output) -> Role {
+    Role::Sign(SignCall {
+        handle,
+        handle_is,
+        input,
+        output,
+    })
+}
+
+/// OpenSSL's EVP API, shared by OpenSSL 1.1 and 3.x, BoringSSL and
+/// AWS-LC (those two lack the `_ex` variants): a buffer and a `size_t *`.
+const EVP_OUT: Output = Output::Buffer { out: 1, len_at: 2 };
+
+/// Every probed function, in id order.
+pub const FUNCTIONS: [Function; 12] = [
+    Function {
+        id: DIGEST_SIGN_INIT,
+        name: "EVP_DigestSignInit",
+        // (ctx, pctx, type, engine, pkey)
+        role: Role::BindContext {
+            context: 0,
+            key: 4,
+            digest_name: None,
+        },
+    },
+    Function {
+        id: DIGEST_SIGN_INIT_EX,
+        name: "EVP_DigestSignInit_ex",
+        // (ctx, pctx, mdname, libctx, props, pkey, params)
+        role: Role::BindContext {
+            context: 0,
+            key: 5,
+            digest_name: Some(2),
+        },
+    },
+    Function {
+        id: DIGEST_SIGN_UPDATE,
+        name: "EVP_DigestSignUpdate",
+        role: Role::Update {
+            context: 0,
+            data: 1,
+            len: 2,
+        },
+    },
+    Function {
+        id: DIGEST_SIGN,
+        name: "EVP_DigestSign",
+        // (ctx, sig, siglen, tbs, tbslen)
+        role: sign(
+            0,
+            Handle::DigestContext,
+            Input::Message { data: 3, len: 4 },
+            EVP_OUT,
+        ),
+    },
+    Function {
+        id: DIGEST_SIGN_FINAL,
+        name: "EVP_DigestSignFinal",
+        // (ctx, sig, siglen)
+        role: sign(0, Handle::DigestContext, Input::Streamed, EVP_OUT),
+    },
+    Function {
+        id: PKEY_SIGN,
+        name: "EVP_PKEY_sign",
+        // (pctx, sig, siglen, tbs, tbslen)
+        role: sign(
+            0,
+            Handle::KeyContext,
+            Input::Digest { data: 3, len: 4 },
+            EVP_OUT,
+        ),
+    },
+    Function {
+        id: PKEY_FREE,
+        name: "EVP_PKEY_free",
+        role: Role::Forget { object: 0 },
+    },
+    Function {
+        id: PKEY_SIGN_INIT,
+        // Also EVP_PKEY_sign_init_ex. A context must be (re)initialized
+        // before it signs with another key; hooking the init, not
+        // EVP_PKEY_CTX_free, keeps a signing loop at one trap (openssl
+        // speed frees a context per signature).
+        name: "EVP_PKEY_sign_init",
+        role: Role::Forget { object: 0 },
+    },
+    Function {
+        id: RUST_SIGNER_SIGN,
+        // `<T as rustls::crypto::signer::Signer>::sign(&self, message:
+        // &[u8]) -> Result<Vec<u8>, rustls::Error>`, any provider.
+        name: "rustls::crypto::signer::Signer::sign",
+        role: sign(
+            1,
+            Handle::RustSigner,
+            Input::Message { data: 2, len: 3 },
+            Output::RustVec { result: 0 },
+        ),
+    },
+    Function {
+        id: RING_ECDSA_SIGN,
+        // `(&self, rng: &dyn SecureRandom, message) -> Result<Signature,
+        // Unspecified>`: the rng takes two words.
+        name: "ring::ec::suite_b::ecdsa::signing::EcdsaKeyPair::sign",
+        role: sign(
+            1,
+            Handle::RustSigner,
+            Input::Message { data: 4, len: 5 },
+            Output::RingSignature { result: 0 },
+        ),
+    },
+    Function {
+        id: RING_ED25519_SIGN,
+        // `(&self, message) -> Signature`
+        name: "ring::ec::curve25519::ed25519::signing::Ed25519KeyPair::sign",
+        role: sign(
+            1,
+            Handle::RustSigner,
+            Input::Message { data: 2, len: 3 },
+            Output::RingSignature { result: 0 },
+        ),
+    },
+    Function {
+        id: PKEY_FREED,
+        name: "EVP_PKEY_free",
+        role: Role::Freed,
+    },
+];
+
+// Ids are positions plus one, so `describe` is an index, not a search.
+const _: () = {
+    let mut i = 0;
+    while i < FUNCTIONS.len() {
+        assert!(FUNCTIONS[i].id as usize == i + 1);
+        i += 1;
+    }
+};
+
+/// The function with this id.
+#[inline(always)]
+pub fn describe(id: u8) -> Option<&'static Function> {
+    // `black_box` keeps the bounds check and the table access on one
+    // value. Otherwise LLVM checks `id - 13` and indexes with `id`, and
+    // the BPF verifier, which cannot relate the two, refuses the load.
+    let index = core::hint::black_box((id as usize).wrapping_sub(1));
+    FUNCTIONS.get(index)
+}
+
+/// The signing call this id makes, if it signs.
+#[inline(always)]
+pub fn sign_call(id: u8) -> Option<SignCall> {
+    match describe(id) {
+        Some(Function {
+            role: Role::Sign(call),
+            ..
+        }) => Some(*call),
+        _ => None,
+    }
+}
+
+/// Whether a signature from this function comes from a Rust signer
+/// object (see [`Handle::RustSigner`]).
+#[inline(always)]
+pub fn is_rust_signer(id: u8) -> bool {
+    matches!(
+        sign_call(id),
+        Some(SignCall {
+            handle_is: Handle::RustSigner,
+            ..
+        })
+    )
+}
+
+/// Registers a probe inside a function can be told to read a pointer
+/// from (callee-saved ones, and the first two argument registers).
+pub mod reg {
+    pub const RDI: u8 = 1;
+    pub const RSI: u8 = 2;
+    pub const RBX: u8 = 3;
+    pub const RBP: u8 = 4;
+    pub const R12: u8 = 5;
+    pub const R13: u8 = 6;
+    pub const R14: u8 = 7;
+    pub const R15: u8 = 8;
+}
+
+/// Splits a cookie into (library index, function id).
+pub const fn split_cookie(cookie: u64) -> (u32, u8) {
+    ((cookie >> 8) as u32, (cookie & 0xff) as u8)
+}
+
+pub const fn cookie(library: u32, func: u8) -> u64 {
+    ((library as u64) << 8) | func as u64
+}
+
+/// A cookie that also names a register (`reg`), in its top byte.
+pub const fn cookie_with_register(library: u32, func: u8, register: u8) -> u64 {
+    cookie(library, func) | (register as u64) << 56
+}
+
+pub const fn cookie_register(cookie: u64) -> u8 {
+    (cookie >> 56) as u8
+}
