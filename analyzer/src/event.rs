@@ -125,12 +125,48 @@ pub struct Analysis {
     pub deviations: Vec<String>,
     /// The key's baseline before the evidence: what was normal.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub baseline: Option<crate::baseline::KeyBaseline>,
+    pub baseline: Option<BaselineSnapshot>,
     /// Matching events for the key within the rule's window.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub window_seconds: Option<u64>,
+}
+
+/// A key's baseline as a finding shows it.
+///
+/// A type of the event model, not the baseline store's own
+/// (`baseline::KeyBaseline`): the store's file format can then change
+/// without changing the alert format, and the model needs nothing from
+/// `baseline`, which builds this (`From<&KeyBaseline>`). It writes the same
+/// JSON as a stored baseline today (a test in `baseline.rs` says so).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaselineSnapshot {
+    /// The key, as `key.spki_sha256`.
+    pub spki_sha256: String,
+    /// The key's first and latest use, ms since the epoch.
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub uses: u64,
+    /// The values learned for each attribute, sorted.
+    pub binaries: Vec<String>,
+    pub containers: Vec<String>,
+    pub users: Vec<String>,
+    pub countries: Vec<String>,
+    /// Ascending.
+    pub asns: Vec<u32>,
+    pub rate: RateSnapshot,
+}
+
+/// How fast a key was used, as a finding shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateSnapshot {
+    /// Start of the latest minute counted (ms since the epoch).
+    pub minute_ms: i64,
+    /// Uses in that minute.
+    pub this_minute: u64,
+    /// The busiest minute seen while learning.
+    pub max_per_minute: u64,
 }
 
 /// OCSF `network_endpoint`, reduced to what keywarden fills.
