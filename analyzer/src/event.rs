@@ -22,6 +22,8 @@ pub mod class {
 }
 
 pub mod activity {
+    /// Detection Finding: Create.
+    pub const CREATE: u32 = 1;
     pub const INVOKE: u32 = 3;
     /// File System Activity: Open.
     pub const OPEN: u32 = 14;
@@ -592,7 +594,134 @@ pub struct KeyUse {
     pub local: Option<NetworkEndpoint>,
 }
 
+/// Where a kind of event sits in OCSF.
+struct OcsfType {
+    class_uid: u32,
+    class_name: &'static str,
+    category_uid: u32,
+    category_name: &'static str,
+    activity_id: u32,
+    /// `activity_name`: OCSF's name for the activity, unless keywarden has
+    /// a more precise one.
+    activity_name: &'static str,
+    /// OCSF's name for the activity, as `type_name` spells it.
+    ocsf_activity: &'static str,
+}
+
+impl EventCode {
+    /// The OCSF class and activity of each kind of event, named here only.
+    fn ocsf_type(self) -> OcsfType {
+        match self {
+            EventCode::KeyUse => OcsfType {
+                class_uid: class::MODULE_ACTIVITY,
+                class_name: "Module Activity",
+                category_uid: 1,
+                category_name: "System Activity",
+                activity_id: activity::INVOKE,
+                activity_name: "Invoke",
+                ocsf_activity: "Invoke",
+            },
+            EventCode::CoverageWarning => OcsfType {
+                class_uid: class::MODULE_ACTIVITY,
+                class_name: "Module Activity",
+                category_uid: 1,
+                category_name: "System Activity",
+                activity_id: activity::OTHER,
+                activity_name: "Coverage Warning",
+                ocsf_activity: "Other",
+            },
+            EventCode::SecretFileOpen => OcsfType {
+                class_uid: class::FILE_SYSTEM_ACTIVITY,
+                class_name: "File System Activity",
+                category_uid: 1,
+                category_name: "System Activity",
+                activity_id: activity::OPEN,
+                activity_name: "Open",
+                ocsf_activity: "Open",
+            },
+            EventCode::Alert => OcsfType {
+                class_uid: class::DETECTION_FINDING,
+                class_name: "Detection Finding",
+                category_uid: 2,
+                category_name: "Findings",
+                activity_id: activity::CREATE,
+                activity_name: "Create",
+                ocsf_activity: "Create",
+            },
+        }
+    }
+}
+
+/// What every event states, whatever its kind.
+///
+/// Named fields rather than arguments of `Event::base`: several are
+/// integers of the same type (time and sequence, severity and status),
+/// which positional arguments would let a caller swap unnoticed.
+struct Common<'a> {
+    origin: &'a Origin,
+    code: EventCode,
+    time_ms: i64,
+    seq: u64,
+    severity_id: u8,
+    status_id: u8,
+    /// The OCSF name of `status_id` in the event's class (`New` is a
+    /// finding's 1, `Success` an activity's).
+    status: &'static str,
+    message: String,
+    process: Process,
+    /// Also decides the `container` profile: it is listed exactly when
+    /// the event has a container.
+    container: Option<Container>,
+}
+
 impl Event {
+    /// The one place an event is spelt out whole: `common`, the OCSF names
+    /// and numbers its kind implies, and every optional attribute empty.
+    /// Each kind's constructor starts here (`..Event::base(...)`) and sets
+    /// only what is its own, so a new attribute is added here once.
+    fn base(common: Common<'_>) -> Self {
+        let t = common.code.ocsf_type();
+        Event {
+            time: common.time_ms,
+            class_uid: t.class_uid,
+            class_name: t.class_name.into(),
+            category_uid: t.category_uid,
+            category_name: t.category_name.into(),
+            activity_id: t.activity_id,
+            activity_name: t.activity_name.into(),
+            type_uid: u64::from(t.class_uid) * 100 + u64::from(t.activity_id),
+            type_name: format!("{}: {}", t.class_name, t.ocsf_activity),
+            severity_id: common.severity_id,
+            severity: severity::name(common.severity_id).into(),
+            status_id: common.status_id,
+            status: common.status.into(),
+            status_detail: None,
+            message: common.message,
+            metadata: common
+                .origin
+                .metadata(common.seq, common.code, common.container.is_some()),
+            device: common.origin.device(),
+            actor: Actor {
+                process: common.process,
+            },
+            container: common.container,
+            module: None,
+            key: None,
+            signature: None,
+            cgroup: None,
+            file: None,
+            secret_file: None,
+            peer: None,
+            local: None,
+            action: None,
+            action_id: None,
+            finding_info: None,
+            evidences: Vec::new(),
+            responses: Vec::new(),
+            analysis: None,
+        }
+    }
+
     /// Module Activity 1005 / Invoke: a private key signed.
     pub fn key_use(origin: &Origin, u: KeyUse) -> Self {
         let who = &u.process.name;
@@ -612,25 +741,6 @@ impl Event {
             )
         };
         Event {
-            time: u.time_ms,
-            class_uid: class::MODULE_ACTIVITY,
-            class_name: "Module Activity".into(),
-            category_uid: 1,
-            category_name: "System Activity".into(),
-            activity_id: activity::INVOKE,
-            activity_name: "Invoke".into(),
-            type_uid: class::MODULE_ACTIVITY as u64 * 100 + activity::INVOKE as u64,
-            type_name: "Module Activity: Invoke".into(),
-            severity_id: severity::INFORMATIONAL,
-            severity: severity::name(severity::INFORMATIONAL).into(),
-            status_id: if u.success { 1 } else { 2 },
-            status: if u.success { "Success" } else { "Failure" }.into(),
-            status_detail: None,
-            message,
-            metadata: origin.metadata(u.seq, EventCode::KeyUse, u.container.is_some()),
-            device: origin.device(),
-            actor: Actor { process: u.process },
-            container: u.container,
             module: Some(Module {
                 file: u.library,
                 function_name: u.function,
@@ -639,16 +749,20 @@ impl Event {
             key: Some(u.key),
             signature: Some(u.signature),
             cgroup: Some(u.cgroup),
-            file: None,
-            secret_file: None,
             peer: u.peer,
             local: u.local,
-            action: None,
-            action_id: None,
-            finding_info: None,
-            evidences: Vec::new(),
-            responses: Vec::new(),
-            analysis: None,
+            ..Event::base(Common {
+                origin,
+                code: EventCode::KeyUse,
+                time_ms: u.time_ms,
+                seq: u.seq,
+                severity_id: severity::INFORMATIONAL,
+                status_id: if u.success { 1 } else { 2 },
+                status: if u.success { "Success" } else { "Failure" },
+                message,
+                process: u.process,
+                container: u.container,
+            })
         }
     }
 
@@ -658,35 +772,29 @@ impl Event {
     /// is Unknown (0) with that said in `status_detail`.
     pub fn secret_file_open(origin: &Origin, o: SecretFileOpen) -> Self {
         let count = o.secret.count;
-        // A rule's verdict makes the result known; otherwise the probe saw
-        // only the attempt.
+        let time_ms = o.secret.first_time;
         let denied = o.secret.verdict == Some(Verdict::Denied);
-        let verdict = match o.secret.verdict {
-            Some(Verdict::Allowed) => Some(("Allowed", 1u8)),
-            Some(Verdict::Denied) => Some(("Denied", 2u8)),
-            None => None,
-        };
-        let (status_id, status, status_detail) = match (verdict, &o.secret.rule) {
-            (None, _) => (
+        // A rule's verdict makes the result known (and the event a
+        // Security Control one); otherwise the probe saw only the attempt.
+        let rule = o.secret.rule.as_deref().unwrap_or("?");
+        let (status_id, status, status_detail, action) = match o.secret.verdict {
+            None => (
                 0,
                 "Unknown",
-                Some("open attempted; its result is not observed".to_owned()),
+                "open attempted; its result is not observed".to_owned(),
+                None,
             ),
-            (Some(_), rule) if denied => (
+            Some(Verdict::Denied) => (
                 2,
                 "Failure",
-                Some(format!(
-                    "denied with EPERM by rule {}",
-                    rule.as_deref().unwrap_or("?")
-                )),
+                format!("denied with EPERM by rule {rule}"),
+                Some(("Denied", 2)),
             ),
-            (Some(_), rule) => (
+            Some(Verdict::Allowed) => (
                 1,
                 "Success",
-                Some(format!(
-                    "allowed by rule {}",
-                    rule.as_deref().unwrap_or("?")
-                )),
+                format!("allowed by rule {rule}"),
+                Some(("Allowed", 1)),
             ),
         };
         let message = format!(
@@ -705,48 +813,31 @@ impl Event {
                 String::new()
             }
         );
-        Event {
-            time: o.secret.first_time,
-            class_uid: class::FILE_SYSTEM_ACTIVITY,
-            class_name: "File System Activity".into(),
-            category_uid: 1,
-            category_name: "System Activity".into(),
-            activity_id: activity::OPEN,
-            activity_name: "Open".into(),
-            type_uid: class::FILE_SYSTEM_ACTIVITY as u64 * 100 + activity::OPEN as u64,
-            type_name: "File System Activity: Open".into(),
-            severity_id: severity::INFORMATIONAL,
-            severity: severity::name(severity::INFORMATIONAL).into(),
-            status_id,
-            status: status.into(),
-            status_detail,
-            message,
-            metadata: {
-                let mut m =
-                    origin.metadata(o.seq, EventCode::SecretFileOpen, o.container.is_some());
-                if verdict.is_some() {
-                    m.profiles.push("security_control".to_owned());
-                }
-                m
-            },
-            device: origin.device(),
-            actor: Actor { process: o.process },
-            container: o.container,
-            module: None,
+        let mut event = Event {
+            status_detail: Some(status_detail),
             key: o.key,
-            signature: None,
             cgroup: Some(o.cgroup),
             file: Some(o.file),
-            peer: None,
-            local: None,
-            action: verdict.map(|(a, _)| a.into()),
-            action_id: verdict.map(|(_, id)| id),
             secret_file: Some(o.secret),
-            finding_info: None,
-            evidences: Vec::new(),
-            responses: Vec::new(),
-            analysis: None,
+            action: action.map(|(name, _)| name.to_owned()),
+            action_id: action.map(|(_, id)| id),
+            ..Event::base(Common {
+                origin,
+                code: EventCode::SecretFileOpen,
+                time_ms,
+                seq: o.seq,
+                severity_id: severity::INFORMATIONAL,
+                status_id,
+                status,
+                message,
+                process: o.process,
+                container: o.container,
+            })
+        };
+        if action.is_some() {
+            event.metadata.profiles.push("security_control".to_owned());
         }
+        event
     }
 
     /// Module Activity 1005 / Other: something the sensor could not cover or
@@ -761,45 +852,24 @@ impl Event {
         detail: String,
     ) -> Self {
         Event {
-            time: time_ms,
-            class_uid: class::MODULE_ACTIVITY,
-            class_name: "Module Activity".into(),
-            category_uid: 1,
-            category_name: "System Activity".into(),
-            activity_id: activity::OTHER,
-            activity_name: "Coverage Warning".into(),
-            type_uid: class::MODULE_ACTIVITY as u64 * 100 + activity::OTHER as u64,
-            type_name: "Module Activity: Other".into(),
-            severity_id: severity::LOW,
-            severity: severity::name(severity::LOW).into(),
-            status_id: 2,
-            status: "Failure".into(),
             status_detail: Some(detail.clone()),
-            message: detail,
-            metadata: origin.metadata(seq, EventCode::CoverageWarning, false),
-            device: origin.device(),
-            actor: Actor {
-                process: process.unwrap_or_default(),
-            },
-            container: None,
             module: module.map(|file| Module {
                 file,
                 function_name: String::new(),
                 kind: "unknown".into(),
             }),
-            key: None,
-            signature: None,
-            cgroup: None,
-            file: None,
-            secret_file: None,
-            peer: None,
-            local: None,
-            action: None,
-            action_id: None,
-            finding_info: None,
-            evidences: Vec::new(),
-            responses: Vec::new(),
-            analysis: None,
+            ..Event::base(Common {
+                origin,
+                code: EventCode::CoverageWarning,
+                time_ms,
+                seq,
+                severity_id: severity::LOW,
+                status_id: 2,
+                status: "Failure",
+                message: detail,
+                process: process.unwrap_or_default(),
+                container: None,
+            })
         }
     }
 }
@@ -825,26 +895,21 @@ impl Event {
         evidence: &Event,
         responses: Vec<Response>,
     ) -> Self {
-        let metadata = origin.metadata(seq, EventCode::Alert, evidence.container.is_some());
-        let message = format!("rule {} matched: {}", rule.id, evidence.message);
-        Event {
-            time: time_ms,
-            class_uid: class::DETECTION_FINDING,
-            class_name: "Detection Finding".into(),
-            category_uid: 2,
-            category_name: "Findings".into(),
-            activity_id: 1,
-            activity_name: "Create".into(),
-            type_uid: class::DETECTION_FINDING as u64 * 100 + 1,
-            type_name: "Detection Finding: Create".into(),
+        let base = Event::base(Common {
+            origin,
+            code: EventCode::Alert,
+            time_ms,
+            seq,
             severity_id: rule.severity_id,
-            severity: severity::name(rule.severity_id).into(),
             status_id: 1,
-            status: "New".into(),
-            status_detail: None,
-            message,
+            status: "New",
+            message: format!("rule {} matched: {}", rule.id, evidence.message),
+            process: evidence.actor.process.clone(),
+            container: evidence.container.clone(),
+        });
+        Event {
             finding_info: Some(FindingInfo {
-                uid: metadata.uid.clone(),
+                uid: base.metadata.uid.clone(),
                 title: rule
                     .description
                     .clone()
@@ -858,16 +923,9 @@ impl Event {
                     source: rule.source.clone(),
                 },
             }),
-            metadata,
-            device: origin.device(),
-            actor: evidence.actor.clone(),
-            container: evidence.container.clone(),
-            module: None,
             key: evidence.key.clone(),
-            signature: None,
             cgroup: evidence.cgroup.clone(),
             file: evidence.file.clone(),
-            secret_file: None,
             peer: evidence.peer.clone(),
             local: evidence.local.clone(),
             action: evidence.action.clone(),
@@ -876,7 +934,7 @@ impl Event {
                 data: serde_json::to_value(evidence).unwrap_or_default(),
             }],
             responses,
-            analysis: None,
+            ..base
         }
     }
 }
