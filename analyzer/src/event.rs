@@ -980,6 +980,13 @@ pub(crate) mod tests_support {
         }
     }
 
+    pub fn cgroup() -> Cgroup {
+        Cgroup {
+            id: 99,
+            path: Some("/kubepods/x".into()),
+        }
+    }
+
     pub fn key() -> KeyIdentity {
         KeyIdentity {
             status: KeyStatus::Identified,
@@ -1022,16 +1029,8 @@ pub(crate) mod tests_support {
             seq: 7,
             process: process(),
             container: Some(container()),
-            cgroup: Cgroup {
-                id: 99,
-                path: Some("/kubepods/x".into()),
-            },
-            library: File {
-                path: "/usr/lib/libcrypto.so.3".into(),
-                name: "libcrypto.so.3".into(),
-                type_id: 1,
-                hashes: vec![],
-            },
+            cgroup: cgroup(),
+            library: File::regular("/usr/lib/libcrypto.so.3"),
             library_kind: "openssl".into(),
             function: "EVP_DigestSign".into(),
             success: true,
@@ -1056,16 +1055,8 @@ pub(crate) mod tests_support {
                 seq: 8,
                 process: process(),
                 container: Some(container()),
-                cgroup: Cgroup {
-                    id: 99,
-                    path: Some("/kubepods/x".into()),
-                },
-                file: File {
-                    path: "/etc/ssl/private/a.key".into(),
-                    name: "a.key".into(),
-                    type_id: 1,
-                    hashes: vec![],
-                },
+                cgroup: cgroup(),
+                file: File::regular("/etc/ssl/private/a.key"),
                 key: Some(key()),
                 secret: SecretFile {
                     host_path: Some("/etc/ssl/private/a.key".into()),
@@ -1170,12 +1161,7 @@ mod tests {
             process: u.process,
             container: None,
             cgroup: u.cgroup,
-            file: File {
-                path: "/srv/app/.env".into(),
-                name: ".env".into(),
-                type_id: 1,
-                hashes: vec![],
-            },
+            file: File::regular("/srv/app/.env"),
             key: None,
             secret: SecretFile {
                 host_path: Some("/srv/app/.env".into()),
