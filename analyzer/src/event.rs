@@ -1253,6 +1253,61 @@ mod tests {
         assert_eq!(back, ev);
     }
 
+    /// The OCSF names every kind writes, now derived in one place
+    /// (`EventCode::ocsf_type`, `Event::base`) rather than written in each
+    /// constructor.
+    #[test]
+    fn each_kind_writes_its_ocsf_names_and_profiles() {
+        let rule = RuleRef {
+            id: "r1".into(),
+            description: None,
+            severity_id: severity::MEDIUM,
+            source: None,
+        };
+        let evidence = tests_support::key_use_event();
+        let cases = [
+            (
+                evidence.clone(),
+                ("Module Activity", "System Activity", "Invoke"),
+                ("Module Activity: Invoke", 100503_u64, "Informational"),
+            ),
+            (
+                tests_support::secret_open_event(),
+                ("File System Activity", "System Activity", "Open"),
+                ("File System Activity: Open", 100114, "Informational"),
+            ),
+            (
+                Event::coverage_warning(&origin(), 1, 2, None, None, "x".into()),
+                ("Module Activity", "System Activity", "Coverage Warning"),
+                ("Module Activity: Other", 100599, "Low"),
+            ),
+            (
+                Event::detection_finding(&origin(), 5, 11, &rule, &evidence, Vec::new()),
+                ("Detection Finding", "Findings", "Create"),
+                ("Detection Finding: Create", 200401, "Medium"),
+            ),
+        ];
+        for (ev, names, type_and_severity) in cases {
+            assert_eq!(
+                (
+                    ev.class_name.as_str(),
+                    ev.category_name.as_str(),
+                    ev.activity_name.as_str()
+                ),
+                names
+            );
+            assert_eq!(
+                (ev.type_name.as_str(), ev.type_uid, ev.severity.as_str()),
+                type_and_severity
+            );
+            assert_eq!(
+                ev.metadata.profiles.iter().any(|p| p == "container"),
+                ev.container.is_some(),
+                "the container profile is listed exactly when there is a container"
+            );
+        }
+    }
+
     #[test]
     fn a_verdict_makes_the_open_status_known() {
         let mut e = tests_support::secret_open_event();
