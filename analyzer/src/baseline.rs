@@ -19,7 +19,7 @@ use std::{
 use hashbrown::HashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::event::Event;
+use crate::event::{BaselineSnapshot, Event, RateSnapshot};
 
 /// Most distinct values remembered per attribute: a key used from
 /// everywhere stops growing its baseline (and stops deviating on it).
@@ -314,6 +314,30 @@ impl KeyBaseline {
     }
 }
 
+/// What a finding shows of a baseline. Spelt out field by field, so that a
+/// change to what is stored does not reach the alert format unnoticed.
+impl From<&KeyBaseline> for BaselineSnapshot {
+    fn from(b: &KeyBaseline) -> Self {
+        let values = |set: &ValueSet| -> Vec<String> { set.iter().map(str::to_owned).collect() };
+        BaselineSnapshot {
+            spki_sha256: b.spki_sha256.clone(),
+            first_seen_ms: b.first_seen_ms,
+            last_seen_ms: b.last_seen_ms,
+            uses: b.uses,
+            binaries: values(&b.binaries),
+            containers: values(&b.containers),
+            users: values(&b.users),
+            countries: values(&b.countries),
+            asns: b.asns.iter().copied().collect(),
+            rate: RateSnapshot {
+                minute_ms: b.rate.minute_ms,
+                this_minute: b.rate.this_minute,
+                max_per_minute: b.rate.max_per_minute,
+            },
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BaselineError {
     #[error("{path}: cannot read baselines: {source}")]
@@ -501,6 +525,29 @@ mod tests {
         let (d, before) = b.observe_keeping(&obs(7000, "other"), learning, false);
         assert_eq!(d, [Deviation::NewBinary]);
         assert!(before.is_none(), "not asked for");
+    }
+
+    /// A finding's snapshot writes a baseline as the store writes it
+    /// today, byte for byte: the two may part ways, but not by accident.
+    #[test]
+    fn a_snapshot_writes_the_baseline_as_it_is_stored() {
+        let mut b = KeyBaseline::fresh(&"ab".repeat(32));
+        b.observe(&obs(0, "nginx"), MIN);
+        let mut o = obs(1, "curl");
+        o.country = Some("AT");
+        o.asn = Some(64400);
+        b.observe(&o, MIN);
+        let snapshot = BaselineSnapshot::from(&b);
+        assert_eq!(snapshot.binaries, ["curl", "nginx"]);
+        assert_eq!(
+            serde_json::to_string(&snapshot).unwrap(),
+            serde_json::to_string(&b).unwrap()
+        );
+        let fresh = KeyBaseline::fresh("cd");
+        assert_eq!(
+            serde_json::to_string(&BaselineSnapshot::from(&fresh)).unwrap(),
+            serde_json::to_string(&fresh).unwrap()
+        );
     }
 
     #[test]

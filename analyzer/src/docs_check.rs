@@ -15,10 +15,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde_json::{Value, json};
 
 use crate::{
-    baseline::KeyBaseline,
     event::{
-        Analysis, Event, EventCode, File, KeyIdentity, Process, Response, RuleRef, SecretFile,
-        SecretFileOpen, severity,
+        Analysis, BaselineSnapshot, Event, EventCode, File, KeyIdentity, Process, Response,
+        RuleRef, SecretFile, SecretFileOpen, severity,
         tests_support::{self, origin},
     },
     rules::fields::{FIELDS, Kind},
@@ -414,7 +413,10 @@ fn alert_samples() -> Vec<Event> {
             Event::detection_finding(&origin(), 5, 100 + i as u64, &rule, evidence, responses());
         finding.analysis = Some(Analysis {
             deviations: vec!["new_country".into()],
-            baseline: Some(KeyBaseline::fresh(&"ab".repeat(32))),
+            baseline: Some(BaselineSnapshot {
+                spki_sha256: "ab".repeat(32),
+                ..Default::default()
+            }),
             count: Some(601),
             window_seconds: Some(60),
         });

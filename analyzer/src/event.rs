@@ -5,9 +5,67 @@
 //! second model. Attributes OCSF has no place for are keywarden extension
 //! attributes: `key`, `signature`, `cgroup`, `secret_file` at the top level
 //! and `actor.process.attribution_error`. `docs/events.md` documents every field.
+//!
+//! The schema's structs are defined inside `omit_none!`, which leaves their
+//! `Option` fields out of the JSON when `None`; every event is built from
+//! `Event::base`, which alone spells out all of an event's fields.
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
+
+/// Defines schema structs whose `Option` fields are left out of the JSON
+/// when `None` (and read as `None` when missing), as OCSF leaves out
+/// attributes that have no value. It gives each field whose type is
+/// written `Option<..>` the attribute `#[serde(default,
+/// skip_serializing_if = "Option::is_none")]` and changes nothing else:
+/// names, field order and derives are as written, so the JSON is what that
+/// attribute on every such field made it.
+///
+/// A macro because the alternatives are worse: the attribute on every
+/// field buried the schema under 43 copies of it, and a field added
+/// without it would write `null` where `docs/events.md` promises absence;
+/// serde has no container-level `skip_serializing_if` (a container-level
+/// `#[serde(default)]` skips nothing, needs `Default` on every struct and
+/// would accept events missing a required field); and
+/// `serde_with::skip_serializing_none`, which is this as an attribute,
+/// would be a new dependency for one attribute.
+///
+/// Limits: only `Option` is implied (an empty `Vec` is left out only where
+/// its field says so; `metadata.profiles` is always written); the type
+/// must be spelt `Option<..>`, not a path or an alias; rustfmt does not
+/// format inside the macro.
+macro_rules! omit_none {
+    // Every field placed: the struct.
+    (@fields [$($head:tt)*] [$($done:tt)*]) => {
+        $($head)* { $($done)* }
+    };
+    // An `Option` field: gains the attribute. Before the general arm,
+    // which would take it as any other type.
+    (@fields $head:tt [$($done:tt)*]
+        $(#[$attr:meta])* $vis:vis $field:ident : Option<$ty:ty> $(, $($rest:tt)*)?
+    ) => {
+        omit_none! {
+            @fields $head [
+                $($done)*
+                $(#[$attr])*
+                #[serde(default, skip_serializing_if = "Option::is_none")]
+                $vis $field: Option<$ty>,
+            ] $($($rest)*)?
+        }
+    };
+    // Any other field, as written.
+    (@fields $head:tt [$($done:tt)*]
+        $(#[$attr:meta])* $vis:vis $field:ident : $ty:ty $(, $($rest:tt)*)?
+    ) => {
+        omit_none! {
+            @fields $head [$($done)* $(#[$attr])* $vis $field: $ty,] $($($rest)*)?
+        }
+    };
+    // The structs, one after another.
+    ($($(#[$attr:meta])* $vis:vis struct $name:ident { $($fields:tt)* })*) => {
+        $(omit_none! { @fields [$(#[$attr])* $vis struct $name] [] $($fields)* })*
+    };
+}
 
 /// OCSF schema version the events follow.
 pub const OCSF_VERSION: &str = "1.3.0";
@@ -22,6 +80,8 @@ pub mod class {
 }
 
 pub mod activity {
+    /// Detection Finding: Create.
+    pub const CREATE: u32 = 1;
     pub const INVOKE: u32 = 3;
     /// File System Activity: Open.
     pub const OPEN: u32 = 14;
@@ -41,161 +101,174 @@ pub enum EventCode {
     Alert,
 }
 
-/// One keywarden event, OCSF base attributes first.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Event {
-    /// Event time, milliseconds since the Unix epoch (OCSF `timestamp_t`).
-    pub time: i64,
-    pub class_uid: u32,
-    pub class_name: String,
-    pub category_uid: u32,
-    pub category_name: String,
-    pub activity_id: u32,
-    pub activity_name: String,
-    /// `class_uid * 100 + activity_id`.
-    pub type_uid: u64,
-    pub type_name: String,
-    pub severity_id: u8,
-    pub severity: String,
-    /// 0 Unknown (secret-file opens: the attempt is seen, not its result),
-    /// 1 Success, 2 Failure.
-    pub status_id: u8,
-    pub status: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub status_detail: Option<String>,
-    pub message: String,
-    pub metadata: Metadata,
-    pub device: Device,
-    pub actor: Actor,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<Container>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<Module>,
-    /// keywarden extension: which private key signed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<KeyIdentity>,
-    /// keywarden extension: the signature that was produced.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signature: Option<Signature>,
-    /// keywarden extension: the cgroup v2 the process ran in.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cgroup: Option<Cgroup>,
-    /// OCSF `file`: the file acted on (File System Activity).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<File>,
-    /// keywarden extension: details of a watched secret file's opens.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub secret_file: Option<SecretFile>,
-    /// keywarden extension (OCSF `network_endpoint` shape): the other end
-    /// of the connection a signature was made for, with its geography and
-    /// network when the GeoIP databases know them.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub peer: Option<NetworkEndpoint>,
-    /// keywarden extension (OCSF `network_endpoint` shape): this host's end
-    /// of that connection (which service's listening port, for a server).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub local: Option<NetworkEndpoint>,
-    /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
-    /// decided the activity (an enforced secret-file open).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action: Option<String>,
-    /// 1 Allowed, 2 Denied.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action_id: Option<u8>,
-    /// Detection Finding: which rule matched.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finding_info: Option<FindingInfo>,
-    /// Detection Finding: the event(s) the rule matched, as exported.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub evidences: Vec<Evidence>,
-    /// keywarden extension on Detection Findings: what the sensor did.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub responses: Vec<Response>,
-    /// keywarden extension on Detection Findings: why a baseline or
-    /// threshold rule fired.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub analysis: Option<Analysis>,
-}
+omit_none! {
+    /// One keywarden event, OCSF base attributes first.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Event {
+        /// Event time, milliseconds since the Unix epoch (OCSF `timestamp_t`).
+        pub time: i64,
+        pub class_uid: u32,
+        pub class_name: String,
+        pub category_uid: u32,
+        pub category_name: String,
+        pub activity_id: u32,
+        pub activity_name: String,
+        /// `class_uid * 100 + activity_id`.
+        pub type_uid: u64,
+        pub type_name: String,
+        pub severity_id: u8,
+        pub severity: String,
+        /// 0 Unknown (secret-file opens: the attempt is seen, not its result),
+        /// 1 Success, 2 Failure.
+        pub status_id: u8,
+        pub status: String,
+        pub status_detail: Option<String>,
+        pub message: String,
+        pub metadata: Metadata,
+        pub device: Device,
+        pub actor: Actor,
+        pub container: Option<Container>,
+        pub module: Option<Module>,
+        /// keywarden extension: which private key signed.
+        pub key: Option<KeyIdentity>,
+        /// keywarden extension: the signature that was produced.
+        pub signature: Option<Signature>,
+        /// keywarden extension: the cgroup v2 the process ran in.
+        pub cgroup: Option<Cgroup>,
+        /// OCSF `file`: the file acted on (File System Activity).
+        pub file: Option<File>,
+        /// keywarden extension: details of a watched secret file's opens.
+        pub secret_file: Option<SecretFile>,
+        /// keywarden extension (OCSF `network_endpoint` shape): the other end
+        /// of the connection a signature was made for, with its geography and
+        /// network when the GeoIP databases know them.
+        pub peer: Option<NetworkEndpoint>,
+        /// keywarden extension (OCSF `network_endpoint` shape): this host's end
+        /// of that connection (which service's listening port, for a server).
+        pub local: Option<NetworkEndpoint>,
+        /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
+        /// decided the activity (an enforced secret-file open).
+        pub action: Option<String>,
+        /// 1 Allowed, 2 Denied.
+        pub action_id: Option<u8>,
+        /// Detection Finding: which rule matched.
+        pub finding_info: Option<FindingInfo>,
+        /// Detection Finding: the event(s) the rule matched, as exported.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub evidences: Vec<Evidence>,
+        /// keywarden extension on Detection Findings: what the sensor did.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub responses: Vec<Response>,
+        /// keywarden extension on Detection Findings: why a baseline or
+        /// threshold rule fired.
+        pub analysis: Option<Analysis>,
+    }
 
-/// The state behind a finding of a deviation or threshold rule.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Analysis {
-    /// How the evidence deviated from its key's baseline (`new_country`, ...).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deviations: Vec<String>,
-    /// The key's baseline before the evidence: what was normal.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub baseline: Option<crate::baseline::KeyBaseline>,
-    /// Matching events for the key within the rule's window.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub count: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub window_seconds: Option<u64>,
-}
+    /// The state behind a finding of a deviation or threshold rule.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Analysis {
+        /// How the evidence deviated from its key's baseline (`new_country`, ...).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub deviations: Vec<String>,
+        /// The key's baseline before the evidence: what was normal.
+        pub baseline: Option<BaselineSnapshot>,
+        /// Matching events for the key within the rule's window.
+        pub count: Option<u64>,
+        pub window_seconds: Option<u64>,
+    }
 
-/// OCSF `network_endpoint`, reduced to what keywarden fills.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct NetworkEndpoint {
-    pub ip: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<u16>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub location: Option<Location>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub autonomous_system: Option<AutonomousSystem>,
-}
+    /// A key's baseline as a finding shows it.
+    ///
+    /// A type of the event model, not the baseline store's own
+    /// (`baseline::KeyBaseline`): the store's file format can then change
+    /// without changing the alert format, and the model needs nothing from
+    /// `baseline`, which builds this (`From<&KeyBaseline>`). It writes the same
+    /// JSON as a stored baseline today (a test in `baseline.rs` says so).
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct BaselineSnapshot {
+        /// The key, as `key.spki_sha256`.
+        pub spki_sha256: String,
+        /// The key's first and latest use, ms since the epoch.
+        pub first_seen_ms: i64,
+        pub last_seen_ms: i64,
+        pub uses: u64,
+        /// The values learned for each attribute, sorted.
+        pub binaries: Vec<String>,
+        pub containers: Vec<String>,
+        pub users: Vec<String>,
+        pub countries: Vec<String>,
+        /// Ascending.
+        pub asns: Vec<u32>,
+        pub rate: RateSnapshot,
+    }
 
-/// OCSF `location`. Its strings are `CompactString`s: GeoIP fills them
-/// in for every event from a cached answer, and names this short are then
-/// copied inline instead of allocated on the analysis thread and freed on
-/// another (a tenth of the pipeline's time as `String`s).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Location {
-    /// ISO 3166-1 alpha-2.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub country: Option<CompactString>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub city: Option<CompactString>,
-}
+    /// How fast a key was used, as a finding shows it.
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct RateSnapshot {
+        /// Start of the latest minute counted (ms since the epoch).
+        pub minute_ms: i64,
+        /// Uses in that minute.
+        pub this_minute: u64,
+        /// The busiest minute seen while learning.
+        pub max_per_minute: u64,
+    }
 
-/// OCSF `autonomous_system` (a `CompactString` name, as in `Location`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AutonomousSystem {
-    pub number: u32,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<CompactString>,
-}
+    /// OCSF `network_endpoint`, reduced to what keywarden fills.
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct NetworkEndpoint {
+        pub ip: String,
+        pub port: Option<u16>,
+        pub location: Option<Location>,
+        pub autonomous_system: Option<AutonomousSystem>,
+    }
 
-/// OCSF `finding_info`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FindingInfo {
-    /// Unique per finding (the event's `metadata.uid`).
-    pub uid: String,
-    pub title: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub desc: Option<String>,
-    pub analytic: Analytic,
-}
+    /// OCSF `location`. Its strings are `CompactString`s: GeoIP fills them
+    /// in for every event from a cached answer, and names this short are then
+    /// copied inline instead of allocated on the analysis thread and freed on
+    /// another (a tenth of the pipeline's time as `String`s).
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Location {
+        /// ISO 3166-1 alpha-2.
+        pub country: Option<CompactString>,
+        pub city: Option<CompactString>,
+    }
 
-/// OCSF `analytic`: the rule.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Analytic {
-    /// The rule id.
-    pub uid: String,
-    pub name: String,
-    /// 1 Rule.
-    pub type_id: u8,
-    #[serde(rename = "type")]
-    pub kind: String,
-    /// Where the rule was written: `file:line`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
-}
+    /// OCSF `autonomous_system` (a `CompactString` name, as in `Location`).
+    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct AutonomousSystem {
+        pub number: u32,
+        pub name: Option<CompactString>,
+    }
 
-/// OCSF `evidences[]` entry: the matched event, whole, under `data`.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Evidence {
-    pub data: serde_json::Value,
+    /// OCSF `finding_info`.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct FindingInfo {
+        /// Unique per finding (the event's `metadata.uid`).
+        pub uid: String,
+        pub title: String,
+        pub desc: Option<String>,
+        pub analytic: Analytic,
+    }
+
+    /// OCSF `analytic`: the rule.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Analytic {
+        /// The rule id.
+        pub uid: String,
+        pub name: String,
+        /// 1 Rule.
+        pub type_id: u8,
+        #[serde(rename = "type")]
+        pub kind: String,
+        /// Where the rule was written: `file:line`.
+        pub source: Option<String>,
+    }
+
+    /// OCSF `evidences[]` entry: the matched event, whole, under `data`.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Evidence {
+        pub data: serde_json::Value,
+    }
 }
 
 /// What became of one action.
@@ -236,108 +309,180 @@ pub enum IdentifiedBy {
     KeyFile,
 }
 
-/// One action a rule asked for and what became of it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response {
-    /// `alert`, `kill`, `block`.
-    pub action: String,
-    pub outcome: Outcome,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub detail: Option<String>,
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KeyStatus {
+    /// The key is known exactly (see `identified_by`).
+    Identified,
+    /// The sensor cannot know which key signed; `unknown_reason` says why.
+    Unknown,
 }
 
-/// What was opened, how often, and which keys it holds. Never its contents.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct SecretFile {
-    /// The path as the host sees it: the same as `file.path` for a process
-    /// with the host's root and mount namespace, else
-    /// `/proc/<pid>/root/<path>` (reachable from the host while the process
-    /// lives). Absent when the process exited before the sensor could tell.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub host_path: Option<String>,
-    /// The watch-list glob that matched.
-    pub matched: String,
-    /// Opens by this process within the coalescing window (at least 1).
-    pub count: u32,
-    /// Time of the first and last open in the window (ms since the epoch).
-    pub first_time: i64,
-    pub last_time: i64,
-    /// SPKI SHA-256 of every key (private key or certificate) in the file.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub keys: Vec<String>,
-    /// The file holds a private key (not only certificates or public keys).
-    pub holds_private_key: bool,
-    /// Set when a blocking rule decided these opens (then the status is
-    /// known: Success, or Failure with EPERM).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub verdict: Option<Verdict>,
-    /// The rule that decided the verdict.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-}
+omit_none! {
+    /// One action a rule asked for and what became of it.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Response {
+        /// `alert`, `kill`, `block`.
+        pub action: String,
+        pub outcome: Outcome,
+        pub detail: Option<String>,
+    }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Metadata {
-    pub version: String,
-    pub product: Product,
-    /// Unique per sensor run: `<boot id prefix>-<sensor start>-<sequence>`.
-    pub uid: String,
-    pub event_code: EventCode,
-    pub profiles: Vec<String>,
-}
+    /// What was opened, how often, and which keys it holds. Never its contents.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct SecretFile {
+        /// The path as the host sees it: the same as `file.path` for a process
+        /// with the host's root and mount namespace, else
+        /// `/proc/<pid>/root/<path>` (reachable from the host while the process
+        /// lives). Absent when the process exited before the sensor could tell.
+        pub host_path: Option<String>,
+        /// The watch-list glob that matched.
+        pub matched: String,
+        /// Opens by this process within the coalescing window (at least 1).
+        pub count: u32,
+        /// Time of the first and last open in the window (ms since the epoch).
+        pub first_time: i64,
+        pub last_time: i64,
+        /// SPKI SHA-256 of every key (private key or certificate) in the file.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub keys: Vec<String>,
+        /// The file holds a private key (not only certificates or public keys).
+        pub holds_private_key: bool,
+        /// Set when a blocking rule decided these opens (then the status is
+        /// known: Success, or Failure with EPERM).
+        pub verdict: Option<Verdict>,
+        /// The rule that decided the verdict.
+        pub rule: Option<String>,
+    }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Product {
-    pub name: String,
-    pub vendor_name: String,
-    pub version: String,
-}
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Metadata {
+        pub version: String,
+        pub product: Product,
+        /// Unique per sensor run: `<boot id prefix>-<sensor start>-<sequence>`.
+        pub uid: String,
+        pub event_code: EventCode,
+        pub profiles: Vec<String>,
+    }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Device {
-    pub hostname: String,
-    /// OCSF device type: 1 Server.
-    pub type_id: u8,
-}
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Product {
+        pub name: String,
+        pub vendor_name: String,
+        pub version: String,
+    }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Actor {
-    pub process: Process,
-}
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Device {
+        pub hostname: String,
+        /// OCSF device type: 1 Server.
+        pub type_id: u8,
+    }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct Process {
-    pub pid: u32,
-    pub tid: u32,
-    /// The kernel's `comm` (at most 15 bytes).
-    pub name: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmd_line: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub file: Option<File>,
-    pub user: User,
-    /// keywarden extension: why `file` (or its hash) is missing, when it is.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attribution_error: Option<String>,
-}
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Actor {
+        pub process: Process,
+    }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct User {
-    /// Numeric uid, as a string like OCSF's `user.uid`.
-    pub uid: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-}
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct Process {
+        pub pid: u32,
+        pub tid: u32,
+        /// The kernel's `comm` (at most 15 bytes).
+        pub name: String,
+        pub cmd_line: Option<String>,
+        pub file: Option<File>,
+        pub user: User,
+        /// keywarden extension: why `file` (or its hash) is missing, when it is.
+        pub attribution_error: Option<String>,
+    }
 
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct File {
-    /// Path as the process saw it (inside its mount namespace).
-    pub path: String,
-    pub name: String,
-    /// OCSF file type: 1 Regular File.
-    pub type_id: u8,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub hashes: Vec<Fingerprint>,
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct User {
+        /// Numeric uid, as a string like OCSF's `user.uid`.
+        pub uid: String,
+        pub name: Option<String>,
+    }
+
+    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+    pub struct File {
+        /// Path as the process saw it (inside its mount namespace).
+        pub path: String,
+        pub name: String,
+        /// OCSF file type: 1 Regular File.
+        pub type_id: u8,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        pub hashes: Vec<Fingerprint>,
+    }
+
+    /// OCSF `fingerprint`.
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Fingerprint {
+        /// 3 = SHA-256.
+        pub algorithm_id: u8,
+        pub algorithm: String,
+        pub value: String,
+    }
+
+    /// OCSF `container` (Container profile).
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Container {
+        /// Full container id (64 hex for Docker, containerd and CRI-O).
+        pub uid: String,
+        /// docker, containerd, cri-o, podman, kubernetes (a kubepods cgroup
+        /// whose runtime the path does not tell) or unknown.
+        pub runtime: String,
+        /// Kubernetes pod UID, when the cgroup path carries it.
+        pub pod_uuid: Option<String>,
+    }
+
+    /// OCSF `module`: the library whose function was invoked.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Module {
+        pub file: File,
+        pub function_name: String,
+        /// The crypto stack of the probed function: `openssl`, `boringssl`,
+        /// `aws-lc`, `rustls` or `ring`.
+        #[serde(rename = "type")]
+        pub kind: String,
+    }
+
+    /// Which private key made a signature. Never carries private material.
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct KeyIdentity {
+        pub status: KeyStatus,
+        /// Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
+        pub spki_sha256: Option<String>,
+        /// The same value as an OCSF fingerprint.
+        pub fingerprint: Option<Fingerprint>,
+        /// `rsa-2048`, `ecdsa-p256`, `ed25519`, ...
+        pub algorithm: Option<String>,
+        pub bits: Option<u32>,
+        /// File the sensor learnt this public key from: a key or certificate
+        /// file this process opened (path as the process saw it) when there is
+        /// one, else the first file on the host it was found in (a `key_paths`
+        /// entry, or a file another process opened).
+        pub source_file: Option<String>,
+        /// How the identity was established.
+        pub identified_by: Option<IdentifiedBy>,
+        pub unknown_reason: Option<String>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+    pub struct Signature {
+        /// Bytes of signature produced (0 when the call failed).
+        pub length: u64,
+        /// Digest named by the caller (EVP_DigestSignInit_ex), when it named one.
+        pub digest: Option<String>,
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+    pub struct Cgroup {
+        /// cgroup v2 id (inode of the cgroup directory).
+        pub id: u64,
+        /// Path below the cgroup v2 root, e.g. `/system.slice/nginx.service`.
+        pub path: Option<String>,
+    }
 }
 
 impl File {
@@ -352,15 +497,6 @@ impl File {
     }
 }
 
-/// OCSF `fingerprint`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    /// 3 = SHA-256.
-    pub algorithm_id: u8,
-    pub algorithm: String,
-    pub value: String,
-}
-
 impl Fingerprint {
     pub fn sha256(value: impl Into<String>) -> Self {
         Self {
@@ -369,67 +505,6 @@ impl Fingerprint {
             value: value.into(),
         }
     }
-}
-
-/// OCSF `container` (Container profile).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Container {
-    /// Full container id (64 hex for Docker, containerd and CRI-O).
-    pub uid: String,
-    /// docker, containerd, cri-o, podman, kubernetes (a kubepods cgroup
-    /// whose runtime the path does not tell) or unknown.
-    pub runtime: String,
-    /// Kubernetes pod UID, when the cgroup path carries it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod_uuid: Option<String>,
-}
-
-/// OCSF `module`: the library whose function was invoked.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Module {
-    pub file: File,
-    pub function_name: String,
-    /// The crypto stack of the probed function: `openssl`, `boringssl`,
-    /// `aws-lc`, `rustls` or `ring`.
-    #[serde(rename = "type")]
-    pub kind: String,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum KeyStatus {
-    /// The key is known exactly (see `identified_by`).
-    Identified,
-    /// The sensor cannot know which key signed; `unknown_reason` says why.
-    Unknown,
-}
-
-/// Which private key made a signature. Never carries private material.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct KeyIdentity {
-    pub status: KeyStatus,
-    /// Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spki_sha256: Option<String>,
-    /// The same value as an OCSF fingerprint.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fingerprint: Option<Fingerprint>,
-    /// `rsa-2048`, `ecdsa-p256`, `ed25519`, ...
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub algorithm: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bits: Option<u32>,
-    /// File the sensor learnt this public key from: a key or certificate
-    /// file this process opened (path as the process saw it) when there is
-    /// one, else the first file on the host it was found in (a `key_paths`
-    /// entry, or a file another process opened).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source_file: Option<String>,
-    /// How the identity was established.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identified_by: Option<IdentifiedBy>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub unknown_reason: Option<String>,
 }
 
 impl KeyIdentity {
@@ -446,24 +521,6 @@ impl KeyIdentity {
             unknown_reason: Some(reason.into()),
         }
     }
-}
-
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Signature {
-    /// Bytes of signature produced (0 when the call failed).
-    pub length: u64,
-    /// Digest named by the caller (EVP_DigestSignInit_ex), when it named one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub digest: Option<String>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Cgroup {
-    /// cgroup v2 id (inode of the cgroup directory).
-    pub id: u64,
-    /// Path below the cgroup v2 root, e.g. `/system.slice/nginx.service`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path: Option<String>,
 }
 
 /// OCSF severity ids.
@@ -556,7 +613,134 @@ pub struct KeyUse {
     pub local: Option<NetworkEndpoint>,
 }
 
+/// Where a kind of event sits in OCSF.
+struct OcsfType {
+    class_uid: u32,
+    class_name: &'static str,
+    category_uid: u32,
+    category_name: &'static str,
+    activity_id: u32,
+    /// `activity_name`: OCSF's name for the activity, unless keywarden has
+    /// a more precise one.
+    activity_name: &'static str,
+    /// OCSF's name for the activity, as `type_name` spells it.
+    ocsf_activity: &'static str,
+}
+
+impl EventCode {
+    /// The OCSF class and activity of each kind of event, named here only.
+    fn ocsf_type(self) -> OcsfType {
+        match self {
+            EventCode::KeyUse => OcsfType {
+                class_uid: class::MODULE_ACTIVITY,
+                class_name: "Module Activity",
+                category_uid: 1,
+                category_name: "System Activity",
+                activity_id: activity::INVOKE,
+                activity_name: "Invoke",
+                ocsf_activity: "Invoke",
+            },
+            EventCode::CoverageWarning => OcsfType {
+                class_uid: class::MODULE_ACTIVITY,
+                class_name: "Module Activity",
+                category_uid: 1,
+                category_name: "System Activity",
+                activity_id: activity::OTHER,
+                activity_name: "Coverage Warning",
+                ocsf_activity: "Other",
+            },
+            EventCode::SecretFileOpen => OcsfType {
+                class_uid: class::FILE_SYSTEM_ACTIVITY,
+                class_name: "File System Activity",
+                category_uid: 1,
+                category_name: "System Activity",
+                activity_id: activity::OPEN,
+                activity_name: "Open",
+                ocsf_activity: "Open",
+            },
+            EventCode::Alert => OcsfType {
+                class_uid: class::DETECTION_FINDING,
+                class_name: "Detection Finding",
+                category_uid: 2,
+                category_name: "Findings",
+                activity_id: activity::CREATE,
+                activity_name: "Create",
+                ocsf_activity: "Create",
+            },
+        }
+    }
+}
+
+/// What every event states, whatever its kind.
+///
+/// Named fields rather than arguments of `Event::base`: several are
+/// integers of the same type (time and sequence, severity and status),
+/// which positional arguments would let a caller swap unnoticed.
+struct Common<'a> {
+    origin: &'a Origin,
+    code: EventCode,
+    time_ms: i64,
+    seq: u64,
+    severity_id: u8,
+    status_id: u8,
+    /// The OCSF name of `status_id` in the event's class (`New` is a
+    /// finding's 1, `Success` an activity's).
+    status: &'static str,
+    message: String,
+    process: Process,
+    /// Also decides the `container` profile: it is listed exactly when
+    /// the event has a container.
+    container: Option<Container>,
+}
+
 impl Event {
+    /// The one place an event is spelt out whole: `common`, the OCSF names
+    /// and numbers its kind implies, and every optional attribute empty.
+    /// Each kind's constructor starts here (`..Event::base(...)`) and sets
+    /// only what is its own, so a new attribute is added here once.
+    fn base(common: Common<'_>) -> Self {
+        let t = common.code.ocsf_type();
+        Event {
+            time: common.time_ms,
+            class_uid: t.class_uid,
+            class_name: t.class_name.into(),
+            category_uid: t.category_uid,
+            category_name: t.category_name.into(),
+            activity_id: t.activity_id,
+            activity_name: t.activity_name.into(),
+            type_uid: u64::from(t.class_uid) * 100 + u64::from(t.activity_id),
+            type_name: format!("{}: {}", t.class_name, t.ocsf_activity),
+            severity_id: common.severity_id,
+            severity: severity::name(common.severity_id).into(),
+            status_id: common.status_id,
+            status: common.status.into(),
+            status_detail: None,
+            message: common.message,
+            metadata: common
+                .origin
+                .metadata(common.seq, common.code, common.container.is_some()),
+            device: common.origin.device(),
+            actor: Actor {
+                process: common.process,
+            },
+            container: common.container,
+            module: None,
+            key: None,
+            signature: None,
+            cgroup: None,
+            file: None,
+            secret_file: None,
+            peer: None,
+            local: None,
+            action: None,
+            action_id: None,
+            finding_info: None,
+            evidences: Vec::new(),
+            responses: Vec::new(),
+            analysis: None,
+        }
+    }
+
     /// Module Activity 1005 / Invoke: a private key signed.
     pub fn key_use(origin: &Origin, u: KeyUse) -> Self {
         let who = &u.process.name;
@@ -576,25 +760,6 @@ impl Event {
             )
         };
         Event {
-            time: u.time_ms,
-            class_uid: class::MODULE_ACTIVITY,
-            class_name: "Module Activity".into(),
-            category_uid: 1,
-            category_name: "System Activity".into(),
-            activity_id: activity::INVOKE,
-            activity_name: "Invoke".into(),
-            type_uid: class::MODULE_ACTIVITY as u64 * 100 + activity::INVOKE as u64,
-            type_name: "Module Activity: Invoke".into(),
-            severity_id: severity::INFORMATIONAL,
-            severity: severity::name(severity::INFORMATIONAL).into(),
-            status_id: if u.success { 1 } else { 2 },
-            status: if u.success { "Success" } else { "Failure" }.into(),
-            status_detail: None,
-            message,
-            metadata: origin.metadata(u.seq, EventCode::KeyUse, u.container.is_some()),
-            device: origin.device(),
-            actor: Actor { process: u.process },
-            container: u.container,
             module: Some(Module {
                 file: u.library,
                 function_name: u.function,
@@ -603,16 +768,20 @@ impl Event {
             key: Some(u.key),
             signature: Some(u.signature),
             cgroup: Some(u.cgroup),
-            file: None,
-            secret_file: None,
             peer: u.peer,
             local: u.local,
-            action: None,
-            action_id: None,
-            finding_info: None,
-            evidences: Vec::new(),
-            responses: Vec::new(),
-            analysis: None,
+            ..Event::base(Common {
+                origin,
+                code: EventCode::KeyUse,
+                time_ms: u.time_ms,
+                seq: u.seq,
+                severity_id: severity::INFORMATIONAL,
+                status_id: if u.success { 1 } else { 2 },
+                status: if u.success { "Success" } else { "Failure" },
+                message,
+                process: u.process,
+                container: u.container,
+            })
         }
     }
 
@@ -622,35 +791,29 @@ impl Event {
     /// is Unknown (0) with that said in `status_detail`.
     pub fn secret_file_open(origin: &Origin, o: SecretFileOpen) -> Self {
         let count = o.secret.count;
-        // A rule's verdict makes the result known; otherwise the probe saw
-        // only the attempt.
+        let time_ms = o.secret.first_time;
         let denied = o.secret.verdict == Some(Verdict::Denied);
-        let verdict = match o.secret.verdict {
-            Some(Verdict::Allowed) => Some(("Allowed", 1u8)),
-            Some(Verdict::Denied) => Some(("Denied", 2u8)),
-            None => None,
-        };
-        let (status_id, status, status_detail) = match (verdict, &o.secret.rule) {
-            (None, _) => (
+        // A rule's verdict makes the result known (and the event a
+        // Security Control one); otherwise the probe saw only the attempt.
+        let rule = o.secret.rule.as_deref().unwrap_or("?");
+        let (status_id, status, status_detail, action) = match o.secret.verdict {
+            None => (
                 0,
                 "Unknown",
-                Some("open attempted; its result is not observed".to_owned()),
+                "open attempted; its result is not observed".to_owned(),
+                None,
             ),
-            (Some(_), rule) if denied => (
+            Some(Verdict::Denied) => (
                 2,
                 "Failure",
-                Some(format!(
-                    "denied with EPERM by rule {}",
-                    rule.as_deref().unwrap_or("?")
-                )),
+                format!("denied with EPERM by rule {rule}"),
+                Some(("Denied", 2)),
             ),
-            (Some(_), rule) => (
+            Some(Verdict::Allowed) => (
                 1,
                 "Success",
-                Some(format!(
-                    "allowed by rule {}",
-                    rule.as_deref().unwrap_or("?")
-                )),
+                format!("allowed by rule {rule}"),
+                Some(("Allowed", 1)),
             ),
         };
         let message = format!(
@@ -669,48 +832,31 @@ impl Event {
                 String::new()
             }
         );
-        Event {
-            time: o.secret.first_time,
-            class_uid: class::FILE_SYSTEM_ACTIVITY,
-            class_name: "File System Activity".into(),
-            category_uid: 1,
-            category_name: "System Activity".into(),
-            activity_id: activity::OPEN,
-            activity_name: "Open".into(),
-            type_uid: class::FILE_SYSTEM_ACTIVITY as u64 * 100 + activity::OPEN as u64,
-            type_name: "File System Activity: Open".into(),
-            severity_id: severity::INFORMATIONAL,
-            severity: severity::name(severity::INFORMATIONAL).into(),
-            status_id,
-            status: status.into(),
-            status_detail,
-            message,
-            metadata: {
-                let mut m =
-                    origin.metadata(o.seq, EventCode::SecretFileOpen, o.container.is_some());
-                if verdict.is_some() {
-                    m.profiles.push("security_control".to_owned());
-                }
-                m
-            },
-            device: origin.device(),
-            actor: Actor { process: o.process },
-            container: o.container,
-            module: None,
+        let mut event = Event {
+            status_detail: Some(status_detail),
             key: o.key,
-            signature: None,
             cgroup: Some(o.cgroup),
             file: Some(o.file),
-            peer: None,
-            local: None,
-            action: verdict.map(|(a, _)| a.into()),
-            action_id: verdict.map(|(_, id)| id),
             secret_file: Some(o.secret),
-            finding_info: None,
-            evidences: Vec::new(),
-            responses: Vec::new(),
-            analysis: None,
+            action: action.map(|(name, _)| name.to_owned()),
+            action_id: action.map(|(_, id)| id),
+            ..Event::base(Common {
+                origin,
+                code: EventCode::SecretFileOpen,
+                time_ms,
+                seq: o.seq,
+                severity_id: severity::INFORMATIONAL,
+                status_id,
+                status,
+                message,
+                process: o.process,
+                container: o.container,
+            })
+        };
+        if action.is_some() {
+            event.metadata.profiles.push("security_control".to_owned());
         }
+        event
     }
 
     /// Module Activity 1005 / Other: something the sensor could not cover or
@@ -725,45 +871,24 @@ impl Event {
         detail: String,
     ) -> Self {
         Event {
-            time: time_ms,
-            class_uid: class::MODULE_ACTIVITY,
-            class_name: "Module Activity".into(),
-            category_uid: 1,
-            category_name: "System Activity".into(),
-            activity_id: activity::OTHER,
-            activity_name: "Coverage Warning".into(),
-            type_uid: class::MODULE_ACTIVITY as u64 * 100 + activity::OTHER as u64,
-            type_name: "Module Activity: Other".into(),
-            severity_id: severity::LOW,
-            severity: severity::name(severity::LOW).into(),
-            status_id: 2,
-            status: "Failure".into(),
             status_detail: Some(detail.clone()),
-            message: detail,
-            metadata: origin.metadata(seq, EventCode::CoverageWarning, false),
-            device: origin.device(),
-            actor: Actor {
-                process: process.unwrap_or_default(),
-            },
-            container: None,
             module: module.map(|file| Module {
                 file,
                 function_name: String::new(),
                 kind: "unknown".into(),
             }),
-            key: None,
-            signature: None,
-            cgroup: None,
-            file: None,
-            secret_file: None,
-            peer: None,
-            local: None,
-            action: None,
-            action_id: None,
-            finding_info: None,
-            evidences: Vec::new(),
-            responses: Vec::new(),
-            analysis: None,
+            ..Event::base(Common {
+                origin,
+                code: EventCode::CoverageWarning,
+                time_ms,
+                seq,
+                severity_id: severity::LOW,
+                status_id: 2,
+                status: "Failure",
+                message: detail,
+                process: process.unwrap_or_default(),
+                container: None,
+            })
         }
     }
 }
@@ -789,26 +914,21 @@ impl Event {
         evidence: &Event,
         responses: Vec<Response>,
     ) -> Self {
-        let metadata = origin.metadata(seq, EventCode::Alert, evidence.container.is_some());
-        let message = format!("rule {} matched: {}", rule.id, evidence.message);
-        Event {
-            time: time_ms,
-            class_uid: class::DETECTION_FINDING,
-            class_name: "Detection Finding".into(),
-            category_uid: 2,
-            category_name: "Findings".into(),
-            activity_id: 1,
-            activity_name: "Create".into(),
-            type_uid: class::DETECTION_FINDING as u64 * 100 + 1,
-            type_name: "Detection Finding: Create".into(),
+        let base = Event::base(Common {
+            origin,
+            code: EventCode::Alert,
+            time_ms,
+            seq,
             severity_id: rule.severity_id,
-            severity: severity::name(rule.severity_id).into(),
             status_id: 1,
-            status: "New".into(),
-            status_detail: None,
-            message,
+            status: "New",
+            message: format!("rule {} matched: {}", rule.id, evidence.message),
+            process: evidence.actor.process.clone(),
+            container: evidence.container.clone(),
+        });
+        Event {
             finding_info: Some(FindingInfo {
-                uid: metadata.uid.clone(),
+                uid: base.metadata.uid.clone(),
                 title: rule
                     .description
                     .clone()
@@ -822,16 +942,9 @@ impl Event {
                     source: rule.source.clone(),
                 },
             }),
-            metadata,
-            device: origin.device(),
-            actor: evidence.actor.clone(),
-            container: evidence.container.clone(),
-            module: None,
             key: evidence.key.clone(),
-            signature: None,
             cgroup: evidence.cgroup.clone(),
             file: evidence.file.clone(),
-            secret_file: None,
             peer: evidence.peer.clone(),
             local: evidence.local.clone(),
             action: evidence.action.clone(),
@@ -840,7 +953,7 @@ impl Event {
                 data: serde_json::to_value(evidence).unwrap_or_default(),
             }],
             responses,
-            analysis: None,
+            ..base
         }
     }
 }
@@ -886,6 +999,13 @@ pub(crate) mod tests_support {
         }
     }
 
+    pub fn cgroup() -> Cgroup {
+        Cgroup {
+            id: 99,
+            path: Some("/kubepods/x".into()),
+        }
+    }
+
     pub fn key() -> KeyIdentity {
         KeyIdentity {
             status: KeyStatus::Identified,
@@ -928,16 +1048,8 @@ pub(crate) mod tests_support {
             seq: 7,
             process: process(),
             container: Some(container()),
-            cgroup: Cgroup {
-                id: 99,
-                path: Some("/kubepods/x".into()),
-            },
-            library: File {
-                path: "/usr/lib/libcrypto.so.3".into(),
-                name: "libcrypto.so.3".into(),
-                type_id: 1,
-                hashes: vec![],
-            },
+            cgroup: cgroup(),
+            library: File::regular("/usr/lib/libcrypto.so.3"),
             library_kind: "openssl".into(),
             function: "EVP_DigestSign".into(),
             success: true,
@@ -962,16 +1074,8 @@ pub(crate) mod tests_support {
                 seq: 8,
                 process: process(),
                 container: Some(container()),
-                cgroup: Cgroup {
-                    id: 99,
-                    path: Some("/kubepods/x".into()),
-                },
-                file: File {
-                    path: "/etc/ssl/private/a.key".into(),
-                    name: "a.key".into(),
-                    type_id: 1,
-                    hashes: vec![],
-                },
+                cgroup: cgroup(),
+                file: File::regular("/etc/ssl/private/a.key"),
                 key: Some(key()),
                 secret: SecretFile {
                     host_path: Some("/etc/ssl/private/a.key".into()),
@@ -1076,12 +1180,7 @@ mod tests {
             process: u.process,
             container: None,
             cgroup: u.cgroup,
-            file: File {
-                path: "/srv/app/.env".into(),
-                name: ".env".into(),
-                type_id: 1,
-                hashes: vec![],
-            },
+            file: File::regular("/srv/app/.env"),
             key: None,
             secret: SecretFile {
                 host_path: Some("/srv/app/.env".into()),
@@ -1152,6 +1251,61 @@ mod tests {
         assert_eq!(v["responses"][0]["action"], "block");
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, ev);
+    }
+
+    /// The OCSF names every kind writes, now derived in one place
+    /// (`EventCode::ocsf_type`, `Event::base`) rather than written in each
+    /// constructor.
+    #[test]
+    fn each_kind_writes_its_ocsf_names_and_profiles() {
+        let rule = RuleRef {
+            id: "r1".into(),
+            description: None,
+            severity_id: severity::MEDIUM,
+            source: None,
+        };
+        let evidence = tests_support::key_use_event();
+        let cases = [
+            (
+                evidence.clone(),
+                ("Module Activity", "System Activity", "Invoke"),
+                ("Module Activity: Invoke", 100503_u64, "Informational"),
+            ),
+            (
+                tests_support::secret_open_event(),
+                ("File System Activity", "System Activity", "Open"),
+                ("File System Activity: Open", 100114, "Informational"),
+            ),
+            (
+                Event::coverage_warning(&origin(), 1, 2, None, None, "x".into()),
+                ("Module Activity", "System Activity", "Coverage Warning"),
+                ("Module Activity: Other", 100599, "Low"),
+            ),
+            (
+                Event::detection_finding(&origin(), 5, 11, &rule, &evidence, Vec::new()),
+                ("Detection Finding", "Findings", "Create"),
+                ("Detection Finding: Create", 200401, "Medium"),
+            ),
+        ];
+        for (ev, names, type_and_severity) in cases {
+            assert_eq!(
+                (
+                    ev.class_name.as_str(),
+                    ev.category_name.as_str(),
+                    ev.activity_name.as_str()
+                ),
+                names
+            );
+            assert_eq!(
+                (ev.type_name.as_str(), ev.type_uid, ev.severity.as_str()),
+                type_and_severity
+            );
+            assert_eq!(
+                ev.metadata.profiles.iter().any(|p| p == "container"),
+                ev.container.is_some(),
+                "the container profile is listed exactly when there is a container"
+            );
+        }
     }
 
     #[test]

@@ -106,7 +106,10 @@ impl Fired {
                     .iter()
                     .map(|d| d.name().to_owned())
                     .collect(),
-                baseline: self.baseline.as_deref().cloned(),
+                baseline: self
+                    .baseline
+                    .as_deref()
+                    .map(crate::event::BaselineSnapshot::from),
                 count: self.count,
                 window_seconds: self.rule.threshold.map(|t| (t.window_ms / 1000) as u64),
             });
