@@ -12,15 +12,7 @@ use std::{
     time::Duration,
 };
 
-use serde_json::Value;
 use support::*;
-
-fn findings(events: &[Value]) -> Vec<&Value> {
-    events
-        .iter()
-        .filter(|e| e["metadata"]["event_code"] == "alert")
-        .collect()
-}
 
 #[test]
 fn a_new_binary_signing_with_a_learned_key_is_found_killed_and_replayed_alike() {
@@ -125,27 +117,28 @@ fn a_new_binary_signing_with_a_learned_key_is_found_killed_and_replayed_alike() 
     let events = sensor.stop();
 
     let found = findings(&events);
-    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found.len(), 1, "{}", pretty(&found));
     let f = found[0];
-    assert_eq!(f["actor"]["process"]["pid"], server_pid);
+    assert_eq!(f.actor.process.pid, server_pid, "{}", pretty(f));
+    assert_eq!(rule_of(f), Some("service-key-new-binary"), "{}", pretty(f));
+    assert_eq!(analysis_of(f).deviations, ["new_binary"], "{}", pretty(f));
+    let baseline = analysis_of(f)
+        .baseline
+        .as_ref()
+        .unwrap_or_else(|| panic!("no analysis.baseline: {}", pretty(f)));
+    // Owned values compare alike whatever collection the model keeps.
+    let learned: Vec<String> = baseline.binaries.iter().map(|v| v.to_string()).collect();
     assert_eq!(
-        f["finding_info"]["analytic"]["uid"],
-        "service-key-new-binary"
+        learned,
+        [sha256_file("/usr/bin/openssl".as_ref())],
+        "{}",
+        pretty(f)
     );
     assert_eq!(
-        f["analysis"]["deviations"],
-        serde_json::json!(["new_binary"])
-    );
-    let learned = f["analysis"]["baseline"]["binaries"].as_array().unwrap();
-    assert_eq!(learned.len(), 1);
-    assert_eq!(
-        learned[0],
-        sha256_file("/usr/bin/openssl".as_ref()).as_str()
-    );
-    let kill = &f["responses"][1];
-    assert_eq!(
-        (kill["action"].as_str(), kill["outcome"].as_str()),
-        (Some("kill"), Some("done"))
+        responses_of(f).get(1),
+        Some(&("kill", Outcome::Done)),
+        "{}",
+        pretty(f)
     );
     // The learning and normal signatures are events, not findings.
     for pid in [learn_pid, normal_pid] {
@@ -158,7 +151,7 @@ fn a_new_binary_signing_with_a_learned_key_is_found_killed_and_replayed_alike() 
         &sensor_events,
         events
             .iter()
-            .map(|e| e.to_string() + "\n")
+            .map(|e| serde_json::to_string(e).unwrap() + "\n")
             .collect::<String>(),
     )
     .unwrap();
@@ -169,23 +162,28 @@ fn a_new_binary_signing_with_a_learned_key_is_found_killed_and_replayed_alike() 
             .arg("--input")
             .arg(&sensor_events),
     );
-    let replayed: Vec<Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    assert_eq!(replayed.len(), 1, "{replayed:#?}");
+    let replayed = parse_events(&String::from_utf8(out.stdout).unwrap(), "keywarden analyze");
+    assert_eq!(replayed.len(), 1, "{}", pretty(&replayed));
     let r = &replayed[0];
+    assert_eq!(rule_of(r), rule_of(f), "{}", pretty(r));
     assert_eq!(
-        r["finding_info"]["analytic"]["uid"],
-        f["finding_info"]["analytic"]["uid"]
+        evidence_of(r).metadata.uid,
+        evidence_of(f).metadata.uid,
+        "{}",
+        pretty(r)
     );
     assert_eq!(
-        r["evidences"][0]["data"]["metadata"]["uid"],
-        f["evidences"][0]["data"]["metadata"]["uid"]
+        analysis_of(r).deviations,
+        analysis_of(f).deviations,
+        "{}",
+        pretty(r)
     );
-    assert_eq!(r["analysis"]["deviations"], f["analysis"]["deviations"]);
-    assert_eq!(r["responses"][1]["outcome"], "skipped");
+    assert_eq!(
+        responses_of(r).get(1).map(|&(_, outcome)| outcome),
+        Some(Outcome::Skipped),
+        "{}",
+        pretty(r)
+    );
 }
 
 #[test]
@@ -282,13 +280,11 @@ fn sighup_reloads_rules_and_a_bad_set_keeps_the_last_good_one() {
     let events = sensor.stop();
 
     let fired = |pid: u32| -> Vec<String> {
-        findings(&events)
+        findings_of(&events, pid)
             .into_iter()
-            .filter(|f| f["actor"]["process"]["pid"] == pid)
             .map(|f| {
-                f["finding_info"]["analytic"]["uid"]
-                    .as_str()
-                    .unwrap()
+                rule_of(f)
+                    .unwrap_or_else(|| panic!("a finding without its rule: {}", pretty(f)))
                     .to_owned()
             })
             .collect()
@@ -296,22 +292,14 @@ fn sighup_reloads_rules_and_a_bad_set_keeps_the_last_good_one() {
     assert!(fired(before_reload).is_empty());
     assert_eq!(fired(after_reload), ["first"]);
     assert_eq!(fired(after_bad), ["first"], "the last good set stays");
-    let warning = events
-        .iter()
-        .find(|e| {
-            e["metadata"]["event_code"] == "coverage_warning"
-                && e["message"]
-                    .as_str()
-                    .unwrap()
-                    .contains("rules not reloaded")
-        })
+    let warning = coverage_warnings(&events)
+        .into_iter()
+        .find(|e| e.message.contains("rules not reloaded"))
         .expect("a warning event for the refused reload");
     assert!(
-        warning["message"]
-            .as_str()
-            .unwrap()
-            .contains("rules.yaml:3:15"),
-        "{warning}"
+        warning.message.contains("rules.yaml:3:15"),
+        "{}",
+        pretty(warning)
     );
     // Every signature is still an event: nothing was lost across reloads.
     for pid in [before_reload, after_reload, after_bad] {
@@ -375,25 +363,37 @@ fn a_handshake_from_a_new_country_is_a_finding() {
     from("127.0.0.130");
     let events = sensor.stop();
     drop(nginx);
-    let uses: Vec<&Value> = key_uses(&events)
+    let uses: Vec<&Event> = key_uses(&events)
         .into_iter()
-        .filter(|e| e["key"]["spki_sha256"] == key.spki.as_str())
+        .filter(|e| spki_of(e) == Some(key.spki.as_str()))
         .collect();
-    assert_eq!(uses.len(), 4, "{uses:#?}");
+    assert_eq!(uses.len(), 4, "{}", pretty(&uses));
     let found = findings(&events);
-    assert_eq!(found.len(), 1, "{found:#?}");
+    assert_eq!(found.len(), 1, "{}", pretty(&found));
     let f = found[0];
-    assert_eq!(f["finding_info"]["analytic"]["uid"], "tls-key-new-country");
-    assert_eq!(f["peer"]["ip"], "127.0.0.130");
-    assert_eq!(f["peer"]["location"]["country"], "FR");
-    assert_eq!(f["peer"]["autonomous_system"]["number"], 64501);
+    assert_eq!(rule_of(f), Some("tls-key-new-country"), "{}", pretty(f));
+    let peer = f
+        .peer
+        .as_ref()
+        .unwrap_or_else(|| panic!("no peer: {}", pretty(f)));
+    assert_eq!(peer.ip, "127.0.0.130", "{}", pretty(f));
     assert_eq!(
-        f["analysis"]["deviations"],
-        serde_json::json!(["new_country"])
+        peer.location.as_ref().and_then(|l| l.country.as_deref()),
+        Some("FR"),
+        "{}",
+        pretty(f)
     );
     assert_eq!(
-        f["analysis"]["baseline"]["countries"],
-        serde_json::json!(["DE"]),
-        "{f:#}"
+        peer.autonomous_system.as_ref().map(|a| a.number),
+        Some(64501),
+        "{}",
+        pretty(f)
     );
+    assert_eq!(analysis_of(f).deviations, ["new_country"], "{}", pretty(f));
+    let baseline = analysis_of(f)
+        .baseline
+        .as_ref()
+        .unwrap_or_else(|| panic!("no analysis.baseline: {}", pretty(f)));
+    let countries: Vec<String> = baseline.countries.iter().map(|v| v.to_string()).collect();
+    assert_eq!(countries, ["DE"], "{}", pretty(f));
 }

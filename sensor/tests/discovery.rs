@@ -111,22 +111,26 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
     let (pid, _) = run_pid_ok(Command::new("sh").arg("-c").arg(&script));
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
-    assert_eq!(uses.len(), 1, "{uses:#?}");
+    assert_eq!(uses.len(), 1, "{}", pretty(&uses));
     let e = uses[0];
-    assert_eq!(e["container"]["uid"], id.as_str(), "{e:#}");
-    assert_eq!(e["container"]["runtime"], "containerd");
-    assert_eq!(e["container"]["pod_uuid"], pod);
+    let container = e
+        .container
+        .as_ref()
+        .unwrap_or_else(|| panic!("no container: {}", pretty(e)));
+    assert_eq!(container.uid, id, "{}", pretty(e));
+    assert_eq!(container.runtime, "containerd", "{}", pretty(e));
+    assert_eq!(container.pod_uuid.as_deref(), Some(pod), "{}", pretty(e));
     assert_eq!(
-        e["cgroup"]["path"],
-        format!("/{}", parts.join("/")).as_str()
+        e.cgroup.as_ref().and_then(|c| c.path.as_deref()),
+        Some(format!("/{}", parts.join("/")).as_str()),
+        "{}",
+        pretty(e)
     );
-    assert_eq!(e["key"]["spki_sha256"], key.spki.as_str());
+    assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
     assert!(
-        e["metadata"]["profiles"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p == "container")
+        e.metadata.profiles.iter().any(|p| p == "container"),
+        "{}",
+        pretty(e)
     );
 }
 
@@ -168,9 +172,15 @@ fn a_library_written_while_the_sensor_runs_is_covered_when_loaded() {
         (pid_upgraded, &library),
     ] {
         let uses = key_uses_of(&events, pid);
-        assert_eq!(uses.len(), 1, "{uses:#?}");
-        assert_eq!(uses[0]["module"]["file"]["path"], library.to_str().unwrap());
-        assert_eq!(uses[0]["key"]["spki_sha256"], signer.key.spki.as_str());
+        assert_eq!(uses.len(), 1, "{}", pretty(&uses));
+        let e = uses[0];
+        assert_eq!(
+            module_of(e).file.path,
+            library.to_str().unwrap(),
+            "{}",
+            pretty(e)
+        );
+        assert_eq!(spki_of(e), Some(signer.key.spki.as_str()), "{}", pretty(e));
     }
 }
 
@@ -188,14 +198,15 @@ fn a_library_path_first_seen_after_start_is_covered_from_the_first_signature() {
     let pid = run_pid_deadline_ok(&mut signer.command(), Duration::from_secs(30));
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
-    assert_eq!(uses.len(), 1, "{uses:#?}");
+    assert_eq!(uses.len(), 1, "{}", pretty(&uses));
+    let e = uses[0];
     assert_eq!(
-        uses[0]["module"]["file"]["path"],
+        module_of(e).file.path,
         signer.library.to_str().unwrap(),
-        "{:#}",
-        uses[0]
+        "{}",
+        pretty(e)
     );
-    assert_eq!(uses[0]["key"]["spki_sha256"], signer.key.spki.as_str());
+    assert_eq!(spki_of(e), Some(signer.key.spki.as_str()), "{}", pretty(e));
 }
 
 /// Two sensors at once (an operator mistake, or a second tool): each reads
@@ -224,12 +235,13 @@ fn two_sensors_never_hold_each_other() {
         first.log()
     );
     let pid = run_pid_deadline_ok(&mut signer.command(), Duration::from_secs(20));
-    let uses_of = |events: &[serde_json::Value], pid: u32| -> usize {
+    let uses_of = |events: &[Event], pid: u32| -> usize {
         let uses = key_uses_of(events, pid);
         assert!(
             uses.iter()
-                .all(|e| e["key"]["spki_sha256"] == signer.key.spki.as_str()),
-            "{uses:#?}"
+                .all(|e| spki_of(e) == Some(signer.key.spki.as_str())),
+            "{}",
+            pretty(&uses)
         );
         uses.len()
     };
@@ -256,8 +268,13 @@ fn two_sensors_never_hold_each_other() {
     let events = second.stop();
     assert!(uses_of(&events, pid) <= 1, "never counted twice");
     let uses = key_uses_of(&events, pid2);
-    assert_eq!(uses.len(), 1, "{uses:#?}");
-    assert_eq!(uses[0]["key"]["spki_sha256"], again.key.spki.as_str());
+    assert_eq!(uses.len(), 1, "{}", pretty(&uses));
+    assert_eq!(
+        spki_of(uses[0]),
+        Some(again.key.spki.as_str()),
+        "{}",
+        pretty(uses[0])
+    );
 }
 
 /// A sensor killed while it holds a process must not leave that process
@@ -380,6 +397,16 @@ fn a_library_only_inside_another_mount_namespace_is_found_at_start() {
     )));
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
-    assert_eq!(uses.len(), 1, "one handshake, one signature: {uses:#?}");
-    assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+    assert_eq!(
+        uses.len(),
+        1,
+        "one handshake, one signature: {}",
+        pretty(&uses)
+    );
+    assert_eq!(
+        spki_of(uses[0]),
+        Some(key.spki.as_str()),
+        "{}",
+        pretty(uses[0])
+    );
 }

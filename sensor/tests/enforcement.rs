@@ -6,29 +6,7 @@ mod support;
 
 use std::{os::unix::process::ExitStatusExt, path::Path, process::Command};
 
-use serde_json::Value;
 use support::*;
-
-fn of_pid<'a>(events: &'a [Value], code: &str, pid: u32) -> Vec<&'a Value> {
-    events
-        .iter()
-        .filter(|e| e["metadata"]["event_code"] == code && e["actor"]["process"]["pid"] == pid)
-        .collect()
-}
-
-fn responses(finding: &Value) -> Vec<(String, String)> {
-    finding["responses"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            (
-                r["action"].as_str().unwrap().to_owned(),
-                r["outcome"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect()
-}
 
 #[test]
 fn kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs() {
@@ -76,43 +54,46 @@ fn kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs() {
     let events = sensor.stop();
     // The denied process: a failed key use naming the key, and a finding
     // saying the kill happened in the kernel.
-    let uses = of_pid(&events, "key_use", denied_pid);
-    assert_eq!(uses.len(), 1, "{uses:#?}");
-    assert_eq!(uses[0]["status_id"], 2);
-    assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+    let uses = key_uses_of(&events, denied_pid);
+    assert_eq!(uses.len(), 1, "{}", pretty(&uses));
+    let e = uses[0];
+    assert_eq!(e.status_id, 2, "{}", pretty(e));
+    assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
     assert!(
-        uses[0]["status_detail"]
-            .as_str()
-            .unwrap()
-            .contains("killed"),
+        e.status_detail
+            .as_deref()
+            .is_some_and(|d| d.contains("killed")),
         "{}",
-        uses[0]
+        pretty(e)
     );
-    let findings = of_pid(&events, "alert", denied_pid);
-    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let findings = findings_of(&events, denied_pid);
+    assert_eq!(findings.len(), 1, "{}", pretty(&findings));
     let f = findings[0];
-    assert_eq!(f["class_uid"], 2004);
-    assert_eq!(f["finding_info"]["analytic"]["uid"], "protect-signing-key");
-    assert_eq!(f["severity_id"], 5);
+    assert_eq!(f.class_uid, 2004, "{}", pretty(f));
+    assert_eq!(rule_of(f), Some("protect-signing-key"), "{}", pretty(f));
+    assert_eq!(f.severity_id, 5, "{}", pretty(f));
     assert_eq!(
-        responses(f),
-        [
-            ("alert".to_owned(), "done".to_owned()),
-            ("kill".to_owned(), "in_kernel".to_owned())
-        ]
+        responses_of(f),
+        [("alert", Outcome::Done), ("kill", Outcome::InKernel)],
+        "{}",
+        pretty(f)
     );
     assert_eq!(
-        f["evidences"][0]["data"]["metadata"]["event_code"],
-        "key_use"
+        evidence_of(f).metadata.event_code,
+        EventCode::KeyUse,
+        "{}",
+        pretty(f)
     );
 
     // The allowed binary: one successful signature with the same key, and
     // no finding.
-    let uses = of_pid(&events, "key_use", allowed_pid);
-    assert_eq!(uses.len(), 1, "{uses:#?}");
-    assert_eq!(uses[0]["status_id"], 1);
-    assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
-    assert!(of_pid(&events, "alert", allowed_pid).is_empty());
+    let uses = key_uses_of(&events, allowed_pid);
+    assert_eq!(uses.len(), 1, "{}", pretty(&uses));
+    let e = uses[0];
+    assert_eq!(e.status_id, 1, "{}", pretty(e));
+    assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
+    let alerts = findings_of(&events, allowed_pid);
+    assert!(alerts.is_empty(), "{}", pretty(&alerts));
 }
 
 #[test]
@@ -179,44 +160,66 @@ fn block_rule_denies_with_eperm_and_allows_the_listed_binary() {
     assert!(!out.status.success(), "{out:?}");
 
     let events = sensor.stop();
-    let denied = of_pid(&events, "secret_file_open", cat_pid);
-    assert_eq!(denied.len(), 1, "{denied:#?}");
+    let denied = secret_opens_of(&events, cat_pid);
+    assert_eq!(denied.len(), 1, "{}", pretty(&denied));
     let d = denied[0];
-    assert_eq!(d["secret_file"]["verdict"], "denied");
-    assert_eq!(d["secret_file"]["rule"], "guarded-env");
-    assert_eq!(d["secret_file"]["count"], 1);
-    assert_eq!(d["status_id"], 2);
-    assert_eq!(d["action_id"], 2);
-    assert_eq!(d["file"]["path"], before.to_str().unwrap());
-    assert_eq!(d["actor"]["process"]["name"], "cat");
-    let finding = of_pid(&events, "alert", cat_pid);
-    assert_eq!(finding.len(), 1, "{finding:#?}");
+    assert_eq!(secret_of(d).verdict, Some(Verdict::Denied), "{}", pretty(d));
     assert_eq!(
-        responses(finding[0]),
-        [
-            ("alert".to_owned(), "done".to_owned()),
-            ("block".to_owned(), "done".to_owned())
-        ]
+        secret_of(d).rule.as_deref(),
+        Some("guarded-env"),
+        "{}",
+        pretty(d)
+    );
+    assert_eq!(secret_of(d).count, 1, "{}", pretty(d));
+    assert_eq!(d.status_id, 2, "{}", pretty(d));
+    assert_eq!(d.action_id, Some(2), "{}", pretty(d));
+    assert_eq!(
+        file_path_of(d),
+        Some(before.to_str().unwrap()),
+        "{}",
+        pretty(d)
+    );
+    assert_eq!(d.actor.process.name, "cat", "{}", pretty(d));
+    let finding = findings_of(&events, cat_pid);
+    assert_eq!(finding.len(), 1, "{}", pretty(&finding));
+    assert_eq!(
+        responses_of(finding[0]),
+        [("alert", Outcome::Done), ("block", Outcome::Done)],
+        "{}",
+        pretty(finding[0])
     );
 
-    let allowed = of_pid(&events, "secret_file_open", head_pid);
-    assert_eq!(allowed.len(), 1, "{allowed:#?}");
-    assert_eq!(allowed[0]["secret_file"]["verdict"], "allowed");
-    assert_eq!(allowed[0]["status_id"], 1);
-    assert_eq!(allowed[0]["action_id"], 1);
-    let head_alerts = of_pid(&events, "alert", head_pid);
-    assert!(head_alerts.is_empty(), "{head_alerts:#?}");
+    let allowed = secret_opens_of(&events, head_pid);
+    assert_eq!(allowed.len(), 1, "{}", pretty(&allowed));
+    let a = allowed[0];
+    assert_eq!(
+        secret_of(a).verdict,
+        Some(Verdict::Allowed),
+        "{}",
+        pretty(a)
+    );
+    assert_eq!(a.status_id, 1, "{}", pretty(a));
+    assert_eq!(a.action_id, Some(1), "{}", pretty(a));
+    let head_alerts = findings_of(&events, head_pid);
+    assert!(head_alerts.is_empty(), "{}", pretty(&head_alerts));
 
-    let unselected = of_pid(&events, "secret_file_open", dotenv_pid);
-    assert_eq!(unselected.len(), 1, "{unselected:#?}");
-    assert!(unselected[0]["secret_file"].get("verdict").is_none());
-    assert_eq!(unselected[0]["secret_file"]["matched"], "**/.env");
-    assert_eq!(unselected[0]["status_id"], 0);
-    assert!(of_pid(&events, "alert", dotenv_pid).is_empty());
+    let unselected = secret_opens_of(&events, dotenv_pid);
+    assert_eq!(unselected.len(), 1, "{}", pretty(&unselected));
+    let u = unselected[0];
+    assert!(secret_of(u).verdict.is_none(), "{}", pretty(u));
+    assert_eq!(secret_of(u).matched, "**/.env", "{}", pretty(u));
+    assert_eq!(u.status_id, 0, "{}", pretty(u));
+    let dotenv_alerts = findings_of(&events, dotenv_pid);
+    assert!(dotenv_alerts.is_empty(), "{}", pretty(&dotenv_alerts));
 
-    let late = of_pid(&events, "secret_file_open", late_pid);
-    assert_eq!(late.len(), 1, "{late:#?}");
-    assert_eq!(late[0]["secret_file"]["verdict"], "denied");
+    let late = secret_opens_of(&events, late_pid);
+    assert_eq!(late.len(), 1, "{}", pretty(&late));
+    assert_eq!(
+        secret_of(late[0]).verdict,
+        Some(Verdict::Denied),
+        "{}",
+        pretty(late[0])
+    );
 
     let all = serde_json::to_string(&events).unwrap();
     assert!(!all.contains("hunter2"), "secret contents leaked");
@@ -299,19 +302,19 @@ fn a_rule_on_a_path_outside_the_watch_list_watches_it() {
     let sensor = Sensor::start(&["--rules", rules.to_str().unwrap()]);
     let (pid, _) = run_pid_ok(Command::new("cat").arg(&config));
     let events = sensor.stop();
-    let opens = of_pid(&events, "secret_file_open", pid);
-    assert_eq!(opens.len(), 1, "{opens:#?}");
-    assert_eq!(opens[0]["secret_file"]["matched"], config.to_str().unwrap());
-    let findings = of_pid(&events, "alert", pid);
-    assert_eq!(findings.len(), 1, "{findings:#?}");
+    let opens = secret_opens_of(&events, pid);
+    assert_eq!(opens.len(), 1, "{}", pretty(&opens));
     assert_eq!(
-        findings[0]["finding_info"]["analytic"]["uid"],
-        "app-config-read"
+        secret_of(opens[0]).matched,
+        config.to_str().unwrap(),
+        "{}",
+        pretty(opens[0])
     );
-    assert_eq!(
-        responses(findings[0]),
-        [("alert".to_owned(), "done".to_owned())]
-    );
+    let findings = findings_of(&events, pid);
+    assert_eq!(findings.len(), 1, "{}", pretty(&findings));
+    let f = findings[0];
+    assert_eq!(rule_of(f), Some("app-config-read"), "{}", pretty(f));
+    assert_eq!(responses_of(f), [("alert", Outcome::Done)], "{}", pretty(f));
     assert!(!serde_json::to_string(&events).unwrap().contains("hunter2"));
 }
 
@@ -363,7 +366,12 @@ fn a_guarded_executable_started_before_the_sensor_is_judged_without_deadlock() {
         "{out:?}"
     );
     let events = sensor.stop();
-    let denied = of_pid(&events, "secret_file_open", pid);
-    assert_eq!(denied.len(), 1, "{denied:#?}");
-    assert_eq!(denied[0]["secret_file"]["verdict"], "denied");
+    let denied = secret_opens_of(&events, pid);
+    assert_eq!(denied.len(), 1, "{}", pretty(&denied));
+    assert_eq!(
+        secret_of(denied[0]).verdict,
+        Some(Verdict::Denied),
+        "{}",
+        pretty(denied[0])
+    );
 }

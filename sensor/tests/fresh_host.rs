@@ -66,6 +66,11 @@ fn a_host_without_tracefs_or_bpffs_is_set_up_by_the_sensor() {
     ));
     let events = sensor.stop();
     let uses = key_uses_of(&events, pid);
-    assert_eq!(uses.len(), 1, "{uses:#?}");
-    assert_eq!(uses[0]["key"]["spki_sha256"], key.spki.as_str());
+    assert_eq!(uses.len(), 1, "{}", pretty(&uses));
+    assert_eq!(
+        spki_of(uses[0]),
+        Some(key.spki.as_str()),
+        "{}",
+        pretty(uses[0])
+    );
 }

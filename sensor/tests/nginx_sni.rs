@@ -53,44 +53,52 @@ fn handshakes_are_attributed_to_the_key_chosen_by_sni() {
     drop(nginx);
 
     let uses = key_uses_of(&events, worker);
-    let count = |spki: &str| {
-        uses.iter()
-            .filter(|e| e["key"]["spki_sha256"] == spki)
-            .count()
-    };
-    assert_eq!(count(&key_a.spki), n_a, "events for key A: {uses:#?}");
-    assert_eq!(count(&key_b.spki), n_b, "events for key B: {uses:#?}");
+    let count = |spki: &str| uses.iter().filter(|e| spki_of(e) == Some(spki)).count();
+    assert_eq!(
+        count(&key_a.spki),
+        n_a,
+        "events for key A: {}",
+        pretty(&uses)
+    );
+    assert_eq!(
+        count(&key_b.spki),
+        n_b,
+        "events for key B: {}",
+        pretty(&uses)
+    );
     assert_eq!(
         uses.len(),
         n_a + n_b,
         "every worker signature is one of the two keys"
     );
     let nginx_sha = sha256_file("/usr/sbin/nginx".as_ref());
-    for e in &uses {
-        assert_eq!(e["status"], "Success");
-        assert_eq!(
-            e["actor"]["process"]["file"]["hashes"][0]["value"],
-            nginx_sha.as_str(),
-            "{e:#}"
-        );
-        assert_eq!(e["actor"]["process"]["name"], "nginx");
+    for &e in &uses {
+        assert_eq!(e.status, "Success", "{}", pretty(e));
+        assert_eq!(exe_hash_of(e), Some(nginx_sha.as_str()), "{}", pretty(e));
+        assert_eq!(e.actor.process.name, "nginx", "{}", pretty(e));
         assert!(
-            e["key"]["source_file"]
-                .as_str()
-                .unwrap()
-                .starts_with(keys_dir.to_str().unwrap())
+            key_of(e)
+                .source_file
+                .as_deref()
+                .is_some_and(|f| f.starts_with(keys_dir.to_str().unwrap())),
+            "{}",
+            pretty(e)
         );
     }
-    for e in &uses {
+    for &e in &uses {
         assert!(
-            ["signature_verified", "handle_cache"]
-                .contains(&e["key"]["identified_by"].as_str().unwrap())
+            matches!(
+                key_of(e).identified_by,
+                Some(IdentifiedBy::SignatureVerified | IdentifiedBy::HandleCache)
+            ),
+            "{}",
+            pretty(e)
         );
     }
     // curl made no signature (no client certificate).
-    assert!(
-        key_uses(&events)
-            .iter()
-            .all(|e| e["actor"]["process"]["name"] != "curl")
-    );
+    let curl: Vec<&Event> = key_uses(&events)
+        .into_iter()
+        .filter(|e| e.actor.process.name == "curl")
+        .collect();
+    assert!(curl.is_empty(), "{}", pretty(&curl));
 }

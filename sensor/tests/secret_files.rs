@@ -7,15 +7,6 @@ use std::process::Command;
 
 use support::*;
 
-fn secret_opens_of(events: &[serde_json::Value], pid: u32) -> Vec<&serde_json::Value> {
-    events
-        .iter()
-        .filter(|e| {
-            e["metadata"]["event_code"] == "secret_file_open" && e["actor"]["process"]["pid"] == pid
-        })
-        .collect()
-}
-
 #[test]
 fn cat_of_a_key_file_names_the_key_and_its_reader() {
     let work = tempfile::tempdir().unwrap();
@@ -26,25 +17,36 @@ fn cat_of_a_key_file_names_the_key_and_its_reader() {
     let (pid, _) = run_pid_ok(Command::new("cat").arg(&site_key));
     let events = sensor.stop();
     let opens = secret_opens_of(&events, pid);
-    assert_eq!(opens.len(), 1, "{opens:#?}");
+    assert_eq!(opens.len(), 1, "{}", pretty(&opens));
     let e = opens[0];
-    assert_eq!(e["class_uid"], 1001);
-    assert_eq!(e["activity_id"], 14);
-    assert_eq!(e["file"]["path"], site_key.to_str().unwrap());
+    assert_eq!(e.class_uid, 1001, "{}", pretty(e));
+    assert_eq!(e.activity_id, 14, "{}", pretty(e));
+    assert_eq!(
+        file_path_of(e),
+        Some(site_key.to_str().unwrap()),
+        "{}",
+        pretty(e)
+    );
     // cat may exit before the sensor can look at its root: then the host
     // path is absent, never wrong.
-    let host = &e["secret_file"]["host_path"];
+    let secret = secret_of(e);
     assert!(
-        host.is_null() || host == site_key.to_str().unwrap(),
-        "{host}"
+        secret
+            .host_path
+            .as_deref()
+            .is_none_or(|h| h == site_key.to_str().unwrap()),
+        "{}",
+        pretty(e)
     );
-    assert_eq!(e["secret_file"]["matched"], "**/*.key");
-    assert_eq!(e["secret_file"]["holds_private_key"], true);
-    assert_eq!(e["key"]["spki_sha256"], key.spki.as_str());
-    assert_eq!(e["actor"]["process"]["name"], "cat");
+    assert_eq!(secret.matched, "**/*.key", "{}", pretty(e));
+    assert!(secret.holds_private_key, "{}", pretty(e));
+    assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
+    assert_eq!(e.actor.process.name, "cat", "{}", pretty(e));
     assert_eq!(
-        e["actor"]["process"]["file"]["hashes"][0]["value"],
-        sha256_file("/usr/bin/cat".as_ref())
+        exe_hash_of(e),
+        Some(sha256_file("/usr/bin/cat".as_ref()).as_str()),
+        "{}",
+        pretty(e)
     );
     // The private key's PEM body is nowhere in the output.
     let pem = std::fs::read_to_string(&site_key).unwrap();
@@ -80,13 +82,16 @@ fn files_created_after_start_are_covered_and_opens_coalesce() {
     let (cat_pid, _) = run_pid(Command::new("cat").arg(&crt));
     let events = sensor.stop();
     let opens = secret_opens_of(&events, pid);
-    assert_eq!(opens.len(), 1, "five opens, one event: {opens:#?}");
-    assert_eq!(opens[0]["secret_file"]["count"], 5);
-    assert_eq!(opens[0]["secret_file"]["matched"], "**/.env");
-    assert!(opens[0].get("key").is_none());
+    assert_eq!(opens.len(), 1, "five opens, one event: {}", pretty(&opens));
+    let e = opens[0];
+    assert_eq!(secret_of(e).count, 5, "{}", pretty(e));
+    assert_eq!(secret_of(e).matched, "**/.env", "{}", pretty(e));
+    assert!(e.key.is_none(), "{}", pretty(e));
+    let cert_opens = secret_opens_of(&events, cat_pid);
     assert!(
-        secret_opens_of(&events, cat_pid).is_empty(),
-        "certificate without a private key"
+        cert_opens.is_empty(),
+        "certificate without a private key: {}",
+        pretty(&cert_opens)
     );
     let text = serde_json::to_string(&events).unwrap()
         + &std::fs::read_to_string(work.path().join("x")).unwrap_or_default();

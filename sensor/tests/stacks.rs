@@ -14,29 +14,18 @@ use std::{
     process::{Command, Stdio},
 };
 
-use serde_json::Value;
 use support::*;
 
 /// Key uses of one process, checked to be exactly `n`, all successful,
 /// all with `spki`.
-fn uses_of<'a>(events: &'a [Value], pid: u32, spki: &str, n: usize) -> Vec<&'a Value> {
+fn uses_of<'a>(events: &'a [Event], pid: u32, spki: &str, n: usize) -> Vec<&'a Event> {
     let uses = key_uses_of(events, pid);
-    assert_eq!(uses.len(), n, "key uses of pid {pid}: {uses:#?}");
-    for e in &uses {
-        assert_eq!(e["status"], "Success", "{e:#}");
-        assert_eq!(e["key"]["spki_sha256"], spki, "{e:#}");
+    assert_eq!(uses.len(), n, "key uses of pid {pid}: {}", pretty(&uses));
+    for &e in &uses {
+        assert_eq!(e.status, "Success", "{}", pretty(e));
+        assert_eq!(spki_of(e), Some(spki), "{}", pretty(e));
     }
     uses
-}
-
-fn peer(e: &Value) -> (String, u64) {
-    (
-        e["peer"]["ip"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no peer: {e:#}"))
-            .to_owned(),
-        e["peer"]["port"].as_u64().unwrap(),
-    )
 }
 
 /// A client run with a fixed source port, so the test knows the peer the
@@ -113,20 +102,24 @@ fn server_names_every_handshake(
     let uses = uses_of(&events, server.pid(), &key.spki, ports.len());
     drop(server);
     let mut seen = BTreeSet::new();
-    for (i, e) in uses.iter().enumerate() {
-        assert_eq!(e["module"]["type"], stack, "{e:#}");
-        assert_eq!(e["module"]["function_name"], function, "{e:#}");
+    for (i, &e) in uses.iter().enumerate() {
+        assert_eq!(module_of(e).kind, stack, "{}", pretty(e));
+        assert_eq!(module_of(e).function_name, function, "{}", pretty(e));
         let by = if i > 1 && later == Later::Cached {
-            "handle_cache"
+            IdentifiedBy::HandleCache
         } else {
-            "signature_verified"
+            IdentifiedBy::SignatureVerified
         };
-        assert_eq!(e["key"]["identified_by"], by, "handshake {i}: {e:#}");
-        assert_eq!(e["local"]["ip"], "127.0.0.1");
-        assert_eq!(e["local"]["port"], port);
-        let (ip, p) = peer(e);
-        assert_eq!(ip, "127.0.0.1");
-        seen.insert(p as u16);
+        assert_eq!(
+            key_of(e).identified_by,
+            Some(by),
+            "handshake {i}: {}",
+            pretty(e)
+        );
+        assert_eq!(local_of(e), ("127.0.0.1", port), "{}", pretty(e));
+        let (ip, p) = peer_of(e);
+        assert_eq!(ip, "127.0.0.1", "{}", pretty(e));
+        seen.insert(p);
     }
     assert_eq!(
         seen,
@@ -203,8 +196,8 @@ fn rustls_mtls_client_signs_with_its_certificate_key() {
         assert!(out.status.success(), "{provider} client: {out:?}");
         let events = sensor.stop();
         for e in uses_of(&events, client, &ckey.spki, n) {
-            assert_eq!(e["module"]["type"], "rustls");
-            assert_eq!(peer(e), ("127.0.0.1".to_owned(), port as u64), "{e:#}");
+            assert_eq!(module_of(e).kind, "rustls", "{}", pretty(e));
+            assert_eq!(peer_of(e), ("127.0.0.1", port), "{}", pretty(e));
         }
         uses_of(&events, server.pid(), &skey.spki, n);
     }
@@ -251,8 +244,8 @@ fn curl_client_certificate_is_attributed() {
     drop(nginx);
     for pid in pids {
         for e in uses_of(&events, pid, &ckey.spki, 1) {
-            assert_eq!(peer(e), ("127.0.0.1".to_owned(), port as u64), "{e:#}");
-            assert_eq!(e["module"]["type"], "openssl");
+            assert_eq!(peer_of(e), ("127.0.0.1", port), "{}", pretty(e));
+            assert_eq!(module_of(e).kind, "openssl", "{}", pretty(e));
         }
     }
 }
@@ -304,10 +297,10 @@ fn python_cryptography_and_node_carry_their_own_openssl() {
     for (pid, spki, module) in expect {
         for e in uses_of(&events, pid, &spki, n) {
             if let Some(module) = module {
-                assert_eq!(e["module"]["file"]["name"], module, "{e:#}");
+                assert_eq!(module_of(e).file.name, module, "{}", pretty(e));
             }
-            assert_eq!(e["module"]["type"], "openssl");
-            assert!(e.get("peer").is_none(), "no connection, no peer: {e:#}");
+            assert_eq!(module_of(e).kind, "openssl", "{}", pretty(e));
+            assert!(e.peer.is_none(), "no connection, no peer: {}", pretty(e));
         }
     }
 }
@@ -368,26 +361,22 @@ fn a_freed_key_object_is_forgotten() {
     // order: sort by the sensor's sequence number (the end of the uid).
     let mut uses = key_uses_of(&events, pid);
     uses.sort_by_key(|e| {
-        let uid = e["metadata"]["uid"].as_str().unwrap_or_default();
+        let uid = e.metadata.uid.as_str();
         uid.rsplit('-').next().and_then(|n| n.parse::<u64>().ok())
     });
-    let got: Vec<(&str, &str)> = uses
+    let got: Vec<(Option<&str>, Option<IdentifiedBy>)> = uses
         .iter()
-        .map(|e| {
-            (
-                e["key"]["spki_sha256"].as_str().unwrap_or("?"),
-                e["key"]["identified_by"].as_str().unwrap_or("?"),
-            )
-        })
+        .map(|&e| (spki_of(e), e.key.as_ref().and_then(|k| k.identified_by)))
         .collect();
-    let mut want = vec![(a.spki.as_str(), "signature_verified")];
+    let verified = Some(IdentifiedBy::SignatureVerified);
+    let mut want = vec![(Some(a.spki.as_str()), verified)];
     for _ in 0..rounds {
         for key in [&a, &b] {
-            want.push((key.spki.as_str(), "signature_verified"));
-            want.push((key.spki.as_str(), "handle_cache"));
+            want.push((Some(key.spki.as_str()), verified));
+            want.push((Some(key.spki.as_str()), Some(IdentifiedBy::HandleCache)));
         }
     }
-    assert_eq!(got, want, "{uses:#?}");
+    assert_eq!(got, want, "{}", pretty(&uses));
 }
 
 /// nginx (one worker) serving TLS with an EC key the sensor knows from
@@ -555,7 +544,7 @@ fn nginx_peers_under_100_concurrent_handshakes() {
          print('\\n'.join(out))\n"
     );
     let out = run_ok(Command::new("python3").arg("-c").arg(&script));
-    let clients: BTreeSet<(String, u64)> = String::from_utf8(out.stdout)
+    let clients: BTreeSet<(String, u16)> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| {
@@ -570,14 +559,15 @@ fn nginx_peers_under_100_concurrent_handshakes() {
     drop(nginx);
     let uses = uses_of(&events, worker, &key.spki, 100);
     let mut per_ip: BTreeMap<String, usize> = BTreeMap::new();
-    for e in &uses {
-        let p = peer(e);
+    for &e in &uses {
+        let (ip, p) = peer_of(e);
         assert!(
-            clients.contains(&p),
-            "{p:?} is not one of the connections: {e:#}"
+            clients.contains(&(ip.to_owned(), p)),
+            "{ip}:{p} is not one of the connections: {}",
+            pretty(e)
         );
-        assert_eq!(e["local"]["port"], port);
-        *per_ip.entry(p.0).or_default() += 1;
+        assert_eq!(local_of(e).1, port, "{}", pretty(e));
+        *per_ip.entry(ip.to_owned()).or_default() += 1;
     }
     let expected: BTreeMap<String, usize> = (2..102).map(|i| (format!("127.0.0.{i}"), 1)).collect();
     assert_eq!(per_ip, expected);
@@ -636,13 +626,21 @@ fn stripped_binary_is_reported_not_missed() {
         assert!(out.status.success(), "{out:?}");
     }
     let events = sensor.stop();
-    let warnings: Vec<&Value> = events
-        .iter()
-        .filter(|e| e["metadata"]["event_code"] == "coverage_warning")
-        .filter(|e| e["module"]["file"]["path"] == stripped.to_str().unwrap())
+    let warnings: Vec<&Event> = coverage_warnings(&events)
+        .into_iter()
+        .filter(|e| {
+            e.module
+                .as_ref()
+                .is_some_and(|m| m.file.path == stripped.to_str().unwrap())
+        })
         .collect();
-    assert_eq!(warnings.len(), 1, "one warning per file: {events:#?}");
-    let detail = warnings[0]["status_detail"].as_str().unwrap_or_default();
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning per file: {}",
+        pretty(&events)
+    );
+    let detail = warnings[0].status_detail.as_deref().unwrap_or_default();
     assert!(
         detail.contains(&build_id) && detail.contains("stripped"),
         "{detail}"
@@ -677,7 +675,7 @@ fn short_lived_static_signer_run_100_times() {
     let events = sensor.stop();
     for pid in pids {
         for e in uses_of(&events, pid, &key.spki, 1) {
-            assert_eq!(e["module"]["type"], "ring", "{e:#}");
+            assert_eq!(module_of(e).kind, "ring", "{}", pretty(e));
         }
     }
 }

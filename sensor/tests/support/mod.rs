@@ -1,16 +1,18 @@
 //! Shared pieces of the integration tests: start the real `keywarden`
-//! binary, wait for `ready`, stop it with a signal, read its NDJSON.
+//! binary, wait for `ready`, stop it with a signal, read its NDJSON as
+//! typed events (`events`).
 //! These tests need root; `cargo xtask test` runs them one at a time.
 #![allow(dead_code)]
 
 use std::{
-    io::Read,
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+mod events;
+
+pub use events::*;
 
 pub struct Sensor {
     child: Option<Child>,
@@ -106,12 +108,12 @@ impl Sensor {
     }
 
     /// The events written so far (the sensor flushes on every poll).
-    pub fn events(&self) -> Vec<Value> {
+    pub fn events(&self) -> Vec<Event> {
         read_events(&self.events_path)
     }
 
     /// Sends `signal`, waits for a clean exit (status 0) and returns events.
-    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> Vec<Value> {
+    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> Vec<Event> {
         // Give the sensor one poll interval plus margin to see the last records.
         std::thread::sleep(Duration::from_millis(300));
         let mut child = self.child.take().unwrap();
@@ -136,7 +138,7 @@ impl Sensor {
         read_events(&self.events_path)
     }
 
-    pub fn stop(self) -> Vec<Value> {
+    pub fn stop(self) -> Vec<Event> {
         self.stop_with(nix::sys::signal::Signal::SIGINT)
     }
 }
@@ -148,30 +150,6 @@ impl Drop for Sensor {
             let _ = c.wait();
         }
     }
-}
-
-pub fn read_events(path: &Path) -> Vec<Value> {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        f.read_to_string(&mut text).unwrap();
-    }
-    text.lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad NDJSON line {l:?}: {e}")))
-        .collect()
-}
-
-pub fn key_uses(events: &[Value]) -> Vec<&Value> {
-    events
-        .iter()
-        .filter(|e| e["metadata"]["event_code"] == "key_use")
-        .collect()
-}
-
-pub fn key_uses_of(events: &[Value], pid: u32) -> Vec<&Value> {
-    key_uses(events)
-        .into_iter()
-        .filter(|e| e["actor"]["process"]["pid"] == pid)
-        .collect()
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {
