@@ -6,66 +6,14 @@
 //! attributes: `key`, `signature`, `cgroup`, `secret_file` at the top level
 //! and `actor.process.attribution_error`. `docs/events.md` documents every field.
 //!
-//! The schema's structs are defined inside `omit_none!`, which leaves their
-//! `Option` fields out of the JSON when `None`; every event is built from
-//! `Event::base`, which alone spells out all of an event's fields.
+//! OCSF leaves out attributes that have no value, so every schema struct
+//! with `Option` fields carries `serde_with::skip_serializing_none`: a
+//! field added later cannot write `null` where `docs/events.md` promises
+//! absence (a missing field still reads as `None`). Every event is built
+//! from `Event::base`, which alone spells out all of an event's fields.
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
-
-/// Defines schema structs whose `Option` fields are left out of the JSON
-/// when `None` (and read as `None` when missing), as OCSF leaves out
-/// attributes that have no value. It gives each field whose type is
-/// written `Option<..>` the attribute `#[serde(default,
-/// skip_serializing_if = "Option::is_none")]` and changes nothing else:
-/// names, field order and derives are as written, so the JSON is what that
-/// attribute on every such field made it.
-///
-/// A macro because the alternatives are worse: the attribute on every
-/// field buried the schema under 43 copies of it, and a field added
-/// without it would write `null` where `docs/events.md` promises absence;
-/// serde has no container-level `skip_serializing_if` (a container-level
-/// `#[serde(default)]` skips nothing, needs `Default` on every struct and
-/// would accept events missing a required field); and
-/// `serde_with::skip_serializing_none`, which is this as an attribute,
-/// would be a new dependency for one attribute.
-///
-/// Limits: only `Option` is implied (an empty `Vec` is left out only where
-/// its field says so; `metadata.profiles` is always written); the type
-/// must be spelt `Option<..>`, not a path or an alias; rustfmt does not
-/// format inside the macro.
-macro_rules! omit_none {
-    // Every field placed: the struct.
-    (@fields [$($head:tt)*] [$($done:tt)*]) => {
-        $($head)* { $($done)* }
-    };
-    // An `Option` field: gains the attribute. Before the general arm,
-    // which would take it as any other type.
-    (@fields $head:tt [$($done:tt)*]
-        $(#[$attr:meta])* $vis:vis $field:ident : Option<$ty:ty> $(, $($rest:tt)*)?
-    ) => {
-        omit_none! {
-            @fields $head [
-                $($done)*
-                $(#[$attr])*
-                #[serde(default, skip_serializing_if = "Option::is_none")]
-                $vis $field: Option<$ty>,
-            ] $($($rest)*)?
-        }
-    };
-    // Any other field, as written.
-    (@fields $head:tt [$($done:tt)*]
-        $(#[$attr:meta])* $vis:vis $field:ident : $ty:ty $(, $($rest:tt)*)?
-    ) => {
-        omit_none! {
-            @fields $head [$($done)* $(#[$attr])* $vis $field: $ty,] $($($rest)*)?
-        }
-    };
-    // The structs, one after another.
-    ($($(#[$attr:meta])* $vis:vis struct $name:ident { $($fields:tt)* })*) => {
-        $(omit_none! { @fields [$(#[$attr])* $vis struct $name] [] $($fields)* })*
-    };
-}
 
 /// OCSF schema version the events follow.
 pub const OCSF_VERSION: &str = "1.3.0";
@@ -101,174 +49,179 @@ pub enum EventCode {
     Alert,
 }
 
-omit_none! {
-    /// One keywarden event, OCSF base attributes first.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Event {
-        /// Event time, milliseconds since the Unix epoch (OCSF `timestamp_t`).
-        pub time: i64,
-        pub class_uid: u32,
-        pub class_name: String,
-        pub category_uid: u32,
-        pub category_name: String,
-        pub activity_id: u32,
-        pub activity_name: String,
-        /// `class_uid * 100 + activity_id`.
-        pub type_uid: u64,
-        pub type_name: String,
-        pub severity_id: u8,
-        pub severity: String,
-        /// 0 Unknown (secret-file opens: the attempt is seen, not its result),
-        /// 1 Success, 2 Failure.
-        pub status_id: u8,
-        pub status: String,
-        pub status_detail: Option<String>,
-        pub message: String,
-        pub metadata: Metadata,
-        pub device: Device,
-        pub actor: Actor,
-        pub container: Option<Container>,
-        pub module: Option<Module>,
-        /// keywarden extension: which private key signed.
-        pub key: Option<KeyIdentity>,
-        /// keywarden extension: the signature that was produced.
-        pub signature: Option<Signature>,
-        /// keywarden extension: the cgroup v2 the process ran in.
-        pub cgroup: Option<Cgroup>,
-        /// OCSF `file`: the file acted on (File System Activity).
-        pub file: Option<File>,
-        /// keywarden extension: details of a watched secret file's opens.
-        pub secret_file: Option<SecretFile>,
-        /// keywarden extension (OCSF `network_endpoint` shape): the other end
-        /// of the connection a signature was made for, with its geography and
-        /// network when the GeoIP databases know them.
-        pub peer: Option<NetworkEndpoint>,
-        /// keywarden extension (OCSF `network_endpoint` shape): this host's end
-        /// of that connection (which service's listening port, for a server).
-        pub local: Option<NetworkEndpoint>,
-        /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
-        /// decided the activity (an enforced secret-file open).
-        pub action: Option<String>,
-        /// 1 Allowed, 2 Denied.
-        pub action_id: Option<u8>,
-        /// Detection Finding: which rule matched.
-        pub finding_info: Option<FindingInfo>,
-        /// Detection Finding: the event(s) the rule matched, as exported.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        pub evidences: Vec<Evidence>,
-        /// keywarden extension on Detection Findings: what the sensor did.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        pub responses: Vec<Response>,
-        /// keywarden extension on Detection Findings: why a baseline or
-        /// threshold rule fired.
-        pub analysis: Option<Analysis>,
-    }
+/// One keywarden event, OCSF base attributes first.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Event time, milliseconds since the Unix epoch (OCSF `timestamp_t`).
+    pub time: i64,
+    pub class_uid: u32,
+    pub class_name: String,
+    pub category_uid: u32,
+    pub category_name: String,
+    pub activity_id: u32,
+    pub activity_name: String,
+    /// `class_uid * 100 + activity_id`.
+    pub type_uid: u64,
+    pub type_name: String,
+    pub severity_id: u8,
+    pub severity: String,
+    /// 0 Unknown (secret-file opens: the attempt is seen, not its result),
+    /// 1 Success, 2 Failure.
+    pub status_id: u8,
+    pub status: String,
+    pub status_detail: Option<String>,
+    pub message: String,
+    pub metadata: Metadata,
+    pub device: Device,
+    pub actor: Actor,
+    pub container: Option<Container>,
+    pub module: Option<Module>,
+    /// keywarden extension: which private key signed.
+    pub key: Option<KeyIdentity>,
+    /// keywarden extension: the signature that was produced.
+    pub signature: Option<Signature>,
+    /// keywarden extension: the cgroup v2 the process ran in.
+    pub cgroup: Option<Cgroup>,
+    /// OCSF `file`: the file acted on (File System Activity).
+    pub file: Option<File>,
+    /// keywarden extension: details of a watched secret file's opens.
+    pub secret_file: Option<SecretFile>,
+    /// keywarden extension (OCSF `network_endpoint` shape): the other end
+    /// of the connection a signature was made for, with its geography and
+    /// network when the GeoIP databases know them.
+    pub peer: Option<NetworkEndpoint>,
+    /// keywarden extension (OCSF `network_endpoint` shape): this host's end
+    /// of that connection (which service's listening port, for a server).
+    pub local: Option<NetworkEndpoint>,
+    /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
+    /// decided the activity (an enforced secret-file open).
+    pub action: Option<String>,
+    /// 1 Allowed, 2 Denied.
+    pub action_id: Option<u8>,
+    /// Detection Finding: which rule matched.
+    pub finding_info: Option<FindingInfo>,
+    /// Detection Finding: the event(s) the rule matched, as exported.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidences: Vec<Evidence>,
+    /// keywarden extension on Detection Findings: what the sensor did.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub responses: Vec<Response>,
+    /// keywarden extension on Detection Findings: why a baseline or
+    /// threshold rule fired.
+    pub analysis: Option<Analysis>,
+}
 
-    /// The state behind a finding of a deviation or threshold rule.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Analysis {
-        /// How the evidence deviated from its key's baseline (`new_country`, ...).
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        pub deviations: Vec<String>,
-        /// The key's baseline before the evidence: what was normal.
-        pub baseline: Option<BaselineSnapshot>,
-        /// Matching events for the key within the rule's window.
-        pub count: Option<u64>,
-        pub window_seconds: Option<u64>,
-    }
+/// The state behind a finding of a deviation or threshold rule.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Analysis {
+    /// How the evidence deviated from its key's baseline (`new_country`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deviations: Vec<String>,
+    /// The key's baseline before the evidence: what was normal.
+    pub baseline: Option<BaselineSnapshot>,
+    /// Matching events for the key within the rule's window.
+    pub count: Option<u64>,
+    pub window_seconds: Option<u64>,
+}
 
-    /// A key's baseline as a finding shows it.
-    ///
-    /// A type of the event model, not the baseline store's own
-    /// (`baseline::KeyBaseline`): the store's file format can then change
-    /// without changing the alert format, and the model needs nothing from
-    /// `baseline`, which builds this (`From<&KeyBaseline>`). It writes the same
-    /// JSON as a stored baseline today (a test in `baseline.rs` says so).
-    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct BaselineSnapshot {
-        /// The key, as `key.spki_sha256`.
-        pub spki_sha256: String,
-        /// The key's first and latest use, ms since the epoch.
-        pub first_seen_ms: i64,
-        pub last_seen_ms: i64,
-        pub uses: u64,
-        /// The values learned for each attribute, sorted.
-        pub binaries: Vec<String>,
-        pub containers: Vec<String>,
-        pub users: Vec<String>,
-        pub countries: Vec<String>,
-        /// Ascending.
-        pub asns: Vec<u32>,
-        pub rate: RateSnapshot,
-    }
+/// A key's baseline as a finding shows it.
+///
+/// A type of the event model, not the baseline store's own
+/// (`baseline::KeyBaseline`): the store's file format can then change
+/// without changing the alert format, and the model needs nothing from
+/// `baseline`, which builds this (`From<&KeyBaseline>`). It writes the same
+/// JSON as a stored baseline today (a test in `baseline.rs` says so).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BaselineSnapshot {
+    /// The key, as `key.spki_sha256`.
+    pub spki_sha256: String,
+    /// The key's first and latest use, ms since the epoch.
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub uses: u64,
+    /// The values learned for each attribute, sorted.
+    pub binaries: Vec<String>,
+    pub containers: Vec<String>,
+    pub users: Vec<String>,
+    pub countries: Vec<String>,
+    /// Ascending.
+    pub asns: Vec<u32>,
+    pub rate: RateSnapshot,
+}
 
-    /// How fast a key was used, as a finding shows it.
-    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct RateSnapshot {
-        /// Start of the latest minute counted (ms since the epoch).
-        pub minute_ms: i64,
-        /// Uses in that minute.
-        pub this_minute: u64,
-        /// The busiest minute seen while learning.
-        pub max_per_minute: u64,
-    }
+/// How fast a key was used, as a finding shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateSnapshot {
+    /// Start of the latest minute counted (ms since the epoch).
+    pub minute_ms: i64,
+    /// Uses in that minute.
+    pub this_minute: u64,
+    /// The busiest minute seen while learning.
+    pub max_per_minute: u64,
+}
 
-    /// OCSF `network_endpoint`, reduced to what keywarden fills.
-    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-    pub struct NetworkEndpoint {
-        pub ip: String,
-        pub port: Option<u16>,
-        pub location: Option<Location>,
-        pub autonomous_system: Option<AutonomousSystem>,
-    }
+/// OCSF `network_endpoint`, reduced to what keywarden fills.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct NetworkEndpoint {
+    pub ip: String,
+    pub port: Option<u16>,
+    pub location: Option<Location>,
+    pub autonomous_system: Option<AutonomousSystem>,
+}
 
-    /// OCSF `location`. Its strings are `CompactString`s: GeoIP fills them
-    /// in for every event from a cached answer, and names this short are then
-    /// copied inline instead of allocated on the analysis thread and freed on
-    /// another (a tenth of the pipeline's time as `String`s).
-    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Location {
-        /// ISO 3166-1 alpha-2.
-        pub country: Option<CompactString>,
-        pub city: Option<CompactString>,
-    }
+/// OCSF `location`. Its strings are `CompactString`s: GeoIP fills them
+/// in for every event from a cached answer, and names this short are then
+/// copied inline instead of allocated on the analysis thread and freed on
+/// another (a tenth of the pipeline's time as `String`s).
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Location {
+    /// ISO 3166-1 alpha-2.
+    pub country: Option<CompactString>,
+    pub city: Option<CompactString>,
+}
 
-    /// OCSF `autonomous_system` (a `CompactString` name, as in `Location`).
-    #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct AutonomousSystem {
-        pub number: u32,
-        pub name: Option<CompactString>,
-    }
+/// OCSF `autonomous_system` (a `CompactString` name, as in `Location`).
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AutonomousSystem {
+    pub number: u32,
+    pub name: Option<CompactString>,
+}
 
-    /// OCSF `finding_info`.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct FindingInfo {
-        /// Unique per finding (the event's `metadata.uid`).
-        pub uid: String,
-        pub title: String,
-        pub desc: Option<String>,
-        pub analytic: Analytic,
-    }
+/// OCSF `finding_info`.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FindingInfo {
+    /// Unique per finding (the event's `metadata.uid`).
+    pub uid: String,
+    pub title: String,
+    pub desc: Option<String>,
+    pub analytic: Analytic,
+}
 
-    /// OCSF `analytic`: the rule.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Analytic {
-        /// The rule id.
-        pub uid: String,
-        pub name: String,
-        /// 1 Rule.
-        pub type_id: u8,
-        #[serde(rename = "type")]
-        pub kind: String,
-        /// Where the rule was written: `file:line`.
-        pub source: Option<String>,
-    }
+/// OCSF `analytic`: the rule.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Analytic {
+    /// The rule id.
+    pub uid: String,
+    pub name: String,
+    /// 1 Rule.
+    pub type_id: u8,
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Where the rule was written: `file:line`.
+    pub source: Option<String>,
+}
 
-    /// OCSF `evidences[]` entry: the matched event, whole, under `data`.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Evidence {
-        pub data: serde_json::Value,
-    }
+/// OCSF `evidences[]` entry: the matched event, whole, under `data`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Evidence {
+    pub data: serde_json::Value,
 }
 
 /// What became of one action.
@@ -318,171 +271,177 @@ pub enum KeyStatus {
     Unknown,
 }
 
-omit_none! {
-    /// One action a rule asked for and what became of it.
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Response {
-        /// `alert`, `kill`, `block`.
-        pub action: String,
-        pub outcome: Outcome,
-        pub detail: Option<String>,
-    }
+/// One action a rule asked for and what became of it.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    /// `alert`, `kill`, `block`.
+    pub action: String,
+    pub outcome: Outcome,
+    pub detail: Option<String>,
+}
 
-    /// What was opened, how often, and which keys it holds. Never its contents.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct SecretFile {
-        /// The path as the host sees it: the same as `file.path` for a process
-        /// with the host's root and mount namespace, else
-        /// `/proc/<pid>/root/<path>` (reachable from the host while the process
-        /// lives). Absent when the process exited before the sensor could tell.
-        pub host_path: Option<String>,
-        /// The watch-list glob that matched.
-        pub matched: String,
-        /// Opens by this process within the coalescing window (at least 1).
-        pub count: u32,
-        /// Time of the first and last open in the window (ms since the epoch).
-        pub first_time: i64,
-        pub last_time: i64,
-        /// SPKI SHA-256 of every key (private key or certificate) in the file.
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        pub keys: Vec<String>,
-        /// The file holds a private key (not only certificates or public keys).
-        pub holds_private_key: bool,
-        /// Set when a blocking rule decided these opens (then the status is
-        /// known: Success, or Failure with EPERM).
-        pub verdict: Option<Verdict>,
-        /// The rule that decided the verdict.
-        pub rule: Option<String>,
-    }
+/// What was opened, how often, and which keys it holds. Never its contents.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SecretFile {
+    /// The path as the host sees it: the same as `file.path` for a process
+    /// with the host's root and mount namespace, else
+    /// `/proc/<pid>/root/<path>` (reachable from the host while the process
+    /// lives). Absent when the process exited before the sensor could tell.
+    pub host_path: Option<String>,
+    /// The watch-list glob that matched.
+    pub matched: String,
+    /// Opens by this process within the coalescing window (at least 1).
+    pub count: u32,
+    /// Time of the first and last open in the window (ms since the epoch).
+    pub first_time: i64,
+    pub last_time: i64,
+    /// SPKI SHA-256 of every key (private key or certificate) in the file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<String>,
+    /// The file holds a private key (not only certificates or public keys).
+    pub holds_private_key: bool,
+    /// Set when a blocking rule decided these opens (then the status is
+    /// known: Success, or Failure with EPERM).
+    pub verdict: Option<Verdict>,
+    /// The rule that decided the verdict.
+    pub rule: Option<String>,
+}
 
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Metadata {
-        pub version: String,
-        pub product: Product,
-        /// Unique per sensor run: `<boot id prefix>-<sensor start>-<sequence>`.
-        pub uid: String,
-        pub event_code: EventCode,
-        pub profiles: Vec<String>,
-    }
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metadata {
+    pub version: String,
+    pub product: Product,
+    /// Unique per sensor run: `<boot id prefix>-<sensor start>-<sequence>`.
+    pub uid: String,
+    pub event_code: EventCode,
+    pub profiles: Vec<String>,
+}
 
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Product {
-        pub name: String,
-        pub vendor_name: String,
-        pub version: String,
-    }
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Product {
+    pub name: String,
+    pub vendor_name: String,
+    pub version: String,
+}
 
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Device {
-        pub hostname: String,
-        /// OCSF device type: 1 Server.
-        pub type_id: u8,
-    }
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Device {
+    pub hostname: String,
+    /// OCSF device type: 1 Server.
+    pub type_id: u8,
+}
 
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Actor {
-        pub process: Process,
-    }
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Actor {
+    pub process: Process,
+}
 
-    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-    pub struct Process {
-        pub pid: u32,
-        pub tid: u32,
-        /// The kernel's `comm` (at most 15 bytes).
-        pub name: String,
-        pub cmd_line: Option<String>,
-        pub file: Option<File>,
-        pub user: User,
-        /// keywarden extension: why `file` (or its hash) is missing, when it is.
-        pub attribution_error: Option<String>,
-    }
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub tid: u32,
+    /// The kernel's `comm` (at most 15 bytes).
+    pub name: String,
+    pub cmd_line: Option<String>,
+    pub file: Option<File>,
+    pub user: User,
+    /// keywarden extension: why `file` (or its hash) is missing, when it is.
+    pub attribution_error: Option<String>,
+}
 
-    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-    pub struct User {
-        /// Numeric uid, as a string like OCSF's `user.uid`.
-        pub uid: String,
-        pub name: Option<String>,
-    }
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct User {
+    /// Numeric uid, as a string like OCSF's `user.uid`.
+    pub uid: String,
+    pub name: Option<String>,
+}
 
-    #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-    pub struct File {
-        /// Path as the process saw it (inside its mount namespace).
-        pub path: String,
-        pub name: String,
-        /// OCSF file type: 1 Regular File.
-        pub type_id: u8,
-        #[serde(default, skip_serializing_if = "Vec::is_empty")]
-        pub hashes: Vec<Fingerprint>,
-    }
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct File {
+    /// Path as the process saw it (inside its mount namespace).
+    pub path: String,
+    pub name: String,
+    /// OCSF file type: 1 Regular File.
+    pub type_id: u8,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hashes: Vec<Fingerprint>,
+}
 
-    /// OCSF `fingerprint`.
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Fingerprint {
-        /// 3 = SHA-256.
-        pub algorithm_id: u8,
-        pub algorithm: String,
-        pub value: String,
-    }
+/// OCSF `fingerprint`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// 3 = SHA-256.
+    pub algorithm_id: u8,
+    pub algorithm: String,
+    pub value: String,
+}
 
-    /// OCSF `container` (Container profile).
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Container {
-        /// Full container id (64 hex for Docker, containerd and CRI-O).
-        pub uid: String,
-        /// docker, containerd, cri-o, podman, kubernetes (a kubepods cgroup
-        /// whose runtime the path does not tell) or unknown.
-        pub runtime: String,
-        /// Kubernetes pod UID, when the cgroup path carries it.
-        pub pod_uuid: Option<String>,
-    }
+/// OCSF `container` (Container profile).
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    /// Full container id (64 hex for Docker, containerd and CRI-O).
+    pub uid: String,
+    /// docker, containerd, cri-o, podman, kubernetes (a kubepods cgroup
+    /// whose runtime the path does not tell) or unknown.
+    pub runtime: String,
+    /// Kubernetes pod UID, when the cgroup path carries it.
+    pub pod_uuid: Option<String>,
+}
 
-    /// OCSF `module`: the library whose function was invoked.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Module {
-        pub file: File,
-        pub function_name: String,
-        /// The crypto stack of the probed function: `openssl`, `boringssl`,
-        /// `aws-lc`, `rustls` or `ring`.
-        #[serde(rename = "type")]
-        pub kind: String,
-    }
+/// OCSF `module`: the library whose function was invoked.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Module {
+    pub file: File,
+    pub function_name: String,
+    /// The crypto stack of the probed function: `openssl`, `boringssl`,
+    /// `aws-lc`, `rustls` or `ring`.
+    #[serde(rename = "type")]
+    pub kind: String,
+}
 
-    /// Which private key made a signature. Never carries private material.
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct KeyIdentity {
-        pub status: KeyStatus,
-        /// Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
-        pub spki_sha256: Option<String>,
-        /// The same value as an OCSF fingerprint.
-        pub fingerprint: Option<Fingerprint>,
-        /// `rsa-2048`, `ecdsa-p256`, `ed25519`, ...
-        pub algorithm: Option<String>,
-        pub bits: Option<u32>,
-        /// File the sensor learnt this public key from: a key or certificate
-        /// file this process opened (path as the process saw it) when there is
-        /// one, else the first file on the host it was found in (a `key_paths`
-        /// entry, or a file another process opened).
-        pub source_file: Option<String>,
-        /// How the identity was established.
-        pub identified_by: Option<IdentifiedBy>,
-        pub unknown_reason: Option<String>,
-    }
+/// Which private key made a signature. Never carries private material.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeyIdentity {
+    pub status: KeyStatus,
+    /// Lowercase hex SHA-256 of the DER SubjectPublicKeyInfo.
+    pub spki_sha256: Option<String>,
+    /// The same value as an OCSF fingerprint.
+    pub fingerprint: Option<Fingerprint>,
+    /// `rsa-2048`, `ecdsa-p256`, `ed25519`, ...
+    pub algorithm: Option<String>,
+    pub bits: Option<u32>,
+    /// File the sensor learnt this public key from: a key or certificate
+    /// file this process opened (path as the process saw it) when there is
+    /// one, else the first file on the host it was found in (a `key_paths`
+    /// entry, or a file another process opened).
+    pub source_file: Option<String>,
+    /// How the identity was established.
+    pub identified_by: Option<IdentifiedBy>,
+    pub unknown_reason: Option<String>,
+}
 
-    #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-    pub struct Signature {
-        /// Bytes of signature produced (0 when the call failed).
-        pub length: u64,
-        /// Digest named by the caller (EVP_DigestSignInit_ex), when it named one.
-        pub digest: Option<String>,
-    }
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Signature {
+    /// Bytes of signature produced (0 when the call failed).
+    pub length: u64,
+    /// Digest named by the caller (EVP_DigestSignInit_ex), when it named one.
+    pub digest: Option<String>,
+}
 
-    #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-    pub struct Cgroup {
-        /// cgroup v2 id (inode of the cgroup directory).
-        pub id: u64,
-        /// Path below the cgroup v2 root, e.g. `/system.slice/nginx.service`.
-        pub path: Option<String>,
-    }
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cgroup {
+    /// cgroup v2 id (inode of the cgroup directory).
+    pub id: u64,
+    /// Path below the cgroup v2 root, e.g. `/system.slice/nginx.service`.
+    pub path: Option<String>,
 }
 
 impl File {

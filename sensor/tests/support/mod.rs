@@ -253,7 +253,7 @@ pub fn openssl_key(dir: &Path, name: &str, alg: &str) -> TestKey {
     };
     run_ok(&mut cmd);
     TestKey {
-        spki: spki_of(&path),
+        spki: spki_of_file(&path),
         path,
     }
 }
@@ -276,7 +276,7 @@ pub fn openssl_sign(
     cmd
 }
 
-pub fn spki_of(key: &Path) -> String {
+pub fn spki_of_file(key: &Path) -> String {
     let out = run_ok(Command::new("sh").arg("-c").arg(format!(
         "openssl pkey -in '{}' -pubout -outform DER | sha256sum",
         key.display()
