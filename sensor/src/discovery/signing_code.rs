@@ -464,13 +464,14 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
             continue;
         };
         let addr = sym.address();
-        let Some((seg_addr, _, seg_off)) = segments
+        // Checked arithmetic: a hostile file's segments may wrap around.
+        let Some(offset) = segments
             .iter()
-            .find(|(a, size, _)| addr >= *a && addr < a + size)
+            .find(|(a, size, _)| addr >= *a && addr - a < *size)
+            .and_then(|(a, _, off)| (addr - a).checked_add(*off))
         else {
             continue;
         };
-        let offset = addr - seg_addr + seg_off;
         // The same function in .dynsym and .symtab, or aliases.
         if !seen.insert((id, offset)) {
             continue;
@@ -521,7 +522,12 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
 fn marker_ranges<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, len: u64) -> Vec<(u64, u64)> {
     let clip = |(off, size): (u64, u64)| {
         let end = off.saturating_add(size).min(len);
-        (off < end).then_some((off, end - off))
+        // Not `then_some`: `end - off` must not be computed when off >= end.
+        if off < end {
+            Some((off, end - off))
+        } else {
+            None
+        }
     };
     if file.sections().next().is_none() {
         return file
