@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::{
     discovery::{
-        signing_code::{FileId, ScanCache, SigningCode},
+        signing_code::{self, FileId, ScanCache, ScanError, SigningCode},
         targets::Candidate,
     },
     probes::Probes,
@@ -49,15 +49,25 @@ pub fn cover(cache: &Mutex<ScanCache>, probes: &Mutex<Probes>, c: &Candidate) ->
     if probes.lock().expect("probes lock").is_covered(c.dev, c.ino) {
         return Coverage::Covered;
     }
-    let Ok(md) = std::fs::metadata(&c.open_path) else {
-        return Coverage::Failed(format!("{}: cannot stat", c.shown_as));
+    // Opened once: the identity cached is that of the file read.
+    let (file, id) = match signing_code::open(&c.open_path, &c.shown_as) {
+        Ok(opened) => opened,
+        Err(e) => return Coverage::Failed(e.to_string()),
     };
-    let id = FileId::of(&md);
-    let code = match scan_cached(cache, id, c) {
+    let code = match scan_cached(cache, id, &file, c) {
         Ok(code) => code,
         // Not an ELF file (a script, a data file mapped executable): not
         // a place signing code can be.
-        Err(crate::discovery::signing_code::ScanError::Parse { .. }) => return Coverage::Nothing,
+        Err(ScanError::Parse { .. }) => return Coverage::Nothing,
+        // Too large to scan: said once per file, not at every run of it.
+        Err(e @ ScanError::Capped { .. }) => {
+            let first = cache.lock().expect("scan cache lock").first_report(id);
+            return if first {
+                Coverage::Failed(e.to_string())
+            } else {
+                Coverage::Nothing
+            };
+        }
         Err(e) => return Coverage::Failed(e.to_string()),
     };
     if let Some(why) = code.uncovered_reason() {
@@ -79,12 +89,13 @@ pub fn cover(cache: &Mutex<ScanCache>, probes: &Mutex<Probes>, c: &Candidate) ->
 fn scan_cached(
     cache: &Mutex<ScanCache>,
     id: FileId,
+    file: &std::fs::File,
     c: &Candidate,
-) -> Result<Arc<SigningCode>, crate::discovery::signing_code::ScanError> {
+) -> Result<Arc<SigningCode>, ScanError> {
     cache
         .lock()
         .expect("scan cache lock")
-        .get_or_scan(id, &c.open_path, &c.shown_as)
+        .get_or_scan(id, file, &c.shown_as)
 }
 
 /// One file of the `keywarden coverage` report.

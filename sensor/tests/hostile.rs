@@ -32,6 +32,11 @@ fn attacker_dir() -> tempfile::TempDir {
 
 /// The sensor still sees a normal signature, attributed and identified.
 fn still_reports_signatures(sensor: &Sensor) {
+    still_reports_signatures_within(sensor, Duration::from_secs(10));
+}
+
+/// `still_reports_signatures`, the event due within `timeout`.
+fn still_reports_signatures_within(sensor: &Sensor, timeout: Duration) {
     let work = tempfile::tempdir().unwrap();
     let key = openssl_key(work.path(), "after", "ec");
     let msg = work.path().join("m");
@@ -42,15 +47,11 @@ fn still_reports_signatures(sensor: &Sensor) {
         &msg,
         &work.path().join("s"),
     ));
-    wait_for(
-        "the signature after the attack",
-        Duration::from_secs(10),
-        || {
-            key_uses_of(&sensor.events(), pid)
-                .iter()
-                .any(|e| spki_of(e) == Some(key.spki.as_str()))
-        },
-    );
+    wait_for("the signature after the attack", timeout, || {
+        key_uses_of(&sensor.events(), pid)
+            .iter()
+            .any(|e| spki_of(e) == Some(key.spki.as_str()))
+    });
 }
 
 /// A path with a newline and a forged log line in it is logged escaped:
@@ -289,5 +290,123 @@ fn a_process_named_like_the_sensor_is_not_exempt_from_kill_rules() {
         assert_eq!(written, 0, "signature {i} was written");
     }
     still_reports_signatures(&sensor);
+    sensor.stop();
+}
+
+fn system_libcrypto() -> std::path::PathBuf {
+    for d in [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib",
+    ] {
+        let p = Path::new(d).join("libcrypto.so.3");
+        if p.exists() {
+            return std::fs::canonicalize(p).unwrap();
+        }
+    }
+    panic!("no libcrypto.so.3");
+}
+
+/// The sensor process is still running (not a zombie: it did not die).
+fn assert_alive(sensor: &Sensor) {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", sensor.pid())).unwrap_or_default();
+    let state = stat
+        .rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next());
+    assert!(
+        state.is_some_and(|s| s != 'Z' && s != 'X'),
+        "the sensor died during the attack (state {state:?}):\n{}",
+        sensor.log()
+    );
+}
+
+/// Row 3: a library its owner truncates while the sensor reads it. The
+/// attacker (`nobody`) makes a sparse copy of libcrypto, has a process load
+/// it the way ld.so does (so the sensor scans it for signing code), and
+/// cuts it short meanwhile. A sensor that mapped the file died of SIGBUS.
+/// Now a copy over the size cap is skipped unread, with a warning that
+/// says why, and one under the cap that is cut while it is read gives a
+/// read error; the sensor stays up and reports the next signature.
+#[test]
+fn a_library_truncated_while_it_is_scanned_does_not_crash_the_sensor() {
+    let dir = attacker_dir();
+    let orig = system_libcrypto();
+    // Loads a library as a program would (dlopen: ld.so's own open).
+    let loader = dir.path().join("load.py");
+    std::fs::write(
+        &loader,
+        "import ctypes, sys\ntry:\n    ctypes.CDLL(sys.argv[1])\nexcept OSError:\n    pass\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&loader, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sensor = Sensor::start(&[]);
+
+    // A 1 GiB sparse copy, loaded whole: skipped by the size cap, and said.
+    let big = dir.path().join("libkw-big.so.3");
+    run_ok(
+        as_nobody("sh")
+            .arg("-c")
+            .arg("cp \"$1\" \"$2\" && truncate -s 1G \"$2\" && python3 \"$3\" \"$2\"")
+            .arg("sh")
+            .arg(&orig)
+            .arg(&big)
+            .arg(&loader),
+    );
+    wait_for(
+        "the warning that the 1 GiB copy was not scanned",
+        Duration::from_secs(10),
+        || {
+            coverage_warnings(&sensor.events()).iter().any(|e| {
+                e.module
+                    .as_ref()
+                    .is_some_and(|m| m.file.path == big.to_str().unwrap())
+                    && e.status_detail
+                        .as_deref()
+                        .is_some_and(|d| d.contains("not scanned: it is 1024 MiB"))
+            })
+        },
+    );
+
+    // The race: while loaders open it, the copy is restored, grown sparse
+    // (to 1 GiB, over the cap, and to 64 MiB, under it) and cut to 4 KiB,
+    // over and over.
+    let script = r#"
+orig=$1 dir=$2 loader=$3
+for size in 1G 64M; do
+    f="$dir/libkw-$size.so.3"
+    flag="$dir/mutating-$size"
+    cp "$orig" "$f"
+    touch "$flag"
+    (
+        while [ -e "$flag" ]; do
+            cp "$orig" "$f"
+            truncate -s "$size" "$f"
+            truncate -s 4096 "$f"
+        done
+    ) &
+    mutator=$!
+    for i in 1 2 3 4 5 6 7 8 9 10; do
+        python3 "$loader" "$f" 2>/dev/null || true
+    done
+    rm -f "$flag"
+    wait "$mutator"
+done
+exit 0
+"#;
+    let (_, out) = run_pid_deadline(
+        as_nobody("sh")
+            .arg("-c")
+            .arg(script)
+            .arg("sh")
+            .arg(&orig)
+            .arg(dir.path())
+            .arg(&loader),
+        Duration::from_secs(120),
+    );
+    assert!(out.status.success(), "{out:?}");
+
+    assert_alive(&sensor);
+    still_reports_signatures_within(&sensor, Duration::from_secs(2));
     sensor.stop();
 }

@@ -16,11 +16,22 @@
 //! probed; `SigningCode::markers` says what was recognised in it, so the
 //! sensor can report it instead of missing it silently.
 
-use std::{os::unix::fs::MetadataExt, path::Path, sync::Arc};
+use std::{
+    cell::Cell,
+    fs::File,
+    ops::Range,
+    os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
+    path::Path,
+    sync::Arc,
+};
 
 use hashbrown::{HashMap, HashSet};
 use keywarden_probe_types::func;
-use object::{Object, ObjectSegment, ObjectSymbol, SymbolKind};
+use object::{
+    Endianness, FileKind, Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, ReadRef,
+    SectionKind, SymbolKind,
+    read::elf::{FileHeader, SectionHeader as _},
+};
 
 use super::placement;
 
@@ -33,6 +44,10 @@ pub enum ScanError {
     },
     #[error("{path}: not an ELF file keywarden can parse: {source}")]
     Parse { path: String, source: object::Error },
+    /// A bound was reached (`MAX_FILE_SIZE`, `MAX_METADATA`,
+    /// `MAX_MARKER_SEARCH`): the file is skipped rather than read further.
+    #[error("{path}: not scanned: {why}")]
+    Capped { path: String, why: String },
 }
 
 /// Bytes of each function kept for instruction decoding.
@@ -321,20 +336,119 @@ fn classify(raw: &str) -> Option<(u8, Stack, String)> {
     })
 }
 
-/// Reads the ELF file at `path` (shown in messages as `shown_as`).
-pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
+/// Largest file scanned: 512 MiB. Files with signing code are far
+/// smaller (libcrypto is 5 MB, node with its OpenSSL 98 MB, libLLVM 117
+/// MB, librustc_driver 154 MB); a bigger one is skipped with a warning
+/// instead of read, so a sparse file of any size costs the sensor one
+/// `fstat`.
+pub const MAX_FILE_SIZE: u64 = 512 << 20;
+
+/// Bytes of ELF structure one scan may hold in memory: headers, symbol and
+/// string tables, notes and the first bytes of each probe point. libcrypto
+/// needs 250 KB, librustc_driver (186,000 symbols, 22 MB of names) 27 MB.
+/// A file that needs more, such as a malformed one whose sections all name
+/// the same bytes, is skipped with an error.
+const MAX_METADATA: u64 = 256 << 20;
+
+/// Bytes of read-only data searched for `MARKERS` (only in files with no
+/// probe point): the `.rodata` of libcrypto is 370 KB, of libLLVM 35 MB.
+/// A file with more is skipped with an error rather than searched in part.
+const MAX_MARKER_SEARCH: u64 = 64 << 20;
+
+/// String tables read whole before the symbols, so that a name is a lookup
+/// rather than a read (a file has three: `.dynstr`, `.strtab`,
+/// `.shstrtab`). Strings elsewhere are read one at a time.
+const MAX_STRING_TABLES: usize = 16;
+
+/// Bytes read at a time by the marker search.
+const MARKER_CHUNK: usize = 1 << 20;
+
+fn mib(bytes: u64) -> String {
+    format!("{} MiB", bytes.div_ceil(1 << 20))
+}
+
+/// Opens a file to scan: read-only, without blocking (a FIFO named like a
+/// library would otherwise stop the control thread), and only if it is a
+/// regular file. Its identity comes from the descriptor, so it is the
+/// identity of what is read.
+pub fn open(path: &Path, shown_as: &str) -> Result<(File, FileId), ScanError> {
     let read_err = |source| ScanError::Read {
         path: shown_as.to_owned(),
         source,
     };
-    let f = std::fs::File::open(path).map_err(read_err)?;
-    // SAFETY: the map is read-only and private; a file truncated while
-    // mapped could fault, which is why only regular files are passed here
-    // and the map lives only for this call.
-    let data = unsafe { memmap2::Mmap::map(&f) }.map_err(read_err)?;
-    let file = object::File::parse(&*data).map_err(|source| ScanError::Parse {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(read_err)?;
+    let md = f.metadata().map_err(read_err)?;
+    if !md.is_file() {
+        return Err(read_err(std::io::Error::other("not a regular file")));
+    }
+    Ok((f, FileId::of(&md)))
+}
+
+/// Reads the ELF file at `path` (shown in messages as `shown_as`).
+pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
+    let (f, id) = open(path, shown_as)?;
+    scan_file(&f, id, shown_as)
+}
+
+/// Reads an opened ELF file whose `fstat` gave `id`.
+///
+/// The file is never mapped: any user can truncate a file they own while
+/// the sensor reads it (a library they load, a program they run), and a
+/// mapped page past the new end kills the reader with SIGBUS. Every read
+/// here copies a bounded number of bytes at a known offset (`read(2)`, not
+/// a page fault), so a truncated file gives a short read, that is an
+/// error. A file that changed while it was read
+/// is an error too: what was read may not belong together.
+pub fn scan_file(f: &File, id: FileId, shown_as: &str) -> Result<SigningCode, ScanError> {
+    if id.size > MAX_FILE_SIZE {
+        return Err(ScanError::Capped {
+            path: shown_as.to_owned(),
+            why: format!(
+                "it is {}, more than the {} keywarden reads of an ELF file",
+                mib(id.size),
+                mib(MAX_FILE_SIZE)
+            ),
+        });
+    }
+    let result = scan_elf(f, id.size, shown_as);
+    match f.metadata() {
+        Ok(md) if FileId::of(&md) == id => result,
+        Ok(_) => Err(ScanError::Read {
+            path: shown_as.to_owned(),
+            source: std::io::Error::other("the file changed while it was read"),
+        }),
+        Err(source) => Err(ScanError::Read {
+            path: shown_as.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn metadata_capped(shown_as: &str) -> ScanError {
+    ScanError::Capped {
         path: shown_as.to_owned(),
-        source,
+        why: format!(
+            "its headers, symbol and string tables need more than the {} keywarden reads of an ELF file",
+            mib(MAX_METADATA)
+        ),
+    }
+}
+
+fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError> {
+    let data = ElfReader::new(f, len, shown_as)?;
+    let file = object::File::parse(&data).map_err(|source| {
+        if data.exhausted() {
+            metadata_capped(shown_as)
+        } else {
+            ScanError::Parse {
+                path: shown_as.to_owned(),
+                source,
+            }
+        }
     })?;
     let mut out = SigningCode {
         build_id: file.build_id().ok().flatten().map(hex::encode),
@@ -368,22 +482,19 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
             continue;
         };
         let addr = sym.address();
-        let Some((seg_addr, _, seg_off)) = segments
+        // Checked arithmetic: a hostile file's segments may wrap around.
+        let Some(offset) = segments
             .iter()
-            .find(|(a, size, _)| addr >= *a && addr < a + size)
+            .find(|(a, size, _)| addr >= *a && addr - a < *size)
+            .and_then(|(a, _, off)| (addr - a).checked_add(*off))
         else {
             continue;
         };
-        let offset = addr - seg_addr + seg_off;
         // The same function in .dynsym and .symtab, or aliases.
         if !seen.insert((id, offset)) {
             continue;
         }
-        let len = (sym.size().max(1) as usize).min(CODE_PREFIX);
-        let code = data
-            .get(offset as usize..(offset as usize + len).min(data.len()))
-            .unwrap_or_default()
-            .to_vec();
+        let code = data.code_at(offset, (sym.size().max(1) as usize).min(CODE_PREFIX));
         out.points.push(ProbePoint {
             id,
             stack,
@@ -393,6 +504,11 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
             code,
             freed: None,
         });
+    }
+    // Symbol names that could not be read were skipped above: when the
+    // budget ran out, the list is incomplete, and the file is skipped.
+    if data.exhausted() {
+        return Err(metadata_capped(shown_as));
     }
     for p in out.points.iter_mut().filter(|p| p.id == func::PKEY_FREE) {
         p.freed = placement::freed_path(&p.code, p.address, |t| refcount_fns.contains(&t));
@@ -410,23 +526,254 @@ pub fn scan(path: &Path, shown_as: &str) -> Result<SigningCode, ScanError> {
             .collect();
     }
     if !out.can_see_signatures() {
-        out.markers = MARKERS
-            .iter()
-            .filter(|(needle, _)| memchr::memmem::find(&data, needle).is_some())
-            .map(|(_, what)| *what)
-            .collect();
+        out.markers = search_markers(f, &marker_ranges(&file, len), shown_as)?;
     }
     Ok(out)
 }
 
-/// Identity of a file's contents for the cache: an ELF file is rescanned
-/// only when one of these changes.
+/// Where the marker strings can be: the read-only data sections
+/// (`.rodata`, where C file names and Rust panic locations go), or, in a
+/// file without section headers, its loaded segments. `(offset, size)`,
+/// within the first `len` bytes.
+fn marker_ranges<'a, R: ReadRef<'a>>(file: &object::File<'a, R>, len: u64) -> Vec<(u64, u64)> {
+    let clip = |(off, size): (u64, u64)| {
+        let end = off.saturating_add(size).min(len);
+        // Not `then_some`: `end - off` must not be computed when off >= end.
+        if off < end {
+            Some((off, end - off))
+        } else {
+            None
+        }
+    };
+    if file.sections().next().is_none() {
+        return file
+            .segments()
+            .filter_map(|s| clip(s.file_range()))
+            .collect();
+    }
+    file.sections()
+        .filter(|s| {
+            matches!(
+                s.kind(),
+                SectionKind::ReadOnlyData | SectionKind::ReadOnlyString
+            )
+        })
+        .filter_map(|s| s.file_range().and_then(clip))
+        .collect()
+}
+
+/// Which `MARKERS` occur in `ranges` of the file, read `MARKER_CHUNK`
+/// bytes at a time (each chunk keeps the end of the one before, so a
+/// marker across two chunks is found).
+fn search_markers(
+    f: &File,
+    ranges: &[(u64, u64)],
+    shown_as: &str,
+) -> Result<Vec<&'static str>, ScanError> {
+    let total = ranges
+        .iter()
+        .fold(0u64, |sum, (_, size)| sum.saturating_add(*size));
+    if total > MAX_MARKER_SEARCH {
+        return Err(ScanError::Capped {
+            path: shown_as.to_owned(),
+            why: format!(
+                "it has no signing function keywarden knows, and its {} of read-only data, \
+                 more than the {} searched for signs of crypto code, were not searched",
+                mib(total),
+                mib(MAX_MARKER_SEARCH)
+            ),
+        });
+    }
+    let keep_max = MARKERS.iter().map(|(n, _)| n.len()).max().unwrap_or(1) - 1;
+    let mut found = [false; MARKERS.len()];
+    let mut buf = vec![0u8; MARKER_CHUNK + keep_max];
+    for &(start, size) in ranges {
+        let end = start + size;
+        let (mut pos, mut kept) = (start, 0usize);
+        while pos < end && !found.iter().all(|hit| *hit) {
+            let want = (end - pos).min(MARKER_CHUNK as u64) as usize;
+            f.read_exact_at(&mut buf[kept..kept + want], pos)
+                .map_err(|source| ScanError::Read {
+                    path: shown_as.to_owned(),
+                    source,
+                })?;
+            let filled = kept + want;
+            for (hit, (needle, _)) in found.iter_mut().zip(MARKERS.iter()) {
+                *hit = *hit || memchr::memmem::find(&buf[..filled], needle).is_some();
+            }
+            pos += want as u64;
+            kept = filled.min(keep_max);
+            buf.copy_within(filled - kept..filled, 0);
+        }
+    }
+    Ok(MARKERS
+        .iter()
+        .zip(found)
+        .filter(|(_, hit)| *hit)
+        .map(|((_, what), _)| *what)
+        .collect())
+}
+
+/// The file as `object` reads it: through `object`'s `ReadCache` (a seek
+/// and read on the scan's own descriptor per structure, each kept for the
+/// rest of the scan),
+/// never past the size the file had when it was opened, `MAX_METADATA`
+/// bytes in all; string tables are read whole up front.
+struct ElfReader<'f> {
+    cache: ReadCache<&'f File>,
+    len: u64,
+    /// `(file offset, bytes)` of the string tables read up front.
+    strings: Vec<(u64, Vec<u8>)>,
+    /// Bytes handed out so far. A cache hit counts again, so this bounds
+    /// what the cache holds, with margin.
+    charged: Cell<u64>,
+    exhausted: Cell<bool>,
+}
+
+impl<'f> ElfReader<'f> {
+    fn new(file: &'f File, len: u64, shown_as: &str) -> Result<Self, ScanError> {
+        let mut reader = ElfReader {
+            cache: ReadCache::new(file),
+            len,
+            strings: Vec::new(),
+            charged: Cell::new(0),
+            exhausted: Cell::new(false),
+        };
+        let mut strings = Vec::new();
+        for (offset, size) in string_tables(&reader) {
+            if strings.len() == MAX_STRING_TABLES {
+                break;
+            }
+            // A table outside the file stays unread: object says so.
+            if offset.checked_add(size).is_none_or(|end| end > len) {
+                continue;
+            }
+            if reader.charge(size).is_err() {
+                return Err(metadata_capped(shown_as));
+            }
+            let mut bytes = vec![0u8; size as usize];
+            file.read_exact_at(&mut bytes, offset)
+                .map_err(|source| ScanError::Read {
+                    path: shown_as.to_owned(),
+                    source,
+                })?;
+            strings.push((offset, bytes));
+        }
+        reader.strings = strings;
+        Ok(reader)
+    }
+
+    /// The first `len` bytes of code at `offset`, fewer at the end of the
+    /// file.
+    fn code_at(&self, offset: u64, len: usize) -> Vec<u8> {
+        let len = (len as u64).min(self.len.saturating_sub(offset));
+        self.read_bytes_at(offset, len)
+            .map(<[u8]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// Accounts for `bytes` more; false once `MAX_METADATA` is reached.
+    fn charge(&self, bytes: u64) -> Result<(), ()> {
+        let total = self.charged.get().saturating_add(bytes);
+        if self.exhausted.get() || total > MAX_METADATA {
+            self.exhausted.set(true);
+            return Err(());
+        }
+        self.charged.set(total);
+        Ok(())
+    }
+
+    /// Whether a read was refused for `MAX_METADATA`.
+    fn exhausted(&self) -> bool {
+        self.exhausted.get()
+    }
+}
+
+/// `(offset, size)` of each distinct string table in the section headers
+/// (none when they cannot be read: `object` then reports why).
+fn string_tables(data: &ElfReader<'_>) -> Vec<(u64, u64)> {
+    fn of<Elf: FileHeader<Endian = Endianness>>(
+        data: &ElfReader<'_>,
+    ) -> object::Result<Vec<(u64, u64)>> {
+        let header = Elf::parse(data)?;
+        let endian = header.endian()?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for s in header.section_headers(endian, data)? {
+            if s.sh_type(endian) == object::elf::SHT_STRTAB
+                && let Some(range) = s.file_range(endian)
+                && !out.contains(&range)
+            {
+                out.push(range);
+            }
+        }
+        Ok(out)
+    }
+    let tables = match FileKind::parse(data) {
+        Ok(FileKind::Elf32) => of::<object::elf::FileHeader32<Endianness>>(data),
+        Ok(FileKind::Elf64) => of::<object::elf::FileHeader64<Endianness>>(data),
+        _ => Ok(Vec::new()),
+    };
+    tables.unwrap_or_default()
+}
+
+impl<'a> ReadRef<'a> for &'a ElfReader<'_> {
+    fn len(self) -> Result<u64, ()> {
+        Ok(self.len)
+    }
+
+    fn read_bytes_at(self, offset: u64, size: u64) -> Result<&'a [u8], ()> {
+        if size == 0 {
+            return Ok(&[]);
+        }
+        if offset.checked_add(size).is_none_or(|end| end > self.len) {
+            return Err(());
+        }
+        self.charge(size)?;
+        (&self.cache).read_bytes_at(offset, size)
+    }
+
+    fn read_bytes_at_until(self, range: Range<u64>, delimiter: u8) -> Result<&'a [u8], ()> {
+        if range.start > range.end || range.end > self.len {
+            return Err(());
+        }
+        for (start, table) in &self.strings {
+            let table_end = start + table.len() as u64;
+            if range.start < *start || range.start >= table_end {
+                continue;
+            }
+            let bytes =
+                &table[(range.start - start) as usize..(range.end.min(table_end) - start) as usize];
+            if let Some(n) = memchr::memchr(delimiter, bytes) {
+                return Ok(&bytes[..n]);
+            }
+            if range.end <= table_end {
+                return Err(());
+            }
+            break; // runs past the table: read from the file
+        }
+        if self.exhausted() {
+            return Err(());
+        }
+        // At most 4 KiB (ReadCache's own limit), charged for what it kept.
+        let bytes = (&self.cache).read_bytes_at_until(range, delimiter)?;
+        self.charge(bytes.len() as u64 + 1)?;
+        Ok(bytes)
+    }
+}
+
+/// Identity of a file's contents for the caches: a file is read again only
+/// when one of these changes. The change time is in it because, unlike the
+/// modification time, no user can set it back: rewriting a file and
+/// restoring its mtime still gives a new identity.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FileId {
     pub dev: u64,
     pub ino: u64,
-    pub mtime_ns: i64,
     pub size: u64,
+    /// (seconds, nanoseconds); kept apart, as any user can set an mtime
+    /// whose nanosecond count overflows an i64.
+    pub mtime: (i64, i64),
+    pub ctime: (i64, i64),
 }
 
 impl FileId {
@@ -434,18 +781,22 @@ impl FileId {
         FileId {
             dev: md.dev(),
             ino: md.ino(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             size: md.size(),
+            mtime: (md.mtime(), md.mtime_nsec()),
+            ctime: (md.ctime(), md.ctime_nsec()),
         }
     }
 }
 
-/// Scan results per file (device, inode, mtime, size; the build-id is kept
-/// in the result). A host execs the same binaries all day: each is read
-/// once, and a replaced binary (new inode or mtime) is read again.
+/// Scan results per file (its `FileId`; the build-id is kept in the
+/// result). A host execs the same binaries all day: each is read once,
+/// and a replaced binary (new inode or mtime) is read again.
 #[derive(Default)]
 pub struct ScanCache {
     files: HashMap<FileId, Arc<SigningCode>>,
+    /// Files skipped because a cap was hit, and why: a file too large to
+    /// scan costs one lookup when it is run or loaded again.
+    skipped: HashMap<FileId, String>,
     /// Files already reported as uncovered, so a stripped binary run in a
     /// loop gives one warning.
     reported: HashSet<FileId>,
@@ -457,26 +808,47 @@ pub struct ScanCache {
 const CACHE_MAX: usize = 16_384;
 
 impl ScanCache {
+    /// The scan of the opened file `f`, whose `fstat` gave `id`.
     pub fn get_or_scan(
         &mut self,
         id: FileId,
-        path: &Path,
+        f: &File,
         shown_as: &str,
     ) -> Result<Arc<SigningCode>, ScanError> {
         if let Some(hit) = self.files.get(&id) {
             return Ok(hit.clone());
         }
-        let code = Arc::new(scan(path, shown_as)?);
-        self.scans += 1;
-        if self.files.len() >= CACHE_MAX {
-            self.files.clear();
+        if let Some(why) = self.skipped.get(&id) {
+            return Err(ScanError::Capped {
+                path: shown_as.to_owned(),
+                why: why.clone(),
+            });
         }
-        self.files.insert(id, code.clone());
-        Ok(code)
+        if self.files.len() + self.skipped.len() >= CACHE_MAX {
+            self.files.clear();
+            self.skipped.clear();
+        }
+        match scan_file(f, id, shown_as) {
+            Ok(code) => {
+                let code = Arc::new(code);
+                self.scans += 1;
+                self.files.insert(id, code.clone());
+                Ok(code)
+            }
+            Err(ScanError::Capped { path, why }) => {
+                self.skipped.insert(id, why.clone());
+                Err(ScanError::Capped { path, why })
+            }
+            Err(e) => Err(e),
+        }
     }
 
-    /// True the first time a file is reported.
+    /// True the first time a file is reported (bounded like the scans: a
+    /// user who makes new files in a loop cannot grow it without end).
     pub fn first_report(&mut self, id: FileId) -> bool {
+        if self.reported.len() >= CACHE_MAX {
+            self.reported.clear();
+        }
         self.reported.insert(id)
     }
 }
@@ -613,6 +985,161 @@ mod tests {
         assert!(err.to_string().starts_with("x.so: not an ELF"), "{err}");
         let err = scan(&dir.path().join("missing"), "missing").unwrap_err();
         assert!(err.to_string().starts_with("missing: cannot read"), "{err}");
+    }
+
+    /// A private copy of the system libcrypto, to truncate or extend.
+    fn libcrypto_copy(dir: &Path) -> std::path::PathBuf {
+        let p = dir.join("libcrypto.so.3");
+        std::fs::copy(system_libcrypto(), &p).unwrap();
+        p
+    }
+
+    /// A truncated library is an error, never a signal: cut before its
+    /// section headers, inside its symbol table, or after its header.
+    #[test]
+    fn a_truncated_elf_file_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = libcrypto_copy(dir.path());
+        let full = std::fs::metadata(&p).unwrap().len();
+        for len in [full - 1, full / 2, 64 * 1024, 100, 0] {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(len)
+                .unwrap();
+            let got = scan(&p, "cut");
+            assert!(got.is_err(), "truncated to {len}: {got:?}");
+        }
+    }
+
+    /// The attack: the file is opened at one size and cut before it is
+    /// read (here deterministically, between `open` and `scan_file`).
+    /// Reads past the new end fail, and the scan says the file changed.
+    #[test]
+    fn a_file_truncated_while_it_is_read_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = libcrypto_copy(dir.path());
+        let (f, id) = open(&p, "cut").unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        let err = scan_file(&f, id, "cut").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cut: cannot read: the file changed while it was read"),
+            "{err}"
+        );
+        // Not cached: the file is read again once it is whole.
+        std::fs::copy(system_libcrypto(), &p).unwrap();
+        let mut cache = ScanCache::default();
+        let (f, id) = open(&p, "whole").unwrap();
+        assert!(
+            cache
+                .get_or_scan(id, &f, "whole")
+                .unwrap()
+                .can_see_signatures()
+        );
+    }
+
+    /// A sparse copy extended past `MAX_FILE_SIZE` is skipped unread, with
+    /// the reason, and the decision is cached; one just under the cap is
+    /// scanned as usual without reading its hole.
+    #[test]
+    fn the_file_size_cap_skips_a_huge_sparse_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = libcrypto_copy(dir.path());
+        let grow = |len: u64| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_len(len)
+                .unwrap()
+        };
+        grow(MAX_FILE_SIZE - 4096);
+        let code = scan(&p, "big").unwrap();
+        assert!(code.can_see_signatures());
+
+        grow(MAX_FILE_SIZE + 1);
+        let err = scan(&p, "huge").unwrap_err();
+        assert!(matches!(err, ScanError::Capped { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "huge: not scanned: it is 513 MiB, more than the 512 MiB keywarden reads of an ELF file"
+        );
+        let mut cache = ScanCache::default();
+        let (f, id) = open(&p, "huge").unwrap();
+        for _ in 0..2 {
+            let err = cache.get_or_scan(id, &f, "huge").unwrap_err();
+            assert!(matches!(err, ScanError::Capped { .. }), "{err}");
+        }
+        assert_eq!(cache.skipped.len(), 1);
+        assert_eq!(cache.scans, 0);
+    }
+
+    /// `MAX_METADATA` bounds what one scan reads into memory: a request
+    /// beyond it is refused before anything is allocated, and every later
+    /// one too.
+    #[test]
+    fn the_metadata_budget_refuses_large_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse");
+        File::create(&p)
+            .unwrap()
+            .set_len(MAX_METADATA + (1 << 20))
+            .unwrap();
+        let f = File::open(&p).unwrap();
+        let reader = ElfReader::new(&f, MAX_METADATA + (1 << 20), "sparse").unwrap();
+        assert!(reader.strings.is_empty(), "not an ELF file: no tables");
+        assert_eq!((&reader).read_bytes_at(0, 16).unwrap(), &[0u8; 16]);
+        assert!((&reader).read_bytes_at(0, MAX_METADATA).is_err());
+        assert!(reader.exhausted());
+        assert!((&reader).read_bytes_at(0, 16).is_err());
+        // Never past the size the file had when opened.
+        let reader = ElfReader::new(&f, 100, "sparse").unwrap();
+        assert!((&reader).read_bytes_at(96, 8).is_err());
+        assert!(!reader.exhausted());
+    }
+
+    /// The marker search reads in chunks and still finds a marker that
+    /// straddles two; more read-only data than `MAX_MARKER_SEARCH` is an
+    /// error, decided before anything is read.
+    #[test]
+    fn markers_are_found_across_chunks_and_the_search_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("data");
+        let mut bytes = vec![b'x'; 3 * MARKER_CHUNK];
+        let needle = MARKERS[2].0;
+        let at = MARKER_CHUNK - 3;
+        bytes[at..at + needle.len()].copy_from_slice(needle);
+        std::fs::write(&p, &bytes).unwrap();
+        let f = File::open(&p).unwrap();
+        let all = [(0, bytes.len() as u64)];
+        assert_eq!(search_markers(&f, &all, "d").unwrap(), [MARKERS[2].1]);
+        let after = [((at + 1) as u64, MARKER_CHUNK as u64)];
+        assert!(search_markers(&f, &after, "d").unwrap().is_empty());
+        let huge = [(0, MAX_MARKER_SEARCH), (0, 1)];
+        let err = search_markers(&f, &huge, "d").unwrap_err();
+        assert!(matches!(err, ScanError::Capped { .. }), "{err}");
+    }
+
+    /// A FIFO named like a library is refused at once, not opened to wait
+    /// for a writer.
+    #[test]
+    fn a_fifo_is_not_scanned() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("libcrypto.so.3");
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let err = scan(&p, "fifo").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("fifo: cannot read: not a regular file"),
+            "{err}"
+        );
     }
 
     #[test]

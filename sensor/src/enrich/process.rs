@@ -10,11 +10,13 @@
 
 use std::{
     fs::File,
-    io::Read,
     os::fd::{AsRawFd, OwnedFd},
-    os::unix::fs::MetadataExt,
+    os::unix::fs::{FileExt, MetadataExt},
     path::{Path, PathBuf},
-    sync::{Arc, Condvar, Mutex},
+    sync::{
+        Arc, Condvar, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -24,6 +26,7 @@ use keywarden_probe_types::{ExeId, RootId};
 use sha2::{Digest, Sha256};
 
 use super::container::container_from_cgroup;
+use crate::discovery::signing_code::FileId;
 
 /// What the sensor knows about one process (thread group).
 #[derive(Debug)]
@@ -74,10 +77,7 @@ impl ProcessInfo {
     pub fn exe_hash(&self, table: &ProcessTable) -> Result<&str, &str> {
         self.exe_sha256
             .get_or_init(|| match &self.exe {
-                Ok(f) => f
-                    .try_clone()
-                    .and_then(|f| table.hash(f))
-                    .map_err(|e| format!("executable hash: {e}")),
+                Ok(f) => table.hash(f).map_err(|e| format!("executable hash: {e}")),
                 Err(why) => Err(format!("executable hash: {why}")),
             })
             .as_deref()
@@ -122,14 +122,18 @@ impl ProcessInfo {
     }
 }
 
-/// Cache key for executable hashes: the same file is hashed once.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-struct FileId {
-    dev: u64,
-    ino: u64,
-    mtime_ns: i64,
-    size: u64,
-}
+/// Largest executable hashed: 512 MiB, as for ELF scanning
+/// (`signing_code::MAX_FILE_SIZE`). Real programs are far smaller (node
+/// is 98 MB, a browser about 250 MB); SHA-256 of 512 MiB takes the event
+/// thread 0.3 to 1 s. A larger file, such as a sparse one any user can
+/// make and run, gets no hash and `attribution_error` says why.
+pub const MAX_HASHED_SIZE: u64 = 512 << 20;
+
+/// Bytes hashed per read.
+const HASH_CHUNK: usize = 1 << 16;
+
+/// Hashes kept before the cache starts over.
+const HASHES_MAX: usize = 4096;
 
 /// Snapshots per process, versioned by exec time: a signature made before
 /// a process re-exec'd is attributed to the image that made it. Shared by
@@ -143,7 +147,11 @@ pub struct ProcessTable {
     procs: Mutex<HashMap<u32, Versions>>,
     /// Signalled on every `record`.
     recorded: Condvar,
+    /// Executable hashes per file version (`FileId`: device, inode, size,
+    /// mtime and change time), so a file run again is not read again.
     hashes: Mutex<HashMap<FileId, String>>,
+    /// Hashes computed, not taken from `hashes`.
+    computed: AtomicU64,
 }
 
 /// Versions kept per process (a process rarely execs more than twice
@@ -412,29 +420,50 @@ impl ProcessTable {
         }
     }
 
-    pub fn hash(&self, mut f: File) -> std::io::Result<String> {
-        let md = f.metadata()?;
-        let id = FileId {
-            dev: md.dev(),
-            ino: md.ino(),
-            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            size: md.size(),
-        };
+    /// SHA-256 of an opened executable, or why there is none. Read with
+    /// positioned reads (the descriptor's offset is never moved, so a
+    /// shared descriptor can be hashed again), up to the size `fstat` gave:
+    /// a file that grows meanwhile is not read further, one cut short gives
+    /// an error. Files over `MAX_HASHED_SIZE` are not read at all.
+    pub fn hash(&self, f: &File) -> Result<String, String> {
+        let md = f.metadata().map_err(|e| e.to_string())?;
+        let id = FileId::of(&md);
         if let Some(h) = self.hashes.lock().expect("hash cache lock").get(&id) {
             return Ok(h.clone());
         }
+        if !md.is_file() {
+            return Err("not a regular file".to_owned());
+        }
+        if id.size > MAX_HASHED_SIZE {
+            return Err(format!(
+                "not computed: the executable is {} MiB, more than the {} MiB keywarden hashes",
+                id.size.div_ceil(1 << 20),
+                MAX_HASHED_SIZE >> 20
+            ));
+        }
+        const CHANGED: &str = "the executable changed while it was hashed";
         let mut hasher = Sha256::new();
-        let mut buf = vec![0u8; 1 << 16];
-        loop {
-            let n = f.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
+        let mut buf = vec![0u8; HASH_CHUNK];
+        let mut pos = 0u64;
+        while pos < id.size {
+            let want = (id.size - pos).min(HASH_CHUNK as u64) as usize;
+            let n = match f.read_at(&mut buf[..want], pos) {
+                Ok(0) => return Err(CHANGED.to_owned()),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e.to_string()),
+            };
             hasher.update(&buf[..n]);
+            pos += n as u64;
+        }
+        // Written meanwhile: what was read may mix two versions.
+        if f.metadata().map(|md| FileId::of(&md)).ok() != Some(id) {
+            return Err(CHANGED.to_owned());
         }
         let h = hex::encode(hasher.finalize());
+        self.computed.fetch_add(1, Ordering::Relaxed);
         let mut hashes = self.hashes.lock().expect("hash cache lock");
-        if hashes.len() > 4096 {
+        if hashes.len() >= HASHES_MAX {
             hashes.clear();
         }
         hashes.insert(id, h.clone());
@@ -529,6 +558,54 @@ mod tests {
         // Resolving through the kept root finds the same file.
         let resolved = info.resolve("/proc/self/../self/cmdline").unwrap();
         assert!(resolved.exists());
+    }
+
+    /// The same file version is hashed once; a new version (here rewritten
+    /// in place, same size, mtime put back: only the change time differs)
+    /// is hashed again; a file over the cap is not read.
+    #[test]
+    fn executable_hashes_are_cached_per_file_version_and_capped() {
+        let t = ProcessTable::default();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exe");
+        std::fs::write(&p, b"version one").unwrap();
+        let f = File::open(&p).unwrap();
+        let one = hex::encode(Sha256::digest(b"version one"));
+        assert_eq!(t.hash(&f).unwrap(), one);
+        assert_eq!(t.hash(&File::open(&p).unwrap()).unwrap(), one);
+        assert_eq!(
+            t.computed.load(Ordering::Relaxed),
+            1,
+            "cached the second time"
+        );
+
+        let mtime = std::fs::metadata(&p).unwrap().modified().unwrap();
+        // File times tick with the kernel's coarse clock (up to 10 ms).
+        std::thread::sleep(Duration::from_millis(50));
+        std::fs::write(&p, b"version two").unwrap();
+        File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(mtime)
+            .unwrap();
+        let two = hex::encode(Sha256::digest(b"version two"));
+        assert_eq!(t.hash(&f).unwrap(), two);
+        assert_eq!(t.computed.load(Ordering::Relaxed), 2);
+        assert_eq!(t.hash(&f).unwrap(), two);
+        assert_eq!(t.computed.load(Ordering::Relaxed), 2);
+
+        let big = dir.path().join("big");
+        File::create(&big)
+            .unwrap()
+            .set_len(MAX_HASHED_SIZE + 1)
+            .unwrap();
+        let err = t.hash(&File::open(&big).unwrap()).unwrap_err();
+        assert_eq!(
+            err,
+            "not computed: the executable is 513 MiB, more than the 512 MiB keywarden hashes"
+        );
+        assert_eq!(t.computed.load(Ordering::Relaxed), 2);
     }
 
     #[test]
