@@ -129,7 +129,10 @@ impl Control {
 
     /// Releases processes held longer than a live sensor ever holds one:
     /// they were held by a sensor that died before releasing them (the
-    /// `HELD` map is pinned, so it outlives that sensor).
+    /// `HELD` map is pinned, so it outlives that sensor). Through a pidfd,
+    /// and only a process that is still stopped and started before its
+    /// hold (`held::resume`): the entry may be old enough for its pid to
+    /// name another process now.
     fn release_orphans(&mut self) {
         let now = crate::clock::monotonic_ns();
         let held = self
@@ -142,21 +145,13 @@ impl Control {
             if now.saturating_sub(since) < keywarden_probe_types::config::HEARTBEAT_MAX_AGE_NS {
                 continue;
             }
-            let stopped = std::fs::read_to_string(format!("/proc/{tgid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
-                .unwrap_or(false);
-            if stopped {
-                warn!(
+            match crate::held::resume(tgid, since) {
+                Ok(true) => warn!(
                     pid = tgid,
-                    "releasing a process held by a sensor that stopped before releasing it"
-                );
-                if let Err(e) = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(tgid as i32),
-                    nix::sys::signal::SIGCONT,
-                ) {
-                    debug!(pid = tgid, error = %e, "SIGCONT to an orphaned hold");
-                }
+                    "released a process held by a sensor that stopped before releasing it"
+                ),
+                Ok(false) => {}
+                Err(e) => debug!(pid = tgid, error = %e, "SIGCONT to an orphaned hold"),
             }
             self.probes.lock().expect("probes lock").forget_held(tgid);
         }

@@ -14,6 +14,7 @@ mod discovery;
 mod enforce;
 mod enrich;
 mod free_watch;
+mod held;
 mod host;
 mod keys;
 mod logging;
