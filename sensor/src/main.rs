@@ -17,6 +17,7 @@ mod free_watch;
 mod held;
 mod host;
 mod keys;
+mod liveness;
 mod logging;
 mod probes;
 mod records;

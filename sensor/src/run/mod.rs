@@ -51,6 +51,7 @@ use crate::{
         guard::{Guard, GuardedOpen},
     },
     enrich::{kernel_layout, process::ProcessTable},
+    liveness::{self, Liveness},
     probes::{Lease, Probes},
     respond,
     secrets::watch::{WatchEntry, WatchList},
@@ -74,6 +75,10 @@ struct Sensor {
     decisions: Decisions,
     out: Emitter,
     lost_reported: [u64; stats::SLOTS as usize],
+    /// Stamped as this thread makes progress: it releases the openers of
+    /// protected key files, so the control thread renews the hold lease
+    /// only while it moves (`liveness.rs`).
+    liveness: Arc<Liveness>,
 }
 
 /// Raises the soft limit on open files to the hard one. Every uprobe attach
@@ -143,6 +148,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let (warn_tx, warn_rx) = crossbeam_channel::bounded(1024);
     let (guard_tx, guard_rx) = crossbeam_channel::bounded(4096);
     let probes = Arc::new(Mutex::new(probes));
+    let liveness = Arc::new(Liveness::default());
     let procs = Arc::new(ProcessTable::default());
     let origin = setup::origin();
     let mut s = Sensor {
@@ -165,6 +171,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             }),
         ),
         lost_reported: [0; stats::SLOTS as usize],
+        liveness: liveness.clone(),
     };
     let sock = kernel_layout::sock()
         .inspect_err(|e| warn!("signatures carry no network peer: {e:#}"))
@@ -206,12 +213,16 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         warnings: warn_tx,
         shutdown: control_stop.clone(),
         lease_at_start,
+        liveness,
     };
     let control = std::thread::Builder::new()
         .name("keywarden-ctl".into())
         .spawn(move || control.run())?;
 
     let uncovered = startup::discover(&cfg.library_dirs, &cache, &probes, &mut s.out);
+    // From here on protected key files may be known, and their openers
+    // held until this thread has judged them: it is on duty.
+    s.liveness.event_progressed();
     startup::load_key_paths(&cfg.key_paths, &mut s.keys.ident, &mut s.decisions);
     s.decisions.warn_unprotectable();
     for missing in s.secrets.watch.missing_roots() {
@@ -219,11 +230,14 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     }
     s.say_ready(&uncovered, cfg.hold_new_libraries);
 
-    let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(1));
+    // Woken at least every EVENT_TICK, so an idle thread is seen alive.
+    let poll_interval =
+        Duration::from_millis(cfg.poll_interval_ms.max(1)).min(liveness::EVENT_TICK);
     let mut last_housekeeping = Instant::now();
     let mut last_save = Instant::now();
     let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
+        s.liveness.event_progressed();
         let timeout =
             nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
         let mut fds = [nix::poll::PollFd::new(
