@@ -18,6 +18,11 @@
 //! `EVENT_TICK`, idle or not) and every few records of a long drain, so a
 //! busy thread is not taken for a stalled one.
 //!
+//! The hold watchdog (`watchdog.rs`), a child process that releases
+//! everyone this sensor held once it exits, counts too: without it a
+//! sensor killed mid-hold would leave its held processes stopped, so when
+//! it is gone this sensor holds nobody.
+//!
 //! Alternatives not taken: two heartbeats in `HOLD_LEASE`, one per thread,
 //! each checked by the probes for its own kind of hold, would keep exec
 //! holds going while only the event thread is stuck, but change the layout
@@ -34,6 +39,7 @@
 //! the control thread's holds.
 
 use std::{
+    os::fd::{AsFd, OwnedFd},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -55,9 +61,19 @@ pub struct Liveness {
     /// CLOCK_MONOTONIC ns of the event thread's last progress; 0 while it
     /// is off duty (before its loop).
     event_progress: AtomicU64,
+    /// The read end of the watchdog's stdout, which it never writes after
+    /// saying it is ready: readable (end-of-file) once it has exited.
+    watchdog: Option<OwnedFd>,
 }
 
 impl Liveness {
+    pub fn new(watchdog: OwnedFd) -> Self {
+        Self {
+            event_progress: AtomicU64::new(0),
+            watchdog: Some(watchdog),
+        }
+    }
+
     /// The event thread moved on: it went round its loop, or handled
     /// `RECORDS_PER_STAMP` records. Its first call puts it on duty.
     pub fn event_progressed(&self) {
@@ -71,6 +87,11 @@ impl Liveness {
     }
 
     fn stalled_at(&self, now_ns: u64) -> Option<&'static str> {
+        if self.watchdog_gone() {
+            return Some(
+                "the hold watchdog exited, and a sensor killed without it would leave the processes it holds stopped",
+            );
+        }
         let last = self.event_progress.load(Ordering::Relaxed);
         if last != 0 && now_ns.saturating_sub(last) >= EVENT_STALL.as_nanos() as u64 {
             return Some(
@@ -78,6 +99,20 @@ impl Liveness {
             );
         }
         None
+    }
+
+    fn watchdog_gone(&self) -> bool {
+        let Some(fd) = &self.watchdog else {
+            return false;
+        };
+        let mut fds = [nix::poll::PollFd::new(
+            fd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        matches!(
+            nix::poll::poll(&mut fds, nix::poll::PollTimeout::ZERO),
+            Ok(n) if n > 0
+        )
     }
 }
 
@@ -102,5 +137,14 @@ mod tests {
         assert!(l.stalled_at(at + EVENT_STALL.as_nanos() as u64).is_some());
         l.event_progressed();
         assert_eq!(l.stalled(), None, "moving again: holding again");
+    }
+
+    #[test]
+    fn holding_stops_when_the_watchdog_is_gone() {
+        let (read, write) = std::io::pipe().unwrap();
+        let l = Liveness::new(read.into());
+        assert_eq!(l.stalled(), None, "the watchdog runs");
+        drop(write);
+        assert!(l.stalled().is_some(), "the watchdog exited");
     }
 }

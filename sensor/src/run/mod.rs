@@ -57,6 +57,7 @@ use crate::{
     secrets::watch::{WatchEntry, WatchList},
     setup,
     sink::NdjsonSink,
+    watchdog::Watchdog,
 };
 use attribution::Attributor;
 use emitter::Emitter;
@@ -137,6 +138,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let enforcer = Enforcer::new(rules)?;
     let sink = NdjsonSink::open(&cfg.output)?;
     let (mut probes, rings) = Probes::load()?;
+    // Before this sensor can hold anyone (its first heartbeat, below): a
+    // child that releases whoever it holds once it exits, however it exits.
+    // Ready before the lease is taken, so these probes never hold it.
+    let (watchdog, watchdog_out) = Watchdog::start(probes.hold_token())?;
     probes.set_watch(&watch.kernel)?;
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
     probes.register_sensor()?;
@@ -148,7 +153,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let (warn_tx, warn_rx) = crossbeam_channel::bounded(1024);
     let (guard_tx, guard_rx) = crossbeam_channel::bounded(4096);
     let probes = Arc::new(Mutex::new(probes));
-    let liveness = Arc::new(Liveness::default());
+    let liveness = Arc::new(Liveness::new(watchdog_out));
     let procs = Arc::new(ProcessTable::default());
     let origin = setup::origin();
     let mut s = Sensor {
@@ -294,6 +299,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         error!("guard thread panicked");
     }
     s.drain();
+    // Everyone held was released above; the watchdog sweeps what is left
+    // (a hold whose record was still being written), then exits.
+    watchdog.finish();
     s.secrets.emit_due(true, &mut s.out);
     s.out.finish_pipeline();
     s.report_lost();
