@@ -33,10 +33,11 @@
 //! control thread is the one stuck and the sensor is then killed, by the
 //! watchdog (`watchdog.rs`).
 //!
-//! Before its loop the event thread has nothing to release (no protected
-//! key file is known before `key_paths` are read), so it is off duty and
-//! does not count: start-up discovery, which can take a while, does not stop
-//! the control thread's holds.
+//! Before its loop the event thread is off duty and does not count, so
+//! start-up (discovery, reading `key_paths`), which can take a while, does
+//! not stop the control thread's holds. It has nearly nothing to release
+//! then: no protected key file is known before `key_paths` are read, just
+//! before the loop, whose first drain releases whoever was held meanwhile.
 
 use std::{
     os::fd::{AsFd, OwnedFd},

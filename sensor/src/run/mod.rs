@@ -225,9 +225,6 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         .spawn(move || control.run())?;
 
     let uncovered = startup::discover(&cfg.library_dirs, &cache, &probes, &mut s.out);
-    // From here on protected key files may be known, and their openers
-    // held until this thread has judged them: it is on duty.
-    s.liveness.event_progressed();
     startup::load_key_paths(&cfg.key_paths, &mut s.keys.ident, &mut s.decisions);
     s.decisions.warn_unprotectable();
     for missing in s.secrets.watch.missing_roots() {
@@ -242,6 +239,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let mut last_save = Instant::now();
     let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
+        // The first stamp puts this thread on duty (`liveness.rs`).
         s.liveness.event_progressed();
         let timeout =
             nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
