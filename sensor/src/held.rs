@@ -34,6 +34,11 @@ pub fn resume(tgid: u32, held_at_ns: u64) -> std::io::Result<bool> {
     pidfd_send_signal(&pidfd, libc::SIGCONT)
 }
 
+/// Whether a process is stopped (state `T`) right now.
+pub fn is_stopped(tgid: u32) -> bool {
+    stat(tgid).is_some_and(|(state, _)| state == 'T')
+}
+
 /// `pidfd_open(2)`; `None` if no such process.
 fn pidfd_open(tgid: u32) -> std::io::Result<Option<OwnedFd>> {
     let pid =

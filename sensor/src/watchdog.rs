@@ -80,10 +80,12 @@ pub const COMMAND: &str = "__watchdog";
 /// What the watchdog writes to its stdout once it is ready.
 const READY: [u8; 1] = *b"R";
 
-/// How long `keywarden run` waits for the watchdog to be ready. Another
-/// sensor holding the host's lease may hold it at its exec until that
-/// sensor has looked at the binary.
+/// How long `keywarden run` waits for the watchdog to be ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often, while waiting, the sensor checks that the watchdog is not
+/// stopped.
+const READY_CHECK: Duration = Duration::from_millis(250);
 
 /// Between the watchdog's two sweeps: a probe that read the lease just
 /// before it was voided has long finished its hold by then.
@@ -185,25 +187,40 @@ fn handshake(
         .write_all(&token.to_ne_bytes())
         .context("giving the hold watchdog its token")?;
     let mut out = child.stdout.take().context("the hold watchdog's stdout")?;
-    wait_ready(&mut out)?;
+    wait_ready(child.id(), &mut out)?;
     Ok(out)
 }
 
-/// Waits for the watchdog's ready byte.
-fn wait_ready(out: &mut ChildStdout) -> Result<()> {
+/// Waits for the watchdog's ready byte. Another sensor holding the host's
+/// lease may stop the watchdog at its exec (a path new in this cgroup)
+/// until it has looked at the binary, and a stuck sensor would never let
+/// it go: the watchdog is this sensor's own binary, with no signing code
+/// for anyone to attach to first, so a stopped watchdog is resumed here.
+/// (It is this process's unreaped child: its pid cannot name another.)
+fn wait_ready(pid: u32, out: &mut ChildStdout) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             bail!("it was not ready within {} s", READY_TIMEOUT.as_secs());
         }
-        let timeout = nix::poll::PollTimeout::try_from(left).unwrap_or(nix::poll::PollTimeout::MAX);
+        let timeout = nix::poll::PollTimeout::try_from(left.min(READY_CHECK))
+            .unwrap_or(nix::poll::PollTimeout::MAX);
         let mut fds = [nix::poll::PollFd::new(
             out.as_fd(),
             nix::poll::PollFlags::POLLIN,
         )];
         match nix::poll::poll(&mut fds, timeout) {
-            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(0) => {
+                if crate::held::is_stopped(pid) {
+                    debug!(pid, "resuming the hold watchdog, stopped as it started");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid as i32),
+                        nix::sys::signal::SIGCONT,
+                    );
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => {}
             Ok(_) => break,
             Err(e) => return Err(e).context("waiting for the hold watchdog"),
         }
