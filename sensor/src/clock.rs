@@ -18,6 +18,12 @@ pub fn monotonic_ns() -> u64 {
     ns(ClockId::CLOCK_MONOTONIC) as u64
 }
 
+/// Now, on `CLOCK_BOOTTIME`: the monotonic clock plus the time the host
+/// spent suspended. `/proc/PID/stat` gives process start times on it.
+pub fn boottime_ns() -> u64 {
+    ns(ClockId::CLOCK_BOOTTIME) as u64
+}
+
 /// Now, in wall-clock milliseconds since the epoch.
 pub fn now_ms() -> i64 {
     ns(ClockId::CLOCK_REALTIME) / 1_000_000

@@ -15,6 +15,8 @@ pub struct Config {
     pub output: String,
     /// How often the sensor drains the ring buffer. Signature records never
     /// wake the sensor (a wakeup per event halves signing throughput).
+    /// Values over 250 act as 250: the control thread must see the event
+    /// thread move to keep holding (`liveness.rs`).
     pub poll_interval_ms: u64,
     /// Stop (SIGSTOP) a process that opens a crypto library the sensor has
     /// not seen in its cgroup, until the library is attached.

@@ -12,7 +12,9 @@
 //!   the library.
 //!
 //! It also sends the heartbeat that lets the probes hold processes at all,
-//! so if this thread stops, holding stops with it.
+//! so if this thread stops, holding stops with it; and it sends it only
+//! while the event thread, which releases the openers of protected key
+//! files, shows progress too (`liveness.rs`).
 
 use std::{
     os::fd::AsFd,
@@ -34,6 +36,7 @@ use crate::{
     coverage::{Coverage, cover},
     discovery::{signing_code::ScanCache, targets::Candidate},
     enrich::process::ProcessTable,
+    liveness::Liveness,
     probes::{Lease, Probes},
     records::{Record, c_str, decode},
 };
@@ -70,6 +73,8 @@ pub struct Control {
     pub warnings: crossbeam_channel::Sender<Warning>,
     pub shutdown: Arc<AtomicBool>,
     pub lease_at_start: Lease,
+    /// Whether the other releasing thread is alive (`liveness.rs`).
+    pub liveness: Arc<Liveness>,
 }
 
 /// Logged when another keywarden holds the host's lease (`HoldLease`).
@@ -83,21 +88,11 @@ impl Control {
         let mut last_heartbeat = Instant::now() - Duration::from_secs(1);
         // What the start-up heartbeat found (run.rs said so if it was Other).
         let mut lease = self.lease_at_start;
+        // Why holding is paused, while it is.
+        let mut paused = None;
         while !self.shutdown.load(Ordering::Relaxed) {
             if last_heartbeat.elapsed() >= Duration::from_millis(500) {
-                match self.probes.lock().expect("probes lock").heartbeat() {
-                    Ok(now) if now != lease => {
-                        match now {
-                            Lease::Ours => info!(
-                                "this sensor holds new processes again: the other keywarden stopped"
-                            ),
-                            Lease::Other => warn!("{ANOTHER_SENSOR_HOLDS}"),
-                        }
-                        lease = now;
-                    }
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %e, "heartbeat"),
-                }
+                self.beat(&mut lease, &mut paused);
                 self.release_orphans();
                 last_heartbeat = Instant::now();
             }
@@ -110,6 +105,42 @@ impl Control {
         }
         // A last pass so no held process is left stopped.
         self.drain();
+    }
+
+    /// Renews the hold lease, which is what lets the probes hold anyone,
+    /// while every thread that releases held processes is alive; otherwise
+    /// gives it up at once, so nobody new is held until they are. This
+    /// thread is one of them: when it stops, so do the renewals, and the
+    /// lease goes stale by itself.
+    fn beat(&mut self, lease: &mut Lease, paused: &mut Option<&'static str>) {
+        let stalled = self.liveness.stalled();
+        if stalled != *paused {
+            match stalled {
+                Some(why) => warn!("holding paused, nobody new is held: {why}"),
+                None => info!("holding resumed: every thread that releases held processes runs"),
+            }
+            *paused = stalled;
+        }
+        let mut probes = self.probes.lock().expect("probes lock");
+        if stalled.is_some() {
+            if let Err(e) = probes.give_up_lease() {
+                warn!(error = %e, "giving up the hold lease (it goes stale in 2 s anyway)");
+            }
+            return;
+        }
+        match probes.heartbeat() {
+            Ok(now) if now != *lease => {
+                match now {
+                    Lease::Ours => {
+                        info!("this sensor holds new processes again: the other keywarden stopped")
+                    }
+                    Lease::Other => warn!("{ANOTHER_SENSOR_HOLDS}"),
+                }
+                *lease = now;
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "heartbeat"),
+        }
     }
 
     fn drain(&mut self) {
@@ -129,7 +160,10 @@ impl Control {
 
     /// Releases processes held longer than a live sensor ever holds one:
     /// they were held by a sensor that died before releasing them (the
-    /// `HELD` map is pinned, so it outlives that sensor).
+    /// `HELD` map is pinned, so it outlives that sensor). Through a pidfd,
+    /// and only a process that is still stopped and started before its
+    /// hold (`held::resume`): the entry may be old enough for its pid to
+    /// name another process now.
     fn release_orphans(&mut self) {
         let now = crate::clock::monotonic_ns();
         let held = self
@@ -142,21 +176,13 @@ impl Control {
             if now.saturating_sub(since) < keywarden_probe_types::config::HEARTBEAT_MAX_AGE_NS {
                 continue;
             }
-            let stopped = std::fs::read_to_string(format!("/proc/{tgid}/stat"))
-                .ok()
-                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('T')))
-                .unwrap_or(false);
-            if stopped {
-                warn!(
+            match crate::held::resume(tgid, since) {
+                Ok(true) => warn!(
                     pid = tgid,
-                    "releasing a process held by a sensor that stopped before releasing it"
-                );
-                if let Err(e) = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(tgid as i32),
-                    nix::sys::signal::SIGCONT,
-                ) {
-                    debug!(pid = tgid, error = %e, "SIGCONT to an orphaned hold");
-                }
+                    "released a process held by a sensor that stopped before releasing it"
+                ),
+                Ok(false) => {}
+                Err(e) => debug!(pid = tgid, error = %e, "SIGCONT to an orphaned hold"),
             }
             self.probes.lock().expect("probes lock").forget_held(tgid);
         }

@@ -14,8 +14,10 @@ mod discovery;
 mod enforce;
 mod enrich;
 mod free_watch;
+mod held;
 mod host;
 mod keys;
+mod liveness;
 mod logging;
 mod probes;
 mod records;
@@ -24,6 +26,7 @@ mod run;
 mod secrets;
 mod setup;
 mod sink;
+mod watchdog;
 
 use std::{
     path::PathBuf,
@@ -120,6 +123,10 @@ enum Command {
     },
     /// Print the embedded default configuration.
     Config,
+    /// Internal: started by `run` itself, releases the processes it held
+    /// once it exits, however it exits (`watchdog.rs`).
+    #[command(name = "__watchdog", hide = true)]
+    Watchdog,
 }
 
 #[derive(Subcommand)]
@@ -187,6 +194,7 @@ fn main() -> ExitCode {
             print!("{}", config::DEFAULT_CONFIG);
             ExitCode::SUCCESS
         }
+        Command::Watchdog => exit(watchdog::run()),
         Command::Rules {
             command: RulesCommand::Check { paths },
         } => match keywarden_analyzer::rules::RuleSet::load(&paths) {
@@ -266,5 +274,16 @@ fn main() -> ExitCode {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_command_parses_as_run_starts_it() {
+        let cli = Cli::try_parse_from(["keywarden", "--log", "debug", watchdog::COMMAND]).unwrap();
+        assert!(matches!(cli.command, Command::Watchdog));
     }
 }

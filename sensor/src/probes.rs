@@ -149,7 +149,7 @@ pub fn file_id(md: &std::fs::Metadata) -> ExeId {
 }
 
 /// A map delete: an entry that is already gone is what was wanted.
-fn removed(r: Result<(), aya::maps::MapError>) -> Result<()> {
+pub(crate) fn removed(r: Result<(), aya::maps::MapError>) -> Result<()> {
     match r {
         Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
         Err(e) => Err(e.into()),
@@ -215,6 +215,12 @@ impl Probes {
         };
         probes.set_config(config::HOLD_TOKEN, probes.hold_token)?;
         Ok((probes, Rings { events, control }))
+    }
+
+    /// This sensor's name in the host-wide hold lease; the watchdog needs
+    /// it to void the lease for a sensor that died holding it.
+    pub fn hold_token(&self) -> u64 {
+        self.hold_token
     }
 
     pub fn libraries(&self) -> &[Arc<Library>] {

@@ -277,13 +277,15 @@ fn two_sensors_never_hold_each_other() {
     );
 }
 
-/// A sensor killed while it holds a process must not leave that process
-/// stopped for good: the next sensor releases it (the held list is pinned
-/// in bpffs and outlives the dead sensor).
+/// A sensor killed while it holds a process, together with its watchdog
+/// (a supervisor's SIGKILL of the whole cgroup), must not leave that
+/// process stopped for good: the next sensor releases it (the held list is
+/// pinned in bpffs and outlives the dead sensor).
 #[test]
 fn a_process_held_by_a_killed_sensor_is_released_by_the_next() {
     let signer = NewLibrarySigner::new("ec");
-    let first = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_RELEASE_DELAY_MS", "60000")]);
+    let mut first = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_RELEASE_DELAY_MS", "60000")]);
+    let watchdog = first.watchdog_pid();
     let child = signer
         .command()
         .stdout(std::process::Stdio::null())
@@ -291,21 +293,17 @@ fn a_process_held_by_a_killed_sensor_is_released_by_the_next() {
         .spawn()
         .unwrap();
     let pid = child.id();
-    let state = || {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|s| {
-                s.rsplit_once(") ")
-                    .map(|(_, r)| r.chars().next().unwrap_or('?'))
-            })
-            .unwrap_or('?')
-    };
     wait_for("the signer to be held", Duration::from_secs(10), || {
-        state() == 'T'
+        process_state(pid) == 'T'
     });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(watchdog as i32),
+        nix::sys::signal::SIGKILL,
+    )
+    .unwrap();
     first.kill();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(state(), 'T', "still stopped: nobody released it");
+    assert_eq!(process_state(pid), 'T', "still stopped: nobody released it");
     let second = Sensor::start(&[]);
     let mut child = child;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
@@ -330,6 +328,70 @@ fn a_process_held_by_a_killed_sensor_is_released_by_the_next() {
         second.log()
     );
     second.stop();
+}
+
+/// Row 10 of issue 16: a hung sensor was SIGKILLed, and a process it held
+/// stayed stopped (state T) for good. Now the sensor's watchdog resumes
+/// everyone it held within 2 s of its death, with no other sensor
+/// running; without the watchdog nothing would (the test above).
+#[test]
+fn a_process_held_by_a_killed_sensor_is_released_by_its_watchdog() {
+    let signer = NewLibrarySigner::new("ec");
+    // The control thread stalls before each release, as a hung sensor
+    // would: the sensor dies holding the signer.
+    let mut sensor = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_RELEASE_DELAY_MS", "60000")]);
+    let watchdog = sensor.watchdog_pid();
+    let mut child = signer
+        .command()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    wait_for("the signer to be held", Duration::from_secs(10), || {
+        process_state(pid) == 'T'
+    });
+    let killed = std::time::Instant::now();
+    sensor.kill();
+    while process_state(pid) == 'T' {
+        if killed.elapsed() > Duration::from_secs(2) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::SIGCONT,
+            );
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still stopped 2 s after the sensor was killed:\n{}",
+                sensor.log()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let released_after = killed.elapsed();
+    // It runs on, to the end.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the released signer never finished ({})",
+            process_state(pid)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    // The watchdog did it, said so, and is gone.
+    wait_for("the watchdog to exit", Duration::from_secs(5), || {
+        matches!(process_state(watchdog), '?' | 'Z')
+    });
+    let log = sensor.log();
+    assert!(
+        log.contains("hold watchdog: released a process"),
+        "released after {released_after:?}, but not by the watchdog:\n{log}"
+    );
 }
 
 struct Server(Child);

@@ -51,11 +51,13 @@ use crate::{
         guard::{Guard, GuardedOpen},
     },
     enrich::{kernel_layout, process::ProcessTable},
+    liveness::{self, Liveness},
     probes::{Lease, Probes},
     respond,
     secrets::watch::{WatchEntry, WatchList},
     setup,
     sink::NdjsonSink,
+    watchdog::Watchdog,
 };
 use attribution::Attributor;
 use emitter::Emitter;
@@ -74,6 +76,10 @@ struct Sensor {
     decisions: Decisions,
     out: Emitter,
     lost_reported: [u64; stats::SLOTS as usize],
+    /// Stamped as this thread makes progress: it releases the openers of
+    /// protected key files, so the control thread renews the hold lease
+    /// only while it moves (`liveness.rs`).
+    liveness: Arc<Liveness>,
 }
 
 /// Raises the soft limit on open files to the hard one. Every uprobe attach
@@ -132,6 +138,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let enforcer = Enforcer::new(rules)?;
     let sink = NdjsonSink::open(&cfg.output)?;
     let (mut probes, rings) = Probes::load()?;
+    // Before this sensor can hold anyone (its first heartbeat, below): a
+    // child that releases whoever it holds once it exits, however it exits.
+    // Ready before the lease is taken, so these probes never hold it.
+    let (watchdog, watchdog_out) = Watchdog::start(probes.hold_token())?;
     probes.set_watch(&watch.kernel)?;
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
     probes.register_sensor()?;
@@ -143,6 +153,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let (warn_tx, warn_rx) = crossbeam_channel::bounded(1024);
     let (guard_tx, guard_rx) = crossbeam_channel::bounded(4096);
     let probes = Arc::new(Mutex::new(probes));
+    let liveness = Arc::new(Liveness::new(watchdog_out));
     let procs = Arc::new(ProcessTable::default());
     let origin = setup::origin();
     let mut s = Sensor {
@@ -165,6 +176,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             }),
         ),
         lost_reported: [0; stats::SLOTS as usize],
+        liveness: liveness.clone(),
     };
     let sock = kernel_layout::sock()
         .inspect_err(|e| warn!("signatures carry no network peer: {e:#}"))
@@ -206,6 +218,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         warnings: warn_tx,
         shutdown: control_stop.clone(),
         lease_at_start,
+        liveness,
     };
     let control = std::thread::Builder::new()
         .name("keywarden-ctl".into())
@@ -219,11 +232,15 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     }
     s.say_ready(&uncovered, cfg.hold_new_libraries);
 
-    let poll_interval = Duration::from_millis(cfg.poll_interval_ms.max(1));
+    // Woken at least every EVENT_TICK, so an idle thread is seen alive.
+    let poll_interval =
+        Duration::from_millis(cfg.poll_interval_ms.max(1)).min(liveness::EVENT_TICK);
     let mut last_housekeeping = Instant::now();
     let mut last_save = Instant::now();
     let mut failure = None;
     while !shutdown.load(Ordering::Relaxed) {
+        // The first stamp puts this thread on duty (`liveness.rs`).
+        s.liveness.event_progressed();
         let timeout =
             nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
         let mut fds = [nix::poll::PollFd::new(
@@ -280,6 +297,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         error!("guard thread panicked");
     }
     s.drain();
+    // Everyone held was released above; the watchdog sweeps what is left
+    // (a hold whose record was still being written), then exits.
+    watchdog.finish();
     s.secrets.emit_due(true, &mut s.out);
     s.out.finish_pipeline();
     s.report_lost();

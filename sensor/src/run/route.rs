@@ -8,7 +8,10 @@ use keywarden_probe_types::open_flags;
 use tracing::error;
 
 use super::{Sensor, secret_opens::OpenParts};
-use crate::records::{Record, decode};
+use crate::{
+    liveness,
+    records::{Record, decode},
+};
 
 impl Sensor {
     /// Handles everything waiting: warnings, guard verdicts, ring records.
@@ -19,12 +22,18 @@ impl Sensor {
         while let Ok(g) = self.guarded.try_recv() {
             self.secrets.on_guarded(g, &mut self.attr, &mut self.out);
         }
+        let mut handled = 0u32;
         loop {
             let rec = match self.events.next() {
                 Some(item) => decode(&item),
                 None => break,
             };
             self.handle(rec);
+            // A drain under load can last: it is progress all the same.
+            handled = handled.wrapping_add(1);
+            if handled.is_multiple_of(liveness::RECORDS_PER_STAMP) {
+                self.liveness.event_progressed();
+            }
         }
     }
 

@@ -31,12 +31,27 @@ impl Sensor {
         Self::start_with_env(extra, &[])
     }
 
-    /// Kills the sensor outright (SIGKILL), as a crash would.
-    pub fn kill(mut self) {
+    /// Kills the sensor outright (SIGKILL), as a crash would, and reaps
+    /// it. Its hold watchdog lives on; its log stays readable.
+    pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The sensor's hold watchdog (`keywarden __watchdog`): its only child
+    /// process.
+    pub fn watchdog_pid(&self) -> u32 {
+        let parent = format!("PPid:\t{}", self.pid());
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .find(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/status"))
+                    .is_ok_and(|s| s.lines().any(|l| l == parent))
+            })
+            .unwrap_or_else(|| panic!("the sensor has no watchdog:\n{}", self.log()))
     }
 
     /// Like `start`, with extra environment variables.
@@ -150,6 +165,18 @@ impl Drop for Sensor {
             let _ = c.wait();
         }
     }
+}
+
+/// A process's state letter in `/proc/PID/stat` (`T`: stopped), `?` if it
+/// is gone.
+pub fn process_state(pid: u32) -> char {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, r)| r.chars().next().unwrap_or('?'))
+        })
+        .unwrap_or('?')
 }
 
 pub fn run_ok(cmd: &mut Command) -> Output {
