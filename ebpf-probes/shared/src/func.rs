@@ -23,6 +23,10 @@ pub const RUST_SIGNER_SIGN: u8 = 9;
 pub const RING_ECDSA_SIGN: u8 = 10;
 pub const RING_ED25519_SIGN: u8 = 11;
 pub const PKEY_FREED: u8 = 12;
+pub const ECDSA_DO_SIGN: u8 = 13;
+pub const ECDSA_SIGN: u8 = 14;
+pub const RSA_SIGN: u8 = 15;
+pub const RSA_PRIVATE_ENCRYPT: u8 = 16;
 
 /// A probed function: its id, what events call it, and what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +62,16 @@ pub enum Role {
     Freed,
 }
 
+/// Where a buffer signature's length is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Length {
+    /// Written through a pointer argument (`size_t *`, or `unsigned int *`
+    /// when `int`); the call returns 1 on success.
+    Written(Len),
+    /// Returned (negative on failure).
+    Returned,
+}
+
 /// How a signing call names its key, takes its input and returns the
 /// signature.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -80,23 +94,55 @@ pub enum Handle {
     /// are reused for other keys, and nothing reports their frees, so
     /// every signature is captured and verified.
     RustSigner,
+    /// A low-level key object (`EC_KEY`, `RSA`), as OpenSSH and other
+    /// programs older than EVP sign with. The probes do not watch its
+    /// frees either, so, as for a Rust signer, every signature is
+    /// captured and verified.
+    KeyObject,
+}
+
+impl Handle {
+    /// Whether a verdict on a signature can be kept for the handle: only
+    /// for objects whose frees the probes see (`Role::Forget`).
+    pub const fn cached(self) -> bool {
+        matches!(self, Handle::DigestContext | Handle::KeyContext)
+    }
+}
+
+/// An integer argument: its position, and whether it is a C `int` (32
+/// bits: the upper half of its register is undefined) or a `size_t`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Len {
+    pub arg: u8,
+    pub int: bool,
+}
+
+const fn size_t(arg: u8) -> Len {
+    Len { arg, int: false }
+}
+
+const fn int(arg: u8) -> Len {
+    Len { arg, int: true }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Input {
     /// The message itself: pointer and length arguments.
-    Message { data: u8, len: u8 },
-    /// A digest of the message: pointer and length arguments.
-    Digest { data: u8, len: u8 },
+    Message { data: u8, len: Len },
+    /// A digest of the message (or, for `RSA_private_encrypt`, the
+    /// encoded digest): pointer and length arguments.
+    Digest { data: u8, len: Len },
     /// What the context's [`Role::Update`] calls streamed.
     Streamed,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Output {
-    /// Into a caller's buffer; its length is written through a `size_t *`
-    /// argument. A null buffer is a length query, not a signature.
-    Buffer { out: u8, len_at: u8 },
+    /// Into a caller's buffer. A null buffer is a length query, not a
+    /// signature.
+    Buffer { out: u8, len: Length },
+    /// A returned `ECDSA_SIG *`: two `BIGNUM *`, r and s (null on failure).
+    Bignums,
     /// `Result<Vec<u8>, _>` through the hidden result pointer.
     RustVec { result: u8 },
     /// ring's `Signature`, which keeps its bytes inline, by value through
@@ -115,10 +161,19 @@ const fn sign(handle: u8, handle_is: Handle, input: Input, output: Output) -> Ro
 
 /// OpenSSL's EVP API, shared by OpenSSL 1.1 and 3.x, BoringSSL and
 /// AWS-LC (those two lack the `_ex` variants): a buffer and a `size_t *`.
-const EVP_OUT: Output = Output::Buffer { out: 1, len_at: 2 };
+const EVP_OUT: Output = Output::Buffer {
+    out: 1,
+    len: Length::Written(size_t(2)),
+};
+
+/// The low-level calls' `(…, sig, unsigned int *siglen, key)`.
+const LEGACY_OUT: Output = Output::Buffer {
+    out: 3,
+    len: Length::Written(int(4)),
+};
 
 /// Every probed function, in id order.
-pub const FUNCTIONS: [Function; 12] = [
+pub const FUNCTIONS: [Function; 16] = [
     Function {
         id: DIGEST_SIGN_INIT,
         name: "EVP_DigestSignInit",
@@ -155,7 +210,10 @@ pub const FUNCTIONS: [Function; 12] = [
         role: sign(
             0,
             Handle::DigestContext,
-            Input::Message { data: 3, len: 4 },
+            Input::Message {
+                data: 3,
+                len: size_t(4),
+            },
             EVP_OUT,
         ),
     },
@@ -172,7 +230,10 @@ pub const FUNCTIONS: [Function; 12] = [
         role: sign(
             0,
             Handle::KeyContext,
-            Input::Digest { data: 3, len: 4 },
+            Input::Digest {
+                data: 3,
+                len: size_t(4),
+            },
             EVP_OUT,
         ),
     },
@@ -198,7 +259,10 @@ pub const FUNCTIONS: [Function; 12] = [
         role: sign(
             1,
             Handle::RustSigner,
-            Input::Message { data: 2, len: 3 },
+            Input::Message {
+                data: 2,
+                len: size_t(3),
+            },
             Output::RustVec { result: 0 },
         ),
     },
@@ -210,7 +274,10 @@ pub const FUNCTIONS: [Function; 12] = [
         role: sign(
             1,
             Handle::RustSigner,
-            Input::Message { data: 4, len: 5 },
+            Input::Message {
+                data: 4,
+                len: size_t(5),
+            },
             Output::RingSignature { result: 0 },
         ),
     },
@@ -221,7 +288,10 @@ pub const FUNCTIONS: [Function; 12] = [
         role: sign(
             1,
             Handle::RustSigner,
-            Input::Message { data: 2, len: 3 },
+            Input::Message {
+                data: 2,
+                len: size_t(3),
+            },
             Output::RingSignature { result: 0 },
         ),
     },
@@ -229,6 +299,69 @@ pub const FUNCTIONS: [Function; 12] = [
         id: PKEY_FREED,
         name: "EVP_PKEY_free",
         role: Role::Freed,
+    },
+    // The low-level calls below sign a digest with an `EC_KEY` or `RSA`
+    // (OpenSSH, older programs). OpenSSL's own EVP path reaches some of
+    // them (RSA through `RSA_sign`), BoringSSL's and AWS-LC's reach all;
+    // such a nested call is not a second signature (see `sign_entry`).
+    Function {
+        id: ECDSA_DO_SIGN,
+        name: "ECDSA_do_sign",
+        // (dgst, int dlen, eckey) -> ECDSA_SIG *
+        role: sign(
+            2,
+            Handle::KeyObject,
+            Input::Digest {
+                data: 0,
+                len: int(1),
+            },
+            Output::Bignums,
+        ),
+    },
+    Function {
+        id: ECDSA_SIGN,
+        name: "ECDSA_sign",
+        // (type, dgst, int dlen, sig, unsigned int *siglen, eckey)
+        role: sign(
+            5,
+            Handle::KeyObject,
+            Input::Digest {
+                data: 1,
+                len: int(2),
+            },
+            LEGACY_OUT,
+        ),
+    },
+    Function {
+        id: RSA_SIGN,
+        name: "RSA_sign",
+        // (type, m, unsigned int m_len, sigret, unsigned int *siglen, rsa)
+        role: sign(
+            5,
+            Handle::KeyObject,
+            Input::Digest {
+                data: 1,
+                len: int(2),
+            },
+            LEGACY_OUT,
+        ),
+    },
+    Function {
+        id: RSA_PRIVATE_ENCRYPT,
+        name: "RSA_private_encrypt",
+        // (int flen, from, to, rsa, padding) -> signature length
+        role: sign(
+            3,
+            Handle::KeyObject,
+            Input::Digest {
+                data: 1,
+                len: int(0),
+            },
+            Output::Buffer {
+                out: 2,
+                len: Length::Returned,
+            },
+        ),
     },
 ];
 
@@ -263,17 +396,11 @@ pub fn sign_call(id: u8) -> Option<SignCall> {
     }
 }
 
-/// Whether a signature from this function comes from a Rust signer
-/// object (see [`Handle::RustSigner`]).
+/// Whether a signature from this function is verified every time, not
+/// cached by its handle (see [`Handle::cached`]).
 #[inline(always)]
-pub fn is_rust_signer(id: u8) -> bool {
-    matches!(
-        sign_call(id),
-        Some(SignCall {
-            handle_is: Handle::RustSigner,
-            ..
-        })
-    )
+pub fn verified_every_time(id: u8) -> bool {
+    sign_call(id).is_some_and(|c| !c.handle_is.cached())
 }
 
 /// Registers a probe inside a function can be told to read a pointer

@@ -65,7 +65,18 @@ pub mod sign_flags {
     /// that call's EVP_PKEY, which lives as long as the key pair and so
     /// can be cached like any C key object.
     pub const INNER_HANDLE: u32 = 1 << 6;
+    /// `sig` holds the two integers of an `ECDSA_SIG` (r, s) as the
+    /// library's little-endian 64-bit words, each in a fixed slot (see
+    /// `BIGNUM_SLOT`), not an encoded signature; the sensor encodes them.
+    pub const SIG_BIGNUMS: u32 = 1 << 7;
 }
+
+/// Bytes of `sig` given to each integer of a `SIG_BIGNUMS` signature: one
+/// length byte (the number of 64-bit words) and up to 9 words (P-521's
+/// 66-byte integers), padded to 80.
+pub const BIGNUM_SLOT: usize = 80;
+/// Most 64-bit words of one integer the probes copy.
+pub const BIGNUM_WORDS: usize = 9;
 
 /// Flags on an `ExecRecord`.
 pub mod exec_flags {

@@ -128,7 +128,7 @@ const fn c(name: &'static str, id: u8) -> Symbol {
 /// Every symbol the sensor attaches to. OpenSSL 1.1 and 3.x, BoringSSL
 /// and AWS-LC share the C names and argument orders (BoringSSL and
 /// AWS-LC lack the `_ex` variants).
-pub const SYMBOLS: [Symbol; 12] = [
+pub const SYMBOLS: [Symbol; 16] = [
     c("EVP_DigestSignInit", func::DIGEST_SIGN_INIT),
     c("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX),
     c("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE),
@@ -138,6 +138,10 @@ pub const SYMBOLS: [Symbol; 12] = [
     c("EVP_PKEY_free", func::PKEY_FREE),
     c("EVP_PKEY_sign_init", func::PKEY_SIGN_INIT),
     c("EVP_PKEY_sign_init_ex", func::PKEY_SIGN_INIT),
+    c("ECDSA_do_sign", func::ECDSA_DO_SIGN),
+    c("ECDSA_sign", func::ECDSA_SIGN),
+    c("RSA_sign", func::RSA_SIGN),
+    c("RSA_private_encrypt", func::RSA_PRIVATE_ENCRYPT),
     Symbol {
         pattern: Pattern::TraitMethod(" as rustls::crypto::signer::Signer>::sign", Stack::Rustls),
         id: func::RUST_SIGNER_SIGN,

@@ -35,7 +35,7 @@ use std::{sync::Arc, time::Instant};
 
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{Fingerprint, IdentifiedBy, KeyIdentity, KeyStatus};
-use keywarden_probe_types::{DataHeader, SignRecord, func, sign_flags};
+use keywarden_probe_types::{BIGNUM_SLOT, BIGNUM_WORDS, DataHeader, SignRecord, func, sign_flags};
 use sha2::Digest;
 
 use super::{
@@ -216,7 +216,7 @@ impl Identifier {
     /// Rust signer whose nested C call showed its key object is, like a C
     /// signature; one with no C key object is verified every time.
     pub fn caches_by_handle(r: &SignRecord) -> bool {
-        !func::is_rust_signer(r.func as u8) || r.flags & sign_flags::INNER_HANDLE != 0
+        !func::verified_every_time(r.func as u8) || r.flags & sign_flags::INNER_HANDLE != 0
     }
 
     /// Which key made the signature in `r`; `sig` is the signature the
@@ -266,6 +266,23 @@ impl Identifier {
             .filter(|d| !d.truncated)
             .map(|d| d.bytes.as_slice());
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0).then(|| c_str(&r.md_name));
+        // `ECDSA_do_sign` returns integers, not an encoding.
+        let encoded;
+        let sig = if r.flags & sign_flags::SIG_BIGNUMS != 0 {
+            match bignums_to_der(sig) {
+                Some(der) => {
+                    encoded = der;
+                    encoded.as_slice()
+                }
+                None => {
+                    return KeyIdentity::unknown(
+                        "the probes copied no valid ECDSA_SIG (r and s) from the signing call",
+                    );
+                }
+            }
+        } else {
+            sig
+        };
         // ring returns its signature inside a value whose layout Rust does
         // not fix: each plausible reading is tried, and only one verifies.
         let readings = if r.flags & sign_flags::SIG_IN_VALUE != 0 {
@@ -381,6 +398,37 @@ impl Identifier {
         }
         KeyIdentity::unknown(reason)
     }
+}
+
+/// The r and s the probes copied from an `ECDSA_SIG` (`SIG_BIGNUMS`: per
+/// integer a word count, then little-endian 64-bit words), DER-encoded as
+/// `ECDSA_sign` would have returned them.
+fn bignums_to_der(sig: &[u8]) -> Option<Vec<u8>> {
+    let integer = |slot: usize| -> Option<Vec<u8>> {
+        let words = *sig.get(slot)? as usize;
+        if words > BIGNUM_WORDS {
+            return None;
+        }
+        let le = sig.get(slot + 8..slot + 8 + words * 8)?;
+        let mut be: Vec<u8> = le.iter().rev().copied().skip_while(|&b| b == 0).collect();
+        if be.is_empty() {
+            return None; // zero is never a valid r or s
+        }
+        if be[0] & 0x80 != 0 {
+            be.insert(0, 0); // DER integers are signed
+        }
+        let mut out = vec![0x02, be.len() as u8];
+        out.extend(be);
+        Some(out)
+    };
+    let body = [integer(0)?, integer(BIGNUM_SLOT)?].concat();
+    let mut der = vec![0x30];
+    if body.len() > 0x7f {
+        der.push(0x81);
+    }
+    der.push(body.len() as u8);
+    der.extend(body);
+    Some(der)
 }
 
 /// Where the signature can sit in the bytes of ring's returned value
@@ -593,6 +641,29 @@ mod tests {
         let (r, s) = record(10, 0xb, 6, &sig);
         assert_eq!(id.identify(&r, &s, false).status, KeyStatus::Unknown);
         assert!(id.verifications > before, "checked again");
+    }
+
+    /// r and s as `ECDSA_do_sign` returns them, copied word by word,
+    /// encode as the DER `ECDSA_sign` gives: a high bit gains a zero byte,
+    /// leading zeros are dropped.
+    #[test]
+    fn ecdsa_sig_integers_encode_as_der() {
+        let mut r = [0x11u8; 32];
+        r[0] = 0x9c; // high bit set
+        let mut s = [0x22u8; 32];
+        s[..3].fill(0); // leading zeros
+        let mut copied = vec![0u8; 2 * BIGNUM_SLOT];
+        for (slot, be) in [(0, &r), (BIGNUM_SLOT, &s)] {
+            copied[slot] = 4;
+            let le: Vec<u8> = be.iter().rev().copied().collect();
+            copied[slot + 8..slot + 40].copy_from_slice(&le);
+        }
+        let want = p256::ecdsa::Signature::from_scalars(r, s).unwrap().to_der();
+        assert_eq!(bignums_to_der(&copied).unwrap(), want.as_bytes());
+        copied[0] = 0;
+        assert!(bignums_to_der(&copied).is_none(), "r = 0 is no signature");
+        copied[0] = BIGNUM_WORDS as u8 + 1;
+        assert!(bignums_to_der(&copied).is_none());
     }
 
     /// ring's `Signature`, alone or after a `Result` tag, or with the

@@ -16,7 +16,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use keywarden_probe_types::{
-    func::{Handle, Input, Output, Role, SignCall},
+    func::{Handle, Input, Len, Length, Output, Role, SignCall},
     *,
 };
 
@@ -116,7 +116,7 @@ pub fn sign_entry(ctx: ProbeContext) -> u32 {
         }
         Role::Sign(call) => {
             let a = args(&ctx);
-            if !condemned(f, library, tgid, output_of(&a, call).0) {
+            if !condemned(f, library, tgid, is_length_query(&a, call)) {
                 on_sign_entry(&ctx, &a, f, call, library, tgid)
             }
         }
@@ -130,13 +130,34 @@ pub fn sign_entry(ctx: ProbeContext) -> u32 {
 }
 
 /// Where a signing call puts its signature: (buffer or result pointer,
-/// length pointer or 0).
+/// length pointer), 0 where there is none.
 #[inline(always)]
 fn output_of(a: &[u64; 6], call: SignCall) -> (u64, u64) {
     match call.output {
-        Output::Buffer { out, len_at } => (pick(a, out), pick(a, len_at)),
+        Output::Buffer {
+            out,
+            len: Length::Written(len),
+        } => (pick(a, out), pick(a, len.arg)),
+        Output::Buffer {
+            out,
+            len: Length::Returned,
+        } => (pick(a, out), 0),
         Output::RustVec { result } | Output::RingSignature { result } => (pick(a, result), 0),
+        Output::Bignums => (0, 0),
     }
+}
+
+/// A call with no place for the signature only asks for its length.
+#[inline(always)]
+fn is_length_query(a: &[u64; 6], call: SignCall) -> bool {
+    !matches!(call.output, Output::Bignums) && output_of(a, call).0 == 0
+}
+
+/// A length argument; a C `int` has only its lower half defined.
+#[inline(always)]
+fn pick_len(a: &[u64; 6], len: Len) -> u64 {
+    let v = pick(a, len.arg);
+    if len.int { v as u32 as u64 } else { v }
 }
 
 /// A process the sensor condemned is killed here, as it enters a signing
@@ -144,13 +165,13 @@ fn output_of(a: &[u64; 6], call: SignCall) -> (u64, u64) {
 /// way back to user space from this trap, so not one instruction of
 /// the signing function runs. Length queries pass: they sign nothing.
 #[inline(always)]
-fn condemned(f: u8, library: u32, tgid: u32, output: u64) -> bool {
+fn condemned(f: u8, library: u32, tgid: u32, length_query: bool) -> bool {
     // SAFETY: the verdict is copied out at once; should the sensor delete it
     // meanwhile, the slot is still map memory: a stale value.
     let Some(verdict) = (unsafe { VERDICT.get(&tgid) }).copied() else {
         return false;
     };
-    if output == 0 {
+    if length_query {
         return false;
     }
     // SAFETY: takes only a signal number and signals the current task; no
@@ -347,7 +368,7 @@ fn adopt_inner_handle(outer: *mut Inflight, tgid: u32, md_ctx: u64) {
     // SAFETY: `outer` is this thread's INFLIGHT slot (see `on_sign_entry`),
     // which only its programs touch; a plain hash map never evicts.
     let (outer_func, outer_flags) = unsafe { ((*outer).func, (*outer).flags) };
-    if !func::is_rust_signer(outer_func as u8) || outer_flags & sign_flags::INNER_HANDLE != 0 {
+    if !func::verified_every_time(outer_func as u8) || outer_flags & sign_flags::INNER_HANDLE != 0 {
         return;
     }
     let ctx_key = ProcPtr {
@@ -417,10 +438,12 @@ fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, librar
     let handle_ctx = pick(a, call.handle);
     let (sig, siglen_ptr) = output_of(a, call);
     let (data, data_len) = match call.input {
-        Input::Message { data, len } | Input::Digest { data, len } => (pick(a, data), pick(a, len)),
+        Input::Message { data, len } | Input::Digest { data, len } => {
+            (pick(a, data), pick_len(a, len))
+        }
         Input::Streamed => (0, 0),
     };
-    if sig == 0 {
+    if is_length_query(a, call) {
         return; // length query: not a signature
     }
     let mut inflight = Inflight {
@@ -442,10 +465,11 @@ fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, librar
         inflight.peer = peer;
         inflight.flags |= sign_flags::HAS_PEER;
     }
-    if matches!(call.handle_is, Handle::RustSigner) {
+    if !call.handle_is.cached() {
         // Rust signer objects are short-lived boxes whose addresses
-        // are reused for other keys, and nothing reports their frees:
-        // every signature is captured and verified.
+        // are reused for other keys, and nothing reports their frees
+        // (nor those of low-level key objects): every signature is
+        // captured and verified.
         inflight.op_id = new_op_id();
         emit_data(tgid, inflight.op_id, 0, data, data_len);
         match slot {
@@ -458,6 +482,7 @@ fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, librar
         return;
     }
     if !matches!(call.handle_is, Handle::DigestContext) {
+        // A key context signs the digest it is given: a new operation.
         inflight.op_id = new_op_id();
     } else {
         let key = ProcPtr {
@@ -566,7 +591,8 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
     unsafe { (*p).depth = 0 };
     // SAFETY: a uretprobe's context is the returning task's saved `pt_regs`,
     // whose `rax` holds the return value.
-    let mut ret = unsafe { (*ctx.regs).rax } as i32 as i64;
+    let rax = unsafe { (*ctx.regs).rax };
+    let mut ret = rax as i32 as i64;
     let mut sig_len = 0u64;
     let mut sig_src = inflight.sig_ptr;
     let mut flags = inflight.flags;
@@ -586,10 +612,35 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
             sig_len = RING_VALUE_BYTES;
             flags |= sign_flags::SIG_IN_VALUE;
         }
-        _ if ret == 1 => {
-            // SAFETY: the helper checks the user address; a fault returns an
-            // error (read as length 0), never a crash.
-            sig_len = unsafe { bpf_probe_read_user(inflight.siglen_ptr as *const u64) }.unwrap_or(0)
+        Some(Output::Bignums) => {
+            // The returned `ECDSA_SIG *`, null on failure.
+            ret = (rax != 0) as i64;
+            sig_src = rax;
+            sig_len = 2 * BIGNUM_SLOT as u64;
+            flags |= sign_flags::SIG_BIGNUMS;
+        }
+        Some(Output::Buffer {
+            len: Length::Returned,
+            ..
+        }) => {
+            if ret > 0 {
+                sig_len = ret as u64;
+                ret = 1;
+            }
+        }
+        Some(Output::Buffer {
+            len: Length::Written(len),
+            ..
+        }) if ret == 1 => {
+            sig_len = if len.int {
+                // SAFETY: the helper checks the user address; a fault returns
+                // an error (read as length 0), never a crash.
+                unsafe { bpf_probe_read_user(inflight.siglen_ptr as *const u32) }.unwrap_or(0)
+                    as u64
+            } else {
+                // SAFETY: as above.
+                unsafe { bpf_probe_read_user(inflight.siglen_ptr as *const u64) }.unwrap_or(0)
+            }
         }
         _ => {}
     }
@@ -637,7 +688,13 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
     if len > SIG_MAX as u64 {
         r.head.flags |= sign_flags::SIG_INCOMPLETE;
     }
-    if n > 0 {
+    if flags & sign_flags::SIG_BIGNUMS != 0 {
+        if copy_bignums(&mut r.sig, sig_src) {
+            r.head.sig_captured = 2 * BIGNUM_SLOT as u32;
+        } else {
+            r.head.flags |= sign_flags::SIG_INCOMPLETE;
+        }
+    } else if n > 0 {
         let n = (n as usize).min(SIG_MAX);
         // SAFETY: `n` is at most SIG_MAX, the length of `sig`; the helper
         // checks the user address and returns an error on a fault.
@@ -655,7 +712,9 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
         }
     }
     rec.submit(BPF_RB_NO_WAKEUP as u64);
-    if func::is_rust_signer(inflight.func as u8) && inflight.flags & sign_flags::INNER_HANDLE == 0 {
+    if func::verified_every_time(inflight.func as u8)
+        && inflight.flags & sign_flags::INNER_HANDLE == 0
+    {
         return 0;
     }
     let key = ProcPtr {
@@ -669,6 +728,45 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
         let _ = SIGN_HANDLES.insert(&key, &1, 0);
     }
     0
+}
+
+/// Copies r and s of the `ECDSA_SIG` at `at` into their `BIGNUM_SLOT`s
+/// of `sig`: the word count, then the words. `ECDSA_SIG` is two `BIGNUM *`;
+/// a `BIGNUM` starts with its word array and `int top`, its number of
+/// words in use (the same in OpenSSL 1.1 and 3.x, BoringSSL and AWS-LC).
+#[inline(always)]
+fn copy_bignums(sig: &mut [u8; SIG_MAX], at: u64) -> bool {
+    // SAFETY: the helper checks the user address (a fault is an error), and
+    // any two words are a valid `[u64; 2]`.
+    let Ok(pair) = (unsafe { bpf_probe_read_user(at as *const [u64; 2]) }) else {
+        return false;
+    };
+    for (i, bignum) in pair.into_iter().enumerate() {
+        // SAFETY: as above.
+        let Ok(head) = (unsafe { bpf_probe_read_user(bignum as *const [u64; 2]) }) else {
+            return false;
+        };
+        let words = head[1] as u32 as usize;
+        if words == 0 || words > BIGNUM_WORDS {
+            return false;
+        }
+        let slot = i * BIGNUM_SLOT;
+        sig[slot] = words as u8;
+        let n = (words * 8).min(BIGNUM_WORDS * 8);
+        // SAFETY: `slot + 8 + n` is at most 2 * BIGNUM_SLOT, within `sig`;
+        // the helper checks the user address and fails on a fault.
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                sig[slot + 8..].as_mut_ptr().cast(),
+                n as u32,
+                head[0] as *const core::ffi::c_void,
+            )
+        };
+        if rc != 0 {
+            return false;
+        }
+    }
+    true
 }
 
 /// Bytes of ring's returned `Signature` value copied: its largest
