@@ -128,7 +128,7 @@ impl Watchdog {
             .context("starting the hold watchdog (/proc/self/exe)")?;
         match handshake(&mut child, &mut lifeline, token) {
             Ok(out) => {
-                info!(pid = child.id(), "hold watchdog ready");
+                info!(pid = child.id(), "hold watchdog started");
                 Ok((
                     Watchdog {
                         child,

@@ -82,7 +82,7 @@ impl Sensor {
         };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if s.log().contains("ready") {
+            if s.log().contains(" ready: ") {
                 break;
             }
             if let Some(status) = s.child.as_mut().unwrap().try_wait().unwrap() {
