@@ -8,11 +8,13 @@
 //!   probes and drive real programs
 //! * `cargo xtask bench`  the benchmarks in `benches/` (scripts, then the
 //!   criterion pipeline benchmark)
-//! * `cargo xtask fuzz`   the rule-parser fuzz target, seeded from `rules/`
+//! * `cargo xtask fuzz [TARGET] [--seconds N]`   the fuzz targets (rule
+//!   parser, key and certificate parser, ELF symbol and marker reader),
+//!   each seeded and run for N seconds in turn (`FUZZ_TARGETS`)
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Command, Stdio},
 };
 
 use anyhow::{Context, Result, bail};
@@ -40,9 +42,12 @@ enum Task {
     },
     /// Run a benchmark from benches/ (default: all).
     Bench { name: Option<String> },
-    /// Fuzz the rule parser (installs cargo-fuzz if missing).
+    /// Fuzz the parsers of untrusted input (installs cargo-fuzz if
+    /// missing): `rules_parse`, `key_material`, `elf_scan`.
     Fuzz {
-        /// How long to run.
+        /// Only this target (default: each in turn).
+        target: Option<String>,
+        /// How long to run each target.
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },
@@ -104,6 +109,270 @@ fn run_tests(cmd: &mut Command) -> Result<()> {
     }
     if passed == 0 {
         bail!("no test ran");
+    }
+    Ok(())
+}
+
+/// A cargo-fuzz target: where it lives, how its corpus is seeded, and the
+/// libFuzzer options it runs with.
+struct FuzzTarget {
+    name: &'static str,
+    /// Its cargo-fuzz crate, relative to the workspace root.
+    dir: &'static str,
+    /// Largest input tried (`-max_len`), above the largest seed.
+    max_len: u32,
+    /// A libFuzzer dictionary in `dir`.
+    dict: Option<&'static str>,
+    /// Writes seed inputs into the corpus directory.
+    seed: fn(&Path) -> Result<()>,
+}
+
+static FUZZ_TARGETS: [FuzzTarget; 3] = [
+    // Rule files: any UTF-8 input gives rules or located errors.
+    FuzzTarget {
+        name: "rules_parse",
+        dir: "analyzer/fuzz",
+        max_len: 4096,
+        dict: None,
+        seed: seed_rules,
+    },
+    // Key and certificate files (sensor/src/keys/material.rs).
+    FuzzTarget {
+        name: "key_material",
+        dir: "sensor/fuzz",
+        max_len: 8192,
+        dict: Some("key_material.dict"),
+        seed: seed_keys,
+    },
+    // ELF symbols and markers (sensor/src/discovery/signing_code.rs).
+    FuzzTarget {
+        name: "elf_scan",
+        dir: "sensor/fuzz",
+        max_len: 64 << 10,
+        dict: Some("elf_scan.dict"),
+        seed: seed_elf,
+    },
+];
+
+/// The example rules.
+fn seed_rules(corpus: &Path) -> Result<()> {
+    for e in std::fs::read_dir(root().join("rules"))?.flatten() {
+        std::fs::copy(e.path(), corpus.join(e.file_name()))?;
+    }
+    Ok(())
+}
+
+/// Runs `openssl ARGS -out OUT` in `dir`, unless `OUT` is there already
+/// (keys are generated once; later runs keep them).
+fn openssl_seed(dir: &Path, out: &str, args: &[&str]) -> Result<()> {
+    if dir.join(out).exists() {
+        return Ok(());
+    }
+    let mut cmd = Command::new("openssl");
+    cmd.args(args)
+        .args(["-out", out])
+        .current_dir(dir)
+        .stdin(Stdio::null());
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd
+        .status()
+        .context("running openssl (it writes the key_material seeds)")?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Every shape of key file the sensor reads, PEM and DER, from keys
+/// `openssl` generates: PKCS#8 private keys (EC P-256, P-384, P-521, RSA,
+/// Ed25519), SEC1 and traditional RSA private keys, SPKI public keys,
+/// self-signed certificates, encrypted private keys, and PEM bundles.
+fn seed_keys(corpus: &Path) -> Result<()> {
+    const KEYS: [(&str, &[&str]); 5] = [
+        (
+            "p256",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        ),
+        (
+            "p384",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"],
+        ),
+        (
+            "p521",
+            &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-521"],
+        ),
+        (
+            "rsa",
+            &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        ),
+        ("ed25519", &["-algorithm", "ED25519"]),
+    ];
+    let seed = |out: &str, args: &[&str]| openssl_seed(corpus, out, args);
+    for (name, algorithm) in KEYS {
+        let f = |kind: &str| format!("{name}.{kind}");
+        let key = f("pk8.pem");
+        let key = key.as_str();
+        seed(key, &[&["genpkey"][..], algorithm].concat())?;
+        seed(&f("pk8.der"), &["pkey", "-in", key, "-outform", "DER"])?;
+        seed(&f("spki.pem"), &["pkey", "-in", key, "-pubout"])?;
+        seed(
+            &f("spki.der"),
+            &["pkey", "-in", key, "-pubout", "-outform", "DER"],
+        )?;
+        let subject = format!("/CN=keywarden fuzz seed {name}");
+        let crt = f("crt.pem");
+        seed(
+            &crt,
+            &[
+                "req",
+                "-x509",
+                "-key",
+                key,
+                "-subj",
+                subject.as_str(),
+                "-days",
+                "1",
+            ],
+        )?;
+        seed(
+            &f("crt.der"),
+            &["x509", "-in", crt.as_str(), "-outform", "DER"],
+        )?;
+        seed(
+            &f("pk8-enc.pem"),
+            &["pkey", "-in", key, "-aes128", "-passout", "pass:fuzz"],
+        )?;
+        if name.starts_with('p') {
+            // SEC1 `EC PRIVATE KEY` (`openssl ec` writes nothing else).
+            seed(&f("sec1.pem"), &["ec", "-in", key])?;
+            seed(&f("sec1.der"), &["ec", "-in", key, "-outform", "DER"])?;
+        }
+        if name == "rsa" {
+            // PKCS#1 `RSA PRIVATE KEY` (OpenSSL 3 writes PKCS#8 unless told).
+            seed(&f("pkcs1.pem"), &["rsa", "-in", key, "-traditional"])?;
+            seed(
+                &f("pkcs1.der"),
+                &["rsa", "-in", key, "-traditional", "-outform", "DER"],
+            )?;
+            // With `Proc-Type: 4,ENCRYPTED` headers.
+            seed(
+                &f("pkcs1-enc.pem"),
+                &[
+                    "rsa",
+                    "-in",
+                    key,
+                    "-traditional",
+                    "-aes128",
+                    "-passout",
+                    "pass:fuzz",
+                ],
+            )?;
+        }
+        // A key and its certificate in one file, as servers keep them.
+        let bundle = corpus.join(f("bundle.pem"));
+        if !bundle.exists() {
+            let mut both = std::fs::read(corpus.join(key))?;
+            both.extend(std::fs::read(corpus.join(crt.as_str()))?);
+            std::fs::write(bundle, both)?;
+        }
+    }
+    // Blocks the parser skips, then keys of three kinds.
+    seed(
+        "ec-params.pem",
+        &[
+            "genpkey",
+            "-genparam",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ],
+    )?;
+    let mixed = corpus.join("mixed.pem");
+    if !mixed.exists() {
+        let mut all = Vec::new();
+        for part in [
+            "ec-params.pem",
+            "p384.sec1.pem",
+            "rsa.crt.pem",
+            "ed25519.spki.pem",
+        ] {
+            all.extend(std::fs::read(corpus.join(part))?);
+        }
+        std::fs::write(mixed, all)?;
+    }
+    Ok(())
+}
+
+/// Small ELF files of this host (`/usr/bin/true`, the smallest shared
+/// objects in the library directory), and `sensor/fuzz/seeds/signing.c`
+/// built twice: with the symbols the scan looks for, and stripped with
+/// hidden symbols, so that only its marker strings are left.
+fn seed_elf(corpus: &Path) -> Result<()> {
+    const LARGEST: u64 = 64 << 10;
+    let is_elf = |p: &Path| {
+        use std::io::Read;
+        let mut magic = [0u8; 4];
+        std::fs::File::open(p)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok_and(|()| magic == *b"\x7fELF")
+    };
+    for p in ["/usr/bin/true", "/bin/true"] {
+        let p = Path::new(p);
+        if is_elf(p) {
+            std::fs::copy(p, corpus.join("true"))?;
+            break;
+        }
+    }
+    let libdir = ["/usr/lib/x86_64-linux-gnu", "/usr/lib64", "/usr/lib"]
+        .into_iter()
+        .map(Path::new)
+        .find(|d| d.is_dir());
+    let mut libs: Vec<(u64, PathBuf)> = Vec::new();
+    for e in libdir
+        .map(std::fs::read_dir)
+        .transpose()?
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = e.path();
+        // Regular files only (not the symlinks to them), named like
+        // libraries, small enough to fuzz whole.
+        let Ok(md) = e.metadata() else { continue };
+        if md.is_file()
+            && md.len() <= LARGEST
+            && e.file_name().to_string_lossy().contains(".so")
+            && is_elf(&p)
+        {
+            libs.push((md.len(), p));
+        }
+    }
+    libs.sort();
+    for (_, p) in libs.iter().take(3) {
+        if let Some(name) = p.file_name() {
+            std::fs::copy(p, corpus.join(name))?;
+        }
+    }
+    let source = root().join("sensor/fuzz/seeds/signing.c");
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    for (out, extra) in [
+        ("signing.so", &[][..]),
+        ("signing-stripped.so", &["-fvisibility=hidden", "-s"][..]),
+    ] {
+        let mut cmd = Command::new(&cc);
+        cmd.args(["-shared", "-fPIC", "-O1"])
+            .args(extra)
+            .arg("-o")
+            .arg(corpus.join(out))
+            .arg(&source);
+        eprintln!("xtask: {cmd:?}");
+        // Without a C compiler the other seeds still do.
+        match cmd.status() {
+            Ok(s) if s.success() => {}
+            Ok(s) => eprintln!("xtask: warning: {cc} failed ({s}); no {out} seed"),
+            Err(e) => eprintln!("xtask: warning: cannot run {cc} ({e}); no {out} seed"),
+        }
     }
     Ok(())
 }
@@ -188,7 +457,17 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Task::Fuzz { seconds } => {
+        Task::Fuzz { target, seconds } => {
+            let targets: Vec<&FuzzTarget> = match &target {
+                None => FUZZ_TARGETS.iter().collect(),
+                Some(name) => match FUZZ_TARGETS.iter().find(|t| t.name == name) {
+                    Some(t) => vec![t],
+                    None => {
+                        let names: Vec<&str> = FUZZ_TARGETS.iter().map(|t| t.name).collect();
+                        bail!("no fuzz target {name}; there are: {}", names.join(", "));
+                    }
+                },
+            };
             let have = Command::new("cargo")
                 .args(["fuzz", "--version"])
                 .output()
@@ -196,21 +475,36 @@ fn main() -> Result<()> {
             if !have {
                 run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
             }
-            let fuzz = root().join("analyzer/fuzz");
-            let corpus = fuzz.join("corpus/rules_parse");
-            std::fs::create_dir_all(&corpus)?;
-            for e in std::fs::read_dir(root().join("rules"))?.flatten() {
-                std::fs::copy(e.path(), corpus.join(e.file_name()))?;
+            for t in targets {
+                let dir = root().join(t.dir);
+                // A fuzz crate without a lock file starts from the
+                // workspace's, so it fuzzes the dependency versions the
+                // sensor and analyzer are built with (cargo drops what the
+                // fuzz crate does not use and adds libFuzzer).
+                let lock = dir.join("Cargo.lock");
+                if !lock.exists() {
+                    std::fs::copy(root().join("Cargo.lock"), lock)?;
+                }
+                let corpus = dir.join("corpus").join(t.name);
+                std::fs::create_dir_all(&corpus)?;
+                (t.seed)(&corpus).with_context(|| format!("seeding {}", t.name))?;
+                // cargo-fuzz needs nightly flags (-Zsanitizer); the pinned
+                // stable toolchain accepts them with RUSTC_BOOTSTRAP.
+                let mut cmd = Command::new("cargo");
+                cmd.env("RUSTC_BOOTSTRAP", "1")
+                    .args(["fuzz", "run", "--fuzz-dir", t.dir, t.name])
+                    .arg(&corpus)
+                    .arg("--")
+                    .arg(format!("-max_total_time={seconds}"))
+                    .arg(format!("-max_len={}", t.max_len))
+                    // Runs, coverage and corpus size, for docs/performance.md.
+                    .arg("-print_final_stats=1");
+                if let Some(dict) = t.dict {
+                    cmd.arg(format!("-dict={}", dir.join(dict).display()));
+                }
+                run(&mut cmd)?;
             }
-            // cargo-fuzz needs nightly flags (-Zsanitizer); the pinned
-            // stable toolchain accepts them with RUSTC_BOOTSTRAP.
-            run(Command::new("cargo")
-                .env("RUSTC_BOOTSTRAP", "1")
-                .args(["fuzz", "run", "--fuzz-dir", "analyzer/fuzz", "rules_parse"])
-                .arg(&corpus)
-                .arg("--")
-                .arg(format!("-max_total_time={seconds}"))
-                .arg("-max_len=4096"))
+            Ok(())
         }
     }
 }
