@@ -5,3 +5,4 @@
 pub mod container;
 pub mod kernel_layout;
 pub mod process;
+pub mod sockets;

@@ -58,7 +58,10 @@ impl KeyUses {
         let info = attr.process_at(tgid, r.task.ktime_ns);
         let who = attr.who(&r.task, &info);
         let (lib_file, library_kind) = library_of(&self.probes(), r.library, r.func as u8);
-        let (peer, local) = endpoints(r);
+        let (peer, local) = match endpoints(r) {
+            (None, None) if r.ret == 1 => sole_connection_of(tgid),
+            known => known,
+        };
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0)
             .then(|| c_str(&r.md_name))
             .filter(|s| !s.is_empty());
@@ -217,6 +220,26 @@ pub fn library_of(probes: &Probes, index: u32, func: u8) -> (event::File, String
 }
 
 /// The remote and local ends of the connection a signature was made for.
+/// The peer of a signature the probes could not name: the signing
+/// process's only TCP connection, if it has exactly one
+/// (`enrich::sockets`).
+fn sole_connection_of(
+    tgid: u32,
+) -> (
+    Option<event::NetworkEndpoint>,
+    Option<event::NetworkEndpoint>,
+) {
+    let end = |a: std::net::SocketAddr| event::NetworkEndpoint {
+        ip: a.ip().to_string(),
+        port: Some(a.port()),
+        ..Default::default()
+    };
+    match crate::enrich::sockets::sole_connection(std::path::Path::new("/proc"), tgid) {
+        Some((remote, local)) => (Some(end(remote)), Some(end(local))),
+        None => (None, None),
+    }
+}
+
 fn endpoints(
     r: &SignRecord,
 ) -> (
