@@ -7,7 +7,6 @@ mod support;
 
 use std::process::Command;
 
-
 use support::*;
 
 #[test]
@@ -86,7 +85,10 @@ fn sshd_host_key_proofs_name_the_key_and_the_client() {
     .unwrap();
     let sensor = Sensor::start(&[]);
     let _sshd = start_server(
-        Command::new("/usr/sbin/sshd").arg("-D").arg("-f").arg(&config),
+        Command::new("/usr/sbin/sshd")
+            .arg("-D")
+            .arg("-f")
+            .arg(&config),
         port,
     );
     let connect = |algorithm: &str| {
