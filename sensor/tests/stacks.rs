@@ -305,6 +305,59 @@ fn python_cryptography_and_node_carry_their_own_openssl() {
     }
 }
 
+/// Programs started the way container entrypoints, systemd units and
+/// init scripts start them: a shell that `exec`s them, directly or
+/// through another exec (`env`). The process keeps its pid through each
+/// exec; every signature of the final program must name its key.
+#[test]
+fn programs_started_through_a_shell_exec_are_identified() {
+    let dir = tempfile::tempdir().unwrap();
+    let ec = openssl_key(dir.path(), "ec", "ec");
+    let rsa = openssl_key(dir.path(), "rsa", "rsa");
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyvenv/bin/python");
+    let n = 2;
+    let sensor = Sensor::start(&[]);
+    let mut expect = Vec::new();
+    for key in [&ec, &rsa] {
+        let script = format!(
+            "from cryptography.hazmat.primitives import hashes, serialization\n\
+             from cryptography.hazmat.primitives.asymmetric import ec, padding\n\
+             k = serialization.load_pem_private_key(open('{}', 'rb').read(), None)\n\
+             for i in range({n}):\n\
+             \x20   m = b'message %d' % i\n\
+             \x20   if isinstance(k, ec.EllipticCurvePrivateKey): k.sign(m, ec.ECDSA(hashes.SHA256()))\n\
+             \x20   else: k.sign(m, padding.PKCS1v15(), hashes.SHA256())\n",
+            key.path.display()
+        );
+        let js = format!(
+            "const c = require('crypto'); const fs = require('fs');\n\
+             const k = c.createPrivateKey(fs.readFileSync('{}'));\n\
+             for (let i = 0; i < {n}; i++) c.sign('sha256', Buffer.from('m' + i), k);\n",
+            key.path.display()
+        );
+        // `sh -c` runs `$0` with the code as `$1`. The pid the test spawned
+        // is the shell's, and stays the program's through each exec.
+        let started = [
+            ("echo $$ >/dev/null; exec \"$0\" -c \"$1\"", python.to_str().unwrap(), &script),
+            ("exec env X=1 \"$0\" -e \"$1\"", "node", &js),
+        ];
+        for (shell, program, code) in started {
+            let (pid, _) = run_pid_ok(
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(shell)
+                    .arg(program)
+                    .arg(code),
+            );
+            expect.push((pid, key.spki.clone()));
+        }
+    }
+    let events = sensor.stop();
+    for (pid, spki) in expect {
+        uses_of(&events, pid, &spki, n);
+    }
+}
+
 /// A key object really freed and a new one (likely at the same address)
 /// loaded in its place: each signature names the key that made it. Only
 /// the free path of `EVP_PKEY_free` is probed (past its reference-count
