@@ -38,8 +38,8 @@ pub const BACKLOG_BYTES: usize = 32 << 20;
 
 /// How long the event thread may wait for room in a full backlog, per turn
 /// of its loop (`flush` gives the next turn its own). Short against the
-/// ring buffer's depth (16 MiB, a second or more of records even under a
-/// flood), so waiting never makes the ring overflow on its own.
+/// time a busy host takes to fill the 16 MiB ring buffer (about 50,000
+/// open records), so the wait alone does not make it overflow.
 pub const ROOM_WAIT: Duration = Duration::from_millis(50);
 
 /// How often a failing write is tried again.
