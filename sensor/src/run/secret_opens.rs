@@ -324,6 +324,11 @@ impl SecretOpens {
         };
         let file = match safe_open::open_beneath(base.as_fd(), path) {
             Ok(file) => file,
+            // A missing file is the common case (and a flood's: distinct
+            // names that do not exist), not worth a log line each.
+            Err(safe_open::Refused::Open(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return None;
+            }
             Err(e) => {
                 debug!(path = %path, error = %e, "opened file not read");
                 return None;
