@@ -43,8 +43,10 @@ pub struct Config {
 pub struct AnalyzerConfig {
     /// Pipeline shards (threads); a key's state lives in exactly one.
     pub shards: usize,
-    /// Events each shard's queue holds before new ones are written
-    /// unanalysed (and counted).
+    /// Events each shard's queue (and the output queue) holds before new
+    /// ones are written unanalysed, counted and reported as shed. Bounds
+    /// the pipeline's memory: an event is ~3 KB in memory, so the default
+    /// 4096 holds at most about 36 MB with two shards.
     pub queue: usize,
     /// How long after a key's first use its baseline learns silently.
     pub learning_period_s: u64,
@@ -61,7 +63,7 @@ impl Default for AnalyzerConfig {
     fn default() -> Self {
         AnalyzerConfig {
             shards: 2,
-            queue: 65536,
+            queue: 4096,
             learning_period_s: 7 * 24 * 3600,
             baselines: "/var/lib/keywarden/baselines.json".into(),
             geoip_city: None,

@@ -57,7 +57,7 @@ struct Cli {
 enum Command {
     /// Run the sensor in the foreground: NDJSON events to stdout (or
     /// --output), logs to stderr. SIGINT or SIGTERM detaches, flushes and
-    /// exits 0.
+    /// exits 0, or 3 if events were shed under load during the run.
     Run {
         /// Configuration file (YAML). Without it the embedded default is used.
         #[arg(long, short)]
@@ -267,7 +267,18 @@ fn main() -> ExitCode {
                 run::run(cfg, shutdown, reload)
             })();
             match result {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(run::Outcome::Complete) => ExitCode::SUCCESS,
+                // Stopped as asked, but not everything was reported: say
+                // so in the status too, for whoever supervises the sensor.
+                Ok(run::Outcome::Shed(shed)) => {
+                    eprintln!(
+                        "keywarden: {} events were shed during this run ({}); exit status {}",
+                        shed.total(),
+                        shed.causes(),
+                        run::shedding::EXIT_SHED
+                    );
+                    ExitCode::from(run::shedding::EXIT_SHED)
+                }
                 Err(e) => {
                     eprintln!("keywarden: error: {e:#}");
                     ExitCode::FAILURE

@@ -583,7 +583,8 @@ impl Probes {
     }
 
     /// Events the probes could not deliver, summed over CPUs, per
-    /// `stats::*` slot.
+    /// `stats::*` slot. Read every 250 ms (`run::report_shed`), so it logs
+    /// nothing itself: the `stopped:` line has the totals.
     pub fn lost(&self) -> Result<[u64; stats::SLOTS as usize]> {
         let arr: PerCpuArray<&MapData, u64> =
             PerCpuArray::try_from(self.ebpf.map("STATS").context("STATS map")?)?;
@@ -591,7 +592,6 @@ impl Probes {
         for (i, slot) in out.iter_mut().enumerate() {
             *slot = arr.get(&(i as u32), 0)?.iter().sum();
         }
-        debug!(?out, "probe stats");
         Ok(out)
     }
 }

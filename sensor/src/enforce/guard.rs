@@ -23,7 +23,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -146,6 +146,9 @@ pub struct Guard {
     origin: Origin,
     cgroup_root: Option<PathBuf>,
     tx: crossbeam_channel::Sender<GuardedOpen>,
+    /// Verdicts enforced but not reported: the queue to the event thread
+    /// was full. The event thread reports the count (`run/shedding.rs`).
+    shed: Arc<AtomicU64>,
     shutdown: Arc<AtomicBool>,
     own_tgid: i32,
 }
@@ -158,6 +161,7 @@ impl Guard {
         procs: Arc<ProcessTable>,
         origin: Origin,
         tx: crossbeam_channel::Sender<GuardedOpen>,
+        shed: Arc<AtomicU64>,
         shutdown: Arc<AtomicBool>,
     ) -> Result<Option<Self>> {
         let roots = plan(rules)?;
@@ -189,6 +193,7 @@ impl Guard {
             origin,
             cgroup_root: cgroup2_root(),
             tx,
+            shed,
             shutdown,
             own_tgid: std::process::id() as i32,
         };
@@ -308,10 +313,14 @@ impl Guard {
         if let Some(v) = verdict
             && self.tx.try_send(v).is_err()
         {
-            warn!(
-                pid,
-                "guarded-open queue full; a verdict was enforced but not reported"
-            );
+            // Counted and reported as shed by the event thread.
+            let shed = self.shed.fetch_add(1, Ordering::Relaxed) + 1;
+            if shed.is_power_of_two() {
+                warn!(
+                    pid,
+                    shed, "guarded-open queue full; a verdict was enforced but not reported"
+                );
+            }
         }
     }
 

@@ -10,15 +10,22 @@
 //! * `key_uses`: signatures and the free probes of signing processes;
 //! * `secret_opens`: key files and watched secret files;
 //! * `enforce::decisions`: protected key files, condemnations, kills;
-//! * `emitter`: numbering, the analysis pipeline, findings, the sink.
+//! * `emitter`: numbering, the analysis pipeline, findings, the sink;
+//! * `shedding`: what the bounds shed under load, counted and reported.
 //!
 //! A handler borrows the parts it needs and nothing else.
+//!
+//! Each turn of the loop is bounded (`route::RECORDS_PER_TURN`,
+//! `route::TIME_PER_TURN`): a flood of records cannot keep the thread from
+//! writing coalesced opens, the analyzer's results and the output, nor from
+//! reporting what it shed, and what those hold between turns stays bounded.
 
 pub mod attribution;
 pub mod emitter;
 pub mod key_uses;
 mod route;
 mod secret_opens;
+pub mod shedding;
 mod startup;
 
 use std::{
@@ -26,7 +33,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -39,7 +46,7 @@ use keywarden_analyzer::{
     rules::{Action, RuleSet},
 };
 use keywarden_probe_types::{config, stats};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
@@ -63,6 +70,34 @@ use attribution::Attributor;
 use emitter::Emitter;
 use key_uses::KeyUses;
 use secret_opens::SecretOpens;
+use shedding::{Shed, ShedReport};
+
+/// How a run that was not an error ended.
+pub enum Outcome {
+    /// Everything the sensor saw was reported.
+    Complete,
+    /// Events were shed on the way; the exit status says so
+    /// (`shedding::EXIT_SHED`).
+    Shed(Shed),
+}
+
+/// How often the kernel's ring-buffer loss counters are read while the
+/// sensor runs: often enough that a loss is reported within about a
+/// second, and each read is a few map lookups under the probes lock.
+const RING_READ_EVERY: Duration = Duration::from_millis(250);
+
+/// How long the sensor goes on draining the ring once it is asked to stop.
+/// A flood that outlasts this would otherwise keep it from stopping; the
+/// records still in the ring then are counted as shed (`ring_unread`).
+const FINAL_DRAIN: Duration = Duration::from_secs(2);
+
+/// Records counted past `FINAL_DRAIN`, at most: more than the 16 MiB ring
+/// holds, so this only bounds a flood that refills it while it is counted.
+const UNREAD_COUNTED_MAX: u64 = 1 << 20;
+
+/// How long the sensor waits at exit for the output thread to write what
+/// is queued (a stalled pipe would otherwise keep it from stopping).
+const SINK_FINISH: Duration = Duration::from_secs(10);
 
 /// The event thread's state: the ring, the channels into it, and the parts.
 struct Sensor {
@@ -75,7 +110,15 @@ struct Sensor {
     secrets: SecretOpens,
     decisions: Decisions,
     out: Emitter,
-    lost_reported: [u64; stats::SLOTS as usize],
+    /// The kernel's ring-buffer loss counters as last read (`LOST_SIGN`,
+    /// `LOST_DATA`, `LOST_OTHER`), and when.
+    ring_lost: [u64; 3],
+    ring_read_at: Option<Instant>,
+    /// Records left in the ring at exit, counted but not handled.
+    ring_unread: u64,
+    /// Verdicts the guard enforced but could not report.
+    guard_shed: Arc<AtomicU64>,
+    shed_report: ShedReport,
     /// Stamped as this thread makes progress: it releases the openers of
     /// protected key files, so the control thread renews the hold lease
     /// only while it moves (`liveness.rs`).
@@ -121,7 +164,7 @@ fn watch_list(cfg: &Config, rules: &RuleSet) -> Result<WatchList> {
     })
 }
 
-pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<()> {
+pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<Outcome> {
     crate::host::preflight()?;
     raise_open_file_limit();
     let rules = setup::load_rules(&cfg.rules)?;
@@ -175,7 +218,11 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
                 probes: probes.clone(),
             }),
         ),
-        lost_reported: [0; stats::SLOTS as usize],
+        ring_lost: [0; 3],
+        ring_read_at: None,
+        ring_unread: 0,
+        guard_shed: Arc::new(AtomicU64::new(0)),
+        shed_report: ShedReport::default(),
         liveness: liveness.clone(),
     };
     let sock = kernel_layout::sock()
@@ -197,6 +244,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         procs.clone(),
         origin,
         guard_tx,
+        s.guard_shed.clone(),
         guard_stop.clone(),
     )? {
         Some(g) => Some(
@@ -238,11 +286,16 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let mut last_housekeeping = Instant::now();
     let mut last_save = Instant::now();
     let mut failure = None;
+    let mut more = false;
     while !shutdown.load(Ordering::Relaxed) {
         // The first stamp puts this thread on duty (`liveness.rs`).
         s.liveness.event_progressed();
-        let timeout =
-            nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX);
+        // A turn that left records in the ring does not wait for more.
+        let timeout = if more {
+            nix::poll::PollTimeout::ZERO
+        } else {
+            nix::poll::PollTimeout::try_from(poll_interval).unwrap_or(nix::poll::PollTimeout::MAX)
+        };
         let mut fds = [nix::poll::PollFd::new(
             s.events.as_fd(),
             nix::poll::PollFlags::POLLIN,
@@ -255,15 +308,12 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
                 break;
             }
         }
-        s.drain();
-        s.secrets.emit_due(false, &mut s.out);
-        s.out.drain_pipeline();
-        s.out.sink.flush();
+        more = s.drain();
+        s.end_turn();
         if reload.swap(false, Ordering::Relaxed) {
             s.reload_rules(&cfg);
         }
         if last_housekeeping.elapsed() >= Duration::from_secs(5) {
-            s.report_lost();
             s.keys.ident.expire(Duration::from_secs(30));
             s.keys.sweep_free_watches();
             s.out.refresh_geo();
@@ -296,22 +346,28 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     {
         error!("guard thread panicked");
     }
-    s.drain();
+    s.drain_at_exit();
     // Everyone held was released above; the watchdog sweeps what is left
     // (a hold whose record was still being written), then exits.
     watchdog.finish();
     s.secrets.emit_due(true, &mut s.out);
     s.out.finish_pipeline();
-    s.report_lost();
-    let waiting = s.out.sink.flush();
-    s.say_stopped(waiting);
+    // The last warning, whatever the time since the one before.
+    s.report_shed(true);
+    let unwritten = s.out.sink.finish(SINK_FINISH);
+    if unwritten > 0 {
+        error!("{unwritten} events could not be written to {}", cfg.output);
+    }
+    let shed = s.shed();
+    s.say_stopped(&shed, unwritten);
     if let Some(e) = failure {
         return Err(e);
     }
-    if waiting > 0 {
-        anyhow::bail!("{waiting} events could not be written to {}", cfg.output);
-    }
-    Ok(())
+    Ok(if shed.total() > 0 {
+        Outcome::Shed(shed)
+    } else {
+        Outcome::Complete
+    })
 }
 
 impl Sensor {
@@ -346,12 +402,98 @@ impl Sensor {
         self.out.sink.flush();
     }
 
+    /// The end of a turn of the event loop: writes the coalesced opens
+    /// whose window closed and the analyzer's results, reports what was
+    /// shed, and hands the output to its writer.
+    fn end_turn(&mut self) {
+        self.secrets.emit_due(false, &mut self.out);
+        self.out.drain_pipeline();
+        self.report_shed(false);
+        self.out.sink.flush();
+    }
+
+    /// Drains the ring once the sensor is asked to stop, for `FINAL_DRAIN`
+    /// at most; what is still there then is counted as shed.
+    fn drain_at_exit(&mut self) {
+        let started = Instant::now();
+        while self.drain() {
+            if started.elapsed() >= FINAL_DRAIN {
+                self.ring_unread += self.discard_ring(UNREAD_COUNTED_MAX);
+                warn!(
+                    unread = self.ring_unread,
+                    "records still arriving {} s after the stop were not read",
+                    FINAL_DRAIN.as_secs()
+                );
+                break;
+            }
+            self.end_turn();
+        }
+    }
+
+    /// Everything shed so far, per cause.
+    fn shed(&self) -> Shed {
+        let [ring_sign, ring_data, ring_other] = self.ring_lost;
+        Shed {
+            ring_sign,
+            ring_data,
+            ring_other,
+            ring_unread: self.ring_unread,
+            coalescer: self.secrets.shed(),
+            analyzer: self.out.counts.unanalysed,
+            guard: self.guard_shed.load(Ordering::Relaxed),
+            sink: self.out.sink.shed,
+        }
+    }
+
+    /// Reads the kernel's ring-buffer loss counters: while running at most
+    /// every `RING_READ_EVERY`, and only if the probes lock is free (the
+    /// control thread may hold it through an attach; the next turn reads
+    /// them instead); at exit always.
+    fn read_ring_lost(&mut self, at_exit: bool) {
+        if !at_exit
+            && self
+                .ring_read_at
+                .is_some_and(|t| t.elapsed() < RING_READ_EVERY)
+        {
+            return;
+        }
+        let probes = if at_exit {
+            self.probes.lock().ok()
+        } else {
+            self.probes.try_lock().ok()
+        };
+        let Some(probes) = probes else { return };
+        match probes.lost() {
+            Ok(lost) => {
+                self.ring_lost = [
+                    lost[stats::LOST_SIGN as usize],
+                    lost[stats::LOST_DATA as usize],
+                    lost[stats::LOST_OTHER as usize],
+                ];
+            }
+            Err(e) => debug!(error = %e, "reading the probes' loss counters"),
+        }
+        drop(probes);
+        self.ring_read_at = Some(Instant::now());
+    }
+
+    /// Shedding becomes a warning event and a log line, never silence:
+    /// within about a second of a loss, at most one a second, with the
+    /// counts per cause (`shedding.rs`).
+    fn report_shed(&mut self, at_exit: bool) {
+        self.read_ring_lost(at_exit);
+        let shed = self.shed();
+        if let Some(text) = self.shed_report.due(shed, Instant::now(), at_exit) {
+            self.out.warn(None, None, text);
+        }
+    }
+
     /// The final summary: what was written, and what was lost.
-    fn say_stopped(&self, waiting: usize) {
+    fn say_stopped(&self, shed: &Shed, unwritten: usize) {
         let lost = self.probes().lost().unwrap_or_default();
         let c = &self.out.counts;
         info!(
-            events = self.out.sink.written,
+            events = self.out.sink.written(),
             key_uses = c.key_uses,
             warnings = c.warnings,
             secret_file_opens = c.secret_file_opens,
@@ -362,11 +504,22 @@ impl Sensor {
             lost_other = lost[stats::LOST_OTHER as usize],
             data_unreadable = lost[stats::DATA_UNREADABLE as usize],
             data_truncated = lost[stats::CAPTURE_TRUNCATED as usize],
-            unwritten = waiting + self.out.sink.dropped as usize,
+            unwritten,
+            shed = shed.total(),
+            shed_ring_buffer = shed.ring(),
+            shed_coalescer = shed.coalescer,
+            shed_analyzer_queue = shed.analyzer,
+            shed_guard_queue = shed.guard,
+            shed_sink_backlog = shed.sink,
             verifications = self.keys.ident.verifications,
             free_watched_processes = self.keys.free_watches.watched(),
             free_probes_host_wide = self.keys.free_watches.host_wide_libraries(),
-            "stopped: probes detached"
+            "stopped: probes detached; {}",
+            if shed.total() == 0 {
+                "nothing was shed".to_owned()
+            } else {
+                format!("EVENTS WERE SHED: {}", shed.causes())
+            }
         );
     }
 
@@ -411,30 +564,6 @@ impl Sensor {
             p.reload(rules.clone());
         }
         info!(rules = rules.rules.len(), "rules reloaded");
-    }
-
-    /// Lost records become a warning event and a log line, never silence.
-    fn report_lost(&mut self) {
-        let Ok(lost) = self.probes().lost() else {
-            return;
-        };
-        let names = ["signature", "signed-data", "process/file"];
-        for (slot, name) in [stats::LOST_SIGN, stats::LOST_DATA, stats::LOST_OTHER]
-            .into_iter()
-            .zip(names)
-        {
-            let i = slot as usize;
-            let new = lost[i] - self.lost_reported[i];
-            if new > 0 {
-                self.lost_reported[i] = lost[i];
-                let total = lost[i];
-                self.out.warn(
-                    None,
-                    None,
-                    format!("{new} {name} records were lost because the ring buffer was full ({total} in total)"),
-                );
-            }
-        }
     }
 }
 

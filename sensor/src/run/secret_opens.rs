@@ -27,7 +27,7 @@ use crate::{
         safe_open,
     },
     records::c_str,
-    secrets::watch::{Coalescer, WatchList},
+    secrets::watch::{Closed, Coalescer, WatchList},
 };
 
 /// Parsed key files, by file identity, so a file opened on every request is
@@ -135,6 +135,12 @@ impl SecretOpens {
         if self.coalescer.join(tgid, &absolute, time_ms) {
             return;
         }
+        // A process with too many files in open windows (a flood of
+        // distinct names) has this one shed, counted. Its key file was
+        // still read and judged above: only the event is not written.
+        if !self.coalescer.admit(tgid) {
+            return;
+        }
         let keys = match key_file.as_deref() {
             Some(Ok(k)) => Some(k),
             _ => None,
@@ -233,7 +239,7 @@ impl SecretOpens {
         let keys: &[KeyInfo] = o.key_file.map_or(&[], |k| &k.keys);
         let who = attr.who(task, info);
         let seq = out.next_seq();
-        self.coalescer.add(
+        let evicted = self.coalescer.add(
             task.tgid(),
             o.path,
             time_ms,
@@ -258,17 +264,33 @@ impl SecretOpens {
                 },
             },
         );
+        // `watch::CAPACITY` windows were open: the oldest closed
+        // early, and is written now.
+        if let Some(closed) = evicted {
+            Self::emit_closed(closed, out);
+        }
     }
 
     /// Emits coalesced secret-file opens whose window has closed (all with
     /// `flush`).
     pub fn emit_due(&mut self, flush: bool, out: &mut Emitter) {
-        for (mut open, count, last) in self.coalescer.due(flush) {
-            open.secret.count = count;
-            open.secret.last_time = last;
-            let ev = Event::secret_file_open(&out.origin, open);
-            out.emit(ev, None);
+        for closed in self.coalescer.due(flush) {
+            Self::emit_closed(closed, out);
         }
+    }
+
+    /// A closed window's event, with the count and time of its last open.
+    fn emit_closed((mut open, count, last): Closed<SecretFileOpen>, out: &mut Emitter) {
+        open.secret.count = count;
+        open.secret.last_time = last;
+        let ev = Event::secret_file_open(&out.origin, open);
+        out.emit(ev, None);
+    }
+
+    /// Opens shed so far because their process had too many files in open
+    /// windows.
+    pub fn shed(&self) -> u64 {
+        self.coalescer.shed
     }
 
     /// Parses a key or certificate file the process opened, once per file
@@ -302,6 +324,11 @@ impl SecretOpens {
         };
         let file = match safe_open::open_beneath(base.as_fd(), path) {
             Ok(file) => file,
+            // A missing file is the common case (and a flood's: distinct
+            // names that do not exist), not worth a log line each.
+            Err(safe_open::Refused::Open(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                return None;
+            }
             Err(e) => {
                 debug!(path = %path, error = %e, "opened file not read");
                 return None;

@@ -1,6 +1,9 @@
 //! The secret-file watch list and the coalescing of repeated opens.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::VecDeque,
+    time::{Duration, Instant},
+};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use hashbrown::HashMap;
@@ -120,19 +123,63 @@ struct Window<T> {
     last_ms: i64,
 }
 
+/// Windows one process may have open at once. A process that opens more
+/// distinct watched paths within a window than this (a flood of `*.key`
+/// names, say) has the rest shed and counted: its first 1024 paths a
+/// second are reported, and every other process is unaffected.
+pub const PER_PROCESS: usize = 1024;
+
+/// Windows open at once, for all processes. Past it the oldest window
+/// closes early and its event is written: memory stays bounded and no
+/// open is lost, the busiest files are only coalesced less. About 3 KB a
+/// window (the first open's event), so 24 MiB at most.
+pub const CAPACITY: usize = 8192;
+
 /// Opens of one file by one process within the window become one event.
 /// Keyed by process, then path, so a repeat is found without allocating.
+///
+/// Bounded: at most `PER_PROCESS` windows per process (further paths are
+/// shed, counted in `shed`) and `CAPACITY` in all (the oldest is closed
+/// early). Every window has the same length, so windows close in the order
+/// they opened: `order` holds them oldest first, and closing them never
+/// scans the rest.
 pub struct Coalescer<T> {
     window: Duration,
     pending: HashMap<u32, HashMap<String, Window<T>>>,
+    /// Every open window, oldest first: when it opened, process, path.
+    order: VecDeque<(Instant, u32, String)>,
+    per_process: usize,
+    capacity: usize,
+    /// Opens not reported because their process already had
+    /// `per_process` windows open.
+    pub shed: u64,
 }
+
+/// A closed window: the first open's record, the count, and the last
+/// open's time.
+pub type Closed<T> = (T, u32, i64);
 
 impl<T> Coalescer<T> {
     pub fn new(window: Duration) -> Self {
+        Self::bounded(window, PER_PROCESS, CAPACITY)
+    }
+
+    /// With other bounds than the defaults (for tests).
+    pub fn bounded(window: Duration, per_process: usize, capacity: usize) -> Self {
         Self {
             window,
             pending: HashMap::new(),
+            order: VecDeque::new(),
+            per_process: per_process.max(1),
+            capacity: capacity.max(1),
+            shed: 0,
         }
+    }
+
+    /// Windows open now.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.order.len()
     }
 
     /// Counts an open into a window already open for (process, path).
@@ -148,10 +195,34 @@ impl<T> Coalescer<T> {
         }
     }
 
-    /// Opens a window with its first open (after `join` found none).
-    pub fn add(&mut self, tgid: u32, path: &str, time_ms: i64, first: T) {
+    /// Whether the process may open one more window. When it may not, the
+    /// open is shed and counted: the caller reports nothing for it. Asked
+    /// before the event is built, so a shed open costs no attribution.
+    pub fn admit(&mut self, tgid: u32) -> bool {
+        let open = self.pending.get(&tgid).map_or(0, |m| m.len());
+        if open < self.per_process {
+            return true;
+        }
+        self.shed += 1;
+        false
+    }
+
+    /// Opens a window with its first open (after `join` found none). When
+    /// `capacity` windows are open already, the oldest closes now and is
+    /// returned, for the caller to write at once.
+    pub fn add(&mut self, tgid: u32, path: &str, time_ms: i64, first: T) -> Option<Closed<T>> {
+        // Callers join first; should one not, the open still counts once.
+        if self.join(tgid, path, time_ms) {
+            return None;
+        }
+        let evicted = if self.order.len() >= self.capacity {
+            self.close_oldest()
+        } else {
+            None
+        };
+        let opened = Instant::now();
         let window = Window {
-            opened: Instant::now(),
+            opened,
             first,
             count: 1,
             last_ms: time_ms,
@@ -160,27 +231,47 @@ impl<T> Coalescer<T> {
             .entry(tgid)
             .or_default()
             .insert(path.to_owned(), window);
+        self.order.push_back((opened, tgid, path.to_owned()));
+        evicted
     }
 
-    /// Windows that have closed (all of them with `flush`): the first
-    /// open's record, the count, and the last open's time.
-    pub fn due(&mut self, flush: bool) -> Vec<(T, u32, i64)> {
+    /// Windows that have closed (all of them with `flush`), oldest first.
+    pub fn due(&mut self, flush: bool) -> Vec<Closed<T>> {
         let now = Instant::now();
         let mut out = Vec::new();
-        for windows in self.pending.values_mut() {
-            let closed: Vec<String> = windows
-                .iter()
-                .filter(|(_, w)| flush || now.duration_since(w.opened) >= self.window)
-                .map(|(p, _)| p.clone())
-                .collect();
-            for p in closed {
-                if let Some(w) = windows.remove(&p) {
-                    out.push((w.first, w.count, w.last_ms));
-                }
+        while let Some(&(opened, _, _)) = self.order.front() {
+            if !flush && now.duration_since(opened) < self.window {
+                break;
+            }
+            if let Some((opened, tgid, path)) = self.order.pop_front() {
+                out.extend(self.take(tgid, &path, opened));
             }
         }
-        self.pending.retain(|_, w| !w.is_empty());
         out
+    }
+
+    /// Closes the oldest window.
+    fn close_oldest(&mut self) -> Option<Closed<T>> {
+        while let Some((opened, tgid, path)) = self.order.pop_front() {
+            if let Some(closed) = self.take(tgid, &path, opened) {
+                return Some(closed);
+            }
+        }
+        None
+    }
+
+    /// Removes the window of (process, path) if it is the one that opened
+    /// at `opened`.
+    fn take(&mut self, tgid: u32, path: &str, opened: Instant) -> Option<Closed<T>> {
+        let windows = self.pending.get_mut(&tgid)?;
+        if windows.get(path)?.opened != opened {
+            return None;
+        }
+        let w = windows.remove(path)?;
+        if windows.is_empty() {
+            self.pending.remove(&tgid);
+        }
+        Some((w.first, w.count, w.last_ms))
     }
 }
 
@@ -301,5 +392,57 @@ mod tests {
         let mut c: Coalescer<u8> = Coalescer::new(Duration::ZERO);
         c.add(1, "/a", 1, 1);
         assert_eq!(c.due(false), vec![(1, 1, 1)]);
+    }
+
+    /// A process flooding distinct paths keeps at most `per_process`
+    /// windows; the rest are shed and counted, and other processes and
+    /// repeats of its open paths are unaffected.
+    #[test]
+    fn a_process_flooding_distinct_paths_is_bounded_and_counted() {
+        let mut c: Coalescer<u32> = Coalescer::bounded(Duration::from_secs(60), 4, 100);
+        let mut admitted = 0;
+        for i in 0..10_000u32 {
+            let path = format!("/tmp/flood/{i}.key");
+            if c.join(1, &path, i as i64) {
+                continue;
+            }
+            if c.admit(1) {
+                assert!(c.add(1, &path, i as i64, i).is_none());
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 4);
+        assert_eq!(c.shed, 10_000 - 4);
+        assert_eq!(c.len(), 4, "memory stays bounded");
+        // Repeats of an open path still join its window.
+        assert!(c.join(1, "/tmp/flood/0.key", 20_000));
+        // Another process is not affected by the first one's flood.
+        assert!(c.admit(2));
+        assert!(c.add(2, "/srv/.env", 1, 99).is_none());
+        assert_eq!(c.shed, 10_000 - 4);
+        let mut out = c.due(true);
+        out.sort();
+        assert_eq!(out[0], (0, 2, 20_000));
+        assert_eq!(out.len(), 5);
+        // Once its windows close, the process is reported again.
+        assert!(c.admit(1));
+    }
+
+    /// Past `capacity` windows in all, the oldest closes early and comes
+    /// back to be written: nothing is shed, memory stays bounded.
+    #[test]
+    fn past_capacity_the_oldest_window_closes_early() {
+        let mut c: Coalescer<u32> = Coalescer::bounded(Duration::from_secs(60), 1000, 3);
+        let mut closed = Vec::new();
+        for pid in 0..10u32 {
+            assert!(c.admit(pid));
+            closed.extend(c.add(pid, "/a.key", pid as i64, pid));
+            assert!(c.len() <= 3);
+        }
+        assert_eq!(closed, (0..7).map(|p| (p, 1, p as i64)).collect::<Vec<_>>());
+        assert_eq!(c.shed, 0);
+        assert!(c.due(false).is_empty(), "the rest are still open");
+        assert_eq!(c.due(true).len(), 3);
+        assert_eq!(c.len(), 0);
     }
 }

@@ -6,7 +6,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Child, Command, Output, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -128,7 +128,21 @@ impl Sensor {
     }
 
     /// Sends `signal`, waits for a clean exit (status 0) and returns events.
-    pub fn stop_with(mut self, signal: nix::sys::signal::Signal) -> Vec<Event> {
+    pub fn stop_with(self, signal: nix::sys::signal::Signal) -> Vec<Event> {
+        let (status, events, log) = self.stop_status(signal);
+        assert!(
+            status.success(),
+            "keywarden exited with {status} after {signal}:\n{log}"
+        );
+        events
+    }
+
+    /// Sends `signal`, waits for the sensor to exit, whatever its status
+    /// (3: it shed events), and returns the status, the events and the log.
+    pub fn stop_status(
+        mut self,
+        signal: nix::sys::signal::Signal,
+    ) -> (ExitStatus, Vec<Event>, String) {
         // Give the sensor one poll interval plus margin to see the last records.
         std::thread::sleep(Duration::from_millis(300));
         let mut child = self.child.take().unwrap();
@@ -145,12 +159,7 @@ impl Sensor {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
-        assert!(
-            status.success(),
-            "keywarden exited with {status} after {signal}:\n{}",
-            self.log()
-        );
-        read_events(&self.events_path)
+        (status, read_events(&self.events_path), self.log())
     }
 
     pub fn stop(self) -> Vec<Event> {
