@@ -338,7 +338,11 @@ fn programs_started_through_a_shell_exec_are_identified() {
         // `sh -c` runs `$0` with the code as `$1`. The pid the test spawned
         // is the shell's, and stays the program's through each exec.
         let started = [
-            ("echo $$ >/dev/null; exec \"$0\" -c \"$1\"", python.to_str().unwrap(), &script),
+            (
+                "echo $$ >/dev/null; exec \"$0\" -c \"$1\"",
+                python.to_str().unwrap(),
+                &script,
+            ),
             ("exec env X=1 \"$0\" -e \"$1\"", "node", &js),
         ];
         for (shell, program, code) in started {

@@ -184,7 +184,6 @@ impl<'a> ReadRef<'a> for &'a ElfReader<'_> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,5 +211,4 @@ mod tests {
         assert!((&reader).read_bytes_at(96, 8).is_err());
         assert!(!reader.exhausted());
     }
-
 }

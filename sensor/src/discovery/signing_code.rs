@@ -17,9 +17,7 @@
 //! sensor can report it instead of missing it silently.
 
 use std::{
-    cell::Cell,
     fs::File,
-    ops::Range,
     os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
     path::Path,
     sync::Arc,
@@ -28,17 +26,15 @@ use std::{
 use hashbrown::{HashMap, HashSet};
 use keywarden_probe_types::func;
 use object::{
-    Endianness, FileKind, Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadCache, ReadRef,
-    SectionKind, SymbolKind,
-    read::elf::{FileHeader, SectionHeader as _},
+    Object, ObjectSection, ObjectSegment, ObjectSymbol, ReadRef, SectionKind, SymbolKind,
 };
 
+pub use super::symbols::{Stack, function_name, needs_return, signing_functions};
+use super::symbols::{c_symbols, classify};
 use super::{
-    elf_read::{ElfReader, MAX_METADATA, metadata_capped},
+    elf_read::{ElfReader, metadata_capped},
     placement,
 };
-pub use super::symbols::{Stack, function_name, needs_return, signing_functions};
-use super::symbols::classify;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {

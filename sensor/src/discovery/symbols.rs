@@ -211,7 +211,6 @@ pub(super) fn classify(raw: &str) -> Option<(u8, Stack, String)> {
     })
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
