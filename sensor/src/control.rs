@@ -211,14 +211,21 @@ impl Control {
         // /proc/PID/exe reaches the image itself, in any mount namespace.
         let open_path = PathBuf::from(format!("/proc/{tgid}/exe"));
         if let Ok(md) = std::fs::metadata(&open_path) {
-            let c = Candidate {
-                shown_as,
-                open_path,
-                pid: Some(tgid),
-                dev: md.dev(),
-                ino: md.ino(),
-            };
-            self.cover(&c);
+            if e.exe.valid != 0 && !crate::enrich::process::is_image(&md, &e.exe) {
+                // It exec'd again (`sh -c 'exec prog'`) since this record:
+                // /proc/PID/exe is the next image, which its own record
+                // covers under its own name.
+                debug!(pid = tgid, file = %path, "exec'd again before its image was scanned");
+            } else {
+                let c = Candidate {
+                    shown_as,
+                    open_path,
+                    pid: Some(tgid),
+                    dev: md.dev(),
+                    ino: md.ino(),
+                };
+                self.cover(&c);
+            }
         }
         if e.flags & exec_flags::HELD != 0 {
             let mut probes = self.probes.lock().expect("probes lock");

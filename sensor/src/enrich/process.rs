@@ -187,14 +187,18 @@ fn same_root_as_host(root: &OwnedFd) -> bool {
 const GONE: &str = "the process was gone before the sensor saw it";
 
 /// `path` opened, if it is the file the exec probe saw.
+/// Whether `md` is the file the exec probe saw run (`exe`).
+pub fn is_image(md: &std::fs::Metadata, exe: &ExeId) -> bool {
+    (md.ino(), md.size(), md.mtime(), md.mtime_nsec() as u32)
+        == (exe.ino, exe.size, exe.mtime_sec, exe.mtime_nsec)
+}
+
 fn same_file(path: &str, exe: &ExeId) -> Result<File, String> {
     let f = File::open(path).map_err(|e| format!("{GONE}, and {path}: {e}"))?;
     let md = f
         .metadata()
         .map_err(|e| format!("{GONE}, and {path}: {e}"))?;
-    let same = (md.ino(), md.size(), md.mtime(), md.mtime_nsec() as u32)
-        == (exe.ino, exe.size, exe.mtime_sec, exe.mtime_nsec);
-    if same {
+    if is_image(&md, exe) {
         Ok(f)
     } else {
         tracing::debug!(
@@ -277,6 +281,16 @@ impl ProcessTable {
             (!exec_path.is_empty()).then(|| exec_path.to_owned()),
             true,
         );
+        // A process that exec'd again before the sensor got here (`sh -c
+        // 'exec prog'`) runs the next image now; this exec's image is the
+        // one its path still names, if it does.
+        if exe.valid != 0
+            && let Ok(f) = &info.exe
+            && !f.metadata().is_ok_and(|md| is_image(&md, exe))
+        {
+            info.exe =
+                Err("the process had exec'd again before the sensor saw this image".to_owned());
+        }
         if info.exe.is_err() && exe.valid != 0 && exec_path.starts_with('/') {
             info.exe = same_file(exec_path, exe);
         }
