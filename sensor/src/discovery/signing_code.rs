@@ -112,6 +112,21 @@ impl SigningCode {
         if self.can_see_signatures() || self.markers.is_empty() {
             return None;
         }
+        let why_unprobed: Vec<&str> = self
+            .markers
+            .iter()
+            .filter_map(|m| UNPROBED.iter().find(|(what, _)| what == m))
+            .map(|(_, why)| *why)
+            .collect();
+        if why_unprobed.len() == self.markers.len() {
+            return Some(format!(
+                "signs with code keywarden cannot probe ({}): {}; signatures made by it are not seen \
+                 (build-id {})",
+                self.markers.join(", "),
+                why_unprobed.join("; "),
+                self.build_id.as_deref().unwrap_or("none"),
+            ));
+        }
         let wanted = signing_functions();
         Some(format!(
             "holds crypto code ({}) but {}: none of its signing functions ({wanted}) can be located, \
@@ -131,13 +146,25 @@ impl SigningCode {
 /// libraries record source file names for errors, Rust crates their
 /// paths for panics. Each names code that signs, not a mere mention (a
 /// libcurl version string says "OpenSSL" too).
-const MARKERS: [(&[u8], &str); 5] = [
+const MARKERS: [(&[u8], &str); 6] = [
     (b"crypto/evp/m_sigver.c", "OpenSSL EVP signing"),
     (b"crypto/fipsmodule/ecdsa/", "BoringSSL or AWS-LC ECDSA"),
     (b"/rustls-0.", "rustls"),
     (b"/ring-0.17", "ring"),
     (b"/aws-lc-rs-", "aws-lc-rs"),
+    // OpenSSH's own Ed25519 (ssh, sshd, ssh-keygen, ssh-agent), named in
+    // its error messages; its ECDSA and RSA go through libcrypto.
+    (b"crypto_sign_ed25519", OPENSSH_ED25519),
 ];
+
+const OPENSSH_ED25519: &str = "OpenSSH's built-in Ed25519";
+
+/// Signing code keywarden has no probe for even where symbols name it,
+/// and why: a warning about it says so instead of blaming missing symbols.
+const UNPROBED: [(&str, &str); 1] = [(
+    OPENSSH_ED25519,
+    "OpenSSH signs Ed25519 with its own code, not libcrypto's, and keywarden has no probe for it",
+)];
 
 /// Largest file scanned: 512 MiB. Files with signing code are far
 /// smaller (libcrypto is 5 MB, node with its OpenSSL 98 MB, libLLVM 117
@@ -551,6 +578,22 @@ mod tests {
                 .unwrap_or_else(|| panic!("{name}"));
             assert_eq!(freed.object_in, iced_x86::Register::RBX, "{name}");
         }
+    }
+
+    /// OpenSSH's own Ed25519 is code keywarden cannot probe: a program
+    /// carrying it is named, with that reason.
+    #[test]
+    fn openssh_ed25519_is_named_as_unprobed() {
+        let code = scan(Path::new("/usr/bin/ssh-keygen"), "ssh-keygen").unwrap();
+        assert!(!code.can_see_signatures());
+        assert_eq!(code.markers, [OPENSSH_ED25519]);
+        let reason = code.uncovered_reason().unwrap();
+        assert!(
+            reason.starts_with(
+                "signs with code keywarden cannot probe (OpenSSH's built-in Ed25519)"
+            ),
+            "{reason}"
+        );
     }
 
     #[test]
