@@ -73,6 +73,7 @@ impl Sensor {
                     self.decisions.release(f.task.tgid());
                 }
             }
+            Record::OpenResult(_) => {}
             Record::Killed(k) => self.decisions.on_killed(&k, &mut self.attr, &mut self.out),
             Record::Malformed { kind, len } => {
                 error!(kind, len, "malformed record from the probes")
