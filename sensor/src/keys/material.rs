@@ -435,9 +435,11 @@ pub fn read_key_file_detailed(path: &Path, shown_as: &str) -> Result<KeyFile, Ke
     key_file_in(shown_as, &bytes)
 }
 
-/// Reads and parses a key file from a descriptor `safe_open` opened: a
-/// regular file within `MAX_KEY_FILE`, on a filesystem the sensor reads.
-pub fn read_key_file_from(file: std::fs::File, shown_as: &str) -> Result<KeyFile, KeyFileError> {
+/// Reads and parses a key file from a descriptor `safe_open` opened, or
+/// one duplicated from the process that opened it: a regular file within
+/// `MAX_KEY_FILE`, on a filesystem the sensor reads, read with positioned
+/// reads into a buffer zeroed when dropped.
+pub fn read_key_file_from(file: &std::fs::File, shown_as: &str) -> Result<KeyFile, KeyFileError> {
     use super::safe_open::{Refused, read_checked};
     let mut bytes = Zeroizing::new(Vec::new());
     match read_checked(file, MAX_KEY_FILE, &mut bytes) {
@@ -464,7 +466,7 @@ pub fn read_key_file_in_root(
         path: shown_as.to_owned(),
         why,
     })?;
-    read_key_file_from(file, shown_as)
+    read_key_file_from(&file, shown_as)
 }
 
 #[cfg(test)]
