@@ -8,7 +8,8 @@
 //! The parts, each owning its own state:
 //! * `attribution`: who did it (process, container, cgroup) and when;
 //! * `key_uses`: signatures and the free probes of signing processes;
-//! * `secret_opens`: key files and watched secret files;
+//! * `secret_opens`: key files (read off this thread, by the key reader)
+//!   and watched secret files, each judged once its open's result is in;
 //! * `enforce::decisions`: protected key files, condemnations, kills;
 //! * `emitter`: numbering, the analysis pipeline, findings, the sink.
 //!
@@ -75,6 +76,8 @@ struct Sensor {
     secrets: SecretOpens,
     decisions: Decisions,
     out: Emitter,
+    /// Records waiting for their process's key-file read (`route.rs`).
+    deferred: route::Deferred,
     lost_reported: [u64; stats::SLOTS as usize],
     /// Stamped as this thread makes progress: it releases the openers of
     /// protected key files, so the control thread renews the hold lease
@@ -163,7 +166,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         guarded: guard_rx,
         attr: Attributor::new(procs.clone()),
         keys: KeyUses::new(probes.clone()),
-        secrets: SecretOpens::new(watch, Duration::from_millis(cfg.secret_files.coalesce_ms)),
+        secrets: SecretOpens::new(watch, Duration::from_millis(cfg.secret_files.coalesce_ms))?,
         decisions: Decisions::new(enforcer, probes.clone()),
         out: Emitter::new(
             sink,
@@ -175,6 +178,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
                 probes: probes.clone(),
             }),
         ),
+        deferred: route::Deferred::default(),
         lost_reported: [0; stats::SLOTS as usize],
         liveness: liveness.clone(),
     };
@@ -297,6 +301,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         error!("guard thread panicked");
     }
     s.drain();
+    // Key files still being read get until their deadline; the openers
+    // they hold are released when judged.
+    s.finish_opens();
     // Everyone held was released above; the watchdog sweeps what is left
     // (a hold whose record was still being written), then exits.
     watchdog.finish();
@@ -350,6 +357,7 @@ impl Sensor {
     fn say_stopped(&self, waiting: usize) {
         let lost = self.probes().lost().unwrap_or_default();
         let c = &self.out.counts;
+        let reads = self.secrets.key_read_stats();
         info!(
             events = self.out.sink.written,
             key_uses = c.key_uses,
@@ -363,6 +371,8 @@ impl Sensor {
             data_unreadable = lost[stats::DATA_UNREADABLE as usize],
             data_truncated = lost[stats::CAPTURE_TRUNCATED as usize],
             unwritten = waiting + self.out.sink.dropped as usize,
+            key_reads_shed = reads.shed,
+            key_reads_abandoned = reads.abandoned,
             verifications = self.keys.ident.verifications,
             free_watched_processes = self.keys.free_watches.watched(),
             free_probes_host_wide = self.keys.free_watches.host_wide_libraries(),
