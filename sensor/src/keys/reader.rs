@@ -226,17 +226,20 @@ type Cache = HashMap<(u64, u64, i64, u64), Arc<Result<KeyFile, String>>>;
 fn work(jobs: Receiver<(u64, Job)>, done: Sender<Done>, delay: Option<Duration>) {
     let mut cache = Cache::new();
     for (id, job) in jobs {
-        if let Some(d) = delay {
-            std::thread::sleep(d);
-        }
-        let (result, via) = read(&mut cache, &job);
+        let (result, via) = read(&mut cache, &job, delay);
         if done.send(Done { id, result, via }).is_err() {
             return; // replaced, or the sensor is stopping
         }
     }
 }
 
-fn read(cache: &mut Cache, job: &Job) -> (Arc<Result<KeyFile, String>>, Option<Via>) {
+/// Reads and parses the job's file, or takes it from the cache. `delay`
+/// (tests only) makes each read that is not cached that much slower.
+fn read(
+    cache: &mut Cache,
+    job: &Job,
+    delay: Option<Duration>,
+) -> (Arc<Result<KeyFile, String>>, Option<Via>) {
     let (file, via) = match open(job) {
         Ok(f) => f,
         Err(why) => {
@@ -257,6 +260,9 @@ fn read(cache: &mut Cache, job: &Job) -> (Arc<Result<KeyFile, String>>, Option<V
     );
     if let Some(r) = cache.get(&id) {
         return (r.clone(), Some(via));
+    }
+    if let Some(d) = delay {
+        std::thread::sleep(d);
     }
     let r = Arc::new(material::read_key_file_from(&file, &job.shown_as).map_err(|e| e.to_string()));
     if let Err(e) = &*r {
