@@ -16,8 +16,8 @@ use serde_json::{Value, json};
 
 use crate::{
     event::{
-        Analysis, BaselineSnapshot, Event, EventCode, File, KeyIdentity, Process, Response,
-        RuleRef, SecretFile, SecretFileOpen, severity,
+        Analysis, BaselineSnapshot, Event, EventCode, File, KeyIdentity, OpenResult, Process,
+        Response, RuleRef, SecretFile, SecretFileOpen, severity,
         tests_support::{self, origin},
     },
     rules::fields::{FIELDS, Kind},
@@ -364,10 +364,31 @@ fn secret_file_open_samples() -> Vec<Event> {
             file: full.file.clone().unwrap(),
             key: full.key.clone(),
             secret,
+            result: OpenResult::Unknown,
         },
     );
     assert!(denied.action.is_some(), "a verdict sets `action`");
-    vec![full, denied]
+    // A key file whose read missed its deadline: its key is unknown, with
+    // the reason.
+    let mut secret = full.secret_file.clone().unwrap();
+    secret.keys.clear();
+    secret.holds_private_key = false;
+    let late = Event::secret_file_open(
+        &origin(),
+        SecretFileOpen {
+            seq: 10,
+            process: full.actor.process.clone(),
+            container: full.container.clone(),
+            cgroup: full.cgroup.clone().unwrap(),
+            file: full.file.clone().unwrap(),
+            key: Some(KeyIdentity::unknown(
+                "the key file was not read: the read did not finish within 500 ms",
+            )),
+            secret,
+            result: OpenResult::Succeeded,
+        },
+    );
+    vec![full, denied, late]
 }
 
 /// A coverage warning about a library a process loaded: the most a

@@ -547,9 +547,24 @@ pub struct SecretFileOpen {
     pub container: Option<Container>,
     pub cgroup: Cgroup,
     pub file: File,
-    /// The key in the file, when it holds exactly one.
+    /// The key in the file, when it holds exactly one; `unknown`, with the
+    /// reason, when the sensor meant to read it and could not in time.
     pub key: Option<KeyIdentity>,
     pub secret: SecretFile,
+    /// What the first open of the window came to.
+    pub result: OpenResult,
+}
+
+/// What an open came to, as the probe saw the system call return.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum OpenResult {
+    /// Not observed: the probe's report of the result was lost, or the
+    /// open was decided by the guard (whose verdict then says).
+    #[default]
+    Unknown,
+    Succeeded,
+    /// The error, as `EACCES (Permission denied)`.
+    Failed(String),
 }
 
 /// Everything that describes one signature, before it becomes an `Event`.
@@ -746,29 +761,33 @@ impl Event {
 
     /// File System Activity 1001 / Open: a watched secret file was opened
     /// (`count` times by this process within the coalescing window). The
-    /// probe sees the open being attempted, not its result, so the status
-    /// is Unknown (0) with that said in `status_detail`.
+    /// status is the first open's result, as the probe saw the call return
+    /// (Unknown when that was not observed); a blocking rule's verdict,
+    /// when there is one, decides it instead.
     pub fn secret_file_open(origin: &Origin, o: SecretFileOpen) -> Self {
         let count = o.secret.count;
         let time_ms = o.secret.first_time;
         let denied = o.secret.verdict == Some(Verdict::Denied);
+        let failed = matches!(o.result, OpenResult::Failed(_)) && o.secret.verdict.is_none();
         // A rule's verdict makes the result known (and the event a
-        // Security Control one); otherwise the probe saw only the attempt.
+        // Security Control one); otherwise the probe's result says.
         let rule = o.secret.rule.as_deref().unwrap_or("?");
-        let (status_id, status, status_detail, action) = match o.secret.verdict {
-            None => (
+        let (status_id, status, status_detail, action) = match (o.secret.verdict, &o.result) {
+            (None, OpenResult::Unknown) => (
                 0,
                 "Unknown",
                 "open attempted; its result is not observed".to_owned(),
                 None,
             ),
-            Some(Verdict::Denied) => (
+            (None, OpenResult::Succeeded) => (1, "Success", "opened".to_owned(), None),
+            (None, OpenResult::Failed(e)) => (2, "Failure", format!("open failed: {e}"), None),
+            (Some(Verdict::Denied), _) => (
                 2,
                 "Failure",
                 format!("denied with EPERM by rule {rule}"),
                 Some(("Denied", 2)),
             ),
-            Some(Verdict::Allowed) => (
+            (Some(Verdict::Allowed), _) => (
                 1,
                 "Success",
                 format!("allowed by rule {rule}"),
@@ -781,6 +800,8 @@ impl Event {
             o.process.pid,
             if denied {
                 "was denied opening"
+            } else if failed {
+                "failed to open"
             } else {
                 "opened"
             },
@@ -1047,6 +1068,7 @@ pub(crate) mod tests_support {
                     verdict: None,
                     rule: None,
                 },
+                result: OpenResult::Unknown,
             },
         )
     }
@@ -1152,8 +1174,9 @@ mod tests {
                 verdict: None,
                 rule: None,
             },
+            result: OpenResult::Unknown,
         };
-        let v = serde_json::to_value(Event::secret_file_open(&origin(), o)).unwrap();
+        let v = serde_json::to_value(Event::secret_file_open(&origin(), o.clone())).unwrap();
         assert_eq!(v["class_uid"], 1001);
         assert_eq!(v["activity_id"], 14);
         assert_eq!(v["type_uid"], 100114);
@@ -1163,6 +1186,40 @@ mod tests {
         assert_eq!(v["status_id"], 0);
         assert!(v["message"].as_str().unwrap().ends_with("3 times"));
         assert!(v.get("module").is_none() && v.get("signature").is_none());
+
+        // The result the probe saw makes the status.
+        let ok = Event::secret_file_open(
+            &origin(),
+            SecretFileOpen {
+                result: OpenResult::Succeeded,
+                ..o.clone()
+            },
+        );
+        assert_eq!((ok.status_id, ok.status.as_str()), (1, "Success"));
+        assert_eq!(ok.status_detail.as_deref(), Some("opened"));
+        assert!(
+            ok.message.contains(" opened /srv/app/.env"),
+            "{}",
+            ok.message
+        );
+        let failed = Event::secret_file_open(
+            &origin(),
+            SecretFileOpen {
+                result: OpenResult::Failed("EACCES (Permission denied)".into()),
+                ..o
+            },
+        );
+        assert_eq!((failed.status_id, failed.status.as_str()), (2, "Failure"));
+        assert_eq!(
+            failed.status_detail.as_deref(),
+            Some("open failed: EACCES (Permission denied)")
+        );
+        assert!(
+            failed.message.contains("failed to open"),
+            "{}",
+            failed.message
+        );
+        assert!(failed.action.is_none(), "no rule decided it");
     }
 
     #[test]
@@ -1284,9 +1341,10 @@ mod tests {
                 file: e.file.clone().unwrap(),
                 key: None,
                 secret: o,
+                result: OpenResult::Succeeded,
             },
         );
-        assert_eq!(ev.status_id, 2);
+        assert_eq!(ev.status_id, 2, "the verdict decides, not the result");
         assert_eq!(ev.action_id, Some(2));
         assert_eq!(ev.action.as_deref(), Some("Denied"));
         assert!(ev.metadata.profiles.iter().any(|p| p == "security_control"));

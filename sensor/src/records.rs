@@ -19,11 +19,31 @@ pub enum Record {
     Exit(t::ExitRecord),
     ExecMark(t::ExitRecord),
     FileOpen(Box<t::FileOpenRecord>),
+    /// What an open reported at entry came to.
+    OpenResult(t::OpenResultRecord),
     Killed(t::KilledRecord),
     Malformed {
         kind: u32,
         len: usize,
     },
+}
+
+impl Record {
+    /// The process (thread group) a record is about; `None` for a
+    /// malformed one.
+    pub fn tgid(&self) -> Option<u32> {
+        Some(match self {
+            Record::Sign(r, _) => r.task.tgid(),
+            Record::Data { header, .. } => header.tgid,
+            Record::HandleFree(f) => f.tgid,
+            Record::Exec(x) => x.task.tgid(),
+            Record::Exit(x) | Record::ExecMark(x) => x.task.tgid(),
+            Record::FileOpen(f) => f.task.tgid(),
+            Record::OpenResult(r) => (r.pid_tgid >> 32) as u32,
+            Record::Killed(k) => k.task.tgid(),
+            Record::Malformed { .. } => return None,
+        })
+    }
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -68,6 +88,7 @@ pub fn decode(bytes: &[u8]) -> Record {
         kind::EXEC_MARK => read(bytes).map(Record::ExecMark),
         kind::FILE_OPEN => read::<t::FileOpenRecord>(bytes).map(|r| Record::FileOpen(Box::new(r))),
         kind::KILLED => read(bytes).map(Record::Killed),
+        kind::OPEN_RESULT => read(bytes).map(Record::OpenResult),
         _ => None,
     };
     rec.unwrap_or_else(|| malformed(k))
@@ -134,6 +155,23 @@ mod tests {
                 assert_eq!(header.op_id, 5);
                 assert_eq!(bytes, b"abc");
             }
+            _ => panic!("wrong kind"),
+        }
+    }
+
+    #[test]
+    fn open_results_decode_with_their_process() {
+        let rec = t::OpenResultRecord {
+            kind: kind::OPEN_RESULT,
+            flags: t::open_flags::HELD,
+            pid_tgid: (42u64 << 32) | 43,
+            ret: -13,
+            file: t::ExeId::default(),
+        };
+        let r = decode(&as_bytes(&rec));
+        assert_eq!(r.tgid(), Some(42));
+        match r {
+            Record::OpenResult(o) => assert_eq!((o.ret, o.flags), (-13, t::open_flags::HELD)),
             _ => panic!("wrong kind"),
         }
     }

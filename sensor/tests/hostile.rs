@@ -154,8 +154,10 @@ fn a_planted_baseline_temporary_is_not_followed() {
 }
 
 /// Row 1: a symlink named like a key file pointing at /proc/kmsg (whose
-/// read never returns). The attacker's own open fails; the sensor must not
-/// read it either, and must keep reporting.
+/// read never returns). The attacker's own open fails (only root may open
+/// it), so the sensor does not read it at all. Root's open of it succeeds
+/// (without reading): the sensor then reaches the file through root's own
+/// descriptor, refuses it as a proc file, and keeps reporting.
 #[test]
 fn a_key_file_symlink_to_proc_kmsg_does_not_hang_the_sensor() {
     let dir = attacker_dir();
@@ -169,6 +171,20 @@ fn a_key_file_symlink_to_proc_kmsg_does_not_hang_the_sensor() {
         .output()
         .unwrap();
     assert!(o.status.success());
+    still_reports_signatures(&sensor);
+    assert!(
+        !sensor.log().contains("not read: on a proc filesystem"),
+        "nobody's open failed, yet the sensor tried to read the file:\n{}",
+        sensor.log()
+    );
+    // A process that may open it holds it open a moment, never reading.
+    run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("exec 3<\"$1\"; sleep 1")
+            .arg("sh")
+            .arg(&trap),
+    );
     still_reports_signatures(&sensor);
     let log = sensor.log();
     sensor.stop();
@@ -228,9 +244,8 @@ fn a_chrooted_process_cannot_make_the_sensor_read_outside_its_root() {
 
 /// Forks a child that chroots into `jail` and opens `path` there (as root,
 /// like a process in a container); returns whether its open succeeded. It
-/// lives on for a second, so the sensor sees its root as it is now (a
-/// process that chroots and exits before the sensor looks is not covered
-/// yet: docs/design.md, threat model).
+/// lives on for a second, so the sensor sees its root as it is now (one
+/// that chroots and exits at once: the test after this one).
 fn open_in_chroot(jail: &Path, path: &str) -> bool {
     let script = format!(
         "import os, sys, time\nos.chroot({jail:?})\ntry:\n    os.open({path:?}, os.O_RDONLY)\n    ok = True\nexcept OSError:\n    ok = False\ntime.sleep(1)\nsys.exit(0 if ok else 3)\n",
@@ -242,6 +257,210 @@ fn open_in_chroot(jail: &Path, path: &str) -> bool {
         .status()
         .unwrap();
     st.code() == Some(0)
+}
+
+/// The events that name the key `spki` anywhere (as their key, among a
+/// file's keys, in a finding's evidence), as JSON.
+fn named_anywhere(events: &[Event], spki: &str) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| serde_json::to_string(e).unwrap())
+        .filter(|j| j.contains(spki))
+        .collect()
+}
+
+/// Row 11: a symlink, in a directory `nobody` owns, to a key only root may
+/// read. `nobody`'s `cat` of it fails (EACCES). The sensor, which reads as
+/// root, must not read the key for it, nor name the key in any event. The
+/// open itself is reported, as the failure it was.
+#[test]
+fn a_symlink_to_a_key_the_opener_may_not_read_is_not_read() {
+    let dir = attacker_dir();
+    let victim_dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(victim_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let victim = openssl_key(victim_dir.path(), "root-only", "ec");
+    std::fs::set_permissions(&victim.path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let sensor = Sensor::start(&[]);
+    let link = dir.path().join("stolen.key");
+    // `exec`: the shell's pid is cat's.
+    let (pid, out) = run_pid(
+        as_nobody("sh")
+            .arg("-c")
+            .arg("ln -s \"$1\" \"$2\" && exec cat \"$2\"")
+            .arg("sh")
+            .arg(&victim.path)
+            .arg(&link),
+    );
+    assert!(!out.status.success(), "nobody read root's key: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{out:?}"
+    );
+    still_reports_signatures(&sensor);
+    let events = sensor.stop();
+    let named = named_anywhere(&events, &victim.spki);
+    assert!(
+        named.is_empty(),
+        "root's key was read for nobody's failed open: {named:#?}"
+    );
+    let opens = secret_opens_of(&events, pid);
+    assert_eq!(opens.len(), 1, "{}", pretty(&opens));
+    let e = opens[0];
+    assert_eq!(e.status_id, 2, "{}", pretty(e));
+    assert_eq!(
+        e.status_detail.as_deref(),
+        Some("open failed: EACCES (Permission denied)"),
+        "{}",
+        pretty(e)
+    );
+    assert!(
+        e.key.is_none() && secret_of(e).keys.is_empty() && !secret_of(e).holds_private_key,
+        "{}",
+        pretty(e)
+    );
+}
+
+/// Whether `nobody` may make a user namespace and chroot in it
+/// (`unshare -r`): some hosts forbid unprivileged user namespaces
+/// (`kernel.unprivileged_userns_clone=0`, Ubuntu's AppArmor restriction).
+fn nobody_can_chroot() -> Result<(), String> {
+    let o = as_nobody("unshare")
+        .args(["-r", "chroot", "/", "true"])
+        .output()
+        .map_err(|e| e.to_string())?;
+    if o.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&o.stderr).trim().to_owned())
+    }
+}
+
+/// Row 12: a process that chroots after its exec opens, inside its jail,
+/// an absolute path that names another key on the host (root's), and exits
+/// before the sensor reads (the reader is slowed down for the test, so the
+/// process is surely gone, and its descriptor with it). The root the sensor
+/// kept from the exec is the host's; resolving the path there would read
+/// root's key. The sensor reads only through the root the open resolved
+/// from, so it never names root's key. Run as `nobody` in a user namespace
+/// (`unshare -r`) where the host allows one; as root otherwise, which is
+/// the same attack as far as the sensor can tell (a chroot in the same
+/// mount namespace).
+#[test]
+fn a_process_that_chroots_after_exec_cannot_make_the_sensor_read_the_hosts_key() {
+    let host = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(host.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let x = host.path().join("x");
+    std::fs::create_dir(&x).unwrap();
+    let made = openssl_key(&x, "host", "ec");
+    let host_key = x.join("host.key");
+    std::fs::rename(&made.path, &host_key).unwrap();
+    std::fs::set_permissions(&host_key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The same path inside the jail holds another key, which the jailed
+    // process may read.
+    let jail = attacker_dir();
+    let inside = jail.path().join(host_key.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(inside.parent().unwrap()).unwrap();
+    let jailed = openssl_key(inside.parent().unwrap(), "jailed", "ec");
+    std::fs::rename(&jailed.path, &inside).unwrap();
+    std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let sensor = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_KEY_READ_DELAY_MS", "300")]);
+    // Nothing is imported after the chroot; the descriptor is closed
+    // before the exit.
+    let script = format!(
+        "import os\nos.chroot({jail:?})\ntry:\n    os.close(os.open({path:?}, os.O_RDONLY))\n    ok = True\nexcept OSError:\n    ok = False\nos._exit(0 if ok else 3)\n",
+        jail = jail.path().display().to_string(),
+        path = host_key.display().to_string(),
+    );
+    let mut cmd = match nobody_can_chroot() {
+        Ok(()) => {
+            let mut c = as_nobody("unshare");
+            c.args(["-r", "python3", "-c", &script]);
+            c
+        }
+        Err(why) => {
+            eprintln!("nobody cannot chroot here ({why}); the jailed process runs as root");
+            let mut c = Command::new("python3");
+            c.args(["-c", &script]);
+            c
+        }
+    };
+    let (pid, out) = run_pid(&mut cmd);
+    assert!(
+        out.status.success(),
+        "the open inside the jail must succeed: {out:?}"
+    );
+    still_reports_signatures(&sensor);
+    let log = sensor.log();
+    let events = sensor.stop();
+    let named = named_anywhere(&events, &made.spki);
+    assert!(
+        named.is_empty(),
+        "the host's key was read for an open inside the jail: {named:#?}"
+    );
+    // Refused through the root kept at exec (the host's), as it should
+    // be; or, had the sensor snapshotted the process only after its
+    // chroot, read through the jail's root: the jailed key, also right.
+    // (Or nothing at all, had it kept no root.)
+    let refused = log.contains("no longer the one it opened the file from");
+    let read_jailed = !named_anywhere(&events, &jailed.spki).is_empty();
+    let no_root = log.contains("its root is gone");
+    assert!(
+        refused || read_jailed || no_root,
+        "the sensor says why it did not read the jailed file:\n{log}"
+    );
+    // The open is reported: it succeeded.
+    let opens = secret_opens_of(&events, pid);
+    assert_eq!(opens.len(), 1, "{}", pretty(&opens));
+    assert_eq!(opens[0].status_id, 1, "{}", pretty(opens[0]));
+}
+
+/// A key file whose read misses its deadline (the reader is slowed down
+/// past it for the test) is reported with its key unknown and why, and the
+/// event thread goes on: a signature made meanwhile is still reported. (Its
+/// key is unknown as well: its key file's read is late too, so this test
+/// cannot show a normal signature; the two above do, with a slowed reader
+/// within the deadline.)
+#[test]
+fn a_key_read_past_its_deadline_is_given_up_and_reported() {
+    let work = tempfile::tempdir().unwrap();
+    let made = openssl_key(work.path(), "slow", "ec");
+    let slow = work.path().join("slow.key");
+    std::fs::rename(&made.path, &slow).unwrap();
+    let sensor = Sensor::start_with_env(&[], &[("KEYWARDEN_TEST_KEY_READ_DELAY_MS", "1500")]);
+    let (cat_pid, _) = run_pid_ok(Command::new("cat").arg(&slow));
+    let key = openssl_key(work.path(), "signer", "ec");
+    let msg = work.path().join("m");
+    std::fs::write(&msg, b"while the reader is slow").unwrap();
+    let (pid, _) = run_pid_ok(&mut openssl_sign(
+        "openssl",
+        &key.path,
+        &msg,
+        &work.path().join("s"),
+    ));
+    wait_for(
+        "the signature made while the reader was slow",
+        Duration::from_secs(10),
+        || !key_uses_of(&sensor.events(), pid).is_empty(),
+    );
+    let log = sensor.log();
+    let events = sensor.stop();
+    let opens = secret_opens_of(&events, cat_pid);
+    assert_eq!(opens.len(), 1, "{}", pretty(&opens));
+    let k = key_of(opens[0]);
+    assert_eq!(k.status, KeyStatus::Unknown, "{}", pretty(opens[0]));
+    assert_eq!(
+        k.unknown_reason.as_deref(),
+        Some("the key file was not read: the read did not finish within 500 ms"),
+        "{}",
+        pretty(opens[0])
+    );
+    assert!(
+        named_anywhere(&events, &made.spki).is_empty(),
+        "an abandoned read's result was used"
+    );
+    assert!(log.contains("did not finish within 500 ms"), "{log}");
+    assert!(log.contains("key_reads_abandoned"), "{log}");
 }
 
 /// Row 5: a signer named like the sensor ("keywarden-x", a symlink to

@@ -64,20 +64,35 @@ pub(crate) static HELD: HashMap<u32, u64> = HashMap::pinned(4096, 0);
 #[map]
 pub(crate) static SENSORS: HashMap<u32, u64> = HashMap::pinned(64, 0);
 
+/// What `PendingOpen::what` waits for.
+pub(crate) mod pending {
+    /// A read-only open of a shared object: reported to the control
+    /// thread once it has succeeded.
+    pub(crate) const LIBRARY: u32 = 1;
+    /// A key file or watched file, already reported at entry: its result
+    /// follows in an `OpenResultRecord`.
+    pub(crate) const REPORTED: u32 = 2;
+}
+
 #[repr(C)]
 #[derive(Clone, Copy)]
-pub(crate) struct PendingLibrary {
-    /// User pointer to the path, read again at exit.
+pub(crate) struct PendingOpen {
+    /// User pointer to the path, read again at exit (libraries).
     pub(crate) filename: u64,
     pub(crate) open_flags: u64,
     pub(crate) dfd: i64,
+    /// `pending::*`
+    pub(crate) what: u32,
+    /// `open_flags::*` of the entry record (reported opens).
+    pub(crate) flags: u32,
 }
 
-/// A read-only open of a shared object, by thread (pid_tgid), waiting
-/// for its result. LRU: a thread killed inside openat never reaches
+/// An open waiting for its result, by thread (pid_tgid): one map for
+/// both kinds, so an exit costs one lookup (every openat on the host
+/// exits through it). LRU: a thread killed inside openat never reaches
 /// the exit tracepoint.
 #[map]
-pub(crate) static PENDING_LIBRARY: LruHashMap<u64, PendingLibrary> =
+pub(crate) static PENDING_OPEN: LruHashMap<u64, PendingOpen> =
     LruHashMap::with_max_entries(16384, 0);
 
 /// Which sensor may hold processes on this host (see `HoldLease`).

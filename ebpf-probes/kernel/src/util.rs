@@ -4,7 +4,7 @@
 //! held with `SIGSTOP`.
 use aya_ebpf::helpers::{
     bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
-    generated::{bpf_get_current_cgroup_id, bpf_ktime_get_ns},
+    generated::{bpf_get_current_cgroup_id, bpf_get_current_task, bpf_ktime_get_ns},
 };
 use keywarden_probe_types::*;
 
@@ -69,6 +69,28 @@ pub(crate) fn file_id(l: &TaskLayout, file: u64) -> Option<ExeId> {
         ino: kernel_read(inode, l.inode_ino)?,
         size: kernel_read(inode, l.inode_size)?,
         mtime_sec: kernel_read(inode, l.inode_mtime_sec)?,
+    })
+}
+
+/// Where the current task's absolute paths resolve:
+/// `current->fs->root.dentry->d_inode->i_ino` and
+/// `current->nsproxy->mnt_ns->ns.inum`. Read at exec (`ExecRecord`) and
+/// at each reported open (`FileOpenRecord`): a process may chroot between.
+#[inline(always)]
+pub(crate) fn current_root() -> Option<RootId> {
+    let l = task_layout()?;
+    // SAFETY: takes no arguments; the task pointer it returns is only read
+    // through bpf_probe_read_kernel (`kernel_ptr`, `kernel_read`).
+    let task = unsafe { bpf_get_current_task() };
+    let fs = kernel_ptr(task, l.task_fs)?;
+    let dentry = kernel_ptr(fs, l.fs_root_dentry)?;
+    let inode = kernel_ptr(dentry, l.dentry_inode)?;
+    let nsproxy = kernel_ptr(task, l.task_nsproxy)?;
+    let mnt_ns = kernel_ptr(nsproxy, l.nsproxy_mnt_ns)?;
+    Some(RootId {
+        valid: 1,
+        mnt_ns: kernel_read(mnt_ns, l.mnt_ns_inum)?,
+        ino: kernel_read(inode, l.inode_ino)?,
     })
 }
 

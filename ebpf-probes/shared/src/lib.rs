@@ -40,6 +40,8 @@ pub mod kind {
     pub const SIGN_KNOWN: u32 = 9;
     /// `KilledRecord`: a condemned process was killed as it began to sign.
     pub const KILLED: u32 = 10;
+    /// `OpenResultRecord`: what an open reported at entry came to.
+    pub const OPEN_RESULT: u32 = 11;
 }
 
 /// Flags on a `SignRecord`.
@@ -427,6 +429,8 @@ pub struct ExecRecord {
 /// `current->mm->exe_file->f_inode`. A short-lived signer can exit before
 /// the sensor opens `/proc/PID/exe`; with this the sensor can still hash
 /// the exact file it ran, found by path and checked against these fields.
+/// The open probe reads the same fields for the file an open returned
+/// (`OpenResultRecord`, and a library's identity in `LIBRARY_SEEN`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExeId {
@@ -499,11 +503,27 @@ pub struct ExitRecord {
 /// openat's `dfd` for "relative to the working directory" (Linux ABI).
 pub const AT_FDCWD: i64 = -100;
 
+/// Bits of openat's `flags` argument the sensor looks at (Linux ABI, the
+/// same on every architecture the sensor runs on).
+pub mod oflags {
+    pub const O_ACCMODE: u32 = 0o3;
+    pub const O_WRONLY: u32 = 0o1;
+    pub const O_PATH: u32 = 0o10000000;
+}
+
 impl FileOpenRecord {
     /// Whether the path can be made absolute from the process's root and
     /// working directory (not relative to some other directory descriptor).
     pub fn resolvable(&self, path: &str) -> bool {
         path.starts_with('/') || self.dfd == AT_FDCWD
+    }
+
+    /// Whether the open asked to read the file. Only such an open, once it
+    /// has succeeded, shows the process could read it: an `O_PATH` open
+    /// needs no permission on the file at all, a write-only one no read
+    /// permission.
+    pub fn reads(&self) -> bool {
+        self.oflags & oflags::O_PATH == 0 && self.oflags & oflags::O_ACCMODE != oflags::O_WRONLY
     }
 }
 
@@ -517,10 +537,41 @@ pub struct FileOpenRecord {
     /// `dfd` argument of openat (`AT_FDCWD` for cwd-relative paths).
     pub dfd: i64,
     /// The descriptor openat returned, for a library (reported when the
-    /// open has succeeded); -1 for other files (reported at entry). While
-    /// the process is held, `/proc/PID/fd/N` is the very file it opened.
+    /// open has succeeded); -1 for other files, which are reported at
+    /// entry (so the process can be held before the open returns) and
+    /// whose result follows in an `OpenResultRecord`. While the process
+    /// is held, `/proc/PID/fd/N` is the very file it opened.
     pub fd: i64,
+    /// The root the process resolved the path from, as the open probe
+    /// read it at entry (zero when the layout is unknown, and for
+    /// libraries). A process may chroot after its exec; the sensor reads
+    /// the file through a root only if it is this one.
+    pub root: RootId,
+    /// `flags` argument of openat (`O_RDONLY`, `O_PATH`, ...).
+    pub oflags: u32,
+    pub _pad: u32,
     pub path: [u8; PATH_MAX],
+}
+
+/// What an open reported by a `FileOpenRecord` (not a library) came to,
+/// from the `openat` exit: the same thread's next result follows its entry
+/// record in the ring. The sensor reads a key file only when the process's
+/// own open succeeded: a file the process may not open is none of its
+/// business, and the sensor reads as root.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct OpenResultRecord {
+    pub kind: u32,
+    /// `open_flags::*` of the entry record.
+    pub flags: u32,
+    /// `bpf_get_current_pid_tgid()`, as in the entry record's `task`.
+    pub pid_tgid: u64,
+    /// openat's return value: the descriptor, or `-errno`.
+    pub ret: i64,
+    /// The file the descriptor names, read from the process's descriptor
+    /// table at exit (`valid` 0 for a failed open or an unknown layout):
+    /// the sensor checks that what it reads is this file.
+    pub file: ExeId,
 }
 
 /// Key of `MD_CTX_STATE`: which EVP_MD_CTX in which process.

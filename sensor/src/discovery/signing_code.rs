@@ -589,9 +589,8 @@ mod tests {
         assert_eq!(code.markers, [OPENSSH_ED25519]);
         let reason = code.uncovered_reason().unwrap();
         assert!(
-            reason.starts_with(
-                "signs with code keywarden cannot probe (OpenSSH's built-in Ed25519)"
-            ),
+            reason
+                .starts_with("signs with code keywarden cannot probe (OpenSSH's built-in Ed25519)"),
             "{reason}"
         );
     }

@@ -31,7 +31,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use globset::{GlobSet, GlobSetBuilder};
 use keywarden_analyzer::{
-    event::{self, Cgroup, Event, Origin, SecretFile, SecretFileOpen, User},
+    event::{self, Cgroup, Event, OpenResult, Origin, SecretFile, SecretFileOpen, User},
     rules::{Action, Rule, RuleSet, path_glob},
 };
 use nix::sys::fanotify::{
@@ -413,6 +413,8 @@ impl Guard {
                     verdict: None,
                     rule: None,
                 },
+                // Still being decided: the guard's answer is the result.
+                result: OpenResult::Unknown,
             },
         );
         let selecting: Vec<&BlockRule> = candidates

@@ -50,6 +50,10 @@ pub struct ProcessInfo {
     /// `/proc/PID/root` and `/proc/PID/cwd`, opened O_PATH.
     pub root: Option<OwnedFd>,
     pub cwd: Option<OwnedFd>,
+    /// Inode of the mount namespace `root` belongs to, read with it: with
+    /// the root's inode, what identifies where the process's absolute
+    /// paths resolved (`RootId`).
+    pub mnt_ns: Option<u64>,
 }
 
 impl ProcessInfo {
@@ -299,6 +303,7 @@ impl ProcessTable {
                 Some(fd) => {
                     info.host_root = Some(same_root_as_host(&fd) && same_ns_as_sensor(root.mnt_ns));
                     info.root = Some(fd);
+                    info.mnt_ns = Some(u64::from(root.mnt_ns));
                 }
                 None => tracing::debug!(pid = tgid, ?root, "no live root matches a gone process's"),
             }
@@ -317,6 +322,11 @@ impl ProcessTable {
         let proc_dir = format!("/proc/{tgid}");
         // Root and cwd first: they are what resolves the files it opens.
         let root = open_path(&format!("{proc_dir}/root"));
+        let mnt_ns = root.as_ref().and_then(|_| {
+            std::fs::metadata(format!("{proc_dir}/ns/mnt"))
+                .ok()
+                .map(|m| m.ino())
+        });
         let cwd = open_path(&format!("{proc_dir}/cwd"));
         let exe = if open_exe {
             File::open(format!("{proc_dir}/exe")).map_err(|e| match e.kind() {
@@ -367,6 +377,7 @@ impl ProcessTable {
             container,
             root,
             cwd,
+            mnt_ns,
         }
     }
 

@@ -225,9 +225,75 @@ pub fn looks_like_key_file(name: &str) -> bool {
         .any(|s| name.as_bytes().ends_with(s))
 }
 
+/// PEM blocks read from one file, at most. A key with its chain has a
+/// handful; a CA bundle about 150, whose certificates no process here signs
+/// with. A file any user can write is read, so the work per file is bounded:
+/// blocks past this are not decoded.
+pub const MAX_PEM_BLOCKS: usize = 64;
+
+/// The PEM blocks of a file, each distinct one once.
+struct PemBlocks {
+    /// Distinct blocks, in file order.
+    blocks: Vec<pem::Pem>,
+    /// Framed blocks that did not decode.
+    errors: Vec<String>,
+    /// Blocks whose DER repeated an earlier block's, skipped undecoded.
+    duplicates: usize,
+    /// More than `MAX_PEM_BLOCKS` blocks: the rest were not read.
+    unread: bool,
+}
+
+/// The `-----BEGIN ...-----` to `-----END ...-----` frames of `bytes`, in
+/// order, found without decoding anything.
+fn pem_frames(bytes: &[u8]) -> impl Iterator<Item = &[u8]> {
+    use memchr::memmem::find;
+    let mut rest = bytes;
+    std::iter::from_fn(move || {
+        let begin = find(rest, b"-----BEGIN ")?;
+        let block = &rest[begin..];
+        let end = find(&block[11..], b"-----END ")? + 11;
+        let close = find(&block[end + 9..], b"-----")? + end + 9 + 5;
+        rest = &block[close..];
+        Some(&block[..close])
+    })
+}
+
+/// The first `MAX_PEM_BLOCKS` PEM blocks of `bytes`, with duplicates (same
+/// DER, by SHA-256) dropped before their keys are decoded: a 1 MiB file of
+/// one key repeated costs one key parse, not thousands.
+fn pem_blocks(bytes: &[u8]) -> PemBlocks {
+    let mut out = PemBlocks {
+        blocks: Vec::new(),
+        errors: Vec::new(),
+        duplicates: 0,
+        unread: false,
+    };
+    let mut seen = hashbrown::HashSet::new();
+    for (i, frame) in pem_frames(bytes).enumerate() {
+        if i == MAX_PEM_BLOCKS {
+            out.unread = true;
+            break;
+        }
+        match pem::parse(frame) {
+            Ok(block) => {
+                if seen.insert(Sha256::digest(block.contents())) {
+                    out.blocks.push(block);
+                } else {
+                    out.duplicates += 1;
+                    // Its contents may be a private key: zeroed, not just freed.
+                    drop(Zeroizing::new(block.into_contents()));
+                }
+            }
+            Err(e) => out.errors.push(format!("PEM: {e}")),
+        }
+    }
+    out
+}
+
 /// Every public key found in `bytes` (a PEM bundle may hold a key and a
 /// chain of certificates), and whether it holds a private key. `path` is
-/// only used in error messages.
+/// only used in error messages. Reads at most `MAX_PEM_BLOCKS` PEM blocks,
+/// and decodes a key repeated in the file once.
 pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
     let unsupported = |detail: String| KeyFileError::Unsupported {
         path: path.to_owned(),
@@ -238,15 +304,22 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
     let mut encrypted = false;
     let mut private = false;
 
-    if bytes.windows(11).any(|w| w == b"-----BEGIN ") {
-        let blocks = pem::parse_many(bytes).map_err(|e| unsupported(format!("PEM: {e}")))?;
-        for block in blocks {
-            let der = Zeroizing::new(block.contents().to_vec());
+    if memchr::memmem::find(bytes, b"-----BEGIN ").is_some() {
+        let found = pem_blocks(bytes);
+        problems.extend(found.errors);
+        if found.unread {
+            problems.push(format!(
+                "only the first {MAX_PEM_BLOCKS} PEM blocks were read"
+            ));
+        }
+        for block in found.blocks {
+            let tag = block.tag().to_owned();
             let encrypted_header = block
                 .headers()
                 .get("Proc-Type")
                 .is_some_and(|v| v.contains("ENCRYPTED"));
-            let got = match block.tag() {
+            let der = Zeroizing::new(block.into_contents());
+            let got = match tag.as_str() {
                 "PRIVATE KEY" => spki_from_pkcs8(&der),
                 "RSA PRIVATE KEY" if encrypted_header => {
                     encrypted = true;
@@ -268,10 +341,10 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
             };
             match got {
                 Ok(spki) => {
-                    private |= block.tag().ends_with("PRIVATE KEY");
+                    private |= tag.ends_with("PRIVATE KEY");
                     spkis.push(spki);
                 }
-                Err(e) => problems.push(format!("{}: {e}", block.tag())),
+                Err(e) => problems.push(format!("{tag}: {e}")),
             }
         }
     } else {
@@ -362,9 +435,11 @@ pub fn read_key_file_detailed(path: &Path, shown_as: &str) -> Result<KeyFile, Ke
     key_file_in(shown_as, &bytes)
 }
 
-/// Reads and parses a key file from a descriptor `safe_open` opened: a
-/// regular file within `MAX_KEY_FILE`, on a filesystem the sensor reads.
-pub fn read_key_file_from(file: std::fs::File, shown_as: &str) -> Result<KeyFile, KeyFileError> {
+/// Reads and parses a key file from a descriptor `safe_open` opened, or
+/// one duplicated from the process that opened it: a regular file within
+/// `MAX_KEY_FILE`, on a filesystem the sensor reads, read with positioned
+/// reads into a buffer zeroed when dropped.
+pub fn read_key_file_from(file: &std::fs::File, shown_as: &str) -> Result<KeyFile, KeyFileError> {
     use super::safe_open::{Refused, read_checked};
     let mut bytes = Zeroizing::new(Vec::new());
     match read_checked(file, MAX_KEY_FILE, &mut bytes) {
@@ -391,7 +466,7 @@ pub fn read_key_file_in_root(
         path: shown_as.to_owned(),
         why,
     })?;
-    read_key_file_from(file, shown_as)
+    read_key_file_from(&file, shown_as)
 }
 
 #[cfg(test)]
@@ -531,6 +606,91 @@ pub(crate) mod tests {
             read_key_file(&pkcs1, "k").unwrap()[0].spki_sha256,
             rsa_expected
         );
+    }
+
+    /// Ed25519 keys made from a seed, without openssl: cheap in numbers.
+    fn ed25519(seed: u8) -> ed25519_dalek::SigningKey {
+        ed25519_dalek::SigningKey::from_bytes(&[seed; 32])
+    }
+
+    /// A file of one private key repeated to 1 MiB decodes one block: the
+    /// rest are dropped by the SHA-256 of their DER, and those past
+    /// `MAX_PEM_BLOCKS` are not even decoded.
+    #[test]
+    fn a_key_repeated_to_fill_the_file_is_decoded_once() {
+        use pkcs8::{EncodePrivateKey, LineEnding};
+        let key = ed25519(7);
+        let pem = key.to_pkcs8_pem(LineEnding::LF).unwrap();
+        let mut file = Vec::new();
+        while file.len() < MAX_KEY_FILE as usize - pem.len() {
+            file.extend_from_slice(pem.as_bytes());
+        }
+        let found = pem_blocks(&file);
+        assert_eq!(found.blocks.len(), 1, "one distinct block");
+        assert_eq!(found.duplicates, MAX_PEM_BLOCKS - 1);
+        assert!(found.unread, "blocks past the cap are not read");
+        assert!(found.errors.is_empty(), "{:?}", found.errors);
+        let f = key_file_in("repeated.pem", &file).unwrap();
+        assert_eq!(f.keys.len(), 1);
+        assert!(f.has_private_key);
+        let expected = hex::encode(Sha256::digest(
+            key.verifying_key().to_public_key_der().unwrap().as_bytes(),
+        ));
+        assert_eq!(f.keys[0].spki_sha256, expected);
+    }
+
+    /// 100 distinct public keys in one file: only the first
+    /// `MAX_PEM_BLOCKS` are read, in order.
+    #[test]
+    fn pem_blocks_per_file_are_capped() {
+        let der = |seed: u8| {
+            ed25519(seed)
+                .verifying_key()
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes()
+                .to_vec()
+        };
+        let blocks: Vec<pem::Pem> = (0..100u8)
+            .map(|i| pem::Pem::new("PUBLIC KEY", der(i)))
+            .collect();
+        let file = pem::encode_many(&blocks);
+        let found = pem_blocks(file.as_bytes());
+        assert_eq!(found.blocks.len(), MAX_PEM_BLOCKS);
+        assert_eq!(found.duplicates, 0);
+        assert!(found.unread);
+        let f = key_file_in("bundle.pem", file.as_bytes()).unwrap();
+        assert_eq!(f.keys.len(), MAX_PEM_BLOCKS);
+        assert!(!f.has_private_key);
+        for (i, k) in f.keys.iter().enumerate() {
+            assert_eq!(
+                k.spki_sha256,
+                hex::encode(Sha256::digest(der(i as u8))),
+                "key {i} in file order"
+            );
+        }
+        // Under the cap, nothing is left out.
+        let few = pem::encode_many(&blocks[..3]);
+        let found = pem_blocks(few.as_bytes());
+        assert_eq!((found.blocks.len(), found.unread), (3, false));
+    }
+
+    /// A malformed block does not hide the good ones around it.
+    #[test]
+    fn a_malformed_block_is_skipped_not_fatal() {
+        let good = pem::encode(&pem::Pem::new(
+            "PUBLIC KEY",
+            ed25519(1)
+                .verifying_key()
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes()
+                .to_vec(),
+        ));
+        let file = format!("-----BEGIN PUBLIC KEY-----\n!!!\n-----END PUBLIC KEY-----\n{good}");
+        let found = pem_blocks(file.as_bytes());
+        assert_eq!((found.blocks.len(), found.errors.len()), (1, 1));
+        assert_eq!(key_file_in("x.pem", file.as_bytes()).unwrap().keys.len(), 1);
     }
 
     #[test]

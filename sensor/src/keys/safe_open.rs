@@ -13,12 +13,18 @@
 //! * refuses pseudo-filesystems whose files can block, have no real size
 //!   or are served by a user process (procfs, sysfs, tracefs, debugfs,
 //!   securityfs, bpffs, cgroupfs, FUSE), by `fstatfs` on the descriptor;
-//! * then reads only from that descriptor.
+//! * then reads only from that descriptor, with positioned reads.
+//!
+//! The same checks and reads serve a descriptor duplicated from the process
+//! itself (`pidfd_getfd`, `keys/reader.rs`): positioned reads leave the
+//! file offset it shares with the process where the process left it.
 
 use std::{
     fs::File,
-    io::Read,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd},
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd},
+        unix::fs::FileExt,
+    },
 };
 
 /// Why a file was not read.
@@ -105,14 +111,29 @@ pub fn check(file: &File, max: u64) -> Result<u64, Refused> {
     Ok(md.len())
 }
 
-/// Reads a checked file, at most `max` bytes (it may have grown since).
-pub fn read_checked(mut file: File, max: u64, into: &mut Vec<u8>) -> Result<(), Refused> {
-    let len = check(&file, max)?;
-    into.reserve(len as usize);
-    (&mut file)
-        .take(max)
-        .read_to_end(into)
-        .map_err(Refused::Read)?;
+/// Reads a checked file from its start, at most `max` bytes and no more
+/// than `fstat` gave (a file that grows meanwhile is not read further).
+/// Positioned reads: the descriptor's offset never moves, so one shared
+/// with another process reads the same for it afterwards.
+pub fn read_checked(file: &File, max: u64, into: &mut Vec<u8>) -> Result<(), Refused> {
+    let len = check(file, max)? as usize;
+    let start = into.len();
+    // Sized once: a buffer that grew by reallocation would leave copies
+    // of what it held (a private key) behind, unzeroed.
+    into.resize(start + len, 0);
+    let mut got = 0;
+    while got < len {
+        match file.read_at(&mut into[start + got..], got as u64) {
+            Ok(0) => break, // cut short meanwhile
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                into.truncate(start + got);
+                return Err(Refused::Read(e));
+            }
+        }
+    }
+    into.truncate(start + got);
     Ok(())
 }
 
@@ -138,7 +159,7 @@ mod tests {
         let root = dir_fd(&jail);
         let mut buf = Vec::new();
         let f = open_beneath(root.as_fd(), "/../../host.key").unwrap();
-        read_checked(f, 1024, &mut buf).unwrap();
+        read_checked(&f, 1024, &mut buf).unwrap();
         assert_eq!(buf, b"jail key", "`..` is clamped at the root");
         // The absolute symlink resolves inside the jail, where its target
         // does not exist.
@@ -167,6 +188,25 @@ mod tests {
             open_beneath(root.as_fd(), "/proc/self/fd/0"),
             Err(Refused::Open(_))
         ));
+    }
+
+    /// A descriptor shared with its opener (as `pidfd_getfd` gives) is read
+    /// whole from the start, and its offset stays where the opener left it.
+    #[test]
+    fn reads_leave_a_shared_offset_alone() {
+        use std::io::{Read, Seek, SeekFrom};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("k.pem");
+        std::fs::write(&p, b"0123456789").unwrap();
+        let mut theirs = File::open(&p).unwrap();
+        theirs.seek(SeekFrom::Start(4)).unwrap();
+        let ours = theirs.try_clone().unwrap(); // the same open file description
+        let mut buf = Vec::new();
+        read_checked(&ours, 1024, &mut buf).unwrap();
+        assert_eq!(buf, b"0123456789");
+        let mut rest = String::new();
+        theirs.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "456789", "the opener reads on from where it was");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! The parts, each owning its own state:
 //! * `attribution`: who did it (process, container, cgroup) and when;
 //! * `key_uses`: signatures and the free probes of signing processes;
-//! * `secret_opens`: key files and watched secret files;
+//! * `secret_opens`: key files (read off this thread, by the key reader)
+//!   and watched secret files, each judged once its open's result is in;
 //! * `enforce::decisions`: protected key files, condemnations, kills;
 //! * `emitter`: numbering, the analysis pipeline, findings, the sink;
 //! * `shedding`: what the bounds shed under load, counted and reported.
@@ -119,6 +120,8 @@ struct Sensor {
     /// Verdicts the guard enforced but could not report.
     guard_shed: Arc<AtomicU64>,
     shed_report: ShedReport,
+    /// Records waiting for their process's key-file read (`route.rs`).
+    deferred: route::Deferred,
     /// Stamped as this thread makes progress: it releases the openers of
     /// protected key files, so the control thread renews the hold lease
     /// only while it moves (`liveness.rs`).
@@ -206,7 +209,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         guarded: guard_rx,
         attr: Attributor::new(procs.clone()),
         keys: KeyUses::new(probes.clone()),
-        secrets: SecretOpens::new(watch, Duration::from_millis(cfg.secret_files.coalesce_ms)),
+        secrets: SecretOpens::new(watch, Duration::from_millis(cfg.secret_files.coalesce_ms))?,
         decisions: Decisions::new(enforcer, probes.clone()),
         out: Emitter::new(
             sink,
@@ -223,6 +226,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         ring_unread: 0,
         guard_shed: Arc::new(AtomicU64::new(0)),
         shed_report: ShedReport::default(),
+        deferred: route::Deferred::default(),
         liveness: liveness.clone(),
     };
     let sock = kernel_layout::sock()
@@ -347,6 +351,9 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         error!("guard thread panicked");
     }
     s.drain_at_exit();
+    // Key files still being read get until their deadline; the openers
+    // they hold are released when judged.
+    s.finish_opens();
     // Everyone held was released above; the watchdog sweeps what is left
     // (a hold whose record was still being written), then exits.
     watchdog.finish();
@@ -492,6 +499,7 @@ impl Sensor {
     fn say_stopped(&self, shed: &Shed, unwritten: usize) {
         let lost = self.probes().lost().unwrap_or_default();
         let c = &self.out.counts;
+        let reads = self.secrets.key_read_stats();
         info!(
             events = self.out.sink.written(),
             key_uses = c.key_uses,
@@ -511,6 +519,8 @@ impl Sensor {
             shed_analyzer_queue = shed.analyzer,
             shed_guard_queue = shed.guard,
             shed_sink_backlog = shed.sink,
+            key_reads_shed = reads.shed,
+            key_reads_abandoned = reads.abandoned,
             verifications = self.keys.ident.verifications,
             free_watched_processes = self.keys.free_watches.watched(),
             free_probes_host_wide = self.keys.free_watches.host_wide_libraries(),

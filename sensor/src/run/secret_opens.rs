@@ -2,20 +2,33 @@
 //! teaches the sensor which public keys a process loaded; a watched secret
 //! file becomes a (coalesced) File System Activity event. Library opens go
 //! to the control thread instead (`control.rs`).
+//!
+//! An open comes in two records: the probe reports it at entry, so that
+//! the opener of a protected key can be held before the open returns, and
+//! what it came to at exit (`OpenResultRecord`). The entry waits here for
+//! its result, and only then is the open judged:
+//! * a key file is read only when the process's own open of it succeeded
+//!   and asked to read (not `O_PATH`, not write-only). The sensor reads as
+//!   root: a file the process could not open (a symlink to another user's
+//!   key, say) is none of its business, and no key is claimed for it;
+//! * the read happens on the key reader (`keys/reader.rs`), off this
+//!   thread, with a deadline (`reader::DEADLINE`); meanwhile the process's
+//!   later records wait in order (`route.rs`), so the signatures it makes
+//!   with the key are checked against it;
+//! * a held opener goes on once its open is judged.
 
 use std::{
-    os::{
-        fd::{AsFd, OwnedFd},
-        unix::fs::MetadataExt,
-    },
+    os::fd::AsFd,
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use hashbrown::HashMap;
-use keywarden_analyzer::event::{self, Event, IdentifiedBy, SecretFile, SecretFileOpen, Verdict};
-use keywarden_probe_types::{FileOpenRecord, Task, open_flags};
-use tracing::debug;
+use keywarden_analyzer::event::{
+    self, Event, IdentifiedBy, KeyIdentity, OpenResult, SecretFile, SecretFileOpen, Verdict,
+};
+use keywarden_probe_types::{ExeId, FileOpenRecord, OpenResultRecord, Task, open_flags};
+use tracing::{debug, warn};
 
 use super::{attribution::Attributor, emitter::Emitter};
 use crate::{
@@ -24,15 +37,19 @@ use crate::{
     keys::{
         identify::{Identifier, identity_of},
         material::{self, KeyFile, KeyInfo},
-        safe_open,
+        reader::{self, Done, Job, KeyReadStats, KeyReader},
     },
     records::c_str,
-    secrets::watch::{Closed, Coalescer, WatchList},
+    secrets::watch::{Closed, Coalescer, Match, WatchList},
 };
 
-/// Parsed key files, by file identity, so a file opened on every request is
-/// parsed once. Failures are cached too (most `.pem` files are not keys).
-type KeyFileCache = HashMap<(u64, u64, i64, u64), Arc<Result<KeyFile, String>>>;
+/// How long an entry waits for its result before it is judged without
+/// one: the result record was lost (a full ring), or the open blocks (a
+/// FIFO). Reads of the file need the result, so none is made.
+const RESULT_WAIT: Duration = Duration::from_secs(1);
+
+/// `key.unknown_reason` of a secret-file open whose key file was shed.
+const SHED: &str = "the key file was not read: too many key files were waiting to be read";
 
 /// The parts an open touches besides the secret-open state itself.
 pub struct OpenParts<'a> {
@@ -42,10 +59,78 @@ pub struct OpenParts<'a> {
     pub out: &'a mut Emitter,
 }
 
+/// What an open came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Opened {
+    /// The descriptor it returned.
+    Fd(i32),
+    /// The errno it failed with.
+    Failed(i32),
+    /// Not seen: the result record was lost, or the open was interrupted
+    /// by a signal and is restarted (reported again then).
+    Unknown,
+}
+
+impl Opened {
+    fn of(ret: i64) -> Self {
+        match ret {
+            fd if fd >= 0 => Opened::Fd(fd as i32),
+            // ERESTARTSYS ..= ERESTART_RESTARTBLOCK: the kernel restarts
+            // the call, whose entry and result come again.
+            -516..=-512 => Opened::Unknown,
+            _ => Opened::Failed((-ret) as i32),
+        }
+    }
+
+    fn result(self) -> OpenResult {
+        match self {
+            Opened::Fd(_) => OpenResult::Succeeded,
+            Opened::Failed(errno) => {
+                let e = nix::errno::Errno::from_raw(errno);
+                OpenResult::Failed(format!("{e:?} ({})", e.desc()))
+            }
+            Opened::Unknown => OpenResult::Unknown,
+        }
+    }
+}
+
+/// A key file's contents, as far as the sensor learnt them.
+enum KeyRead {
+    /// Not read: not a file whose keys matter, or the process's open did
+    /// not succeed (or did not ask to read).
+    NotRead,
+    Read(Arc<Result<KeyFile, String>>),
+    /// The sensor meant to read it and could not in time: why.
+    Missed(String),
+}
+
+/// An open with its result, attributed.
+struct Judged {
+    f: Box<FileOpenRecord>,
+    opened: Opened,
+    info: Arc<ProcessInfo>,
+    /// The path made absolute (as the process saw it).
+    absolute: String,
+    host_path: Option<String>,
+    /// A block rule guards it: the guard reports it.
+    guarded: bool,
+    watched: Option<Match>,
+}
+
+/// A key file on the reader, and when this thread stops waiting for it.
+struct Reading {
+    open: Judged,
+    deadline: Instant,
+}
+
 pub struct SecretOpens {
     pub watch: WatchList,
     coalescer: Coalescer<SecretFileOpen>,
-    key_files: KeyFileCache,
+    /// Entry records waiting for their result, by thread id, with when.
+    awaiting: HashMap<u32, (Box<FileOpenRecord>, Instant)>,
+    /// Key files being read, by reader job.
+    reading: HashMap<u64, Reading>,
+    reader: KeyReader,
 }
 
 /// The first open of a secret file by a process in its coalescing window:
@@ -53,29 +138,184 @@ pub struct SecretOpens {
 struct FirstOpen<'a> {
     path: &'a str,
     key_file: Option<&'a KeyFile>,
+    /// Why the key is unknown, when the sensor meant to read it and could
+    /// not in time.
+    key_unknown: Option<String>,
     host_path: Option<String>,
     /// The watch-list glob (or `rule:ID`) that made it reportable.
     matched: String,
     /// A blocking rule's decision, and the rule.
     verdict: Option<(Verdict, String)>,
+    result: OpenResult,
+}
+
+/// Lets a process held at its open go on: its open is judged.
+fn release_if_held(f: &FileOpenRecord, decisions: &mut Decisions) {
+    if f.flags & open_flags::HELD != 0 {
+        decisions.release(f.task.tgid());
+    }
 }
 
 impl SecretOpens {
-    pub fn new(watch: WatchList, coalesce: Duration) -> Self {
-        Self {
+    /// Starts the key reader's worker.
+    pub fn new(watch: WatchList, coalesce: Duration) -> std::io::Result<Self> {
+        Ok(Self {
             watch,
             coalescer: Coalescer::new(coalesce),
-            key_files: HashMap::new(),
+            awaiting: HashMap::new(),
+            reading: HashMap::new(),
+            reader: KeyReader::start()?,
+        })
+    }
+
+    /// Key files not read for want of time or room, since the start.
+    pub fn key_read_stats(&self) -> KeyReadStats {
+        self.reader.stats
+    }
+
+    /// Whether any key file is being read.
+    pub fn reading_any(&self) -> bool {
+        !self.reading.is_empty()
+    }
+
+    fn reading_for(&self, tgid: u32) -> bool {
+        self.reading.values().any(|r| r.open.f.task.tgid() == tgid)
+    }
+
+    /// An open's entry record: it waits for its result.
+    pub fn on_open(&mut self, f: Box<FileOpenRecord>, p: &mut OpenParts<'_>) {
+        let tid = f.task.tid();
+        if let Some((lost, _)) = self.awaiting.insert(tid, (f, Instant::now())) {
+            // The thread opened again: the earlier result was lost.
+            self.judge(lost, Opened::Unknown, None, p);
         }
     }
 
-    /// A possible key file or a watched secret file was opened.
-    pub fn on_open(&mut self, f: &FileOpenRecord, p: OpenParts<'_>) {
+    /// An open's result: its open is judged. `Some(tgid)` when a key file
+    /// of that process is now being read; its later records must wait.
+    pub fn on_result(&mut self, r: &OpenResultRecord, p: &mut OpenParts<'_>) -> Option<u32> {
+        let tid = r.pid_tgid as u32;
+        let Some((f, _)) = self.awaiting.remove(&tid) else {
+            debug!(
+                tid,
+                "an open's result without its open (the entry record was lost)"
+            );
+            return None;
+        };
+        let file = (r.file.valid != 0).then_some(r.file);
+        self.judge(f, Opened::of(r.ret), file, p)
+    }
+
+    /// The process exec'd or exited: opens whose result never came are
+    /// judged now, while it is still attributed as it was.
+    pub fn settle(&mut self, tgid: u32, p: &mut OpenParts<'_>) {
+        let tids: Vec<u32> = self
+            .awaiting
+            .iter()
+            .filter(|(_, (f, _))| f.task.tgid() == tgid)
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in tids {
+            if let Some((f, _)) = self.awaiting.remove(&tid) {
+                self.judge(f, Opened::Unknown, None, p);
+            }
+        }
+    }
+
+    /// Answered reads, reads past their deadline: judged now. Returns the
+    /// processes whose records may go on.
+    pub fn poll(&mut self, p: &mut OpenParts<'_>, now: Instant) -> Vec<u32> {
+        let mut free = Vec::new();
+        while let Some(done) = self.reader.try_done() {
+            free.extend(self.answered(done, p));
+        }
+        let late: Vec<u64> = self
+            .reading
+            .iter()
+            .filter(|(_, r)| r.deadline <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in late {
+            let why = format!(
+                "the key file was not read: the read did not finish within {} ms",
+                reader::DEADLINE.as_millis()
+            );
+            free.extend(self.abandon(id, why, p));
+        }
+        free
+    }
+
+    /// Entries that waited too long for their result: judged without one.
+    /// Not those of a process whose records wait for a read (its results
+    /// wait with them).
+    pub fn expire_awaiting(&mut self, p: &mut OpenParts<'_>, now: Instant) {
+        let old: Vec<u32> = self
+            .awaiting
+            .iter()
+            .filter(|(_, (f, since))| {
+                now.duration_since(*since) >= RESULT_WAIT && !self.reading_for(f.task.tgid())
+            })
+            .map(|(tid, _)| *tid)
+            .collect();
+        for tid in old {
+            if let Some((f, _)) = self.awaiting.remove(&tid) {
+                self.judge(f, Opened::Unknown, None, p);
+            }
+        }
+    }
+
+    /// Too many records of `tgid` wait for its key file: the read is given
+    /// up, and they go on. `Some(tgid)` when there was such a read.
+    pub fn give_up(&mut self, tgid: u32, p: &mut OpenParts<'_>) -> Option<u32> {
+        let id = self
+            .reading
+            .iter()
+            .find(|(_, r)| r.open.f.task.tgid() == tgid)
+            .map(|(id, _)| *id)?;
+        let why = "the key file was not read: too many of the process's records waited for it";
+        self.abandon(id, why.to_owned(), p)
+    }
+
+    /// At shutdown: every read gets until its deadline. Returns the
+    /// processes whose records may go on.
+    pub fn flush_reads(&mut self, p: &mut OpenParts<'_>) -> Vec<u32> {
+        let mut free = Vec::new();
+        while let Some(deadline) = self.reading.values().map(|r| r.deadline).min() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match self.reader.wait_done(wait) {
+                Some(done) => free.extend(self.answered(done, p)),
+                None => free.extend(self.poll(p, Instant::now())),
+            }
+        }
+        free
+    }
+
+    /// At shutdown, last: entries whose result never came are judged
+    /// without one.
+    pub fn flush_awaiting(&mut self, p: &mut OpenParts<'_>) {
+        let tids: Vec<u32> = self.awaiting.keys().copied().collect();
+        for tid in tids {
+            if let Some((f, _)) = self.awaiting.remove(&tid) {
+                self.judge(f, Opened::Unknown, None, p);
+            }
+        }
+    }
+
+    /// An open and its result: reported, and its key file read when it
+    /// may be. `Some(tgid)` when the read is under way.
+    fn judge(
+        &mut self,
+        f: Box<FileOpenRecord>,
+        opened: Opened,
+        file: Option<ExeId>,
+        p: &mut OpenParts<'_>,
+    ) -> Option<u32> {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
         if f.flags & open_flags::TRUNCATED != 0 {
             debug!(pid = tgid, "path longer than the probe copies; not matched");
-            return;
+            release_if_held(&f, p.decisions);
+            return None;
         }
         let info = p.attr.process_at(tgid, f.task.ktime_ns);
         // A path relative to a directory descriptor cannot be made absolute
@@ -92,47 +332,152 @@ impl SecretOpens {
             .decisions
             .enforcer
             .is_guarded(host_path.as_deref().unwrap_or(&absolute));
-        if !guarded
-            && f.flags & open_flags::KEY_FILE == 0
-            && self.coalescer.join(tgid, &absolute, time_ms)
-        {
-            return; // a repeat within the window: counted, nothing else to do
+        let is_key_file = f.flags & open_flags::KEY_FILE != 0;
+        if !guarded && !is_key_file && self.coalescer.join(tgid, &absolute, time_ms) {
+            // A repeat within the window: counted, nothing else to do.
+            release_if_held(&f, p.decisions);
+            return None;
         }
         let watched = if f.flags & open_flags::WATCHED != 0 {
             self.watch.matches(&absolute)
         } else {
             None
         };
-        let is_key_file = f.flags & open_flags::KEY_FILE != 0;
-        let protected_name = f.flags & open_flags::PROTECTED != 0;
         // Only files that may hold keys are read; a .env or a token never is.
-        let key_file = if is_key_file
-            || protected_name
-            || watched.as_ref().is_some_and(|m| m.only_private_keys)
-        {
-            self.key_file(&info, &path, f)
+        let wants_keys = is_key_file
+            || f.flags & open_flags::PROTECTED != 0
+            || watched.as_ref().is_some_and(|m| m.only_private_keys);
+        let open = Judged {
+            f,
+            opened,
+            info,
+            absolute,
+            host_path,
+            guarded,
+            watched,
+        };
+        // A file the process opened without asking to read it (`O_PATH`
+        // needs no permission on it at all) is read only to judge a
+        // protected key: such a descriptor can be reopened for reading
+        // through /proc/self/fd. Its keys are not claimed for it.
+        let may_read = open.f.reads() || open.f.flags & open_flags::PROTECTED != 0;
+        let key = match opened {
+            Opened::Fd(fd) if wants_keys && may_read => {
+                match self.reader.submit(Self::job(&open, &path, fd, file)) {
+                    Some(id) => {
+                        let deadline = Instant::now() + reader::DEADLINE;
+                        self.reading.insert(id, Reading { open, deadline });
+                        return Some(tgid);
+                    }
+                    None => KeyRead::Missed(SHED.to_owned()),
+                }
+            }
+            _ => KeyRead::NotRead,
+        };
+        self.finish(open, key, p);
+        None
+    }
+
+    /// The reader's job for a successful open: the process's descriptor,
+    /// and where its path resolves should that be gone.
+    fn job(open: &Judged, path: &str, fd: i32, file: Option<ExeId>) -> Job {
+        let f = &open.f;
+        // The root and working directory the control thread kept at exec;
+        // the reader prefers the process's own now, and checks either
+        // against the root the open resolved from.
+        let kept = if path.starts_with('/') {
+            open.info.root.as_ref()
+        } else if f.resolvable(path) {
+            open.info.cwd.as_ref()
         } else {
             None
         };
-        if let Some(Ok(k)) = key_file.as_deref() {
-            if is_key_file {
-                p.ident.add_process_keys(tgid, k.keys.clone(), &absolute);
-            }
-            if p.decisions.enforcer.protects_any() && k.has_private_key {
-                p.decisions.protect_file(&absolute, k);
-                p.decisions
-                    .judge_key_load(&f.task, &info, k, &absolute, p.attr, &p.out.origin);
-            }
+        Job {
+            tgid: f.task.tgid(),
+            fd,
+            opened: file,
+            path: path.to_owned(),
+            shown_as: open.absolute.clone(),
+            kept_base: kept.and_then(|h| h.try_clone().ok()),
+            kept_mnt_ns: open.info.mnt_ns,
+            root: (f.root.valid != 0).then_some(f.root),
+            resolvable: f.resolvable(path),
         }
+    }
+
+    /// A read answered: its open is finished. The process whose records
+    /// may go on, unless the read was abandoned already.
+    fn answered(&mut self, done: Done, p: &mut OpenParts<'_>) -> Option<u32> {
+        let r = self.reading.remove(&done.id)?;
+        let tgid = r.open.f.task.tgid();
+        debug!(
+            pid = tgid,
+            path = %r.open.absolute,
+            via = ?done.via,
+            "key file read"
+        );
+        self.finish(r.open, KeyRead::Read(done.result), p);
+        Some(tgid)
+    }
+
+    /// A read given up: its open is finished without it.
+    fn abandon(&mut self, id: u64, why: String, p: &mut OpenParts<'_>) -> Option<u32> {
+        let r = self.reading.remove(&id)?;
+        self.reader.stats.abandoned += 1;
+        let tgid = r.open.f.task.tgid();
+        warn!(pid = tgid, path = %r.open.absolute, "{why}");
+        self.finish(r.open, KeyRead::Missed(why), p);
+        Some(tgid)
+    }
+
+    /// The rest of an open once its key file is known (or not): the keys
+    /// the process loaded, protection and condemnation, the release of a
+    /// held opener, and the secret-file event.
+    fn finish(&mut self, open: Judged, key: KeyRead, p: &mut OpenParts<'_>) {
+        let Judged {
+            f,
+            opened,
+            info,
+            absolute,
+            host_path,
+            guarded,
+            watched,
+        } = open;
+        let tgid = f.task.tgid();
+        let read = match &key {
+            KeyRead::Read(r) => (**r).as_ref().ok(),
+            KeyRead::NotRead | KeyRead::Missed(_) => None,
+        };
+        // What the process itself could read: the keys it loaded, and what
+        // its event says the file holds.
+        let key_file = read.filter(|_| f.reads());
+        if let Some(k) = key_file
+            && f.flags & open_flags::KEY_FILE != 0
+        {
+            p.ident.add_process_keys(tgid, k.keys.clone(), &absolute);
+        }
+        if let Some(k) = read
+            && p.decisions.enforcer.protects_any()
+            && k.has_private_key
+        {
+            p.decisions.protect_file(&absolute, k);
+            p.decisions
+                .judge_key_load(&f.task, &info, k, &absolute, p.attr, &p.out.origin);
+        }
+        // Judged (condemned or not): a held opener goes on.
+        release_if_held(&f, p.decisions);
         let Some(m) = watched else { return };
         if guarded {
             return;
         }
-        let holds_private_key = matches!(key_file.as_deref(), Some(Ok(k)) if k.has_private_key);
+        let holds_private_key = key_file.is_some_and(|k| k.has_private_key);
         if m.only_private_keys && !holds_private_key {
             return;
         }
-        if self.coalescer.join(tgid, &absolute, time_ms) {
+        if self
+            .coalescer
+            .join(tgid, &absolute, p.attr.wall_ms(f.task.ktime_ns))
+        {
             return;
         }
         // A process with too many files in open windows (a flood of
@@ -141,19 +486,21 @@ impl SecretOpens {
         if !self.coalescer.admit(tgid) {
             return;
         }
-        let keys = match key_file.as_deref() {
-            Some(Ok(k)) => Some(k),
-            _ => None,
+        let key_unknown = match &key {
+            KeyRead::Missed(why) => Some(why.clone()),
+            KeyRead::NotRead | KeyRead::Read(_) => None,
         };
         self.start(
             &f.task,
             &info,
             FirstOpen {
                 path: &absolute,
-                key_file: keys,
+                key_file,
+                key_unknown,
                 host_path,
                 matched: m.glob.clone(),
                 verdict: None,
+                result: opened.result(),
             },
             p.attr,
             p.out,
@@ -216,9 +563,12 @@ impl SecretOpens {
             FirstOpen {
                 path: &g.host_path,
                 key_file: key_file.as_ref(),
+                key_unknown: None,
                 host_path: Some(g.host_path.clone()),
                 matched,
                 verdict,
+                // The guard's verdict is what is known of the result.
+                result: OpenResult::Unknown,
             },
             attr,
             out,
@@ -249,8 +599,11 @@ impl SecretOpens {
                 container: who.container,
                 cgroup: who.cgroup,
                 file: event::File::regular(o.path),
-                key: (keys.len() == 1)
-                    .then(|| identity_of(&keys[0], o.path, IdentifiedBy::KeyFile)),
+                key: if keys.len() == 1 {
+                    Some(identity_of(&keys[0], o.path, IdentifiedBy::KeyFile))
+                } else {
+                    o.key_unknown.map(KeyIdentity::unknown)
+                },
                 secret: SecretFile {
                     host_path: o.host_path,
                     matched: o.matched,
@@ -262,6 +615,7 @@ impl SecretOpens {
                     verdict: o.verdict.as_ref().map(|(v, _)| *v),
                     rule: o.verdict.map(|(_, rule)| rule),
                 },
+                result: o.result,
             },
         );
         // `watch::CAPACITY` windows were open: the oldest closed
@@ -292,66 +646,31 @@ impl SecretOpens {
     pub fn shed(&self) -> u64 {
         self.coalescer.shed
     }
+}
 
-    /// Parses a key or certificate file the process opened, once per file
-    /// version. The path is resolved inside the process's own root (or
-    /// working directory, for a relative path) and opened without blocking
-    /// or following magic links (`safe_open`); `None` when it cannot be
-    /// resolved. A relative path is kept beneath the working directory: a
-    /// `../x.pem` is not climbed (never out of the process's view).
-    fn key_file(
-        &mut self,
-        info: &ProcessInfo,
-        path: &str,
-        f: &FileOpenRecord,
-    ) -> Option<Arc<Result<KeyFile, String>>> {
-        // The process's root and working directory now, not at its exec:
-        // a process may chroot or chdir after it starts. (Gone already:
-        // those the control thread took at exec.)
-        let tgid = f.task.tgid();
-        let (now, kept) = if path.starts_with('/') {
-            (format!("/proc/{tgid}/root"), info.root.as_ref())
-        } else if f.resolvable(path) {
-            (format!("/proc/{tgid}/cwd"), info.cwd.as_ref())
-        } else {
-            debug!(path = %path, "cannot resolve opened file");
-            return None;
-        };
-        let now = std::fs::File::open(now).ok().map(OwnedFd::from);
-        let Some(base) = now.as_ref().or(kept) else {
-            debug!(path = %path, "cannot resolve opened file");
-            return None;
-        };
-        let file = match safe_open::open_beneath(base.as_fd(), path) {
-            Ok(file) => file,
-            // A missing file is the common case (and a flood's: distinct
-            // names that do not exist), not worth a log line each.
-            Err(safe_open::Refused::Open(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return None;
-            }
-            Err(e) => {
-                debug!(path = %path, error = %e, "opened file not read");
-                return None;
-            }
-        };
-        let md = file.metadata().ok()?;
-        let id = (
-            md.dev(),
-            md.ino(),
-            md.mtime() * 1_000_000_000 + md.mtime_nsec(),
-            md.size(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exit's return value as the event reports it: a descriptor is a
+    /// success, an error its errno by name, and an interrupted open (the
+    /// kernel restarts it, and reports it again) is not a result.
+    #[test]
+    fn open_results_read_as_the_event_reports_them() {
+        assert_eq!(Opened::of(3), Opened::Fd(3));
+        assert_eq!(Opened::of(0), Opened::Fd(0));
+        assert_eq!(Opened::of(-13), Opened::Failed(13));
+        assert_eq!(
+            Opened::of(-13).result(),
+            OpenResult::Failed("EACCES (Permission denied)".into())
         );
-        if let Some(r) = self.key_files.get(&id) {
-            return Some(r.clone());
-        }
-        let r = Arc::new(material::read_key_file_from(file, path).map_err(|e| e.to_string()));
-        if let Err(e) = &*r {
-            debug!("{e}");
-        }
-        if self.key_files.len() > 10_000 {
-            self.key_files.clear();
-        }
-        self.key_files.insert(id, r.clone());
-        Some(r)
+        assert_eq!(
+            Opened::of(-2).result(),
+            OpenResult::Failed("ENOENT (No such file or directory)".into())
+        );
+        assert_eq!(Opened::of(-512), Opened::Unknown);
+        assert_eq!(Opened::of(-516), Opened::Unknown);
+        assert_eq!(Opened::of(5).result(), OpenResult::Succeeded);
+        assert_eq!(Opened::Unknown.result(), OpenResult::Unknown);
     }
 }

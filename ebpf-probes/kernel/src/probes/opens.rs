@@ -1,7 +1,8 @@
 //! Opens: `openat_enter` classifies every openat path (a shared object
 //! being loaded, a possible key file, a path on the secret-file watch
 //! list) and returns at once for anything else; `openat_exit` reports a
-//! library once its open has succeeded, holding the opener if needed.
+//! library once its open has succeeded, holding the opener if needed, and
+//! what a key or watched file's open, reported at entry, came to.
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
@@ -15,12 +16,12 @@ use keywarden_probe_types::*;
 
 use crate::{
     maps::{
-        CONTROL, EVENTS, HELD, LIBRARY_SEEN, PATH_SCRATCH, PENDING_LIBRARY, PROTECTED_NAMES,
-        PendingLibrary, WATCH,
+        CONTROL, EVENTS, HELD, LIBRARY_SEEN, PATH_SCRATCH, PENDING_OPEN, PROTECTED_NAMES,
+        PendingOpen, WATCH, pending,
     },
     util::{
-        SIGSTOP, config, count, current_task, file_id, kernel_ptr, kernel_read, sensor_alive,
-        task_layout,
+        SIGSTOP, config, count, current_root, current_task, file_id, kernel_ptr, kernel_read,
+        sensor_alive, task_layout,
     },
 };
 
@@ -28,7 +29,9 @@ use crate::{
 /// may carry its own crypto: Python's `cryptography` links OpenSSL into
 /// `_rust.abi3.so`), or a file that may hold a key. Everything else
 /// returns at once. A library open is only noted here and handled when
-/// it has succeeded (`openat_exit`).
+/// it has succeeded (`openat_exit`). A key or watched file is reported
+/// here, at entry, so that the opener of a protected key can be held
+/// before the open returns; its result follows from `openat_exit`.
 #[tracepoint(category = "syscalls", name = "sys_enter_openat")]
 pub fn openat_enter(ctx: TracePointContext) -> u32 {
     // SAFETY: read_at goes through bpf_probe_read, which checks the address;
@@ -52,16 +55,16 @@ pub fn openat_enter(ctx: TracePointContext) -> u32 {
         // it, and the file may still be partial. A load that fails (the
         // loader tries every directory of its search path) loads
         // nothing. Either, marked seen, would hide a later real load.
-        // SAFETY: offset 32 is `flags` in the same record, read the same
-        // checked way.
-        let open_flags = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
-        if open_flags & O_ACCMODE == O_RDONLY {
-            let pending = PendingLibrary {
+        let sys_flags = open_sys_flags(&ctx);
+        if sys_flags & O_ACCMODE == O_RDONLY {
+            let pending = PendingOpen {
                 filename,
-                open_flags,
+                open_flags: sys_flags,
                 dfd: open_dfd(&ctx),
+                what: pending::LIBRARY,
+                flags: 0,
             };
-            let _ = PENDING_LIBRARY.insert(&pid_tgid, &pending, 0);
+            let _ = PENDING_OPEN.insert(&pid_tgid, &pending, 0);
         }
         return 0;
     }
@@ -80,7 +83,9 @@ pub fn openat_enter(ctx: TracePointContext) -> u32 {
     if unsafe { PROTECTED_NAMES.get(&name) }.is_some() {
         flags |= open_flags::PROTECTED;
     }
+    let sys_flags = open_sys_flags(&ctx);
     let task = current_task();
+    let root = current_root().unwrap_or_default();
     // Reserve first: a process is only ever held when the record that
     // makes the sensor release it is sure to be delivered.
     let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
@@ -90,30 +95,55 @@ pub fn openat_enter(ctx: TracePointContext) -> u32 {
     if flags & open_flags::PROTECTED != 0 && sensor_alive(&task) {
         hold(&task, &mut flags);
     }
-    fill_open(&mut rec, flags, len, task, open_dfd(&ctx), -1, buf);
+    let dfd = open_dfd(&ctx);
+    let args = OpenArgs {
+        dfd,
+        fd: -1,
+        oflags: sys_flags as u32,
+        root,
+    };
+    fill_open(&mut rec, flags, len, task, args, buf);
     rec.submit(if flags & open_flags::HELD != 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     } as u64);
+    // Its result, from the exit: the sensor reads the file only if the
+    // process's own open succeeded.
+    let pending = PendingOpen {
+        filename,
+        open_flags: sys_flags,
+        dfd,
+        what: pending::REPORTED,
+        flags,
+    };
+    let _ = PENDING_OPEN.insert(&pid_tgid, &pending, 0);
     0
 }
 
-/// A library opened read-only for the first time in this cgroup: tell
-/// the control thread, holding the opener (see `should_hold`) until it
-/// has attached.
+/// The exit of an open noted at entry: a library opened read-only for
+/// the first time in this cgroup goes to the control thread, holding the
+/// opener (see `should_hold`) until it has attached; a reported open gets
+/// its result.
 #[tracepoint(category = "syscalls", name = "sys_exit_openat")]
 pub fn openat_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the entry is copied out at once; only this thread writes its key,
     // and one evicted meanwhile is still map memory: stale at worst.
-    let Some(pending) = (unsafe { PENDING_LIBRARY.get(&pid_tgid) }).copied() else {
+    let Some(pending) = (unsafe { PENDING_OPEN.get(&pid_tgid) }).copied() else {
         return 0;
     };
-    let _ = PENDING_LIBRARY.remove(&pid_tgid);
+    let _ = PENDING_OPEN.remove(&pid_tgid);
     // SAFETY: read_at goes through bpf_probe_read, which checks the address;
     // offset 16 is `ret` in sys_exit_openat's record.
-    let fd = unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-1);
+    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
+        return 0;
+    };
+    if pending.what == pending::REPORTED {
+        report_result(&pending, pid_tgid, ret);
+        return 0;
+    }
+    let fd = ret;
     if fd < 0 {
         return 0;
     }
@@ -138,9 +168,53 @@ pub fn openat_exit(ctx: TracePointContext) -> u32 {
     if should_hold(pending.open_flags, &task) {
         hold(&task, &mut flags);
     }
-    fill_open(&mut rec, flags, len, task, pending.dfd, fd, buf);
+    let args = OpenArgs {
+        dfd: pending.dfd,
+        fd,
+        oflags: pending.open_flags as u32,
+        root: RootId::default(),
+    };
+    fill_open(&mut rec, flags, len, task, args, buf);
     rec.submit(BPF_RB_FORCE_WAKEUP as u64);
     0
+}
+
+/// What a reported open came to: the return value and, for a descriptor,
+/// the file it names. Wakes the sensor when the opener is held, as the
+/// entry record did: the sensor releases it once it knows the result.
+#[inline(always)]
+fn report_result(pending: &PendingOpen, pid_tgid: u64, ret: i64) {
+    let file = if ret >= 0 {
+        current_fd_file(ret).unwrap_or_default()
+    } else {
+        ExeId::default()
+    };
+    let Some(mut rec) = EVENTS.reserve::<OpenResultRecord>(0) else {
+        count(stats::LOST_OTHER);
+        return;
+    };
+    // SAFETY: writable ring memory sized for an `OpenResultRecord` (integers
+    // only); every field is written before the record is submitted.
+    let r = unsafe { rec.assume_init_mut() };
+    r.kind = kind::OPEN_RESULT;
+    r.flags = pending.flags;
+    r.pid_tgid = pid_tgid;
+    r.ret = ret;
+    r.file = file;
+    rec.submit(if pending.flags & open_flags::HELD != 0 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64);
+}
+
+/// The `flags` argument of openat (read only for opens of interest: this
+/// program runs on every openat on the host).
+#[inline(always)]
+fn open_sys_flags(ctx: &TracePointContext) -> u64 {
+    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
+    // offset 32 is `flags` in sys_enter_openat's record.
+    unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0)
 }
 
 /// The `dfd` argument of openat.
@@ -196,14 +270,22 @@ fn hold(task: &Task, flags: &mut u32) {
     }
 }
 
+/// What a `FileOpenRecord` says about the open besides who, which path
+/// and the probe's flags.
+struct OpenArgs {
+    dfd: i64,
+    fd: i64,
+    oflags: u32,
+    root: RootId,
+}
+
 #[inline(always)]
 fn fill_open(
     rec: &mut aya_ebpf::maps::ring_buf::RingBufEntry<FileOpenRecord>,
     mut flags: u32,
     len: usize,
     task: Task,
-    dfd: i64,
-    fd: i64,
+    args: OpenArgs,
     buf: &[u8; PATH_MAX],
 ) {
     // The helper reads at most PATH_MAX - 1 bytes: a path that long may
@@ -217,8 +299,11 @@ fn fill_open(
     r.kind = kind::FILE_OPEN;
     r.flags = flags;
     r.task = task;
-    r.dfd = dfd;
-    r.fd = fd;
+    r.dfd = args.dfd;
+    r.fd = args.fd;
+    r.root = args.root;
+    r.oflags = args.oflags;
+    r._pad = 0;
     r.path = *buf;
 }
 

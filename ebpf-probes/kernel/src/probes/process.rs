@@ -16,7 +16,7 @@ use keywarden_probe_types::*;
 use crate::{
     maps::{CONTROL, EVENTS, HELD, INFLIGHT, LIBRARY_SEEN, VERDICT},
     util::{
-        SIGSTOP, config, count, current_task, file_id, kernel_ptr, kernel_read, sensor_alive,
+        SIGSTOP, config, count, current_root, current_task, file_id, kernel_ptr, sensor_alive,
         task_layout,
     },
 };
@@ -108,25 +108,4 @@ fn current_exe() -> Option<ExeId> {
     let task = unsafe { bpf_get_current_task() };
     let mm = kernel_ptr(task, l.task_mm)?;
     file_id(l, kernel_ptr(mm, l.mm_exe_file)?)
-}
-
-/// Where the current task's absolute paths resolve:
-/// `current->fs->root.dentry->d_inode->i_ino` and
-/// `current->nsproxy->mnt_ns->ns.inum`.
-#[inline(always)]
-fn current_root() -> Option<RootId> {
-    let l = task_layout()?;
-    // SAFETY: takes no arguments; the task pointer it returns is only read
-    // through bpf_probe_read_kernel (`kernel_ptr`, `kernel_read`).
-    let task = unsafe { bpf_get_current_task() };
-    let fs = kernel_ptr(task, l.task_fs)?;
-    let dentry = kernel_ptr(fs, l.fs_root_dentry)?;
-    let inode = kernel_ptr(dentry, l.dentry_inode)?;
-    let nsproxy = kernel_ptr(task, l.task_nsproxy)?;
-    let mnt_ns = kernel_ptr(nsproxy, l.nsproxy_mnt_ns)?;
-    Some(RootId {
-        valid: 1,
-        mnt_ns: kernel_read(mnt_ns, l.mnt_ns_inum)?,
-        ino: kernel_read(inode, l.inode_ino)?,
-    })
 }
