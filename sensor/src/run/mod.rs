@@ -315,6 +315,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         more = s.drain();
         s.end_turn();
         if reload.swap(false, Ordering::Relaxed) {
+            s.settle();
+            s.end_turn();
             s.reload_rules(&cfg);
         }
         if last_housekeeping.elapsed() >= Duration::from_secs(5) {

@@ -40,6 +40,10 @@ pub(super) const RECORDS_PER_TURN: u32 = 4096;
 /// still move several times a second.
 pub(super) const TIME_PER_TURN: Duration = Duration::from_millis(50);
 
+/// Longest a rules reload waits for the records before it (`settle`): a
+/// key-file read's deadline, and some.
+const SETTLE_MAX: Duration = Duration::from_secs(1);
+
 /// Records held back behind key-file reads, at most. Past this, the read
 /// that holds back the process whose record overflowed is given up: its
 /// key is reported unknown, and nothing else is lost.
@@ -104,6 +108,23 @@ impl Sensor {
             if handled.is_multiple_of(liveness::RECORDS_PER_STAMP) {
                 self.liveness.event_progressed();
             }
+        }
+    }
+
+    /// Before a rules reload: the records already in the ring, and the
+    /// key-file reads their processes wait on, are handled first, so every
+    /// event is judged by the rules in force when it happened. Bounded by
+    /// `SETTLE_MAX` (a flood may never leave the ring empty).
+    pub(super) fn settle(&mut self) {
+        let until = Instant::now() + SETTLE_MAX;
+        loop {
+            while self.drain() && Instant::now() < until {}
+            let waiting = self.secrets.reading_any() || !self.deferred.by_process.is_empty();
+            if !waiting || Instant::now() >= until {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            self.collect_opens(false);
         }
     }
 
