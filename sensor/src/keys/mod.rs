@@ -3,10 +3,15 @@
 //! `material` turns key and certificate files into public keys and SPKI
 //! hashes; `verify` checks a captured signature against a public key;
 //! `identify` decides, per signing event, which known key it was;
-//! `recover` finds the possible keys of an ECDSA signature;
-//! `safe_open` opens the files untrusted processes name.
+//! `recover` finds the possible keys of an ECDSA signature; `search`
+//! looks for a signing process's keys that no file the sensor saw gave
+//! (files it holds open: `held_open`; its TLS listeners' certificates:
+//! `tls_probe`); `safe_open` opens the files untrusted processes name.
+pub mod held_open;
 pub mod identify;
 pub mod material;
 pub mod recover;
 pub mod safe_open;
+pub mod search;
+pub mod tls_probe;
 pub mod verify;
