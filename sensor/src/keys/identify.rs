@@ -90,7 +90,7 @@ impl KnownKey {
 
     /// What a signature that verifies under this key says about how the
     /// key was known.
-    fn verified_as(&self) -> IdentifiedBy {
+    pub fn verified_as(&self) -> IdentifiedBy {
         match self.source {
             Source::File(_) => IdentifiedBy::SignatureVerified,
             Source::Listener { .. } => IdentifiedBy::TlsCertificate,
@@ -393,6 +393,14 @@ impl Identifier {
         let (ok, tries) = held.verifies(key);
         self.verifications += tries;
         ok
+    }
+
+    /// Whether `k` is process `tgid`'s own entry of a key (one it opened,
+    /// holds open, or presents, or one recovered from its signatures).
+    pub fn holds(&self, tgid: u32, k: &Arc<KnownKey>) -> bool {
+        self.per_process
+            .get(&tgid)
+            .is_some_and(|own| own.iter().any(|x| Arc::ptr_eq(x, k)))
     }
 
     /// The search of process `tgid`, if one was asked for.

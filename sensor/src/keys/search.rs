@@ -38,7 +38,7 @@ use tracing::{debug, info};
 
 use super::{
     held_open,
-    identify::Source,
+    identify::{Searched, Source},
     material::{self, KeyInfo},
     tls_probe::{self, Failed, Listener},
 };
@@ -82,8 +82,12 @@ pub enum Found {
         keys: Vec<KeyInfo>,
         source: Source,
     },
-    /// The search is over; what was searched (`Searched::Done`).
-    Done { id: u64, tgid: u32, summary: String },
+    /// The search is over: what was searched, or why nothing was.
+    Done {
+        id: u64,
+        tgid: u32,
+        outcome: Searched,
+    },
 }
 
 /// The search thread's two ends.
@@ -154,6 +158,14 @@ struct Tally {
 impl Worker {
     fn search(&mut self, job: &Job, out: &Sender<Found>) {
         let started = Instant::now();
+        if crate::free_watch::start_time(job.tgid) != Some(job.started) {
+            let _ = out.send(Found::Done {
+                id: job.id,
+                tgid: job.tgid,
+                outcome: Searched::NotDone("it had exited".into()),
+            });
+            return;
+        }
         let send_keys = |keys: Vec<KeyInfo>, source: Source| {
             // The event thread outlives this one; a closed channel only
             // means the sensor is stopping.
@@ -201,7 +213,7 @@ impl Worker {
         let _ = out.send(Found::Done {
             id: job.id,
             tgid: job.tgid,
-            summary,
+            outcome: Searched::Done(summary),
         });
     }
 

@@ -256,6 +256,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             }
         }
         s.drain();
+        s.keys.poll(&mut s.out);
         s.secrets.emit_due(false, &mut s.out);
         s.out.drain_pipeline();
         s.out.sink.flush();
@@ -297,6 +298,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         error!("guard thread panicked");
     }
     s.drain();
+    // Signatures held for a key a search may still bring.
+    s.keys.finish(&mut s.out);
     // Everyone held was released above; the watchdog sweeps what is left
     // (a hold whose record was still being written), then exits.
     watchdog.finish();
@@ -364,6 +367,8 @@ impl Sensor {
             data_truncated = lost[stats::CAPTURE_TRUNCATED as usize],
             unwritten = waiting + self.out.sink.dropped as usize,
             verifications = self.keys.ident.verifications,
+            ecdsa_recoveries = self.keys.ident.recovery.recoveries,
+            processes_searched = self.keys.searches,
             free_watched_processes = self.keys.free_watches.watched(),
             free_probes_host_wide = self.keys.free_watches.host_wide_libraries(),
             "stopped: probes detached"
