@@ -6,12 +6,14 @@
 //! `recover` finds the possible keys of an ECDSA signature; `search`
 //! looks for a signing process's keys that no file the sensor saw gave
 //! (files it holds open: `held_open`; its TLS listeners' certificates:
-//! `tls_probe`); `safe_open` opens the files untrusted processes name.
+//! `tls_probe`); `scan` reads the places servers keep keys at start;
+//! `safe_open` opens the files untrusted processes name.
 pub mod held_open;
 pub mod identify;
 pub mod material;
 pub mod recover;
 pub mod safe_open;
+pub mod scan;
 pub mod search;
 pub mod tls_probe;
 pub mod verify;

@@ -226,6 +226,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
 
     let uncovered = startup::discover(&cfg.library_dirs, &cache, &probes, &mut s.out);
     startup::load_key_paths(&cfg.key_paths, &mut s.keys.ident, &mut s.decisions);
+    startup::scan_key_locations(&cfg.key_locations, &mut s.keys.ident);
     s.decisions.warn_unprotectable();
     for missing in s.secrets.watch.missing_roots() {
         warn!("secret_files.watch entry {missing}; it watches nothing on the host itself");
@@ -411,6 +412,7 @@ impl Sensor {
         };
         self.decisions.replace(enforcer);
         startup::load_key_paths(&cfg.key_paths, &mut self.keys.ident, &mut self.decisions);
+        startup::scan_key_locations(&cfg.key_locations, &mut self.keys.ident);
         self.decisions.warn_unprotectable();
         if let Some(p) = self.out.pipeline() {
             p.reload(rules.clone());
