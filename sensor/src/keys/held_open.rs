@@ -100,9 +100,10 @@ pub fn key_files(tgid: u32, started: u64) -> io::Result<HeldFiles> {
 }
 
 fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    let no_flags: libc::c_uint = 0;
     // SAFETY: pidfd_open takes a pid and flags (none) and returns a new
     // descriptor or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0 as libc::c_uint) };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, no_flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -113,17 +114,11 @@ fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 /// Duplicates descriptor `target` of the process behind `pidfd` into the
 /// sensor (close-on-exec, as pidfd_getfd always sets it).
 fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> io::Result<File> {
+    let no_flags: libc::c_uint = 0;
     // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that
     // process and flags (none), and returns a new descriptor or -1; no
     // memory is passed.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_getfd,
-            pidfd.as_raw_fd(),
-            target,
-            0 as libc::c_uint,
-        )
-    };
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, no_flags) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }

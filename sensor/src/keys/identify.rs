@@ -72,6 +72,24 @@ pub enum Source {
     Recovered,
 }
 
+impl Source {
+    /// Where the key was learnt, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(path) => format!("file {path}"),
+            Source::Listener {
+                endpoint,
+                server_name: Some(name),
+            } => format!("the certificate {endpoint} presents for {name}"),
+            Source::Listener {
+                endpoint,
+                server_name: None,
+            } => format!("the certificate {endpoint} presents"),
+            Source::Recovered => "recovery from two signatures".into(),
+        }
+    }
+}
+
 /// A public key and where the sensor found it.
 #[derive(Debug)]
 pub struct KnownKey {
@@ -499,6 +517,7 @@ impl Identifier {
     }
 
     /// Which key made the signature in `r` (see `judge`).
+    #[cfg(test)]
     pub fn identify(&mut self, r: &SignRecord, sig: &[u8], cacheable: bool) -> KeyIdentity {
         self.judge(r, sig, cacheable).key
     }

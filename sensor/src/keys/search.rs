@@ -120,7 +120,7 @@ impl Searcher {
             Err(TrySendError::Full(_)) => Err(format!(
                 "{QUEUE} other processes were waiting to be searched"
             )),
-            Err(TrySendError::Disconnected(_)) => Err("the search thread has stopped".into()),
+            Err(TrySendError::Disconnected(_)) => Err("the search thread is not running".into()),
         }
     }
 
@@ -390,7 +390,10 @@ mod tests {
         };
         let all = vec![l(1, "0.0.0.0:80"), l(2, "0.0.0.0:443"), l(3, "[::]:443")];
         let chosen = choose(&all, Some(443));
-        assert_eq!(chosen.iter().map(|l| l.inode).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            chosen.iter().map(|l| l.inode).collect::<Vec<u64>>(),
+            vec![2, 3]
+        );
         assert_eq!(choose(&all, Some(8443)).len(), 3, "no listener there: all");
         assert_eq!(choose(&all, None).len(), 3);
         let many: Vec<Listener> = (0..20).map(|i| l(i, "127.0.0.1:1")).collect();

@@ -39,7 +39,7 @@ use crate::{
 /// A search of a local server takes milliseconds, and a busy server signs
 /// again well within this; an idle one is reported unknown, and its next
 /// signature named.
-pub const HOLD: Duration = Duration::from_secs(2);
+const HOLD: Duration = Duration::from_secs(2);
 /// Events held at once; beyond, the oldest is written as it stands.
 const MAX_HELD: usize = 256;
 
@@ -311,7 +311,7 @@ impl KeyUses {
             match named {
                 Some(k) => {
                     if let Some(mut h) = self.held.remove(i) {
-                        debug!(pid = tgid, spki_sha256 = %k.info.spki_sha256, "a held signature is named");
+                        debug!(pid = tgid, spki_sha256 = %k.info.spki_sha256, from = %k.source.describe(), "a held signature is named");
                         h.event.key = identified(&k, k.verified_as());
                         emit(h.event, out);
                     }
