@@ -35,7 +35,7 @@
 //! holds open, the certificates its listeners present: `search`, run off
 //! this thread by `run::key_uses`), and it recovers the possible public
 //! keys of an ECDSA signature (`recover`), naming one only when a second,
-//! distinct signature of the process recovers the same key. Until then the
+//! distinct signature recovers the same key. Until then the
 //! answer is `unknown` with the reason, and the captured signature is
 //! handed back so that a key learnt a moment later can still name it. The
 //! sensor never guesses.
@@ -479,7 +479,7 @@ impl Identifier {
         if let Some(k) = recovering {
             reason.push_str(&format!(
                 "; ECDSA recovery: {k} public key(s) could have made this signature, and no other \
-                 signature of this process has agreed on one"
+                 signature has agreed on one"
             ));
         }
         reason

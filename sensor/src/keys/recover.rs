@@ -10,10 +10,10 @@
 //! recovers the same true point, while its other points depend on its own
 //! digest and nonce (the mirror of Q is −Q − (2e/r)·G). A point two
 //! distinct signatures agree on is therefore the key that made both, up to
-//! a chance of the order of the curve's security level; `identify` keeps
-//! the points of a process's recent unnamed signatures and names a key only
-//! on such an agreement (or when a point is a key known otherwise, which
-//! plain verification finds first).
+//! a chance of the order of the curve's security level. `Pools` keeps the
+//! points of the host's recent unnamed signatures, and `identify` names a
+//! key only on such an agreement (a point that is a key known otherwise is
+//! found first, by plain verification).
 //!
 //! Only public data is used: the signature, the signed data, and the
 //! curve. P-256 and P-384, the curves TLS servers use; a P-521 key is found
@@ -86,9 +86,9 @@ const TRIES_PER_OBJECT: u8 = 4;
 /// Recoveries per process (each costs a few point multiplications): a
 /// process signing with a new key every time recovers nothing for ever.
 const PER_PROCESS: u16 = 64;
-/// Unnamed signatures whose possible keys a process keeps, for a later
+/// Unnamed signatures whose possible keys are kept, host-wide, for a later
 /// signature to agree with.
-const POOL: usize = 16;
+const POOL: usize = 64;
 
 /// One unnamed signature's possible keys.
 struct Recovering {
@@ -110,11 +110,14 @@ pub enum Recovery {
     Named(KeyInfo),
 }
 
-/// The possible keys of each process's recent unnamed ECDSA signatures,
-/// and what recovery has cost it.
+/// The possible keys of the host's recent unnamed ECDSA signatures, and
+/// what recovery has cost each process.
 #[derive(Default)]
 pub struct Pools {
-    pools: HashMap<u32, VecDeque<Recovering>>,
+    /// Oldest first. Kept when their process exits or execs: a signature
+    /// stays evidence of its key (a server that forks a process per
+    /// connection signs once in each).
+    pool: VecDeque<Recovering>,
     tries: HashMap<(u32, u64), u8>,
     spent: HashMap<u32, u16>,
     /// Signatures whose possible keys were recovered.
@@ -128,19 +131,21 @@ impl Pools {
         self.tries.remove(&(tgid, handle));
     }
 
-    /// The process exec'd or exited.
+    /// The process exec'd or exited: its budgets go (its signatures stay
+    /// in the pool).
     pub fn forget(&mut self, tgid: u32) {
-        self.pools.remove(&tgid);
         self.tries.retain(|(t, _), _| *t != tgid);
         self.spent.remove(&tgid);
     }
 
-    /// Recovers one unnamed signature of key object `handle` (each
-    /// plausible reading of it): names a key when an earlier, distinct
-    /// signature of the process recovered the same one, else keeps its
-    /// possible keys for the next. Process-wide, not per key object: the
-    /// agreement is what makes the answer exact, whichever object signed,
-    /// and a Rust signer's objects live for one signature.
+    /// Recovers one unnamed signature of key object `handle` in process
+    /// `tgid` (each plausible reading of it): names a key when an earlier,
+    /// distinct signature recovered the same one, else keeps its possible
+    /// keys for the next. Compared with every signature kept, not only
+    /// those of the same key object or process: the agreement of two
+    /// distinct signatures is what makes the answer exact, whoever made
+    /// them, and a Rust signer's objects live for one signature, a forking
+    /// server's processes for one connection.
     pub fn recover<'s>(
         &mut self,
         tgid: u32,
@@ -165,7 +170,7 @@ impl Pools {
         self.recoveries += 1;
         self.tries.insert((tgid, handle), tries + 1);
         self.spent.insert(tgid, spent + 1);
-        let pool = self.pools.entry(tgid).or_default();
+        let pool = &mut self.pool;
         let mut agreed: Vec<&KeyInfo> = Vec::new();
         for (sig, keys) in &found {
             for earlier in pool.iter().filter(|e| e.sig != *sig) {
