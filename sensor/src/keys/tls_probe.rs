@@ -55,10 +55,11 @@ pub fn listeners(tgid: u32) -> io::Result<Vec<Listener>> {
     let mut out = Vec::new();
     for (table, v6) in [("tcp", false), ("tcp6", true)] {
         // A kernel without IPv6 has no tcp6 table.
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{tgid}/net/{table}")) else {
+        let Ok(file) = std::fs::File::open(format!("/proc/{tgid}/net/{table}")) else {
             continue;
         };
-        for l in parse_listening(&text, v6) {
+        let lines = io::BufRead::lines(io::BufReader::new(file)).map_while(Result::ok);
+        for l in listening(lines, v6) {
             if inodes.contains(&l.inode) && !out.contains(&l) {
                 out.push(l);
             }
@@ -67,39 +68,41 @@ pub fn listeners(tgid: u32) -> io::Result<Vec<Listener>> {
     Ok(out)
 }
 
-/// The LISTEN entries of a `/proc/net/tcp` or `tcp6` table. Addresses are
+/// The LISTEN rows of a `/proc/net/tcp` or `tcp6` table (`lines`, header
+/// first). The kernel lists listening sockets before all others, so the
+/// first row in another state ends them: a host with many connections
+/// has a huge table, of which only the head is read. Addresses are
 /// printed as the kernel's 32-bit words in native byte order, the port in
 /// host order.
-fn parse_listening(text: &str, v6: bool) -> Vec<Listener> {
+fn listening(lines: impl Iterator<Item = String>, v6: bool) -> Vec<Listener> {
     const TCP_LISTEN: &str = "0A";
     let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.get(3) != Some(&TCP_LISTEN) {
+    let row = |line: &str| -> Option<Listener> {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (addr, port) = f.get(1)?.split_once(':')?;
+        let port = u16::from_str_radix(port, 16).ok()?;
+        let ip: IpAddr = if v6 {
+            if addr.len() != 32 {
                 return None;
             }
-            let (addr, port) = f.get(1)?.split_once(':')?;
-            let port = u16::from_str_radix(port, 16).ok()?;
-            let ip: IpAddr = if v6 {
-                if addr.len() != 32 {
-                    return None;
-                }
-                let mut b = [0u8; 16];
-                for (i, w) in b.chunks_exact_mut(4).enumerate() {
-                    w.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?);
-                }
-                Ipv6Addr::from(b).into()
-            } else {
-                Ipv4Addr::from(word(addr)?).into()
-            };
-            let inode = f.get(9)?.parse().ok()?;
-            Some(Listener {
-                inode,
-                local: SocketAddr::new(ip, port),
-            })
+            let mut b = [0u8; 16];
+            for (i, w) in b.chunks_exact_mut(4).enumerate() {
+                w.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?);
+            }
+            Ipv6Addr::from(b).into()
+        } else {
+            Ipv4Addr::from(word(addr)?).into()
+        };
+        let inode = f.get(9)?.parse().ok()?;
+        Some(Listener {
+            inode,
+            local: SocketAddr::new(ip, port),
         })
+    };
+    lines
+        .skip(1)
+        .take_while(|line| line.split_whitespace().nth(3) == Some(TCP_LISTEN))
+        .filter_map(|line| row(&line))
         .filter(|l| l.inode != 0)
         .collect()
 }
@@ -309,17 +312,17 @@ mod tests {
     #[test]
     fn listen_entries_are_parsed_in_native_word_order() {
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 35231 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:A1B2 0100007F:20FB 01 00000000:00000000 00:00000000 00000000     0        0 35300 1 0000000000000000 100 0 0 10 0\n";
-        let got = parse_listening(v4, false);
+        let got = listening(v4.lines().map(str::to_owned), false);
         assert_eq!(
             got,
             vec![Listener {
                 inode: 35231,
                 local: "127.0.0.1:8443".parse().unwrap()
             }],
-            "established connections are not listeners"
+            "established connections are not listeners, and end the listeners"
         );
         let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000000000000000000001000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41000 1 0000000000000000 100 0 0 10 0\n   1: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41001 1 0000000000000000 100 0 0 10 0\n";
-        let got = parse_listening(v6, true);
+        let got = listening(v6.lines().map(str::to_owned), true);
         if cfg!(target_endian = "little") {
             assert_eq!(got[0].local, "[::1]:443".parse().unwrap());
         }
