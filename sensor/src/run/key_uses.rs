@@ -198,10 +198,13 @@ impl KeyUses {
     /// key learnt since, and writes held events that are due. Called on
     /// every turn of the event loop.
     pub fn poll(&mut self, out: &mut Emitter) {
-        if let Some(searcher) = &self.searcher {
-            for found in searcher.try_found() {
-                self.on_found(found);
-            }
+        let found = self
+            .searcher
+            .as_ref()
+            .map(Searcher::try_found)
+            .unwrap_or_default();
+        for f in found {
+            self.on_found(f);
         }
         self.sync_known();
         self.resolve_held(out);
