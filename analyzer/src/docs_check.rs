@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 
 use crate::{
     event::{
-        Analysis, BaselineSnapshot, Event, EventCode, File, KeyIdentity, OpenResult, Process,
+        Analysis, BaselineSnapshot, Event, EventCode, File, IdentifiedBy, KeyIdentity, OpenResult,
+        Process,
         Response, RuleRef, SecretFile, SecretFileOpen, severity,
         tests_support::{self, origin},
     },
@@ -532,6 +533,53 @@ fn the_field_tables_of_docs_events_md_list_exactly_the_fields_the_model_writes()
         .filter_map(|(kind, documented, written)| compare(kind, documented, written))
         .collect();
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The lines after the line `heading`, up to the next heading of any
+/// level (a `###` section inside a `##` one).
+fn subsection<'a>(doc: &'a str, heading: &str) -> Vec<&'a str> {
+    let mut lines = doc.lines().skip_while(|l| l.trim_end() != heading);
+    assert!(
+        lines.next().is_some(),
+        "docs/events.md has no heading {heading:?}"
+    );
+    lines.take_while(|l| !l.starts_with('#')).collect()
+}
+
+/// A reader who meets a `key.identified_by` value in an event finds it
+/// explained: the table lists every value the model can write, in the
+/// order of `IdentifiedBy::ALL`, and nothing else.
+#[test]
+fn the_identified_by_table_lists_exactly_the_values_the_model_writes() {
+    // A new variant stops this match compiling: add it to `ALL` (and so to
+    // the table) before making it compile again.
+    for v in IdentifiedBy::ALL {
+        match v {
+            IdentifiedBy::SignatureVerified
+            | IdentifiedBy::HandleCache
+            | IdentifiedBy::KeyFile
+            | IdentifiedBy::TlsCertificate
+            | IdentifiedBy::EcdsaRecovered => {}
+        }
+    }
+    let documented: Vec<String> = table(&subsection(EVENTS_MD, "### `key.identified_by`"), "Value")
+        .iter()
+        .map(|row| row[0].trim_matches('`').to_owned())
+        .collect();
+    let written: Vec<String> = IdentifiedBy::ALL
+        .iter()
+        .map(|v| {
+            serde_json::to_value(v)
+                .unwrap()
+                .as_str()
+                .expect("IdentifiedBy writes a string")
+                .to_owned()
+        })
+        .collect();
+    assert_eq!(
+        documented, written,
+        "the `key.identified_by` table of docs/events.md against IdentifiedBy::ALL"
+    );
 }
 
 // ---------------------------------------------------------------------------

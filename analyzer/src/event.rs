@@ -260,6 +260,26 @@ pub enum IdentifiedBy {
     /// Read from the key file the process opened (secret-file opens, and
     /// kills decided at key load, when no signature exists).
     KeyFile,
+    /// This signature verified under the public key of the certificate a
+    /// TLS listener of the signing process presented to the sensor's own
+    /// handshake: no file held the key, but the server shows it to anyone.
+    TlsCertificate,
+    /// This signature verified under a public key recovered from the
+    /// process's ECDSA signatures: two distinct signatures recovered the
+    /// same point, which only the key that made both can give.
+    EcdsaRecovered,
+}
+
+impl IdentifiedBy {
+    /// Every value, in the order `docs/events.md` lists them (its table is
+    /// checked against this list).
+    pub const ALL: [IdentifiedBy; 5] = [
+        IdentifiedBy::SignatureVerified,
+        IdentifiedBy::HandleCache,
+        IdentifiedBy::KeyFile,
+        IdentifiedBy::TlsCertificate,
+        IdentifiedBy::EcdsaRecovered,
+    ];
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -417,9 +437,11 @@ pub struct KeyIdentity {
     pub algorithm: Option<String>,
     pub bits: Option<u32>,
     /// File the sensor learnt this public key from: a key or certificate
-    /// file this process opened (path as the process saw it) when there is
-    /// one, else the first file on the host it was found in (a `key_paths`
-    /// entry, or a file another process opened).
+    /// file this process opened or holds open (path as the process saw it)
+    /// when there is one, else the first file on the host it was found in
+    /// (a `key_paths` or `key_locations` entry, or a file another process
+    /// opened). Absent for a key no file gave (`tls_certificate`,
+    /// `ecdsa_recovered`).
     pub source_file: Option<String>,
     /// How the identity was established.
     pub identified_by: Option<IdentifiedBy>,

@@ -24,6 +24,12 @@ pub struct Config {
     /// Directories and files whose keys and certificates are known from
     /// the start (for processes that loaded their keys before the sensor).
     pub key_paths: Vec<String>,
+    /// The places servers keep keys and certificates, scanned at start
+    /// like `key_paths` but bounded and quietly, trust stores skipped
+    /// (`keys/scan.rs`). Their keys are candidates only. Optional in a
+    /// configuration file: the embedded default list applies.
+    #[serde(default = "Config::embedded_key_locations")]
+    pub key_locations: Vec<String>,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
     /// Rule files or directories of `*.yaml` rules (docs/rules.md). Empty:
@@ -92,6 +98,12 @@ impl SecretFiles {
 }
 
 impl Config {
+    fn embedded_key_locations() -> Vec<String> {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("embedded default configuration")
+            .key_locations
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Self::parse(DEFAULT_CONFIG, "<embedded default>"),
@@ -118,6 +130,7 @@ mod tests {
         assert_eq!(c.output, "-");
         assert!(c.poll_interval_ms > 0);
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
+        assert!(c.key_locations.iter().any(|p| p == "/etc/kubernetes/pki"));
         assert_eq!(c.secret_files.watch.len(), 7);
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
             .expect("default watch list compiles");
@@ -131,6 +144,7 @@ mod tests {
             c.secret_files.watch.len(),
             Config::load(None).unwrap().secret_files.watch.len()
         );
+        assert_eq!(c.key_locations, Config::load(None).unwrap().key_locations);
     }
 
     #[test]

@@ -234,7 +234,7 @@ impl Control {
                 debug!(file = %path, error = %err, "marking a library seen");
             }
             drop(probes);
-            self.release(tgid, &path);
+            self.release(tgid, e.task.ktime_ns, &path);
         }
     }
 
@@ -259,17 +259,15 @@ impl Control {
         });
     }
 
-    fn release(&mut self, tgid: u32, what: &str) {
+    /// Resumes `tgid`, held by the probe at `held_at_ns`.
+    fn release(&mut self, tgid: u32, held_at_ns: u64, what: &str) {
         if let Some(ms) = test_delay("KEYWARDEN_TEST_RELEASE_DELAY_MS") {
             // Test hook: widens the window in which a sensor can die
             // holding a process (sensor/tests/discovery.rs).
             std::thread::sleep(ms);
         }
         debug!(pid = tgid, %what, "releasing held process");
-        if let Err(e) = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(tgid as i32),
-            nix::sys::signal::SIGCONT,
-        ) {
+        if let Err(e) = crate::held::signal(tgid, held_at_ns, libc::SIGCONT) {
             debug!(pid = tgid, error = %e, "SIGCONT");
         }
         self.probes.lock().expect("probes lock").forget_held(tgid);
@@ -304,7 +302,7 @@ impl Control {
             self.cover(&c);
         }
         if held {
-            self.release(tgid, &path);
+            self.release(tgid, f.task.ktime_ns, &path);
         }
     }
 }

@@ -8,9 +8,9 @@
 //! another process, perhaps one stopped on purpose (a shell job, a
 //! debugger's inferior). So the signal goes through a pidfd, which names one
 //! process for good, and only after `/proc` said that process is stopped and
-//! started before the hold. (The sensor's own prompt releases, milliseconds
-//! after the hold, send SIGCONT by pid: a held process cannot have been
-//! reaped and its pid reused that fast.)
+//! started before the hold. The sensor's prompt releases, milliseconds after
+//! the hold, and its kills go through a pidfd too (`signal`), checked
+//! against the time of the record they answer.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
@@ -32,6 +32,25 @@ pub fn resume(tgid: u32, held_at_ns: u64) -> std::io::Result<bool> {
         return Ok(false);
     }
     pidfd_send_signal(&pidfd, libc::SIGCONT)
+}
+
+/// Sends `signal` to the process a record was about: `tgid` as it was at
+/// `at_ns` (CLOCK_MONOTONIC), through a pidfd, and only if the process
+/// holding that pid now started no later than that. `Ok(false)`: gone, or
+/// the pid names a process started since (it was reused), which is never
+/// signalled. The sensor's releases and kills all go through here.
+pub fn signal(tgid: u32, at_ns: u64, signal: libc::c_int) -> std::io::Result<bool> {
+    let Some(pidfd) = pidfd_open(tgid)? else {
+        return Ok(false);
+    };
+    // The pidfd pins the process: /proc/PID is it while it lives.
+    let Some((_, start_ticks)) = stat(tgid) else {
+        return Ok(false);
+    };
+    if !started_before(start_ticks, at_ns) {
+        return Ok(false);
+    }
+    pidfd_send_signal(&pidfd, signal)
 }
 
 /// Whether a process is stopped (state `T`) right now.
@@ -135,6 +154,27 @@ mod tests {
             !started_before(start, an_hour_ago),
             "a hold an hour ago cannot be of a process started since"
         );
+    }
+
+    /// A signal for a record older than the process holding the pid now
+    /// (the pid was reused) reaches nobody; one for a later record kills.
+    #[test]
+    fn a_signal_reaches_only_a_process_as_old_as_its_record() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let an_hour_ago = crate::clock::monotonic_ns().saturating_sub(3_600_000_000_000);
+        assert!(!signal(pid, an_hour_ago, libc::SIGKILL).unwrap());
+        assert!(child.try_wait().unwrap().is_none(), "still running");
+        assert!(signal(pid, crate::clock::monotonic_ns(), libc::SIGKILL).unwrap());
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert!(!signal(u32::MAX >> 1, crate::clock::monotonic_ns(), libc::SIGKILL).unwrap());
     }
 
     #[test]

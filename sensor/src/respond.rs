@@ -105,13 +105,18 @@ impl Live {
         {
             tracing::warn!(pid, error = %e, "cannot condemn the process in the kernel; killing it only");
         }
-        match nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::SIGKILL,
-        ) {
-            Ok(()) => (
+        // The event's time on the monotonic clock: the process to kill
+        // started before it; one given the pid since is never hit.
+        let age_ms = crate::clock::now_ms().saturating_sub(ev.time).max(0) as u64;
+        let at_ns = crate::clock::monotonic_ns().saturating_sub(age_ms * 1_000_000);
+        match crate::held::signal(pid, at_ns, libc::SIGKILL) {
+            Ok(true) => (
                 Outcome::Done,
                 Some("SIGKILL after the event (the key was not known to be protected before it was used)".to_owned()),
+            ),
+            Ok(false) => (
+                Outcome::Failed,
+                Some("the process had exited (its pid is not signalled again)".to_owned()),
             ),
             Err(e) => (Outcome::Failed, Some(format!("SIGKILL: {e}"))),
         }

@@ -48,12 +48,9 @@ impl Decisions {
         self.protected_found.clear();
     }
 
-    /// Lets a process held by the open probe go on.
-    pub fn release(&mut self, tgid: u32) {
-        if let Err(e) = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(tgid as i32),
-            nix::sys::signal::SIGCONT,
-        ) {
+    /// Lets a process held by the open probe at `held_at_ns` go on.
+    pub fn release(&mut self, tgid: u32, held_at_ns: u64) {
+        if let Err(e) = crate::held::signal(tgid, held_at_ns, libc::SIGCONT) {
             debug!(pid = tgid, error = %e, "SIGCONT");
         }
         self.probes().forget_held(tgid);

@@ -1,24 +1,26 @@
 //! Decides which key made each signature.
 //!
-//! (Over 600 lines only with its tests, which take the second half: they
-//! drive the cache through frees, address reuse and re-initialisation with
-//! real keys and belong beside the logic they check.)
+//! (Its tests take the last third: they drive the cache through frees,
+//! address reuse, re-initialisation and recovery with real keys and belong
+//! beside the logic they check. ECDSA recovery itself is `recover`; the
+//! search of a process is `search`.)
 //!
 //! The probes report the key *object* a signature was made with (the
 //! EVP_PKEY* seen at EVP_DigestSignInit*, else the context pointer), the
 //! signature, and the data that was signed. The sensor knows candidate
-//! public keys: those in key and certificate files the process opened, and
-//! those in the configured key directories. A candidate under which the
-//! signature verifies is the key, exactly. The answer is cached per
-//! (process, key object) so the hot path does no public-key work. When the
-//! probes see the object freed by EVP_PKEY_free (a mere reference drop,
-//! which libssl makes on every handshake, is filtered out in the probe),
-//! the entry becomes *suspect* and the next signature is checked against
-//! the cached key once more; an exec or exit forgets the process entirely.
-//! Frees are only seen in processes the free probes were attached to
-//! (`crate::free_watch`), so a verdict is cached only for a signature made
-//! once they were; before that an entry is kept as suspect, a hint of
-//! which key to check first.
+//! public keys: those in key and certificate files the process opened or
+//! holds open, those in the configured key directories and the standard
+//! key locations, and the certificates its TLS listeners present
+//! (`search`). A candidate under which the signature verifies is the key,
+//! exactly. The answer is cached per (process, key object) so the hot path
+//! does no public-key work. When the probes see the object freed by
+//! EVP_PKEY_free (a mere reference drop, which libssl makes on every
+//! handshake, is filtered out in the probe), the entry becomes *suspect*
+//! and the next signature is checked against the cached key once more; an
+//! exec or exit forgets the process entirely. Frees are only seen in
+//! processes the free probes were attached to (`crate::free_watch`), so a
+//! verdict is cached only for a signature made once they were; before that
+//! an entry is kept as suspect, a hint of which key to check first.
 //!
 //! Rust signers (rustls `Signer::sign`, ring) are different: their signer
 //! objects are short-lived boxes whose frees nothing reports. When one
@@ -28,8 +30,15 @@
 //! with the key that signed last in that process (one verification per
 //! handshake in the usual case).
 //!
-//! When no candidate verifies, or the data could not be captured whole, the
-//! answer is `unknown` with the reason. The sensor never guesses.
+//! When no candidate verifies, the sensor looks further, for keys no file
+//! it saw gave: it asks for the process to be searched once (the files it
+//! holds open, the certificates its listeners present: `search`, run off
+//! this thread by `run::key_uses`), and it recovers the possible public
+//! keys of an ECDSA signature (`recover`), naming one only when a second,
+//! distinct signature recovers the same key. Until then the
+//! answer is `unknown` with the reason, and the captured signature is
+//! handed back so that a key learnt a moment later can still name it. The
+//! sensor never guesses.
 
 use std::{sync::Arc, time::Instant};
 
@@ -40,16 +49,164 @@ use sha2::Digest;
 
 use super::{
     material::KeyInfo,
+    recover,
     verify::{Signed, verifies},
 };
 use crate::records::c_str;
+
+/// Where the sensor learnt a public key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A key or certificate file: the path as the process saw it (a file
+    /// it opened or holds open), or the host path (`key_paths`,
+    /// `key_locations`).
+    File(String),
+    /// The leaf certificate a TCP listener presented to the sensor's own
+    /// TLS handshake (`tls_probe`): the address the sensor connected to,
+    /// and the server name it sent, if any.
+    Listener {
+        endpoint: String,
+        server_name: Option<String>,
+    },
+    /// Recovered from two of a process's ECDSA signatures (`recover`).
+    Recovered,
+}
+
+impl Source {
+    /// Where the key was learnt, for the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(path) => format!("file {path}"),
+            Source::Listener {
+                endpoint,
+                server_name: Some(name),
+            } => format!("the certificate {endpoint} presents for {name}"),
+            Source::Listener {
+                endpoint,
+                server_name: None,
+            } => format!("the certificate {endpoint} presents"),
+            Source::Recovered => "recovery from two signatures".into(),
+        }
+    }
+}
 
 /// A public key and where the sensor found it.
 #[derive(Debug)]
 pub struct KnownKey {
     pub info: KeyInfo,
-    /// File it came from, as the process (or host) saw the path.
-    pub source_file: String,
+    pub source: Source,
+}
+
+impl KnownKey {
+    /// The file the key came from, when a file gave it.
+    pub fn source_file(&self) -> Option<&str> {
+        match &self.source {
+            Source::File(path) => Some(path),
+            Source::Listener { .. } | Source::Recovered => None,
+        }
+    }
+
+    /// What a signature that verifies under this key says about how the
+    /// key was known.
+    pub fn verified_as(&self) -> IdentifiedBy {
+        match self.source {
+            Source::File(_) => IdentifiedBy::SignatureVerified,
+            Source::Listener { .. } => IdentifiedBy::TlsCertificate,
+            Source::Recovered => IdentifiedBy::EcdsaRecovered,
+        }
+    }
+}
+
+/// The text for "no candidate at all".
+const NO_KEY: &str = "no public key is known for this process or host: the key was not read from a \
+                      file the sensor saw opened, nor found under key_paths or key_locations";
+
+/// What the sensor's search of a process for its keys (`search`) came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Searched {
+    /// Asked for, not finished: verdicts of this process are not cached.
+    Running,
+    /// Finished; what was searched, for the unknown reason.
+    Done(String),
+    /// Not done, and why.
+    NotDone(String),
+}
+
+/// A request to search process `tgid` (`run::key_uses` starts it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchRequest {
+    pub tgid: u32,
+    /// The local port of the connection the signature was made for (a
+    /// server's listening port), when the probes saw one.
+    pub local_port: Option<u16>,
+}
+
+/// A signature no known key verified, kept so that a key learnt later can
+/// still be checked against it. Public data only: the signature and the
+/// data that was signed, and neither is ever logged (`Debug` shows their
+/// lengths).
+#[derive(Clone)]
+pub struct Captured {
+    pub tgid: u32,
+    sig: Vec<u8>,
+    /// `sig` is ring's returned value (`sign_flags::SIG_IN_VALUE`).
+    in_value: bool,
+    data: Vec<u8>,
+    data_is_digest: bool,
+    digest_hint: Option<String>,
+    /// How many keys ECDSA recovery found possible for it, while it waits
+    /// for a second signature to agree.
+    pub recovering: Option<usize>,
+}
+
+impl std::fmt::Debug for Captured {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Captured")
+            .field("tgid", &self.tgid)
+            .field("sig_len", &self.sig.len())
+            .field("data_len", &self.data.len())
+            .field("recovering", &self.recovering)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Captured {
+    fn verifies(&self, key: &KeyInfo) -> (bool, u64) {
+        let readings = if self.in_value {
+            ring_signature_readings(&self.sig)
+        } else {
+            [Some(self.sig.as_slice()), None, None, None]
+        };
+        let mut tries = 0;
+        for reading in readings.iter().flatten() {
+            tries += 1;
+            let s = Signed {
+                signature: reading,
+                data: Some(&self.data),
+                data_is_digest: self.data_is_digest,
+                digest_hint: self.digest_hint.as_deref(),
+            };
+            if verifies(&key.public, &s) {
+                return (true, tries);
+            }
+        }
+        (false, tries)
+    }
+}
+
+/// What `judge` made of a signature.
+#[derive(Debug)]
+pub struct Judged {
+    pub key: KeyIdentity,
+    /// For an unknown key whose signature and data were captured whole:
+    /// what a key learnt later needs to be checked against.
+    pub retry: Option<Captured>,
+}
+
+impl Judged {
+    fn done(key: KeyIdentity) -> Self {
+        Judged { key, retry: None }
+    }
 }
 
 struct OpData {
@@ -75,6 +232,15 @@ pub struct Identifier {
     /// The key a Rust signer of this process used last.
     last_rust_key: HashMap<u32, Arc<KnownKey>>,
     inventory: HashMap<String, Arc<KnownKey>>,
+    /// The search of each process that signed with a key nothing verified.
+    searches: HashMap<u32, Searched>,
+    /// Searches asked for, for `run::key_uses` to start.
+    pub search_requests: Vec<SearchRequest>,
+    /// The possible keys of recent unnamed ECDSA signatures.
+    pub recovery: recover::Pools,
+    /// Keys new to the host or to a process, for signatures held unknown
+    /// to be checked against (`take_fresh`).
+    fresh: Vec<Arc<KnownKey>>,
     /// Verifications run (each is one public-key operation).
     pub verifications: u64,
     /// (tgid, handle, free generation) newly judged (identified, or
@@ -95,20 +261,25 @@ fn take_process<V>(map: &mut HashMap<(u32, u64), V>, tgid: u32) -> Vec<(u32, u64
     keys
 }
 
-fn identified(k: &KnownKey, by: IdentifiedBy) -> KeyIdentity {
-    identity_of(&k.info, &k.source_file, by)
+/// The event's view of a known key, identified by `by`.
+pub fn identified(k: &KnownKey, by: IdentifiedBy) -> KeyIdentity {
+    identity(&k.info, k.source_file(), by)
 }
 
 /// The event's view of a known key: identity, where it came from, and how
 /// it was established. Never anything private.
 pub fn identity_of(info: &KeyInfo, source_file: &str, by: IdentifiedBy) -> KeyIdentity {
+    identity(info, Some(source_file), by)
+}
+
+fn identity(info: &KeyInfo, source_file: Option<&str>, by: IdentifiedBy) -> KeyIdentity {
     KeyIdentity {
         status: KeyStatus::Identified,
         spki_sha256: Some(info.spki_sha256.clone()),
         fingerprint: Some(Fingerprint::sha256(info.spki_sha256.clone())),
         algorithm: Some(info.algorithm.clone()),
         bits: Some(info.bits),
-        source_file: Some(source_file.to_owned()),
+        source_file: source_file.map(str::to_owned),
         identified_by: Some(by),
         unknown_reason: None,
     }
@@ -137,6 +308,7 @@ impl Identifier {
             entry.1 = true;
         }
         self.unidentified.remove(&(tgid, handle));
+        self.recovery.on_free(tgid, handle);
     }
 
     /// The process exec'd a new image or exited: its pointers mean nothing now.
@@ -147,49 +319,73 @@ impl Identifier {
         self.per_process.remove(&tgid);
         self.last_rust_key.remove(&tgid);
         self.ops.retain(|(t, _), _| *t != tgid);
+        self.searches.remove(&tgid);
+        self.search_requests.retain(|s| s.tgid != tgid);
+        self.recovery.forget(tgid);
     }
 
     /// Keys from a file this process opened. The process's entry names
     /// that file, even when the key was known from elsewhere first.
     pub fn add_process_keys(&mut self, tgid: u32, keys: Vec<KeyInfo>, source_file: &str) {
+        self.add_process_keys_from(tgid, keys, &Source::File(source_file.to_owned()));
+    }
+
+    /// Keys this process is known to hold (a file it opened or holds open,
+    /// a certificate its listener presented, a recovered key). Returns the
+    /// process's entry for each.
+    pub fn add_process_keys_from(
+        &mut self,
+        tgid: u32,
+        keys: Vec<KeyInfo>,
+        source: &Source,
+    ) -> Vec<Arc<KnownKey>> {
+        let mut entries = Vec::new();
         for info in keys {
-            self.add_inventory(info.clone(), source_file);
+            self.add_inventory_from(info.clone(), source);
+            let list = self.per_process.entry(tgid).or_default();
+            if let Some(k) = list.iter().find(|x| x.info.spki_sha256 == info.spki_sha256) {
+                entries.push(k.clone());
+                continue;
+            }
             let k = Arc::new(KnownKey {
                 info,
-                source_file: source_file.to_owned(),
+                source: source.clone(),
             });
-            let list = self.per_process.entry(tgid).or_default();
-            if !list
-                .iter()
-                .any(|x| x.info.spki_sha256 == k.info.spki_sha256)
-            {
-                list.push(k);
-                // Known on the host already, but new for this process.
-                let stale: Vec<(u32, u64)> = self
-                    .unidentified
-                    .keys()
-                    .filter(|(t, _)| *t == tgid)
-                    .copied()
-                    .collect();
-                for key in stale {
-                    self.unidentified.remove(&key);
-                    self.retract.push(key);
-                }
+            list.push(k.clone());
+            entries.push(k.clone());
+            self.fresh.push(k);
+            // Known on the host already, but new for this process.
+            let stale: Vec<(u32, u64)> = self
+                .unidentified
+                .keys()
+                .filter(|(t, _)| *t == tgid)
+                .copied()
+                .collect();
+            for key in stale {
+                self.unidentified.remove(&key);
+                self.retract.push(key);
             }
         }
+        entries
     }
 
     /// A key known on the host; the first file it was seen in is kept.
     pub fn add_inventory(&mut self, info: KeyInfo, source_file: &str) -> Arc<KnownKey> {
+        self.add_inventory_from(info, &Source::File(source_file.to_owned()))
+    }
+
+    /// A key known on the host; the first place it was learnt from is kept.
+    pub fn add_inventory_from(&mut self, info: KeyInfo, source: &Source) -> Arc<KnownKey> {
         if let Some(k) = self.inventory.get(&info.spki_sha256) {
             return k.clone();
         }
         self.new_key_known();
         let k = Arc::new(KnownKey {
             info,
-            source_file: source_file.to_owned(),
+            source: source.clone(),
         });
         self.inventory.insert(k.info.spki_sha256.clone(), k.clone());
+        self.fresh.push(k.clone());
         k
     }
 
@@ -202,6 +398,107 @@ impl Identifier {
 
     pub fn inventory_len(&self) -> usize {
         self.inventory.len()
+    }
+
+    /// Keys that became known since the last call: signatures held unknown
+    /// are checked against them.
+    pub fn take_fresh(&mut self) -> Vec<Arc<KnownKey>> {
+        std::mem::take(&mut self.fresh)
+    }
+
+    /// Checks a held signature against a key learnt since it was judged.
+    pub fn check_held(&mut self, held: &Captured, key: &KeyInfo) -> bool {
+        let (ok, tries) = held.verifies(key);
+        self.verifications += tries;
+        ok
+    }
+
+    /// Whether `k` is process `tgid`'s own entry of a key (one it opened,
+    /// holds open, or presents, or one recovered from its signatures).
+    pub fn holds(&self, tgid: u32, k: &Arc<KnownKey>) -> bool {
+        self.per_process
+            .get(&tgid)
+            .is_some_and(|own| own.iter().any(|x| Arc::ptr_eq(x, k)))
+    }
+
+    /// The search of process `tgid`, if one was asked for.
+    pub fn search_state(&self, tgid: u32) -> Option<&Searched> {
+        self.searches.get(&tgid)
+    }
+
+    /// How the search of process `tgid` stands. Ignored for a process
+    /// forgotten since it was asked for (it exec'd or exited: its keys
+    /// still join the host's).
+    pub fn set_search(&mut self, tgid: u32, state: Searched) {
+        if let Some(s) = self.searches.get_mut(&tgid) {
+            *s = state;
+        }
+    }
+
+    /// The number of distinct candidates for a signature of `tgid`.
+    pub fn candidate_count(&self, tgid: u32) -> usize {
+        let own = self.per_process.get(&tgid).map_or(&[][..], Vec::as_slice);
+        own.len()
+            + self
+                .inventory
+                .keys()
+                .filter(|spki| !own.iter().any(|k| &k.info.spki_sha256 == *spki))
+                .count()
+    }
+
+    /// Why the key of a held signature of `tgid` is still unknown, as it
+    /// stands now.
+    pub fn held_reason(&self, held: &Captured) -> String {
+        let n = self.candidate_count(held.tgid);
+        let base = if n == 0 {
+            NO_KEY.to_owned()
+        } else {
+            format!("none of the {n} known public key(s) verifies this signature")
+        };
+        self.explain(held.tgid, base, held.recovering)
+    }
+
+    /// `reason`, followed by what else was tried for process `tgid`: the
+    /// search of the process, and ECDSA recovery when it waits for a
+    /// second signature. (The texts are listed in docs/events.md.)
+    fn explain(&self, tgid: u32, mut reason: String, recovering: Option<usize>) -> String {
+        match self.searches.get(&tgid) {
+            Some(Searched::Running) => reason.push_str(
+                "; the search of the files this process holds open and of its TLS listeners had not finished",
+            ),
+            Some(Searched::Done(summary)) => {
+                reason.push_str("; searched ");
+                reason.push_str(summary);
+            }
+            Some(Searched::NotDone(why)) => {
+                reason.push_str("; this process was not searched: ");
+                reason.push_str(why);
+            }
+            None => {}
+        }
+        if let Some(k) = recovering {
+            reason.push_str(&format!(
+                "; ECDSA recovery: {k} public key(s) could have made this signature, and no other \
+                 signature has agreed on one"
+            ));
+        }
+        reason
+    }
+
+    /// Asks, once per process, for it to be searched for keys no file gave.
+    fn request_search(&mut self, r: &SignRecord) {
+        let tgid = r.task.tgid();
+        if self.searches.contains_key(&tgid) {
+            return;
+        }
+        self.searches.insert(tgid, Searched::Running);
+        let local_port = (r.flags & sign_flags::HAS_PEER != 0).then_some(r.peer.local_port);
+        self.search_requests
+            .push(SearchRequest { tgid, local_port });
+    }
+
+    fn search_running(&self, tgid: u32) -> bool {
+        self.searches.get(&tgid) == Some(&Searched::Running)
     }
 
     /// Drops captured data nobody signed with (failed calls, abandoned
@@ -219,18 +516,26 @@ impl Identifier {
         !func::verified_every_time(r.func as u8) || r.flags & sign_flags::INNER_HANDLE != 0
     }
 
+    /// Which key made the signature in `r` (see `judge`).
+    #[cfg(test)]
+    pub fn identify(&mut self, r: &SignRecord, sig: &[u8], cacheable: bool) -> KeyIdentity {
+        self.judge(r, sig, cacheable).key
+    }
+
     /// Which key made the signature in `r`; `sig` is the signature the
     /// probes copied (empty for a key object they knew). `cacheable`: the
     /// probes see every later free of the key object in this process
-    /// (`crate::free_watch`), so a verdict may be kept for it.
-    pub fn identify(&mut self, r: &SignRecord, sig: &[u8], cacheable: bool) -> KeyIdentity {
+    /// (`crate::free_watch`), so a verdict may be kept for it. An unknown
+    /// verdict comes with the captured signature when a key learnt later
+    /// could still name it.
+    pub fn judge(&mut self, r: &SignRecord, sig: &[u8], cacheable: bool) -> Judged {
         let tgid = r.task.tgid();
         let data = self.ops.remove(&(tgid, r.op_id));
         let cache_key = (tgid, r.handle);
         let rust = !Self::caches_by_handle(r);
         let suspect = match self.handles.get(&cache_key) {
             _ if rust => self.last_rust_key.get(&tgid).cloned(),
-            Some((k, false)) => return identified(k, IdentifiedBy::HandleCache),
+            Some((k, false)) => return Judged::done(identified(k, IdentifiedBy::HandleCache)),
             Some((k, true)) => Some(k.clone()),
             None => None,
         };
@@ -238,27 +543,27 @@ impl Identifier {
             && let Some((generation, reason)) = self.unidentified.get(&cache_key)
             && *generation == self.generation
         {
-            return KeyIdentity::unknown(reason.clone());
+            return Judged::done(KeyIdentity::unknown(reason.clone()));
         }
         if r.flags & sign_flags::KNOWN_HANDLE != 0 {
             // The probes skipped the copy, but the cache no longer vouches
             // for this object (exec, or a free racing the cache update).
             self.retract.push(cache_key);
-            return KeyIdentity::unknown(
+            return Judged::done(KeyIdentity::unknown(
                 "the probes skipped capturing this signature because the key object had been checked \
                  before, but that verdict no longer holds; the next signature is captured and checked",
-            );
+            ));
         }
         if r.ret != 1 {
-            return KeyIdentity::unknown(
+            return Judged::done(KeyIdentity::unknown(
                 "the signing call failed, so there is no signature to check",
-            );
+            ));
         }
         if r.flags & sign_flags::SIG_INCOMPLETE != 0 || sig.is_empty() {
-            return KeyIdentity::unknown(format!(
+            return Judged::done(KeyIdentity::unknown(format!(
                 "the signature ({} bytes) could not be read whole from the process",
                 r.sig_len
-            ));
+            )));
         }
         let data = data.filter(|d| !d.gap);
         let complete = data
@@ -283,9 +588,14 @@ impl Identifier {
         } else {
             sig
         };
+        let data_is_digest = matches!(
+            func::sign_call(r.func as u8).map(|c| c.input),
+            Some(func::Input::Digest { .. })
+        );
         // ring returns its signature inside a value whose layout Rust does
         // not fix: each plausible reading is tried, and only one verifies.
-        let readings = if r.flags & sign_flags::SIG_IN_VALUE != 0 {
+        let in_value = r.flags & sign_flags::SIG_IN_VALUE != 0;
+        let readings = if in_value {
             ring_signature_readings(sig)
         } else {
             [Some(sig), None, None, None]
@@ -293,10 +603,7 @@ impl Identifier {
         let signed_as = |signature| Signed {
             signature,
             data: complete,
-            data_is_digest: matches!(
-                func::sign_call(r.func as u8).map(|c| c.input),
-                Some(func::Input::Digest { .. })
-            ),
+            data_is_digest,
             digest_hint: md_name.as_deref(),
         };
         let signed = signed_as(
@@ -331,16 +638,8 @@ impl Identifier {
             for reading in readings.iter().flatten() {
                 self.verifications += 1;
                 if verifies(&k.info.public, &signed_as(reading)) {
-                    if rust {
-                        self.last_rust_key.insert(tgid, k.clone());
-                    } else if cacheable {
-                        self.handles.insert(cache_key, (k.clone(), false));
-                        self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
-                    } else {
-                        // Its next signature is checked against this key first.
-                        self.handles.insert(cache_key, (k.clone(), true));
-                    }
-                    return identified(k, IdentifiedBy::SignatureVerified);
+                    self.keep_verdict(r, k, cacheable);
+                    return Judged::done(identified(k, k.verified_as()));
                 }
             }
         }
@@ -355,48 +654,90 @@ impl Identifier {
             candidates = n,
             "no candidate verified"
         );
-        if rust {
-            return KeyIdentity::unknown(if n == 0 {
-                "no public key is known for this process or host: the key was not read from a file the \
-                 sensor saw opened, nor found under key_paths"
-                    .into()
-            } else if complete.is_none() {
+        // Nothing known verifies it: have the process searched for keys
+        // no file gave.
+        self.request_search(r);
+        if !rust {
+            self.handles.remove(&cache_key);
+        }
+        let Some(bytes) = complete else {
+            let base = if n == 0 {
+                NO_KEY.to_owned()
+            } else if rust {
                 format!(
                     "the signed data was not captured whole, so the signature could not be checked against the {n} known key(s)"
                 )
             } else {
-                format!("none of the {n} known public key(s) verifies this signature")
-            });
-        }
-        self.handles.remove(&cache_key);
-        if n == 0 {
-            return KeyIdentity::unknown(
-                "no public key is known for this process or host: the key was not read from a file the \
-                 sensor saw opened, nor found under key_paths",
-            );
-        }
-        if complete.is_none() {
-            let why = match data {
-                None => "was not captured".to_owned(),
-                Some(d) if d.truncated => format!(
-                    "is longer than the {} KiB capture limit",
-                    keywarden_probe_types::CAPTURE_MAX / 1024
-                ),
-                Some(_) => "arrived incomplete".to_owned(),
+                let why = match &data {
+                    None => "was not captured".to_owned(),
+                    Some(d) if d.truncated => format!(
+                        "is longer than the {} KiB capture limit",
+                        keywarden_probe_types::CAPTURE_MAX / 1024
+                    ),
+                    Some(_) => "arrived incomplete".to_owned(),
+                };
+                format!(
+                    "the signed data {why}, so the signature could not be checked against the {n} known key(s)"
+                )
             };
-            return KeyIdentity::unknown(format!(
-                "the signed data {why}, so the signature could not be checked against the {n} known key(s)"
-            ));
-        }
+            return Judged::done(KeyIdentity::unknown(self.explain(tgid, base, None)));
+        };
+        let recovering = match self.recovery.recover(tgid, r.handle, &readings, &signed_as) {
+            recover::Recovery::Named(info) => {
+                let k = self
+                    .add_process_keys_from(tgid, vec![info], &Source::Recovered)
+                    .remove(0);
+                self.keep_verdict(r, &k, cacheable);
+                return Judged::done(identified(&k, k.verified_as()));
+            }
+            recover::Recovery::Waiting(possible) => Some(possible),
+            recover::Recovery::Nothing => None,
+        };
+        let base = if n == 0 {
+            NO_KEY.to_owned()
+        } else {
+            format!("none of the {n} known public key(s) verifies this signature")
+        };
+        let reason = self.explain(tgid, base, recovering);
         // Complete data and no key verifies: remember that for this key
         // object, so its next signatures cost nothing until a key is added.
-        let reason = format!("none of the {n} known public key(s) verifies this signature");
-        if cacheable {
+        // Not while something may still name it: its next signature is
+        // what ECDSA recovery needs, and a search may bring its key.
+        if !rust && n > 0 && cacheable && recovering.is_none() && !self.search_running(tgid) {
             self.unidentified
                 .insert(cache_key, (self.generation, reason.clone()));
             self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
         }
-        KeyIdentity::unknown(reason)
+        Judged {
+            key: KeyIdentity::unknown(reason),
+            retry: Some(Captured {
+                tgid,
+                sig: sig.to_vec(),
+                in_value,
+                data: bytes.to_vec(),
+                data_is_digest,
+                digest_hint: md_name.clone(),
+                recovering,
+            }),
+        }
+    }
+
+    /// Keeps the verdict that `k` made the signature in `r`: cached for the
+    /// key object when its frees are watched (the probes stop copying),
+    /// else as a hint for its next signature; for a Rust signer, as the
+    /// process's last key.
+    fn keep_verdict(&mut self, r: &SignRecord, k: &Arc<KnownKey>, cacheable: bool) {
+        let tgid = r.task.tgid();
+        let cache_key = (tgid, r.handle);
+        if !Self::caches_by_handle(r) {
+            self.last_rust_key.insert(tgid, k.clone());
+        } else if cacheable {
+            self.handles.insert(cache_key, (k.clone(), false));
+            self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
+        } else {
+            // Its next signature is checked against this key first.
+            self.handles.insert(cache_key, (k.clone(), true));
+        }
     }
 }
 
@@ -710,10 +1051,19 @@ mod tests {
             got.unknown_reason.unwrap().contains("not captured"),
             "no data, no check"
         );
+        // The process was searched once, whatever came of it.
+        assert_eq!(id.search_requests.len(), 1);
+        assert_eq!(id.search_state(5), Some(&Searched::Running));
+        id.set_search(5, Searched::Done("0 key files it holds open".into()));
 
         id.on_data(&data(5, 3, b"msg"), b"msg");
         let got = identify(&mut id, record(5, 1, 3, &sig));
-        assert!(got.unknown_reason.unwrap().contains("none of the 1 known"));
+        let reason = got.unknown_reason.unwrap();
+        assert!(reason.contains("none of the 1 known"), "{reason}");
+        assert!(
+            reason.ends_with("; searched 0 key files it holds open"),
+            "{reason}"
+        );
         assert!(got.spki_sha256.is_none());
         // Remembered: the probes stop copying, and no verification runs...
         assert!(id.learned.contains(&(5, 1, 0)));
@@ -742,5 +1092,127 @@ mod tests {
                 .unwrap()
                 .contains("failed")
         );
+    }
+
+    /// An ECDSA key in no file: one signature names nothing, a second,
+    /// distinct one by the same key names it, and the first can then be
+    /// checked against it.
+    #[test]
+    fn two_ecdsa_signatures_name_their_key_by_recovery() {
+        let (d, k, spki) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let (d1, d2, d3) = (
+            sha2::Sha256::digest(b"1").to_vec(),
+            sha2::Sha256::digest(b"2").to_vec(),
+            sha2::Sha256::digest(b"3").to_vec(),
+        );
+        let (s1, s2, s3) = (
+            pkeyutl_sign(d.path(), &k, &d1),
+            pkeyutl_sign(d.path(), &k, &d2),
+            pkeyutl_sign(d.path(), &k, &d3),
+        );
+        let mut id = Identifier::default();
+
+        id.on_data(&data(10, 1, &d1), &d1);
+        let (r, s) = record(10, 0xa, 1, &s1);
+        let first = id.judge(&r, &s, true);
+        assert_eq!(first.key.status, KeyStatus::Unknown);
+        let reason = first.key.unknown_reason.clone().unwrap();
+        assert!(reason.contains("ECDSA recovery"), "{reason}");
+        let held = first.retry.expect("the signature is kept for a later key");
+        assert!(held.recovering.is_some_and(|n| n >= 2));
+        assert!(id.learned.is_empty(), "the probes keep copying");
+        id.take_fresh();
+
+        // The same signature again agrees with nothing: it is not a second one.
+        id.on_data(&data(10, 2, &d1), &d1);
+        let (r, s) = record(10, 0xa, 2, &s1);
+        assert_eq!(id.judge(&r, &s, true).key.status, KeyStatus::Unknown);
+
+        // A second signature, another key object of the same process.
+        id.on_data(&data(10, 3, &d2), &d2);
+        let (r, s) = record(10, 0xb, 3, &s2);
+        let got = id.judge(&r, &s, true).key;
+        assert_eq!(got.spki_sha256.as_deref(), Some(spki.as_str()));
+        assert_eq!(got.identified_by, Some(IdentifiedBy::EcdsaRecovered));
+        assert_eq!(got.source_file, None);
+
+        // The key is fresh: the held first signature verifies under it.
+        let fresh = id.take_fresh();
+        let key = fresh
+            .iter()
+            .find(|k| k.info.spki_sha256 == spki)
+            .expect("the recovered key is fresh");
+        assert!(id.check_held(&held, &key.info));
+
+        // Later signatures verify under the recovered key.
+        id.on_data(&data(10, 4, &d3), &d3);
+        let (r, s) = record(10, 0xa, 4, &s3);
+        let got = id.judge(&r, &s, true).key;
+        assert_eq!(got.spki_sha256.as_deref(), Some(spki.as_str()));
+        assert_eq!(got.identified_by, Some(IdentifiedBy::EcdsaRecovered));
+    }
+
+    /// A key learnt from a listener names a held signature, and later
+    /// signatures say how it was learnt.
+    #[test]
+    fn a_key_from_a_listener_names_held_and_later_signatures() {
+        let (d, k, spki) = openssl_key(&["-algorithm", "ED25519"]);
+        let sign = |msg: &[u8]| {
+            let (m, out) = (d.path().join("m"), d.path().join("s"));
+            std::fs::write(&m, msg).unwrap();
+            let st = std::process::Command::new("openssl")
+                .args(["pkeyutl", "-sign", "-rawin", "-inkey"])
+                .arg(&k)
+                .arg("-in")
+                .arg(&m)
+                .arg("-out")
+                .arg(&out)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::read(out).unwrap()
+        };
+        let digest_sign = |tgid: u32, handle: u64, op: u64, sig: &[u8]| {
+            let (mut r, s) = record(tgid, handle, op, sig);
+            r.func = func::DIGEST_SIGN as u32;
+            (r, s)
+        };
+        let mut id = Identifier::default();
+        let s1 = sign(b"one");
+        id.on_data(&data(20, 1, b"one"), b"one");
+        let (r, s) = digest_sign(20, 0xa, 1, &s1);
+        let judged = id.judge(&r, &s, true);
+        assert_eq!(judged.key.status, KeyStatus::Unknown);
+        let held = judged.retry.unwrap();
+        assert_eq!(held.recovering, None, "Ed25519 recovers nothing");
+        assert_eq!(
+            id.search_requests,
+            vec![SearchRequest {
+                tgid: 20,
+                local_port: None
+            }]
+        );
+        assert!(id.learned.is_empty(), "not cached while the search runs");
+
+        let info = read_key_file(&k, "k").unwrap().remove(0);
+        let source = Source::Listener {
+            endpoint: "127.0.0.1:8443".into(),
+            server_name: None,
+        };
+        id.add_process_keys_from(20, vec![info], &source);
+        let fresh = id.take_fresh();
+        assert!(!fresh.is_empty() && fresh.iter().all(|k| k.source == source));
+        assert!(id.check_held(&held, &fresh[0].info));
+        let named = identified(&fresh[0], fresh[0].verified_as());
+        assert_eq!(named.identified_by, Some(IdentifiedBy::TlsCertificate));
+        assert_eq!(named.source_file, None);
+
+        let s2 = sign(b"two");
+        id.on_data(&data(20, 2, b"two"), b"two");
+        let (r, s) = digest_sign(20, 0xa, 2, &s2);
+        let got = id.judge(&r, &s, true).key;
+        assert_eq!(got.spki_sha256.as_deref(), Some(spki.as_str()));
+        assert_eq!(got.identified_by, Some(IdentifiedBy::TlsCertificate));
     }
 }

@@ -208,6 +208,45 @@ fn spki_from_certificate(der: &[u8]) -> Result<Vec<u8>, String> {
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
+/// The public key of a DER certificate.
+pub fn certificate_key(der: &[u8]) -> Result<KeyInfo, String> {
+    KeyInfo::from_spki_der(&spki_from_certificate(der)?)
+}
+
+/// The DNS names a DER certificate is for, to send as TLS server names:
+/// its subjectAltName DNS entries, else its subject's common names.
+/// Wildcards are left out (no one name to send for them).
+pub fn certificate_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push((*d).to_owned());
+            }
+        }
+    }
+    if names.is_empty() {
+        names.extend(
+            cert.subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok())
+                .map(str::to_owned),
+        );
+    }
+    names.retain(|n| !n.is_empty() && !n.contains('*'));
+    let mut seen = Vec::new();
+    names.retain(|n| {
+        let new = !seen.contains(n);
+        seen.push(n.clone());
+        new
+    });
+    names
+}
+
 /// What a key file holds.
 #[derive(Clone, Debug)]
 pub struct KeyFile {

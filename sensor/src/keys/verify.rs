@@ -104,6 +104,23 @@ fn prehashes(s: &Signed<'_>) -> Vec<(Option<Hash>, Vec<u8>)> {
         .collect()
 }
 
+/// The digests an ECDSA public-key recovery is tried over (`recover`): the
+/// captured digest; else the message hashed with the digest the caller
+/// named; else with each common digest. A wrong digest costs one more
+/// recovery and only gives points no other signature agrees on.
+pub(super) fn recovery_prehashes(s: &Signed<'_>) -> Vec<Vec<u8>> {
+    let Some(data) = s.data else {
+        return Vec::new();
+    };
+    if s.data_is_digest {
+        return vec![data.to_vec()];
+    }
+    match s.digest_hint.and_then(Hash::from_name) {
+        Some(h) => vec![h.digest(data)],
+        None => Hash::ALL.iter().map(|h| h.digest(data)).collect(),
+    }
+}
+
 /// ECDSA over a prehash; the DER signature is what OpenSSL produces.
 /// A digest shorter than the field (SHA-1 on P-384) is left-padded: ECDSA
 /// reads it as an integer, and the crate wants at least half a field.

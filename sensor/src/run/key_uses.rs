@@ -1,11 +1,24 @@
 //! Signatures: each probe record becomes one Key Use event naming the key,
 //! and the processes that sign get their key-object frees watched so later
 //! verdicts can be cached (`free_watch`).
+//!
+//! A signature whose key is unknown while something may still name it (the
+//! search of its process is under way, or ECDSA recovery waits for a second
+//! signature) is held back, at most `HOLD`, and checked against every key
+//! learnt meanwhile: a server that was running before the sensor gets its
+//! first events named, not only its later ones. A held event keeps the
+//! time of its signature and is numbered when it is written, so it can
+//! come after events of later signatures.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
 
 use aya::programs::uprobe::UProbeLinkId;
-use keywarden_analyzer::event::{self, Event, KeyUse, Signature};
+use hashbrown::HashMap;
+use keywarden_analyzer::event::{self, Event, KeyIdentity, KeyUse, Signature};
 use keywarden_probe_types::{SignRecord, sign_flags};
 use tracing::{debug, info, warn};
 
@@ -14,10 +27,28 @@ use crate::{
     clock,
     discovery::signing_code::function_name,
     free_watch::{self, FreeWatches},
-    keys::identify::Identifier,
+    keys::{
+        identify::{Captured, Identifier, KnownKey, Searched, identified},
+        search::{Found, Job, Searcher},
+    },
     probes::Probes,
     records::c_str,
 };
+
+/// How long an unknown signature is held for a key that may still come.
+/// A search of a local server takes milliseconds, and a busy server signs
+/// again well within this; an idle one is reported unknown, and its next
+/// signature named.
+const HOLD: Duration = Duration::from_secs(2);
+/// Events held at once; beyond, the oldest is written as it stands.
+const MAX_HELD: usize = 256;
+
+/// A signature's event, held while its key may still be learnt.
+struct Held {
+    event: KeyUse,
+    captured: Captured,
+    until: Instant,
+}
 
 pub struct KeyUses {
     pub ident: Identifier,
@@ -25,14 +56,33 @@ pub struct KeyUses {
     /// process first signs).
     pub free_watches: FreeWatches<UProbeLinkId>,
     probes: Arc<Mutex<Probes>>,
+    /// The search thread; `None` if it could not be started (then no
+    /// process is searched, and the unknown reasons say so).
+    searcher: Option<Searcher>,
+    /// The search under way or done for each process (its job id).
+    search_ids: HashMap<u32, u64>,
+    next_search_id: u64,
+    /// Searches started.
+    pub searches: u64,
+    held: VecDeque<Held>,
 }
 
 impl KeyUses {
     pub fn new(probes: Arc<Mutex<Probes>>) -> Self {
+        let searcher = Searcher::start()
+            .inspect_err(|e| {
+                warn!(error = %e, "cannot start the search thread: keys of processes that loaded them before the sensor are found only in files")
+            })
+            .ok();
         Self {
             ident: Identifier::default(),
             free_watches: FreeWatches::new(free_watch::MAX_WATCHED_PROCESSES),
             probes,
+            searcher,
+            search_ids: HashMap::new(),
+            next_search_id: 0,
+            searches: 0,
+            held: VecDeque::new(),
         }
     }
 
@@ -50,10 +100,11 @@ impl KeyUses {
     ) {
         let tgid = r.task.tgid();
         let cacheable = self.free_watches.covers(tgid, r.library, r.task.ktime_ns);
-        let key = self.ident.identify(r, sig, cacheable);
+        let judged = self.ident.judge(r, sig, cacheable);
         if !cacheable && Identifier::caches_by_handle(r) {
             self.watch_frees(tgid, r.library);
         }
+        self.start_searches();
         self.sync_known();
         let info = attr.process_at(tgid, r.task.ktime_ns);
         let who = attr.who(&r.task, &info);
@@ -67,7 +118,8 @@ impl KeyUses {
             .filter(|s| !s.is_empty());
         let u = KeyUse {
             time_ms: attr.wall_ms(r.task.ktime_ns),
-            seq: out.next_seq(),
+            // Numbered when written (`emit`).
+            seq: 0,
             process: who.process,
             container: who.container,
             cgroup: who.cgroup,
@@ -75,7 +127,7 @@ impl KeyUses {
             library_kind,
             function: function_name(r.func as u8).to_owned(),
             success: r.ret == 1,
-            key,
+            key: judged.key,
             signature: Signature {
                 length: if r.ret == 1 { r.sig_len } else { 0 },
                 digest: md_name,
@@ -83,14 +135,203 @@ impl KeyUses {
             peer,
             local,
         };
-        let ev = Event::key_use(&out.origin, u);
-        out.emit(ev, None);
+        match judged.retry {
+            Some(captured) if self.may_still_be_named(&captured) => self.hold(u, captured, out),
+            _ => emit(u, out),
+        }
+    }
+
+    /// Whether a key may still come for a signature judged unknown: the
+    /// search of its process is under way, or recovery waits for a second
+    /// signature.
+    fn may_still_be_named(&self, captured: &Captured) -> bool {
+        captured.recovering.is_some()
+            || self.ident.search_state(captured.tgid) == Some(&Searched::Running)
+    }
+
+    fn hold(&mut self, event: KeyUse, captured: Captured, out: &mut Emitter) {
+        if self.held.len() >= MAX_HELD
+            && let Some(oldest) = self.held.pop_front()
+        {
+            self.emit_unknown(oldest, out);
+        }
+        self.held.push_back(Held {
+            event,
+            captured,
+            until: Instant::now() + HOLD,
+        });
+    }
+
+    /// Writes a held event whose key did not come, with the reason as it
+    /// stands now.
+    fn emit_unknown(&self, mut h: Held, out: &mut Emitter) {
+        h.event.key = KeyIdentity::unknown(self.ident.held_reason(&h.captured));
+        emit(h.event, out);
+    }
+
+    /// Starts the searches `identify` asked for.
+    fn start_searches(&mut self) {
+        for req in std::mem::take(&mut self.ident.search_requests) {
+            let outcome = match (&self.searcher, free_watch::start_time(req.tgid)) {
+                (None, _) => Err("the search thread is not running".to_owned()),
+                (_, None) => Err("it had exited".to_owned()),
+                (Some(searcher), Some(started)) => {
+                    self.next_search_id += 1;
+                    let job = Job {
+                        id: self.next_search_id,
+                        tgid: req.tgid,
+                        started,
+                        local_port: req.local_port,
+                    };
+                    searcher.ask(job).map(|()| job.id)
+                }
+            };
+            match outcome {
+                Ok(id) => {
+                    debug!(pid = req.tgid, "searching the process for its keys");
+                    self.searches += 1;
+                    self.search_ids.insert(req.tgid, id);
+                }
+                Err(why) => self.ident.set_search(req.tgid, Searched::NotDone(why)),
+            }
+        }
+    }
+
+    /// Takes in what searches found, checks held signatures against every
+    /// key learnt since, and writes held events that are due. Called on
+    /// every turn of the event loop.
+    pub fn poll(&mut self, out: &mut Emitter) {
+        let found = self
+            .searcher
+            .as_ref()
+            .map(Searcher::try_found)
+            .unwrap_or_default();
+        for f in found {
+            self.on_found(f);
+        }
+        self.sync_known();
+        self.resolve_held(out);
+        // Due, or nothing more to wait for (the search is over and found
+        // nothing that verifies, and no recovery waits).
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.held.len() {
+            let h = &self.held[i];
+            if h.until <= now || !self.may_still_be_named(&h.captured) {
+                if let Some(h) = self.held.remove(i) {
+                    self.emit_unknown(h, out);
+                }
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// At exit: waits, at most until the last held event is due, for the
+    /// searches its events wait on, then writes every held event.
+    pub fn finish(&mut self, out: &mut Emitter) {
+        while let Some(last) = self.held.iter().map(|h| h.until).max() {
+            let waiting_on_search = self
+                .held
+                .iter()
+                .any(|h| self.ident.search_state(h.captured.tgid) == Some(&Searched::Running));
+            let now = Instant::now();
+            if !waiting_on_search || now >= last {
+                break;
+            }
+            let found = match &self.searcher {
+                Some(s) => s.wait_found(last - now),
+                None => None,
+            };
+            match found {
+                Some(f) => {
+                    self.on_found(f);
+                    self.sync_known();
+                    self.resolve_held(out);
+                }
+                None => break,
+            }
+        }
+        while let Some(h) = self.held.pop_front() {
+            self.emit_unknown(h, out);
+        }
+    }
+
+    /// A search's result. Keys found for a process image since replaced
+    /// (an exec) or gone still join the host's keys.
+    fn on_found(&mut self, found: Found) {
+        match found {
+            Found::Keys {
+                id,
+                tgid,
+                keys,
+                source,
+            } => {
+                if self.search_ids.get(&tgid) == Some(&id) {
+                    self.ident.add_process_keys_from(tgid, keys, &source);
+                } else {
+                    for k in keys {
+                        self.ident.add_inventory_from(k, &source);
+                    }
+                }
+            }
+            Found::Done { id, tgid, outcome } => {
+                if self.search_ids.get(&tgid) == Some(&id) {
+                    self.ident.set_search(tgid, outcome);
+                }
+            }
+        }
+    }
+
+    /// Checks each held signature against the keys learnt since the last
+    /// call; one that verifies is written, named.
+    fn resolve_held(&mut self, out: &mut Emitter) {
+        let fresh = self.ident.take_fresh();
+        if fresh.is_empty() || self.held.is_empty() {
+            return;
+        }
+        let mut i = 0;
+        while i < self.held.len() {
+            let tgid = self.held[i].captured.tgid;
+            // The process's own entry of a key first: it says where this
+            // process's key came from.
+            let own = |k: &&Arc<KnownKey>| self.ident.holds(tgid, k);
+            let ordered: Vec<Arc<KnownKey>> = fresh
+                .iter()
+                .filter(own)
+                .chain(fresh.iter().filter(|k| !own(k)))
+                .cloned()
+                .collect();
+            let mut tried: Vec<&str> = Vec::new();
+            let mut named = None;
+            for k in &ordered {
+                if tried.contains(&k.info.spki_sha256.as_str()) {
+                    continue;
+                }
+                tried.push(&k.info.spki_sha256);
+                if self.ident.check_held(&self.held[i].captured, &k.info) {
+                    named = Some(k.clone());
+                    break;
+                }
+            }
+            match named {
+                Some(k) => {
+                    if let Some(mut h) = self.held.remove(i) {
+                        debug!(pid = tgid, spki_sha256 = %k.info.spki_sha256, from = %k.source.describe(), "a held signature is named");
+                        h.event.key = identified(&k, k.verified_as());
+                        emit(h.event, out);
+                    }
+                }
+                None => i += 1,
+            }
+        }
     }
 
     /// A process exec'd or exited: what was known of its key objects goes,
     /// and so do its free probes.
     pub fn forget_process(&mut self, tgid: u32) {
         self.ident.forget_process(tgid);
+        self.search_ids.remove(&tgid);
         self.unwatch_frees(tgid);
         self.sync_known();
     }
@@ -164,6 +405,7 @@ impl KeyUses {
         for tgid in gone {
             debug!(pid = tgid, "watched process gone without an exit record");
             self.ident.forget_process(tgid);
+            self.search_ids.remove(&tgid);
             self.unwatch_frees(tgid);
         }
         self.sync_known();
@@ -203,6 +445,13 @@ impl KeyUses {
             }
         }
     }
+}
+
+/// Numbers a Key Use and hands it to the pipeline.
+fn emit(mut u: KeyUse, out: &mut Emitter) {
+    u.seq = out.next_seq();
+    let ev = Event::key_use(&out.origin, u);
+    out.emit(ev, None);
 }
 
 /// The library a probe record names, as an OCSF file, and the stack the

@@ -278,6 +278,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
 
     let uncovered = startup::discover(&cfg.library_dirs, &cache, &probes, &mut s.out);
     startup::load_key_paths(&cfg.key_paths, &mut s.keys.ident, &mut s.decisions);
+    startup::scan_key_locations(&cfg.key_locations, &mut s.keys.ident);
     s.decisions.warn_unprotectable();
     for missing in s.secrets.watch.missing_roots() {
         warn!("secret_files.watch entry {missing}; it watches nothing on the host itself");
@@ -313,6 +314,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             }
         }
         more = s.drain();
+        s.keys.poll(&mut s.out);
         s.end_turn();
         if reload.swap(false, Ordering::Relaxed) {
             s.settle();
@@ -356,6 +358,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     // Key files still being read get until their deadline; the openers
     // they hold are released when judged.
     s.finish_opens();
+    // Signatures held for a key a search may still bring.
+    s.keys.finish(&mut s.out);
     // Everyone held was released above; the watchdog sweeps what is left
     // (a hold whose record was still being written), then exits.
     watchdog.finish();
@@ -524,6 +528,8 @@ impl Sensor {
             key_reads_shed = reads.shed,
             key_reads_abandoned = reads.abandoned,
             verifications = self.keys.ident.verifications,
+            ecdsa_recoveries = self.keys.ident.recovery.recoveries,
+            processes_searched = self.keys.searches,
             free_watched_processes = self.keys.free_watches.watched(),
             free_probes_host_wide = self.keys.free_watches.host_wide_libraries(),
             "stopped: probes detached; {}",
@@ -571,6 +577,7 @@ impl Sensor {
         };
         self.decisions.replace(enforcer);
         startup::load_key_paths(&cfg.key_paths, &mut self.keys.ident, &mut self.decisions);
+        startup::scan_key_locations(&cfg.key_locations, &mut self.keys.ident);
         self.decisions.warn_unprotectable();
         if let Some(p) = self.out.pipeline() {
             p.reload(rules.clone());

@@ -152,7 +152,7 @@ struct FirstOpen<'a> {
 /// Lets a process held at its open go on: its open is judged.
 fn release_if_held(f: &FileOpenRecord, decisions: &mut Decisions) {
     if f.flags & open_flags::HELD != 0 {
-        decisions.release(f.task.tgid());
+        decisions.release(f.task.tgid(), f.task.ktime_ns);
     }
 }
 

@@ -1,6 +1,6 @@
 //! What the sensor does once, before `ready`: attach to every crypto
-//! library in running processes and library directories, and read the
-//! key files the configuration names.
+//! library in running processes and library directories, read the key
+//! files the configuration names, and scan the places servers keep keys.
 
 use std::{
     os::unix::fs::MetadataExt,
@@ -10,7 +10,7 @@ use std::{
 };
 
 use keywarden_analyzer::event;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::emitter::Emitter;
 use crate::{
@@ -21,7 +21,7 @@ use crate::{
     },
     enforce::decisions::Decisions,
     enrich::process::cgroup2_root,
-    keys::{identify::Identifier, material},
+    keys::{identify::Identifier, material, scan},
     probes::Probes,
 };
 
@@ -99,6 +99,35 @@ fn mark_seen(all: &[Candidate], probes: &Mutex<Probes>) {
             debug!(file = %c.shown_as, error = %e, "marking a library seen");
         }
     }
+}
+
+/// Scans the places servers keep keys (`key_locations`, `keys::scan`):
+/// their keys join the inventory, as candidates only.
+pub fn scan_key_locations(locations: &[String], ident: &mut Identifier) {
+    let started = Instant::now();
+    let found = scan::scan(locations);
+    for skipped in &found.skipped {
+        debug!("key_locations: skipped {skipped}");
+    }
+    let mut keys = 0;
+    for (path, file) in found.files {
+        for key in file.keys {
+            keys += 1;
+            ident.add_inventory(key, &path);
+        }
+    }
+    if let Some(bound) = found.truncated {
+        warn!(
+            "key_locations: the scan stopped at its bound on {bound}; keys in the files it did not reach are found only by other means"
+        );
+    }
+    info!(
+        files = found.read,
+        keys,
+        skipped = found.skipped.len(),
+        elapsed = ?started.elapsed(),
+        "key_locations scanned"
+    );
 }
 
 /// Reads every key file under the configured `key_paths`: their keys join
