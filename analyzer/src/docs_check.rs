@@ -17,8 +17,7 @@ use serde_json::{Value, json};
 use crate::{
     event::{
         Analysis, BaselineSnapshot, Event, EventCode, File, IdentifiedBy, KeyIdentity, OpenResult,
-        Process,
-        Response, RuleRef, SecretFile, SecretFileOpen, severity,
+        Process, Response, RuleRef, SecretFile, SecretFileOpen, severity,
         tests_support::{self, origin},
     },
     rules::fields::{FIELDS, Kind},

@@ -122,21 +122,17 @@ fn nginx_started_before_the_sensor_has_both_sni_keys_named() {
     let sensor = Sensor::start(&["--config", sensor_conf.to_str().unwrap()]);
 
     // The default key first: its first event is named as soon as the
-    // sensor's handshake has fetched the certificate. The target is a
-    // second from the first signature.
+    // sensor's handshake has fetched the certificate. How long that takes
+    // is printed, not asserted (no timing thresholds in tests): it is
+    // measured in docs/performance.md.
     let named_within = |spki: &str, what: &str| {
         let since = Instant::now();
-        wait_for(what, Duration::from_secs(5), || {
+        wait_for(what, Duration::from_secs(20), || {
             key_uses_of(&sensor.events(), worker)
                 .iter()
                 .any(|e| spki_of(e) == Some(spki))
         });
-        let took = since.elapsed();
-        assert!(
-            took < Duration::from_secs(1),
-            "{what} took {took:?}:\n{}",
-            sensor.log()
-        );
+        eprintln!("{what} after {:?}", since.elapsed());
     };
     let (n_a, n_b) = (4, 3);
     assert!(handshake(port, Some("b.test")).contains("b.test"));

@@ -49,8 +49,26 @@ pub fn sole_connection(proc_root: &Path, pid: u32) -> Option<(SocketAddr, Socket
     found
 }
 
+/// `LISTEN` in the `st` column.
+pub const TCP_LISTEN: &str = "0A";
+
+/// The rows in state `LISTEN` at the head of a TCP table (`lines`, header
+/// first). The kernel lists listening sockets before all others, so the
+/// first row in another state ends them: a host with many connections has
+/// a huge table, of which only the head is read. (local address, inode).
+pub fn listening(lines: impl Iterator<Item = String>) -> Vec<(SocketAddr, u64)> {
+    lines
+        .skip(1)
+        .map_while(|line| {
+            let c = parse_line(&line)?;
+            (c.state == TCP_LISTEN).then_some((c.local, c.inode))
+        })
+        .filter(|&(_, inode)| inode != 0)
+        .collect()
+}
+
 /// The inodes of the sockets among a process's descriptors (`socket:[N]`).
-fn socket_inodes(fd_dir: &Path) -> Option<HashSet<u64>> {
+pub fn socket_inodes(fd_dir: &Path) -> Option<HashSet<u64>> {
     let mut out = HashSet::new();
     for entry in std::fs::read_dir(fd_dir).ok()?.take(MAX_FDS).flatten() {
         let Ok(target) = std::fs::read_link(entry.path()) else {
@@ -70,16 +88,18 @@ fn socket_inodes(fd_dir: &Path) -> Option<HashSet<u64>> {
     Some(out)
 }
 
-struct Connection<'a> {
-    local: SocketAddr,
-    remote: SocketAddr,
-    state: &'a str,
-    inode: u64,
+/// One row of a TCP table.
+pub struct Connection<'a> {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The kernel's state, in hex (`01` established, `0A` listening).
+    pub state: &'a str,
+    pub inode: u64,
 }
 
 /// One row of `/proc/PID/net/tcp` or `tcp6`:
 /// `sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid timeout inode …`.
-fn parse_line(line: &str) -> Option<Connection<'_>> {
+pub fn parse_line(line: &str) -> Option<Connection<'_>> {
     let mut f = line.split_whitespace();
     let _slot = f.next()?;
     let local = parse_addr(f.next()?)?;
@@ -94,15 +114,15 @@ fn parse_line(line: &str) -> Option<Connection<'_>> {
     })
 }
 
-/// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6), each 32-bit group in
-/// the kernel's byte order (little-endian here), then the port in hex.
+/// `0100007F:1F90` (IPv4) or 32 hex digits (IPv6), each 32-bit group a
+/// word in the host's byte order, then the port in hex.
 fn parse_addr(s: &str) -> Option<SocketAddr> {
     let (addr, port) = s.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let mut bytes = Vec::with_capacity(16);
     for group in addr.as_bytes().chunks(8) {
         let word = u32::from_str_radix(std::str::from_utf8(group).ok()?, 16).ok()?;
-        bytes.extend_from_slice(&word.to_le_bytes());
+        bytes.extend_from_slice(&word.to_ne_bytes());
     }
     let ip: IpAddr = match bytes.len() {
         4 => Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]).into(),

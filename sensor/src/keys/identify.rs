@@ -580,9 +580,9 @@ impl Identifier {
                     encoded.as_slice()
                 }
                 None => {
-                    return KeyIdentity::unknown(
+                    return Judged::done(KeyIdentity::unknown(
                         "the probes copied no valid ECDSA_SIG (r and s) from the signing call",
-                    );
+                    ));
                 }
             }
         } else {
@@ -682,10 +682,10 @@ impl Identifier {
             };
             return Judged::done(KeyIdentity::unknown(self.explain(tgid, base, None)));
         };
-        let recovering = match self.recovery.recover(tgid, r.handle, &readings, &signed_as) {
+        let recovering = match self.recovery.recover(tgid, r.handle, &readings, signed_as) {
             recover::Recovery::Named(info) => {
                 let k = self
-                    .add_process_keys_from(tgid, vec![info], &Source::Recovered)
+                    .add_process_keys_from(tgid, vec![*info], &Source::Recovered)
                     .remove(0);
                 self.keep_verdict(r, &k, cacheable);
                 return Judged::done(identified(&k, k.verified_as()));

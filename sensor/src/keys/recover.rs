@@ -106,8 +106,9 @@ pub enum Recovery {
     /// This signature's possible keys (this many) wait for a second
     /// signature.
     Waiting(usize),
-    /// A second, distinct signature agreed: this is the key.
-    Named(KeyInfo),
+    /// A second, distinct signature agreed: this is the key (boxed: a
+    /// key is large, and most results are the other two).
+    Named(Box<KeyInfo>),
 }
 
 /// The possible keys of the host's recent unnamed ECDSA signatures, and
@@ -188,7 +189,7 @@ impl Pools {
                 let key = (*one).clone();
                 // Its signatures are named by verification from now on.
                 pool.retain(|e| !e.keys.iter().any(|k| k.spki_sha256 == key.spki_sha256));
-                return Recovery::Named(key);
+                return Recovery::Named(Box::new(key));
             }
             [] => {}
             more => {

@@ -154,7 +154,7 @@ impl Walk {
         }
         self.bytes += len;
         self.out.read += 1;
-        match material::read_key_file_from(file, &shown) {
+        match material::read_key_file_from(&file, &shown) {
             Ok(k) if k.keys.len() > MAX_KEYS_PER_FILE => self
                 .out
                 .skipped

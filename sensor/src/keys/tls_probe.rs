@@ -21,6 +21,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use crate::enrich::sockets;
 use rustls::{
     ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme,
     client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
@@ -37,74 +38,28 @@ pub struct Listener {
     pub local: SocketAddr,
 }
 
-/// The TCP sockets process `tgid` listens on.
+/// The TCP sockets process `tgid` listens on (`enrich::sockets` reads the
+/// tables).
 pub fn listeners(tgid: u32) -> io::Result<Vec<Listener>> {
-    let mut inodes = Vec::new();
-    for entry in std::fs::read_dir(format!("/proc/{tgid}/fd"))? {
-        let Ok(entry) = entry else { continue };
-        if let Ok(target) = std::fs::read_link(entry.path())
-            && let Some(inode) = target
-                .to_str()
-                .and_then(|t| t.strip_prefix("socket:["))
-                .and_then(|t| t.strip_suffix(']'))
-                .and_then(|t| t.parse::<u64>().ok())
-        {
-            inodes.push(inode);
-        }
-    }
+    let fd_dir = std::path::PathBuf::from(format!("/proc/{tgid}/fd"));
+    // A process gone or unreadable is an error, not "no listeners".
+    std::fs::read_dir(&fd_dir)?;
+    let inodes = sockets::socket_inodes(&fd_dir).unwrap_or_default();
     let mut out = Vec::new();
-    for (table, v6) in [("tcp", false), ("tcp6", true)] {
+    for table in ["tcp", "tcp6"] {
         // A kernel without IPv6 has no tcp6 table.
         let Ok(file) = std::fs::File::open(format!("/proc/{tgid}/net/{table}")) else {
             continue;
         };
         let lines = io::BufRead::lines(io::BufReader::new(file)).map_while(Result::ok);
-        for l in listening(lines, v6) {
-            if inodes.contains(&l.inode) && !out.contains(&l) {
+        for (local, inode) in sockets::listening(lines) {
+            let l = Listener { inode, local };
+            if inodes.contains(&inode) && !out.contains(&l) {
                 out.push(l);
             }
         }
     }
     Ok(out)
-}
-
-/// The LISTEN rows of a `/proc/net/tcp` or `tcp6` table (`lines`, header
-/// first). The kernel lists listening sockets before all others, so the
-/// first row in another state ends them: a host with many connections
-/// has a huge table, of which only the head is read. Addresses are
-/// printed as the kernel's 32-bit words in native byte order, the port in
-/// host order.
-fn listening(lines: impl Iterator<Item = String>, v6: bool) -> Vec<Listener> {
-    const TCP_LISTEN: &str = "0A";
-    let word = |hex: &str| u32::from_str_radix(hex, 16).ok().map(u32::to_ne_bytes);
-    let row = |line: &str| -> Option<Listener> {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let (addr, port) = f.get(1)?.split_once(':')?;
-        let port = u16::from_str_radix(port, 16).ok()?;
-        let ip: IpAddr = if v6 {
-            if addr.len() != 32 {
-                return None;
-            }
-            let mut b = [0u8; 16];
-            for (i, w) in b.chunks_exact_mut(4).enumerate() {
-                w.copy_from_slice(&word(addr.get(i * 8..i * 8 + 8)?)?);
-            }
-            Ipv6Addr::from(b).into()
-        } else {
-            Ipv4Addr::from(word(addr)?).into()
-        };
-        let inode = f.get(9)?.parse().ok()?;
-        Some(Listener {
-            inode,
-            local: SocketAddr::new(ip, port),
-        })
-    };
-    lines
-        .skip(1)
-        .take_while(|line| line.split_whitespace().nth(3) == Some(TCP_LISTEN))
-        .filter_map(|line| row(&line))
-        .filter(|l| l.inode != 0)
-        .collect()
 }
 
 /// Where the sensor connects for a listener: its own address, or loopback
@@ -232,6 +187,10 @@ fn classify(e: &io::Error) -> Failed {
 /// one per handshake: no session is resumed (a resumed session shows no
 /// certificate).
 fn config(recorder: Arc<Recorder>) -> Result<Arc<ClientConfig>, Failed> {
+    // ring's provider lacks post-quantum key exchange, hence deprecated;
+    // this handshake only fetches a certificate, so the key exchange
+    // protects nothing, and ring needs no C toolchain (aws-lc-rs does).
+    #[allow(deprecated)]
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(rustls::ALL_VERSIONS)
@@ -309,10 +268,17 @@ mod tests {
     use crate::keys::material::{self, tests::openssl_key};
     use std::process::{Command, Stdio};
 
+    fn listening(table: &str) -> Vec<Listener> {
+        sockets::listening(table.lines().map(str::to_owned))
+            .into_iter()
+            .map(|(local, inode)| Listener { inode, local })
+            .collect()
+    }
+
     #[test]
     fn listen_entries_are_parsed_in_native_word_order() {
         let v4 = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:20FB 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 35231 1 0000000000000000 100 0 0 10 0\n   1: 0100007F:A1B2 0100007F:20FB 01 00000000:00000000 00:00000000 00000000     0        0 35300 1 0000000000000000 100 0 0 10 0\n";
-        let got = listening(v4.lines().map(str::to_owned), false);
+        let got = listening(v4);
         assert_eq!(
             got,
             vec![Listener {
@@ -322,7 +288,7 @@ mod tests {
             "established connections are not listeners, and end the listeners"
         );
         let v6 = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 00000000000000000000000001000000:01BB 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41000 1 0000000000000000 100 0 0 10 0\n   1: 00000000000000000000000000000000:0050 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 41001 1 0000000000000000 100 0 0 10 0\n";
-        let got = listening(v6.lines().map(str::to_owned), true);
+        let got = listening(v6);
         if cfg!(target_endian = "little") {
             assert_eq!(got[0].local, "[::1]:443".parse().unwrap());
         }
