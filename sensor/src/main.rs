@@ -19,6 +19,7 @@ mod host;
 mod keys;
 mod liveness;
 mod logging;
+mod metrics;
 mod probes;
 mod records;
 mod respond;
