@@ -266,7 +266,7 @@ impl Metrics {
     /// The event thread's publication, once a turn: `update` edits the
     /// published snapshot in place, under the lock, so it should only copy.
     pub fn publish(&self, update: impl FnOnce(&mut Snapshot)) {
-        update(&mut self.lock());
+        update(&mut *self.lock());
     }
 
     /// The exposition text of a scrape now.
@@ -1046,11 +1046,12 @@ mod tests {
             body.contains("\nkeywarden_attached_libraries 3\n"),
             "{body}"
         );
-        for request in [
-            &b"GET / HTTP/1.1\r\n\r\n"[..],
+        let others: [&[u8]; 3] = [
+            b"GET / HTTP/1.1\r\n\r\n",
             b"POST /metrics HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
             b"GET /metricsx HTTP/1.0\r\n\r\n",
-        ] {
+        ];
+        for request in others {
             let (head, _) = exchange(e.addr, request);
             assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
         }
