@@ -11,7 +11,9 @@ BPF_LINKER_VERSION="0.13.0"
 # LLVM major of the pinned rustc; bpf-linker must match it.
 BPF_LINKER_FEATURE="llvm-23"
 LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server)
+# prometheus (96 MB installed) is there for its promtool: the metrics test
+# checks a scrape with `promtool check metrics`.
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server prometheus)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 

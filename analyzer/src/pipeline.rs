@@ -333,6 +333,23 @@ impl Pipeline {
         self.inputs.iter().map(|q| q.len()).sum::<usize>() + self.output.len()
     }
 
+    /// The shards' input queues together: events waiting in them now, and
+    /// how many they hold at most. Apart from `output_queue`, because the
+    /// two fill for different reasons: full inputs mean the shards are
+    /// slow, a full output that nobody drains them (the sensor's metrics
+    /// show both).
+    pub fn input_queue(&self) -> (usize, usize) {
+        let waiting = self.inputs.iter().map(|q| q.len()).sum();
+        let capacity = self.inputs.iter().filter_map(|q| q.capacity()).sum();
+        (waiting, capacity)
+    }
+
+    /// The output queue: results not drained yet, and how many it holds at
+    /// most.
+    pub fn output_queue(&self) -> (usize, usize) {
+        (self.output.len(), self.output.capacity().unwrap_or(0))
+    }
+
     /// Results ready now (never waits).
     pub fn try_drain(&self) -> impl Iterator<Item = Box<Output>> + '_ {
         self.output.try_iter()
@@ -674,6 +691,11 @@ mod tests {
         }
         let dropped: u64 = p.stats.iter().map(|s| s.snapshot().dropped).sum();
         assert_eq!(dropped, back, "every event handed back is counted");
+        // The depths the sensor's metrics show, each within its capacity.
+        let (input, input_capacity) = p.input_queue();
+        let (output, output_capacity) = p.output_queue();
+        assert_eq!((input_capacity, output_capacity), (shards * queue, queue));
+        assert!(input <= input_capacity && output <= output_capacity);
         // Shards block on the full output queue, so nearly all came back;
         // those accepted are still in the pipeline, in a shard's hands at
         // most one each.

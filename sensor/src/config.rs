@@ -42,6 +42,11 @@ pub struct Config {
     /// Correlation: baselines, GeoIP, the pipeline's shape.
     #[serde(default)]
     pub analyzer: AnalyzerConfig,
+    /// Where the Prometheus endpoint listens (`IP:PORT`; `docs/metrics.md`),
+    /// or `None`: off, the default. Optional in a configuration file, as a
+    /// file written before the endpoint existed has no such key.
+    #[serde(default)]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -132,6 +137,7 @@ mod tests {
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
         assert!(c.key_locations.iter().any(|p| p == "/etc/kubernetes/pki"));
         assert_eq!(c.secret_files.watch.len(), 7);
+        assert_eq!(c.metrics, None, "the metrics endpoint is off by default");
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
             .expect("default watch list compiles");
     }
@@ -145,6 +151,9 @@ mod tests {
             Config::load(None).unwrap().secret_files.watch.len()
         );
         assert_eq!(c.key_locations, Config::load(None).unwrap().key_locations);
+        assert_eq!(c.metrics, None);
+        let c = Config::parse(&format!("{text}metrics: 127.0.0.1:9464\n"), "c.yaml").unwrap();
+        assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
     }
 
     #[test]

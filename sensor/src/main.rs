@@ -19,6 +19,7 @@ mod host;
 mod keys;
 mod liveness;
 mod logging;
+mod metrics;
 mod probes;
 mod records;
 mod respond;
@@ -76,6 +77,10 @@ enum Command {
         /// wins).
         #[arg(long, value_name = "FILE", overrides_with = "baselines")]
         baselines: Option<String>,
+        /// Serve Prometheus metrics at GET /metrics on this IP address and
+        /// port, e.g. 127.0.0.1:9464 (overrides `metrics`; off by default).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
     },
     /// Replay recorded NDJSON events through the same pipeline and rules as
     /// the live sensor; writes the findings as NDJSON.
@@ -245,6 +250,7 @@ fn main() -> ExitCode {
             no_hold,
             rules,
             baselines,
+            metrics,
         } => {
             let result = (|| {
                 let mut cfg = config::Config::load(config.as_deref())?;
@@ -257,6 +263,9 @@ fn main() -> ExitCode {
                 }
                 if no_hold {
                     cfg.hold_new_libraries = false;
+                }
+                if let Some(m) = metrics {
+                    cfg.metrics = Some(m);
                 }
                 let shutdown = Arc::new(AtomicBool::new(false));
                 for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -291,6 +300,14 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_takes_a_metrics_address() {
+        let cli = Cli::try_parse_from(["keywarden", "run", "--metrics", "127.0.0.1:9464"]).unwrap();
+        assert!(
+            matches!(cli.command, Command::Run { metrics: Some(m), .. } if m == "127.0.0.1:9464")
+        );
+    }
 
     #[test]
     fn the_watchdog_command_parses_as_run_starts_it() {

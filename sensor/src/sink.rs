@@ -76,6 +76,17 @@ impl Shared {
     }
 }
 
+/// What `NdjsonSink::progress` reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    /// Lines queued or in the writer's hands, not written yet.
+    pub queued_lines: usize,
+    /// Their bytes: what `BACKLOG_BYTES` bounds.
+    pub queued_bytes: usize,
+    /// Lines written so far.
+    pub written: u64,
+}
+
 pub struct NdjsonSink {
     shared: Arc<Shared>,
     writer: Option<JoinHandle<()>>,
@@ -212,6 +223,18 @@ impl NdjsonSink {
     /// Lines written so far.
     pub fn written(&self) -> u64 {
         self.shared.lock().written
+    }
+
+    /// The backlog now and the lines written so far, in one look, for the
+    /// metrics endpoint: a backlog that grows while `written` stands still
+    /// is an output that stalled.
+    pub fn progress(&self) -> Progress {
+        let b = self.shared.lock();
+        Progress {
+            queued_lines: b.lines.len() + b.in_hand,
+            queued_bytes: b.bytes,
+            written: b.written,
+        }
     }
 
     /// Bytes queued and not written yet.
@@ -394,8 +417,21 @@ mod tests {
         wait_until("the writer to fail", || sink.shared.lock().failing);
         assert_eq!(sink.flush(), 3);
         assert!(disk.data.lock().unwrap().is_empty());
+        let stalled = sink.progress();
+        assert_eq!(
+            (stalled.queued_lines, stalled.queued_bytes, stalled.written),
+            (3, 3 * line_len(), 0)
+        );
         disk.full.store(false, Ordering::SeqCst);
         wait_until("the backlog to be written", || sink.written() == 3);
+        assert_eq!(
+            sink.progress(),
+            Progress {
+                queued_lines: 0,
+                queued_bytes: 0,
+                written: 3
+            }
+        );
         assert_eq!(sink.finish(Duration::from_secs(5)), 0);
         let text = String::from_utf8(disk.data.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();

@@ -1,6 +1,6 @@
 //! Where events go: numbered, through the analysis pipeline, then to the
 //! sink, with a finding for every rule they fire. It also counts what it
-//! wrote, by kind, for the final summary.
+//! wrote, by kind, for the final summary and the metrics endpoint.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -26,6 +26,9 @@ pub struct Counts {
     pub findings: u64,
     /// Written without analysis because the pipeline was full.
     pub unanalysed: u64,
+    /// By class and outcome, findings by rule, actions by outcome: what
+    /// the event thread publishes for the metrics endpoint each turn.
+    pub tally: crate::metrics::Tally,
 }
 
 pub struct Emitter {
@@ -94,6 +97,7 @@ impl Emitter {
             EventCode::SecretFileOpen => c.secret_file_opens += 1,
             EventCode::Alert => c.findings += 1,
         }
+        c.tally.count(ev);
     }
 
     /// Hands an event to the pipeline, which writes it (enriched) and acts

@@ -60,6 +60,7 @@ use crate::{
     },
     enrich::{kernel_layout, process::ProcessTable},
     liveness::{self, Liveness},
+    metrics::{self, Metrics, Queue, Queues},
     probes::{Lease, Probes},
     respond,
     secrets::watch::{WatchEntry, WatchList},
@@ -111,10 +112,15 @@ struct Sensor {
     secrets: SecretOpens,
     decisions: Decisions,
     out: Emitter,
-    /// The kernel's ring-buffer loss counters as last read (`LOST_SIGN`,
-    /// `LOST_DATA`, `LOST_OTHER`), and when.
-    ring_lost: [u64; 3],
+    /// The probes' `STATS` counters as last read (the ring-buffer losses,
+    /// `LOST_SIGN`, `LOST_DATA`, `LOST_OTHER`, among them), and when.
+    kernel_stats: [u64; stats::SLOTS as usize],
     ring_read_at: Option<Instant>,
+    /// Files the probes are attached to, and the functions probed in them,
+    /// read with `kernel_stats` (for the metrics endpoint).
+    attached: (u64, u64),
+    /// What the metrics endpoint shows, published once a turn.
+    metrics: Arc<Metrics>,
     /// Records left in the ring at exit, counted but not handled.
     ring_unread: u64,
     /// Verdicts the guard enforced but could not report.
@@ -170,6 +176,13 @@ fn watch_list(cfg: &Config, rules: &RuleSet) -> Result<WatchList> {
 pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> Result<Outcome> {
     crate::host::preflight()?;
     raise_open_file_limit();
+    // Bound before anything attaches, so that an address that cannot be
+    // bound stops the sensor at once; it serves until `run` returns.
+    let metrics = Arc::new(Metrics::default());
+    let _endpoint = match &cfg.metrics {
+        Some(addr) => Some(metrics::Endpoint::start(addr, metrics.clone())?),
+        None => None,
+    };
     let rules = setup::load_rules(&cfg.rules)?;
     // Refuse block rules that cannot be enforced before anything attaches.
     crate::enforce::guard::plan(&rules)?;
@@ -221,8 +234,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
                 probes: probes.clone(),
             }),
         ),
-        ring_lost: [0; 3],
+        kernel_stats: [0; stats::SLOTS as usize],
         ring_read_at: None,
+        attached: (0, 0),
+        metrics,
         ring_unread: 0,
         guard_shed: Arc::new(AtomicU64::new(0)),
         shed_report: ShedReport::default(),
@@ -423,6 +438,41 @@ impl Sensor {
         self.out.drain_pipeline();
         self.report_shed(false);
         self.out.sink.flush();
+        self.publish_metrics();
+    }
+
+    /// Publishes this turn's counts for the metrics endpoint
+    /// (`metrics.rs`): each part's own counts and its queue, read here,
+    /// then copied under the endpoint's lock.
+    fn publish_metrics(&self) {
+        let analyzer = self
+            .out
+            .pipeline()
+            .map(|p| (p.input_queue(), p.output_queue()));
+        let ((input, input_capacity), (output, output_capacity)) = analyzer.unwrap_or_default();
+        let sink = self.out.sink.progress();
+        let queues = Queues {
+            analyzer_input: Queue::new(input, Some(input_capacity)),
+            analyzer_output: Queue::new(output, Some(output_capacity)),
+            sink_backlog: Queue::new(sink.queued_lines, None),
+            guard_verdicts: Queue::new(self.guarded.len(), self.guarded.capacity()),
+            warnings: Queue::new(self.warnings.len(), self.warnings.capacity()),
+        };
+        let shed = self.shed();
+        let key_reads = self.secrets.key_read_stats();
+        let (libraries, functions) = self.attached;
+        self.metrics.publish(|m| {
+            self.out.counts.tally.copy_into(&mut m.tally);
+            m.written = sink.written;
+            m.shed = shed;
+            m.kernel = self.kernel_stats;
+            m.key_reads = key_reads;
+            m.libraries = libraries;
+            m.functions = functions;
+            m.verifications = self.keys.ident.verifications;
+            m.queues = queues;
+            m.sink_backlog_bytes = sink.queued_bytes as u64;
+        });
     }
 
     /// Drains the ring once the sensor is asked to stop, for `FINAL_DRAIN`
@@ -445,11 +495,11 @@ impl Sensor {
 
     /// Everything shed so far, per cause.
     fn shed(&self) -> Shed {
-        let [ring_sign, ring_data, ring_other] = self.ring_lost;
+        let k = &self.kernel_stats;
         Shed {
-            ring_sign,
-            ring_data,
-            ring_other,
+            ring_sign: k[stats::LOST_SIGN as usize],
+            ring_data: k[stats::LOST_DATA as usize],
+            ring_other: k[stats::LOST_OTHER as usize],
             ring_unread: self.ring_unread,
             coalescer: self.secrets.shed(),
             analyzer: self.out.counts.unanalysed,
@@ -458,10 +508,11 @@ impl Sensor {
         }
     }
 
-    /// Reads the kernel's ring-buffer loss counters: while running at most
-    /// every `RING_READ_EVERY`, and only if the probes lock is free (the
-    /// control thread may hold it through an attach; the next turn reads
-    /// them instead); at exit always.
+    /// Reads the kernel's counters, the ring-buffer losses among them, and
+    /// (for the metrics endpoint, under the same lock) what the probes are
+    /// attached to: while running at most every `RING_READ_EVERY`, and only
+    /// if the probes lock is free (the control thread may hold it through
+    /// an attach; the next turn reads them instead); at exit always.
     fn read_ring_lost(&mut self, at_exit: bool) {
         if !at_exit
             && self
@@ -477,15 +528,12 @@ impl Sensor {
         };
         let Some(probes) = probes else { return };
         match probes.lost() {
-            Ok(lost) => {
-                self.ring_lost = [
-                    lost[stats::LOST_SIGN as usize],
-                    lost[stats::LOST_DATA as usize],
-                    lost[stats::LOST_OTHER as usize],
-                ];
-            }
+            Ok(lost) => self.kernel_stats = lost,
             Err(e) => debug!(error = %e, "reading the probes' loss counters"),
         }
+        let libraries = probes.libraries();
+        let functions: u64 = libraries.iter().map(|l| l.functions.len() as u64).sum();
+        self.attached = (libraries.len() as u64, functions);
         drop(probes);
         self.ring_read_at = Some(Instant::now());
     }
