@@ -266,7 +266,7 @@ impl Metrics {
     /// The event thread's publication, once a turn: `update` edits the
     /// published snapshot in place, under the lock, so it should only copy.
     pub fn publish(&self, update: impl FnOnce(&mut Snapshot)) {
-        update(&mut *self.lock());
+        update(&mut self.lock());
     }
 
     /// The exposition text of a scrape now.
