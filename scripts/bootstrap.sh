@@ -13,7 +13,7 @@ BPF_LINKER_FEATURE="llvm-23"
 LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
 # prometheus (96 MB installed) is there for its promtool: the metrics test
 # checks a scrape with `promtool check metrics`.
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server prometheus)
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus)
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 

@@ -250,3 +250,76 @@ fn s_server_started_before_the_sensor_has_its_ed25519_and_p384_keys_named() {
         pretty(&ed_uses)
     );
 }
+
+/// apache2 (event MPM, mod_ssl) with an RSA key, started and
+/// used before the sensor, from a directory the sensor is not told about.
+/// Its workers sign; each of their handshakes after the sensor is ready
+/// names the key, known from the certificate the listener presents.
+#[test]
+fn apache_started_before_the_sensor_has_its_key_named() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let key = openssl_key(dir, "apache", "rsa");
+    let crt = cert(dir, &key, "apache.test");
+    let port = free_port();
+    let modules = "/usr/lib/apache2/modules";
+    let conf = dir.join("apache2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ServerRoot {dir}\n\
+             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+             LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so\n\
+             LoadModule ssl_module {modules}/mod_ssl.so\n\
+             ServerName apache.test\n\
+             Listen 127.0.0.1:{port}\n\
+             PidFile {dir}/apache2.pid\n\
+             DefaultRuntimeDir {dir}\n\
+             ErrorLog {dir}/error.log\n\
+             User www-data\nGroup www-data\n\
+             SSLSessionCache none\nSSLSessionTickets off\n\
+             <VirtualHost 127.0.0.1:{port}>\n\
+             SSLEngine on\n\
+             SSLCertificateFile {crt}\n\
+             SSLCertificateKeyFile {key}\n\
+             </VirtualHost>\n",
+            dir = dir.display(),
+            crt = crt.display(),
+            key = key.path.display(),
+        ),
+    )
+    .unwrap();
+    let apache = start_server(
+        Command::new("/usr/sbin/apache2")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-DFOREGROUND")
+            .stdin(Stdio::null()),
+        port,
+    );
+    assert!(handshake(port, None).contains("apache.test"));
+
+    let sensor_conf = sensor_config(dir, &[], &[]);
+    let sensor = Sensor::start(&["--config", sensor_conf.to_str().unwrap()]);
+    let n = 3;
+    for _ in 0..n {
+        assert!(handshake(port, Some("apache.test")).contains("apache.test"));
+    }
+    let log = sensor.log();
+    let events = sensor.stop();
+    drop(apache);
+
+    let uses: Vec<&Event> = key_uses(&events)
+        .into_iter()
+        .filter(|e| e.actor.process.name == "apache2")
+        .collect();
+    assert!(uses.len() >= n, "{}\n{log}", pretty(&uses));
+    let stray = others(&uses, &[key.spki.as_str()]);
+    assert!(
+        stray.is_empty(),
+        "events not naming its key: {}\n{log}",
+        pretty(&stray)
+    );
+    assert_known_without_a_file(&uses);
+}
