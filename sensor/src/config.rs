@@ -30,6 +30,12 @@ pub struct Config {
     /// configuration file: the embedded default list applies.
     #[serde(default = "Config::embedded_key_locations")]
     pub key_locations: Vec<String>,
+    /// The key inventory (`keys/inventory.rs`, `keywarden keys`): written
+    /// atomically, mode 0600, every 30 s when it changed and at exit; read
+    /// at start. Optional in a configuration file: the embedded default
+    /// applies.
+    #[serde(default = "Config::embedded_inventory")]
+    pub inventory: String,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
     /// Rule files or directories of `*.yaml` rules (docs/rules.md). Empty:
@@ -104,6 +110,12 @@ impl Config {
             .key_locations
     }
 
+    fn embedded_inventory() -> String {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("embedded default configuration")
+            .inventory
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Self::parse(DEFAULT_CONFIG, "<embedded default>"),
@@ -131,6 +143,7 @@ mod tests {
         assert!(c.poll_interval_ms > 0);
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
         assert!(c.key_locations.iter().any(|p| p == "/etc/kubernetes/pki"));
+        assert_eq!(c.inventory, "/var/lib/keywarden/inventory.json");
         assert_eq!(c.secret_files.watch.len(), 7);
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
             .expect("default watch list compiles");
@@ -145,6 +158,7 @@ mod tests {
             Config::load(None).unwrap().secret_files.watch.len()
         );
         assert_eq!(c.key_locations, Config::load(None).unwrap().key_locations);
+        assert_eq!(c.inventory, Config::load(None).unwrap().inventory);
     }
 
     #[test]
