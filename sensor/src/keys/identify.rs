@@ -595,9 +595,9 @@ impl Identifier {
                     encoded.as_slice()
                 }
                 None => {
-                    return KeyIdentity::unknown(
+                    return Judged::done(KeyIdentity::unknown(
                         "the probes copied no valid ECDSA_SIG (r and s) from the signing call",
-                    );
+                    ));
                 }
             }
         } else {
