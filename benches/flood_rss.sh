@@ -50,7 +50,7 @@ print(n)
 
 kib() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$sensor/status"; }
 
-"$BIN" run --output "$OUT/events.ndjson" --baselines "$OUT/baselines.json" 2>"$OUT/sensor.log" &
+"$BIN" run --output "$OUT/events.ndjson" --baselines "$OUT/baselines.json" --inventory "$OUT/inventory.json" 2>"$OUT/sensor.log" &
 sensor=$!
 for _ in $(seq 1 1200); do grep -q ready "$OUT/sensor.log" && break; sleep 0.05; done
 grep -q ready "$OUT/sensor.log" || { echo "sensor not ready" >&2; cat "$OUT/sensor.log" >&2; exit 1; }

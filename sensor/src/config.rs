@@ -30,6 +30,12 @@ pub struct Config {
     /// configuration file: the embedded default list applies.
     #[serde(default = "Config::embedded_key_locations")]
     pub key_locations: Vec<String>,
+    /// The key inventory (`keys/inventory.rs`, `keywarden keys`): written
+    /// atomically, mode 0600, every 30 s when it changed and at exit; read
+    /// at start. Optional in a configuration file: the embedded default
+    /// applies.
+    #[serde(default = "Config::embedded_inventory")]
+    pub inventory: String,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
     /// Rule files or directories of `*.yaml` rules (docs/rules.md). Empty:
@@ -109,6 +115,12 @@ impl Config {
             .key_locations
     }
 
+    fn embedded_inventory() -> String {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("embedded default configuration")
+            .inventory
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Self::parse(DEFAULT_CONFIG, "<embedded default>"),
@@ -136,6 +148,7 @@ mod tests {
         assert!(c.poll_interval_ms > 0);
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
         assert!(c.key_locations.iter().any(|p| p == "/etc/kubernetes/pki"));
+        assert_eq!(c.inventory, "/var/lib/keywarden/inventory.json");
         assert_eq!(c.secret_files.watch.len(), 7);
         assert_eq!(c.metrics, None, "the metrics endpoint is off by default");
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
@@ -154,6 +167,7 @@ mod tests {
         assert_eq!(c.metrics, None);
         let c = Config::parse(&format!("{text}metrics: 127.0.0.1:9464\n"), "c.yaml").unwrap();
         assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!(c.inventory, Config::load(None).unwrap().inventory);
     }
 
     #[test]

@@ -81,6 +81,10 @@ enum Command {
         /// port, e.g. 127.0.0.1:9464 (overrides `metrics`; off by default).
         #[arg(long, value_name = "ADDR")]
         metrics: Option<String>,
+        /// Key inventory file (overrides `inventory`; the last one given
+        /// wins).
+        #[arg(long, value_name = "FILE", overrides_with = "inventory")]
+        inventory: Option<String>,
     },
     /// Replay recorded NDJSON events through the same pipeline and rules as
     /// the live sensor; writes the findings as NDJSON.
@@ -99,6 +103,22 @@ enum Command {
         /// Findings go here (appended) instead of stdout.
         #[arg(long, short)]
         output: Option<String>,
+    },
+    /// The key inventory the sensor keeps: every key seen, with its
+    /// algorithm, the files and certificates that hold it, the processes
+    /// that signed with it, how often and when. Keys nothing signed with
+    /// show as unused. Reads the file the sensor writes: no probes, and no
+    /// root if the file is readable.
+    Keys {
+        /// JSON (docs/keys.md) instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Inventory file (default: the configuration's `inventory`).
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
+        /// Configuration whose `inventory` applies.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// List or reset learned baselines.
     Baseline {
@@ -238,6 +258,17 @@ fn main() -> ExitCode {
             baselines,
             output,
         })),
+        Command::Keys {
+            json,
+            inventory,
+            config,
+        } => exit((|| {
+            let path = match inventory {
+                Some(p) => p,
+                None => PathBuf::from(config::Config::load(config.as_deref())?.inventory),
+            };
+            keys::inventory::print(&path, json)
+        })()),
         Command::Baseline { command } => exit(match command {
             BaselineCommand::List { file } => analyze::list_baselines(&file),
             BaselineCommand::Reset { file, key, all } => {
@@ -251,12 +282,16 @@ fn main() -> ExitCode {
             rules,
             baselines,
             metrics,
+            inventory,
         } => {
             let result = (|| {
                 let mut cfg = config::Config::load(config.as_deref())?;
                 cfg.rules.extend(rules);
                 if let Some(b) = baselines {
                     cfg.analyzer.baselines = b;
+                }
+                if let Some(i) = inventory {
+                    cfg.inventory = i;
                 }
                 if let Some(o) = output {
                     cfg.output = o;
@@ -313,5 +348,29 @@ mod tests {
     fn the_watchdog_command_parses_as_run_starts_it() {
         let cli = Cli::try_parse_from(["keywarden", "--log", "debug", watchdog::COMMAND]).unwrap();
         assert!(matches!(cli.command, Command::Watchdog));
+    }
+
+    #[test]
+    fn keys_takes_an_inventory_path_and_json() {
+        let cli =
+            Cli::try_parse_from(["keywarden", "keys", "--json", "--inventory", "/tmp/i.json"])
+                .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Keys { json: true, inventory: Some(p), config: None } if p.as_os_str() == "/tmp/i.json"
+        ));
+        let cli = Cli::try_parse_from([
+            "keywarden",
+            "run",
+            "--inventory",
+            "/a.json",
+            "--inventory",
+            "/b.json",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Run { inventory: Some(p), .. } if p == "/b.json"
+        ));
     }
 }

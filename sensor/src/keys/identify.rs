@@ -48,7 +48,8 @@ use keywarden_probe_types::{BIGNUM_SLOT, BIGNUM_WORDS, DataHeader, SignRecord, f
 use sha2::Digest;
 
 use super::{
-    material::KeyInfo,
+    inventory::{self, Inventory},
+    material::{Certificate, KeyInfo},
     recover,
     verify::{Signed, verifies},
 };
@@ -232,6 +233,10 @@ pub struct Identifier {
     /// The key a Rust signer of this process used last.
     last_rust_key: HashMap<u32, Arc<KnownKey>>,
     inventory: HashMap<String, Arc<KnownKey>>,
+    /// The key inventory kept across restarts (`inventory`): every key
+    /// learnt here is recorded there with where it was learnt, and
+    /// `run::key_uses` records each use.
+    pub record: Inventory,
     /// The search of each process that signed with a key nothing verified.
     searches: HashMap<u32, Searched>,
     /// Searches asked for, for `run::key_uses` to start.
@@ -374,8 +379,11 @@ impl Identifier {
         self.add_inventory_from(info, &Source::File(source_file.to_owned()))
     }
 
-    /// A key known on the host; the first place it was learnt from is kept.
+    /// A key known on the host; the first place it was learnt from is kept
+    /// (the key inventory, `record`, keeps every place).
     pub fn add_inventory_from(&mut self, info: KeyInfo, source: &Source) -> Arc<KnownKey> {
+        self.record
+            .learnt((&info).into(), source, inventory::now_ms());
         if let Some(k) = self.inventory.get(&info.spki_sha256) {
             return k.clone();
         }
@@ -387,6 +395,13 @@ impl Identifier {
         self.inventory.insert(k.info.spki_sha256.clone(), k.clone());
         self.fresh.push(k.clone());
         k
+    }
+
+    /// Certificates found at `source` with keys added just before: they
+    /// join the key inventory beside their keys. (Only their keys matter
+    /// for identification.)
+    pub fn add_certificates(&mut self, certs: &[Certificate], source: &Source) {
+        self.record.add_certificates(certs, source);
     }
 
     /// A new candidate exists: every "unidentified" verdict is void.

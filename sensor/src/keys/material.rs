@@ -208,6 +208,110 @@ fn spki_from_certificate(der: &[u8]) -> Result<Vec<u8>, String> {
     Ok(cert.tbs_certificate.subject_pki.raw.to_vec())
 }
 
+/// subjectAltName entries kept per certificate. A server certificate has a
+/// handful; one with thousands is someone's attempt to fill memory.
+pub const MAX_SANS: usize = 32;
+/// Bytes kept of one text taken from a certificate (a name, a SAN).
+pub const MAX_CERT_TEXT: usize = 1024;
+
+/// What a certificate says of the key it certifies, for the key
+/// inventory (`inventory`): public data only. Any user can write a
+/// certificate file the sensor reads, so its texts are cut at
+/// `MAX_CERT_TEXT` bytes and at most `MAX_SANS` names are kept.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Certificate {
+    /// The SPKI SHA-256 of the certified key.
+    pub spki_sha256: String,
+    /// The subject's attributes, `CN=www.example.com, O=Example`.
+    pub subject: String,
+    pub issuer: String,
+    /// The serial number in lowercase hex without leading zero bytes:
+    /// what `openssl x509 -serial` prints, in lowercase.
+    pub serial: String,
+    /// subjectAltName entries: `DNS:…`, `IP:…`, `email:…`, `URI:…`.
+    pub sans: Vec<String>,
+    /// Entries past `MAX_SANS`, not kept.
+    pub sans_omitted: usize,
+    /// Validity, in milliseconds since the epoch.
+    pub not_before_ms: i64,
+    pub not_after_ms: i64,
+}
+
+/// `s` cut to at most `max` bytes (at a character boundary), with `…`
+/// when something was cut.
+pub fn clip(mut s: String, max: usize) -> String {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+        s.push('…');
+    }
+    s
+}
+
+/// One subjectAltName entry as OpenSSL's text output writes it.
+fn san_text(name: &x509_parser::extensions::GeneralName<'_>) -> String {
+    use x509_parser::extensions::GeneralName;
+    match name {
+        GeneralName::DNSName(d) => format!("DNS:{d}"),
+        GeneralName::IPAddress(b) => {
+            if let Ok(a) = <[u8; 4]>::try_from(*b) {
+                format!("IP:{}", std::net::Ipv4Addr::from(a))
+            } else if let Ok(a) = <[u8; 16]>::try_from(*b) {
+                format!("IP:{}", std::net::Ipv6Addr::from(a))
+            } else {
+                format!("IP:{}", hex::encode(b))
+            }
+        }
+        GeneralName::RFC822Name(e) => format!("email:{e}"),
+        GeneralName::URI(u) => format!("URI:{u}"),
+        GeneralName::DirectoryName(n) => format!("DirName:{n}"),
+        other => other.to_string(),
+    }
+}
+
+/// The SPKI DER of a DER certificate, and what it says of the key.
+fn certificate_in(der: &[u8]) -> Result<(Vec<u8>, Certificate), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(|e| format!("X.509: {e}"))?;
+    let spki = cert.tbs_certificate.subject_pki.raw.to_vec();
+    let mut sans = Vec::new();
+    let mut sans_omitted = 0;
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if sans.len() < MAX_SANS {
+                sans.push(clip(san_text(n), MAX_CERT_TEXT));
+            } else {
+                sans_omitted += 1;
+            }
+        }
+    }
+    // DER gives a positive serial a leading zero byte; openssl prints none.
+    let raw = cert.raw_serial();
+    let first = raw
+        .iter()
+        .position(|b| *b != 0)
+        .unwrap_or(raw.len().saturating_sub(1));
+    let validity = cert.validity();
+    let details = Certificate {
+        spki_sha256: hex::encode(Sha256::digest(&spki)),
+        subject: clip(cert.subject().to_string(), MAX_CERT_TEXT),
+        issuer: clip(cert.issuer().to_string(), MAX_CERT_TEXT),
+        serial: clip(hex::encode(&raw[first..]), MAX_CERT_TEXT),
+        sans,
+        sans_omitted,
+        not_before_ms: validity.not_before.timestamp().saturating_mul(1000),
+        not_after_ms: validity.not_after.timestamp().saturating_mul(1000),
+    };
+    Ok((spki, details))
+}
+
+/// What a DER certificate (a listener's leaf) says of its key, if it parses.
+pub fn certificate_details(der: &[u8]) -> Option<Certificate> {
+    certificate_in(der).ok().map(|(_, c)| c)
+}
+
 /// The public key of a DER certificate.
 pub fn certificate_key(der: &[u8]) -> Result<KeyInfo, String> {
     KeyInfo::from_spki_der(&spki_from_certificate(der)?)
@@ -252,6 +356,9 @@ pub fn certificate_names(der: &[u8]) -> Vec<String> {
 pub struct KeyFile {
     /// Every public key found (from private keys, public keys, certificates).
     pub keys: Vec<KeyInfo>,
+    /// The certificates among them, each for one of `keys`: the key
+    /// inventory records who each key was issued to.
+    pub certificates: Vec<Certificate>,
     /// At least one block was a private key.
     pub has_private_key: bool,
 }
@@ -339,6 +446,7 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
         detail,
     };
     let mut spkis: Vec<Vec<u8>> = Vec::new();
+    let mut certificates: Vec<Certificate> = Vec::new();
     let mut problems: Vec<String> = Vec::new();
     let mut encrypted = false;
     let mut private = false;
@@ -375,7 +483,12 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
                     continue;
                 }
                 "PUBLIC KEY" => Ok(der.to_vec()),
-                "CERTIFICATE" | "TRUSTED CERTIFICATE" => spki_from_certificate(&der),
+                "CERTIFICATE" | "TRUSTED CERTIFICATE" => {
+                    certificate_in(&der).map(|(spki, cert)| {
+                        certificates.push(cert);
+                        spki
+                    })
+                }
                 _ => continue, // EC PARAMETERS, DH PARAMETERS, CRLs, ...
             };
             match got {
@@ -393,7 +506,12 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
             .or_else(|_| spki_from_pkcs1(bytes));
         private = private_der.is_ok();
         let got = private_der
-            .or_else(|_| spki_from_certificate(bytes))
+            .or_else(|_| {
+                certificate_in(bytes).map(|(spki, cert)| {
+                    certificates.push(cert);
+                    spki
+                })
+            })
             .or_else(|_| KeyInfo::from_spki_der(bytes).map(|_| bytes.to_vec()));
         match got {
             Ok(spki) => spkis.push(spki),
@@ -415,11 +533,15 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
             Err(e) => problems.push(e),
         }
     }
+    // A certificate for a key of an algorithm the sensor does not know
+    // names no key it can identify.
+    certificates.retain(|c| keys.iter().any(|k| k.spki_sha256 == c.spki_sha256));
     if keys.is_empty() {
         if encrypted {
             // A private key, but not one whose public half can be read.
             return Ok(KeyFile {
                 keys,
+                certificates,
                 has_private_key: true,
             });
         }
@@ -432,6 +554,7 @@ pub fn key_file_in(path: &str, bytes: &[u8]) -> Result<KeyFile, KeyFileError> {
     }
     Ok(KeyFile {
         keys,
+        certificates,
         has_private_key: private,
     })
 }
@@ -645,6 +768,102 @@ pub(crate) mod tests {
             read_key_file(&pkcs1, "k").unwrap()[0].spki_sha256,
             rsa_expected
         );
+    }
+
+    /// A certificate's subject, issuer, serial, names and validity are
+    /// read as openssl writes them, from PEM and from DER, and a file with
+    /// the key beside it lists the certificate once, for that key.
+    #[test]
+    fn certificates_are_described_as_openssl_describes_them() {
+        let (dir, key, expected) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let (pem_cert, der_cert) = (dir.path().join("c.pem"), dir.path().join("c.der"));
+        let run = |args: &[&std::ffi::OsStr]| {
+            let st = Command::new("openssl").args(args).output().unwrap();
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
+            String::from_utf8(st.stdout).unwrap()
+        };
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        run(&[
+            os("req"),
+            os("-x509"),
+            os("-new"),
+            os("-key"),
+            key.as_os_str(),
+            os("-subj"),
+            os("/O=Example/CN=www.example.test"),
+            os("-days"),
+            os("30"),
+            os("-addext"),
+            os("subjectAltName=DNS:www.example.test,IP:127.0.0.1,email:ops@example.test"),
+            os("-out"),
+            pem_cert.as_os_str(),
+        ]);
+        run(&[
+            os("x509"),
+            os("-in"),
+            pem_cert.as_os_str(),
+            os("-outform"),
+            os("DER"),
+            os("-out"),
+            der_cert.as_os_str(),
+        ]);
+        let serial = run(&[
+            os("x509"),
+            os("-noout"),
+            os("-serial"),
+            os("-in"),
+            pem_cert.as_os_str(),
+        ]);
+        let serial = serial.trim().trim_start_matches("serial=").to_lowercase();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        for p in [&pem_cert, &der_cert] {
+            let f = read_key_file_detailed(p, "c").unwrap();
+            assert_eq!(f.certificates.len(), 1, "{}", p.display());
+            let c = &f.certificates[0];
+            assert_eq!(c.spki_sha256, expected);
+            assert_eq!(c.subject, "O=Example, CN=www.example.test");
+            assert_eq!(c.issuer, c.subject, "self-signed");
+            assert_eq!(c.serial, serial);
+            assert_eq!(
+                c.sans,
+                [
+                    "DNS:www.example.test",
+                    "IP:127.0.0.1",
+                    "email:ops@example.test"
+                ]
+            );
+            assert_eq!(c.sans_omitted, 0);
+            assert!((c.not_before_ms - now_ms).abs() < 600_000, "{c:?}");
+            assert_eq!(c.not_after_ms - c.not_before_ms, 30 * 86_400_000);
+        }
+        let mut bundle = std::fs::read(&key).unwrap();
+        bundle.extend(std::fs::read(&pem_cert).unwrap());
+        bundle.extend(std::fs::read(&pem_cert).unwrap());
+        let f = key_file_in("bundle.pem", &bundle).unwrap();
+        assert_eq!((f.keys.len(), f.certificates.len()), (1, 1));
+        assert!(f.has_private_key);
+        // A key file alone has no certificate.
+        assert!(
+            read_key_file_detailed(&key, "k")
+                .unwrap()
+                .certificates
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn clipped_text_ends_at_a_character_boundary() {
+        assert_eq!(clip("abc".into(), 3), "abc");
+        assert_eq!(clip("abcd".into(), 3), "abc…");
+        assert_eq!(clip("aé".into(), 2), "a…");
     }
 
     /// Ed25519 keys made from a seed, without openssl: cheap in numbers.

@@ -2,7 +2,9 @@
 //!
 //! `material` turns key and certificate files into public keys and SPKI
 //! hashes; `verify` checks a captured signature against a public key;
-//! `identify` decides, per signing event, which known key it was;
+//! `identify` decides, per signing event, which known key it was, and
+//! `inventory` keeps what is known of every key seen (where it was found,
+//! its certificates, who signed with it), across restarts;
 //! `safe_open` opens the files untrusted processes name; `reader` reads the
 //! key files processes opened, off the event thread. `recover` finds the
 //! possible keys of an ECDSA signature; `search` looks for a signing
@@ -11,6 +13,7 @@
 //! the places servers keep keys at start.
 pub mod held_open;
 pub mod identify;
+pub mod inventory;
 pub mod material;
 pub mod reader;
 pub mod recover;

@@ -39,7 +39,7 @@ use tracing::{debug, info};
 use super::{
     held_open,
     identify::{Searched, Source},
-    material::{self, KeyInfo},
+    material::{self, Certificate, KeyInfo},
     tls_probe::{self, Failed, Listener},
 };
 
@@ -75,11 +75,13 @@ pub struct Job {
 /// What a search sends back.
 #[derive(Debug)]
 pub enum Found {
-    /// Keys the process holds, and where they were found.
+    /// Keys the process holds, the certificates found with them (for the
+    /// key inventory), and where they were found.
     Keys {
         id: u64,
         tgid: u32,
         keys: Vec<KeyInfo>,
+        certificates: Vec<Certificate>,
         source: Source,
     },
     /// The search is over: what was searched, or why nothing was.
@@ -166,13 +168,14 @@ impl Worker {
             });
             return;
         }
-        let send_keys = |keys: Vec<KeyInfo>, source: Source| {
+        let send_keys = |keys: Vec<KeyInfo>, certificates: Vec<Certificate>, source: Source| {
             // The event thread outlives this one; a closed channel only
             // means the sensor is stopping.
             let _ = out.send(Found::Keys {
                 id: job.id,
                 tgid: job.tgid,
                 keys,
+                certificates,
                 source,
             });
         };
@@ -184,7 +187,7 @@ impl Worker {
                 for (path, file) in held.files {
                     if !file.keys.is_empty() {
                         info!(pid = job.tgid, file = %path, keys = file.keys.len(), "search: keys in a file the process holds open");
-                        send_keys(file.keys, Source::File(path));
+                        send_keys(file.keys, file.certificates, Source::File(path));
                     }
                 }
                 format!("{} key file(s) it holds open", held.key_like)
@@ -224,7 +227,7 @@ impl Worker {
         job: &Job,
         chosen: &[Listener],
         started: Instant,
-        send_keys: &dyn Fn(Vec<KeyInfo>, Source),
+        send_keys: &dyn Fn(Vec<KeyInfo>, Vec<Certificate>, Source),
     ) -> Tally {
         self.handshakes.retain(|_, c| c.at.elapsed() < CACHE_FOR);
         // A leaf is a few KiB: at most a few MiB in all.
@@ -276,6 +279,7 @@ impl Worker {
                         sent.push(info.spki_sha256.clone());
                         send_keys(
                             vec![info],
+                            material::certificate_details(&leaf).into_iter().collect(),
                             Source::Listener {
                                 endpoint: addr.to_string(),
                                 server_name: name.clone(),

@@ -29,6 +29,7 @@ use crate::{
     free_watch::{self, FreeWatches},
     keys::{
         identify::{Captured, Identifier, KnownKey, Searched, identified},
+        inventory::{Inventory, Use},
         search::{Found, Job, Searcher},
     },
     probes::Probes,
@@ -68,14 +69,18 @@ pub struct KeyUses {
 }
 
 impl KeyUses {
-    pub fn new(probes: Arc<Mutex<Probes>>) -> Self {
+    /// `inventory`: the key inventory as the last run left it, which this
+    /// run goes on recording into.
+    pub fn new(probes: Arc<Mutex<Probes>>, inventory: Inventory) -> Self {
         let searcher = Searcher::start()
             .inspect_err(|e| {
                 warn!(error = %e, "cannot start the search thread: keys of processes that loaded them before the sensor are found only in files")
             })
             .ok();
+        let mut ident = Identifier::default();
+        ident.record = inventory;
         Self {
-            ident: Identifier::default(),
+            ident,
             free_watches: FreeWatches::new(free_watch::MAX_WATCHED_PROCESSES),
             probes,
             searcher,
@@ -137,7 +142,10 @@ impl KeyUses {
         };
         match judged.retry {
             Some(captured) if self.may_still_be_named(&captured) => self.hold(u, captured, out),
-            _ => emit(u, out),
+            _ => {
+                record_use(&mut self.ident.record, &u);
+                emit(u, out);
+            }
         }
     }
 
@@ -265,6 +273,7 @@ impl KeyUses {
                 id,
                 tgid,
                 keys,
+                certificates,
                 source,
             } => {
                 if self.search_ids.get(&tgid) == Some(&id) {
@@ -274,6 +283,7 @@ impl KeyUses {
                         self.ident.add_inventory_from(k, &source);
                     }
                 }
+                self.ident.add_certificates(&certificates, &source);
             }
             Found::Done { id, tgid, outcome } => {
                 if self.search_ids.get(&tgid) == Some(&id) {
@@ -319,6 +329,7 @@ impl KeyUses {
                     if let Some(mut h) = self.held.remove(i) {
                         debug!(pid = tgid, spki_sha256 = %k.info.spki_sha256, from = %k.source.describe(), "a held signature is named");
                         h.event.key = identified(&k, k.verified_as());
+                        record_use(&mut self.ident.record, &h.event);
                         emit(h.event, out);
                     }
                 }
@@ -444,6 +455,15 @@ impl KeyUses {
                 debug!(error = %e, "KNOWN delete");
             }
         }
+    }
+}
+
+/// A signature's use of its key, for the key inventory, when the event
+/// names the key. (An event written unknown is no use of any key the
+/// inventory could name.)
+fn record_use(inventory: &mut Inventory, u: &KeyUse) {
+    if let Some(used) = Use::of(u) {
+        inventory.used(&used);
     }
 }
 

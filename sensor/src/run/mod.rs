@@ -59,6 +59,7 @@ use crate::{
         guard::{Guard, GuardedOpen},
     },
     enrich::{kernel_layout, process::ProcessTable},
+    keys::inventory::{self, Inventory},
     liveness::{self, Liveness},
     metrics::{self, Metrics, Queue, Queues},
     probes::{Lease, Probes},
@@ -190,6 +191,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let geo = setup::open_geo(&cfg.analyzer)?;
     let baseline_path = PathBuf::from(&cfg.analyzer.baselines);
     let baselines = BaselineStore::load(&baseline_path)?;
+    // Before anything attaches: a file that cannot be read stops the sensor
+    // rather than be overwritten by an inventory that forgot it.
+    let inventory_path = PathBuf::from(&cfg.inventory);
+    let inventory = Inventory::load(&inventory_path)?;
     let pipeline = Pipeline::start(
         rules.clone(),
         setup::pipeline_config(&cfg.analyzer, geo.clone(), baselines, Overflow::Drop),
@@ -221,7 +226,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         warnings: warn_rx,
         guarded: guard_rx,
         attr: Attributor::new(procs.clone()),
-        keys: KeyUses::new(probes.clone()),
+        keys: KeyUses::new(probes.clone(), inventory),
         secrets: SecretOpens::new(watch, Duration::from_millis(cfg.secret_files.coalesce_ms))?,
         decisions: Decisions::new(enforcer, probes.clone()),
         out: Emitter::new(
@@ -305,6 +310,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         Duration::from_millis(cfg.poll_interval_ms.max(1)).min(liveness::EVENT_TICK);
     let mut last_housekeeping = Instant::now();
     let mut last_save = Instant::now();
+    let mut inventory_writer = inventory::Writer::new(inventory_path);
+    let mut last_inventory_save = Instant::now();
     let mut failure = None;
     let mut more = false;
     while !shutdown.load(Ordering::Relaxed) {
@@ -346,6 +353,12 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             s.out.save_baselines();
             last_save = Instant::now();
         }
+        if last_inventory_save.elapsed() >= inventory::SAVE_EVERY {
+            if let Some(e) = inventory_writer.save(&mut s.keys.ident.record) {
+                s.out.warn(None, None, e.to_string());
+            }
+            last_inventory_save = Instant::now();
+        }
     }
 
     // Stop holding processes before anything else, release any still held,
@@ -375,6 +388,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     s.finish_opens();
     // Signatures held for a key a search may still bring.
     s.keys.finish(&mut s.out);
+    // Every use is recorded now.
+    if let Err(e) = inventory_writer.finish(&mut s.keys.ident.record) {
+        s.out.warn(None, None, e.to_string());
+    }
     // Everyone held was released above; the watchdog sweeps what is left
     // (a hold whose record was still being written), then exits.
     watchdog.finish();
@@ -415,6 +432,8 @@ impl Sensor {
             libraries = covered.len(),
             uncovered = uncovered.len(),
             keys_known = self.keys.ident.inventory_len(),
+            inventory_keys = self.keys.ident.record.len(),
+            inventory_unused = self.keys.ident.record.unused_count(),
             hold_new_libraries,
             "ready: probes attached to {}{}",
             covered.join(", "),
@@ -578,6 +597,9 @@ impl Sensor {
             verifications = self.keys.ident.verifications,
             ecdsa_recoveries = self.keys.ident.recovery.recoveries,
             processes_searched = self.keys.searches,
+            inventory_keys = self.keys.ident.record.len(),
+            inventory_unused = self.keys.ident.record.unused_count(),
+            inventory_keys_omitted = self.keys.ident.record.keys_omitted(),
             free_watched_processes = self.keys.free_watches.watched(),
             free_probes_host_wide = self.keys.free_watches.host_wide_libraries(),
             "stopped: probes detached; {}",

@@ -35,7 +35,7 @@ use crate::{
     enforce::{decisions::Decisions, guard::GuardedOpen},
     enrich::process::ProcessInfo,
     keys::{
-        identify::{Identifier, identity_of},
+        identify::{Identifier, Source, identity_of},
         material::{self, KeyFile, KeyInfo},
         reader::{self, Done, Job, KeyReadStats, KeyReader},
     },
@@ -455,6 +455,8 @@ impl SecretOpens {
             && f.flags & open_flags::KEY_FILE != 0
         {
             p.ident.add_process_keys(tgid, k.keys.clone(), &absolute);
+            p.ident
+                .add_certificates(&k.certificates, &Source::File(absolute.clone()));
         }
         if let Some(k) = read
             && p.decisions.enforcer.protects_any()

@@ -21,7 +21,10 @@ use crate::{
     },
     enforce::decisions::Decisions,
     enrich::process::cgroup2_root,
-    keys::{identify::Identifier, material, scan},
+    keys::{
+        identify::{Identifier, Source},
+        material, scan,
+    },
     probes::Probes,
 };
 
@@ -102,7 +105,9 @@ fn mark_seen(all: &[Candidate], probes: &Mutex<Probes>) {
 }
 
 /// Scans the places servers keep keys (`key_locations`, `keys::scan`):
-/// their keys join the inventory, as candidates only.
+/// their keys join the inventory, as candidates only, and their
+/// certificates the key inventory (a directory of certificates names keys
+/// whose key files are elsewhere, or nowhere the sensor looks).
 pub fn scan_key_locations(locations: &[String], ident: &mut Identifier) {
     let started = Instant::now();
     let found = scan::scan(locations);
@@ -115,6 +120,7 @@ pub fn scan_key_locations(locations: &[String], ident: &mut Identifier) {
             keys += 1;
             ident.add_inventory(key, &path);
         }
+        ident.add_certificates(&file.certificates, &Source::File(path));
     }
     if let Some(bound) = found.truncated {
         warn!(
@@ -131,7 +137,8 @@ pub fn scan_key_locations(locations: &[String], ident: &mut Identifier) {
 }
 
 /// Reads every key file under the configured `key_paths`: their keys join
-/// the inventory, and protected ones make their file names held.
+/// the inventory (their certificates the key inventory), and protected ones
+/// make their file names held.
 pub fn load_key_paths(paths: &[String], ident: &mut Identifier, decisions: &mut Decisions) {
     fn walk(p: &Path, depth: usize, out: &mut Vec<PathBuf>) {
         if let Ok(md) = std::fs::metadata(p) {
@@ -165,6 +172,7 @@ pub fn load_key_paths(paths: &[String], ident: &mut Identifier, decisions: &mut 
                     for key in k.keys {
                         ident.add_inventory(key, &shown);
                     }
+                    ident.add_certificates(&k.certificates, &Source::File(shown));
                 }
                 // Named like a key but unusable: say why.
                 Err(e) if material::looks_like_key_file(&shown) => warn!("key_paths: {e}"),

@@ -63,9 +63,12 @@ impl Sensor {
         let child = keywarden()
             .args(["--log", "info,keywarden=debug", "run", "--output"])
             .arg(&events_path)
-            // Each sensor learns on its own: no test sees another's baselines.
+            // Each sensor learns on its own: no test sees another's baselines
+            // or key inventory (a test's own `--inventory` wins).
             .arg("--baselines")
             .arg(dir.path().join("baselines.json"))
+            .arg("--inventory")
+            .arg(dir.path().join("inventory.json"))
             .args(extra)
             .envs(env.iter().copied())
             .env("NO_COLOR", "1")
