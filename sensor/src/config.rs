@@ -32,6 +32,12 @@ pub struct Config {
     pub key_locations: Vec<String>,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
+    /// The directory holding the kubelet's `containers/` and `pods/` log
+    /// directories (`/var/log` on a node), which give a container's
+    /// Kubernetes names (`enrich/pods.rs`). Optional in a configuration
+    /// file: the embedded default applies.
+    #[serde(default = "Config::embedded_pods_log_root")]
+    pub pods_log_root: String,
     /// Rule files or directories of `*.yaml` rules (docs/rules.md). Empty:
     /// events only, no findings and no enforcement.
     #[serde(default)]
@@ -104,6 +110,12 @@ impl Config {
             .key_locations
     }
 
+    fn embedded_pods_log_root() -> String {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("embedded default configuration")
+            .pods_log_root
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Self::parse(DEFAULT_CONFIG, "<embedded default>"),
@@ -131,6 +143,7 @@ mod tests {
         assert!(c.poll_interval_ms > 0);
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
         assert!(c.key_locations.iter().any(|p| p == "/etc/kubernetes/pki"));
+        assert_eq!(c.pods_log_root, "/var/log");
         assert_eq!(c.secret_files.watch.len(), 7);
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
             .expect("default watch list compiles");
@@ -145,6 +158,7 @@ mod tests {
             Config::load(None).unwrap().secret_files.watch.len()
         );
         assert_eq!(c.key_locations, Config::load(None).unwrap().key_locations);
+        assert_eq!(c.pods_log_root, "/var/log");
     }
 
     #[test]
