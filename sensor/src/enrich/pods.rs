@@ -453,7 +453,7 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
-        let mut listing = Listing::new(containers.clone(), parse_container_link);
+        let mut listing = Listing::new(containers, parse_container_link);
         assert!(listing.get(ID).is_some());
         let listed_at = listing.listed_at;
         std::thread::sleep(RELIST_UNSETTLED + Duration::from_millis(20));
