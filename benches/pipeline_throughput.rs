@@ -154,6 +154,9 @@ fn events() -> Vec<Event> {
                         uid: digest(3, i % 50),
                         runtime: "containerd".into(),
                         pod_uuid: None,
+                        name: None,
+                        pod_name: None,
+                        pod_namespace: None,
                     }),
                     cgroup: Cgroup { id: 1, path: None },
                     library: File {

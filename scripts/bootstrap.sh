@@ -3,6 +3,10 @@
 # machine: the pinned Rust toolchain with rust-src, bpf-linker linked against
 # that toolchain's own LLVM, and the Debian packages the tests drive.
 # Idempotent: every step checks first, so a second run takes a second or two.
+#
+# KEYWARDEN_BOOTSTRAP=build installs only what building the sensor needs
+# (the toolchain, bpf-linker, a C compiler): deploy/Dockerfile's build
+# stage uses it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,7 +17,19 @@ BPF_LINKER_FEATURE="llvm-23"
 LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
 # prometheus (96 MB installed) is there for its promtool: the metrics test
 # checks a scrape with `promtool check metrics`.
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus)
+# systemd: `systemd-analyze verify` checks deploy/systemd/keywarden.service
+# (sensor/tests/deploy.rs); installing it does not change the init system.
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd)
+MODE="${KEYWARDEN_BOOTSTRAP:-all}"
+case "$MODE" in
+    all) ;;
+    build) APT_PACKAGES=(ca-certificates build-essential pkg-config) ;;
+    *) printf 'bootstrap: KEYWARDEN_BOOTSTRAP must be all or build, not %s\n' "$MODE" >&2; exit 2 ;;
+esac
+# kubernetes-validate checks deploy/kubernetes offline against this
+# Kubernetes version (sensor/tests/deploy.rs reads both from here).
+KUBERNETES_VALIDATE_VERSION="1.37.0"
+KUBERNETES_VERSION="1.31.0"
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -56,6 +72,10 @@ if ((${#missing[@]})); then
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+if [[ "$MODE" == build ]]; then
+    exit 0
+fi
+
 # Python with the `cryptography` wheel, which carries its own OpenSSL: the
 # tests sign with it. A venv under target/ keeps it out of the system.
 VENV="$ROOT/target/pyvenv"
@@ -63,4 +83,10 @@ if ! "$VENV/bin/python" -c 'import cryptography' 2>/dev/null; then
     log "creating $VENV with the cryptography wheel"
     python3 -m venv "$VENV"
     "$VENV/bin/pip" install -q --only-binary=:all: cryptography
+fi
+# And kubernetes-validate, pinned, which validates the Kubernetes manifests
+# against the schemas of a pinned Kubernetes version without a cluster.
+if ! "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
+    log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VENV"
+    "$VENV/bin/pip" install -q --only-binary=:all: "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi

@@ -3,8 +3,9 @@
 //! The structs mirror OCSF objects one to one, so an event serializes to
 //! OCSF-shaped JSON (NDJSON output) and, later, to Parquet columns without a
 //! second model. Attributes OCSF has no place for are keywarden extension
-//! attributes: `key`, `signature`, `cgroup`, `secret_file` at the top level
-//! and `actor.process.attribution_error`. `docs/events.md` documents every field.
+//! attributes: `key`, `signature`, `cgroup`, `secret_file` at the top level,
+//! `actor.process.attribution_error`, and `container.pod_name` and
+//! `container.pod_namespace`. `docs/events.md` documents every field.
 //!
 //! OCSF leaves out attributes that have no value, so every schema struct
 //! with `Option` fields carries `serde_with::skip_serializing_none`: a
@@ -411,6 +412,13 @@ pub struct Container {
     pub runtime: String,
     /// Kubernetes pod UID, when the cgroup path carries it.
     pub pod_uuid: Option<String>,
+    /// The container's name in its pod (Kubernetes), from the kubelet's
+    /// log links on the node.
+    pub name: Option<String>,
+    /// keywarden extension: the name of the container's Kubernetes pod.
+    pub pod_name: Option<String>,
+    /// keywarden extension: the namespace of that pod.
+    pub pod_namespace: Option<String>,
 }
 
 /// OCSF `module`: the library whose function was invoked.
@@ -998,6 +1006,9 @@ pub(crate) mod tests_support {
             uid: "a".repeat(64),
             runtime: "containerd".into(),
             pod_uuid: Some("0f0e0d0c-0000-4000-8000-000000000001".into()),
+            name: Some("nginx".into()),
+            pod_name: Some("web-7d9c5b6f4-x2kqp".into()),
+            pod_namespace: Some("shop".into()),
         }
     }
 

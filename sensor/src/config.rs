@@ -38,6 +38,12 @@ pub struct Config {
     pub inventory: String,
     /// Host directories searched for crypto libraries at start.
     pub library_dirs: Vec<String>,
+    /// The directory holding the kubelet's `containers/` and `pods/` log
+    /// directories (`/var/log` on a node), which give a container's
+    /// Kubernetes names (`enrich/pods.rs`). Optional in a configuration
+    /// file: the embedded default applies.
+    #[serde(default = "Config::embedded_pods_log_root")]
+    pub pods_log_root: String,
     /// Rule files or directories of `*.yaml` rules (docs/rules.md). Empty:
     /// events only, no findings and no enforcement.
     #[serde(default)]
@@ -121,6 +127,12 @@ impl Config {
             .inventory
     }
 
+    fn embedded_pods_log_root() -> String {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("embedded default configuration")
+            .pods_log_root
+    }
+
     pub fn load(path: Option<&Path>) -> Result<Self> {
         match path {
             None => Self::parse(DEFAULT_CONFIG, "<embedded default>"),
@@ -149,6 +161,7 @@ mod tests {
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
         assert!(c.key_locations.iter().any(|p| p == "/etc/kubernetes/pki"));
         assert_eq!(c.inventory, "/var/lib/keywarden/inventory.json");
+        assert_eq!(c.pods_log_root, "/var/log");
         assert_eq!(c.secret_files.watch.len(), 7);
         assert_eq!(c.metrics, None, "the metrics endpoint is off by default");
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
@@ -168,6 +181,7 @@ mod tests {
         let c = Config::parse(&format!("{text}metrics: 127.0.0.1:9464\n"), "c.yaml").unwrap();
         assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(c.inventory, Config::load(None).unwrap().inventory);
+        assert_eq!(c.pods_log_root, "/var/log");
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Coverage beyond the obvious: a process in a Kubernetes-shaped cgroup, a
-//! library path nobody had mapped when the sensor started, and a library
-//! that exists only inside another mount namespace.
+//! Coverage beyond the obvious: a process in a Kubernetes-shaped cgroup
+//! (named from a kubelet-shaped log layout), a library path nobody had
+//! mapped when the sensor started, and a library that exists only inside
+//! another mount namespace.
 
 mod support;
 
@@ -131,6 +132,114 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
         e.metadata.profiles.iter().any(|p| p == "container"),
         "{}",
         pretty(e)
+    );
+}
+
+/// A container of a Kubernetes pod is named (namespace, pod, container)
+/// from the kubelet's log layout on the node, read under the configured
+/// `pods_log_root`: `containers/<pod>_<ns>_<container>-<id>.log` linking
+/// to `pods/<ns>_<pod>_<uid>/<container>/0.log`. A container of the pod
+/// not linked yet has the pod's names, from its log directory.
+#[test]
+fn kubernetes_names_come_from_the_kubelet_log_layout() {
+    let work = tempfile::tempdir().unwrap();
+    let key = openssl_key(work.path(), "k", "ec");
+    let msg = work.path().join("msg");
+    std::fs::write(&msg, b"from a named pod").unwrap();
+    let linked = unique_hex();
+    let unlinked = hex::encode(sha2::Sha256::digest(linked.as_bytes()));
+    let pod_uid = "6a1f0c2b-3d4e-4f50-8a9b-0c1d2e3f4a5c";
+    let (ns, pod, name) = ("keywarden-test", "signer-5d8f7c9b6-abcde", "signer");
+
+    // The kubelet's directories, in a temporary /var/log.
+    let logs = work.path().join("var-log");
+    let pod_logs = logs.join(format!("pods/{ns}_{pod}_{pod_uid}"));
+    for container in [name, "sidecar"] {
+        std::fs::create_dir_all(pod_logs.join(container)).unwrap();
+        std::fs::write(pod_logs.join(container).join("0.log"), b"").unwrap();
+    }
+    std::fs::create_dir_all(logs.join("containers")).unwrap();
+    std::os::unix::fs::symlink(
+        pod_logs.join(name).join("0.log"),
+        logs.join(format!("containers/{pod}_{ns}_{name}-{linked}.log")),
+    )
+    .unwrap();
+
+    // The pod's cgroup, with a scope per container.
+    let mut dirs = CgroupDirs(Vec::new());
+    let mut pod_cgroup = cgroup2_root();
+    for part in [
+        "kubepods".to_owned(),
+        "besteffort".to_owned(),
+        format!("pod{pod_uid}"),
+    ] {
+        pod_cgroup = pod_cgroup.join(part);
+        if !pod_cgroup.exists() {
+            std::fs::create_dir(&pod_cgroup).unwrap();
+            dirs.0.push(pod_cgroup.clone());
+        }
+    }
+    let scope = |id: &str| pod_cgroup.join(format!("cri-containerd-{id}.scope"));
+    for id in [&linked, &unlinked] {
+        std::fs::create_dir(scope(id)).unwrap();
+        dirs.0.push(scope(id));
+    }
+
+    let config = sensor_config(
+        work.path(),
+        &[],
+        &[(
+            "pods_log_root: /var/log",
+            format!("pods_log_root: {}", logs.display()),
+        )],
+    );
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    let sign_in = |id: &str, out: &str| {
+        let script = format!(
+            "echo $$ > {}/cgroup.procs && exec openssl dgst -sha256 -sign {} -out {}/{out} {}",
+            scope(id).display(),
+            key.path.display(),
+            work.path().display(),
+            msg.display()
+        );
+        run_pid_ok(Command::new("sh").arg("-c").arg(&script)).0
+    };
+    let linked_pid = sign_in(&linked, "sig1");
+    let unlinked_pid = sign_in(&unlinked, "sig2");
+    let events = sensor.stop();
+
+    let container_of = |pid: u32| {
+        let uses = key_uses_of(&events, pid);
+        assert_eq!(uses.len(), 1, "{}", pretty(&uses));
+        uses[0]
+            .container
+            .clone()
+            .unwrap_or_else(|| panic!("no container: {}", pretty(uses[0])))
+    };
+    let c = container_of(linked_pid);
+    assert_eq!(c.uid, linked, "{}", pretty(&c));
+    assert_eq!(c.pod_uuid.as_deref(), Some(pod_uid), "{}", pretty(&c));
+    assert_eq!(
+        (
+            c.pod_namespace.as_deref(),
+            c.pod_name.as_deref(),
+            c.name.as_deref()
+        ),
+        (Some(ns), Some(pod), Some(name)),
+        "{}",
+        pretty(&c)
+    );
+    let c = container_of(unlinked_pid);
+    assert_eq!(c.uid, unlinked, "{}", pretty(&c));
+    assert_eq!(
+        (
+            c.pod_namespace.as_deref(),
+            c.pod_name.as_deref(),
+            c.name.as_deref()
+        ),
+        (Some(ns), Some(pod), None),
+        "{}",
+        pretty(&c)
     );
 }
 

@@ -125,6 +125,21 @@ pub static FIELDS: &[Field] = &[
         .as_ref()
         .and_then(|c| c.pod_uuid.as_deref())
         .map(Value::Str)),
+    field!("container.name", Text, ALL, |e| e
+        .container
+        .as_ref()
+        .and_then(|c| c.name.as_deref())
+        .map(Value::Str)),
+    field!("container.pod_name", Text, ALL, |e| e
+        .container
+        .as_ref()
+        .and_then(|c| c.pod_name.as_deref())
+        .map(Value::Str)),
+    field!("container.pod_namespace", Text, ALL, |e| e
+        .container
+        .as_ref()
+        .and_then(|c| c.pod_namespace.as_deref())
+        .map(Value::Str)),
     field!("cgroup.path", Path, ALL, |e| e
         .cgroup
         .as_ref()

@@ -39,7 +39,10 @@ use nix::sys::fanotify::{
 };
 use tracing::{debug, info, warn};
 
-use crate::enrich::process::{ProcessInfo, ProcessTable, cgroup2_root};
+use crate::enrich::{
+    pods::PodNames,
+    process::{ProcessInfo, ProcessTable, cgroup2_root},
+};
 
 /// Fields a block rule may test: what is known before the file is read.
 const DECIDABLE: &[&str] = &[
@@ -50,6 +53,9 @@ const DECIDABLE: &[&str] = &[
     "container.uid",
     "container.runtime",
     "container.pod_uuid",
+    "container.name",
+    "container.pod_name",
+    "container.pod_namespace",
 ];
 
 /// A directory to mark, and whether its subdirectories are marked too.
@@ -143,6 +149,8 @@ pub struct Guard {
     roots: Vec<Root>,
     marked: BTreeSet<PathBuf>,
     procs: Arc<ProcessTable>,
+    /// Kubernetes names of containers, shared with the event thread.
+    pods: Arc<PodNames>,
     origin: Origin,
     cgroup_root: Option<PathBuf>,
     tx: crossbeam_channel::Sender<GuardedOpen>,
@@ -159,6 +167,7 @@ impl Guard {
     pub fn new(
         rules: &RuleSet,
         procs: Arc<ProcessTable>,
+        pods: Arc<PodNames>,
         origin: Origin,
         tx: crossbeam_channel::Sender<GuardedOpen>,
         shed: Arc<AtomicU64>,
@@ -190,6 +199,7 @@ impl Guard {
             roots,
             marked: BTreeSet::new(),
             procs,
+            pods,
             origin,
             cgroup_root: cgroup2_root(),
             tx,
@@ -374,6 +384,10 @@ impl Guard {
         // The event a rule sees: as the event thread will report it, less
         // what needs the file's contents.
         let name = host_path.rsplit('/').next().unwrap_or_default().to_owned();
+        let mut container = info.container.clone();
+        if let Some(c) = container.as_mut() {
+            self.pods.fill(c);
+        }
         let probe = Event::secret_file_open(
             &self.origin,
             SecretFileOpen {
@@ -390,7 +404,7 @@ impl Guard {
                     },
                     attribution_error: None,
                 },
-                container: info.container.clone(),
+                container,
                 cgroup: Cgroup {
                     id: cgroup_id,
                     path: info.cgroup_path.clone(),

@@ -2,11 +2,15 @@
 //!
 //! Runtimes name the cgroup of a container after its id, in a handful of
 //! layouts (cgroupfs and systemd drivers). Parsing the path needs no API
-//! server and works for every process, including short-lived ones.
+//! server and works for every process, including short-lived ones. The
+//! Kubernetes names of a container (namespace, pod, container name) come
+//! from the kubelet's files on the node, by that id (`pods`).
 
 use keywarden_analyzer::event::Container;
 
-fn is_container_id(s: &str) -> bool {
+/// A full container id: 64 lowercase hex digits (Docker, containerd,
+/// CRI-O).
+pub(crate) fn is_container_id(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
@@ -37,6 +41,9 @@ pub fn container_from_cgroup(path: &str) -> Option<Container> {
                     uid: id.to_owned(),
                     runtime: runtime.to_owned(),
                     pod_uuid,
+                    name: None,
+                    pod_name: None,
+                    pod_namespace: None,
                 });
             }
         }
@@ -54,6 +61,9 @@ pub fn container_from_cgroup(path: &str) -> Option<Container> {
                 uid: (*part).to_owned(),
                 runtime: runtime.to_owned(),
                 pod_uuid,
+                name: None,
+                pod_name: None,
+                pod_namespace: None,
             });
         }
     }

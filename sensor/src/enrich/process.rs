@@ -42,8 +42,9 @@ pub struct ProcessInfo {
     /// Working directory at exec, to make relative paths absolute.
     pub cwd_path: Option<String>,
     /// Whether the paths this process opens are host paths: its root
-    /// directory is the sensor's and its mount namespace too. `None` when it
-    /// exited before the sensor could look.
+    /// directory is the sensor's, and its mount namespace the sensor's or
+    /// init's (`is_host_mount_ns`). `None` when it exited before the sensor
+    /// could look.
     pub host_root: Option<bool>,
     pub cgroup_path: Option<String>,
     pub container: Option<Container>,
@@ -162,17 +163,25 @@ pub struct ProcessTable {
 /// between two polls of the event ring).
 const VERSIONS: usize = 4;
 
-/// Same mount namespace as the sensor? `None` when it cannot be read (the
-/// process is gone).
-fn same_mount_ns(tgid: u32) -> Option<bool> {
+/// Is mount namespace `ino` one where the host's paths name the host's
+/// files: the sensor's own, or init's (PID 1)? The two differ when the
+/// sensor runs as a systemd service with file-system protections
+/// (`ProtectSystem=`, `ReadWritePaths=`: deploy/systemd/keywarden.service),
+/// which give it a private copy of init's namespace, read-only in places
+/// but with the same files at the same paths.
+fn is_host_mount_ns(ino: u64) -> bool {
+    ["/proc/self/ns/mnt", "/proc/1/ns/mnt"]
+        .iter()
+        .any(|ns| std::fs::metadata(ns).is_ok_and(|m| m.ino() == ino))
+}
+
+/// Is the process in a host mount namespace (`is_host_mount_ns`)? `None`
+/// when it cannot be read (the process is gone).
+fn in_host_mount_ns(tgid: u32) -> Option<bool> {
     let theirs = std::fs::metadata(format!("/proc/{tgid}/ns/mnt"))
         .ok()?
         .ino();
-    Some(theirs == std::fs::metadata("/proc/self/ns/mnt").ok()?.ino())
-}
-
-fn same_ns_as_sensor(mnt_ns: u32) -> bool {
-    std::fs::metadata("/proc/self/ns/mnt").is_ok_and(|m| m.ino() == u64::from(mnt_ns))
+    Some(is_host_mount_ns(theirs))
 }
 
 /// Is this root directory (held open since exec, so it answers even after
@@ -301,7 +310,8 @@ impl ProcessTable {
         if info.root.is_none() && root.valid != 0 {
             match equivalent_root(root) {
                 Some(fd) => {
-                    info.host_root = Some(same_root_as_host(&fd) && same_ns_as_sensor(root.mnt_ns));
+                    info.host_root =
+                        Some(same_root_as_host(&fd) && is_host_mount_ns(u64::from(root.mnt_ns)));
                     info.root = Some(fd);
                     info.mnt_ns = Some(u64::from(root.mnt_ns));
                 }
@@ -368,7 +378,7 @@ impl ProcessTable {
             exe_sha256: std::sync::OnceLock::new(),
             cmd_line: cmd_line.filter(|c| !c.is_empty()),
             cwd_path,
-            host_root: match (root.as_ref().map(same_root_as_host), same_mount_ns(tgid)) {
+            host_root: match (root.as_ref().map(same_root_as_host), in_host_mount_ns(tgid)) {
                 (Some(true), Some(true)) => Some(true),
                 (Some(false), _) | (_, Some(false)) => Some(false),
                 _ => None,

@@ -11,7 +11,8 @@
 //! * only files named like key files (the open probe's suffixes), at most
 //!   `MAX_DEPTH` levels down, `MAX_FILES` files, `MAX_FILE_BYTES` each and
 //!   `MAX_BYTES` in all, `MAX_ENTRIES` directory entries looked at;
-//! * trust stores are skipped (`TRUST_STORES`, and any file holding more
+//! * trust stores are skipped (`TRUST_STORES`, also below a prefix such as
+//!   the `/host` a pod mounts the node's root on, and any file holding more
 //!   than `MAX_KEYS_PER_FILE` keys, a CA bundle): their keys sign nothing
 //!   on this host, and every candidate costs a verification for each
 //!   signature no key verifies;
@@ -46,8 +47,11 @@ const MAX_FILE_BYTES: u64 = 256 * 1024;
 const MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// More keys in one file make it a CA bundle.
 const MAX_KEYS_PER_FILE: usize = 8;
-/// CA certificates of trust stores, whose keys are not on this host.
-const TRUST_STORES: &[&str] = &["/etc/ssl/certs", "/etc/pki/ca-trust", "/etc/pki/java"];
+/// CA certificates of trust stores, whose keys are not on this host. A
+/// directory whose path ends with one of these is skipped: the scan also
+/// runs over the node's root mounted below a prefix (`/host/etc/ssl` in
+/// the Kubernetes DaemonSet, docs/deploy.md).
+const TRUST_STORES: &[&str] = &["etc/ssl/certs", "etc/pki/ca-trust", "etc/pki/java"];
 
 /// What a scan found.
 #[derive(Debug, Default)]
@@ -96,7 +100,7 @@ pub fn scan(locations: &[String]) -> Scan {
 
 impl Walk {
     fn dir(&mut self, dir: &Path, depth: usize) {
-        if TRUST_STORES.iter().any(|t| dir == Path::new(t)) {
+        if TRUST_STORES.iter().any(|t| dir.ends_with(t)) {
             return;
         }
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -209,5 +213,24 @@ mod tests {
             "{got:?}"
         );
         assert!(got.truncated.is_none());
+    }
+
+    /// A trust store is skipped below a prefix too: the node's root as a
+    /// pod mounts it (`/host/etc/ssl/certs`).
+    #[test]
+    fn trust_stores_below_a_prefix_are_skipped() {
+        let (_kdir, key, _spki) = openssl_key(&["-algorithm", "ED25519"]);
+        let host = tempfile::tempdir().unwrap();
+        let ssl = host.path().join("etc/ssl");
+        for dir in ["certs", "private"] {
+            std::fs::create_dir_all(ssl.join(dir)).unwrap();
+        }
+        std::fs::copy(&key, ssl.join("certs/looks-like-a-ca.pem")).unwrap();
+        std::fs::copy(&key, ssl.join("private/server.key")).unwrap();
+
+        let got = scan(&[ssl.to_string_lossy().into_owned()]);
+        let found: Vec<&str> = got.files.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(found.len(), 1, "{got:?}");
+        assert!(found[0].ends_with("etc/ssl/private/server.key"), "{got:?}");
     }
 }

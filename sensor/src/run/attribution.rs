@@ -13,6 +13,7 @@ use crate::{
     clock::WallClock,
     enrich::{
         container::container_from_cgroup,
+        pods::PodNames,
         process::{CgroupPaths, ProcessInfo, ProcessTable, user_name},
     },
     records::c_str,
@@ -40,17 +41,20 @@ pub struct Attributor {
     /// control thread) was not waited for yet: tgid -> exec time.
     pending_exec: HashMap<u32, u64>,
     cgroups: CgroupPaths,
+    /// Kubernetes names of containers, shared with the guard.
+    pods: Arc<PodNames>,
     users: HashMap<u32, Option<String>>,
     /// When: probe times to wall-clock times.
     clock: WallClock,
 }
 
 impl Attributor {
-    pub fn new(procs: Arc<ProcessTable>) -> Self {
+    pub fn new(procs: Arc<ProcessTable>, pods: Arc<PodNames>) -> Self {
         Self {
             procs,
             pending_exec: HashMap::new(),
             cgroups: CgroupPaths::new(),
+            pods,
             users: HashMap::new(),
             clock: WallClock::new(),
         }
@@ -96,10 +100,13 @@ impl Attributor {
         let cgroup_path = self
             .cgroups
             .path(task.cgroup_id, info.cgroup_path.as_deref());
-        let container = cgroup_path
+        let mut container = cgroup_path
             .as_deref()
             .and_then(container_from_cgroup)
             .or_else(|| info.container.clone());
+        if let Some(c) = container.as_mut() {
+            self.pods.fill(c);
+        }
         let uid = task.uid();
         let user_name = self
             .users

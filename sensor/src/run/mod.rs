@@ -31,7 +31,7 @@ mod startup;
 
 use std::{
     os::fd::AsFd,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -58,7 +58,7 @@ use crate::{
         decisions::Decisions,
         guard::{Guard, GuardedOpen},
     },
-    enrich::{kernel_layout, process::ProcessTable},
+    enrich::{kernel_layout, pods::PodNames, process::ProcessTable},
     keys::inventory::{self, Inventory},
     liveness::{self, Liveness},
     metrics::{self, Metrics, Queue, Queues},
@@ -219,13 +219,14 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let probes = Arc::new(Mutex::new(probes));
     let liveness = Arc::new(Liveness::new(watchdog_out));
     let procs = Arc::new(ProcessTable::default());
+    let pods = Arc::new(PodNames::new(Path::new(&cfg.pods_log_root)));
     let origin = setup::origin();
     let mut s = Sensor {
         probes: probes.clone(),
         events: rings.events,
         warnings: warn_rx,
         guarded: guard_rx,
-        attr: Attributor::new(procs.clone()),
+        attr: Attributor::new(procs.clone(), pods.clone()),
         keys: KeyUses::new(probes.clone(), inventory),
         secrets: SecretOpens::new(watch, Duration::from_millis(cfg.secret_files.coalesce_ms))?,
         decisions: Decisions::new(enforcer, probes.clone()),
@@ -266,6 +267,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let guard = match Guard::new(
         &s.decisions.enforcer.rules,
         procs.clone(),
+        pods,
         origin,
         guard_tx,
         s.guard_shed.clone(),
