@@ -628,7 +628,7 @@ impl Inventory {
                     || hash.is_none()
                     || p.exe_sha256.as_deref() == hash.as_deref())
         };
-        match e.processes.iter_mut().find(|p| same(&**p)) {
+        match e.processes.iter_mut().find(|p| same(p)) {
             Some(p) => {
                 p.uses += 1;
                 p.first_use_ms = p.first_use_ms.min(u.time_ms);
@@ -706,7 +706,13 @@ impl Inventory {
 
     /// An inventory from its JSON, its counters worked out again.
     fn parse(body: &[u8], limits: Limits) -> Result<Self, String> {
-        let doc: DocumentIn = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        // serde would also read a struct from an array of its fields: the
+        // file is an object or nothing.
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| e.to_string())?;
+        if !value.is_object() {
+            return Err("not a JSON object".to_owned());
+        }
+        let doc = DocumentIn::deserialize(value).map_err(|e| e.to_string())?;
         if doc.version != VERSION {
             return Err(format!(
                 "version {}, where this keywarden writes {VERSION}",
@@ -1099,8 +1105,8 @@ mod tests {
         inv.learnt(k, &listener, 3000);
         inv.learnt(k, &Source::Recovered, 3000);
         let c = cert(&spki, "CN=www.example.test");
-        inv.add_certificates(&[c.clone()], &file("/etc/ssl/a.crt"));
-        inv.add_certificates(&[c.clone()], &listener);
+        inv.add_certificates(std::slice::from_ref(&c), &file("/etc/ssl/a.crt"));
+        inv.add_certificates(std::slice::from_ref(&c), &listener);
         inv.add_certificates(&[c], &file("/etc/ssl/a.crt"));
         // A certificate of a key the inventory does not have is not kept.
         inv.add_certificates(&[cert(&key(2).0, "CN=other")], &file("/x.crt"));
@@ -1457,7 +1463,7 @@ mod tests {
         let start = doc.find("```json\n").expect("a JSON example") + 8;
         let end = start + doc[start..].find("```").unwrap();
         let example: serde_json::Value = serde_json::from_str(&doc[start..end]).unwrap();
-        let inv = Inventory::parse(doc[start..end].as_bytes(), Limits::default()).unwrap();
+        let inv = Inventory::parse(&doc.as_bytes()[start..end], Limits::default()).unwrap();
         let back: serde_json::Value = serde_json::from_slice(&inv.to_json(true).unwrap()).unwrap();
         assert_eq!(back, example);
     }
