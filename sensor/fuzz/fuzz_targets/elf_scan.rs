@@ -15,11 +15,19 @@ use std::{
 use libfuzzer_sys::fuzz_target;
 
 // The sensor is a binary crate: its ELF reader is compiled here from its
-// own source. `signing_code` reaches `placement` as `super::placement`, so
-// both sit at the crate root, as siblings.
+// own source. `signing_code` reaches its siblings as `super::…`, so all
+// sit at the crate root.
 #[allow(dead_code)]
 #[path = "../../src/discovery/placement.rs"]
 mod placement;
+
+#[allow(dead_code)]
+#[path = "../../src/discovery/elf_read.rs"]
+mod elf_read;
+
+#[allow(dead_code)]
+#[path = "../../src/discovery/symbols.rs"]
+mod symbols;
 
 #[allow(dead_code)]
 #[path = "../../src/discovery/signing_code.rs"]
