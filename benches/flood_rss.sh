@@ -52,16 +52,19 @@ kib() { awk -v k="$1:" '$1 == k { print $2 }' "/proc/$sensor/status"; }
 
 "$BIN" run --output "$OUT/events.ndjson" --baselines "$OUT/baselines.json" --inventory "$OUT/inventory.json" 2>"$OUT/sensor.log" &
 sensor=$!
-for _ in $(seq 1 1200); do grep -q ready "$OUT/sensor.log" && break; sleep 0.05; done
-grep -q ready "$OUT/sensor.log" || { echo "sensor not ready" >&2; cat "$OUT/sensor.log" >&2; exit 1; }
+for _ in $(seq 1 1200); do grep -q " ready: " "$OUT/sensor.log" && break; sleep 0.05; done
+grep -q " ready: " "$OUT/sensor.log" || { echo "sensor not ready" >&2; cat "$OUT/sensor.log" >&2; exit 1; }
 sleep "$IDLE"
 idle=$(kib VmRSS)
 
-per_proc=$(python3 -c "print($RATE / $PROCS)")
+# As nobody, python3 must not come from root's PATH (a pyenv shim under
+# /root is not readable by nobody).
+PYTHON="${PYTHON:-/usr/bin/python3}"
+per_proc=$("$PYTHON" -c "print($RATE / $PROCS)")
 floods=()
 for p in $(seq 1 "$PROCS"); do
     setpriv --reuid=65534 --regid=65534 --clear-groups \
-        python3 -c "$FLOOD" "$NAMES" "p$p" "$per_proc" "$DURATION" >"$OUT/opens-$p" &
+        "$PYTHON" -c "$FLOOD" "$NAMES" "p$p" "$per_proc" "$DURATION" >"$OUT/opens-$p" &
     floods+=("$!")
 done
 peak=0
