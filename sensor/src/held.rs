@@ -53,6 +53,11 @@ pub fn signal(tgid: u32, at_ns: u64, signal: libc::c_int) -> std::io::Result<boo
     pidfd_send_signal(&pidfd, signal)
 }
 
+/// Whether a process with this pid exists right now.
+pub fn is_alive(tgid: u32) -> bool {
+    stat(tgid).is_some()
+}
+
 /// Whether a process is stopped (state `T`) right now.
 pub fn is_stopped(tgid: u32) -> bool {
     stat(tgid).is_some_and(|(state, _)| state == 'T')

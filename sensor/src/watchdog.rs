@@ -337,6 +337,11 @@ fn sweep(token: Option<u64>) -> Result<usize> {
                     "hold watchdog: released a process the sensor held when it exited"
                 );
             }
+            // Not stopped yet: its SIGSTOP may still be pending. The entry
+            // stays for the next sweep, unless the process is gone.
+            Ok(false) if crate::held::is_alive(tgid) && !crate::held::is_stopped(tgid) => {
+                continue;
+            }
             Ok(false) => {}
             Err(e) => warn!(pid = tgid, error = %e, "hold watchdog: SIGCONT"),
         }

@@ -19,8 +19,9 @@ use super::signing_code::{ScanError, mib};
 /// string tables, notes and the first bytes of each probe point. libcrypto
 /// needs 250 KB, librustc_driver (186,000 symbols, 22 MB of names) 27 MB.
 /// A file that needs more, such as a malformed one whose sections all name
-/// the same bytes, is skipped with an error.
-pub const MAX_METADATA: u64 = 256 << 20;
+/// the same bytes, is skipped with an error. 64 MiB keeps a hostile file's
+/// scan well inside the DaemonSet's 384 MiB memory limit.
+pub const MAX_METADATA: u64 = 64 << 20;
 
 /// String tables read whole before the symbols, so that a name is a lookup
 /// rather than a read (a file has three: `.dynstr`, `.strtab`,

@@ -127,12 +127,12 @@ impl ProcessInfo {
     }
 }
 
-/// Largest executable hashed: 512 MiB, as for ELF scanning
-/// (`signing_code::MAX_FILE_SIZE`). Real programs are far smaller (node
-/// is 98 MB, a browser about 250 MB); SHA-256 of 512 MiB takes the event
-/// thread 0.3 to 1 s. A larger file, such as a sparse one any user can
-/// make and run, gets no hash and `attribution_error` says why.
-pub const MAX_HASHED_SIZE: u64 = 512 << 20;
+/// Largest executable hashed: 128 MiB. Most programs are far smaller
+/// (node is 98 MB); hashing runs on the event thread, and SHA-256 of 512
+/// MiB took it 0.3 to 1 s, long enough for a user running fresh sparse
+/// binaries to pause holding (`liveness`). A larger file (a browser, at
+/// about 250 MB, too) gets no hash and `attribution_error` says why.
+pub const MAX_HASHED_SIZE: u64 = 128 << 20;
 
 /// Bytes hashed per read.
 const HASH_CHUNK: usize = 1 << 16;
@@ -638,7 +638,7 @@ mod tests {
         let err = t.hash(&File::open(&big).unwrap()).unwrap_err();
         assert_eq!(
             err,
-            "not computed: the executable is 513 MiB, more than the 512 MiB keywarden hashes"
+            "not computed: the executable is 129 MiB, more than the 128 MiB keywarden hashes"
         );
         assert_eq!(t.computed.load(Ordering::Relaxed), 2);
     }

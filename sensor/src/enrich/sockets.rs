@@ -21,6 +21,11 @@ use hashbrown::HashSet;
 /// million, and a signer served by one connection holds few.
 const MAX_FDS: usize = 4096;
 
+/// Rows of a TCP table read per lookup: a busy host's table can be huge,
+/// and this runs on the event thread. A connection past them is not found
+/// (the signature then has no peer, rather than a late event).
+const MAX_ROWS: usize = 16_384;
+
 /// `ESTABLISHED` in `/proc/net/tcp`'s `st` column.
 const TCP_ESTABLISHED: &str = "01";
 
@@ -34,10 +39,17 @@ pub fn sole_connection(proc_root: &Path, pid: u32) -> Option<(SocketAddr, Socket
     }
     let mut found = None;
     for table in ["net/tcp", "net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(dir.join(table)) else {
+        let Ok(file) = std::fs::File::open(dir.join(table)) else {
             continue;
         };
-        for conn in text.lines().skip(1).filter_map(parse_line) {
+        let rows = std::io::BufRead::lines(std::io::BufReader::new(file))
+            .map_while(Result::ok)
+            .skip(1)
+            .take(MAX_ROWS);
+        for line in rows {
+            let Some(conn) = parse_line(&line) else {
+                continue;
+            };
             if conn.state == TCP_ESTABLISHED && inodes.contains(&conn.inode) {
                 if found.is_some() {
                     return None; // several: no guess
