@@ -30,7 +30,7 @@ pub struct Config {
     /// configuration file: the embedded default list applies.
     #[serde(default = "Config::embedded_key_locations")]
     pub key_locations: Vec<String>,
-    /// The key inventory (`keys/inventory.rs`, `keywarden keys`): written
+    /// The key inventory (`keys/inventory/`, `keywarden keys`): written
     /// atomically, mode 0600, every 30 s when it changed and at exit; read
     /// at start. Optional in a configuration file: the embedded default
     /// applies.

@@ -463,7 +463,7 @@ impl Sensor {
     }
 
     /// Publishes this turn's counts for the metrics endpoint
-    /// (`metrics.rs`): each part's own counts and its queue, read here,
+    /// (`metrics/`): each part's own counts and its queue, read here,
     /// then copied under the endpoint's lock.
     fn publish_metrics(&self) {
         let analyzer = self
