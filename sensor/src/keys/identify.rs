@@ -1,9 +1,11 @@
 //! Decides which key made each signature.
 //!
-//! (Its tests take the last third: they drive the cache through frees,
-//! address reuse, re-initialisation and recovery with real keys and belong
-//! beside the logic they check. ECDSA recovery itself is `recover`; the
-//! search of a process is `search`.)
+//! (Over 600 lines: about 800 of logic, the handle cache, verification
+//! against each process's candidates and the held signatures a search may
+//! still name, which share one state; then its tests, which drive that
+//! cache through frees, address reuse, re-initialisation and recovery with
+//! real keys. The held signatures are the part to move out next. ECDSA
+//! recovery itself is `recover`; the search of a process is `search`.)
 //!
 //! The probes report the key *object* a signature was made with (the
 //! EVP_PKEY* seen at EVP_DigestSignInit*, else the context pointer), the

@@ -4,6 +4,9 @@
 //! private half lives in zeroizing buffers for the length of one function
 //! call and is never logged, stored or exported. Certificates and public-key
 //! files give the same identity without touching secrets at all.
+//!
+//! (Over 600 lines only with its tests, about 430 lines of real keys and
+//! certificates in every encoding; the parsing is about 560.)
 
 use std::path::Path;
 

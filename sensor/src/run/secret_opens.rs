@@ -1,3 +1,7 @@
+//! (Over 600 lines: about 650 of one state machine, an open's entry, its
+//! result, the key read, the judgement and the coalesced event, with its
+//! tests after; the read itself is `keys/reader.rs`.)
+//!
 //! Opens of files that may hold keys or secrets. A key or certificate file
 //! teaches the sensor which public keys a process loaded; a watched secret
 //! file becomes a (coalesced) File System Activity event. Library opens go

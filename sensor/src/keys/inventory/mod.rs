@@ -45,8 +45,8 @@ mod print;
 #[cfg(test)]
 mod tests;
 
-pub use file::{InventoryError, SAVE_EVERY, VERSION, Writer, now_ms};
-pub use print::{print, utc};
+pub use file::{SAVE_EVERY, Writer, now_ms};
+pub use print::print;
 
 /// Bytes kept of one text (a path, a listener, a process name): a path is
 /// at most this long on Linux.
