@@ -12,14 +12,14 @@
 //! the hold, and its kills go through a pidfd too (`signal`), checked
 //! against the time of the record they answer.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::AsFd;
 
 /// Sends SIGCONT to the process the probes held at `held_at_ns`
 /// (`bpf_ktime_get_ns`, CLOCK_MONOTONIC) as `tgid`, if it is still that
 /// process and still stopped. `Ok(false)`: gone, not stopped, or the pid
 /// now names a process that started after the hold.
 pub fn resume(tgid: u32, held_at_ns: u64) -> std::io::Result<bool> {
-    let Some(pidfd) = pidfd_open(tgid)? else {
+    let Some(pidfd) = crate::pidfd::open(tgid)? else {
         return Ok(false);
     };
     // From here on the pidfd pins the process: while it lives, /proc/PID
@@ -31,7 +31,7 @@ pub fn resume(tgid: u32, held_at_ns: u64) -> std::io::Result<bool> {
     if state != 'T' || !started_before(start_ticks, held_at_ns) {
         return Ok(false);
     }
-    pidfd_send_signal(&pidfd, libc::SIGCONT)
+    crate::pidfd::send_signal(pidfd.as_fd(), libc::SIGCONT)
 }
 
 /// Sends `signal` to the process a record was about: `tgid` as it was at
@@ -40,7 +40,7 @@ pub fn resume(tgid: u32, held_at_ns: u64) -> std::io::Result<bool> {
 /// the pid names a process started since (it was reused), which is never
 /// signalled. The sensor's releases and kills all go through here.
 pub fn signal(tgid: u32, at_ns: u64, signal: libc::c_int) -> std::io::Result<bool> {
-    let Some(pidfd) = pidfd_open(tgid)? else {
+    let Some(pidfd) = crate::pidfd::open(tgid)? else {
         return Ok(false);
     };
     // The pidfd pins the process: /proc/PID is it while it lives.
@@ -50,7 +50,7 @@ pub fn signal(tgid: u32, at_ns: u64, signal: libc::c_int) -> std::io::Result<boo
     if !started_before(start_ticks, at_ns) {
         return Ok(false);
     }
-    pidfd_send_signal(&pidfd, signal)
+    crate::pidfd::send_signal(pidfd.as_fd(), signal)
 }
 
 /// Whether a process with this pid exists right now.
@@ -61,52 +61,6 @@ pub fn is_alive(tgid: u32) -> bool {
 /// Whether a process is stopped (state `T`) right now.
 pub fn is_stopped(tgid: u32) -> bool {
     stat(tgid).is_some_and(|(state, _)| state == 'T')
-}
-
-/// `pidfd_open(2)`; `None` if no such process.
-fn pidfd_open(tgid: u32) -> std::io::Result<Option<OwnedFd>> {
-    let pid =
-        libc::pid_t::try_from(tgid).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let flags: libc::c_uint = 0;
-    // SAFETY: pidfd_open takes a pid and flags, passes no memory, and
-    // returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, flags) };
-    if fd < 0 {
-        let e = std::io::Error::last_os_error();
-        return match e.raw_os_error() {
-            Some(libc::ESRCH) => Ok(None),
-            _ => Err(e),
-        };
-    }
-    // SAFETY: the kernel just returned this descriptor, and nothing else
-    // owns it.
-    Ok(Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) }))
-}
-
-/// `pidfd_send_signal(2)` without siginfo; `Ok(false)` if the process has
-/// exited since the pidfd was opened.
-fn pidfd_send_signal(pidfd: &OwnedFd, signal: libc::c_int) -> std::io::Result<bool> {
-    let flags: libc::c_uint = 0;
-    // SAFETY: the descriptor is open for the whole call; a null siginfo
-    // asks the kernel for a plain kill(2)-style signal; no other memory is
-    // passed.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            pidfd.as_raw_fd(),
-            signal,
-            std::ptr::null::<libc::siginfo_t>(),
-            flags,
-        )
-    };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    match e.raw_os_error() {
-        Some(libc::ESRCH) => Ok(false),
-        _ => Err(e),
-    }
 }
 
 /// State letter (field 3) and start time in clock ticks since boot

@@ -20,6 +20,7 @@ mod keys;
 mod liveness;
 mod logging;
 mod metrics;
+mod pidfd;
 mod probes;
 mod records;
 mod respond;

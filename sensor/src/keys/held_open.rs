@@ -19,12 +19,8 @@
 //! are parsed in zeroizing buffers only to derive the public key.
 
 use std::{
-    fs::File,
     io,
-    os::{
-        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
-        unix::fs::FileExt,
-    },
+    os::fd::{AsFd, BorrowedFd, RawFd},
 };
 
 use zeroize::Zeroizing;
@@ -56,7 +52,9 @@ pub struct HeldFiles {
 /// for: a process with another start time is another process that reused
 /// the pid, and is not read.
 pub fn key_files(tgid: u32, started: u64) -> io::Result<HeldFiles> {
-    let pidfd = pidfd_open(tgid)?;
+    let Some(pidfd) = crate::pidfd::open(tgid)? else {
+        return Err(io::Error::from_raw_os_error(libc::ESRCH));
+    };
     // After pidfd_open: the descriptor now pins this process, so a check
     // that passes here holds for every read below (a reused pid would make
     // pidfd_getfd fail with ESRCH, not reach another process).
@@ -99,50 +97,13 @@ pub fn key_files(tgid: u32, started: u64) -> io::Result<HeldFiles> {
     Ok(out)
 }
 
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let no_flags: libc::c_uint = 0;
-    // SAFETY: pidfd_open takes a pid and flags (none) and returns a new
-    // descriptor or -1; no memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, no_flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
-
-/// Duplicates descriptor `target` of the process behind `pidfd` into the
-/// sensor (close-on-exec, as pidfd_getfd always sets it).
-fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> io::Result<File> {
-    let no_flags: libc::c_uint = 0;
-    // SAFETY: pidfd_getfd takes a pidfd, a descriptor number in that
-    // process and flags (none), and returns a new descriptor or -1; no
-    // memory is passed.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, no_flags) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: pidfd_getfd returned a new descriptor that nothing else owns.
-    Ok(unsafe { File::from_raw_fd(fd as RawFd) })
-}
-
 /// Reads one held file through a duplicate of its descriptor, by pread.
 fn read_held(pidfd: BorrowedFd<'_>, fd: RawFd, path: &str) -> Result<KeyFile, String> {
-    let file = pidfd_getfd(pidfd, fd)
+    let file = crate::pidfd::get_fd(pidfd, fd)
         .map_err(|e| format!("{path}: cannot duplicate its descriptor: {e}"))?;
-    let len =
-        safe_open::check(&file, MAX_KEY_FILE).map_err(|e| format!("{path}: not read: {e}"))?;
-    let mut bytes = Zeroizing::new(vec![0u8; len as usize]);
-    let mut at = 0;
-    while at < bytes.len() {
-        match file.read_at(&mut bytes[at..], at as u64) {
-            Ok(0) => break,
-            Ok(n) => at += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(format!("{path}: cannot read: {e}")),
-        }
-    }
-    bytes.truncate(at);
+    let mut bytes = Zeroizing::new(Vec::new());
+    safe_open::read_checked(&file, MAX_KEY_FILE, &mut bytes)
+        .map_err(|e| format!("{path}: not read: {e}"))?;
     material::key_file_in(path, &bytes).map_err(|e| e.to_string())
 }
 

@@ -27,7 +27,7 @@
 use std::{
     fs::File,
     os::{
-        fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd},
+        fd::{AsFd, OwnedFd},
         unix::fs::MetadataExt,
     },
     sync::Arc,
@@ -303,33 +303,13 @@ fn open(job: &Job) -> Result<(File, Via), String> {
 /// The process's descriptor `fd`, duplicated into the sensor, if it still
 /// names the file its open returned.
 fn own_descriptor(tgid: u32, fd: i32, opened: &ExeId) -> Result<File, String> {
-    // SAFETY: pidfd_open takes a pid and flags (none); no memory is passed.
-    let pidfd =
-        unsafe { libc::syscall(libc::SYS_pidfd_open, tgid as libc::pid_t, 0 as libc::c_uint) };
-    if pidfd < 0 {
-        return Err(format!("pidfd_open: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: pidfd_open returned a new descriptor that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    // SAFETY: pidfd_getfd takes two descriptors and flags (none); no memory
-    // is passed.
-    let got = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_getfd,
-            pidfd.as_raw_fd(),
-            fd as libc::c_int,
-            0 as libc::c_uint,
-        )
+    let pidfd = match crate::pidfd::open(tgid) {
+        Ok(Some(p)) => p,
+        Ok(None) => return Err("pidfd_open: the process is gone".to_owned()),
+        Err(e) => return Err(format!("pidfd_open: {e}")),
     };
-    if got < 0 {
-        return Err(format!(
-            "pidfd_getfd of descriptor {fd}: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: pidfd_getfd returned a new descriptor (close-on-exec) that
-    // nothing else owns.
-    let file = unsafe { File::from_raw_fd(got as RawFd) };
+    let file = crate::pidfd::get_fd(pidfd.as_fd(), fd)
+        .map_err(|e| format!("pidfd_getfd of descriptor {fd}: {e}"))?;
     same_file(&file, opened).map_err(|why| format!("descriptor {fd} {why}"))?;
     // An O_PATH or write-only descriptor cannot be read from; the path
     // can (for a protected key the sensor must judge all the same).
@@ -421,8 +401,7 @@ fn is_root(fd: &OwnedFd, mnt_ns: Option<u64>, root: &RootId) -> bool {
 /// inode, size and mtime.
 fn same_file(file: &File, opened: &ExeId) -> Result<(), String> {
     let md = file.metadata().map_err(|e| e.to_string())?;
-    let now = (md.ino(), md.size(), md.mtime(), md.mtime_nsec() as u32);
-    if now == (opened.ino, opened.size, opened.mtime_sec, opened.mtime_nsec) {
+    if crate::enrich::process::is_image(&md, opened) {
         Ok(())
     } else {
         Err("is no longer the file the process opened".to_owned())
@@ -432,16 +411,10 @@ fn same_file(file: &File, opened: &ExeId) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::fd::AsRawFd;
 
     fn stamp(f: &File) -> ExeId {
-        let md = f.metadata().unwrap();
-        ExeId {
-            valid: 1,
-            mtime_nsec: md.mtime_nsec() as u32,
-            ino: md.ino(),
-            size: md.size(),
-            mtime_sec: md.mtime(),
-        }
+        crate::probes::file_id(&f.metadata().unwrap())
     }
 
     fn our_root() -> RootId {

@@ -66,7 +66,17 @@ pub struct KeyUses {
     /// Searches started.
     pub searches: u64,
     held: VecDeque<Held>,
+    /// Processes found with no sole TCP connection, and until when that
+    /// answer stands: the `/proc` lookup (a directory walk and the TCP
+    /// tables) is not repeated for every signature of a process that signs
+    /// without a connection (a signing loop), at most once a second.
+    no_sole_connection: HashMap<u32, Instant>,
 }
+
+/// How long "no sole connection" stands for a process (`KeyUses::peer`).
+/// Only the absence is remembered: a peer found is never reused, so a
+/// connection that changes cannot be named for a later signature.
+const NO_SOLE_CONNECTION_FOR: Duration = Duration::from_secs(1);
 
 impl KeyUses {
     /// `inventory`: the key inventory as the last run left it, which this
@@ -88,6 +98,7 @@ impl KeyUses {
             next_search_id: 0,
             searches: 0,
             held: VecDeque::new(),
+            no_sole_connection: HashMap::new(),
         }
     }
 
@@ -115,7 +126,7 @@ impl KeyUses {
         let who = attr.who(&r.task, &info);
         let (lib_file, library_kind) = library_of(&self.probes(), r.library, r.func as u8);
         let (peer, local) = match endpoints(r) {
-            (None, None) if r.ret == 1 => sole_connection_of(tgid),
+            (None, None) if r.ret == 1 => self.sole_connection(tgid),
             known => known,
         };
         let md_name = (r.flags & sign_flags::HAS_MD_NAME != 0)
@@ -341,6 +352,7 @@ impl KeyUses {
     /// A process exec'd or exited: what was known of its key objects goes,
     /// and so do its free probes.
     pub fn forget_process(&mut self, tgid: u32) {
+        self.no_sole_connection.remove(&tgid);
         self.ident.forget_process(tgid);
         self.search_ids.remove(&tgid);
         self.unwatch_frees(tgid);
@@ -492,12 +504,37 @@ pub fn library_of(probes: &Probes, index: u32, func: u8) -> (event::File, String
 /// The peer of a signature the probes could not name: the signing
 /// process's only TCP connection, if it has exactly one
 /// (`enrich::sockets`).
-fn sole_connection_of(
-    tgid: u32,
-) -> (
+impl KeyUses {
+    /// The peer of a signature the probes could not name
+    /// (`sole_connection_of`), unless the process was just found to have
+    /// none.
+    fn sole_connection(&mut self, tgid: u32) -> Endpoints {
+        let now = Instant::now();
+        if self
+            .no_sole_connection
+            .get(&tgid)
+            .is_some_and(|&until| now < until)
+        {
+            return (None, None);
+        }
+        let found = sole_connection_of(tgid);
+        if found.0.is_none() {
+            self.no_sole_connection
+                .insert(tgid, now + NO_SOLE_CONNECTION_FOR);
+        } else {
+            self.no_sole_connection.remove(&tgid);
+        }
+        found
+    }
+}
+
+/// A signature's (peer, local) ends.
+type Endpoints = (
     Option<event::NetworkEndpoint>,
     Option<event::NetworkEndpoint>,
-) {
+);
+
+fn sole_connection_of(tgid: u32) -> Endpoints {
     let end = |a: std::net::SocketAddr| event::NetworkEndpoint {
         ip: a.ip().to_string(),
         port: Some(a.port()),
@@ -509,12 +546,7 @@ fn sole_connection_of(
     }
 }
 
-fn endpoints(
-    r: &SignRecord,
-) -> (
-    Option<event::NetworkEndpoint>,
-    Option<event::NetworkEndpoint>,
-) {
+fn endpoints(r: &SignRecord) -> Endpoints {
     if r.flags & sign_flags::HAS_PEER == 0 {
         return (None, None);
     }
