@@ -18,6 +18,12 @@ pub struct Config {
     /// Values over 250 act as 250: the control thread must see the event
     /// thread move to keep holding (`liveness.rs`).
     pub poll_interval_ms: u64,
+    /// Size of the probes' event ring buffer in MiB: a power of two from
+    /// 1 to 256. It absorbs signatures between drains; the kernel maps its
+    /// pages twice, so it counts twice in the sensor's RSS (not its PSS).
+    /// Optional in a configuration file: the embedded default applies.
+    #[serde(default = "Config::embedded_ring_buffer_mib")]
+    pub ring_buffer_mib: u32,
     /// Stop (SIGSTOP) a process that opens a crypto library the sensor has
     /// not seen in its cgroup, until the library is attached.
     pub hold_new_libraries: bool,
@@ -127,6 +133,23 @@ impl Config {
             .inventory
     }
 
+    fn embedded_ring_buffer_mib() -> u32 {
+        Config::parse(DEFAULT_CONFIG, "<embedded default>")
+            .expect("embedded default configuration")
+            .ring_buffer_mib
+    }
+
+    /// The event ring's size in bytes, or why the configured one is refused.
+    pub fn ring_buffer_bytes(&self) -> Result<u32> {
+        let mib = self.ring_buffer_mib;
+        if !(1..=256).contains(&mib) || !mib.is_power_of_two() {
+            anyhow::bail!(
+                "ring_buffer_mib: {mib} is not a power of two from 1 to 256 (the kernel wants a power-of-two ring)"
+            );
+        }
+        Ok(mib << 20)
+    }
+
     fn embedded_pods_log_root() -> String {
         Config::parse(DEFAULT_CONFIG, "<embedded default>")
             .expect("embedded default configuration")
@@ -158,6 +181,7 @@ mod tests {
         let c = Config::load(None).unwrap();
         assert_eq!(c.output, "-");
         assert!(c.poll_interval_ms > 0);
+        assert_eq!(c.ring_buffer_bytes().unwrap(), 8 << 20);
         assert!(c.key_paths.iter().any(|p| p == "/etc/ssl/private"));
         assert!(c.key_locations.iter().any(|p| p == "/etc/kubernetes/pki"));
         assert_eq!(c.inventory, "/var/lib/keywarden/inventory.json");
@@ -182,6 +206,26 @@ mod tests {
         assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(c.inventory, Config::load(None).unwrap().inventory);
         assert_eq!(c.pods_log_root, "/var/log");
+    }
+
+    #[test]
+    fn a_ring_size_that_is_no_power_of_two_is_refused() {
+        let base = "output: '-'\npoll_interval_ms: 20\nhold_new_libraries: true\nkey_paths: []\nlibrary_dirs: []\n";
+        for (mib, ok) in [
+            (1, true),
+            (64, true),
+            (256, true),
+            (0, false),
+            (3, false),
+            (512, false),
+        ] {
+            let c = Config::parse(&format!("{base}ring_buffer_mib: {mib}\n"), "c.yaml").unwrap();
+            let got = c.ring_buffer_bytes();
+            assert_eq!(got.is_ok(), ok, "{mib}: {got:?}");
+            if let Err(e) = got {
+                assert!(e.to_string().starts_with("ring_buffer_mib: "), "{e}");
+            }
+        }
     }
 
     #[test]

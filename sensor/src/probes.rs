@@ -17,7 +17,7 @@ use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
         RawTracePoint, TracePoint, UProbe,
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLink, UProbeLinkId, UProbeScope},
     },
 };
 use hashbrown::HashMap;
@@ -73,6 +73,36 @@ pub struct Probes {
     frees: HashMap<u32, FreeProbes>,
     /// This sensor's name in the host-wide hold lease (`HoldLease`).
     hold_token: u64,
+    /// Links to detach, for the detaching thread (`Detacher`).
+    detacher: Detacher,
+}
+
+/// Detaches uprobe links on a thread of its own. Removing a uprobe from a
+/// process waits for the kernel (an RCU grace period, a third of a second
+/// in a VM), and the sensor removes a process's free probes when it exits:
+/// on the event thread, a user who starts and ends signing processes in a
+/// loop would stall it for that long each time. A link is taken out of the
+/// program and dropped here, which detaches it; until then its probes stay,
+/// which only makes the probes see more.
+struct Detacher {
+    links: crossbeam_channel::Sender<UProbeLink>,
+}
+
+impl Detacher {
+    fn start() -> Result<Detacher> {
+        let (links, rx) = crossbeam_channel::unbounded::<UProbeLink>();
+        std::thread::Builder::new()
+            .name("keywarden-detach".into())
+            .spawn(move || {
+                // Dropping a link detaches it; the channel closes with the
+                // sensor.
+                for link in rx {
+                    drop(link);
+                }
+            })
+            .context("starting the detaching thread")?;
+        Ok(Detacher { links })
+    }
 }
 
 /// A library's free functions (`EVP_PKEY_free`, `EVP_PKEY_sign_init`),
@@ -167,12 +197,15 @@ pub struct Rings {
 }
 
 impl Probes {
-    pub fn load() -> Result<(Self, Rings)> {
+    /// Loads the probes, with an event ring of `ring_bytes` (a power of
+    /// two; `Config::ring_buffer_bytes`).
+    pub fn load(ring_bytes: u32) -> Result<(Self, Rings)> {
         let object = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/keywarden-probes"));
         crate::host::ensure_pin_dir(PIN_DIR)?;
         crate::host::ensure_tracefs()?;
         let mut ebpf = aya::EbpfLoader::new()
             .default_map_pin_directory(PIN_DIR)
+            .map_max_entries("EVENTS", ring_bytes)
             .load(object)
             .context("loading keywarden's eBPF object")?;
         for name in ["sign_entry", "sign_return"] {
@@ -212,6 +245,7 @@ impl Probes {
             by_inode: HashMap::new(),
             frees: HashMap::new(),
             hold_token: new_hold_token(),
+            detacher: Detacher::start()?,
         };
         probes.set_config(config::HOLD_TOKEN, probes.hold_token)?;
         Ok((probes, Rings { events, control }))
@@ -381,14 +415,25 @@ impl Probes {
         Ok(prog.attach(points, &path, scope)?)
     }
 
+    /// Detaches free probes, on the detaching thread (`Detacher`). The
+    /// link is the program's (its id is spent) once this returns; the
+    /// probes go a moment later.
     pub fn detach_frees(&mut self, link: UProbeLinkId) {
-        let detached = self
+        let taken = self
             .ebpf
             .program_mut("sign_entry")
             .and_then(|p| <&mut UProbe>::try_from(p).ok())
-            .map(|p| p.detach(link));
-        if let Some(Err(e)) = detached {
-            debug!(error = %e, "detaching free probes");
+            .map(|p| p.take_link(link));
+        match taken {
+            Some(Ok(link)) => {
+                // The thread ends only with the sensor: a closed channel
+                // hands the link back, and dropping it here detaches it.
+                if let Err(e) = self.detacher.links.send(link) {
+                    drop(e.into_inner());
+                }
+            }
+            Some(Err(e)) => debug!(error = %e, "detaching free probes"),
+            None => debug!("detaching free probes: no sign_entry program"),
         }
     }
 

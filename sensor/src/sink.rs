@@ -38,7 +38,7 @@ pub const BACKLOG_BYTES: usize = 32 << 20;
 
 /// How long the event thread may wait for room in a full backlog, per turn
 /// of its loop (`flush` gives the next turn its own). Short against the
-/// time a busy host takes to fill the 16 MiB ring buffer (about 50,000
+/// time a busy host takes to fill the 8 MiB ring buffer (about 25,000
 /// open records), so the wait alone does not make it overflow.
 pub const ROOM_WAIT: Duration = Duration::from_millis(50);
 

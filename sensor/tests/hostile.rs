@@ -763,3 +763,168 @@ fn a_flood_of_secret_file_opens_is_bounded_and_loud() {
         assert!(warnings.is_empty(), "{warnings:?}");
     }
 }
+
+/// A process of `nobody` that listens on `listeners` TCP ports, all but
+/// the second of them tar pits (never accepted: the connection sits in the
+/// backlog and nothing ever answers) and the second answering every
+/// connection with 1 MiB of random bytes, then signs once with an Ed25519 key made in memory
+/// (no file names it, and Ed25519 recovers nothing), so the sensor
+/// searches it: its listeners are the only thing left to try. It prints
+/// "signed" and waits.
+const TARPIT_SIGNER: &str = r#"
+import ctypes, os, socket, sys, threading, time
+socks = []
+for i in range(int(sys.argv[1])):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen(64)
+    socks.append(s)
+def garbage(s):
+    while True:
+        c, _ = s.accept()
+        try:
+            c.sendall(os.urandom(1 << 20))
+        except OSError:
+            pass
+for s in socks[1:2]:
+    threading.Thread(target=garbage, args=(s,), daemon=True).start()
+c = ctypes.CDLL("libcrypto.so.3")
+vp = ctypes.c_void_p
+c.EVP_PKEY_CTX_new_from_name.restype = vp
+c.EVP_PKEY_CTX_new_from_name.argtypes = [vp, ctypes.c_char_p, ctypes.c_char_p]
+c.EVP_PKEY_keygen_init.argtypes = [vp]
+c.EVP_PKEY_generate.argtypes = [vp, ctypes.POINTER(vp)]
+c.EVP_MD_CTX_new.restype = vp
+c.EVP_DigestSignInit.argtypes = [vp, vp, vp, vp, vp]
+c.EVP_DigestSign.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_char_p, ctypes.c_size_t]
+ctx = c.EVP_PKEY_CTX_new_from_name(None, b"ED25519", None)
+assert c.EVP_PKEY_keygen_init(ctx) == 1
+pkey = vp()
+assert c.EVP_PKEY_generate(ctx, ctypes.byref(pkey)) == 1
+m = c.EVP_MD_CTX_new()
+assert c.EVP_DigestSignInit(m, None, None, None, pkey) == 1
+sig = ctypes.create_string_buffer(64)
+n = ctypes.c_size_t(64)
+assert c.EVP_DigestSign(m, sig, ctypes.byref(n), b"tar pit", 7) == 1
+print("signed", flush=True)
+time.sleep(300)
+"#;
+
+/// Searching a process costs the sensor time that process controls: a
+/// listener that accepts nothing holds a handshake until its timeout. Here
+/// `nobody` starts 12 signers, each with 8 listeners that are tar pits or
+/// answer with garbage, so that searching them all would take the sensor's
+/// search thread minutes. A server of another user, started before the
+/// sensor and named only by the certificate its listener presents, must
+/// still have its key named while they wait: users take turns in the
+/// search queue, and one user may queue only a few searches. The garbage
+/// crashes nothing, and the signers refused a search say why.
+#[test]
+fn tar_pit_listeners_of_one_user_do_not_keep_another_users_server_unnamed() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let key = openssl_key(dir, "victim", "ed25519");
+    let crt = cert(dir, &key, "victim.test");
+    let port = free_port();
+    let server = start_server(
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-key")
+            .arg(&key.path)
+            .arg("-cert")
+            .arg(&crt)
+            .stdin(std::process::Stdio::null()),
+        port,
+    );
+    // Nothing on disk names the key once the server has loaded it.
+    std::fs::remove_file(&key.path).unwrap();
+    let sensor_conf = sensor_config(dir, &[], &[]);
+    let sensor = Sensor::start(&["--config", sensor_conf.to_str().unwrap()]);
+
+    let attackers: Vec<std::process::Child> = (0..12)
+        .map(|_| {
+            spawn(
+                as_nobody("/usr/bin/python3")
+                    .args(["-c", TARPIT_SIGNER, "8"])
+                    .stdout(std::process::Stdio::piped()),
+            )
+        })
+        .collect();
+    let pids: Vec<u32> = attackers.iter().map(|c| c.id()).collect();
+    wait_for(
+        "every attacker's signature",
+        Duration::from_secs(30),
+        || {
+            let events = sensor.events();
+            pids.iter().all(|&p| !key_uses_of(&events, p).is_empty())
+        },
+    );
+
+    // The server's handshakes, until one names its key. Searching all the
+    // attackers first would take the search thread over 80 s (12 × 7 tar
+    // pits of 1 s each); in turn, the server's search waits for one.
+    let handshake = || {
+        let out = run_ok(
+            Command::new("openssl")
+                .args(["s_client", "-connect"])
+                .arg(format!("127.0.0.1:{port}"))
+                .args(["-servername", "victim.test"])
+                .stdin(std::process::Stdio::null()),
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("victim.test"));
+    };
+    wait_for(
+        "the server's key named while the tar pits wait",
+        Duration::from_secs(40),
+        || {
+            handshake();
+            std::thread::sleep(Duration::from_millis(500));
+            key_uses_of(&sensor.events(), server.pid())
+                .iter()
+                .any(|e| spki_of(e) == Some(key.spki.as_str()))
+        },
+    );
+    assert_alive(&sensor);
+    still_reports_signatures(&sensor);
+    let log = sensor.log();
+    for mut a in attackers {
+        let _ = a.kill();
+        let _ = a.wait();
+    }
+    let events = sensor.stop();
+
+    let named: Vec<&Event> = key_uses_of(&events, server.pid())
+        .into_iter()
+        .filter(|e| spki_of(e) == Some(key.spki.as_str()))
+        .collect();
+    // Named by its certificate; later signatures of the same key object by
+    // the verdict cached for it.
+    assert!(
+        named
+            .iter()
+            .any(|e| key_of(e).identified_by == Some(IdentifiedBy::TlsCertificate))
+            && named.iter().all(|e| matches!(
+                key_of(e).identified_by,
+                Some(IdentifiedBy::TlsCertificate | IdentifiedBy::HandleCache)
+            )),
+        "{}",
+        pretty(&named)
+    );
+    // Every attacker signature is unknown, with a reason; those beyond the
+    // user's share of the queue say they were not searched, and why.
+    let reasons: Vec<String> = pids
+        .iter()
+        .flat_map(|&p| key_uses_of(&events, p))
+        .map(|e| {
+            assert_eq!(key_of(e).status, KeyStatus::Unknown, "{}", pretty(e));
+            key_of(e).unknown_reason.clone().unwrap_or_default()
+        })
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("processes of user 65534 were waiting to be searched")),
+        "no attacker was refused a search:\n{reasons:#?}\n{log}"
+    );
+}

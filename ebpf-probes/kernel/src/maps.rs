@@ -8,9 +8,10 @@ use aya_ebpf::{
 use keywarden_probe_types::*;
 
 /// Several MiB: a 256 KiB ring dropped events at 36k signatures/s.
-/// Drained on a timer; nothing here wakes the sensor.
+/// Drained on a timer; nothing here wakes the sensor. The loader sets the
+/// size from the configuration (`ring_buffer_mib`, default 8 MiB).
 #[map]
-pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(16 << 20, 0);
+pub(crate) static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 
 /// Execs and newly opened crypto libraries: few, and each needs the
 /// sensor at once (to snapshot a process before it exits, or to release

@@ -139,6 +139,9 @@ pub enum Searched {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SearchRequest {
     pub tgid: u32,
+    /// The user it signed as: searches are shared fairly between users, so
+    /// one user's processes cannot keep another's from being searched.
+    pub uid: u32,
     /// The local port of the connection the signature was made for (a
     /// server's listening port), when the probes saw one.
     pub local_port: Option<u16>,
@@ -510,8 +513,11 @@ impl Identifier {
         }
         self.searches.insert(tgid, Searched::Running);
         let local_port = (r.flags & sign_flags::HAS_PEER != 0).then_some(r.peer.local_port);
-        self.search_requests
-            .push(SearchRequest { tgid, local_port });
+        self.search_requests.push(SearchRequest {
+            tgid,
+            uid: r.task.uid(),
+            local_port,
+        });
     }
 
     fn search_running(&self, tgid: u32) -> bool {
@@ -1207,6 +1213,7 @@ mod tests {
             id.search_requests,
             vec![SearchRequest {
                 tgid: 20,
+                uid: 0,
                 local_port: None
             }]
         );

@@ -25,14 +25,24 @@
 //! listener that does not connect or does not speak TLS gets no second
 //! handshake, and a listener several processes share (the workers of one
 //! server) is asked once per name every `CACHE_FOR`.
+//!
+//! Fairness: a search costs the sensor time the process controls (a
+//! listener that accepts and never answers holds a handshake until its
+//! timeout), and any user can start processes that sign. So the queue is
+//! kept per user: at most `QUEUE_PER_USER` searches wait for one user, and
+//! the thread takes them in turn, one user after another. A user who
+//! floods the queue with tar pits delays only their own searches; another
+//! user's waits at most one search behind each other user's.
 
 use std::{
+    collections::VecDeque,
     net::SocketAddr,
     os::{fd::AsRawFd, unix::fs::MetadataExt},
+    sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError},
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{Receiver, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender};
 use hashbrown::HashMap;
 use tracing::{debug, info};
 
@@ -57,6 +67,8 @@ const SEARCH_DEADLINE: Duration = Duration::from_secs(10);
 const CACHE_FOR: Duration = Duration::from_secs(60);
 /// Searches waiting; beyond, a search is refused, not queued.
 const QUEUE: usize = 64;
+/// Searches waiting for one user; beyond, that user's are refused.
+const QUEUE_PER_USER: usize = 8;
 
 /// A process to search.
 #[derive(Debug, Clone, Copy)]
@@ -65,6 +77,8 @@ pub struct Job {
     /// (before an exec) is told apart.
     pub id: u64,
     pub tgid: u32,
+    /// The user it signed as, whose turn in the queue it takes.
+    pub uid: u32,
     /// Its start time (`/proc/PID/stat` field 22), so that a reused pid is
     /// not searched in its place.
     pub started: u64,
@@ -92,38 +106,118 @@ pub enum Found {
     },
 }
 
+/// Searches waiting, one queue per user, taken in turn.
+#[derive(Default)]
+struct Waiting {
+    by_user: HashMap<u32, VecDeque<Job>>,
+    /// Users with searches waiting, in the order their turns come.
+    turns: VecDeque<u32>,
+    total: usize,
+    /// No more searches come: the thread ends once the queue is empty.
+    closed: bool,
+}
+
+impl Waiting {
+    fn push(&mut self, job: Job) -> Result<(), String> {
+        if self.total >= QUEUE {
+            return Err(format!(
+                "{QUEUE} other processes were waiting to be searched"
+            ));
+        }
+        let mine = self.by_user.entry(job.uid).or_default();
+        if mine.len() >= QUEUE_PER_USER {
+            return Err(format!(
+                "{QUEUE_PER_USER} other processes of user {} were waiting to be searched",
+                job.uid
+            ));
+        }
+        if mine.is_empty() {
+            self.turns.push_back(job.uid);
+        }
+        mine.push_back(job);
+        self.total += 1;
+        Ok(())
+    }
+
+    /// The next user's oldest search; that user goes to the back.
+    fn pop(&mut self) -> Option<Job> {
+        let uid = self.turns.pop_front()?;
+        let mine = self.by_user.get_mut(&uid)?;
+        let job = mine.pop_front()?;
+        if mine.is_empty() {
+            self.by_user.remove(&uid);
+        } else {
+            self.turns.push_back(uid);
+        }
+        self.total -= 1;
+        Some(job)
+    }
+}
+
+/// The queue the event thread fills and the search thread drains.
+#[derive(Default)]
+struct Queue {
+    waiting: Mutex<Waiting>,
+    ready: Condvar,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Blocks until a search waits (`None`: closed and empty).
+    fn next(&self) -> Option<Job> {
+        let mut w = self.lock();
+        loop {
+            if let Some(job) = w.pop() {
+                return Some(job);
+            }
+            if w.closed {
+                return None;
+            }
+            w = self.ready.wait(w).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
 /// The search thread's two ends.
 pub struct Searcher {
-    jobs: Sender<Job>,
+    jobs: Arc<Queue>,
     found: Receiver<Found>,
+}
+
+impl Drop for Searcher {
+    fn drop(&mut self) {
+        self.jobs.lock().closed = true;
+        self.jobs.ready.notify_all();
+    }
 }
 
 impl Searcher {
     /// Starts the search thread. It ends when the `Searcher` is dropped (a
     /// search under way finishes first; the process exiting ends it too).
     pub fn start() -> std::io::Result<Searcher> {
-        let (jobs, jobs_rx) = crossbeam_channel::bounded::<Job>(QUEUE);
+        let jobs = Arc::new(Queue::default());
         let (found_tx, found) = crossbeam_channel::unbounded();
+        let queue = jobs.clone();
         std::thread::Builder::new()
             .name("keywarden-search".into())
             .spawn(move || {
                 let mut worker = Worker::default();
-                for job in jobs_rx {
+                while let Some(job) = queue.next() {
                     worker.search(&job, &found_tx);
                 }
             })?;
         Ok(Searcher { jobs, found })
     }
 
-    /// Queues a search; refused (with the reason) when the queue is full.
+    /// Queues a search; refused (with the reason) when the queue, or this
+    /// user's share of it, is full.
     pub fn ask(&self, job: Job) -> Result<(), String> {
-        match self.jobs.try_send(job) {
-            Ok(()) => Ok(()),
-            Err(TrySendError::Full(_)) => Err(format!(
-                "{QUEUE} other processes were waiting to be searched"
-            )),
-            Err(TrySendError::Disconnected(_)) => Err("the search thread is not running".into()),
-        }
+        self.jobs.lock().push(job)?;
+        self.jobs.ready.notify_one();
+        Ok(())
     }
 
     /// What searches have sent back so far.
@@ -402,6 +496,48 @@ mod tests {
         assert_eq!(choose(&all, None).len(), 3);
         let many: Vec<Listener> = (0..20).map(|i| l(i, "127.0.0.1:1")).collect();
         assert_eq!(choose(&many, None).len(), MAX_LISTENERS);
+    }
+
+    fn job(id: u64, uid: u32) -> Job {
+        Job {
+            id,
+            tgid: id as u32,
+            uid,
+            started: 0,
+            local_port: None,
+        }
+    }
+
+    #[test]
+    fn users_take_turns_and_one_user_cannot_fill_the_queue() {
+        let mut w = Waiting::default();
+        // User 65534 queues as many as it may, and is refused beyond.
+        for i in 0..QUEUE_PER_USER as u64 {
+            w.push(job(i, 65534)).unwrap();
+        }
+        let refused = w.push(job(99, 65534)).unwrap_err();
+        assert!(refused.contains("user 65534"), "{refused}");
+        // Another user's search comes second, not after all of them.
+        w.push(job(100, 33)).unwrap();
+        w.push(job(101, 33)).unwrap();
+        let order: Vec<u64> = std::iter::from_fn(|| w.pop()).map(|j| j.id).collect();
+        assert_eq!(order[..4], [0, 100, 1, 101]);
+        assert_eq!(order.len(), QUEUE_PER_USER + 2);
+        assert_eq!(w.total, 0);
+        assert!(w.by_user.is_empty() && w.turns.is_empty());
+    }
+
+    #[test]
+    fn the_whole_queue_is_bounded_across_users() {
+        let mut w = Waiting::default();
+        let mut refused = 0;
+        for i in 0..(QUEUE as u64 + 10) {
+            if w.push(job(i, i as u32)).is_err() {
+                refused += 1;
+            }
+        }
+        assert_eq!(w.total, QUEUE);
+        assert_eq!(refused, 10);
     }
 
     #[test]

@@ -153,7 +153,15 @@ impl KeyUses {
         };
         match judged.retry {
             Some(captured) if self.may_still_be_named(&captured) => self.hold(u, captured, out),
-            _ => {
+            Some(captured) => {
+                // Judged before its search was started or refused: the
+                // reason as it stands now (a refused search says why).
+                let mut u = u;
+                u.key = KeyIdentity::unknown(self.ident.held_reason(&captured));
+                record_use(&mut self.ident.record, &u);
+                emit(u, out);
+            }
+            None => {
                 record_use(&mut self.ident.record, &u);
                 emit(u, out);
             }
@@ -199,6 +207,7 @@ impl KeyUses {
                     let job = Job {
                         id: self.next_search_id,
                         tgid: req.tgid,
+                        uid: req.uid,
                         started,
                         local_port: req.local_port,
                     };
@@ -211,7 +220,10 @@ impl KeyUses {
                     self.searches += 1;
                     self.search_ids.insert(req.tgid, id);
                 }
-                Err(why) => self.ident.set_search(req.tgid, Searched::NotDone(why)),
+                Err(why) => {
+                    debug!(pid = req.tgid, why, "not searching the process");
+                    self.ident.set_search(req.tgid, Searched::NotDone(why));
+                }
             }
         }
     }

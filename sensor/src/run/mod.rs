@@ -99,8 +99,8 @@ const RING_READ_EVERY: Duration = Duration::from_millis(250);
 /// records still in the ring then are counted as shed (`ring_unread`).
 const FINAL_DRAIN: Duration = Duration::from_secs(2);
 
-/// Records counted past `FINAL_DRAIN`, at most: more than the 16 MiB ring
-/// holds, so this only bounds a flood that refills it while it is counted.
+/// Records counted past `FINAL_DRAIN`, at most: more than the default 8 MiB
+/// ring holds, so this only bounds a flood that refills it while it is counted.
 const UNREAD_COUNTED_MAX: u64 = 1 << 20;
 
 /// How long the sensor waits at exit for the output thread to write what
@@ -206,7 +206,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     );
     let enforcer = Enforcer::new(rules)?;
     let sink = NdjsonSink::open(&cfg.output)?;
-    let (mut probes, rings) = Probes::load()?;
+    let (mut probes, rings) = Probes::load(cfg.ring_buffer_bytes()?)?;
     // Before this sensor can hold anyone (its first heartbeat, below): a
     // child that releases whoever it holds once it exits, however it exits.
     // Ready before the lease is taken, so these probes never hold it.

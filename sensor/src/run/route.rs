@@ -32,7 +32,7 @@ use crate::{
 /// and reports shedding. Unbounded, a flood kept the thread in one drain
 /// for as long as it lasted, and everything it produced piled up unwritten
 /// (issue 16, row 4: 1.5 GB). 4096 open records are about 1.4 MiB of the
-/// 16 MiB ring, and one turn's events stay well inside the output backlog.
+/// default 8 MiB ring, and one turn's events stay well inside the output backlog.
 pub(super) const RECORDS_PER_TURN: u32 = 4096;
 
 /// Time one turn spends on ring records at most, for records that each
