@@ -323,3 +323,122 @@ fn apache_started_before_the_sensor_has_its_key_named() {
     );
     assert_known_without_a_file(&uses);
 }
+
+/// A process that holds its Ed25519 key file open, loaded from memory (so
+/// the sensor, started later, saw no open), prints "ready", and signs once
+/// on each SIGUSR1.
+const HELD_OPEN_SIGNER: &str = r#"
+import ctypes, signal, sys
+c = ctypes.CDLL("libcrypto.so.3")
+vp = ctypes.c_void_p
+c.BIO_new_mem_buf.restype = vp
+c.BIO_new_mem_buf.argtypes = [ctypes.c_char_p, ctypes.c_int]
+c.PEM_read_bio_PrivateKey.restype = vp
+c.PEM_read_bio_PrivateKey.argtypes = [vp, vp, vp, vp]
+c.EVP_MD_CTX_new.restype = vp
+c.EVP_DigestSignInit.argtypes = [vp, vp, vp, vp, vp]
+c.EVP_DigestSign.argtypes = [vp, ctypes.c_char_p, ctypes.POINTER(ctypes.c_size_t), ctypes.c_char_p, ctypes.c_size_t]
+held = open(sys.argv[1], "rb")
+data = held.read()
+pkey = c.PEM_read_bio_PrivateKey(c.BIO_new_mem_buf(data, len(data)), None, None, None)
+assert pkey
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+print("ready", flush=True)
+while True:
+    signal.sigwait([signal.SIGUSR1])
+    m = c.EVP_MD_CTX_new()
+    assert c.EVP_DigestSignInit(m, None, None, None, pkey) == 1
+    sig = ctypes.create_string_buffer(64)
+    n = ctypes.c_size_t(64)
+    assert c.EVP_DigestSign(m, sig, ctypes.byref(n), b"held open", 9) == 1
+"#;
+
+/// Twenty processes of one user, started before the sensor, each holding
+/// its own key file open, sign at the same moment (like the workers of a
+/// server). More than one user's share of the search queue: the rest wait
+/// for their turn, and every process has its key named from the file it
+/// holds open.
+#[test]
+fn many_processes_of_one_user_signing_at_once_all_have_their_keys_named() {
+    use std::io::BufRead;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let n = 20;
+    let mut signers = Vec::new();
+    for i in 0..n {
+        let key = openssl_key(dir, &format!("held{i}"), "ed25519");
+        let mut child = spawn(
+            Command::new("python3")
+                .args(["-c", HELD_OPEN_SIGNER])
+                .arg(&key.path)
+                .stdout(Stdio::piped()),
+        );
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready");
+        signers.push((child, key));
+    }
+    let sensor_conf = sensor_config(dir, &[], &[]);
+    let sensor = Sensor::start(&["--config", sensor_conf.to_str().unwrap()]);
+    for (c, _) in &signers {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGUSR1,
+        )
+        .unwrap();
+    }
+    // A process whose first signature was written unknown signs again
+    // until each is named.
+    wait_for("every signer's key named", Duration::from_secs(60), || {
+        let events = sensor.events();
+        let mut all = true;
+        for (c, key) in &signers {
+            let named = key_uses_of(&events, c.id())
+                .iter()
+                .any(|e| spki_of(e) == Some(key.spki.as_str()));
+            if !named {
+                all = false;
+                if key_uses_of(&events, c.id()).is_empty() {
+                    continue; // its first event is still held
+                }
+                nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(c.id() as i32),
+                    nix::sys::signal::Signal::SIGUSR1,
+                )
+                .unwrap();
+            }
+        }
+        if !all {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        all
+    });
+    let log = sensor.log();
+    let events = sensor.stop();
+    for (mut c, key) in signers {
+        let uses = key_uses_of(&events, c.id());
+        let _ = c.kill();
+        let _ = c.wait();
+        let stray = others(&uses, &[key.spki.as_str()]);
+        // Unknown only while its search waited; never another key.
+        assert!(
+            stray.iter().all(|e| key_of(e).status == KeyStatus::Unknown),
+            "{}",
+            pretty(&stray)
+        );
+        assert!(
+            uses.iter()
+                .filter(|e| spki_of(e) == Some(key.spki.as_str()))
+                .all(|e| key_of(e).source_file.is_none()
+                    || key_of(e).source_file.as_deref() == key.path.to_str()),
+            "{}",
+            pretty(&uses)
+        );
+    }
+    assert!(
+        !log.contains("not searching the process"),
+        "a search was dropped:\n{log}"
+    );
+}

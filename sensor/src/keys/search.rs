@@ -32,7 +32,9 @@
 //! kept per user: at most `QUEUE_PER_USER` searches wait for one user, and
 //! the thread takes them in turn, one user after another. A user who
 //! floods the queue with tar pits delays only their own searches; another
-//! user's waits at most one search behind each other user's.
+//! user's waits at most one search behind each other user's. A search
+//! beyond a user's share is not dropped: the event thread asks again
+//! once that user's searches move (`run::key_uses`).
 
 use std::{
     collections::VecDeque,
@@ -106,6 +108,23 @@ pub enum Found {
     },
 }
 
+/// Why a search was not queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// The user's share of the queue is full: ask again once it moves.
+    UserShare(String),
+    /// The whole queue is full, or the thread is gone.
+    Other(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::UserShare(why) | Refused::Other(why) => f.write_str(why),
+        }
+    }
+}
+
 /// Searches waiting, one queue per user, taken in turn.
 #[derive(Default)]
 struct Waiting {
@@ -118,18 +137,18 @@ struct Waiting {
 }
 
 impl Waiting {
-    fn push(&mut self, job: Job) -> Result<(), String> {
+    fn push(&mut self, job: Job) -> Result<(), Refused> {
         if self.total >= QUEUE {
-            return Err(format!(
+            return Err(Refused::Other(format!(
                 "{QUEUE} other processes were waiting to be searched"
-            ));
+            )));
         }
         let mine = self.by_user.entry(job.uid).or_default();
         if mine.len() >= QUEUE_PER_USER {
-            return Err(format!(
+            return Err(Refused::UserShare(format!(
                 "{QUEUE_PER_USER} other processes of user {} were waiting to be searched",
                 job.uid
-            ));
+            )));
         }
         if mine.is_empty() {
             self.turns.push_back(job.uid);
@@ -214,7 +233,7 @@ impl Searcher {
 
     /// Queues a search; refused (with the reason) when the queue, or this
     /// user's share of it, is full.
-    pub fn ask(&self, job: Job) -> Result<(), String> {
+    pub fn ask(&self, job: Job) -> Result<(), Refused> {
         self.jobs.lock().push(job)?;
         self.jobs.ready.notify_one();
         Ok(())
@@ -516,7 +535,10 @@ mod tests {
             w.push(job(i, 65534)).unwrap();
         }
         let refused = w.push(job(99, 65534)).unwrap_err();
-        assert!(refused.contains("user 65534"), "{refused}");
+        assert!(
+            matches!(&refused, Refused::UserShare(why) if why.contains("user 65534")),
+            "{refused:?}"
+        );
         // Another user's search comes second, not after all of them.
         w.push(job(100, 33)).unwrap();
         w.push(job(101, 33)).unwrap();
@@ -532,7 +554,8 @@ mod tests {
         let mut w = Waiting::default();
         let mut refused = 0;
         for i in 0..(QUEUE as u64 + 10) {
-            if w.push(job(i, i as u32)).is_err() {
+            if let Err(e) = w.push(job(i, i as u32)) {
+                assert!(matches!(e, Refused::Other(_)), "{e:?}");
                 refused += 1;
             }
         }

@@ -28,9 +28,10 @@ use crate::{
     discovery::signing_code::function_name,
     free_watch::{self, FreeWatches},
     keys::{
+        identify::SearchRequest,
         identify::{Captured, Identifier, KnownKey, Searched, identified},
         inventory::{Inventory, Use},
-        search::{Found, Job, Searcher},
+        search::{Found, Job, Refused, Searcher},
     },
     probes::Probes,
     records::c_str,
@@ -43,6 +44,9 @@ use crate::{
 const HOLD: Duration = Duration::from_secs(2);
 /// Events held at once; beyond, the oldest is written as it stands.
 const MAX_HELD: usize = 256;
+/// Searches waiting for their user's turn in the search queue; beyond,
+/// a search is refused and its process's signatures say so.
+const MAX_WAITING_SEARCHES: usize = 4096;
 
 /// A signature's event, held while its key may still be learnt.
 struct Held {
@@ -65,6 +69,11 @@ pub struct KeyUses {
     next_search_id: u64,
     /// Searches started.
     pub searches: u64,
+    /// Searches beyond their user's share of the search queue (the
+    /// workers of a server started before the sensor, all signing at
+    /// once), asked for again each turn, in order. Their processes stay
+    /// `Searched::Running`: their keys may still come.
+    waiting_searches: VecDeque<SearchRequest>,
     held: VecDeque<Held>,
     /// Processes found with no sole TCP connection, and until when that
     /// answer stands: the `/proc` lookup (a directory walk and the TCP
@@ -95,6 +104,7 @@ impl KeyUses {
             probes,
             searcher,
             search_ids: HashMap::new(),
+            waiting_searches: VecDeque::new(),
             next_search_id: 0,
             searches: 0,
             held: VecDeque::new(),
@@ -196,34 +206,83 @@ impl KeyUses {
         emit(h.event, out);
     }
 
-    /// Starts the searches `identify` asked for.
+    /// Starts the searches `identify` asked for. A user with searches
+    /// waiting for their turn keeps their order: theirs wait behind.
     fn start_searches(&mut self) {
         for req in std::mem::take(&mut self.ident.search_requests) {
-            let outcome = match (&self.searcher, free_watch::start_time(req.tgid)) {
-                (None, _) => Err("the search thread is not running".to_owned()),
-                (_, None) => Err("it had exited".to_owned()),
-                (Some(searcher), Some(started)) => {
-                    self.next_search_id += 1;
-                    let job = Job {
-                        id: self.next_search_id,
-                        tgid: req.tgid,
-                        uid: req.uid,
-                        started,
-                        local_port: req.local_port,
-                    };
-                    searcher.ask(job).map(|()| job.id)
-                }
+            if self.waiting_searches.iter().any(|w| w.uid == req.uid) {
+                self.wait_for_turn(req);
+            } else {
+                self.ask_search(req);
+            }
+        }
+    }
+
+    /// Asks the search thread for one search; false when it waits for its
+    /// user's turn (`waiting_searches`).
+    fn ask_search(&mut self, req: SearchRequest) -> bool {
+        let outcome = match (&self.searcher, free_watch::start_time(req.tgid)) {
+            (None, _) => Err(Refused::Other("the search thread is not running".into())),
+            (_, None) => Err(Refused::Other("it had exited".into())),
+            (Some(searcher), Some(started)) => {
+                self.next_search_id += 1;
+                let job = Job {
+                    id: self.next_search_id,
+                    tgid: req.tgid,
+                    uid: req.uid,
+                    started,
+                    local_port: req.local_port,
+                };
+                searcher.ask(job).map(|()| job.id)
+            }
+        };
+        match outcome {
+            Ok(id) => {
+                debug!(pid = req.tgid, "searching the process for its keys");
+                self.searches += 1;
+                self.search_ids.insert(req.tgid, id);
+                true
+            }
+            Err(Refused::UserShare(why)) => {
+                debug!(
+                    pid = req.tgid,
+                    why, "the process waits for its turn to be searched"
+                );
+                self.wait_for_turn(req);
+                false
+            }
+            Err(Refused::Other(why)) => {
+                debug!(pid = req.tgid, why, "not searching the process");
+                self.ident.set_search(req.tgid, Searched::NotDone(why));
+                true
+            }
+        }
+    }
+
+    fn wait_for_turn(&mut self, req: SearchRequest) {
+        if self.waiting_searches.len() >= MAX_WAITING_SEARCHES {
+            let why = format!(
+                "{MAX_WAITING_SEARCHES} other processes were waiting for their turn to be searched"
+            );
+            self.ident.set_search(req.tgid, Searched::NotDone(why));
+        } else {
+            self.waiting_searches.push_back(req);
+        }
+    }
+
+    /// Asks again for the searches waiting for their user's turn, once per
+    /// turn of the event loop; a user still over their share keeps the
+    /// rest of theirs waiting, in order.
+    fn retry_waiting_searches(&mut self) {
+        let mut blocked: Vec<u32> = Vec::new();
+        for _ in 0..self.waiting_searches.len() {
+            let Some(req) = self.waiting_searches.pop_front() else {
+                break;
             };
-            match outcome {
-                Ok(id) => {
-                    debug!(pid = req.tgid, "searching the process for its keys");
-                    self.searches += 1;
-                    self.search_ids.insert(req.tgid, id);
-                }
-                Err(why) => {
-                    debug!(pid = req.tgid, why, "not searching the process");
-                    self.ident.set_search(req.tgid, Searched::NotDone(why));
-                }
+            if blocked.contains(&req.uid) {
+                self.waiting_searches.push_back(req);
+            } else if !self.ask_search(req) {
+                blocked.push(req.uid);
             }
         }
     }
@@ -240,6 +299,7 @@ impl KeyUses {
         for f in found {
             self.on_found(f);
         }
+        self.retry_waiting_searches();
         self.sync_known();
         self.resolve_held(out);
         // Due, or nothing more to wait for (the search is over and found
@@ -367,6 +427,7 @@ impl KeyUses {
         self.no_sole_connection.remove(&tgid);
         self.ident.forget_process(tgid);
         self.search_ids.remove(&tgid);
+        self.waiting_searches.retain(|w| w.tgid != tgid);
         self.unwatch_frees(tgid);
         self.sync_known();
     }
@@ -441,6 +502,7 @@ impl KeyUses {
             debug!(pid = tgid, "watched process gone without an exit record");
             self.ident.forget_process(tgid);
             self.search_ids.remove(&tgid);
+            self.waiting_searches.retain(|w| w.tgid != tgid);
             self.unwatch_frees(tgid);
         }
         self.sync_known();
