@@ -53,7 +53,7 @@ use super::{
     inventory::{self, Inventory},
     material::{Certificate, KeyInfo},
     recover,
-    verify::{Signed, verifies},
+    verify::{Signed, Verifier, verifies},
 };
 use crate::records::c_str;
 
@@ -649,18 +649,24 @@ impl Identifier {
                 candidates.push(k.clone());
             }
         }
+        // The inventory holds each key once (up to 100k): only the few
+        // before it can repeat one.
+        let own = candidates.len();
         for k in self.inventory.values() {
-            if !candidates
+            if !candidates[..own]
                 .iter()
                 .any(|c| c.info.spki_sha256 == k.info.spki_sha256)
             {
                 candidates.push(k.clone());
             }
         }
+        // Each reading's digests are computed once for all candidates.
+        let signeds: Vec<Signed<'_>> = readings.iter().flatten().map(|r| signed_as(r)).collect();
+        let verifiers: Vec<Verifier<'_, '_>> = signeds.iter().map(Verifier::new).collect();
         for k in &candidates {
-            for reading in readings.iter().flatten() {
+            for v in &verifiers {
                 self.verifications += 1;
-                if verifies(&k.info.public, &signed_as(reading)) {
+                if v.verifies(&k.info.public) {
                     self.keep_verdict(r, k, cacheable);
                     return Judged::done(identified(k, k.verified_as()));
                 }

@@ -77,14 +77,15 @@ impl Hash {
         }
     }
 
-    /// The named digest first, then the common ones: each try is one
+    /// The digest the caller named, when it names one this knows: the
+    /// signing call hashed with exactly that one (`EVP_DigestSignInit`'s
+    /// md), so no other is tried. Else each common one: each try is one
     /// verification, and a success proves the key whichever digest it was.
     fn candidates(hint: Option<&str>) -> Vec<Hash> {
-        let first = hint.and_then(Hash::from_name);
-        first
-            .into_iter()
-            .chain(Hash::ALL.into_iter().filter(|h| Some(*h) != first))
-            .collect()
+        match hint.and_then(Hash::from_name) {
+            Some(h) => vec![h],
+            None => Hash::ALL.to_vec(),
+        }
     }
 }
 
@@ -125,10 +126,10 @@ pub(super) fn recovery_prehashes(s: &Signed<'_>) -> Vec<Vec<u8>> {
 /// A digest shorter than the field (SHA-1 on P-384) is left-padded: ECDSA
 /// reads it as an integer, and the crate wants at least half a field.
 macro_rules! ecdsa_verify {
-    ($curve:ident, $field_len:expr, $key:expr, $s:expr) => {{
+    ($curve:ident, $field_len:expr, $key:expr, $v:expr) => {{
         use $curve::ecdsa::signature::hazmat::PrehashVerifier;
-        match $curve::ecdsa::Signature::from_der($s.signature) {
-            Ok(sig) => prehashes($s).iter().any(|(_, d)| {
+        match $curve::ecdsa::Signature::from_der($v.s.signature) {
+            Ok(sig) => $v.prehashes().iter().any(|(_, d)| {
                 let mut padded = vec![0u8; ($field_len as usize).saturating_sub(d.len())];
                 padded.extend_from_slice(d);
                 $key.verify_prehash(&padded, &sig).is_ok()
@@ -138,32 +139,63 @@ macro_rules! ecdsa_verify {
     }};
 }
 
-pub fn verifies(key: &PublicKey, s: &Signed<'_>) -> bool {
-    match key {
-        PublicKey::Ed25519(k) => {
-            // PureEdDSA signs the message itself, so it must be whole.
-            let (Some(msg), false) = (s.data, s.data_is_digest) else {
-                return false;
-            };
-            let Ok(sig) = ed25519_dalek::Signature::from_slice(s.signature) else {
-                return false;
-            };
-            k.verify_strict(msg, &sig).is_ok()
+/// One signature checked against many keys (every candidate of a
+/// process, or the host's whole inventory): its digests are computed once,
+/// on the first key that needs them, not once per key.
+pub struct Verifier<'s, 'a> {
+    s: &'s Signed<'a>,
+    prehashes: std::cell::OnceCell<Vec<(Option<Hash>, Vec<u8>)>>,
+}
+
+impl<'s, 'a> Verifier<'s, 'a> {
+    pub fn new(s: &'s Signed<'a>) -> Self {
+        Verifier {
+            s,
+            prehashes: std::cell::OnceCell::new(),
         }
-        PublicKey::P256(k) => ecdsa_verify!(p256, 32, k, s),
-        PublicKey::P384(k) => ecdsa_verify!(p384, 48, k, s),
-        PublicKey::P521(k) => ecdsa_verify!(p521, 66, k, s),
-        PublicKey::Rsa(k) => rsa_verify(k, s),
+    }
+
+    fn prehashes(&self) -> &[(Option<Hash>, Vec<u8>)] {
+        self.prehashes.get_or_init(|| prehashes(self.s))
+    }
+
+    /// Whether the signature verifies under `key` over the captured data.
+    pub fn verifies(&self, key: &PublicKey) -> bool {
+        let s = self.s;
+        match key {
+            PublicKey::Ed25519(k) => {
+                // PureEdDSA signs the message itself, so it must be whole.
+                let (Some(msg), false) = (s.data, s.data_is_digest) else {
+                    return false;
+                };
+                let Ok(sig) = ed25519_dalek::Signature::from_slice(s.signature) else {
+                    return false;
+                };
+                k.verify_strict(msg, &sig).is_ok()
+            }
+            PublicKey::P256(k) => ecdsa_verify!(p256, 32, k, self),
+            PublicKey::P384(k) => ecdsa_verify!(p384, 48, k, self),
+            PublicKey::P521(k) => ecdsa_verify!(p521, 66, k, self),
+            PublicKey::Rsa(k) => rsa_verify(k, self),
+        }
     }
 }
 
-fn rsa_verify(k: &rsa::RsaPublicKey, s: &Signed<'_>) -> bool {
+/// Whether `s` verifies under `key` (`Verifier` checks one signature
+/// against many keys).
+pub fn verifies(key: &PublicKey, s: &Signed<'_>) -> bool {
+    Verifier::new(s).verifies(key)
+}
+
+fn rsa_verify(k: &rsa::RsaPublicKey, v: &Verifier<'_, '_>) -> bool {
     use rsa::traits::PublicKeyParts;
     use rsa::{Pkcs1v15Sign, Pss};
+    let s = v.s;
     if s.signature.len() != k.size() {
         return false;
     }
-    for (hash, digest) in prehashes(s) {
+    for (hash, digest) in v.prehashes() {
+        let (hash, digest) = (*hash, digest.as_slice());
         let pkcs1 = match hash {
             Some(Hash::Sha1) => Pkcs1v15Sign::new::<sha1::Sha1>(),
             Some(Hash::Sha224) => Pkcs1v15Sign::new::<sha2::Sha224>(),
@@ -172,12 +204,12 @@ fn rsa_verify(k: &rsa::RsaPublicKey, s: &Signed<'_>) -> bool {
             Some(Hash::Sha512) => Pkcs1v15Sign::new::<sha2::Sha512>(),
             None => Pkcs1v15Sign::new_unprefixed(),
         };
-        if k.verify(pkcs1, &digest, s.signature).is_ok() {
+        if k.verify(pkcs1, digest, s.signature).is_ok() {
             return true;
         }
         // A raw EVP_PKEY_sign input (e.g. TLS 1.1's MD5+SHA1) signs unprefixed.
         if s.data_is_digest
-            && k.verify(Pkcs1v15Sign::new_unprefixed(), &digest, s.signature)
+            && k.verify(Pkcs1v15Sign::new_unprefixed(), digest, s.signature)
                 .is_ok()
         {
             return true;
@@ -195,7 +227,7 @@ fn rsa_verify(k: &rsa::RsaPublicKey, s: &Signed<'_>) -> bool {
                 Hash::Sha384 => Pss::new_with_salt::<sha2::Sha384>(salt),
                 Hash::Sha512 => Pss::new_with_salt::<sha2::Sha512>(salt),
             };
-            if k.verify(pss, &digest, s.signature).is_ok() {
+            if k.verify(pss, digest, s.signature).is_ok() {
                 return true;
             }
         }
