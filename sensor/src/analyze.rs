@@ -2,7 +2,9 @@
 //!
 //! Replay feeds recorded events through the same `Pipeline`, rules and
 //! GeoIP enrichment as `keywarden run`, so a rule can be tried on yesterday's
-//! traffic before it is deployed. Nothing is enforced: every action's
+//! traffic before it is deployed. Events recorded before keywarden wrote
+//! strict OCSF are read in their earlier layout (`event::legacy`). Nothing
+//! is enforced: every action's
 //! response says `skipped` (replay). Findings in the input (a live run's
 //! own) are not replayed.
 
@@ -14,7 +16,7 @@ use std::{
 use anyhow::{Context, Result};
 use keywarden_analyzer::{
     baseline::BaselineStore,
-    event::{Event, EventCode},
+    event::{Event, EventCode, legacy},
     pipeline::{self, Input, Overflow, Pipeline},
 };
 use tracing::warn;
@@ -99,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                match serde_json::from_str::<Event>(&line) {
+                match read_event(&line) {
                     Ok(ev) if ev.metadata.event_code == EventCode::Alert => {}
                     Ok(ev) => {
                         read += 1;
@@ -137,6 +139,13 @@ pub fn run(args: Args) -> Result<()> {
         anyhow::bail!("{}: no events could be read", args.input);
     }
     Ok(())
+}
+
+/// One recorded event, in the current layout or the earlier one.
+fn read_event(line: &str) -> serde_json::Result<Event> {
+    let mut value: serde_json::Value = serde_json::from_str(line)?;
+    legacy::upgrade(&mut value);
+    serde_json::from_value(value)
 }
 
 pub fn list_baselines(file: &Path) -> Result<()> {
