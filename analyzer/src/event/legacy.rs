@@ -48,10 +48,8 @@ pub fn upgrade(event: &mut Value) -> bool {
         .get_mut("actor")
         .and_then(|a| a.get_mut("process"))
         .and_then(Value::as_object_mut);
-    if let Some(process) = process {
-        if let Some(err) = process.remove("attribution_error") {
-            unmapped.insert("attribution_error".into(), err);
-        }
+    if let Some(err) = process.and_then(|p| p.remove("attribution_error")) {
+        unmapped.insert("attribution_error".into(), err);
     }
     // The container sat at the top level; it belongs to the process.
     if let Some(Value::Object(mut c)) = ev.remove("container") {
