@@ -19,7 +19,7 @@ use keywarden_analyzer::{
     baseline::BaselineStore,
     event::{
         Cgroup, Container, Event, File, Fingerprint, KeyIdentity, KeyStatus, KeyUse,
-        NetworkEndpoint, Origin, Process, Signature, User,
+        NetworkEndpoint, Origin, Process, Signature, User, Who,
     },
     geo::Geo,
     pipeline::{self, Input, Overflow, Pipeline},
@@ -133,32 +133,32 @@ fn events() -> Vec<Event> {
                 KeyUse {
                     time_ms: 1_800_000_000_000 + i as i64,
                     seq: i as u64,
-                    process: Process {
-                        pid: 1000 + (i % 500) as u32,
-                        tid: 1000 + (i % 500) as u32,
-                        name: "nginx".into(),
-                        cmd_line: None,
-                        file: Some(File {
-                            path: format!("/usr/sbin/app{}", i % 20),
-                            name: "app".into(),
-                            type_id: 1,
-                            hashes: vec![Fingerprint::sha256(digest(2, i % 20))],
-                        }),
-                        user: User {
-                            uid: (33 + (i % 4)).to_string(),
-                            name: None,
+                    who: Who {
+                        process: Process {
+                            pid: 1000 + (i % 500) as u32,
+                            tid: 1000 + (i % 500) as u32,
+                            name: "nginx".into(),
+                            cmd_line: None,
+                            file: Some(File {
+                                path: format!("/usr/sbin/app{}", i % 20),
+                                name: "app".into(),
+                                type_id: 1,
+                                hashes: vec![Fingerprint::sha256(digest(2, i % 20))],
+                            }),
+                            user: User {
+                                uid: (33 + (i % 4)).to_string(),
+                                name: None,
+                            },
+                            container: (i % 3 == 0).then(|| Container {
+                                uid: digest(3, i % 50),
+                                runtime: "containerd".into(),
+                                pod_uuid: None,
+                                name: None,
+                            }),
                         },
-                        attribution_error: None,
+                        cgroup: Some(Cgroup { id: 1, path: None }),
+                        ..Who::default()
                     },
-                    container: (i % 3 == 0).then(|| Container {
-                        uid: digest(3, i % 50),
-                        runtime: "containerd".into(),
-                        pod_uuid: None,
-                        name: None,
-                        pod_name: None,
-                        pod_namespace: None,
-                    }),
-                    cgroup: Cgroup { id: 1, path: None },
                     library: File {
                         path: "/usr/lib/x86_64-linux-gnu/libcrypto.so.3".into(),
                         name: "libcrypto.so.3".into(),
@@ -198,7 +198,7 @@ fn events() -> Vec<Event> {
                     local: None,
                 },
             );
-            ev.peer = Some(NetworkEndpoint {
+            ev.unmapped.peer = Some(NetworkEndpoint {
                 ip: Ipv4Addr::new(10, (i % 256) as u8, (i / 256 % 256) as u8, 7).to_string(),
                 port: Some(40_000 + (i % 20_000) as u16),
                 location: None,

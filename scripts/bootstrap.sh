@@ -30,6 +30,12 @@ esac
 # Kubernetes version (sensor/tests/deploy.rs reads both from here).
 KUBERNETES_VALIDATE_VERSION="1.37.0"
 KUBERNETES_VERSION="1.31.0"
+# ocsf-json-schema bundles the official OCSF schema exports (1.0 to 1.8)
+# and builds the JSON Schema of a class with its profiles; jsonschema
+# checks events against it (scripts/ocsf_validate.py; the test suite reads
+# both pins from here).
+OCSF_JSON_SCHEMA_VERSION="1.2.0"
+JSONSCHEMA_VERSION="4.26.0"
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
 
@@ -89,4 +95,14 @@ fi
 if ! "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
     log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VENV"
     "$VENV/bin/pip" install -q --only-binary=:all: "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+# And the OCSF validator's two packages, pinned.
+pinned_version() {
+    "$VENV/bin/python" -c "import importlib.metadata as m; print(m.version('$1'))" 2>/dev/null || true
+}
+if [[ "$(pinned_version ocsf-json-schema)" != "$OCSF_JSON_SCHEMA_VERSION" ]] \
+    || [[ "$(pinned_version jsonschema)" != "$JSONSCHEMA_VERSION" ]]; then
+    log "installing ocsf-json-schema $OCSF_JSON_SCHEMA_VERSION and jsonschema $JSONSCHEMA_VERSION into $VENV"
+    "$VENV/bin/pip" install -q --only-binary=:all: \
+        "ocsf-json-schema==$OCSF_JSON_SCHEMA_VERSION" "jsonschema==$JSONSCHEMA_VERSION"
 fi

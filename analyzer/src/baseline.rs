@@ -82,7 +82,7 @@ pub struct Observation<'a> {
 impl<'a> Observation<'a> {
     pub fn of(event: &'a Event) -> Self {
         let file = event.actor.process.file.as_ref();
-        let peer = event.peer.as_ref();
+        let peer = event.unmapped.peer.as_ref();
         Observation {
             time_ms: event.time,
             binary: file.map(|f| {
@@ -90,7 +90,7 @@ impl<'a> Observation<'a> {
                     .first()
                     .map_or(f.path.as_str(), |h| h.value.as_str())
             }),
-            container: event.container.as_ref().map_or("host", |c| c.uid.as_str()),
+            container: event.container().map_or("host", |c| c.uid.as_str()),
             user: Some(event.actor.process.user.uid.as_str()).filter(|u| !u.is_empty()),
             country: peer
                 .and_then(|p| p.location.as_ref())

@@ -31,13 +31,20 @@ const RULES_MD: &str = include_str!("../../docs/rules.md");
 // Reading the Markdown
 
 /// A fenced ```json block.
-struct Block {
-    file: &'static str,
+pub(crate) struct Block {
+    pub file: &'static str,
     /// 1-based line of the opening fence.
-    line: usize,
+    pub line: usize,
     /// The nearest heading above it.
-    heading: String,
-    text: String,
+    pub heading: String,
+    pub text: String,
+}
+
+/// Every ```json block of docs/events.md, then of the README.
+pub(crate) fn doc_json_blocks() -> Vec<Block> {
+    let mut blocks = json_blocks("docs/events.md", EVENTS_MD);
+    blocks.extend(json_blocks("README.md", README_MD));
+    blocks
 }
 
 /// Every ```json block of `doc`. Other fenced blocks are skipped whole (a
@@ -322,7 +329,7 @@ fn event_paths(kind: EventCode, events: &[Event]) -> BTreeSet<String> {
 }
 
 /// `key_use` events that between them fill every field.
-fn key_use_samples() -> Vec<Event> {
+pub(crate) fn key_use_samples() -> Vec<Event> {
     let full = tests_support::key_use_event();
     // A process a kill rule stopped before it signed: the sensor sets
     // `status_detail` on the event `Event::key_use` made.
@@ -337,32 +344,30 @@ fn key_use_samples() -> Vec<Event> {
     let mut u = tests_support::key_use();
     u.success = false;
     u.key = KeyIdentity::unknown("the signing call failed, so there is no signature to check");
-    u.process.attribution_error = Some("executable hash: No such file or directory".into());
+    u.who.attribution_error = Some("executable hash: No such file or directory".into());
     let unknown = Event::key_use(&origin(), u);
     vec![full, killed, unknown]
 }
 
 /// `secret_file_open` events that between them fill every field.
-fn secret_file_open_samples() -> Vec<Event> {
+pub(crate) fn secret_file_open_samples() -> Vec<Event> {
     let full = tests_support::secret_open_event();
     // An open a `block` rule denied, by a process whose cgroup path was not
     // found. The verdict goes in through JSON, as it is exported, so this
     // does not depend on how the model types it.
-    let mut secret = serde_json::to_value(full.secret_file.as_ref().unwrap()).unwrap();
+    let mut secret = serde_json::to_value(full.unmapped.secret_file.as_ref().unwrap()).unwrap();
     secret["verdict"] = json!("denied");
     secret["rule"] = json!("guarded-env");
     let secret: SecretFile = serde_json::from_value(secret).unwrap();
-    let mut process = full.actor.process.clone();
-    process.attribution_error = Some("cgroup 99 not found under cgroup2".into());
+    let mut who = full.who();
+    who.attribution_error = Some("cgroup 99 not found under cgroup2".into());
     let denied = Event::secret_file_open(
         &origin(),
         SecretFileOpen {
             seq: 9,
-            process,
-            container: full.container.clone(),
-            cgroup: full.cgroup.clone().unwrap(),
+            who,
             file: full.file.clone().unwrap(),
-            key: full.key.clone(),
+            key: full.unmapped.key.clone(),
             secret,
             result: OpenResult::Unknown,
         },
@@ -370,16 +375,14 @@ fn secret_file_open_samples() -> Vec<Event> {
     assert!(denied.action.is_some(), "a verdict sets `action`");
     // A key file whose read missed its deadline: its key is unknown, with
     // the reason.
-    let mut secret = full.secret_file.clone().unwrap();
+    let mut secret = full.unmapped.secret_file.clone().unwrap();
     secret.keys.clear();
     secret.holds_private_key = false;
     let late = Event::secret_file_open(
         &origin(),
         SecretFileOpen {
             seq: 10,
-            process: full.actor.process.clone(),
-            container: full.container.clone(),
-            cgroup: full.cgroup.clone().unwrap(),
+            who: full.who(),
             file: full.file.clone().unwrap(),
             key: Some(KeyIdentity::unknown(
                 "the key file was not read: the read did not finish within 500 ms",
@@ -393,7 +396,7 @@ fn secret_file_open_samples() -> Vec<Event> {
 
 /// A coverage warning about a library a process loaded: the most a
 /// warning carries.
-fn coverage_warning_samples() -> Vec<Event> {
+pub(crate) fn coverage_warning_samples() -> Vec<Event> {
     vec![Event::coverage_warning(
         &origin(),
         1_764_000_004_211,
@@ -409,7 +412,7 @@ fn coverage_warning_samples() -> Vec<Event> {
 
 /// One finding per `key_use` and `secret_file_open` sample, with every
 /// response field and an `analysis`.
-fn alert_samples() -> Vec<Event> {
+pub(crate) fn alert_samples() -> Vec<Event> {
     let rule = RuleRef {
         id: "r1".into(),
         description: Some("Only nginx uses the TLS key".into()),
@@ -432,7 +435,7 @@ fn alert_samples() -> Vec<Event> {
     for (i, evidence) in evidences.iter().enumerate() {
         let mut finding =
             Event::detection_finding(&origin(), 5, 100 + i as u64, &rule, evidence, responses());
-        finding.analysis = Some(Analysis {
+        finding.unmapped.analysis = Some(Analysis {
             deviations: vec!["new_country".into()],
             baseline: Some(BaselineSnapshot {
                 spki_sha256: "ab".repeat(32),
@@ -480,23 +483,28 @@ fn the_field_tables_of_docs_events_md_list_exactly_the_fields_the_model_writes()
     let mut coverage_warning: BTreeSet<String> = key_use.union(&paths_of(&rows)).cloned().collect();
     coverage_warning.retain(|p| !absent.iter().any(|a| is_within(p, a)));
 
-    // "the objects copied from the evidence (`actor`, `container`, `key`,
-    // `cgroup`, `file`, `peer`, `local`) have the sub-fields described for
-    // the evidence's kind, and `metadata` and `device` those described for
-    // `key_use`".
+    // "the objects copied from the evidence (`actor`, `unmapped.key`,
+    // `unmapped.cgroup`, `unmapped.pod`, `unmapped.peer`, `unmapped.local`)
+    // have the sub-fields described for the evidence's kind, as does
+    // `evidences[].file` (the evidence's `file`), and `metadata` and
+    // `device` those described for `key_use`".
     const COPIED: &[&str] = &[
         "actor",
-        "container",
-        "key",
-        "cgroup",
-        "file",
-        "peer",
-        "local",
+        "unmapped.key",
+        "unmapped.cgroup",
+        "unmapped.pod",
+        "unmapped.peer",
+        "unmapped.local",
     ];
     let mut alert = paths_of(&field_rows(ALERT_TABLE));
     for p in key_use.iter().chain(&secret_file_open) {
         if COPIED.iter().any(|o| is_within(p, o)) {
             alert.insert(p.clone());
+        }
+    }
+    for p in &secret_file_open {
+        if is_within(p, "file") {
+            alert.insert(format!("evidences[].{p}"));
         }
     }
     for p in &key_use {
@@ -615,21 +623,29 @@ fn events_name(events: &[EventCode]) -> String {
 #[test]
 fn the_field_table_of_docs_rules_md_lists_exactly_the_fields_a_rule_can_match() {
     let lines: Vec<&str> = RULES_MD.lines().collect();
-    let mut documented: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut documented: BTreeMap<String, (String, String, String)> = BTreeMap::new();
     for row in table(&lines, "field") {
         let kind = row.get(1).copied().unwrap_or_default();
         let events = row.get(2).copied().unwrap_or_default();
+        let path = row.get(3).copied().unwrap_or_default().trim_matches('`');
         for name in named_fields(row[0]) {
-            let twice = documented.insert(name.clone(), (kind.to_owned(), events.to_owned()));
+            let twice = documented.insert(
+                name.clone(),
+                (kind.to_owned(), events.to_owned(), path.to_owned()),
+            );
             assert!(twice.is_none(), "docs/rules.md lists {name} twice");
         }
     }
-    let code: BTreeMap<String, (String, String)> = FIELDS
+    let code: BTreeMap<String, (String, String, String)> = FIELDS
         .iter()
         .map(|f| {
             (
                 f.name.to_owned(),
-                (kind_name(f.kind).to_owned(), events_name(f.events)),
+                (
+                    kind_name(f.kind).to_owned(),
+                    events_name(f.events),
+                    f.path.to_owned(),
+                ),
             )
         })
         .collect();
@@ -648,8 +664,8 @@ fn the_field_table_of_docs_rules_md_lists_exactly_the_fields_a_rule_can_match() 
             let d = documented.get(name)?;
             (d != c).then(|| {
                 format!(
-                    "{name}: docs/rules.md says {} for {}, rules/fields.rs {} for {}",
-                    d.0, d.1, c.0, c.1
+                    "{name}: docs/rules.md says {} for {} at {}, rules/fields.rs {} for {} at {}",
+                    d.0, d.1, d.2, c.0, c.1, c.2
                 )
             })
         })
@@ -659,6 +675,6 @@ fn the_field_table_of_docs_rules_md_lists_exactly_the_fields_a_rule_can_match() 
         "the field table of docs/rules.md and rules/fields.rs differ:\n  \
          in rules/fields.rs, not in the table: {undocumented:?}\n  \
          in the table, not in rules/fields.rs: {unknown:?}\n  \
-         type or events differ: {differ:?}"
+         type, events or path differ: {differ:?}"
     );
 }

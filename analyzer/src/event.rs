@@ -1,11 +1,13 @@
 //! keywarden's event model.
 //!
-//! The structs mirror OCSF objects one to one, so an event serializes to
-//! OCSF-shaped JSON (NDJSON output) and, later, to Parquet columns without a
-//! second model. Attributes OCSF has no place for are keywarden extension
-//! attributes: `key`, `signature`, `cgroup`, `secret_file` at the top level,
-//! `actor.process.attribution_error`, and `container.pod_name` and
-//! `container.pod_namespace`. `docs/events.md` documents every field.
+//! The structs mirror OCSF 1.3.0 objects one to one, so an event serializes
+//! to OCSF JSON (NDJSON output) and, through serde, to nested Parquet
+//! columns without a second model. Every event validates against the
+//! OCSF 1.3.0 JSON Schema of its class with the profiles it lists (a test
+//! runs the official schema export on every kind, on the docs' examples and
+//! on a live sensor's output). keywarden's own data that OCSF 1.3.0 has no
+//! attribute for goes under OCSF's `unmapped` object, typed here as
+//! `Unmapped`; `docs/events.md` documents every field.
 //!
 //! OCSF leaves out attributes that have no value, so every schema struct
 //! with `Option` fields carries `serde_with::skip_serializing_none`: a
@@ -16,6 +18,8 @@
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
+pub mod legacy;
+
 /// OCSF schema version the events follow.
 pub const OCSF_VERSION: &str = "1.3.0";
 
@@ -24,6 +28,9 @@ pub mod class {
     pub const MODULE_ACTIVITY: u32 = 1005;
     /// File System Activity (secret-file opens).
     pub const FILE_SYSTEM_ACTIVITY: u32 = 1001;
+    /// Event Log Activity (coverage warnings: gaps in the sensor's own
+    /// record).
+    pub const EVENT_LOG_ACTIVITY: u32 = 1008;
     /// Detection Finding (alerts).
     pub const DETECTION_FINDING: u32 = 2004;
 }
@@ -31,9 +38,11 @@ pub mod class {
 pub mod activity {
     /// Detection Finding: Create.
     pub const CREATE: u32 = 1;
-    pub const INVOKE: u32 = 3;
     /// File System Activity: Open.
     pub const OPEN: u32 = 14;
+    /// Other, with keywarden's own `activity_name`: Module Activity 1.3.0
+    /// has only Load and Unload (Invoke, 3, came in 1.7.0), and Event Log
+    /// Activity has no activity for a gap in coverage.
     pub const OTHER: u32 = 99;
 }
 
@@ -68,7 +77,7 @@ pub struct Event {
     pub severity_id: u8,
     pub severity: String,
     /// 0 Unknown (secret-file opens: the attempt is seen, not its result),
-    /// 1 Success, 2 Failure.
+    /// 1 Success, 2 Failure; a finding's 1 is New.
     pub status_id: u8,
     pub status: String,
     pub status_detail: Option<String>,
@@ -76,41 +85,90 @@ pub struct Event {
     pub metadata: Metadata,
     pub device: Device,
     pub actor: Actor,
-    pub container: Option<Container>,
+    /// Module Activity: the library whose signing function was called.
     pub module: Option<Module>,
-    /// keywarden extension: which private key signed.
-    pub key: Option<KeyIdentity>,
-    /// keywarden extension: the signature that was produced.
-    pub signature: Option<Signature>,
-    /// keywarden extension: the cgroup v2 the process ran in.
-    pub cgroup: Option<Cgroup>,
-    /// OCSF `file`: the file acted on (File System Activity).
+    /// File System Activity: the file opened. Event Log Activity: the
+    /// library a coverage warning is about.
     pub file: Option<File>,
-    /// keywarden extension: details of a watched secret file's opens.
-    pub secret_file: Option<SecretFile>,
-    /// keywarden extension (OCSF `network_endpoint` shape): the other end
-    /// of the connection a signature was made for, with its geography and
-    /// network when the GeoIP databases know them.
-    pub peer: Option<NetworkEndpoint>,
-    /// keywarden extension (OCSF `network_endpoint` shape): this host's end
-    /// of that connection (which service's listening port, for a server).
-    pub local: Option<NetworkEndpoint>,
-    /// OCSF Security Control profile: `Allowed` or `Denied` when a rule
-    /// decided the activity (an enforced secret-file open).
+    /// Event Log Activity: the log the activity concerns, `keywarden`
+    /// (OCSF requires one of its log attributes).
+    pub log_provider: Option<String>,
+    /// OCSF Security Control profile: `Allowed` or `Denied`, on an open a
+    /// rule decided and on every finding.
     pub action: Option<String>,
     /// 1 Allowed, 2 Denied.
     pub action_id: Option<u8>,
+    /// Security Control profile: what the control did, as OCSF names it.
+    pub disposition: Option<String>,
+    /// 1 Allowed, 2 Blocked, 7 Custom Action, 15 Detected, 19 Alert.
+    pub disposition_id: Option<u8>,
     /// Detection Finding: which rule matched.
     pub finding_info: Option<FindingInfo>,
-    /// Detection Finding: the event(s) the rule matched, as exported.
+    /// Detection Finding: the event the rule matched, as exported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evidences: Vec<Evidence>,
-    /// keywarden extension on Detection Findings: what the sensor did.
+    /// keywarden's attributes that OCSF 1.3.0 has no place for.
+    #[serde(default, skip_serializing_if = "Unmapped::is_empty")]
+    pub unmapped: Unmapped,
+}
+
+/// OCSF `unmapped`: keywarden's own attributes, typed. OCSF lets a
+/// producer put anything here, so a strict consumer accepts them, and
+/// `docs/events.md` documents each.
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Unmapped {
+    /// Which private key signed, or which key a secret file holds.
+    pub key: Option<KeyIdentity>,
+    /// The signature that was produced.
+    pub signature: Option<Signature>,
+    /// The cgroup v2 the process ran in.
+    pub cgroup: Option<Cgroup>,
+    /// The Kubernetes pod of `actor.process.container` (OCSF 1.3.0's
+    /// `container` has only the pod's UID).
+    pub pod: Option<Pod>,
+    /// Why `actor.process.file` (or its hash) or the cgroup path is
+    /// missing, when one is.
+    pub attribution_error: Option<String>,
+    /// Details of a watched secret file's opens.
+    pub secret_file: Option<SecretFile>,
+    /// The other end of the connection a signature was made for (OCSF
+    /// `network_endpoint`; Module Activity has no endpoint attribute),
+    /// with its geography and network when the GeoIP databases know them.
+    pub peer: Option<NetworkEndpoint>,
+    /// This host's end of that connection.
+    pub local: Option<NetworkEndpoint>,
+    /// Findings: where the rule was written, `file:line`.
+    pub rule_source: Option<String>,
+    /// Findings: what the sensor did, one entry per action of the rule.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub responses: Vec<Response>,
-    /// keywarden extension on Detection Findings: why a baseline or
-    /// threshold rule fired.
+    /// Findings: why a baseline or threshold rule fired.
     pub analysis: Option<Analysis>,
+}
+
+impl Unmapped {
+    pub fn is_empty(&self) -> bool {
+        *self == Unmapped::default()
+    }
+}
+
+/// A Kubernetes pod, by the names the node's own files give.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pod {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// Who did something, as the sensor attributes it: the OCSF process (its
+/// container inside it) and what keywarden adds in `unmapped`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Who {
+    pub process: Process,
+    pub pod: Option<Pod>,
+    pub cgroup: Option<Cgroup>,
+    /// Why part of the attribution is missing.
+    pub attribution_error: Option<String>,
 }
 
 /// The state behind a finding of a deviation or threshold rule.
@@ -215,13 +273,15 @@ pub struct Analytic {
     pub type_id: u8,
     #[serde(rename = "type")]
     pub kind: String,
-    /// Where the rule was written: `file:line`.
-    pub source: Option<String>,
 }
 
-/// OCSF `evidences[]` entry: the matched event, whole, under `data`.
+/// OCSF `evidences[]` entry: the matched event, whole, under `data` (OCSF
+/// types it as JSON), and the file it acted on, where OCSF lets a finding
+/// name one.
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Evidence {
+    pub file: Option<File>,
     pub data: serde_json::Value,
 }
 
@@ -369,8 +429,8 @@ pub struct Process {
     pub cmd_line: Option<String>,
     pub file: Option<File>,
     pub user: User,
-    /// keywarden extension: why `file` (or its hash) is missing, when it is.
-    pub attribution_error: Option<String>,
+    /// The container the process runs in (OCSF Container profile).
+    pub container: Option<Container>,
 }
 
 #[serde_with::skip_serializing_none]
@@ -413,18 +473,18 @@ pub struct Container {
     /// Kubernetes pod UID, when the cgroup path carries it.
     pub pod_uuid: Option<String>,
     /// The container's name in its pod (Kubernetes), from the kubelet's
-    /// log links on the node.
+    /// log links on the node. Its pod's name and namespace, which OCSF
+    /// 1.3.0's `container` has no place for, are `unmapped.pod`.
     pub name: Option<String>,
-    /// keywarden extension: the name of the container's Kubernetes pod.
-    pub pod_name: Option<String>,
-    /// keywarden extension: the namespace of that pod.
-    pub pod_namespace: Option<String>,
 }
 
 /// OCSF `module`: the library whose function was invoked.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Module {
     pub file: File,
+    /// OCSF requires how the module was loaded; the sensor does not see
+    /// that, so always 0 Unknown.
+    pub load_type_id: u8,
     pub function_name: String,
     /// The crypto stack of the probed function: `openssl`, `boringssl`,
     /// `aws-lc`, `rustls` or `ring`.
@@ -542,11 +602,7 @@ pub struct Origin {
 }
 
 impl Origin {
-    fn metadata(&self, seq: u64, event_code: EventCode, containerized: bool) -> Metadata {
-        let mut profiles = vec!["host".to_owned()];
-        if containerized {
-            profiles.push("container".to_owned());
-        }
+    fn metadata(&self, seq: u64, event_code: EventCode, profiles: Vec<String>) -> Metadata {
         Metadata {
             version: OCSF_VERSION.into(),
             product: Product {
@@ -573,9 +629,7 @@ impl Origin {
 #[derive(Clone, Debug)]
 pub struct SecretFileOpen {
     pub seq: u64,
-    pub process: Process,
-    pub container: Option<Container>,
-    pub cgroup: Cgroup,
+    pub who: Who,
     pub file: File,
     /// The key in the file, when it holds exactly one; `unknown`, with the
     /// reason, when the sensor meant to read it and could not in time.
@@ -602,9 +656,7 @@ pub enum OpenResult {
 pub struct KeyUse {
     pub time_ms: i64,
     pub seq: u64,
-    pub process: Process,
-    pub container: Option<Container>,
-    pub cgroup: Cgroup,
+    pub who: Who,
     pub library: File,
     pub library_kind: String,
     pub function: String,
@@ -635,18 +687,22 @@ impl EventCode {
     /// The OCSF class and activity of each kind of event, named here only.
     fn ocsf_type(self) -> OcsfType {
         match self {
+            // Module Activity 1.3.0 knows Load and Unload only: a call of a
+            // signing function is Other, named Invoke as OCSF 1.7.0 does.
             EventCode::KeyUse => OcsfType {
                 class_uid: class::MODULE_ACTIVITY,
                 class_name: "Module Activity",
                 category_uid: 1,
                 category_name: "System Activity",
-                activity_id: activity::INVOKE,
+                activity_id: activity::OTHER,
                 activity_name: "Invoke",
-                ocsf_activity: "Invoke",
+                ocsf_activity: "Other",
             },
+            // A gap in what the sensor records: an activity of the event
+            // log it is (Event Log Activity needs no module, no actor).
             EventCode::CoverageWarning => OcsfType {
-                class_uid: class::MODULE_ACTIVITY,
-                class_name: "Module Activity",
+                class_uid: class::EVENT_LOG_ACTIVITY,
+                class_name: "Event Log Activity",
                 category_uid: 1,
                 category_name: "System Activity",
                 activity_id: activity::OTHER,
@@ -675,6 +731,84 @@ impl EventCode {
     }
 }
 
+/// OCSF Security Control attributes: what a control did about the
+/// activity. Setting them lists the `security_control` profile.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Control {
+    /// 1 Allowed, 2 Denied.
+    pub action_id: u8,
+    /// `disposition::*`.
+    pub disposition_id: u8,
+}
+
+/// OCSF `disposition_id` values keywarden writes.
+pub mod disposition {
+    pub const ALLOWED: u8 = 1;
+    pub const BLOCKED: u8 = 2;
+    pub const CUSTOM_ACTION: u8 = 7;
+    pub const DETECTED: u8 = 15;
+    pub const ALERT: u8 = 19;
+
+    pub fn name(id: u8) -> &'static str {
+        match id {
+            ALLOWED => "Allowed",
+            BLOCKED => "Blocked",
+            CUSTOM_ACTION => "Custom Action",
+            DETECTED => "Detected",
+            ALERT => "Alert",
+            _ => "Other",
+        }
+    }
+}
+
+impl Control {
+    pub const ALLOWED: Control = Control {
+        action_id: 1,
+        disposition_id: disposition::ALLOWED,
+    };
+    pub const DENIED: Control = Control {
+        action_id: 2,
+        disposition_id: disposition::BLOCKED,
+    };
+
+    fn action(self) -> &'static str {
+        match self.action_id {
+            1 => "Allowed",
+            2 => "Denied",
+            _ => "Unknown",
+        }
+    }
+
+    /// What a finding's rule came to. The activity was denied when the
+    /// guard refused the open or the probe killed the process before it
+    /// signed; otherwise it happened, and the disposition says what
+    /// followed: a kill after the fact, an alert, or nothing (a replay).
+    fn of_finding(evidence: &Event, responses: &[Response]) -> Control {
+        let did = |action: &str, outcome: Outcome| {
+            responses
+                .iter()
+                .any(|r| r.action == action && r.outcome == outcome)
+        };
+        if evidence.action_id == Some(2)
+            || did("kill", Outcome::InKernel)
+            || did("block", Outcome::Done)
+        {
+            return Control::DENIED;
+        }
+        let disposition_id = if did("kill", Outcome::Done) {
+            disposition::CUSTOM_ACTION
+        } else if did("alert", Outcome::Done) {
+            disposition::ALERT
+        } else {
+            disposition::DETECTED
+        };
+        Control {
+            action_id: 1,
+            disposition_id,
+        }
+    }
+}
+
 /// What every event states, whatever its kind.
 ///
 /// Named fields rather than arguments of `Event::base`: several are
@@ -691,19 +825,28 @@ struct Common<'a> {
     /// finding's 1, `Success` an activity's).
     status: &'static str,
     message: String,
-    process: Process,
-    /// Also decides the `container` profile: it is listed exactly when
-    /// the event has a container.
-    container: Option<Container>,
+    /// Its process's container also decides the `container` profile: it
+    /// is listed exactly when there is one.
+    who: Who,
+    /// Sets the Security Control attributes and lists its profile.
+    control: Option<Control>,
 }
 
 impl Event {
     /// The one place an event is spelt out whole: `common`, the OCSF names
-    /// and numbers its kind implies, and every optional attribute empty.
-    /// Each kind's constructor starts here (`..Event::base(...)`) and sets
-    /// only what is its own, so a new attribute is added here once.
+    /// and numbers its kind implies, the profiles its attributes need, and
+    /// every optional attribute empty. Each kind's constructor starts here
+    /// (`..Event::base(...)`) and sets only what is its own, so a new
+    /// attribute is added here once.
     fn base(common: Common<'_>) -> Self {
         let t = common.code.ocsf_type();
+        let mut profiles = vec!["host".to_owned()];
+        if common.who.process.container.is_some() {
+            profiles.push("container".to_owned());
+        }
+        if common.control.is_some() {
+            profiles.push("security_control".to_owned());
+        }
         Event {
             time: common.time_ms,
             class_uid: t.class_uid,
@@ -720,34 +863,56 @@ impl Event {
             status: common.status.into(),
             status_detail: None,
             message: common.message,
-            metadata: common
-                .origin
-                .metadata(common.seq, common.code, common.container.is_some()),
+            metadata: common.origin.metadata(common.seq, common.code, profiles),
             device: common.origin.device(),
             actor: Actor {
-                process: common.process,
+                process: common.who.process,
             },
-            container: common.container,
             module: None,
-            key: None,
-            signature: None,
-            cgroup: None,
             file: None,
-            secret_file: None,
-            peer: None,
-            local: None,
-            action: None,
-            action_id: None,
+            log_provider: None,
+            action: common.control.map(|c| c.action().to_owned()),
+            action_id: common.control.map(|c| c.action_id),
+            disposition: common
+                .control
+                .map(|c| disposition::name(c.disposition_id).to_owned()),
+            disposition_id: common.control.map(|c| c.disposition_id),
             finding_info: None,
             evidences: Vec::new(),
-            responses: Vec::new(),
-            analysis: None,
+            unmapped: Unmapped {
+                key: None,
+                signature: None,
+                cgroup: common.who.cgroup,
+                pod: common.who.pod,
+                attribution_error: common.who.attribution_error,
+                secret_file: None,
+                peer: None,
+                local: None,
+                rule_source: None,
+                responses: Vec::new(),
+                analysis: None,
+            },
         }
     }
 
-    /// Module Activity 1005 / Invoke: a private key signed.
+    /// Who the event's actor is, as `Who` gave it.
+    pub fn who(&self) -> Who {
+        Who {
+            process: self.actor.process.clone(),
+            pod: self.unmapped.pod.clone(),
+            cgroup: self.unmapped.cgroup.clone(),
+            attribution_error: self.unmapped.attribution_error.clone(),
+        }
+    }
+
+    /// The actor's container (`actor.process.container`).
+    pub fn container(&self) -> Option<&Container> {
+        self.actor.process.container.as_ref()
+    }
+
+    /// Module Activity 1005 / Other (Invoke): a private key signed.
     pub fn key_use(origin: &Origin, u: KeyUse) -> Self {
-        let who = &u.process.name;
+        let who = &u.who.process.name;
         let which = match (&u.key.algorithm, &u.key.spki_sha256) {
             (Some(alg), Some(spki)) => format!("{alg} key {}", &spki[..spki.len().min(16)]),
             _ => "an unidentified key".to_owned(),
@@ -755,37 +920,41 @@ impl Event {
         let message = if u.success {
             format!(
                 "{who} (pid {}) signed with {which} via {}",
-                u.process.pid, u.function
+                u.who.process.pid, u.function
             )
         } else {
             format!(
                 "{who} (pid {}) failed to sign with {which} via {}",
-                u.process.pid, u.function
+                u.who.process.pid, u.function
             )
         };
+        let base = Event::base(Common {
+            origin,
+            code: EventCode::KeyUse,
+            time_ms: u.time_ms,
+            seq: u.seq,
+            severity_id: severity::INFORMATIONAL,
+            status_id: if u.success { 1 } else { 2 },
+            status: if u.success { "Success" } else { "Failure" },
+            message,
+            who: u.who,
+            control: None,
+        });
         Event {
             module: Some(Module {
                 file: u.library,
+                load_type_id: 0,
                 function_name: u.function,
                 kind: u.library_kind,
             }),
-            key: Some(u.key),
-            signature: Some(u.signature),
-            cgroup: Some(u.cgroup),
-            peer: u.peer,
-            local: u.local,
-            ..Event::base(Common {
-                origin,
-                code: EventCode::KeyUse,
-                time_ms: u.time_ms,
-                seq: u.seq,
-                severity_id: severity::INFORMATIONAL,
-                status_id: if u.success { 1 } else { 2 },
-                status: if u.success { "Success" } else { "Failure" },
-                message,
-                process: u.process,
-                container: u.container,
-            })
+            unmapped: Unmapped {
+                key: Some(u.key),
+                signature: Some(u.signature),
+                peer: u.peer,
+                local: u.local,
+                ..base.unmapped
+            },
+            ..base
         }
     }
 
@@ -802,7 +971,7 @@ impl Event {
         // A rule's verdict makes the result known (and the event a
         // Security Control one); otherwise the probe's result says.
         let rule = o.secret.rule.as_deref().unwrap_or("?");
-        let (status_id, status, status_detail, action) = match (o.secret.verdict, &o.result) {
+        let (status_id, status, status_detail, control) = match (o.secret.verdict, &o.result) {
             (None, OpenResult::Unknown) => (
                 0,
                 "Unknown",
@@ -815,19 +984,19 @@ impl Event {
                 2,
                 "Failure",
                 format!("denied with EPERM by rule {rule}"),
-                Some(("Denied", 2)),
+                Some(Control::DENIED),
             ),
             (Some(Verdict::Allowed), _) => (
                 1,
                 "Success",
                 format!("allowed by rule {rule}"),
-                Some(("Allowed", 1)),
+                Some(Control::ALLOWED),
             ),
         };
         let message = format!(
             "{} (pid {}) {} {}{}",
-            o.process.name,
-            o.process.pid,
+            o.who.process.name,
+            o.who.process.pid,
             if denied {
                 "was denied opening"
             } else if failed {
@@ -842,51 +1011,46 @@ impl Event {
                 String::new()
             }
         );
-        let mut event = Event {
+        let base = Event::base(Common {
+            origin,
+            code: EventCode::SecretFileOpen,
+            time_ms,
+            seq: o.seq,
+            severity_id: severity::INFORMATIONAL,
+            status_id,
+            status,
+            message,
+            who: o.who,
+            control,
+        });
+        Event {
             status_detail: Some(status_detail),
-            key: o.key,
-            cgroup: Some(o.cgroup),
             file: Some(o.file),
-            secret_file: Some(o.secret),
-            action: action.map(|(name, _)| name.to_owned()),
-            action_id: action.map(|(_, id)| id),
-            ..Event::base(Common {
-                origin,
-                code: EventCode::SecretFileOpen,
-                time_ms,
-                seq: o.seq,
-                severity_id: severity::INFORMATIONAL,
-                status_id,
-                status,
-                message,
-                process: o.process,
-                container: o.container,
-            })
-        };
-        if action.is_some() {
-            event.metadata.profiles.push("security_control".to_owned());
+            unmapped: Unmapped {
+                key: o.key,
+                secret_file: Some(o.secret),
+                ..base.unmapped
+            },
+            ..base
         }
-        event
     }
 
-    /// Module Activity 1005 / Other: something the sensor could not cover or
-    /// attribute. It is an event, not only a log line, so that gaps in
-    /// coverage reach the same SIEM as the coverage.
+    /// Event Log Activity 1008 / Other (Coverage Warning): something the
+    /// sensor could not cover or attribute. It is an event, not only a log
+    /// line, so that gaps in coverage reach the same SIEM as the coverage.
+    /// `library`, when the gap is a library, is the event's `file`.
     pub fn coverage_warning(
         origin: &Origin,
         time_ms: i64,
         seq: u64,
         process: Option<Process>,
-        module: Option<File>,
+        library: Option<File>,
         detail: String,
     ) -> Self {
         Event {
             status_detail: Some(detail.clone()),
-            module: module.map(|file| Module {
-                file,
-                function_name: String::new(),
-                kind: "unknown".into(),
-            }),
+            file: library,
+            log_provider: Some("keywarden".into()),
             ..Event::base(Common {
                 origin,
                 code: EventCode::CoverageWarning,
@@ -896,8 +1060,11 @@ impl Event {
                 status_id: 2,
                 status: "Failure",
                 message: detail,
-                process: process.unwrap_or_default(),
-                container: None,
+                who: Who {
+                    process: process.unwrap_or_default(),
+                    ..Who::default()
+                },
+                control: None,
             })
         }
     }
@@ -914,8 +1081,10 @@ pub struct RuleRef {
 
 impl Event {
     /// Detection Finding 2004 / Create: a rule matched `evidence`. The
-    /// actor, container, key and file are copied from the evidence so a
-    /// SIEM can pivot without opening it.
+    /// actor (with its container) and keywarden's attributes of the
+    /// evidence (key, cgroup, pod, peer, local) are copied from it so a
+    /// SIEM can pivot without opening it; the file it acted on is
+    /// `evidences[0].file`.
     pub fn detection_finding(
         origin: &Origin,
         time_ms: i64,
@@ -933,8 +1102,8 @@ impl Event {
             status_id: 1,
             status: "New",
             message: format!("rule {} matched: {}", rule.id, evidence.message),
-            process: evidence.actor.process.clone(),
-            container: evidence.container.clone(),
+            who: evidence.who(),
+            control: Some(Control::of_finding(evidence, &responses)),
         });
         Event {
             finding_info: Some(FindingInfo {
@@ -949,20 +1118,20 @@ impl Event {
                     name: rule.id.clone(),
                     type_id: 1,
                     kind: "Rule".into(),
-                    source: rule.source.clone(),
                 },
             }),
-            key: evidence.key.clone(),
-            cgroup: evidence.cgroup.clone(),
-            file: evidence.file.clone(),
-            peer: evidence.peer.clone(),
-            local: evidence.local.clone(),
-            action: evidence.action.clone(),
-            action_id: evidence.action_id,
             evidences: vec![Evidence {
+                file: evidence.file.clone(),
                 data: serde_json::to_value(evidence).unwrap_or_default(),
             }],
-            responses,
+            unmapped: Unmapped {
+                key: evidence.unmapped.key.clone(),
+                peer: evidence.unmapped.peer.clone(),
+                local: evidence.unmapped.local.clone(),
+                rule_source: rule.source.clone(),
+                responses,
+                ..base.unmapped
+            },
             ..base
         }
     }
@@ -997,6 +1166,19 @@ pub(crate) mod tests_support {
                 uid: "33".into(),
                 name: Some("www-data".into()),
             },
+            container: Some(container()),
+        }
+    }
+
+    /// The sample process, in its container and pod.
+    pub fn who() -> Who {
+        Who {
+            process: process(),
+            pod: Some(Pod {
+                name: "web-7d9c5b6f4-x2kqp".into(),
+                namespace: "shop".into(),
+            }),
+            cgroup: Some(cgroup()),
             attribution_error: None,
         }
     }
@@ -1007,8 +1189,6 @@ pub(crate) mod tests_support {
             runtime: "containerd".into(),
             pod_uuid: Some("0f0e0d0c-0000-4000-8000-000000000001".into()),
             name: Some("nginx".into()),
-            pod_name: Some("web-7d9c5b6f4-x2kqp".into()),
-            pod_namespace: Some("shop".into()),
         }
     }
 
@@ -1034,7 +1214,7 @@ pub(crate) mod tests_support {
 
     pub fn key_use_event() -> Event {
         let mut ev = key_use_event_without_peer();
-        ev.peer = Some(NetworkEndpoint {
+        ev.unmapped.peer = Some(NetworkEndpoint {
             ip: "192.0.2.10".into(),
             port: Some(51000),
             location: Some(Location {
@@ -1046,7 +1226,7 @@ pub(crate) mod tests_support {
                 name: Some("Example Net".into()),
             }),
         });
-        ev.local = Some(NetworkEndpoint {
+        ev.unmapped.local = Some(NetworkEndpoint {
             ip: "203.0.113.5".into(),
             port: Some(443),
             ..Default::default()
@@ -1059,9 +1239,7 @@ pub(crate) mod tests_support {
         KeyUse {
             time_ms: 1_764_000_000_123,
             seq: 7,
-            process: process(),
-            container: Some(container()),
-            cgroup: cgroup(),
+            who: who(),
             library: File::regular("/usr/lib/libcrypto.so.3"),
             library_kind: "openssl".into(),
             function: "EVP_DigestSign".into(),
@@ -1085,9 +1263,7 @@ pub(crate) mod tests_support {
             &origin(),
             SecretFileOpen {
                 seq: 8,
-                process: process(),
-                container: Some(container()),
-                cgroup: cgroup(),
+                who: who(),
                 file: File::regular("/etc/ssl/private/a.key"),
                 key: Some(key()),
                 secret: SecretFile {
@@ -1118,8 +1294,10 @@ mod tests {
         let ev = Event::key_use(&origin(), sample());
         let v = serde_json::to_value(&ev).unwrap();
         assert_eq!(v["class_uid"], 1005);
-        assert_eq!(v["activity_id"], 3);
-        assert_eq!(v["type_uid"], 100503);
+        assert_eq!(v["activity_id"], 99);
+        assert_eq!(v["activity_name"], "Invoke");
+        assert_eq!(v["type_uid"], 100599);
+        assert_eq!(v["module"]["load_type_id"], 0);
         assert_eq!(v["category_uid"], 1);
         assert_eq!(v["status_id"], 1);
         assert_eq!(v["metadata"]["version"], OCSF_VERSION);
@@ -1137,12 +1315,13 @@ mod tests {
         );
         assert_eq!(v["module"]["function_name"], "EVP_DigestSign");
         assert_eq!(v["module"]["type"], "openssl");
-        assert_eq!(v["key"]["spki_sha256"], "ab".repeat(32));
-        assert_eq!(v["key"]["status"], "identified");
-        assert_eq!(v["container"]["uid"], "a".repeat(64));
-        assert_eq!(v["cgroup"]["id"], 99);
+        assert_eq!(v["unmapped"]["key"]["spki_sha256"], "ab".repeat(32));
+        assert_eq!(v["unmapped"]["key"]["status"], "identified");
+        assert_eq!(v["actor"]["process"]["container"]["uid"], "a".repeat(64));
+        assert_eq!(v["unmapped"]["pod"]["namespace"], "shop");
+        assert_eq!(v["unmapped"]["cgroup"]["id"], 99);
         // The key object has only public identity fields.
-        let fields: Vec<&str> = v["key"]
+        let fields: Vec<&str> = v["unmapped"]["key"]
             .as_object()
             .unwrap()
             .keys()
@@ -1181,8 +1360,8 @@ mod tests {
         u.key = KeyIdentity::unknown("no candidate key verified the signature");
         let ev = Event::key_use(&origin(), u);
         let v = serde_json::to_value(&ev).unwrap();
-        assert_eq!(v["key"]["status"], "unknown");
-        assert!(v["key"].get("spki_sha256").is_none());
+        assert_eq!(v["unmapped"]["key"]["status"], "unknown");
+        assert!(v["unmapped"]["key"].get("spki_sha256").is_none());
         assert!(ev.message.contains("unidentified"));
     }
 
@@ -1191,9 +1370,13 @@ mod tests {
         let u = sample();
         let o = SecretFileOpen {
             seq: 9,
-            process: u.process,
-            container: None,
-            cgroup: u.cgroup,
+            who: Who {
+                process: Process {
+                    container: None,
+                    ..u.who.process
+                },
+                ..u.who
+            },
             file: File::regular("/srv/app/.env"),
             key: None,
             secret: SecretFile {
@@ -1215,10 +1398,10 @@ mod tests {
         assert_eq!(v["type_uid"], 100114);
         assert_eq!(v["metadata"]["event_code"], "secret_file_open");
         assert_eq!(v["file"]["path"], "/srv/app/.env");
-        assert_eq!(v["secret_file"]["count"], 3);
+        assert_eq!(v["unmapped"]["secret_file"]["count"], 3);
         assert_eq!(v["status_id"], 0);
         assert!(v["message"].as_str().unwrap().ends_with("3 times"));
-        assert!(v.get("module").is_none() && v.get("signature").is_none());
+        assert!(v.get("module").is_none() && v["unmapped"].get("signature").is_none());
 
         // The result the probe saw makes the status.
         let ok = Event::secret_file_open(
@@ -1256,7 +1439,7 @@ mod tests {
     }
 
     #[test]
-    fn coverage_warning_is_module_activity_other() {
+    fn coverage_warning_is_event_log_activity_other() {
         let ev = Event::coverage_warning(
             &origin(),
             1,
@@ -1266,8 +1449,9 @@ mod tests {
             "cannot read /proc/9/maps".into(),
         );
         let v = serde_json::to_value(&ev).unwrap();
-        assert_eq!(v["class_uid"], 1005);
+        assert_eq!(v["class_uid"], 1008);
         assert_eq!(v["activity_id"], 99);
+        assert_eq!(v["type_uid"], 100899);
         assert_eq!(v["metadata"]["event_code"], "coverage_warning");
         assert_eq!(v["status_detail"], "cannot read /proc/9/maps");
     }
@@ -1297,7 +1481,21 @@ mod tests {
         assert_eq!(v["finding_info"]["uid"], v["metadata"]["uid"]);
         assert_eq!(v["evidences"][0]["data"]["class_uid"], 1001);
         assert_eq!(v["actor"]["process"]["pid"], 42);
-        assert_eq!(v["responses"][0]["action"], "block");
+        assert_eq!(v["unmapped"]["responses"][0]["action"], "block");
+        assert_eq!(v["unmapped"]["rule_source"], "rules/x.yaml:3");
+        assert_eq!(v["evidences"][0]["file"]["path"], "/etc/ssl/private/a.key");
+        assert!(v.get("file").is_none(), "a finding has no top-level file");
+        // The block was done: the open was denied.
+        assert_eq!(
+            (v["action_id"].as_u64(), v["disposition_id"].as_u64()),
+            (Some(2), Some(2))
+        );
+        assert!(
+            v["metadata"]["profiles"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("security_control"))
+        );
         let back: Event = serde_json::from_value(v).unwrap();
         assert_eq!(back, ev);
     }
@@ -1318,7 +1516,7 @@ mod tests {
             (
                 evidence.clone(),
                 ("Module Activity", "System Activity", "Invoke"),
-                ("Module Activity: Invoke", 100503_u64, "Informational"),
+                ("Module Activity: Other", 100599_u64, "Informational"),
             ),
             (
                 tests_support::secret_open_event(),
@@ -1327,8 +1525,8 @@ mod tests {
             ),
             (
                 Event::coverage_warning(&origin(), 1, 2, None, None, "x".into()),
-                ("Module Activity", "System Activity", "Coverage Warning"),
-                ("Module Activity: Other", 100599, "Low"),
+                ("Event Log Activity", "System Activity", "Coverage Warning"),
+                ("Event Log Activity: Other", 100899, "Low"),
             ),
             (
                 Event::detection_finding(&origin(), 5, 11, &rule, &evidence, Vec::new()),
@@ -1351,7 +1549,7 @@ mod tests {
             );
             assert_eq!(
                 ev.metadata.profiles.iter().any(|p| p == "container"),
-                ev.container.is_some(),
+                ev.container().is_some(),
                 "the container profile is listed exactly when there is a container"
             );
         }
@@ -1361,16 +1559,14 @@ mod tests {
     fn a_verdict_makes_the_open_status_known() {
         let mut e = tests_support::secret_open_event();
         assert_eq!(e.status_id, 0);
-        let mut o = e.secret_file.take().unwrap();
+        let mut o = e.unmapped.secret_file.take().unwrap();
         o.verdict = Some(Verdict::Denied);
         o.rule = Some("r1".into());
         let ev = Event::secret_file_open(
             &origin(),
             SecretFileOpen {
                 seq: 1,
-                process: e.actor.process.clone(),
-                container: None,
-                cgroup: e.cgroup.clone().unwrap(),
+                who: e.who(),
                 file: e.file.clone().unwrap(),
                 key: None,
                 secret: o,

@@ -331,7 +331,7 @@ impl GeoView {
     /// `enrich` through a cache: fills `peer.location` and
     /// `peer.autonomous_system` of an event that has a peer address.
     pub fn enrich_cached(&self, event: &mut Event, cache: &mut GeoCache) {
-        let Some(peer) = event.peer.as_mut() else {
+        let Some(peer) = event.unmapped.peer.as_mut() else {
             return;
         };
         let Ok(ip) = peer.ip.parse::<IpAddr>() else {
@@ -578,13 +578,13 @@ mod tests {
         assert_eq!(geo.lookup("10.1.2.3".parse().unwrap()), (None, None));
 
         let mut ev = key_use_event();
-        ev.peer = Some(NetworkEndpoint {
+        ev.unmapped.peer = Some(NetworkEndpoint {
             ip: "127.0.0.5".into(),
             port: Some(443),
             ..Default::default()
         });
         geo.enrich(&mut ev);
-        let peer = ev.peer.unwrap();
+        let peer = ev.unmapped.peer.unwrap();
         assert_eq!(peer.location.unwrap().country.as_deref(), Some("DE"));
         assert_eq!(peer.autonomous_system.unwrap().number, 64500);
 

@@ -9,5 +9,7 @@ pub mod baseline;
 mod docs_check;
 pub mod event;
 pub mod geo;
+#[cfg(test)]
+mod ocsf_check;
 pub mod pipeline;
 pub mod rules;

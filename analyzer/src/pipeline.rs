@@ -100,7 +100,7 @@ impl Fired {
             responses,
         );
         if !self.deviations.is_empty() || self.count.is_some() {
-            f.analysis = Some(crate::event::Analysis {
+            f.unmapped.analysis = Some(crate::event::Analysis {
                 deviations: self
                     .deviations
                     .iter()
@@ -224,7 +224,12 @@ pub struct Pipeline {
 
 /// Which shard owns an event: by key, else by file, else by process.
 fn shard_of(event: &Event, shards: usize) -> usize {
-    match event.key.as_ref().and_then(|k| k.spki_sha256.as_deref()) {
+    match event
+        .unmapped
+        .key
+        .as_ref()
+        .and_then(|k| k.spki_sha256.as_deref())
+    {
         Some(spki) => shard_for(spki, shards),
         None => match &event.file {
             Some(f) => shard_for(&f.path, shards),
@@ -542,7 +547,11 @@ impl Shard {
         let mut before = None;
         let mut key_windows = None;
         if event.metadata.event_code == crate::event::EventCode::KeyUse
-            && let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.as_deref())
+            && let Some(spki) = event
+                .unmapped
+                .key
+                .as_ref()
+                .and_then(|k| k.spki_sha256.as_deref())
         {
             let key = self.keys.entry_ref(spki).or_insert_with(|| KeyState {
                 baseline: KeyBaseline::fresh(spki),
@@ -600,7 +609,7 @@ mod tests {
 
     fn event_for(key: u8, time: i64, binary: &str) -> Event {
         let mut e = key_use_event();
-        e.key.as_mut().unwrap().spki_sha256 = Some(format!("{key:02x}").repeat(32));
+        e.unmapped.key.as_mut().unwrap().spki_sha256 = Some(format!("{key:02x}").repeat(32));
         e.time = time;
         e.actor.process.file.as_mut().unwrap().hashes[0].value = binary.into();
         e
@@ -785,7 +794,14 @@ mod tests {
                 .filter(|o| !o.fired.is_empty())
                 .map(|o| {
                     (
-                        o.event.key.as_ref().unwrap().spki_sha256.clone().unwrap(),
+                        o.event
+                            .unmapped
+                            .key
+                            .as_ref()
+                            .unwrap()
+                            .spki_sha256
+                            .clone()
+                            .unwrap(),
                         o.event.time,
                     )
                 })

@@ -2,7 +2,9 @@
 //!
 //! Replay feeds recorded events through the same `Pipeline`, rules and
 //! GeoIP enrichment as `keywarden run`, so a rule can be tried on yesterday's
-//! traffic before it is deployed. Nothing is enforced: every action's
+//! traffic before it is deployed. Events recorded before keywarden wrote
+//! strict OCSF are read in their earlier layout (`event::legacy`). Nothing
+//! is enforced: every action's
 //! response says `skipped` (replay). Findings in the input (a live run's
 //! own) are not replayed.
 
@@ -14,7 +16,7 @@ use std::{
 use anyhow::{Context, Result};
 use keywarden_analyzer::{
     baseline::BaselineStore,
-    event::{Event, EventCode},
+    event::{Event, EventCode, legacy},
     pipeline::{self, Input, Overflow, Pipeline},
 };
 use tracing::warn;
@@ -99,7 +101,7 @@ pub fn run(args: Args) -> Result<()> {
                 if line.trim().is_empty() {
                     continue;
                 }
-                match serde_json::from_str::<Event>(&line) {
+                match read_event(&line) {
                     Ok(ev) if ev.metadata.event_code == EventCode::Alert => {}
                     Ok(ev) => {
                         read += 1;
@@ -137,6 +139,13 @@ pub fn run(args: Args) -> Result<()> {
         anyhow::bail!("{}: no events could be read", args.input);
     }
     Ok(())
+}
+
+/// One recorded event, in the current layout or the earlier one.
+fn read_event(line: &str) -> serde_json::Result<Event> {
+    let mut value: serde_json::Value = serde_json::from_str(line)?;
+    legacy::upgrade(&mut value);
+    serde_json::from_value(value)
 }
 
 pub fn list_baselines(file: &Path) -> Result<()> {
@@ -177,4 +186,45 @@ pub fn reset_baselines(file: &Path, key: Option<&str>) -> Result<()> {
     }
     store.save(file)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A `key_use` line as keywarden wrote it before its events were
+    /// strict OCSF (the example docs/events.md showed then).
+    const EARLIER: &str = r#"{"time":1764000000123,"class_uid":1005,"class_name":"Module Activity","category_uid":1,"category_name":"System Activity","activity_id":3,"activity_name":"Invoke","type_uid":100503,"type_name":"Module Activity: Invoke","severity_id":1,"severity":"Informational","status_id":1,"status":"Success","message":"nginx (pid 48211) signed with ecdsa-p256 key 0eab356819ea6df9 via EVP_DigestSign","metadata":{"version":"1.3.0","product":{"name":"keywarden","vendor_name":"keywarden","version":"0.1.0"},"uid":"3c9a1f2e-1763999400512-4182","event_code":"key_use","profiles":["host","container"]},"device":{"hostname":"node-7","type_id":1},"actor":{"process":{"pid":48211,"tid":48211,"name":"nginx","cmd_line":"nginx: worker process","file":{"path":"/usr/sbin/nginx","name":"nginx","type_id":1,"hashes":[{"algorithm_id":3,"algorithm":"SHA-256","value":"ab6be39831d4f18f927afb4fb21daa4bea37a5be322310bba482ee138b9bbbd2"}]},"user":{"uid":"101"}}},"container":{"uid":"bd768e3bede5511ac8d05f909ad47222de24a07c7a53ad4cb25e767770dca51e","runtime":"containerd","pod_uuid":"7c3e1d52-9a4b-4f60-8e21-5b9d0c6a3f17","name":"nginx","pod_name":"web-6f8d9c7b5-q2xkz","pod_namespace":"shop"},"module":{"file":{"path":"/usr/lib/x86_64-linux-gnu/libcrypto.so.3","name":"libcrypto.so.3","type_id":1},"function_name":"EVP_DigestSign","type":"openssl"},"key":{"status":"identified","spki_sha256":"0eab356819ea6df95972a074d5a7bcb18cf75ef9124a4f89cb2e6f7d722bfd3f","fingerprint":{"algorithm_id":3,"algorithm":"SHA-256","value":"0eab356819ea6df95972a074d5a7bcb18cf75ef9124a4f89cb2e6f7d722bfd3f"},"algorithm":"ecdsa-p256","bits":256,"source_file":"/etc/nginx/tls/tls.key","identified_by":"signature_verified"},"signature":{"length":71,"digest":"SHA256"},"cgroup":{"id":24193,"path":"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod7c3e1d52_9a4b_4f60_8e21_5b9d0c6a3f17.slice/cri-containerd-bd768e3bede5511ac8d05f909ad47222de24a07c7a53ad4cb25e767770dca51e.scope"},"peer":{"ip":"198.51.100.23","port":53122,"location":{"country":"DE","city":"Frankfurt am Main"},"autonomous_system":{"number":64500,"name":"Example Net"}},"local":{"ip":"10.244.1.17","port":8443}}"#;
+
+    #[test]
+    fn a_recording_in_the_earlier_layout_is_replayed_as_the_current_one() {
+        let ev = read_event(EARLIER).unwrap();
+        assert_eq!(ev.metadata.event_code, EventCode::KeyUse);
+        assert_eq!((ev.activity_id, ev.type_uid), (99, 100599));
+        let key = ev
+            .unmapped
+            .key
+            .as_ref()
+            .expect("the key moved under unmapped");
+        assert_eq!(
+            key.spki_sha256.as_deref(),
+            Some("0eab356819ea6df95972a074d5a7bcb18cf75ef9124a4f89cb2e6f7d722bfd3f")
+        );
+        assert_eq!(
+            ev.container().map(|c| c.runtime.as_str()),
+            Some("containerd")
+        );
+        let pod = ev.unmapped.pod.as_ref().expect("the pod's names");
+        assert_eq!(
+            (pod.namespace.as_str(), pod.name.as_str()),
+            ("shop", "web-6f8d9c7b5-q2xkz")
+        );
+        assert_eq!(
+            ev.unmapped.peer.as_ref().map(|p| p.ip.as_str()),
+            Some("198.51.100.23")
+        );
+        // A current line reads as itself.
+        let current = serde_json::to_string(&ev).unwrap();
+        assert_eq!(read_event(&current).unwrap(), ev);
+    }
 }

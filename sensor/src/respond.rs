@@ -75,7 +75,13 @@ impl Responder for Live {
                 Some("SIGKILL as it entered the signing call; no signature was made".to_owned()),
             ),
             Action::Kill => self.kill_after(&out.event),
-            Action::Block => match out.event.secret_file.as_ref().and_then(|s| s.verdict) {
+            Action::Block => match out
+                .event
+                .unmapped
+                .secret_file
+                .as_ref()
+                .and_then(|s| s.verdict)
+            {
                 Some(Verdict::Denied) => {
                     (Outcome::Done, Some("open refused with EPERM".to_owned()))
                 }

@@ -373,6 +373,7 @@ fn a_handshake_from_a_new_country_is_a_finding() {
     let f = found[0];
     assert_eq!(rule_of(f), Some("tls-key-new-country"), "{}", pretty(f));
     let peer = f
+        .unmapped
         .peer
         .as_ref()
         .unwrap_or_else(|| panic!("no peer: {}", pretty(f)));

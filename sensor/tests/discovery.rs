@@ -115,14 +115,13 @@ fn kubernetes_container_cgroup_gives_the_container_id() {
     assert_eq!(uses.len(), 1, "{}", pretty(&uses));
     let e = uses[0];
     let container = e
-        .container
-        .as_ref()
+        .container()
         .unwrap_or_else(|| panic!("no container: {}", pretty(e)));
     assert_eq!(container.uid, id, "{}", pretty(e));
     assert_eq!(container.runtime, "containerd", "{}", pretty(e));
     assert_eq!(container.pod_uuid.as_deref(), Some(pod), "{}", pretty(e));
     assert_eq!(
-        e.cgroup.as_ref().and_then(|c| c.path.as_deref()),
+        e.unmapped.cgroup.as_ref().and_then(|c| c.path.as_deref()),
         Some(format!("/{}", parts.join("/")).as_str()),
         "{}",
         pretty(e)
@@ -211,30 +210,31 @@ fn kubernetes_names_come_from_the_kubelet_log_layout() {
     let container_of = |pid: u32| {
         let uses = key_uses_of(&events, pid);
         assert_eq!(uses.len(), 1, "{}", pretty(&uses));
-        uses[0]
-            .container
-            .clone()
-            .unwrap_or_else(|| panic!("no container: {}", pretty(uses[0])))
+        let c = uses[0]
+            .container()
+            .cloned()
+            .unwrap_or_else(|| panic!("no container: {}", pretty(uses[0])));
+        (c, uses[0].unmapped.pod.clone())
     };
-    let c = container_of(linked_pid);
+    let (c, p) = container_of(linked_pid);
     assert_eq!(c.uid, linked, "{}", pretty(&c));
     assert_eq!(c.pod_uuid.as_deref(), Some(pod_uid), "{}", pretty(&c));
     assert_eq!(
         (
-            c.pod_namespace.as_deref(),
-            c.pod_name.as_deref(),
+            p.as_ref().map(|p| p.namespace.as_str()),
+            p.as_ref().map(|p| p.name.as_str()),
             c.name.as_deref()
         ),
         (Some(ns), Some(pod), Some(name)),
         "{}",
         pretty(&c)
     );
-    let c = container_of(unlinked_pid);
+    let (c, p) = container_of(unlinked_pid);
     assert_eq!(c.uid, unlinked, "{}", pretty(&c));
     assert_eq!(
         (
-            c.pod_namespace.as_deref(),
-            c.pod_name.as_deref(),
+            p.as_ref().map(|p| p.namespace.as_str()),
+            p.as_ref().map(|p| p.name.as_str()),
             c.name.as_deref()
         ),
         (Some(ns), Some(pod), None),

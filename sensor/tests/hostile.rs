@@ -230,7 +230,8 @@ fn a_chrooted_process_cannot_make_the_sensor_read_outside_its_root() {
     let reported: Vec<&Event> = events
         .iter()
         .filter(|e| {
-            e.secret_file
+            e.unmapped
+                .secret_file
                 .as_ref()
                 .is_some_and(|s| s.keys.iter().any(|k| k.contains(&key.spki)))
         })
@@ -314,7 +315,7 @@ fn a_symlink_to_a_key_the_opener_may_not_read_is_not_read() {
         pretty(e)
     );
     assert!(
-        e.key.is_none() && secret_of(e).keys.is_empty() && !secret_of(e).holds_private_key,
+        e.unmapped.key.is_none() && secret_of(e).keys.is_empty() && !secret_of(e).holds_private_key,
         "{}",
         pretty(e)
     );
@@ -584,9 +585,9 @@ fn a_library_truncated_while_it_is_scanned_does_not_crash_the_sensor() {
         Duration::from_secs(10),
         || {
             coverage_warnings(&sensor.events()).iter().any(|e| {
-                e.module
+                e.file
                     .as_ref()
-                    .is_some_and(|m| m.file.path == big.to_str().unwrap())
+                    .is_some_and(|f| f.path == big.to_str().unwrap())
                     && e.status_detail
                         .as_deref()
                         .is_some_and(|d| d.contains("not scanned: it is 1024 MiB"))

@@ -165,7 +165,7 @@ fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
             "{}",
             pretty(&e)
         );
-        assert!(process.attribution_error.is_none(), "{}", pretty(&e));
+        assert!(e.unmapped.attribution_error.is_none(), "{}", pretty(&e));
     }
     // The run that was not held really was gone: /proc had no command line.
     let e = only(gone, &unseen);
@@ -178,7 +178,7 @@ fn a_signer_gone_before_the_sensor_looks_is_still_attributed_to_its_file() {
         pretty(&e)
     );
     assert!(
-        process
+        e.unmapped
             .attribution_error
             .as_deref()
             .is_some_and(|a| a.contains("is no longer the file it ran")),
@@ -243,7 +243,7 @@ fn pkeyutl_gives_one_event_per_signature_and_marks_failures() {
     let e = bad[0];
     assert_eq!(e.status, "Failure", "{}", pretty(e));
     assert_eq!(
-        e.signature.as_ref().map(|s| s.length),
+        e.unmapped.signature.as_ref().map(|s| s.length),
         Some(0),
         "{}",
         pretty(e)

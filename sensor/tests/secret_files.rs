@@ -86,7 +86,7 @@ fn files_created_after_start_are_covered_and_opens_coalesce() {
     let e = opens[0];
     assert_eq!(secret_of(e).count, 5, "{}", pretty(e));
     assert_eq!(secret_of(e).matched, "**/.env", "{}", pretty(e));
-    assert!(e.key.is_none(), "{}", pretty(e));
+    assert!(e.unmapped.key.is_none(), "{}", pretty(e));
     let cert_opens = secret_opens_of(&events, cat_pid);
     assert!(
         cert_opens.is_empty(),

@@ -300,7 +300,11 @@ fn python_cryptography_and_node_carry_their_own_openssl() {
                 assert_eq!(module_of(e).file.name, module, "{}", pretty(e));
             }
             assert_eq!(module_of(e).kind, "openssl", "{}", pretty(e));
-            assert!(e.peer.is_none(), "no connection, no peer: {}", pretty(e));
+            assert!(
+                e.unmapped.peer.is_none(),
+                "no connection, no peer: {}",
+                pretty(e)
+            );
         }
     }
 }
@@ -423,7 +427,12 @@ fn a_freed_key_object_is_forgotten() {
     });
     let got: Vec<(Option<&str>, Option<IdentifiedBy>)> = uses
         .iter()
-        .map(|&e| (spki_of(e), e.key.as_ref().and_then(|k| k.identified_by)))
+        .map(|&e| {
+            (
+                spki_of(e),
+                e.unmapped.key.as_ref().and_then(|k| k.identified_by),
+            )
+        })
         .collect();
     let verified = Some(IdentifiedBy::SignatureVerified);
     let mut want = vec![(Some(a.spki.as_str()), verified)];
@@ -686,9 +695,9 @@ fn stripped_binary_is_reported_not_missed() {
     let warnings: Vec<&Event> = coverage_warnings(&events)
         .into_iter()
         .filter(|e| {
-            e.module
+            e.file
                 .as_ref()
-                .is_some_and(|m| m.file.path == stripped.to_str().unwrap())
+                .is_some_and(|f| f.path == stripped.to_str().unwrap())
         })
         .collect();
     assert_eq!(

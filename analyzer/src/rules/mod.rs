@@ -103,7 +103,7 @@ impl<'a> Actor<'a> {
                 .and_then(|f| f.hashes.first())
                 .map(|h| h.value.as_str()),
             uid: p.user.uid.parse().ok(),
-            container: event.container.as_ref().map(|c| c.uid.as_str()),
+            container: event.container().map(|c| c.uid.as_str()),
         }
     }
 }
@@ -295,7 +295,12 @@ fn crossed(windows: &mut Windows, rule: usize, t: Threshold, time_ms: i64) -> (b
 
 /// What threshold rules count by: the key, else the file, else the process.
 fn group_key(event: &Event) -> std::borrow::Cow<'_, str> {
-    if let Some(spki) = event.key.as_ref().and_then(|k| k.spki_sha256.as_deref()) {
+    if let Some(spki) = event
+        .unmapped
+        .key
+        .as_ref()
+        .and_then(|k| k.spki_sha256.as_deref())
+    {
         return spki.into();
     }
     if let Some(f) = &event.file {

@@ -106,7 +106,7 @@ fn container_allow_is_a_prefix() {
     .unwrap();
     let mut ev = key_use_event();
     assert!(!set.rules[0].matches(&ev));
-    ev.container = None;
+    ev.actor.process.container = None;
     assert!(set.rules[0].matches(&ev));
 }
 
@@ -318,7 +318,7 @@ fn thresholds_fire_once_per_crossing_per_key_in_a_sliding_window() {
     assert_eq!(fired, [None, None, None, Some(4), None, None]);
     // Another key counts on its own.
     let mut other = key_use_event();
-    other.key.as_mut().unwrap().spki_sha256 = Some("cd".repeat(32));
+    other.unmapped.key.as_mut().unwrap().spki_sha256 = Some("cd".repeat(32));
     other.time = ev.time;
     assert!(set.evaluate(&other, &[], &mut th, None).is_empty());
     // Two minutes later the window has emptied: it re-arms.
@@ -364,16 +364,16 @@ rules:
     let index = index::RuleIndex::build(&set.rules);
     let mut events = vec![key_use_event(), secret_open_event()];
     let mut e = key_use_event();
-    e.key.as_mut().unwrap().spki_sha256 = Some(other.clone());
-    e.key.as_mut().unwrap().algorithm = Some("rsa-2048".into());
+    e.unmapped.key.as_mut().unwrap().spki_sha256 = Some(other.clone());
+    e.unmapped.key.as_mut().unwrap().algorithm = Some("rsa-2048".into());
     e.actor.process.name = "apache2".into();
     events.push(e);
     let mut e = key_use_event();
-    e.key = None;
-    e.peer = None;
+    e.unmapped.key = None;
+    e.unmapped.peer = None;
     events.push(e);
     let mut e = secret_open_event();
-    e.key = None;
+    e.unmapped.key = None;
     events.push(e);
     for ev in &events {
         let every: Vec<usize> = (0..set.rules.len())

@@ -131,9 +131,7 @@ impl Decisions {
                 KeyUse {
                     time_ms: attr.wall_ms(task.ktime_ns),
                     seq: 0,
-                    process: who.process,
-                    container: who.container,
-                    cgroup: who.cgroup,
+                    who,
                     library: event::File::default(),
                     library_kind: String::new(),
                     function: String::new(),
@@ -184,9 +182,7 @@ impl Decisions {
         let u = KeyUse {
             time_ms: attr.wall_ms(k.task.ktime_ns),
             seq: out.next_seq(),
-            process: who.process,
-            container: who.container,
-            cgroup: who.cgroup,
+            who,
             library,
             library_kind,
             function: function_name(k.func as u8).to_owned(),

@@ -385,29 +385,30 @@ impl Guard {
         // what needs the file's contents.
         let name = host_path.rsplit('/').next().unwrap_or_default().to_owned();
         let mut container = info.container.clone();
-        if let Some(c) = container.as_mut() {
-            self.pods.fill(c);
-        }
+        let pod = container.as_mut().and_then(|c| self.pods.fill(c));
         let probe = Event::secret_file_open(
             &self.origin,
             SecretFileOpen {
                 seq: 0,
-                process: event::Process {
-                    pid: tgid,
-                    tid: tgid,
-                    name: comm.clone(),
-                    cmd_line: info.cmd_line.clone(),
-                    file: info.file(&self.procs),
-                    user: User {
-                        uid: uid.to_string(),
-                        name: None,
+                who: event::Who {
+                    process: event::Process {
+                        pid: tgid,
+                        tid: tgid,
+                        name: comm.clone(),
+                        cmd_line: info.cmd_line.clone(),
+                        file: info.file(&self.procs),
+                        user: User {
+                            uid: uid.to_string(),
+                            name: None,
+                        },
+                        container,
                     },
+                    pod,
                     attribution_error: None,
-                },
-                container,
-                cgroup: Cgroup {
-                    id: cgroup_id,
-                    path: info.cgroup_path.clone(),
+                    cgroup: Some(Cgroup {
+                        id: cgroup_id,
+                        path: info.cgroup_path.clone(),
+                    }),
                 },
                 file: event::File {
                     path: host_path.to_owned(),

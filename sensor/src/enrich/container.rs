@@ -42,8 +42,6 @@ pub fn container_from_cgroup(path: &str) -> Option<Container> {
                     runtime: runtime.to_owned(),
                     pod_uuid,
                     name: None,
-                    pod_name: None,
-                    pod_namespace: None,
                 });
             }
         }
@@ -62,8 +60,6 @@ pub fn container_from_cgroup(path: &str) -> Option<Container> {
                 runtime: runtime.to_owned(),
                 pod_uuid,
                 name: None,
-                pod_name: None,
-                pod_namespace: None,
             });
         }
     }

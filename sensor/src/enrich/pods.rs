@@ -28,7 +28,7 @@ use std::{
 };
 
 use hashbrown::HashMap;
-use keywarden_analyzer::event::Container;
+use keywarden_analyzer::event::{Container, Pod};
 use tracing::{debug, warn};
 
 use super::container::is_container_id;
@@ -83,16 +83,19 @@ impl PodNames {
         lock(&self.pods).get(pod_uid?)
     }
 
-    /// Fills `c`'s Kubernetes names when the node's files give them, and
-    /// leaves `c` as it is otherwise.
-    pub fn fill(&self, c: &mut Container) {
-        if let Some(names) = self.lookup(&c.uid, c.pod_uuid.as_deref()) {
-            c.pod_namespace = Some(names.namespace);
-            c.pod_name = Some(names.pod);
-            if names.container.is_some() {
-                c.name = names.container;
-            }
+    /// Fills `c`'s name in its pod and returns its pod when the node's
+    /// files give them (OCSF 1.3.0's `container` has no place for the
+    /// pod's names: they go to `unmapped.pod`); leaves `c` as it is
+    /// otherwise.
+    pub fn fill(&self, c: &mut Container) -> Option<Pod> {
+        let names = self.lookup(&c.uid, c.pod_uuid.as_deref())?;
+        if names.container.is_some() {
+            c.name = names.container;
         }
+        Some(Pod {
+            name: names.pod,
+            namespace: names.namespace,
+        })
     }
 }
 
@@ -288,8 +291,6 @@ mod tests {
             runtime: "containerd".into(),
             pod_uuid: pod_uid.map(Into::into),
             name: None,
-            pod_name: None,
-            pod_namespace: None,
         }
     }
 
@@ -379,10 +380,12 @@ mod tests {
         kubelet_layout(root.path(), "shop", "web-1", POD_UID, "nginx", ID);
         let pods = PodNames::new(root.path());
         let mut c = container(ID, Some(POD_UID));
-        pods.fill(&mut c);
+        let pod = pods.fill(&mut c).expect("named by its link");
         assert_eq!(c.name.as_deref(), Some("nginx"));
-        assert_eq!(c.pod_name.as_deref(), Some("web-1"));
-        assert_eq!(c.pod_namespace.as_deref(), Some("shop"));
+        assert_eq!(
+            (pod.name.as_str(), pod.namespace.as_str()),
+            ("web-1", "shop")
+        );
         assert_eq!((c.uid.as_str(), c.pod_uuid.as_deref()), (ID, Some(POD_UID)));
     }
 

@@ -145,7 +145,7 @@ impl Tally {
             }
             self.findings_changed += 1;
         }
-        for r in &ev.responses {
+        for r in &ev.unmapped.responses {
             if let Some(a) = ACTIONS.iter().position(|a| a.name() == r.action) {
                 self.actions[a][outcome_index(r.outcome)] += 1;
             }
@@ -314,10 +314,9 @@ mod tests {
                 name: rule.into(),
                 type_id: 1,
                 kind: "Rule".into(),
-                source: None,
             },
         });
-        f.responses = responses
+        f.unmapped.responses = responses
             .iter()
             .map(|&(action, outcome)| Response {
                 action: action.into(),

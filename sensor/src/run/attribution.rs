@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use hashbrown::HashMap;
-use keywarden_analyzer::event::{self, Cgroup, User};
+use keywarden_analyzer::event::{self, Cgroup, User, Who};
 use keywarden_probe_types::Task;
 use tracing::debug;
 
@@ -25,13 +25,6 @@ use crate::{
 /// too short in the full test suite on a 2-core VM, where a signer's
 /// event sometimes lost its exec snapshot.)
 const EXEC_SNAPSHOT_WAIT: Duration = Duration::from_millis(500);
-
-/// The OCSF view of who did something.
-pub struct Who {
-    pub process: event::Process,
-    pub container: Option<event::Container>,
-    pub cgroup: Cgroup,
-}
 
 pub struct Attributor {
     /// Process images, shared with the control thread (which snapshots
@@ -104,9 +97,7 @@ impl Attributor {
             .as_deref()
             .and_then(container_from_cgroup)
             .or_else(|| info.container.clone());
-        if let Some(c) = container.as_mut() {
-            self.pods.fill(c);
-        }
+        let pod = container.as_mut().and_then(|c| self.pods.fill(c));
         let uid = task.uid();
         let user_name = self
             .users
@@ -133,13 +124,14 @@ impl Attributor {
                     uid: uid.to_string(),
                     name: user_name,
                 },
-                attribution_error: (!missing.is_empty()).then(|| missing.join("; ")),
+                container,
             },
-            container,
-            cgroup: Cgroup {
+            pod,
+            cgroup: Some(Cgroup {
                 id: task.cgroup_id,
                 path: cgroup_path,
-            },
+            }),
+            attribution_error: (!missing.is_empty()).then(|| missing.join("; ")),
         }
     }
 }

@@ -146,9 +146,7 @@ impl KeyUses {
             time_ms: attr.wall_ms(r.task.ktime_ns),
             // Numbered when written (`emit`).
             seq: 0,
-            process: who.process,
-            container: who.container,
-            cgroup: who.cgroup,
+            who,
             library: lib_file,
             library_kind,
             function: function_name(r.func as u8).to_owned(),

@@ -601,9 +601,7 @@ impl SecretOpens {
             time_ms,
             SecretFileOpen {
                 seq,
-                process: who.process,
-                container: who.container,
-                cgroup: who.cgroup,
+                who,
                 file: event::File::regular(o.path),
                 key: if keys.len() == 1 {
                     Some(identity_of(&keys[0], o.path, IdentifiedBy::KeyFile))

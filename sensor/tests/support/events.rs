@@ -105,14 +105,18 @@ pub fn secret_opens_of(events: &[Event], pid: u32) -> Vec<&Event> {
 
 /// The key an event names (`key`).
 pub fn key_of(e: &Event) -> &KeyIdentity {
-    e.key
+    e.unmapped
+        .key
         .as_ref()
         .unwrap_or_else(|| panic!("no key: {}", pretty(e)))
 }
 
 /// `key.spki_sha256`, if the event has one.
 pub fn spki_of(e: &Event) -> Option<&str> {
-    e.key.as_ref().and_then(|k| k.spki_sha256.as_deref())
+    e.unmapped
+        .key
+        .as_ref()
+        .and_then(|k| k.spki_sha256.as_deref())
 }
 
 /// The library whose function was invoked (`module`).
@@ -124,7 +128,8 @@ pub fn module_of(e: &Event) -> &Module {
 
 /// The details of a secret-file open (`secret_file`).
 pub fn secret_of(e: &Event) -> &SecretFile {
-    e.secret_file
+    e.unmapped
+        .secret_file
         .as_ref()
         .unwrap_or_else(|| panic!("no secret_file: {}", pretty(e)))
 }
@@ -147,12 +152,12 @@ pub fn exe_hash_of(e: &Event) -> Option<&str> {
 
 /// The other end of the connection: address and port.
 pub fn peer_of(e: &Event) -> (&str, u16) {
-    endpoint(e.peer.as_ref(), "peer", e)
+    endpoint(e.unmapped.peer.as_ref(), "peer", e)
 }
 
 /// This host's end of the connection: address and port.
 pub fn local_of(e: &Event) -> (&str, u16) {
-    endpoint(e.local.as_ref(), "local", e)
+    endpoint(e.unmapped.local.as_ref(), "local", e)
 }
 
 fn endpoint<'a>(end: Option<&'a NetworkEndpoint>, name: &str, e: &Event) -> (&'a str, u16) {
@@ -170,14 +175,16 @@ pub fn rule_of(f: &Event) -> Option<&str> {
 
 /// Why a deviation or threshold rule fired (`analysis`).
 pub fn analysis_of(f: &Event) -> &Analysis {
-    f.analysis
+    f.unmapped
+        .analysis
         .as_ref()
         .unwrap_or_else(|| panic!("no analysis: {}", pretty(f)))
 }
 
 /// What a finding's actions came to: `(action, outcome)` in order.
 pub fn responses_of(f: &Event) -> Vec<(&str, Outcome)> {
-    f.responses
+    f.unmapped
+        .responses
         .iter()
         .map(|r| (r.action.as_str(), r.outcome))
         .collect()

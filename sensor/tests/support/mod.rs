@@ -11,8 +11,12 @@ use std::{
 };
 
 mod events;
+mod ocsf;
 
 pub use events::*;
+// Only some tests validate against OCSF.
+#[allow(unused_imports)]
+pub use ocsf::*;
 
 pub struct Sensor {
     child: Option<Child>,
@@ -167,6 +171,19 @@ impl Sensor {
 
     pub fn stop(self) -> Vec<Event> {
         self.stop_with(nix::sys::signal::Signal::SIGINT)
+    }
+
+    /// Like `stop`, and the NDJSON exactly as the sensor wrote it (the
+    /// file goes with the sensor's directory).
+    pub fn stop_with_output(mut self) -> (Vec<Event>, String) {
+        let path = self.events_path.clone();
+        // Kept past `self`, which `stop_status` consumes.
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        let (status, events, log) = self.stop_status(nix::sys::signal::Signal::SIGINT);
+        assert!(status.success(), "keywarden exited with {status}:\n{log}");
+        let raw = std::fs::read_to_string(&path).unwrap();
+        drop(dir);
+        (events, raw)
     }
 }
 

@@ -291,14 +291,14 @@ impl<'a> Use<'a> {
         if !u.success || u.key.status != KeyStatus::Identified {
             return None;
         }
-        let exe = u.process.file.as_ref();
+        let exe = u.who.process.file.as_ref();
         Some(Use {
             key: KeyRef {
                 spki_sha256: u.key.spki_sha256.as_deref()?,
                 algorithm: u.key.algorithm.as_deref().unwrap_or_default(),
                 bits: u.key.bits.unwrap_or_default(),
             },
-            process: &u.process.name,
+            process: &u.who.process.name,
             exe: exe.map(|f| f.path.as_str()).filter(|p| !p.is_empty()),
             exe_sha256: exe
                 .and_then(|f| f.hashes.iter().find(|h| h.algorithm_id == 3))

@@ -137,18 +137,19 @@ fn only_named_successful_signatures_are_uses() {
     let mut u = KeyUse {
         time_ms: 5,
         seq: 0,
-        process: event::Process {
-            name: "openssl".into(),
-            file: Some(event::File {
-                path: "/usr/bin/openssl".into(),
+        who: event::Who {
+            process: event::Process {
                 name: "openssl".into(),
-                type_id: 1,
-                hashes: vec![Fingerprint::sha256("cd")],
-            }),
+                file: Some(event::File {
+                    path: "/usr/bin/openssl".into(),
+                    name: "openssl".into(),
+                    type_id: 1,
+                    hashes: vec![Fingerprint::sha256("cd")],
+                }),
+                ..Default::default()
+            },
             ..Default::default()
         },
-        container: None,
-        cgroup: event::Cgroup { id: 0, path: None },
         library: event::File::default(),
         library_kind: String::new(),
         function: String::new(),
