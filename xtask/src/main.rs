@@ -8,6 +8,9 @@
 //!   probes and drive real programs
 //! * `cargo xtask bench`  the benchmarks in `benches/` (scripts, then the
 //!   criterion pipeline benchmark)
+//! * `cargo xtask vm-test --kernel NAME`   the smoke subset of the
+//!   integration tests on a kernel of the matrix: `host`, or a stock
+//!   Debian kernel booted under qemu (`vm`)
 //! * `cargo xtask fuzz [TARGET] [--seconds N]`   the fuzz targets (rule
 //!   parser, key and certificate parser, ELF symbol and marker reader),
 //!   each seeded and run for N seconds in turn (`FUZZ_TARGETS`)
@@ -19,6 +22,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+
+mod vm;
 
 #[derive(Parser)]
 struct Cli {
@@ -39,6 +44,13 @@ enum Task {
     Test {
         /// Only run tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Run the smoke subset of the integration tests on kernels of the
+    /// matrix (needs root): `host`, `debian-6.1`, `debian-6.12`, or `all`.
+    VmTest {
+        /// A kernel name; repeat for several.
+        #[arg(long = "kernel", required = true)]
+        kernels: Vec<String>,
     },
     /// Run a benchmark from benches/ (default: all).
     Bench { name: Option<String> },
@@ -427,6 +439,12 @@ fn main() -> Result<()> {
                 .args(&filter)
                 .args(["--", "--test-threads=1"]);
             run_tests(&mut cmd)
+        }
+        Task::VmTest { kernels } => {
+            if !is_root() {
+                bail!("vm-test loads eBPF programs and boots kernels: it must run as root");
+            }
+            vm::vm_test(&kernels)
         }
         Task::Bench { name } => {
             run(cargo().args(["build", "--release", "-p", "keywarden"]))?;
