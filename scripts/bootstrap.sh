@@ -20,7 +20,10 @@ LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
 # systemd: `systemd-analyze verify` checks deploy/systemd/keywarden.service
 # (sensor/tests/deploy.rs); installing it does not change the init system.
 # vagrant: `vagrant validate` checks vagrant/Vagrantfile (sensor/tests/vagrant.rs).
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd vagrant)
+# qemu-system-x86, kmod, busybox-static: `cargo xtask vm-test` boots stock
+# kernels with virtme-ng (it installs them itself too, with virtme-ng and
+# the kernels, under target/).
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd vagrant qemu-system-x86 kmod busybox-static)
 MODE="${KEYWARDEN_BOOTSTRAP:-all}"
 case "$MODE" in
     all) ;;

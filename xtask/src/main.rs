@@ -5,7 +5,8 @@
 //! * `cargo xtask run`    build, then run the sensor in the foreground
 //! * `cargo xtask test`   rustfmt and clippy (`-D warnings`), then every
 //!   test: unit tests, then the root-only integration tests that load real
-//!   probes and drive real programs
+//!   probes and drive real programs, then the smoke subset on each stock
+//!   kernel of the matrix (`vm-test`)
 //! * `cargo xtask bench`  the benchmarks in `benches/` (scripts, then the
 //!   criterion pipeline benchmark)
 //! * `cargo xtask vm-test --kernel NAME`   the smoke subset of the
@@ -438,7 +439,19 @@ fn main() -> Result<()> {
             cmd.args(["test", "--workspace", "--lib", "--bins", "--tests"])
                 .args(&filter)
                 .args(["--", "--test-threads=1"]);
-            run_tests(&mut cmd)
+            run_tests(&mut cmd)?;
+            // The kernel matrix: the smoke subset on each stock kernel
+            // (about 2.5 minutes each under TCG; this host's kernel ran the
+            // whole suite above). Skipped for a filtered run, or with
+            // KEYWARDEN_VM_TEST=0 on a machine that cannot boot guests.
+            if filter.is_empty() && std::env::var("KEYWARDEN_VM_TEST").as_deref() != Ok("0") {
+                let stock: Vec<String> = vm::kernels::STOCK
+                    .iter()
+                    .map(|k| k.name.to_owned())
+                    .collect();
+                vm::vm_test(&stock)?;
+            }
+            Ok(())
         }
         Task::VmTest { kernels } => {
             if !is_root() {

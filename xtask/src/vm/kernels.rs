@@ -248,8 +248,17 @@ impl Apt {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Runs in `dir` (`apt-get download` writes there). Not through
+    /// `run`, which runs everything in the workspace root.
     fn run_in(&self, dir: &Path, program: &str, args: &[&str]) -> Result<()> {
-        super::run(self.command(program, args).current_dir(dir))
+        let mut cmd = self.command(program, args);
+        cmd.current_dir(dir);
+        eprintln!("xtask: {cmd:?}");
+        let status = cmd.status().with_context(|| format!("running {program}"))?;
+        if !status.success() {
+            bail!("{cmd:?} failed with {status}");
+        }
+        Ok(())
     }
 }
 

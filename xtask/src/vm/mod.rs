@@ -35,8 +35,10 @@ use crate::run;
 const VIRTME_NG_VERSION: &str = "1.42";
 /// Debian packages the guests need.
 const APT_PACKAGES: [&str; 3] = ["qemu-system-x86", "kmod", "busybox-static"];
-/// Seconds a guest may take to boot and shut down, beyond its tests.
-const BOOT_ALLOWANCE_SECS: u64 = 300;
+/// Seconds without a new results line after which a run is stalled: a
+/// guest's boot, or one test with its time limit and stack dump, take
+/// less.
+const QUIET_SECS: u64 = smoke::TEST_TIMEOUT_SECS + 120;
 
 /// Every kernel name `--kernel` takes (`all` is each in turn).
 pub fn names() -> Vec<&'static str> {
@@ -129,26 +131,46 @@ fn build_tests() -> Result<BTreeMap<String, String>> {
     Ok(exes)
 }
 
-/// Runs `cmd` in its own process group; past `limit`, kills the group.
-/// Returns whether it finished in time.
-fn run_limited(cmd: &mut Command, limit: Duration) -> Result<bool> {
+/// How a run under `run_limited` ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    Finished,
+    /// Killed: `progress` did not change for this long.
+    Stalled(Duration),
+}
+
+/// Runs `cmd` in its own process group. If the file `progress` (the
+/// results, one line per test) does not change for `quiet`, the run is
+/// stalled, whether in a test or in the guest kernel itself, which no
+/// timeout inside the guest can catch: the group is killed.
+fn run_limited(cmd: &mut Command, progress: &Path, quiet: Duration) -> Result<Ended> {
     eprintln!("xtask: {cmd:?}");
     let mut child = cmd
         .process_group(0)
         .spawn()
         .with_context(|| format!("spawning {cmd:?}"))?;
-    let deadline = Instant::now() + limit;
+    let stamp = || {
+        std::fs::metadata(progress)
+            .ok()
+            .map(|m| (m.len(), m.modified().ok()))
+    };
+    let mut last = stamp();
+    let mut changed = Instant::now();
     loop {
         if child.try_wait()?.is_some() {
-            return Ok(true);
+            return Ok(Ended::Finished);
         }
-        if Instant::now() >= deadline {
+        let now = stamp();
+        if now != last {
+            last = now;
+            changed = Instant::now();
+        } else if changed.elapsed() >= quiet {
             // The group is vng, qemu and what they started: all ours.
             kill_group(child.id());
             let _ = child.wait();
-            return Ok(false);
+            return Ok(Ended::Stalled(changed.elapsed()));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -207,27 +229,29 @@ pub fn vm_test(requested: &[String]) -> Result<()> {
         std::fs::create_dir_all(&out)?;
         let script = out.join("guest.sh");
         std::fs::write(&script, smoke::guest_script(&exes, &out))?;
-        let limit = Duration::from_secs(
-            BOOT_ALLOWANCE_SECS + smoke::TEST_TIMEOUT_SECS * smoke::SMOKE.len() as u64,
-        );
+        let results = out.join("results");
+        let quiet = Duration::from_secs(QUIET_SECS);
         let started = Instant::now();
-        let finished = match images.get(n) {
-            None => run_limited(Command::new("bash").arg(&script), limit)?,
+        let ended = match images.get(n) {
+            None => run_limited(Command::new("bash").arg(&script), &results, quiet)?,
             Some(k) => {
                 let vng = vng.as_ref().expect("installed for guests");
                 let mut cmd = guest_command(vng, &k.vmlinuz, &out, &script);
-                cmd.stdout(std::fs::File::create(out.join("vng.log"))?)
-                    .stderr(std::fs::File::create(out.join("vng.err"))?);
-                run_limited(&mut cmd, limit)?
+                // The guest kernel's console: a lockup or RCU stall report
+                // lands here.
+                cmd.stdout(std::fs::File::create(out.join("console.log"))?)
+                    .stderr(Stdio::from(std::fs::File::create(out.join("vng.log"))?));
+                run_limited(&mut cmd, &results, quiet)?
             }
         };
         let wall = started.elapsed();
         let report =
             smoke::Report::parse(&std::fs::read_to_string(out.join("results")).unwrap_or_default());
-        if !finished {
+        if let Ended::Stalled(quiet) = ended {
             eprintln!(
-                "xtask: {n}: STALLED: the run did not finish within {} s and was killed; see {}",
-                limit.as_secs(),
+                "xtask: {n}: STALLED: no progress for {} s; the run was killed. \
+                 The last test's log and the guest kernel's console are in {}",
+                quiet.as_secs(),
                 out.display()
             );
         }
@@ -296,10 +320,18 @@ fn print_run(name: &str, r: &smoke::Report, wall: Duration, out: &Path) {
 /// host shell's environment reaches the tests).
 fn guest_command(vng: &Path, vmlinuz: &Path, out: &Path, script: &Path) -> Command {
     let mut cmd = Command::new(vng);
-    cmd.arg("-r")
+    // vng runs virtme-run, which lives beside it in the venv.
+    let venv_bin = vng.parent().expect("vng is in a directory").to_owned();
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let path = std::env::join_paths(std::iter::once(venv_bin).chain(std::env::split_paths(&path)))
+        .expect("PATH entries have no separator");
+    cmd.env("PATH", path)
+        .arg("-r")
         .arg(vmlinuz)
         // 9p rather than virtiofs: virtiofsd is not needed.
         .args(["--force-9p", "--disable-kvm", "-m", "2G", "-p", "2"])
+        // The kernel's console on stdout.
+        .arg("--verbose")
         .arg("--rwdir")
         .arg(out)
         .arg("--exec")
@@ -311,4 +343,64 @@ fn guest_command(vng: &Path, vmlinuz: &Path, out: &Path, script: &Path) -> Comma
         .stdin(Stdio::null())
         .current_dir(root());
     cmd
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("xtask-vm-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_run_without_progress_is_killed_as_stalled() {
+        let d = scratch("stalled");
+        // A guest that hangs: nothing is ever written.
+        let ended = run_limited(
+            Command::new("sleep").arg("600"),
+            &d.join("results"),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        assert!(matches!(ended, Ended::Stalled(_)), "{ended:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_run_that_keeps_writing_results_finishes() {
+        let d = scratch("progress");
+        let results = d.join("results");
+        // Each step is well within the quiet window; the whole run is not.
+        let script = format!(
+            "for i in 1 2 3 4 5 6; do echo $i >> '{}'; sleep 1; done",
+            results.display()
+        );
+        let ended = run_limited(
+            Command::new("sh").arg("-c").arg(script),
+            &results,
+            Duration::from_secs(4),
+        )
+        .unwrap();
+        assert_eq!(ended, Ended::Finished);
+        assert_eq!(
+            std::fs::read_to_string(&results).unwrap().lines().count(),
+            6
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_kernel_name_is_refused_with_the_known_ones() {
+        let err = vm_test(&["debian-5.10".to_owned()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no kernel debian-5.10"), "{err}");
+        for n in names() {
+            assert!(err.contains(n), "{err}");
+        }
+    }
 }
