@@ -63,7 +63,7 @@ pub fn guest_script(executables: &BTreeMap<String, String>, out: &Path) -> Strin
          set -u\n\
          echo \"kernel $(uname -r)\" >\"$OUT/results\"\n\
          mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing\n\
-         echo \"lsm $(cat /sys/kernel/security/lsm)\" >>\"$OUT/results\"\n\
+         echo \"lsm $(cat /sys/kernel/security/lsm 2>/dev/null || echo unknown)\" >>\"$OUT/results\"\n\
          # Where a test that overran its time waits, for the report.\n\
          stacks() {{\n\
          \x20   for p in $(pgrep -x keywarden); do\n\
