@@ -19,7 +19,11 @@ LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
 # checks a scrape with `promtool check metrics`.
 # systemd: `systemd-analyze verify` checks deploy/systemd/keywarden.service
 # (sensor/tests/deploy.rs); installing it does not change the init system.
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd)
+# vagrant: `vagrant validate` checks vagrant/Vagrantfile (sensor/tests/vagrant.rs).
+# qemu-system-x86, kmod, busybox-static: `cargo xtask vm-test` boots stock
+# kernels with virtme-ng (it installs them itself too, with virtme-ng and
+# the kernels, under target/).
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd vagrant qemu-system-x86 kmod busybox-static)
 MODE="${KEYWARDEN_BOOTSTRAP:-all}"
 case "$MODE" in
     all) ;;
@@ -68,6 +72,12 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
 fi
 
 missing=()
+if ! command -v dpkg-query >/dev/null; then
+    # Not Debian: vagrant/provision.sh installs the equivalents on RHEL-like
+    # systems; elsewhere, install them by hand.
+    log "not a Debian system: skipping the packages ${APT_PACKAGES[*]}"
+    APT_PACKAGES=()
+fi
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done

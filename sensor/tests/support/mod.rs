@@ -97,7 +97,8 @@ impl Sensor {
             }
             assert!(
                 Instant::now() < deadline,
-                "keywarden not ready after 60 s:\n{}",
+                "keywarden STALLED: not ready after 60 s; where its threads wait:\n{}\nits log:\n{}",
+                thread_stacks(s.pid()),
                 s.log()
             );
             std::thread::sleep(Duration::from_millis(50));
@@ -194,6 +195,35 @@ impl Drop for Sensor {
             let _ = c.wait();
         }
     }
+}
+
+/// Where each thread of `pid` waits: its name, `wchan` and kernel stack
+/// (`/proc/PID/task/TID/stack`, root only), for the message of a stall.
+pub fn thread_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(pid {pid} is gone)");
+    };
+    for t in tasks.flatten() {
+        let p = t.path();
+        let read = |f: &str| std::fs::read_to_string(p.join(f)).unwrap_or_default();
+        out += &format!(
+            "thread {} ({}) waits in {}:\n{}",
+            t.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan"),
+            read("stack")
+        );
+    }
+    out
+}
+
+/// Whether this kernel has a tracepoint (tracefs must be mounted, as it is
+/// once a sensor has started).
+pub fn kernel_has_tracepoint(category: &str, name: &str) -> bool {
+    ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .iter()
+        .any(|t| Path::new(&format!("{t}/events/{category}/{name}")).is_dir())
 }
 
 /// A process's state letter in `/proc/PID/stat` (`T`: stopped), `?` if it

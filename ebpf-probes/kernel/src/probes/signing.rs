@@ -55,17 +55,17 @@ fn args(ctx: &ProbeContext) -> [u64; 6] {
 }
 
 /// Argument `n` (a position from `func::FUNCTIONS`); 0 past the sixth.
+///
+/// One bounded read from the stack copy `args` made, not a match: the
+/// positions come from the function table, unknown to the verifier, and a
+/// seven-way branch per argument multiplied the paths it walks. Linux
+/// 6.1's verifier gave up on `sign_entry` (a million instructions,
+/// `cargo xtask vm-test --kernel debian-6.1`); black_box keeps the test
+/// and the index on one value.
 #[inline(always)]
 fn pick(a: &[u64; 6], n: u8) -> u64 {
-    match n {
-        0 => a[0],
-        1 => a[1],
-        2 => a[2],
-        3 => a[3],
-        4 => a[4],
-        5 => a[5],
-        _ => 0,
-    }
+    let n = core::hint::black_box(n as usize);
+    if n < a.len() { a[n] } else { 0 }
 }
 
 /// A register by its `func::reg` code (0 for any other code).
@@ -315,6 +315,18 @@ fn emit_data(tgid: u32, op_id: u64, offset: u32, src: u64, len: u64) -> u32 {
     done
 }
 
+/// `n`, at most `cap`, bounded in the very register handed to a read
+/// helper. Linux 6.1's verifier does not carry a bound checked on one copy
+/// of a value to another copy spilled to the stack, and LLVM may test one
+/// and pass the other: `invalid access to memory ... size=16384` at load
+/// (`cargo xtask vm-test --kernel debian-6.1`). black_box makes the test
+/// happen on the value as loaded, right before the call.
+#[inline(always)]
+fn bounded(n: usize, cap: usize) -> u32 {
+    let n = core::hint::black_box(n);
+    (if n > cap { cap } else { n }) as u32
+}
+
 /// Defines an emitter for one size of data record. The two sizes are
 /// distinct types because a ring reservation must have a constant size.
 macro_rules! data_emitter {
@@ -337,13 +349,13 @@ macro_rules! data_emitter {
                 truncated,
                 _pad: 0,
             };
-            let n = (n as usize).min($cap);
+            let n = bounded(n as usize, $cap);
             // SAFETY: `n` is at most `$cap`, the length of `data`; the helper
             // checks the user address: a fault is an error.
             let rc = unsafe {
                 aya_ebpf::helpers::generated::bpf_probe_read_user(
                     r.data.as_mut_ptr().cast(),
-                    n as u32,
+                    n,
                     src as *const core::ffi::c_void,
                 )
             };
@@ -695,18 +707,18 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
             r.head.flags |= sign_flags::SIG_INCOMPLETE;
         }
     } else if n > 0 {
-        let n = (n as usize).min(SIG_MAX);
+        let n = bounded(n as usize, SIG_MAX);
         // SAFETY: `n` is at most SIG_MAX, the length of `sig`; the helper
         // checks the user address and returns an error on a fault.
         let rc = unsafe {
             aya_ebpf::helpers::generated::bpf_probe_read_user(
                 r.sig.as_mut_ptr().cast(),
-                n as u32,
+                n,
                 sig_src as *const core::ffi::c_void,
             )
         };
         if rc == 0 {
-            r.head.sig_captured = n as u32;
+            r.head.sig_captured = n;
         } else {
             r.head.flags |= sign_flags::SIG_INCOMPLETE;
         }
