@@ -296,37 +296,141 @@ fn a_key_opener_without_covered_code_is_warned() {
     assert!(detail.contains(key.path.to_str().unwrap()), "{detail}");
 }
 
-/// `gnutls-serv` started after the sensor: the libgnutls it loads is named
-/// in one warning, however many handshakes follow.
+/// `gnutls-serv` started after the sensor, with an ECDSA and then an RSA
+/// key, answering handshakes from distinct loopback addresses: exactly
+/// one event per handshake (GnuTLS signs each with
+/// `gnutls_privkey_sign_data2`), naming the key and the connection, one
+/// more when it loads the key, and no coverage warning for libgnutls.
 #[test]
-fn gnutls_serv_is_warned_not_silent() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = openssl_key(dir.path(), "server", "ec");
-    let crt = cert(dir.path(), &key, "localhost");
-    let port = free_port();
-    let sensor = Sensor::start(&[]);
-    let server = gnutls_serv(&crt, &key.path, port);
-    for host in 2..5 {
-        handshake_from(port, host);
+fn gnutls_serv_names_every_handshake() {
+    for alg in ["ec", "rsa"] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = openssl_key(dir.path(), "server", alg);
+        let crt = cert(dir.path(), &key, "localhost");
+        let port = free_port();
+        let sensor = Sensor::start(&[]);
+        let server = gnutls_serv(&crt, &key.path, port);
+        let hosts: Vec<u8> = (2..6).collect();
+        for &host in &hosts {
+            handshake_from(port, host);
+        }
+        // TLS 1.2 signs the ServerKeyExchange instead: still one.
+        run_ok(
+            Command::new("curl")
+                .args([
+                    "-sk",
+                    "-o",
+                    "/dev/null",
+                    "--tls-max",
+                    "1.2",
+                    "--interface",
+                    "127.0.0.9",
+                ])
+                .arg(format!("https://127.0.0.1:{port}/")),
+        );
+        let events = sensor.stop();
+        let pid = server.pid();
+        drop(server);
+        let all = key_uses_of(&events, pid);
+        // GnuTLS signs once when it loads the key, to check that key and
+        // certificate match: a real signature, outside any connection.
+        let (uses, at_load): (Vec<&Event>, Vec<&Event>) =
+            all.iter().partition(|e| e.peer.is_some());
+        assert_eq!(at_load.len(), 1, "{alg}: {}", pretty(&all));
+        assert_eq!(spki_of(at_load[0]), Some(key.spki.as_str()));
+        assert_eq!(uses.len(), hosts.len() + 1, "{alg}: {}", pretty(&all));
+        let mut peers: Vec<String> = Vec::new();
+        for &e in &uses {
+            assert_eq!(e.status, "Success", "{}", pretty(e));
+            assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
+            assert_eq!(module_of(e).kind, "gnutls", "{}", pretty(e));
+            assert_eq!(
+                module_of(e).function_name,
+                "gnutls_privkey_sign_data2",
+                "{}",
+                pretty(e)
+            );
+            assert_eq!(local_of(e), ("127.0.0.1", port), "{}", pretty(e));
+            peers.push(peer_of(e).0.to_owned());
+        }
+        peers.sort();
+        assert_eq!(
+            peers,
+            [
+                "127.0.0.2",
+                "127.0.0.3",
+                "127.0.0.4",
+                "127.0.0.5",
+                "127.0.0.9"
+            ],
+            "{alg}"
+        );
+        let gnutls_warnings: Vec<&Event> = coverage_warnings(&events)
+            .into_iter()
+            .filter(|e| {
+                e.module
+                    .as_ref()
+                    .is_some_and(|m| m.file.path.contains("libgnutls"))
+                    || e.actor.process.pid == pid
+            })
+            .collect();
+        assert!(gnutls_warnings.is_empty(), "{}", pretty(&gnutls_warnings));
     }
-    let events = sensor.stop();
-    let pid = server.pid();
-    drop(server);
-    let warnings: Vec<&Event> = coverage_warnings(&events)
-        .into_iter()
-        .filter(|e| {
-            e.module
-                .as_ref()
-                .is_some_and(|m| m.file.path.ends_with("/libgnutls.so.30"))
-        })
-        .collect();
-    assert_eq!(warnings.len(), 1, "{}", pretty(&events));
-    assert_eq!(warnings[0].actor.process.pid, pid);
-    assert!(
-        warnings[0]
-            .status_detail
-            .as_deref()
-            .unwrap_or_default()
-            .contains("GnuTLS")
+}
+
+/// `gpg --sign` (libgcrypt) and NSS's `certutil` run after the sensor:
+/// their libraries have no probes yet, and each is named in one warning.
+#[test]
+fn gpg_and_nss_tools_are_warned_not_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("gnupg");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"signed by gpg").unwrap();
+    let nssdb = dir.path().join("nssdb");
+    std::fs::create_dir(&nssdb).unwrap();
+    let sensor = Sensor::start(&[]);
+    let gpg = |args: &[&str]| {
+        run_ok(
+            Command::new("gpg")
+                .arg("--homedir")
+                .arg(&home)
+                .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+                .args(args),
+        )
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "kw-test@example.invalid",
+        "ed25519",
+        "sign",
+        "1d",
+    ]);
+    let mut sign = vec!["--output".to_owned()];
+    sign.push(dir.path().join("data.gpg").display().to_string());
+    sign.push("--sign".to_owned());
+    sign.push(data.display().to_string());
+    gpg(&sign.iter().map(String::as_str).collect::<Vec<_>>());
+    run_ok(
+        Command::new("certutil")
+            .args(["-N", "--empty-password", "-d"])
+            .arg(format!("sql:{}", nssdb.display())),
     );
+    // gpg signs in the gpg-agent it started, which outlives it.
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(&home)
+        .args(["--kill", "gpg-agent"])
+        .status();
+    let events = sensor.stop();
+    for (lib, what) in [("libgcrypt.so", "libgcrypt"), ("libnss3.so", "NSS")] {
+        let warned: Vec<&Event> = coverage_warnings(&events)
+            .into_iter()
+            .filter(|e| e.module.as_ref().is_some_and(|m| m.file.path.contains(lib)))
+            .collect();
+        assert_eq!(warned.len(), 1, "{lib}: {}", pretty(&events));
+        let detail = warned[0].status_detail.as_deref().unwrap_or_default();
+        assert!(detail.contains(&format!("({what})")), "{detail}");
+    }
 }

@@ -175,7 +175,6 @@ const MARKERS: [(&[u8], &str); 12] = [
 
 const OPENSSH_ED25519: &str = "OpenSSH's built-in Ed25519";
 pub(crate) const GO_CRYPTO: &str = "Go's crypto/ecdsa, crypto/rsa or crypto/ed25519";
-pub(crate) const GNUTLS: &str = "GnuTLS";
 pub(crate) const NSS: &str = "NSS";
 pub(crate) const LIBGCRYPT: &str = "libgcrypt";
 pub(crate) const JVM: &str = "a Java virtual machine";
@@ -183,8 +182,7 @@ pub(crate) const JVM: &str = "a Java virtual machine";
 /// Exported functions that name a crypto runtime keywarden does not probe
 /// (yet): a library defining one is that runtime. Told by symbol, not by
 /// string, since these libraries keep their exports.
-const RUNTIME_SYMBOLS: [(&str, &str); 4] = [
-    ("gnutls_privkey_sign_data2", GNUTLS),
+const RUNTIME_SYMBOLS: [(&str, &str); 3] = [
     ("PK11_Sign", NSS),
     ("gcry_pk_sign", LIBGCRYPT),
     // libjvm.so, which every JVM maps.
@@ -193,7 +191,7 @@ const RUNTIME_SYMBOLS: [(&str, &str); 4] = [
 
 /// Signing code keywarden has no probe for even where symbols name it,
 /// and why: a warning about it says so instead of blaming missing symbols.
-const UNPROBED: [(&str, &str); 6] = [
+const UNPROBED: [(&str, &str); 5] = [
     (
         OPENSSH_ED25519,
         "OpenSSH signs Ed25519 with its own code, not libcrypto's, and keywarden has no probe for it",
@@ -201,10 +199,6 @@ const UNPROBED: [(&str, &str); 6] = [
     (
         GO_CRYPTO,
         "Go programs sign with Go's own code, not a C library, and keywarden has no probe for it",
-    ),
-    (
-        GNUTLS,
-        "keywarden has no probe for GnuTLS's signing functions (gnutls_privkey_sign_*)",
     ),
     (
         NSS,
@@ -677,11 +671,7 @@ mod tests {
     fn other_runtimes_are_named_as_unprobed() {
         let lib = system_libcrypto();
         let dir = lib.parent().unwrap();
-        for (name, what) in [
-            ("libgnutls.so.30", GNUTLS),
-            ("libnss3.so", NSS),
-            ("libgcrypt.so.20", LIBGCRYPT),
-        ] {
+        for (name, what) in [("libnss3.so", NSS), ("libgcrypt.so.20", LIBGCRYPT)] {
             let code = scan(&dir.join(name), name).unwrap();
             assert!(!code.can_see_signatures(), "{name}");
             assert_eq!(code.markers, [what], "{name}");
@@ -691,6 +681,27 @@ mod tests {
                 "{reason}"
             );
         }
+    }
+
+    /// GnuTLS's signing entry points are found under their version nodes.
+    #[test]
+    fn finds_the_signing_functions_of_gnutls() {
+        let lib = system_libcrypto().parent().unwrap().join("libgnutls.so.30");
+        let code = scan(&lib, "libgnutls").unwrap();
+        let mut names: Vec<&str> = code.points.iter().map(|p| p.symbol.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "gnutls_privkey_sign_data",
+                "gnutls_privkey_sign_data2",
+                "gnutls_privkey_sign_hash",
+                "gnutls_privkey_sign_hash2"
+            ]
+        );
+        assert!(code.points.iter().all(|p| p.stack == Stack::Gnutls));
+        assert!(code.can_see_signatures() && code.missing.is_empty());
+        assert!(code.uncovered_reason().is_none());
     }
 
     #[test]
