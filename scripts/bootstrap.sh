@@ -19,11 +19,13 @@ LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
 # checks a scrape with `promtool check metrics`.
 # systemd: `systemd-analyze verify` checks deploy/systemd/keywarden.service
 # (sensor/tests/deploy.rs); installing it does not change the init system.
+# golang-go, gnutls-bin, libnss3-tools: the other crypto stacks the tests
+# run (a Go TLS server, gnutls-serv, certutil).
 # vagrant: `vagrant validate` checks vagrant/Vagrantfile (sensor/tests/vagrant.rs).
 # qemu-system-x86, kmod, busybox-static: `cargo xtask vm-test` boots stock
 # kernels with virtme-ng (it installs them itself too, with virtme-ng and
 # the kernels, under target/).
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd vagrant qemu-system-x86 kmod busybox-static)
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd vagrant qemu-system-x86 kmod busybox-static golang-go gnutls-bin libnss3-tools)
 MODE="${KEYWARDEN_BOOTSTRAP:-all}"
 case "$MODE" in
     all) ;;

@@ -27,6 +27,10 @@ pub const ECDSA_DO_SIGN: u8 = 13;
 pub const ECDSA_SIGN: u8 = 14;
 pub const RSA_SIGN: u8 = 15;
 pub const RSA_PRIVATE_ENCRYPT: u8 = 16;
+pub const GNUTLS_SIGN_DATA2: u8 = 17;
+pub const GNUTLS_SIGN_HASH2: u8 = 18;
+pub const GNUTLS_SIGN_DATA: u8 = 19;
+pub const GNUTLS_SIGN_HASH: u8 = 20;
 
 /// A probed function: its id, what events call it, and what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -95,7 +99,7 @@ pub enum Handle {
     /// every signature is captured and verified.
     RustSigner,
     /// A low-level key object (`EC_KEY`, `RSA`), as OpenSSH and other
-    /// programs older than EVP sign with. The probes do not watch its
+    /// programs older than EVP sign with, or a `gnutls_privkey_t`. The probes do not watch its
     /// frees either, so, as for a Rust signer, every signature is
     /// captured and verified.
     KeyObject,
@@ -134,6 +138,20 @@ pub enum Input {
     Digest { data: u8, len: Len },
     /// What the context's [`Role::Update`] calls streamed.
     Streamed,
+    /// A pointer argument to a GnuTLS `gnutls_datum_t` (`{unsigned char
+    /// *data; unsigned int size}`) holding the message, or a digest when
+    /// `digest` is set.
+    Datum { datum: u8, digest: bool },
+}
+
+impl Input {
+    /// Whether the input is a digest of the message, not the message.
+    pub const fn is_digest(self) -> bool {
+        matches!(
+            self,
+            Input::Digest { .. } | Input::Datum { digest: true, .. }
+        )
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -148,6 +166,9 @@ pub enum Output {
     /// ring's `Signature`, which keeps its bytes inline, by value through
     /// the hidden result pointer.
     RingSignature { result: u8 },
+    /// A `gnutls_datum_t *` the call fills with a buffer it allocates;
+    /// the call returns 0 on success, a negative error otherwise.
+    Datum { out: u8 },
 }
 
 const fn sign(handle: u8, handle_is: Handle, input: Input, output: Output) -> Role {
@@ -172,8 +193,21 @@ const LEGACY_OUT: Output = Output::Buffer {
     len: Length::Written(int(4)),
 };
 
+/// GnuTLS's `gnutls_privkey_sign_*(signer, algo, flags, const
+/// gnutls_datum_t *in, gnutls_datum_t *signature)`: every one takes the
+/// same arguments, only what `in` holds differs. A TLS handshake (1.2 and
+/// 1.3, GnuTLS 3.7) makes its one signature with `sign_data2`.
+const fn gnutls(digest: bool) -> Role {
+    sign(
+        0,
+        Handle::KeyObject,
+        Input::Datum { datum: 3, digest },
+        Output::Datum { out: 4 },
+    )
+}
+
 /// Every probed function, in id order.
-pub const FUNCTIONS: [Function; 16] = [
+pub const FUNCTIONS: [Function; 20] = [
     Function {
         id: DIGEST_SIGN_INIT,
         name: "EVP_DigestSignInit",
@@ -362,6 +396,26 @@ pub const FUNCTIONS: [Function; 16] = [
                 len: Length::Returned,
             },
         ),
+    },
+    Function {
+        id: GNUTLS_SIGN_DATA2,
+        name: "gnutls_privkey_sign_data2",
+        role: gnutls(false),
+    },
+    Function {
+        id: GNUTLS_SIGN_HASH2,
+        name: "gnutls_privkey_sign_hash2",
+        role: gnutls(true),
+    },
+    Function {
+        id: GNUTLS_SIGN_DATA,
+        name: "gnutls_privkey_sign_data",
+        role: gnutls(false),
+    },
+    Function {
+        id: GNUTLS_SIGN_HASH,
+        name: "gnutls_privkey_sign_hash",
+        role: gnutls(true),
     },
 ];
 

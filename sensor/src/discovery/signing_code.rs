@@ -149,9 +149,10 @@ impl SigningCode {
 
 /// Strings that betray crypto code even without symbols: OpenSSL-style
 /// libraries record source file names for errors, Rust crates their
-/// paths for panics. Each names code that signs, not a mere mention (a
-/// libcurl version string says "OpenSSL" too).
-const MARKERS: [(&[u8], &str); 6] = [
+/// paths for panics, Go binaries every function name in `.gopclntab`
+/// (kept by `-ldflags "-s -w"` too). Each names code that signs, not a
+/// mere mention (a libcurl version string says "OpenSSL" too).
+const MARKERS: [(&[u8], &str); 12] = [
     (b"crypto/evp/m_sigver.c", "OpenSSL EVP signing"),
     (b"crypto/fipsmodule/ecdsa/", "BoringSSL or AWS-LC ECDSA"),
     (b"/rustls-0.", "rustls"),
@@ -160,16 +161,58 @@ const MARKERS: [(&[u8], &str); 6] = [
     // OpenSSH's own Ed25519 (ssh, sshd, ssh-keygen, ssh-agent), named in
     // its error messages; its ECDSA and RSA go through libcrypto.
     (b"crypto_sign_ed25519", OPENSSH_ED25519),
+    // Go's signers (what `crypto/tls` calls through `crypto.Signer`) and
+    // the package functions programs call directly. The linker drops
+    // functions nothing calls, so these are only in programs that can
+    // sign.
+    (b"crypto/ecdsa.(*PrivateKey).Sign", GO_CRYPTO),
+    (b"crypto/ecdsa.Sign", GO_CRYPTO),
+    (b"crypto/rsa.(*PrivateKey).Sign", GO_CRYPTO),
+    (b"crypto/rsa.SignP", GO_CRYPTO),
+    (b"crypto/ed25519.PrivateKey.Sign", GO_CRYPTO),
+    (b"crypto/ed25519.Sign", GO_CRYPTO),
 ];
 
 const OPENSSH_ED25519: &str = "OpenSSH's built-in Ed25519";
+pub(crate) const GO_CRYPTO: &str = "Go's crypto/ecdsa, crypto/rsa or crypto/ed25519";
+pub(crate) const NSS: &str = "NSS";
+pub(crate) const LIBGCRYPT: &str = "libgcrypt";
+pub(crate) const JVM: &str = "a Java virtual machine";
+
+/// Exported functions that name a crypto runtime keywarden does not probe
+/// (yet): a library defining one is that runtime. Told by symbol, not by
+/// string, since these libraries keep their exports.
+const RUNTIME_SYMBOLS: [(&str, &str); 3] = [
+    ("PK11_Sign", NSS),
+    ("gcry_pk_sign", LIBGCRYPT),
+    // libjvm.so, which every JVM maps.
+    ("JNI_CreateJavaVM", JVM),
+];
 
 /// Signing code keywarden has no probe for even where symbols name it,
 /// and why: a warning about it says so instead of blaming missing symbols.
-const UNPROBED: [(&str, &str); 1] = [(
-    OPENSSH_ED25519,
-    "OpenSSH signs Ed25519 with its own code, not libcrypto's, and keywarden has no probe for it",
-)];
+const UNPROBED: [(&str, &str); 5] = [
+    (
+        OPENSSH_ED25519,
+        "OpenSSH signs Ed25519 with its own code, not libcrypto's, and keywarden has no probe for it",
+    ),
+    (
+        GO_CRYPTO,
+        "Go programs sign with Go's own code, not a C library, and keywarden has no probe for it",
+    ),
+    (
+        NSS,
+        "keywarden has no probe for NSS's signing functions (PK11_Sign, SGN_*)",
+    ),
+    (
+        LIBGCRYPT,
+        "keywarden has no probe for libgcrypt's signing function (gcry_pk_sign)",
+    ),
+    (
+        JVM,
+        "Java's own security providers sign in JIT-compiled code, which has no file for a uprobe",
+    ),
+];
 
 /// Largest file scanned: 512 MiB. Files with signing code are far
 /// smaller (libcrypto is 5 MB, node with its OpenSSL 98 MB, libLLVM 117
@@ -276,6 +319,7 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
         })
         .collect();
     let mut boringssl = false;
+    let mut runtimes: Vec<&'static str> = Vec::new();
     let mut seen: HashSet<(u8, u64)> = HashSet::new();
     let mut refcount_fns: HashSet<u64> = HashSet::new();
     for sym in file.dynamic_symbols().chain(file.symbols()) {
@@ -290,6 +334,11 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
         }
         if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.address() == 0 {
             continue;
+        }
+        if let Some((_, what)) = RUNTIME_SYMBOLS.iter().find(|(name, _)| *name == raw)
+            && !runtimes.contains(what)
+        {
+            runtimes.push(what);
         }
         let Some((id, stack, symbol)) = classify(raw) else {
             continue;
@@ -339,7 +388,12 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
             .collect();
     }
     if !out.can_see_signatures() {
-        out.markers = search_markers(f, &marker_ranges(&file, len), shown_as)?;
+        out.markers = runtimes;
+        for m in search_markers(f, &marker_ranges(&file, len), shown_as)? {
+            if !out.markers.contains(&m) {
+                out.markers.push(m);
+            }
+        }
     }
     Ok(out)
 }
@@ -419,12 +473,13 @@ fn search_markers(
             buf.copy_within(filled - kept..filled, 0);
         }
     }
-    Ok(MARKERS
-        .iter()
-        .zip(found)
-        .filter(|(_, hit)| *hit)
-        .map(|((_, what), _)| *what)
-        .collect())
+    let mut out: Vec<&'static str> = Vec::new();
+    for ((_, what), hit) in MARKERS.iter().zip(found) {
+        if hit && !out.contains(what) {
+            out.push(what);
+        }
+    }
+    Ok(out)
 }
 
 /// Identity of a file's contents for the caches: a file is read again only
@@ -466,6 +521,9 @@ pub struct ScanCache {
     /// Files already reported as uncovered, so a stripped binary run in a
     /// loop gives one warning.
     reported: HashSet<FileId>,
+    /// The same files by inode, for asking whether a process's mapping
+    /// was reported (`was_reported`).
+    reported_inodes: HashSet<(u64, u64)>,
     pub scans: u64,
 }
 
@@ -514,8 +572,15 @@ impl ScanCache {
     pub fn first_report(&mut self, id: FileId) -> bool {
         if self.reported.len() >= CACHE_MAX {
             self.reported.clear();
+            self.reported_inodes.clear();
         }
+        self.reported_inodes.insert((id.dev, id.ino));
         self.reported.insert(id)
+    }
+
+    /// Whether the file with this inode was reported as uncovered.
+    pub fn was_reported(&self, dev: u64, ino: u64) -> bool {
+        self.reported_inodes.contains(&(dev, ino))
     }
 }
 
@@ -598,6 +663,45 @@ mod tests {
                 .starts_with("signs with code keywarden cannot probe (OpenSSH's built-in Ed25519)"),
             "{reason}"
         );
+    }
+
+    /// Libraries of crypto runtimes without probes are named by what they
+    /// export, with the reason (their packages are in bootstrap.sh).
+    #[test]
+    fn other_runtimes_are_named_as_unprobed() {
+        let lib = system_libcrypto();
+        let dir = lib.parent().unwrap();
+        for (name, what) in [("libnss3.so", NSS), ("libgcrypt.so.20", LIBGCRYPT)] {
+            let code = scan(&dir.join(name), name).unwrap();
+            assert!(!code.can_see_signatures(), "{name}");
+            assert_eq!(code.markers, [what], "{name}");
+            let reason = code.uncovered_reason().unwrap();
+            assert!(
+                reason.starts_with(&format!("signs with code keywarden cannot probe ({what})")),
+                "{reason}"
+            );
+        }
+    }
+
+    /// GnuTLS's signing entry points are found under their version nodes.
+    #[test]
+    fn finds_the_signing_functions_of_gnutls() {
+        let lib = system_libcrypto().parent().unwrap().join("libgnutls.so.30");
+        let code = scan(&lib, "libgnutls").unwrap();
+        let mut names: Vec<&str> = code.points.iter().map(|p| p.symbol.as_str()).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "gnutls_privkey_sign_data",
+                "gnutls_privkey_sign_data2",
+                "gnutls_privkey_sign_hash",
+                "gnutls_privkey_sign_hash2"
+            ]
+        );
+        assert!(code.points.iter().all(|p| p.stack == Stack::Gnutls));
+        assert!(code.can_see_signatures() && code.missing.is_empty());
+        assert!(code.uncovered_reason().is_none());
     }
 
     #[test]

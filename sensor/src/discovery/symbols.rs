@@ -18,6 +18,7 @@ pub enum Stack {
     AwsLc,
     Rustls,
     Ring,
+    Gnutls,
 }
 
 impl Stack {
@@ -33,6 +34,7 @@ impl Stack {
             Stack::AwsLc => "aws-lc",
             Stack::Rustls => "rustls",
             Stack::Ring => "ring",
+            Stack::Gnutls => "gnutls",
         }
     }
 }
@@ -51,6 +53,10 @@ pub enum Pattern {
     TraitMethod(&'static str, Stack),
     /// One Rust function, by its demangled path without the hash.
     Path(&'static str, Stack),
+    /// A C function of a library outside the OpenSSL family, by its
+    /// exact name (GnuTLS exports its API under version nodes, which the
+    /// `object` crate keeps apart from the name).
+    Exported(&'static str, Stack),
 }
 
 impl Pattern {
@@ -59,7 +65,7 @@ impl Pattern {
     /// before demangling.
     fn rust_crate(&self) -> Option<&'static str> {
         let path = match self {
-            Pattern::C(_) => return None,
+            Pattern::C(_) | Pattern::Exported(..) => return None,
             Pattern::TraitMethod(p, _) => p.trim_start_matches(" as "),
             Pattern::Path(p, _) => p,
         };
@@ -84,7 +90,7 @@ const fn c(name: &'static str, id: u8) -> Symbol {
 /// Every symbol the sensor attaches to. OpenSSL 1.1 and 3.x, BoringSSL
 /// and AWS-LC share the C names and argument orders (BoringSSL and
 /// AWS-LC lack the `_ex` variants).
-pub const SYMBOLS: [Symbol; 16] = [
+pub const SYMBOLS: [Symbol; 20] = [
     c("EVP_DigestSignInit", func::DIGEST_SIGN_INIT),
     c("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX),
     c("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE),
@@ -116,7 +122,18 @@ pub const SYMBOLS: [Symbol; 16] = [
         ),
         id: func::RING_ED25519_SIGN,
     },
+    gnutls("gnutls_privkey_sign_data2", func::GNUTLS_SIGN_DATA2),
+    gnutls("gnutls_privkey_sign_hash2", func::GNUTLS_SIGN_HASH2),
+    gnutls("gnutls_privkey_sign_data", func::GNUTLS_SIGN_DATA),
+    gnutls("gnutls_privkey_sign_hash", func::GNUTLS_SIGN_HASH),
 ];
+
+const fn gnutls(name: &'static str, id: u8) -> Symbol {
+    Symbol {
+        pattern: Pattern::Exported(name, Stack::Gnutls),
+        id,
+    }
+}
 
 /// The C names in [`SYMBOLS`].
 pub fn c_symbols() -> impl Iterator<Item = &'static str> {
@@ -133,7 +150,7 @@ pub fn signing_functions() -> String {
         .iter()
         .filter(|s| needs_return(s.id))
         .map(|s| match s.pattern {
-            Pattern::C(name) => name.to_owned(),
+            Pattern::C(name) | Pattern::Exported(name, _) => name.to_owned(),
             Pattern::TraitMethod(suffix, _) => format!("<_{suffix}"),
             Pattern::Path(path, _) => path.to_owned(),
         })
@@ -174,6 +191,12 @@ pub(super) fn classify(raw: &str) -> Option<(u8, Stack, String)> {
     };
     if let Some(id) = c_name(raw) {
         return Some((id, Stack::Openssl, raw.to_owned()));
+    }
+    if let Some((id, stack)) = SYMBOLS.iter().find_map(|s| match s.pattern {
+        Pattern::Exported(name, stack) if name == raw => Some((s.id, stack)),
+        _ => None,
+    }) {
+        return Some((id, stack, raw.to_owned()));
     }
     if let Some(name) = strip_aws_lc_prefix(raw)
         && let Some(id) = c_name(name)

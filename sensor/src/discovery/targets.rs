@@ -29,12 +29,13 @@ pub struct Candidate {
     pub ino: u64,
 }
 
-/// `libcrypto.so`, `libcrypto.so.3`, `libcrypto.so.1.1`, ...
+/// `libcrypto.so`, `libcrypto.so.3`, `libcrypto.so.1.1`, ...,
+/// `libgnutls.so.30`: the shared libraries with probed signing functions.
 pub fn is_crypto_library(path: &str) -> bool {
     Path::new(path)
         .file_name()
         .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with("libcrypto.so"))
+        .is_some_and(|n| n.starts_with("libcrypto.so") || n.starts_with("libgnutls.so"))
 }
 
 fn candidate(shown_as: String, open_path: PathBuf, pid: Option<u32>) -> Option<Candidate> {
@@ -147,6 +148,7 @@ mod tests {
         ));
         assert!(is_crypto_library("libcrypto.so.1.1"));
         assert!(is_crypto_library("/opt/x/libcrypto.so"));
+        assert!(is_crypto_library("/usr/lib/libgnutls.so.30"));
         assert!(!is_crypto_library("/usr/lib/libssl.so.3"));
         assert!(!is_crypto_library("/usr/lib/libcrypto.a"));
         assert!(!is_crypto_library("/usr/lib/libcrypto.so.3/x"));

@@ -79,6 +79,13 @@ impl ProcessInfo {
 
     /// SHA-256 of the executable, computed once (cached per file version
     /// across processes by `table`).
+    /// (device, inode) of the executable opened at snapshot time.
+    pub fn exe_inode(&self) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let md = self.exe.as_ref().ok()?.metadata().ok()?;
+        Some((md.dev(), md.ino()))
+    }
+
     pub fn exe_hash(&self, table: &ProcessTable) -> Result<&str, &str> {
         self.exe_sha256
             .get_or_init(|| match &self.exe {

@@ -611,10 +611,7 @@ impl Identifier {
         } else {
             sig
         };
-        let data_is_digest = matches!(
-            func::sign_call(r.func as u8).map(|c| c.input),
-            Some(func::Input::Digest { .. })
-        );
+        let data_is_digest = func::sign_call(r.func as u8).is_some_and(|c| c.input.is_digest());
         // ring returns its signature inside a value whose layout Rust does
         // not fix: each plausible reading is tried, and only one verifies.
         let in_value = r.flags & sign_flags::SIG_IN_VALUE != 0;

@@ -28,6 +28,7 @@
 
 pub mod attribution;
 pub mod emitter;
+mod key_openers;
 pub mod key_uses;
 mod route;
 mod secret_opens;
@@ -138,6 +139,8 @@ struct Sensor {
     /// protected key files, so the control thread renews the hold lease
     /// only while it moves (`liveness.rs`).
     liveness: Arc<Liveness>,
+    /// Processes that load a private key with code nothing probes.
+    key_openers: key_openers::KeyOpeners,
 }
 
 /// Raises the soft limit on open files to the hard one. Every uprobe attach
@@ -226,6 +229,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let procs = Arc::new(ProcessTable::default());
     let pods = Arc::new(PodNames::new(Path::new(&cfg.pods_log_root)));
     let origin = setup::origin();
+    let cache = Arc::new(Mutex::new(ScanCache::default()));
     let mut s = Sensor {
         probes: probes.clone(),
         events: rings.events,
@@ -254,6 +258,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         shed_report: ShedReport::default(),
         deferred: route::Deferred::default(),
         liveness: liveness.clone(),
+        key_openers: key_openers::KeyOpeners::new(probes.clone(), cache.clone()),
     };
     let sock = kernel_layout::sock()
         .inspect_err(|e| warn!("signatures carry no network peer: {e:#}"))
@@ -287,7 +292,6 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     };
     // The control thread starts first: processes exec'd during discovery
     // are snapshotted, and held ones released.
-    let cache = Arc::new(Mutex::new(ScanCache::default()));
     let control_stop = Arc::new(AtomicBool::new(false));
     let control = Control {
         ring: rings.control,
@@ -448,7 +452,7 @@ impl Sensor {
                 String::new()
             } else {
                 format!(
-                    "; NOT covered (crypto code without symbols): {}",
+                    "; NOT covered (crypto code keywarden cannot probe, or without symbols): {}",
                     uncovered.join(", ")
                 )
             }

@@ -71,6 +71,7 @@ macro_rules! open_parts {
             ident: &mut $s.keys.ident,
             decisions: &mut $s.decisions,
             out: &mut $s.out,
+            key_openers: &mut $s.key_openers,
         }
     };
 }

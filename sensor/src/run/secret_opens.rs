@@ -61,6 +61,7 @@ pub struct OpenParts<'a> {
     pub ident: &'a mut Identifier,
     pub decisions: &'a mut Decisions,
     pub out: &'a mut Emitter,
+    pub key_openers: &'a mut super::key_openers::KeyOpeners,
 }
 
 /// What an open came to.
@@ -472,6 +473,12 @@ impl SecretOpens {
         }
         // Judged (condemned or not): a held opener goes on.
         release_if_held(&f, p.decisions);
+        if let Some(k) = key_file
+            && k.has_private_key
+        {
+            p.key_openers
+                .opened_private_key(tgid, &info, &absolute, p.out);
+        }
         let Some(m) = watched else { return };
         if guarded {
             return;

@@ -143,8 +143,19 @@ fn output_of(a: &[u64; 6], call: SignCall) -> (u64, u64) {
             len: Length::Returned,
         } => (pick(a, out), 0),
         Output::RustVec { result } | Output::RingSignature { result } => (pick(a, result), 0),
+        Output::Datum { out } => (pick(a, out), 0),
         Output::Bignums => (0, 0),
     }
+}
+
+/// The `(data, size)` of the `gnutls_datum_t` at `at`: a pointer, then
+/// an `unsigned int` (the rest of the second word is padding).
+#[inline(always)]
+fn datum(at: u64) -> Option<(u64, u64)> {
+    // SAFETY: the helper checks the user address (a fault is an error), and
+    // any two words are a valid `[u64; 2]`.
+    let w = unsafe { bpf_probe_read_user(at as *const [u64; 2]) }.ok()?;
+    Some((w[0], w[1] as u32 as u64))
 }
 
 /// A call with no place for the signature only asks for its length.
@@ -453,6 +464,7 @@ fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, librar
         Input::Message { data, len } | Input::Digest { data, len } => {
             (pick(a, data), pick_len(a, len))
         }
+        Input::Datum { datum: at, .. } => datum(pick(a, at)).unwrap_or((0, 0)),
         Input::Streamed => (0, 0),
     };
     if is_length_query(a, call) {
@@ -630,6 +642,21 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
             sig_src = rax;
             sig_len = 2 * BIGNUM_SLOT as u64;
             flags |= sign_flags::SIG_BIGNUMS;
+        }
+        Some(Output::Datum { .. }) => {
+            // 0 is success: the datum now holds the signature.
+            ret = match (ret, datum(inflight.sig_ptr)) {
+                (0, Some((ptr, len))) => {
+                    sig_src = ptr;
+                    sig_len = len;
+                    1
+                }
+                (0, None) => {
+                    flags |= sign_flags::SIG_INCOMPLETE;
+                    1
+                }
+                (e, _) => e.min(-1),
+            };
         }
         Some(Output::Buffer {
             len: Length::Returned,

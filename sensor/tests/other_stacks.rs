@@ -1,0 +1,436 @@
+//! The crypto stacks besides OpenSSL and its forks: Go's own crypto,
+//! GnuTLS, NSS, libgcrypt, and a JVM. Each is either covered (one event
+//! per signature) or named in a `coverage_warning`, never silent.
+
+mod support;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use support::*;
+
+/// `fixtures/go-tls` built with the host's Go (Debian's `golang-go`),
+/// with symbols or with `-ldflags "-s -w"`. No modules, no network.
+fn go_binary(dir: &Path, stripped: bool) -> PathBuf {
+    let out = dir.join(if stripped { "kw-go-stripped" } else { "kw-go" });
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/go-tls/main.go");
+    let mut cmd = Command::new("go");
+    cmd.arg("build");
+    if stripped {
+        cmd.args(["-ldflags", "-s -w"]);
+    }
+    cmd.arg("-o")
+        .arg(&out)
+        .arg(src)
+        .env("GO111MODULE", "off")
+        .env(
+            "GOCACHE",
+            std::env::temp_dir().join("keywarden-test-gocache"),
+        )
+        .env("GOFLAGS", "-buildvcs=false");
+    run_ok(&mut cmd);
+    out
+}
+
+fn go_server(bin: &Path, crt: &Path, key: &Path, port: u16) -> Server {
+    start_server(
+        Command::new(bin)
+            .args(["server", "--cert"])
+            .arg(crt)
+            .arg("--key")
+            .arg(key)
+            .args(["--listen", &format!("127.0.0.1:{port}")]),
+        port,
+    )
+}
+
+fn gnutls_serv(crt: &Path, key: &Path, port: u16) -> Server {
+    start_server(
+        Command::new("gnutls-serv")
+            .args(["--http", "--x509certfile"])
+            .arg(crt)
+            .arg("--x509keyfile")
+            .arg(key)
+            .args(["-p", &port.to_string()]),
+        port,
+    )
+}
+
+/// One handshake (a new curl process) from `127.0.0.<host>`.
+fn handshake_from(port: u16, host: u8) {
+    run_ok(
+        Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "--interface"])
+            .arg(format!("127.0.0.{host}"))
+            .arg(format!("https://127.0.0.1:{port}/")),
+    );
+}
+
+/// Warnings whose module is `path`, or whose process is `pid`.
+fn warnings_about<'a>(events: &'a [Event], path: &str, pid: Option<u32>) -> Vec<&'a Event> {
+    coverage_warnings(events)
+        .into_iter()
+        .filter(|e| {
+            e.module.as_ref().is_some_and(|m| m.file.path == path)
+                || Some(e.actor.process.pid) == pid
+        })
+        .collect()
+}
+
+/// A Go TLS server started after the sensor, which has no probe for Go:
+/// it says so once, naming the binary and the process, however many
+/// handshakes follow; `keywarden coverage` says so too.
+#[test]
+fn go_tls_server_is_warned_not_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    for stripped in [false, true] {
+        let bin = go_binary(dir.path(), stripped);
+        let out = keywarden().arg("coverage").arg(&bin).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(
+            text.contains(&format!("NOT COVERED  {}", bin.display())) && text.contains("Go"),
+            "{text}"
+        );
+    }
+    let bin = go_binary(dir.path(), false);
+    let key = openssl_key(dir.path(), "server", "ec");
+    let crt = cert(dir.path(), &key, "localhost");
+    let port = free_port();
+    let sensor = Sensor::start(&[]);
+    let server = go_server(&bin, &crt, &key.path, port);
+    for host in 2..5 {
+        handshake_from(port, host);
+    }
+    let events = sensor.stop();
+    let pid = server.pid();
+    drop(server);
+    let warnings = warnings_about(&events, bin.to_str().unwrap(), Some(pid));
+    assert_eq!(warnings.len(), 1, "one warning: {}", pretty(&events));
+    let detail = warnings[0].status_detail.as_deref().unwrap_or_default();
+    assert!(
+        detail.contains("Go programs sign with Go's own code"),
+        "{detail}"
+    );
+    assert_eq!(
+        warnings[0].actor.process.pid,
+        pid,
+        "{}",
+        pretty(warnings[0])
+    );
+    assert!(key_uses_of(&events, pid).is_empty(), "{}", pretty(&events));
+}
+
+/// A running Go server makes the `ready` line's `uncovered` count and
+/// `keywarden coverage` name it.
+#[test]
+fn a_running_go_server_is_counted_uncovered_at_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = go_binary(dir.path(), true);
+    let key = openssl_key(dir.path(), "server", "ec");
+    let crt = cert(dir.path(), &key, "localhost");
+    let port = free_port();
+    let server = go_server(&bin, &crt, &key.path, port);
+    let out = keywarden().arg("coverage").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!("NOT COVERED  {}", bin.display())),
+        "{text}"
+    );
+    let sensor = Sensor::start(&[]);
+    let log = sensor.log();
+    let ready = log
+        .lines()
+        .find(|l| l.contains("ready"))
+        .unwrap_or_else(|| panic!("{log}"))
+        .to_owned();
+    let events = sensor.stop();
+    drop(server);
+    assert!(!ready.contains("uncovered=0"), "{ready}");
+    assert!(ready.contains(bin.to_str().unwrap()), "{ready}");
+    assert_eq!(
+        warnings_about(&events, bin.to_str().unwrap(), None).len(),
+        1,
+        "{}",
+        pretty(&events)
+    );
+}
+
+/// A JVM signs in JIT-compiled code: the `libjvm.so` it maps is named in
+/// one warning, and its later open of a key file adds none.
+#[test]
+fn a_jvm_is_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = openssl_key(dir.path(), "k", "ec");
+    // PKCS#8 DER, which Java reads without help.
+    let der = dir.path().join("k.der");
+    run_ok(
+        Command::new("openssl")
+            .args(["pkcs8", "-topk8", "-nocrypt", "-outform", "DER", "-in"])
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&der),
+    );
+    let src = dir.path().join("Sign.java");
+    std::fs::write(
+        &src,
+        "import java.nio.file.*; import java.security.*; import java.security.spec.*;\n\
+         public class Sign { public static void main(String[] a) throws Exception {\n\
+         byte[] k = Files.readAllBytes(Path.of(a[0]));\n\
+         PrivateKey p = KeyFactory.getInstance(\"EC\").generatePrivate(new PKCS8EncodedKeySpec(k));\n\
+         Signature s = Signature.getInstance(\"SHA256withECDSA\"); s.initSign(p); s.update(k);\n\
+         System.out.println(s.sign().length); System.in.read(); } }\n",
+    )
+    .unwrap();
+    let sensor = Sensor::start(&[]);
+    let mut java = Command::new("java")
+        .arg(&src)
+        .arg(&der)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = java.id();
+    // It signed once it prints the length.
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(java.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert!(line.trim().parse::<u32>().is_ok(), "{line:?}");
+    wait_for("the JVM warning", Duration::from_secs(20), || {
+        coverage_warnings(&sensor.events()).iter().any(|e| {
+            e.status_detail
+                .as_deref()
+                .unwrap_or_default()
+                .contains("Java")
+        })
+    });
+    drop(java.stdin.take());
+    java.wait().unwrap();
+    let events = sensor.stop();
+    let jvm: Vec<&Event> = coverage_warnings(&events)
+        .into_iter()
+        .filter(|e| {
+            e.module
+                .as_ref()
+                .is_some_and(|m| m.file.path.ends_with("/libjvm.so"))
+        })
+        .collect();
+    assert_eq!(jvm.len(), 1, "{}", pretty(&events));
+    assert_eq!(jvm[0].actor.process.pid, pid, "{}", pretty(jvm[0]));
+    let about_key: Vec<&Event> = coverage_warnings(&events)
+        .into_iter()
+        .filter(|e| {
+            e.status_detail
+                .as_deref()
+                .unwrap_or_default()
+                .contains("private key file")
+        })
+        .collect();
+    assert!(about_key.is_empty(), "{}", pretty(&about_key));
+}
+
+/// A program that reads a private key and maps nothing the probes see
+/// (here a Python interpreter without any crypto module) is warned about
+/// once, naming the key file; one that maps libcrypto is not.
+#[test]
+fn a_key_opener_without_covered_code_is_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = openssl_key(dir.path(), "k", "ec");
+    let sensor = Sensor::start(&[]);
+    let script =
+        "import sys; open(sys.argv[1], 'rb').read(); print('read', flush=True); sys.stdin.read()";
+    let opener = |import: &str| {
+        let mut child = Command::new("python3")
+            .args(["-c", &format!("{import}{script}")])
+            .arg(&key.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "read");
+        child
+    };
+    // With libcrypto mapped (through hashlib) first: no warning.
+    let mut covered = opener("import hashlib; ");
+    let covered_pid = covered.id();
+    wait_for("its open to be reported", Duration::from_secs(20), || {
+        !secret_opens_of(&sensor.events(), covered_pid).is_empty()
+    });
+    drop(covered.stdin.take());
+    covered.wait().unwrap();
+    let mut bare = opener("");
+    let pid = bare.id();
+    wait_for("the warning", Duration::from_secs(20), || {
+        coverage_warnings(&sensor.events())
+            .iter()
+            .any(|e| e.actor.process.pid == pid)
+    });
+    drop(bare.stdin.take());
+    bare.wait().unwrap();
+    let events = sensor.stop();
+    let about_key: Vec<&Event> = coverage_warnings(&events)
+        .into_iter()
+        .filter(|e| {
+            e.status_detail
+                .as_deref()
+                .unwrap_or_default()
+                .contains("private key file")
+        })
+        .collect();
+    assert_eq!(about_key.len(), 1, "{}", pretty(&about_key));
+    assert_eq!(about_key[0].actor.process.pid, pid);
+    let detail = about_key[0].status_detail.as_deref().unwrap();
+    assert!(detail.contains(key.path.to_str().unwrap()), "{detail}");
+}
+
+/// `gnutls-serv` started after the sensor, with an ECDSA and then an RSA
+/// key, answering handshakes from distinct loopback addresses: exactly
+/// one event per handshake (GnuTLS signs each with
+/// `gnutls_privkey_sign_data2`), naming the key and the connection, one
+/// more when it loads the key, and no coverage warning for libgnutls.
+#[test]
+fn gnutls_serv_names_every_handshake() {
+    for alg in ["ec", "rsa"] {
+        let dir = tempfile::tempdir().unwrap();
+        let key = openssl_key(dir.path(), "server", alg);
+        let crt = cert(dir.path(), &key, "localhost");
+        let port = free_port();
+        let sensor = Sensor::start(&[]);
+        let server = gnutls_serv(&crt, &key.path, port);
+        let hosts: Vec<u8> = (2..6).collect();
+        for &host in &hosts {
+            handshake_from(port, host);
+        }
+        // TLS 1.2 signs the ServerKeyExchange instead: still one.
+        run_ok(
+            Command::new("curl")
+                .args([
+                    "-sk",
+                    "-o",
+                    "/dev/null",
+                    "--tls-max",
+                    "1.2",
+                    "--interface",
+                    "127.0.0.9",
+                ])
+                .arg(format!("https://127.0.0.1:{port}/")),
+        );
+        let events = sensor.stop();
+        let pid = server.pid();
+        drop(server);
+        let all = key_uses_of(&events, pid);
+        // GnuTLS signs once when it loads the key, to check that key and
+        // certificate match: a real signature, outside any connection.
+        let (uses, at_load): (Vec<&Event>, Vec<&Event>) =
+            all.iter().partition(|e| e.peer.is_some());
+        assert_eq!(at_load.len(), 1, "{alg}: {}", pretty(&all));
+        assert_eq!(spki_of(at_load[0]), Some(key.spki.as_str()));
+        assert_eq!(uses.len(), hosts.len() + 1, "{alg}: {}", pretty(&all));
+        let mut peers: Vec<String> = Vec::new();
+        for &e in &uses {
+            assert_eq!(e.status, "Success", "{}", pretty(e));
+            assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
+            assert_eq!(module_of(e).kind, "gnutls", "{}", pretty(e));
+            assert_eq!(
+                module_of(e).function_name,
+                "gnutls_privkey_sign_data2",
+                "{}",
+                pretty(e)
+            );
+            assert_eq!(local_of(e), ("127.0.0.1", port), "{}", pretty(e));
+            peers.push(peer_of(e).0.to_owned());
+        }
+        peers.sort();
+        assert_eq!(
+            peers,
+            [
+                "127.0.0.2",
+                "127.0.0.3",
+                "127.0.0.4",
+                "127.0.0.5",
+                "127.0.0.9"
+            ],
+            "{alg}"
+        );
+        let gnutls_warnings: Vec<&Event> = coverage_warnings(&events)
+            .into_iter()
+            .filter(|e| {
+                e.module
+                    .as_ref()
+                    .is_some_and(|m| m.file.path.contains("libgnutls"))
+                    || e.actor.process.pid == pid
+            })
+            .collect();
+        assert!(gnutls_warnings.is_empty(), "{}", pretty(&gnutls_warnings));
+    }
+}
+
+/// `gpg --sign` (libgcrypt) and NSS's `certutil` run after the sensor:
+/// their libraries have no probes yet, and each is named in one warning.
+#[test]
+fn gpg_and_nss_tools_are_warned_not_silent() {
+    let dir = tempfile::tempdir().unwrap();
+    let home = dir.path().join("gnupg");
+    std::fs::create_dir(&home).unwrap();
+    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"signed by gpg").unwrap();
+    let nssdb = dir.path().join("nssdb");
+    std::fs::create_dir(&nssdb).unwrap();
+    let sensor = Sensor::start(&[]);
+    let gpg = |args: &[&str]| {
+        run_ok(
+            Command::new("gpg")
+                .arg("--homedir")
+                .arg(&home)
+                .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+                .args(args),
+        )
+    };
+    gpg(&[
+        "--quick-gen-key",
+        "kw-test@example.invalid",
+        "ed25519",
+        "sign",
+        "1d",
+    ]);
+    let mut sign = vec!["--output".to_owned()];
+    sign.push(dir.path().join("data.gpg").display().to_string());
+    sign.push("--sign".to_owned());
+    sign.push(data.display().to_string());
+    gpg(&sign.iter().map(String::as_str).collect::<Vec<_>>());
+    run_ok(
+        Command::new("certutil")
+            .args(["-N", "--empty-password", "-d"])
+            .arg(format!("sql:{}", nssdb.display())),
+    );
+    // gpg signs in the gpg-agent it started, which outlives it.
+    let _ = Command::new("gpgconf")
+        .arg("--homedir")
+        .arg(&home)
+        .args(["--kill", "gpg-agent"])
+        .status();
+    let events = sensor.stop();
+    for (lib, what) in [("libgcrypt.so", "libgcrypt"), ("libnss3.so", "NSS")] {
+        let warned: Vec<&Event> = coverage_warnings(&events)
+            .into_iter()
+            .filter(|e| e.module.as_ref().is_some_and(|m| m.file.path.contains(lib)))
+            .collect();
+        assert_eq!(warned.len(), 1, "{lib}: {}", pretty(&events));
+        let detail = warned[0].status_detail.as_deref().unwrap_or_default();
+        assert!(detail.contains(&format!("({what})")), "{detail}");
+    }
+}
