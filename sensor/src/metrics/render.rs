@@ -127,6 +127,8 @@ impl Snapshot {
             ("analyzer_queue", s.analyzer),
             ("guard_queue", s.guard),
             ("sink_backlog", s.sink),
+            ("parquet_backlog", s.parquet_backlog),
+            ("parquet_write", s.parquet_write),
         ] {
             t.sample(name, &[("cause", cause)], n);
         }
@@ -190,6 +192,25 @@ impl Snapshot {
             self.verifications,
         );
 
+        let name = "keywarden_key_uses_by_key_total";
+        t.family(
+            name,
+            Counter,
+            "Key uses (key_use events) by key: the first 16 hex digits of its SPKI SHA-256, or unknown; at most 100 keys, the rest under (other).",
+        );
+        for (key, n) in &self.tally.by_key {
+            t.sample(name, &[("key", key.as_str())], *n);
+        }
+        let name = "keywarden_key_uses_by_process_total";
+        t.family(
+            name,
+            Counter,
+            "Key uses (key_use events) by process name (comm); at most 100 names, the rest under (other).",
+        );
+        for (process, n) in &self.tally.by_process {
+            t.sample(name, &[("process", process.as_str())], *n);
+        }
+
         let name = "keywarden_findings_total";
         t.family(name, Counter, "Findings (alert events), by rule id.");
         for (rule, n) in &self.tally.findings {
@@ -240,6 +261,40 @@ impl Snapshot {
             Gauge,
             "Bytes of output the backlog holds at most before events are shed.",
             crate::sink::BACKLOG_BYTES as u64,
+        );
+
+        let lake = self.parquet.unwrap_or_default();
+        t.single(
+            "keywarden_parquet_files_total",
+            Counter,
+            "Parquet files written (renamed into place) under --parquet DIR.",
+            lake.files,
+        );
+        t.single(
+            "keywarden_parquet_rows_total",
+            Counter,
+            "Events (rows) in those files.",
+            lake.rows,
+        );
+        t.single(
+            "keywarden_parquet_bytes_total",
+            Counter,
+            "Bytes of those files.",
+            lake.bytes,
+        );
+        let name = "keywarden_parquet_temp_files_total";
+        t.family(
+            name,
+            Counter,
+            "Temporary Parquet files a killed sensor left, found at start: finished (complete, renamed) or discarded (cut short, removed).",
+        );
+        t.sample(name, &[("outcome", "finished")], lake.temp_finished);
+        t.sample(name, &[("outcome", "discarded")], lake.temp_discarded);
+        t.single(
+            "keywarden_parquet_queue_depth",
+            Gauge,
+            "Events waiting for the Parquet writer (at most 8192; past it they are shed, cause parquet_backlog).",
+            lake.queued,
         );
 
         let name = "keywarden_resident_memory_bytes";
