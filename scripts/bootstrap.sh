@@ -29,6 +29,10 @@ esac
 # kubernetes-validate checks deploy/kubernetes offline against this
 # Kubernetes version (sensor/tests/deploy.rs reads both from here).
 KUBERNETES_VALIDATE_VERSION="1.37.0"
+# DuckDB reads the sensor's Parquet files back in sensor/tests/parquet.rs
+# (pytz: DuckDB's Python API needs it for timestamps with a time zone).
+DUCKDB_VERSION="2.0.1"
+PYTZ_VERSION="2026.6"
 KUBERNETES_VERSION="1.31.0"
 
 log() { printf 'bootstrap: %s\n' "$*" >&2; }
@@ -89,4 +93,8 @@ fi
 if ! "$VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
     log "installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $VENV"
     "$VENV/bin/pip" install -q --only-binary=:all: "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+fi
+if ! "$VENV/bin/python" -c "import duckdb, pytz, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION' or pytz.__version__ != '$PYTZ_VERSION')" 2>/dev/null; then
+    log "installing duckdb $DUCKDB_VERSION and pytz $PYTZ_VERSION into $VENV"
+    "$VENV/bin/pip" install -q --only-binary=:all: "duckdb==$DUCKDB_VERSION" "pytz==$PYTZ_VERSION"
 fi

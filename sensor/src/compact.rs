@@ -73,7 +73,10 @@ pub fn line(ev: &Event) -> Vec<u8> {
     }
     let p = &ev.actor.process;
     if p.pid != 0 || !p.name.is_empty() {
-        let _ = write!(s, " {}[{}] uid={}", p.name, p.pid, p.user.uid);
+        let _ = write!(s, " {}[{}]", p.name, p.pid);
+        if !p.user.uid.is_empty() {
+            let _ = write!(s, " uid={}", p.user.uid);
+        }
     }
     if let Some(spki) = field(ev, "key.spki_sha256") {
         let _ = write!(s, " key={}", &spki[..spki.len().min(16)]);
