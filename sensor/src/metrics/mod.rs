@@ -477,6 +477,41 @@ mod tests {
         assert_eq!(tally.findings["r0"], 2);
     }
 
+    /// Key uses by key and by process: labelled by what a process
+    /// controls, so capped; the rest is counted, not dropped.
+    #[test]
+    fn key_uses_by_process_are_capped_and_the_rest_counted() {
+        let mut tally = Tally::default();
+        for i in 0..MAX_KEY_USE_SERIES + 5 {
+            let mut ev = warning();
+            ev.metadata.event_code = EventCode::KeyUse;
+            ev.actor.process.name = format!("p{i}");
+            tally.count(&ev);
+        }
+        tally.count(&warning());
+        let mut published = Snapshot::default();
+        tally.copy_into(&mut published.tally);
+        let s = samples(&published.render(None));
+        assert_eq!(
+            s.get(r#"keywarden_key_uses_by_process_total{process="p0"}"#),
+            Some(&1)
+        );
+        assert_eq!(
+            s.get(r#"keywarden_key_uses_by_process_total{process="(other)"}"#),
+            Some(&5)
+        );
+        assert_eq!(
+            s.get(r#"keywarden_key_uses_by_key_total{key="unknown"}"#),
+            Some(&(MAX_KEY_USE_SERIES as u64 + 5)),
+            "a key use without an identified key"
+        );
+        let series = s
+            .keys()
+            .filter(|k| k.starts_with("keywarden_key_uses_by_process_total"))
+            .count();
+        assert_eq!(series, MAX_KEY_USE_SERIES + 1);
+    }
+
     #[test]
     fn the_resident_set_size_is_read_in_bytes() {
         assert_eq!(
