@@ -113,7 +113,11 @@ pub fn line(ev: &Event) -> Vec<u8> {
         let _ = write!(s, " file={path}");
     }
     if code == EventCode::CoverageWarning {
-        let _ = write!(s, ": {}", ev.status_detail.as_deref().unwrap_or(&ev.message));
+        let _ = write!(
+            s,
+            ": {}",
+            ev.status_detail.as_deref().unwrap_or(&ev.message)
+        );
     }
     s.push('\n');
     crate::logging::escape_line(s.as_bytes()).into_owned()

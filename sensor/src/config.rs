@@ -103,8 +103,7 @@ impl Default for ParquetConfig {
 impl ParquetConfig {
     /// Security Lake's limits, and values that become directory names.
     pub fn check(&self) -> Result<()> {
-        crate::lake::layout::check_component("region", &self.region)
-            .map_err(anyhow::Error::msg)?;
+        crate::lake::layout::check_component("region", &self.region).map_err(anyhow::Error::msg)?;
         crate::lake::layout::check_component("account_id", &self.account_id)
             .map_err(anyhow::Error::msg)?;
         if !(1..=300).contains(&self.roll_seconds) {
@@ -256,7 +255,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.format, crate::sink::Format::Compact);
         assert_eq!(c.parquet.dir.as_deref(), Some("/var/lib/keywarden/lake"));
-        assert_eq!((c.parquet.region.as_str(), c.parquet.roll_seconds), ("eu-west-1", 60));
+        assert_eq!(
+            (c.parquet.region.as_str(), c.parquet.roll_seconds),
+            ("eu-west-1", 60)
+        );
         assert_eq!(c.parquet.account_id, "external");
         c.parquet.check().unwrap();
     }
@@ -264,11 +266,41 @@ mod tests {
     #[test]
     fn parquet_settings_out_of_security_lake_limits_are_refused() {
         let bad = [
-            ("region", ParquetConfig { region: "../etc".into(), ..Default::default() }),
-            ("account_id", ParquetConfig { account_id: "a/b".into(), ..Default::default() }),
-            ("roll_seconds", ParquetConfig { roll_seconds: 301, ..Default::default() }),
-            ("roll_seconds", ParquetConfig { roll_seconds: 0, ..Default::default() }),
-            ("roll_bytes", ParquetConfig { roll_bytes: 257 << 20, ..Default::default() }),
+            (
+                "region",
+                ParquetConfig {
+                    region: "../etc".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "account_id",
+                ParquetConfig {
+                    account_id: "a/b".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "roll_seconds",
+                ParquetConfig {
+                    roll_seconds: 301,
+                    ..Default::default()
+                },
+            ),
+            (
+                "roll_seconds",
+                ParquetConfig {
+                    roll_seconds: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "roll_bytes",
+                ParquetConfig {
+                    roll_bytes: 257 << 20,
+                    ..Default::default()
+                },
+            ),
         ];
         for (what, cfg) in bad {
             let err = cfg.check().unwrap_err().to_string();

@@ -366,7 +366,12 @@ mod tests {
     #[test]
     fn run_takes_a_format_and_a_parquet_directory() {
         let cli = Cli::try_parse_from([
-            "keywarden", "run", "--format", "compact", "--parquet", "/var/lib/keywarden/lake",
+            "keywarden",
+            "run",
+            "--format",
+            "compact",
+            "--parquet",
+            "/var/lib/keywarden/lake",
         ])
         .unwrap();
         assert!(matches!(

@@ -40,7 +40,10 @@ fn compact_lines_name_the_key_and_escape_hostile_process_names() {
         sensor.log().contains("stopped: ")
     });
     let text = std::fs::read_to_string(&path).unwrap();
-    assert!(!text.contains('\x1b'), "an escape reached the output:\n{text}");
+    assert!(
+        !text.contains('\x1b'),
+        "an escape reached the output:\n{text}"
+    );
     for line in text.lines() {
         let stamp = line.get(..24).unwrap_or_default();
         assert!(
@@ -59,12 +62,16 @@ fn compact_lines_name_the_key_and_escape_hostile_process_names() {
     };
     let ok = line_of(plain);
     assert!(
-        ok.contains(&format!(" key_use success openssl[{plain}] uid=0 key={short} ecdsa-p256 via EVP_")),
+        ok.contains(&format!(
+            " key_use success openssl[{plain}] uid=0 key={short} ecdsa-p256 via EVP_"
+        )),
         "{ok}"
     );
     let bad = line_of(evil);
     assert!(
-        bad.contains(&format!("a\\x0aZ key_use\\x1b[2J[{evil}] uid=0 key={short}")),
+        bad.contains(&format!(
+            "a\\x0aZ key_use\\x1b[2J[{evil}] uid=0 key={short}"
+        )),
         "{bad}"
     );
 }

@@ -17,7 +17,10 @@ use std::{
 use support::*;
 
 fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// Runs `query` in DuckDB (`?` is `dir`'s `ext` tree glob for `source`
@@ -133,7 +136,10 @@ fn parquet_rows_match_the_ndjson_and_nested_fields_can_be_queried() {
         assert!(parts[1].len() <= 20, "{rel}");
         assert!(parts[2].starts_with("region="), "{rel}");
         assert_eq!(parts[3], "accountId=external", "{rel}");
-        assert!(parts[4].starts_with("eventDay=") && parts[4].len() == 17, "{rel}");
+        assert!(
+            parts[4].starts_with("eventDay=") && parts[4].len() == 17,
+            "{rel}"
+        );
     }
 
     // Row counts per source equal the NDJSON's per class.
@@ -197,7 +203,10 @@ fn parquet_rows_match_the_ndjson_and_nested_fields_can_be_queried() {
          finding_info.analytic.uid FROM read_parquet('{}') LIMIT 1",
         files_of(&lake, "kw_detection_finding")
     ));
-    assert_eq!(rows[0], serde_json::json!(["kwpqsigner", "parquet-test-key"]));
+    assert_eq!(
+        rows[0],
+        serde_json::json!(["kwpqsigner", "parquet-test-key"])
+    );
     // Records are ordered by time within each file.
     for f in &files {
         let rows = duckdb(&format!(
@@ -223,7 +232,12 @@ fn a_sigkilled_sensor_leaves_only_complete_files_and_the_next_start_cleans_up() 
         &[],
         &[("roll_seconds: 300", "roll_seconds: 1".to_owned())],
     );
-    let args = ["--config", config.to_str().unwrap(), "--parquet", lake.to_str().unwrap()];
+    let args = [
+        "--config",
+        config.to_str().unwrap(),
+        "--parquet",
+        lake.to_str().unwrap(),
+    ];
     let mut sensor = Sensor::start(&args);
     let sig = work.path().join("sig");
     // Signatures across several roll periods, so files are closed while
@@ -239,12 +253,17 @@ fn a_sigkilled_sensor_leaves_only_complete_files_and_the_next_start_cleans_up() 
     let (files, other) = tree(&lake);
     // Whatever the moment of the kill: every visible file is whole.
     for f in &files {
-        duckdb(&format!("SELECT count(*) FROM read_parquet('{}')", f.display()));
+        duckdb(&format!(
+            "SELECT count(*) FROM read_parquet('{}')",
+            f.display()
+        ));
     }
     assert!(
-        other
-            .iter()
-            .all(|p| p.file_name().unwrap().to_string_lossy().ends_with(".parquet.tmp")),
+        other.iter().all(|p| p
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .ends_with(".parquet.tmp")),
         "only temporary files besides the complete ones: {other:?}"
     );
     // What a kill during a close leaves: a temporary file cut short.
@@ -255,11 +274,9 @@ fn a_sigkilled_sensor_leaves_only_complete_files_and_the_next_start_cleans_up() 
 
     let sensor = Sensor::start(&args);
     assert!(
-        sensor
-            .log()
-            .lines()
-            .any(|l| l.contains("temporary Parquet files of a sensor that was killed")
-                && l.contains("discarded=")),
+        sensor.log().lines().any(|l| l
+            .contains("temporary Parquet files of a sensor that was killed")
+            && l.contains("discarded=")),
         "{}",
         sensor.log()
     );
@@ -291,7 +308,12 @@ fn a_tree_an_unprivileged_user_prepared_is_refused() {
     };
     // 1. A symlink where DIR goes.
     let link = shared.path().join("lake-link");
-    as_nobody(&["ln", "-s", target.path().to_str().unwrap(), link.to_str().unwrap()]);
+    as_nobody(&[
+        "ln",
+        "-s",
+        target.path().to_str().unwrap(),
+        link.to_str().unwrap(),
+    ]);
     // 2. DIR made by nobody, with a symlink where a source directory goes.
     let theirs = shared.path().join("lake-theirs");
     as_nobody(&["mkdir", "-p", theirs.join("ext").to_str().unwrap()]);

@@ -113,7 +113,13 @@ impl Root {
             OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .map_err(|e| with_path(e.into(), dir, "cannot open the directory (a symlink is refused)"))?;
+        .map_err(|e| {
+            with_path(
+                e.into(),
+                dir,
+                "cannot open the directory (a symlink is refused)",
+            )
+        })?;
         check_owned(&fd, dir)?;
         let lock = openat(
             &fd,
@@ -122,15 +128,14 @@ impl Root {
             Mode::S_IRUSR | Mode::S_IWUSR,
         )
         .map_err(|e| with_path(e.into(), &dir.join(LOCK_FILE), "cannot open the lock file"))?;
-        let lock = Flock::lock(File::from(lock), FlockArg::LockExclusiveNonblock).map_err(
-            |(_, e)| {
+        let lock =
+            Flock::lock(File::from(lock), FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
                 with_path(
                     e.into(),
                     dir,
                     "another keywarden sensor writes Parquet files here",
                 )
-            },
-        )?;
+            })?;
         Ok(Root {
             fd,
             path: dir.to_owned(),
@@ -265,7 +270,15 @@ mod tests {
 
     #[test]
     fn path_components_cannot_climb_or_split() {
-        for bad in ["", "..", "a/b", "eu-west-1/../x", "a b", "x\n", &"a".repeat(65)] {
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            "eu-west-1/../x",
+            "a b",
+            "x\n",
+            &"a".repeat(65),
+        ] {
             assert!(check_component("region", bad).is_err(), "{bad:?}");
         }
         check_component("region", "eu-west-1").unwrap();
@@ -284,7 +297,9 @@ mod tests {
             .unwrap();
         assert_eq!(
             p,
-            dir.join("ext/kw_module_activity/region=eu-west-1/accountId=external/eventDay=20251124")
+            dir.join(
+                "ext/kw_module_activity/region=eu-west-1/accountId=external/eventDay=20251124"
+            )
         );
         for d in [&dir, &dir.join("ext"), &p] {
             let mode = std::fs::metadata(d).unwrap().permissions().mode() & 0o777;
@@ -300,8 +315,7 @@ mod tests {
         symlink(&elsewhere, dir.join("ext/kw_file_activity")).unwrap();
         let err = root
             .partition("kw_file_activity", "eu-west-1", "external", "20251124")
-            .err()
-            .expect("a symlink refused")
+            .expect_err("a symlink refused")
             .to_string();
         assert!(err.contains("kw_file_activity"), "{err}");
         assert_eq!(std::fs::read_dir(&elsewhere).unwrap().count(), 0);
@@ -311,8 +325,7 @@ mod tests {
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         let err = root
             .partition("kw_detection_finding", "eu-west-1", "external", "20251124")
-            .err()
-            .expect("refused")
+            .expect_err("refused")
             .to_string();
         assert!(err.contains("writable by group or others"), "{err}");
         // So is a DIR that is itself a symlink.

@@ -95,8 +95,7 @@ impl ParquetSink {
     pub fn open(cfg: &ParquetConfig, dir: &str, file_prefix: &str) -> Result<Self> {
         cfg.check()?;
         let schema = Arc::new(schema::trace::<Event>().context("the Parquet schema")?);
-        let root =
-            Root::open(Path::new(dir)).with_context(|| format!("parquet.dir {dir}"))?;
+        let root = Root::open(Path::new(dir)).with_context(|| format!("parquet.dir {dir}"))?;
         let stats = Arc::new(Stats::default());
         let recovered = files::recover(&root);
         stats

@@ -250,7 +250,8 @@ impl<'de> de::Deserializer<'de> for Tracer<'_> {
         let value = visitor.visit_seq(OneItem {
             tracer: Some(self.child(&mut item, "element")?),
         })?;
-        let item = item.ok_or_else(|| TraceError(format!("{}: a list without items", self.path)))?;
+        let item =
+            item.ok_or_else(|| TraceError(format!("{}: a list without items", self.path)))?;
         self.set(Node::List(Box::new(item)));
         Ok(value)
     }
@@ -377,13 +378,19 @@ impl<'de> de::MapAccess<'de> for StructFields<'_, '_> {
             .map(Some)
     }
 
-    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, TraceError> {
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, TraceError> {
         let name = self.fields[self.next];
         self.next += 1;
         let mut node = None;
         let value = seed.deserialize(self.parent.child(&mut node, name)?)?;
         let node = node.ok_or_else(|| {
-            TraceError(format!("{}.{name}: nothing was deserialized", self.parent.path))
+            TraceError(format!(
+                "{}.{name}: nothing was deserialized",
+                self.parent.path
+            ))
         })?;
         self.traced.push((name.to_owned(), node));
         Ok(value)
@@ -400,7 +407,10 @@ impl<'de> de::EnumAccess<'de> for UnitVariant<'_> {
     type Error = TraceError;
     type Variant = Self;
 
-    fn variant_seed<V: DeserializeSeed<'de>>(self, seed: V) -> Result<(V::Value, Self), TraceError> {
+    fn variant_seed<V: DeserializeSeed<'de>>(
+        self,
+        seed: V,
+    ) -> Result<(V::Value, Self), TraceError> {
         let v = seed.deserialize(de::value::BorrowedStrDeserializer::new(self.name))?;
         Ok((v, self))
     }
@@ -456,10 +466,7 @@ pub fn full_sample<T: for<'de> serde::Deserialize<'de>>() -> serde_json::Value {
             Node::Json => json!({"class_uid": 1005, "nested": {"a": [1, 2]}}),
             Node::List(item) => json!([sample(item)]),
             Node::Struct(fields) => serde_json::Value::Object(
-                fields
-                    .iter()
-                    .map(|(k, v)| (k.clone(), sample(v)))
-                    .collect(),
+                fields.iter().map(|(k, v)| (k.clone(), sample(v))).collect(),
             ),
         }
     }

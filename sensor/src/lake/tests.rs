@@ -174,7 +174,10 @@ fn files_follow_the_security_lake_layout_and_limits() {
     let day1 = 1_764_000_000_000; // 2025-11-24
     let day2 = day1 + 86_400_000;
     // Out of order within a day, across two days and two classes.
-    for (i, time) in [day1 + 500, day1 + 100, day2 + 5, day1 + 300].iter().enumerate() {
+    for (i, time) in [day1 + 500, day1 + 100, day2 + 5, day1 + 300]
+        .iter()
+        .enumerate()
+    {
         w.add(full_event(class::MODULE_ACTIVITY, *time, i as u64));
     }
     w.add(full_event(class::FILE_SYSTEM_ACTIVITY, day1 + 1, 10));
@@ -231,7 +234,10 @@ fn files_follow_the_security_lake_layout_and_limits() {
         for rg in 0..reader.num_row_groups() {
             let rg = reader.get_row_group(rg).unwrap();
             for c in 0..rg.num_columns() {
-                assert_eq!(rg.metadata().column(c).compression(), Compression::ZSTD(Default::default()));
+                assert_eq!(
+                    rg.metadata().column(c).compression(),
+                    Compression::ZSTD(Default::default())
+                );
                 for page in rg.get_column_page_reader(c).unwrap() {
                     let page = page.unwrap();
                     assert!(
@@ -285,7 +291,11 @@ fn events_of_a_file_that_cannot_be_written_are_counted_as_shed() {
     for i in 0..7 {
         w.add(full_event(class::MODULE_ACTIVITY, 1_764_000_000_000, i));
     }
-    w.add(full_event(class::FILE_SYSTEM_ACTIVITY, 1_764_000_000_000, 9));
+    w.add(full_event(
+        class::FILE_SYSTEM_ACTIVITY,
+        1_764_000_000_000,
+        9,
+    ));
     w.roll_due(true);
     assert_eq!(w.stats.shed_write.load(Ordering::Relaxed), 7);
     assert_eq!(w.stats.rows.load(Ordering::Relaxed), 1);
@@ -300,7 +310,11 @@ fn a_killed_sensors_temporary_files_are_finished_or_discarded() {
     let dir = t.path().join("lake");
     let mut w = writer(&dir, 64 << 20);
     for i in 0..10 {
-        w.add(full_event(class::MODULE_ACTIVITY, 1_764_000_000_000 + i, i as u64));
+        w.add(full_event(
+            class::MODULE_ACTIVITY,
+            1_764_000_000_000 + i,
+            i as u64,
+        ));
     }
     w.roll_due(true);
     drop(w); // releases the lock, as the killed sensor's death does
@@ -333,7 +347,13 @@ fn a_killed_sensors_temporary_files_are_finished_or_discarded() {
     assert!(!complete.exists() && !cut.exists());
     assert!(foreign.exists());
     let finished = part.join("keywarden-old-000001.parquet");
-    assert_eq!(read_rows(&finished).iter().map(|b| b.num_rows()).sum::<usize>(), 10);
+    assert_eq!(
+        read_rows(&finished)
+            .iter()
+            .map(|b| b.num_rows())
+            .sum::<usize>(),
+        10
+    );
     assert!(part.join(&name).exists());
     // Nothing left to do the second time.
     assert_eq!(files::recover(&root), files::Recovered::default());

@@ -501,7 +501,11 @@ mod dashboard {
             let series = line.rsplit_once(' ').unwrap().0;
             let (name, labels) = series.split_once('{').unwrap_or((series, ""));
             let set = out.entry(name.to_owned()).or_default();
-            for pair in labels.trim_end_matches('}').split(',').filter(|p| !p.is_empty()) {
+            for pair in labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+            {
                 set.insert(pair.split('=').next().unwrap().to_owned());
             }
         }
@@ -554,7 +558,12 @@ mod dashboard {
             let inner = &rest[i + 1..];
             let end = inner.find('}').unwrap();
             for m in inner[..end].split(',') {
-                let name = m.split(['=', '!', '~']).next().unwrap().trim().trim_matches('{');
+                let name = m
+                    .split(['=', '!', '~'])
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .trim_matches('{');
                 if !name.is_empty() {
                     out.push(name.to_owned());
                 }
@@ -588,7 +597,10 @@ mod dashboard {
                 .into_iter()
                 .filter(|w| w.starts_with("keywarden_"))
                 .collect();
-            assert!(!metrics.is_empty(), "{at}: names no keywarden metric: {expr}");
+            assert!(
+                !metrics.is_empty(),
+                "{at}: names no keywarden metric: {expr}"
+            );
             let mut labels: BTreeSet<String> =
                 ["instance", "job"].map(str::to_owned).into_iter().collect();
             for m in &metrics {
@@ -599,7 +611,10 @@ mod dashboard {
                 families_used.insert(m.to_string());
             }
             for l in labels_used(expr) {
-                assert!(labels.contains(&l), "{at}: no label {l} on {metrics:?}: {expr}");
+                assert!(
+                    labels.contains(&l),
+                    "{at}: no label {l} on {metrics:?}: {expr}"
+                );
             }
             for (e, legend) in &legends {
                 if e == expr {

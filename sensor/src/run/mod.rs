@@ -534,8 +534,12 @@ impl Sensor {
     /// Everything shed so far, per cause.
     fn shed(&self) -> Shed {
         let k = &self.kernel_stats;
-        let (parquet_backlog, parquet_write) =
-            self.out.parquet.as_ref().map(|p| p.shed()).unwrap_or_default();
+        let (parquet_backlog, parquet_write) = self
+            .out
+            .parquet
+            .as_ref()
+            .map(|p| p.shed())
+            .unwrap_or_default();
         Shed {
             ring_sign: k[stats::LOST_SIGN as usize],
             ring_data: k[stats::LOST_DATA as usize],
