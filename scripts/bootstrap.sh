@@ -35,6 +35,10 @@ esac
 # kubernetes-validate checks deploy/kubernetes offline against this
 # Kubernetes version (sensor/tests/deploy.rs reads both from here).
 KUBERNETES_VALIDATE_VERSION="1.37.0"
+# DuckDB reads the sensor's Parquet files back in sensor/tests/parquet.rs
+# (pytz: DuckDB's Python API needs it for timestamps with a time zone).
+DUCKDB_VERSION="2.0.1"
+PYTZ_VERSION="2026.6"
 KUBERNETES_VERSION="1.31.0"
 # ocsf-json-schema bundles the official OCSF schema exports (1.0 to 1.8)
 # and builds the JSON Schema of a class with its profiles; jsonschema
@@ -117,4 +121,8 @@ if [[ "$(pinned_version ocsf-json-schema)" != "$OCSF_JSON_SCHEMA_VERSION" ]] \
     log "installing ocsf-json-schema $OCSF_JSON_SCHEMA_VERSION and jsonschema $JSONSCHEMA_VERSION into $VENV"
     "$VENV/bin/pip" install -q --only-binary=:all: \
         "ocsf-json-schema==$OCSF_JSON_SCHEMA_VERSION" "jsonschema==$JSONSCHEMA_VERSION"
+fi
+if ! "$VENV/bin/python" -c "import duckdb, pytz, sys; sys.exit(duckdb.__version__ != '$DUCKDB_VERSION' or pytz.__version__ != '$PYTZ_VERSION')" 2>/dev/null; then
+    log "installing duckdb $DUCKDB_VERSION and pytz $PYTZ_VERSION into $VENV"
+    "$VENV/bin/pip" install -q --only-binary=:all: "duckdb==$DUCKDB_VERSION" "pytz==$PYTZ_VERSION"
 fi

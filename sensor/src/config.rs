@@ -65,6 +65,67 @@ pub struct Config {
     /// file written before the endpoint existed has no such key.
     #[serde(default)]
     pub metrics: Option<String>,
+    /// How events are written to `output`: NDJSON (the default), one
+    /// readable line each (`compact`), or not at all (`none`: Parquet
+    /// only). Optional in a configuration file.
+    #[serde(default)]
+    pub format: crate::sink::Format,
+    /// Parquet export (`lake/`), off unless `parquet.dir` is set. Optional
+    /// in a configuration file.
+    #[serde(default)]
+    pub parquet: ParquetConfig,
+}
+
+/// Parquet files in the Amazon Security Lake layout (docs/deploy.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParquetConfig {
+    /// The directory the `ext/<source>/region=.../` tree goes under; `None`
+    /// is no Parquet export.
+    pub dir: Option<String>,
+    /// The `region=` partition: the AWS region of the Security Lake the
+    /// files are shipped to.
+    pub region: String,
+    /// The `accountId=` partition: `external` unless set.
+    pub account_id: String,
+    /// A file is closed after this long open (at most 300).
+    pub roll_seconds: u64,
+    /// ... or once its rows take this many bytes in memory (at most 256 MiB).
+    pub roll_bytes: u64,
+}
+
+impl Default for ParquetConfig {
+    fn default() -> Self {
+        ParquetConfig {
+            dir: None,
+            region: "us-east-1".into(),
+            account_id: "external".into(),
+            roll_seconds: 300,
+            roll_bytes: 32 << 20,
+        }
+    }
+}
+
+impl ParquetConfig {
+    /// Security Lake's limits, and values that become directory names.
+    pub fn check(&self) -> Result<()> {
+        crate::lake::layout::check_component("region", &self.region).map_err(anyhow::Error::msg)?;
+        crate::lake::layout::check_component("account_id", &self.account_id)
+            .map_err(anyhow::Error::msg)?;
+        if !(1..=300).contains(&self.roll_seconds) {
+            anyhow::bail!(
+                "parquet.roll_seconds {}: from 1 to 300 (Security Lake wants a file at least every 5 minutes)",
+                self.roll_seconds
+            );
+        }
+        if !(1 << 20..=256 << 20).contains(&self.roll_bytes) {
+            anyhow::bail!(
+                "parquet.roll_bytes {}: from 1 MiB to 256 MiB (Security Lake's row-group limit)",
+                self.roll_bytes
+            );
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,6 +249,10 @@ mod tests {
         assert_eq!(c.pods_log_root, "/var/log");
         assert_eq!(c.secret_files.watch.len(), 7);
         assert_eq!(c.metrics, None, "the metrics endpoint is off by default");
+        assert_eq!(c.format, crate::sink::Format::Ndjson);
+        assert_eq!(c.parquet.dir, None, "Parquet export is off by default");
+        assert_eq!(c.parquet.account_id, "external");
+        c.parquet.check().unwrap();
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
             .expect("default watch list compiles");
     }
@@ -206,6 +271,65 @@ mod tests {
         assert_eq!(c.metrics.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(c.inventory, Config::load(None).unwrap().inventory);
         assert_eq!(c.pods_log_root, "/var/log");
+        assert_eq!(c.parquet.region, ParquetConfig::default().region);
+        let c = Config::parse(
+            &format!("{text}format: compact\nparquet:\n  dir: /var/lib/keywarden/lake\n  region: eu-west-1\n  roll_seconds: 60\n"),
+            "c.yaml",
+        )
+        .unwrap();
+        assert_eq!(c.format, crate::sink::Format::Compact);
+        assert_eq!(c.parquet.dir.as_deref(), Some("/var/lib/keywarden/lake"));
+        assert_eq!(
+            (c.parquet.region.as_str(), c.parquet.roll_seconds),
+            ("eu-west-1", 60)
+        );
+        assert_eq!(c.parquet.account_id, "external");
+        c.parquet.check().unwrap();
+    }
+
+    #[test]
+    fn parquet_settings_out_of_security_lake_limits_are_refused() {
+        let bad = [
+            (
+                "region",
+                ParquetConfig {
+                    region: "../etc".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "account_id",
+                ParquetConfig {
+                    account_id: "a/b".into(),
+                    ..Default::default()
+                },
+            ),
+            (
+                "roll_seconds",
+                ParquetConfig {
+                    roll_seconds: 301,
+                    ..Default::default()
+                },
+            ),
+            (
+                "roll_seconds",
+                ParquetConfig {
+                    roll_seconds: 0,
+                    ..Default::default()
+                },
+            ),
+            (
+                "roll_bytes",
+                ParquetConfig {
+                    roll_bytes: 257 << 20,
+                    ..Default::default()
+                },
+            ),
+        ];
+        for (what, cfg) in bad {
+            let err = cfg.check().unwrap_err().to_string();
+            assert!(err.contains(what), "{what}: {err}");
+        }
     }
 
     #[test]

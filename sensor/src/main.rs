@@ -7,6 +7,7 @@
 
 mod analyze;
 mod clock;
+mod compact;
 mod config;
 mod control;
 mod coverage;
@@ -17,6 +18,7 @@ mod free_watch;
 mod held;
 mod host;
 mod keys;
+mod lake;
 mod liveness;
 mod logging;
 mod metrics;
@@ -86,6 +88,14 @@ enum Command {
         /// wins).
         #[arg(long, value_name = "FILE", overrides_with = "inventory")]
         inventory: Option<String>,
+        /// Output format: ndjson (default), compact (one readable line per
+        /// event) or none (with --parquet: Parquet only). Overrides `format`.
+        #[arg(long, value_enum)]
+        format: Option<sink::Format>,
+        /// Also write Parquet files in the Amazon Security Lake layout under
+        /// DIR (overrides `parquet.dir`; docs/deploy.md).
+        #[arg(long, value_name = "DIR")]
+        parquet: Option<String>,
     },
     /// Replay recorded NDJSON events through the same pipeline and rules as
     /// the live sensor; writes the findings as NDJSON.
@@ -284,6 +294,8 @@ fn main() -> ExitCode {
             baselines,
             metrics,
             inventory,
+            format,
+            parquet,
         } => {
             let result = (|| {
                 let mut cfg = config::Config::load(config.as_deref())?;
@@ -302,6 +314,12 @@ fn main() -> ExitCode {
                 }
                 if let Some(m) = metrics {
                     cfg.metrics = Some(m);
+                }
+                if let Some(f) = format {
+                    cfg.format = f;
+                }
+                if let Some(d) = parquet {
+                    cfg.parquet.dir = Some(d);
                 }
                 let shutdown = Arc::new(AtomicBool::new(false));
                 for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -343,6 +361,25 @@ mod tests {
         assert!(
             matches!(cli.command, Command::Run { metrics: Some(m), .. } if m == "127.0.0.1:9464")
         );
+    }
+
+    #[test]
+    fn run_takes_a_format_and_a_parquet_directory() {
+        let cli = Cli::try_parse_from([
+            "keywarden",
+            "run",
+            "--format",
+            "compact",
+            "--parquet",
+            "/var/lib/keywarden/lake",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Run { format: Some(sink::Format::Compact), parquet: Some(d), .. }
+                if d == "/var/lib/keywarden/lake"
+        ));
+        assert!(Cli::try_parse_from(["keywarden", "run", "--format", "xml"]).is_err());
     }
 
     #[test]

@@ -30,6 +30,20 @@ use anyhow::{Context, Result};
 use keywarden_analyzer::event::Event;
 use tracing::{error, warn};
 
+/// How events are written to the output.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// One JSON object per line (OCSF), for machines.
+    #[default]
+    Ndjson,
+    /// One readable line per event, for a person at a terminal
+    /// (`compact.rs`).
+    Compact,
+    /// Nothing (with `--parquet`: Parquet only).
+    None,
+}
+
 /// The backlog's bound: lines queued and not yet written. About 16,000
 /// events of 2 KB; at a turn's worth of events (at most
 /// `route::RECORDS_PER_TURN` records, plus what the analyzer hands back)
@@ -99,13 +113,19 @@ pub struct NdjsonSink {
     line_capacity: usize,
     /// What is left of this turn's `ROOM_WAIT`.
     wait_left: Duration,
+    format: Format,
     /// Lines shed: no room in the backlog, not serialisable, or still
     /// unwritten when the sensor stopped.
     pub shed: u64,
 }
 
 impl NdjsonSink {
-    pub fn open(target: &str) -> Result<Self> {
+    pub fn open(target: &str, format: Format) -> Result<Self> {
+        if format == Format::None {
+            let mut sink = Self::start(Box::new(std::io::sink()), "nowhere".into(), BACKLOG_BYTES)?;
+            sink.format = format;
+            return Ok(sink);
+        }
         let (out, name): (Box<dyn Write + Send>, String) = if target == "-" {
             (Box::new(std::io::stdout()), "stdout".into())
         } else {
@@ -126,7 +146,9 @@ impl NdjsonSink {
                 target.to_owned(),
             )
         };
-        Self::start(out, name, BACKLOG_BYTES)
+        let mut sink = Self::start(out, name, BACKLOG_BYTES)?;
+        sink.format = format;
+        Ok(sink)
     }
 
     /// A sink writing to `out` on a thread of its own, with a backlog of
@@ -160,6 +182,7 @@ impl NdjsonSink {
             limit,
             line_capacity: 1024,
             wait_left: ROOM_WAIT,
+            format: Format::Ndjson,
             shed: 0,
         })
     }
@@ -167,13 +190,20 @@ impl NdjsonSink {
     /// Queues an event for the writer. With the backlog full, waits for
     /// room (what is left of this turn's `ROOM_WAIT`), then sheds it.
     pub fn push(&mut self, ev: &Event) {
-        let mut line = Vec::with_capacity(self.line_capacity);
-        if let Err(e) = serde_json::to_writer(&mut line, ev) {
-            error!(error = %e, "event could not be serialized");
-            self.shed += 1;
-            return;
-        }
-        line.push(b'\n');
+        let line = match self.format {
+            Format::None => return,
+            Format::Compact => crate::compact::line(ev),
+            Format::Ndjson => {
+                let mut line = Vec::with_capacity(self.line_capacity);
+                if let Err(e) = serde_json::to_writer(&mut line, ev) {
+                    error!(error = %e, "event could not be serialized");
+                    self.shed += 1;
+                    return;
+                }
+                line.push(b'\n');
+                line
+            }
+        };
         // Capped: one huge finding must not make every line allocate big.
         self.line_capacity = self.line_capacity.max(line.len().min(16 * 1024));
         let mut b = self.shared.lock();

@@ -40,7 +40,7 @@ use keywarden_analyzer::{
 };
 use keywarden_probe_types::stats;
 
-use crate::{keys::reader::KeyReadStats, run::shedding::Shed};
+use crate::{keys::reader::KeyReadStats, lake::LakeCounts, run::shedding::Shed};
 
 mod endpoint;
 mod render;
@@ -58,6 +58,17 @@ const MAX_RULES: usize = 1000;
 /// The `rule` label of findings of rules past `MAX_RULES`: a value no rule
 /// id can take (ids are letters, digits, `-`, `_` and `.`).
 const OTHER_RULES: &str = "(other)";
+
+/// Keys and process names counted by their own label, at most each: the
+/// key-use families (`keywarden_key_uses_by_key_total`,
+/// `..._by_process_total`) are the two labelled by what a process
+/// controls, so each is capped; uses past the cap count under `OTHER`.
+const MAX_KEY_USE_SERIES: usize = 100;
+
+/// The label value of key uses past `MAX_KEY_USE_SERIES`: no SPKI prefix
+/// (hex) and no process name (at most 15 bytes, no parentheses are ever
+/// added by the kernel) can be it.
+const OTHER: &str = "(other)";
 
 /// Event classes (`metadata.event_code`), as the `class` label names them,
 /// in the order `class_index` gives.
@@ -124,6 +135,41 @@ pub struct Tally {
     /// Bumped whenever `findings` changes: a copy takes the map only then,
     /// so a turn without findings allocates nothing.
     findings_changed: u64,
+    /// Key uses by key (the first 16 hex digits of its SPKI SHA-256, or
+    /// `unknown`) and by process name, each capped (`MAX_KEY_USE_SERIES`).
+    by_key: BTreeMap<String, u64>,
+    by_process: BTreeMap<String, u64>,
+    /// Bumped whenever those change (as `findings_changed`).
+    key_uses_changed: u64,
+}
+
+/// Adds one to `label`'s count in `map`, or to `OTHER`'s once the map has
+/// `MAX_KEY_USE_SERIES` labels.
+fn count_capped(map: &mut BTreeMap<String, u64>, label: &str) {
+    if let Some(n) = map.get_mut(label) {
+        *n += 1;
+    } else if map.len() < MAX_KEY_USE_SERIES {
+        map.insert(label.to_owned(), 1);
+    } else {
+        *map.entry(OTHER.to_owned()).or_default() += 1;
+    }
+}
+
+/// The key of a key use, as its label: through the rule field table, the
+/// one place that knows where the key sits in an event.
+fn key_label(ev: &Event) -> String {
+    static SPKI: std::sync::LazyLock<Option<&'static keywarden_analyzer::rules::fields::Field>> =
+        std::sync::LazyLock::new(|| keywarden_analyzer::rules::fields::lookup("key.spki_sha256"));
+    let mut label = None;
+    if let Some(f) = *SPKI {
+        (f.visit)(ev, &mut |v| {
+            if let keywarden_analyzer::rules::fields::Value::Str(s) = v {
+                label = Some(s[..s.len().min(16)].to_owned());
+            }
+            true
+        });
+    }
+    label.unwrap_or_else(|| "unknown".to_owned())
 }
 
 impl Tally {
@@ -144,6 +190,11 @@ impl Tally {
                 *self.findings.entry(OTHER_RULES.to_owned()).or_default() += 1;
             }
             self.findings_changed += 1;
+        }
+        if ev.metadata.event_code == EventCode::KeyUse {
+            count_capped(&mut self.by_key, &key_label(ev));
+            count_capped(&mut self.by_process, &ev.actor.process.name);
+            self.key_uses_changed += 1;
         }
         for r in &ev.unmapped.responses {
             if let Some(a) = ACTIONS.iter().position(|a| a.name() == r.action) {
@@ -167,6 +218,11 @@ impl Tally {
         if dst.findings_changed != self.findings_changed {
             dst.findings.clone_from(&self.findings);
             dst.findings_changed = self.findings_changed;
+        }
+        if dst.key_uses_changed != self.key_uses_changed {
+            dst.by_key.clone_from(&self.by_key);
+            dst.by_process.clone_from(&self.by_process);
+            dst.key_uses_changed = self.key_uses_changed;
         }
     }
 }
@@ -235,6 +291,8 @@ pub struct Snapshot {
     pub queues: Queues,
     /// Bytes of the lines in `queues.sink_backlog`.
     pub sink_backlog_bytes: u64,
+    /// What the Parquet export wrote (`None`: off).
+    pub parquet: Option<LakeCounts>,
 }
 
 /// The metrics, shared by the event thread, which publishes them, and the
@@ -416,6 +474,41 @@ mod tests {
         assert_eq!(tally.findings.len(), MAX_RULES + 1);
         assert_eq!(tally.findings[OTHER_RULES], 5);
         assert_eq!(tally.findings["r0"], 2);
+    }
+
+    /// Key uses by key and by process: labelled by what a process
+    /// controls, so capped; the rest is counted, not dropped.
+    #[test]
+    fn key_uses_by_process_are_capped_and_the_rest_counted() {
+        let mut tally = Tally::default();
+        for i in 0..MAX_KEY_USE_SERIES + 5 {
+            let mut ev = warning();
+            ev.metadata.event_code = EventCode::KeyUse;
+            ev.actor.process.name = format!("p{i}");
+            tally.count(&ev);
+        }
+        tally.count(&warning());
+        let mut published = Snapshot::default();
+        tally.copy_into(&mut published.tally);
+        let s = samples(&published.render(None));
+        assert_eq!(
+            s.get(r#"keywarden_key_uses_by_process_total{process="p0"}"#),
+            Some(&1)
+        );
+        assert_eq!(
+            s.get(r#"keywarden_key_uses_by_process_total{process="(other)"}"#),
+            Some(&5)
+        );
+        assert_eq!(
+            s.get(r#"keywarden_key_uses_by_key_total{key="unknown"}"#),
+            Some(&(MAX_KEY_USE_SERIES as u64 + 5)),
+            "a key use without an identified key"
+        );
+        let series = s
+            .keys()
+            .filter(|k| k.starts_with("keywarden_key_uses_by_process_total"))
+            .count();
+        assert_eq!(series, MAX_KEY_USE_SERIES + 1);
     }
 
     #[test]

@@ -127,6 +127,8 @@ impl Snapshot {
             ("analyzer_queue", s.analyzer),
             ("guard_queue", s.guard),
             ("sink_backlog", s.sink),
+            ("parquet_backlog", s.parquet_backlog),
+            ("parquet_write", s.parquet_write),
         ] {
             t.sample(name, &[("cause", cause)], n);
         }
@@ -190,6 +192,25 @@ impl Snapshot {
             self.verifications,
         );
 
+        let name = "keywarden_key_uses_by_key_total";
+        t.family(
+            name,
+            Counter,
+            "Key uses (key_use events) by key: the first 16 hex digits of its SPKI SHA-256, or unknown; at most 100 keys, the rest under (other).",
+        );
+        for (key, n) in &self.tally.by_key {
+            t.sample(name, &[("key", key.as_str())], *n);
+        }
+        let name = "keywarden_key_uses_by_process_total";
+        t.family(
+            name,
+            Counter,
+            "Key uses (key_use events) by process name (comm); at most 100 names, the rest under (other).",
+        );
+        for (process, n) in &self.tally.by_process {
+            t.sample(name, &[("process", process.as_str())], *n);
+        }
+
         let name = "keywarden_findings_total";
         t.family(name, Counter, "Findings (alert events), by rule id.");
         for (rule, n) in &self.tally.findings {
@@ -240,6 +261,40 @@ impl Snapshot {
             Gauge,
             "Bytes of output the backlog holds at most before events are shed.",
             crate::sink::BACKLOG_BYTES as u64,
+        );
+
+        let lake = self.parquet.unwrap_or_default();
+        t.single(
+            "keywarden_parquet_files_total",
+            Counter,
+            "Parquet files written (renamed into place) under --parquet DIR.",
+            lake.files,
+        );
+        t.single(
+            "keywarden_parquet_rows_total",
+            Counter,
+            "Events (rows) in those files.",
+            lake.rows,
+        );
+        t.single(
+            "keywarden_parquet_bytes_total",
+            Counter,
+            "Bytes of those files.",
+            lake.bytes,
+        );
+        let name = "keywarden_parquet_temp_files_total";
+        t.family(
+            name,
+            Counter,
+            "Temporary Parquet files a killed sensor left, found at start: finished (complete, renamed) or discarded (cut short, removed).",
+        );
+        t.sample(name, &[("outcome", "finished")], lake.temp_finished);
+        t.sample(name, &[("outcome", "discarded")], lake.temp_discarded);
+        t.single(
+            "keywarden_parquet_queue_depth",
+            Gauge,
+            "Events waiting for the Parquet writer (at most 8192; past it they are shed, cause parquet_backlog).",
+            lake.queued,
         );
 
         let name = "keywarden_resident_memory_bytes";
@@ -385,5 +440,200 @@ mod tests {
         assert_eq!(documented, rendered);
         let unique: BTreeSet<&String> = rendered.iter().map(|(n, _)| n).collect();
         assert_eq!(unique.len(), rendered.len(), "a family is rendered once");
+    }
+}
+
+/// The Grafana dashboard (`deploy/grafana/keywarden.json`) asks only for
+/// what a scrape has: every metric its queries name is a family `render`
+/// writes, and every label they group by, select on or show is one that
+/// family carries (or one Prometheus adds: `instance`, `job`).
+#[cfg(test)]
+mod dashboard {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::super::Snapshot;
+    use crate::run::shedding::Shed;
+
+    /// Family name to the label names its samples carry, from a rendering
+    /// in which every labelled family has samples.
+    fn exported() -> BTreeMap<String, BTreeSet<String>> {
+        let mut tally = super::super::Tally::default();
+        let mut f = Event::coverage_warning(
+            &keywarden_analyzer::event::Origin {
+                hostname: "h".into(),
+                product_version: "0".into(),
+                uid_prefix: "p".into(),
+            },
+            0,
+            1,
+            None,
+            None,
+            "w".into(),
+        );
+        f.metadata.event_code = keywarden_analyzer::event::EventCode::KeyUse;
+        tally.count(&f);
+        f.metadata.event_code = keywarden_analyzer::event::EventCode::Alert;
+        f.finding_info = Some(keywarden_analyzer::event::FindingInfo {
+            uid: "u".into(),
+            title: "t".into(),
+            desc: None,
+            analytic: keywarden_analyzer::event::Analytic {
+                uid: "r".into(),
+                name: "r".into(),
+                type_id: 1,
+                kind: "Rule".into(),
+                source: None,
+            },
+        });
+        tally.count(&f);
+        let mut snapshot = Snapshot {
+            shed: Shed::default(),
+            ..Snapshot::default()
+        };
+        tally.copy_into(&mut snapshot.tally);
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for line in snapshot.render(Some(1)).lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                out.entry(rest.split(' ').next().unwrap().to_owned())
+                    .or_default();
+                continue;
+            }
+            let series = line.rsplit_once(' ').unwrap().0;
+            let (name, labels) = series.split_once('{').unwrap_or((series, ""));
+            let set = out.entry(name.to_owned()).or_default();
+            for pair in labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|p| !p.is_empty())
+            {
+                set.insert(pair.split('=').next().unwrap().to_owned());
+            }
+        }
+        out
+    }
+
+    use keywarden_analyzer::event::Event;
+
+    /// Every PromQL expression in the dashboard, with where it is.
+    fn queries(v: &serde_json::Value, at: String, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    match (k.as_str(), x) {
+                        ("expr" | "definition", serde_json::Value::String(s)) => {
+                            out.push((format!("{at}.{k}"), s.clone()))
+                        }
+                        _ => queries(x, format!("{at}.{k}"), out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => {
+                for (i, x) in a.iter().enumerate() {
+                    queries(x, format!("{at}[{i}]"), out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn words(s: &str) -> Vec<&str> {
+        s.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|w| !w.is_empty())
+            .collect()
+    }
+
+    /// The label names inside `by (...)`, `{...}` selectors and `{{...}}`
+    /// legends.
+    fn labels_used(expr: &str) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut rest = expr;
+        while let Some(i) = rest.find(" by (") {
+            let inner = &rest[i + 5..];
+            let end = inner.find(')').unwrap();
+            out.extend(words(&inner[..end]).into_iter().map(str::to_owned));
+            rest = &inner[end..];
+        }
+        let mut rest = expr;
+        while let Some(i) = rest.find('{') {
+            let inner = &rest[i + 1..];
+            let end = inner.find('}').unwrap();
+            for m in inner[..end].split(',') {
+                let name = m
+                    .split(['=', '!', '~'])
+                    .next()
+                    .unwrap()
+                    .trim()
+                    .trim_matches('{');
+                if !name.is_empty() {
+                    out.push(name.to_owned());
+                }
+            }
+            rest = &inner[end..];
+        }
+        out
+    }
+
+    #[test]
+    fn every_dashboard_query_names_exported_metrics_and_labels() {
+        let text = include_str!("../../../deploy/grafana/keywarden.json");
+        let dash: serde_json::Value = serde_json::from_str(text).expect("the dashboard is JSON");
+        let exported = exported();
+        let mut found = Vec::new();
+        queries(&dash, "dashboard".into(), &mut found);
+        // Legends name labels too.
+        let mut legends = Vec::new();
+        for p in dash["panels"].as_array().unwrap() {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                legends.push((
+                    t["expr"].as_str().unwrap().to_owned(),
+                    t["legendFormat"].as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+        assert!(found.len() >= 20, "{} queries", found.len());
+        let mut families_used = BTreeSet::new();
+        for (at, expr) in &found {
+            let metrics: Vec<&str> = words(expr)
+                .into_iter()
+                .filter(|w| w.starts_with("keywarden_"))
+                .collect();
+            assert!(
+                !metrics.is_empty(),
+                "{at}: names no keywarden metric: {expr}"
+            );
+            let mut labels: BTreeSet<String> =
+                ["instance", "job"].map(str::to_owned).into_iter().collect();
+            for m in &metrics {
+                let family = exported
+                    .get(*m)
+                    .unwrap_or_else(|| panic!("{at}: {m} is not exported: {expr}"));
+                labels.extend(family.iter().cloned());
+                families_used.insert(m.to_string());
+            }
+            for l in labels_used(expr) {
+                assert!(
+                    labels.contains(&l),
+                    "{at}: no label {l} on {metrics:?}: {expr}"
+                );
+            }
+            for (e, legend) in &legends {
+                if e == expr {
+                    for l in legend.split("{{").skip(1) {
+                        let l = l.split("}}").next().unwrap().trim();
+                        assert!(labels.contains(l), "{at}: legend label {l}: {expr}");
+                    }
+                }
+            }
+        }
+        // The panels the dashboard is for.
+        for needed in [
+            "keywarden_key_uses_by_key_total",
+            "keywarden_key_uses_by_process_total",
+            "keywarden_findings_total",
+            "keywarden_shed_events_total",
+            "keywarden_coverage_warnings_total",
+        ] {
+            assert!(families_used.contains(needed), "no panel uses {needed}");
+        }
     }
 }

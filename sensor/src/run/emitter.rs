@@ -13,6 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     clock,
+    lake::ParquetSink,
     respond::{self, Responder},
     sink::NdjsonSink,
 };
@@ -33,6 +34,8 @@ pub struct Counts {
 
 pub struct Emitter {
     pub sink: NdjsonSink,
+    /// Parquet files (`--parquet DIR`), beside the output or instead.
+    pub parquet: Option<ParquetSink>,
     pub origin: Origin,
     seq: u64,
     /// The correlation pipeline (taken at shutdown).
@@ -54,6 +57,7 @@ impl Emitter {
     ) -> Self {
         Self {
             sink,
+            parquet: None,
             origin,
             seq: 0,
             pipeline: Some(pipeline),
@@ -61,6 +65,14 @@ impl Emitter {
             baseline_path,
             responder,
             counts: Counts::default(),
+        }
+    }
+
+    /// Writes an event to every sink.
+    fn write(&mut self, ev: &Event) {
+        self.sink.push(ev);
+        if let Some(p) = &mut self.parquet {
+            p.push(ev);
         }
     }
 
@@ -86,7 +98,7 @@ impl Emitter {
         let ev =
             Event::coverage_warning(&self.origin, clock::now_ms(), seq, process, module, detail);
         self.count(&ev);
-        self.sink.push(&ev);
+        self.write(&ev);
     }
 
     fn count(&mut self, ev: &Event) {
@@ -123,7 +135,7 @@ impl Emitter {
                     "analyzer queue full: events written without correlation"
                 );
             }
-            self.sink.push(&back);
+            self.write(&back);
         }
     }
 
@@ -141,7 +153,7 @@ impl Emitter {
     /// Writes an analysed event, then acts on every rule it fired and
     /// writes a finding for each.
     fn handle_output(&mut self, o: Box<Output>) {
-        self.sink.push(&o.event);
+        self.write(&o.event);
         for fired in &o.fired {
             warn!(rule = %fired.rule.id, pid = o.event.actor.process.pid, message = %o.event.message, "rule fired");
         }
@@ -159,7 +171,7 @@ impl Emitter {
         self.seq = seq;
         for finding in found {
             self.count(&finding);
-            self.sink.push(&finding);
+            self.write(&finding);
         }
     }
 

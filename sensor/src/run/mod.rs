@@ -66,6 +66,7 @@ use crate::{
     },
     enrich::{kernel_layout, pods::PodNames, process::ProcessTable},
     keys::inventory::{self, Inventory},
+    lake::ParquetSink,
     liveness::{self, Liveness},
     metrics::{self, Metrics, Queue, Queues},
     probes::{Lease, Probes},
@@ -208,7 +209,12 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         setup::pipeline_config(&cfg.analyzer, geo.clone(), baselines, Overflow::Drop),
     );
     let enforcer = Enforcer::new(rules)?;
-    let sink = NdjsonSink::open(&cfg.output)?;
+    let sink = NdjsonSink::open(&cfg.output, cfg.format)?;
+    let origin = setup::origin();
+    let parquet = match &cfg.parquet.dir {
+        Some(dir) => Some(ParquetSink::open(&cfg.parquet, dir, &origin.uid_prefix)?),
+        None => None,
+    };
     let (mut probes, rings) = Probes::load(cfg.ring_buffer_bytes()?)?;
     // Before this sensor can hold anyone (its first heartbeat, below): a
     // child that releases whoever it holds once it exits, however it exits.
@@ -228,7 +234,6 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let liveness = Arc::new(Liveness::new(watchdog_out));
     let procs = Arc::new(ProcessTable::default());
     let pods = Arc::new(PodNames::new(Path::new(&cfg.pods_log_root)));
-    let origin = setup::origin();
     let cache = Arc::new(Mutex::new(ScanCache::default()));
     let mut s = Sensor {
         probes: probes.clone(),
@@ -260,6 +265,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         liveness: liveness.clone(),
         key_openers: key_openers::KeyOpeners::new(probes.clone(), cache.clone()),
     };
+    s.out.parquet = parquet;
     let sock = kernel_layout::sock()
         .inspect_err(|e| warn!("signatures carry no network peer: {e:#}"))
         .ok();
@@ -410,6 +416,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     s.out.finish_pipeline();
     // The last warning, whatever the time since the one before.
     s.report_shed(true);
+    // Parquet first: its last files are written while the output drains.
+    if let Some(p) = &mut s.out.parquet {
+        p.finish(SINK_FINISH);
+    }
     let unwritten = s.out.sink.finish(SINK_FINISH);
     if unwritten > 0 {
         error!("{unwritten} events could not be written to {}", cfg.output);
@@ -491,6 +501,7 @@ impl Sensor {
         let shed = self.shed();
         let key_reads = self.secrets.key_read_stats();
         let (libraries, functions) = self.attached;
+        let parquet = self.out.parquet.as_ref().map(|p| p.counts());
         self.metrics.publish(|m| {
             self.out.counts.tally.copy_into(&mut m.tally);
             m.written = sink.written;
@@ -502,6 +513,7 @@ impl Sensor {
             m.verifications = self.keys.ident.verifications;
             m.queues = queues;
             m.sink_backlog_bytes = sink.queued_bytes as u64;
+            m.parquet = parquet;
         });
     }
 
@@ -526,6 +538,12 @@ impl Sensor {
     /// Everything shed so far, per cause.
     fn shed(&self) -> Shed {
         let k = &self.kernel_stats;
+        let (parquet_backlog, parquet_write) = self
+            .out
+            .parquet
+            .as_ref()
+            .map(|p| p.shed())
+            .unwrap_or_default();
         Shed {
             ring_sign: k[stats::LOST_SIGN as usize],
             ring_data: k[stats::LOST_DATA as usize],
@@ -535,6 +553,8 @@ impl Sensor {
             analyzer: self.out.counts.unanalysed,
             guard: self.guard_shed.load(Ordering::Relaxed),
             sink: self.out.sink.shed,
+            parquet_backlog,
+            parquet_write,
         }
     }
 
@@ -603,6 +623,10 @@ impl Sensor {
             shed_analyzer_queue = shed.analyzer,
             shed_guard_queue = shed.guard,
             shed_sink_backlog = shed.sink,
+            shed_parquet_backlog = shed.parquet_backlog,
+            shed_parquet_write = shed.parquet_write,
+            parquet_files = self.out.parquet.as_ref().map_or(0, |p| p.counts().files),
+            parquet_rows = self.out.parquet.as_ref().map_or(0, |p| p.counts().rows),
             key_reads_shed = reads.shed,
             key_reads_abandoned = reads.abandoned,
             verifications = self.keys.ident.verifications,

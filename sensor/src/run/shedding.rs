@@ -45,6 +45,12 @@ pub struct Shed {
     /// Events the output backlog had no room for, or that were still
     /// unwritten at exit.
     pub sink: u64,
+    /// Events the Parquet writer's full queue refused (`lake/`).
+    pub parquet_backlog: u64,
+    /// Events whose Parquet file could not be written (a full disk, a
+    /// directory that is not the sensor's), or that were not written by
+    /// the time the sensor stopped.
+    pub parquet_write: u64,
 }
 
 impl Shed {
@@ -54,7 +60,13 @@ impl Shed {
     }
 
     pub fn total(&self) -> u64 {
-        self.ring() + self.coalescer + self.analyzer + self.guard + self.sink
+        self.ring()
+            + self.coalescer
+            + self.analyzer
+            + self.guard
+            + self.sink
+            + self.parquet_backlog
+            + self.parquet_write
     }
 
     /// What was shed after `earlier`, cause by cause.
@@ -68,18 +80,23 @@ impl Shed {
             analyzer: self.analyzer.saturating_sub(earlier.analyzer),
             guard: self.guard.saturating_sub(earlier.guard),
             sink: self.sink.saturating_sub(earlier.sink),
+            parquet_backlog: self.parquet_backlog.saturating_sub(earlier.parquet_backlog),
+            parquet_write: self.parquet_write.saturating_sub(earlier.parquet_write),
         }
     }
 
     /// `cause=count` for every cause, in a fixed order (`docs/events.md`).
     pub fn causes(&self) -> String {
         format!(
-            "ring_buffer={} coalescer={} analyzer_queue={} guard_queue={} sink_backlog={}",
+            "ring_buffer={} coalescer={} analyzer_queue={} guard_queue={} sink_backlog={} \
+             parquet_backlog={} parquet_write={}",
             self.ring(),
             self.coalescer,
             self.analyzer,
             self.guard,
-            self.sink
+            self.sink,
+            self.parquet_backlog,
+            self.parquet_write
         )
     }
 
@@ -145,7 +162,7 @@ mod tests {
         assert!(
             first.starts_with(
                 "events shed under load since the last report: ring_buffer=0 coalescer=5 \
-                 analyzer_queue=0 guard_queue=0 sink_backlog=0"
+                 analyzer_queue=0 guard_queue=0 sink_backlog=0 parquet_backlog=0 parquet_write=0"
             ),
             "{first}"
         );
@@ -161,14 +178,16 @@ mod tests {
         assert!(
             second.contains(
                 "since the last report: ring_buffer=7 coalescer=1 analyzer_queue=0 \
-                 guard_queue=0 sink_backlog=2 (ring buffer by kind: signature=0 \
+                 guard_queue=0 sink_backlog=2 parquet_backlog=0 parquet_write=0 \
+                 (ring buffer by kind: signature=0 \
                  signed_data=0 process_file=7 unread_at_exit=0)"
             ),
             "{second}"
         );
         assert!(
             second.ends_with(
-                "since the start: ring_buffer=7 coalescer=6 analyzer_queue=0 guard_queue=0 sink_backlog=2"
+                "since the start: ring_buffer=7 coalescer=6 analyzer_queue=0 guard_queue=0 \
+                 sink_backlog=2 parquet_backlog=0 parquet_write=0"
             ),
             "{second}"
         );
@@ -193,12 +212,15 @@ mod tests {
             analyzer: 6,
             guard: 7,
             sink: 8,
+            parquet_backlog: 9,
+            parquet_write: 10,
         };
         assert_eq!(shed.ring(), 10);
-        assert_eq!(shed.total(), 36);
+        assert_eq!(shed.total(), 55);
         assert_eq!(
             shed.causes(),
-            "ring_buffer=10 coalescer=5 analyzer_queue=6 guard_queue=7 sink_backlog=8"
+            "ring_buffer=10 coalescer=5 analyzer_queue=6 guard_queue=7 sink_backlog=8 \
+             parquet_backlog=9 parquet_write=10"
         );
     }
 }
