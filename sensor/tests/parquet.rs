@@ -150,6 +150,7 @@ fn parquet_rows_match_the_ndjson_and_nested_fields_can_be_queried() {
     for (class_uid, source) in [
         (1005, "kw_module_activity"),
         (1001, "kw_file_activity"),
+        (1008, "kw_event_log"),
         (2004, "kw_detection_finding"),
     ] {
         let want = ndjson.get(&class_uid).copied().unwrap_or(0);
