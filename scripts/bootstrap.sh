@@ -19,7 +19,7 @@ LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
 # checks a scrape with `promtool check metrics`.
 # systemd: `systemd-analyze verify` checks deploy/systemd/keywarden.service
 # (sensor/tests/deploy.rs); installing it does not change the init system.
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd)
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd pebble)
 MODE="${KEYWARDEN_BOOTSTRAP:-all}"
 case "$MODE" in
     all) ;;

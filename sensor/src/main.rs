@@ -24,6 +24,7 @@ mod pidfd;
 mod probes;
 mod records;
 mod respond;
+mod rotate;
 mod run;
 mod secrets;
 mod setup;
@@ -118,6 +119,35 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         inventory: Option<PathBuf>,
         /// Configuration whose `inventory` applies.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Replace a key where it is used: plan from the inventory, issue a new
+    /// key and certificate (local CA or ACME), install them atomically,
+    /// reload the service, verify by handshake that it presents the new
+    /// key, and roll back when any step fails (docs/rotation.md). First
+    /// finishes or rolls back any rotation a crash interrupted. Exit
+    /// status: 0 done, 1 refused or error, 2 rolled back, 3 rollback failed.
+    Rotate {
+        /// The key's SPKI SHA-256 (or an unambiguous prefix, 8+ digits).
+        #[arg(long, required_unless_present = "resume")]
+        key: Option<String>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only finish or roll back interrupted rotations.
+        #[arg(long, conflicts_with = "key")]
+        resume: bool,
+        /// Algorithm of the new key (`ecdsa-p256`, `ecdsa-p384`, `ed25519`,
+        /// `rsa-2048`...); default: the old key's.
+        #[arg(long)]
+        algorithm: Option<String>,
+        /// Issuer: `local` or `acme` (over `rotation.issuer`).
+        #[arg(long)]
+        ca: Option<String>,
+        /// Inventory file (default: the configuration's `inventory`).
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -270,6 +300,36 @@ fn main() -> ExitCode {
             };
             keys::inventory::print(&path, json)
         })()),
+        Command::Rotate {
+            key,
+            dry_run,
+            resume,
+            algorithm,
+            ca,
+            inventory,
+            config,
+        } => {
+            let r = config::Config::load(config.as_deref()).and_then(|cfg| {
+                rotate::run(
+                    &cfg,
+                    rotate::Args {
+                        key,
+                        dry_run,
+                        resume,
+                        algorithm,
+                        ca,
+                        inventory,
+                    },
+                )
+            });
+            match r {
+                Ok(o) => ExitCode::from(o.exit_code()),
+                Err(e) => {
+                    eprintln!("keywarden: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Baseline { command } => exit(match command {
             BaselineCommand::List { file } => analyze::list_baselines(&file),
             BaselineCommand::Reset { file, key, all } => {
