@@ -165,7 +165,7 @@ pub fn run(cfg: &Config, args: Args) -> Result<Outcome> {
     let inventory = crate::keys::inventory::Inventory::read(&inventory_path)?
         .ok_or_else(|| anyhow!("{}: no inventory (is the sensor running?)", inventory_path.display()))?;
     let entry = plan::entry(inventory.keys(), key)?;
-    let plan = plan::make(entry, &cfg.rotation).map_err(|e| {
+    let plan = plan::make(entry, inventory.keys(), &cfg.rotation).map_err(|e| {
         anyhow!("refused to rotate {}: {e}", entry.spki_sha256)
     })?;
     print!("{}", plan.describe());

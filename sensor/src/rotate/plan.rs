@@ -287,6 +287,17 @@ fn processes() -> Vec<Proc> {
 /// The arguments of a master's command line that name its configuration,
 /// for `-t` and reload: those flags and their values, nothing else.
 fn config_args(cmdline: &[String], flags: &[&str]) -> Vec<String> {
+    // nginx rewrites its title into one argument: `nginx: master process
+    // /usr/sbin/nginx -c /etc/nginx/nginx.conf`, its arguments joined by
+    // spaces (so a path with a space in it cannot be told apart).
+    let split: Vec<String>;
+    let cmdline = match cmdline.first().and_then(|a| a.strip_prefix("nginx: master process ")) {
+        Some(rest) => {
+            split = rest.split(' ').map(str::to_owned).collect();
+            &split[..]
+        }
+        None => cmdline,
+    };
     let mut out = Vec::new();
     let mut it = cmdline.iter().skip(1);
     while let Some(a) = it.next() {
@@ -337,11 +348,34 @@ fn reload_for(exe: &Path, cmdline: &[String], cfg: &RotationConfig) -> Result<Re
 
 /// Server names to try on a listener: the DNS names of the certificate
 /// (wildcards cannot be sent), and those the inventory saw on listeners.
-fn server_names(leaf: &[u8], inventory_listeners: &[String]) -> Vec<Option<String>> {
+/// At most this many server names are tried per listener (each is a
+/// handshake).
+const MAX_NAMES: usize = 64;
+
+/// Server names to try on a listener: the DNS names of the certificate
+/// (wildcards cannot be sent), those of the certificates of keys the same
+/// programs use (so that the other names a service answers to are checked
+/// too), and those the inventory saw on listeners.
+fn server_names(leaf: &[u8], related: &[&KeyEntry]) -> Vec<Option<String>> {
+    let usable = |n: &str| !n.contains('*') && n.parse::<std::net::IpAddr>().is_err();
     let mut names: BTreeSet<String> = material::certificate_names(leaf)
         .into_iter()
-        .filter(|n| !n.contains('*') && n.parse::<std::net::IpAddr>().is_err())
+        .filter(|n| usable(n))
         .collect();
+    let others = related.iter().flat_map(|e| {
+        e.certificates
+            .iter()
+            .flat_map(|c| c.sans.iter().filter_map(|s| s.strip_prefix("DNS:")))
+    });
+    for n in others {
+        if names.len() >= MAX_NAMES {
+            break;
+        }
+        if usable(n) {
+            names.insert(n.to_owned());
+        }
+    }
+    let inventory_listeners = related.iter().flat_map(|e| e.listeners.iter());
     for l in inventory_listeners {
         if let Some(n) = l
             .split_once("(server name ")
@@ -376,8 +410,13 @@ pub fn presented(
         .collect()
 }
 
-/// Makes the plan for rotating `entry`, or says why there is none.
-pub fn make(entry: &KeyEntry, cfg: &RotationConfig) -> Result<Plan, Refused> {
+/// Makes the plan for rotating `entry`, or says why there is none. `all`
+/// is the whole inventory.
+pub fn make<'a>(
+    entry: &'a KeyEntry,
+    all: impl Iterator<Item = &'a KeyEntry>,
+    cfg: &RotationConfig,
+) -> Result<Plan, Refused> {
     let (files, leaf) = files(entry)?;
     let exes: BTreeSet<PathBuf> = entry
         .processes
@@ -407,7 +446,15 @@ pub fn make(entry: &KeyEntry, cfg: &RotationConfig) -> Result<Plan, Refused> {
         .map(|p| format!("{} ({})", p.name, p.exe.as_deref().unwrap_or("executable unknown")))
         .collect();
 
-    let names = server_names(&leaf, &entry.listeners);
+    let related: Vec<&KeyEntry> = std::iter::once(entry)
+        .chain(all.filter(|e| {
+            e.spki_sha256 != entry.spki_sha256
+                && e.processes
+                    .iter()
+                    .any(|p| p.exe.as_deref().is_some_and(|x| exes.contains(Path::new(x))))
+        }))
+        .collect();
+    let names = server_names(&leaf, &related);
     let timeout = Duration::from_millis(cfg.verify_timeout_ms.clamp(500, 5000));
     let mut services = Vec::new();
     let mut targets = Vec::new();
@@ -587,6 +634,8 @@ mod tests {
             config_args(&cmd, &["-c", "-p", "-g"]),
             ["-c", "/x/n.conf", "-g", "daemon off;", "-p", "/pre"]
         );
+        let title = ["nginx: master process /usr/sbin/nginx -c /x/n.conf".to_owned()];
+        assert_eq!(config_args(&title, &["-c", "-p", "-g"]), ["-c", "/x/n.conf"]);
     }
 
     #[test]

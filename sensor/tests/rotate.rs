@@ -1,0 +1,411 @@
+//! `keywarden rotate` against a real nginx on loopback with two keys chosen
+//! by SNI. The sensor runs first, sees both keys sign, and saves the
+//! inventory that `rotate` plans from; nginx is then rotated for real and
+//! checked by handshake (rustls in `rotate`, openssl `s_client` here).
+//!
+//! Fault cases are real too: a reload nginx refuses (its configuration was
+//! broken after it started), a service that does not reload (its master
+//! stopped), and a rotation SIGKILLed between install and reload (stopped
+//! there by the documented test hook `KEYWARDEN_ROTATE_STOP_AFTER`, then
+//! killed).
+
+mod support;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use support::*;
+
+struct Fixture {
+    work: tempfile::TempDir,
+    keys_dir: PathBuf,
+    nginx: Server,
+    port: u16,
+    a: TestKey,
+    b: TestKey,
+    crt_a: PathBuf,
+    /// A key only `openssl s_server` uses: keywarden cannot reload it.
+    c: TestKey,
+    s_server: Server,
+    config: PathBuf,
+    journal_dir: PathBuf,
+}
+
+impl Fixture {
+    fn dir(&self) -> &Path {
+        self.work.path()
+    }
+}
+
+/// A CA key and certificate made by openssl.
+fn openssl_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = openssl_key(dir, &format!("{name}-ca"), "ec").path;
+    let crt = dir.join(format!("{name}-ca.crt"));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj"])
+            .arg(format!("/CN={name} test CA"))
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-key")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+    );
+    (key, crt)
+}
+
+/// nginx with a.test (default server) and b.test on one port, an
+/// `openssl s_server` with a third key, a sensor that watched all three
+/// sign and saved its inventory, and a configuration for `rotate`.
+fn setup(edits: &[(&str, String)]) -> Fixture {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir(&keys_dir).unwrap();
+    let a = openssl_key(&keys_dir, "a", "ec");
+    let b = openssl_key(&keys_dir, "b", "ec");
+    let c = openssl_key(&keys_dir, "c", "ec");
+    let crt_a = cert(&keys_dir, &a, "a.test");
+    let crt_b = cert(&keys_dir, &b, "b.test");
+    let crt_c = cert(&keys_dir, &c, "c.test");
+    let port = free_port();
+    let server = |name: &str, crt: &Path, key: &Path| {
+        format!(
+            "server {{ listen 127.0.0.1:{port} ssl; server_name {name}; ssl_certificate {}; ssl_certificate_key {}; \
+             ssl_session_cache off; ssl_session_tickets off; location / {{ return 200 \"{name}\\n\"; }} }}\n",
+            crt.display(),
+            key.display()
+        )
+    };
+    let nginx = start_nginx(
+        dir,
+        port,
+        &(server("a.test", &crt_a, &a.path) + &server("b.test", &crt_b, &b.path)),
+    );
+    let c_port = free_port();
+    let s_server = start_server(
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("127.0.0.1:{c_port}"))
+            .arg("-key")
+            .arg(&c.path)
+            .arg("-cert")
+            .arg(&crt_c)
+            .stdin(Stdio::null()),
+        c_port,
+    );
+    let (ca_key, ca_crt) = openssl_ca(dir, "local");
+    let journal_dir = dir.join("journal");
+    let inventory = dir.join("inventory.json");
+    let mut all_edits = vec![
+        (
+            "inventory: /var/lib/keywarden/inventory.json",
+            format!("inventory: {}", inventory.display()),
+        ),
+        (
+            "journal_dir: /var/lib/keywarden/rotations",
+            format!("journal_dir: {}", journal_dir.display()),
+        ),
+        (
+            "  local_ca: null",
+            format!(
+                "  local_ca: {{ key: {}, cert: {}, crl: {} }}",
+                ca_key.display(),
+                ca_crt.display(),
+                dir.join("local.crl").display()
+            ),
+        ),
+    ];
+    all_edits.extend(edits.iter().cloned());
+    let config = sensor_config(dir, &[&keys_dir], &all_edits);
+
+    let sensor = Sensor::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--inventory",
+        inventory.to_str().unwrap(),
+    ]);
+    for name in ["a.test", "b.test"] {
+        assert_eq!(served_spki(port, Some(name)), spki_of(&keys_dir, name));
+    }
+    let out = run_ok(
+        Command::new("curl")
+            .args(["-sk", &format!("https://127.0.0.1:{c_port}/")])
+            .stdout(Stdio::null()),
+    );
+    drop(out);
+    sensor.stop();
+    assert!(inventory.exists(), "the sensor saved no inventory");
+    Fixture {
+        work,
+        keys_dir,
+        nginx,
+        port,
+        a,
+        b,
+        crt_a,
+        c,
+        s_server,
+        config,
+        journal_dir,
+    }
+}
+
+fn spki_of(keys_dir: &Path, name: &str) -> String {
+    spki_of_file(&keys_dir.join(format!("{}.pem", &name[..1])))
+}
+
+/// The SPKI SHA-256 of the leaf the server on `port` presents for
+/// `name`, by `openssl s_client` (not keywarden's own handshake).
+fn served_spki(port: u16, name: Option<&str>) -> String {
+    let mut cmd = String::from("openssl s_client -connect 127.0.0.1:");
+    cmd.push_str(&port.to_string());
+    if let Some(n) = name {
+        cmd.push_str(&format!(" -servername {n}"));
+    } else {
+        cmd.push_str(" -noservername");
+    }
+    cmd.push_str(
+        " </dev/null 2>/dev/null | openssl x509 -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+    );
+    let out = run_ok(Command::new("sh").arg("-c").arg(cmd));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn rotate(f: &Fixture, args: &[&str]) -> Output {
+    keywarden()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&f.config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The steps recorded in the only journal of `f`.
+fn journal_steps(f: &Fixture) -> Vec<String> {
+    let journals: Vec<PathBuf> = std::fs::read_dir(&f.journal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+        .collect();
+    assert_eq!(journals.len(), 1, "{journals:?}");
+    let mode = std::fs::metadata(&journals[0]).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::read_to_string(&journals[0])
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Nothing but the fixture's own files in the key directory: no staged
+/// file or backup left behind.
+fn no_leftovers(f: &Fixture) {
+    let names: Vec<String> = std::fs::read_dir(&f.keys_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".kw-"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
+/// The key in `key` and the certificate in `crt` are one pair.
+fn pair_matches(key: &Path, crt: &Path) -> bool {
+    let out = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+        crt.display()
+    )));
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next() == Some(&spki_of_file(key))
+}
+
+#[test]
+fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
+    let f = setup(&[]);
+    let old_key = std::fs::read(&f.a.path).unwrap();
+
+    // The plan, and nothing changed by a dry run.
+    let out = rotate(&f, &["--key", &f.a.spki, "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(plan.contains(&format!("file: {} (Key", f.a.path.display())), "{plan}");
+    assert!(plan.contains(&format!("file: {} (Certificate", f.crt_a.display())), "{plan}");
+    assert!(plan.contains(&format!("master pid {}", f.nginx.pid())), "{plan}");
+    assert!(plan.contains("SIGHUP"), "{plan}");
+    assert!(
+        plan.contains(&format!("127.0.0.1:{} (server name a.test) presents the new key", f.port)),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("(server name b.test) still presents key {}", f.b.spki)),
+        "{plan}"
+    );
+    assert!(plan.contains("dry run"), "{plan}");
+    assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
+    assert!(!f.journal_dir.join("x").exists());
+
+    let out = rotate(&f, &["--key", &f.a.spki]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_spki = spki_of_file(&f.a.path);
+    assert_ne!(new_spki, f.a.spki, "the key file holds a new key");
+    assert!(pair_matches(&f.a.path, &f.crt_a), "key and certificate match");
+    assert_eq!(served_spki(f.port, Some("a.test")), new_spki);
+    assert_eq!(served_spki(f.port, None), new_spki, "a.test is the default server");
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki, "b is untouched");
+    let mode = std::fs::metadata(&f.a.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Same subject and names, issued by the local CA.
+    let show = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-subject", "-issuer", "-ext", "subjectAltName", "-in"])
+            .arg(&f.crt_a),
+    );
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("subject=CN = a.test"), "{show}");
+    assert!(show.contains("issuer=CN = local test CA"), "{show}");
+    assert!(show.contains("DNS:a.test, IP Address:127.0.0.1"), "{show}");
+    assert_eq!(
+        journal_steps(&f),
+        ["planned", "issued", "installing", "installed", "reloading", "reloaded", "verified", "done"]
+    );
+    no_leftovers(&f);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("PRIVATE KEY"), "{stdout}");
+}
+
+#[test]
+fn a_key_keywarden_cannot_reload_is_refused_with_the_reason() {
+    let f = setup(&[]);
+    let before = std::fs::read(&f.c.path).unwrap();
+    let out = rotate(&f, &["--key", &f.c.spki]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused to rotate"), "{err}");
+    assert!(err.contains("/usr/bin/openssl"), "{err}");
+    assert!(err.contains("reload_commands"), "{err}");
+    assert_eq!(std::fs::read(&f.c.path).unwrap(), before);
+    let _ = &f.s_server;
+    // A certificate file turned into a symbolic link is refused too: the
+    // rotation would write through, or replace, what another tool manages.
+    let real = f.dir().join("a-real.crt");
+    std::fs::rename(&f.crt_a, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &f.crt_a).unwrap();
+    let out = rotate(&f, &["--key", &f.a.spki, "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("symbolic link"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_reload_nginx_refuses_is_rolled_back() {
+    let f = setup(&[]);
+    let old_key = std::fs::read(&f.a.path).unwrap();
+    let old_crt = std::fs::read(&f.crt_a).unwrap();
+    // Someone broke the configuration after nginx started: every reload
+    // is refused from now on (`nginx -t` fails).
+    let conf = f.dir().join("nginx.conf");
+    let mut text_conf = std::fs::read_to_string(&conf).unwrap();
+    text_conf.push_str("this is not nginx;\n");
+    std::fs::write(&conf, text_conf).unwrap();
+
+    let out = rotate(&f, &["--key", &f.a.spki]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("reload: /usr/sbin/nginx -t refused"), "{stdout}");
+    assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
+    assert_eq!(std::fs::read(&f.crt_a).unwrap(), old_crt);
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    let steps = journal_steps(&f);
+    assert_eq!(steps.last().unwrap(), "rolled_back", "{steps:?}");
+    assert!(steps.contains(&"rolling_back".to_owned()));
+    no_leftovers(&f);
+}
+
+#[test]
+fn a_service_that_does_not_reload_is_rolled_back() {
+    let f = setup(&[("verify_timeout_ms: 10000", "verify_timeout_ms: 3000".into())]);
+    let old_key = std::fs::read(&f.a.path).unwrap();
+    // The master is stopped: the SIGHUP waits, the workers keep serving
+    // the old key, and verification cannot succeed.
+    let master = nix::unistd::Pid::from_raw(f.nginx.pid() as i32);
+    nix::sys::signal::kill(master, nix::sys::signal::SIGSTOP).unwrap();
+    let out = rotate(&f, &["--key", &f.a.spki]);
+    nix::sys::signal::kill(master, nix::sys::signal::SIGCONT).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("failed: verify:"), "{stdout}");
+    assert!(stdout.contains(&format!("presents {}, not", f.a.spki)), "{stdout}");
+    assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
+    assert_eq!(journal_steps(&f).last().unwrap(), "rolled_back");
+    // Once it runs again it reloads the restored files: still the old key.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    no_leftovers(&f);
+}
+
+#[test]
+fn a_rotation_killed_between_install_and_reload_is_finished_on_resume() {
+    let f = setup(&[]);
+    let mut child = keywarden()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&f.config)
+        .args(["--key", &f.a.spki])
+        .env("KEYWARDEN_ROTATE_STOP_AFTER", "installed")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("rotate to stop after install", Duration::from_secs(60), || {
+        process_state(child.id()) == 'T'
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Killed there: the new files are in place, nginx still serves the
+    // old key, and the journal says where it stopped.
+    let new_spki = spki_of_file(&f.a.path);
+    assert_ne!(new_spki, f.a.spki);
+    assert!(pair_matches(&f.a.path, &f.crt_a), "never a mismatched pair");
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
+    assert_eq!(journal_steps(&f).last().unwrap(), "installed");
+
+    let out = rotate(&f, &["--resume"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("resuming"), "{}", text(&out));
+    assert_eq!(served_spki(f.port, Some("a.test")), new_spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    assert_eq!(journal_steps(&f).last().unwrap(), "done");
+    no_leftovers(&f);
+    // Nothing is left to resume.
+    let out = rotate(&f, &["--resume"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("resuming"));
+}
