@@ -409,3 +409,120 @@ fn a_rotation_killed_between_install_and_reload_is_finished_on_resume() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!String::from_utf8_lossy(&out.stdout).contains("resuming"));
 }
+
+/// pebble, the ACME test CA, started as a user starts it: its own TLS
+/// certificate (from a test root made here), a configuration file, and
+/// the test settings: every challenge valid without asking the service
+/// (`PEBBLE_VA_ALWAYS_VALID=1`), no artificial sleeps
+/// (`PEBBLE_VA_NOSLEEP=1`), no random nonce rejections
+/// (`PEBBLE_WFE_NONCEREJECT=0`).
+struct Pebble {
+    _server: Server,
+    root: PathBuf,
+    directory: String,
+    management: u16,
+}
+
+fn start_pebble(dir: &Path) -> Pebble {
+    let pdir = dir.join("pebble");
+    std::fs::create_dir(&pdir).unwrap();
+    let (ca_key, ca_crt) = openssl_ca(&pdir, "pebble-tls");
+    let key = openssl_key(&pdir, "pebble-tls", "ec").path;
+    let crt = pdir.join("pebble-tls.crt");
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj", "/CN=pebble"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-CA")
+            .arg(&ca_crt)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-key")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+    );
+    let (port, management) = (free_port(), free_port());
+    let conf = pdir.join("pebble.json");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"{{"pebble": {{"listenAddress": "127.0.0.1:{port}", "managementListenAddress": "127.0.0.1:{management}",
+              "certificate": "{}", "privateKey": "{}", "httpPort": {}, "tlsPort": {},
+              "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+            crt.display(),
+            key.display(),
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let server = start_server(
+        Command::new("pebble")
+            .arg("-config")
+            .arg(&conf)
+            .env("PEBBLE_VA_ALWAYS_VALID", "1")
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0"),
+        port,
+    );
+    Pebble {
+        _server: server,
+        root: ca_crt,
+        directory: format!("https://127.0.0.1:{port}/dir"),
+        management,
+    }
+}
+
+fn acme_edit(dir: &Path, p: &Pebble) -> (&'static str, String) {
+    (
+        "  acme: null",
+        format!(
+            "  acme: {{ directory: \"{}\", root: {}, account: {}, revocation_status_url: \"https://127.0.0.1:{}/cert-status-by-serial/{{serial}}\" }}",
+            p.directory,
+            p.root.display(),
+            dir.join("acme-account.json").display(),
+            p.management
+        ),
+    )
+}
+
+#[test]
+fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
+    let pdir = tempfile::tempdir().unwrap();
+    let pebble = start_pebble(pdir.path());
+    let f = setup(&[acme_edit(pdir.path(), &pebble)]);
+    let crt_b = f.keys_dir.join("b.test.crt");
+
+    let out = rotate(&f, &["--key", &f.b.spki, "--ca", "acme"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_b = spki_of_file(&f.b.path);
+    assert_ne!(new_b, f.b.spki);
+    assert!(pair_matches(&f.b.path, &crt_b));
+    assert_eq!(served_spki(f.port, Some("b.test")), new_b);
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki, "a is untouched");
+    let show = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-issuer", "-ext", "subjectAltName", "-in"])
+            .arg(&crt_b),
+    );
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("Pebble Intermediate CA"), "{show}");
+    assert!(show.contains("DNS:b.test"), "{show}");
+    assert!(show.contains("IP Address:127.0.0.1"), "{show}");
+    let account = dir_mode(&pdir.path().join("acme-account.json"));
+    assert_eq!(account, 0o600, "the ACME account key is root's only");
+
+    let out = rotate(&f, &["--key", &f.a.spki, "--ca", "local"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_a = spki_of_file(&f.a.path);
+    assert_ne!(new_a, f.a.spki);
+    assert_eq!(served_spki(f.port, Some("a.test")), new_a);
+    assert_eq!(served_spki(f.port, Some("b.test")), new_b);
+    no_leftovers(&f);
+}
+
+fn dir_mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}

@@ -107,7 +107,12 @@ pub fn issue(cfg: &AcmeConfig, params: &CertificateParams, key: &KeyPair) -> Res
             "the old certificate names no DNS name or IP address to request".into(),
         ));
     }
-    let csr = params.serialize_request(key).map_err(acme_err)?;
+    // A CSR carries names only: rcgen refuses the certificate-only
+    // parameters (serial, validity, usages) in one.
+    let mut req = CertificateParams::default();
+    req.distinguished_name = params.distinguished_name.clone();
+    req.subject_alt_names = params.subject_alt_names.clone();
+    let csr = req.serialize_request(key).map_err(acme_err)?;
     let mut written: Vec<std::path::PathBuf> = Vec::new();
     let result = block_on(async {
         let account = account(cfg).await?;
