@@ -151,6 +151,27 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Revoke every certificate of a key at the CA that issued it (the
+    /// local CA's CRL, or ACME revokeCert) and verify at the CA that it is
+    /// revoked (docs/rotation.md). A key that still serves is refused
+    /// unless a rotation replaced it or --force is given.
+    Revoke {
+        /// The key's SPKI SHA-256 (or an unambiguous prefix known to the
+        /// inventory).
+        #[arg(long)]
+        key: String,
+        /// RFC 5280 reason: keyCompromise, superseded, cessationOfOperation,
+        /// affiliationChanged, cACompromise, privilegeWithdrawn, unspecified...
+        #[arg(long)]
+        reason: String,
+        /// Revoke even though the key still serves.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
     /// List or reset learned baselines.
     Baseline {
         #[command(subcommand)]
@@ -330,6 +351,23 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Revoke {
+            key,
+            reason,
+            force,
+            inventory,
+            config,
+        } => exit(config::Config::load(config.as_deref()).and_then(|cfg| {
+            rotate::revoke::run(
+                &cfg,
+                rotate::revoke::Args {
+                    key,
+                    reason,
+                    force,
+                    inventory,
+                },
+            )
+        })),
         Command::Baseline { command } => exit(match command {
             BaselineCommand::List { file } => analyze::list_baselines(&file),
             BaselineCommand::Reset { file, key, all } => {

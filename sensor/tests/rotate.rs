@@ -70,8 +70,11 @@ fn setup(edits: &[(&str, String)]) -> Fixture {
     let a = openssl_key(&keys_dir, "a", "ec");
     let b = openssl_key(&keys_dir, "b", "ec");
     let c = openssl_key(&keys_dir, "c", "ec");
-    let crt_a = cert(&keys_dir, &a, "a.test");
-    let crt_b = cert(&keys_dir, &b, "b.test");
+    // a and b were issued by the local CA (so it can revoke them), c is
+    // self-signed.
+    let (ca_key, ca_crt) = openssl_ca(dir, "local");
+    let crt_a = ca_cert(&keys_dir, &a, "a.test", &ca_key, &ca_crt);
+    let crt_b = ca_cert(&keys_dir, &b, "b.test", &ca_key, &ca_crt);
     let crt_c = cert(&keys_dir, &c, "c.test");
     let port = free_port();
     let server = |name: &str, crt: &Path, key: &Path| {
@@ -99,7 +102,6 @@ fn setup(edits: &[(&str, String)]) -> Fixture {
             .stdin(Stdio::null()),
         c_port,
     );
-    let (ca_key, ca_crt) = openssl_ca(dir, "local");
     let journal_dir = dir.join("journal");
     let inventory = dir.join("inventory.json");
     let mut all_edits = vec![
@@ -154,6 +156,28 @@ fn setup(edits: &[(&str, String)]) -> Fixture {
         config,
         journal_dir,
     }
+}
+
+/// A certificate for `name` (also 127.0.0.1) issued by the CA.
+fn ca_cert(dir: &Path, key: &TestKey, name: &str, ca_key: &Path, ca_crt: &Path) -> PathBuf {
+    let crt = dir.join(format!("{name}.crt"));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj"])
+            .arg(format!("/CN={name}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName=DNS:{name},IP:127.0.0.1"))
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-CA")
+            .arg(ca_crt)
+            .arg("-CAkey")
+            .arg(ca_key)
+            .arg("-key")
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&crt),
+    );
+    crt
 }
 
 fn spki_of(keys_dir: &Path, name: &str) -> String {
@@ -246,6 +270,7 @@ fn pair_matches(key: &Path, crt: &Path) -> bool {
 fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     let f = setup(&[]);
     let old_key = std::fs::read(&f.a.path).unwrap();
+    let old_serial = serial_of(&f.crt_a);
 
     // The plan, and nothing changed by a dry run.
     let out = rotate(&f, &["--key", &f.a.spki, "--dry-run"]);
@@ -286,6 +311,7 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     let show = String::from_utf8_lossy(&show.stdout);
     assert!(show.contains("subject=CN = a.test"), "{show}");
     assert!(show.contains("issuer=CN = local test CA"), "{show}");
+    assert_ne!(serial_of(&f.crt_a), old_serial);
     assert!(show.contains("DNS:a.test, IP Address:127.0.0.1"), "{show}");
     assert_eq!(
         journal_steps(&f),
@@ -294,6 +320,48 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     no_leftovers(&f);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("PRIVATE KEY"), "{stdout}");
+
+    // b still serves and was not rotated: its revocation is refused.
+    let out = revoke(&f, &["--key", &f.b.spki, "--reason", "keyCompromise"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("still serves"), "{}", text(&out));
+    let crl = f.dir().join("local.crl");
+    assert!(!crl.exists());
+    // The old a was replaced by a rotation: revoked in the CA's CRL.
+    let out = revoke(&f, &["--key", &f.a.spki, "--reason", "superseded"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = run_ok(
+        Command::new("openssl")
+            .args(["crl", "-noout", "-text", "-CAfile"])
+            .arg(f.dir().join("local-ca.crt"))
+            .arg("-in")
+            .arg(&crl),
+    );
+    let all = String::from_utf8_lossy(&shown.stdout).to_string()
+        + &String::from_utf8_lossy(&shown.stderr);
+    assert!(all.contains("verify OK"), "{all}");
+    assert!(all.to_ascii_lowercase().contains(&format!("serial number: {old_serial}")), "{all}");
+    assert!(all.contains("Superseded"), "{all}");
+    assert!(!all.to_ascii_lowercase().contains(&format!("serial number: {}", serial_of(&f.crt_a))));
+}
+
+fn revoke(f: &Fixture, args: &[&str]) -> Output {
+    keywarden()
+        .arg("revoke")
+        .arg("--config")
+        .arg(&f.config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The certificate's serial in lowercase hex, as `openssl crl -text` shows it.
+fn serial_of(crt: &Path) -> String {
+    let out = run_ok(Command::new("openssl").args(["x509", "-noout", "-serial", "-in"]).arg(crt));
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase()
 }
 
 #[test]
@@ -513,6 +581,27 @@ fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
     assert!(show.contains("IP Address:127.0.0.1"), "{show}");
     let account = dir_mode(&pdir.path().join("acme-account.json"));
     assert_eq!(account, 0o600, "the ACME account key is root's only");
+
+    // The new b (issued by pebble, not yet in the inventory) is revoked
+    // at pebble, and pebble says so.
+    let serial = serial_of(&crt_b);
+    let out = revoke(&f, &["--key", &new_b, "--reason", "keyCompromise"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"), "{}", text(&out));
+    let out = revoke(&f, &["--key", &new_b, "--reason", "keyCompromise", "--force"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let status = run_ok(
+        Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(&pebble.root)
+            .arg(format!(
+                "https://127.0.0.1:{}/cert-status-by-serial/{serial}",
+                pebble.management
+            )),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["Status"], "Revoked", "{status}");
+    assert_eq!(status["Reason"], 1, "{status}");
 
     let out = rotate(&f, &["--key", &f.a.spki, "--ca", "local"]);
     assert!(out.status.success(), "{}", text(&out));

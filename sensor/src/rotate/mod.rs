@@ -17,6 +17,7 @@ pub mod issue;
 pub mod journal;
 pub mod plan;
 pub mod reload;
+pub mod revoke;
 pub mod verify;
 
 use std::{

@@ -410,14 +410,29 @@ pub fn presented(
         .collect()
 }
 
-/// Makes the plan for rotating `entry`, or says why there is none. `all`
-/// is the whole inventory.
-pub fn make<'a>(
+/// A running service (a master and its workers) that presents a key.
+pub struct Found {
+    pub master: u32,
+    pub exe: PathBuf,
+    cmdline: Vec<String>,
+    pub pids: Vec<u32>,
+    /// Where it presents the key.
+    pub ours: Vec<Target>,
+    /// Where it presents other keys, and which.
+    pub others: Vec<(Target, String)>,
+}
+
+/// The running services that present `entry`'s key on a TLS listener,
+/// found by the executables that signed with it; `leaf` is a certificate
+/// of the key (its names are the server names tried), `all` the whole
+/// inventory. Also returns the processes that signed with it and no
+/// longer run.
+pub fn discover<'a>(
     entry: &'a KeyEntry,
     all: impl Iterator<Item = &'a KeyEntry>,
+    leaf: &[u8],
     cfg: &RotationConfig,
-) -> Result<Plan, Refused> {
-    let (files, leaf) = files(entry)?;
+) -> (Vec<Found>, Vec<String>) {
     let exes: BTreeSet<PathBuf> = entry
         .processes
         .iter()
@@ -445,7 +460,6 @@ pub fn make<'a>(
         .filter(|p| !p.exe.as_deref().is_some_and(|e| running.contains(Path::new(e))))
         .map(|p| format!("{} ({})", p.name, p.exe.as_deref().unwrap_or("executable unknown")))
         .collect();
-
     let related: Vec<&KeyEntry> = std::iter::once(entry)
         .chain(all.filter(|e| {
             e.spki_sha256 != entry.spki_sha256
@@ -454,15 +468,13 @@ pub fn make<'a>(
                     .any(|p| p.exe.as_deref().is_some_and(|x| exes.contains(Path::new(x))))
         }))
         .collect();
-    let names = server_names(&leaf, &related);
+    let names = server_names(leaf, &related);
     let timeout = Duration::from_millis(cfg.verify_timeout_ms.clamp(500, 5000));
-    let mut services = Vec::new();
-    let mut targets = Vec::new();
-    let mut others = Vec::new();
-    for (master, pids) in &groups {
-        let m = by_pid[master];
+    let mut found = Vec::new();
+    for (master, pids) in groups {
+        let m = by_pid[&master];
         let mut addrs = BTreeSet::new();
-        for pid in pids {
+        for pid in &pids {
             for l in tls_probe::listeners(*pid).unwrap_or_default() {
                 // A wildcard listener is asked on loopback; one address
                 // of the two an IPv6 wildcard may serve is enough.
@@ -491,21 +503,48 @@ pub fn make<'a>(
             // instance of the same program.
             continue;
         }
-        let reload = reload_for(&m.exe, &m.cmdline, cfg).map_err(|e| {
+        let others = seen
+            .into_iter()
+            .filter_map(|(t, r)| r.ok().filter(|s| *s != entry.spki_sha256).map(|s| (t, s)))
+            .collect();
+        found.push(Found {
+            master,
+            exe: m.exe.clone(),
+            cmdline: m.cmdline.clone(),
+            pids,
+            ours,
+            others,
+        });
+    }
+    (found, gone)
+}
+
+/// Makes the plan for rotating `entry`, or says why there is none. `all`
+/// is the whole inventory.
+pub fn make<'a>(
+    entry: &'a KeyEntry,
+    all: impl Iterator<Item = &'a KeyEntry>,
+    cfg: &RotationConfig,
+) -> Result<Plan, Refused> {
+    let (files, leaf) = files(entry)?;
+    let (found, gone) = discover(entry, all, &leaf, cfg);
+    let mut services = Vec::new();
+    let mut targets = Vec::new();
+    let mut others = Vec::new();
+    for f in found {
+        let reload = reload_for(&f.exe, &f.cmdline, cfg).map_err(|e| {
             why(format!(
-                "{} (pid {master}) presents the key, and {e}",
-                m.exe.display()
+                "{} (pid {}) presents the key, and {e}",
+                f.exe.display(),
+                f.master
             ))
         })?;
-        others.extend(
-            seen.into_iter()
-                .filter_map(|(t, r)| r.ok().filter(|s| *s != entry.spki_sha256).map(|s| (t, s))),
-        );
-        targets.extend(ours);
+        targets.extend(f.ours);
+        others.extend(f.others);
         services.push(Service {
-            master: *master,
-            exe: m.exe.clone(),
-            pids: pids.clone(),
+            master: f.master,
+            exe: f.exe,
+            pids: f.pids,
             reload,
         });
     }
