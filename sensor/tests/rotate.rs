@@ -232,7 +232,11 @@ fn journal_steps(f: &Fixture) -> Vec<String> {
         .filter(|p| p.extension().is_some_and(|e| e == "journal"))
         .collect();
     assert_eq!(journals.len(), 1, "{journals:?}");
-    let mode = std::fs::metadata(&journals[0]).unwrap().permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&journals[0])
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
     assert_eq!(mode, 0o600);
     std::fs::read_to_string(&journals[0])
         .unwrap()
@@ -263,7 +267,10 @@ fn pair_matches(key: &Path, crt: &Path) -> bool {
         "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
         crt.display()
     )));
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next() == Some(&spki_of_file(key))
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        == Some(&spki_of_file(key))
 }
 
 #[test]
@@ -276,16 +283,31 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     let out = rotate(&f, &["--key", &f.a.spki, "--dry-run"]);
     assert!(out.status.success(), "{}", text(&out));
     let plan = String::from_utf8_lossy(&out.stdout);
-    assert!(plan.contains(&format!("file: {} (Key", f.a.path.display())), "{plan}");
-    assert!(plan.contains(&format!("file: {} (Certificate", f.crt_a.display())), "{plan}");
-    assert!(plan.contains(&format!("master pid {}", f.nginx.pid())), "{plan}");
-    assert!(plan.contains("SIGHUP"), "{plan}");
     assert!(
-        plan.contains(&format!("127.0.0.1:{} (server name a.test) presents the new key", f.port)),
+        plan.contains(&format!("file: {} (Key", f.a.path.display())),
         "{plan}"
     );
     assert!(
-        plan.contains(&format!("(server name b.test) still presents key {}", f.b.spki)),
+        plan.contains(&format!("file: {} (Certificate", f.crt_a.display())),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("master pid {}", f.nginx.pid())),
+        "{plan}"
+    );
+    assert!(plan.contains("SIGHUP"), "{plan}");
+    assert!(
+        plan.contains(&format!(
+            "127.0.0.1:{} (server name a.test) presents the new key",
+            f.port
+        )),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!(
+            "(server name b.test) still presents key {}",
+            f.b.spki
+        )),
         "{plan}"
     );
     assert!(plan.contains("dry run"), "{plan}");
@@ -296,16 +318,35 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     assert!(out.status.success(), "{}", text(&out));
     let new_spki = spki_of_file(&f.a.path);
     assert_ne!(new_spki, f.a.spki, "the key file holds a new key");
-    assert!(pair_matches(&f.a.path, &f.crt_a), "key and certificate match");
+    assert!(
+        pair_matches(&f.a.path, &f.crt_a),
+        "key and certificate match"
+    );
     assert_eq!(served_spki(f.port, Some("a.test")), new_spki);
-    assert_eq!(served_spki(f.port, None), new_spki, "a.test is the default server");
-    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki, "b is untouched");
+    assert_eq!(
+        served_spki(f.port, None),
+        new_spki,
+        "a.test is the default server"
+    );
+    assert_eq!(
+        served_spki(f.port, Some("b.test")),
+        f.b.spki,
+        "b is untouched"
+    );
     let mode = std::fs::metadata(&f.a.path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     // Same subject and names, issued by the local CA.
     let show = run_ok(
         Command::new("openssl")
-            .args(["x509", "-noout", "-subject", "-issuer", "-ext", "subjectAltName", "-in"])
+            .args([
+                "x509",
+                "-noout",
+                "-subject",
+                "-issuer",
+                "-ext",
+                "subjectAltName",
+                "-in",
+            ])
             .arg(&f.crt_a),
     );
     let show = String::from_utf8_lossy(&show.stdout);
@@ -315,7 +356,16 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     assert!(show.contains("DNS:a.test, IP Address:127.0.0.1"), "{show}");
     assert_eq!(
         journal_steps(&f),
-        ["planned", "issued", "installing", "installed", "reloading", "reloaded", "verified", "done"]
+        [
+            "planned",
+            "issued",
+            "installing",
+            "installed",
+            "reloading",
+            "reloaded",
+            "verified",
+            "done"
+        ]
     );
     no_leftovers(&f);
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -324,7 +374,11 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     // b still serves and was not rotated: its revocation is refused.
     let out = revoke(&f, &["--key", &f.b.spki, "--reason", "keyCompromise"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("still serves"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still serves"),
+        "{}",
+        text(&out)
+    );
     let crl = f.dir().join("local.crl");
     assert!(!crl.exists());
     // The old a was replaced by a rotation: revoked in the CA's CRL.
@@ -340,9 +394,16 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
     let all = String::from_utf8_lossy(&shown.stdout).to_string()
         + &String::from_utf8_lossy(&shown.stderr);
     assert!(all.contains("verify OK"), "{all}");
-    assert!(all.to_ascii_lowercase().contains(&format!("serial number: {old_serial}")), "{all}");
+    assert!(
+        all.to_ascii_lowercase()
+            .contains(&format!("serial number: {old_serial}")),
+        "{all}"
+    );
     assert!(all.contains("Superseded"), "{all}");
-    assert!(!all.to_ascii_lowercase().contains(&format!("serial number: {}", serial_of(&f.crt_a))));
+    assert!(
+        !all.to_ascii_lowercase()
+            .contains(&format!("serial number: {}", serial_of(&f.crt_a)))
+    );
 }
 
 fn revoke(f: &Fixture, args: &[&str]) -> Output {
@@ -357,7 +418,11 @@ fn revoke(f: &Fixture, args: &[&str]) -> Output {
 
 /// The certificate's serial in lowercase hex, as `openssl crl -text` shows it.
 fn serial_of(crt: &Path) -> String {
-    let out = run_ok(Command::new("openssl").args(["x509", "-noout", "-serial", "-in"]).arg(crt));
+    let out = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(crt),
+    );
     String::from_utf8_lossy(&out.stdout)
         .trim()
         .trim_start_matches("serial=")
@@ -405,7 +470,10 @@ fn a_reload_nginx_refuses_is_rolled_back() {
     let out = rotate(&f, &["--key", &f.a.spki]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("reload: /usr/sbin/nginx -t refused"), "{stdout}");
+    assert!(
+        stdout.contains("reload: /usr/sbin/nginx -t refused"),
+        "{stdout}"
+    );
     assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
     assert_eq!(std::fs::read(&f.crt_a).unwrap(), old_crt);
     assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
@@ -429,7 +497,10 @@ fn a_service_that_does_not_reload_is_rolled_back() {
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("failed: verify:"), "{stdout}");
-    assert!(stdout.contains(&format!("presents {}, not", f.a.spki)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("presents {}, not", f.a.spki)),
+        "{stdout}"
+    );
     assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
     assert_eq!(journal_steps(&f).last().unwrap(), "rolled_back");
     // Once it runs again it reloads the restored files: still the old key.
@@ -452,9 +523,11 @@ fn a_rotation_killed_between_install_and_reload_is_finished_on_resume() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    wait_for("rotate to stop after install", Duration::from_secs(60), || {
-        process_state(child.id()) == 'T'
-    });
+    wait_for(
+        "rotate to stop after install",
+        Duration::from_secs(60),
+        || process_state(child.id()) == 'T',
+    );
     child.kill().unwrap();
     child.wait().unwrap();
     // Killed there: the new files are in place, nginx still serves the
@@ -467,7 +540,11 @@ fn a_rotation_killed_between_install_and_reload_is_finished_on_resume() {
 
     let out = rotate(&f, &["--resume"]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("resuming"), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resuming"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(served_spki(f.port, Some("a.test")), new_spki);
     assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
     assert_eq!(journal_steps(&f).last().unwrap(), "done");
@@ -569,7 +646,11 @@ fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
     assert_ne!(new_b, f.b.spki);
     assert!(pair_matches(&f.b.path, &crt_b));
     assert_eq!(served_spki(f.port, Some("b.test")), new_b);
-    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki, "a is untouched");
+    assert_eq!(
+        served_spki(f.port, Some("a.test")),
+        f.a.spki,
+        "a is untouched"
+    );
     let show = run_ok(
         Command::new("openssl")
             .args(["x509", "-noout", "-issuer", "-ext", "subjectAltName", "-in"])
@@ -587,8 +668,15 @@ fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
     let serial = serial_of(&crt_b);
     let out = revoke(&f, &["--key", &new_b, "--reason", "keyCompromise"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--force"), "{}", text(&out));
-    let out = revoke(&f, &["--key", &new_b, "--reason", "keyCompromise", "--force"]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "{}",
+        text(&out)
+    );
+    let out = revoke(
+        &f,
+        &["--key", &new_b, "--reason", "keyCompromise", "--force"],
+    );
     assert!(out.status.success(), "{}", text(&out));
     let status = run_ok(
         Command::new("curl")

@@ -32,7 +32,9 @@ fn acme_err(e: impl std::fmt::Display) -> IssueError {
 }
 
 /// Runs `f` to completion on a current-thread runtime made for it.
-fn block_on<T>(f: impl std::future::Future<Output = Result<T, IssueError>>) -> Result<T, IssueError> {
+fn block_on<T>(
+    f: impl std::future::Future<Output = Result<T, IssueError>>,
+) -> Result<T, IssueError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,8 +61,9 @@ async fn account(cfg: &AcmeConfig) -> Result<Account, IssueError> {
                 std::fs::read_to_string(path)
                     .map_err(|e| IssueError::Acme(format!("{}: {e}", cfg.account)))?,
             );
-            let creds: AccountCredentials = serde_json::from_str(&text)
-                .map_err(|e| IssueError::Acme(format!("{}: not ACME credentials: {e}", cfg.account)))?;
+            let creds: AccountCredentials = serde_json::from_str(&text).map_err(|e| {
+                IssueError::Acme(format!("{}: not ACME credentials: {e}", cfg.account))
+            })?;
             builder()?.from_credentials(creds).await.map_err(acme_err)
         }
         Err(_) => {
@@ -90,7 +93,11 @@ async fn account(cfg: &AcmeConfig) -> Result<Account, IssueError> {
 }
 
 /// A certificate for `key` with the names of `params`, from the ACME CA.
-pub fn issue(cfg: &AcmeConfig, params: &CertificateParams, key: &KeyPair) -> Result<Issued, IssueError> {
+pub fn issue(
+    cfg: &AcmeConfig,
+    params: &CertificateParams,
+    key: &KeyPair,
+) -> Result<Issued, IssueError> {
     let ids: Vec<Identifier> = params
         .subject_alt_names
         .iter()
@@ -116,7 +123,10 @@ pub fn issue(cfg: &AcmeConfig, params: &CertificateParams, key: &KeyPair) -> Res
     let mut written: Vec<std::path::PathBuf> = Vec::new();
     let result = block_on(async {
         let account = account(cfg).await?;
-        let mut order = account.new_order(&NewOrder::new(&ids)).await.map_err(acme_err)?;
+        let mut order = account
+            .new_order(&NewOrder::new(&ids))
+            .await
+            .map_err(acme_err)?;
         let mut authzs = order.authorizations();
         while let Some(a) = authzs.next().await {
             let mut a = a.map_err(acme_err)?;
@@ -128,10 +138,15 @@ pub fn issue(cfg: &AcmeConfig, params: &CertificateParams, key: &KeyPair) -> Res
                 .ok_or_else(|| IssueError::Acme("the CA offers no http-01 challenge".into()))?;
             if let Some(root) = &cfg.http01_webroot {
                 let dir = Path::new(root).join(".well-known/acme-challenge");
-                std::fs::create_dir_all(&dir).map_err(|e| IssueError::Acme(format!("{}: {e}", dir.display())))?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| IssueError::Acme(format!("{}: {e}", dir.display())))?;
                 let file = dir.join(&ch.token);
-                keywarden_analyzer::atomic_file::write(&file, ch.key_authorization().as_str().as_bytes(), 0o644)
-                    .map_err(|e| IssueError::Acme(format!("{}: {e}", file.display())))?;
+                keywarden_analyzer::atomic_file::write(
+                    &file,
+                    ch.key_authorization().as_str().as_bytes(),
+                    0o644,
+                )
+                .map_err(|e| IssueError::Acme(format!("{}: {e}", file.display())))?;
                 written.push(file);
             }
             ch.set_ready().await.map_err(acme_err)?;

@@ -142,7 +142,10 @@ pub fn restore(s: &FileSwap) -> Result<(), InstallError> {
         let _ = std::fs::remove_file(&s.backup);
     } else {
         if digest_of(&s.backup).as_deref() != Some(s.old_sha256.as_str()) {
-            return Err(err(&s.backup, "the backup of the old file is missing or changed"));
+            return Err(err(
+                &s.backup,
+                "the backup of the old file is missing or changed",
+            ));
         }
         std::fs::rename(&s.backup, &s.path).map_err(|e| err(&s.path, e))?;
     }
@@ -181,7 +184,11 @@ mod tests {
             mode: 0o604,
         };
         let s = stage(&f, b"new", "t1").unwrap();
-        assert_eq!(std::fs::read(&key).unwrap(), b"old", "staging changes nothing");
+        assert_eq!(
+            std::fs::read(&key).unwrap(),
+            b"old",
+            "staging changes nothing"
+        );
         let m = std::fs::metadata(&s.staged).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o777), (65534, 65534, 0o600));
         install(&s).unwrap();

@@ -6,11 +6,11 @@
 
 use std::path::Path;
 
+pub use rcgen::PublicKeyData;
 use rcgen::{
     CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer,
     KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-pub use rcgen::PublicKeyData;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 use zeroize::Zeroizing;
 
@@ -18,7 +18,9 @@ use crate::config::LocalCaConfig;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IssueError {
-    #[error("algorithm {0:?}: keywarden makes ecdsa-p256, ecdsa-p384, ed25519 and rsa-2048..rsa-8192 keys")]
+    #[error(
+        "algorithm {0:?}: keywarden makes ecdsa-p256, ecdsa-p384, ed25519 and rsa-2048..rsa-8192 keys"
+    )]
     Algorithm(String),
     #[error("key generation: {0}")]
     Generate(String),
@@ -65,11 +67,8 @@ pub fn new_key(algorithm: &str) -> Result<NewKey, IssueError> {
             let der = k
                 .to_pkcs8_der()
                 .map_err(|e| IssueError::Generate(e.to_string()))?;
-            KeyPair::from_pkcs8_der_and_sign_algo(
-                &der.as_bytes().into(),
-                &rcgen::PKCS_RSA_SHA256,
-            )
-            .map_err(|e| IssueError::Generate(e.to_string()))?
+            KeyPair::from_pkcs8_der_and_sign_algo(&der.as_bytes().into(), &rcgen::PKCS_RSA_SHA256)
+                .map_err(|e| IssueError::Generate(e.to_string()))?
         }
     };
     let pem = Zeroizing::new(pair.serialize_pem());
@@ -92,10 +91,16 @@ pub fn params_like(old_der: &[u8], validity_days: u32) -> Result<CertificatePara
                 .iter()
                 .ok_or_else(|| bad("subject attribute OID too large".into()))?
                 .collect();
-            let value = attr
-                .as_str()
-                .map_err(|_| bad(format!("subject attribute {} is not text", attr.attr_type())))?;
-            dn.push(DnType::from_oid(&oid), DnValue::Utf8String(value.to_owned()));
+            let value = attr.as_str().map_err(|_| {
+                bad(format!(
+                    "subject attribute {} is not text",
+                    attr.attr_type()
+                ))
+            })?;
+            dn.push(
+                DnType::from_oid(&oid),
+                DnValue::Utf8String(value.to_owned()),
+            );
         }
     }
     params.distinguished_name = dn;
@@ -103,17 +108,22 @@ pub fn params_like(old_der: &[u8], validity_days: u32) -> Result<CertificatePara
         for n in &san.value.general_names {
             let s = match n {
                 GeneralName::DNSName(d) => SanType::DnsName(
-                    (*d).try_into().map_err(|e: rcgen::Error| bad(e.to_string()))?,
+                    (*d).try_into()
+                        .map_err(|e: rcgen::Error| bad(e.to_string()))?,
                 ),
                 GeneralName::RFC822Name(m) => SanType::Rfc822Name(
-                    (*m).try_into().map_err(|e: rcgen::Error| bad(e.to_string()))?,
+                    (*m).try_into()
+                        .map_err(|e: rcgen::Error| bad(e.to_string()))?,
                 ),
                 GeneralName::URI(u) => SanType::URI(
-                    (*u).try_into().map_err(|e: rcgen::Error| bad(e.to_string()))?,
+                    (*u).try_into()
+                        .map_err(|e: rcgen::Error| bad(e.to_string()))?,
                 ),
                 GeneralName::IPAddress(b) => SanType::IpAddress(match b.len() {
                     4 => <[u8; 4]>::try_from(*b).map(std::net::IpAddr::from).unwrap(),
-                    16 => <[u8; 16]>::try_from(*b).map(std::net::IpAddr::from).unwrap(),
+                    16 => <[u8; 16]>::try_from(*b)
+                        .map(std::net::IpAddr::from)
+                        .unwrap(),
                     _ => return Err(bad("subjectAltName IP address of odd length".into())),
                 }),
                 other => return Err(bad(format!("subjectAltName {other:?} is not copied"))),
@@ -222,9 +232,10 @@ mod tests {
         let (_d, cfg) = ca();
         let ca = LocalCa::load(&cfg).unwrap();
         let old_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::new(vec!["www.test".to_owned(), "127.0.0.1".to_owned()])
-            .unwrap();
-        p.distinguished_name.push(DnType::OrganizationName, "Example");
+        let mut p =
+            CertificateParams::new(vec!["www.test".to_owned(), "127.0.0.1".to_owned()]).unwrap();
+        p.distinguished_name
+            .push(DnType::OrganizationName, "Example");
         p.distinguished_name.push(DnType::CommonName, "www.test");
         let old = p.self_signed(&old_key).unwrap();
 
@@ -247,6 +258,9 @@ mod tests {
             assert!(new.pem.contains("PRIVATE KEY"));
         }
         assert!(matches!(new_key("rsa-1024"), Err(IssueError::Algorithm(_))));
-        assert!(matches!(new_key("ecdsa-p521"), Err(IssueError::Algorithm(_))));
+        assert!(matches!(
+            new_key("ecdsa-p521"),
+            Err(IssueError::Algorithm(_))
+        ));
     }
 }

@@ -37,7 +37,10 @@ pub struct FileSwap {
 #[serde(tag = "step", rename_all = "snake_case")]
 pub enum Step {
     /// The plan; new files are about to be staged beside the old ones.
-    Planned { plan: Box<Plan>, issuer: String },
+    Planned {
+        plan: Box<Plan>,
+        issuer: String,
+    },
     /// The new key and certificate are staged (written, fsynced).
     Issued {
         new_spki_sha256: String,
@@ -51,15 +54,23 @@ pub enum Step {
     Reloading,
     Reloaded,
     /// Every target presents the new key, every other target what it did.
-    Verified { detail: Vec<String> },
+    Verified {
+        detail: Vec<String>,
+    },
     /// Backups removed: the rotation is over.
     Done,
     /// About to restore the old files, reload and verify them.
-    RollingBack { why: String },
-    RolledBack { detail: Vec<String> },
+    RollingBack {
+        why: String,
+    },
+    RolledBack {
+        detail: Vec<String>,
+    },
     /// The old files are back (where they could be) but the old key does
     /// not serve as before: someone must look.
-    RollbackFailed { why: String },
+    RollbackFailed {
+        why: String,
+    },
 }
 
 impl Step {

@@ -75,7 +75,7 @@ pub struct Args {
 
 /// Where the new certificate comes from.
 pub enum Issuer {
-    Local(issue::LocalCa),
+    Local(Box<issue::LocalCa>),
     Acme(crate::config::AcmeConfig),
 }
 
@@ -88,22 +88,26 @@ impl Issuer {
     }
 
     pub fn from_config(cfg: &crate::config::RotationConfig, ca: Option<&str>) -> Result<Self> {
-        let which = ca.or(cfg.issuer.as_deref()).unwrap_or(match (&cfg.local_ca, &cfg.acme) {
-            (Some(_), _) => "local",
-            (None, Some(_)) => "acme",
-            (None, None) => "",
-        });
+        let which = ca
+            .or(cfg.issuer.as_deref())
+            .unwrap_or(match (&cfg.local_ca, &cfg.acme) {
+                (Some(_), _) => "local",
+                (None, Some(_)) => "acme",
+                (None, None) => "",
+            });
         match which {
             "local" => {
                 let c = cfg
                     .local_ca
                     .as_ref()
                     .ok_or_else(|| anyhow!("rotation.local_ca is not configured"))?;
-                Ok(Issuer::Local(issue::LocalCa::load(c)?))
+                Ok(Issuer::Local(Box::new(issue::LocalCa::load(c)?)))
             }
-            "acme" => Ok(Issuer::Acme(cfg.acme.clone().ok_or_else(|| {
-                anyhow!("rotation.acme is not configured")
-            })?)),
+            "acme" => {
+                Ok(Issuer::Acme(cfg.acme.clone().ok_or_else(|| {
+                    anyhow!("rotation.acme is not configured")
+                })?))
+            }
             "" => bail!("no issuer: configure rotation.local_ca or rotation.acme"),
             other => bail!("issuer {other:?}: expected local or acme"),
         }
@@ -163,14 +167,20 @@ pub fn run(cfg: &Config, args: Args) -> Result<Outcome> {
         .inventory
         .clone()
         .unwrap_or_else(|| PathBuf::from(&cfg.inventory));
-    let inventory = crate::keys::inventory::Inventory::read(&inventory_path)?
-        .ok_or_else(|| anyhow!("{}: no inventory (is the sensor running?)", inventory_path.display()))?;
-    let entry = plan::entry(inventory.keys(), key)?;
-    let plan = plan::make(entry, inventory.keys(), &cfg.rotation).map_err(|e| {
-        anyhow!("refused to rotate {}: {e}", entry.spki_sha256)
+    let inventory = crate::keys::inventory::Inventory::read(&inventory_path)?.ok_or_else(|| {
+        anyhow!(
+            "{}: no inventory (is the sensor running?)",
+            inventory_path.display()
+        )
     })?;
+    let entry = plan::entry(inventory.keys(), key)?;
+    let plan = plan::make(entry, inventory.keys(), &cfg.rotation)
+        .map_err(|e| anyhow!("refused to rotate {}: {e}", entry.spki_sha256))?;
     print!("{}", plan.describe());
-    let algorithm = args.algorithm.clone().unwrap_or_else(|| plan.algorithm.clone());
+    let algorithm = args
+        .algorithm
+        .clone()
+        .unwrap_or_else(|| plan.algorithm.clone());
     if args.dry_run {
         let issuer = Issuer::from_config(&cfg.rotation, args.ca.as_deref())
             .map(|i| i.name().to_owned())
@@ -203,16 +213,17 @@ pub fn rotate(
         let old_der = pem::parse(&plan.old_certificate_pem)?.into_contents();
         let params = issue::params_like(&old_der, cfg.rotation.validity_days)?;
         let issued = issuer.issue(&params, &key.pair)?;
-        let new_spki =
-            material::KeyInfo::from_spki_der(&key.pair.subject_public_key_info())
-                .map_err(|e| anyhow!("new key: {e}"))?
-                .spki_sha256;
+        let new_spki = material::KeyInfo::from_spki_der(&key.pair.subject_public_key_info())
+            .map_err(|e| anyhow!("new key: {e}"))?
+            .spki_sha256;
         // Never a key and a certificate that do not match.
         let certified = material::certificate_key(&issued.leaf_der)
             .map_err(|e| anyhow!("issued certificate: {e}"))?
             .spki_sha256;
         if certified != new_spki {
-            bail!("the issuer returned a certificate for key {certified}, not the new key {new_spki}");
+            bail!(
+                "the issuer returned a certificate for key {certified}, not the new key {new_spki}"
+            );
         }
         let leaf_pem = pem::encode(&pem::Pem::new("CERTIFICATE", issued.leaf_der.clone()));
         let mut swaps = Vec::new();
@@ -253,7 +264,10 @@ pub fn rotate(
             return Ok(Outcome::RolledBack);
         }
     };
-    println!("issued: new key {new_spki} ({algorithm}) from issuer {}", issuer.name());
+    println!(
+        "issued: new key {new_spki} ({algorithm}) from issuer {}",
+        issuer.name()
+    );
     j.record(Step::Issued {
         new_spki_sha256: new_spki.clone(),
         new_certificate_pem: leaf_pem,
@@ -365,7 +379,10 @@ fn rollback(
                 println!("rolled back: {d}");
             }
             j.record(Step::RolledBack { detail })?;
-            println!("rolled back: the old key serves again; journal {}", j.path.display());
+            println!(
+                "rolled back: the old key serves again; journal {}",
+                j.path.display()
+            );
             Ok(Outcome::RolledBack)
         }
         _ => {

@@ -149,8 +149,8 @@ pub fn entry<'a>(
 /// Reads a key or certificate file without following a symbolic link at
 /// its path: the rotation writes there as root.
 fn read_file(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), Refused> {
-    let meta = std::fs::symlink_metadata(path)
-        .map_err(|e| why(format!("{}: {e}", path.display())))?;
+    let meta =
+        std::fs::symlink_metadata(path).map_err(|e| why(format!("{}: {e}", path.display())))?;
     if meta.file_type().is_symlink() {
         return Err(why(format!(
             "{}: a symbolic link (another tool, such as certbot, manages these files); keywarden only replaces regular files",
@@ -205,9 +205,9 @@ fn files(entry: &KeyEntry) -> Result<(Vec<PlannedFile>, Vec<u8>), Refused> {
             continue;
         }
         let certs = pem_certificates(&bytes);
-        let first_is_ours = certs.first().is_some_and(|c| {
-            material::certificate_key(c).is_ok_and(|k| &k.spki_sha256 == spki)
-        });
+        let first_is_ours = certs
+            .first()
+            .is_some_and(|c| material::certificate_key(c).is_ok_and(|k| &k.spki_sha256 == spki));
         let role = match (parsed.has_private_key, certs.len(), first_is_ours) {
             (true, 0, _) => Role::Key,
             (true, _, _) => {
@@ -291,7 +291,10 @@ fn config_args(cmdline: &[String], flags: &[&str]) -> Vec<String> {
     // /usr/sbin/nginx -c /etc/nginx/nginx.conf`, its arguments joined by
     // spaces (so a path with a space in it cannot be told apart).
     let split: Vec<String>;
-    let cmdline = match cmdline.first().and_then(|a| a.strip_prefix("nginx: master process ")) {
+    let cmdline = match cmdline
+        .first()
+        .and_then(|a| a.strip_prefix("nginx: master process "))
+    {
         Some(rest) => {
             split = rest.split(' ').map(str::to_owned).collect();
             &split[..]
@@ -306,7 +309,10 @@ fn config_args(cmdline: &[String], flags: &[&str]) -> Vec<String> {
                 out.push((*f).to_owned());
                 out.push(v.clone());
             }
-        } else if let Some(f) = flags.iter().find(|f| a.starts_with(**f) && a.len() > f.len()) {
+        } else if let Some(f) = flags
+            .iter()
+            .find(|f| a.starts_with(**f) && a.len() > f.len())
+        {
             // `-cFILE`
             out.push((*f).to_owned());
             out.push(a[f.len()..].to_owned());
@@ -323,7 +329,10 @@ fn reload_for(exe: &Path, cmdline: &[String], cfg: &RotationConfig) -> Result<Re
         .find(|c| Path::new(&c.exe) == exe)
     {
         if c.command.is_empty() {
-            return Err(format!("reload_commands: the command for {} is empty", c.exe));
+            return Err(format!(
+                "reload_commands: the command for {} is empty",
+                c.exe
+            ));
         }
         return Ok(Reload::Command {
             command: c.command.clone(),
@@ -457,15 +466,27 @@ pub fn discover<'a>(
     let gone = entry
         .processes
         .iter()
-        .filter(|p| !p.exe.as_deref().is_some_and(|e| running.contains(Path::new(e))))
-        .map(|p| format!("{} ({})", p.name, p.exe.as_deref().unwrap_or("executable unknown")))
+        .filter(|p| {
+            !p.exe
+                .as_deref()
+                .is_some_and(|e| running.contains(Path::new(e)))
+        })
+        .map(|p| {
+            format!(
+                "{} ({})",
+                p.name,
+                p.exe.as_deref().unwrap_or("executable unknown")
+            )
+        })
         .collect();
     let related: Vec<&KeyEntry> = std::iter::once(entry)
         .chain(all.filter(|e| {
             e.spki_sha256 != entry.spki_sha256
-                && e.processes
-                    .iter()
-                    .any(|p| p.exe.as_deref().is_some_and(|x| exes.contains(Path::new(x))))
+                && e.processes.iter().any(|p| {
+                    p.exe
+                        .as_deref()
+                        .is_some_and(|x| exes.contains(Path::new(x)))
+                })
         }))
         .collect();
     let names = server_names(leaf, &related);
@@ -629,7 +650,11 @@ impl Plan {
         for sv in &self.services {
             let how = match &sv.reload {
                 Reload::Nginx { exe, args } => {
-                    format!("{} -t {} then SIGHUP to the master", exe.display(), args.join(" "))
+                    format!(
+                        "{} -t {} then SIGHUP to the master",
+                        exe.display(),
+                        args.join(" ")
+                    )
                 }
                 Reload::Apache { exe, args } => format!(
                     "{} -t {} then SIGUSR1 (graceful) to the master",
@@ -665,16 +690,27 @@ mod tests {
 
     #[test]
     fn config_args_keep_only_the_configuration_flags() {
-        let cmd: Vec<String> = ["nginx", "-c", "/x/n.conf", "-g", "daemon off;", "-q", "-p/pre"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let cmd: Vec<String> = [
+            "nginx",
+            "-c",
+            "/x/n.conf",
+            "-g",
+            "daemon off;",
+            "-q",
+            "-p/pre",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         assert_eq!(
             config_args(&cmd, &["-c", "-p", "-g"]),
             ["-c", "/x/n.conf", "-g", "daemon off;", "-p", "/pre"]
         );
         let title = ["nginx: master process /usr/sbin/nginx -c /x/n.conf".to_owned()];
-        assert_eq!(config_args(&title, &["-c", "-p", "-g"]), ["-c", "/x/n.conf"]);
+        assert_eq!(
+            config_args(&title, &["-c", "-p", "-g"]),
+            ["-c", "/x/n.conf"]
+        );
     }
 
     #[test]
@@ -721,13 +757,22 @@ mod tests {
             certificates: vec![],
             certificates_omitted: 0,
         };
-        let keys = [mk(&"ab".repeat(32)), mk(&format!("abababab{}", "cd".repeat(28)))];
-        assert!(matches!(entry(keys.iter(), "abababab"), Err(Refused::Ambiguous(2, _))));
+        let keys = [
+            mk(&"ab".repeat(32)),
+            mk(&format!("abababab{}", "cd".repeat(28))),
+        ];
+        assert!(matches!(
+            entry(keys.iter(), "abababab"),
+            Err(Refused::Ambiguous(2, _))
+        ));
         assert_eq!(
             entry(keys.iter(), "ABABABABCD").unwrap().spki_sha256,
             keys[1].spki_sha256
         );
-        assert!(matches!(entry(keys.iter(), "ffffffff"), Err(Refused::Unknown(_))));
+        assert!(matches!(
+            entry(keys.iter(), "ffffffff"),
+            Err(Refused::Unknown(_))
+        ));
         assert!(matches!(entry(keys.iter(), "abc"), Err(Refused::Why(_))));
     }
 }

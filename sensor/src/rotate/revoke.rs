@@ -56,7 +56,11 @@ pub fn reason_code(name: &str) -> Result<u8> {
         .ok_or_else(|| {
             anyhow!(
                 "--reason {name:?}: expected one of {}",
-                REASONS.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                REASONS
+                    .iter()
+                    .map(|(n, _)| *n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )
         })
 }
@@ -107,7 +111,9 @@ fn certificates(
 ) -> Result<(Vec<Vec<u8>>, bool)> {
     let mut out: Vec<Vec<u8>> = Vec::new();
     let mut add = |der: Vec<u8>| {
-        if material::certificate_key(&der).is_ok_and(|k| k.spki_sha256 == spki) && !out.contains(&der) {
+        if material::certificate_key(&der).is_ok_and(|k| k.spki_sha256 == spki)
+            && !out.contains(&der)
+        {
             out.push(der);
         }
     };
@@ -138,7 +144,8 @@ fn certificates(
     }
     for f in entry.map(|e| e.files.as_slice()).unwrap_or_default() {
         let p = Path::new(f);
-        if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() <= material::MAX_KEY_FILE)
+        if std::fs::symlink_metadata(p)
+            .is_ok_and(|m| m.is_file() && m.len() <= material::MAX_KEY_FILE)
             && let Ok(bytes) = std::fs::read(p)
         {
             for der in plan::pem_certificates(&bytes) {
@@ -204,7 +211,9 @@ pub fn run(cfg: &Config, args: Args) -> Result<()> {
     for der in &certs {
         let d = material::certificate_details(der)
             .ok_or_else(|| anyhow!("a certificate of {spki} does not parse"))?;
-        let by_local = local.as_ref().is_some_and(|(ca, _)| signed_by(der, &ca.cert_der));
+        let by_local = local
+            .as_ref()
+            .is_some_and(|(ca, _)| signed_by(der, &ca.cert_der));
         let r = if let (true, Some((ca, c))) = (by_local, &local) {
             let crl = c
                 .crl
@@ -216,7 +225,10 @@ pub fn run(cfg: &Config, args: Args) -> Result<()> {
                 .map_err(anyhow::Error::from)
                 .and_then(|()| acme_status(acme, &d.serial, code))
         } else {
-            Err(anyhow!("issued by {}: neither the local CA nor ACME is configured for it", d.issuer))
+            Err(anyhow!(
+                "issued by {}: neither the local CA nor ACME is configured for it",
+                d.issuer
+            ))
         };
         match r {
             Ok(how) => println!(
@@ -225,7 +237,10 @@ pub fn run(cfg: &Config, args: Args) -> Result<()> {
             ),
             Err(e) => {
                 failed += 1;
-                println!("NOT revoked: serial {} (issuer {}): {e:#}", d.serial, d.issuer);
+                println!(
+                    "NOT revoked: serial {} (issuer {}): {e:#}",
+                    d.serial, d.issuer
+                );
             }
         }
     }
@@ -237,11 +252,14 @@ pub fn run(cfg: &Config, args: Args) -> Result<()> {
 
 /// `der`'s signature checks under the public key of `ca_der`.
 fn signed_by(der: &[u8], ca_der: &[u8]) -> bool {
-    let (Ok((_, c)), Ok((_, ca))) = (X509Certificate::from_der(der), X509Certificate::from_der(ca_der))
-    else {
+    let (Ok((_, c)), Ok((_, ca))) = (
+        X509Certificate::from_der(der),
+        X509Certificate::from_der(ca_der),
+    ) else {
         return false;
     };
-    c.issuer().as_raw() == ca.subject().as_raw() && c.verify_signature(Some(ca.public_key())).is_ok()
+    c.issuer().as_raw() == ca.subject().as_raw()
+        && c.verify_signature(Some(ca.public_key())).is_ok()
 }
 
 /// Adds `der`'s serial to the CA's CRL at `path` (made if missing), then
@@ -306,10 +324,15 @@ fn crl_revoke(ca: &LocalCa, path: &Path, der: &[u8], code: u8) -> Result<()> {
     let (_, ca_cert) = X509Certificate::from_der(&ca.cert_der).map_err(|e| anyhow!("CA: {e}"))?;
     crl.verify_signature(ca_cert.public_key())
         .map_err(|e| anyhow!("{}: CRL signature does not verify: {e}", path.display()))?;
-    let listed = crl.iter_revoked_certificates().find(|r| r.raw_serial() == serial.as_slice());
+    let listed = crl
+        .iter_revoked_certificates()
+        .find(|r| r.raw_serial() == serial.as_slice());
     match listed {
         Some(r) if r.reason_code().map(|(_, c)| c.0).unwrap_or(0) == code => Ok(()),
-        Some(_) => bail!("{}: serial listed, with another reason (revoked before?)", path.display()),
+        Some(_) => bail!(
+            "{}: serial listed, with another reason (revoked before?)",
+            path.display()
+        ),
         None => bail!("{}: serial not listed after writing", path.display()),
     }
 }
@@ -318,7 +341,9 @@ fn crl_revoke(ca: &LocalCa, path: &Path, der: &[u8], code: u8) -> Result<()> {
 /// `code`.
 fn acme_status(cfg: &crate::config::AcmeConfig, serial: &str, code: u8) -> Result<String> {
     let Some(url) = &cfg.revocation_status_url else {
-        return Ok("ACME revokeCert accepted (no revocation_status_url to verify at the CA)".into());
+        return Ok(
+            "ACME revokeCert accepted (no revocation_status_url to verify at the CA)".into(),
+        );
     };
     let url = url.replace("{serial}", serial);
     let body = https_get(&url, cfg.root.as_deref())?;
@@ -332,7 +357,9 @@ fn acme_status(cfg: &crate::config::AcmeConfig, serial: &str, code: u8) -> Resul
     if reason != Some(u64::from(code)) {
         bail!("{url}: revoked with reason {reason:?}, not {code}");
     }
-    Ok(format!("ACME revokeCert; the CA reports it Revoked, reason {code}"))
+    Ok(format!(
+        "ACME revokeCert; the CA reports it Revoked, reason {code}"
+    ))
 }
 
 /// A GET over HTTPS, trusting `root` (PEM) or the system's bundle.
@@ -369,7 +396,10 @@ fn https_get(url: &str, root: Option<&str>) -> Result<Vec<u8>> {
     sock.set_read_timeout(Some(Duration::from_secs(10)))?;
     sock.set_write_timeout(Some(Duration::from_secs(10)))?;
     let mut tls = rustls::StreamOwned::new(conn, sock);
-    write!(tls, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n")?;
+    write!(
+        tls,
+        "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\n\r\n"
+    )?;
     let mut resp = Vec::new();
     match tls.read_to_end(&mut resp) {
         Ok(_) => {}
@@ -377,12 +407,16 @@ fn https_get(url: &str, root: Option<&str>) -> Result<Vec<u8>> {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
         Err(e) => return Err(e).context(url.to_owned()),
     }
-    let split = memchr::memmem::find(&resp, b"\r\n\r\n").ok_or_else(|| anyhow!("{url}: no HTTP response"))?;
+    let split = memchr::memmem::find(&resp, b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("{url}: no HTTP response"))?;
     let head = String::from_utf8_lossy(&resp[..split]);
     if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
         bail!("{url}: {}", head.lines().next().unwrap_or(""));
     }
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         bail!("{url}: chunked responses are not read");
     }
     Ok(resp[split + 4..].to_vec())

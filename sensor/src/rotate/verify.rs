@@ -13,7 +13,10 @@ use super::plan::{self, Target};
 
 /// Waits until each `(target, spki)` holds; on time out, says which do
 /// not. Returns one line per target.
-pub fn wait_for(expect: &[(Target, String)], timeout: Duration) -> Result<Vec<String>, Vec<String>> {
+pub fn wait_for(
+    expect: &[(Target, String)],
+    timeout: Duration,
+) -> Result<Vec<String>, Vec<String>> {
     let deadline = Instant::now() + timeout;
     let handshake = Duration::from_millis(2000).min(timeout.max(Duration::from_millis(200)));
     loop {
