@@ -86,6 +86,15 @@ pub struct RotationConfig {
     /// Reload commands for services keywarden does not know how to
     /// reload itself (nginx and apache it does), by executable.
     pub reload_commands: Vec<ReloadCommand>,
+    /// The running sensor's events file (its `output`): when set, a
+    /// rotation is also verified by what the sensor sees sign
+    /// (`rotate/sensor_view.rs`). `keywarden rotate --sensor-events`
+    /// overrides it.
+    pub sensor_events: Option<String>,
+    /// How long old workers may go on signing with the old key after the
+    /// reload (they finish their connections) before the sensor's view
+    /// must show none.
+    pub drain_ms: u64,
 }
 
 impl Default for RotationConfig {
@@ -98,6 +107,8 @@ impl Default for RotationConfig {
             validity_days: 90,
             verify_timeout_ms: 10_000,
             reload_commands: Vec::new(),
+            sensor_events: None,
+            drain_ms: 5000,
         }
     }
 }

@@ -145,6 +145,13 @@ enum Command {
         /// Issuer: `local` or `acme` (over `rotation.issuer`).
         #[arg(long)]
         ca: Option<String>,
+        /// The running sensor's events file: also verify by what the
+        /// sensor sees sign (over `rotation.sensor_events`).
+        #[arg(long, value_name = "FILE")]
+        sensor_events: Option<String>,
+        /// Drain period for old workers, ms (over `rotation.drain_ms`).
+        #[arg(long, value_name = "MS")]
+        drain_ms: Option<u64>,
         /// Inventory file (default: the configuration's `inventory`).
         #[arg(long, value_name = "FILE")]
         inventory: Option<PathBuf>,
@@ -327,10 +334,18 @@ fn main() -> ExitCode {
             resume,
             algorithm,
             ca,
+            sensor_events,
+            drain_ms,
             inventory,
             config,
         } => {
-            let r = config::Config::load(config.as_deref()).and_then(|cfg| {
+            let r = config::Config::load(config.as_deref()).and_then(|mut cfg| {
+                if sensor_events.is_some() {
+                    cfg.rotation.sensor_events = sensor_events;
+                }
+                if let Some(d) = drain_ms {
+                    cfg.rotation.drain_ms = d;
+                }
                 rotate::run(
                     &cfg,
                     rotate::Args {

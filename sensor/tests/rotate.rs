@@ -703,3 +703,57 @@ fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
 fn dir_mode(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
+
+/// With the sensor running, `rotate --sensor-events` also checks what the
+/// sensor sees: nginx signing with the new key after the reload, and with
+/// the old key no more after the drain period.
+#[test]
+fn the_sensor_sees_the_new_key_sign_and_the_old_one_stop() {
+    let f = setup(&[]);
+    let sensor = Sensor::start(&[
+        "--config",
+        f.config.to_str().unwrap(),
+        "--inventory",
+        f.dir().join("inventory.json").to_str().unwrap(),
+    ]);
+    let events = sensor.events_path.clone();
+    let out = rotate(
+        &f,
+        &[
+            "--key",
+            &f.a.spki,
+            "--sensor-events",
+            events.to_str().unwrap(),
+            "--drain-ms",
+            "1000",
+        ],
+    );
+    let log = sensor.log();
+    let seen = sensor.stop();
+    assert!(out.status.success(), "{}\nsensor log:\n{log}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let new_spki = spki_of_file(&f.a.path);
+    assert!(
+        stdout.contains(&format!(
+            "sensor: the service signs with the new key {new_spki}"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("sensor: no signature with the old key"),
+        "{stdout}"
+    );
+    // The events agree: nginx signed with the new key.
+    let nginx_new = key_uses(&seen)
+        .into_iter()
+        .filter(|e| e.actor.process.name == "nginx" && spki_of_event(e) == Some(new_spki.as_str()))
+        .count();
+    assert!(
+        nginx_new > 0,
+        "no nginx signature with the new key in the events"
+    );
+}
+
+fn spki_of_event(e: &Event) -> Option<&str> {
+    support::spki_of(e)
+}

@@ -18,6 +18,7 @@ pub mod journal;
 pub mod plan;
 pub mod reload;
 pub mod revoke;
+pub mod sensor_view;
 pub mod verify;
 
 use std::{
@@ -296,6 +297,9 @@ fn forward(
     }
     j.record(Step::Installed)?;
     println!("installed: {} files", swaps.len());
+    let events = cfg.rotation.sensor_events.as_ref().map(PathBuf::from);
+    let from = events.as_deref().map(sensor_view::offset).unwrap_or(0);
+    let reload_ms = crate::keys::inventory::now_ms();
     j.record(Step::Reloading)?;
     for sv in &plan.services {
         if let Err(e) = reload::reload(sv) {
@@ -314,6 +318,27 @@ fn forward(
         Ok(detail) => {
             for d in &detail {
                 println!("verified: {d}");
+            }
+            let mut detail = detail;
+            if let Some(events) = &events {
+                let watch = sensor_view::Watch {
+                    events,
+                    from,
+                    reload_ms,
+                    exes: plan.services.iter().map(|s| s.exe.clone()).collect(),
+                    targets: &plan.targets,
+                    drain: Duration::from_millis(cfg.rotation.drain_ms),
+                    timeout: verify_timeout(cfg),
+                };
+                match sensor_view::verify(&watch, new_spki, &plan.spki_sha256) {
+                    Ok(seen) => {
+                        for d in &seen {
+                            println!("verified: {d}");
+                        }
+                        detail.extend(seen);
+                    }
+                    Err(e) => return rollback(j, plan, swaps, format!("verify: {e}"), cfg),
+                }
             }
             j.record(Step::Verified { detail })?;
         }
