@@ -757,3 +757,102 @@ fn the_sensor_sees_the_new_key_sign_and_the_old_one_stop() {
 fn spki_of_event(e: &Event) -> Option<&str> {
     support::spki_of(e)
 }
+
+/// apache2 (event MPM, mod_ssl), reloaded gracefully (`apache2 -t` with
+/// its own flags, then SIGUSR1): rotated through the local CA and
+/// verified by handshake.
+#[test]
+fn apache_is_rotated_through_the_local_ca() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir(&keys_dir).unwrap();
+    let key = openssl_key(&keys_dir, "w", "ec");
+    let (ca_key, ca_crt) = openssl_ca(dir, "local");
+    let crt = ca_cert(&keys_dir, &key, "www.test", &ca_key, &ca_crt);
+    let port = free_port();
+    let modules = "/usr/lib/apache2/modules";
+    let conf = dir.join("apache2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ServerRoot {dir}\n\
+             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+             LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so\n\
+             LoadModule ssl_module {modules}/mod_ssl.so\n\
+             ServerName www.test\n\
+             Listen 127.0.0.1:{port}\n\
+             PidFile {dir}/apache2.pid\n\
+             DefaultRuntimeDir {dir}\n\
+             ErrorLog {dir}/error.log\n\
+             User www-data\nGroup www-data\n\
+             SSLSessionCache none\nSSLSessionTickets off\n\
+             <VirtualHost 127.0.0.1:{port}>\n\
+             SSLEngine on\n\
+             SSLCertificateFile {crt}\n\
+             SSLCertificateKeyFile {key}\n\
+             </VirtualHost>\n",
+            dir = dir.display(),
+            crt = crt.display(),
+            key = key.path.display(),
+        ),
+    )
+    .unwrap();
+    let apache = start_server(
+        Command::new("/usr/sbin/apache2")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-DFOREGROUND")
+            .stdin(Stdio::null()),
+        port,
+    );
+    let inventory = dir.join("inventory.json");
+    let journal_dir = dir.join("journal");
+    let config = sensor_config(
+        dir,
+        &[&keys_dir],
+        &[
+            (
+                "journal_dir: /var/lib/keywarden/rotations",
+                format!("journal_dir: {}", journal_dir.display()),
+            ),
+            (
+                "  local_ca: null",
+                format!(
+                    "  local_ca: {{ key: {}, cert: {} }}",
+                    ca_key.display(),
+                    ca_crt.display()
+                ),
+            ),
+        ],
+    );
+    let sensor = Sensor::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--inventory",
+        inventory.to_str().unwrap(),
+    ]);
+    for _ in 0..3 {
+        assert_eq!(served_spki(port, Some("www.test")), key.spki);
+    }
+    sensor.stop();
+
+    let out = keywarden()
+        .args(["rotate", "--config"])
+        .arg(&config)
+        .arg("--inventory")
+        .arg(&inventory)
+        .args(["--key", &key.spki])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("SIGUSR1"), "{stdout}");
+    let new_spki = spki_of_file(&key.path);
+    assert_ne!(new_spki, key.spki);
+    assert!(pair_matches(&key.path, &crt));
+    assert_eq!(served_spki(port, Some("www.test")), new_spki);
+    assert_eq!(served_spki(port, None), new_spki);
+    drop(apache);
+}
