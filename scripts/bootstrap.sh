@@ -25,7 +25,8 @@ LLVM_PREFIX="${KEYWARDEN_LLVM_PREFIX:-/opt/keywarden/llvm-$TOOLCHAIN}"
 # qemu-system-x86, kmod, busybox-static: `cargo xtask vm-test` boots stock
 # kernels with virtme-ng (it installs them itself too, with virtme-ng and
 # the kernels, under target/).
-APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd vagrant qemu-system-x86 kmod busybox-static golang-go gnutls-bin libnss3-tools)
+# pebble: the ACME test CA the rotation tests start (sensor/tests/rotate.rs).
+APT_PACKAGES=(nginx curl openssl ca-certificates build-essential pkg-config bpftool procps cmake clang nodejs wrk openssh-client openssh-server apache2 prometheus systemd vagrant qemu-system-x86 kmod busybox-static golang-go gnutls-bin libnss3-tools pebble)
 MODE="${KEYWARDEN_BOOTSTRAP:-all}"
 case "$MODE" in
     all) ;;

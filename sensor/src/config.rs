@@ -74,6 +74,11 @@ pub struct Config {
     /// in a configuration file.
     #[serde(default)]
     pub parquet: ParquetConfig,
+    /// Key rotation and revocation (`rotate/`, docs/rotation.md). Optional
+    /// in a configuration file: with none, `keywarden rotate` has no
+    /// issuer and refuses.
+    #[serde(default)]
+    pub rotation: RotationConfig,
 }
 
 /// Parquet files in the Amazon Security Lake layout (docs/deploy.md).
@@ -106,6 +111,54 @@ impl Default for ParquetConfig {
     }
 }
 
+
+/// Where new certificates come from, how a rotation is journalled,
+/// reloaded and verified (docs/rotation.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// One journal per rotation, root only (`rotate/journal.rs`).
+    pub journal_dir: String,
+    /// `local` or `acme`; without it, whichever of the two is configured
+    /// (`local` when both are). `keywarden rotate --ca` overrides it.
+    pub issuer: Option<String>,
+    pub local_ca: Option<LocalCaConfig>,
+    pub acme: Option<AcmeConfig>,
+    /// Validity of a certificate the local CA issues.
+    pub validity_days: u32,
+    /// How long verification by handshake keeps trying after a reload
+    /// (new workers take a moment to start) before it fails.
+    pub verify_timeout_ms: u64,
+    /// Reload commands for services keywarden does not know how to
+    /// reload itself (nginx and apache it does), by executable.
+    pub reload_commands: Vec<ReloadCommand>,
+    /// The running sensor's events file (its `output`): when set, a
+    /// rotation is also verified by what the sensor sees sign
+    /// (`rotate/sensor_view.rs`). `keywarden rotate --sensor-events`
+    /// overrides it.
+    pub sensor_events: Option<String>,
+    /// How long old workers may go on signing with the old key after the
+    /// reload (they finish their connections) before the sensor's view
+    /// must show none.
+    pub drain_ms: u64,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        RotationConfig {
+            journal_dir: "/var/lib/keywarden/rotations".into(),
+            issuer: None,
+            local_ca: None,
+            acme: None,
+            validity_days: 90,
+            verify_timeout_ms: 10_000,
+            reload_commands: Vec::new(),
+            sensor_events: None,
+            drain_ms: 5000,
+        }
+    }
+}
+
 impl ParquetConfig {
     /// Security Lake's limits, and values that become directory names.
     pub fn check(&self) -> Result<()> {
@@ -126,6 +179,52 @@ impl ParquetConfig {
         }
         Ok(())
     }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalCaConfig {
+    /// The CA's private key (PEM; ECDSA P-256/P-384, Ed25519 or RSA).
+    pub key: String,
+    /// The CA's certificate (PEM).
+    pub cert: String,
+    /// Where `keywarden revoke` publishes the CA's CRL (PEM), rewritten
+    /// atomically with every revocation.
+    pub crl: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The ACME directory URL.
+    pub directory: String,
+    /// A PEM file of roots to trust for the ACME server's own TLS
+    /// certificate instead of the system's (a test CA such as pebble).
+    #[serde(default)]
+    pub root: Option<String>,
+    /// The account's credentials (JSON, root only), created on first use.
+    pub account: String,
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Directory served at `/.well-known/acme-challenge/` for http-01
+    /// challenges. Without it no challenge is answered: only a CA that
+    /// validates nothing (pebble with `PEBBLE_VA_ALWAYS_VALID=1`) issues.
+    #[serde(default)]
+    pub http01_webroot: Option<String>,
+    /// A URL that reports a certificate's revocation status, with
+    /// `{serial}` for its serial in hex (pebble's management interface:
+    /// `https://127.0.0.1:15000/cert-status-by-serial/{serial}`), so that
+    /// `keywarden revoke` can check at the CA that it took effect.
+    #[serde(default)]
+    pub revocation_status_url: Option<String>,
+}
+
+/// `exe` is reloaded by running `command` (no shell).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadCommand {
+    pub exe: String,
+    pub command: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -253,6 +352,8 @@ mod tests {
         assert_eq!(c.parquet.dir, None, "Parquet export is off by default");
         assert_eq!(c.parquet.account_id, "external");
         c.parquet.check().unwrap();
+        assert_eq!(c.rotation.journal_dir, "/var/lib/keywarden/rotations");
+        assert!(c.rotation.local_ca.is_none() && c.rotation.acme.is_none());
         crate::secrets::watch::WatchList::new(&c.secret_files.watch)
             .expect("default watch list compiles");
     }

@@ -26,6 +26,7 @@ mod pidfd;
 mod probes;
 mod records;
 mod respond;
+mod rotate;
 mod run;
 mod secrets;
 mod setup;
@@ -128,6 +129,63 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         inventory: Option<PathBuf>,
         /// Configuration whose `inventory` applies.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Replace a key where it is used: plan from the inventory, issue a new
+    /// key and certificate (local CA or ACME), install them atomically,
+    /// reload the service, verify by handshake that it presents the new
+    /// key, and roll back when any step fails (docs/rotation.md). First
+    /// finishes or rolls back any rotation a crash interrupted. Exit
+    /// status: 0 done, 1 refused or error, 2 rolled back, 3 rollback failed.
+    Rotate {
+        /// The key's SPKI SHA-256 (or an unambiguous prefix, 8+ digits).
+        #[arg(long, required_unless_present = "resume")]
+        key: Option<String>,
+        /// Print the plan and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Only finish or roll back interrupted rotations.
+        #[arg(long, conflicts_with = "key")]
+        resume: bool,
+        /// Algorithm of the new key (`ecdsa-p256`, `ecdsa-p384`, `ed25519`,
+        /// `rsa-2048`...); default: the old key's.
+        #[arg(long)]
+        algorithm: Option<String>,
+        /// Issuer: `local` or `acme` (over `rotation.issuer`).
+        #[arg(long)]
+        ca: Option<String>,
+        /// The running sensor's events file: also verify by what the
+        /// sensor sees sign (over `rotation.sensor_events`).
+        #[arg(long, value_name = "FILE")]
+        sensor_events: Option<String>,
+        /// Drain period for old workers, ms (over `rotation.drain_ms`).
+        #[arg(long, value_name = "MS")]
+        drain_ms: Option<u64>,
+        /// Inventory file (default: the configuration's `inventory`).
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Revoke every certificate of a key at the CA that issued it (the
+    /// local CA's CRL, or ACME revokeCert) and verify at the CA that it is
+    /// revoked (docs/rotation.md). A key that still serves is refused
+    /// unless a rotation replaced it or --force is given.
+    Revoke {
+        /// The key's SPKI SHA-256 (or an unambiguous prefix known to the
+        /// inventory).
+        #[arg(long)]
+        key: String,
+        /// RFC 5280 reason: keyCompromise, superseded, cessationOfOperation,
+        /// affiliationChanged, cACompromise, privilegeWithdrawn, unspecified...
+        #[arg(long)]
+        reason: String,
+        /// Revoke even though the key still serves.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, value_name = "FILE")]
+        inventory: Option<PathBuf>,
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -280,6 +338,61 @@ fn main() -> ExitCode {
             };
             keys::inventory::print(&path, json)
         })()),
+        Command::Rotate {
+            key,
+            dry_run,
+            resume,
+            algorithm,
+            ca,
+            sensor_events,
+            drain_ms,
+            inventory,
+            config,
+        } => {
+            let r = config::Config::load(config.as_deref()).and_then(|mut cfg| {
+                if sensor_events.is_some() {
+                    cfg.rotation.sensor_events = sensor_events;
+                }
+                if let Some(d) = drain_ms {
+                    cfg.rotation.drain_ms = d;
+                }
+                rotate::run(
+                    &cfg,
+                    rotate::Args {
+                        key,
+                        dry_run,
+                        resume,
+                        algorithm,
+                        ca,
+                        inventory,
+                    },
+                )
+            });
+            match r {
+                Ok(o) => ExitCode::from(o.exit_code()),
+                Err(e) => {
+                    eprintln!("keywarden: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Revoke {
+            key,
+            reason,
+            force,
+            inventory,
+            config,
+        } => exit(config::Config::load(config.as_deref()).and_then(|cfg| {
+            rotate::revoke::run(
+                &cfg,
+                rotate::revoke::Args {
+                    key,
+                    reason,
+                    force,
+                    inventory,
+                },
+            )
+        })),
         Command::Baseline { command } => exit(match command {
             BaselineCommand::List { file } => analyze::list_baselines(&file),
             BaselineCommand::Reset { file, key, all } => {

@@ -1,0 +1,122 @@
+//! Verification through the sensor's own view: a running `keywarden run`
+//! writes every signature it sees as a `key_use` event to its output file;
+//! after the reload, that file must show the service's executable signing
+//! with the new key, and, once the drain period is over (old workers
+//! finish their connections), no signature with the old key by it, while
+//! the new key is still seen signing (so the sensor was watching).
+//!
+//! Handshakes to the targets are made while waiting, so the service has
+//! something to sign. Only events appended after the reload are read.
+
+use std::{
+    io::{Read, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use super::plan::{self, Target};
+
+/// One `key_use` signature from the events file.
+struct Use {
+    time_ms: i64,
+    exe: String,
+    spki: String,
+}
+
+/// The size of the events file now: where to start reading after the
+/// reload.
+pub fn offset(path: &Path) -> u64 {
+    std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// The successful, identified `key_use` events in `path` from `from` on
+/// (complete lines only).
+fn uses_since(path: &Path, from: u64) -> std::io::Result<Vec<Use>> {
+    let mut f = std::fs::File::open(path)?;
+    f.seek(SeekFrom::Start(from))?;
+    let mut buf = Vec::new();
+    // Bounded: a rotation reads seconds of events, not a whole log.
+    f.take(256 << 20).read_to_end(&mut buf)?;
+    let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    Ok(buf[..end]
+        .split(|&b| b == b'\n')
+        .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            v["metadata"]["event_code"] == "key_use"
+                && v["status"] == "Success"
+                && v["key"]["status"] == "identified"
+        })
+        .filter_map(|v| {
+            Some(Use {
+                time_ms: v["time"].as_i64()?,
+                exe: v["actor"]["process"]["file"]["path"].as_str()?.to_owned(),
+                spki: v["key"]["spki_sha256"].as_str()?.to_owned(),
+            })
+        })
+        .collect())
+}
+
+pub struct Watch<'a> {
+    pub events: &'a Path,
+    /// `offset` before the reload.
+    pub from: u64,
+    /// When the reload was sent (ms since the epoch).
+    pub reload_ms: i64,
+    pub exes: Vec<PathBuf>,
+    pub targets: &'a [Target],
+    pub drain: Duration,
+    pub timeout: Duration,
+}
+
+/// Waits for the sensor to see the new key sign in the service, then for
+/// the drain period, then checks the old key no longer signs there.
+pub fn verify(w: &Watch<'_>, new: &str, old: &str) -> Result<Vec<String>, String> {
+    let ours = |u: &&Use| w.exes.iter().any(|e| Path::new(&u.exe) == e);
+    let handshake = Duration::from_millis(1000);
+    let wait = |after_ms: i64, what: &str| -> Result<Vec<Use>, String> {
+        let deadline = Instant::now() + w.timeout;
+        loop {
+            plan::presented(w.targets, handshake);
+            let uses =
+                uses_since(w.events, w.from).map_err(|e| format!("{}: {e}", w.events.display()))?;
+            if uses
+                .iter()
+                .filter(ours)
+                .any(|u| u.spki == new && u.time_ms >= after_ms)
+            {
+                return Ok(uses);
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "the sensor ({}) saw no signature with the new key by the service {what} within {:?}",
+                    w.events.display(),
+                    w.timeout
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    wait(w.reload_ms, "after the reload")?;
+    let mut detail = vec![format!("sensor: the service signs with the new key {new}")];
+    std::thread::sleep(w.drain);
+    let drained_ms = w.reload_ms + w.drain.as_millis() as i64;
+    let uses = wait(drained_ms, "after the drain period")?;
+    let late_old: Vec<&Use> = uses
+        .iter()
+        .filter(ours)
+        .filter(|u| u.spki == old && u.time_ms >= drained_ms)
+        .collect();
+    if let Some(u) = late_old.first() {
+        return Err(format!(
+            "sensor: {} still signed with the old key {old} {} ms after the reload ({} such signatures after the drain period)",
+            u.exe,
+            u.time_ms - w.reload_ms,
+            late_old.len()
+        ));
+    }
+    detail.push(format!(
+        "sensor: no signature with the old key {old} by the service after the drain period ({:?})",
+        w.drain
+    ));
+    Ok(detail)
+}

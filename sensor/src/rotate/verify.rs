@@ -1,0 +1,43 @@
+//! Verification by handshake: every target presents the expected key, and
+//! every other target of the same services still presents its own.
+//!
+//! A reload is asynchronous (nginx starts new workers, old ones finish
+//! their connections), so the check repeats until it holds or the
+//! configured time is up. Each handshake is a new connection with no
+//! session to resume (`keys::tls_probe`), so the leaf is the one the
+//! service presents now.
+
+use std::time::{Duration, Instant};
+
+use super::plan::{self, Target};
+
+/// Waits until each `(target, spki)` holds; on time out, says which do
+/// not. Returns one line per target.
+pub fn wait_for(
+    expect: &[(Target, String)],
+    timeout: Duration,
+) -> Result<Vec<String>, Vec<String>> {
+    let deadline = Instant::now() + timeout;
+    let handshake = Duration::from_millis(2000).min(timeout.max(Duration::from_millis(200)));
+    loop {
+        let targets: Vec<Target> = expect.iter().map(|(t, _)| t.clone()).collect();
+        let seen = plan::presented(&targets, handshake);
+        let mut ok = Vec::new();
+        let mut bad = Vec::new();
+        for (t, want) in expect {
+            match seen.get(t) {
+                Some(Ok(got)) if got == want => ok.push(format!("{t}: presents {want}")),
+                Some(Ok(got)) => bad.push(format!("{t}: presents {got}, not {want}")),
+                Some(Err(e)) => bad.push(format!("{t}: {e}")),
+                None => bad.push(format!("{t}: not asked")),
+            }
+        }
+        if bad.is_empty() {
+            return Ok(ok);
+        }
+        if Instant::now() >= deadline {
+            return Err(bad);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

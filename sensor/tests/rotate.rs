@@ -1,0 +1,858 @@
+//! `keywarden rotate` against a real nginx on loopback with two keys chosen
+//! by SNI. The sensor runs first, sees both keys sign, and saves the
+//! inventory that `rotate` plans from; nginx is then rotated for real and
+//! checked by handshake (rustls in `rotate`, openssl `s_client` here).
+//!
+//! Fault cases are real too: a reload nginx refuses (its configuration was
+//! broken after it started), a service that does not reload (its master
+//! stopped), and a rotation SIGKILLed between install and reload (stopped
+//! there by the documented test hook `KEYWARDEN_ROTATE_STOP_AFTER`, then
+//! killed).
+
+mod support;
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::Duration,
+};
+
+use support::*;
+
+struct Fixture {
+    work: tempfile::TempDir,
+    keys_dir: PathBuf,
+    nginx: Server,
+    port: u16,
+    a: TestKey,
+    b: TestKey,
+    crt_a: PathBuf,
+    /// A key only `openssl s_server` uses: keywarden cannot reload it.
+    c: TestKey,
+    s_server: Server,
+    config: PathBuf,
+    journal_dir: PathBuf,
+}
+
+impl Fixture {
+    fn dir(&self) -> &Path {
+        self.work.path()
+    }
+}
+
+/// A CA key and certificate made by openssl.
+fn openssl_ca(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    let key = openssl_key(dir, &format!("{name}-ca"), "ec").path;
+    let crt = dir.join(format!("{name}-ca.crt"));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj"])
+            .arg(format!("/CN={name} test CA"))
+            .args(["-addext", "basicConstraints=critical,CA:TRUE"])
+            .args(["-addext", "keyUsage=critical,keyCertSign,cRLSign"])
+            .arg("-key")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+    );
+    (key, crt)
+}
+
+/// nginx with a.test (default server) and b.test on one port, an
+/// `openssl s_server` with a third key, a sensor that watched all three
+/// sign and saved its inventory, and a configuration for `rotate`.
+fn setup(edits: &[(&str, String)]) -> Fixture {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir(&keys_dir).unwrap();
+    let a = openssl_key(&keys_dir, "a", "ec");
+    let b = openssl_key(&keys_dir, "b", "ec");
+    let c = openssl_key(&keys_dir, "c", "ec");
+    // a and b were issued by the local CA (so it can revoke them), c is
+    // self-signed.
+    let (ca_key, ca_crt) = openssl_ca(dir, "local");
+    let crt_a = ca_cert(&keys_dir, &a, "a.test", &ca_key, &ca_crt);
+    let crt_b = ca_cert(&keys_dir, &b, "b.test", &ca_key, &ca_crt);
+    let crt_c = cert(&keys_dir, &c, "c.test");
+    let port = free_port();
+    let server = |name: &str, crt: &Path, key: &Path| {
+        format!(
+            "server {{ listen 127.0.0.1:{port} ssl; server_name {name}; ssl_certificate {}; ssl_certificate_key {}; \
+             ssl_session_cache off; ssl_session_tickets off; location / {{ return 200 \"{name}\\n\"; }} }}\n",
+            crt.display(),
+            key.display()
+        )
+    };
+    let nginx = start_nginx(
+        dir,
+        port,
+        &(server("a.test", &crt_a, &a.path) + &server("b.test", &crt_b, &b.path)),
+    );
+    let c_port = free_port();
+    let s_server = start_server(
+        Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("127.0.0.1:{c_port}"))
+            .arg("-key")
+            .arg(&c.path)
+            .arg("-cert")
+            .arg(&crt_c)
+            .stdin(Stdio::null()),
+        c_port,
+    );
+    let journal_dir = dir.join("journal");
+    let inventory = dir.join("inventory.json");
+    let mut all_edits = vec![
+        (
+            "inventory: /var/lib/keywarden/inventory.json",
+            format!("inventory: {}", inventory.display()),
+        ),
+        (
+            "journal_dir: /var/lib/keywarden/rotations",
+            format!("journal_dir: {}", journal_dir.display()),
+        ),
+        (
+            "  local_ca: null",
+            format!(
+                "  local_ca: {{ key: {}, cert: {}, crl: {} }}",
+                ca_key.display(),
+                ca_crt.display(),
+                dir.join("local.crl").display()
+            ),
+        ),
+    ];
+    all_edits.extend(edits.iter().cloned());
+    let config = sensor_config(dir, &[&keys_dir], &all_edits);
+
+    let sensor = Sensor::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--inventory",
+        inventory.to_str().unwrap(),
+    ]);
+    for name in ["a.test", "b.test"] {
+        assert_eq!(served_spki(port, Some(name)), spki_of(&keys_dir, name));
+    }
+    let out = run_ok(
+        Command::new("curl")
+            .args(["-sk", &format!("https://127.0.0.1:{c_port}/")])
+            .stdout(Stdio::null()),
+    );
+    drop(out);
+    sensor.stop();
+    assert!(inventory.exists(), "the sensor saved no inventory");
+    Fixture {
+        work,
+        keys_dir,
+        nginx,
+        port,
+        a,
+        b,
+        crt_a,
+        c,
+        s_server,
+        config,
+        journal_dir,
+    }
+}
+
+/// A certificate for `name` (also 127.0.0.1) issued by the CA.
+fn ca_cert(dir: &Path, key: &TestKey, name: &str, ca_key: &Path, ca_crt: &Path) -> PathBuf {
+    let crt = dir.join(format!("{name}.crt"));
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj"])
+            .arg(format!("/CN={name}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName=DNS:{name},IP:127.0.0.1"))
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-CA")
+            .arg(ca_crt)
+            .arg("-CAkey")
+            .arg(ca_key)
+            .arg("-key")
+            .arg(&key.path)
+            .arg("-out")
+            .arg(&crt),
+    );
+    crt
+}
+
+fn spki_of(keys_dir: &Path, name: &str) -> String {
+    spki_of_file(&keys_dir.join(format!("{}.pem", &name[..1])))
+}
+
+/// The SPKI SHA-256 of the leaf the server on `port` presents for
+/// `name`, by `openssl s_client` (not keywarden's own handshake).
+fn served_spki(port: u16, name: Option<&str>) -> String {
+    let mut cmd = String::from("openssl s_client -connect 127.0.0.1:");
+    cmd.push_str(&port.to_string());
+    if let Some(n) = name {
+        cmd.push_str(&format!(" -servername {n}"));
+    } else {
+        cmd.push_str(" -noservername");
+    }
+    cmd.push_str(
+        " </dev/null 2>/dev/null | openssl x509 -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+    );
+    let out = run_ok(Command::new("sh").arg("-c").arg(cmd));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+fn rotate(f: &Fixture, args: &[&str]) -> Output {
+    keywarden()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&f.config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The steps recorded in the only journal of `f`.
+fn journal_steps(f: &Fixture) -> Vec<String> {
+    let journals: Vec<PathBuf> = std::fs::read_dir(&f.journal_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "journal"))
+        .collect();
+    assert_eq!(journals.len(), 1, "{journals:?}");
+    let mode = std::fs::metadata(&journals[0])
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o600);
+    std::fs::read_to_string(&journals[0])
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+/// Nothing but the fixture's own files in the key directory: no staged
+/// file or backup left behind.
+fn no_leftovers(f: &Fixture) {
+    let names: Vec<String> = std::fs::read_dir(&f.keys_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".kw-"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+}
+
+/// The key in `key` and the certificate in `crt` are one pair.
+fn pair_matches(key: &Path, crt: &Path) -> bool {
+    let out = run_ok(Command::new("sh").arg("-c").arg(format!(
+        "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+        crt.display()
+    )));
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        == Some(&spki_of_file(key))
+}
+
+#[test]
+fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
+    let f = setup(&[]);
+    let old_key = std::fs::read(&f.a.path).unwrap();
+    let old_serial = serial_of(&f.crt_a);
+
+    // The plan, and nothing changed by a dry run.
+    let out = rotate(&f, &["--key", &f.a.spki, "--dry-run"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        plan.contains(&format!("file: {} (Key", f.a.path.display())),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("file: {} (Certificate", f.crt_a.display())),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!("master pid {}", f.nginx.pid())),
+        "{plan}"
+    );
+    assert!(plan.contains("SIGHUP"), "{plan}");
+    assert!(
+        plan.contains(&format!(
+            "127.0.0.1:{} (server name a.test) presents the new key",
+            f.port
+        )),
+        "{plan}"
+    );
+    assert!(
+        plan.contains(&format!(
+            "(server name b.test) still presents key {}",
+            f.b.spki
+        )),
+        "{plan}"
+    );
+    assert!(plan.contains("dry run"), "{plan}");
+    assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
+    assert!(!f.journal_dir.join("x").exists());
+
+    let out = rotate(&f, &["--key", &f.a.spki]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_spki = spki_of_file(&f.a.path);
+    assert_ne!(new_spki, f.a.spki, "the key file holds a new key");
+    assert!(
+        pair_matches(&f.a.path, &f.crt_a),
+        "key and certificate match"
+    );
+    assert_eq!(served_spki(f.port, Some("a.test")), new_spki);
+    assert_eq!(
+        served_spki(f.port, None),
+        new_spki,
+        "a.test is the default server"
+    );
+    assert_eq!(
+        served_spki(f.port, Some("b.test")),
+        f.b.spki,
+        "b is untouched"
+    );
+    let mode = std::fs::metadata(&f.a.path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Same subject and names, issued by the local CA.
+    let show = run_ok(
+        Command::new("openssl")
+            .args([
+                "x509",
+                "-noout",
+                "-subject",
+                "-issuer",
+                "-ext",
+                "subjectAltName",
+                "-in",
+            ])
+            .arg(&f.crt_a),
+    );
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("subject=CN = a.test"), "{show}");
+    assert!(show.contains("issuer=CN = local test CA"), "{show}");
+    assert_ne!(serial_of(&f.crt_a), old_serial);
+    assert!(show.contains("DNS:a.test, IP Address:127.0.0.1"), "{show}");
+    assert_eq!(
+        journal_steps(&f),
+        [
+            "planned",
+            "issued",
+            "installing",
+            "installed",
+            "reloading",
+            "reloaded",
+            "verified",
+            "done"
+        ]
+    );
+    no_leftovers(&f);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("PRIVATE KEY"), "{stdout}");
+
+    // b still serves and was not rotated: its revocation is refused.
+    let out = revoke(&f, &["--key", &f.b.spki, "--reason", "keyCompromise"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("still serves"),
+        "{}",
+        text(&out)
+    );
+    let crl = f.dir().join("local.crl");
+    assert!(!crl.exists());
+    // The old a was replaced by a rotation: revoked in the CA's CRL.
+    let out = revoke(&f, &["--key", &f.a.spki, "--reason", "superseded"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let shown = run_ok(
+        Command::new("openssl")
+            .args(["crl", "-noout", "-text", "-CAfile"])
+            .arg(f.dir().join("local-ca.crt"))
+            .arg("-in")
+            .arg(&crl),
+    );
+    let all = String::from_utf8_lossy(&shown.stdout).to_string()
+        + &String::from_utf8_lossy(&shown.stderr);
+    assert!(all.contains("verify OK"), "{all}");
+    assert!(
+        all.to_ascii_lowercase()
+            .contains(&format!("serial number: {old_serial}")),
+        "{all}"
+    );
+    assert!(all.contains("Superseded"), "{all}");
+    assert!(
+        !all.to_ascii_lowercase()
+            .contains(&format!("serial number: {}", serial_of(&f.crt_a)))
+    );
+}
+
+fn revoke(f: &Fixture, args: &[&str]) -> Output {
+    keywarden()
+        .arg("revoke")
+        .arg("--config")
+        .arg(&f.config)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The certificate's serial in lowercase hex, as `openssl crl -text` shows it.
+fn serial_of(crt: &Path) -> String {
+    let out = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-serial", "-in"])
+            .arg(crt),
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches("serial=")
+        .to_ascii_lowercase()
+}
+
+#[test]
+fn a_key_keywarden_cannot_reload_is_refused_with_the_reason() {
+    let f = setup(&[]);
+    let before = std::fs::read(&f.c.path).unwrap();
+    let out = rotate(&f, &["--key", &f.c.spki]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("refused to rotate"), "{err}");
+    assert!(err.contains("/usr/bin/openssl"), "{err}");
+    assert!(err.contains("reload_commands"), "{err}");
+    assert_eq!(std::fs::read(&f.c.path).unwrap(), before);
+    let _ = &f.s_server;
+    // A certificate file turned into a symbolic link is refused too: the
+    // rotation would write through, or replace, what another tool manages.
+    let real = f.dir().join("a-real.crt");
+    std::fs::rename(&f.crt_a, &real).unwrap();
+    std::os::unix::fs::symlink(&real, &f.crt_a).unwrap();
+    let out = rotate(&f, &["--key", &f.a.spki, "--dry-run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("symbolic link"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_reload_nginx_refuses_is_rolled_back() {
+    let f = setup(&[]);
+    let old_key = std::fs::read(&f.a.path).unwrap();
+    let old_crt = std::fs::read(&f.crt_a).unwrap();
+    // Someone broke the configuration after nginx started: every reload
+    // is refused from now on (`nginx -t` fails).
+    let conf = f.dir().join("nginx.conf");
+    let mut text_conf = std::fs::read_to_string(&conf).unwrap();
+    text_conf.push_str("this is not nginx;\n");
+    std::fs::write(&conf, text_conf).unwrap();
+
+    let out = rotate(&f, &["--key", &f.a.spki]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("reload: /usr/sbin/nginx -t refused"),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
+    assert_eq!(std::fs::read(&f.crt_a).unwrap(), old_crt);
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    let steps = journal_steps(&f);
+    assert_eq!(steps.last().unwrap(), "rolled_back", "{steps:?}");
+    assert!(steps.contains(&"rolling_back".to_owned()));
+    no_leftovers(&f);
+}
+
+#[test]
+fn a_service_that_does_not_reload_is_rolled_back() {
+    let f = setup(&[("verify_timeout_ms: 10000", "verify_timeout_ms: 3000".into())]);
+    let old_key = std::fs::read(&f.a.path).unwrap();
+    // The master is stopped: the SIGHUP waits, the workers keep serving
+    // the old key, and verification cannot succeed.
+    let master = nix::unistd::Pid::from_raw(f.nginx.pid() as i32);
+    nix::sys::signal::kill(master, nix::sys::signal::SIGSTOP).unwrap();
+    let out = rotate(&f, &["--key", &f.a.spki]);
+    nix::sys::signal::kill(master, nix::sys::signal::SIGCONT).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("failed: verify:"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("presents {}, not", f.a.spki)),
+        "{stdout}"
+    );
+    assert_eq!(std::fs::read(&f.a.path).unwrap(), old_key);
+    assert_eq!(journal_steps(&f).last().unwrap(), "rolled_back");
+    // Once it runs again it reloads the restored files: still the old key.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    no_leftovers(&f);
+}
+
+#[test]
+fn a_rotation_killed_between_install_and_reload_is_finished_on_resume() {
+    let f = setup(&[]);
+    let mut child = keywarden()
+        .arg("rotate")
+        .arg("--config")
+        .arg(&f.config)
+        .args(["--key", &f.a.spki])
+        .env("KEYWARDEN_ROTATE_STOP_AFTER", "installed")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(
+        "rotate to stop after install",
+        Duration::from_secs(60),
+        || process_state(child.id()) == 'T',
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // Killed there: the new files are in place, nginx still serves the
+    // old key, and the journal says where it stopped.
+    let new_spki = spki_of_file(&f.a.path);
+    assert_ne!(new_spki, f.a.spki);
+    assert!(pair_matches(&f.a.path, &f.crt_a), "never a mismatched pair");
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
+    assert_eq!(journal_steps(&f).last().unwrap(), "installed");
+
+    let out = rotate(&f, &["--resume"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("resuming"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(served_spki(f.port, Some("a.test")), new_spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    assert_eq!(journal_steps(&f).last().unwrap(), "done");
+    no_leftovers(&f);
+    // Nothing is left to resume.
+    let out = rotate(&f, &["--resume"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("resuming"));
+}
+
+/// pebble, the ACME test CA, started as a user starts it: its own TLS
+/// certificate (from a test root made here), a configuration file, and
+/// the test settings: every challenge valid without asking the service
+/// (`PEBBLE_VA_ALWAYS_VALID=1`), no artificial sleeps
+/// (`PEBBLE_VA_NOSLEEP=1`), no random nonce rejections
+/// (`PEBBLE_WFE_NONCEREJECT=0`).
+struct Pebble {
+    _server: Server,
+    root: PathBuf,
+    directory: String,
+    management: u16,
+}
+
+fn start_pebble(dir: &Path) -> Pebble {
+    let pdir = dir.join("pebble");
+    std::fs::create_dir(&pdir).unwrap();
+    let (ca_key, ca_crt) = openssl_ca(&pdir, "pebble-tls");
+    let key = openssl_key(&pdir, "pebble-tls", "ec").path;
+    let crt = pdir.join("pebble-tls.crt");
+    run_ok(
+        Command::new("openssl")
+            .args(["req", "-x509", "-new", "-days", "2", "-subj", "/CN=pebble"])
+            .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .arg("-CA")
+            .arg(&ca_crt)
+            .arg("-CAkey")
+            .arg(&ca_key)
+            .arg("-key")
+            .arg(&key)
+            .arg("-out")
+            .arg(&crt),
+    );
+    let (port, management) = (free_port(), free_port());
+    let conf = pdir.join("pebble.json");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"{{"pebble": {{"listenAddress": "127.0.0.1:{port}", "managementListenAddress": "127.0.0.1:{management}",
+              "certificate": "{}", "privateKey": "{}", "httpPort": {}, "tlsPort": {},
+              "ocspResponderURL": "", "externalAccountBindingRequired": false}}}}"#,
+            crt.display(),
+            key.display(),
+            free_port(),
+            free_port()
+        ),
+    )
+    .unwrap();
+    let server = start_server(
+        Command::new("pebble")
+            .arg("-config")
+            .arg(&conf)
+            .env("PEBBLE_VA_ALWAYS_VALID", "1")
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0"),
+        port,
+    );
+    Pebble {
+        _server: server,
+        root: ca_crt,
+        directory: format!("https://127.0.0.1:{port}/dir"),
+        management,
+    }
+}
+
+fn acme_edit(dir: &Path, p: &Pebble) -> (&'static str, String) {
+    (
+        "  acme: null",
+        format!(
+            "  acme: {{ directory: \"{}\", root: {}, account: {}, revocation_status_url: \"https://127.0.0.1:{}/cert-status-by-serial/{{serial}}\" }}",
+            p.directory,
+            p.root.display(),
+            dir.join("acme-account.json").display(),
+            p.management
+        ),
+    )
+}
+
+#[test]
+fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
+    let pdir = tempfile::tempdir().unwrap();
+    let pebble = start_pebble(pdir.path());
+    let f = setup(&[acme_edit(pdir.path(), &pebble)]);
+    let crt_b = f.keys_dir.join("b.test.crt");
+
+    let out = rotate(&f, &["--key", &f.b.spki, "--ca", "acme"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_b = spki_of_file(&f.b.path);
+    assert_ne!(new_b, f.b.spki);
+    assert!(pair_matches(&f.b.path, &crt_b));
+    assert_eq!(served_spki(f.port, Some("b.test")), new_b);
+    assert_eq!(
+        served_spki(f.port, Some("a.test")),
+        f.a.spki,
+        "a is untouched"
+    );
+    let show = run_ok(
+        Command::new("openssl")
+            .args(["x509", "-noout", "-issuer", "-ext", "subjectAltName", "-in"])
+            .arg(&crt_b),
+    );
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(show.contains("Pebble Intermediate CA"), "{show}");
+    assert!(show.contains("DNS:b.test"), "{show}");
+    assert!(show.contains("IP Address:127.0.0.1"), "{show}");
+    let account = dir_mode(&pdir.path().join("acme-account.json"));
+    assert_eq!(account, 0o600, "the ACME account key is root's only");
+
+    // The new b (issued by pebble, not yet in the inventory) is revoked
+    // at pebble, and pebble says so.
+    let serial = serial_of(&crt_b);
+    let out = revoke(&f, &["--key", &new_b, "--reason", "keyCompromise"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--force"),
+        "{}",
+        text(&out)
+    );
+    let out = revoke(
+        &f,
+        &["--key", &new_b, "--reason", "keyCompromise", "--force"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let status = run_ok(
+        Command::new("curl")
+            .args(["-s", "--cacert"])
+            .arg(&pebble.root)
+            .arg(format!(
+                "https://127.0.0.1:{}/cert-status-by-serial/{serial}",
+                pebble.management
+            )),
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["Status"], "Revoked", "{status}");
+    assert_eq!(status["Reason"], 1, "{status}");
+
+    let out = rotate(&f, &["--key", &f.a.spki, "--ca", "local"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let new_a = spki_of_file(&f.a.path);
+    assert_ne!(new_a, f.a.spki);
+    assert_eq!(served_spki(f.port, Some("a.test")), new_a);
+    assert_eq!(served_spki(f.port, Some("b.test")), new_b);
+    no_leftovers(&f);
+}
+
+fn dir_mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// With the sensor running, `rotate --sensor-events` also checks what the
+/// sensor sees: nginx signing with the new key after the reload, and with
+/// the old key no more after the drain period.
+#[test]
+fn the_sensor_sees_the_new_key_sign_and_the_old_one_stop() {
+    let f = setup(&[]);
+    let sensor = Sensor::start(&[
+        "--config",
+        f.config.to_str().unwrap(),
+        "--inventory",
+        f.dir().join("inventory.json").to_str().unwrap(),
+    ]);
+    let events = sensor.events_path.clone();
+    let out = rotate(
+        &f,
+        &[
+            "--key",
+            &f.a.spki,
+            "--sensor-events",
+            events.to_str().unwrap(),
+            "--drain-ms",
+            "1000",
+        ],
+    );
+    let log = sensor.log();
+    let seen = sensor.stop();
+    assert!(out.status.success(), "{}\nsensor log:\n{log}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let new_spki = spki_of_file(&f.a.path);
+    assert!(
+        stdout.contains(&format!(
+            "sensor: the service signs with the new key {new_spki}"
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("sensor: no signature with the old key"),
+        "{stdout}"
+    );
+    // The events agree: nginx signed with the new key.
+    let nginx_new = key_uses(&seen)
+        .into_iter()
+        .filter(|e| e.actor.process.name == "nginx" && spki_of_event(e) == Some(new_spki.as_str()))
+        .count();
+    assert!(
+        nginx_new > 0,
+        "no nginx signature with the new key in the events"
+    );
+}
+
+fn spki_of_event(e: &Event) -> Option<&str> {
+    support::spki_of(e)
+}
+
+/// apache2 (event MPM, mod_ssl), reloaded gracefully (`apache2 -t` with
+/// its own flags, then SIGUSR1): rotated through the local CA and
+/// verified by handshake.
+#[test]
+fn apache_is_rotated_through_the_local_ca() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir(&keys_dir).unwrap();
+    let key = openssl_key(&keys_dir, "w", "ec");
+    let (ca_key, ca_crt) = openssl_ca(dir, "local");
+    let crt = ca_cert(&keys_dir, &key, "www.test", &ca_key, &ca_crt);
+    let port = free_port();
+    let modules = "/usr/lib/apache2/modules";
+    let conf = dir.join("apache2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ServerRoot {dir}\n\
+             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+             LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so\n\
+             LoadModule ssl_module {modules}/mod_ssl.so\n\
+             ServerName www.test\n\
+             Listen 127.0.0.1:{port}\n\
+             PidFile {dir}/apache2.pid\n\
+             DefaultRuntimeDir {dir}\n\
+             ErrorLog {dir}/error.log\n\
+             User www-data\nGroup www-data\n\
+             SSLSessionCache none\nSSLSessionTickets off\n\
+             <VirtualHost 127.0.0.1:{port}>\n\
+             SSLEngine on\n\
+             SSLCertificateFile {crt}\n\
+             SSLCertificateKeyFile {key}\n\
+             </VirtualHost>\n",
+            dir = dir.display(),
+            crt = crt.display(),
+            key = key.path.display(),
+        ),
+    )
+    .unwrap();
+    let apache = start_server(
+        Command::new("/usr/sbin/apache2")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-DFOREGROUND")
+            .stdin(Stdio::null()),
+        port,
+    );
+    let inventory = dir.join("inventory.json");
+    let journal_dir = dir.join("journal");
+    let config = sensor_config(
+        dir,
+        &[&keys_dir],
+        &[
+            (
+                "journal_dir: /var/lib/keywarden/rotations",
+                format!("journal_dir: {}", journal_dir.display()),
+            ),
+            (
+                "  local_ca: null",
+                format!(
+                    "  local_ca: {{ key: {}, cert: {} }}",
+                    ca_key.display(),
+                    ca_crt.display()
+                ),
+            ),
+        ],
+    );
+    let sensor = Sensor::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--inventory",
+        inventory.to_str().unwrap(),
+    ]);
+    for _ in 0..3 {
+        assert_eq!(served_spki(port, Some("www.test")), key.spki);
+    }
+    sensor.stop();
+
+    let out = keywarden()
+        .args(["rotate", "--config"])
+        .arg(&config)
+        .arg("--inventory")
+        .arg(&inventory)
+        .args(["--key", &key.spki])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("SIGUSR1"), "{stdout}");
+    let new_spki = spki_of_file(&key.path);
+    assert_ne!(new_spki, key.spki);
+    assert!(pair_matches(&key.path, &crt));
+    assert_eq!(served_spki(port, Some("www.test")), new_spki);
+    assert_eq!(served_spki(port, None), new_spki);
+    drop(apache);
+}
