@@ -111,7 +111,6 @@ impl Default for ParquetConfig {
     }
 }
 
-
 /// Where new certificates come from, how a rotation is journalled,
 /// reloaded and verified (docs/rotation.md).
 #[derive(Debug, Clone, Deserialize)]

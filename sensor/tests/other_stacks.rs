@@ -335,7 +335,7 @@ fn gnutls_serv_names_every_handshake() {
         // GnuTLS signs once when it loads the key, to check that key and
         // certificate match: a real signature, outside any connection.
         let (uses, at_load): (Vec<&Event>, Vec<&Event>) =
-            all.iter().partition(|e| e.peer.is_some());
+            all.iter().partition(|e| e.unmapped.peer.is_some());
         assert_eq!(at_load.len(), 1, "{alg}: {}", pretty(&all));
         assert_eq!(spki_of(at_load[0]), Some(key.spki.as_str()));
         assert_eq!(uses.len(), hosts.len() + 1, "{alg}: {}", pretty(&all));

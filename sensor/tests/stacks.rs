@@ -635,7 +635,7 @@ fn nginx_peers_under_100_concurrent_handshakes() {
         );
         for &e in &uses {
             assert!(
-                e.peer.is_none(),
+                e.unmapped.peer.is_none(),
                 "a peer without sock_recv_length: {}",
                 pretty(e)
             );

@@ -482,7 +482,6 @@ mod dashboard {
                 name: "r".into(),
                 type_id: 1,
                 kind: "Rule".into(),
-                source: None,
             },
         });
         tally.count(&f);

@@ -14,6 +14,8 @@ use std::{
     time::{Duration, Instant},
 };
 
+use keywarden_analyzer::event::{Event, EventCode, KeyStatus};
+
 use super::plan::{self, Target};
 
 /// One `key_use` signature from the events file.
@@ -40,17 +42,17 @@ fn uses_since(path: &Path, from: u64) -> std::io::Result<Vec<Use>> {
     let end = buf.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
     Ok(buf[..end]
         .split(|&b| b == b'\n')
-        .filter_map(|l| serde_json::from_slice::<serde_json::Value>(l).ok())
-        .filter(|v| {
-            v["metadata"]["event_code"] == "key_use"
-                && v["status"] == "Success"
-                && v["key"]["status"] == "identified"
-        })
-        .filter_map(|v| {
+        .filter_map(|l| serde_json::from_slice::<Event>(l).ok())
+        .filter(|e| e.metadata.event_code == EventCode::KeyUse && e.status_id == 1)
+        .filter_map(|e| {
+            let key = e.unmapped.key.as_ref()?;
+            if key.status != KeyStatus::Identified {
+                return None;
+            }
             Some(Use {
-                time_ms: v["time"].as_i64()?,
-                exe: v["actor"]["process"]["file"]["path"].as_str()?.to_owned(),
-                spki: v["key"]["spki_sha256"].as_str()?.to_owned(),
+                time_ms: e.time,
+                exe: e.actor.process.file.as_ref()?.path.clone(),
+                spki: key.spki_sha256.clone()?,
             })
         })
         .collect())
