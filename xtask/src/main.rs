@@ -436,9 +436,18 @@ fn main() -> Result<()> {
             // time: each integration test starts its own sensor, and event
             // counts must be that test's own.
             let mut cmd = cargo();
-            cmd.args(["test", "--workspace", "--lib", "--bins", "--tests"])
-                .args(&filter)
-                .args(["--", "--test-threads=1"]);
+            // --no-fail-fast: one failing test binary does not hide the
+            // results of the others.
+            cmd.args([
+                "test",
+                "--workspace",
+                "--lib",
+                "--bins",
+                "--tests",
+                "--no-fail-fast",
+            ])
+            .args(&filter)
+            .args(["--", "--test-threads=1"]);
             run_tests(&mut cmd)?;
             // The kernel matrix: the smoke subset on each stock kernel
             // (about 2.5 minutes each under TCG; this host's kernel ran the
