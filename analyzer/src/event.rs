@@ -14,6 +14,10 @@
 //! field added later cannot write `null` where `docs/events.md` promises
 //! absence (a missing field still reads as `None`). Every event is built
 //! from `Event::base`, which alone spells out all of an event's fields.
+//!
+//! Long because it is the one source of the schema: every OCSF object the
+//! events use is here, with the doc comments `docs/events.md` is checked
+//! against.
 
 use compact_str::CompactString;
 use serde::{Deserialize, Serialize};

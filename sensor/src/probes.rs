@@ -3,6 +3,10 @@
 //! Each attach point carries a cookie (`library index << 8 | function id`),
 //! so a single pair of programs serves every function of every library the
 //! sensor covers. Dropping `Probes` detaches everything.
+//!
+//! Over 600 lines because loading, attaching, the free probes and the
+//! map accessors share the one `Ebpf` object; the map accessors are what
+//! to move out next.
 
 use std::{
     num::NonZeroU32,

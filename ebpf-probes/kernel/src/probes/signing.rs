@@ -3,6 +3,10 @@
 //! attach cookie says which function and library fired, so one program
 //! serves them all. They are plain perf-event uprobes (uprobe.multi links
 //! measured the same; see docs/performance.md).
+//!
+//! Over 600 lines: every layout of the signing-function table is read
+//! here, inline, because the verifier must see each bounded read where it
+//! happens; the per-layout readers are what to split out next.
 use aya_ebpf::{
     EbpfContext,
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
