@@ -69,13 +69,13 @@ fn handshake_from(port: u16, host: u8) {
     );
 }
 
-/// Warnings whose module is `path`, or whose process is `pid`.
+/// Warnings about the file at `path` (a library or executable), or
+/// whose process is `pid`.
 fn warnings_about<'a>(events: &'a [Event], path: &str, pid: Option<u32>) -> Vec<&'a Event> {
     coverage_warnings(events)
         .into_iter()
         .filter(|e| {
-            e.module.as_ref().is_some_and(|m| m.file.path == path)
-                || Some(e.actor.process.pid) == pid
+            e.file.as_ref().is_some_and(|f| f.path == path) || Some(e.actor.process.pid) == pid
         })
         .collect()
 }
@@ -217,9 +217,9 @@ fn a_jvm_is_warned() {
     let jvm: Vec<&Event> = coverage_warnings(&events)
         .into_iter()
         .filter(|e| {
-            e.module
+            e.file
                 .as_ref()
-                .is_some_and(|m| m.file.path.ends_with("/libjvm.so"))
+                .is_some_and(|f| f.path.ends_with("/libjvm.so"))
         })
         .collect();
     assert_eq!(jvm.len(), 1, "{}", pretty(&events));
@@ -368,9 +368,9 @@ fn gnutls_serv_names_every_handshake() {
         let gnutls_warnings: Vec<&Event> = coverage_warnings(&events)
             .into_iter()
             .filter(|e| {
-                e.module
+                e.file
                     .as_ref()
-                    .is_some_and(|m| m.file.path.contains("libgnutls"))
+                    .is_some_and(|f| f.path.contains("libgnutls"))
                     || e.actor.process.pid == pid
             })
             .collect();
@@ -427,7 +427,7 @@ fn gpg_and_nss_tools_are_warned_not_silent() {
     for (lib, what) in [("libgcrypt.so", "libgcrypt"), ("libnss3.so", "NSS")] {
         let warned: Vec<&Event> = coverage_warnings(&events)
             .into_iter()
-            .filter(|e| e.module.as_ref().is_some_and(|m| m.file.path.contains(lib)))
+            .filter(|e| e.file.as_ref().is_some_and(|f| f.path.contains(lib)))
             .collect();
         assert_eq!(warned.len(), 1, "{lib}: {}", pretty(&events));
         let detail = warned[0].status_detail.as_deref().unwrap_or_default();
