@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::{
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
@@ -423,12 +424,14 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
         // nginx leaves gracefully on SIGQUIT; the fixtures die on anything.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::SIGQUIT,
-        );
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGQUIT);
         std::thread::sleep(Duration::from_millis(200));
+        // Then the whole process group (`start_server` gives the server
+        // its own): apache2 dies of SIGQUIT without stopping its workers,
+        // which were left running after the suite, holding its files.
+        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::SIGKILL);
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -439,6 +442,8 @@ pub fn start_server(cmd: &mut Command, port: u16) -> Server {
     let server = Server(
         cmd.stdout(Stdio::null())
             .stderr(Stdio::null())
+            // Its own process group, so that `drop` stops its workers too.
+            .process_group(0)
             .spawn()
             .unwrap_or_else(|e| panic!("start {cmd:?}: {e}")),
     );
