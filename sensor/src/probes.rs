@@ -212,7 +212,7 @@ impl Probes {
             .map_max_entries("EVENTS", ring_bytes)
             .load(object)
             .context("loading keywarden's eBPF object")?;
-        for name in ["sign_entry", "sign_return"] {
+        for name in ["sign_entry", "context_entry", "free_entry", "sign_return"] {
             let p: &mut UProbe = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load()
                 .with_context(|| format!("loading uprobe program {name}"))?;
@@ -296,6 +296,7 @@ impl Probes {
         }
         let index = self.libraries.len() as u32;
         let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        let mut context: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
         // (offset, cookie) of the free functions, attached per process later.
         let mut frees: Vec<(u64, u64)> = Vec::new();
@@ -326,7 +327,7 @@ impl Probes {
                 if invalidates(p.id) {
                     frees.push((p.offset + shift, func::cookie(index, p.id)));
                 } else {
-                    entry.push(at(p.offset + shift));
+                    context.push(at(p.offset + shift));
                 }
             }
             functions.push((p.id, p.stack, p.symbol.clone()));
@@ -338,6 +339,15 @@ impl Probes {
             .try_into()?;
         prog.attach(entry, &c.open_path, UProbeScope::AllProcesses)
             .with_context(|| format!("{}: attaching entry uprobes", c.shown_as))?;
+        if !context.is_empty() {
+            let prog: &mut UProbe = self
+                .ebpf
+                .program_mut("context_entry")
+                .context("context_entry")?
+                .try_into()?;
+            prog.attach(context, &c.open_path, UProbeScope::AllProcesses)
+                .with_context(|| format!("{}: attaching context uprobes", c.shown_as))?;
+        }
         let prog: &mut UProbe = self
             .ebpf
             .program_mut("sign_return")
@@ -413,8 +423,8 @@ impl Probes {
         let path = format!("/proc/self/fd/{}", f.file.as_raw_fd());
         let prog: &mut UProbe = self
             .ebpf
-            .program_mut("sign_entry")
-            .context("sign_entry")?
+            .program_mut("free_entry")
+            .context("free_entry")?
             .try_into()?;
         Ok(prog.attach(points, &path, scope)?)
     }
@@ -425,7 +435,7 @@ impl Probes {
     pub fn detach_frees(&mut self, link: UProbeLinkId) {
         let taken = self
             .ebpf
-            .program_mut("sign_entry")
+            .program_mut("free_entry")
             .and_then(|p| <&mut UProbe>::try_from(p).ok())
             .map(|p| p.take_link(link));
         match taken {
@@ -437,7 +447,7 @@ impl Probes {
                 }
             }
             Some(Err(e)) => debug!(error = %e, "detaching free probes"),
-            None => debug!("detaching free probes: no sign_entry program"),
+            None => debug!("detaching free probes: no free_entry program"),
         }
     }
 

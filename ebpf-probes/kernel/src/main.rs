@@ -1,7 +1,9 @@
 //! keywarden's kernel programs, one file per family:
 //!
-//! * `probes::signing`: `sign_entry` / `sign_return`, uprobes on the
-//!   signing functions of every crypto library the sensor finds.
+//! * `probes::signing`: `sign_entry` / `sign_return` on the signing
+//!   functions of every crypto library the sensor finds, `context_entry`
+//!   on the calls that bind or feed a digest context, `free_entry` on
+//!   the frees of key objects.
 //! * `probes::network`: `sock_recv`, a raw tracepoint that remembers the
 //!   TCP socket each thread last received on, to name a signature's peer.
 //! * `probes::process`: `process_exec` / `process_exit`, process lifetimes.

@@ -1,7 +1,9 @@
 //! The signing-path uprobes. `sign_entry` / `sign_return` are attached to
-//! the signing functions of every crypto library the sensor finds. The
-//! attach cookie says which function and library fired, so one program
-//! serves them all. They are plain perf-event uprobes (uprobe.multi links
+//! the signing functions of every crypto library the sensor finds,
+//! `context_entry` to the calls that bind and feed digest contexts, and
+//! `free_entry` to the frees of key objects. The attach cookie says which
+//! function and library fired, so one program serves each role in every
+//! library. They are plain perf-event uprobes (uprobe.multi links
 //! measured the same; see docs/performance.md).
 //!
 //! Over 600 lines: every layout of the signing-function table is read
@@ -20,7 +22,7 @@ use aya_ebpf::{
     programs::{ProbeContext, RetProbeContext},
 };
 use keywarden_probe_types::{
-    func::{Handle, Input, Len, Length, Output, Role, SignCall},
+    func::{Function, Handle, Input, Len, Length, Output, Role, SignCall},
     *,
 };
 
@@ -91,12 +93,39 @@ fn register(ctx: &ProbeContext, code: u8) -> u64 {
     }
 }
 
+/// The signing calls (`Role::Sign`). Three entry programs, not one: the
+/// verifier walks each program's paths for every role it could take, and
+/// one program serving all roles and layouts went past Linux 6.1's
+/// million-instruction limit (`cargo xtask vm-test --kernel debian-6.1`).
+/// Each program returns at once for a role that is not its own.
 #[uprobe]
 pub fn sign_entry(ctx: ProbeContext) -> u32 {
     // SAFETY: passes this program's own context, as the helper requires; it
     // only reads the cookie the sensor attached to this probe.
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let (library, f) = func::split_cookie(cookie);
+    let Some(Function {
+        role: Role::Sign(call),
+        ..
+    }) = func::describe(f)
+    else {
+        return 0;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let a = args(&ctx);
+    let out = output_of(&a, *call);
+    if !condemned(f, library, tgid, is_length_query(out, *call)) {
+        on_sign_entry(&ctx, &a, out, f, *call, library, tgid);
+    }
+    0
+}
+
+/// Calls that bind a digest context to a key or stream data into it.
+#[uprobe]
+pub fn context_entry(ctx: ProbeContext) -> u32 {
+    // SAFETY: as in `sign_entry`.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (_, f) = func::split_cookie(cookie);
     let Some(function) = func::describe(f) else {
         return 0;
     };
@@ -118,17 +147,28 @@ pub fn sign_entry(ctx: ProbeContext) -> u32 {
             let a = args(&ctx);
             on_update(tgid, pick(&a, context), pick(&a, data), pick(&a, len))
         }
-        Role::Sign(call) => {
-            let a = args(&ctx);
-            if !condemned(f, library, tgid, is_length_query(&a, call)) {
-                on_sign_entry(&ctx, &a, f, call, library, tgid)
-            }
-        }
-        // A free at the function's entry (where the sensor found no
-        // reference-count test to go past: every call counts as a
-        // free), or a context rebound to a key.
+        _ => {}
+    }
+    0
+}
+
+/// Frees: at a free function's entry (where the sensor found no
+/// reference-count test to go past: every call counts as a free), or
+/// past that test, with the object in the register the cookie names; and
+/// a context rebound to a key.
+#[uprobe]
+pub fn free_entry(ctx: ProbeContext) -> u32 {
+    // SAFETY: as in `sign_entry`.
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let (_, f) = func::split_cookie(cookie);
+    let Some(function) = func::describe(f) else {
+        return 0;
+    };
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    match function.role {
         Role::Forget { object } => on_free(tgid, pick(&args(&ctx), object)),
         Role::Freed => on_free(tgid, register(&ctx, func::cookie_register(cookie))),
+        _ => {}
     }
     0
 }
@@ -164,8 +204,8 @@ fn datum(at: u64) -> Option<(u64, u64)> {
 
 /// A call with no place for the signature only asks for its length.
 #[inline(always)]
-fn is_length_query(a: &[u64; 6], call: SignCall) -> bool {
-    !matches!(call.output, Output::Bignums) && output_of(a, call).0 == 0
+fn is_length_query(out: (u64, u64), call: SignCall) -> bool {
+    !matches!(call.output, Output::Bignums) && out.0 == 0
 }
 
 /// A length argument; a C `int` has only its lower half defined.
@@ -434,9 +474,20 @@ fn adopt_inner_handle(outer: *mut Inflight, tgid: u32, md_ctx: u64) {
 }
 
 /// A signing call (`func::Role::Sign`), with arguments `a` laid out as
-/// its `call` says.
+/// its `call` says and its output places `out` (`output_of`).
+///
+/// The signed data is copied from one place only, at the end: every
+/// copy is a bounded loop the verifier walks once per path reaching it.
 #[inline(always)]
-fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, library: u32, tgid: u32) {
+fn on_sign_entry(
+    ctx: &ProbeContext,
+    a: &[u64; 6],
+    out: (u64, u64),
+    f: u8,
+    call: SignCall,
+    library: u32,
+    tgid: u32,
+) {
     let tid = bpf_get_current_pid_tgid() as u32;
     // SAFETY: a uprobe's context is the trapped task's saved `pt_regs`, valid
     // for the whole run.
@@ -462,18 +513,11 @@ fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, librar
             return;
         }
     }
-    let handle_ctx = pick(a, call.handle);
-    let (sig, siglen_ptr) = output_of(a, call);
-    let (data, data_len) = match call.input {
-        Input::Message { data, len } | Input::Digest { data, len } => {
-            (pick(a, data), pick_len(a, len))
-        }
-        Input::Datum { datum: at, .. } => datum(pick(a, at)).unwrap_or((0, 0)),
-        Input::Streamed => (0, 0),
-    };
-    if is_length_query(a, call) {
+    if is_length_query(out, call) {
         return; // length query: not a signature
     }
+    let handle_ctx = pick(a, call.handle);
+    let (sig, siglen_ptr) = out;
     let mut inflight = Inflight {
         func: f as u32,
         depth: 1,
@@ -493,65 +537,69 @@ fn on_sign_entry(ctx: &ProbeContext, a: &[u64; 6], f: u8, call: SignCall, librar
         inflight.peer = peer;
         inflight.flags |= sign_flags::HAS_PEER;
     }
-    if !call.handle_is.cached() {
+    let copy_input = if !call.handle_is.cached() {
         // Rust signer objects are short-lived boxes whose addresses
         // are reused for other keys, and nothing reports their frees
         // (nor those of low-level key objects): every signature is
         // captured and verified.
         inflight.op_id = new_op_id();
-        emit_data(tgid, inflight.op_id, 0, data, data_len);
-        match slot {
-            // SAFETY: `p` is this thread's INFLIGHT slot, as above.
-            Some(p) => unsafe { *p = inflight },
-            None => {
-                let _ = INFLIGHT.insert(&tid, &inflight, 0);
+        true
+    } else {
+        if !matches!(call.handle_is, Handle::DigestContext) {
+            // A key context signs the digest it is given: a new operation.
+            inflight.op_id = new_op_id();
+        } else {
+            let key = ProcPtr {
+                tgid,
+                _pad: 0,
+                ptr: handle_ctx,
+            };
+            // SAFETY: the fields are read at once; an entry evicted or
+            // re-initialized meanwhile is still map memory: a stale state at worst.
+            match unsafe { MD_CTX_STATE.get(&key) } {
+                Some(state) => {
+                    if state.pkey != 0 {
+                        inflight.handle = state.pkey;
+                        inflight.flags |= sign_flags::HANDLE_IS_PKEY;
+                    }
+                    inflight.flags |= state.flags & sign_flags::HAS_MD_NAME;
+                    inflight.md_name = state.md_name;
+                    // Final signs what the updates streamed under this op id.
+                    inflight.op_id = if matches!(call.input, Input::Streamed) {
+                        state.op_id
+                    } else {
+                        new_op_id()
+                    };
+                }
+                None => inflight.op_id = new_op_id(),
             }
         }
-        return;
-    }
-    if !matches!(call.handle_is, Handle::DigestContext) {
-        // A key context signs the digest it is given: a new operation.
-        inflight.op_id = new_op_id();
-    } else {
-        let key = ProcPtr {
+        let known = ProcPtr {
             tgid,
             _pad: 0,
-            ptr: handle_ctx,
+            ptr: inflight.handle,
         };
-        // SAFETY: the fields are read at once; an entry evicted or
-        // re-initialized meanwhile is still map memory: a stale state at worst.
-        match unsafe { MD_CTX_STATE.get(&key) } {
-            Some(state) => {
-                if state.pkey != 0 {
-                    inflight.handle = state.pkey;
-                    inflight.flags |= sign_flags::HANDLE_IS_PKEY;
-                }
-                inflight.flags |= state.flags & sign_flags::HAS_MD_NAME;
-                inflight.md_name = state.md_name;
-                // Final signs what the updates streamed under this op id.
-                inflight.op_id = if matches!(call.input, Input::Streamed) {
-                    state.op_id
-                } else {
-                    new_op_id()
-                };
-            }
-            None => inflight.op_id = new_op_id(),
+        // SAFETY: copied out at once; an entry evicted or rewritten meanwhile is
+        // still map memory, so the worst is a stale generation.
+        let generation = unsafe { FREE_GEN.get(&known) }.copied().unwrap_or(0);
+        inflight.handle_gen = generation;
+        // SAFETY: only the generation is read, at once; the sensor may rewrite the
+        // entry meanwhile, which gives a stale answer, never a fault.
+        if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
+            inflight.flags |= sign_flags::KNOWN_HANDLE;
+            false
+        } else {
+            !matches!(call.input, Input::Streamed)
         }
-    }
-    let known = ProcPtr {
-        tgid,
-        _pad: 0,
-        ptr: inflight.handle,
     };
-    // SAFETY: copied out at once; an entry evicted or rewritten meanwhile is
-    // still map memory, so the worst is a stale generation.
-    let generation = unsafe { FREE_GEN.get(&known) }.copied().unwrap_or(0);
-    inflight.handle_gen = generation;
-    // SAFETY: only the generation is read, at once; the sensor may rewrite the
-    // entry meanwhile, which gives a stale answer, never a fault.
-    if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == generation) {
-        inflight.flags |= sign_flags::KNOWN_HANDLE;
-    } else if !matches!(call.input, Input::Streamed) {
+    if copy_input {
+        let (data, data_len) = match call.input {
+            Input::Message { data, len } | Input::Digest { data, len } => {
+                (pick(a, data), pick_len(a, len))
+            }
+            Input::Datum { datum: at, .. } => datum(pick(a, at)).unwrap_or((0, 0)),
+            Input::Streamed => (0, 0),
+        };
         emit_data(tgid, inflight.op_id, 0, data, data_len);
     }
     match slot {
