@@ -6,10 +6,21 @@
 //! configured time is up. Each handshake is a new connection with no
 //! session to resume (`keys::tls_probe`), so the leaf is the one the
 //! service presents now.
+//!
+//! One round that holds is not enough: for a moment after a reload,
+//! nginx's old workers still accept on the listening sockets beside the
+//! new ones, so one handshake may reach a new worker and the next an old
+//! one. The check must hold for `SETTLE_ROUNDS` rounds in a row, over at
+//! least `SETTLE`, before it counts.
 
 use std::time::{Duration, Instant};
 
 use super::plan::{self, Target};
+
+/// Rounds in a row that must hold.
+const SETTLE_ROUNDS: u32 = 3;
+/// The least time from the first of those rounds to the last.
+const SETTLE: Duration = Duration::from_millis(500);
 
 /// Waits until each `(target, spki)` holds; on time out, says which do
 /// not. Returns one line per target.
@@ -19,6 +30,8 @@ pub fn wait_for(
 ) -> Result<Vec<String>, Vec<String>> {
     let deadline = Instant::now() + timeout;
     let handshake = Duration::from_millis(2000).min(timeout.max(Duration::from_millis(200)));
+    // Since when, and for how many rounds, every target has held.
+    let mut held: Option<(Instant, u32)> = None;
     loop {
         let targets: Vec<Target> = expect.iter().map(|(t, _)| t.clone()).collect();
         let seen = plan::presented(&targets, handshake);
@@ -33,10 +46,18 @@ pub fn wait_for(
             }
         }
         if bad.is_empty() {
-            return Ok(ok);
-        }
-        if Instant::now() >= deadline {
-            return Err(bad);
+            let (since, rounds) = held.get_or_insert((Instant::now(), 0));
+            *rounds += 1;
+            if *rounds >= SETTLE_ROUNDS && since.elapsed() >= SETTLE {
+                return Ok(ok);
+            }
+            // A streak under way may finish past the deadline: it
+            // started before, and only a failed round ends it.
+        } else {
+            held = None;
+            if Instant::now() >= deadline {
+                return Err(bad);
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
