@@ -358,3 +358,36 @@ fn a_killed_sensors_temporary_files_are_finished_or_discarded() {
     // Nothing left to do the second time.
     assert_eq!(files::recover(&root), files::Recovered::default());
 }
+
+/// A writer that has fallen behind: the queue takes what it can hold,
+/// and each event past that is shed and counted as `parquet_backlog`,
+/// not waited for; once the writer is gone, as `parquet_write`. Nothing
+/// goes uncounted.
+#[test]
+fn a_full_queue_sheds_and_counts_every_event_it_refuses() {
+    const ROOM: usize = 16;
+    let (tx, rx) = crossbeam_channel::bounded(ROOM);
+    let mut sink = ParquetSink {
+        tx: Some(tx),
+        writer: None,
+        stats: Arc::default(),
+        dir: "test".into(),
+        shed_backlog: 0,
+    };
+    let ev = full_event(class::MODULE_ACTIVITY, 1_764_000_000_000, 0);
+    for _ in 0..ROOM + 5 {
+        sink.push(&ev);
+    }
+    assert_eq!(rx.len(), ROOM, "the queue is filled to its bound");
+    assert_eq!(sink.shed(), (5, 0));
+    assert_eq!(sink.counts().queued, ROOM as u64);
+    // The writer drains one: the next event fits again.
+    rx.recv().unwrap();
+    sink.push(&ev);
+    assert_eq!(sink.shed(), (5, 0));
+    // The writer is gone: what cannot be handed over is a write loss.
+    drop(rx);
+    sink.push(&ev);
+    sink.push(&ev);
+    assert_eq!(sink.shed(), (5, 2));
+}
