@@ -17,9 +17,11 @@ use serde_json::{Value, json};
 use crate::{
     event::{
         Analysis, BaselineSnapshot, Event, EventCode, File, IdentifiedBy, KeyIdentity, OpenResult,
-        Process, Response, RuleRef, SecretFile, SecretFileOpen, severity,
+        Process, Remediation, RemediationStatus, Response, RuleRef, SecretFile, SecretFileOpen,
+        User, severity,
         tests_support::{self, origin},
     },
+    remediation::Mode,
     rules::fields::{FIELDS, Kind},
 };
 
@@ -289,6 +291,7 @@ const KEY_USE_TABLE: &str = "## `key_use` fields";
 const COVERAGE_WARNING_TABLE: &str = "## `coverage_warning` events";
 const SECRET_FILE_OPEN_TABLE: &str = "## `secret_file_open` events";
 const ALERT_TABLE: &str = "## `alert` events";
+const REMEDIATION_TABLE: &str = "## `remediation` events";
 
 /// Fields whose value is arbitrary data rather than schema, so paths stop
 /// there. An alert's `evidences[].data` is the event the rule fired on,
@@ -392,6 +395,67 @@ pub(crate) fn secret_file_open_samples() -> Vec<Event> {
         },
     );
     vec![full, denied, late]
+}
+
+/// A rotation done by a child process (everything a remediation carries)
+/// and a revocation awaiting approval (nothing ran).
+pub(crate) fn remediation_samples() -> Vec<Event> {
+    let user = User {
+        uid: "0".into(),
+        name: None,
+    };
+    let done = Event::remediation(
+        &origin(),
+        1_764_000_009_000,
+        20,
+        "1764000008000-1",
+        "3c9a1f2e-1763999400512-101",
+        RemediationStatus::Done,
+        "rotated and verified live".into(),
+        Process {
+            pid: 7101,
+            name: "keywarden".into(),
+            cmd_line: Some("/usr/bin/keywarden rotate --key 0eab35...".into()),
+            user: user.clone(),
+            ..Default::default()
+        },
+        Remediation {
+            action: "rotate".into(),
+            spki_sha256: "0eab356819ea6df95972a074d5a7bcb18cf75ef9124a4f89cb2e6f7d722bfd3f".into(),
+            new_spki_sha256: Some(
+                "5d2c4b1a0f3e6d7c8b9a0e1f2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a".into(),
+            ),
+            reason: None,
+            rule: "rotate-on-new-binary".into(),
+            mode: Mode::Enforce,
+            log: vec!["verified: 127.0.0.1:443 presents the new key".into()],
+        },
+    );
+    let pending = Event::remediation(
+        &origin(),
+        1_764_000_009_500,
+        21,
+        "1764000009400-2",
+        "3c9a1f2e-1763999400512-102",
+        RemediationStatus::AwaitingApproval,
+        "awaiting approval: keywarden actions approve 1764000009400-2".into(),
+        Process {
+            pid: 4182,
+            name: "keywarden".into(),
+            user,
+            ..Default::default()
+        },
+        Remediation {
+            action: "revoke".into(),
+            spki_sha256: "0eab356819ea6df95972a074d5a7bcb18cf75ef9124a4f89cb2e6f7d722bfd3f".into(),
+            new_spki_sha256: None,
+            reason: Some("keyCompromise".into()),
+            rule: "revoke-on-new-country".into(),
+            mode: Mode::Approve,
+            log: Vec::new(),
+        },
+    );
+    vec![done, pending]
 }
 
 /// A coverage warning about a library a process loaded: the most a
@@ -513,7 +577,22 @@ fn the_field_tables_of_docs_events_md_list_exactly_the_fields_the_model_writes()
         }
     }
 
+    // The same form as a coverage warning's table.
+    let rows = field_rows(REMEDIATION_TABLE);
+    let absent: Vec<String> = rows
+        .iter()
+        .filter(|r| r.second.starts_with("Absent"))
+        .flat_map(|r| r.fields.iter().cloned())
+        .collect();
+    let mut remediation: BTreeSet<String> = key_use.union(&paths_of(&rows)).cloned().collect();
+    remediation.retain(|p| !absent.iter().any(|a| is_within(p, a)));
+
     let checks = [
+        (
+            "remediation",
+            &remediation,
+            event_paths(EventCode::Remediation, &remediation_samples()),
+        ),
         (
             "key_use",
             &key_use,

@@ -37,11 +37,15 @@ pub mod class {
     pub const EVENT_LOG_ACTIVITY: u32 = 1008;
     /// Detection Finding (alerts).
     pub const DETECTION_FINDING: u32 = 2004;
+    /// Remediation Activity: a key rotated or revoked by a rule.
+    pub const REMEDIATION_ACTIVITY: u32 = 7001;
 }
 
 pub mod activity {
     /// Detection Finding: Create.
     pub const CREATE: u32 = 1;
+    /// Remediation Activity: Evict (the key is taken out of service).
+    pub const EVICT: u32 = 2;
     /// File System Activity: Open.
     pub const OPEN: u32 = 14;
     /// Other, with keywarden's own `activity_name`: Module Activity 1.3.0
@@ -61,6 +65,9 @@ pub enum EventCode {
     SecretFileOpen,
     /// A rule matched an event (Detection Finding).
     Alert,
+    /// A rule's `rotate` or `revoke`: planned, awaiting approval, done or
+    /// failed (Remediation Activity).
+    Remediation,
 }
 
 /// One keywarden event, OCSF base attributes first.
@@ -111,6 +118,12 @@ pub struct Event {
     /// Detection Finding: the event the rule matched, as exported.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub evidences: Vec<Evidence>,
+    /// Remediation Activity: the action's id, as `keywarden actions`
+    /// names it.
+    pub command_uid: Option<String>,
+    /// Remediation Activity: the MITRE D3FEND technique carried out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countermeasures: Vec<Countermeasure>,
     /// keywarden's attributes that OCSF 1.3.0 has no place for.
     #[serde(default, skip_serializing_if = "Unmapped::is_empty")]
     pub unmapped: Unmapped,
@@ -149,7 +162,46 @@ pub struct Unmapped {
     pub responses: Vec<Response>,
     /// Findings: why a baseline or threshold rule fired.
     pub analysis: Option<Analysis>,
+    /// Remediation Activity: what was done to which key, for which rule.
+    pub remediation: Option<Remediation>,
 }
+
+/// OCSF `d3fend`: a MITRE D3FEND tactic and technique, by name.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Countermeasure {
+    pub d3f_tactic: D3fName,
+    pub d3f_technique: D3fName,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct D3fName {
+    pub name: String,
+}
+
+/// A rule's `rotate` or `revoke`, as carried out (`unmapped.remediation`).
+#[serde_with::skip_serializing_none]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Remediation {
+    /// `rotate` or `revoke`.
+    pub action: String,
+    /// The key taken out of service.
+    pub spki_sha256: String,
+    /// After a rotation: the key that replaced it.
+    pub new_spki_sha256: Option<String>,
+    /// `revoke`: the RFC 5280 reason.
+    pub reason: Option<String>,
+    /// The rule that asked for it.
+    pub rule: String,
+    /// `dry_run`, `approve` or `enforce`: how far it was allowed to go.
+    pub mode: crate::remediation::Mode,
+    /// The last lines `keywarden rotate` or `revoke` printed (the plan,
+    /// each step, the journal), at most `REMEDIATION_LOG_LINES`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub log: Vec<String>,
+}
+
+/// Lines of a remediation's own output kept in its event.
+pub const REMEDIATION_LOG_LINES: usize = 40;
 
 impl Unmapped {
     pub fn is_empty(&self) -> bool {
@@ -302,6 +354,10 @@ pub enum Outcome {
     Failed,
     /// Not tried: replay, nothing to act on, or not this action's case.
     Skipped,
+    /// Handed to the remediation worker or recorded for approval (`rotate`,
+    /// `revoke`): the Remediation Activity events whose
+    /// `metadata.correlation_uid` is this finding's say how it ended.
+    Queued,
 }
 
 /// The decision a blocking rule made on an open.
@@ -394,12 +450,16 @@ pub struct SecretFile {
     pub rule: Option<String>,
 }
 
+#[serde_with::skip_serializing_none]
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Metadata {
     pub version: String,
     pub product: Product,
     /// Unique per sensor run: `<boot id prefix>-<sensor start>-<sequence>`.
     pub uid: String,
+    /// Remediation Activity: the `uid` of the finding whose rule asked
+    /// for it.
+    pub correlation_uid: Option<String>,
     pub event_code: EventCode,
     pub profiles: Vec<String>,
 }
@@ -606,6 +666,11 @@ pub struct Origin {
 }
 
 impl Origin {
+    /// The `metadata.uid` of this run's event number `seq`.
+    pub fn uid(&self, seq: u64) -> String {
+        format!("{}-{seq}", self.uid_prefix)
+    }
+
     fn metadata(&self, seq: u64, event_code: EventCode, profiles: Vec<String>) -> Metadata {
         Metadata {
             version: OCSF_VERSION.into(),
@@ -614,7 +679,8 @@ impl Origin {
                 vendor_name: "keywarden".into(),
                 version: self.product_version.clone(),
             },
-            uid: format!("{}-{seq}", self.uid_prefix),
+            uid: self.uid(seq),
+            correlation_uid: None,
             event_code,
             profiles,
         }
@@ -730,6 +796,17 @@ impl EventCode {
                 activity_id: activity::CREATE,
                 activity_name: "Create",
                 ocsf_activity: "Create",
+            },
+            // Rotating or revoking a key evicts it: D3FEND files both
+            // under credential eviction.
+            EventCode::Remediation => OcsfType {
+                class_uid: class::REMEDIATION_ACTIVITY,
+                class_name: "Remediation Activity",
+                category_uid: 7,
+                category_name: "Remediation",
+                activity_id: activity::EVICT,
+                activity_name: "Evict",
+                ocsf_activity: "Evict",
             },
         }
     }
@@ -883,6 +960,8 @@ impl Event {
             disposition_id: common.control.map(|c| c.disposition_id),
             finding_info: None,
             evidences: Vec::new(),
+            command_uid: None,
+            countermeasures: Vec::new(),
             unmapped: Unmapped {
                 key: None,
                 signature: None,
@@ -895,6 +974,7 @@ impl Event {
                 rule_source: None,
                 responses: Vec::new(),
                 analysis: None,
+                remediation: None,
             },
         }
     }
@@ -1071,6 +1151,89 @@ impl Event {
                 control: None,
             })
         }
+    }
+}
+
+/// What became of a rule's `rotate` or `revoke`, for its Remediation
+/// Activity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RemediationStatus {
+    /// Done and verified: the status is Success.
+    Done,
+    /// Tried, and undone or refused: Failure, `status_detail` says why.
+    Failed,
+    /// `dry_run`: planned only. Other ("Planned").
+    Planned,
+    /// `approve`: recorded for `keywarden actions approve`. Other
+    /// ("Awaiting Approval").
+    AwaitingApproval,
+}
+
+impl Event {
+    /// Remediation Activity 7001 / Evict: a rule's `rotate` or `revoke`,
+    /// linked to the finding that asked for it (`metadata.correlation_uid`).
+    /// The actor is the process that carried it out (keywarden).
+    #[allow(clippy::too_many_arguments)]
+    pub fn remediation(
+        origin: &Origin,
+        time_ms: i64,
+        seq: u64,
+        id: &str,
+        finding_uid: &str,
+        status: RemediationStatus,
+        detail: String,
+        who: Process,
+        what: Remediation,
+    ) -> Self {
+        let (status_id, status_name) = match status {
+            RemediationStatus::Done => (1, "Success"),
+            RemediationStatus::Failed => (2, "Failure"),
+            RemediationStatus::Planned => (99, "Planned"),
+            RemediationStatus::AwaitingApproval => (99, "Awaiting Approval"),
+        };
+        let severity_id = match status {
+            RemediationStatus::Failed => severity::HIGH,
+            _ => severity::INFORMATIONAL,
+        };
+        let technique = match what.action.as_str() {
+            "revoke" => "Credential Revoking",
+            _ => "Credential Rotation",
+        };
+        let message = format!(
+            "{} of key {}: {detail}",
+            what.action,
+            what.spki_sha256.get(..16).unwrap_or(&what.spki_sha256)
+        );
+        let mut ev = Event {
+            status_detail: Some(detail),
+            command_uid: Some(id.to_owned()),
+            countermeasures: vec![Countermeasure {
+                d3f_tactic: D3fName {
+                    name: "Evict".into(),
+                },
+                d3f_technique: D3fName {
+                    name: technique.into(),
+                },
+            }],
+            ..Event::base(Common {
+                origin,
+                code: EventCode::Remediation,
+                time_ms,
+                seq,
+                severity_id,
+                status_id,
+                status: status_name,
+                message,
+                who: Who {
+                    process: who,
+                    ..Who::default()
+                },
+                control: None,
+            })
+        };
+        ev.metadata.correlation_uid = Some(finding_uid.to_owned());
+        ev.unmapped.remediation = Some(what);
+        ev
     }
 }
 

@@ -12,4 +12,5 @@ pub mod geo;
 #[cfg(test)]
 mod ocsf_check;
 pub mod pipeline;
+pub mod remediation;
 pub mod rules;

@@ -139,6 +139,10 @@ fn findings_with_every_outcome(evidence: &Event) -> Vec<Event> {
         vec![r("kill", Outcome::Failed, Some("SIGKILL: ESRCH"))],
         vec![r("block", Outcome::Done, Some("open refused with EPERM"))],
         vec![r("alert", Outcome::Skipped, Some("replay: not enforced"))],
+        vec![
+            r("rotate", Outcome::Queued, Some("action 1-1: started")),
+            r("revoke", Outcome::Skipped, Some("not started: cooldown")),
+        ],
         Vec::new(),
     ];
     sets.into_iter()
@@ -155,6 +159,7 @@ fn every_kind_of_event_the_model_builds_is_valid_ocsf() {
     events.extend(docs_check::key_use_samples());
     events.extend(docs_check::secret_file_open_samples());
     events.extend(docs_check::coverage_warning_samples());
+    events.extend(docs_check::remediation_samples());
     // A warning about nothing in particular: no process, no library.
     events.push(Event::coverage_warning(
         &origin(),
@@ -201,7 +206,7 @@ fn every_kind_of_event_the_model_builds_is_valid_ocsf() {
         .iter()
         .map(|e| format!("{:?}", e.metadata.event_code))
         .collect();
-    assert_eq!(codes.len(), 4, "{codes:?}");
+    assert_eq!(codes.len(), 5, "{codes:?}");
     assert_valid("the model's sample events", &events);
 }
 

@@ -69,7 +69,8 @@ pub fn line(ev: &Event) -> Vec<u8> {
             let _ = write!(s, " rule={}", info.analytic.uid);
         }
     } else {
-        let _ = write!(s, " {}", ev.status.to_ascii_lowercase());
+        // "Awaiting Approval" is one word here.
+        let _ = write!(s, " {}", ev.status.to_ascii_lowercase().replace(' ', "_"));
     }
     let p = &ev.actor.process;
     if p.pid != 0 || !p.name.is_empty() {
@@ -77,6 +78,10 @@ pub fn line(ev: &Event) -> Vec<u8> {
         if !p.user.uid.is_empty() {
             let _ = write!(s, " uid={}", p.user.uid);
         }
+    }
+    if let Some(r) = &ev.unmapped.remediation {
+        let spki = &r.spki_sha256;
+        let _ = write!(s, " {} key={}", r.action, &spki[..spki.len().min(16)]);
     }
     if let Some(spki) = field(ev, "key.spki_sha256") {
         let _ = write!(s, " key={}", &spki[..spki.len().min(16)]);

@@ -79,6 +79,48 @@ pub struct Config {
     /// issuer and refuses.
     #[serde(default)]
     pub rotation: RotationConfig,
+    /// Guard rails of the rule actions `rotate` and `revoke`
+    /// (`remediate/`). Optional in a configuration file.
+    #[serde(default)]
+    pub remediation: RemediationConfig,
+    /// The file this configuration was read from (`None`: the embedded
+    /// default); a rule's rotation runs `keywarden rotate` with it.
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
+}
+
+/// How far rules may go on their own with `rotate` and `revoke`, and how
+/// often (docs/rotation.md, "From a rule").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RemediationConfig {
+    /// The most any rule may do: `dry_run` (plan only), `approve` (record
+    /// it for `keywarden actions approve`, the default) or `enforce`. A
+    /// rule's own `remediation` can only ask for less.
+    pub mode: keywarden_analyzer::remediation::Mode,
+    /// After a key was acted on, further firings on it are refused this
+    /// long.
+    pub cooldown_seconds: u64,
+    /// Actions started on this host in any hour, at most.
+    pub max_per_hour: u32,
+    /// Records of actions awaiting approval: root's, writable by no one
+    /// else (checked at start when a rule can need it).
+    pub approvals_dir: String,
+    /// A `keywarden rotate` or `revoke` started by a rule is stopped after
+    /// this long.
+    pub timeout_seconds: u64,
+}
+
+impl Default for RemediationConfig {
+    fn default() -> Self {
+        RemediationConfig {
+            mode: keywarden_analyzer::remediation::Mode::Approve,
+            cooldown_seconds: 3600,
+            max_per_hour: 6,
+            approvals_dir: "/var/lib/keywarden/actions".into(),
+            timeout_seconds: 900,
+        }
+    }
 }
 
 /// Parquet files in the Amazon Security Lake layout (docs/deploy.md).
@@ -321,7 +363,9 @@ impl Config {
             Some(p) => {
                 let text = std::fs::read_to_string(p)
                     .with_context(|| format!("{}: cannot read", p.display()))?;
-                Self::parse(&text, &p.display().to_string())
+                let mut cfg = Self::parse(&text, &p.display().to_string())?;
+                cfg.source = Some(p.to_owned());
+                Ok(cfg)
             }
         }
     }

@@ -25,6 +25,7 @@ mod metrics;
 mod pidfd;
 mod probes;
 mod records;
+mod remediate;
 mod respond;
 mod rotate;
 mod run;
@@ -189,6 +190,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Actions of rules (`rotate`, `revoke`) awaiting an operator:
+    /// list them, approve one (the running sensor carries it out) or
+    /// reject it.
+    Actions {
+        #[command(subcommand)]
+        command: ActionsCommand,
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+    },
     /// List or reset learned baselines.
     Baseline {
         #[command(subcommand)]
@@ -221,6 +231,16 @@ enum Command {
     /// once it exits, however it exits (`watchdog.rs`).
     #[command(name = "__watchdog", hide = true)]
     Watchdog,
+}
+
+#[derive(Subcommand)]
+enum ActionsCommand {
+    /// One line per action: id, state, steps, key, rule, finding.
+    List,
+    /// Let the running sensor carry out a pending action.
+    Approve { id: String },
+    /// Drop a pending action; its key is free for rules again.
+    Reject { id: String },
 }
 
 #[derive(Subcommand)]
@@ -393,6 +413,30 @@ fn main() -> ExitCode {
                 },
             )
         })),
+        Command::Actions { command, config } => exit((|| {
+            let cfg = config::Config::load(config.as_deref())?;
+            let store = remediate::approvals::Store::open(std::path::Path::new(
+                &cfg.remediation.approvals_dir,
+            ))?;
+            use remediate::approvals::State;
+            match command {
+                ActionsCommand::List => remediate::approvals::print_list(&store),
+                ActionsCommand::Approve { id } => {
+                    let r = store.transition(&id, State::Pending, State::Approved)?;
+                    println!(
+                        "approved {}: the running sensor carries it out; its outcome is a \
+                         Remediation Activity event correlated with finding {}",
+                        r.id, r.finding_uid
+                    );
+                    Ok(())
+                }
+                ActionsCommand::Reject { id } => {
+                    let r = store.transition(&id, State::Pending, State::Rejected)?;
+                    println!("rejected {}", r.id);
+                    Ok(())
+                }
+            }
+        })()),
         Command::Baseline { command } => exit(match command {
             BaselineCommand::List { file } => analyze::list_baselines(&file),
             BaselineCommand::Reset { file, key, all } => {

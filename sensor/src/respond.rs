@@ -14,11 +14,19 @@ use keywarden_analyzer::{
     rules::{Action, Rule},
 };
 
-use crate::probes::Probes;
+use crate::{probes::Probes, remediate::Remediator};
 
 /// Carries out one action of a rule that `out` fired.
 pub trait Responder {
-    fn respond(&mut self, action: Action, rule: &Rule, out: &Output) -> (Outcome, Option<String>);
+    /// `finding_uid` is the `metadata.uid` the finding will have, so that
+    /// what an action starts can point back at it.
+    fn respond(
+        &mut self,
+        action: Action,
+        rule: &Rule,
+        out: &Output,
+        finding_uid: &str,
+    ) -> (Outcome, Option<String>);
 }
 
 /// One finding per rule `out` fired, each with the responses `responder`
@@ -33,12 +41,14 @@ pub fn findings(
     out.fired
         .iter()
         .map(|fired| {
+            let seq = next_seq();
+            let uid = origin.uid(seq);
             let responses = fired
                 .rule
                 .actions
                 .iter()
                 .map(|&action| {
-                    let (outcome, detail) = responder.respond(action, &fired.rule, out);
+                    let (outcome, detail) = responder.respond(action, &fired.rule, out, &uid);
                     Response {
                         action: action.name().to_owned(),
                         outcome,
@@ -46,7 +56,7 @@ pub fn findings(
                     }
                 })
                 .collect();
-            fired.finding(origin, time_ms, next_seq(), &out.event, responses)
+            fired.finding(origin, time_ms, seq, &out.event, responses)
         })
         .collect()
 }
@@ -55,20 +65,33 @@ pub fn findings(
 pub struct Replay;
 
 impl Responder for Replay {
-    fn respond(&mut self, _: Action, _: &Rule, _: &Output) -> (Outcome, Option<String>) {
+    fn respond(&mut self, _: Action, _: &Rule, _: &Output, _: &str) -> (Outcome, Option<String>) {
         (Outcome::Skipped, Some("replay: not enforced".to_owned()))
     }
 }
 
 /// The live sensor: kills through signals and the kernel's verdict map;
-/// blocks were decided by the fanotify guard before the event existed.
+/// blocks were decided by the fanotify guard before the event existed;
+/// rotations and revocations go to the remediation stage.
 pub struct Live {
     pub probes: Arc<Mutex<Probes>>,
+    pub remediator: Arc<Mutex<Remediator>>,
 }
 
 impl Responder for Live {
-    fn respond(&mut self, action: Action, rule: &Rule, out: &Output) -> (Outcome, Option<String>) {
+    fn respond(
+        &mut self,
+        action: Action,
+        rule: &Rule,
+        out: &Output,
+        finding_uid: &str,
+    ) -> (Outcome, Option<String>) {
         match action {
+            Action::Rotate | Action::Revoke => self
+                .remediator
+                .lock()
+                .expect("remediator lock")
+                .request(action, rule, &out.event, finding_uid),
             Action::Alert => (Outcome::Done, None),
             Action::Kill if out.killed_by.as_deref() == Some(rule.id.as_str()) => (
                 Outcome::InKernel,

@@ -71,6 +71,13 @@ pub enum Action {
     /// Refuse the open with EPERM (fanotify permission events, or BPF LSM
     /// where the kernel allows it).
     Block,
+    /// Replace the key where it serves (`keywarden rotate`), within the
+    /// guard rails of `remediation` in the configuration.
+    Rotate,
+    /// Revoke the key's certificates (`keywarden revoke`, never with
+    /// `--force`: after a `rotate` of the same rule, or refused while the
+    /// key still serves).
+    Revoke,
 }
 
 impl Action {
@@ -79,7 +86,15 @@ impl Action {
             Action::Alert => "alert",
             Action::Kill => "kill",
             Action::Block => "block",
+            Action::Rotate => "rotate",
+            Action::Revoke => "revoke",
         }
+    }
+
+    /// Whether the action takes the key out of service (run by the
+    /// remediation worker, not on the event thread).
+    pub fn remediates(self) -> bool {
+        matches!(self, Action::Rotate | Action::Revoke)
     }
 }
 
@@ -183,6 +198,12 @@ pub struct Rule {
     /// in the window.
     pub threshold: Option<Threshold>,
     pub actions: Vec<Action>,
+    /// `revoke`'s RFC 5280 reason (`revoke_reason`, by default
+    /// keyCompromise).
+    pub revoke_reason: &'static str,
+    /// How far `rotate` and `revoke` may go (`remediation`; the
+    /// configuration's mode caps it). `Enforce` when the rule says nothing.
+    pub remediation: crate::remediation::Mode,
     /// `file:line` of the rule.
     pub source: String,
 }

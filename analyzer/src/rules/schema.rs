@@ -39,6 +39,10 @@ struct RuleDoc {
     #[serde(default)]
     threshold: Option<Spanned<ThresholdDoc>>,
     actions: Vec<Spanned<String>>,
+    #[serde(default)]
+    revoke_reason: Option<Spanned<String>>,
+    #[serde(default)]
+    remediation: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -447,6 +451,8 @@ fn translate(r: RuleDoc, source: &str, errors: &mut Errors<'_>) -> Option<Rule> 
             "alert" => Action::Alert,
             "kill" => Action::Kill,
             "block" => Action::Block,
+            "rotate" => Action::Rotate,
+            "revoke" => Action::Revoke,
             "deny" => {
                 errors.span(
                     a,
@@ -457,7 +463,9 @@ fn translate(r: RuleDoc, source: &str, errors: &mut Errors<'_>) -> Option<Rule> 
             other => {
                 errors.span(
                     a,
-                    format!("unknown action `{other}` (expected alert, kill or block)"),
+                    format!(
+                        "unknown action `{other}` (expected alert, kill, block, rotate or revoke)"
+                    ),
                 );
                 continue;
             }
@@ -482,6 +490,44 @@ fn translate(r: RuleDoc, source: &str, errors: &mut Errors<'_>) -> Option<Rule> 
         }
         actions.push(action);
     }
+    let revoke_reason = match &r.revoke_reason {
+        None => crate::remediation::DEFAULT_REVOKE_REASON,
+        Some(s) if !actions.contains(&Action::Revoke) => {
+            errors.span(s, "revoke_reason without a `revoke` action");
+            crate::remediation::DEFAULT_REVOKE_REASON
+        }
+        Some(s) => match crate::remediation::revoke_reason(&s.value) {
+            Some((name, _)) => name,
+            None => {
+                errors.span(
+                    s,
+                    format!(
+                        "unknown revoke_reason `{}` (expected one of {})",
+                        s.value,
+                        crate::remediation::revoke_reason_names()
+                    ),
+                );
+                crate::remediation::DEFAULT_REVOKE_REASON
+            }
+        },
+    };
+    let remediation = match &r.remediation {
+        None => crate::remediation::Mode::Enforce,
+        Some(s) if !actions.iter().any(|a| a.remediates()) => {
+            errors.span(s, "remediation without a `rotate` or `revoke` action");
+            crate::remediation::Mode::Enforce
+        }
+        Some(s) => crate::remediation::Mode::from_name(&s.value).unwrap_or_else(|| {
+            errors.span(
+                s,
+                format!(
+                    "unknown remediation `{}` (expected dry_run, approve or enforce)",
+                    s.value
+                ),
+            );
+            crate::remediation::Mode::Enforce
+        }),
+    };
 
     if errors.list.len() > before {
         return None;
@@ -496,6 +542,8 @@ fn translate(r: RuleDoc, source: &str, errors: &mut Errors<'_>) -> Option<Rule> 
         deviations,
         threshold,
         actions,
+        revoke_reason,
+        remediation,
         source: format!("{}:{}", errors.file, r.id.referenced.line()),
     })
 }

@@ -171,6 +171,46 @@ fn allow_entries_are_checked() {
 }
 
 #[test]
+fn kill_switch_actions_carry_their_reason_and_mode() {
+    let set = parse(
+        "rules:\n  - id: a\n    severity: high\n    event: key_use\n    actions: [alert, rotate, revoke]\n    revoke_reason: SUPERSEDED\n    remediation: approve\n",
+    )
+    .unwrap();
+    let r = &set.rules[0];
+    assert_eq!(r.actions, [Action::Alert, Action::Rotate, Action::Revoke]);
+    assert_eq!(r.revoke_reason, "superseded", "spelled as RFC 5280 does");
+    assert_eq!(r.remediation, crate::remediation::Mode::Approve);
+    let set = parse(
+        "rules:\n  - id: a\n    severity: high\n    event: secret_file_open\n    actions: [revoke]\n",
+    )
+    .unwrap();
+    assert_eq!(set.rules[0].revoke_reason, "keyCompromise");
+    assert_eq!(set.rules[0].remediation, crate::remediation::Mode::Enforce);
+
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [revoke]\n    revoke_reason: stolen\n",
+    );
+    assert!(e.message.contains("unknown revoke_reason `stolen`"), "{e}");
+    assert!(e.message.contains("keyCompromise"), "{e}");
+    assert_eq!(e.line, 6);
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [rotate]\n    revoke_reason: superseded\n",
+    );
+    assert!(
+        e.message.contains("revoke_reason without a `revoke`"),
+        "{e}"
+    );
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [alert]\n    remediation: enforce\n",
+    );
+    assert!(e.message.contains("remediation without"), "{e}");
+    let e = one_error(
+        "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [rotate]\n    remediation: yolo\n",
+    );
+    assert!(e.message.contains("unknown remediation `yolo`"), "{e}");
+}
+
+#[test]
 fn actions_fit_the_event() {
     let e = one_error(
         "rules:\n  - id: a\n    severity: low\n    event: key_use\n    actions: [block]\n",

@@ -50,6 +50,7 @@ pub fn source_name(class_uid: u32) -> String {
         class::FILE_SYSTEM_ACTIVITY => "kw_file_activity".into(),
         class::EVENT_LOG_ACTIVITY => "kw_event_log".into(),
         class::DETECTION_FINDING => "kw_detection_finding".into(),
+        class::REMEDIATION_ACTIVITY => "kw_remediation".into(),
         other => format!("kw_class_{other}"),
     }
 }
@@ -257,6 +258,7 @@ mod tests {
             class::FILE_SYSTEM_ACTIVITY,
             class::EVENT_LOG_ACTIVITY,
             class::DETECTION_FINDING,
+            class::REMEDIATION_ACTIVITY,
             u32::MAX,
         ]
         .into_iter()

@@ -72,7 +72,13 @@ const OTHER: &str = "(other)";
 
 /// Event classes (`metadata.event_code`), as the `class` label names them,
 /// in the order `class_index` gives.
-const CLASSES: [&str; 4] = ["key_use", "secret_file_open", "coverage_warning", "alert"];
+const CLASSES: [&str; 5] = [
+    "key_use",
+    "secret_file_open",
+    "coverage_warning",
+    "alert",
+    "remediation",
+];
 
 /// The index of `CLASSES` of an event code. Exhaustive, so that a new kind
 /// of event cannot go uncounted.
@@ -82,10 +88,12 @@ fn class_index(code: EventCode) -> usize {
         EventCode::SecretFileOpen => 1,
         EventCode::CoverageWarning => 2,
         EventCode::Alert => 3,
+        EventCode::Remediation => 4,
     }
 }
 
-/// `status_id` 0, 1 and 2, and any other (which no event has today).
+/// `status_id` 0, 1 and 2, and any other (a remediation planned or
+/// awaiting approval, 99).
 const STATUS_SLOTS: usize = 4;
 
 /// The `outcome` label of `status_id` slot `slot` of class `class`: the
@@ -103,14 +111,20 @@ fn outcome_name(class: usize, slot: usize) -> &'static str {
 /// The status slots each class can have, by `CLASSES` index: their series
 /// are written from the start, at 0, so that a rate over them has a
 /// beginning. (Another slot is written once it counts anything.)
-const CLASS_OUTCOMES: [&[usize]; 4] = [&[1, 2], &[0, 1, 2], &[2], &[1]];
+const CLASS_OUTCOMES: [&[usize]; 5] = [&[1, 2], &[0, 1, 2], &[2], &[1], &[1, 2, 3]];
 
 /// Rule actions, as the `action` label names them (`Action::name`).
-const ACTIONS: [Action; 3] = [Action::Alert, Action::Kill, Action::Block];
+const ACTIONS: [Action; 5] = [
+    Action::Alert,
+    Action::Kill,
+    Action::Block,
+    Action::Rotate,
+    Action::Revoke,
+];
 
 /// What became of an action, as the `outcome` label names it, in the order
 /// `outcome_index` gives.
-const ACTION_OUTCOMES: [&str; 4] = ["done", "in_kernel", "failed", "skipped"];
+const ACTION_OUTCOMES: [&str; 5] = ["done", "in_kernel", "failed", "skipped", "queued"];
 
 fn outcome_index(o: Outcome) -> usize {
     match o {
@@ -118,6 +132,7 @@ fn outcome_index(o: Outcome) -> usize {
         Outcome::InKernel => 1,
         Outcome::Failed => 2,
         Outcome::Skipped => 3,
+        Outcome::Queued => 4,
     }
 }
 

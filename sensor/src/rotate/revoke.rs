@@ -35,32 +35,13 @@ use super::{
 };
 use crate::{config::Config, keys::material};
 
-/// RFC 5280 §5.3.1 reason codes, by the names RFC 5280 gives them.
-pub const REASONS: &[(&str, u8)] = &[
-    ("unspecified", 0),
-    ("keyCompromise", 1),
-    ("cACompromise", 2),
-    ("affiliationChanged", 3),
-    ("superseded", 4),
-    ("cessationOfOperation", 5),
-    ("certificateHold", 6),
-    ("privilegeWithdrawn", 9),
-    ("aACompromise", 10),
-];
-
 pub fn reason_code(name: &str) -> Result<u8> {
-    REASONS
-        .iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, c)| *c)
+    keywarden_analyzer::remediation::revoke_reason(name)
+        .map(|(_, c)| c)
         .ok_or_else(|| {
             anyhow!(
                 "--reason {name:?}: expected one of {}",
-                REASONS
-                    .iter()
-                    .map(|(n, _)| *n)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                keywarden_analyzer::remediation::revoke_reason_names()
             )
         })
 }

@@ -25,6 +25,8 @@ pub struct Counts {
     pub warnings: u64,
     pub secret_file_opens: u64,
     pub findings: u64,
+    /// Remediation Activities (`remediate`).
+    pub remediations: u64,
     /// Written without analysis because the pipeline was full.
     pub unanalysed: u64,
     /// By class and outcome, findings by rule, actions by outcome: what
@@ -108,6 +110,7 @@ impl Emitter {
             EventCode::CoverageWarning => c.warnings += 1,
             EventCode::SecretFileOpen => c.secret_file_opens += 1,
             EventCode::Alert => c.findings += 1,
+            EventCode::Remediation => c.remediations += 1,
         }
         c.tally.count(ev);
     }
@@ -172,6 +175,17 @@ impl Emitter {
         for finding in found {
             self.count(&finding);
             self.write(&finding);
+        }
+    }
+
+    /// Writes the Remediation Activities the remediation stage reported.
+    /// Not analysed: no rule matches them.
+    pub fn remediations(&mut self, reports: Vec<crate::remediate::Report>) {
+        for r in reports {
+            let seq = self.next_seq();
+            let ev = r.event(&self.origin, clock::now_ms(), seq);
+            self.count(&ev);
+            self.write(&ev);
         }
     }
 

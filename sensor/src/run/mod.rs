@@ -70,6 +70,7 @@ use crate::{
     liveness::{self, Liveness},
     metrics::{self, Metrics, Queue, Queues},
     probes::{Lease, Probes},
+    remediate::Remediator,
     respond,
     secrets::watch::{WatchEntry, WatchList},
     setup,
@@ -142,6 +143,8 @@ struct Sensor {
     liveness: Arc<Liveness>,
     /// Processes that load a private key with code nothing probes.
     key_openers: key_openers::KeyOpeners,
+    /// Rules' `rotate` and `revoke` (shared with the response stage).
+    remediator: Arc<Mutex<Remediator>>,
 }
 
 /// Raises the soft limit on open files to the hard one. Every uprobe attach
@@ -208,6 +211,17 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         rules.clone(),
         setup::pipeline_config(&cfg.analyzer, geo.clone(), baselines, Overflow::Drop),
     );
+    let mut remediator = Remediator::start(&cfg.remediation, cfg.source.clone(), &cfg.inventory)?;
+    // A rule that may record an action for approval needs a safe place
+    // for it: checked now, not at the first finding.
+    if rules.rules.iter().any(|r| {
+        r.actions.iter().any(|a| a.remediates())
+            && r.remediation.within(cfg.remediation.mode)
+                == keywarden_analyzer::remediation::Mode::Approve
+    }) {
+        remediator.check_store()?;
+    }
+    let remediator = Arc::new(Mutex::new(remediator));
     let enforcer = Enforcer::new(rules)?;
     let sink = NdjsonSink::open(&cfg.output, cfg.format)?;
     let origin = setup::origin();
@@ -252,6 +266,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             baseline_path,
             Box::new(respond::Live {
                 probes: probes.clone(),
+                remediator: remediator.clone(),
             }),
         ),
         kernel_stats: [0; stats::SLOTS as usize],
@@ -264,6 +279,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         deferred: route::Deferred::default(),
         liveness: liveness.clone(),
         key_openers: key_openers::KeyOpeners::new(probes.clone(), cache.clone()),
+        remediator,
     };
     s.out.parquet = parquet;
     let sock = kernel_layout::sock()
@@ -354,6 +370,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         }
         more = s.drain();
         s.keys.poll(&mut s.out);
+        s.remediations();
         s.end_turn();
         if reload.swap(false, Ordering::Relaxed) {
             s.settle();
@@ -414,6 +431,10 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     watchdog.finish();
     s.secrets.emit_due(true, &mut s.out);
     s.out.finish_pipeline();
+    // What the last findings started or recorded; a rotation under way
+    // goes on in its own process, its journal has the outcome.
+    s.remediations();
+    s.remediator.lock().expect("remediator lock").stop();
     // The last warning, whatever the time since the one before.
     s.report_shed(true);
     // Parquet first: its last files are written while the output drains.
@@ -437,6 +458,14 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
 }
 
 impl Sensor {
+    /// Writes what the remediation stage reported since the last turn.
+    fn remediations(&mut self) {
+        let reports = self.remediator.lock().expect("remediator lock").poll();
+        if !reports.is_empty() {
+            self.out.remediations(reports);
+        }
+    }
+
     fn probes(&self) -> std::sync::MutexGuard<'_, Probes> {
         self.probes.lock().expect("probes lock")
     }

@@ -1,0 +1,449 @@
+//! The kill switch in rules: a finding whose rule says `rotate` or
+//! `revoke` takes the key out of service by itself, within guard rails
+//! (docs/rotation.md, "From a rule").
+//!
+//! The event thread asks (`Remediator::request`, through the response
+//! stage); the guard (`guard`) admits at most one action per key in
+//! flight, a cooldown per key and a rate limit per host; the mode (the
+//! more cautious of the rule's `remediation` and the configuration's)
+//! decides what follows:
+//! - `dry_run`: the worker runs `keywarden rotate --dry-run` (the plan,
+//!   nothing changed);
+//! - `approve`: a record for `keywarden actions approve ID` (`approvals`);
+//!   once approved, the sensor carries it out;
+//! - `enforce`: the worker (`worker`) runs `keywarden rotate` and then,
+//!   if the rule also says so, `keywarden revoke`.
+//!
+//! Each of these is a Remediation Activity event linked to the finding
+//! (`metadata.correlation_uid`); the finding's own response says
+//! `queued` with the action's id, or why it was refused.
+
+pub mod approvals;
+pub mod guard;
+pub mod worker;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use keywarden_analyzer::{
+    event::{Event, KeyStatus, Origin, Outcome, Process, Remediation, RemediationStatus},
+    remediation::Mode,
+    rules::{Action, Rule},
+};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+use crate::config::RemediationConfig;
+use approvals::{Record, State, Store};
+use guard::Guard;
+use worker::{Finished, Runner};
+
+/// What one step does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    Rotate,
+    Revoke,
+}
+
+impl StepKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StepKind::Rotate => "rotate",
+            StepKind::Revoke => "revoke",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    pub kind: StepKind,
+    /// `revoke`: the RFC 5280 reason.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// One admitted action: its steps, run in order.
+#[derive(Clone, Debug)]
+pub struct Job {
+    pub id: String,
+    pub spki: String,
+    pub rule: String,
+    pub finding_uid: String,
+    pub steps: Vec<Step>,
+    pub mode: Mode,
+    /// Carried out for an approved record, which gets its outcome.
+    pub approved: bool,
+}
+
+/// Jobs waiting for the worker, at most (the rate limit keeps it far
+/// below).
+const QUEUE: usize = 64;
+/// How often the approvals directory is looked at.
+const APPROVALS_EVERY: Duration = Duration::from_secs(1);
+
+/// A Remediation Activity to write, without the run's numbering.
+pub struct Report {
+    id: String,
+    finding_uid: String,
+    status: RemediationStatus,
+    detail: String,
+    who: Process,
+    what: Remediation,
+}
+
+impl Report {
+    pub fn event(self, origin: &Origin, time_ms: i64, seq: u64) -> Event {
+        Event::remediation(
+            origin,
+            time_ms,
+            seq,
+            &self.id,
+            &self.finding_uid,
+            self.status,
+            self.detail,
+            self.who,
+            self.what,
+        )
+    }
+}
+
+pub struct Remediator {
+    ceiling: Mode,
+    guard: Guard,
+    jobs: Option<Sender<Job>>,
+    done: Receiver<Finished>,
+    _worker: JoinHandle<()>,
+    approvals_dir: PathBuf,
+    store: Option<Store>,
+    /// Records awaiting approval, by id: their key stays in flight until
+    /// they end.
+    awaiting: HashMap<String, String>,
+    last_look: Option<Instant>,
+    seq: u64,
+    /// Reports made on the event thread (records awaiting approval),
+    /// written at the next `poll`.
+    outbox: Vec<Report>,
+}
+
+impl Remediator {
+    /// Starts the worker. `config` is the file the sensor was started
+    /// with; the children read the same one.
+    pub fn start(
+        cfg: &RemediationConfig,
+        config: Option<PathBuf>,
+        inventory: &str,
+    ) -> anyhow::Result<Self> {
+        let runner = Runner {
+            exe: std::env::current_exe()?,
+            config,
+            inventory: inventory.to_owned(),
+            timeout: Duration::from_secs(cfg.timeout_seconds),
+        };
+        let (jobs, jobs_rx) = crossbeam_channel::bounded(QUEUE);
+        let (done_tx, done) = crossbeam_channel::unbounded();
+        let worker = std::thread::Builder::new()
+            .name("keywarden-remedy".into())
+            .spawn(move || runner.run(&jobs_rx, &done_tx))?;
+        Ok(Remediator {
+            ceiling: cfg.mode,
+            guard: Guard::new(Duration::from_secs(cfg.cooldown_seconds), cfg.max_per_hour),
+            jobs: Some(jobs),
+            done,
+            _worker: worker,
+            approvals_dir: PathBuf::from(&cfg.approvals_dir),
+            store: None,
+            awaiting: HashMap::new(),
+            last_look: None,
+            seq: 0,
+            outbox: Vec::new(),
+        })
+    }
+
+    /// Opens the approvals store now: a sensor whose rules may need it
+    /// refuses to start when the directory is unsafe.
+    pub fn check_store(&mut self) -> anyhow::Result<()> {
+        self.store()?;
+        Ok(())
+    }
+
+    fn store(&mut self) -> anyhow::Result<&Store> {
+        if self.store.is_none() {
+            self.store = Some(Store::open(&self.approvals_dir)?);
+        }
+        Ok(self.store.as_ref().expect("just opened"))
+    }
+
+    fn new_id(&mut self) -> String {
+        self.seq += 1;
+        format!("{}-{}", crate::clock::now_ms(), self.seq)
+    }
+
+    /// The response to one `rotate` or `revoke` of `rule`, fired by
+    /// `event` in the finding `finding_uid`.
+    pub fn request(
+        &mut self,
+        action: Action,
+        rule: &Rule,
+        event: &Event,
+        finding_uid: &str,
+    ) -> (Outcome, Option<String>) {
+        if action == Action::Revoke && rule.actions.contains(&Action::Rotate) {
+            return (
+                Outcome::Queued,
+                Some("after the rotation, as a step of the same action".into()),
+            );
+        }
+        let Some(spki) = event
+            .unmapped
+            .key
+            .as_ref()
+            .filter(|k| k.status == KeyStatus::Identified)
+            .and_then(|k| k.spki_sha256.clone())
+        else {
+            return (
+                Outcome::Skipped,
+                Some("the event names no identified key".into()),
+            );
+        };
+        let mut steps = Vec::new();
+        if rule.actions.contains(&Action::Rotate) {
+            steps.push(Step {
+                kind: StepKind::Rotate,
+                reason: None,
+            });
+        }
+        if rule.actions.contains(&Action::Revoke) {
+            steps.push(Step {
+                kind: StepKind::Revoke,
+                reason: Some(rule.revoke_reason.to_owned()),
+            });
+        }
+        let mode = rule.remediation.within(self.ceiling);
+        if let Err(refused) = self.guard.admit(&spki, Instant::now()) {
+            return (Outcome::Skipped, Some(format!("not started: {refused}")));
+        }
+        let job = Job {
+            id: self.new_id(),
+            spki,
+            rule: rule.id.clone(),
+            finding_uid: finding_uid.to_owned(),
+            steps,
+            mode,
+            approved: false,
+        };
+        match mode {
+            Mode::Approve => self.record_for_approval(job),
+            Mode::DryRun | Mode::Enforce => self.send(job),
+        }
+    }
+
+    fn send(&mut self, job: Job) -> (Outcome, Option<String>) {
+        let id = job.id.clone();
+        let spki = job.spki.clone();
+        let dry = job.mode == Mode::DryRun;
+        let Some(jobs) = &self.jobs else {
+            self.guard.finished(&spki);
+            return (Outcome::Failed, Some("the sensor is stopping".into()));
+        };
+        match jobs.try_send(job) {
+            Ok(()) => (
+                Outcome::Queued,
+                Some(if dry {
+                    format!("action {id}: dry run, the plan only")
+                } else {
+                    format!("action {id}: started")
+                }),
+            ),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.guard.finished(&spki);
+                (
+                    Outcome::Failed,
+                    Some(format!("action {id}: the remediation queue is full")),
+                )
+            }
+        }
+    }
+
+    fn record_for_approval(&mut self, job: Job) -> (Outcome, Option<String>) {
+        let record = Record {
+            id: job.id.clone(),
+            created_ms: crate::clock::now_ms(),
+            state: State::Pending,
+            spki: job.spki.clone(),
+            rule: job.rule.clone(),
+            finding_uid: job.finding_uid.clone(),
+            steps: job.steps.clone(),
+            detail: None,
+        };
+        let written = self.store().and_then(|s| s.write(&record));
+        if let Err(e) = written {
+            self.guard.finished(&job.spki);
+            return (
+                Outcome::Failed,
+                Some(format!(
+                    "action {}: cannot record it for approval: {e:#}",
+                    job.id
+                )),
+            );
+        }
+        self.awaiting.insert(job.id.clone(), job.spki.clone());
+        let detail = format!("awaiting approval: keywarden actions approve {}", job.id);
+        self.outbox.push(report_of(
+            &job,
+            RemediationStatus::AwaitingApproval,
+            detail.clone(),
+            None,
+            Vec::new(),
+            0,
+            String::new(),
+        ));
+        (Outcome::Queued, Some(detail))
+    }
+
+    /// Called each turn of the event thread: the steps that ended, and
+    /// approved records to carry out. Returns the events to write.
+    pub fn poll(&mut self) -> Vec<Report> {
+        let mut reports = std::mem::take(&mut self.outbox);
+        while let Ok(f) = self.done.try_recv() {
+            let last = f.job.steps.last() == Some(&f.step);
+            if last {
+                self.guard.finished(&f.job.spki);
+                if f.job.approved {
+                    let state = if f.status == RemediationStatus::Done {
+                        State::Done
+                    } else {
+                        State::Failed
+                    };
+                    self.finish_record(&f.job.id, state, &f.detail);
+                }
+            }
+            reports.push(report_of(
+                &f.job, f.status, f.detail, f.new_spki, f.log, f.pid, f.command,
+            ));
+            // The step names which part of the job this report is.
+            if let Some(r) = reports.last_mut() {
+                r.what.action = f.step.kind.name().to_owned();
+                r.what.reason = f.step.reason;
+            }
+        }
+        if self
+            .last_look
+            .is_none_or(|t| t.elapsed() >= APPROVALS_EVERY)
+        {
+            self.last_look = Some(Instant::now());
+            self.look_at_approvals();
+        }
+        reports
+    }
+
+    fn finish_record(&mut self, id: &str, state: State, detail: &str) {
+        let Ok(store) = self.store() else { return };
+        match store.read(id) {
+            Ok(mut r) => {
+                r.state = state;
+                r.detail = Some(detail.to_owned());
+                if let Err(e) = store.write(&r) {
+                    warn!("action {id}: {e:#}");
+                }
+            }
+            Err(e) => warn!("action {id}: {e:#}"),
+        }
+    }
+
+    /// Approved records are carried out; rejected ones free their key.
+    /// Only when there is something to look for: a record awaiting
+    /// approval, or one approved for a sensor that was not running.
+    fn look_at_approvals(&mut self) {
+        if self.store.is_none() && !self.approvals_dir.exists() {
+            return;
+        }
+        let (records, errors) = match self.store().and_then(|s| s.list()) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("remediation approvals: {e:#}");
+                return;
+            }
+        };
+        for e in errors {
+            warn!("remediation approvals: {e}");
+        }
+        for r in records {
+            match r.state {
+                State::Approved => {
+                    self.awaiting.remove(&r.id);
+                    self.guard.resume(&r.spki);
+                    let store = self.store.as_ref().expect("listed");
+                    if let Err(e) = store.transition(&r.id, State::Approved, State::Running) {
+                        warn!("action {}: {e:#}", r.id);
+                        continue;
+                    }
+                    let job = Job {
+                        id: r.id,
+                        spki: r.spki,
+                        rule: r.rule,
+                        finding_uid: r.finding_uid,
+                        steps: r.steps,
+                        mode: Mode::Enforce,
+                        approved: true,
+                    };
+                    let (outcome, detail) = self.send(job.clone());
+                    if outcome == Outcome::Failed {
+                        let detail = detail.unwrap_or_default();
+                        self.finish_record(&job.id, State::Failed, &detail);
+                    }
+                }
+                State::Rejected | State::Done | State::Failed => {
+                    if let Some(spki) = self.awaiting.remove(&r.id) {
+                        self.guard.finished(&spki);
+                    }
+                }
+                State::Pending | State::Running => {}
+            }
+        }
+    }
+
+    /// No new jobs; one under way goes on in its own process (its journal
+    /// has its outcome).
+    pub fn stop(&mut self) {
+        self.jobs = None;
+    }
+}
+
+fn report_of(
+    job: &Job,
+    status: RemediationStatus,
+    detail: String,
+    new_spki: Option<String>,
+    log: Vec<String>,
+    pid: u32,
+    command: String,
+) -> Report {
+    let first = job.steps.first();
+    Report {
+        id: job.id.clone(),
+        finding_uid: job.finding_uid.clone(),
+        status,
+        detail,
+        who: Process {
+            pid: if pid == 0 { std::process::id() } else { pid },
+            name: "keywarden".into(),
+            cmd_line: (!command.is_empty()).then_some(command),
+            ..Process::default()
+        },
+        what: Remediation {
+            action: first.map_or("rotate", |s| s.kind.name()).to_owned(),
+            spki_sha256: job.spki.clone(),
+            new_spki_sha256: new_spki,
+            reason: first.and_then(|s| s.reason.clone()),
+            rule: job.rule.clone(),
+            mode: job.mode,
+            log,
+        },
+    }
+}
