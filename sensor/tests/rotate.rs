@@ -856,3 +856,269 @@ fn apache_is_rotated_through_the_local_ca() {
     assert_eq!(served_spki(port, None), new_spki);
     drop(apache);
 }
+
+/// A rule that rotates b.test's key whenever it signs.
+fn rotate_rule(dir: &Path, spki: &str, extra: &str) -> PathBuf {
+    let path = dir.join("rotate-rules.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "rules:\n  - id: rotate-b\n    severity: high\n    event: key_use\n    match:\n      \
+             key.spki_sha256: {spki}\n    actions: [alert, rotate]\n{extra}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+fn remediations(events: &[Event]) -> Vec<&Event> {
+    of_kind(events, EventCode::Remediation)
+}
+
+/// The finding whose `metadata.uid` a remediation points at.
+fn finding_of<'a>(events: &'a [Event], remediation: &Event) -> &'a Event {
+    let uid = remediation
+        .metadata
+        .correlation_uid
+        .as_deref()
+        .expect("a remediation names its finding");
+    findings(events)
+        .into_iter()
+        .find(|f| f.metadata.uid == uid)
+        .unwrap_or_else(|| panic!("no finding {uid}"))
+}
+
+/// A rule fires on a live signature and takes the key out of service by
+/// itself. With `remediation: dry_run` the plan is reported and nothing
+/// changes; enforced, the key is rotated and verified. Either way one
+/// firing starts one action: the ones after are refused by the guard
+/// rails (in flight, cooldown, the host's rate limit), and say so.
+#[test]
+fn a_rule_rotates_a_key_from_a_live_finding_within_its_guard_rails() {
+    let actions = tempfile::tempdir().unwrap();
+    let f = setup(&[
+        ("  mode: approve", "  mode: enforce".into()),
+        ("  max_per_hour: 6", "  max_per_hour: 1".into()),
+        (
+            "  approvals_dir: /var/lib/keywarden/actions",
+            format!("  approvals_dir: {}", actions.path().display()),
+        ),
+    ]);
+    let inventory = f.dir().join("inventory.json");
+    let start = |rules: &Path| {
+        Sensor::start(&[
+            "--config",
+            f.config.to_str().unwrap(),
+            "--inventory",
+            inventory.to_str().unwrap(),
+            "--rules",
+            rules.to_str().unwrap(),
+        ])
+    };
+
+    // Dry run: the plan, and b still serves its key.
+    let rules = rotate_rule(f.dir(), &f.b.spki, "    remediation: dry_run\n");
+    let sensor = start(&rules);
+    for _ in 0..3 {
+        assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    }
+    wait_for("the dry run's report", Duration::from_secs(60), || {
+        !remediations(&sensor.events()).is_empty()
+    });
+    let log = sensor.log();
+    let events = sensor.stop();
+    let done = remediations(&events);
+    assert_eq!(
+        done.len(),
+        1,
+        "one firing, one action: {}\n{log}",
+        pretty(&done)
+    );
+    let r = done[0];
+    assert_eq!(
+        (r.status_id, r.status.as_str()),
+        (99, "Planned"),
+        "{}",
+        pretty(r)
+    );
+    let what = r.unmapped.remediation.as_ref().unwrap();
+    assert_eq!(what.spki_sha256, f.b.spki);
+    assert_eq!(what.mode, keywarden_analyzer::remediation::Mode::DryRun);
+    assert!(
+        what.log.iter().any(|l| l.contains("dry run")),
+        "the plan is in the event: {}",
+        pretty(r)
+    );
+    let finding = finding_of(&events, r);
+    assert_eq!(rule_of(finding), Some("rotate-b"));
+    assert!(responses_of(finding).contains(&("rotate", Outcome::Queued)));
+    // Every later firing was refused, and said why.
+    let refused: Vec<String> = findings(&events)
+        .into_iter()
+        .filter(|f| f.metadata.uid != finding.metadata.uid)
+        .flat_map(|f| f.unmapped.responses.iter())
+        .filter(|r| r.action == "rotate")
+        .map(|r| format!("{:?} {}", r.outcome, r.detail.as_deref().unwrap_or("")))
+        .collect();
+    assert!(!refused.is_empty(), "three handshakes, one finding each");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.starts_with("Skipped not started: ")),
+        "{refused:?}"
+    );
+    assert_eq!(spki_of_file(&f.b.path), f.b.spki, "nothing changed");
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+
+    // Enforced: b is rotated and verified live; a rule on a, fired after,
+    // meets the host's limit of one per hour.
+    std::fs::write(
+        &rules,
+        format!(
+            "rules:\n  - id: rotate-b\n    severity: high\n    event: key_use\n    match:\n      \
+             key.spki_sha256: {}\n    actions: [alert, rotate]\n  - id: rotate-a\n    \
+             severity: high\n    event: key_use\n    match:\n      key.spki_sha256: {}\n    \
+             actions: [rotate]\n",
+            f.b.spki, f.a.spki
+        ),
+    )
+    .unwrap();
+    let sensor = start(&rules);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    wait_for("the rotation's outcome", Duration::from_secs(120), || {
+        remediations(&sensor.events())
+            .iter()
+            .any(|r| r.status_id != 99)
+    });
+    let new_b = spki_of_file(&f.b.path);
+    assert_ne!(new_b, f.b.spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), new_b);
+    assert_eq!(served_spki(f.port, Some("a.test")), f.a.spki);
+    wait_for("a finding on a", Duration::from_secs(30), || {
+        findings(&sensor.events())
+            .iter()
+            .any(|f| rule_of(f) == Some("rotate-a"))
+    });
+    let log = sensor.log();
+    let events = sensor.stop();
+    let done = remediations(&events);
+    assert_eq!(done.len(), 1, "{}\n{log}", pretty(&done));
+    let r = done[0];
+    assert_eq!(
+        (r.status_id, r.status.as_str()),
+        (1, "Success"),
+        "{}\n{log}",
+        pretty(r)
+    );
+    let what = r.unmapped.remediation.as_ref().unwrap();
+    assert_eq!(what.new_spki_sha256.as_deref(), Some(new_b.as_str()));
+    assert!(r.command_uid.is_some());
+    assert_eq!(rule_of(finding_of(&events, r)), Some("rotate-b"));
+    let on_a: Vec<String> = findings(&events)
+        .into_iter()
+        .filter(|f| rule_of(f) == Some("rotate-a"))
+        .flat_map(|f| f.unmapped.responses.iter())
+        .map(|r| r.detail.clone().unwrap_or_default())
+        .collect();
+    assert!(
+        !on_a.is_empty() && on_a.iter().all(|d| d.contains("rate limit")),
+        "{on_a:?}"
+    );
+    assert_eq!(spki_of_file(&f.a.path), f.a.spki, "a was not rotated");
+    no_leftovers(&f);
+}
+
+/// `remediation: approve` (the default mode): the firing records the
+/// action and changes nothing; `keywarden actions approve ID` lets the
+/// running sensor carry it out. A record planted by another user is
+/// never read: the directory is root's alone.
+#[test]
+fn an_approved_rotation_is_carried_out_by_the_running_sensor() {
+    let actions = tempfile::tempdir().unwrap();
+    let f = setup(&[(
+        "  approvals_dir: /var/lib/keywarden/actions",
+        format!("  approvals_dir: {}", actions.path().display()),
+    )]);
+    let inventory = f.dir().join("inventory.json");
+    let rules = rotate_rule(f.dir(), &f.b.spki, "");
+    let sensor = Sensor::start(&[
+        "--config",
+        f.config.to_str().unwrap(),
+        "--inventory",
+        inventory.to_str().unwrap(),
+        "--rules",
+        rules.to_str().unwrap(),
+    ]);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    wait_for(
+        "the record awaiting approval",
+        Duration::from_secs(30),
+        || !remediations(&sensor.events()).is_empty(),
+    );
+    let pending = remediations(&sensor.events())[0].clone();
+    assert_eq!(pending.status, "Awaiting Approval", "{}", pretty(&pending));
+    let id = pending.command_uid.clone().unwrap();
+    let list = run_ok(
+        keywarden()
+            .args(["actions", "list", "--config"])
+            .arg(&f.config),
+    );
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains(&id) && list.contains("pending"), "{list}");
+    assert_eq!(spki_of_file(&f.b.path), f.b.spki, "nothing changed yet");
+
+    // nobody cannot write there to approve it, or plant a record.
+    let planted = run_pid(
+        Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+            ])
+            .arg(format!(
+                "echo '{{}}' > {}/1-1.json",
+                actions.path().display()
+            )),
+    )
+    .1;
+    assert!(
+        !planted.status.success(),
+        "nobody wrote into the approvals directory"
+    );
+
+    let out = run_ok(
+        keywarden()
+            .args(["actions", "approve", &id, "--config"])
+            .arg(&f.config),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("approved"));
+    wait_for("the approved rotation", Duration::from_secs(120), || {
+        remediations(&sensor.events()).len() >= 2
+    });
+    let log = sensor.log();
+    let events = sensor.stop();
+    let done = remediations(&events);
+    let r = done.last().unwrap();
+    assert_eq!(r.status, "Success", "{}\n{log}", pretty(r));
+    assert_eq!(r.command_uid.as_deref(), Some(id.as_str()));
+    let new_b = spki_of_file(&f.b.path);
+    assert_ne!(new_b, f.b.spki);
+    assert_eq!(served_spki(f.port, Some("b.test")), new_b);
+    let list = run_ok(
+        keywarden()
+            .args(["actions", "list", "--config"])
+            .arg(&f.config),
+    );
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains(&id) && list.contains("done"), "{list}");
+    // A second approval of the same action is refused.
+    let again = keywarden()
+        .args(["actions", "approve", &id, "--config"])
+        .arg(&f.config)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("is Done, not Pending"));
+}
