@@ -141,8 +141,27 @@ enum Command {
     /// status: 0 done, 1 refused or error, 2 rolled back, 3 rollback failed.
     Rotate {
         /// The key's SPKI SHA-256 (or an unambiguous prefix, 8+ digits).
-        #[arg(long, required_unless_present = "resume")]
+        #[arg(
+            long,
+            required_unless_present_any = ["resume", "keys", "issuer", "all_expiring_before"],
+            conflicts_with_all = ["keys", "issuer", "all_expiring_before"]
+        )]
         key: Option<String>,
+        /// Bulk: every key listed in FILE (one SPKI per line, `#` comments).
+        #[arg(long, value_name = "FILE", group = "bulk")]
+        keys: Option<PathBuf>,
+        /// Bulk: every key with a certificate from this issuer (as
+        /// `keywarden keys` prints it).
+        #[arg(long, value_name = "DN", group = "bulk")]
+        issuer: Option<String>,
+        /// Bulk: every key with a certificate expiring before this day
+        /// (YYYY-MM-DD, UTC).
+        #[arg(long, value_name = "DATE", group = "bulk")]
+        all_expiring_before: Option<String>,
+        /// Bulk: services rotated side by side (keys of one service are
+        /// rotated one after the other).
+        #[arg(long, default_value_t = 4, requires = "bulk")]
+        concurrency: usize,
         /// Print the plan and change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -360,6 +379,10 @@ fn main() -> ExitCode {
         })()),
         Command::Rotate {
             key,
+            keys,
+            issuer,
+            all_expiring_before,
+            concurrency,
             dry_run,
             resume,
             algorithm,
@@ -376,6 +399,27 @@ fn main() -> ExitCode {
                 if let Some(d) = drain_ms {
                     cfg.rotation.drain_ms = d;
                 }
+                let selection = match (keys, issuer, all_expiring_before) {
+                    (Some(f), _, _) => Some(rotate::bulk::Selection::Keys(f)),
+                    (_, Some(dn), _) => Some(rotate::bulk::Selection::Issuer(dn)),
+                    (_, _, Some(d)) => Some(rotate::bulk::Selection::ExpiringBefore(
+                        rotate::bulk::parse_date(&d)?,
+                    )),
+                    _ => None,
+                };
+                if let Some(selection) = selection {
+                    return rotate::bulk::run(
+                        &cfg,
+                        rotate::bulk::Args {
+                            selection,
+                            concurrency,
+                            dry_run,
+                            algorithm,
+                            ca,
+                            inventory,
+                        },
+                    );
+                }
                 rotate::run(
                     &cfg,
                     rotate::Args {
@@ -387,9 +431,10 @@ fn main() -> ExitCode {
                         inventory,
                     },
                 )
+                .map(|o| o.exit_code())
             });
             match r {
-                Ok(o) => ExitCode::from(o.exit_code()),
+                Ok(code) => ExitCode::from(code),
                 Err(e) => {
                     eprintln!("keywarden: error: {e:#}");
                     ExitCode::FAILURE

@@ -1122,3 +1122,114 @@ fn an_approved_rotation_is_carried_out_by_the_running_sensor() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("is Done, not Pending"));
 }
+
+/// A CA incident: 50 certificates served by one nginx (one SNI name
+/// each), all rotated by `keywarden rotate --keys FILE`. The keys of one
+/// service go one after the other; each is verified and the others keep
+/// serving. A line of the file that names no key is refused in the table
+/// and stops nothing.
+#[test]
+fn fifty_keys_of_one_nginx_are_rotated_in_bulk_with_a_result_table() {
+    const N: usize = 50;
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path();
+    let keys_dir = dir.join("keys");
+    std::fs::create_dir(&keys_dir).unwrap();
+    let (ca_key, ca_crt) = openssl_ca(dir, "bulk");
+    let port = free_port();
+    let mut servers = String::new();
+    let mut keys = Vec::new();
+    for i in 0..N {
+        let name = format!("k{i:02}");
+        let key = openssl_key(&keys_dir, &name, "ec");
+        let crt = ca_cert(&keys_dir, &key, &format!("{name}.test"), &ca_key, &ca_crt);
+        servers.push_str(&format!(
+            "server {{ listen 127.0.0.1:{port} ssl; server_name {name}.test; ssl_certificate {}; \
+             ssl_certificate_key {}; ssl_session_cache off; ssl_session_tickets off; \
+             location / {{ return 200 \"{name}\\n\"; }} }}\n",
+            crt.display(),
+            key.path.display()
+        ));
+        keys.push((name, key));
+    }
+    let _nginx = start_nginx(dir, port, &servers);
+    let inventory = dir.join("inventory.json");
+    let config = sensor_config(
+        dir,
+        &[&keys_dir],
+        &[
+            (
+                "inventory: /var/lib/keywarden/inventory.json",
+                format!("inventory: {}", inventory.display()),
+            ),
+            (
+                "journal_dir: /var/lib/keywarden/rotations",
+                format!("journal_dir: {}", dir.join("journal").display()),
+            ),
+            (
+                "  local_ca: null",
+                format!(
+                    "  local_ca: {{ key: {}, cert: {}, crl: {} }}",
+                    ca_key.display(),
+                    ca_crt.display(),
+                    dir.join("bulk.crl").display()
+                ),
+            ),
+        ],
+    );
+    // The sensor sees each key sign, and saves the inventory.
+    let sensor = Sensor::start(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--inventory",
+        inventory.to_str().unwrap(),
+    ]);
+    for (name, key) in &keys {
+        assert_eq!(served_spki(port, Some(&format!("{name}.test"))), key.spki);
+    }
+    sensor.stop();
+
+    let list = dir.join("keys.txt");
+    let mut listing = String::from("# the incident's keys\n");
+    for (_, key) in &keys {
+        listing.push_str(&key.spki);
+        listing.push('\n');
+    }
+    listing.push_str("deadbeefdeadbeef  # not a key anyone has\n");
+    std::fs::write(&list, listing).unwrap();
+    let out = keywarden()
+        .args(["rotate", "--config"])
+        .arg(&config)
+        .arg("--keys")
+        .arg(&list)
+        .args(["--concurrency", "4"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // One refused line: the status says so, and nothing else failed.
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        stdout.contains(&format!("{} keys: {N} done, 0 rolled back", N + 1)),
+        "{stdout}"
+    );
+    let refused: Vec<&str> = stdout.lines().filter(|l| l.contains(" refused ")).collect();
+    assert_eq!(refused.len(), 1, "{refused:?}");
+    assert!(refused[0].starts_with("deadbeefdeadbeef"), "{refused:?}");
+    // Progress, one line per key without a terminal.
+    for n in 1..=N {
+        assert!(
+            stdout.contains(&format!("[{n}/{N}] ")),
+            "no progress line {n}:\n{stdout}"
+        );
+    }
+    for (name, key) in &keys {
+        let row = stdout
+            .lines()
+            .find(|l| l.starts_with(&key.spki))
+            .unwrap_or_else(|| panic!("no row for {name}:\n{stdout}"));
+        assert!(row.contains(" done "), "{row}");
+        let now = spki_of_file(&key.path);
+        assert_ne!(now, key.spki, "{name} was not rotated");
+        assert_eq!(served_spki(port, Some(&format!("{name}.test"))), now);
+    }
+}

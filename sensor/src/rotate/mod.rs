@@ -12,6 +12,7 @@
 //! directory), so a resume never races a live rotation.
 
 pub mod acme;
+pub mod bulk;
 pub mod install;
 pub mod issue;
 pub mod journal;
@@ -126,6 +127,15 @@ impl Issuer {
     }
 }
 
+/// Where a rotation reports its steps, one line each: stdout for one
+/// rotation, a line tagged with its key for each of a bulk run's.
+pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
+
+/// `Say` to stdout.
+pub fn stdout(line: &str) {
+    println!("{line}");
+}
+
 /// Holds the host's rotation lock while alive.
 pub struct Lock(#[allow(dead_code)] std::fs::File);
 
@@ -190,7 +200,7 @@ pub fn run(cfg: &Config, args: Args) -> Result<Outcome> {
         return Ok(outcome);
     }
     let issuer = Issuer::from_config(&cfg.rotation, args.ca.as_deref())?;
-    let one = rotate(&dir, &plan, &algorithm, &issuer, cfg)?;
+    let one = rotate(&dir, &plan, &algorithm, &issuer, cfg, &stdout)?;
     outcome = outcome.worst(one);
     Ok(outcome)
 }
@@ -202,9 +212,10 @@ pub fn rotate(
     algorithm: &str,
     issuer: &Issuer,
     cfg: &Config,
+    say: Say<'_>,
 ) -> Result<Outcome> {
     let mut j = Journal::create(dir, &plan.spki_sha256)?;
-    println!("journal: {}", j.path.display());
+    say(&format!("journal: {}", j.path.display()));
     j.record(Step::Planned {
         plan: Box::new(plan.clone()),
         issuer: issuer.name().into(),
@@ -261,20 +272,20 @@ pub fn rotate(
             j.record(Step::RolledBack {
                 detail: vec![why.clone(), "nothing was installed".into()],
             })?;
-            println!("rolled back: {why}; nothing was installed");
+            say(&format!("rolled back: {why}; nothing was installed"));
             return Ok(Outcome::RolledBack);
         }
     };
-    println!(
+    say(&format!(
         "issued: new key {new_spki} ({algorithm}) from issuer {}",
         issuer.name()
-    );
+    ));
     j.record(Step::Issued {
         new_spki_sha256: new_spki.clone(),
         new_certificate_pem: leaf_pem,
         files: swaps.clone(),
     })?;
-    forward(&mut j, plan, &swaps, &new_spki, cfg)
+    forward(&mut j, plan, &swaps, &new_spki, cfg, say)
 }
 
 fn verify_timeout(cfg: &Config) -> Duration {
@@ -288,26 +299,27 @@ fn forward(
     swaps: &[FileSwap],
     new_spki: &str,
     cfg: &Config,
+    say: Say<'_>,
 ) -> Result<Outcome> {
     j.record(Step::Installing)?;
     for s in swaps {
         if let Err(e) = install::install(s) {
-            return rollback(j, plan, swaps, format!("install: {e}"), cfg);
+            return rollback(j, plan, swaps, format!("install: {e}"), cfg, say);
         }
     }
     j.record(Step::Installed)?;
-    println!("installed: {} files", swaps.len());
+    say(&format!("installed: {} files", swaps.len()));
     let events = cfg.rotation.sensor_events.as_ref().map(PathBuf::from);
     let from = events.as_deref().map(sensor_view::offset).unwrap_or(0);
     let reload_ms = crate::keys::inventory::now_ms();
     j.record(Step::Reloading)?;
     for sv in &plan.services {
         if let Err(e) = reload::reload(sv) {
-            return rollback(j, plan, swaps, format!("reload: {e}"), cfg);
+            return rollback(j, plan, swaps, format!("reload: {e}"), cfg, say);
         }
     }
     j.record(Step::Reloaded)?;
-    println!("reloaded: {} services", plan.services.len());
+    say(&format!("reloaded: {} services", plan.services.len()));
     let expect: Vec<(Target, String)> = plan
         .targets
         .iter()
@@ -317,7 +329,7 @@ fn forward(
     match verify::wait_for(&expect, verify_timeout(cfg)) {
         Ok(detail) => {
             for d in &detail {
-                println!("verified: {d}");
+                say(&format!("verified: {d}"));
             }
             let mut detail = detail;
             if let Some(events) = &events {
@@ -333,23 +345,30 @@ fn forward(
                 match sensor_view::verify(&watch, new_spki, &plan.spki_sha256) {
                     Ok(seen) => {
                         for d in &seen {
-                            println!("verified: {d}");
+                            say(&format!("verified: {d}"));
                         }
                         detail.extend(seen);
                     }
-                    Err(e) => return rollback(j, plan, swaps, format!("verify: {e}"), cfg),
+                    Err(e) => return rollback(j, plan, swaps, format!("verify: {e}"), cfg, say),
                 }
             }
             j.record(Step::Verified { detail })?;
         }
         Err(bad) => {
-            return rollback(j, plan, swaps, format!("verify: {}", bad.join("; ")), cfg);
+            return rollback(
+                j,
+                plan,
+                swaps,
+                format!("verify: {}", bad.join("; ")),
+                cfg,
+                say,
+            );
         }
     }
-    finish(j, swaps, new_spki)
+    finish(j, swaps, new_spki, say)
 }
 
-fn finish(j: &mut Journal, swaps: &[FileSwap], new_spki: &str) -> Result<Outcome> {
+fn finish(j: &mut Journal, swaps: &[FileSwap], new_spki: &str, say: Say<'_>) -> Result<Outcome> {
     for s in swaps {
         // The rotation holds; a backup left behind is only untidy.
         if let Err(e) = install::finish(s) {
@@ -357,7 +376,10 @@ fn finish(j: &mut Journal, swaps: &[FileSwap], new_spki: &str) -> Result<Outcome
         }
     }
     j.record(Step::Done)?;
-    println!("done: key {new_spki} serves; journal {}", j.path.display());
+    say(&format!(
+        "done: key {new_spki} serves; journal {}",
+        j.path.display()
+    ));
     Ok(Outcome::Done)
 }
 
@@ -368,8 +390,9 @@ fn rollback(
     swaps: &[FileSwap],
     why: String,
     cfg: &Config,
+    say: Say<'_>,
 ) -> Result<Outcome> {
-    println!("failed: {why}; rolling back");
+    say(&format!("failed: {why}; rolling back"));
     j.record(Step::RollingBack { why: why.clone() })?;
     let mut problems = Vec::new();
     for s in swaps {
@@ -384,7 +407,7 @@ fn rollback(
             // never loaded the new files and still serves the old ones,
             // which the verification below checks.
             Err(e @ reload::ReloadError::Refused { .. }) => {
-                println!("rollback: {e}; the service was not reloaded");
+                say(&format!("rollback: {e}; the service was not reloaded"));
             }
             Err(e) => problems.push(format!("reload: {e}")),
         }
@@ -401,13 +424,13 @@ fn rollback(
             let mut detail = detail.clone();
             detail.insert(0, format!("cause: {why}"));
             for d in &detail[1..] {
-                println!("rolled back: {d}");
+                say(&format!("rolled back: {d}"));
             }
             j.record(Step::RolledBack { detail })?;
-            println!(
+            say(&format!(
                 "rolled back: the old key serves again; journal {}",
                 j.path.display()
-            );
+            ));
             Ok(Outcome::RolledBack)
         }
         _ => {
@@ -415,7 +438,7 @@ fn rollback(
                 problems.extend(bad);
             }
             let w = format!("cause: {why}; rollback: {}", problems.join("; "));
-            println!("ROLLBACK FAILED: {w}");
+            say(&format!("ROLLBACK FAILED: {w}"));
             j.record(Step::RollbackFailed { why: w })?;
             Ok(Outcome::RollbackFailed)
         }
@@ -471,9 +494,10 @@ fn resume(cfg: &Config, path: &Path, steps: &[Step]) -> Result<Outcome> {
             &swaps,
             format!("{} (resumed)", rolling_back.unwrap_or_default()),
             cfg,
+            &stdout,
         ),
-        (Some((new, swaps)), true) if verified => finish(&mut j, &swaps, &new),
-        (Some((new, swaps)), true) => forward(&mut j, plan, &swaps, &new, cfg),
+        (Some((new, swaps)), true) if verified => finish(&mut j, &swaps, &new, &stdout),
+        (Some((new, swaps)), true) => forward(&mut j, plan, &swaps, &new, cfg, &stdout),
         (issued, _) => {
             for f in &plan.files {
                 let _ = std::fs::remove_file(install::beside(&f.path, "new", &j.id));
