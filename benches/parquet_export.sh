@@ -10,8 +10,7 @@
 #
 #   ROUNDS=5 SECONDS_PER_RUN=5 bash benches/parquet_export.sh
 # Needs root, openssl and a release build (cargo build --release -p keywarden).
-# NOT RUN YET: written with the Parquet export, no results in
-# docs/performance.md so far (issue 18, Benchmark).
+# Results: docs/performance.md, "Parquet export".
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROUNDS="${ROUNDS:-5}"
