@@ -214,6 +214,11 @@ pub fn rotate(
     cfg: &Config,
     say: Say<'_>,
 ) -> Result<Outcome> {
+    // Before anything changes: a rotation verified by forged events is
+    // worse than none.
+    if let Some(events) = &cfg.rotation.sensor_events {
+        sensor_view::check(Path::new(events)).map_err(|e| anyhow!("rotation.sensor_events {e}"))?;
+    }
     let mut j = Journal::create(dir, &plan.spki_sha256)?;
     say(&format!("journal: {}", j.path.display()));
     j.record(Step::Planned {
@@ -326,7 +331,14 @@ fn forward(
         .map(|t| (t.clone(), new_spki.to_owned()))
         .chain(plan.others.iter().cloned())
         .collect();
-    match verify::wait_for(&expect, verify_timeout(cfg)) {
+    // The workers that served before the reload: each must stop
+    // listening before a handshake is sure to reach a new one.
+    let old: Vec<u32> = plan
+        .services
+        .iter()
+        .flat_map(|sv| sv.pids.iter().copied().filter(move |p| *p != sv.master))
+        .collect();
+    match verify::wait_for(&expect, verify_timeout(cfg), Some(&old)) {
         Ok(detail) => {
             for d in &detail {
                 say(&format!("verified: {d}"));
@@ -418,7 +430,9 @@ fn rollback(
         .map(|t| (t.clone(), plan.spki_sha256.clone()))
         .chain(plan.others.iter().cloned())
         .collect();
-    let verified = verify::wait_for(&expect, verify_timeout(cfg));
+    // The workers that served the new key are not known here: the check
+    // waits `verify::SETTLE` instead.
+    let verified = verify::wait_for(&expect, verify_timeout(cfg), None);
     match (&verified, problems.is_empty()) {
         (Ok(detail), true) => {
             let mut detail = detail.clone();

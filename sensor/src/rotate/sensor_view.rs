@@ -31,10 +31,41 @@ pub fn offset(path: &Path) -> u64 {
     std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
+/// Opens the events file, refusing one that anyone but its reader could
+/// have written: whoever can write it could forge the signatures that
+/// decide whether a rotation holds. Not through a symbolic link, a
+/// regular file, owned by this user (root), writable by no one else.
+fn open_trusted(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)?;
+    let m = f.metadata()?;
+    let euid = nix::unistd::geteuid().as_raw();
+    if !m.is_file() || m.uid() != euid || m.mode() & 0o022 != 0 {
+        return Err(std::io::Error::other(format!(
+            "not a regular file of uid {euid}'s that only it can write (uid {}, mode {:o}): \
+             whoever can write it could forge what the sensor saw",
+            m.uid(),
+            m.mode() & 0o7777
+        )));
+    }
+    Ok(f)
+}
+
+/// Checks before a rotation starts that the events file can be trusted
+/// (`open_trusted`).
+pub fn check(path: &Path) -> Result<(), String> {
+    open_trusted(path)
+        .map(drop)
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
 /// The successful, identified `key_use` events in `path` from `from` on
 /// (complete lines only).
 fn uses_since(path: &Path, from: u64) -> std::io::Result<Vec<Use>> {
-    let mut f = std::fs::File::open(path)?;
+    let mut f = open_trusted(path)?;
     f.seek(SeekFrom::Start(from))?;
     let mut buf = Vec::new();
     // Bounded: a rotation reads seconds of events, not a whole log.
@@ -121,4 +152,32 @@ pub fn verify(w: &Watch<'_>, new: &str, old: &str) -> Result<Vec<String>, String
         w.drain
     ));
     Ok(detail)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn an_events_file_others_could_write_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let good = d.path().join("events.ndjson");
+        std::fs::write(&good, b"").unwrap();
+        std::fs::set_permissions(&good, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(check(&good), Ok(()));
+        let open = d.path().join("open.ndjson");
+        std::fs::write(&open, b"").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = check(&open).unwrap_err();
+        assert!(e.contains("could forge"), "{e}");
+        let link = d.path().join("link.ndjson");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(check(&link).is_err(), "a link is not followed");
+        let nobody = d.path().join("nobody.ndjson");
+        std::fs::write(&nobody, b"").unwrap();
+        std::os::unix::fs::chown(&nobody, Some(65534), Some(65534)).unwrap();
+        assert!(check(&nobody).unwrap_err().contains("uid 65534"));
+    }
 }
