@@ -10,23 +10,36 @@
 //! One round that holds is not enough: for a moment after a reload,
 //! nginx's old workers still accept on the listening sockets beside the
 //! new ones, so one handshake may reach a new worker and the next an old
-//! one. The check must hold for `SETTLE_ROUNDS` rounds in a row, over at
-//! least `SETTLE`, before it counts.
+//! one. The check must hold for `SETTLE_ROUNDS` rounds in a row, and
+//! either every process of the old generation has stopped listening (it
+//! exited, or closed its listening sockets to drain), or, when the old
+//! generation is not known, the rounds span at least `SETTLE`.
 
 use std::time::{Duration, Instant};
 
 use super::plan::{self, Target};
 
 /// Rounds in a row that must hold.
-const SETTLE_ROUNDS: u32 = 3;
-/// The least time from the first of those rounds to the last.
+const SETTLE_ROUNDS: u32 = 2;
+/// The least time from the first of those rounds to the last, when the
+/// old generation is not known.
 const SETTLE: Duration = Duration::from_millis(500);
 
+/// Whether every process of `old` stopped accepting: it exited, or holds
+/// no listening socket any more.
+fn stopped_listening(old: &[u32]) -> bool {
+    old.iter()
+        .all(|&pid| crate::keys::tls_probe::listeners(pid).map_or(true, |l| l.is_empty()))
+}
+
 /// Waits until each `(target, spki)` holds; on time out, says which do
-/// not. Returns one line per target.
+/// not. Returns one line per target. `old` is the old generation of the
+/// services' processes (the workers before the reload, not the masters),
+/// or `None` when it is not known.
 pub fn wait_for(
     expect: &[(Target, String)],
     timeout: Duration,
+    old: Option<&[u32]>,
 ) -> Result<Vec<String>, Vec<String>> {
     let deadline = Instant::now() + timeout;
     let handshake = Duration::from_millis(2000).min(timeout.max(Duration::from_millis(200)));
@@ -48,7 +61,11 @@ pub fn wait_for(
         if bad.is_empty() {
             let (since, rounds) = held.get_or_insert((Instant::now(), 0));
             *rounds += 1;
-            if *rounds >= SETTLE_ROUNDS && since.elapsed() >= SETTLE {
+            let settled = match old {
+                Some(pids) => stopped_listening(pids),
+                None => since.elapsed() >= SETTLE,
+            };
+            if *rounds >= SETTLE_ROUNDS && settled {
                 return Ok(ok);
             }
             // A streak under way may finish past the deadline: it
