@@ -125,6 +125,9 @@ pub struct Remediator {
     /// they end.
     awaiting: HashMap<String, String>,
     last_look: Option<Instant>,
+    /// Whether the approvals directory was looked at once (records of an
+    /// earlier run taken up).
+    looked: bool,
     seq: u64,
     /// Reports made on the event thread (records awaiting approval),
     /// written at the next `poll`.
@@ -160,6 +163,7 @@ impl Remediator {
             store: None,
             awaiting: HashMap::new(),
             last_look: None,
+            looked: false,
             seq: 0,
             outbox: Vec::new(),
         })
@@ -296,12 +300,10 @@ impl Remediator {
         let detail = format!("awaiting approval: keywarden actions approve {}", job.id);
         self.outbox.push(report_of(
             &job,
+            &job.steps[0],
             RemediationStatus::AwaitingApproval,
             detail.clone(),
-            None,
-            Vec::new(),
-            0,
-            String::new(),
+            Ran::default(),
         ));
         (Outcome::Queued, Some(detail))
     }
@@ -324,13 +326,17 @@ impl Remediator {
                 }
             }
             reports.push(report_of(
-                &f.job, f.status, f.detail, f.new_spki, f.log, f.pid, f.command,
+                &f.job,
+                &f.step,
+                f.status,
+                f.detail,
+                Ran {
+                    new_spki: f.new_spki,
+                    log: f.log,
+                    pid: f.pid,
+                    command: f.command,
+                },
             ));
-            // The step names which part of the job this report is.
-            if let Some(r) = reports.last_mut() {
-                r.what.action = f.step.kind.name().to_owned();
-                r.what.reason = f.step.reason;
-            }
         }
         if self
             .last_look
@@ -357,9 +363,16 @@ impl Remediator {
     }
 
     /// Approved records are carried out; rejected ones free their key.
-    /// Only when there is something to look for: a record awaiting
-    /// approval, or one approved for a sensor that was not running.
+    /// The first look takes up what an earlier run left: records still
+    /// pending hold their key, and a record that was running when that
+    /// sensor stopped is failed (the rotation's journal has its outcome).
+    /// After that, only while a record awaits approval.
     fn look_at_approvals(&mut self) {
+        let first = !self.looked;
+        self.looked = true;
+        if !first && self.awaiting.is_empty() {
+            return;
+        }
         if self.store.is_none() && !self.approvals_dir.exists() {
             return;
         }
@@ -403,6 +416,16 @@ impl Remediator {
                         self.guard.finished(&spki);
                     }
                 }
+                State::Pending if first => {
+                    self.guard.resume(&r.spki);
+                    self.awaiting.insert(r.id, r.spki);
+                }
+                State::Running if first => self.finish_record(
+                    &r.id,
+                    State::Failed,
+                    "the sensor stopped while it ran: its rotation journal has the outcome \
+                     (keywarden rotate --resume finishes or rolls it back)",
+                ),
                 State::Pending | State::Running => {}
             }
         }
@@ -415,16 +438,30 @@ impl Remediator {
     }
 }
 
-fn report_of(
-    job: &Job,
-    status: RemediationStatus,
-    detail: String,
+/// What a child that carried out a step left (nothing, when none ran).
+#[derive(Default)]
+struct Ran {
     new_spki: Option<String>,
     log: Vec<String>,
+    /// 0: no child ran; the sensor itself is the actor.
     pid: u32,
     command: String,
+}
+
+/// The report of `step` of `job`.
+fn report_of(
+    job: &Job,
+    step: &Step,
+    status: RemediationStatus,
+    detail: String,
+    ran: Ran,
 ) -> Report {
-    let first = job.steps.first();
+    let Ran {
+        new_spki,
+        log,
+        pid,
+        command,
+    } = ran;
     Report {
         id: job.id.clone(),
         finding_uid: job.finding_uid.clone(),
@@ -437,10 +474,10 @@ fn report_of(
             ..Process::default()
         },
         what: Remediation {
-            action: first.map_or("rotate", |s| s.kind.name()).to_owned(),
+            action: step.kind.name().to_owned(),
             spki_sha256: job.spki.clone(),
             new_spki_sha256: new_spki,
-            reason: first.and_then(|s| s.reason.clone()),
+            reason: step.reason.clone(),
             rule: job.rule.clone(),
             mode: job.mode,
             log,
