@@ -1053,6 +1053,17 @@ fn a_rule_rotates_a_key_from_a_live_finding_within_its_guard_rails() {
     );
     let what = r.unmapped.remediation.as_ref().unwrap();
     assert_eq!(what.new_spki_sha256.as_deref(), Some(new_b.as_str()));
+    // The actor is the child that rotated, as root.
+    let child = &r.actor.process;
+    assert_eq!(child.user.uid, "0");
+    assert!(
+        child
+            .cmd_line
+            .as_deref()
+            .is_some_and(|c| c.contains(&format!("rotate --key {}", f.b.spki))),
+        "{}",
+        pretty(r)
+    );
     assert!(r.command_uid.is_some());
     assert_eq!(rule_of(finding_of(&events, r)), Some("rotate-b"));
     let on_a: Vec<String> = findings(&events)

@@ -31,7 +31,7 @@ use std::{
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use keywarden_analyzer::{
-    event::{Event, KeyStatus, Origin, Outcome, Process, Remediation, RemediationStatus},
+    event::{Event, KeyStatus, Origin, Outcome, Process, Remediation, RemediationStatus, User},
     remediation::Mode,
     rules::{Action, Rule},
 };
@@ -471,6 +471,11 @@ fn report_of(
             pid: if pid == 0 { std::process::id() } else { pid },
             name: "keywarden".into(),
             cmd_line: (!command.is_empty()).then_some(command),
+            // The children run as the sensor does (root).
+            user: User {
+                uid: nix::unistd::geteuid().as_raw().to_string(),
+                name: None,
+            },
             ..Process::default()
         },
         what: Remediation {
