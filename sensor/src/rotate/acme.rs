@@ -151,7 +151,13 @@ pub fn issue(
             }
             ch.set_ready().await.map_err(acme_err)?;
         }
-        let retry = RetryPolicy::new().timeout(Duration::from_secs(60));
+        // instant-acme waits its first delay before every poll, the
+        // first one included: 250 ms by default, twice per order. A CA
+        // usually answers within a moment, so start at 50 ms and back
+        // off from there (a CA's Retry-After still wins).
+        let retry = RetryPolicy::new()
+            .initial_delay(Duration::from_millis(50))
+            .timeout(Duration::from_secs(60));
         let status = order.poll_ready(&retry).await.map_err(acme_err)?;
         if status != OrderStatus::Ready {
             return Err(IssueError::Acme(format!("order not ready: {status:?}")));
