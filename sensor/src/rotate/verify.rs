@@ -68,8 +68,20 @@ pub fn wait_for(
             if *rounds >= SETTLE_ROUNDS && settled {
                 return Ok(ok);
             }
-            // A streak under way may finish past the deadline: it
-            // started before, and only a failed round ends it.
+            // A streak under way may finish past the deadline, by one
+            // settle period at most: old workers that still listen then
+            // (a worker that never drains, a pid reused) fail the check.
+            if Instant::now() >= deadline + SETTLE {
+                return Err(vec![format!(
+                    "every target presents the expected key, but the old workers ({}) still listen {:?} after the reload",
+                    old.unwrap_or_default()
+                        .iter()
+                        .map(u32::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    timeout + SETTLE
+                )]);
+            }
         } else {
             held = None;
             if Instant::now() >= deadline {
