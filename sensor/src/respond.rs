@@ -91,7 +91,7 @@ impl Responder for Live {
                 .remediator
                 .lock()
                 .expect("remediator lock")
-                .request(action, rule, &out.event, finding_uid),
+                .request(rule, &out.event, finding_uid),
             Action::Alert => (Outcome::Done, None),
             Action::Kill if out.killed_by.as_deref() == Some(rule.id.as_str()) => (
                 Outcome::InKernel,

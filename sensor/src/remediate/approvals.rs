@@ -144,6 +144,9 @@ impl Store {
         if r.id != id {
             bail!("{}: holds action {:?}", path.display(), r.id);
         }
+        if r.steps.is_empty() {
+            bail!("{}: an action with no step", path.display());
+        }
         Ok(r)
     }
 

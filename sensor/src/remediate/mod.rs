@@ -132,6 +132,9 @@ pub struct Remediator {
     /// Reports made on the event thread (records awaiting approval),
     /// written at the next `poll`.
     outbox: Vec<Report>,
+    /// The finding whose rotate-and-revoke rule was answered last, and
+    /// the answer, for the second of its two actions.
+    last_combined: Option<(String, (Outcome, Option<String>))>,
 }
 
 impl Remediator {
@@ -153,7 +156,7 @@ impl Remediator {
         let worker = std::thread::Builder::new()
             .name("keywarden-remedy".into())
             .spawn(move || runner.run(&jobs_rx, &done_tx))?;
-        Ok(Remediator {
+        let mut r = Remediator {
             ceiling: cfg.mode,
             guard: Guard::new(Duration::from_secs(cfg.cooldown_seconds), cfg.max_per_hour),
             jobs: Some(jobs),
@@ -166,7 +169,12 @@ impl Remediator {
             looked: false,
             seq: 0,
             outbox: Vec::new(),
-        })
+            last_combined: None,
+        };
+        // Records an earlier run left are taken up before any finding
+        // of this run can add a second one for the same key.
+        r.look_at_approvals();
+        Ok(r)
     }
 
     /// Opens the approvals store now: a sensor whose rules may need it
@@ -192,17 +200,40 @@ impl Remediator {
     /// `event` in the finding `finding_uid`.
     pub fn request(
         &mut self,
-        action: Action,
         rule: &Rule,
         event: &Event,
         finding_uid: &str,
     ) -> (Outcome, Option<String>) {
-        if action == Action::Revoke && rule.actions.contains(&Action::Rotate) {
+        // A rule with both actions starts one action of two steps: the
+        // first of the two to be answered admits it, the other gets the
+        // same answer (rules list actions in any order).
+        let combined =
+            rule.actions.contains(&Action::Rotate) && rule.actions.contains(&Action::Revoke);
+        if combined
+            && let Some((uid, answer)) = &self.last_combined
+            && uid == finding_uid
+        {
+            let (outcome, detail) = answer.clone();
             return (
-                Outcome::Queued,
-                Some("after the rotation, as a step of the same action".into()),
+                outcome,
+                detail.map(|d| format!("{d} (one action, rotate then revoke)")),
             );
         }
+        let answer = self.admit(rule, event, finding_uid);
+        if combined {
+            self.last_combined = Some((finding_uid.to_owned(), answer.clone()));
+        }
+        answer
+    }
+
+    /// Admits the action of `rule` on the key `event` names and starts it
+    /// (or records it, or plans it), or says why not.
+    fn admit(
+        &mut self,
+        rule: &Rule,
+        event: &Event,
+        finding_uid: &str,
+    ) -> (Outcome, Option<String>) {
         let Some(spki) = event
             .unmapped
             .key
@@ -391,9 +422,29 @@ impl Remediator {
                 State::Approved => {
                     self.awaiting.remove(&r.id);
                     self.guard.resume(&r.spki);
+                    // An approval carries the action out unless the
+                    // configuration was lowered to `dry_run` since:
+                    // that stops approved actions too.
+                    let mode = if self.ceiling == Mode::DryRun {
+                        Mode::DryRun
+                    } else {
+                        Mode::Enforce
+                    };
                     let store = self.store.as_ref().expect("listed");
-                    if let Err(e) = store.transition(&r.id, State::Approved, State::Running) {
+                    let next = if mode == Mode::Enforce {
+                        store.transition(&r.id, State::Approved, State::Running)
+                    } else {
+                        store
+                            .transition(&r.id, State::Approved, State::Failed)
+                            .and_then(|_| {
+                                Err(anyhow::anyhow!(
+                                    "not carried out: remediation.mode is now dry_run"
+                                ))
+                            })
+                    };
+                    if let Err(e) = next {
                         warn!("action {}: {e:#}", r.id);
+                        self.guard.finished(&r.spki);
                         continue;
                     }
                     let job = Job {
@@ -402,7 +453,7 @@ impl Remediator {
                         rule: r.rule,
                         finding_uid: r.finding_uid,
                         steps: r.steps,
-                        mode: Mode::Enforce,
+                        mode,
                         approved: true,
                     };
                     let (outcome, detail) = self.send(job.clone());
@@ -417,8 +468,15 @@ impl Remediator {
                     }
                 }
                 State::Pending if first => {
-                    self.guard.resume(&r.spki);
-                    self.awaiting.insert(r.id, r.spki);
+                    if self.guard.resume(&r.spki) {
+                        self.awaiting.insert(r.id, r.spki);
+                    } else {
+                        self.finish_record(
+                            &r.id,
+                            State::Failed,
+                            "dropped: another action on this key was pending",
+                        );
+                    }
                 }
                 State::Running if first => self.finish_record(
                     &r.id,

@@ -164,7 +164,7 @@ impl Runner {
         drop(cmd);
         finished.pid = child.id();
         info!(id = %job.id, key = %job.spki, step = step.kind.name(), pid = finished.pid, "remediation started");
-        let lines = std::thread::spawn(move || tail(reader));
+        let lines = std::thread::spawn(move || tail(reader, "issued: new key "));
         let started = Instant::now();
         let status = loop {
             match child.try_wait() {
@@ -183,11 +183,10 @@ impl Runner {
                 }
             }
         };
-        finished.log = lines.join().unwrap_or_default();
-        finished.new_spki = finished
-            .log
-            .iter()
-            .find_map(|l| l.strip_prefix("issued: new key "))
+        let (log, issued) = lines.join().unwrap_or_default();
+        finished.log = log;
+        finished.new_spki = issued
+            .as_deref()
             .and_then(|r| r.split_whitespace().next())
             .map(str::to_owned);
         let last = finished.log.last().cloned().unwrap_or_default();
@@ -236,9 +235,12 @@ impl Runner {
 }
 
 /// The last `REMEDIATION_LOG_LINES` lines of `r`, each cut to `LINE_MAX`
-/// bytes (on a character boundary). The child prints no key material:
-/// SPKI hashes, paths and steps only.
-fn tail(r: impl std::io::Read) -> Vec<String> {
+/// bytes (on a character boundary), and what follows `marker` on the
+/// first line that starts with it, wherever it was (the new key's line
+/// comes before a long list of checks). The child prints no key
+/// material: SPKI hashes, paths and steps only.
+fn tail(r: impl std::io::Read, marker: &str) -> (Vec<String>, Option<String>) {
+    let mut found = None;
     let mut kept = VecDeque::with_capacity(REMEDIATION_LOG_LINES);
     let mut r = BufReader::new(r);
     let mut buf = Vec::new();
@@ -252,6 +254,9 @@ fn tail(r: impl std::io::Read) -> Vec<String> {
         }
         let line = String::from_utf8_lossy(&buf);
         let mut line = line.trim_end().to_owned();
+        if found.is_none() {
+            found = line.strip_prefix(marker).map(str::to_owned);
+        }
         if line.len() > LINE_MAX {
             let mut end = LINE_MAX;
             while !line.is_char_boundary(end) {
@@ -264,7 +269,7 @@ fn tail(r: impl std::io::Read) -> Vec<String> {
         }
         kept.push_back(line);
     }
-    kept.into()
+    (kept.into(), found)
 }
 
 #[cfg(test)]
@@ -278,7 +283,13 @@ mod tests {
             text.push_str(&format!("line {i}\n"));
         }
         text.push_str(&"é".repeat(1000));
-        let kept = tail(text.as_bytes());
+        let text = format!("issued: new key abc (ecdsa-p256)\n{text}");
+        let (kept, issued) = tail(text.as_bytes(), "issued: new key ");
+        assert_eq!(
+            issued.as_deref(),
+            Some("abc (ecdsa-p256)"),
+            "found past the tail"
+        );
         assert_eq!(kept.len(), REMEDIATION_LOG_LINES);
         assert_eq!(kept[0], format!("line {}", 101 - REMEDIATION_LOG_LINES));
         let last = kept.last().unwrap();

@@ -147,6 +147,15 @@ struct Sensor {
     remediator: Arc<Mutex<Remediator>>,
 }
 
+/// Whether a rule of `rules` may record an action for approval (the
+/// configuration's mode caps the rule's).
+fn needs_approvals(rules: &RuleSet, ceiling: keywarden_analyzer::remediation::Mode) -> bool {
+    rules.rules.iter().any(|r| {
+        r.actions.iter().any(|a| a.remediates())
+            && r.remediation.within(ceiling) == keywarden_analyzer::remediation::Mode::Approve
+    })
+}
+
 /// Raises the soft limit on open files to the hard one. Every uprobe attach
 /// point holds a perf event descriptor (about twenty per covered library),
 /// and the free probes add two or three per signing process
@@ -214,11 +223,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let mut remediator = Remediator::start(&cfg.remediation, cfg.source.clone(), &cfg.inventory)?;
     // A rule that may record an action for approval needs a safe place
     // for it: checked now, not at the first finding.
-    if rules.rules.iter().any(|r| {
-        r.actions.iter().any(|a| a.remediates())
-            && r.remediation.within(cfg.remediation.mode)
-                == keywarden_analyzer::remediation::Mode::Approve
-    }) {
+    if needs_approvals(&rules, cfg.remediation.mode) {
         remediator.check_store()?;
     }
     let remediator = Arc::new(Mutex::new(remediator));
@@ -704,6 +709,15 @@ impl Sensor {
         };
         if block(&rules) != block(&self.decisions.enforcer.rules) {
             warn!("block rules changed: which directories are guarded changes only at restart");
+        }
+        if needs_approvals(&rules, cfg.remediation.mode)
+            && let Err(e) = self
+                .remediator
+                .lock()
+                .expect("remediator lock")
+                .check_store()
+        {
+            return refused(&mut self.out, e);
         }
         let enforcer = match Enforcer::new(rules.clone()) {
             Ok(e) => e,
