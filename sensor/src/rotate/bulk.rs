@@ -101,12 +101,25 @@ pub fn parse_date(s: &str) -> Result<i64> {
     let (Some(y), Some(m), Some(d), None) = (it.next(), it.next(), it.next(), it.next()) else {
         return Err(bad());
     };
+    if ![y, m, d]
+        .iter()
+        .all(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(bad());
+    }
     let (y, m, d): (i64, u32, u32) = (
         y.parse().map_err(|_| bad())?,
         m.parse().map_err(|_| bad())?,
         d.parse().map_err(|_| bad())?,
     );
-    if !(1..=12).contains(&m) || !(1..=31).contains(&d) || !(1970..=9999).contains(&y) {
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in_month = match m {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if !(1..=12).contains(&m) || !(1..=days_in_month).contains(&d) || !(1970..=9999).contains(&y) {
         return Err(bad());
     }
     // Days from 1970-01-01 (H. Hinnant's days_from_civil).
@@ -436,7 +449,17 @@ mod tests {
         assert_eq!(parse_date("1970-01-01").unwrap(), 0);
         assert_eq!(parse_date("2000-03-01").unwrap(), 951_868_800_000);
         assert_eq!(parse_date("2026-12-07").unwrap(), 1_796_601_600_000);
-        for bad in ["2026-13-01", "2026-12", "26-12-07x", "2026-12-07-1", ""] {
+        assert_eq!(parse_date("2024-02-29").unwrap(), 1_709_164_800_000);
+        for bad in [
+            "2026-13-01",
+            "2026-12",
+            "26-12-07x",
+            "2026-12-07-1",
+            "",
+            "2026-02-29",
+            "2026-02-31",
+            "+2026-12-07",
+        ] {
             let e = parse_date(bad).unwrap_err();
             assert!(e.to_string().contains("YYYY-MM-DD"), "{bad}: {e}");
         }

@@ -131,9 +131,12 @@ impl Issuer {
 /// rotation, a line tagged with its key for each of a bulk run's.
 pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
 
-/// `Say` to stdout.
+/// `Say` to stdout. A closed stdout (the sensor that started this
+/// rotation is gone) loses the line, never the rotation: `println!`
+/// would panic halfway through it.
 pub fn stdout(line: &str) {
-    println!("{line}");
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// Holds the host's rotation lock while alive.
