@@ -157,7 +157,7 @@ fn setup(edits: &[(&str, String)]) -> Fixture {
             .stdout(Stdio::null()),
     );
     drop(out);
-    sensor.stop();
+    sensor.stop_allowing_shed();
     assert!(inventory.exists(), "the sensor saved no inventory");
     Fixture {
         _host: host,
@@ -746,7 +746,7 @@ fn the_sensor_sees_the_new_key_sign_and_the_old_one_stop() {
         ],
     );
     let log = sensor.log();
-    let seen = sensor.stop();
+    let seen = sensor.stop_allowing_shed();
     assert!(out.status.success(), "{}\nsensor log:\n{log}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let new_spki = spki_of_file(&f.a.path);
@@ -853,7 +853,7 @@ fn apache_is_rotated_through_the_local_ca() {
     for _ in 0..3 {
         assert_eq!(served_spki(port, Some("www.test")), key.spki);
     }
-    sensor.stop();
+    sensor.stop_allowing_shed();
 
     let out = keywarden()
         .args(["rotate", "--config"])
@@ -943,7 +943,7 @@ fn a_rule_rotates_a_key_from_a_live_finding_within_its_guard_rails() {
         !remediations(&sensor.events()).is_empty()
     });
     let log = sensor.log();
-    let events = sensor.stop();
+    let events = sensor.stop_allowing_shed();
     let done = remediations(&events);
     assert_eq!(
         done.len(),
@@ -1041,7 +1041,7 @@ fn a_rule_rotates_a_key_from_a_live_finding_within_its_guard_rails() {
             .any(|f| rule_of(f) == Some("rotate-a"))
     });
     let log = sensor.log();
-    let events = sensor.stop();
+    let events = sensor.stop_allowing_shed();
     let done = remediations(&events);
     assert_eq!(done.len(), 1, "{}\n{log}", pretty(&done));
     let r = done[0];
@@ -1119,26 +1119,29 @@ fn an_approved_rotation_is_carried_out_by_the_running_sensor() {
     assert!(list.contains(&id) && list.contains("pending"), "{list}");
     assert_eq!(spki_of_file(&f.b.path), f.b.spki, "nothing changed yet");
 
-    // nobody cannot write there to approve it, or plant a record.
-    let planted = run_pid(
-        Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sh",
-                "-c",
-            ])
-            .arg(format!(
-                "echo '{{}}' > {}/1-1.json",
-                actions.path().display()
-            )),
+    // A record that is not root's is never carried out, even approved:
+    // as if a user had been able to write one there.
+    let planted = actions.path().join("9-9.json");
+    std::fs::write(
+        &planted,
+        format!(
+            r#"{{"id":"9-9","created_ms":1,"state":"approved","spki":"{}","rule":"x","finding_uid":"f","steps":[{{"kind":"rotate"}}]}}"#,
+            f.b.spki
+        ),
     )
-    .1;
-    assert!(
-        !planted.status.success(),
-        "nobody wrote into the approvals directory"
+    .unwrap();
+    std::os::unix::fs::chown(&planted, Some(65534), Some(65534)).unwrap();
+    wait_for(
+        "the planted record to be refused",
+        Duration::from_secs(30),
+        || {
+            sensor
+                .log()
+                .contains("9-9.json: not a regular file of uid 0's")
+        },
     );
+    assert_eq!(spki_of_file(&f.b.path), f.b.spki, "the planted record ran");
+    std::fs::remove_file(&planted).unwrap();
 
     let out = run_ok(
         keywarden()
@@ -1150,7 +1153,7 @@ fn an_approved_rotation_is_carried_out_by_the_running_sensor() {
         remediations(&sensor.events()).len() >= 2
     });
     let log = sensor.log();
-    let events = sensor.stop();
+    let events = sensor.stop_allowing_shed();
     let done = remediations(&events);
     let r = done.last().unwrap();
     assert_eq!(r.status, "Success", "{}\n{log}", pretty(r));
@@ -1240,7 +1243,7 @@ fn fifty_keys_of_one_nginx_are_rotated_in_bulk_with_a_result_table() {
     for (name, key) in &keys {
         assert_eq!(served_spki(port, Some(&format!("{name}.test"))), key.spki);
     }
-    sensor.stop();
+    sensor.stop_allowing_shed();
 
     let list = dir.join("keys.txt");
     let mut listing = String::from("# the incident's keys\n");
