@@ -222,14 +222,19 @@ fn served_spki(port: u16, name: Option<&str>) -> String {
         .to_owned()
 }
 
-fn rotate(f: &Fixture, args: &[&str]) -> Output {
+/// `keywarden SUBCOMMAND --config <the fixture's> ARGS...`, run to its end.
+fn keywarden_on(f: &Fixture, subcommand: &str, args: &[&str]) -> Output {
     keywarden()
-        .arg("rotate")
+        .arg(subcommand)
         .arg("--config")
         .arg(&f.config)
         .args(args)
         .output()
         .unwrap()
+}
+
+fn rotate(f: &Fixture, args: &[&str]) -> Output {
+    keywarden_on(f, "rotate", args)
 }
 
 fn text(o: &Output) -> String {
@@ -424,13 +429,7 @@ fn rotates_one_sni_key_with_the_local_ca_and_the_other_keeps_serving() {
 }
 
 fn revoke(f: &Fixture, args: &[&str]) -> Output {
-    keywarden()
-        .arg("revoke")
-        .arg("--config")
-        .arg(&f.config)
-        .args(args)
-        .output()
-        .unwrap()
+    keywarden_on(f, "revoke", args)
 }
 
 /// The certificate's serial in lowercase hex, as `openssl crl -text` shows it.
@@ -788,42 +787,7 @@ fn apache_is_rotated_through_the_local_ca() {
     let (ca_key, ca_crt) = openssl_ca(dir, "local");
     let crt = ca_cert(&keys_dir, &key, "www.test", &ca_key, &ca_crt);
     let port = free_port();
-    let modules = "/usr/lib/apache2/modules";
-    let conf = dir.join("apache2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "ServerRoot {dir}\n\
-             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
-             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
-             LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so\n\
-             LoadModule ssl_module {modules}/mod_ssl.so\n\
-             ServerName www.test\n\
-             Listen 127.0.0.1:{port}\n\
-             PidFile {dir}/apache2.pid\n\
-             DefaultRuntimeDir {dir}\n\
-             ErrorLog {dir}/error.log\n\
-             User www-data\nGroup www-data\n\
-             SSLSessionCache none\nSSLSessionTickets off\n\
-             <VirtualHost 127.0.0.1:{port}>\n\
-             SSLEngine on\n\
-             SSLCertificateFile {crt}\n\
-             SSLCertificateKeyFile {key}\n\
-             </VirtualHost>\n",
-            dir = dir.display(),
-            crt = crt.display(),
-            key = key.path.display(),
-        ),
-    )
-    .unwrap();
-    let apache = start_server(
-        Command::new("/usr/sbin/apache2")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-DFOREGROUND")
-            .stdin(Stdio::null()),
-        port,
-    );
+    let apache = start_apache(dir, port, "www.test", &crt, &key.path);
     let inventory = dir.join("inventory.json");
     let journal_dir = dir.join("journal");
     let config = sensor_config(

@@ -262,42 +262,7 @@ fn apache_started_before_the_sensor_has_its_key_named() {
     let key = openssl_key(dir, "apache", "rsa");
     let crt = cert(dir, &key, "apache.test");
     let port = free_port();
-    let modules = "/usr/lib/apache2/modules";
-    let conf = dir.join("apache2.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "ServerRoot {dir}\n\
-             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
-             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
-             LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so\n\
-             LoadModule ssl_module {modules}/mod_ssl.so\n\
-             ServerName apache.test\n\
-             Listen 127.0.0.1:{port}\n\
-             PidFile {dir}/apache2.pid\n\
-             DefaultRuntimeDir {dir}\n\
-             ErrorLog {dir}/error.log\n\
-             User www-data\nGroup www-data\n\
-             SSLSessionCache none\nSSLSessionTickets off\n\
-             <VirtualHost 127.0.0.1:{port}>\n\
-             SSLEngine on\n\
-             SSLCertificateFile {crt}\n\
-             SSLCertificateKeyFile {key}\n\
-             </VirtualHost>\n",
-            dir = dir.display(),
-            crt = crt.display(),
-            key = key.path.display(),
-        ),
-    )
-    .unwrap();
-    let apache = start_server(
-        Command::new("/usr/sbin/apache2")
-            .arg("-f")
-            .arg(&conf)
-            .arg("-DFOREGROUND")
-            .stdin(Stdio::null()),
-        port,
-    );
+    let apache = start_apache(dir, port, "apache.test", &crt, &key.path);
     assert!(handshake(port, None).contains("apache.test"));
 
     let sensor_conf = sensor_config(dir, &[], &[]);

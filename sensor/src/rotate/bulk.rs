@@ -235,16 +235,7 @@ pub fn run(cfg: &Config, args: Args) -> Result<u8> {
     let dir = PathBuf::from(&cfg.rotation.journal_dir);
     let _lock = super::lock(&dir)?;
     let resumed = super::resume_all(cfg, &dir)?;
-    let inventory_path = args
-        .inventory
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&cfg.inventory));
-    let inventory = crate::keys::inventory::Inventory::read(&inventory_path)?.ok_or_else(|| {
-        anyhow!(
-            "{}: no inventory (is the sensor running?)",
-            inventory_path.display()
-        )
-    })?;
+    let (inventory_path, inventory) = super::read_inventory(cfg, args.inventory.as_deref())?;
     let all: Vec<KeyEntry> = inventory.keys().cloned().collect();
     let (chosen, mut rows) = select(&all, &args.selection)?;
     if chosen.is_empty() && rows.is_empty() {

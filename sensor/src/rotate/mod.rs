@@ -177,16 +177,7 @@ pub fn run(cfg: &Config, args: Args) -> Result<Outcome> {
         .key
         .as_deref()
         .ok_or_else(|| anyhow!("--key SPKI is required (or --resume)"))?;
-    let inventory_path = args
-        .inventory
-        .clone()
-        .unwrap_or_else(|| PathBuf::from(&cfg.inventory));
-    let inventory = crate::keys::inventory::Inventory::read(&inventory_path)?.ok_or_else(|| {
-        anyhow!(
-            "{}: no inventory (is the sensor running?)",
-            inventory_path.display()
-        )
-    })?;
+    let (_, inventory) = read_inventory(cfg, args.inventory.as_deref())?;
     let entry = plan::entry(inventory.keys(), key)?;
     let plan = plan::make(entry, inventory.keys(), &cfg.rotation)
         .map_err(|e| anyhow!("refused to rotate {}: {e}", entry.spki_sha256))?;
@@ -206,6 +197,18 @@ pub fn run(cfg: &Config, args: Args) -> Result<Outcome> {
     let one = rotate(&dir, &plan, &algorithm, &issuer, cfg, &stdout)?;
     outcome = outcome.worst(one);
     Ok(outcome)
+}
+
+/// The inventory a rotation plans from: `given` (`--inventory`), or the
+/// configuration's; its path too, for messages.
+pub fn read_inventory(
+    cfg: &Config,
+    given: Option<&Path>,
+) -> Result<(PathBuf, crate::keys::inventory::Inventory)> {
+    let path = given.map_or_else(|| PathBuf::from(&cfg.inventory), Path::to_owned);
+    let inventory = crate::keys::inventory::Inventory::read(&path)?
+        .ok_or_else(|| anyhow!("{}: no inventory (is the sensor running?)", path.display()))?;
+    Ok((path, inventory))
 }
 
 /// One rotation of `plan`, journalled in a new journal in `dir`.

@@ -491,6 +491,48 @@ pub fn cert(dir: &Path, key: &TestKey, name: &str) -> PathBuf {
 }
 
 /// nginx with one worker and `servers` (server blocks) in `dir`.
+/// apache2 (mpm_event, mod_ssl) serving `crt` and `key` for `name` on
+/// 127.0.0.1:`port`, with its configuration and runtime files in `dir`
+/// and no TLS session reuse (every handshake signs).
+pub fn start_apache(dir: &Path, port: u16, name: &str, crt: &Path, key: &Path) -> Server {
+    let modules = "/usr/lib/apache2/modules";
+    let conf = dir.join("apache2.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "ServerRoot {dir}\n\
+             LoadModule mpm_event_module {modules}/mod_mpm_event.so\n\
+             LoadModule authz_core_module {modules}/mod_authz_core.so\n\
+             LoadModule socache_shmcb_module {modules}/mod_socache_shmcb.so\n\
+             LoadModule ssl_module {modules}/mod_ssl.so\n\
+             ServerName {name}\n\
+             Listen 127.0.0.1:{port}\n\
+             PidFile {dir}/apache2.pid\n\
+             DefaultRuntimeDir {dir}\n\
+             ErrorLog {dir}/error.log\n\
+             User www-data\nGroup www-data\n\
+             SSLSessionCache none\nSSLSessionTickets off\n\
+             <VirtualHost 127.0.0.1:{port}>\n\
+             SSLEngine on\n\
+             SSLCertificateFile {crt}\n\
+             SSLCertificateKeyFile {key}\n\
+             </VirtualHost>\n",
+            dir = dir.display(),
+            crt = crt.display(),
+            key = key.display(),
+        ),
+    )
+    .unwrap();
+    start_server(
+        Command::new("/usr/sbin/apache2")
+            .arg("-f")
+            .arg(&conf)
+            .arg("-DFOREGROUND")
+            .stdin(Stdio::null()),
+        port,
+    )
+}
+
 pub fn start_nginx(dir: &Path, port: u16, servers: &str) -> Server {
     let conf = dir.join("nginx.conf");
     std::fs::write(
