@@ -2,13 +2,14 @@
 //! `--issuer DN` or `--all-expiring-before DATE`.
 //!
 //! The keys are planned first; keys that share a service (its master
-//! process) are rotated one after the other, because each rotation
-//! reloads that service and verifies that its other names still present
-//! their keys; services are rotated side by side, `--concurrency` at a
-//! time. Each rotation is the ordinary one (`rotate`): its own journal,
-//! rolled back alone when it fails, and the rest go on. A progress bar
-//! (or, without a terminal, one line per key) shows how far it is; a
-//! table of every key ends the run.
+//! process) form a group, rotated together (`together::rotate`): every
+//! key of the group issued and installed, the service reloaded once, all
+//! verified at once, and a key that fails rolled back alone while the
+//! rest stay. A reload and a check per key would make a hundred keys of
+//! one nginx a hundred reloads. Groups run side by side, `--concurrency`
+//! at a time, which also bounds the keys issued at once in a group. Each
+//! key keeps its own journal. A progress bar (or, without a terminal, one
+//! line per key) shows how far it is; a table of every key ends the run.
 
 use std::{
     collections::VecDeque,
@@ -189,8 +190,8 @@ pub fn select<'a>(
     Ok((chosen, refused))
 }
 
-/// Joins keys into groups that share a service: one group is rotated in
-/// order, groups side by side.
+/// Joins keys into groups that share a service: a group is rotated
+/// together, groups side by side.
 fn groups(plans: Vec<plan::Plan>) -> Vec<Vec<plan::Plan>> {
     let mut out: Vec<(Vec<u32>, Vec<plan::Plan>)> = Vec::new();
     for p in plans {
@@ -245,8 +246,9 @@ pub fn run(cfg: &Config, args: Args) -> Result<u8> {
         );
     }
     let mut plans = Vec::new();
+    let survey = plan::Survey::default();
     for e in chosen {
-        match plan::make(e, all.iter(), &cfg.rotation) {
+        match plan::make(e, all.iter(), &cfg.rotation, &survey) {
             Ok(p) => plans.push(p),
             Err(why) => rows.push(Row {
                 key: e.spki_sha256.clone(),
@@ -297,6 +299,7 @@ pub fn run(cfg: &Config, args: Args) -> Result<u8> {
         bar: &bar,
         total,
         finished: Mutex::new(0),
+        parallel: args.concurrency.clamp(1, 64),
     };
     std::thread::scope(|scope| {
         for _ in 0..args.concurrency.clamp(1, 64) {
@@ -304,10 +307,8 @@ pub fn run(cfg: &Config, args: Args) -> Result<u8> {
                 loop {
                     let next = queue.lock().expect("queue lock").pop_front();
                     let Some(group) = next else { break };
-                    for p in group {
-                        let row = ctx.one(&p);
-                        done.lock().expect("rows lock").push(row);
-                    }
+                    let rows = ctx.group(&group);
+                    done.lock().expect("rows lock").extend(rows);
                 }
             });
         }
@@ -332,6 +333,8 @@ struct Ctx<'a> {
     bar: &'a ProgressBar,
     total: usize,
     finished: Mutex<usize>,
+    /// Keys issued at once within a group.
+    parallel: usize,
 }
 
 impl Ctx<'_> {
@@ -345,41 +348,74 @@ impl Ctx<'_> {
         }
     }
 
-    /// Plans `first` again (what its service presents has changed if
-    /// another of its keys was rotated since), then rotates it.
-    fn one(&self, first: &plan::Plan) -> Row {
-        let key = first.spki_sha256.clone();
-        let short: String = key.chars().take(16).collect();
+    /// Plans the keys of `group` again (the host may have changed while
+    /// other groups ran), then rotates them together.
+    fn group(&self, group: &[plan::Plan]) -> Vec<Row> {
         let t = Instant::now();
-        let last = Mutex::new(String::new());
-        let fresh = plan::entry(self.all.iter(), &key)
-            .and_then(|e| plan::make(e, self.all.iter(), &self.cfg.rotation));
-        let mut row = Row {
-            key: key.clone(),
-            result: Result1::Refused,
-            seconds: 0.0,
-            services: services_of(first),
-            detail: String::new(),
-        };
-        match fresh {
-            Err(why) => row.detail = why.to_string(),
-            Ok(p) => {
-                let algorithm = self.algorithm.unwrap_or(&p.algorithm).to_owned();
-                let say = |l: &str| {
-                    *last.lock().expect("line lock") = l.to_owned();
-                    self.line(format!("{short} {l}"));
-                };
-                let r = super::rotate(self.dir, &p, &algorithm, self.issuer, self.cfg, &say);
-                let last = last.lock().expect("line lock").clone();
-                (row.result, row.detail) = match r {
-                    Ok(Outcome::Done) => (Result1::Done, String::new()),
-                    Ok(Outcome::RolledBack) => (Result1::RolledBack, last),
-                    Ok(Outcome::RollbackFailed) => (Result1::RollbackFailed, last),
-                    Err(e) => (Result1::Error, format!("{e:#}")),
-                };
+        let survey = plan::Survey::default();
+        let mut rows = Vec::new();
+        let mut plans = Vec::new();
+        for first in group {
+            let fresh = plan::entry(self.all.iter(), &first.spki_sha256)
+                .and_then(|e| plan::make(e, self.all.iter(), &self.cfg.rotation, &survey));
+            match fresh {
+                Ok(p) => plans.push(p),
+                Err(why) => rows.push(Row {
+                    key: first.spki_sha256.clone(),
+                    result: Result1::Refused,
+                    seconds: t.elapsed().as_secs_f64(),
+                    services: services_of(first),
+                    detail: why.to_string(),
+                }),
             }
         }
-        row.seconds = t.elapsed().as_secs_f64();
+        // The last line said of each key: a failed key's row shows why.
+        let last: Mutex<std::collections::BTreeMap<String, String>> = Mutex::default();
+        let say = |key: &str, l: &str| {
+            last.lock()
+                .expect("line lock")
+                .insert(key.to_owned(), l.to_owned());
+            let short: String = key.chars().take(16).collect();
+            self.line(format!("{short} {l}"));
+        };
+        let r = super::together::rotate(
+            self.dir,
+            &plans,
+            self.algorithm,
+            self.issuer,
+            self.cfg,
+            &say,
+            self.parallel,
+        );
+        let last = last.into_inner().expect("line lock");
+        let seconds = t.elapsed().as_secs_f64();
+        for (i, p) in plans.iter().enumerate() {
+            let detail = || last.get(&p.spki_sha256).cloned().unwrap_or_default();
+            let (result, detail) = match &r {
+                Ok(outcomes) => match outcomes[i] {
+                    Outcome::Done => (Result1::Done, String::new()),
+                    Outcome::RolledBack => (Result1::RolledBack, detail()),
+                    Outcome::RollbackFailed => (Result1::RollbackFailed, detail()),
+                },
+                Err(e) => (Result1::Error, format!("{e:#}")),
+            };
+            rows.push(Row {
+                key: p.spki_sha256.clone(),
+                result,
+                seconds,
+                services: services_of(p),
+                detail,
+            });
+        }
+        for row in &rows {
+            self.finished(row);
+        }
+        rows
+    }
+
+    /// Counts a key's row and shows it.
+    fn finished(&self, row: &Row) {
+        let short: String = row.key.chars().take(16).collect();
         let n = {
             let mut f = self.finished.lock().expect("count lock");
             *f += 1;
@@ -396,7 +432,6 @@ impl Ctx<'_> {
                 row.seconds
             );
         }
-        row
     }
 }
 

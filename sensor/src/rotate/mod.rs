@@ -6,7 +6,9 @@
 //! reload (`reload`) → verify (`verify`) → done, or roll back: restore,
 //! reload, verify the old key. Every step is announced in the journal
 //! (`journal`) before it is taken; an interrupted rotation is finished or
-//! rolled back by the next `keywarden rotate` (`resume`).
+//! rolled back by the next `keywarden rotate` (`resume`). `together`
+//! carries these steps out for one key, or for the keys of one service
+//! at once (a bulk run, `bulk`).
 //!
 //! One `rotate` runs at a time on a host (a lock in the journal
 //! directory), so a resume never races a live rotation.
@@ -20,20 +22,19 @@ pub mod plan;
 pub mod reload;
 pub mod revoke;
 pub mod sensor_view;
+pub mod together;
 pub mod verify;
 
 use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},
-    time::Duration,
 };
 
 use anyhow::{Context, Result, anyhow, bail};
 
-use crate::{config::Config, keys::material};
-use issue::PublicKeyData;
-use journal::{FileSwap, Journal, Step};
-use plan::{Plan, Role, Target};
+use crate::config::Config;
+use journal::{Journal, Step};
+use plan::Plan;
 
 /// What `keywarden rotate` ended with; its exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,14 +128,15 @@ impl Issuer {
     }
 }
 
-/// Where a rotation reports its steps, one line each: stdout for one
-/// rotation, a line tagged with its key for each of a bulk run's.
-pub type Say<'a> = &'a (dyn Fn(&str) + Sync);
+/// Where a rotation reports its steps, one line each, with the key (SPKI
+/// SHA-256) the line is about: stdout for one rotation, a line tagged
+/// with its key for each of a bulk run's.
+pub type Say<'a> = &'a (dyn Fn(&str, &str) + Sync);
 
-/// `Say` to stdout. A closed stdout (the sensor that started this
-/// rotation is gone) loses the line, never the rotation: `println!`
+/// `Say` to stdout, untagged. A closed stdout (the sensor that started
+/// this rotation is gone) loses the line, never the rotation: `println!`
 /// would panic halfway through it.
-pub fn stdout(line: &str) {
+pub fn stdout(_key: &str, line: &str) {
     use std::io::Write;
     let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
@@ -179,8 +181,13 @@ pub fn run(cfg: &Config, args: Args) -> Result<Outcome> {
         .ok_or_else(|| anyhow!("--key SPKI is required (or --resume)"))?;
     let (_, inventory) = read_inventory(cfg, args.inventory.as_deref())?;
     let entry = plan::entry(inventory.keys(), key)?;
-    let plan = plan::make(entry, inventory.keys(), &cfg.rotation)
-        .map_err(|e| anyhow!("refused to rotate {}: {e}", entry.spki_sha256))?;
+    let plan = plan::make(
+        entry,
+        inventory.keys(),
+        &cfg.rotation,
+        &plan::Survey::default(),
+    )
+    .map_err(|e| anyhow!("refused to rotate {}: {e}", entry.spki_sha256))?;
     print!("{}", plan.describe());
     let algorithm = args
         .algorithm
@@ -211,6 +218,40 @@ pub fn read_inventory(
     Ok((path, inventory))
 }
 
+/// `f` of each item, at most `n` at a time, in the items' order.
+pub(crate) fn in_parallel<T: Sync, R: Send>(
+    items: &[T],
+    n: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    use std::sync::{
+        Mutex,
+        atomic::{AtomicUsize, Ordering},
+    };
+    if n <= 1 || items.len() <= 1 {
+        return items.iter().map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let out: Mutex<Vec<Option<R>>> = Mutex::new(items.iter().map(|_| None).collect());
+    std::thread::scope(|s| {
+        for _ in 0..n.min(items.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = items.get(i) else { break };
+                    let r = f(item);
+                    out.lock().expect("results lock")[i] = Some(r);
+                }
+            });
+        }
+    });
+    out.into_inner()
+        .expect("results lock")
+        .into_iter()
+        .map(|r| r.expect("every item was taken"))
+        .collect()
+}
+
 /// One rotation of `plan`, journalled in a new journal in `dir`.
 pub fn rotate(
     dir: &Path,
@@ -220,249 +261,16 @@ pub fn rotate(
     cfg: &Config,
     say: Say<'_>,
 ) -> Result<Outcome> {
-    // Before anything changes: a rotation verified by forged events is
-    // worse than none.
-    if let Some(events) = &cfg.rotation.sensor_events {
-        sensor_view::check(Path::new(events)).map_err(|e| anyhow!("rotation.sensor_events {e}"))?;
-    }
-    let mut j = Journal::create(dir, &plan.spki_sha256)?;
-    say(&format!("journal: {}", j.path.display()));
-    j.record(Step::Planned {
-        plan: Box::new(plan.clone()),
-        issuer: issuer.name().into(),
-    })?;
-    let staged = (|| -> Result<(String, String, Vec<FileSwap>)> {
-        let key = issue::new_key(algorithm)?;
-        let old_der = pem::parse(&plan.old_certificate_pem)?.into_contents();
-        let params = issue::params_like(&old_der, cfg.rotation.validity_days)?;
-        let issued = issuer.issue(&params, &key.pair)?;
-        let new_spki = material::KeyInfo::from_spki_der(&key.pair.subject_public_key_info())
-            .map_err(|e| anyhow!("new key: {e}"))?
-            .spki_sha256;
-        // Never a key and a certificate that do not match.
-        let certified = material::certificate_key(&issued.leaf_der)
-            .map_err(|e| anyhow!("issued certificate: {e}"))?
-            .spki_sha256;
-        if certified != new_spki {
-            bail!(
-                "the issuer returned a certificate for key {certified}, not the new key {new_spki}"
-            );
-        }
-        let leaf_pem = pem::encode(&pem::Pem::new("CERTIFICATE", issued.leaf_der.clone()));
-        let mut swaps = Vec::new();
-        for f in &plan.files {
-            let body: Vec<u8> = match f.role {
-                Role::Key => key.pem.as_bytes().to_vec(),
-                Role::Certificate => leaf_pem.as_bytes().to_vec(),
-                Role::FullChain => {
-                    let mut b = leaf_pem.clone();
-                    for c in &issued.chain_pem {
-                        b.push_str(c);
-                    }
-                    b.into_bytes()
-                }
-            };
-            let mut body = zeroize::Zeroizing::new(body);
-            match install::stage(f, &body, &j.id) {
-                Ok(s) => swaps.push(s),
-                Err(e) => {
-                    for s in &swaps {
-                        let _ = std::fs::remove_file(&s.staged);
-                    }
-                    return Err(e.into());
-                }
-            }
-            zeroize::Zeroize::zeroize(&mut *body);
-        }
-        Ok((new_spki, leaf_pem, swaps))
-    })();
-    let (new_spki, leaf_pem, swaps) = match staged {
-        Ok(s) => s,
-        Err(e) => {
-            let why = format!("issue: {e:#}");
-            j.record(Step::RolledBack {
-                detail: vec![why.clone(), "nothing was installed".into()],
-            })?;
-            say(&format!("rolled back: {why}; nothing was installed"));
-            return Ok(Outcome::RolledBack);
-        }
-    };
-    say(&format!(
-        "issued: new key {new_spki} ({algorithm}) from issuer {}",
-        issuer.name()
-    ));
-    j.record(Step::Issued {
-        new_spki_sha256: new_spki.clone(),
-        new_certificate_pem: leaf_pem,
-        files: swaps.clone(),
-    })?;
-    forward(&mut j, plan, &swaps, &new_spki, cfg, say)
-}
-
-fn verify_timeout(cfg: &Config) -> Duration {
-    Duration::from_millis(cfg.rotation.verify_timeout_ms)
-}
-
-/// Install, reload, verify; roll back on any failure.
-fn forward(
-    j: &mut Journal,
-    plan: &Plan,
-    swaps: &[FileSwap],
-    new_spki: &str,
-    cfg: &Config,
-    say: Say<'_>,
-) -> Result<Outcome> {
-    j.record(Step::Installing)?;
-    for s in swaps {
-        if let Err(e) = install::install(s) {
-            return rollback(j, plan, swaps, format!("install: {e}"), cfg, say);
-        }
-    }
-    j.record(Step::Installed)?;
-    say(&format!("installed: {} files", swaps.len()));
-    let events = cfg.rotation.sensor_events.as_ref().map(PathBuf::from);
-    let from = events.as_deref().map(sensor_view::offset).unwrap_or(0);
-    let reload_ms = crate::keys::inventory::now_ms();
-    j.record(Step::Reloading)?;
-    for sv in &plan.services {
-        if let Err(e) = reload::reload(sv) {
-            return rollback(j, plan, swaps, format!("reload: {e}"), cfg, say);
-        }
-    }
-    j.record(Step::Reloaded)?;
-    say(&format!("reloaded: {} services", plan.services.len()));
-    let expect: Vec<(Target, String)> = plan
-        .targets
-        .iter()
-        .map(|t| (t.clone(), new_spki.to_owned()))
-        .chain(plan.others.iter().cloned())
-        .collect();
-    // The workers that served before the reload: each must stop
-    // listening before a handshake is sure to reach a new one.
-    let old: Vec<u32> = plan
-        .services
-        .iter()
-        .flat_map(|sv| sv.pids.iter().copied().filter(move |p| *p != sv.master))
-        .collect();
-    match verify::wait_for(&expect, verify_timeout(cfg), Some(&old)) {
-        Ok(detail) => {
-            for d in &detail {
-                say(&format!("verified: {d}"));
-            }
-            let mut detail = detail;
-            if let Some(events) = &events {
-                let watch = sensor_view::Watch {
-                    events,
-                    from,
-                    reload_ms,
-                    exes: plan.services.iter().map(|s| s.exe.clone()).collect(),
-                    targets: &plan.targets,
-                    drain: Duration::from_millis(cfg.rotation.drain_ms),
-                    timeout: verify_timeout(cfg),
-                };
-                match sensor_view::verify(&watch, new_spki, &plan.spki_sha256) {
-                    Ok(seen) => {
-                        for d in &seen {
-                            say(&format!("verified: {d}"));
-                        }
-                        detail.extend(seen);
-                    }
-                    Err(e) => return rollback(j, plan, swaps, format!("verify: {e}"), cfg, say),
-                }
-            }
-            j.record(Step::Verified { detail })?;
-        }
-        Err(bad) => {
-            return rollback(
-                j,
-                plan,
-                swaps,
-                format!("verify: {}", bad.join("; ")),
-                cfg,
-                say,
-            );
-        }
-    }
-    finish(j, swaps, new_spki, say)
-}
-
-fn finish(j: &mut Journal, swaps: &[FileSwap], new_spki: &str, say: Say<'_>) -> Result<Outcome> {
-    for s in swaps {
-        // The rotation holds; a backup left behind is only untidy.
-        if let Err(e) = install::finish(s) {
-            tracing::warn!(error = %e, "backup not removed");
-        }
-    }
-    j.record(Step::Done)?;
-    say(&format!(
-        "done: key {new_spki} serves; journal {}",
-        j.path.display()
-    ));
-    Ok(Outcome::Done)
-}
-
-/// Restore the old files, reload, and verify that the old key serves.
-fn rollback(
-    j: &mut Journal,
-    plan: &Plan,
-    swaps: &[FileSwap],
-    why: String,
-    cfg: &Config,
-    say: Say<'_>,
-) -> Result<Outcome> {
-    say(&format!("failed: {why}; rolling back"));
-    j.record(Step::RollingBack { why: why.clone() })?;
-    let mut problems = Vec::new();
-    for s in swaps {
-        if let Err(e) = install::restore(s) {
-            problems.push(format!("restore: {e}"));
-        }
-    }
-    for sv in &plan.services {
-        match reload::reload(sv) {
-            Ok(()) => {}
-            // A refused configuration test signals nothing: the service
-            // never loaded the new files and still serves the old ones,
-            // which the verification below checks.
-            Err(e @ reload::ReloadError::Refused { .. }) => {
-                say(&format!("rollback: {e}; the service was not reloaded"));
-            }
-            Err(e) => problems.push(format!("reload: {e}")),
-        }
-    }
-    let expect: Vec<(Target, String)> = plan
-        .targets
-        .iter()
-        .map(|t| (t.clone(), plan.spki_sha256.clone()))
-        .chain(plan.others.iter().cloned())
-        .collect();
-    // The workers that served the new key are not known here: the check
-    // waits `verify::SETTLE` instead.
-    let verified = verify::wait_for(&expect, verify_timeout(cfg), None);
-    match (&verified, problems.is_empty()) {
-        (Ok(detail), true) => {
-            let mut detail = detail.clone();
-            detail.insert(0, format!("cause: {why}"));
-            for d in &detail[1..] {
-                say(&format!("rolled back: {d}"));
-            }
-            j.record(Step::RolledBack { detail })?;
-            say(&format!(
-                "rolled back: the old key serves again; journal {}",
-                j.path.display()
-            ));
-            Ok(Outcome::RolledBack)
-        }
-        _ => {
-            if let Err(bad) = verified {
-                problems.extend(bad);
-            }
-            let w = format!("cause: {why}; rollback: {}", problems.join("; "));
-            say(&format!("ROLLBACK FAILED: {w}"));
-            j.record(Step::RollbackFailed { why: w })?;
-            Ok(Outcome::RollbackFailed)
-        }
-    }
+    let mut all = together::rotate(
+        dir,
+        std::slice::from_ref(plan),
+        Some(algorithm),
+        issuer,
+        cfg,
+        say,
+        1,
+    )?;
+    Ok(all.pop().expect("one outcome per plan"))
 }
 
 /// Finishes or rolls back every rotation whose journal has no final step.
@@ -508,16 +316,22 @@ fn resume(cfg: &Config, path: &Path, steps: &[Step]) -> Result<Outcome> {
     });
     let verified = steps.iter().any(|s| matches!(s, Step::Verified { .. }));
     match (issued, installing) {
-        (Some((_, swaps)), _) if rolling_back.is_some() => rollback(
-            &mut j,
-            plan,
-            &swaps,
-            format!("{} (resumed)", rolling_back.unwrap_or_default()),
+        (Some((new, swaps)), _) if rolling_back.is_some() => {
+            let mut m = [together::Member::new(j, plan, swaps, new)];
+            m[0].fail(
+                format!("{} (resumed)", rolling_back.unwrap_or_default()),
+                &stdout,
+            )?;
+            Ok(together::forward(&mut m, cfg, &stdout)?[0])
+        }
+        (Some((new, swaps)), true) if verified => {
+            together::finish(&mut j, &swaps, &new, &plan.spki_sha256, &stdout)
+        }
+        (Some((new, swaps)), true) => Ok(together::forward(
+            &mut [together::Member::new(j, plan, swaps, new)],
             cfg,
             &stdout,
-        ),
-        (Some((new, swaps)), true) if verified => finish(&mut j, &swaps, &new, &stdout),
-        (Some((new, swaps)), true) => forward(&mut j, plan, &swaps, &new, cfg, &stdout),
+        )?[0]),
         (issued, _) => {
             for f in &plan.files {
                 let _ = std::fs::remove_file(install::beside(&f.path, "new", &j.id));

@@ -401,25 +401,57 @@ fn server_names(leaf: &[u8], related: &[&KeyEntry]) -> Vec<Option<String>> {
         .collect()
 }
 
-/// What each (address, server name) of `listeners` presents: SPKI SHA-256
+/// Handshakes `presented` makes at once: a service with a hundred names
+/// is asked a hundred times, at plan and at every round of verification.
+const PARALLEL_HANDSHAKES: usize = 8;
+
+/// What each (address, server name) of `targets` presents: SPKI SHA-256
 /// of the leaf.
 pub fn presented(
     targets: &[Target],
     timeout: Duration,
 ) -> BTreeMap<Target, Result<String, String>> {
-    targets
-        .iter()
-        .map(|t| {
-            let r = tls_probe::fetch_certificate(t.addr, t.server_name.as_deref(), timeout)
-                .map_err(|e| e.to_string())
-                .and_then(|leaf| {
-                    material::certificate_key(&leaf)
-                        .map(|k| k.spki_sha256)
-                        .map_err(|e| format!("leaf certificate: {e}"))
-                });
-            (t.clone(), r)
-        })
-        .collect()
+    let asked = super::in_parallel(targets, PARALLEL_HANDSHAKES, |t| {
+        tls_probe::fetch_certificate(t.addr, t.server_name.as_deref(), timeout)
+            .map_err(|e| e.to_string())
+            .and_then(|leaf| {
+                material::certificate_key(&leaf)
+                    .map(|k| k.spki_sha256)
+                    .map_err(|e| format!("leaf certificate: {e}"))
+            })
+    });
+    targets.iter().cloned().zip(asked).collect()
+}
+
+/// What listeners presented, remembered while the keys of one bulk run
+/// are planned: a hundred keys of one service each ask the same names of
+/// the same listeners, and nothing is rotated meanwhile. A new survey
+/// for every set of plans that must see the host as it is now.
+#[derive(Default)]
+pub struct Survey(std::sync::Mutex<BTreeMap<Target, Result<String, String>>>);
+
+impl Survey {
+    fn presented(
+        &self,
+        targets: &[Target],
+        timeout: Duration,
+    ) -> BTreeMap<Target, Result<String, String>> {
+        let missing: Vec<Target> = {
+            let known = self.0.lock().expect("survey lock");
+            targets
+                .iter()
+                .filter(|t| !known.contains_key(*t))
+                .cloned()
+                .collect()
+        };
+        let fresh = presented(&missing, timeout);
+        let mut known = self.0.lock().expect("survey lock");
+        known.extend(fresh);
+        targets
+            .iter()
+            .filter_map(|t| Some((t.clone(), known.get(t)?.clone())))
+            .collect()
+    }
 }
 
 /// A running service (a master and its workers) that presents a key.
@@ -438,12 +470,13 @@ pub struct Found {
 /// found by the executables that signed with it; `leaf` is a certificate
 /// of the key (its names are the server names tried), `all` the whole
 /// inventory. Also returns the processes that signed with it and no
-/// longer run.
+/// longer run. Handshakes already in `survey` are not made again.
 pub fn discover<'a>(
     entry: &'a KeyEntry,
     all: impl Iterator<Item = &'a KeyEntry>,
     leaf: &[u8],
     cfg: &RotationConfig,
+    survey: &Survey,
 ) -> (Vec<Found>, Vec<String>) {
     let exes: BTreeSet<PathBuf> = entry
         .processes
@@ -516,7 +549,7 @@ pub fn discover<'a>(
                 })
             })
             .collect();
-        let seen = presented(&candidates, timeout);
+        let seen = survey.presented(&candidates, timeout);
         let ours: Vec<Target> = seen
             .iter()
             .filter(|(_, r)| r.as_deref() == Ok(entry.spki_sha256.as_str()))
@@ -544,14 +577,16 @@ pub fn discover<'a>(
 }
 
 /// Makes the plan for rotating `entry`, or says why there is none. `all`
-/// is the whole inventory.
+/// is the whole inventory; `survey`, what listeners presented to the
+/// plans made just before.
 pub fn make<'a>(
     entry: &'a KeyEntry,
     all: impl Iterator<Item = &'a KeyEntry>,
     cfg: &RotationConfig,
+    survey: &Survey,
 ) -> Result<Plan, Refused> {
     let (files, leaf) = files(entry)?;
-    let (found, gone) = discover(entry, all, &leaf, cfg);
+    let (found, gone) = discover(entry, all, &leaf, cfg, survey);
     let mut services = Vec::new();
     let mut targets = Vec::new();
     let mut others = Vec::new();

@@ -172,7 +172,13 @@ pub fn run(cfg: &Config, args: Args) -> Result<()> {
                 "key {spki} is not in the inventory, so keywarden cannot tell whether it still serves: rotate it first, or give --force"
             );
         };
-        let (found, _) = plan::discover(e, inventory.keys(), &certs[0], &cfg.rotation);
+        let (found, _) = plan::discover(
+            e,
+            inventory.keys(),
+            &certs[0],
+            &cfg.rotation,
+            &plan::Survey::default(),
+        );
         if let Some(f) = found.first() {
             bail!(
                 "key {spki} still serves ({} pid {} at {}): rotate it first, or give --force",

@@ -101,57 +101,84 @@ pub struct Watch<'a> {
     pub timeout: Duration,
 }
 
-/// Waits for the sensor to see the new key sign in the service, then for
-/// the drain period, then checks the old key no longer signs there.
-pub fn verify(w: &Watch<'_>, new: &str, old: &str) -> Result<Vec<String>, String> {
+/// For each `(new, old)` key pair: waits for the sensor to see the new
+/// key sign in the service, then for the drain period, then checks that
+/// the old key no longer signs there. One watch for keys rotated
+/// together: they share the reload and the drain. One result per pair.
+pub fn verify(w: &Watch<'_>, pairs: &[(&str, &str)]) -> Vec<Result<Vec<String>, String>> {
     let ours = |u: &&Use| w.exes.iter().any(|e| Path::new(&u.exe) == e);
     let handshake = Duration::from_millis(1000);
-    let wait = |after_ms: i64, what: &str| -> Result<Vec<Use>, String> {
+    let signed_since = |uses: &[Use], new: &str, after_ms: i64| {
+        uses.iter()
+            .filter(ours)
+            .any(|u| u.spki == new && u.time_ms >= after_ms)
+    };
+    // The events since the reload once every new key has signed after
+    // `after_ms`, or at the deadline; each pair is judged on them.
+    let wait = |after_ms: i64| -> Result<Vec<Use>, String> {
         let deadline = Instant::now() + w.timeout;
         loop {
             plan::presented(w.targets, handshake);
             let uses =
                 uses_since(w.events, w.from).map_err(|e| format!("{}: {e}", w.events.display()))?;
-            if uses
+            if pairs
                 .iter()
-                .filter(ours)
-                .any(|u| u.spki == new && u.time_ms >= after_ms)
+                .all(|(new, _)| signed_since(&uses, new, after_ms))
+                || Instant::now() >= deadline
             {
                 return Ok(uses);
-            }
-            if Instant::now() >= deadline {
-                return Err(format!(
-                    "the sensor ({}) saw no signature with the new key by the service {what} within {:?}",
-                    w.events.display(),
-                    w.timeout
-                ));
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     };
-    wait(w.reload_ms, "after the reload")?;
-    let mut detail = vec![format!("sensor: the service signs with the new key {new}")];
+    let unseen = |new: &str, what: &str| {
+        format!(
+            "the sensor ({}) saw no signature with the new key {new} by the service {what} within {:?}",
+            w.events.display(),
+            w.timeout
+        )
+    };
+    let after_reload = match wait(w.reload_ms) {
+        Ok(u) => u,
+        Err(e) => return pairs.iter().map(|_| Err(e.clone())).collect(),
+    };
     std::thread::sleep(w.drain);
     let drained_ms = w.reload_ms + w.drain.as_millis() as i64;
-    let uses = wait(drained_ms, "after the drain period")?;
-    let late_old: Vec<&Use> = uses
+    let after_drain = match wait(drained_ms) {
+        Ok(u) => u,
+        Err(e) => return pairs.iter().map(|_| Err(e.clone())).collect(),
+    };
+    pairs
         .iter()
-        .filter(ours)
-        .filter(|u| u.spki == old && u.time_ms >= drained_ms)
-        .collect();
-    if let Some(u) = late_old.first() {
-        return Err(format!(
-            "sensor: {} still signed with the old key {old} {} ms after the reload ({} such signatures after the drain period)",
-            u.exe,
-            u.time_ms - w.reload_ms,
-            late_old.len()
-        ));
-    }
-    detail.push(format!(
-        "sensor: no signature with the old key {old} by the service after the drain period ({:?})",
-        w.drain
-    ));
-    Ok(detail)
+        .map(|&(new, old)| {
+            if !signed_since(&after_reload, new, w.reload_ms) {
+                return Err(unseen(new, "after the reload"));
+            }
+            if !signed_since(&after_drain, new, drained_ms) {
+                return Err(unseen(new, "after the drain period"));
+            }
+            let late_old: Vec<&Use> = after_drain
+                .iter()
+                .filter(ours)
+                .filter(|u| u.spki == old && u.time_ms >= drained_ms)
+                .collect();
+            if let Some(u) = late_old.first() {
+                return Err(format!(
+                    "sensor: {} still signed with the old key {old} {} ms after the reload ({} such signatures after the drain period)",
+                    u.exe,
+                    u.time_ms - w.reload_ms,
+                    late_old.len()
+                ));
+            }
+            Ok(vec![
+                format!("sensor: the service signs with the new key {new}"),
+                format!(
+                    "sensor: no signature with the old key {old} by the service after the drain period ({:?})",
+                    w.drain
+                ),
+            ])
+        })
+        .collect()
 }
 
 #[cfg(test)]

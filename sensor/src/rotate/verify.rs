@@ -19,6 +19,14 @@ use std::time::{Duration, Instant};
 
 use super::plan::{self, Target};
 
+/// What did not hold: a target that presents another key (or none), or,
+/// with no target, the service as a whole (its old workers still listen).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    pub target: Option<Target>,
+    pub why: String,
+}
+
 /// Rounds in a row that must hold.
 const SETTLE_ROUNDS: u32 = 2;
 /// The least time from the first of those rounds to the last, when the
@@ -40,7 +48,7 @@ pub fn wait_for(
     expect: &[(Target, String)],
     timeout: Duration,
     old: Option<&[u32]>,
-) -> Result<Vec<String>, Vec<String>> {
+) -> Result<Vec<(Target, String)>, Vec<Mismatch>> {
     let deadline = Instant::now() + timeout;
     let handshake = Duration::from_millis(2000).min(timeout.max(Duration::from_millis(200)));
     // Since when, and for how many rounds, every target has held.
@@ -51,12 +59,19 @@ pub fn wait_for(
         let mut ok = Vec::new();
         let mut bad = Vec::new();
         for (t, want) in expect {
-            match seen.get(t) {
-                Some(Ok(got)) if got == want => ok.push(format!("{t}: presents {want}")),
-                Some(Ok(got)) => bad.push(format!("{t}: presents {got}, not {want}")),
-                Some(Err(e)) => bad.push(format!("{t}: {e}")),
-                None => bad.push(format!("{t}: not asked")),
-            }
+            let why = match seen.get(t) {
+                Some(Ok(got)) if got == want => {
+                    ok.push((t.clone(), format!("{t}: presents {want}")));
+                    continue;
+                }
+                Some(Ok(got)) => format!("{t}: presents {got}, not {want}"),
+                Some(Err(e)) => format!("{t}: {e}"),
+                None => format!("{t}: not asked"),
+            };
+            bad.push(Mismatch {
+                target: Some(t.clone()),
+                why,
+            });
         }
         if bad.is_empty() {
             let (since, rounds) = held.get_or_insert((Instant::now(), 0));
@@ -72,15 +87,18 @@ pub fn wait_for(
             // settle period at most: old workers that still listen then
             // (a worker that never drains, a pid reused) fail the check.
             if Instant::now() >= deadline + SETTLE {
-                return Err(vec![format!(
-                    "every target presents the expected key, but the old workers ({}) still listen {:?} after the reload",
-                    old.unwrap_or_default()
-                        .iter()
-                        .map(u32::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    timeout + SETTLE
-                )]);
+                return Err(vec![Mismatch {
+                    target: None,
+                    why: format!(
+                        "every target presents the expected key, but the old workers ({}) still listen {:?} after the reload",
+                        old.unwrap_or_default()
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                        timeout + SETTLE
+                    ),
+                }]);
             }
         } else {
             held = None;
