@@ -1030,6 +1030,18 @@ fn a_rule_rotates_a_key_from_a_live_finding_within_its_guard_rails() {
     );
     assert!(r.command_uid.is_some());
     assert_eq!(rule_of(finding_of(&events, r)), Some("rotate-b"));
+    // The child read b's key file with the sensor's own executable, which
+    // maps no probed library: it is the sensor's, and not warned about.
+    assert!(
+        !secret_opens_of(&events, child.pid).is_empty(),
+        "the child's opens of the key files are seen: {}",
+        pretty(r)
+    );
+    let about_child: Vec<&Event> = coverage_warnings(&events)
+        .into_iter()
+        .filter(|e| e.actor.process.pid == child.pid)
+        .collect();
+    assert!(about_child.is_empty(), "{}", pretty(&about_child));
     let on_a: Vec<String> = findings(&events)
         .into_iter()
         .filter(|f| rule_of(f) == Some("rotate-a"))

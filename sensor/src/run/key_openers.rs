@@ -9,6 +9,11 @@
 //! attached to, gets a coverage warning, once per executable: its
 //! signatures would not be seen.
 //!
+//! The sensor itself, and the children it starts with its own executable
+//! (a rule's `keywarden rotate`, `revoke`), read key files by design and
+//! are not warned about. No other process can pass for one: a process
+//! cannot choose its parent.
+//!
 //! Limits: the check reads `/proc/PID/maps` when the open is judged. A
 //! process that has exited by then (`cat key.pem`) cannot be checked and
 //! is skipped. One that loads its crypto library only after reading the
@@ -37,6 +42,16 @@ pub struct KeyOpeners {
     /// checked at each open: one interpreter maps a crypto library in one
     /// process and none in the next.
     checked: HashSet<(u64, u64)>,
+    /// The sensor's own executable (device, inode).
+    own_exe: Option<(u64, u64)>,
+}
+
+/// The parent of `pid`, from `/proc/PID/stat` (after the last `)`: the
+/// name may hold anything).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// What a process maps, as far as the probes are concerned.
@@ -53,11 +68,24 @@ enum Seen {
 
 impl KeyOpeners {
     pub fn new(probes: Arc<Mutex<Probes>>, cache: Arc<Mutex<ScanCache>>) -> Self {
+        use std::os::unix::fs::MetadataExt;
         KeyOpeners {
             probes,
             cache,
             checked: HashSet::new(),
+            own_exe: std::fs::metadata("/proc/self/exe")
+                .ok()
+                .map(|m| (m.dev(), m.ino())),
         }
+    }
+
+    /// The sensor, or a child it started running its own executable.
+    fn is_own(&self, tgid: u32, info: &ProcessInfo) -> bool {
+        let me = std::process::id();
+        tgid == me
+            || (self.own_exe.is_some()
+                && info.exe_inode() == self.own_exe
+                && parent_of(tgid) == Some(me))
     }
 
     /// `tgid` opened `key_path`, which holds a private key.
@@ -69,7 +97,7 @@ impl KeyOpeners {
         out: &mut Emitter,
     ) {
         let Some(exe) = info.exe_inode() else { return };
-        if self.checked.contains(&exe) {
+        if self.checked.contains(&exe) || self.is_own(tgid, info) {
             return;
         }
         // Gone already (or unreadable): nothing to say about it.
@@ -118,5 +146,30 @@ impl KeyOpeners {
             }
         }
         seen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_is_read_past_a_name_with_parentheses_and_spaces() {
+        let me = std::process::id();
+        let parent = std::os::unix::process::parent_id();
+        assert_eq!(parent_of(me), Some(parent));
+        // A child named to confuse a naive parser of /proc/PID/stat: its
+        // name is the base name of the path it was started by.
+        let dir = tempfile::tempdir().unwrap();
+        let trap = dir.path().join("x) S 1 1");
+        std::os::unix::fs::symlink("/bin/sleep", &trap).unwrap();
+        let mut child = std::process::Command::new(&trap).arg("5").spawn().unwrap();
+        let pid = child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(stat.contains("(x) S 1 1)"), "{stat}");
+        assert_eq!(parent_of(pid), Some(me));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(parent_of(u32::MAX), None);
     }
 }
