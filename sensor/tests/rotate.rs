@@ -676,7 +676,7 @@ fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
     assert!(show.contains("Pebble Intermediate CA"), "{show}");
     assert!(show.contains("DNS:b.test"), "{show}");
     assert!(show.contains("IP Address:127.0.0.1"), "{show}");
-    let account = dir_mode(&pdir.path().join("acme-account.json"));
+    let account = mode_of(&pdir.path().join("acme-account.json"));
     assert_eq!(account, 0o600, "the ACME account key is root's only");
 
     // The new b (issued by pebble, not yet in the inventory) is revoked
@@ -716,7 +716,7 @@ fn one_sni_key_through_pebble_the_other_through_the_local_ca() {
     no_leftovers(&f);
 }
 
-fn dir_mode(p: &Path) -> u32 {
+fn mode_of(p: &Path) -> u32 {
     std::fs::metadata(p).unwrap().permissions().mode() & 0o777
 }
 
@@ -956,6 +956,40 @@ fn a_rule_rotates_a_key_from_a_live_finding_within_its_guard_rails() {
     // after, because the sensor may handshake with nginx itself, to name
     // its keys, and make a sign before the test asks b.)
     rotate_rule(f.dir(), &f.b.spki, "");
+    // The rails outlive the sensor: b was acted on (the dry run) less
+    // than its cooldown ago, so a restarted sensor refuses the enforced
+    // rule too (a sensor crashing in a loop never gets past them).
+    let saved = actions.path().join("guard-admissions.json");
+    assert_eq!(mode_of(&saved), 0o600, "the admissions are root's alone");
+    let sensor = start(&rules);
+    assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
+    wait_for("the refusal", Duration::from_secs(60), || {
+        findings(&sensor.events())
+            .iter()
+            .flat_map(|f| f.unmapped.responses.iter())
+            .any(|r| r.action == "rotate")
+    });
+    let events = sensor.stop_allowing_shed();
+    let responses: Vec<String> = findings(&events)
+        .into_iter()
+        .flat_map(|f| f.unmapped.responses.iter())
+        .filter(|r| r.action == "rotate")
+        .map(|r| format!("{:?} {}", r.outcome, r.detail.as_deref().unwrap_or("")))
+        .collect();
+    assert!(
+        responses
+            .iter()
+            .all(|r| r.starts_with("Skipped not started: cooldown")),
+        "{responses:?}"
+    );
+    assert!(
+        remediations(&events).is_empty(),
+        "{}",
+        pretty(&remediations(&events))
+    );
+    assert_eq!(spki_of_file(&f.b.path), f.b.spki, "nothing changed");
+    // The operator lifts them by removing the file.
+    std::fs::remove_file(&saved).unwrap();
     let sensor = start(&rules);
     assert_eq!(served_spki(f.port, Some("b.test")), f.b.spki);
     wait_for("the rotation's outcome", Duration::from_secs(120), || {

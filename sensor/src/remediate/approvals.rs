@@ -47,8 +47,18 @@ pub struct Record {
     pub detail: Option<String>,
 }
 
+/// The guard rails' admissions file (`guard.rs`).
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Admissions {
+    admitted: Vec<(String, i64)>,
+}
+
 /// Largest record read: a record is a few hundred bytes.
 const RECORD_MAX: u64 = 64 * 1024;
+/// Largest admissions file read: an hour's and a cooldown's admissions,
+/// about 90 bytes each.
+const ADMISSIONS_MAX: u64 = 8 << 20;
 
 /// An id is safe as a file name: digits, lower-case hex and `-`.
 pub fn valid_id(id: &str) -> bool {
@@ -117,17 +127,12 @@ impl Store {
             .with_context(|| format!("{}: cannot write", self.path(&r.id).display()))
     }
 
-    /// The record `id`, read without following a link, and only if root
-    /// wrote it.
-    pub fn read(&self, id: &str) -> Result<Record> {
-        if !valid_id(id) {
-            bail!("{id:?} is not an action id (digits, a-f and -)");
-        }
-        let path = self.path(id);
+    /// `path`, read without following a link, and only if root wrote it.
+    fn read_ours(path: &Path, max: u64) -> Result<Vec<u8>> {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(&path)
+            .open(path)
             .with_context(|| format!("{}: cannot open", path.display()))?;
         let m = f.metadata()?;
         let euid = nix::unistd::geteuid().as_raw();
@@ -138,7 +143,18 @@ impl Store {
             );
         }
         let mut body = Vec::new();
-        f.take(RECORD_MAX).read_to_end(&mut body)?;
+        f.take(max).read_to_end(&mut body)?;
+        Ok(body)
+    }
+
+    /// The record `id`, read without following a link, and only if root
+    /// wrote it.
+    pub fn read(&self, id: &str) -> Result<Record> {
+        if !valid_id(id) {
+            bail!("{id:?} is not an action id (digits, a-f and -)");
+        }
+        let path = self.path(id);
+        let body = Self::read_ours(&path, RECORD_MAX)?;
         let r: Record = serde_json::from_slice(&body)
             .with_context(|| format!("{}: not an action record", path.display()))?;
         if r.id != id {
@@ -148,6 +164,34 @@ impl Store {
             bail!("{}: an action with no step", path.display());
         }
         Ok(r)
+    }
+
+    /// Where the guard rails' admissions are kept (not a record: its
+    /// name is not an id).
+    fn admissions_path(&self) -> PathBuf {
+        self.dir.join("guard-admissions.json")
+    }
+
+    /// Saves the guard rails' admissions: (key, ms since the epoch).
+    pub fn save_admissions(&self, admitted: &[(String, i64)]) -> Result<()> {
+        let body = serde_json::to_vec(&Admissions {
+            admitted: admitted.to_vec(),
+        })?;
+        let path = self.admissions_path();
+        keywarden_analyzer::atomic_file::write(&path, &body, 0o600)
+            .with_context(|| format!("{}: cannot write", path.display()))
+    }
+
+    /// The admissions an earlier run saved; none when there is no file.
+    pub fn load_admissions(&self) -> Result<Vec<(String, i64)>> {
+        let path = self.admissions_path();
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(Vec::new());
+        }
+        let body = Self::read_ours(&path, ADMISSIONS_MAX)?;
+        let a: Admissions = serde_json::from_slice(&body)
+            .with_context(|| format!("{}: not the guard rails' admissions", path.display()))?;
+        Ok(a.admitted)
     }
 
     /// Every record, oldest first; what cannot be read is returned as an

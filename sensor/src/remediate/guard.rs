@@ -3,6 +3,11 @@
 //! and a rate limit over the whole host. A rule that fires on every
 //! handshake asks for a rotation thousands of times a minute; the guard
 //! turns that into one, and says why it refused each of the others.
+//!
+//! What was admitted is saved (`admissions`, `restore`; the file is the
+//! approvals store's, `approvals::Store::save_admissions`), so a sensor
+//! that restarts, or crashes in a loop under `Restart=always`, keeps its
+//! cooldowns and its hour's count.
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
@@ -46,7 +51,7 @@ pub struct Guard {
     last: HashMap<String, Instant>,
     in_flight: HashSet<String>,
     /// Admissions in the last hour, oldest first.
-    recent: VecDeque<Instant>,
+    recent: VecDeque<(Instant, String)>,
 }
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -79,7 +84,7 @@ impl Guard {
         while self
             .recent
             .front()
-            .is_some_and(|&t| now.saturating_duration_since(t) >= HOUR)
+            .is_some_and(|(t, _)| now.saturating_duration_since(*t) >= HOUR)
         {
             self.recent.pop_front();
         }
@@ -93,8 +98,47 @@ impl Guard {
             .retain(|_, &mut t| now.saturating_duration_since(t) < cooldown);
         self.last.insert(spki.to_owned(), now);
         self.in_flight.insert(spki.to_owned());
-        self.recent.push_back(now);
+        self.recent.push_back((now, spki.to_owned()));
         Ok(())
+    }
+
+    /// Every admission that still counts at `now` (for a cooldown or the
+    /// hour), oldest first: what `restore` takes back.
+    pub fn admissions(&self, now: Instant) -> Vec<(String, Instant)> {
+        let mut out: Vec<(String, Instant)> = self
+            .recent
+            .iter()
+            .filter(|(t, _)| now.saturating_duration_since(*t) < HOUR)
+            .map(|(t, k)| (k.clone(), *t))
+            .collect();
+        for (k, &t) in &self.last {
+            if now.saturating_duration_since(t) < self.cooldown && !out.contains(&(k.clone(), t)) {
+                out.push((k.clone(), t));
+            }
+        }
+        out.sort_by_key(|(_, t)| *t);
+        out
+    }
+
+    /// Takes back admissions an earlier run saved: their cooldowns and
+    /// their place in the hour, not their being in flight.
+    pub fn restore(
+        &mut self,
+        admissions: impl IntoIterator<Item = (String, Instant)>,
+        now: Instant,
+    ) {
+        let mut all: Vec<(String, Instant)> = admissions.into_iter().collect();
+        all.sort_by_key(|(_, t)| *t);
+        for (k, t) in all {
+            if now.saturating_duration_since(t) < HOUR {
+                self.recent.push_back((t, k.clone()));
+            }
+            if now.saturating_duration_since(t) < self.cooldown {
+                let last = self.last.entry(k).or_insert(t);
+                *last = (*last).max(t);
+            }
+        }
+        self.recent.make_contiguous().sort_by_key(|(t, _)| *t);
     }
 
     /// The remediation of `spki` ended (done, failed, or rejected by the
@@ -157,6 +201,36 @@ mod tests {
         );
         // A refusal is not counted against the limit.
         assert_eq!(g.admit("k4", min(70)), Ok(()));
+    }
+
+    #[test]
+    fn admissions_restored_by_another_guard_keep_their_cooldown_and_hour() {
+        let t0 = Instant::now();
+        let min = |m: u64| t0 + Duration::from_secs(60 * m);
+        let mut g = Guard::new(Duration::from_secs(600), 2);
+        g.admit(A, min(0)).unwrap();
+        g.admit(B, min(20)).unwrap();
+        let saved = g.admissions(min(21));
+        assert_eq!(saved, vec![(A.to_owned(), min(0)), (B.to_owned(), min(20))]);
+        // A new run: nothing in flight, but the hour is full and B cools.
+        let mut g = Guard::new(Duration::from_secs(600), 2);
+        g.restore(saved.clone(), min(21));
+        assert_eq!(
+            g.admit("cc", min(21)),
+            Err(Refusal::RateLimit { per_hour: 2 })
+        );
+        assert_eq!(
+            g.admit(B, min(25)),
+            Err(Refusal::Cooldown {
+                left: Duration::from_secs(300)
+            })
+        );
+        // A's admission leaves the hour; B's cooldown is over.
+        assert_eq!(g.admit(B, min(60)), Ok(()));
+        // What is past both windows is not saved again.
+        let mut g = Guard::new(Duration::from_secs(600), 2);
+        g.restore(saved, min(90));
+        assert!(g.admissions(min(90)).is_empty());
     }
 
     #[test]

@@ -171,6 +171,7 @@ impl Remediator {
             outbox: Vec::new(),
             last_combined: None,
         };
+        r.restore_admissions();
         // Records an earlier run left are taken up before any finding
         // of this run can add a second one for the same key.
         r.look_at_approvals();
@@ -189,6 +190,49 @@ impl Remediator {
             self.store = Some(Store::open(&self.approvals_dir)?);
         }
         Ok(self.store.as_ref().expect("just opened"))
+    }
+
+    /// Takes back the guard rails' admissions an earlier run saved. With
+    /// no store yet (nothing was ever admitted here), there are none.
+    fn restore_admissions(&mut self) {
+        if !self.approvals_dir.exists() {
+            return;
+        }
+        match self.store().and_then(|s| s.load_admissions()) {
+            Ok(saved) => {
+                let (now, now_ms) = (Instant::now(), crate::clock::now_ms());
+                // A time ahead of the clock (it was set back) counts as now.
+                let at = |ms: i64| {
+                    now.checked_sub(Duration::from_millis(
+                        now_ms.saturating_sub(ms).max(0) as u64
+                    ))
+                    .unwrap_or(now)
+                };
+                self.guard
+                    .restore(saved.into_iter().map(|(k, ms)| (k, at(ms))), now);
+            }
+            Err(e) => warn!("remediation guard rails: {e:#}; starting with none saved"),
+        }
+    }
+
+    /// Saves the guard rails' admissions after one more. A failure is
+    /// warned about: the rails still hold while this sensor runs.
+    fn save_admissions(&mut self) {
+        let (now, now_ms) = (Instant::now(), crate::clock::now_ms());
+        let list: Vec<(String, i64)> = self
+            .guard
+            .admissions(now)
+            .into_iter()
+            .map(|(k, t)| {
+                (
+                    k,
+                    now_ms - now.saturating_duration_since(t).as_millis() as i64,
+                )
+            })
+            .collect();
+        if let Err(e) = self.store().and_then(|s| s.save_admissions(&list)) {
+            warn!("remediation guard rails: {e:#}; a restart would forget them");
+        }
     }
 
     fn new_id(&mut self) -> String {
@@ -263,6 +307,7 @@ impl Remediator {
         if let Err(refused) = self.guard.admit(&spki, Instant::now()) {
             return (Outcome::Skipped, Some(format!("not started: {refused}")));
         }
+        self.save_admissions();
         let job = Job {
             id: self.new_id(),
             spki,
