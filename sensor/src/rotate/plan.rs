@@ -68,6 +68,9 @@ pub enum Reload {
     Apache { exe: PathBuf, args: Vec<String> },
     /// A command from the configuration (`rotation.reload_commands`).
     Command { command: Vec<String> },
+    /// `systemctl reload UNIT`: the master runs in that system unit's
+    /// cgroup and the unit can reload (`CanReload=yes`).
+    Systemd { unit: String },
 }
 
 /// One service (a master and its workers) that presents the key.
@@ -324,8 +327,59 @@ fn config_args(cmdline: &[String], flags: &[&str]) -> Vec<String> {
     out
 }
 
-/// How keywarden reloads a master running `exe` with `cmdline`.
-fn reload_for(exe: &Path, cmdline: &[String], cfg: &RotationConfig) -> Result<Reload, String> {
+/// The system unit whose cgroup a process is in, from its
+/// `/proc/PID/cgroup` (v2: `0::/system.slice/nginx.service`): the
+/// innermost `.service` of the path. None for a process in no service, or
+/// in a user's service manager (`user@UID.service`), which `systemctl`
+/// as root does not reload; nor for a name `systemctl` could take for an
+/// option.
+pub fn systemd_unit(cgroup: &str) -> Option<String> {
+    let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let parts: Vec<&str> = path.split('/').filter(|p| !p.is_empty()).collect();
+    if parts.iter().any(|p| p.starts_with("user@")) {
+        return None;
+    }
+    let unit = parts.iter().rev().find(|p| p.ends_with(".service"))?;
+    let safe = unit
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:@\\".contains(&b));
+    (safe && !unit.starts_with('-')).then(|| (*unit).to_owned())
+}
+
+/// Whether systemd says `unit` can reload, or why it cannot tell.
+fn systemd_can_reload(unit: &str) -> Result<(), String> {
+    let out = std::process::Command::new("systemctl")
+        .args(["show", "--property=CanReload", "--value", "--"])
+        .arg(unit)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            format!("it runs in the systemd unit {unit}, and systemctl cannot start: {e}")
+        })?;
+    let value = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    match (out.status.success(), value.as_str()) {
+        (true, "yes") => Ok(()),
+        (true, _) => Err(format!(
+            "it runs in the systemd unit {unit}, which has no ExecReload (CanReload={value})"
+        )),
+        (false, _) => Err(format!(
+            "it runs in the systemd unit {unit}, and systemctl cannot tell whether it reloads: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+/// How keywarden reloads a master running `exe` with `cmdline`, in the
+/// cgroup `cgroup` (`/proc/PID/cgroup`): a command configured for the
+/// executable first, then nginx and apache by signal (under systemd too:
+/// their units reload the same way), then the master's systemd unit,
+/// when it can reload.
+fn reload_for(
+    exe: &Path,
+    cmdline: &[String],
+    cgroup: &str,
+    cfg: &RotationConfig,
+) -> Result<Reload, String> {
     if let Some(c) = cfg
         .reload_commands
         .iter()
@@ -351,10 +405,17 @@ fn reload_for(exe: &Path, cmdline: &[String], cfg: &RotationConfig) -> Result<Re
             exe: exe.to_owned(),
             args: config_args(cmdline, &["-f", "-d", "-C", "-c", "-D"]),
         }),
-        _ => Err(format!(
-            "keywarden cannot reload {} (it reloads nginx and apache): add it to rotation.reload_commands",
-            exe.display()
-        )),
+        _ => match systemd_unit(cgroup) {
+            Some(unit) => {
+                systemd_can_reload(&unit)
+                    .map_err(|e| format!("{e}: add it to rotation.reload_commands"))?;
+                Ok(Reload::Systemd { unit })
+            }
+            None => Err(format!(
+                "keywarden cannot reload {} (it reloads nginx, apache and systemd units that can reload, and this runs in none): add it to rotation.reload_commands",
+                exe.display()
+            )),
+        },
     }
 }
 
@@ -591,7 +652,9 @@ pub fn make<'a>(
     let mut targets = Vec::new();
     let mut others = Vec::new();
     for f in found {
-        let reload = reload_for(&f.exe, &f.cmdline, cfg).map_err(|e| {
+        let cgroup =
+            std::fs::read_to_string(format!("/proc/{}/cgroup", f.master)).unwrap_or_default();
+        let reload = reload_for(&f.exe, &f.cmdline, &cgroup, cfg).map_err(|e| {
             why(format!(
                 "{} (pid {}) presents the key, and {e}",
                 f.exe.display(),
@@ -700,6 +763,7 @@ impl Plan {
                     args.join(" ")
                 ),
                 Reload::Command { command } => format!("run {}", command.join(" ")),
+                Reload::Systemd { unit } => format!("systemctl reload {unit}"),
             };
             let _ = writeln!(
                 s,
@@ -752,27 +816,63 @@ mod tests {
     }
 
     #[test]
-    fn only_nginx_apache_or_a_configured_command_reload() {
+    fn nginx_apache_a_configured_command_or_a_unit_reload() {
         let cfg = RotationConfig::default();
+        // nginx is signalled itself, in a unit or not.
+        let in_unit = "0::/system.slice/nginx.service\n";
         assert!(matches!(
-            reload_for(Path::new("/usr/sbin/nginx"), &[], &cfg),
+            reload_for(Path::new("/usr/sbin/nginx"), &[], in_unit, &cfg),
             Ok(Reload::Nginx { .. })
         ));
         assert!(matches!(
-            reload_for(Path::new("/usr/sbin/apache2"), &[], &cfg),
+            reload_for(Path::new("/usr/sbin/apache2"), &[], "0::/\n", &cfg),
             Ok(Reload::Apache { .. })
         ));
-        let err = reload_for(Path::new("/usr/bin/openssl"), &[], &cfg).unwrap_err();
+        let err = reload_for(Path::new("/usr/bin/openssl"), &[], "0::/\n", &cfg).unwrap_err();
         assert!(err.contains("reload_commands"), "{err}");
+        assert!(err.contains("runs in none"), "{err}");
         let mut cfg = cfg;
         cfg.reload_commands.push(crate::config::ReloadCommand {
             exe: "/usr/bin/openssl".into(),
             command: vec!["/bin/true".into()],
         });
         assert!(matches!(
-            reload_for(Path::new("/usr/bin/openssl"), &[], &cfg),
+            reload_for(Path::new("/usr/bin/openssl"), &[], in_unit, &cfg),
             Ok(Reload::Command { .. })
         ));
+    }
+
+    #[test]
+    fn the_systemd_unit_is_the_innermost_system_service_of_the_cgroup() {
+        let unit = |c: &str| systemd_unit(c);
+        assert_eq!(
+            unit("0::/system.slice/myserver.service\n").as_deref(),
+            Some("myserver.service")
+        );
+        assert_eq!(
+            unit("0::/system.slice/app@blue.service/worker\n").as_deref(),
+            Some("app@blue.service")
+        );
+        assert_eq!(
+            unit("0::/custom.slice/outer.service/inner.service\n").as_deref(),
+            Some("inner.service")
+        );
+        // cgroup v1 lines are ignored; v2's is found among them.
+        assert_eq!(
+            unit("1:name=systemd:/system.slice/x.service\n0::/system.slice/y.service\n").as_deref(),
+            Some("y.service")
+        );
+        for none in [
+            "0::/\n",
+            "0::/init.scope\n",
+            "1:name=systemd:/system.slice/x.service\n",
+            "0::/user.slice/user-1000.slice/user@1000.service/app.slice/web.service\n",
+            "0::/system.slice/--help.service\n",
+            "0::/system.slice/x y.service\n",
+            "",
+        ] {
+            assert_eq!(unit(none), None, "{none:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! directly by pid, so the right instance reloads even when several run
 //! with different pid files. A refused test is a refused reload: nothing
 //! is signalled and the caller rolls back. The reload itself is
-//! asynchronous; verification (`verify`) waits for it.
+//! asynchronous; verification (`verify`) waits for it. Any other service
+//! is reloaded by a configured command, or by `systemctl reload` of the
+//! system unit it runs in (when that unit has an `ExecReload`).
 
 use std::{
     process::{Command, Stdio},
@@ -110,7 +112,7 @@ fn signal(sv: &Service, sig: Signal) -> Result<(), ReloadError> {
 pub fn test(sv: &Service) -> Result<(), ReloadError> {
     let (exe, args) = match &sv.reload {
         Reload::Nginx { exe, args } | Reload::Apache { exe, args } => (exe, args),
-        Reload::Command { .. } => return Ok(()),
+        Reload::Command { .. } | Reload::Systemd { .. } => return Ok(()),
     };
     let mut cmd = Command::new(exe);
     cmd.arg("-t").args(args);
@@ -128,6 +130,13 @@ pub fn reload(sv: &Service) -> Result<(), ReloadError> {
             let mut cmd = Command::new(&command[0]);
             cmd.args(&command[1..]);
             run(cmd, &command.join(" "))
+        }
+        // Waits for the unit's ExecReload to finish; a failed reload
+        // fails the command.
+        Reload::Systemd { unit } => {
+            let mut cmd = Command::new("systemctl");
+            cmd.args(["reload", "--"]).arg(unit);
+            run(cmd, &format!("systemctl reload {unit}"))
         }
     }
 }
