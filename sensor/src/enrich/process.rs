@@ -57,6 +57,14 @@ pub struct ProcessInfo {
     pub mnt_ns: Option<u64>,
 }
 
+/// The parent of `pid`, from `PROC/PID/stat` (after the last `)`: the
+/// name may hold anything).
+pub fn parent_of(proc_root: &Path, pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(proc_root.join(pid.to_string()).join("stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
 impl ProcessInfo {
     pub fn file(&self, table: &ProcessTable) -> Option<event::File> {
         let path = self.exe_path.clone()?;
@@ -582,6 +590,27 @@ pub fn user_name(uid: u32) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_parent_is_read_past_a_name_with_parentheses_and_spaces() {
+        let me = std::process::id();
+        let parent = std::os::unix::process::parent_id();
+        let proc_root = Path::new("/proc");
+        assert_eq!(parent_of(proc_root, me), Some(parent));
+        // A child named to confuse a naive parser of /proc/PID/stat: its
+        // name is the base name of the path it was started by.
+        let dir = tempfile::tempdir().unwrap();
+        let trap = dir.path().join("x) S 1 1");
+        std::os::unix::fs::symlink("/bin/sleep", &trap).unwrap();
+        let mut child = std::process::Command::new(&trap).arg("5").spawn().unwrap();
+        let pid = child.id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        assert!(stat.contains("(x) S 1 1)"), "{stat}");
+        assert_eq!(parent_of(proc_root, pid), Some(me));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        assert_eq!(parent_of(proc_root, u32::MAX), None);
+    }
 
     #[test]
     fn snapshot_of_a_process_has_exe_hash_and_cgroup() {

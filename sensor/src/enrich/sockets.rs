@@ -7,8 +7,13 @@
 //! proof that its unprivileged child asked for over a socketpair. The
 //! monitor still holds the client's socket, and it is that process's only
 //! TCP connection. So, when a process holds exactly one established TCP
-//! connection, that is the peer; with none or several, the sensor does not
-//! guess.
+//! connection, and a child of it holds that socket too (the child that
+//! asked for the signature), that is the peer; otherwise the sensor does
+//! not guess. Without the child, a server that signs once as it starts
+//! (GnuTLS checks a key against its certificate) and then accepts its
+//! first client would have that client named for a signature made before
+//! the client connected, whenever the signature is judged after the
+//! connection was made.
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -29,9 +34,36 @@ const MAX_ROWS: usize = 16_384;
 /// `ESTABLISHED` in `/proc/net/tcp`'s `st` column.
 const TCP_ESTABLISHED: &str = "01";
 
+/// Processes read when looking for the children of a signer: a host may
+/// run millions of threads, and the signer's children are found early
+/// or not at all.
+const MAX_PROCS: usize = 65_536;
+
 /// (remote, local) of the only established TCP connection process `pid`
-/// holds, if it holds exactly one.
+/// holds, if it holds exactly one and a child of it holds that socket too.
 pub fn sole_connection(proc_root: &Path, pid: u32) -> Option<(SocketAddr, SocketAddr)> {
+    let (remote, local, inode) = only_connection(proc_root, pid)?;
+    held_by_a_child(proc_root, pid, inode).then_some((remote, local))
+}
+
+/// Whether a child of `pid` holds the socket `inode`.
+fn held_by_a_child(proc_root: &Path, pid: u32, inode: u64) -> bool {
+    let Ok(dir) = std::fs::read_dir(proc_root) else {
+        return false;
+    };
+    dir.flatten()
+        .take(MAX_PROCS)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| super::process::parent_of(proc_root, child) == Some(pid))
+        .any(|child| {
+            socket_inodes(&proc_root.join(child.to_string()).join("fd"))
+                .is_some_and(|s| s.contains(&inode))
+        })
+}
+
+/// (remote, local, socket inode) of the only established TCP connection
+/// process `pid` holds, if it holds exactly one.
+fn only_connection(proc_root: &Path, pid: u32) -> Option<(SocketAddr, SocketAddr, u64)> {
     let dir = proc_root.join(pid.to_string());
     let inodes = socket_inodes(&dir.join("fd"))?;
     if inodes.is_empty() {
@@ -54,7 +86,7 @@ pub fn sole_connection(proc_root: &Path, pid: u32) -> Option<(SocketAddr, Socket
                 if found.is_some() {
                     return None; // several: no guess
                 }
-                found = Some((conn.remote, conn.local));
+                found = Some((conn.remote, conn.local, conn.inode));
             }
         }
     }
@@ -170,26 +202,30 @@ mod tests {
         assert!(parse_line("garbage").is_none());
     }
 
-    /// A process holding one connection has it as its sole connection;
-    /// one holding two has none. (A child process, because this test
+    /// A process holding one connection that a child of it holds too has
+    /// it as its sole connection; without the child, or with two
+    /// connections, it has none. (Child processes, because this test
     /// process runs other tests' sockets beside it.)
     #[test]
-    fn one_connection_is_named_and_two_are_not() {
+    fn one_connection_shared_with_a_child_is_named_and_others_are_not() {
         use std::io::BufRead;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let there = listener.local_addr().unwrap();
-        for n in [1, 2] {
+        for (n, fork) in [(1, true), (1, false), (2, true)] {
             let mut child = std::process::Command::new("python3")
                 .args([
                     "-c",
-                    "import socket, sys, time\n\
+                    "import os, socket, sys, time\n\
                      s = [socket.create_connection(('127.0.0.1', int(sys.argv[1]))) \
                      for _ in range(int(sys.argv[2]))]\n\
+                     if sys.argv[3] == 'fork' and os.fork() == 0:\n    time.sleep(30); os._exit(0)\n\
+                     time.sleep(0.3)\n\
                      print(s[0].getsockname()[1], flush=True)\n\
                      time.sleep(30)",
                 ])
                 .arg(there.port().to_string())
                 .arg(n.to_string())
+                .arg(if fork { "fork" } else { "alone" })
                 .stdout(std::process::Stdio::piped())
                 .spawn()
                 .unwrap();
@@ -200,14 +236,23 @@ mod tests {
             let port: u16 = line.trim().parse().unwrap();
             let accepted: Vec<_> = (0..n).map(|_| listener.accept().unwrap()).collect();
             let found = sole_connection(Path::new("/proc"), child.id());
+            let only = only_connection(Path::new("/proc"), child.id());
+            // The forked child is killed with its group's parent: it is
+            // in the same session, and dies with the test's descriptor.
+            let _ = std::process::Command::new("pkill")
+                .args(["-P", &child.id().to_string()])
+                .status();
             child.kill().unwrap();
             child.wait().unwrap();
             drop(accepted);
-            if n == 1 {
-                let local = SocketAddr::new(there.ip(), port);
-                assert_eq!(found, Some((there, local)));
-            } else {
-                assert_eq!(found, None, "two connections: no guess");
+            let local = SocketAddr::new(there.ip(), port);
+            match (n, fork) {
+                (1, true) => assert_eq!(found, Some((there, local))),
+                (1, false) => {
+                    assert_eq!(only.map(|(r, l, _)| (r, l)), Some((there, local)));
+                    assert_eq!(found, None, "no child holds it: no guess");
+                }
+                _ => assert_eq!(found, None, "two connections: no guess"),
             }
         }
     }

@@ -27,7 +27,7 @@ use keywarden_analyzer::event;
 use super::emitter::Emitter;
 use crate::{
     discovery::{signing_code::ScanCache, targets},
-    enrich::process::ProcessInfo,
+    enrich::process::{ProcessInfo, parent_of},
     probes::Probes,
 };
 
@@ -44,14 +44,6 @@ pub struct KeyOpeners {
     checked: HashSet<(u64, u64)>,
     /// The sensor's own executable (device, inode).
     own_exe: Option<(u64, u64)>,
-}
-
-/// The parent of `pid`, from `/proc/PID/stat` (after the last `)`: the
-/// name may hold anything).
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// What a process maps, as far as the probes are concerned.
@@ -85,7 +77,7 @@ impl KeyOpeners {
         tgid == me
             || (self.own_exe.is_some()
                 && info.exe_inode() == self.own_exe
-                && parent_of(tgid) == Some(me))
+                && parent_of(std::path::Path::new("/proc"), tgid) == Some(me))
     }
 
     /// `tgid` opened `key_path`, which holds a private key.
@@ -146,30 +138,5 @@ impl KeyOpeners {
             }
         }
         seen
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_parent_is_read_past_a_name_with_parentheses_and_spaces() {
-        let me = std::process::id();
-        let parent = std::os::unix::process::parent_id();
-        assert_eq!(parent_of(me), Some(parent));
-        // A child named to confuse a naive parser of /proc/PID/stat: its
-        // name is the base name of the path it was started by.
-        let dir = tempfile::tempdir().unwrap();
-        let trap = dir.path().join("x) S 1 1");
-        std::os::unix::fs::symlink("/bin/sleep", &trap).unwrap();
-        let mut child = std::process::Command::new(&trap).arg("5").spawn().unwrap();
-        let pid = child.id();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-        assert!(stat.contains("(x) S 1 1)"), "{stat}");
-        assert_eq!(parent_of(pid), Some(me));
-        child.kill().unwrap();
-        child.wait().unwrap();
-        assert_eq!(parent_of(u32::MAX), None);
     }
 }
