@@ -384,18 +384,16 @@ fn gnutls_serv_names_every_handshake() {
     }
 }
 
-/// `gpg --sign` (libgcrypt) and NSS's `certutil` run after the sensor:
-/// their libraries have no probes yet, and each is named in one warning.
+/// `gpg --sign` (libgcrypt) run after the sensor: libgcrypt has no probes
+/// yet, and is named in one warning.
 #[test]
-fn gpg_and_nss_tools_are_warned_not_silent() {
+fn gpg_is_warned_not_silent() {
     let dir = tempfile::tempdir().unwrap();
     let home = dir.path().join("gnupg");
     std::fs::create_dir(&home).unwrap();
     std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let data = dir.path().join("data");
     std::fs::write(&data, b"signed by gpg").unwrap();
-    let nssdb = dir.path().join("nssdb");
-    std::fs::create_dir(&nssdb).unwrap();
     let sensor = Sensor::start(&[]);
     let gpg = |args: &[&str]| {
         run_ok(
@@ -418,11 +416,6 @@ fn gpg_and_nss_tools_are_warned_not_silent() {
     sign.push("--sign".to_owned());
     sign.push(data.display().to_string());
     gpg(&sign.iter().map(String::as_str).collect::<Vec<_>>());
-    run_ok(
-        Command::new("certutil")
-            .args(["-N", "--empty-password", "-d"])
-            .arg(format!("sql:{}", nssdb.display())),
-    );
     // gpg signs in the gpg-agent it started, which outlives it.
     let _ = Command::new("gpgconf")
         .arg("--homedir")
@@ -430,13 +423,124 @@ fn gpg_and_nss_tools_are_warned_not_silent() {
         .args(["--kill", "gpg-agent"])
         .status();
     let events = sensor.stop();
-    for (lib, what) in [("libgcrypt.so", "libgcrypt"), ("libnss3.so", "NSS")] {
-        let warned: Vec<&Event> = coverage_warnings(&events)
-            .into_iter()
-            .filter(|e| e.file.as_ref().is_some_and(|f| f.path.contains(lib)))
-            .collect();
-        assert_eq!(warned.len(), 1, "{lib}: {}", pretty(&events));
-        let detail = warned[0].status_detail.as_deref().unwrap_or_default();
-        assert!(detail.contains(&format!("({what})")), "{detail}");
+    let warned: Vec<&Event> = coverage_warnings(&events)
+        .into_iter()
+        .filter(|e| {
+            e.file
+                .as_ref()
+                .is_some_and(|f| f.path.contains("libgcrypt.so"))
+        })
+        .collect();
+    assert_eq!(warned.len(), 1, "{}", pretty(&events));
+    let detail = warned[0].status_detail.as_deref().unwrap_or_default();
+    assert!(detail.contains("(libgcrypt)"), "{detail}");
+}
+
+/// NSS's `certutil`, run after the sensor, signs a certificate request
+/// with an ECDSA and with an RSA key of its database: one event per
+/// signature, through `PK11_SignWithMechanism` (`PK11_Sign` tail-calls
+/// it), naming the key. NSS keeps keys in its database, not in key files:
+/// the sensor knows each public key from its certificate, exported to a
+/// directory it watches. libnss3 is not warned about.
+#[test]
+fn nss_certutil_signatures_are_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let nssdb = dir.path().join("nssdb");
+    std::fs::create_dir(&nssdb).unwrap();
+    let db = format!("sql:{}", nssdb.display());
+    let noise = dir.path().join("noise");
+    std::fs::write(
+        &noise,
+        (0..256u32)
+            .map(|i| (i * 7919 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).unwrap();
+    let certutil = |args: &[&str]| {
+        let mut cmd = Command::new("certutil");
+        cmd.args(args).arg("-d").arg(&db);
+        cmd
+    };
+    run_ok(&mut certutil(&["-N", "--empty-password"]));
+    // Keys made before the sensor starts, each with a self-signed
+    // certificate, exported where the sensor looks.
+    // (Nicknames that are not key types: `-k` takes either.)
+    let keys = [
+        ("eckey", ["-k", "ec", "-q", "nistp256"]),
+        ("rsakey", ["-k", "rsa", "-g", "2048"]),
+    ];
+    let mut spkis = Vec::new();
+    for (nick, kind) in &keys {
+        let subject = format!("CN={nick}");
+        let mut args = vec!["-S", "-n", nick, "-s", &subject, "-x", "-t", "C,,", "-z"];
+        let noise = noise.to_str().unwrap();
+        args.push(noise);
+        args.extend(kind);
+        run_ok(&mut certutil(&args));
+        let pem = run_ok(&mut certutil(&["-L", "-n", nick, "-a"])).stdout;
+        let crt = certs.join(format!("{nick}.crt"));
+        std::fs::write(&crt, pem).unwrap();
+        let out = run_ok(Command::new("sh").arg("-c").arg(format!(
+            "openssl x509 -in '{}' -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+            crt.display()
+        )));
+        let spki = String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_owned();
+        spkis.push(spki);
     }
+    let config = sensor_config(dir.path(), &[&certs], &[]);
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    let mut pids = Vec::new();
+    for (nick, _) in &keys {
+        let req = dir.path().join(format!("{nick}.req"));
+        let subject = format!("CN={nick} request");
+        let child = certutil(&[
+            "-R",
+            "-k",
+            nick,
+            "-s",
+            &subject,
+            "-z",
+            noise.to_str().unwrap(),
+            "-o",
+            req.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "certutil -R {nick}: {out:?}");
+        pids.push(pid);
+    }
+    let events = sensor.stop();
+    for (((nick, _), pid), spki) in keys.iter().zip(&pids).zip(&spkis) {
+        let uses = key_uses_of(&events, *pid);
+        assert_eq!(uses.len(), 1, "{nick}: one signature: {}", pretty(&uses));
+        let e = uses[0];
+        assert_eq!(e.status, "Success", "{}", pretty(e));
+        assert_eq!(module_of(e).kind, "nss", "{}", pretty(e));
+        assert_eq!(
+            module_of(e).function_name,
+            "PK11_SignWithMechanism",
+            "{}",
+            pretty(e)
+        );
+        assert_eq!(spki_of(e), Some(spki.as_str()), "{nick}: {}", pretty(e));
+    }
+    let nss_warnings: Vec<&Event> = coverage_warnings(&events)
+        .into_iter()
+        .filter(|e| {
+            e.file.as_ref().is_some_and(|f| f.path.contains("libnss3"))
+                || pids.contains(&e.actor.process.pid)
+        })
+        .collect();
+    assert!(nss_warnings.is_empty(), "{}", pretty(&nss_warnings));
 }

@@ -31,6 +31,7 @@ pub const GNUTLS_SIGN_DATA2: u8 = 17;
 pub const GNUTLS_SIGN_HASH2: u8 = 18;
 pub const GNUTLS_SIGN_DATA: u8 = 19;
 pub const GNUTLS_SIGN_HASH: u8 = 20;
+pub const NSS_SIGN_WITH_MECHANISM: u8 = 21;
 
 /// A probed function: its id, what events call it, and what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -99,7 +100,8 @@ pub enum Handle {
     /// every signature is captured and verified.
     RustSigner,
     /// A low-level key object (`EC_KEY`, `RSA`), as OpenSSH and other
-    /// programs older than EVP sign with, or a `gnutls_privkey_t`. The probes do not watch its
+    /// programs older than EVP sign with, a `gnutls_privkey_t` or an NSS
+    /// `SECKEYPrivateKey`. The probes do not watch its
     /// frees either, so, as for a Rust signer, every signature is
     /// captured and verified.
     KeyObject,
@@ -138,10 +140,11 @@ pub enum Input {
     Digest { data: u8, len: Len },
     /// What the context's [`Role::Update`] calls streamed.
     Streamed,
-    /// A pointer argument to a GnuTLS `gnutls_datum_t` (`{unsigned char
-    /// *data; unsigned int size}`) holding the message, or a digest when
-    /// `digest` is set.
-    Datum { datum: u8, digest: bool },
+    /// A pointer argument to a buffer descriptor holding the message, or
+    /// a digest when `digest` is set: a data pointer at byte `at`, then
+    /// an `unsigned int` length (GnuTLS's `gnutls_datum_t`, at 0; NSS's
+    /// `SECItem`, after its type, at 8).
+    Datum { datum: u8, at: u8, digest: bool },
 }
 
 impl Input {
@@ -166,9 +169,11 @@ pub enum Output {
     /// ring's `Signature`, which keeps its bytes inline, by value through
     /// the hidden result pointer.
     RingSignature { result: u8 },
-    /// A `gnutls_datum_t *` the call fills with a buffer it allocates;
-    /// the call returns 0 on success, a negative error otherwise.
-    Datum { out: u8 },
+    /// A buffer descriptor (as [`Input::Datum`], data pointer at byte
+    /// `at`) the call fills with the signature: GnuTLS allocates the
+    /// buffer, NSS writes into the caller's. Both return 0 on success,
+    /// a negative error otherwise.
+    Datum { out: u8, at: u8 },
 }
 
 const fn sign(handle: u8, handle_is: Handle, input: Input, output: Output) -> Role {
@@ -201,13 +206,17 @@ const fn gnutls(digest: bool) -> Role {
     sign(
         0,
         Handle::KeyObject,
-        Input::Datum { datum: 3, digest },
-        Output::Datum { out: 4 },
+        Input::Datum {
+            datum: 3,
+            at: 0,
+            digest,
+        },
+        Output::Datum { out: 4, at: 0 },
     )
 }
 
 /// Every probed function, in id order.
-pub const FUNCTIONS: [Function; 20] = [
+pub const FUNCTIONS: [Function; 21] = [
     Function {
         id: DIGEST_SIGN_INIT,
         name: "EVP_DigestSignInit",
@@ -416,6 +425,27 @@ pub const FUNCTIONS: [Function; 20] = [
         id: GNUTLS_SIGN_HASH,
         name: "gnutls_privkey_sign_hash",
         role: gnutls(true),
+    },
+    Function {
+        id: NSS_SIGN_WITH_MECHANISM,
+        name: "PK11_SignWithMechanism",
+        // NSS's `(SECKEYPrivateKey *key, CK_MECHANISM_TYPE mechanism,
+        // const SECItem *param, SECItem *sig, const SECItem *hash)`.
+        // `PK11_Sign` tail-calls it and TLS (`ssl3_SignHashes`) calls
+        // one or the other, so this one probe sees each signature once.
+        // `hash` is a digest (for RSA PKCS #1 v1.5, its DigestInfo);
+        // `SECItem` is `{SECItemType type; unsigned char *data;
+        // unsigned int len}`. The key object's frees are not watched.
+        role: sign(
+            0,
+            Handle::KeyObject,
+            Input::Datum {
+                datum: 4,
+                at: 8,
+                digest: true,
+            },
+            Output::Datum { out: 3, at: 8 },
+        ),
     },
 ];
 

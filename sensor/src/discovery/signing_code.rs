@@ -181,7 +181,8 @@ pub(crate) const JVM: &str = "a Java virtual machine";
 
 /// Exported functions that name a crypto runtime keywarden does not probe
 /// (yet): a library defining one is that runtime. Told by symbol, not by
-/// string, since these libraries keep their exports.
+/// string, since these libraries keep their exports. (An NSS that also
+/// exports `PK11_SignWithMechanism` is probed, and not warned about.)
 const RUNTIME_SYMBOLS: [(&str, &str); 3] = [
     ("PK11_Sign", NSS),
     ("gcry_pk_sign", LIBGCRYPT),
@@ -202,7 +203,7 @@ const UNPROBED: [(&str, &str); 5] = [
     ),
     (
         NSS,
-        "keywarden has no probe for NSS's signing functions (PK11_Sign, SGN_*)",
+        "keywarden probes NSS's PK11_SignWithMechanism (NSS 3.22 and later), which this build does not export",
     ),
     (
         LIBGCRYPT,
@@ -671,16 +672,31 @@ mod tests {
     fn other_runtimes_are_named_as_unprobed() {
         let lib = system_libcrypto();
         let dir = lib.parent().unwrap();
-        for (name, what) in [("libnss3.so", NSS), ("libgcrypt.so.20", LIBGCRYPT)] {
-            let code = scan(&dir.join(name), name).unwrap();
-            assert!(!code.can_see_signatures(), "{name}");
-            assert_eq!(code.markers, [what], "{name}");
-            let reason = code.uncovered_reason().unwrap();
-            assert!(
-                reason.starts_with(&format!("signs with code keywarden cannot probe ({what})")),
-                "{reason}"
-            );
-        }
+        let name = "libgcrypt.so.20";
+        let code = scan(&dir.join(name), name).unwrap();
+        assert!(!code.can_see_signatures(), "{name}");
+        assert_eq!(code.markers, [LIBGCRYPT], "{name}");
+        let reason = code.uncovered_reason().unwrap();
+        assert!(
+            reason.starts_with(&format!(
+                "signs with code keywarden cannot probe ({LIBGCRYPT})"
+            )),
+            "{reason}"
+        );
+    }
+
+    /// NSS's signing entry point is found under its version node; the
+    /// library still exports `PK11_Sign` (which calls it), and is not
+    /// called uncovered for it.
+    #[test]
+    fn finds_the_signing_function_of_nss() {
+        let lib = system_libcrypto().parent().unwrap().join("libnss3.so");
+        let code = scan(&lib, "libnss3").unwrap();
+        let names: Vec<&str> = code.points.iter().map(|p| p.symbol.as_str()).collect();
+        assert_eq!(names, ["PK11_SignWithMechanism"]);
+        assert!(code.points.iter().all(|p| p.stack == Stack::Nss));
+        assert!(code.can_see_signatures());
+        assert_eq!(code.uncovered_reason(), None);
     }
 
     /// GnuTLS's signing entry points are found under their version nodes.

@@ -19,6 +19,7 @@ pub enum Stack {
     Rustls,
     Ring,
     Gnutls,
+    Nss,
 }
 
 impl Stack {
@@ -35,6 +36,7 @@ impl Stack {
             Stack::Rustls => "rustls",
             Stack::Ring => "ring",
             Stack::Gnutls => "gnutls",
+            Stack::Nss => "nss",
         }
     }
 }
@@ -54,8 +56,8 @@ pub enum Pattern {
     /// One Rust function, by its demangled path without the hash.
     Path(&'static str, Stack),
     /// A C function of a library outside the OpenSSL family, by its
-    /// exact name (GnuTLS exports its API under version nodes, which the
-    /// `object` crate keeps apart from the name).
+    /// exact name (GnuTLS and NSS export their APIs under version nodes,
+    /// which the `object` crate keeps apart from the name).
     Exported(&'static str, Stack),
 }
 
@@ -90,7 +92,7 @@ const fn c(name: &'static str, id: u8) -> Symbol {
 /// Every symbol the sensor attaches to. OpenSSL 1.1 and 3.x, BoringSSL
 /// and AWS-LC share the C names and argument orders (BoringSSL and
 /// AWS-LC lack the `_ex` variants).
-pub const SYMBOLS: [Symbol; 20] = [
+pub const SYMBOLS: [Symbol; 21] = [
     c("EVP_DigestSignInit", func::DIGEST_SIGN_INIT),
     c("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX),
     c("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE),
@@ -126,6 +128,10 @@ pub const SYMBOLS: [Symbol; 20] = [
     gnutls("gnutls_privkey_sign_hash2", func::GNUTLS_SIGN_HASH2),
     gnutls("gnutls_privkey_sign_data", func::GNUTLS_SIGN_DATA),
     gnutls("gnutls_privkey_sign_hash", func::GNUTLS_SIGN_HASH),
+    Symbol {
+        pattern: Pattern::Exported("PK11_SignWithMechanism", Stack::Nss),
+        id: func::NSS_SIGN_WITH_MECHANISM,
+    },
 ];
 
 const fn gnutls(name: &'static str, id: u8) -> Symbol {

@@ -615,8 +615,16 @@ impl Identifier {
         // ring returns its signature inside a value whose layout Rust does
         // not fix: each plausible reading is tried, and only one verifies.
         let in_value = r.flags & sign_flags::SIG_IN_VALUE != 0;
+        // NSS returns an ECDSA signature as a raw `r || s`, and an Ed25519
+        // one is 64 bytes too: both readings are tried, DER first (what
+        // recovery reads).
+        let pair_der = (r.func as u8 == func::NSS_SIGN_WITH_MECHANISM)
+            .then(|| raw_pair_to_der(sig))
+            .flatten();
         let readings = if in_value {
             ring_signature_readings(sig)
+        } else if let Some(der) = &pair_der {
+            [Some(der.as_slice()), Some(sig), None, None]
         } else {
             [Some(sig), None, None, None]
         };
@@ -777,9 +785,29 @@ fn bignums_to_der(sig: &[u8]) -> Option<Vec<u8>> {
             return None;
         }
         let le = sig.get(slot + 8..slot + 8 + words * 8)?;
-        let mut be: Vec<u8> = le.iter().rev().copied().skip_while(|&b| b == 0).collect();
+        Some(le.iter().rev().copied().collect())
+    };
+    der_pair(&integer(0)?, &integer(BIGNUM_SLOT)?)
+}
+
+/// A raw ECDSA `r || s` of P-256, P-384 or P-521 (two field sizes, as
+/// PKCS #11 and so NSS's `PK11_SignWithMechanism` return it; NSS encodes
+/// DER only later, in `SGN_End`), DER-encoded. None for other lengths.
+fn raw_pair_to_der(sig: &[u8]) -> Option<Vec<u8>> {
+    if ![64, 96, 132].contains(&sig.len()) {
+        return None;
+    }
+    let (r, s) = sig.split_at(sig.len() / 2);
+    der_pair(r, s)
+}
+
+/// The DER `SEQUENCE { INTEGER r, INTEGER s }` of two big-endian
+/// unsigned integers; None when either is zero (never a valid r or s).
+fn der_pair(r: &[u8], s: &[u8]) -> Option<Vec<u8>> {
+    let integer = |be: &[u8]| -> Option<Vec<u8>> {
+        let mut be: Vec<u8> = be.iter().copied().skip_while(|&b| b == 0).collect();
         if be.is_empty() {
-            return None; // zero is never a valid r or s
+            return None;
         }
         if be[0] & 0x80 != 0 {
             be.insert(0, 0); // DER integers are signed
@@ -788,7 +816,7 @@ fn bignums_to_der(sig: &[u8]) -> Option<Vec<u8>> {
         out.extend(be);
         Some(out)
     };
-    let body = [integer(0)?, integer(BIGNUM_SLOT)?].concat();
+    let body = [integer(r)?, integer(s)?].concat();
     let mut der = vec![0x30];
     if body.len() > 0x7f {
         der.push(0x81);
@@ -1013,6 +1041,77 @@ mod tests {
     /// r and s as `ECDSA_do_sign` returns them, copied word by word,
     /// encode as the DER `ECDSA_sign` gives: a high bit gains a zero byte,
     /// leading zeros are dropped.
+    /// NSS's raw `r || s` becomes the DER OpenSSL would have written for
+    /// the same integers; other lengths are no pair.
+    #[test]
+    fn a_raw_ecdsa_pair_encodes_as_openssls_der() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k.pem");
+        let data = dir.path().join("d");
+        std::fs::write(&data, [7u8; 32]).unwrap();
+        for curve in ["P-256", "P-384", "P-521"] {
+            let ok = std::process::Command::new("openssl")
+                .args(["genpkey", "-algorithm", "EC", "-pkeyopt"])
+                .arg(format!("ec_paramgen_curve:{curve}"))
+                .arg("-out")
+                .arg(&key)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+            for _ in 0..8 {
+                let der = std::process::Command::new("openssl")
+                    .args(["pkeyutl", "-sign", "-inkey"])
+                    .arg(&key)
+                    .arg("-in")
+                    .arg(&data)
+                    .output()
+                    .unwrap()
+                    .stdout;
+                let field = match curve {
+                    "P-256" => 32,
+                    "P-384" => 48,
+                    _ => 66,
+                };
+                let raw: Vec<u8> = {
+                    // The two INTEGERs of the DER, each left-padded.
+                    let parsed = asn1_pair(&der);
+                    parsed
+                        .iter()
+                        .flat_map(|i| {
+                            let mut v = vec![0u8; field - i.len()];
+                            v.extend_from_slice(i);
+                            v
+                        })
+                        .collect()
+                };
+                assert_eq!(
+                    raw_pair_to_der(&raw).as_deref(),
+                    Some(der.as_slice()),
+                    "{curve}"
+                );
+            }
+        }
+        assert_eq!(raw_pair_to_der(&[1u8; 63]), None);
+        assert_eq!(raw_pair_to_der(&[0u8; 64]), None, "r = 0 is no signature");
+    }
+
+    /// The unsigned integers of a DER ECDSA signature.
+    fn asn1_pair(der: &[u8]) -> Vec<Vec<u8>> {
+        let mut at = if der[1] == 0x81 { 3 } else { 2 };
+        let mut out = Vec::new();
+        while at < der.len() {
+            assert_eq!(der[at], 0x02);
+            let len = der[at + 1] as usize;
+            let mut int = der[at + 2..at + 2 + len].to_vec();
+            if int[0] == 0 {
+                int.remove(0);
+            }
+            out.push(int);
+            at += 2 + len;
+        }
+        out
+    }
+
     #[test]
     fn ecdsa_sig_integers_encode_as_der() {
         let mut r = [0x11u8; 32];

@@ -187,13 +187,15 @@ fn output_of(a: &[u64; 6], call: SignCall) -> (u64, u64) {
             len: Length::Returned,
         } => (pick(a, out), 0),
         Output::RustVec { result } | Output::RingSignature { result } => (pick(a, result), 0),
-        Output::Datum { out } => (pick(a, out), 0),
+        Output::Datum { out, .. } => (pick(a, out), 0),
         Output::Bignums => (0, 0),
     }
 }
 
-/// The `(data, size)` of the `gnutls_datum_t` at `at`: a pointer, then
-/// an `unsigned int` (the rest of the second word is padding).
+/// The `(data, size)` of the buffer descriptor whose data pointer is at
+/// `at` (a `gnutls_datum_t`, or an NSS `SECItem` past its type): a
+/// pointer, then an `unsigned int` (the rest of the second word is
+/// padding).
 #[inline(always)]
 fn datum(at: u64) -> Option<(u64, u64)> {
     // SAFETY: the helper checks the user address (a fault is an error), and
@@ -597,7 +599,9 @@ fn on_sign_entry(
             Input::Message { data, len } | Input::Digest { data, len } => {
                 (pick(a, data), pick_len(a, len))
             }
-            Input::Datum { datum: at, .. } => datum(pick(a, at)).unwrap_or((0, 0)),
+            Input::Datum { datum: arg, at, .. } => {
+                datum(pick(a, arg).wrapping_add(at as u64)).unwrap_or((0, 0))
+            }
             Input::Streamed => (0, 0),
         };
         emit_data(tgid, inflight.op_id, 0, data, data_len);
@@ -695,9 +699,9 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
             sig_len = 2 * BIGNUM_SLOT as u64;
             flags |= sign_flags::SIG_BIGNUMS;
         }
-        Some(Output::Datum { .. }) => {
+        Some(Output::Datum { at, .. }) => {
             // 0 is success: the datum now holds the signature.
-            ret = match (ret, datum(inflight.sig_ptr)) {
+            ret = match (ret, datum(inflight.sig_ptr.wrapping_add(at as u64))) {
                 (0, Some((ptr, len))) => {
                     sig_src = ptr;
                     sig_len = len;
