@@ -200,6 +200,45 @@ pub struct Rings {
     pub control: RingBuf<MapData>,
 }
 
+/// Peer attribution: the sock_recv_length tracepoint (Linux 6.3+), else
+/// an fexit program on `tcp_recvmsg` (kernels with BTF and fentry, such as
+/// Debian's 6.1); without either, signatures carry no peer, and the sensor
+/// says so. Which one serves is logged.
+fn attach_peers(ebpf: &mut aya::Ebpf) -> Result<()> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut("sock_recv")
+        .context("sock_recv")?
+        .try_into()?;
+    p.load()
+        .context("loading raw tracepoint program sock_recv")?;
+    let Err(tp) = p.attach("sock_recv_length") else {
+        tracing::info!("network peers from the sock_recv_length tracepoint");
+        return Ok(());
+    };
+    let mut fexit = || -> Result<()> {
+        let btf = aya::Btf::from_sys_fs().context("kernel BTF")?;
+        let p: &mut aya::programs::FExit = ebpf
+            .program_mut("tcp_recvmsg_exit")
+            .context("tcp_recvmsg_exit")?
+            .try_into()?;
+        p.load("tcp_recvmsg", &btf)
+            .context("loading fexit on tcp_recvmsg")?;
+        p.attach().context("attaching fexit on tcp_recvmsg")?;
+        Ok(())
+    };
+    match fexit() {
+        Ok(()) => tracing::info!(
+            "no sock_recv_length tracepoint: network peers from fexit on tcp_recvmsg"
+        ),
+        Err(e) => tracing::warn!(
+            tracepoint = %tp,
+            fexit = format!("{e:#}"),
+            "no sock_recv_length tracepoint and no fexit on tcp_recvmsg: signatures carry no network peer"
+        ),
+    }
+    Ok(())
+}
+
 impl Probes {
     /// Loads the probes, with an event ring of `ring_bytes` (a power of
     /// two; `Config::ring_buffer_bytes`).
@@ -217,18 +256,7 @@ impl Probes {
             p.load()
                 .with_context(|| format!("loading uprobe program {name}"))?;
         }
-        // Peer attribution needs the sock_recv_length tracepoint (Linux
-        // 6.3+); without it signatures simply carry no peer, and the sensor
-        // says so.
-        let p: &mut RawTracePoint = ebpf
-            .program_mut("sock_recv")
-            .context("sock_recv")?
-            .try_into()?;
-        p.load()
-            .context("loading raw tracepoint program sock_recv")?;
-        if let Err(e) = p.attach("sock_recv_length") {
-            tracing::warn!(error = %e, "no sock_recv_length tracepoint: signatures carry no network peer");
-        }
+        attach_peers(&mut ebpf)?;
         for (name, category, tp) in [
             ("process_exec", "sched", "sched_process_exec"),
             ("process_exit", "sched", "sched_process_exit"),

@@ -18,7 +18,7 @@ pub const SMOKE: [(&str, &str, &str); 5] = [
     (
         "stacks",
         "nginx_peers_under_100_concurrent_handshakes",
-        "peer attribution (sock_recv_length) under 100 nginx handshakes",
+        "peer attribution (sock_recv_length; fexit on tcp_recvmsg before 6.3) under 100 nginx handshakes",
     ),
     (
         "secret_files",

@@ -1,8 +1,12 @@
 //! Which TCP connection each thread last received on: `sock_recv`, a raw
 //! tracepoint, keeps the socket per thread, and `peer_of` reads the
-//! connection's addresses for the signing probe.
+//! connection's addresses for the signing probe. Kernels before 6.3 have
+//! no `sock_recv_length` tracepoint: there `tcp_recvmsg_exit`, an fexit
+//! program on `tcp_recvmsg`, keeps the same.
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid, macros::raw_tracepoint, programs::RawTracePointContext,
+    helpers::bpf_get_current_pid_tgid,
+    macros::{fexit, raw_tracepoint},
+    programs::{FExitContext, RawTracePointContext},
 };
 use keywarden_probe_types::*;
 
@@ -77,13 +81,35 @@ pub fn sock_recv(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     let sk: u64 = ctx.arg(0);
-    let Some(l) = sock_layout() else {
+    remember(sk);
+    0
+}
+
+/// The same as `sock_recv`, where the tracepoint is missing (Linux 6.1):
+/// `int tcp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int
+/// flags, int *addr_len)`, whose return value an fexit program finds
+/// after the five arguments. IPv6 TCP receives through it too.
+#[fexit(function = "tcp_recvmsg")]
+pub fn tcp_recvmsg_exit(ctx: FExitContext) -> i32 {
+    let ret: u64 = ctx.arg(5);
+    if ret as i32 <= 0 {
         return 0;
+    }
+    let sk: u64 = ctx.arg(0);
+    remember(sk);
+    0
+}
+
+/// Keeps `sk` as the current thread's last receive, if it is TCP.
+#[inline(always)]
+fn remember(sk: u64) {
+    let Some(l) = sock_layout() else {
+        return;
     };
     let family: u16 = kernel_read(sk, l.family).unwrap_or(0);
     let protocol: u16 = kernel_read(sk, l.protocol).unwrap_or(0);
     if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
-        return 0;
+        return;
     }
     let tid = bpf_get_current_pid_tgid() as u32;
     match LAST_SOCK.get_ptr_mut(&tid) {
@@ -98,5 +124,4 @@ pub fn sock_recv(ctx: RawTracePointContext) -> u32 {
             let _ = LAST_SOCK.insert(&tid, &sk, 0);
         }
     }
-    0
 }
