@@ -1442,7 +1442,15 @@ fn keys_rotated_together_that_fail_are_rolled_back_alone() {
         said("clobbered", "failed: verify: ") && said("clobbered", "server name clobbered.test"),
         "the clobbered key is blamed by its own target:\n{stdout}"
     );
+    assert!(
+        row_of(&stdout, key("clobbered")).contains("failed: verify: "),
+        "the row says why:\n{stdout}"
+    );
     assert!(row_of(&stdout, key("stuck")).contains(" rolled back "));
+    assert!(
+        row_of(&stdout, key("stuck")).contains("failed: issue: "),
+        "the row says why:\n{stdout}"
+    );
     assert!(said("stuck", "failed: issue: "), "{stdout}");
     for n in ["one", "two"] {
         assert!(!said(n, "failed:"), "{n} was blamed:\n{stdout}");

@@ -369,12 +369,16 @@ impl Ctx<'_> {
                 }),
             }
         }
-        // The last line said of each key: a failed key's row shows why.
+        // Why each failed key failed (its `failed:` line), else the last
+        // line said of it: a row that is not done shows that.
         let last: Mutex<std::collections::BTreeMap<String, String>> = Mutex::default();
         let say = |key: &str, l: &str| {
-            last.lock()
-                .expect("line lock")
-                .insert(key.to_owned(), l.to_owned());
+            let mut last = last.lock().expect("line lock");
+            let cause_known = last.get(key).is_some_and(|w| w.starts_with("failed: "));
+            if !cause_known {
+                last.insert(key.to_owned(), l.to_owned());
+            }
+            drop(last);
             let short: String = key.chars().take(16).collect();
             self.line(format!("{short} {l}"));
         };
