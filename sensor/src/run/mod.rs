@@ -246,7 +246,6 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     if lease_at_start == Lease::Other {
         warn!("{ANOTHER_SENSOR_HOLDS}");
     }
-    probes.set_config(config::HOLD_NEW_LIBRARIES, cfg.hold_new_libraries as u64)?;
     let (warn_tx, warn_rx) = crossbeam_channel::bounded(1024);
     let (guard_tx, guard_rx) = crossbeam_channel::bounded(4096);
     let probes = Arc::new(Mutex::new(probes));
@@ -333,6 +332,12 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     let control = std::thread::Builder::new()
         .name("keywarden-ctl".into())
         .spawn(move || control.run())?;
+    // Holding starts only now that the thread that releases is running:
+    // enabled with the lease, a process exec'd while the sensor still set
+    // itself up (kernel layouts, fanotify marks: seconds under emulation)
+    // stayed stopped with nobody to release it.
+    s.probes()
+        .set_config(config::HOLD_NEW_LIBRARIES, cfg.hold_new_libraries as u64)?;
 
     let uncovered = startup::discover(&cfg.library_dirs, &cache, &probes, &mut s.out);
     startup::load_key_paths(&cfg.key_paths, &mut s.keys.ident, &mut s.decisions);
