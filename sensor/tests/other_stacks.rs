@@ -69,13 +69,17 @@ fn handshake_from(port: u16, host: u8) {
     );
 }
 
-/// Warnings about the file at `path` (a library or executable), or
-/// whose process is `pid`.
-fn warnings_about<'a>(events: &'a [Event], path: &str, pid: Option<u32>) -> Vec<&'a Event> {
+/// Warnings about a file (a library or executable) whose path `file`
+/// accepts, or whose process is one of `pids`.
+fn warnings_about<'a>(
+    events: &'a [Event],
+    file: impl Fn(&str) -> bool,
+    pids: &[u32],
+) -> Vec<&'a Event> {
     coverage_warnings(events)
         .into_iter()
         .filter(|e| {
-            e.file.as_ref().is_some_and(|f| f.path == path) || Some(e.actor.process.pid) == pid
+            e.file.as_ref().is_some_and(|f| file(&f.path)) || pids.contains(&e.actor.process.pid)
         })
         .collect()
 }
@@ -108,7 +112,7 @@ fn go_tls_server_is_warned_not_silent() {
     let events = sensor.stop();
     let pid = server.pid();
     drop(server);
-    let warnings = warnings_about(&events, bin.to_str().unwrap(), Some(pid));
+    let warnings = warnings_about(&events, |p| p == bin.to_str().unwrap(), &[pid]);
     assert_eq!(warnings.len(), 1, "one warning: {}", pretty(&events));
     let detail = warnings[0].status_detail.as_deref().unwrap_or_default();
     assert!(
@@ -153,7 +157,7 @@ fn a_running_go_server_is_counted_uncovered_at_ready() {
     assert!(!ready.contains("uncovered=0"), "{ready}");
     assert!(ready.contains(bin.to_str().unwrap()), "{ready}");
     assert_eq!(
-        warnings_about(&events, bin.to_str().unwrap(), None).len(),
+        warnings_about(&events, |p| p == bin.to_str().unwrap(), &[]).len(),
         1,
         "{}",
         pretty(&events)
@@ -214,14 +218,7 @@ fn a_jvm_is_warned() {
     drop(java.stdin.take());
     java.wait().unwrap();
     let events = sensor.stop();
-    let jvm: Vec<&Event> = coverage_warnings(&events)
-        .into_iter()
-        .filter(|e| {
-            e.file
-                .as_ref()
-                .is_some_and(|f| f.path.ends_with("/libjvm.so"))
-        })
-        .collect();
+    let jvm = warnings_about(&events, |p| p.ends_with("/libjvm.so"), &[]);
     assert_eq!(jvm.len(), 1, "{}", pretty(&events));
     assert_eq!(jvm[0].actor.process.pid, pid, "{}", pretty(jvm[0]));
     let about_key: Vec<&Event> = coverage_warnings(&events)
@@ -371,15 +368,7 @@ fn gnutls_serv_names_every_handshake() {
             ],
             "{alg}"
         );
-        let gnutls_warnings: Vec<&Event> = coverage_warnings(&events)
-            .into_iter()
-            .filter(|e| {
-                e.file
-                    .as_ref()
-                    .is_some_and(|f| f.path.contains("libgnutls"))
-                    || e.actor.process.pid == pid
-            })
-            .collect();
+        let gnutls_warnings = warnings_about(&events, |p| p.contains("libgnutls"), &[pid]);
         assert!(gnutls_warnings.is_empty(), "{}", pretty(&gnutls_warnings));
     }
 }
@@ -423,14 +412,7 @@ fn gpg_is_warned_not_silent() {
         .args(["--kill", "gpg-agent"])
         .status();
     let events = sensor.stop();
-    let warned: Vec<&Event> = coverage_warnings(&events)
-        .into_iter()
-        .filter(|e| {
-            e.file
-                .as_ref()
-                .is_some_and(|f| f.path.contains("libgcrypt.so"))
-        })
-        .collect();
+    let warned = warnings_about(&events, |p| p.contains("libgcrypt.so"), &[]);
     assert_eq!(warned.len(), 1, "{}", pretty(&events));
     let detail = warned[0].status_detail.as_deref().unwrap_or_default();
     assert!(detail.contains("(libgcrypt)"), "{detail}");
@@ -535,12 +517,6 @@ fn nss_certutil_signatures_are_events() {
         );
         assert_eq!(spki_of(e), Some(spki.as_str()), "{nick}: {}", pretty(e));
     }
-    let nss_warnings: Vec<&Event> = coverage_warnings(&events)
-        .into_iter()
-        .filter(|e| {
-            e.file.as_ref().is_some_and(|f| f.path.contains("libnss3"))
-                || pids.contains(&e.actor.process.pid)
-        })
-        .collect();
+    let nss_warnings = warnings_about(&events, |p| p.contains("libnss3"), &pids);
     assert!(nss_warnings.is_empty(), "{}", pretty(&nss_warnings));
 }

@@ -344,4 +344,31 @@ mod tests {
         assert_eq!(all.len(), 1);
         assert_eq!(errors.len(), 2, "{errors:?}");
     }
+
+    /// The guard rails' admissions round-trip, and a file another user
+    /// owns, or a link, is refused, never taken as the rails' state (an
+    /// empty one would lift them). Not listed as a record either.
+    #[test]
+    fn admissions_round_trip_and_others_files_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::open(d.path()).unwrap();
+        assert_eq!(s.load_admissions().unwrap(), vec![]);
+        let saved = vec![("aa".to_owned(), 1_000), ("bb".to_owned(), 2_000)];
+        s.save_admissions(&saved).unwrap();
+        assert_eq!(s.load_admissions().unwrap(), saved);
+        let path = d.path().join("guard-admissions.json");
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(s.list().unwrap(), (vec![], vec![]));
+        std::os::unix::fs::chown(&path, Some(65534), Some(65534)).unwrap();
+        let e = s.load_admissions().unwrap_err();
+        assert!(e.to_string().contains("not a regular file of uid"), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let elsewhere = d.path().join("elsewhere.json");
+        std::fs::write(&elsewhere, br#"{"admitted":[]}"#).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &path).unwrap();
+        assert!(s.load_admissions().is_err(), "a link is not followed");
+    }
 }

@@ -12,7 +12,6 @@
 //! line per key) shows how far it is; a table of every key ends the run.
 
 use std::{
-    collections::VecDeque,
     path::{Path, PathBuf},
     sync::Mutex,
     time::{Duration, Instant},
@@ -288,8 +287,6 @@ pub fn run(cfg: &Config, args: Args) -> Result<u8> {
             .progress_chars("=> "),
     );
     let started = Instant::now();
-    let queue = Mutex::new(groups.into_iter().collect::<VecDeque<_>>());
-    let done = Mutex::new(Vec::new());
     let ctx = Ctx {
         dir: &dir,
         cfg,
@@ -301,20 +298,9 @@ pub fn run(cfg: &Config, args: Args) -> Result<u8> {
         finished: Mutex::new(0),
         parallel: args.concurrency.clamp(1, 64),
     };
-    std::thread::scope(|scope| {
-        for _ in 0..args.concurrency.clamp(1, 64) {
-            scope.spawn(|| {
-                loop {
-                    let next = queue.lock().expect("queue lock").pop_front();
-                    let Some(group) = next else { break };
-                    let rows = ctx.group(&group);
-                    done.lock().expect("rows lock").extend(rows);
-                }
-            });
-        }
-    });
+    let done = super::in_parallel(&groups, ctx.parallel, |g| ctx.group(g));
     bar.finish_and_clear();
-    rows.extend(done.into_inner().expect("rows lock"));
+    rows.extend(done.into_iter().flatten());
     print_table(&rows, started.elapsed(), args.concurrency);
     Ok(worst(&rows).max(resumed.exit_code()))
 }

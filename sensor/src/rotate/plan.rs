@@ -267,13 +267,7 @@ fn processes() -> Vec<Proc> {
     dir.filter_map(|e| {
         let pid: u32 = e.ok()?.file_name().to_str()?.parse().ok()?;
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        let ppid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("PPid:"))?
-            .trim()
-            .parse()
-            .ok()?;
+        let ppid = crate::enrich::process::parent_of(Path::new("/proc"), pid)?;
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
             .ok()?
             .split(|&b| b == 0)

@@ -76,7 +76,7 @@ pub fn rotate(
     });
     let mut members = Vec::new();
     for ((p, mut j), s) in plans.iter().zip(journals).zip(staged) {
-        let mut m = match s {
+        let m = match s {
             Ok(Staged {
                 new_spki,
                 leaf_pem,
@@ -103,10 +103,11 @@ pub fn rotate(
                 m
             }
         };
-        m.staged = m.failed.is_none();
         members.push(m);
     }
-    if members.iter().all(|m| !m.staged) {
+    // A key whose issue failed has no staged files (a plan always has at
+    // least its key file).
+    if members.iter().all(|m| m.swaps.is_empty()) {
         // Nothing was installed anywhere: nothing to reload or check.
         for m in &mut members {
             let why = m.failed.clone().unwrap_or_default();
@@ -187,8 +188,6 @@ pub(super) struct Member<'a> {
     plan: &'a Plan,
     swaps: Vec<FileSwap>,
     new_spki: String,
-    /// Its new files were staged (else it never had any to install).
-    staged: bool,
     /// Why it is being rolled back, once it is.
     failed: Option<String>,
     /// What went wrong in its rollback: a file not restored, a reload that
@@ -201,7 +200,6 @@ impl<'a> Member<'a> {
         Member {
             j,
             plan,
-            staged: true,
             swaps,
             new_spki,
             failed: None,

@@ -80,6 +80,37 @@ pub struct KeyUses {
     /// tables) is not repeated for every signature of a process that signs
     /// without a connection (a signing loop), at most once a second.
     no_sole_connection: HashMap<u32, Instant>,
+    /// Sole-connection lookups made this second, host-wide: each reads
+    /// `/proc` (the signer's descriptors, the TCP table, its children),
+    /// and many processes that sign without a receiving thread must not
+    /// hold up every event.
+    sole_lookups: LookupBudget,
+}
+
+/// Sole-connection lookups allowed a second. Past them a signature gets
+/// no peer (the sensor does not guess), instead of waiting.
+const SOLE_LOOKUPS_PER_SECOND: u32 = 20;
+
+/// A count of lookups per one-second window.
+#[derive(Default)]
+struct LookupBudget {
+    window: Option<Instant>,
+    used: u32,
+}
+
+impl LookupBudget {
+    /// Takes one lookup at `now`, if this second has one left.
+    fn take(&mut self, now: Instant) -> bool {
+        match self.window {
+            Some(w) if now.duration_since(w) < Duration::from_secs(1) => {}
+            _ => (self.window, self.used) = (Some(now), 0),
+        }
+        if self.used >= SOLE_LOOKUPS_PER_SECOND {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
 }
 
 /// How long "no sole connection" stands for a process (`KeyUses::peer`).
@@ -109,6 +140,7 @@ impl KeyUses {
             searches: 0,
             held: VecDeque::new(),
             no_sole_connection: HashMap::new(),
+            sole_lookups: LookupBudget::default(),
         }
     }
 
@@ -589,6 +621,9 @@ impl KeyUses {
         {
             return (None, None);
         }
+        if !self.sole_lookups.take(now) {
+            return (None, None);
+        }
         let found = sole_connection_of(tgid);
         if found.0.is_none() {
             self.no_sole_connection
@@ -645,4 +680,26 @@ fn endpoints(r: &SignRecord) -> Endpoints {
         end(&p.remote_addr, p.remote_port),
         end(&p.local_addr, p.local_port),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sole_connection_lookups_are_bounded_per_second() {
+        let t0 = Instant::now();
+        let mut b = LookupBudget::default();
+        for _ in 0..SOLE_LOOKUPS_PER_SECOND {
+            assert!(b.take(t0));
+        }
+        assert!(
+            !b.take(t0 + Duration::from_millis(999)),
+            "this second is spent"
+        );
+        assert!(
+            b.take(t0 + Duration::from_secs(1)),
+            "the next second has its own"
+        );
+    }
 }
