@@ -81,7 +81,17 @@ pub fn cover(cache: &Mutex<ScanCache>, probes: &Mutex<Probes>, c: &Candidate) ->
         return Coverage::Nothing;
     }
     match probes.lock().expect("probes lock").attach(c, &code) {
-        Ok(_) => Coverage::Covered,
+        // Probed, but some of its signing code is not: said as well.
+        Ok(_) => match code.partial_reason() {
+            Some(why) => {
+                let first = cache.lock().expect("scan cache lock").first_report(id);
+                Coverage::Uncovered {
+                    reason: format!("{}: {why}", c.shown_as),
+                    first,
+                }
+            }
+            None => Coverage::Covered,
+        },
         Err(e) => Coverage::Failed(format!("{e:#}")),
     }
 }
@@ -102,7 +112,7 @@ fn scan_cached(
 #[derive(serde::Serialize)]
 struct Line {
     path: String,
-    /// "covered", "not_covered" or "unreadable".
+    /// "covered", "partly_covered", "not_covered" or "unreadable".
     status: &'static str,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     stacks: Vec<&'static str>,
@@ -153,13 +163,19 @@ pub fn report(
         let line = match scan(&c.open_path, &c.shown_as) {
             Ok(code) if code.can_see_signatures() => {
                 covered += 1;
+                let partial = code.partial_reason();
+                all_covered &= partial.is_none();
                 Line {
                     path: c.shown_as.clone(),
-                    status: "covered",
+                    status: if partial.is_some() {
+                        "partly_covered"
+                    } else {
+                        "covered"
+                    },
                     stacks: code.stacks().iter().map(|s| s.name()).collect(),
                     functions: code.points.iter().map(|p| p.symbol.clone()).collect(),
                     build_id: code.build_id.clone(),
-                    reason: None,
+                    reason: partial,
                 }
             }
             Ok(code) => match code.uncovered_reason() {

@@ -251,7 +251,14 @@ impl Probes {
             .map_max_entries("EVENTS", ring_bytes)
             .load(object)
             .context("loading keywarden's eBPF object")?;
-        for name in ["sign_entry", "context_entry", "free_entry", "sign_return"] {
+        for name in [
+            "sign_entry",
+            "context_entry",
+            "free_entry",
+            "sign_return",
+            "go_sign_entry",
+            "go_sign_return",
+        ] {
             let p: &mut UProbe = ebpf.program_mut(name).context(name)?.try_into()?;
             p.load()
                 .with_context(|| format!("loading uprobe program {name}"))?;
@@ -326,6 +333,9 @@ impl Probes {
         let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut context: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        // Go code: an entry probe past the stack check, one per `ret`.
+        let mut go_entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        let mut go_ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
         // (offset, cookie) of the free functions, attached per process later.
         let mut frees: Vec<(u64, u64)> = Vec::new();
         let mut functions = Vec::new();
@@ -334,7 +344,10 @@ impl Probes {
                 location: UProbeAttachLocation::AbsoluteOffset(o),
                 cookie: Some(func::cookie(index, p.id)),
             };
-            if needs_return(p.id) {
+            if let Some(go) = &p.go {
+                go_entry.push(at(p.offset + go.entry));
+                go_ret.extend(go.returns.iter().map(|r| at(p.offset + r)));
+            } else if needs_return(p.id) {
                 entry.push(at(p.offset));
                 ret.push(at(p.offset));
             } else if let Some((shift, register)) = p
@@ -360,29 +373,24 @@ impl Probes {
             }
             functions.push((p.id, p.stack, p.symbol.clone()));
         }
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut("sign_entry")
-            .context("sign_entry")?
-            .try_into()?;
-        prog.attach(entry, &c.open_path, UProbeScope::AllProcesses)
-            .with_context(|| format!("{}: attaching entry uprobes", c.shown_as))?;
-        if !context.is_empty() {
+        for (program, points, what) in [
+            ("sign_entry", entry, "entry"),
+            ("context_entry", context, "context"),
+            ("sign_return", ret, "return"),
+            ("go_sign_entry", go_entry, "Go entry"),
+            ("go_sign_return", go_ret, "Go return-instruction"),
+        ] {
+            if points.is_empty() {
+                continue;
+            }
             let prog: &mut UProbe = self
                 .ebpf
-                .program_mut("context_entry")
-                .context("context_entry")?
+                .program_mut(program)
+                .context(program)?
                 .try_into()?;
-            prog.attach(context, &c.open_path, UProbeScope::AllProcesses)
-                .with_context(|| format!("{}: attaching context uprobes", c.shown_as))?;
+            prog.attach(points, &c.open_path, UProbeScope::AllProcesses)
+                .with_context(|| format!("{}: attaching {what} uprobes", c.shown_as))?;
         }
-        let prog: &mut UProbe = self
-            .ebpf
-            .program_mut("sign_return")
-            .context("sign_return")?
-            .try_into()?;
-        prog.attach(ret, &c.open_path, UProbeScope::AllProcesses)
-            .with_context(|| format!("{}: attaching return uprobes", c.shown_as))?;
         let lib = Library {
             index,
             shown_as: c.shown_as.clone(),

@@ -12,24 +12,62 @@ use std::{
 
 use support::*;
 
-/// `fixtures/go-tls` built with the host's Go (Debian's `golang-go`),
-/// with symbols or with `-ldflags "-s -w"`. No modules, no network.
-fn go_binary(dir: &Path, stripped: bool) -> PathBuf {
+/// A Go toolchain the tests build `fixtures/go-tls` with: the host's
+/// (Debian's `golang-go`, Go 1.19), and Go 1.24, which `cargo xtask
+/// test` unpacks under `target/go` from Debian's `golang-1.24-go`.
+struct Go {
+    go: PathBuf,
+    /// What events name the ECDSA and Ed25519 signing functions.
+    ecdsa: &'static str,
+    ed25519: &'static str,
+}
+
+fn toolchains() -> Vec<Go> {
+    let go124 =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/go/go1.24/usr/lib/go-1.24/bin/go");
+    assert!(
+        go124.exists(),
+        "{} is missing: `cargo xtask test` unpacks it (xtask/src/go.rs)",
+        go124.display()
+    );
+    vec![
+        Go {
+            go: "go".into(),
+            ecdsa: "crypto/ecdsa.Sign",
+            ed25519: "crypto/ed25519.sign",
+        },
+        Go {
+            go: go124,
+            ecdsa: "crypto/ecdsa.SignASN1",
+            ed25519: "crypto/internal/fips140/ed25519.signWithDom",
+        },
+    ]
+}
+
+/// `fixtures/go-tls` built with `go`, with symbols or with `-ldflags
+/// "-s -w"`. No modules, no network.
+fn go_binary(go: &Path, dir: &Path, stripped: bool) -> PathBuf {
     let out = dir.join(if stripped { "kw-go-stripped" } else { "kw-go" });
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/go-tls/main.go");
-    let mut cmd = Command::new("go");
+    let mut cmd = Command::new(go);
     cmd.arg("build");
     if stripped {
         cmd.args(["-ldflags", "-s -w"]);
     }
+    let version = run_ok(Command::new(go).arg("version")).stdout;
+    let cache = format!(
+        "keywarden-test-gocache-{}",
+        String::from_utf8_lossy(&version)
+            .split(' ')
+            .nth(2)
+            .unwrap_or("go")
+    );
     cmd.arg("-o")
         .arg(&out)
         .arg(src)
         .env("GO111MODULE", "off")
-        .env(
-            "GOCACHE",
-            std::env::temp_dir().join("keywarden-test-gocache"),
-        )
+        .env("GOTOOLCHAIN", "local")
+        .env("GOCACHE", std::env::temp_dir().join(cache))
         .env("GOFLAGS", "-buildvcs=false");
     run_ok(&mut cmd);
     out
@@ -59,6 +97,17 @@ fn gnutls_serv(crt: &Path, key: &Path, port: u16) -> Server {
     )
 }
 
+/// One TLS 1.2 handshake (from 127.0.0.1) that allows only RSA
+/// PKCS #1 v1.5 signatures: Go signs with PSS wherever a client allows.
+fn handshake_rsa_pkcs1(port: u16) {
+    run_ok(
+        Command::new("openssl")
+            .args(["s_client", "-tls1_2", "-sigalgs", "RSA+SHA256", "-connect"])
+            .arg(format!("127.0.0.1:{port}"))
+            .stdin(Stdio::null()),
+    );
+}
+
 /// One handshake (a new curl process) from `127.0.0.<host>`.
 fn handshake_from(port: u16, host: u8) {
     run_ok(
@@ -84,65 +133,226 @@ fn warnings_about<'a>(
         .collect()
 }
 
-/// A Go TLS server started after the sensor, which has no probe for Go:
-/// it says so once, naming the binary and the process, however many
-/// handshakes follow; `keywarden coverage` says so too.
+/// Go TLS servers started after the sensor, built by each toolchain,
+/// with symbols and stripped, with ECDSA, RSA and Ed25519 keys: one event
+/// per handshake, naming the key, the function of that Go release and the
+/// client; no coverage warning. RSA is also signed once with TLS 1.2 and
+/// PKCS #1 v1.5 (Go uses PSS wherever the client allows it).
 #[test]
-fn go_tls_server_is_warned_not_silent() {
-    let dir = tempfile::tempdir().unwrap();
-    for stripped in [false, true] {
-        let bin = go_binary(dir.path(), stripped);
-        let out = keywarden().arg("coverage").arg(&bin).output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(2), "{text}");
-        assert!(
-            text.contains(&format!("NOT COVERED  {}", bin.display())) && text.contains("Go"),
-            "{text}"
-        );
+fn go_tls_servers_name_every_handshake() {
+    for go in toolchains() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut servers = Vec::new();
+        for (i, alg) in ["ec", "rsa", "ed25519"].into_iter().enumerate() {
+            let key = openssl_key(dir.path(), &format!("server-{alg}"), alg);
+            let crt = cert(dir.path(), &key, &format!("localhost-{alg}"));
+            for stripped in [false, true] {
+                let sub = dir.path().join(format!("{i}-{stripped}"));
+                std::fs::create_dir(&sub).unwrap();
+                let bin = go_binary(&go.go, &sub, stripped);
+                servers.push((alg, stripped, key.clone(), crt.clone(), bin, free_port()));
+            }
+        }
+        let sensor = Sensor::start(&[]);
+        let mut running = Vec::new();
+        for (alg, stripped, key, crt, bin, port) in &servers {
+            let server = go_server(bin, crt, &key.path, *port);
+            for host in 2..5 {
+                handshake_from(*port, host);
+            }
+            if *alg == "rsa" {
+                handshake_rsa_pkcs1(*port);
+            }
+            running.push((
+                server,
+                *alg,
+                *stripped,
+                key.spki.clone(),
+                *port,
+                bin.clone(),
+            ));
+        }
+        let events = sensor.stop();
+        for (server, alg, stripped, spki, port, bin) in running {
+            let pid = server.pid();
+            drop(server);
+            let what = format!("{} {alg} stripped={stripped}", go.go.display());
+            let uses = key_uses_of(&events, pid);
+            let mut peers = Vec::new();
+            for e in &uses {
+                assert_eq!(e.status, "Success", "{what}: {}", pretty(e));
+                assert_eq!(spki_of(e), Some(spki.as_str()), "{what}: {}", pretty(e));
+                assert_eq!(module_of(e).kind, "go", "{what}: {}", pretty(e));
+                assert_eq!(local_of(e), ("127.0.0.1", port), "{what}: {}", pretty(e));
+                peers.push((peer_of(e).0.to_owned(), module_of(e).function_name.clone()));
+            }
+            peers.sort();
+            let mut expected: Vec<(String, String)> = match alg {
+                "ec" => (2..5)
+                    .map(|h| (format!("127.0.0.{h}"), go.ecdsa.to_owned()))
+                    .collect(),
+                "rsa" => (2..5)
+                    .map(|h| (format!("127.0.0.{h}"), "crypto/rsa.SignPSS".to_owned()))
+                    .chain([("127.0.0.1".to_owned(), "crypto/rsa.SignPKCS1v15".to_owned())])
+                    .collect(),
+                _ => (2..5)
+                    .map(|h| (format!("127.0.0.{h}"), go.ed25519.to_owned()))
+                    .collect(),
+            };
+            expected.sort();
+            assert_eq!(peers, expected, "{what}: {}", pretty(&uses));
+            let warnings = warnings_about(&events, |p| p == bin.to_str().unwrap(), &[pid]);
+            assert!(warnings.is_empty(), "{what}: {}", pretty(&warnings));
+        }
     }
-    let bin = go_binary(dir.path(), false);
+}
+
+/// A Go mTLS client signs its CertificateVerify, and a Go program that
+/// calls `ecdsa.SignASN1` (Ed25519: the key's `Sign`) outside TLS: each
+/// one event, naming the key.
+#[test]
+fn go_clients_and_direct_signatures_are_events() {
+    for go in toolchains() {
+        let dir = tempfile::tempdir().unwrap();
+        let bin = go_binary(&go.go, dir.path(), true);
+        let server_key = openssl_key(dir.path(), "server", "ec");
+        let server_crt = cert(dir.path(), &server_key, "localhost");
+        let client_key = openssl_key(dir.path(), "client", "ec");
+        let client_crt = cert(dir.path(), &client_key, "client");
+        let ed_key = openssl_key(dir.path(), "direct-ed", "ed25519");
+        let data = dir.path().join("data");
+        std::fs::write(&data, b"signed outside TLS").unwrap();
+        let port = free_port();
+        let sensor = Sensor::start(&[]);
+        let server = go_server(&bin, &server_crt, &server_key.path, port);
+        let client = Command::new(&bin)
+            .args(["client", "--cert"])
+            .arg(&client_crt)
+            .arg("--key")
+            .arg(&client_key.path)
+            .args(["--connect", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let client_pid = client.id();
+        let out = client.wait_with_output().unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
+        let mut signers = Vec::new();
+        for key in [&client_key, &ed_key] {
+            let child = Command::new(&bin)
+                .args(["sign", "--key"])
+                .arg(&key.path)
+                .arg("--input")
+                .arg(&data)
+                .arg("--output")
+                .arg(dir.path().join("sig"))
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            assert!(child.wait_with_output().unwrap().status.success());
+            signers.push((pid, key.spki.clone()));
+        }
+        let events = sensor.stop();
+        drop(server);
+        let what = go.go.display();
+        let client_uses = key_uses_of(&events, client_pid);
+        assert_eq!(client_uses.len(), 1, "{what}: {}", pretty(&events));
+        assert_eq!(spki_of(client_uses[0]), Some(client_key.spki.as_str()));
+        assert_eq!(
+            peer_of(client_uses[0]).1,
+            port,
+            "{}",
+            pretty(client_uses[0])
+        );
+        for (pid, spki) in signers {
+            let uses = key_uses_of(&events, pid);
+            assert_eq!(uses.len(), 1, "{what}: {}", pretty(&events));
+            assert_eq!(spki_of(uses[0]), Some(spki.as_str()), "{}", pretty(uses[0]));
+            assert_eq!(module_of(uses[0]).kind, "go");
+        }
+    }
+}
+
+/// A Go release keywarden cannot read the functions of is named, not
+/// silently passed over: a binary whose build information does not give
+/// its release (as Go 1.17 and older write it) is warned about.
+#[test]
+fn go_binary_of_unknown_release_is_warned() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = go_binary(Path::new("go"), dir.path(), false);
+    // Overwrite the release string's prefix in `.go.buildinfo`: what an
+    // older Go's pointer-format header gives the scan, an unknown release.
+    let mut bytes = std::fs::read(&bin).unwrap();
+    let at = bytes
+        .windows(14)
+        .position(|w| w == b"\xff Go buildinf:")
+        .expect("build information");
+    bytes[at + 15] &= !2;
+    let old = dir.path().join("kw-go-old");
+    std::fs::write(&old, &bytes).unwrap();
+    let out = keywarden().arg("coverage").arg(&old).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains(&format!("NOT COVERED  {}", old.display()))
+            && text.contains("Go 1.18 or later"),
+        "{text}"
+    );
+}
+
+/// 1,000 handshakes to a Go server under the sensor: every one
+/// succeeds (the return-instruction probes leave Go's stacks alone) and
+/// every one is an event.
+#[test]
+fn go_server_serves_a_thousand_handshakes() {
+    let go = toolchains().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = go_binary(&go.go, dir.path(), false);
     let key = openssl_key(dir.path(), "server", "ec");
     let crt = cert(dir.path(), &key, "localhost");
     let port = free_port();
     let sensor = Sensor::start(&[]);
     let server = go_server(&bin, &crt, &key.path, port);
-    for host in 2..5 {
-        handshake_from(port, host);
-    }
+    let script = format!(
+        "import socket, ssl\n\
+         ctx = ssl.create_default_context()\n\
+         ctx.check_hostname = False\n\
+         ctx.verify_mode = ssl.CERT_NONE\n\
+         ok = 0\n\
+         for _ in range(1000):\n\
+         \x20   with socket.create_connection(('127.0.0.1', {port})) as s:\n\
+         \x20       with ctx.wrap_socket(s) as t:\n\
+         \x20           t.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n')\n\
+         \x20           ok += t.recv(4096).startswith(b'HTTP/1.0 200')\n\
+         print(ok)\n"
+    );
+    let out = run_ok(Command::new("python3").arg("-c").arg(script));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "1000");
+    let mut server = server;
+    assert!(server.is_running(), "the Go server died under the probes");
     let events = sensor.stop();
     let pid = server.pid();
     drop(server);
-    let warnings = warnings_about(&events, |p| p == bin.to_str().unwrap(), &[pid]);
-    assert_eq!(warnings.len(), 1, "one warning: {}", pretty(&events));
-    let detail = warnings[0].status_detail.as_deref().unwrap_or_default();
-    assert!(
-        detail.contains("Go programs sign with Go's own code"),
-        "{detail}"
-    );
-    assert_eq!(
-        warnings[0].actor.process.pid,
-        pid,
-        "{}",
-        pretty(warnings[0])
-    );
-    assert!(key_uses_of(&events, pid).is_empty(), "{}", pretty(&events));
+    let uses = key_uses_of(&events, pid);
+    assert_eq!(uses.len(), 1000, "{}", pretty(&events.len()));
+    assert!(uses.iter().all(|e| spki_of(e) == Some(key.spki.as_str())));
 }
 
-/// A running Go server makes the `ready` line's `uncovered` count and
-/// `keywarden coverage` name it.
+/// A Go server started before the sensor (stripped, so found through
+/// `.gopclntab`) is covered: `keywarden coverage` says so, the `ready`
+/// line does not count it uncovered, and its handshakes are events.
 #[test]
-fn a_running_go_server_is_counted_uncovered_at_ready() {
+fn a_running_go_server_is_covered_from_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = go_binary(dir.path(), true);
+    let bin = go_binary(Path::new("go"), dir.path(), true);
     let key = openssl_key(dir.path(), "server", "ec");
     let crt = cert(dir.path(), &key, "localhost");
     let port = free_port();
     let server = go_server(&bin, &crt, &key.path, port);
     let out = keywarden().arg("coverage").output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{text}");
     assert!(
-        text.contains(&format!("NOT COVERED  {}", bin.display())),
+        text.contains(&format!("covered      {} [go]", bin.display())),
         "{text}"
     );
     let sensor = Sensor::start(&[]);
@@ -152,16 +362,34 @@ fn a_running_go_server_is_counted_uncovered_at_ready() {
         .find(|l| l.contains("ready"))
         .unwrap_or_else(|| panic!("{log}"))
         .to_owned();
+    for host in 2..4 {
+        handshake_from(port, host);
+    }
     let events = sensor.stop();
+    let pid = server.pid();
     drop(server);
-    assert!(!ready.contains("uncovered=0"), "{ready}");
-    assert!(ready.contains(bin.to_str().unwrap()), "{ready}");
-    assert_eq!(
-        warnings_about(&events, |p| p == bin.to_str().unwrap(), &[]).len(),
-        1,
-        "{}",
-        pretty(&events)
+    let (attached, not_covered) = ready.split_once("NOT covered").unwrap_or((&ready, ""));
+    assert!(
+        attached.contains(&format!("{} (go)", bin.display()))
+            && !not_covered.contains(bin.to_str().unwrap()),
+        "{ready}"
     );
+    // The sensor's own handshakes (from 127.0.0.1), which learn what the
+    // listener presents, are signatures too.
+    let uses = key_uses_of(&events, pid);
+    let mut peers: Vec<&str> = uses
+        .iter()
+        .map(|e| peer_of(e).0)
+        .filter(|ip| *ip != "127.0.0.1")
+        .collect();
+    peers.sort();
+    assert_eq!(peers, ["127.0.0.2", "127.0.0.3"], "{}", pretty(&uses));
+    assert!(
+        uses.iter().all(|e| spki_of(e) == Some(key.spki.as_str())),
+        "{}",
+        pretty(&uses)
+    );
+    assert!(warnings_about(&events, |p| p == bin.to_str().unwrap(), &[pid]).is_empty());
 }
 
 /// A JVM signs in JIT-compiled code: the `libjvm.so` it maps is named in

@@ -24,6 +24,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod go;
 mod vm;
 
 #[derive(Parser)]
@@ -427,6 +428,8 @@ fn main() -> Result<()> {
                 "warnings",
             ]))?;
             let filter: Vec<String> = filter.into_iter().collect();
+            // A second Go release for the Go tests (the host has 1.19).
+            go::ensure(&root())?;
             // The TLS fixtures (static rustls, ring, AWS-LC, BoringSSL) are
             // their own workspace, built once and then kept up to date.
             run(cargo()

@@ -4,6 +4,8 @@
 //!   functions of every crypto library the sensor finds, `context_entry`
 //!   on the calls that bind or feed a digest context, `free_entry` on
 //!   the frees of key objects.
+//! * `probes::go`: `go_sign_entry` / `go_sign_return` on the signing
+//!   functions of Go programs, at entry and at each return instruction.
 //! * `probes::network`: `sock_recv`, a raw tracepoint that remembers the
 //!   TCP socket each thread last received on, to name a signature's peer.
 //! * `probes::process`: `process_exec` / `process_exit`, process lifetimes.

@@ -137,3 +137,9 @@ pub(crate) static OP_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0)
 #[map]
 pub(crate) static PATH_SCRATCH: PerCpuArray<[u8; keywarden_probe_types::PATH_SCRATCH]> =
     PerCpuArray::with_max_entries(1, 0);
+
+/// Go signing calls between entry and return, by (tgid, goroutine). LRU:
+/// a call that panics never reaches a return instruction.
+#[map]
+pub(crate) static GO_INFLIGHT: LruHashMap<ProcPtr, GoInflight> =
+    LruHashMap::with_max_entries(16384, 0);

@@ -32,6 +32,12 @@ pub const GNUTLS_SIGN_HASH2: u8 = 18;
 pub const GNUTLS_SIGN_DATA: u8 = 19;
 pub const GNUTLS_SIGN_HASH: u8 = 20;
 pub const NSS_SIGN_WITH_MECHANISM: u8 = 21;
+pub const GO_ECDSA_SIGN: u8 = 22;
+pub const GO_ECDSA_SIGN_ASN1: u8 = 23;
+pub const GO_RSA_SIGN_PKCS1V15: u8 = 24;
+pub const GO_RSA_SIGN_PSS: u8 = 25;
+pub const GO_ED25519_SIGN: u8 = 26;
+pub const GO_ED25519_SIGN_WITH_DOM: u8 = 27;
 
 /// A probed function: its id, what events call it, and what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -58,6 +64,10 @@ pub enum Role {
     Update { context: u8, data: u8, len: u8 },
     /// Makes one signature.
     Sign(SignCall),
+    /// Makes one signature, in Go code: positions are in Go's register
+    /// ABI ([`go_reg`]), and the result is read at each return
+    /// instruction, never by a return probe (see `GoOutput`).
+    GoSign(SignCall),
     /// The object in `object` stops being the key it was: freed, or a
     /// context rebound to another key.
     Forget { object: u8 },
@@ -174,6 +184,50 @@ pub enum Output {
     /// buffer, NSS writes into the caller's. Both return 0 on success,
     /// a negative error otherwise.
     Datum { out: u8, at: u8 },
+    /// What a Go function returns (see [`GoOutput`]).
+    Go(GoOutput),
+}
+
+/// Where a Go signing function leaves its signature, read at its return
+/// instructions. A uretprobe rewrites the return address on the stack,
+/// which Go's stack copying and unwinding do not expect: it crashes
+/// the program. So the probes read results in the registers at each
+/// `ret` instead, and key the call by its goroutine (`R14`), not its
+/// thread, since a goroutine can resume on another thread mid-call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoOutput {
+    /// A `[]byte` result (pointer in `RAX`, length in `RBX`), followed
+    /// by an `error` whose type word is at result position `error`
+    /// (non-zero on failure), or by nothing ([`GO_NO_ERROR`]).
+    Slice { error: u8 },
+    /// `(r, s *big.Int, err error)`: two `big.Int`s (a sign, then the
+    /// magnitude as a slice of little-endian 64-bit words), the error's
+    /// type word at position 2.
+    BigInts,
+    /// Nothing returned: the function fills the `[]byte` argument at
+    /// position `out`, `len` bytes (Ed25519's 64).
+    Into { out: u8, len: u8 },
+}
+
+/// `GoOutput::Slice` of a function that returns no error.
+pub const GO_NO_ERROR: u8 = 0xff;
+
+/// Go's integer argument and result registers (ABIInternal, Go 1.17 and
+/// later, amd64), in assignment order: a `Role::GoSign` position is an
+/// index here. A slice takes three (pointer, length, capacity), an
+/// interface or a string two, a pointer one.
+pub mod go_reg {
+    pub const RAX: u8 = 0;
+    pub const RBX: u8 = 1;
+    pub const RCX: u8 = 2;
+    pub const RDI: u8 = 3;
+    pub const RSI: u8 = 4;
+    pub const R8: u8 = 5;
+    pub const R9: u8 = 6;
+    pub const R10: u8 = 7;
+    pub const R11: u8 = 8;
+    /// How many there are.
+    pub const COUNT: usize = 9;
 }
 
 const fn sign(handle: u8, handle_is: Handle, input: Input, output: Output) -> Role {
@@ -215,8 +269,27 @@ const fn gnutls(digest: bool) -> Role {
     )
 }
 
+/// A Go signing call: the key (a pointer) at `handle`, the signed
+/// bytes a slice at `data` (its length in the next register).
+const fn go(handle: u8, data: u8, digest: bool, output: GoOutput) -> Role {
+    let len = size_t(data + 1);
+    Role::GoSign(SignCall {
+        handle,
+        handle_is: Handle::KeyObject,
+        input: if digest {
+            Input::Digest { data, len }
+        } else {
+            Input::Message { data, len }
+        },
+        output: Output::Go(output),
+    })
+}
+
+/// `([]byte, error)`: the error's type word follows the slice's three.
+const GO_BYTES_ERR: GoOutput = GoOutput::Slice { error: go_reg::RDI };
+
 /// Every probed function, in id order.
-pub const FUNCTIONS: [Function; 21] = [
+pub const FUNCTIONS: [Function; 27] = [
     Function {
         id: DIGEST_SIGN_INIT,
         name: "EVP_DigestSignInit",
@@ -447,6 +520,68 @@ pub const FUNCTIONS: [Function; 21] = [
             Output::Datum { out: 3, at: 8 },
         ),
     },
+    // Go's own crypto (`crypto/tls` signs through `crypto.Signer`). Each
+    // Go version is probed at the one function every signing path of its
+    // algorithm goes through (`sensor/src/discovery/go.rs` says which
+    // versions use which); each is too large for the compiler to inline.
+    Function {
+        id: GO_ECDSA_SIGN,
+        // Go 1.18-1.19: `Sign(rand io.Reader, priv *PrivateKey, hash
+        // []byte) (r, s *big.Int, err error)`; `SignASN1` and the
+        // key's `Sign` call it.
+        name: "crypto/ecdsa.Sign",
+        role: go(go_reg::RCX, go_reg::RDI, true, GoOutput::BigInts),
+    },
+    Function {
+        id: GO_ECDSA_SIGN_ASN1,
+        // Go 1.20 and later: `SignASN1(rand, priv, hash) ([]byte,
+        // error)`; `Sign` and the key's `Sign` call it.
+        name: "crypto/ecdsa.SignASN1",
+        role: go(go_reg::RCX, go_reg::RDI, true, GO_BYTES_ERR),
+    },
+    Function {
+        id: GO_RSA_SIGN_PKCS1V15,
+        // `(rand, priv *PrivateKey, hash crypto.Hash, hashed []byte)
+        // ([]byte, error)`
+        name: "crypto/rsa.SignPKCS1v15",
+        role: go(go_reg::RCX, go_reg::RSI, true, GO_BYTES_ERR),
+    },
+    Function {
+        id: GO_RSA_SIGN_PSS,
+        // `(rand, priv, hash, digest []byte, opts *PSSOptions) ([]byte,
+        // error)`
+        name: "crypto/rsa.SignPSS",
+        role: go(go_reg::RCX, go_reg::RSI, true, GO_BYTES_ERR),
+    },
+    Function {
+        id: GO_ED25519_SIGN,
+        // Go 1.18-1.23: `sign(signature, privateKey, message []byte,
+        // ...)`, which `Sign` and the key's `Sign` call; it fills
+        // `signature`.
+        name: "crypto/ed25519.sign",
+        role: go(
+            go_reg::RDI,
+            go_reg::R9,
+            false,
+            GoOutput::Into {
+                out: go_reg::RAX,
+                len: 64,
+            },
+        ),
+    },
+    Function {
+        id: GO_ED25519_SIGN_WITH_DOM,
+        // Go 1.24 and later: `signWithDom(signature []byte, priv
+        // *PrivateKey, message []byte, domPrefix, context string)
+        // []byte`, under every Ed25519 variant.
+        name: "crypto/internal/fips140/ed25519.signWithDom",
+        role: go(
+            go_reg::RDI,
+            go_reg::RSI,
+            false,
+            GoOutput::Slice { error: GO_NO_ERROR },
+        ),
+    },
 ];
 
 // Ids are positions plus one, so `describe` is an index, not a search.
@@ -468,16 +603,29 @@ pub fn describe(id: u8) -> Option<&'static Function> {
     FUNCTIONS.get(index)
 }
 
-/// The signing call this id makes, if it signs.
+/// The signing call this id makes, if it signs (in C, Rust or Go).
 #[inline(always)]
 pub fn sign_call(id: u8) -> Option<SignCall> {
     match describe(id) {
         Some(Function {
-            role: Role::Sign(call),
+            role: Role::Sign(call) | Role::GoSign(call),
             ..
         }) => Some(*call),
         _ => None,
     }
+}
+
+/// Whether the function is Go code (probed at entry and at each return
+/// instruction, not with a return probe).
+#[inline(always)]
+pub fn is_go(id: u8) -> bool {
+    matches!(
+        describe(id),
+        Some(Function {
+            role: Role::GoSign(_),
+            ..
+        })
+    )
 }
 
 /// Whether a signature from this function is verified every time, not

@@ -621,6 +621,29 @@ pub struct Inflight {
     pub peer: Peer,
 }
 
+/// A Go signing call between its entry and a return instruction, by
+/// (tgid, goroutine).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct GoInflight {
+    pub func: u32,
+    pub library: u32,
+    pub flags: u32,
+    pub _pad: u32,
+    /// The key argument (a Go pointer).
+    pub handle: u64,
+    pub op_id: u64,
+    /// For `GoOutput::Into`: the buffer argument.
+    pub out: u64,
+    /// The goroutine's stack bounds at entry (`g.stack`, the first two
+    /// words of the `g`). Go moves a growing stack and fixes the
+    /// pointers it knows of, not this copy of `out`: when the bounds
+    /// moved by the return, `out` is moved with them.
+    pub stack_lo: u64,
+    pub stack_hi: u64,
+    pub peer: Peer,
+}
+
 /// Value of the `KNOWN` map: the sensor has judged (tgid, handle) already
 /// (identified it, or found that no known key verifies it), at free
 /// generation `generation` (see `SignRecord::handle_gen`). A free after the

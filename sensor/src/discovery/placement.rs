@@ -261,7 +261,7 @@ pub fn argument_registers(id: u8) -> Vec<Register> {
         }) => vec![Some(context), Some(key), digest_name],
         Some(Role::Update { context, data, len }) => vec![Some(context), Some(data), Some(len)],
         Some(Role::Forget { object }) => vec![Some(object)],
-        Some(Role::Sign(_) | Role::Freed) | None => vec![],
+        Some(Role::Sign(_) | Role::GoSign(_) | Role::Freed) | None => vec![],
     };
     positions
         .into_iter()

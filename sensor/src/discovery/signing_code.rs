@@ -38,7 +38,7 @@ pub use super::symbols::{Stack, function_name, needs_return, signing_functions};
 use super::symbols::{c_symbols, classify};
 use super::{
     elf_read::{ElfReader, metadata_capped},
-    placement,
+    go, placement,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +77,8 @@ pub struct ProbePoint {
     /// reference dropped) goes (`placement::freed_path`). Per point: one
     /// file can link two libraries (OpenSSL and AWS-LC in one Rust binary).
     pub freed: Option<placement::FreedAt>,
+    /// For Go code: where its entry probe and return-instruction probes go.
+    pub go: Option<go::GoPlacement>,
 }
 
 /// What one ELF file holds.
@@ -93,6 +95,11 @@ pub struct SigningCode {
     /// Crypto code recognised by its strings, reported only when no probe
     /// point was found (what a stripped binary still shows).
     pub markers: Vec<&'static str>,
+    /// The Go release that built the file, for Go programs.
+    pub go_version: Option<go::GoVersion>,
+    /// Go signing code that is present but not probed, and why (a family
+    /// whose probed function this release does not have).
+    pub go_gaps: Vec<String>,
 }
 
 impl SigningCode {
@@ -109,6 +116,20 @@ impl SigningCode {
     /// At least one function that produces signatures.
     pub fn can_see_signatures(&self) -> bool {
         self.points.iter().any(|p| needs_return(p.id))
+    }
+
+    /// Why some of this file's signatures are not seen although others
+    /// are: Go signing code the probes do not know.
+    pub fn partial_reason(&self) -> Option<String> {
+        if self.go_gaps.is_empty() || !self.can_see_signatures() {
+            return None;
+        }
+        Some(format!(
+            "signs with code keywarden cannot probe ({}); signatures made by it are not seen \
+             (build-id {})",
+            self.go_gaps.join("; "),
+            self.build_id.as_deref().unwrap_or("none"),
+        ))
     }
 
     /// Why this file's signatures cannot be seen, when it evidently holds
@@ -199,7 +220,8 @@ const UNPROBED: [(&str, &str); 5] = [
     ),
     (
         GO_CRYPTO,
-        "Go programs sign with Go's own code, not a C library, and keywarden has no probe for it",
+        "keywarden probes Go programs built by Go 1.18 or later, and this one's release \
+         (from its build information) is older or could not be read",
     ),
     (
         NSS,
@@ -319,6 +341,10 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
             (size > 0).then_some((s.address(), size, off))
         })
         .collect();
+    out.go_version = go_version(f, &file, len);
+    // Go programs probed: their release is known and new enough.
+    let go = out.go_version.filter(|v| v.minor >= go::OLDEST_MINOR);
+    let mut go_signers: Vec<&'static str> = Vec::new();
     let mut boringssl = false;
     let mut runtimes: Vec<&'static str> = Vec::new();
     let mut seen: HashSet<(u8, u64)> = HashSet::new();
@@ -340,6 +366,15 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
             && !runtimes.contains(what)
         {
             runtimes.push(what);
+        }
+        if let Some(v) = go {
+            if let Some(name) = go::signer_names().find(|n| *n == raw) {
+                go_signers.push(name);
+            }
+            if let Some(id) = go::classify(raw, v) {
+                add_go_point(&mut out, &data, &segments, id, sym.address(), sym.size());
+                continue;
+            }
         }
         let Some((id, stack, symbol)) = classify(raw) else {
             continue;
@@ -366,7 +401,31 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
             address: addr,
             code,
             freed: None,
+            go: None,
         });
+    }
+    if let Some(v) = go {
+        if out.stripped {
+            go_from_pclntab(
+                f,
+                &file,
+                &data,
+                &segments,
+                v,
+                &mut out,
+                &mut go_signers,
+                shown_as,
+            )?;
+        }
+        let probed: Vec<u8> = out.points.iter().map(|p| p.id).collect();
+        for family in go::missing_families(&go_signers, &probed) {
+            out.go_gaps.push(format!(
+                "{v} signs with {} through a function keywarden does not know \
+                 (its Go functions are checked up to go1.{})",
+                family.name(),
+                go::NEWEST_CHECKED_MINOR
+            ));
+        }
     }
     // Symbol names that could not be read were skipped above: when the
     // budget ran out, the list is incomplete, and the file is skipped.
@@ -390,13 +449,129 @@ fn scan_elf(f: &File, len: u64, shown_as: &str) -> Result<SigningCode, ScanError
     }
     if !out.can_see_signatures() {
         out.markers = runtimes;
+        // Go's function names in a program that is not Go (a test or a
+        // tool quoting them) are not Go's crypto.
+        let go_file = file.section_by_name(".gopclntab").is_some()
+            || file.section_by_name(".go.buildinfo").is_some()
+            || file.sections().next().is_none();
         for m in search_markers(f, &marker_ranges(&file, len), shown_as)? {
+            if m == GO_CRYPTO && !go_file {
+                continue;
+            }
             if !out.markers.contains(&m) {
                 out.markers.push(m);
             }
         }
     }
     Ok(out)
+}
+
+/// Bytes of a Go function read to place its probes: the signing
+/// functions are under 2 KiB.
+const MAX_GO_FUNCTION: u64 = 16 << 10;
+
+/// The file offset of virtual address `addr`, through the loaded
+/// segments (checked: a hostile file's segments may wrap around).
+fn file_offset(segments: &[(u64, u64, u64)], addr: u64) -> Option<u64> {
+    segments
+        .iter()
+        .find(|(a, size, _)| addr >= *a && addr - a < *size)
+        .and_then(|(a, _, off)| (addr - a).checked_add(*off))
+}
+
+/// Adds the Go function `id` at `address` (`size` bytes), if its probes
+/// can be placed.
+fn add_go_point(
+    out: &mut SigningCode,
+    data: &ElfReader<'_>,
+    segments: &[(u64, u64, u64)],
+    id: u8,
+    address: u64,
+    size: u64,
+) {
+    let Some(offset) = file_offset(segments, address) else {
+        return;
+    };
+    if size == 0 || size > MAX_GO_FUNCTION || out.points.iter().any(|p| p.id == id) {
+        return;
+    }
+    let code = data.code_at(offset, size as usize);
+    let Some(placement) = go::place(&code) else {
+        tracing::debug!(function = function_name(id), "no return instruction found");
+        return;
+    };
+    out.points.push(ProbePoint {
+        id,
+        stack: Stack::Go,
+        symbol: function_name(id).to_owned(),
+        offset,
+        address,
+        code: code[..code.len().min(CODE_PREFIX)].to_vec(),
+        freed: None,
+        go: Some(placement),
+    });
+}
+
+/// The Go release recorded in the file's `.go.buildinfo`.
+fn go_version<'a, R: ReadRef<'a>>(
+    f: &File,
+    file: &object::File<'a, R>,
+    len: u64,
+) -> Option<go::GoVersion> {
+    let (offset, size) = file.section_by_name(".go.buildinfo")?.file_range()?;
+    let n = size.min(64);
+    if offset.checked_add(n)? > len {
+        return None;
+    }
+    let mut head = vec![0u8; n as usize];
+    f.read_exact_at(&mut head, offset).ok()?;
+    go::version_from_buildinfo(&head)
+}
+
+/// A stripped Go program: its signing functions from `.gopclntab`, which
+/// the runtime needs and so no build drops.
+#[allow(clippy::too_many_arguments)]
+fn go_from_pclntab<'a, R: ReadRef<'a>>(
+    f: &File,
+    file: &object::File<'a, R>,
+    data: &ElfReader<'_>,
+    segments: &[(u64, u64, u64)],
+    version: go::GoVersion,
+    out: &mut SigningCode,
+    signers: &mut Vec<&'static str>,
+    shown_as: &str,
+) -> Result<(), ScanError> {
+    let Some((offset, size)) = file
+        .section_by_name(".gopclntab")
+        .and_then(|s| s.file_range())
+    else {
+        return Ok(()); // markers then say it is Go code not probed
+    };
+    let text = file.section_by_name(".text").map_or(0, |s| s.address());
+    let probed: Vec<&go::GoSymbol> = go::GO_SYMBOLS
+        .iter()
+        .filter(|s| s.minors.contains(&version.minor))
+        .collect();
+    let names: Vec<&str> = probed
+        .iter()
+        .map(|s| s.name)
+        .chain(go::signer_names())
+        .collect();
+    let found =
+        go::pclntab_functions(f, offset, size, text, &names).map_err(|why| ScanError::Capped {
+            path: shown_as.to_owned(),
+            why,
+        })?;
+    for hit in found {
+        let name = names[hit.wanted];
+        if go::signer_names().any(|n| n == name) && !signers.contains(&name) {
+            signers.push(name);
+        }
+        if let Some(s) = probed.iter().find(|s| s.name == name) {
+            add_go_point(out, data, segments, s.id, hit.address, hit.size);
+        }
+    }
+    Ok(())
 }
 
 /// Where the marker strings can be: the read-only data sections

@@ -338,6 +338,7 @@ pub fn run_pid_deadline_ok(cmd: &mut Command, deadline: Duration) -> u32 {
 }
 
 /// A fresh key made by openssl, and its SPKI SHA-256 as openssl computes it.
+#[derive(Clone)]
 pub struct TestKey {
     pub path: PathBuf,
     pub spki: String,
@@ -434,6 +435,11 @@ pub struct Server(pub Child);
 impl Server {
     pub fn pid(&self) -> u32 {
         self.0.id()
+    }
+
+    /// Whether the process is still running (not exited, not a zombie).
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.0.try_wait(), Ok(None))
     }
 }
 

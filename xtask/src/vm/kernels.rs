@@ -188,6 +188,36 @@ fn parse_stamp(text: &str, dir: &Path) -> Result<Unpacked> {
     })
 }
 
+/// Downloads `packages` through the private apt (`Apt`) and unpacks them
+/// all into `dest`, which is replaced only once every one is unpacked.
+/// For packages of another Debian release than the host's (Go 1.24, from
+/// trixie, for the Go tests).
+pub fn unpack_packages(
+    kernels: &Path,
+    sources: &Path,
+    packages: &[&str],
+    dest: &Path,
+) -> Result<()> {
+    let apt = Apt::new(kernels, sources)?;
+    apt.update()?;
+    let beside = |suffix: &str| PathBuf::from(format!("{}.{suffix}", dest.display()));
+    let (partial, download) = (beside("partial"), beside("download"));
+    for d in [&partial, &download] {
+        let _ = std::fs::remove_dir_all(d);
+        std::fs::create_dir_all(d)?;
+    }
+    let mut args = vec!["-qq", "download"];
+    args.extend_from_slice(packages);
+    apt.run_in(&download, "apt-get", &args)?;
+    for deb in std::fs::read_dir(&download)?.flatten().map(|e| e.path()) {
+        super::run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    }
+    let _ = std::fs::remove_dir_all(dest);
+    std::fs::rename(&partial, dest)?;
+    let _ = std::fs::remove_dir_all(&download);
+    Ok(())
+}
+
 /// apt with a private configuration: sources from `xtask/kernels.sources`,
 /// lists and cache under `target/kernels/apt`, and no dpkg status (nothing
 /// is installed, only downloaded).

@@ -36,7 +36,7 @@ const SIGKILL: u32 = 9;
 
 /// Unique per CPU: (cpu << 56) | sequence.
 #[inline(always)]
-fn new_op_id() -> u64 {
+pub(super) fn new_op_id() -> u64 {
     // SAFETY: takes no arguments; it only reads the current CPU's number.
     let cpu = unsafe { bpf_get_smp_processor_id() } as u64;
     let seq = match OP_SEQ.get_ptr_mut(0) {
@@ -188,7 +188,7 @@ fn output_of(a: &[u64; 6], call: SignCall) -> (u64, u64) {
         } => (pick(a, out), 0),
         Output::RustVec { result } | Output::RingSignature { result } => (pick(a, result), 0),
         Output::Datum { out, .. } => (pick(a, out), 0),
-        Output::Bignums => (0, 0),
+        Output::Bignums | Output::Go(_) => (0, 0),
     }
 }
 
@@ -222,7 +222,7 @@ fn pick_len(a: &[u64; 6], len: Len) -> u64 {
 /// way back to user space from this trap, so not one instruction of
 /// the signing function runs. Length queries pass: they sign nothing.
 #[inline(always)]
-fn condemned(f: u8, library: u32, tgid: u32, length_query: bool) -> bool {
+pub(super) fn condemned(f: u8, library: u32, tgid: u32, length_query: bool) -> bool {
     // SAFETY: the verdict is copied out at once; should the sensor delete it
     // meanwhile, the slot is still map memory: a stale value.
     let Some(verdict) = (unsafe { VERDICT.get(&tgid) }).copied() else {
@@ -329,7 +329,7 @@ fn on_update(tgid: u32, md_ctx: u64, data: u64, len: u64) {
 /// Copies up to `CAPTURE_MAX - offset` bytes of `src` into data records.
 /// Returns how many bytes were taken.
 #[inline(always)]
-fn emit_data(tgid: u32, op_id: u64, offset: u32, src: u64, len: u64) -> u32 {
+pub(super) fn emit_data(tgid: u32, op_id: u64, offset: u32, src: u64, len: u64) -> u32 {
     if src == 0 || len == 0 {
         return 0;
     }
@@ -766,47 +766,14 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
         }
         return 0;
     }
-    let Some(mut rec) = EVENTS.reserve::<SignWithSigRecord>(0) else {
-        count(stats::LOST_SIGN);
-        return 0;
-    };
-    // SAFETY: writable ring memory sized for the record (integers and bytes);
-    // no field is read before it is written.
-    let r = unsafe { rec.assume_init_mut() };
-    r.head = head;
-    let len = head.sig_len;
-    let n = if len > SIG_MAX as u64 {
-        SIG_MAX as u32
+    let source = if flags & sign_flags::SIG_BIGNUMS != 0 {
+        Signature::Bignums(sig_src)
     } else {
-        len as u32
+        Signature::Bytes(sig_src)
     };
-    if len > SIG_MAX as u64 {
-        r.head.flags |= sign_flags::SIG_INCOMPLETE;
+    if !emit_signature(head, source) {
+        return 0;
     }
-    if flags & sign_flags::SIG_BIGNUMS != 0 {
-        if copy_bignums(&mut r.sig, sig_src) {
-            r.head.sig_captured = 2 * BIGNUM_SLOT as u32;
-        } else {
-            r.head.flags |= sign_flags::SIG_INCOMPLETE;
-        }
-    } else if n > 0 {
-        let n = bounded(n as usize, SIG_MAX);
-        // SAFETY: `n` is at most SIG_MAX, the length of `sig`; the helper
-        // checks the user address and returns an error on a fault.
-        let rc = unsafe {
-            aya_ebpf::helpers::generated::bpf_probe_read_user(
-                r.sig.as_mut_ptr().cast(),
-                n,
-                sig_src as *const core::ffi::c_void,
-            )
-        };
-        if rc == 0 {
-            r.head.sig_captured = n;
-        } else {
-            r.head.flags |= sign_flags::SIG_INCOMPLETE;
-        }
-    }
-    rec.submit(BPF_RB_NO_WAKEUP as u64);
     if func::verified_every_time(inflight.func as u8)
         && inflight.flags & sign_flags::INNER_HANDLE == 0
     {
@@ -823,6 +790,74 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
         let _ = SIGN_HANDLES.insert(&key, &1, 0);
     }
     0
+}
+
+/// Where a signature's bytes are in the signing process.
+pub(super) enum Signature {
+    /// `head.sig_len` bytes at this address.
+    Bytes(u64),
+    /// An OpenSSL-family `ECDSA_SIG *` (see `copy_bignums`).
+    Bignums(u64),
+    /// Go's `r, s *big.Int` (see `copy_go_bigints`).
+    GoBigInts(u64, u64),
+}
+
+/// Sends `head` with the signature copied from `source`. False when the
+/// ring was full (counted).
+#[inline(always)]
+pub(super) fn emit_signature(head: SignRecord, source: Signature) -> bool {
+    let Some(mut rec) = EVENTS.reserve::<SignWithSigRecord>(0) else {
+        count(stats::LOST_SIGN);
+        return false;
+    };
+    // SAFETY: writable ring memory sized for the record (integers and bytes);
+    // no field is read before it is written.
+    let r = unsafe { rec.assume_init_mut() };
+    r.head = head;
+    let len = head.sig_len;
+    let n = if len > SIG_MAX as u64 {
+        SIG_MAX as u32
+    } else {
+        len as u32
+    };
+    if len > SIG_MAX as u64 {
+        r.head.flags |= sign_flags::SIG_INCOMPLETE;
+    }
+    let bignums = match source {
+        Signature::Bignums(at) => Some(copy_bignums(&mut r.sig, at)),
+        Signature::GoBigInts(r_at, s_at) => Some(copy_go_bigints(&mut r.sig, r_at, s_at)),
+        Signature::Bytes(at) => {
+            if n > 0 {
+                let n = bounded(n as usize, SIG_MAX);
+                // SAFETY: `n` is at most SIG_MAX, the length of `sig`; the
+                // helper checks the user address and returns an error on a
+                // fault.
+                let rc = unsafe {
+                    aya_ebpf::helpers::generated::bpf_probe_read_user(
+                        r.sig.as_mut_ptr().cast(),
+                        n,
+                        at as *const core::ffi::c_void,
+                    )
+                };
+                if rc == 0 {
+                    r.head.sig_captured = n;
+                } else {
+                    r.head.flags |= sign_flags::SIG_INCOMPLETE;
+                }
+            }
+            None
+        }
+    };
+    match bignums {
+        Some(true) => {
+            r.head.flags |= sign_flags::SIG_BIGNUMS;
+            r.head.sig_captured = 2 * BIGNUM_SLOT as u32;
+        }
+        Some(false) => r.head.flags |= sign_flags::SIG_BIGNUMS | sign_flags::SIG_INCOMPLETE,
+        None => {}
+    }
+    rec.submit(BPF_RB_NO_WAKEUP as u64);
+    true
 }
 
 /// Copies r and s of the `ECDSA_SIG` at `at` into their `BIGNUM_SLOT`s
@@ -855,6 +890,40 @@ fn copy_bignums(sig: &mut [u8; SIG_MAX], at: u64) -> bool {
                 sig[slot + 8..].as_mut_ptr().cast(),
                 n as u32,
                 head[0] as *const core::ffi::c_void,
+            )
+        };
+        if rc != 0 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Copies Go's `r` and `s` (`*big.Int`: a sign word, then the magnitude
+/// as a `[]Word` of little-endian 64-bit words, least significant first)
+/// into the `BIGNUM_SLOT`s of `sig`, as `copy_bignums` does.
+#[inline(always)]
+fn copy_go_bigints(sig: &mut [u8; SIG_MAX], r: u64, s: u64) -> bool {
+    for (i, bigint) in [r, s].into_iter().enumerate() {
+        // SAFETY: the helper checks the user address (a fault is an error), and
+        // any three words are a valid `[u64; 3]`.
+        let Ok(head) = (unsafe { bpf_probe_read_user(bigint as *const [u64; 3]) }) else {
+            return false;
+        };
+        let words = head[2] as usize;
+        if words == 0 || words > BIGNUM_WORDS {
+            return false;
+        }
+        let slot = i * BIGNUM_SLOT;
+        sig[slot] = words as u8;
+        let n = (words * 8).min(BIGNUM_WORDS * 8);
+        // SAFETY: `slot + 8 + n` is at most 2 * BIGNUM_SLOT, within `sig`;
+        // the helper checks the user address and fails on a fault.
+        let rc = unsafe {
+            aya_ebpf::helpers::generated::bpf_probe_read_user(
+                sig[slot + 8..].as_mut_ptr().cast(),
+                n as u32,
+                head[1] as *const core::ffi::c_void,
             )
         };
         if rc != 0 {
