@@ -241,7 +241,11 @@ impl Control {
     /// Attaches to the signing code in a file; what cannot be covered is
     /// reported (once per file).
     fn cover(&mut self, c: &Candidate) {
-        let detail = match cover(&self.cache, &self.probes, c) {
+        let coverage = cover(&self.cache, &self.probes, c);
+        if let (Coverage::Covered | Coverage::Uncovered { .. }, Some(pid)) = (&coverage, c.pid) {
+            crate::coverage::mark_if_go(&self.probes, c, pid);
+        }
+        let detail = match coverage {
             Coverage::Uncovered {
                 reason,
                 first: true,

@@ -96,6 +96,18 @@ pub fn cover(cache: &Mutex<ScanCache>, probes: &Mutex<Probes>, c: &Candidate) ->
     }
 }
 
+/// Marks `pid` as running Go code when `c`, which it runs or maps, is
+/// probed Go code (`Probes::mark_go_process`).
+pub fn mark_if_go(probes: &Mutex<Probes>, c: &Candidate, pid: u32) {
+    let mut probes = probes.lock().expect("probes lock");
+    if probes.is_go(c.dev, c.ino)
+        && let Err(e) = probes.mark_go_process(pid)
+    {
+        // Its signatures then name the peer the thread last received from.
+        tracing::warn!(pid, error = %e, "cannot mark a Go process");
+    }
+}
+
 fn scan_cached(
     cache: &Mutex<ScanCache>,
     id: FileId,

@@ -310,6 +310,25 @@ impl Probes {
         self.by_inode.contains_key(&(dev, ino))
     }
 
+    /// Whether the file is Go code with signing probes.
+    pub fn is_go(&self, dev: u64, ino: u64) -> bool {
+        self.by_inode
+            .get(&(dev, ino))
+            .and_then(|&i| self.libraries.get(i as usize))
+            .is_some_and(|l| l.functions.iter().any(|(_, stack, _)| *stack == Stack::Go))
+    }
+
+    /// Tells the probes that `tgid` runs probed Go code: its receives are
+    /// then also kept per goroutine, which names the peer of each
+    /// signature exactly (goroutines move between threads). The kernel
+    /// drops the mark at exec and exit.
+    pub fn mark_go_process(&mut self, tgid: u32) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, u32, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("GO_PROCS").context("GO_PROCS map")?)?;
+        map.insert(&tgid, &1u8, 0)?;
+        Ok(())
+    }
+
     /// Attaches to the signing code found in a file, unless its inode is
     /// covered already. Returns the library when this call attached it.
     pub fn attach(&mut self, c: &Candidate, code: &SigningCode) -> Result<Option<Arc<Library>>> {

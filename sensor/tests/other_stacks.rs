@@ -300,6 +300,65 @@ fn go_binary_of_unknown_release_is_warned() {
     );
 }
 
+/// 100 concurrent handshakes to a Go server (Go 1.24), each from its own
+/// loopback address: every event names a real connection, and each
+/// address exactly once, as for nginx. Goroutines, not threads, serve
+/// the connections here, and any of them may run on any thread.
+#[test]
+fn go_peers_under_100_concurrent_handshakes() {
+    let go = toolchains().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = go_binary(&go.go, dir.path(), false);
+    let key = openssl_key(dir.path(), "server", "ec");
+    let crt = cert(dir.path(), &key, "localhost");
+    let port = free_port();
+    let sensor = Sensor::start(&[]);
+    let server = go_server(&bin, &crt, &key.path, port);
+    let script = format!(
+        "import socket, ssl, threading\n\
+         ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE\n\
+         n = 100; barrier = threading.Barrier(n); out = [None] * n\n\
+         def run(i):\n\
+         \x20   s = socket.socket(); s.bind(('127.0.0.%d' % (i + 2), 0)); barrier.wait()\n\
+         \x20   s.connect(('127.0.0.1', {port})); t = ctx.wrap_socket(s)\n\
+         \x20   t.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); body = t.recv(4096)\n\
+         \x20   out[i] = '%s %d' % t.getsockname() if body.startswith(b'HTTP/1.0 200') else 'FAIL'; t.close()\n\
+         ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]\n\
+         print('\\n'.join(out))\n"
+    );
+    let out = run_ok(Command::new("python3").arg("-c").arg(&script));
+    let clients: Vec<(String, u16)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (ip, port) = l
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("client failed: {l}"));
+            (ip.to_owned(), port.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(clients.len(), 100);
+    let events = sensor.stop();
+    let pid = server.pid();
+    drop(server);
+    let uses = key_uses_of(&events, pid);
+    let mut per_ip: std::collections::BTreeMap<String, usize> = Default::default();
+    for &e in &uses {
+        assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
+        let (ip, p) = peer_of(e);
+        assert!(
+            clients.contains(&(ip.to_owned(), p)),
+            "{ip}:{p} is not one of the connections: {}",
+            pretty(e)
+        );
+        *per_ip.entry(ip.to_owned()).or_default() += 1;
+    }
+    let expected: std::collections::BTreeMap<String, usize> =
+        (2..102).map(|i| (format!("127.0.0.{i}"), 1)).collect();
+    assert_eq!(per_ip, expected);
+}
+
 /// 1,000 handshakes to a Go server under the sensor: every one
 /// succeeds (the return-instruction probes leave Go's stacks alone) and
 /// every one is an event.

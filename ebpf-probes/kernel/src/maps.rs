@@ -143,3 +143,15 @@ pub(crate) static PATH_SCRATCH: PerCpuArray<[u8; keywarden_probe_types::PATH_SCR
 #[map]
 pub(crate) static GO_INFLIGHT: LruHashMap<ProcPtr, GoInflight> =
     LruHashMap::with_max_entries(16384, 0);
+
+/// Processes running Go code the probes sign in (the sensor marks them as
+/// it attaches; `go_sign_entry` marks any it meets first): their receives
+/// are also kept by goroutine, in `GO_SOCK`. Dropped at exec and exit.
+#[map]
+pub(crate) static GO_PROCS: LruHashMap<u32, u8> = LruHashMap::with_max_entries(16384, 0);
+
+/// (tgid, goroutine) -> the TCP socket that goroutine last received on.
+/// Goroutines move between threads, so the thread's last receive
+/// (`LAST_SOCK`) may be another goroutine's.
+#[map]
+pub(crate) static GO_SOCK: LruHashMap<ProcPtr, u64> = LruHashMap::with_max_entries(65536, 0);

@@ -74,7 +74,32 @@ pub fn discover(
     let scans = cache.lock().expect("scan cache lock").scans;
     debug!(elapsed = ?started.elapsed(), files = all.len(), scans, "attached");
     mark_seen(&all, probes);
+    mark_go_processes(probes);
     uncovered
+}
+
+/// Every running process whose program is probed Go code, not only the
+/// one each file was found through.
+fn mark_go_processes(probes: &Mutex<Probes>) {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for pid in entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Ok(md) = std::fs::metadata(format!("/proc/{pid}/exe")) else {
+            continue;
+        };
+        let c = Candidate {
+            shown_as: String::new(),
+            open_path: PathBuf::new(),
+            pid: Some(pid),
+            dev: md.dev(),
+            ino: md.ino(),
+        };
+        crate::coverage::mark_if_go(probes, &c, pid);
+    }
 }
 
 /// Files of processes already running were looked at: opening or

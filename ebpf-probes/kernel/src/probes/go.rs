@@ -19,10 +19,13 @@ use keywarden_probe_types::{
 };
 
 use super::{
-    network::peer_of,
+    network::{goroutine_peer, peer_of},
     signing::{Signature, condemned, emit_data, emit_signature, new_op_id},
 };
-use crate::{maps::GO_INFLIGHT, util::current_task};
+use crate::{
+    maps::{GO_INFLIGHT, GO_PROCS},
+    util::current_task,
+};
 
 /// Go's argument (or result) registers, in `go_reg` order, and `R14`.
 #[inline(always)]
@@ -89,7 +92,17 @@ pub fn go_sign_entry(ctx: ProbeContext) -> u32 {
         stack_hi,
         peer: Peer::default(),
     };
-    if let Some(peer) = peer_of(pid_tgid as u32) {
+    // The goroutine's own last receive (none when it received nothing:
+    // the thread's may be another goroutine's); the thread's when the
+    // process was not known to be Go until now (it is from here on).
+    // SAFETY: only whether an entry exists is used.
+    let peer = if unsafe { GO_PROCS.get(&tgid) }.is_some() {
+        goroutine_peer(tgid, g)
+    } else {
+        let _ = GO_PROCS.insert(&tgid, &1, 0);
+        peer_of(pid_tgid as u32)
+    };
+    if let Some(peer) = peer {
         inflight.peer = peer;
         inflight.flags |= sign_flags::HAS_PEER;
     }

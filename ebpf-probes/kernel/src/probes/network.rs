@@ -4,14 +4,17 @@
 //! no `sock_recv_length` tracepoint: there `tcp_recvmsg_exit`, an fexit
 //! program on `tcp_recvmsg`, keeps the same.
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
+    },
     macros::{fexit, raw_tracepoint},
     programs::{FExitContext, RawTracePointContext},
 };
 use keywarden_probe_types::*;
 
 use crate::{
-    maps::{LAST_SOCK, SOCK_LAYOUT},
+    maps::{GO_PROCS, GO_SOCK, LAST_SOCK, SOCK_LAYOUT},
     util::kernel_read,
 };
 
@@ -21,13 +24,33 @@ const IPPROTO_TCP: u16 = 6;
 const TCP_ESTABLISHED: u8 = 1;
 
 /// The connection this thread last received from, if it is still an
-/// established TCP connection. Reads kernel memory at offsets from BTF;
-/// a socket freed meanwhile reads as not established.
+/// established TCP connection.
 #[inline(always)]
 pub(crate) fn peer_of(tid: u32) -> Option<Peer> {
     // SAFETY: the pointer is copied out at once (an evicted entry is still map
     // memory); a freed socket is only ever read through bpf_probe_read_kernel.
     let sk = *unsafe { LAST_SOCK.get(&tid) }?;
+    peer_of_sock(sk)
+}
+
+/// The connection goroutine `g` of `tgid` last received from, if any.
+#[inline(always)]
+pub(crate) fn goroutine_peer(tgid: u32, g: u64) -> Option<Peer> {
+    let key = ProcPtr {
+        tgid,
+        _pad: 0,
+        ptr: g,
+    };
+    // SAFETY: as in `peer_of`.
+    let sk = *unsafe { GO_SOCK.get(&key) }?;
+    peer_of_sock(sk)
+}
+
+/// The addresses of `sk`, if it is an established TCP connection. Reads
+/// kernel memory at offsets from BTF; a socket freed meanwhile reads as
+/// not established.
+#[inline(always)]
+fn peer_of_sock(sk: u64) -> Option<Peer> {
     let l = sock_layout()?;
     let state: u8 = kernel_read(sk, l.state)?;
     if state != TCP_ESTABLISHED {
@@ -111,7 +134,20 @@ fn remember(sk: u64) {
     if protocol != IPPROTO_TCP || (family != AF_INET && family != AF_INET6) {
         return;
     }
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tid = pid_tgid as u32;
+    let tgid = (pid_tgid >> 32) as u32;
+    // SAFETY: only whether an entry exists is used.
+    if unsafe { GO_PROCS.get(&tgid) }.is_some()
+        && let Some(g) = user_r14()
+    {
+        let key = ProcPtr {
+            tgid,
+            _pad: 0,
+            ptr: g,
+        };
+        let _ = GO_SOCK.insert(&key, &sk, 0);
+    }
     match LAST_SOCK.get_ptr_mut(&tid) {
         // SAFETY: `p` points into LAST_SOCK's preallocated values, valid all
         // run; a slot recycled meanwhile only gets a wrong hint.
@@ -124,4 +160,22 @@ fn remember(sk: u64) {
             let _ = LAST_SOCK.insert(&tid, &sk, 0);
         }
     }
+}
+
+/// Offset of `r14` in x86-64's `struct pt_regs` (after `r15`).
+const PT_REGS_R14: u64 = 8;
+
+/// The user-space `R14` of the current task, saved at its syscall entry:
+/// in Go code, the running goroutine (`g`), since a receive is a system
+/// call the goroutine makes itself.
+#[inline(always)]
+fn user_r14() -> Option<u64> {
+    // SAFETY: both helpers take the current task's BTF pointer and return
+    // the address of its saved user registers, read here only through
+    // bpf_probe_read_kernel.
+    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
+    if regs == 0 {
+        return None;
+    }
+    kernel_read::<u64>(regs + PT_REGS_R14, 0)
 }

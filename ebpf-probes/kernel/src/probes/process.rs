@@ -14,7 +14,7 @@ use aya_ebpf::{
 use keywarden_probe_types::*;
 
 use crate::{
-    maps::{CONTROL, EVENTS, HELD, INFLIGHT, LIBRARY_SEEN, VERDICT},
+    maps::{CONTROL, EVENTS, GO_PROCS, HELD, INFLIGHT, LIBRARY_SEEN, VERDICT},
     util::{
         SIGSTOP, config, count, current_root, current_task, file_id, kernel_ptr, sensor_alive,
         task_layout,
@@ -25,8 +25,9 @@ use crate::{
 pub fn process_exec(ctx: TracePointContext) -> u32 {
     let task = current_task();
     let _ = INFLIGHT.remove(&task.tid());
-    // A new image is judged afresh.
+    // A new image is judged afresh (and marked Go again if it is).
     let _ = VERDICT.remove(&task.tgid());
+    let _ = GO_PROCS.remove(&task.tgid());
     let mark = ExitRecord {
         kind: kind::EXEC_MARK,
         _pad: 0,
@@ -88,6 +89,7 @@ pub fn process_exit(_ctx: TracePointContext) -> u32 {
         return 0; // a thread, not the process
     }
     let _ = VERDICT.remove(&(pid_tgid as u32));
+    let _ = GO_PROCS.remove(&(pid_tgid as u32));
     let rec = ExitRecord {
         kind: kind::EXIT,
         _pad: 0,
