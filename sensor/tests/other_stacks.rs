@@ -273,6 +273,41 @@ fn go_clients_and_direct_signatures_are_events() {
     }
 }
 
+/// One Go process signing with two ECDSA keys in turn through one key
+/// object, overwritten with each key (what a freed key's address reused
+/// for another key amounts to): every event names the key that signed.
+/// Verdicts are kept by key object (`func::Handle::GoKey`), named with
+/// the public key, not the address alone.
+#[test]
+fn go_keys_at_reused_addresses_are_told_apart() {
+    let go = toolchains().pop().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = go_binary(&go.go, dir.path(), false);
+    let a = openssl_key(dir.path(), "a", "ec");
+    let b = openssl_key(dir.path(), "b", "ec");
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"two keys").unwrap();
+    let sensor = Sensor::start(&[]);
+    let child = Command::new(&bin)
+        .args(["sign-many", "--rounds", "6", "--keys"])
+        .arg(format!("{},{}", a.path.display(), b.path.display()))
+        .arg("--input")
+        .arg(&data)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    assert!(child.wait_with_output().unwrap().status.success());
+    let events = sensor.stop();
+    let named: Vec<&str> = key_uses_of(&events, pid)
+        .iter()
+        .map(|e| spki_of(e).unwrap_or("none"))
+        .collect();
+    let expected: Vec<&str> = (0..6)
+        .flat_map(|_| [a.spki.as_str(), b.spki.as_str()])
+        .collect();
+    assert_eq!(named, expected, "{}", pretty(&events));
+}
+
 /// A Go release keywarden cannot read the functions of is named, not
 /// silently passed over: a binary whose build information does not give
 /// its release (as Go 1.17 and older write it) is warned about.

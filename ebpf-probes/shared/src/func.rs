@@ -38,6 +38,7 @@ pub const GO_RSA_SIGN_PKCS1V15: u8 = 24;
 pub const GO_RSA_SIGN_PSS: u8 = 25;
 pub const GO_ED25519_SIGN: u8 = 26;
 pub const GO_ED25519_SIGN_WITH_DOM: u8 = 27;
+pub const GNUTLS_PRIVKEY_DEINIT: u8 = 28;
 
 /// A probed function: its id, what events call it, and what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,18 +111,44 @@ pub enum Handle {
     /// every signature is captured and verified.
     RustSigner,
     /// A low-level key object (`EC_KEY`, `RSA`), as OpenSSH and other
-    /// programs older than EVP sign with, a `gnutls_privkey_t` or an NSS
-    /// `SECKEYPrivateKey`. The probes do not watch its
-    /// frees either, so, as for a Rust signer, every signature is
-    /// captured and verified.
+    /// programs older than EVP sign with, or an NSS `SECKEYPrivateKey`.
+    /// The probes do not watch its frees either, so, as for a Rust
+    /// signer, every signature is captured and verified.
     KeyObject,
+    /// A key object whose frees the probes watch (a `gnutls_privkey_t`,
+    /// freed by `gnutls_privkey_deinit`), signing what it is given: a
+    /// verdict is kept for it until it is freed.
+    WatchedKeyObject,
+    /// A Go key object (`*ecdsa.PrivateKey` and the like). Go's collector
+    /// frees keys without a call the probes could see, so the probes name
+    /// it by its address folded with 64 bits of its public key, read at
+    /// the end of `path`: from the key, follow a pointer at each offset
+    /// but the last, then read the word at the last. A new key at a
+    /// reused address has another public key, so a verdict is kept for
+    /// the name. (Never the private half: only public fields are read.)
+    GoKey(KeyPath),
+}
+
+/// Offsets from a Go key object to a word of its public key (see
+/// `Handle::GoKey`): `len` of them are used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KeyPath {
+    pub offsets: [u8; 3],
+    pub len: u8,
 }
 
 impl Handle {
-    /// Whether a verdict on a signature can be kept for the handle: only
-    /// for objects whose frees the probes see (`Role::Forget`).
+    /// Whether a verdict on a signature can be kept for the handle: for
+    /// objects whose frees the probes see (`Role::Forget`), and Go keys,
+    /// named by their public key.
     pub const fn cached(self) -> bool {
-        matches!(self, Handle::DigestContext | Handle::KeyContext)
+        matches!(
+            self,
+            Handle::DigestContext
+                | Handle::KeyContext
+                | Handle::WatchedKeyObject
+                | Handle::GoKey(_)
+        )
     }
 }
 
@@ -255,11 +282,13 @@ const LEGACY_OUT: Output = Output::Buffer {
 /// GnuTLS's `gnutls_privkey_sign_*(signer, algo, flags, const
 /// gnutls_datum_t *in, gnutls_datum_t *signature)`: every one takes the
 /// same arguments, only what `in` holds differs. A TLS handshake (1.2 and
-/// 1.3, GnuTLS 3.7) makes its one signature with `sign_data2`.
+/// 1.3, GnuTLS 3.7) makes its one signature with `sign_data2`. The key
+/// object lives as long as the credentials (a server's, all its life)
+/// and is freed by `gnutls_privkey_deinit`, which the probes watch.
 const fn gnutls(digest: bool) -> Role {
     sign(
         0,
-        Handle::KeyObject,
+        Handle::WatchedKeyObject,
         Input::Datum {
             datum: 3,
             at: 0,
@@ -269,13 +298,14 @@ const fn gnutls(digest: bool) -> Role {
     )
 }
 
-/// A Go signing call: the key (a pointer) at `handle`, the signed
-/// bytes a slice at `data` (its length in the next register).
-const fn go(handle: u8, data: u8, digest: bool, output: GoOutput) -> Role {
+/// A Go signing call: the key (a pointer) at `handle`, a word of its
+/// public key at `path`, the signed bytes a slice at `data` (its length
+/// in the next register).
+const fn go(handle: u8, path: KeyPath, data: u8, digest: bool, output: GoOutput) -> Role {
     let len = size_t(data + 1);
     Role::GoSign(SignCall {
         handle,
-        handle_is: Handle::KeyObject,
+        handle_is: Handle::GoKey(path),
         input: if digest {
             Input::Digest { data, len }
         } else {
@@ -288,8 +318,31 @@ const fn go(handle: u8, data: u8, digest: bool, output: GoOutput) -> Role {
 /// `([]byte, error)`: the error's type word follows the slice's three.
 const GO_BYTES_ERR: GoOutput = GoOutput::Slice { error: go_reg::RDI };
 
+/// `ecdsa.PrivateKey` starts with its `PublicKey`: a `Curve` interface (two
+/// words), then `X *big.Int`; a `big.Int` is a sign word, then its
+/// magnitude's words (a slice): the low word of X.
+const ECDSA_X: KeyPath = KeyPath {
+    offsets: [16, 8, 0],
+    len: 3,
+};
+
+/// `rsa.PrivateKey` starts with its `PublicKey`, which starts with
+/// `N *big.Int`: the low word of N.
+const RSA_N: KeyPath = KeyPath {
+    offsets: [0, 8, 0],
+    len: 3,
+};
+
+/// An Ed25519 private key (the `crypto/ed25519` slice, and the FIPS
+/// module's struct alike) holds the 32-byte seed, then the public key:
+/// its first word.
+const ED25519_PUBLIC: KeyPath = KeyPath {
+    offsets: [32, 0, 0],
+    len: 1,
+};
+
 /// Every probed function, in id order.
-pub const FUNCTIONS: [Function; 27] = [
+pub const FUNCTIONS: [Function; 28] = [
     Function {
         id: DIGEST_SIGN_INIT,
         name: "EVP_DigestSignInit",
@@ -530,28 +583,28 @@ pub const FUNCTIONS: [Function; 27] = [
         // []byte) (r, s *big.Int, err error)`; `SignASN1` and the
         // key's `Sign` call it.
         name: "crypto/ecdsa.Sign",
-        role: go(go_reg::RCX, go_reg::RDI, true, GoOutput::BigInts),
+        role: go(go_reg::RCX, ECDSA_X, go_reg::RDI, true, GoOutput::BigInts),
     },
     Function {
         id: GO_ECDSA_SIGN_ASN1,
         // Go 1.20 and later: `SignASN1(rand, priv, hash) ([]byte,
         // error)`; `Sign` and the key's `Sign` call it.
         name: "crypto/ecdsa.SignASN1",
-        role: go(go_reg::RCX, go_reg::RDI, true, GO_BYTES_ERR),
+        role: go(go_reg::RCX, ECDSA_X, go_reg::RDI, true, GO_BYTES_ERR),
     },
     Function {
         id: GO_RSA_SIGN_PKCS1V15,
         // `(rand, priv *PrivateKey, hash crypto.Hash, hashed []byte)
         // ([]byte, error)`
         name: "crypto/rsa.SignPKCS1v15",
-        role: go(go_reg::RCX, go_reg::RSI, true, GO_BYTES_ERR),
+        role: go(go_reg::RCX, RSA_N, go_reg::RSI, true, GO_BYTES_ERR),
     },
     Function {
         id: GO_RSA_SIGN_PSS,
         // `(rand, priv, hash, digest []byte, opts *PSSOptions) ([]byte,
         // error)`
         name: "crypto/rsa.SignPSS",
-        role: go(go_reg::RCX, go_reg::RSI, true, GO_BYTES_ERR),
+        role: go(go_reg::RCX, RSA_N, go_reg::RSI, true, GO_BYTES_ERR),
     },
     Function {
         id: GO_ED25519_SIGN,
@@ -561,6 +614,7 @@ pub const FUNCTIONS: [Function; 27] = [
         name: "crypto/ed25519.sign",
         role: go(
             go_reg::RDI,
+            ED25519_PUBLIC,
             go_reg::R9,
             false,
             GoOutput::Into {
@@ -577,10 +631,17 @@ pub const FUNCTIONS: [Function; 27] = [
         name: "crypto/internal/fips140/ed25519.signWithDom",
         role: go(
             go_reg::RDI,
+            ED25519_PUBLIC,
             go_reg::RSI,
             false,
             GoOutput::Slice { error: GO_NO_ERROR },
         ),
+    },
+    Function {
+        id: GNUTLS_PRIVKEY_DEINIT,
+        // `void gnutls_privkey_deinit(gnutls_privkey_t key)`
+        name: "gnutls_privkey_deinit",
+        role: Role::Forget { object: 0 },
     },
 ];
 

@@ -94,7 +94,7 @@ const fn c(name: &'static str, id: u8) -> Symbol {
 /// Every symbol the sensor attaches to. OpenSSL 1.1 and 3.x, BoringSSL
 /// and AWS-LC share the C names and argument orders (BoringSSL and
 /// AWS-LC lack the `_ex` variants).
-pub const SYMBOLS: [Symbol; 21] = [
+pub const SYMBOLS: [Symbol; 22] = [
     c("EVP_DigestSignInit", func::DIGEST_SIGN_INIT),
     c("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX),
     c("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE),
@@ -130,6 +130,7 @@ pub const SYMBOLS: [Symbol; 21] = [
     gnutls("gnutls_privkey_sign_hash2", func::GNUTLS_SIGN_HASH2),
     gnutls("gnutls_privkey_sign_data", func::GNUTLS_SIGN_DATA),
     gnutls("gnutls_privkey_sign_hash", func::GNUTLS_SIGN_HASH),
+    gnutls("gnutls_privkey_deinit", func::GNUTLS_PRIVKEY_DEINIT),
     Symbol {
         pattern: Pattern::Exported("PK11_SignWithMechanism", Stack::Nss),
         id: func::NSS_SIGN_WITH_MECHANISM,

@@ -19,7 +19,7 @@ use std::{
 use aya::programs::uprobe::UProbeLinkId;
 use hashbrown::HashMap;
 use keywarden_analyzer::event::{self, Event, KeyIdentity, KeyUse, Signature};
-use keywarden_probe_types::{SignRecord, sign_flags};
+use keywarden_probe_types::{SignRecord, func, sign_flags};
 use tracing::{debug, info, warn};
 
 use super::{attribution::Attributor, emitter::Emitter};
@@ -157,7 +157,10 @@ impl KeyUses {
         out: &mut Emitter,
     ) {
         let tgid = r.task.tgid();
-        let cacheable = self.free_watches.covers(tgid, r.library, r.task.ktime_ns);
+        // Go keys are named by their public key, not watched for frees
+        // (`func::Handle::GoKey`).
+        let cacheable =
+            func::is_go(r.func as u8) || self.free_watches.covers(tgid, r.library, r.task.ktime_ns);
         let judged = self.ident.judge(r, sig, cacheable);
         if !cacheable && Identifier::caches_by_handle(r) {
             self.watch_frees(tgid, r.library);

@@ -7,6 +7,7 @@
 //! and key the call by goroutine (`R14` holds the running `g` at every
 //! function boundary), since the goroutine may resume on another thread
 //! before it returns. The records are the ones C signing calls give.
+use aya_ebpf::bindings::BPF_RB_NO_WAKEUP;
 use aya_ebpf::{
     EbpfContext,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_user, generated::bpf_get_attach_cookie},
@@ -14,7 +15,7 @@ use aya_ebpf::{
     programs::ProbeContext,
 };
 use keywarden_probe_types::{
-    func::{Function, GO_NO_ERROR, GoOutput, Input, Output, Role, go_reg},
+    func::{Function, GO_NO_ERROR, GoOutput, Handle, Input, KeyPath, Output, Role, go_reg},
     *,
 };
 
@@ -23,8 +24,8 @@ use super::{
     signing::{Signature, condemned, emit_data, emit_signature, new_op_id},
 };
 use crate::{
-    maps::{GO_INFLIGHT, GO_PROCS},
-    util::current_task,
+    maps::{EVENTS, GO_INFLIGHT, GO_PROCS, KNOWN},
+    util::{count, current_task},
 };
 
 /// Go's argument (or result) registers, in `go_reg` order, and `R14`.
@@ -57,6 +58,23 @@ fn stack_of(g: u64) -> (u64, u64) {
     }
 }
 
+/// The probes' name for the Go key object at `key` (`Handle::GoKey`):
+/// its address folded with a word of its public key. None when that
+/// word cannot be read.
+#[inline(always)]
+fn key_name(key: u64, path: KeyPath) -> Option<u64> {
+    let mut at = key;
+    for i in 0..3 {
+        if i >= path.len as usize {
+            break;
+        }
+        // SAFETY: the helper checks the user address (a fault is an error);
+        // any word is a valid u64.
+        at = unsafe { bpf_probe_read_user((at + path.offsets[i] as u64) as *const u64) }.ok()?;
+    }
+    Some(key ^ at)
+}
+
 #[uprobe]
 pub fn go_sign_entry(ctx: ProbeContext) -> u32 {
     // SAFETY: passes this program's own context, as the helper requires; it
@@ -77,13 +95,37 @@ pub fn go_sign_entry(ctx: ProbeContext) -> u32 {
     }
     let (a, g) = registers(&ctx);
     let (stack_lo, stack_hi) = stack_of(g);
+    let op_id = new_op_id();
+    let mut flags = 0;
+    // A key whose public word cannot be read gets a name no verdict is
+    // kept for (the operation's own id): every signature is verified.
+    let handle = match call.handle_is {
+        Handle::GoKey(path) => key_name(pick(&a, call.handle), path),
+        _ => None,
+    };
+    let handle = match handle {
+        Some(name) => {
+            let known = ProcPtr {
+                tgid,
+                _pad: 0,
+                ptr: name,
+            };
+            // SAFETY: only the generation is read, at once; the sensor may
+            // rewrite the entry meanwhile, which gives a stale answer.
+            if unsafe { KNOWN.get(&known) }.is_some_and(|k| k.generation == 0) {
+                flags |= sign_flags::KNOWN_HANDLE;
+            }
+            name
+        }
+        None => op_id | 1 << 63,
+    };
     let mut inflight = GoInflight {
         func: f as u32,
         library,
-        flags: 0,
+        flags,
         _pad: 0,
-        handle: pick(&a, call.handle),
-        op_id: new_op_id(),
+        handle,
+        op_id,
         out: match call.output {
             Output::Go(GoOutput::Into { out, .. }) => pick(&a, out),
             _ => 0,
@@ -107,8 +149,10 @@ pub fn go_sign_entry(ctx: ProbeContext) -> u32 {
         inflight.flags |= sign_flags::HAS_PEER;
     }
     // Copied now: the input may be on the goroutine's stack, which can
-    // move before the call returns.
-    if let Input::Message { data, len } | Input::Digest { data, len } = call.input {
+    // move before the call returns. Not for a key the sensor has named.
+    if flags & sign_flags::KNOWN_HANDLE == 0
+        && let Input::Message { data, len } | Input::Digest { data, len } = call.input
+    {
         emit_data(tgid, inflight.op_id, 0, pick(&a, data), pick(&a, len.arg));
     }
     let key = ProcPtr {
@@ -183,7 +227,15 @@ pub fn go_sign_return(ctx: ProbeContext) -> u32 {
         handle_gen: 0,
         peer: inflight.peer,
     };
-    if failed {
+    if inflight.flags & sign_flags::KNOWN_HANDLE != 0 {
+        let rec = SignRecord {
+            kind: kind::SIGN_KNOWN,
+            ..head
+        };
+        if EVENTS.output(&rec, BPF_RB_NO_WAKEUP as u64).is_err() {
+            count(stats::LOST_SIGN);
+        }
+    } else if failed {
         emit_signature(head, Signature::Bytes(0));
     } else {
         emit_signature(head, source);
