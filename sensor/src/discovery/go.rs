@@ -290,23 +290,24 @@ fn functions_in(table: &[u8], text: u64, wanted: &[&str]) -> Result<Vec<Found>, 
             ".gopclntab claims {nfunc} functions, more than fit in it"
         ));
     }
+    let past = |a: u64, b: u64| a.checked_add(b).ok_or(".gopclntab offset out of range");
     let mut out = Vec::new();
     for i in 0..nfunc {
-        let pair = functab + i * 8;
+        let pair = past(functab, i * 8)?;
         let entry = half(pair)?;
-        let func_at = functab + half(pair + 4)? as u64;
-        let name_off = half(func_at + 4)?;
+        let func_at = past(functab, half(past(pair, 4)?)? as u64)?;
+        let name_off = half(past(func_at, 4)?)?;
         let Some(&(wanted, _)) = offsets.iter().find(|(_, o)| *o == name_off) else {
             continue;
         };
         // The table ends with the end of the text: entry i + 1 exists.
-        let next = half(pair + 8)?;
+        let next = half(past(pair, 8)?)?;
         let Some(size) = next.checked_sub(entry).filter(|s| *s > 0) else {
             continue;
         };
         out.push(Found {
             wanted,
-            address: text_start + entry as u64,
+            address: text_start.wrapping_add(entry as u64),
             size: size as u64,
         });
     }
