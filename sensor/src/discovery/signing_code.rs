@@ -884,6 +884,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "gnutls_privkey_deinit",
                 "gnutls_privkey_sign_data",
                 "gnutls_privkey_sign_data2",
                 "gnutls_privkey_sign_hash",
