@@ -243,7 +243,7 @@ impl Control {
     fn cover(&mut self, c: &Candidate) {
         let coverage = cover(&self.cache, &self.probes, c);
         if let (Coverage::Covered | Coverage::Uncovered { .. }, Some(pid)) = (&coverage, c.pid) {
-            crate::coverage::mark_if_go(&self.probes, c, pid);
+            crate::coverage::mark_if_go(&self.probes, (c.dev, c.ino), pid);
         }
         let detail = match coverage {
             Coverage::Uncovered {

@@ -96,14 +96,15 @@ pub fn cover(cache: &Mutex<ScanCache>, probes: &Mutex<Probes>, c: &Candidate) ->
     }
 }
 
-/// Marks `pid` as running Go code when `c`, which it runs or maps, is
-/// probed Go code (`Probes::mark_go_process`).
-pub fn mark_if_go(probes: &Mutex<Probes>, c: &Candidate, pid: u32) {
+/// Marks `pid` as running Go code when the file `(dev, ino)`, which it
+/// runs or maps, is probed Go code (`Probes::mark_go_process`).
+pub fn mark_if_go(probes: &Mutex<Probes>, (dev, ino): (u64, u64), pid: u32) {
     let mut probes = probes.lock().expect("probes lock");
-    if probes.is_go(c.dev, c.ino)
+    if probes.is_go(dev, ino)
         && let Err(e) = probes.mark_go_process(pid)
     {
-        // Its signatures then name the peer the thread last received from.
+        // The probes mark it at its first Go signature, which names the
+        // peer its thread last received from.
         tracing::warn!(pid, error = %e, "cannot mark a Go process");
     }
 }

@@ -88,17 +88,9 @@ fn mark_go_processes(probes: &Mutex<Probes>) {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
     {
-        let Ok(md) = std::fs::metadata(format!("/proc/{pid}/exe")) else {
-            continue;
-        };
-        let c = Candidate {
-            shown_as: String::new(),
-            open_path: PathBuf::new(),
-            pid: Some(pid),
-            dev: md.dev(),
-            ino: md.ino(),
-        };
-        crate::coverage::mark_if_go(probes, &c, pid);
+        if let Ok(md) = std::fs::metadata(format!("/proc/{pid}/exe")) {
+            crate::coverage::mark_if_go(probes, (md.dev(), md.ino()), pid);
+        }
     }
 }
 
