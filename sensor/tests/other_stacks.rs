@@ -45,32 +45,59 @@ fn toolchains() -> Vec<Go> {
 }
 
 /// `fixtures/go-tls` built with `go`, with symbols or with `-ldflags
-/// "-s -w"`. No modules, no network.
-fn go_binary(go: &Path, dir: &Path, stripped: bool) -> PathBuf {
-    let out = dir.join(if stripped { "kw-go-stripped" } else { "kw-go" });
+/// "-s -w"`, under `target/go-fixtures/RELEASE/`. No modules, no network.
+/// Built once per change of the source: the kernel matrix's guests see
+/// the host's files read-only and run what the host built (`cargo xtask
+/// vm-test` runs `go_fixture_builds_with_each_toolchain` first).
+fn go_binary(go: &Path, stripped: bool) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/go-tls/main.go");
+    let version = run_ok(Command::new(go).arg("version")).stdout;
+    let release = String::from_utf8_lossy(&version)
+        .split(' ')
+        .nth(2)
+        .unwrap_or("go")
+        .to_owned();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/go-fixtures")
+        .join(&release);
+    let out = dir.join(if stripped { "kw-go-stripped" } else { "kw-go" });
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if modified(&out).is_some_and(|built| Some(built) >= modified(&src)) {
+        return out;
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    // Built beside its place and renamed: a test never runs half a file.
+    let partial = dir.join(format!("partial-{}", std::process::id()));
     let mut cmd = Command::new(go);
     cmd.arg("build");
     if stripped {
         cmd.args(["-ldflags", "-s -w"]);
     }
-    let version = run_ok(Command::new(go).arg("version")).stdout;
-    let cache = format!(
-        "keywarden-test-gocache-{}",
-        String::from_utf8_lossy(&version)
-            .split(' ')
-            .nth(2)
-            .unwrap_or("go")
-    );
     cmd.arg("-o")
-        .arg(&out)
+        .arg(&partial)
         .arg(src)
         .env("GO111MODULE", "off")
         .env("GOTOOLCHAIN", "local")
-        .env("GOCACHE", std::env::temp_dir().join(cache))
+        .env("GOCACHE", dir.join("cache"))
         .env("GOFLAGS", "-buildvcs=false");
     run_ok(&mut cmd);
+    std::fs::rename(&partial, &out).unwrap();
     out
+}
+
+/// Every fixture variant builds with each toolchain, and runs (a usage
+/// error without arguments). `cargo xtask vm-test` runs this on the host
+/// first, so its guests find the binaries built.
+#[test]
+fn go_fixture_builds_with_each_toolchain() {
+    for go in toolchains() {
+        for stripped in [false, true] {
+            let bin = go_binary(&go.go, stripped);
+            let out = Command::new(&bin).output().unwrap();
+            assert_eq!(out.status.code(), Some(1), "{}", bin.display());
+            assert!(String::from_utf8_lossy(&out.stderr).contains("usage"));
+        }
+    }
 }
 
 fn go_server(bin: &Path, crt: &Path, key: &Path, port: u16) -> Server {
@@ -143,13 +170,11 @@ fn go_tls_servers_name_every_handshake() {
     for go in toolchains() {
         let dir = tempfile::tempdir().unwrap();
         let mut servers = Vec::new();
-        for (i, alg) in ["ec", "rsa", "ed25519"].into_iter().enumerate() {
+        for alg in ["ec", "rsa", "ed25519"] {
             let key = openssl_key(dir.path(), &format!("server-{alg}"), alg);
             let crt = cert(dir.path(), &key, &format!("localhost-{alg}"));
             for stripped in [false, true] {
-                let sub = dir.path().join(format!("{i}-{stripped}"));
-                std::fs::create_dir(&sub).unwrap();
-                let bin = go_binary(&go.go, &sub, stripped);
+                let bin = go_binary(&go.go, stripped);
                 servers.push((alg, stripped, key.clone(), crt.clone(), bin, free_port()));
             }
         }
@@ -214,7 +239,7 @@ fn go_tls_servers_name_every_handshake() {
 fn go_clients_and_direct_signatures_are_events() {
     for go in toolchains() {
         let dir = tempfile::tempdir().unwrap();
-        let bin = go_binary(&go.go, dir.path(), true);
+        let bin = go_binary(&go.go, true);
         let server_key = openssl_key(dir.path(), "server", "ec");
         let server_crt = cert(dir.path(), &server_key, "localhost");
         let client_key = openssl_key(dir.path(), "client", "ec");
@@ -282,7 +307,7 @@ fn go_clients_and_direct_signatures_are_events() {
 fn go_keys_at_reused_addresses_are_told_apart() {
     let go = toolchains().pop().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bin = go_binary(&go.go, dir.path(), false);
+    let bin = go_binary(&go.go, false);
     let a = openssl_key(dir.path(), "a", "ec");
     let b = openssl_key(dir.path(), "b", "ec");
     let data = dir.path().join("data");
@@ -314,7 +339,7 @@ fn go_keys_at_reused_addresses_are_told_apart() {
 #[test]
 fn go_binary_of_unknown_release_is_warned() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = go_binary(Path::new("go"), dir.path(), false);
+    let bin = go_binary(Path::new("go"), false);
     // Overwrite the release string's prefix in `.go.buildinfo`: what an
     // older Go's pointer-format header gives the scan, an unknown release.
     let mut bytes = std::fs::read(&bin).unwrap();
@@ -343,7 +368,7 @@ fn go_binary_of_unknown_release_is_warned() {
 fn go_peers_under_100_concurrent_handshakes() {
     let go = toolchains().pop().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bin = go_binary(&go.go, dir.path(), false);
+    let bin = go_binary(&go.go, false);
     let key = openssl_key(dir.path(), "server", "ec");
     let crt = cert(dir.path(), &key, "localhost");
     let port = free_port();
@@ -401,7 +426,7 @@ fn go_peers_under_100_concurrent_handshakes() {
 fn go_server_serves_a_thousand_handshakes() {
     let go = toolchains().pop().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let bin = go_binary(&go.go, dir.path(), false);
+    let bin = go_binary(&go.go, false);
     let key = openssl_key(dir.path(), "server", "ec");
     let crt = cert(dir.path(), &key, "localhost");
     let port = free_port();
@@ -438,7 +463,7 @@ fn go_server_serves_a_thousand_handshakes() {
 #[test]
 fn a_running_go_server_is_covered_from_ready() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = go_binary(Path::new("go"), dir.path(), true);
+    let bin = go_binary(Path::new("go"), true);
     let key = openssl_key(dir.path(), "server", "ec");
     let crt = cert(dir.path(), &key, "localhost");
     let port = free_port();

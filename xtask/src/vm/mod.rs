@@ -222,38 +222,33 @@ pub fn vm_test(requested: &[String]) -> Result<()> {
         }
     }
     let exes = build_tests()?;
+    // The Go smoke test's fixtures, built by the test code itself.
+    crate::go::ensure(&root())?;
+    let (binary, test) = smoke::HOST_FIRST;
+    let exe = exes
+        .get(binary)
+        .with_context(|| format!("no test executable {binary}"))?;
+    run(Command::new(exe).args([test, "--exact", "--test-threads=1"]))?;
     let mut runs = Vec::new();
     for n in wanted {
         let out = root().join("target/vm-test").join(n);
-        let _ = std::fs::remove_dir_all(&out);
-        std::fs::create_dir_all(&out)?;
-        let script = out.join("guest.sh");
-        std::fs::write(&script, smoke::guest_script(&exes, &out))?;
-        let results = out.join("results");
-        let quiet = Duration::from_secs(QUIET_SECS);
-        let started = Instant::now();
-        let ended = match images.get(n) {
-            None => run_limited(Command::new("bash").arg(&script), &results, quiet)?,
-            Some(k) => {
-                let vng = vng.as_ref().expect("installed for guests");
-                let mut cmd = guest_command(vng, &k.vmlinuz, &out, &script);
-                // The guest kernel's console: a lockup or RCU stall report
-                // lands here.
-                cmd.stdout(std::fs::File::create(out.join("console.log"))?)
-                    .stderr(Stdio::from(std::fs::File::create(out.join("vng.log"))?));
-                run_limited(&mut cmd, &results, quiet)?
-            }
-        };
-        let wall = started.elapsed();
-        let report =
-            smoke::Report::parse(&std::fs::read_to_string(out.join("results")).unwrap_or_default());
-        if let Ended::Stalled(quiet) = ended {
+        let (mut report, mut wall) = run_kernel(n, &out, images.get(n), vng.as_ref(), &exes)?;
+        if !report.all_passed() && guest_int3_lockup(&out) {
+            // Seen twice in some forty guest runs: a CPU of the guest
+            // spins in its int3 handler on a kernel text site being
+            // patched (a static key flipped as the sensor attaches), a
+            // fault of qemu's TCG with the guest's cross-CPU text
+            // patching, not of the probes. The run is repeated once, in
+            // the open; a second lockup fails it.
+            let first = out.with_file_name(format!("{n}.attempt1"));
+            let _ = std::fs::remove_dir_all(&first);
+            std::fs::rename(&out, &first)?;
             eprintln!(
-                "xtask: {n}: STALLED: no progress for {} s; the run was killed. \
-                 The last test's log and the guest kernel's console are in {}",
-                quiet.as_secs(),
-                out.display()
+                "xtask: {n}: the guest kernel locked up in its int3 handler (qemu TCG text \
+                 patching; console in {}); running its smoke tests once more",
+                first.join("vng.log").display()
             );
+            (report, wall) = run_kernel(n, &out, images.get(n), vng.as_ref(), &exes)?;
         }
         print_run(n, &report, wall, &out);
         runs.push(KernelRun {
@@ -287,6 +282,55 @@ pub fn vm_test(requested: &[String]) -> Result<()> {
         bail!("the smoke tests failed on: {}", failed.join(", "));
     }
     Ok(())
+}
+
+/// One boot of kernel `n` (or the host, without an image) running the
+/// smoke tests, with its files in `out`.
+fn run_kernel(
+    n: &str,
+    out: &Path,
+    image: Option<&kernels::Unpacked>,
+    vng: Option<&PathBuf>,
+    exes: &BTreeMap<String, String>,
+) -> Result<(smoke::Report, Duration)> {
+    let _ = std::fs::remove_dir_all(out);
+    std::fs::create_dir_all(out)?;
+    let script = out.join("guest.sh");
+    std::fs::write(&script, smoke::guest_script(exes, out))?;
+    let results = out.join("results");
+    let quiet = Duration::from_secs(QUIET_SECS);
+    let started = Instant::now();
+    let ended = match image {
+        None => run_limited(Command::new("bash").arg(&script), &results, quiet)?,
+        Some(k) => {
+            let vng = vng.expect("installed for guests");
+            let mut cmd = guest_command(vng, &k.vmlinuz, out, &script);
+            // The guest kernel's console: a lockup or RCU stall report
+            // lands here.
+            cmd.stdout(std::fs::File::create(out.join("console.log"))?)
+                .stderr(Stdio::from(std::fs::File::create(out.join("vng.log"))?));
+            run_limited(&mut cmd, &results, quiet)?
+        }
+    };
+    let wall = started.elapsed();
+    let report =
+        smoke::Report::parse(&std::fs::read_to_string(out.join("results")).unwrap_or_default());
+    if let Ended::Stalled(quiet) = ended {
+        eprintln!(
+            "xtask: {n}: STALLED: no progress for {} s; the run was killed. \
+             The last test's log and the guest kernel's console are in {}",
+            quiet.as_secs(),
+            out.display()
+        );
+    }
+    Ok((report, wall))
+}
+
+/// Whether the guest kernel's console shows a CPU stuck in its int3
+/// handler (see `vm_test`).
+fn guest_int3_lockup(out: &Path) -> bool {
+    std::fs::read_to_string(out.join("vng.log"))
+        .is_ok_and(|log| log.contains("RIP: 0010:asm_exc_int3") || log.contains("Oops: int3"))
 }
 
 fn print_run(name: &str, r: &smoke::Report, wall: Duration, out: &Path) {
@@ -348,6 +392,27 @@ fn guest_command(vng: &Path, vmlinuz: &Path, out: &Path, script: &Path) -> Comma
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_guest_stuck_in_its_int3_handler_is_recognised() {
+        let dir = std::env::temp_dir().join(format!("kw-xtask-int3-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(!guest_int3_lockup(&dir), "no console at all");
+        std::fs::write(
+            dir.join("vng.log"),
+            "[  141.003015] RIP: 0010:asm_exc_int3+0x0/0x40\n",
+        )
+        .unwrap();
+        assert!(guest_int3_lockup(&dir));
+        std::fs::write(
+            dir.join("vng.log"),
+            "[  168.6] watchdog: BUG: soft lockup - CPU#0 stuck for 49s!\n",
+        )
+        .unwrap();
+        assert!(!guest_int3_lockup(&dir), "another lockup is a failure");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("xtask-vm-{name}-{}", std::process::id()));

@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// (test binary, exact test name, what it covers on a kernel)
-pub const SMOKE: [(&str, &str, &str); 5] = [
+pub const SMOKE: [(&str, &str, &str); 6] = [
     (
         "openssl_cli",
         "cli_signing_gives_one_event_per_signature_with_the_right_key",
@@ -35,7 +35,17 @@ pub const SMOKE: [(&str, &str, &str); 5] = [
         "kill_rule_stops_a_binary_that_is_not_allowed_before_it_signs",
         "kill (bpf_send_signal from a uprobe)",
     ),
+    (
+        "other_stacks",
+        "go_peers_under_100_concurrent_handshakes",
+        "Go probes (past the stack check, on each ret) and peers by goroutine (bpf_task_pt_regs in the receive hooks)",
+    ),
 ];
+
+/// Run on the host before the guests boot: builds the Go fixtures the
+/// Go smoke test runs (the guests cannot write the host's `target/`, and
+/// building Go's standard library under TCG takes minutes).
+pub const HOST_FIRST: (&str, &str) = ("other_stacks", "go_fixture_builds_with_each_toolchain");
 
 /// Seconds one test may take in a guest before it is stopped as stalled
 /// (the slowest smoke test takes about a minute under TCG).
