@@ -223,11 +223,26 @@ struct OpData {
     seen: Instant,
 }
 
+/// `Identifier::handles` entries past which Go keys are not cached: as
+/// many as the probes' `KNOWN` map holds.
+const MAX_GO_HANDLES: usize = 65536;
+
+struct GoHandlesCap(usize);
+
+impl Default for GoHandlesCap {
+    fn default() -> Self {
+        GoHandlesCap(MAX_GO_HANDLES)
+    }
+}
+
 #[derive(Default)]
 pub struct Identifier {
     ops: HashMap<(u32, u64), OpData>,
     /// (process, key object) -> (key, suspect since a free).
     handles: HashMap<(u32, u64), (Arc<KnownKey>, bool)>,
+    /// Entries of `handles` past which no Go key is added (see
+    /// `keep_verdict`).
+    go_handles_cap: GoHandlesCap,
     /// (process, key object) that no known key verified, with the key-set
     /// generation it was checked against and why. Checked again once the
     /// generation moves (a new key became known).
@@ -765,6 +780,14 @@ impl Identifier {
         let cache_key = (tgid, r.handle);
         if !Self::caches_by_handle(r) {
             self.last_rust_key.insert(tgid, k.clone());
+        } else if func::is_go(r.func as u8)
+            && !self.handles.contains_key(&cache_key)
+            && self.handles.len() >= self.go_handles_cap.0
+        {
+            // Go keys are never seen freed, so their names only leave the
+            // cache with their process: a program that loads a new key
+            // object per request would grow it without end. Past the cap,
+            // new Go keys are verified at every signature instead.
         } else if cacheable {
             self.handles.insert(cache_key, (k.clone(), false));
             self.learned.push((cache_key.0, cache_key.1, r.handle_gen));
@@ -981,6 +1004,44 @@ mod tests {
         let got = id.identify(&lite, &[], true);
         assert_eq!(got.status, KeyStatus::Unknown);
         assert_eq!(id.retract, vec![(10, 0xa)]);
+    }
+
+    /// Go keys are never seen freed: past the cap, a new Go key is not
+    /// cached (each of its signatures is verified), so a program that
+    /// loads a key object per request cannot grow the cache without end.
+    #[test]
+    fn go_keys_are_cached_up_to_a_cap() {
+        let (d, k, spki) =
+            openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]);
+        let digest = sha2::Sha256::digest(b"m").to_vec();
+        let sig = pkeyutl_sign(d.path(), &k, &digest);
+        let mut id = Identifier {
+            go_handles_cap: GoHandlesCap(2),
+            ..Default::default()
+        };
+        id.add_process_keys(10, read_key_file(&k, "k").unwrap(), "/k.pem");
+        for (op, handle) in [(1, 0xa1), (2, 0xa2), (3, 0xa3), (4, 0xa3)] {
+            id.on_data(&data(10, op, &digest), &digest);
+            let (mut r, s) = record(10, handle, op, &sig);
+            r.func = func::GO_ECDSA_SIGN_ASN1 as u32;
+            let got = id.identify(&r, &s, true);
+            assert_eq!(got.spki_sha256.as_deref(), Some(spki.as_str()));
+            // The third key object, past the cap, is verified again.
+            assert_eq!(
+                got.identified_by,
+                Some(IdentifiedBy::SignatureVerified),
+                "{handle:x}"
+            );
+        }
+        assert_eq!(id.handles.len(), 2);
+        assert!(!id.learned.iter().any(|(_, h, _)| *h == 0xa3));
+        // Those cached are answered from the cache.
+        let (mut r, s) = record(10, 0xa1, 5, &sig);
+        r.func = func::GO_ECDSA_SIGN_ASN1 as u32;
+        assert_eq!(
+            id.identify(&r, &s, true).identified_by,
+            Some(IdentifiedBy::HandleCache)
+        );
     }
 
     /// Until the process's frees are watched, no verdict is kept: each
