@@ -376,31 +376,7 @@ fn go_peers_under_100_concurrent_handshakes() {
     let port = free_port();
     let sensor = Sensor::start(&[]);
     let server = go_server(&bin, &crt, &key.path, port);
-    let script = format!(
-        "import socket, ssl, threading\n\
-         ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE\n\
-         n = 100; barrier = threading.Barrier(n); out = [None] * n\n\
-         def run(i):\n\
-         \x20   s = socket.socket(); s.bind(('127.0.0.%d' % (i + 2), 0)); barrier.wait()\n\
-         \x20   s.connect(('127.0.0.1', {port})); t = ctx.wrap_socket(s)\n\
-         \x20   t.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); body = t.recv(4096)\n\
-         \x20   out[i] = '%s %d' % t.getsockname() if body.startswith(b'HTTP/1.0 200') else 'FAIL'; t.close()\n\
-         ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]\n\
-         [t.start() for t in ts]; [t.join() for t in ts]\n\
-         print('\\n'.join(out))\n"
-    );
-    let out = run_ok(Command::new("python3").arg("-c").arg(&script));
-    let clients: Vec<(String, u16)> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let (ip, port) = l
-                .split_once(' ')
-                .unwrap_or_else(|| panic!("client failed: {l}"));
-            (ip.to_owned(), port.parse().unwrap())
-        })
-        .collect();
-    assert_eq!(clients.len(), 100);
+    let clients = hundred_concurrent_handshakes(port);
     let events = sensor.stop();
     let pid = server.pid();
     drop(server);

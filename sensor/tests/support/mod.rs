@@ -628,3 +628,36 @@ pub fn kill_rule(dir: &Path, spki: &str, allowed: &Path) -> PathBuf {
     .unwrap();
     rules
 }
+
+/// 100 TLS clients connecting to 127.0.0.1:`port` at once (a barrier),
+/// each from its own loopback address 127.0.0.2-101, each sending one
+/// request and expecting `ok` in the answer. Returns the (address, port)
+/// each connected from.
+pub fn hundred_concurrent_handshakes(port: u16) -> std::collections::BTreeSet<(String, u16)> {
+    let script = format!(
+        "import socket, ssl, threading\n\
+         ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE\n\
+         n = 100; barrier = threading.Barrier(n); out = [None] * n\n\
+         def run(i):\n\
+         \x20   s = socket.socket(); s.bind(('127.0.0.%d' % (i + 2), 0)); barrier.wait()\n\
+         \x20   s.connect(('127.0.0.1', {port})); t = ctx.wrap_socket(s)\n\
+         \x20   t.sendall(b'GET / HTTP/1.0\\r\\n\\r\\n'); body = t.recv(4096)\n\
+         \x20   out[i] = '%s %d' % t.getsockname() if b'ok' in body else 'FAIL'; t.close()\n\
+         ts = [threading.Thread(target=run, args=(i,)) for i in range(n)]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]\n\
+         print('\\n'.join(out))\n"
+    );
+    let out = run_ok(Command::new("python3").arg("-c").arg(&script));
+    let clients: std::collections::BTreeSet<(String, u16)> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let (ip, port) = l
+                .split_once(' ')
+                .unwrap_or_else(|| panic!("client failed: {l}"));
+            (ip.to_owned(), port.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(clients.len(), 100);
+    clients
+}
