@@ -21,7 +21,7 @@ use keywarden_probe_types::{
 
 use super::{
     network::{goroutine_peer, peer_of},
-    signing::{Signature, condemned, emit_data, emit_signature, new_op_id},
+    signing::{Signature, condemned, emit_data, emit_signature, new_op_id, pick},
 };
 use crate::{
     maps::{EVENTS, GO_INFLIGHT, GO_PROCS, KNOWN},
@@ -38,13 +38,6 @@ fn registers(ctx: &ProbeContext) -> ([u64; go_reg::COUNT], u64) {
         core::hint::black_box([r.rax, r.rbx, r.rcx, r.rdi, r.rsi, r.r8, r.r9, r.r10, r.r11]),
         r.r14,
     )
-}
-
-/// Register `n` (a `go_reg` position); 0 past the last.
-#[inline(always)]
-fn pick(a: &[u64; go_reg::COUNT], n: u8) -> u64 {
-    let n = core::hint::black_box(n as usize);
-    if n < a.len() { a[n] } else { 0 }
 }
 
 /// The goroutine's stack bounds (`g.stack.lo`, `g.stack.hi`).

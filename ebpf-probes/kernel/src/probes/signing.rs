@@ -60,7 +60,8 @@ fn args(ctx: &ProbeContext) -> [u64; 6] {
     core::hint::black_box([arg(0), arg(1), arg(2), arg(3), arg(4), arg(5)])
 }
 
-/// Argument `n` (a position from `func::FUNCTIONS`); 0 past the sixth.
+/// Argument `n` (a position from `func::FUNCTIONS`, of the C or the Go
+/// register sequence); 0 past the last.
 ///
 /// One bounded read from the stack copy `args` made, not a match: the
 /// positions come from the function table, unknown to the verifier, and a
@@ -69,7 +70,7 @@ fn args(ctx: &ProbeContext) -> [u64; 6] {
 /// `cargo xtask vm-test --kernel debian-6.1`); black_box keeps the test
 /// and the index on one value.
 #[inline(always)]
-fn pick(a: &[u64; 6], n: u8) -> u64 {
+pub(super) fn pick<const N: usize>(a: &[u64; N], n: u8) -> u64 {
     let n = core::hint::black_box(n as usize);
     if n < a.len() { a[n] } else { 0 }
 }
