@@ -645,7 +645,8 @@ fn the_identified_by_table_lists_exactly_the_values_the_model_writes() {
             | IdentifiedBy::HandleCache
             | IdentifiedBy::KeyFile
             | IdentifiedBy::TlsCertificate
-            | IdentifiedBy::EcdsaRecovered => {}
+            | IdentifiedBy::EcdsaRecovered
+            | IdentifiedBy::SigningCallKey => {}
         }
     }
     let documented: Vec<String> = table(&subsection(EVENTS_MD, "### `key.identified_by`"), "Value")

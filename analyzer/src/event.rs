@@ -389,17 +389,22 @@ pub enum IdentifiedBy {
     /// process's ECDSA signatures: two distinct signatures recovered the
     /// same point, which only the key that made both can give.
     EcdsaRecovered,
+    /// This signature verified under the public key of the key the
+    /// signing call was given (libgcrypt's key S-expression, of which the
+    /// probes copy only the public parameters).
+    SigningCallKey,
 }
 
 impl IdentifiedBy {
     /// Every value, in the order `docs/events.md` lists them (its table is
     /// checked against this list).
-    pub const ALL: [IdentifiedBy; 5] = [
+    pub const ALL: [IdentifiedBy; 6] = [
         IdentifiedBy::SignatureVerified,
         IdentifiedBy::HandleCache,
         IdentifiedBy::KeyFile,
         IdentifiedBy::TlsCertificate,
         IdentifiedBy::EcdsaRecovered,
+        IdentifiedBy::SigningCallKey,
     ];
 }
 
@@ -551,7 +556,7 @@ pub struct Module {
     pub load_type_id: u8,
     pub function_name: String,
     /// The crypto stack of the probed function: `openssl`, `boringssl`,
-    /// `aws-lc`, `rustls` or `ring`.
+    /// `aws-lc`, `rustls`, `ring`, `gnutls`, `nss`, `go` or `libgcrypt`.
     #[serde(rename = "type")]
     pub kind: String,
 }

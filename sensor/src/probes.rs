@@ -79,6 +79,9 @@ pub struct Probes {
     hold_token: u64,
     /// Links to detach, for the detaching thread (`Detacher`).
     detacher: Detacher,
+    /// Why libgcrypt's return program did not load (it needs `bpf_loop`,
+    /// Linux 5.17), if it did not: `gcry_pk_sign` is then not probed.
+    sexp_refused: Option<String>,
 }
 
 /// Detaches uprobe links on a thread of its own. Removing a uprobe from a
@@ -263,6 +266,21 @@ impl Probes {
             p.load()
                 .with_context(|| format!("loading uprobe program {name}"))?;
         }
+        let sexp: &mut UProbe = ebpf
+            .program_mut("sexp_sign_return")
+            .context("sexp_sign_return")?
+            .try_into()?;
+        let sexp_refused = match sexp.load() {
+            Ok(()) => None,
+            Err(e) => {
+                let why = format!(
+                    "this kernel refused the program that reads its S-expressions (it needs bpf_loop, \
+                     Linux 5.17): {e}"
+                );
+                tracing::warn!("libgcrypt's signatures are not seen: {why}");
+                Some(why)
+            }
+        };
         attach_peers(&mut ebpf)?;
         for (name, category, tp) in [
             ("process_exec", "sched", "sched_process_exec"),
@@ -285,6 +303,7 @@ impl Probes {
             frees: HashMap::new(),
             hold_token: new_hold_token(),
             detacher: Detacher::start()?,
+            sexp_refused,
         };
         probes.set_config(config::HOLD_TOKEN, probes.hold_token)?;
         Ok((probes, Rings { events, control }))
@@ -352,13 +371,23 @@ impl Probes {
         let mut entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut context: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
+        // libgcrypt's, whose result is S-expressions.
+        let mut sexp_ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
         // Go code: an entry probe past the stack check, one per `ret`.
         let mut go_entry: Vec<UProbeAttachPoint<'static>> = Vec::new();
         let mut go_ret: Vec<UProbeAttachPoint<'static>> = Vec::new();
         // (offset, cookie) of the free functions, attached per process later.
         let mut frees: Vec<(u64, u64)> = Vec::new();
         let mut functions = Vec::new();
-        for p in &code.points {
+        let refused = |id| func::returns_sexp(id) && self.sexp_refused.is_some();
+        if code.points.iter().all(|p| refused(p.id)) {
+            bail!(
+                "{}: libgcrypt's gcry_pk_sign is not probed: {}",
+                c.shown_as,
+                self.sexp_refused.as_deref().unwrap_or_default()
+            );
+        }
+        for p in code.points.iter().filter(|p| !refused(p.id)) {
             let at = |o| UProbeAttachPoint {
                 location: UProbeAttachLocation::AbsoluteOffset(o),
                 cookie: Some(func::cookie(index, p.id)),
@@ -368,7 +397,11 @@ impl Probes {
                 go_ret.extend(go.returns.iter().map(|r| at(p.offset + r)));
             } else if needs_return(p.id) {
                 entry.push(at(p.offset));
-                ret.push(at(p.offset));
+                if func::returns_sexp(p.id) {
+                    sexp_ret.push(at(p.offset));
+                } else {
+                    ret.push(at(p.offset));
+                }
             } else if let Some((shift, register)) = p
                 .freed
                 .and_then(|f| Some((f.offset, placement::register_code(f.object_in)?)))
@@ -396,6 +429,7 @@ impl Probes {
             ("sign_entry", entry, "entry"),
             ("context_entry", context, "context"),
             ("sign_return", ret, "return"),
+            ("sexp_sign_return", sexp_ret, "S-expression return"),
             ("go_sign_entry", go_entry, "Go entry"),
             ("go_sign_return", go_ret, "Go return-instruction"),
         ] {

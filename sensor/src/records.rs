@@ -10,6 +10,8 @@ use keywarden_probe_types::{self as t, kind};
 pub enum Record {
     /// A signature; `sig` is empty for a key object the probes knew.
     Sign(t::SignRecord, Vec<u8>),
+    /// A libgcrypt signature, with its S-expressions.
+    SexpSign(t::SignRecord, Box<SexpCopy>),
     Data {
         header: t::DataHeader,
         bytes: Vec<u8>,
@@ -33,7 +35,7 @@ impl Record {
     /// malformed one.
     pub fn tgid(&self) -> Option<u32> {
         Some(match self {
-            Record::Sign(r, _) => r.task.tgid(),
+            Record::Sign(r, _) | Record::SexpSign(r, _) => r.task.tgid(),
             Record::Data { header, .. } => header.tgid,
             Record::HandleFree(f) => f.tgid,
             Record::Exec(x) => x.task.tgid(),
@@ -44,6 +46,15 @@ impl Record {
             Record::Malformed { .. } => return None,
         })
     }
+}
+
+/// The probes' copies of a libgcrypt call's S-expressions
+/// (`probe_types::sexp`): key (public parameters only), data, signature.
+#[derive(Clone, Debug, Default)]
+pub struct SexpCopy {
+    pub parts: [Vec<u8>; 3],
+    /// Whether the copy of each reached the S-expression's end.
+    pub complete: [bool; 3],
 }
 
 fn read<T: Copy>(bytes: &[u8]) -> Option<T> {
@@ -69,6 +80,16 @@ pub fn decode(bytes: &[u8]) -> Record {
             Record::Sign(r.head, r.sig[..n].to_vec())
         }),
         kind::SIGN_KNOWN => read::<t::SignRecord>(bytes).map(|r| Record::Sign(r, Vec::new())),
+        kind::SIGN_SEXP => read::<t::SexpSignRecord>(bytes).map(|r| {
+            let mut copy = SexpCopy::default();
+            for (i, part) in r.parts.iter().enumerate() {
+                let end = r.ends[i];
+                let used = ((end & !t::sexp::COMPLETE) as usize).min(t::sexp::MAX);
+                copy.parts[i] = part[..used].to_vec();
+                copy.complete[i] = end & t::sexp::COMPLETE != 0;
+            }
+            Record::SexpSign(r.head, Box::new(copy))
+        }),
         kind::DATA_SMALL | kind::DATA_BIG => read::<t::DataHeader>(bytes).and_then(|header| {
             let cap = if k == kind::DATA_SMALL {
                 t::DATA_SMALL
@@ -157,6 +178,35 @@ mod tests {
             }
             _ => panic!("wrong kind"),
         }
+    }
+
+    /// A libgcrypt record gives each part only its used bytes, and never
+    /// more than `sexp::MAX`, whatever length the ring claims.
+    #[test]
+    fn sexp_records_carry_only_their_used_bytes() {
+        // SAFETY: a plain repr(C) record of integers and bytes, for which all
+        // zeroes is a valid value.
+        let mut rec: t::SexpSignRecord = unsafe { std::mem::zeroed() };
+        rec.head.kind = kind::SIGN_SEXP;
+        rec.parts[0][..3].copy_from_slice(&[t::sexp::OPEN, t::sexp::WITHHELD, t::sexp::CLOSE]);
+        rec.ends = [3 | t::sexp::COMPLETE, 0, u32::MAX, 0];
+        match decode(&as_bytes(&rec)) {
+            Record::SexpSign(_, copy) => {
+                assert_eq!(
+                    copy.parts[0],
+                    [t::sexp::OPEN, t::sexp::WITHHELD, t::sexp::CLOSE]
+                );
+                assert_eq!(copy.complete, [true, false, true]);
+                assert!(copy.parts[1].is_empty());
+                assert_eq!(copy.parts[2].len(), t::sexp::MAX);
+            }
+            _ => panic!("wrong kind"),
+        }
+        let bytes = as_bytes(&rec);
+        assert!(matches!(
+            decode(&bytes[..bytes.len() - 1]),
+            Record::Malformed { .. }
+        ));
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub const GO_RSA_SIGN_PSS: u8 = 25;
 pub const GO_ED25519_SIGN: u8 = 26;
 pub const GO_ED25519_SIGN_WITH_DOM: u8 = 27;
 pub const GNUTLS_PRIVKEY_DEINIT: u8 = 28;
+pub const GCRY_PK_SIGN: u8 = 29;
 
 /// A probed function: its id, what events call it, and what it does.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +128,11 @@ pub enum Handle {
     /// reused address has another public key, so a verdict is kept for
     /// the name. (Never the private half: only public fields are read.)
     GoKey(KeyPath),
+    /// libgcrypt's key S-expression (`gcry_sexp_t`). Callers build one
+    /// per call (gpg-agent reads its key file each time) and nothing
+    /// reports its frees, so no verdict is kept: the return probe copies
+    /// the key's public parameters at every signature (`Output::Sexp`).
+    KeySexp,
 }
 
 /// Offsets from a Go key object to a word of its public key (see
@@ -182,6 +188,10 @@ pub enum Input {
     /// an `unsigned int` length (GnuTLS's `gnutls_datum_t`, at 0; NSS's
     /// `SECItem`, after its type, at 8).
     Datum { datum: u8, at: u8, digest: bool },
+    /// A data S-expression (`gcry_sexp_t`: `(data (flags …) (value …))`
+    /// or `(hash …)`), which names its own hash: copied at the return,
+    /// with the key's and the signature's (see `Output::Sexp`).
+    Sexp { data: u8 },
 }
 
 impl Input {
@@ -213,6 +223,12 @@ pub enum Output {
     Datum { out: u8, at: u8 },
     /// What a Go function returns (see [`GoOutput`]).
     Go(GoOutput),
+    /// A `gcry_sexp_t *` the call sets to the signature's S-expression
+    /// (`(sig-val (ecdsa (r …) (s …)))`); it returns 0 on success. The
+    /// return probe (`sexp_sign_return`, not `sign_return`) copies it,
+    /// the data's, and the key's public parameters: a key S-expression
+    /// holds the private key too, which is never copied.
+    Sexp { out: u8 },
 }
 
 /// Where a Go signing function leaves its signature, read at its return
@@ -342,7 +358,7 @@ const ED25519_PUBLIC: KeyPath = KeyPath {
 };
 
 /// Every probed function, in id order.
-pub const FUNCTIONS: [Function; 28] = [
+pub const FUNCTIONS: [Function; 29] = [
     Function {
         id: DIGEST_SIGN_INIT,
         name: "EVP_DigestSignInit",
@@ -643,6 +659,19 @@ pub const FUNCTIONS: [Function; 28] = [
         name: "gnutls_privkey_deinit",
         role: Role::Forget { object: 0 },
     },
+    Function {
+        id: GCRY_PK_SIGN,
+        // libgcrypt's `gcry_error_t gcry_pk_sign(gcry_sexp_t *result,
+        // gcry_sexp_t data, gcry_sexp_t skey)`: every signature GnuPG
+        // makes (in gpg-agent) goes through it.
+        name: "gcry_pk_sign",
+        role: sign(
+            2,
+            Handle::KeySexp,
+            Input::Sexp { data: 1 },
+            Output::Sexp { out: 0 },
+        ),
+    },
 ];
 
 // Ids are positions plus one, so `describe` is an index, not a search.
@@ -684,6 +713,19 @@ pub fn is_go(id: u8) -> bool {
         describe(id),
         Some(Function {
             role: Role::GoSign(_),
+            ..
+        })
+    )
+}
+
+/// Whether the function's result is read by `sexp_sign_return` (libgcrypt),
+/// not `sign_return`.
+#[inline(always)]
+pub fn returns_sexp(id: u8) -> bool {
+    matches!(
+        sign_call(id),
+        Some(SignCall {
+            output: Output::Sexp { .. },
             ..
         })
     )

@@ -42,6 +42,9 @@ pub mod kind {
     pub const KILLED: u32 = 10;
     /// `OpenResultRecord`: what an open reported at entry came to.
     pub const OPEN_RESULT: u32 = 11;
+    /// `SexpSignRecord`: a libgcrypt signature with its three
+    /// S-expressions, the key's reduced to its public parameters.
+    pub const SIGN_SEXP: u32 = 12;
 }
 
 /// Flags on a `SignRecord`.
@@ -71,6 +74,48 @@ pub mod sign_flags {
     /// library's little-endian 64-bit words, each in a fixed slot (see
     /// `BIGNUM_SLOT`), not an encoded signature; the sensor encodes them.
     pub const SIG_BIGNUMS: u32 = 1 << 7;
+}
+
+/// libgcrypt's S-expressions in memory (`gcry_sexp_t`, its `sexp.c`): a
+/// byte string of tokens, each a type byte; `DATA` and `HINT` are followed
+/// by a native-endian 16-bit length and that many bytes. The probes copy
+/// them token by token in this same encoding, and write `WITHHELD` in
+/// place of a value they must not copy (a private parameter).
+pub mod sexp {
+    pub const STOP: u8 = 0;
+    pub const DATA: u8 = 1;
+    pub const HINT: u8 = 2;
+    pub const OPEN: u8 = 3;
+    pub const CLOSE: u8 = 4;
+    /// Not libgcrypt's: a value left out of the copy.
+    pub const WITHHELD: u8 = 5;
+    /// Bytes of one copied S-expression: an RSA-4096 key's `n` or
+    /// signature's `s` (512 bytes) with room for the rest.
+    pub const MAX: usize = 1024;
+    /// Tokens walked in one S-expression (an RSA key with its six
+    /// parameters has 28).
+    pub const TOKENS: u32 = 48;
+    /// The three parts of a `SexpSignRecord`, in order.
+    pub const KEY: usize = 0;
+    pub const DATA_PART: usize = 1;
+    pub const SIGNATURE: usize = 2;
+    /// `SexpSignRecord::ends` bit: the copy reached the S-expression's end.
+    pub const COMPLETE: u32 = 1 << 31;
+}
+
+/// A libgcrypt signature (`gcry_pk_sign(&sig, data, key)`), with the three
+/// S-expressions as the probes copied them (`sexp`): the key's with only
+/// its public parameters (`q` of an elliptic-curve key, `n` and `e` of an
+/// RSA key) and its curve, the data's and the signature's whole. Each part
+/// is `2 * sexp::MAX` bytes so the verifier can bound a write at any
+/// offset below `sexp::MAX`; only `ends[i]` bytes of part `i` are used.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct SexpSignRecord {
+    pub head: SignRecord,
+    /// Bytes used in each part, with `sexp::COMPLETE`.
+    pub ends: [u32; 4],
+    pub parts: [[u8; 2 * sexp::MAX]; 3],
 }
 
 /// Bytes of `sig` given to each integer of a `SIG_BIGNUMS` signature: one

@@ -197,23 +197,21 @@ const MARKERS: [(&[u8], &str); 12] = [
 const OPENSSH_ED25519: &str = "OpenSSH's built-in Ed25519";
 pub(crate) const GO_CRYPTO: &str = "Go's crypto/ecdsa, crypto/rsa or crypto/ed25519";
 pub(crate) const NSS: &str = "NSS";
-pub(crate) const LIBGCRYPT: &str = "libgcrypt";
 pub(crate) const JVM: &str = "a Java virtual machine";
 
 /// Exported functions that name a crypto runtime keywarden does not probe
 /// (yet): a library defining one is that runtime. Told by symbol, not by
 /// string, since these libraries keep their exports. (An NSS that also
 /// exports `PK11_SignWithMechanism` is probed, and not warned about.)
-const RUNTIME_SYMBOLS: [(&str, &str); 3] = [
+const RUNTIME_SYMBOLS: [(&str, &str); 2] = [
     ("PK11_Sign", NSS),
-    ("gcry_pk_sign", LIBGCRYPT),
     // libjvm.so, which every JVM maps.
     ("JNI_CreateJavaVM", JVM),
 ];
 
 /// Signing code keywarden has no probe for even where symbols name it,
 /// and why: a warning about it says so instead of blaming missing symbols.
-const UNPROBED: [(&str, &str); 5] = [
+const UNPROBED: [(&str, &str); 4] = [
     (
         OPENSSH_ED25519,
         "OpenSSH signs Ed25519 with its own code, not libcrypto's, and keywarden has no probe for it",
@@ -226,10 +224,6 @@ const UNPROBED: [(&str, &str); 5] = [
     (
         NSS,
         "keywarden probes NSS's PK11_SignWithMechanism (NSS 3.22 and later), which this build does not export",
-    ),
-    (
-        LIBGCRYPT,
-        "keywarden has no probe for libgcrypt's signing function (gcry_pk_sign)",
     ),
     (
         JVM,
@@ -841,23 +835,17 @@ mod tests {
         );
     }
 
-    /// Libraries of crypto runtimes without probes are named by what they
-    /// export, with the reason (their packages are in bootstrap.sh).
+    /// libgcrypt's one signing function is found under its version node,
+    /// and the library is not called uncovered.
     #[test]
-    fn other_runtimes_are_named_as_unprobed() {
-        let lib = system_libcrypto();
-        let dir = lib.parent().unwrap();
-        let name = "libgcrypt.so.20";
-        let code = scan(&dir.join(name), name).unwrap();
-        assert!(!code.can_see_signatures(), "{name}");
-        assert_eq!(code.markers, [LIBGCRYPT], "{name}");
-        let reason = code.uncovered_reason().unwrap();
-        assert!(
-            reason.starts_with(&format!(
-                "signs with code keywarden cannot probe ({LIBGCRYPT})"
-            )),
-            "{reason}"
-        );
+    fn finds_the_signing_function_of_libgcrypt() {
+        let lib = system_libcrypto().parent().unwrap().join("libgcrypt.so.20");
+        let code = scan(&lib, "libgcrypt").unwrap();
+        let names: Vec<&str> = code.points.iter().map(|p| p.symbol.as_str()).collect();
+        assert_eq!(names, ["gcry_pk_sign"]);
+        assert!(code.points.iter().all(|p| p.stack == Stack::Libgcrypt));
+        assert!(code.can_see_signatures() && code.markers.is_empty());
+        assert_eq!(code.uncovered_reason(), None);
     }
 
     /// NSS's signing entry point is found under its version node; the

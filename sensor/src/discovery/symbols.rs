@@ -21,6 +21,7 @@ pub enum Stack {
     Gnutls,
     Nss,
     Go,
+    Libgcrypt,
 }
 
 impl Stack {
@@ -39,6 +40,7 @@ impl Stack {
             Stack::Gnutls => "gnutls",
             Stack::Nss => "nss",
             Stack::Go => "go",
+            Stack::Libgcrypt => "libgcrypt",
         }
     }
 }
@@ -58,7 +60,7 @@ pub enum Pattern {
     /// One Rust function, by its demangled path without the hash.
     Path(&'static str, Stack),
     /// A C function of a library outside the OpenSSL family, by its
-    /// exact name (GnuTLS and NSS export their APIs under version nodes,
+    /// exact name (GnuTLS, NSS and libgcrypt export their APIs under version nodes,
     /// which the `object` crate keeps apart from the name).
     Exported(&'static str, Stack),
 }
@@ -94,7 +96,7 @@ const fn c(name: &'static str, id: u8) -> Symbol {
 /// Every symbol the sensor attaches to. OpenSSL 1.1 and 3.x, BoringSSL
 /// and AWS-LC share the C names and argument orders (BoringSSL and
 /// AWS-LC lack the `_ex` variants).
-pub const SYMBOLS: [Symbol; 22] = [
+pub const SYMBOLS: [Symbol; 23] = [
     c("EVP_DigestSignInit", func::DIGEST_SIGN_INIT),
     c("EVP_DigestSignInit_ex", func::DIGEST_SIGN_INIT_EX),
     c("EVP_DigestSignUpdate", func::DIGEST_SIGN_UPDATE),
@@ -134,6 +136,10 @@ pub const SYMBOLS: [Symbol; 22] = [
     Symbol {
         pattern: Pattern::Exported("PK11_SignWithMechanism", Stack::Nss),
         id: func::NSS_SIGN_WITH_MECHANISM,
+    },
+    Symbol {
+        pattern: Pattern::Exported("gcry_pk_sign", Stack::Libgcrypt),
+        id: func::GCRY_PK_SIGN,
     },
 ];
 

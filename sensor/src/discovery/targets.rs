@@ -30,14 +30,14 @@ pub struct Candidate {
 }
 
 /// `libcrypto.so`, `libcrypto.so.3`, `libcrypto.so.1.1`, ...,
-/// `libgnutls.so.30`, `libnss3.so`: the shared libraries with probed
-/// signing functions.
+/// `libgnutls.so.30`, `libnss3.so`, `libgcrypt.so.20`: the shared
+/// libraries with probed signing functions.
 pub fn is_crypto_library(path: &str) -> bool {
     Path::new(path)
         .file_name()
         .and_then(|n| n.to_str())
         .is_some_and(|n| {
-            ["libcrypto.so", "libgnutls.so", "libnss3.so"]
+            ["libcrypto.so", "libgnutls.so", "libnss3.so", "libgcrypt.so"]
                 .iter()
                 .any(|l| n.starts_with(l))
         })
@@ -155,6 +155,9 @@ mod tests {
         assert!(is_crypto_library("/opt/x/libcrypto.so"));
         assert!(is_crypto_library("/usr/lib/libgnutls.so.30"));
         assert!(is_crypto_library("/usr/lib/x86_64-linux-gnu/libnss3.so"));
+        assert!(is_crypto_library(
+            "/usr/lib/x86_64-linux-gnu/libgcrypt.so.20"
+        ));
         assert!(!is_crypto_library("/usr/lib/libssl.so.3"));
         assert!(!is_crypto_library("/usr/lib/libcrypto.a"));
         assert!(!is_crypto_library("/usr/lib/libcrypto.so.3/x"));

@@ -55,7 +55,7 @@ use super::{
     recover,
     verify::{Signed, Verifier, verifies},
 };
-use crate::records::c_str;
+use crate::records::{SexpCopy, c_str};
 
 /// Where the sensor learnt a public key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +210,7 @@ pub struct Judged {
 }
 
 impl Judged {
-    fn done(key: KeyIdentity) -> Self {
+    pub fn done(key: KeyIdentity) -> Self {
         Judged { key, retry: None }
     }
 }
@@ -769,6 +769,57 @@ impl Identifier {
                 recovering,
             }),
         }
+    }
+
+    /// A libgcrypt signature (`super::sexp`): which key made it, and the
+    /// signature's length. The key is the public key of the S-expression
+    /// the call signed with, once the signature verifies under it. Nothing
+    /// is cached: callers build a key S-expression per call.
+    pub fn judge_sexp(&mut self, r: &SignRecord, copy: &SexpCopy) -> (KeyIdentity, u64) {
+        if r.ret != 1 {
+            return (
+                KeyIdentity::unknown("the signing call failed, so there is no signature to check"),
+                0,
+            );
+        }
+        const PARTS: [&str; 3] = ["key", "data", "signature"];
+        if let Some(i) = copy.complete.iter().position(|c| !c) {
+            return (
+                KeyIdentity::unknown(format!(
+                    "the {} S-expression could not be copied whole from the process (unreadable, \
+                     or more than {} bytes or {} tokens)",
+                    PARTS[i],
+                    keywarden_probe_types::sexp::MAX,
+                    keywarden_probe_types::sexp::TOKENS
+                )),
+                0,
+            );
+        }
+        let s = match super::sexp::read(&copy.parts[0], &copy.parts[1], &copy.parts[2]) {
+            Ok(s) => s,
+            Err(why) => {
+                return (
+                    KeyIdentity::unknown(format!("libgcrypt's S-expressions were not read: {why}")),
+                    0,
+                );
+            }
+        };
+        self.verifications += 1;
+        let signed = Signed {
+            signature: &s.signature,
+            data: Some(&s.data),
+            data_is_digest: s.data_is_digest,
+            digest_hint: s.digest.as_deref(),
+        };
+        let key = if verifies(&s.key.public, &signed) {
+            identity(&s.key, None, IdentifiedBy::SigningCallKey)
+        } else {
+            KeyIdentity::unknown(
+                "the signature does not verify under the public key of the key S-expression the \
+                 call signed with",
+            )
+        };
+        (key, s.signature.len() as u64)
     }
 
     /// Keeps the verdict that `k` made the signature in `r`: cached for the

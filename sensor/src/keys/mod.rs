@@ -10,7 +10,8 @@
 //! possible keys of an ECDSA signature; `search` looks for a signing
 //! process's keys that no file the sensor saw gave (files it holds open:
 //! `held_open`; its TLS listeners' certificates: `tls_probe`); `scan` reads
-//! the places servers keep keys at start.
+//! the places servers keep keys at start. `sexp` reads libgcrypt's
+//! S-expressions, whose key names itself.
 pub mod held_open;
 pub mod identify;
 pub mod inventory;
@@ -20,5 +21,6 @@ pub mod recover;
 pub mod safe_open;
 pub mod scan;
 pub mod search;
+pub mod sexp;
 pub mod tls_probe;
 pub mod verify;

@@ -29,12 +29,12 @@ use crate::{
     free_watch::{self, FreeWatches},
     keys::{
         identify::SearchRequest,
-        identify::{Captured, Identifier, KnownKey, Searched, identified},
+        identify::{Captured, Identifier, Judged, KnownKey, Searched, identified},
         inventory::{Inventory, Use},
         search::{Found, Job, Refused, Searcher},
     },
     probes::Probes,
-    records::c_str,
+    records::{SexpCopy, c_str},
 };
 
 /// How long an unknown signature is held for a key that may still come.
@@ -167,6 +167,33 @@ impl KeyUses {
         }
         self.start_searches();
         self.sync_known();
+        self.report(r, judged, r.sig_len, attr, out);
+    }
+
+    /// A libgcrypt signature: named by the public key of the S-expression
+    /// it was made with, once it verifies under it (`keys::sexp`).
+    pub fn on_sexp_sign(
+        &mut self,
+        r: &SignRecord,
+        copy: &SexpCopy,
+        attr: &mut Attributor,
+        out: &mut Emitter,
+    ) {
+        let (key, sig_len) = self.ident.judge_sexp(r, copy);
+        self.report(r, Judged::done(key), sig_len, attr, out);
+    }
+
+    /// Attributes a judged signature and sends its event (or holds it,
+    /// while its key may still be found).
+    fn report(
+        &mut self,
+        r: &SignRecord,
+        judged: Judged,
+        sig_len: u64,
+        attr: &mut Attributor,
+        out: &mut Emitter,
+    ) {
+        let tgid = r.task.tgid();
         let info = attr.process_at(tgid, r.task.ktime_ns);
         let who = attr.who(&r.task, &info);
         let (lib_file, library_kind) = library_of(&self.probes(), r.library, r.func as u8);
@@ -188,7 +215,7 @@ impl KeyUses {
             success: r.ret == 1,
             key: judged.key,
             signature: Signature {
-                length: if r.ret == 1 { r.sig_len } else { 0 },
+                length: if r.ret == 1 { sig_len } else { 0 },
                 digest: md_name,
             },
             peer,

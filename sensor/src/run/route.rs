@@ -220,6 +220,10 @@ impl Sensor {
     fn handle(&mut self, rec: Record) {
         match rec {
             Record::Sign(r, sig) => self.keys.on_sign(&r, &sig, &mut self.attr, &mut self.out),
+            Record::SexpSign(r, copy) => {
+                self.keys
+                    .on_sexp_sign(&r, &copy, &mut self.attr, &mut self.out)
+            }
             Record::Data { header, bytes } => self.keys.ident.on_data(&header, &bytes),
             Record::HandleFree(f) => self.keys.ident.on_free(f.tgid, f.handle),
             // The control thread snapshotted the new image; here the old

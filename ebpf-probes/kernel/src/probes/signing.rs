@@ -189,6 +189,7 @@ fn output_of(a: &[u64; 6], call: SignCall) -> (u64, u64) {
         } => (pick(a, out), 0),
         Output::RustVec { result } | Output::RingSignature { result } => (pick(a, result), 0),
         Output::Datum { out, .. } => (pick(a, out), 0),
+        Output::Sexp { out } => (pick(a, out), 0),
         Output::Bignums | Output::Go(_) => (0, 0),
     }
 }
@@ -604,6 +605,11 @@ fn on_sign_entry(
                 datum(pick(a, arg).wrapping_add(at as u64)).unwrap_or((0, 0))
             }
             Input::Streamed => (0, 0),
+            // Walked at the return, where the signature is too.
+            Input::Sexp { data } => {
+                inflight.siglen_ptr = pick(a, data);
+                (0, 0)
+            }
         };
         emit_data(tgid, inflight.op_id, 0, data, data_len);
     }
