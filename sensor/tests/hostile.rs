@@ -935,3 +935,106 @@ fn tar_pit_listeners_of_one_user_do_not_keep_another_users_server_unnamed() {
     );
     assert!(!log.contains("not searching the process"), "{log}");
 }
+
+/// The last 32 bytes of `openssl pkey ARGS -in KEY -outform DER`, in hex:
+/// an Ed25519 key's seed (its PKCS #8 ends with it) or, with `-pubout`,
+/// its public key.
+fn ed25519_raw(key: &Path, public: bool) -> String {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["pkey", "-in"]).arg(key).args(["-outform", "DER"]);
+    if public {
+        cmd.arg("-pubout");
+    }
+    let der = run_ok(&mut cmd).stdout;
+    hex::encode(&der[der.len() - 32..])
+}
+
+/// libgcrypt signs with whatever key S-expression a program builds, and a
+/// program run by `nobody` can pair its own private seed with the public
+/// key of a key it does not have (one the sensor knows, here). The sensor
+/// names a libgcrypt key by the public key in that S-expression only once
+/// the signature verifies under it: the honest signature is named, the
+/// forged pairing is `unknown` and never named as the other key, and a
+/// key without its public point says so. The private seed is never
+/// copied out of the process: the sensor's log shows the key as `(d
+/// withheld)`, and the seed appears in no event and no log line.
+#[test]
+fn a_libgcrypt_key_cannot_borrow_another_keys_name() {
+    let dir = attacker_dir();
+    let own = openssl_key(dir.path(), "own", "ed25519");
+    let victim = openssl_key(dir.path(), "victim", "ed25519");
+    let victim_pem = std::fs::read_to_string(&victim.path).unwrap();
+    std::fs::remove_file(&victim.path).unwrap();
+    // The sensor knows the victim's key, as it would a server's.
+    let known = tempfile::tempdir().unwrap();
+    std::fs::write(known.path().join("victim.pem"), victim_pem).unwrap();
+    let victim_public = ed25519_raw(&known.path().join("victim.pem"), true);
+    let seed = ed25519_raw(&own.path, false);
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = sensor_config(config_dir.path(), &[known.path()], &[]);
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/gcrypt/sign.py");
+    let mut signer = as_nobody("python3")
+        .arg(&script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = signer.id();
+    let lines = format!(
+        "{}:{seed}\n{victim_public}:{seed}\n:{seed}\n",
+        ed25519_raw(&own.path, true)
+    );
+    std::io::Write::write_all(&mut signer.stdin.take().unwrap(), lines.as_bytes()).unwrap();
+    let out = signer.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0\n0\n0\n",
+        "libgcrypt signed all three"
+    );
+    wait_for(
+        "three libgcrypt signatures",
+        Duration::from_secs(20),
+        || key_uses_of(&sensor.events(), pid).len() == 3,
+    );
+    let log = sensor.log();
+    let events = sensor.stop();
+    let uses = key_uses_of(&events, pid);
+    assert_eq!(uses.len(), 3, "{}", pretty(&uses));
+    assert!(uses.iter().all(|e| module_of(e).kind == "libgcrypt"));
+    assert_eq!(
+        spki_of(uses[0]),
+        Some(own.spki.as_str()),
+        "{}",
+        pretty(&uses)
+    );
+    assert_eq!(
+        key_of(uses[0]).identified_by,
+        Some(keywarden_analyzer::event::IdentifiedBy::SigningCallKey)
+    );
+    let reason = |e: &Event| key_of(e).unknown_reason.clone().unwrap_or_default();
+    assert_eq!(spki_of(uses[1]), None, "{}", pretty(&uses));
+    assert!(
+        reason(uses[1]).contains("does not verify"),
+        "{}",
+        reason(uses[1])
+    );
+    assert_eq!(spki_of(uses[2]), None, "{}", pretty(&uses));
+    assert!(
+        reason(uses[2]).contains("no public point"),
+        "{}",
+        reason(uses[2])
+    );
+    assert!(
+        events
+            .iter()
+            .all(|e| spki_of(e) != Some(victim.spki.as_str())),
+        "named the victim's key"
+    );
+    assert!(log.contains("(d withheld)"), "{log}");
+    let everything = format!("{log}{}", pretty(&events));
+    assert!(
+        !everything.contains(&seed),
+        "the private seed left the process"
+    );
+}

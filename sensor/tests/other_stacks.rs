@@ -698,49 +698,127 @@ fn gnutls_serv_names_every_handshake() {
     }
 }
 
-/// `gpg --sign` (libgcrypt) run after the sensor: libgcrypt has no probes
-/// yet, and is named in one warning.
-#[test]
-fn gpg_is_warned_not_silent() {
+/// The SPKI SHA-256 of a GnuPG key, computed without the sensor: GnuPG
+/// exports it as an OpenSSH public key, whose blob ends with the key
+/// (Ed25519), or which `ssh-keygen` turns into a PKCS #8 public key.
+fn gpg_key_spki(gpg: &dyn Fn(&[&str]) -> std::process::Output) -> String {
+    let listing = String::from_utf8(gpg(&["--list-keys", "--with-colons"]).stdout).unwrap();
+    let fpr = listing
+        .lines()
+        .find_map(|l| l.strip_prefix("fpr:::::::::"))
+        .and_then(|l| l.split(':').next())
+        .expect("a fingerprint")
+        .to_owned();
+    let ssh = String::from_utf8(gpg(&["--export-ssh-key", &format!("{fpr}!")]).stdout).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let home = dir.path().join("gnupg");
-    std::fs::create_dir(&home).unwrap();
-    std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
-    let data = dir.path().join("data");
-    std::fs::write(&data, b"signed by gpg").unwrap();
-    let sensor = Sensor::start(&[]);
-    let gpg = |args: &[&str]| {
+    let file = dir.path().join("k.pub");
+    let der = if ssh.starts_with("ssh-ed25519 ") {
+        // ssh-keygen does not export Ed25519 as PKCS #8; the blob ends
+        // with the 32-byte key.
+        std::fs::write(&file, ssh.split(' ').nth(1).unwrap()).unwrap();
+        let blob = run_ok(Command::new("base64").arg("-d").arg(&file)).stdout;
+        let mut der = hex::decode("302a300506032b6570032100").unwrap();
+        der.extend_from_slice(&blob[blob.len() - 32..]);
+        der
+    } else {
+        std::fs::write(&file, &ssh).unwrap();
+        let pem = run_ok(
+            Command::new("ssh-keygen")
+                .args(["-e", "-m", "PKCS8", "-f"])
+                .arg(&file),
+        );
+        std::fs::write(&file, &pem.stdout).unwrap();
         run_ok(
-            Command::new("gpg")
-                .arg("--homedir")
-                .arg(&home)
-                .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
-                .args(args),
+            Command::new("openssl")
+                .args(["pkey", "-pubin", "-outform", "DER", "-in"])
+                .arg(&file),
         )
+        .stdout
     };
-    gpg(&[
-        "--quick-gen-key",
-        "kw-test@example.invalid",
-        "ed25519",
-        "sign",
-        "1d",
-    ]);
-    let mut sign = vec!["--output".to_owned()];
-    sign.push(dir.path().join("data.gpg").display().to_string());
-    sign.push("--sign".to_owned());
-    sign.push(data.display().to_string());
-    gpg(&sign.iter().map(String::as_str).collect::<Vec<_>>());
-    // gpg signs in the gpg-agent it started, which outlives it.
-    let _ = Command::new("gpgconf")
-        .arg("--homedir")
-        .arg(&home)
-        .args(["--kill", "gpg-agent"])
-        .status();
-    let events = sensor.stop();
-    let warned = warnings_about(&events, |p| p.contains("libgcrypt.so"), &[]);
-    assert_eq!(warned.len(), 1, "{}", pretty(&events));
-    let detail = warned[0].status_detail.as_deref().unwrap_or_default();
-    assert!(detail.contains("(libgcrypt)"), "{detail}");
+    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&der))
+}
+
+/// `gpg --sign` with Ed25519, ECDSA P-256 and RSA keys: gpg-agent signs
+/// with libgcrypt's `gcry_pk_sign`. The key is made before the sensor
+/// starts, so its gpg-agent was running already; three signatures after
+/// `ready` give exactly three events, each naming the key by its SPKI
+/// (computed here from GnuPG's own export), through the public key of
+/// the key S-expression (`signing_call_key`). libgcrypt is not warned
+/// about.
+#[test]
+fn gpg_signatures_name_their_key() {
+    for alg in ["ed25519", "nistp256", "rsa2048"] {
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("gnupg");
+        std::fs::create_dir(&home).unwrap();
+        std::fs::set_permissions(&home, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let data = dir.path().join("data");
+        std::fs::write(&data, b"signed by gpg").unwrap();
+        let gpg = |args: &[&str]| {
+            run_ok(
+                Command::new("gpg")
+                    .arg("--homedir")
+                    .arg(&home)
+                    .args(["--batch", "--pinentry-mode", "loopback", "--passphrase", ""])
+                    .args(args),
+            )
+        };
+        gpg(&[
+            "--quick-gen-key",
+            "kw-test@example.invalid",
+            alg,
+            "sign",
+            "1d",
+        ]);
+        let spki = gpg_key_spki(&gpg);
+        let sensor = Sensor::start(&[]);
+        for i in 0..3 {
+            let out = dir.path().join(format!("data{i}.gpg"));
+            gpg(&[
+                "--output",
+                out.to_str().unwrap(),
+                "--sign",
+                data.to_str().unwrap(),
+            ]);
+        }
+        let agent = |events: &[Event]| -> Vec<Event> {
+            key_uses(events)
+                .into_iter()
+                .filter(|e| e.actor.process.name == "gpg-agent")
+                .filter(|e| {
+                    let cmd = e.actor.process.cmd_line.as_deref().unwrap_or_default();
+                    cmd.contains(home.to_str().unwrap())
+                })
+                .cloned()
+                .collect()
+        };
+        wait_for(
+            "three gpg-agent signatures",
+            Duration::from_secs(20),
+            || agent(&sensor.events()).len() >= 3,
+        );
+        let _ = Command::new("gpgconf")
+            .arg("--homedir")
+            .arg(&home)
+            .args(["--kill", "gpg-agent"])
+            .status();
+        let events = sensor.stop();
+        let uses = agent(&events);
+        assert_eq!(uses.len(), 3, "{alg}: {}", pretty(&uses));
+        for e in &uses {
+            assert_eq!(spki_of(e), Some(spki.as_str()), "{alg}: {}", pretty(e));
+            assert_eq!(module_of(e).function_name, "gcry_pk_sign");
+            assert_eq!(module_of(e).kind, "libgcrypt");
+            assert_eq!(
+                key_of(e).identified_by,
+                Some(keywarden_analyzer::event::IdentifiedBy::SigningCallKey),
+                "{alg}"
+            );
+        }
+        let warned = warnings_about(&events, |p| p.contains("libgcrypt.so"), &[]);
+        assert!(warned.is_empty(), "{}", pretty(&warned));
+    }
 }
 
 /// NSS's `certutil`, run after the sensor, signs a certificate request

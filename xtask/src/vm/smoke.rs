@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// (test binary, exact test name, what it covers on a kernel)
-pub const SMOKE: [(&str, &str, &str); 6] = [
+pub const SMOKE: [(&str, &str, &str); 7] = [
     (
         "openssl_cli",
         "cli_signing_gives_one_event_per_signature_with_the_right_key",
@@ -39,6 +39,11 @@ pub const SMOKE: [(&str, &str, &str); 6] = [
         "other_stacks",
         "go_peers_under_100_concurrent_handshakes",
         "Go probes (past the stack check, on each ret) and peers by goroutine (bpf_task_pt_regs in the receive hooks)",
+    ),
+    (
+        "hostile",
+        "a_libgcrypt_key_cannot_borrow_another_keys_name",
+        "libgcrypt (bpf_loop walking S-expressions, private values withheld), run as nobody",
     ),
 ];
 
