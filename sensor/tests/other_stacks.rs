@@ -698,6 +698,83 @@ fn gnutls_serv_names_every_handshake() {
     }
 }
 
+/// GnuTLS key objects freed and reallocated at the same address, each
+/// time with another key (`fixtures/gnutls/sign.py`, Python's ctypes):
+/// every event names the key that signed. Once the sensor watches the
+/// process's frees (after its first signature), a key object's second
+/// signature comes from the sensor's cache (`handle_cache`); the next
+/// object at that address, another key, is verified again, because
+/// `gnutls_privkey_deinit` voided the verdict. (Objects of a third key
+/// after the pause settle the heap, so that the last three share one
+/// address, which the test checks. Where an object lands depends on the
+/// whole heap's history, even on the size of the environment, so the
+/// script runs with PATH alone.)
+#[test]
+fn gnutls_keys_at_reused_addresses_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = openssl_key(dir.path(), "a", "ec");
+    let b = openssl_key(dir.path(), "b", "ec");
+    let c = openssl_key(dir.path(), "c", "ec");
+    let sensor = Sensor::start(&[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/gnutls/sign.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let jobs = format!(
+        "{c} 1 wait\n{c} 1\n{c} 1\n{a} 2\n{b} 2\n{a} 1\n\n",
+        a = a.path.display(),
+        b = b.path.display(),
+        c = c.path.display()
+    );
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, jobs.as_bytes()).unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    assert_eq!(line, "waiting\n");
+    sensor.wait_for_free_watch(pid);
+    std::io::Write::write_all(&mut stdin, b"go\n").unwrap();
+    drop(stdin);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(child.wait().unwrap().success());
+    // Worth something only if the last three objects shared an address.
+    let addresses: Vec<&str> = rest.lines().collect();
+    assert_eq!(addresses.len(), 6, "{rest}");
+    assert!(
+        addresses[3..].iter().all(|x| *x == addresses[3]),
+        "not reused: {rest}"
+    );
+    wait_for("eight signatures", Duration::from_secs(20), || {
+        key_uses_of(&sensor.events(), pid).len() >= 8
+    });
+    let events = sensor.stop();
+    let uses = key_uses_of(&events, pid);
+    let named: Vec<&str> = uses.iter().map(|e| spki_of(e).unwrap_or("none")).collect();
+    let (a, b, c) = (a.spki.as_str(), b.spki.as_str(), c.spki.as_str());
+    assert_eq!(named, [c, c, c, a, a, b, b, a], "{}", pretty(&uses));
+    use keywarden_analyzer::event::IdentifiedBy::{HandleCache, SignatureVerified};
+    let by: Vec<_> = uses[3..].iter().map(|e| key_of(e).identified_by).collect();
+    assert_eq!(
+        by,
+        [
+            Some(SignatureVerified),
+            Some(HandleCache),
+            Some(SignatureVerified),
+            Some(HandleCache),
+            Some(SignatureVerified),
+        ],
+        "{}",
+        pretty(&uses)
+    );
+}
+
 /// The SPKI SHA-256 of a GnuPG key, computed without the sensor: GnuPG
 /// exports it as an OpenSSH public key, whose blob ends with the key
 /// (Ed25519), or which `ssh-keygen` turns into a PKCS #8 public key.
