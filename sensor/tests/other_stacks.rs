@@ -1000,3 +1000,91 @@ fn nss_certutil_signatures_are_events() {
     let nss_warnings = warnings_about(&events, |p| p.contains("libnss3"), &pids);
     assert!(nss_warnings.is_empty(), "{}", pretty(&nss_warnings));
 }
+
+/// A Go program whose `.gopclntab` is hostile, run by `nobody`: copies of
+/// the stripped fixture with the table's function count, or the offset
+/// of its function table, set far past its end. The sensor scans each
+/// when it is exec'd, names each in a `coverage_warning` that says what
+/// is wrong with its table, and goes on: a Go signature made afterwards
+/// is still an event. (What the copies do once released does not
+/// matter: they are run without the arguments they need.)
+#[test]
+fn a_go_binary_with_a_hostile_pclntab_is_named_not_fatal() {
+    use std::os::unix::{fs::PermissionsExt, process::CommandExt};
+    let go = toolchains().pop().unwrap();
+    let stripped = go_binary(&go.go, true);
+    let bytes = std::fs::read(&stripped).unwrap();
+    let table = {
+        use object::{Object, ObjectSection};
+        let file = object::File::parse(bytes.as_slice()).unwrap();
+        let (offset, _) = file
+            .section_by_name(".gopclntab")
+            .and_then(|s| s.file_range())
+            .expect("the fixture has a .gopclntab");
+        offset as usize
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    // (name, byte offset in the table's header, value): the function
+    // count, and the offset of the function table.
+    let hostile = [
+        ("kw-go-nfunc", 8, u64::MAX / 2),
+        ("kw-go-pcln", 64, u64::MAX - 7),
+    ];
+    let sensor = Sensor::start(&[]);
+    let mut paths = Vec::new();
+    for (name, at, value) in hostile {
+        let mut copy = bytes.clone();
+        copy[table + at..table + at + 8].copy_from_slice(&value.to_le_bytes());
+        let path = dir.path().join(name);
+        std::fs::write(&path, &copy).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        Command::new(&path)
+            .arg("sign")
+            .uid(65534)
+            .gid(65534)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        paths.push(path.to_str().unwrap().to_owned());
+    }
+    wait_for("a warning for each copy", Duration::from_secs(20), || {
+        let events = sensor.events();
+        paths
+            .iter()
+            .all(|p| !warnings_about(&events, |f| f == p.as_str(), &[]).is_empty())
+    });
+    // Still watching Go: a real Go signature after the attack.
+    let key = openssl_key(dir.path(), "after", "ec");
+    let data = dir.path().join("data");
+    std::fs::write(&data, b"after the hostile tables").unwrap();
+    let child = Command::new(&stripped)
+        .args(["sign", "--key"])
+        .arg(&key.path)
+        .arg("--input")
+        .arg(&data)
+        .arg("--output")
+        .arg(dir.path().join("sig"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    assert!(child.wait_with_output().unwrap().status.success());
+    wait_for(
+        "the Go signature after them",
+        Duration::from_secs(20),
+        || {
+            key_uses_of(&sensor.events(), pid)
+                .iter()
+                .any(|e| spki_of(e) == Some(key.spki.as_str()))
+        },
+    );
+    let events = sensor.stop();
+    for p in &paths {
+        let warned = warnings_about(&events, |f| f == p.as_str(), &[]);
+        assert_eq!(warned.len(), 1, "{p}: {}", pretty(&warned));
+        let detail = warned[0].status_detail.as_deref().unwrap_or_default();
+        assert!(detail.contains(".gopclntab"), "{detail}");
+    }
+}
