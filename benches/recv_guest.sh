@@ -20,8 +20,8 @@ ROUNDS="${ROUNDS:-3}"
 COUNT="${COUNT:-200000}"
 BIN="$PWD/target/release/keywarden"
 OUT="$PWD/target/bench/recv_guest/$KERNEL"
-VNG="$PWD/target/vng-venv/bin/vng"
 [[ -x "$BIN" ]] || { echo "build first: cargo build --release -p keywarden" >&2; exit 1; }
+source benches/guest.sh
 mkdir -p "$OUT"
 cat >"$OUT/receiver.c" <<'C'
 #include <arpa/inet.h>
@@ -86,17 +86,7 @@ done
 echo END
 SH
 chmod +x "$OUT/guest.sh"
-if [[ "$KERNEL" == host ]]; then
-    bash "$OUT/guest.sh"
-else
-    [[ -x "$VNG" ]] || { echo "no virtme-ng: run cargo xtask vm-test --kernel $KERNEL once" >&2; exit 1; }
-    vmlinuz=$(ls "$PWD/target/kernels/$KERNEL/root/boot/"vmlinuz-* 2>/dev/null | head -1)
-    [[ -n "$vmlinuz" ]] || { echo "no kernel $KERNEL: run cargo xtask vm-test --kernel $KERNEL once" >&2; exit 1; }
-    PATH="$(dirname "$VNG"):$PATH" timeout 1200 "$VNG" -r "$vmlinuz" --force-9p --disable-kvm -m 2G -p 2 \
-        --rwdir "$OUT" \
-        --exec "env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root /bin/bash $OUT/guest.sh" \
-        >"$OUT/vng.log" 2>&1 || true
-fi
+run_in_guest "$KERNEL" "$OUT" "$OUT/guest.sh"
 grep -q '^END$' "$OUT/guest.log" || { echo "the guest did not finish: $OUT/guest.log" >&2; exit 1; }
 python3 - "$OUT/guest.log" <<'PY'
 import statistics, sys

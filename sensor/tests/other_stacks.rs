@@ -162,6 +162,21 @@ fn warnings_about<'a>(
         .collect()
 }
 
+/// One direct signature by the Go fixture (`sign` mode: `SignASN1` or
+/// `ed25519.Sign`), which must succeed; returns its pid.
+fn go_sign(bin: &Path, key: &Path, data: &Path, out: &Path) -> u32 {
+    let (pid, _) = run_pid_ok(
+        Command::new(bin)
+            .args(["sign", "--key"])
+            .arg(key)
+            .arg("--input")
+            .arg(data)
+            .arg("--output")
+            .arg(out),
+    );
+    pid
+}
+
 /// Go TLS servers started after the sensor, built by each toolchain,
 /// with symbols and stripped, with ECDSA, RSA and Ed25519 keys: one event
 /// per handshake, naming the key, the function of that Go release and the
@@ -266,17 +281,7 @@ fn go_clients_and_direct_signatures_are_events() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ok");
         let mut signers = Vec::new();
         for key in [&client_key, &ed_key] {
-            let child = Command::new(&bin)
-                .args(["sign", "--key"])
-                .arg(&key.path)
-                .arg("--input")
-                .arg(&data)
-                .arg("--output")
-                .arg(dir.path().join("sig"))
-                .spawn()
-                .unwrap();
-            let pid = child.id();
-            assert!(child.wait_with_output().unwrap().status.success());
+            let pid = go_sign(&bin, &key.path, &data, &dir.path().join("sig"));
             signers.push((pid, key.spki.clone()));
         }
         let events = sensor.stop();
@@ -1059,18 +1064,7 @@ fn a_go_binary_with_a_hostile_pclntab_is_named_not_fatal() {
     let key = openssl_key(dir.path(), "after", "ec");
     let data = dir.path().join("data");
     std::fs::write(&data, b"after the hostile tables").unwrap();
-    let child = Command::new(&stripped)
-        .args(["sign", "--key"])
-        .arg(&key.path)
-        .arg("--input")
-        .arg(&data)
-        .arg("--output")
-        .arg(dir.path().join("sig"))
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = child.id();
-    assert!(child.wait_with_output().unwrap().status.success());
+    let pid = go_sign(&stripped, &key.path, &data, &dir.path().join("sig"));
     wait_for(
         "the Go signature after them",
         Duration::from_secs(20),

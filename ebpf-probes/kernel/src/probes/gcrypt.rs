@@ -22,11 +22,8 @@ use aya_ebpf::{
 use core::ffi::c_void;
 use keywarden_probe_types::{sexp, *};
 
-use super::signing::{Signature, emit_signature};
-use crate::{
-    maps::{EVENTS, INFLIGHT},
-    util::{count, current_task},
-};
+use super::signing::{Signature, emit_signature, head_of, take_inflight};
+use crate::{maps::EVENTS, util::count};
 
 /// `Walk::bits`.
 const NAME_NEXT: u32 = 1; // the next token names the list just opened
@@ -254,43 +251,15 @@ fn walk(src: u64, out: *mut u8, secret: bool) -> u32 {
 
 #[uretprobe]
 pub fn sexp_sign_return(ctx: RetProbeContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
-    let Some(p) = INFLIGHT.get_ptr_mut(&tid) else {
+    // libgcrypt does not nest its signing calls.
+    let Some(inflight) = take_inflight(bpf_get_current_pid_tgid() as u32) else {
         return 0;
-    };
-    // SAFETY: `p` is this thread's INFLIGHT slot: only this thread's programs
-    // write or remove it, and a plain hash map never evicts it.
-    let inflight = unsafe {
-        if (*p).depth != 1 {
-            // Empty (a refused call returning), or a nested call: libgcrypt
-            // does not nest its signing calls.
-            if (*p).depth > 1 {
-                (*p).depth -= 1;
-            }
-            return 0;
-        }
-        (*p).depth = 0;
-        *p
     };
     // SAFETY: a uretprobe's context is the returning task's saved `pt_regs`,
     // whose `rax` holds the return value (a `gcry_error_t`, 0 on success).
     let error = unsafe { (*ctx.regs).rax } as u32;
-    let head = SignRecord {
-        kind: kind::SIGN_SEXP,
-        func: inflight.func,
-        task: current_task(),
-        library: inflight.library,
-        flags: inflight.flags,
-        handle: inflight.handle,
-        op_id: inflight.op_id,
-        ret: if error == 0 { 1 } else { -(error as i64) },
-        sig_len: 0,
-        sig_captured: 0,
-        _pad: 0,
-        md_name: inflight.md_name,
-        handle_gen: 0,
-        peer: inflight.peer,
-    };
+    let ret = if error == 0 { 1 } else { -(error as i64) };
+    let head = head_of(&inflight, kind::SIGN_SEXP, inflight.flags, ret, 0);
     if error != 0 {
         // A failed call: the plain record says so.
         emit_signature(

@@ -653,29 +653,62 @@ fn on_free(tgid: u32, ptr: u64) {
     }
 }
 
-#[uretprobe]
-pub fn sign_return(ctx: RetProbeContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tid = pid_tgid as u32;
-    let Some(p) = INFLIGHT.get_ptr_mut(&tid) else {
-        return 0;
-    };
+/// At a signing call's return: the call this thread entered, when this is
+/// the outermost one's return (its slot is emptied); None for an empty
+/// slot (a length query or refused call returning) or a nested call's.
+#[inline(always)]
+pub(super) fn take_inflight(tid: u32) -> Option<Inflight> {
+    let p = INFLIGHT.get_ptr_mut(&tid)?;
     // SAFETY: `p` is this thread's INFLIGHT slot: only this thread's programs
     // write or remove it, and a plain hash map never evicts it.
     unsafe {
         match (*p).depth {
-            0 => return 0, // empty slot: a length query returning
+            0 => return None,
             1 => {}
             _ => {
                 (*p).depth -= 1;
-                return 0;
+                return None;
             }
         }
+        // Depth 0 marks the slot empty.
+        (*p).depth = 0;
+        Some(*p)
     }
-    // SAFETY: the same slot, copied out whole.
-    let inflight = unsafe { *p };
-    // SAFETY: the same slot; depth 0 marks it empty.
-    unsafe { (*p).depth = 0 };
+}
+
+/// The record of the signing call `inflight`, as it returned.
+#[inline(always)]
+pub(super) fn head_of(
+    inflight: &Inflight,
+    kind: u32,
+    flags: u32,
+    ret: i64,
+    sig_len: u64,
+) -> SignRecord {
+    SignRecord {
+        kind,
+        func: inflight.func,
+        task: current_task(),
+        library: inflight.library,
+        flags,
+        handle: inflight.handle,
+        op_id: inflight.op_id,
+        ret,
+        sig_len,
+        sig_captured: 0,
+        _pad: 0,
+        md_name: inflight.md_name,
+        handle_gen: inflight.handle_gen,
+        peer: inflight.peer,
+    }
+}
+
+#[uretprobe]
+pub fn sign_return(ctx: RetProbeContext) -> u32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let Some(inflight) = take_inflight(pid_tgid as u32) else {
+        return 0;
+    };
     // SAFETY: a uretprobe's context is the returning task's saved `pt_regs`,
     // whose `rax` holds the return value.
     let rax = unsafe { (*ctx.regs).rax };
@@ -747,22 +780,7 @@ pub fn sign_return(ctx: RetProbeContext) -> u32 {
         _ => {}
     }
 
-    let head = SignRecord {
-        kind: kind::SIGN,
-        func: inflight.func,
-        task: current_task(),
-        library: inflight.library,
-        flags,
-        handle: inflight.handle,
-        op_id: inflight.op_id,
-        ret,
-        sig_len,
-        sig_captured: 0,
-        _pad: 0,
-        md_name: inflight.md_name,
-        handle_gen: inflight.handle_gen,
-        peer: inflight.peer,
-    };
+    let head = head_of(&inflight, kind::SIGN, flags, ret, sig_len);
     if inflight.flags & sign_flags::KNOWN_HANDLE != 0 {
         let rec = SignRecord {
             kind: kind::SIGN_KNOWN,
