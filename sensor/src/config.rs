@@ -27,6 +27,10 @@ pub struct Config {
     /// Stop (SIGSTOP) a process that opens a crypto library the sensor has
     /// not seen in its cgroup, until the library is attached.
     pub hold_new_libraries: bool,
+    /// Which kernel hook serves opens (`probes.rs`, `attach_opens`).
+    /// Optional in a configuration file: `auto`.
+    #[serde(default)]
+    pub open_hook: OpenHook,
     /// Directories and files whose keys and certificates are known from
     /// the start (for processes that loaded their keys before the sensor).
     pub key_paths: Vec<String>,
@@ -87,6 +91,21 @@ pub struct Config {
     /// default); a rule's rotation runs `keywarden rotate` with it.
     #[serde(skip)]
     pub source: Option<std::path::PathBuf>,
+}
+
+/// How the sensor sees opens (libraries loading, key files, the watch
+/// list). `Tracepoints` exists to compare the two on one kernel
+/// (`benches/open_unwatched_guest.sh`), and as a way out should a
+/// kernel's fentry misbehave.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OpenHook {
+    /// fentry and fexit on `do_sys_openat2` where the kernel allows them,
+    /// else the syscall tracepoints.
+    #[default]
+    Auto,
+    /// The syscall tracepoints of `open`, `openat`, `openat2` and `creat`.
+    Tracepoints,
 }
 
 /// How far rules may go on their own with `rotate` and `revoke`, and how

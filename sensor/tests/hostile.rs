@@ -1038,3 +1038,86 @@ fn a_libgcrypt_key_cannot_borrow_another_keys_name() {
         "the private seed left the process"
     );
 }
+
+/// Opens a path with the system call `argv[1]` names, never `openat`,
+/// reads a byte unless the call opened for writing, and exits.
+const OPEN_WITHOUT_OPENAT: &str = r#"
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+call, path = sys.argv[1], sys.argv[2].encode()
+if call == "open":
+    fd = libc.syscall(ctypes.c_long(2), path, ctypes.c_long(os.O_RDONLY))
+elif call == "openat2":
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+    how = OpenHow(os.O_RDONLY, 0, 0)
+    fd = libc.syscall(ctypes.c_long(437), ctypes.c_long(-100), path, ctypes.byref(how), ctypes.c_long(24))
+elif call == "creat":
+    fd = libc.syscall(ctypes.c_long(85), path, ctypes.c_long(0o600))
+else:
+    sys.exit("unknown call " + call)
+if fd < 0:
+    sys.exit(f"{call}: errno {ctypes.get_errno()}")
+if call != "creat":
+    os.read(fd, 1)
+"#;
+
+/// `open`, `openat2` and `creat` reach a key file as `openat` does, so a
+/// process that avoids `openat` is still seen, whichever mechanism serves
+/// opens: fentry on the function all four share, or each call's
+/// tracepoints. In the kernel matrix, `KEYWARDEN_EXPECT_OPEN_HOOK` names
+/// the mechanism that kernel must have given (`cargo xtask vm-test`).
+#[test]
+fn a_key_file_opened_without_openat_is_still_seen() {
+    let work = attacker_dir();
+    let key = openssl_key(work.path(), "k", "ec");
+    let site_key = work.path().join("site.key");
+    std::fs::rename(&key.path, &site_key).unwrap();
+    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let made = work.path().join("made.key");
+    let sensor = Sensor::start(&[]);
+    let mut pids = Vec::new();
+    for (call, path) in [
+        ("open", &site_key),
+        ("openat2", &site_key),
+        ("creat", &made),
+    ] {
+        let (pid, _) = run_pid_ok(
+            as_nobody("python3")
+                .arg("-c")
+                .arg(OPEN_WITHOUT_OPENAT)
+                .arg(call)
+                .arg(path),
+        );
+        pids.push((call, path, pid));
+    }
+    let log = sensor.log();
+    let events = sensor.stop();
+    for (call, path, pid) in pids {
+        let opens = secret_opens_of(&events, pid);
+        assert_eq!(opens.len(), 1, "{call}: {}", pretty(&opens));
+        let e = opens[0];
+        assert_eq!(
+            file_path_of(e),
+            Some(path.to_str().unwrap()),
+            "{call}: {}",
+            pretty(e)
+        );
+        if call == "creat" {
+            assert!(!secret_of(e).holds_private_key, "{call}: {}", pretty(e));
+        } else {
+            assert_eq!(spki_of(e), Some(key.spki.as_str()), "{call}: {}", pretty(e));
+        }
+    }
+    let fentry = log.contains("opens from fentry and fexit on do_sys_openat2");
+    let tracepoints =
+        log.contains("opens from the syscall tracepoints of open, openat, openat2 and creat");
+    assert!(fentry != tracepoints, "one mechanism, logged: {log}");
+    match std::env::var("KEYWARDEN_EXPECT_OPEN_HOOK").as_deref() {
+        Ok("fentry") => assert!(fentry, "this kernel allows fentry: {log}"),
+        Ok("tracepoints") => assert!(tracepoints, "{log}"),
+        Ok(other) => panic!("KEYWARDEN_EXPECT_OPEN_HOOK={other}: fentry or tracepoints"),
+        Err(_) => {}
+    }
+}

@@ -136,7 +136,7 @@ pub(crate) static OP_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0)
 
 #[map]
 pub(crate) static PATH_SCRATCH: PerCpuArray<[u8; keywarden_probe_types::PATH_SCRATCH]> =
-    PerCpuArray::with_max_entries(1, 0);
+    PerCpuArray::with_max_entries(2, 0);
 
 /// Go signing calls between entry and return, by (tgid, goroutine). LRU:
 /// a call that panics never reaches a return instruction.

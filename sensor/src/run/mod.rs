@@ -234,7 +234,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
         Some(dir) => Some(ParquetSink::open(&cfg.parquet, dir, &origin.uid_prefix)?),
         None => None,
     };
-    let (mut probes, rings) = Probes::load(cfg.ring_buffer_bytes()?)?;
+    let (mut probes, rings) = Probes::load(cfg.ring_buffer_bytes()?, cfg.open_hook)?;
     // Before this sensor can hold anyone (its first heartbeat, below): a
     // child that releases whoever it holds once it exits, however it exits.
     // Ready before the lease is taken, so these probes never hold it.

@@ -18,6 +18,10 @@ use anyhow::{Context, Result, bail};
 pub struct StockKernel {
     /// Its name on the command line (`--kernel debian-6.1`).
     pub name: &'static str,
+    /// The mechanism the sensor must choose for opens on it (the smoke
+    /// tests check, through `KEYWARDEN_EXPECT_OPEN_HOOK`): `fentry` where
+    /// the kernel allows BTF trampolines, as Debian's do.
+    pub open_hook: &'static str,
     /// Binary package names are `prefix` + a number + `suffix`; the highest
     /// number available is taken (flavours such as `-cloud` or `-rt` do
     /// not match, since their middle is not a number).
@@ -29,12 +33,14 @@ pub const STOCK: [StockKernel; 2] = [
     // Debian 12 (bookworm): the LTS kernel most distributions still ship.
     StockKernel {
         name: "debian-6.1",
+        open_hook: "fentry",
         prefix: "linux-image-6.1.0-",
         suffix: "-amd64-unsigned",
     },
     // Debian 13 (trixie).
     StockKernel {
         name: "debian-6.12",
+        open_hook: "fentry",
         prefix: "linux-image-6.12.",
         suffix: "+deb13-amd64-unsigned",
     },

@@ -301,7 +301,8 @@ fn run_kernel(
     let _ = std::fs::remove_dir_all(out);
     std::fs::create_dir_all(out)?;
     let script = out.join("guest.sh");
-    std::fs::write(&script, smoke::guest_script(exes, out))?;
+    let open_hook = kernels::stock(n).map(|k| k.open_hook);
+    std::fs::write(&script, smoke::guest_script(exes, out, open_hook))?;
     let results = out.join("results");
     let quiet = Duration::from_secs(QUIET_SECS);
     let started = Instant::now();

@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// (test binary, exact test name, what it covers on a kernel)
-pub const SMOKE: [(&str, &str, &str); 7] = [
+pub const SMOKE: [(&str, &str, &str); 8] = [
     (
         "openssl_cli",
         "cli_signing_gives_one_event_per_signature_with_the_right_key",
@@ -23,7 +23,12 @@ pub const SMOKE: [(&str, &str, &str); 7] = [
     (
         "secret_files",
         "cat_of_a_key_file_names_the_key_and_its_reader",
-        "secret-file opens (openat tracepoints)",
+        "secret-file opens (fentry and fexit on do_sys_openat2 where allowed, else syscall tracepoints)",
+    ),
+    (
+        "hostile",
+        "a_key_file_opened_without_openat_is_still_seen",
+        "opens through open, openat2 and creat, run as nobody; the open mechanism the kernel must give",
     ),
     (
         "enforcement",
@@ -67,9 +72,17 @@ fn quote(s: &str) -> String {
 /// The guest script: sets the guest up the way a fresh host is (tracefs
 /// mounted), then runs each test executable with its exact test name, one
 /// at a time, under a timeout. `executables` maps a test binary name to
-/// its path; `out` is the guest's writable directory.
-pub fn guest_script(executables: &BTreeMap<String, String>, out: &Path) -> String {
+/// its path; `out` is the guest's writable directory; `open_hook` is the
+/// open mechanism the kernel must give, if known (`StockKernel`).
+pub fn guest_script(
+    executables: &BTreeMap<String, String>,
+    out: &Path,
+    open_hook: Option<&str>,
+) -> String {
     let out = quote(&out.display().to_string());
+    let expect = open_hook
+        .map(|h| format!("export KEYWARDEN_EXPECT_OPEN_HOOK={}\n", quote(h)))
+        .unwrap_or_default();
     let mut s = format!(
         "#!/bin/bash\n\
          # Written by `cargo xtask vm-test`; runs inside the guest.\n\
@@ -78,6 +91,7 @@ pub fn guest_script(executables: &BTreeMap<String, String>, out: &Path) -> Strin
          set -u\n\
          echo \"kernel $(uname -r)\" >\"$OUT/results\"\n\
          mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing\n\
+         {expect}\
          echo \"lsm $(cat /sys/kernel/security/lsm 2>/dev/null || echo unknown)\" >>\"$OUT/results\"\n\
          # Where a test that overran its time waits, for the report.\n\
          stacks() {{\n\
@@ -175,7 +189,11 @@ mod tests {
             .iter()
             .map(|(b, _, _)| (b.to_string(), format!("/t/deps/{b}-0123")))
             .collect();
-        let s = guest_script(&exes, Path::new("/t/vm-test/debian-6.1"));
+        let s = guest_script(&exes, Path::new("/t/vm-test/debian-6.1"), Some("fentry"));
+        assert!(
+            s.contains("\nexport KEYWARDEN_EXPECT_OPEN_HOOK='fentry'\n"),
+            "{s}"
+        );
         for (b, t, _) in SMOKE {
             assert!(
                 s.contains(&format!(
@@ -186,7 +204,8 @@ mod tests {
         }
         assert!(s.trim_end().ends_with("echo END >>\"$OUT/results\""));
         // A test binary the build did not produce fails loudly in the guest.
-        let s = guest_script(&BTreeMap::new(), Path::new("/o"));
+        let s = guest_script(&BTreeMap::new(), Path::new("/o"), None);
+        assert!(!s.contains("KEYWARDEN_EXPECT_OPEN_HOOK"), "{s}");
         assert!(s.contains("'missing-test-binary-stacks'"));
     }
 

@@ -1,17 +1,38 @@
-//! Opens: `openat_enter` classifies every openat path (a shared object
+//! Opens: `on_enter` classifies every opened path (a shared object
 //! being loaded, a possible key file, a path on the secret-file watch
-//! list) and returns at once for anything else; `openat_exit` reports a
+//! list) and returns at once for anything else; `on_exit` reports a
 //! library once its open has succeeded, holding the opener if needed, and
 //! what a key or watched file's open, reported at entry, came to.
+//!
+//! Two mechanisms call them, and the sensor attaches one
+//! (`sensor/src/probes.rs`):
+//! * fentry and fexit on `do_sys_openat2`, which `open`, `openat`,
+//!   `openat2` and `creat` all reach, where the kernel allows fentry (BTF
+//!   and trampolines: Debian's stock kernels). No other system call pays
+//!   anything.
+//! * else the entry and exit tracepoints of those four system calls.
+//!   Enabling any syscall tracepoint sends every system call of every
+//!   task through the kernel's slower traced path (docs/performance.md).
+//!
+//! Both see the path as the process gave it, with its directory
+//! descriptor and flags, so the classification is the same.
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf, bpf_probe_read_user,
+        bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task, bpf_send_signal},
     },
-    macros::tracepoint,
-    programs::TracePointContext,
+    macros::{fentry, fexit, tracepoint},
+    programs::{FEntryContext, FExitContext, TracePointContext},
 };
+
+/// The per-CPU path buffers (`PATH_SCRATCH`): one for entries, one for
+/// exits, so an exit never writes over an entry's path.
+mod scratch {
+    pub const ENTRY: u32 = 0;
+    pub const EXIT: u32 = 1;
+}
 use keywarden_probe_types::*;
 
 use crate::{
@@ -32,19 +53,17 @@ use crate::{
 /// it has succeeded (`openat_exit`). A key or watched file is reported
 /// here, at entry, so that the opener of a protected key can be held
 /// before the open returns; its result follows from `openat_exit`.
-#[tracepoint(category = "syscalls", name = "sys_enter_openat")]
-pub fn openat_enter(ctx: TracePointContext) -> u32 {
-    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
-    // offset 24 is `filename` in sys_enter_openat's record.
-    let Ok(filename) = (unsafe { ctx.read_at::<u64>(24) }) else {
-        return 0;
-    };
-    let Some((scratch, len)) = read_path(filename) else {
-        return 0;
+///
+/// `dfd` and `sys_flags` are read only for opens of interest: this runs
+/// on every open on the host.
+#[inline(always)]
+fn on_enter(filename: u64, dfd: impl Fn() -> i64, sys_flags: impl Fn() -> u64) {
+    let Some((scratch, len)) = read_path(filename, scratch::ENTRY) else {
+        return;
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     if (pid_tgid >> 32) == config(config::SENSOR_TGID) {
-        return 0;
+        return;
     }
     let buf = path_of(scratch);
     let mut flags = 0u32;
@@ -55,18 +74,18 @@ pub fn openat_enter(ctx: TracePointContext) -> u32 {
         // it, and the file may still be partial. A load that fails (the
         // loader tries every directory of its search path) loads
         // nothing. Either, marked seen, would hide a later real load.
-        let sys_flags = open_sys_flags(&ctx);
+        let sys_flags = sys_flags();
         if sys_flags & O_ACCMODE == O_RDONLY {
             let pending = PendingOpen {
                 filename,
                 open_flags: sys_flags,
-                dfd: open_dfd(&ctx),
+                dfd: dfd(),
                 what: pending::LIBRARY,
                 flags: 0,
             };
             let _ = PENDING_OPEN.insert(&pid_tgid, &pending, 0);
         }
-        return 0;
+        return;
     }
     if has_key_suffix(buf, len) {
         flags |= open_flags::KEY_FILE;
@@ -75,7 +94,7 @@ pub fn openat_enter(ctx: TracePointContext) -> u32 {
         flags |= open_flags::WATCHED;
     }
     if flags == 0 {
-        return 0;
+        return;
     }
     let name = basename_hash(buf, basename, len);
     // SAFETY: only whether an entry exists is used; the reference is dropped at
@@ -83,19 +102,19 @@ pub fn openat_enter(ctx: TracePointContext) -> u32 {
     if unsafe { PROTECTED_NAMES.get(&name) }.is_some() {
         flags |= open_flags::PROTECTED;
     }
-    let sys_flags = open_sys_flags(&ctx);
+    let sys_flags = sys_flags();
     let task = current_task();
     let root = current_root().unwrap_or_default();
     // Reserve first: a process is only ever held when the record that
     // makes the sensor release it is sure to be delivered.
     let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
         count(stats::LOST_OTHER);
-        return 0;
+        return;
     };
     if flags & open_flags::PROTECTED != 0 && sensor_alive(&task) {
         hold(&task, &mut flags);
     }
-    let dfd = open_dfd(&ctx);
+    let dfd = dfd();
     let args = OpenArgs {
         dfd,
         fd: -1,
@@ -118,37 +137,34 @@ pub fn openat_enter(ctx: TracePointContext) -> u32 {
         flags,
     };
     let _ = PENDING_OPEN.insert(&pid_tgid, &pending, 0);
-    0
 }
 
 /// The exit of an open noted at entry: a library opened read-only for
 /// the first time in this cgroup goes to the control thread, holding the
 /// opener (see `should_hold`) until it has attached; a reported open gets
-/// its result.
-#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
-pub fn openat_exit(ctx: TracePointContext) -> u32 {
+/// its result. `ret` is read only for such opens.
+#[inline(always)]
+fn on_exit(ret: impl Fn() -> Option<i64>) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the entry is copied out at once; only this thread writes its key,
     // and one evicted meanwhile is still map memory: stale at worst.
     let Some(pending) = (unsafe { PENDING_OPEN.get(&pid_tgid) }).copied() else {
-        return 0;
+        return;
     };
     let _ = PENDING_OPEN.remove(&pid_tgid);
-    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
-    // offset 16 is `ret` in sys_exit_openat's record.
-    let Ok(ret) = (unsafe { ctx.read_at::<i64>(16) }) else {
-        return 0;
+    let Some(ret) = ret() else {
+        return;
     };
     if pending.what == pending::REPORTED {
         report_result(&pending, pid_tgid, ret);
-        return 0;
+        return;
     }
     let fd = ret;
     if fd < 0 {
-        return 0;
+        return;
     }
-    let Some((scratch, len)) = read_path(pending.filename) else {
-        return 0;
+    let Some((scratch, len)) = read_path(pending.filename, scratch::EXIT) else {
+        return;
     };
     let buf = path_of(scratch);
     let task = current_task();
@@ -157,12 +173,12 @@ pub fn openat_exit(ctx: TracePointContext) -> u32 {
     // SAFETY: only whether an entry exists is used; the reference is dropped at
     // once.
     if unsafe { LIBRARY_SEEN.get(&key) }.is_some() {
-        return 0;
+        return;
     }
     let _ = LIBRARY_SEEN.insert(&key, &1, 0);
     let Some(mut rec) = CONTROL.reserve::<FileOpenRecord>(0) else {
         count(stats::LOST_OTHER);
-        return 0;
+        return;
     };
     let mut flags = open_flags::LIBRARY;
     if should_hold(pending.open_flags, &task) {
@@ -176,7 +192,6 @@ pub fn openat_exit(ctx: TracePointContext) -> u32 {
     };
     fill_open(&mut rec, flags, len, task, args, buf);
     rec.submit(BPF_RB_FORCE_WAKEUP as u64);
-    0
 }
 
 /// What a reported open came to: the return value and, for a descriptor,
@@ -208,29 +223,109 @@ fn report_result(pending: &PendingOpen, pid_tgid: u64, ret: i64) {
     } as u64);
 }
 
-/// The `flags` argument of openat (read only for opens of interest: this
-/// program runs on every openat on the host).
-#[inline(always)]
-fn open_sys_flags(ctx: &TracePointContext) -> u64 {
-    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
-    // offset 32 is `flags` in sys_enter_openat's record.
-    unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0)
+/// `AT_FDCWD`: the directory of `open` and `creat`.
+const AT_FDCWD: i64 = -100;
+/// The flags `creat` opens with: `O_CREAT | O_WRONLY | O_TRUNC`.
+const CREAT_FLAGS: u64 = 0o1101;
+
+// The syscall tracepoints. Offsets are those of each event's record
+// (`/sys/kernel/tracing/events/syscalls/*/format`): after the common
+// header and `__syscall_nr`, the arguments from offset 16, 8 bytes each.
+// SAFETY (every `read_at` below): it goes through bpf_probe_read, which
+// checks the address, at an offset inside the named event's record.
+
+/// `openat(dfd, filename, flags, mode)`.
+#[tracepoint(category = "syscalls", name = "sys_enter_openat")]
+pub fn openat_enter(ctx: TracePointContext) -> u32 {
+    if let Ok(filename) = unsafe { ctx.read_at::<u64>(24) } {
+        on_enter(
+            filename,
+            || unsafe { ctx.read_at::<i64>(16) }.unwrap_or(AT_FDCWD) as i32 as i64,
+            || unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0),
+        );
+    }
+    0
 }
 
-/// The `dfd` argument of openat.
-#[inline(always)]
-fn open_dfd(ctx: &TracePointContext) -> i64 {
-    // SAFETY: read_at goes through bpf_probe_read, which checks the address;
-    // offset 16 is `dfd` in sys_enter_openat's record.
-    unsafe { ctx.read_at::<i64>(16) }.unwrap_or(-100) as i32 as i64
+/// `open(filename, flags, mode)`: what `openat` does at `AT_FDCWD`.
+#[tracepoint(category = "syscalls", name = "sys_enter_open")]
+pub fn open_enter(ctx: TracePointContext) -> u32 {
+    if let Ok(filename) = unsafe { ctx.read_at::<u64>(16) } {
+        on_enter(
+            filename,
+            || AT_FDCWD,
+            || unsafe { ctx.read_at::<u64>(24) }.unwrap_or(0),
+        );
+    }
+    0
+}
+
+/// `creat(pathname, mode)`.
+#[tracepoint(category = "syscalls", name = "sys_enter_creat")]
+pub fn creat_enter(ctx: TracePointContext) -> u32 {
+    if let Ok(filename) = unsafe { ctx.read_at::<u64>(16) } {
+        on_enter(filename, || AT_FDCWD, || CREAT_FLAGS);
+    }
+    0
+}
+
+/// `openat2(dfd, filename, how, size)`: the flags are the first field of
+/// the caller's `struct open_how`.
+#[tracepoint(category = "syscalls", name = "sys_enter_openat2")]
+pub fn openat2_enter(ctx: TracePointContext) -> u32 {
+    if let Ok(filename) = unsafe { ctx.read_at::<u64>(24) } {
+        on_enter(
+            filename,
+            || unsafe { ctx.read_at::<i64>(16) }.unwrap_or(AT_FDCWD) as i32 as i64,
+            || {
+                let how = unsafe { ctx.read_at::<u64>(32) }.unwrap_or(0);
+                // SAFETY: the helper checks the user address; a fault is an
+                // error, read as no flags.
+                unsafe { bpf_probe_read_user(how as *const u64) }.unwrap_or(0)
+            },
+        );
+    }
+    0
+}
+
+/// The exit of all four: `ret` is at offset 16 in each record.
+#[tracepoint(category = "syscalls", name = "sys_exit_openat")]
+pub fn open_exit(ctx: TracePointContext) -> u32 {
+    on_exit(|| unsafe { ctx.read_at::<i64>(16) }.ok());
+    0
+}
+
+/// `long do_sys_openat2(int dfd, const char __user *filename, struct
+/// open_how *how)`, where `open`, `openat`, `openat2` and `creat` meet;
+/// `how` is the kernel's copy.
+#[fentry(function = "do_sys_openat2")]
+pub fn do_sys_openat2_entry(ctx: FEntryContext) -> i32 {
+    let filename: u64 = ctx.arg(1);
+    on_enter(
+        filename,
+        || ctx.arg::<u64>(0) as i32 as i64,
+        || kernel_read::<u64>(ctx.arg::<u64>(2), 0).unwrap_or(0),
+    );
+    0
+}
+
+/// The return of `do_sys_openat2`: a descriptor or an error, after its
+/// three arguments.
+#[fexit(function = "do_sys_openat2")]
+pub fn do_sys_openat2_exit(ctx: FExitContext) -> i32 {
+    on_exit(|| Some(ctx.arg::<u64>(3) as i64));
+    0
 }
 
 /// Reads a NUL-terminated user path into the per-CPU scratch buffer:
 /// the buffer and the path's length, or None if it is unreadable or
 /// too short to be of interest.
 #[inline(always)]
-fn read_path(filename: u64) -> Option<(&'static [u8; keywarden_probe_types::PATH_SCRATCH], usize)> {
-    let scratch = PATH_SCRATCH.get_ptr_mut(0)?;
+fn read_path(
+    filename: u64,
+    slot: u32,
+) -> Option<(&'static [u8; keywarden_probe_types::PATH_SCRATCH], usize)> {
+    let scratch = PATH_SCRATCH.get_ptr_mut(slot)?;
     // The path goes into the first PATH_MAX bytes; the rest is slack
     // for word reads past the end of a short path.
     // SAFETY: `scratch` is this CPU's PATH_SCRATCH slot: valid all run, and its
@@ -244,8 +339,12 @@ fn read_path(filename: u64) -> Option<(&'static [u8; keywarden_probe_types::PATH
     if len < 4 {
         return None;
     }
-    // SAFETY: the same slot, its mutable borrow over; only the openat
-    // tracepoints use it, and they do not nest on a CPU.
+    // SAFETY: the same slot, its mutable borrow over. Only the entry
+    // programs use slot ENTRY, and only the exit programs slot EXIT. A
+    // program does not run nested on one CPU (tracepoints run with
+    // preemption off; the kernel skips an fentry program already running
+    // on the CPU), so only a preempted fentry could see its slot change,
+    // and only under `preempt=full`: a wrong path, never a fault.
     Some((unsafe { &*scratch }, len))
 }
 
@@ -304,7 +403,14 @@ fn fill_open(
     r.root = args.root;
     r.oflags = args.oflags;
     r._pad = 0;
-    r.path = *buf;
+    // One helper call, not `r.path = *buf`: the compiler makes that a
+    // byte loop of PATH_MAX steps, which the verifier walks for every state
+    // reaching it (Linux 6.1's gave up at its million-instruction limit).
+    // SAFETY: both are PATH_MAX bytes: `buf` the scratch buffer, `r.path`
+    // inside the reserved record.
+    if unsafe { bpf_probe_read_kernel_buf(buf.as_ptr(), &mut r.path) }.is_err() {
+        r.path[0] = 0;
+    }
 }
 
 /// The file behind one of the current task's descriptors:
@@ -345,18 +451,61 @@ fn should_hold(open_flags: u64, task: &Task) -> bool {
 /// `protected_name_hash` of the last path component, computed in place.
 #[inline(always)]
 fn basename_hash(buf: &[u8; PATH_MAX], start: usize, len: usize) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut i = 0usize;
-    while i < PROTECTED_NAME_MAX {
-        let idx = start + i;
-        if idx >= len {
-            break;
-        }
-        h ^= buf[idx & (PATH_MAX - 1)] as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        i += 1;
+    let mut scan = PathScan {
+        buf,
+        len: len as u64,
+        at: start as u64,
+        out: 0xcbf2_9ce4_8422_2325,
+    };
+    path_loop(PROTECTED_NAME_MAX as u32, hash_step, &mut scan);
+    scan.out
+}
+
+/// One byte of `basename_hash` (FNV-1a): 0 to go on, 1 at the path's end.
+extern "C" fn hash_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `&mut scan` path_loop passed to bpf_loop: live
+    // for the whole loop, and nothing else touches it meanwhile.
+    let scan = unsafe { &mut *(ctx as *mut PathScan) };
+    let idx = scan.at + i;
+    if idx >= scan.len {
+        return 1;
     }
-    h
+    // SAFETY: `scan.buf` is the caller's borrow of the scratch buffer,
+    // which lasts the whole loop.
+    let buf = unsafe { &*scan.buf };
+    scan.out ^= buf[idx as usize & (PATH_MAX - 1)] as u64;
+    scan.out = scan.out.wrapping_mul(0x0000_0100_0000_01b3);
+    0
+}
+
+/// State for the loops over a path's bytes (`path_loop`).
+#[repr(C)]
+struct PathScan {
+    buf: *const [u8; PATH_MAX],
+    len: u64,
+    /// Where the loop starts (`basename_hash`).
+    at: u64,
+    /// What it found or computed.
+    out: u64,
+}
+
+/// Runs `step` up to `n` times over `scan` with `bpf_loop`, so that the
+/// verifier checks one step once instead of every iteration of a loop
+/// whose exits multiply the states of the loops after it (Linux 6.1's
+/// verifier gave up on the unrolled loops once the open probes were
+/// attached to more than `openat`).
+#[inline(always)]
+fn path_loop(n: u32, step: extern "C" fn(u64, *mut core::ffi::c_void) -> i64, scan: &mut PathScan) {
+    // SAFETY: `step` has the callback signature bpf_loop expects, and
+    // `scan` outlives the call, which runs every callback before returning.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            n,
+            step as *mut core::ffi::c_void,
+            (scan as *mut PathScan).cast(),
+            0,
+        );
+    }
 }
 
 /// The basename ends in `.so`, or in `.so.` and a version of digits
@@ -389,16 +538,30 @@ fn is_shared_object(buf: &[u8; PATH_MAX], len: usize, start: usize) -> bool {
 /// Index of the first byte of the last path component.
 #[inline(always)]
 fn basename_start(buf: &[u8; PATH_MAX], len: usize) -> usize {
-    let mut i = 0usize;
-    while i < 128 {
-        if i >= len {
-            break;
-        }
-        let idx = (len - 1 - i) & (PATH_MAX - 1);
-        if buf[idx] == b'/' {
-            return idx + 1;
-        }
-        i += 1;
+    let mut scan = PathScan {
+        buf,
+        len: len as u64,
+        at: 0,
+        out: 0,
+    };
+    path_loop(128, slash_step, &mut scan);
+    scan.out as usize
+}
+
+/// One byte of `basename_start`, from the end: 1 to stop (a '/', or the
+/// path's start), else 0.
+extern "C" fn slash_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: as in `hash_step`.
+    let scan = unsafe { &mut *(ctx as *mut PathScan) };
+    if i >= scan.len {
+        return 1;
+    }
+    let idx = (scan.len - 1 - i) as usize & (PATH_MAX - 1);
+    // SAFETY: as in `hash_step`.
+    let buf = unsafe { &*scan.buf };
+    if buf[idx] == b'/' {
+        scan.out = idx as u64 + 1;
+        return 1;
     }
     0
 }
