@@ -13,8 +13,9 @@ use std::{
 use support::*;
 
 /// A Go toolchain the tests build `fixtures/go-tls` with: the host's
-/// (Debian's `golang-go`, Go 1.19), and Go 1.24, which `cargo xtask
-/// test` unpacks under `target/go` from Debian's `golang-1.24-go`.
+/// (Debian's `golang-go`, Go 1.19), and Go 1.21, 1.23 and 1.24, which
+/// `cargo xtask test` unpacks under `target/go` from Debian's
+/// `golang-1.N-go` (xtask/src/go.rs). The newest comes last.
 struct Go {
     go: PathBuf,
     /// What events name the ECDSA and Ed25519 signing functions.
@@ -23,25 +24,33 @@ struct Go {
 }
 
 fn toolchains() -> Vec<Go> {
-    let go124 =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/go/go1.24/usr/lib/go-1.24/bin/go");
-    assert!(
-        go124.exists(),
-        "{} is missing: `cargo xtask test` unpacks it (xtask/src/go.rs)",
-        go124.display()
-    );
-    vec![
-        Go {
-            go: "go".into(),
-            ecdsa: "crypto/ecdsa.Sign",
-            ed25519: "crypto/ed25519.sign",
-        },
-        Go {
-            go: go124,
+    let mut all = vec![Go {
+        go: "go".into(),
+        ecdsa: "crypto/ecdsa.Sign",
+        ed25519: "crypto/ed25519.sign",
+    }];
+    // Go 1.20 made `SignASN1` the ECDSA signer; 1.24 moved Ed25519 into
+    // the FIPS 140 module.
+    for minor in [21, 23, 24] {
+        let go = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!(
+            "../target/go/go1.{minor}/usr/lib/go-1.{minor}/bin/go"
+        ));
+        assert!(
+            go.exists(),
+            "{} is missing: `cargo xtask test` unpacks it (xtask/src/go.rs)",
+            go.display()
+        );
+        all.push(Go {
+            go,
             ecdsa: "crypto/ecdsa.SignASN1",
-            ed25519: "crypto/internal/fips140/ed25519.signWithDom",
-        },
-    ]
+            ed25519: if minor < 24 {
+                "crypto/ed25519.sign"
+            } else {
+                "crypto/internal/fips140/ed25519.signWithDom"
+            },
+        });
+    }
+    all
 }
 
 /// `fixtures/go-tls` built with `go`, with symbols or with `-ldflags

@@ -37,7 +37,7 @@ impl std::fmt::Display for GoVersion {
 pub const OLDEST_MINOR: u32 = 18;
 
 /// The newest release the table was checked against (by its tests, on
-/// Go 1.19 and 1.24). Newer ones are probed by the newest entries; a
+/// Go 1.19, 1.21, 1.23 and 1.24). Newer ones are probed by the newest entries; a
 /// family whose signer exists but whose probed function does not is
 /// warned about (`missing_families`).
 pub const NEWEST_CHECKED_MINOR: u32 = 24;
