@@ -27,7 +27,7 @@ pub struct Config {
     /// Stop (SIGSTOP) a process that opens a crypto library the sensor has
     /// not seen in its cgroup, until the library is attached.
     pub hold_new_libraries: bool,
-    /// Which kernel hook serves opens (`probes.rs`, `attach_opens`).
+    /// Which kernel hook serves opens (`probes/hooks.rs`, `attach_opens`).
     /// Optional in a configuration file: `auto`.
     #[serde(default)]
     pub open_hook: OpenHook,

@@ -6,12 +6,14 @@
 //!   the frees of key objects.
 //! * `probes::go`: `go_sign_entry` / `go_sign_return` on the signing
 //!   functions of Go programs, at entry and at each return instruction.
-//! * `probes::network`: `sock_recv`, a raw tracepoint that remembers the
-//!   TCP socket each thread last received on, to name a signature's peer.
+//! * `probes::network`: `sock_recv`, a raw tracepoint (or
+//!   `tcp_recvmsg_exit`, fexit, before Linux 6.3) that remembers the TCP
+//!   socket each thread last received on, to name a signature's peer.
 //! * `probes::process`: `process_exec` / `process_exit`, process lifetimes.
-//! * `probes::opens`: `openat_enter` / `openat_exit`, crypto libraries
-//!   being loaded, key files being opened, and opens that pass the
-//!   secret-file watch list.
+//! * `probes::opens`: fentry/fexit on `do_sys_openat2`, or the
+//!   tracepoints of `open`, `openat`, `openat2` and `creat`: crypto
+//!   libraries being loaded, key files being opened, and opens that pass
+//!   the secret-file watch list.
 //! * `maps`: every map; `util`: helpers more than one family uses.
 //!
 //! Cost matters more than anything here: a uprobe trap already costs several

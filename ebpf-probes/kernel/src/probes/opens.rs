@@ -5,7 +5,7 @@
 //! what a key or watched file's open, reported at entry, came to.
 //!
 //! Two mechanisms call them, and the sensor attaches one
-//! (`sensor/src/probes.rs`):
+//! (`sensor/src/probes/hooks.rs`):
 //! * fentry and fexit on `do_sys_openat2`, which `open`, `openat`,
 //!   `openat2` and `creat` all reach, where the kernel allows fentry (BTF
 //!   and trampolines: Debian's stock kernels). No other system call pays
@@ -27,12 +27,6 @@ use aya_ebpf::{
     programs::{FEntryContext, FExitContext, TracePointContext},
 };
 
-/// The per-CPU path buffers (`PATH_SCRATCH`): one for entries, one for
-/// exits, so an exit never writes over an entry's path.
-mod scratch {
-    pub const ENTRY: u32 = 0;
-    pub const EXIT: u32 = 1;
-}
 use keywarden_probe_types::*;
 
 use crate::{
@@ -46,13 +40,20 @@ use crate::{
     },
 };
 
-/// Classifies an openat path: a shared object being loaded (any of them
+/// The per-CPU path buffers (`PATH_SCRATCH`): one for entries, one for
+/// exits, so an exit never writes over an entry's path.
+mod scratch {
+    pub const ENTRY: u32 = 0;
+    pub const EXIT: u32 = 1;
+}
+
+/// Classifies an opened path: a shared object being loaded (any of them
 /// may carry its own crypto: Python's `cryptography` links OpenSSL into
 /// `_rust.abi3.so`), or a file that may hold a key. Everything else
 /// returns at once. A library open is only noted here and handled when
-/// it has succeeded (`openat_exit`). A key or watched file is reported
+/// it has succeeded (`on_exit`). A key or watched file is reported
 /// here, at entry, so that the opener of a protected key can be held
-/// before the open returns; its result follows from `openat_exit`.
+/// before the open returns; its result follows from `on_exit`.
 ///
 /// `dfd` and `sys_flags` are read only for opens of interest: this runs
 /// on every open on the host.
@@ -438,7 +439,7 @@ const O_CLOEXEC: u64 = 0o2000000;
 /// Hold (SIGSTOP) the opener of an unseen crypto library until the
 /// sensor has attached? Only when holding is on, this sensor holds the
 /// host's lease with a fresh heartbeat, the open looks like the dynamic
-/// loader's (read-only, which `openat_enter` checked, and close-on-exec:
+/// loader's (read-only, which `on_enter` checked, and close-on-exec:
 /// `sha256sum` of a library is never held), and
 /// the opener is not a keywarden thread (two sensors holding each other
 /// would both stay stopped; every sensor thread's name starts with

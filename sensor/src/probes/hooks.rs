@@ -1,0 +1,232 @@
+//! The kernel hooks besides the signing uprobes: network peers and opens.
+//! Each is served by the cheapest mechanism the running kernel allows,
+//! and the one chosen, with why the better one was not, is logged at
+//! start (docs/design.md, "Mechanisms per kernel").
+
+use anyhow::{Context, Result};
+use aya::{
+    Btf,
+    programs::{FEntry, FExit, RawTracePoint, TracePoint},
+};
+use tracing::info;
+
+use crate::config::OpenHook;
+
+/// The kernel's BTF, read once for every fentry and fexit program: it
+/// takes seconds to parse under qemu. An error says why it is missing.
+pub type KernelBtf = Result<Btf, String>;
+
+pub fn kernel_btf() -> KernelBtf {
+    Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))
+}
+
+fn btf_of(btf: &KernelBtf) -> Result<&Btf> {
+    btf.as_ref().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// Peer attribution: the sock_recv_length tracepoint (Linux 6.3+), else
+/// an fexit program on `tcp_recvmsg` (kernels with BTF and fentry, such as
+/// Debian's 6.1); without either, signatures carry no peer, and the sensor
+/// says so. Which one serves is logged.
+pub fn attach_peers(ebpf: &mut aya::Ebpf, btf: &KernelBtf) -> Result<()> {
+    let p: &mut RawTracePoint = ebpf
+        .program_mut("sock_recv")
+        .context("sock_recv")?
+        .try_into()?;
+    p.load()
+        .context("loading raw tracepoint program sock_recv")?;
+    let Err(tp) = p.attach("sock_recv_length") else {
+        tracing::info!("network peers from the sock_recv_length tracepoint");
+        return Ok(());
+    };
+    let mut fexit = || -> Result<()> {
+        let btf = btf_of(btf)?;
+        let p: &mut FExit = ebpf
+            .program_mut("tcp_recvmsg_exit")
+            .context("tcp_recvmsg_exit")?
+            .try_into()?;
+        p.load("tcp_recvmsg", btf)
+            .context("loading fexit on tcp_recvmsg")?;
+        p.attach().context("attaching fexit on tcp_recvmsg")?;
+        Ok(())
+    };
+    match fexit() {
+        Ok(()) => tracing::info!(
+            "no sock_recv_length tracepoint: network peers from fexit on tcp_recvmsg"
+        ),
+        Err(e) => tracing::warn!(
+            tracepoint = %tp,
+            fexit = brief(&e),
+            "no sock_recv_length tracepoint and no fexit on tcp_recvmsg: signatures carry no network peer"
+        ),
+    }
+    Ok(())
+}
+
+/// An error for a log line: a refused program's error carries the
+/// verifier's whole log, which can be megabytes (and formatting that took
+/// minutes in a debug build under qemu). Its start and its end say what
+/// was refused and why.
+pub(crate) fn brief(e: &impl std::fmt::Display) -> String {
+    const HEAD: usize = 300;
+    const TAIL: usize = 700;
+    // `#`: an anyhow error's whole chain of causes.
+    let full = format!("{e:#}");
+    let chars = full.chars().count();
+    if chars <= HEAD + TAIL {
+        return full;
+    }
+    let head: String = full.chars().take(HEAD).collect();
+    let tail: String = full.chars().skip(chars - TAIL).collect();
+    format!(
+        "{head} [… {} characters of verifier output …] {tail}",
+        chars - HEAD - TAIL
+    )
+}
+
+/// The kernel function `open`, `openat`, `openat2` and `creat` share
+/// (Linux 5.6 and later).
+const OPEN_FUNCTION: &str = "do_sys_openat2";
+
+/// The syscall tracepoints that serve opens where fentry cannot: (entry
+/// program, system call). One exit program serves all four.
+const OPEN_TRACEPOINTS: [(&str, &str); 4] = [
+    ("openat_enter", "openat"),
+    ("open_enter", "open"),
+    ("openat2_enter", "openat2"),
+    ("creat_enter", "creat"),
+];
+
+/// Opens: fentry and fexit on `do_sys_openat2` where the kernel allows
+/// them (BTF and trampolines), so no other system call pays for them;
+/// else the tracepoints of the four system calls, which send every system
+/// call of every task through the traced path. Which one serves, and why,
+/// is logged.
+pub fn attach_opens(ebpf: &mut aya::Ebpf, hook: OpenHook, btf: &KernelBtf) -> Result<()> {
+    let fentry = match hook {
+        OpenHook::Tracepoints => Err(anyhow::anyhow!("open_hook is \"tracepoints\"")),
+        OpenHook::Auto => attach_open_fentry(ebpf, btf),
+    };
+    let why = match fentry {
+        Ok(()) => {
+            info!(
+                "opens from fentry and fexit on {OPEN_FUNCTION} (open, openat, openat2, creat): \
+                 other system calls are not traced"
+            );
+            return Ok(());
+        }
+        Err(e) => brief(&e),
+    };
+    let exit: &mut TracePoint = ebpf
+        .program_mut("open_exit")
+        .context("open_exit")?
+        .try_into()?;
+    exit.load()
+        .context("loading tracepoint program open_exit")?;
+    let mut missing = Vec::new();
+    for (call, (name, syscall)) in OPEN_TRACEPOINTS.into_iter().enumerate() {
+        let (enter, leave) = (
+            format!("sys_enter_{syscall}"),
+            format!("sys_exit_{syscall}"),
+        );
+        let attached = (|| -> Result<()> {
+            let p: &mut TracePoint = ebpf.program_mut(name).context(name)?.try_into()?;
+            p.load()
+                .with_context(|| format!("loading tracepoint program {name}"))?;
+            p.attach("syscalls", &enter)
+                .with_context(|| format!("attaching to tracepoint syscalls/{enter}"))?;
+            let exit: &mut TracePoint = ebpf
+                .program_mut("open_exit")
+                .context("open_exit")?
+                .try_into()?;
+            exit.attach("syscalls", &leave)
+                .with_context(|| format!("attaching to tracepoint syscalls/{leave}"))?;
+            Ok(())
+        })();
+        match attached {
+            Ok(()) => {}
+            // openat is how nearly every program opens: without it the
+            // sensor sees no library and no key file.
+            Err(e) if call == 0 => return Err(e),
+            // A kernel without openat2 (before 5.6) has no such call to
+            // open through.
+            Err(e) => {
+                tracing::warn!(error = brief(&e), "opens through {syscall} are not seen");
+                missing.push(syscall);
+            }
+        }
+    }
+    info!(
+        fentry = %why,
+        not_seen = ?missing,
+        "opens from the syscall tracepoints of open, openat, openat2 and creat: every system \
+         call on the host takes the kernel's traced path"
+    );
+    Ok(())
+}
+
+/// fentry and fexit on `do_sys_openat2`, both or neither.
+fn attach_open_fentry(ebpf: &mut aya::Ebpf, btf: &KernelBtf) -> Result<()> {
+    let btf = btf_of(btf)?;
+    let entry: &mut FEntry = ebpf
+        .program_mut("do_sys_openat2_entry")
+        .context("do_sys_openat2_entry")?
+        .try_into()?;
+    entry
+        .load(OPEN_FUNCTION, btf)
+        .with_context(|| format!("loading fentry on {OPEN_FUNCTION}"))?;
+    let exit: &mut FExit = ebpf
+        .program_mut("do_sys_openat2_exit")
+        .context("do_sys_openat2_exit")?
+        .try_into()?;
+    exit.load(OPEN_FUNCTION, btf)
+        .with_context(|| format!("loading fexit on {OPEN_FUNCTION}"))?;
+    // Exit first: an entry without its exit would leave every noted open
+    // pending, and hold a library's opener with no one to release it.
+    let exit: &mut FExit = ebpf
+        .program_mut("do_sys_openat2_exit")
+        .context("do_sys_openat2_exit")?
+        .try_into()?;
+    let exit_link = exit
+        .attach()
+        .with_context(|| format!("attaching fexit on {OPEN_FUNCTION}"))?;
+    let entry: &mut FEntry = ebpf
+        .program_mut("do_sys_openat2_entry")
+        .context("do_sys_openat2_entry")?
+        .try_into()?;
+    if let Err(e) = entry.attach() {
+        let exit: &mut FExit = ebpf
+            .program_mut("do_sys_openat2_exit")
+            .context("do_sys_openat2_exit")?
+            .try_into()?;
+        exit.detach(exit_link)
+            .context("detaching fexit after its fentry failed")?;
+        return Err(e).with_context(|| format!("attaching fentry on {OPEN_FUNCTION}"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::brief;
+
+    #[test]
+    fn a_verifier_log_is_cut_to_its_start_and_end() {
+        let log = format!("refused: {}the reason", "x".repeat(5_000_000));
+        let e = anyhow::anyhow!(log).context("loading fentry on do_sys_openat2");
+        let b = brief(&e);
+        assert!(b.len() < 1200, "{}", b.len());
+        assert!(
+            b.starts_with("loading fentry on do_sys_openat2: refused: "),
+            "{b}"
+        );
+        assert!(b.ends_with("xthe reason"), "{b}");
+        let cut = format!("{e:#}").len() - 1000;
+        assert!(
+            b.contains(&format!("[… {cut} characters of verifier output …]")),
+            "{b}"
+        );
+        let short = anyhow::anyhow!("EPERM").context("loading");
+        assert_eq!(brief(&short), "loading: EPERM");
+    }
+}
