@@ -1121,3 +1121,64 @@ fn a_key_file_opened_without_openat_is_still_seen() {
         Err(_) => {}
     }
 }
+
+/// `io_uring_setup(4, params)` as the calling user: the ring's descriptor,
+/// or minus the error number.
+const URING_SETUP: &str = r#"
+import ctypes
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+params = ctypes.create_string_buffer(120)
+fd = libc.syscall(ctypes.c_long(425), ctypes.c_long(4), params)
+print(fd if fd >= 0 else -ctypes.get_errno())
+"#;
+
+/// Files opened through io_uring (`IORING_OP_OPENAT`) reach the kernel's
+/// open code past both open mechanisms, so the sensor names that gap at
+/// start: a warning, with the setting that closes it, while any process
+/// may use io_uring (checked as `nobody`), and none once it is disabled.
+/// The host's setting is restored afterwards.
+#[test]
+fn the_io_uring_gap_is_named_while_anyone_may_use_it() {
+    const SYSCTL: &str = "/proc/sys/kernel/io_uring_disabled";
+    const WARNING: &str = "opens through io_uring are not seen, and any process may use io_uring";
+    let nobody_setup = || {
+        let out = run_ok(as_nobody("python3").arg("-c").arg(URING_SETUP));
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<i64>()
+            .unwrap()
+    };
+    let Ok(before) = std::fs::read_to_string(SYSCTL) else {
+        // A kernel before 6.6: no way to restrict io_uring.
+        let sensor = Sensor::start(&[]);
+        let log = sensor.log();
+        sensor.stop();
+        assert!(log.contains(WARNING), "{log}");
+        assert!(log.contains("absent (Linux before 6.6)"), "{log}");
+        return;
+    };
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(SYSCTL, &self.0);
+        }
+    }
+    let _restore = Restore(before);
+
+    std::fs::write(SYSCTL, "0").unwrap();
+    assert!(nobody_setup() >= 0, "nobody may set up an io_uring");
+    let sensor = Sensor::start(&[]);
+    let log = sensor.log();
+    sensor.stop();
+    assert!(log.contains(WARNING), "{log}");
+    assert!(log.contains("kernel.io_uring_disabled=2"), "{log}");
+
+    std::fs::write(SYSCTL, "2").unwrap();
+    assert_eq!(nobody_setup(), -1, "EPERM once io_uring is disabled");
+    let sensor = Sensor::start(&[]);
+    let log = sensor.log();
+    sensor.stop();
+    assert!(!log.contains(WARNING), "{log}");
+    assert!(log.contains("io_uring is disabled"), "{log}");
+}

@@ -206,6 +206,83 @@ fn attach_open_fentry(ebpf: &mut aya::Ebpf, btf: &KernelBtf) -> Result<()> {
     Ok(())
 }
 
+/// Who may open files through io_uring on this host, which neither open
+/// mechanism sees: an `IORING_OP_OPENAT` request reaches the kernel's
+/// open code without `do_sys_openat2` or an open system call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UringExposure {
+    /// The kernel has no io_uring.
+    Absent,
+    /// `kernel.io_uring_disabled=2`: no one.
+    Disabled,
+    /// `kernel.io_uring_disabled=1`: processes with `CAP_SYS_ADMIN` or in
+    /// `kernel.io_uring_group`.
+    Restricted,
+    /// `kernel.io_uring_disabled=0`, or a kernel before 6.6, which has no
+    /// such setting: any process.
+    Anyone,
+}
+
+fn uring_exposure(available: bool, disabled: Option<&str>) -> UringExposure {
+    if !available {
+        return UringExposure::Absent;
+    }
+    match disabled.map(str::trim) {
+        Some("2") => UringExposure::Disabled,
+        Some("1") => UringExposure::Restricted,
+        _ => UringExposure::Anyone,
+    }
+}
+
+/// Whether the kernel has io_uring: `io_uring_setup(0, NULL)` fails with
+/// ENOSYS only where it does not (EFAULT or EINVAL where it does, EPERM
+/// where it is disabled).
+fn io_uring_available() -> bool {
+    // SAFETY: a null parameter pointer and zero entries: the kernel
+    // refuses the call before it could create anything.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_setup,
+            0u32,
+            std::ptr::null_mut::<libc::c_void>(),
+        )
+    };
+    if r >= 0 {
+        // SAFETY: a descriptor the call just returned, owned by no one.
+        unsafe { libc::close(r as i32) };
+        return true;
+    }
+    std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
+}
+
+/// Names, at start, the opens the sensor cannot see: files opened through
+/// io_uring. A warning when any process may use it, with the setting that
+/// closes the gap.
+pub fn say_io_uring() {
+    const SYSCTL: &str = "/proc/sys/kernel/io_uring_disabled";
+    let setting = std::fs::read_to_string(SYSCTL).ok();
+    match uring_exposure(io_uring_available(), setting.as_deref()) {
+        UringExposure::Absent => tracing::debug!("no io_uring on this kernel"),
+        UringExposure::Disabled => {
+            info!(
+                "io_uring is disabled (kernel.io_uring_disabled=2): no open escapes the open probes"
+            )
+        }
+        UringExposure::Restricted => info!(
+            "opens through io_uring are not seen; only processes with CAP_SYS_ADMIN or in \
+             kernel.io_uring_group may use it (kernel.io_uring_disabled=1)"
+        ),
+        UringExposure::Anyone => tracing::warn!(
+            setting = setting
+                .as_deref()
+                .map(str::trim)
+                .unwrap_or("absent (Linux before 6.6)"),
+            "opens through io_uring are not seen, and any process may use io_uring: set \
+             kernel.io_uring_disabled=2 (or 1, with kernel.io_uring_group) to close this"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::brief;
@@ -228,5 +305,16 @@ mod tests {
         );
         let short = anyhow::anyhow!("EPERM").context("loading");
         assert_eq!(brief(&short), "loading: EPERM");
+    }
+
+    #[test]
+    fn io_uring_exposure_follows_the_setting() {
+        use super::{UringExposure::*, uring_exposure};
+        assert_eq!(uring_exposure(false, Some("0")), Absent);
+        assert_eq!(uring_exposure(true, Some("2\n")), Disabled);
+        assert_eq!(uring_exposure(true, Some("1\n")), Restricted);
+        assert_eq!(uring_exposure(true, Some("0\n")), Anyone);
+        // Linux before 6.6 has no setting: anyone may.
+        assert_eq!(uring_exposure(true, None), Anyone);
     }
 }
