@@ -21,11 +21,25 @@ pub use keywarden_analyzer::event::{
 };
 
 /// The events in the NDJSON file at `path` (none if it does not exist).
+/// Every line must be whole: for a sensor that has stopped.
 pub fn read_events(path: &Path) -> Vec<Event> {
     let mut text = String::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         f.read_to_string(&mut text).unwrap();
     }
+    parse_events(&text, &path.display().to_string())
+}
+
+/// The events a running sensor has written to `path` so far. Its output
+/// is buffered, so a line may be half written when the file is read (seen
+/// once, in `tar_pit_listeners_of_one_user_do_not_keep_another_users_server_unnamed`):
+/// everything after the last newline is left for the next read.
+pub fn read_events_so_far(path: &Path) -> Vec<Event> {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        f.read_to_string(&mut text).unwrap();
+    }
+    text.truncate(text.rfind('\n').map_or(0, |i| i + 1));
     parse_events(&text, &path.display().to_string())
 }
 

@@ -131,9 +131,10 @@ impl Sensor {
         );
     }
 
-    /// The events written so far (the sensor flushes on every poll).
+    /// The events written so far (the sensor flushes on every poll; a
+    /// full buffer may write part of a line before).
     pub fn events(&self) -> Vec<Event> {
-        read_events(&self.events_path)
+        read_events_so_far(&self.events_path)
     }
 
     /// Sends `signal`, waits for a clean exit (status 0) and returns events.
