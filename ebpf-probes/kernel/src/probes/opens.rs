@@ -484,7 +484,7 @@ extern "C" fn hash_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
 struct PathScan {
     buf: *const [u8; PATH_MAX],
     len: u64,
-    /// Where the loop starts (`basename_hash`).
+    /// Where the loop starts.
     at: u64,
     /// What it found or computed.
     out: u64,
@@ -492,9 +492,9 @@ struct PathScan {
 
 /// Runs `step` up to `n` times over `scan` with `bpf_loop`, so that the
 /// verifier checks one step once instead of every iteration of a loop
-/// whose exits multiply the states of the loops after it (Linux 6.1's
-/// verifier gave up on the unrolled loops once the open probes were
-/// attached to more than `openat`).
+/// whose exits multiply the states after it. For loops off the common
+/// path only (a key or watched file's name): each step is an indirect
+/// call.
 #[inline(always)]
 fn path_loop(n: u32, step: extern "C" fn(u64, *mut core::ffi::c_void) -> i64, scan: &mut PathScan) {
     // SAFETY: `step` has the callback signature bpf_loop expects, and
@@ -539,30 +539,20 @@ fn is_shared_object(buf: &[u8; PATH_MAX], len: usize, start: usize) -> bool {
 /// Index of the first byte of the last path component.
 #[inline(always)]
 fn basename_start(buf: &[u8; PATH_MAX], len: usize) -> usize {
-    let mut scan = PathScan {
-        buf,
-        len: len as u64,
-        at: 0,
-        out: 0,
-    };
-    path_loop(128, slash_step, &mut scan);
-    scan.out as usize
-}
-
-/// One byte of `basename_start`, from the end: 1 to stop (a '/', or the
-/// path's start), else 0.
-extern "C" fn slash_step(i: u64, ctx: *mut core::ffi::c_void) -> i64 {
-    // SAFETY: as in `hash_step`.
-    let scan = unsafe { &mut *(ctx as *mut PathScan) };
-    if i >= scan.len {
-        return 1;
-    }
-    let idx = (scan.len - 1 - i) as usize & (PATH_MAX - 1);
-    // SAFETY: as in `hash_step`.
-    let buf = unsafe { &*scan.buf };
-    if buf[idx] == b'/' {
-        scan.out = idx as u64 + 1;
-        return 1;
+    // A plain loop, not `path_loop`: this runs on every open on the host,
+    // and a bpf_loop callback per byte costs an indirect call each. Once
+    // the path copy stopped being a byte loop (`fill_open`), Linux 6.1's
+    // verifier accepts it.
+    let mut i = 0usize;
+    while i < 128 {
+        if i >= len {
+            break;
+        }
+        let idx = (len - 1 - i) & (PATH_MAX - 1);
+        if buf[idx] == b'/' {
+            return idx + 1;
+        }
+        i += 1;
     }
     0
 }
