@@ -154,6 +154,18 @@ struct FirstOpen<'a> {
     result: OpenResult,
 }
 
+/// The coalescing window an open joins: its process's opens of the same
+/// path with the same outcome. A success never joins a window of failed
+/// opens: a process could otherwise fail an open on purpose first, and
+/// have its read of the file reported as that failure, counted.
+fn window(path: &str, result: &OpenResult) -> String {
+    match result {
+        OpenResult::Succeeded => path.to_owned(),
+        OpenResult::Failed(_) => format!("{path}\0failed"),
+        OpenResult::Unknown => format!("{path}\0unknown"),
+    }
+}
+
 /// Lets a process held at its open go on: its open is judged.
 fn release_if_held(f: &FileOpenRecord, decisions: &mut Decisions) {
     if f.flags & open_flags::HELD != 0 {
@@ -338,7 +350,12 @@ impl SecretOpens {
             .enforcer
             .is_guarded(host_path.as_deref().unwrap_or(&absolute));
         let is_key_file = f.flags & open_flags::KEY_FILE != 0;
-        if !guarded && !is_key_file && self.coalescer.join(tgid, &absolute, time_ms) {
+        if !guarded
+            && !is_key_file
+            && self
+                .coalescer
+                .join(tgid, &window(&absolute, &opened.result()), time_ms)
+        {
             // A repeat within the window: counted, nothing else to do.
             release_if_held(&f, p.decisions);
             return None;
@@ -487,10 +504,11 @@ impl SecretOpens {
         if m.only_private_keys && !holds_private_key {
             return;
         }
-        if self
-            .coalescer
-            .join(tgid, &absolute, p.attr.wall_ms(f.task.ktime_ns))
-        {
+        if self.coalescer.join(
+            tgid,
+            &window(&absolute, &opened.result()),
+            p.attr.wall_ms(f.task.ktime_ns),
+        ) {
             return;
         }
         // A process with too many files in open windows (a flood of
@@ -534,7 +552,10 @@ impl SecretOpens {
             comm,
         };
         let time_ms = attr.wall_ms(g.ktime_ns);
-        if self.coalescer.join(g.tgid, &g.host_path, time_ms) {
+        if self
+            .coalescer
+            .join(g.tgid, &window(&g.host_path, &OpenResult::Unknown), time_ms)
+        {
             return;
         }
         let watched = self.watch.matches(&g.host_path);
@@ -604,7 +625,7 @@ impl SecretOpens {
         let seq = out.next_seq();
         let evicted = self.coalescer.add(
             task.tgid(),
-            o.path,
+            &window(o.path, &o.result),
             time_ms,
             SecretFileOpen {
                 seq,
@@ -683,5 +704,18 @@ mod tests {
         assert_eq!(Opened::of(-516), Opened::Unknown);
         assert_eq!(Opened::of(5).result(), OpenResult::Succeeded);
         assert_eq!(Opened::Unknown.result(), OpenResult::Unknown);
+    }
+
+    /// A process's successful opens of a path share one window, failed
+    /// ones (whatever the errno) another, and ones without a result a third.
+    #[test]
+    fn successes_and_failures_coalesce_apart() {
+        let ok = window("/k.pem", &Opened::of(3).result());
+        assert_eq!(ok, window("/k.pem", &Opened::of(7).result()));
+        let failed = window("/k.pem", &Opened::of(-2).result());
+        assert_eq!(failed, window("/k.pem", &Opened::of(-13).result()));
+        let unknown = window("/k.pem", &Opened::Unknown.result());
+        assert!(ok != failed && failed != unknown && ok != unknown);
+        assert_ne!(ok, window("/other.pem", &Opened::of(3).result()));
     }
 }
