@@ -107,12 +107,49 @@ pub fn decode(bytes: &[u8]) -> Record {
         kind::EXEC => read::<t::ExecRecord>(bytes).map(|r| Record::Exec(Box::new(r))),
         kind::EXIT => read(bytes).map(Record::Exit),
         kind::EXEC_MARK => read(bytes).map(Record::ExecMark),
-        kind::FILE_OPEN => read::<t::FileOpenRecord>(bytes).map(|r| Record::FileOpen(Box::new(r))),
+        kind::FILE_OPEN => read::<t::FileOpenRecord>(bytes).map(|mut r| {
+            if r.flags & t::open_flags::RESOLVED != 0 {
+                r.path = unwalk_path(&r.path, r.flags & t::open_flags::TRUNCATED != 0);
+            }
+            Record::FileOpen(Box::new(r))
+        }),
         kind::KILLED => read(bytes).map(Record::Killed),
         kind::OPEN_RESULT => read(bytes).map(Record::OpenResult),
         _ => None,
     };
     rec.unwrap_or_else(|| malformed(k))
+}
+
+/// A `RESOLVED` open's path, which the probe walked up from the opened
+/// file's dentry and wrote leaf first (`key.pem/dir/etc/`), as a path:
+/// `/etc/dir/key.pem`, or `.../dir/key.pem` when the walk was cut (the
+/// path was longer than the record holds, or deeper than the walk goes).
+/// What does not fit is cut from the root's end, the leaf kept.
+pub fn unwalk_path(walked: &[u8], cut: bool) -> [u8; t::PATH_MAX] {
+    let end = walked.iter().position(|&b| b == 0).unwrap_or(walked.len());
+    let mut parts: Vec<&[u8]> = walked[..end]
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .collect();
+    parts.reverse();
+    let mut path = Vec::with_capacity(end + 4);
+    if cut {
+        path.extend_from_slice(b"...");
+    }
+    for p in &parts {
+        path.push(b'/');
+        path.extend_from_slice(p);
+    }
+    if parts.is_empty() {
+        path.push(b'/');
+    }
+    let mut out = [0u8; t::PATH_MAX];
+    let keep = path.len().min(t::PATH_MAX - 1);
+    out[..keep].copy_from_slice(&path[path.len() - keep..]);
+    if keep < path.len() {
+        out[..3].copy_from_slice(b"...");
+    }
+    out
 }
 
 /// A NUL-terminated byte buffer as a string (lossy).
@@ -154,6 +191,41 @@ mod tests {
             decode(&99u32.to_ne_bytes()),
             Record::Malformed { kind: 99, .. }
         ));
+    }
+
+    /// A walked path reads root first; a cut one says so; one too long
+    /// for the record keeps its leaf.
+    #[test]
+    fn resolved_paths_are_unwalked() {
+        let path = |walked: &[u8], cut| c_str(&unwalk_path(walked, cut));
+        assert_eq!(
+            path(b"site.key/.tmpAb/tmp/\0junk", false),
+            "/tmp/.tmpAb/site.key"
+        );
+        assert_eq!(path(b"site.key/deep/", true), ".../deep/site.key");
+        assert_eq!(path(b"", false), "/");
+        let mut long = Vec::new();
+        for _ in 0..70 {
+            long.extend_from_slice(b"dir/");
+        }
+        let walked = [b"k.pem/".as_slice(), &long].concat();
+        let out = path(&walked, true);
+        assert!(
+            out.starts_with("...") && out.ends_with("/dir/k.pem"),
+            "{out}"
+        );
+        assert_eq!(out.len(), t::PATH_MAX - 1);
+        // And a record decodes to its unwalked path.
+        // SAFETY: a plain repr(C) record of integers and bytes, for which
+        // all zeroes is a valid value.
+        let mut rec: t::FileOpenRecord = unsafe { std::mem::zeroed() };
+        rec.kind = kind::FILE_OPEN;
+        rec.flags = t::open_flags::RESOLVED | t::open_flags::KEY_FILE;
+        rec.path[..13].copy_from_slice(b"k.pem/d/root/");
+        match decode(&as_bytes(&rec)) {
+            Record::FileOpen(f) => assert_eq!(c_str(&f.path), "/root/d/k.pem"),
+            _ => panic!("wrong kind"),
+        }
     }
 
     #[test]

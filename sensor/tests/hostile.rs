@@ -1122,6 +1122,143 @@ fn a_key_file_opened_without_openat_is_still_seen() {
     }
 }
 
+/// Builds `fixtures/hostile/NAME.c` into `dir`, executable by anyone,
+/// with the host's C compiler (the one Rust links with).
+fn build_c(name: &str, dir: &Path) -> std::path::PathBuf {
+    let source =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../fixtures/hostile/{name}.c"));
+    let out = dir.join(name);
+    run_ok(
+        Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()))
+            .args(["-O2", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&source),
+    );
+    std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o755)).unwrap();
+    out
+}
+
+/// A process that rewrites the path it is opening from a second thread
+/// (`fixtures/hostile/path_race.c`: `site.key` and `site.kex`, flipped
+/// without pause) can make the open probe read one name while the kernel
+/// opens the other. Before the opened file's own name was checked at the
+/// open's exit, about one run in six read the key unseen (7 of 40 on this
+/// VM). Each run, as `nobody`, stops at its first successful open, reads
+/// the key and exits at once; each must leave a successful open of the
+/// key file, with its path and SPKI.
+#[test]
+fn a_key_path_rewritten_during_its_open_is_still_seen() {
+    const RUNS: usize = 40;
+    let work = attacker_dir();
+    let racer = build_c("path_race", work.path());
+    let key = openssl_key(work.path(), "k", "ec");
+    let site_key = work.path().join("site.key");
+    std::fs::rename(&key.path, &site_key).unwrap();
+    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let sensor = Sensor::start(&[]);
+    let pids: Vec<u32> = (0..RUNS)
+        .map(|_| run_pid_ok(as_nobody(racer.to_str().unwrap()).arg(&site_key)).0)
+        .collect();
+    let events = sensor.stop();
+    let mut unseen = Vec::new();
+    for pid in pids {
+        let opened: Vec<&Event> = secret_opens_of(&events, pid)
+            .into_iter()
+            .filter(|e| e.status_id == 1)
+            .collect();
+        if opened.is_empty() {
+            unseen.push(pid);
+            continue;
+        }
+        for e in opened {
+            assert_eq!(
+                file_path_of(e),
+                Some(site_key.to_str().unwrap()),
+                "{}",
+                pretty(e)
+            );
+            assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
+        }
+    }
+    assert!(
+        unseen.is_empty(),
+        "{} of {RUNS} runs read the key with no successful open reported: {unseen:?}",
+        unseen.len()
+    );
+}
+
+/// Opens each file named on the command line, reads it, and keeps it
+/// open until its standard input closes (so the sensor can read it
+/// through the process's own descriptor, however slow the machine).
+const OPEN_AND_HOLD: &str = r#"
+import sys
+files = [open(p, "rb") for p in sys.argv[1:]]
+for f in files:
+    f.read()
+sys.stdin.read()
+"#;
+
+/// The open probe first judges the path the process gave. A symlink of an
+/// unremarkable name (`notes.txt`) to a key file, and a key file whose
+/// path is longer than the probe copies (entry sees it cut, with no
+/// suffix), both escaped it. The exit now judges the opened file by its
+/// own name: each open, as `nobody`, is one successful open reported with
+/// the key's SPKI. The symlink's is under the file's real path; the long
+/// one's is the tail of its path, marked cut (`...`).
+#[test]
+fn a_key_opened_under_another_name_or_a_long_path_is_seen() {
+    let work = attacker_dir();
+    let key = openssl_key(work.path(), "k", "ec");
+    let site_key = work.path().join("site.key");
+    std::fs::rename(&key.path, &site_key).unwrap();
+    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let link = work.path().join("notes.txt");
+    std::os::unix::fs::symlink(&site_key, &link).unwrap();
+    let mut deep = work.path().to_path_buf();
+    for _ in 0..12 {
+        deep.push("d".repeat(24));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let deep_key = deep.join("deep.key");
+    std::fs::copy(&site_key, &deep_key).unwrap();
+    assert!(deep_key.as_os_str().len() > 300);
+    let sensor = Sensor::start(&[]);
+    let mut opener = as_nobody("python3")
+        .arg("-c")
+        .arg(OPEN_AND_HOLD)
+        .arg(&link)
+        .arg(&deep_key)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = opener.id();
+    // The long path is read only through the process's descriptor: the
+    // process keeps it open until both opens are reported.
+    wait_for("both opens reported", Duration::from_secs(60), || {
+        secret_opens_of(&sensor.events(), pid).len() >= 2
+    });
+    drop(opener.stdin.take());
+    assert!(opener.wait().unwrap().success());
+    let events = sensor.stop();
+    let opens = secret_opens_of(&events, pid);
+    assert_eq!(opens.len(), 2, "{}", pretty(&opens));
+    let by_path = |want: &dyn Fn(&str) -> bool| {
+        let found: Vec<&&Event> = opens
+            .iter()
+            .filter(|e| file_path_of(e).is_some_and(want))
+            .collect();
+        assert_eq!(found.len(), 1, "{}", pretty(&opens));
+        *found[0]
+    };
+    let linked = by_path(&|p| p == site_key.to_str().unwrap());
+    let long =
+        by_path(&|p| p.starts_with("...") && p.ends_with("/dddddddddddddddddddddddd/deep.key"));
+    for e in [linked, long] {
+        assert_eq!(e.status_id, 1, "{}", pretty(e));
+        assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
+    }
+}
+
 /// `io_uring_setup(4, params)` as the calling user: the ring's descriptor,
 /// or minus the error number.
 const URING_SETUP: &str = r#"

@@ -138,6 +138,14 @@ pub(crate) static OP_SEQ: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0)
 pub(crate) static PATH_SCRATCH: PerCpuArray<[u8; keywarden_probe_types::PATH_SCRATCH]> =
     PerCpuArray::with_max_entries(2, 0);
 
+/// Where the exit of an open writes the path it walks up from an opened
+/// file's dentry (`opens::walk_path`): twice `PATH_MAX`, so that a name
+/// of up to `PATH_MAX` bytes written at any offset below `PATH_MAX` stays
+/// inside it, as the verifier must see.
+#[map]
+pub(crate) static WALK_SCRATCH: PerCpuArray<[u8; 2 * keywarden_probe_types::PATH_MAX]> =
+    PerCpuArray::with_max_entries(1, 0);
+
 /// Go signing calls between entry and return, by (tgid, goroutine). LRU:
 /// a call that panics never reaches a return instruction.
 #[map]

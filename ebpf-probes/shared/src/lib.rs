@@ -190,6 +190,14 @@ pub mod open_flags {
     /// (`PROTECTED_NAMES`); with `HELD`, the process is stopped until the
     /// sensor has decided whether it may sign with that key.
     pub const PROTECTED: u32 = 1 << 5;
+    /// Reported from the open's exit, by the name of the file the kernel
+    /// opened (its dentry), because the path the process gave did not
+    /// look like a key file: a symlink of another name, or a path another
+    /// thread rewrote between the probe's read and the kernel's copy.
+    /// `path` then holds the file's path as the probe walked it up to the
+    /// process's root, last component first, each followed by `/`
+    /// (the sensor's `records::unwalk_path`); with `TRUNCATED`, the walk stopped before the root.
+    pub const RESOLVED: u32 = 1 << 6;
 }
 
 /// Name endings the open probe treats as key or certificate files; the
@@ -292,6 +300,10 @@ pub mod config {
     /// The sensor's own tgid: its opens and exec are never held or reported
     /// (it reads every library it attaches to, and would stop itself).
     pub const SENSOR_TGID: u32 = 2;
+    /// Bit `min(len, 63)` is set for the length of each protected
+    /// basename (`PROTECTED_NAMES`): the exit of an open hashes the
+    /// opened file's own name only when its length is one of them.
+    pub const PROTECTED_NAME_LENS: u32 = 3;
     pub const SLOTS: u32 = 4;
     /// A lease whose heartbeat is older than this is void: its sensor died
     /// or stalled, holding stops, and another sensor may take the lease.
@@ -534,6 +546,22 @@ pub struct TaskLayout {
     pub files_fdt: u32,
     pub fdtable_max_fds: u32,
     pub fdtable_fd: u32,
+    /// `file.f_path` plus `path.dentry`, and plus `path.mnt`.
+    pub file_dentry: u32,
+    pub file_mnt: u32,
+    pub file_flags: u32,
+    pub dentry_parent: u32,
+    /// `dentry.d_name` plus `qstr.len`, and plus `qstr.name`.
+    pub dentry_name_len: u32,
+    pub dentry_name_ptr: u32,
+    /// Where `struct vfsmount` sits in `struct mount`, and the fields of
+    /// `struct mount` a path walk crosses mounts by.
+    pub mount_mnt: u32,
+    pub mount_parent: u32,
+    pub mount_mountpoint: u32,
+    pub vfsmount_root: u32,
+    /// `fs_struct.root` plus `path.mnt`.
+    pub fs_root_mnt: u32,
 }
 
 /// `kind::EXIT` and `kind::EXEC_MARK`.

@@ -10,7 +10,10 @@
 //! - `TaskLayout`: `task_struct.mm->exe_file->f_inode`, whose inode number,
 //!   size and mtime let the sensor hash the file a process ran even after
 //!   the process has exited; and the process's root directory and mount
-//!   namespace, which let it read the key files such a process opened.
+//!   namespace, which let it read the key files such a process opened;
+//!   and an opened file's name and path (`struct file` to its dentry and
+//!   mount, up to the process's root), which let the exit of an open see
+//!   the file the kernel opened whatever name the process gave.
 
 use anyhow::{Context, Result, anyhow};
 use btf_rs::{Btf, Type};
@@ -108,6 +111,13 @@ pub fn task() -> Result<TaskLayout> {
     let ns_common = struct_fields(&btf, "ns_common")?;
     let files = struct_fields(&btf, "files_struct")?;
     let fdtable = struct_fields(&btf, "fdtable")?;
+    let qstr = struct_fields(&btf, "qstr")?;
+    let mount = struct_fields(&btf, "mount")?;
+    let vfsmount = struct_fields(&btf, "vfsmount")?;
+    let path_dentry = field(&path, "path", "dentry")?;
+    let path_mnt = field(&path, "path", "mnt")?;
+    let f_path = field(&file, "file", "f_path")?;
+    let d_name = field(&dentry, "dentry", "d_name")?;
     // Linux 6.7 split the mtime into i_mtime_sec and i_mtime_nsec; before
     // it was a timespec64 (i_mtime, or __i_mtime in 6.6): tv_sec, tv_nsec.
     let (mtime_sec, mtime_nsec) = match (inode.get("i_mtime_sec"), inode.get("i_mtime_nsec")) {
@@ -128,7 +138,7 @@ pub fn task() -> Result<TaskLayout> {
         inode_mtime_sec: mtime_sec,
         inode_mtime_nsec: mtime_nsec,
         task_fs: field(&task, "task_struct", "fs")?,
-        fs_root_dentry: field(&fs, "fs_struct", "root")? + field(&path, "path", "dentry")?,
+        fs_root_dentry: field(&fs, "fs_struct", "root")? + path_dentry,
         dentry_inode: field(&dentry, "dentry", "d_inode")?,
         task_nsproxy: field(&task, "task_struct", "nsproxy")?,
         nsproxy_mnt_ns: field(&nsproxy, "nsproxy", "mnt_ns")?,
@@ -138,6 +148,17 @@ pub fn task() -> Result<TaskLayout> {
         files_fdt: field(&files, "files_struct", "fdt")?,
         fdtable_max_fds: field(&fdtable, "fdtable", "max_fds")?,
         fdtable_fd: field(&fdtable, "fdtable", "fd")?,
+        file_dentry: f_path + path_dentry,
+        file_mnt: f_path + path_mnt,
+        file_flags: field(&file, "file", "f_flags")?,
+        dentry_parent: field(&dentry, "dentry", "d_parent")?,
+        dentry_name_len: d_name + field(&qstr, "qstr", "len")?,
+        dentry_name_ptr: d_name + field(&qstr, "qstr", "name")?,
+        mount_mnt: field(&mount, "mount", "mnt")?,
+        mount_parent: field(&mount, "mount", "mnt_parent")?,
+        mount_mountpoint: field(&mount, "mount", "mnt_mountpoint")?,
+        vfsmount_root: field(&vfsmount, "vfsmount", "mnt_root")?,
+        fs_root_mnt: field(&fs, "fs_struct", "root")? + path_mnt,
     })
 }
 
@@ -174,5 +195,11 @@ mod tests {
         // `struct path` is { mnt, dentry }: the dentry is 8 bytes into it.
         assert!(l.task_fs > 0 && l.fs_root_dentry.is_multiple_of(8), "{l:?}");
         assert!(l.task_nsproxy > 0 && l.nsproxy_mnt_ns > 0, "{l:?}");
+        // `struct qstr` is { hash_len (hash, len), name }; `struct path` is
+        // { mnt, dentry }, in `file` and in `fs_struct`.
+        assert_eq!(l.dentry_name_ptr, l.dentry_name_len + 4, "{l:?}");
+        assert_eq!(l.file_dentry, l.file_mnt + 8, "{l:?}");
+        assert_eq!(l.fs_root_dentry, l.fs_root_mnt + 8, "{l:?}");
+        assert!(l.mount_mnt > 0 && l.mount_parent > 0, "{l:?}");
     }
 }

@@ -325,7 +325,11 @@ fn own_descriptor(tgid: u32, fd: i32, opened: &ExeId) -> Result<File, String> {
 /// it is the file its open returned.
 fn by_path(job: &Job) -> Result<File, String> {
     if !job.resolvable {
-        return Err("the path is relative to a directory descriptor".to_owned());
+        return Err(
+            "the path cannot be resolved: it is relative to a directory descriptor, \
+             or longer than the probe copies"
+                .to_owned(),
+        );
     }
     let base = base_dir(job)?;
     let file = safe_open::open_beneath(base.as_fd(), &job.path).map_err(|e| e.to_string())?;

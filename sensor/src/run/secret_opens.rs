@@ -212,13 +212,17 @@ impl SecretOpens {
     /// of that process is now being read; its later records must wait.
     pub fn on_result(&mut self, r: &OpenResultRecord, p: &mut OpenParts<'_>) -> Option<u32> {
         let tid = r.pid_tgid as u32;
-        let Some((f, _)) = self.awaiting.remove(&tid) else {
+        let Some((mut f, _)) = self.awaiting.remove(&tid) else {
             debug!(
                 tid,
                 "an open's result without its open (the entry record was lost)"
             );
             return None;
         };
+        // What the opened file's own name added at the exit: a key file's
+        // name, a protected key's (and then perhaps a hold) that the path
+        // the process gave did not show.
+        f.flags |= r.flags & (open_flags::KEY_FILE | open_flags::PROTECTED | open_flags::HELD);
         let file = (r.file.valid != 0).then_some(r.file);
         self.judge(f, Opened::of(r.ret), file, p)
     }
@@ -329,7 +333,10 @@ impl SecretOpens {
     ) -> Option<u32> {
         let tgid = f.task.tgid();
         let path = c_str(&f.path);
-        if f.flags & open_flags::TRUNCATED != 0 {
+        // A path cut at entry cannot be matched; one walked from the opened
+        // file (`RESOLVED`) is reported however long, and read through the
+        // process's descriptor.
+        if f.flags & open_flags::TRUNCATED != 0 && f.flags & open_flags::RESOLVED == 0 {
             debug!(pid = tgid, "path longer than the probe copies; not matched");
             release_if_held(&f, p.decisions);
             return None;
@@ -360,7 +367,9 @@ impl SecretOpens {
             release_if_held(&f, p.decisions);
             return None;
         }
-        let watched = if f.flags & open_flags::WATCHED != 0 {
+        // The kernel's watch prefilter ran on the path the process gave;
+        // a file found by its own name at the exit is matched here alone.
+        let watched = if f.flags & (open_flags::WATCHED | open_flags::RESOLVED) != 0 {
             self.watch.matches(&absolute)
         } else {
             None

@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// (test binary, exact test name, what it covers on a kernel)
-pub const SMOKE: [(&str, &str, &str); 8] = [
+pub const SMOKE: [(&str, &str, &str); 9] = [
     (
         "openssl_cli",
         "cli_signing_gives_one_event_per_signature_with_the_right_key",
@@ -29,6 +29,11 @@ pub const SMOKE: [(&str, &str, &str); 8] = [
         "hostile",
         "a_key_file_opened_without_openat_is_still_seen",
         "opens through open, openat2 and creat, run as nobody; the open mechanism the kernel must give",
+    ),
+    (
+        "hostile",
+        "a_key_opened_under_another_name_or_a_long_path_is_seen",
+        "the exit's look at the opened file's own name (dentry), and the path walked up across mounts, run as nobody",
     ),
     (
         "enforcement",

@@ -15,12 +15,17 @@
 //!   task through the kernel's slower traced path (docs/performance.md).
 //!
 //! Both see the path as the process gave it, with its directory
-//! descriptor and flags, so the classification is the same.
+//! descriptor and flags, so the classification is the same. That path is
+//! read before the kernel copies it: a symlink of another name, or
+//! another thread rewriting the buffer in between, can show entry one
+//! name while the kernel opens another file. So `on_exit` also looks at
+//! the name of the file the kernel opened (its dentry), and reports a key
+//! file entry missed, with its path walked up from the dentry.
 use aya_ebpf::{
     bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf, bpf_probe_read_user,
-        bpf_probe_read_user_str_bytes,
+        bpf_get_current_pid_tgid, bpf_probe_read_kernel_buf, bpf_probe_read_kernel_str_bytes,
+        bpf_probe_read_user, bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task, bpf_send_signal},
     },
     macros::{fentry, fexit, tracepoint},
@@ -32,7 +37,7 @@ use keywarden_probe_types::*;
 use crate::{
     maps::{
         CONTROL, EVENTS, HELD, LIBRARY_SEEN, PATH_SCRATCH, PENDING_OPEN, PROTECTED_NAMES,
-        PendingOpen, WATCH, pending,
+        PendingOpen, WALK_SCRATCH, WATCH, pending,
     },
     util::{
         SIGSTOP, config, count, current_root, current_task, file_id, kernel_ptr, kernel_read,
@@ -140,27 +145,58 @@ fn on_enter(filename: u64, dfd: impl Fn() -> i64, sys_flags: impl Fn() -> u64) {
     let _ = PENDING_OPEN.insert(&pid_tgid, &pending, 0);
 }
 
-/// The exit of an open noted at entry: a library opened read-only for
-/// the first time in this cgroup goes to the control thread, holding the
-/// opener (see `should_hold`) until it has attached; a reported open gets
-/// its result. `ret` is read only for such opens.
+/// The exit of every open. First, for an open that returned a
+/// descriptor, the name of the file the kernel opened (`opened_file`):
+/// the path the process gave was read at entry, before the kernel's own
+/// copy, and may have been a symlink of another name, or rewritten by
+/// another thread in between. Then what entry noted: a library opened
+/// read-only for the first time in this cgroup goes to the control thread,
+/// holding the opener (see `should_hold`) until it has attached; a
+/// reported open gets its result, with what the file's own name added.
+/// An open entry did not report whose file is named like a key is
+/// reported here (`report_resolved`).
 #[inline(always)]
 fn on_exit(ret: impl Fn() -> Option<i64>) {
     let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: the entry is copied out at once; only this thread writes its key,
     // and one evicted meanwhile is still map memory: stale at worst.
-    let Some(pending) = (unsafe { PENDING_OPEN.get(&pid_tgid) }).copied() else {
-        return;
-    };
-    let _ = PENDING_OPEN.remove(&pid_tgid);
+    let pending = (unsafe { PENDING_OPEN.get(&pid_tgid) }).copied();
+    if pending.is_some() {
+        let _ = PENDING_OPEN.remove(&pid_tgid);
+    }
     let Some(ret) = ret() else {
         return;
     };
-    if pending.what == pending::REPORTED {
-        report_result(&pending, pid_tgid, ret);
+    let opened = if ret >= 0 { opened_file(ret) } else { None };
+    let named = opened.as_ref().map_or(0, |o| o.flags);
+    if let Some(p) = &pending
+        && p.what == pending::REPORTED
+    {
+        let mut flags = p.flags | named;
+        if named & !p.flags & open_flags::PROTECTED != 0 && p.flags & open_flags::HELD == 0 {
+            let task = current_task();
+            if sensor_alive(&task) {
+                hold(&task, &mut flags);
+            }
+        }
+        report_result(flags, pid_tgid, ret);
         return;
     }
-    let fd = ret;
+    if let Some(o) = &opened
+        && named != 0
+        && (pid_tgid >> 32) != config(config::SENSOR_TGID)
+    {
+        report_resolved(o, ret);
+    }
+    if let Some(p) = pending {
+        library_opened(&p, ret);
+    }
+}
+
+/// A library's open noted at entry (`pending::LIBRARY`), once it has
+/// returned `fd`.
+#[inline(always)]
+fn library_opened(pending: &PendingOpen, fd: i64) {
     if fd < 0 {
         return;
     }
@@ -198,8 +234,9 @@ fn on_exit(ret: impl Fn() -> Option<i64>) {
 /// What a reported open came to: the return value and, for a descriptor,
 /// the file it names. Wakes the sensor when the opener is held, as the
 /// entry record did: the sensor releases it once it knows the result.
+/// `flags` are the entry's, with what the opened file's name added.
 #[inline(always)]
-fn report_result(pending: &PendingOpen, pid_tgid: u64, ret: i64) {
+fn report_result(flags: u32, pid_tgid: u64, ret: i64) {
     let file = if ret >= 0 {
         current_fd_file(ret).unwrap_or_default()
     } else {
@@ -213,15 +250,286 @@ fn report_result(pending: &PendingOpen, pid_tgid: u64, ret: i64) {
     // only); every field is written before the record is submitted.
     let r = unsafe { rec.assume_init_mut() };
     r.kind = kind::OPEN_RESULT;
-    r.flags = pending.flags;
+    r.flags = flags;
     r.pid_tgid = pid_tgid;
     r.ret = ret;
     r.file = file;
-    rec.submit(if pending.flags & open_flags::HELD != 0 {
+    rec.submit(if flags & open_flags::HELD != 0 {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     } as u64);
+}
+
+/// The file behind a descriptor an open just returned, and what its own
+/// name says: `KEY_FILE` for a key file's suffix, `PROTECTED` for a
+/// protected key's basename.
+struct OpenedFile {
+    file: u64,
+    dentry: u64,
+    flags: u32,
+}
+
+/// Runs at the exit of every open that returned a descriptor, so it reads
+/// as little as it can: the descriptor's file, its dentry, the name's
+/// length and last eight bytes. The name is hashed for `PROTECTED_NAMES`
+/// only when a protected basename has its length.
+#[inline(always)]
+fn opened_file(fd: i64) -> Option<OpenedFile> {
+    let l = task_layout()?;
+    // SAFETY: takes no arguments; the task pointer it returns is only read
+    // through bpf_probe_read_kernel (`kernel_ptr`, `kernel_read`).
+    let task = unsafe { bpf_get_current_task() };
+    let files = kernel_ptr(task, l.task_files)?;
+    let fdt = kernel_ptr(files, l.files_fdt)?;
+    // No check against `max_fds`: the open just installed `fd`, and a
+    // descriptor table is only ever replaced by a larger one. A stale read
+    // is a wrong name at worst (bpf_probe_read_kernel cannot fault).
+    let fds = kernel_ptr(fdt, l.fdtable_fd)?;
+    let file = kernel_ptr(fds, (fd as u32) << 3)?;
+    let dentry = kernel_ptr(file, l.file_dentry)?;
+    let len: u32 = kernel_read(dentry, l.dentry_name_len)?;
+    let name = kernel_ptr(dentry, l.dentry_name_ptr)?;
+    let mut flags = 0u32;
+    // The name's last eight bytes (or all of a shorter one, then followed
+    // by its NUL and whatever is next: only the first `len` are looked at).
+    // As one word, its bytes taken by shifts: an index into a stack
+    // array would make LLVM address it with an `|` the verifier refuses.
+    let (tail, end) = if len >= 8 {
+        (kernel_read::<u64>(name + len as u64 - 8, 0)?, 8usize)
+    } else {
+        (kernel_read::<u64>(name, 0)?, len as usize)
+    };
+    for suffix in KEY_SUFFIXES {
+        let n = suffix.len();
+        if end < n {
+            continue;
+        }
+        let mut ok = true;
+        let mut j = 0usize;
+        while j < n {
+            if (tail >> (((end - n + j) & 7) * 8)) as u8 != suffix[j] {
+                ok = false;
+                break;
+            }
+            j += 1;
+        }
+        if ok {
+            flags |= open_flags::KEY_FILE;
+            break;
+        }
+    }
+    let lens = config(config::PROTECTED_NAME_LENS);
+    if lens & (1u64 << (len.min(63) as u64)) != 0 && is_protected_name(name) {
+        flags |= open_flags::PROTECTED;
+    }
+    Some(OpenedFile {
+        file,
+        dentry,
+        flags,
+    })
+}
+
+/// Whether a dentry's name (a kernel string) is a protected basename.
+#[inline(always)]
+fn is_protected_name(name: u64) -> bool {
+    let Some(scratch) = PATH_SCRATCH.get_ptr_mut(scratch::EXIT) else {
+        return false;
+    };
+    // SAFETY: this CPU's EXIT slot, used only by the exit programs, which do
+    // not nest on a CPU (see `read_path`); PATH_SCRATCH >= PATH_MAX.
+    let buf: &mut [u8; PATH_MAX] = unsafe { &mut *(scratch as *mut [u8; PATH_MAX]) };
+    // SAFETY: the helper checks the kernel address and writes at most
+    // `buf`'s PATH_MAX bytes.
+    let Ok(read) = (unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, buf) }) else {
+        return false;
+    };
+    let len = read.len();
+    // SAFETY: the same slot, its mutable borrow over.
+    let buf: &[u8; PATH_MAX] = unsafe { &*(scratch as *const [u8; PATH_MAX]) };
+    let hash = basename_hash(buf, 0, len);
+    // SAFETY: only whether an entry exists is used; the reference is dropped at
+    // once.
+    unsafe { PROTECTED_NAMES.get(&hash) }.is_some()
+}
+
+/// Reports an open entry did not: the file the kernel opened is named
+/// like a key file or a protected key, the path the process gave was not.
+/// Its path is walked up from the file's dentry (`walk_path`); its result
+/// follows at once. A protected key's opener is held, as at entry.
+#[inline(always)]
+fn report_resolved(o: &OpenedFile, fd: i64) {
+    let Some(l) = task_layout() else {
+        return;
+    };
+    let task = current_task();
+    let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
+        count(stats::LOST_OTHER);
+        return;
+    };
+    let mut flags = o.flags | open_flags::RESOLVED;
+    if flags & open_flags::PROTECTED != 0 && sensor_alive(&task) {
+        hold(&task, &mut flags);
+    }
+    // SAFETY: writable ring memory sized for a `FileOpenRecord` (integers and
+    // bytes); no field is read before it is written.
+    let r = unsafe { rec.assume_init_mut() };
+    if !walk_path(l, o, &mut r.path) {
+        flags |= open_flags::TRUNCATED;
+    }
+    r.kind = kind::FILE_OPEN;
+    r.flags = flags;
+    r.task = task;
+    // Not AT_FDCWD: the walked path is made absolute by the walk or not at
+    // all.
+    r.dfd = -1;
+    r.fd = fd;
+    r.root = current_root().unwrap_or_default();
+    r.oflags = kernel_read(o.file, l.file_flags).unwrap_or(0);
+    r._pad = 0;
+    rec.submit(if flags & open_flags::HELD != 0 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    } as u64);
+    report_result(flags, task.pid_tgid, fd);
+}
+
+/// State for `walk_step`, which `bpf_loop` calls once per path component
+/// or mount crossed.
+#[repr(C)]
+struct Walk {
+    buf: *mut [u8; 2 * PATH_MAX],
+    layout: *const TaskLayout,
+    dentry: u64,
+    /// The `struct mount` the dentry is in.
+    mount: u64,
+    root_dentry: u64,
+    root_mnt: u64,
+    /// Bytes written to `buf`.
+    at: u64,
+    /// 1 once the walk reached the process's root (or the namespace's).
+    done: u64,
+}
+
+/// Writes the opened file's path into `out`, leaf first
+/// (`name/dir/…/`), as `d_path` would find it: up the dentries, across
+/// each mount to where it is mounted, until the process's root. False if
+/// the path did not fit or the walk did not reach the root.
+#[inline(always)]
+fn walk_path(l: &TaskLayout, o: &OpenedFile, out: &mut [u8; PATH_MAX]) -> bool {
+    out[0] = 0;
+    let Some(buf) = WALK_SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    // SAFETY: takes no arguments; the task pointer it returns is only read
+    // through bpf_probe_read_kernel.
+    let task = unsafe { bpf_get_current_task() };
+    let (Some(mnt), Some(fs)) = (kernel_ptr(o.file, l.file_mnt), kernel_ptr(task, l.task_fs))
+    else {
+        return false;
+    };
+    let mut walk = Walk {
+        buf,
+        layout: l,
+        dentry: o.dentry,
+        mount: mnt - l.mount_mnt as u64,
+        root_dentry: kernel_ptr(fs, l.fs_root_dentry).unwrap_or(0),
+        root_mnt: kernel_ptr(fs, l.fs_root_mnt).unwrap_or(0),
+        at: 0,
+        done: 0,
+    };
+    // SAFETY: `walk_step` has the callback signature bpf_loop expects, and
+    // `walk` outlives the call, which runs every callback before returning.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            WALK_STEPS,
+            walk_step as *mut core::ffi::c_void,
+            (&mut walk as *mut Walk).cast(),
+            0,
+        );
+    }
+    // SAFETY: this CPU's WALK_SCRATCH slot; its first PATH_MAX bytes are
+    // copied whole, with the NUL after the walked part written first.
+    unsafe {
+        let at = walk.at as usize & (PATH_MAX - 1);
+        (*buf)[at] = 0;
+        if bpf_probe_read_kernel_buf((*buf).as_ptr(), out).is_err() {
+            out[0] = 0;
+            return false;
+        }
+    }
+    walk.done != 0
+}
+
+/// Most components and mounts a walk crosses.
+const WALK_STEPS: u32 = 64;
+
+/// One `bpf_loop` step of `walk_path`: 0 to go on, 1 to stop.
+extern "C" fn walk_step(_i: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: `ctx` is the `&mut walk` walk_path passed to bpf_loop: live for
+    // the whole loop, and nothing else touches it meanwhile.
+    let w = unsafe { &mut *(ctx as *mut Walk) };
+    // SAFETY: the layout is a map value, valid for the whole program.
+    let l = unsafe { &*w.layout };
+    let vfsmount = w.mount + l.mount_mnt as u64;
+    if w.dentry == w.root_dentry && vfsmount == w.root_mnt {
+        w.done = 1;
+        return 1;
+    }
+    let (Some(mnt_root), Some(parent)) = (
+        kernel_ptr(vfsmount, l.vfsmount_root),
+        kernel_ptr(w.dentry, l.dentry_parent),
+    ) else {
+        return 1;
+    };
+    if w.dentry == mnt_root || w.dentry == parent {
+        // The top of this mount: on to where it is mounted, unless it is
+        // the namespace's root (its own parent).
+        let Some(up) = kernel_ptr(w.mount, l.mount_parent) else {
+            return 1;
+        };
+        if up == w.mount {
+            w.done = 1;
+            return 1;
+        }
+        let Some(point) = kernel_ptr(w.mount, l.mount_mountpoint) else {
+            return 1;
+        };
+        w.dentry = point;
+        w.mount = up;
+        return 0;
+    }
+    let (Some(len), Some(name)) = (
+        kernel_read::<u32>(w.dentry, l.dentry_name_len),
+        kernel_ptr(w.dentry, l.dentry_name_ptr),
+    ) else {
+        return 1;
+    };
+    let len = len as u64;
+    if w.at + len + 1 > PATH_MAX as u64 - 1 {
+        return 1;
+    }
+    let at = w.at as usize & (PATH_MAX - 1);
+    let n = len as u32 & (PATH_MAX as u32 - 1);
+    // SAFETY: `w.buf` is this CPU's WALK_SCRATCH slot, 2 * PATH_MAX bytes:
+    // `at` and `n` are each below PATH_MAX, so the name and the `/` after
+    // it stay inside; the helper checks the kernel address.
+    unsafe {
+        let buf = &mut *w.buf;
+        if aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            buf.as_mut_ptr().add(at).cast(),
+            n,
+            name as *const core::ffi::c_void,
+        ) != 0
+        {
+            return 1;
+        }
+        buf[(at + n as usize) & (2 * PATH_MAX - 1)] = b'/';
+    }
+    w.at += len + 1;
+    w.dentry = parent;
+    0
 }
 
 /// `AT_FDCWD`: the directory of `open` and `creat`.
