@@ -128,6 +128,10 @@ pub(crate) static SOCK_LAYOUT: Array<SockLayout> = Array::with_max_entries(1, 0)
 #[map]
 pub(crate) static TASK_LAYOUT: Array<TaskLayout> = Array::with_max_entries(1, 0);
 
+/// Where an io_uring request keeps its opcode and result (from BTF).
+#[map]
+pub(crate) static URING_LAYOUT: Array<UringLayout> = Array::with_max_entries(1, 0);
+
 #[map]
 pub(crate) static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stats::SLOTS, 0);
 

@@ -198,6 +198,16 @@ pub mod open_flags {
     /// process's root, last component first, each followed by `/`
     /// (the sensor's `records::unwalk_path`); with `TRUNCATED`, the walk stopped before the root.
     pub const RESOLVED: u32 = 1 << 6;
+    /// A file was opened that the probe could not look at: an io_uring
+    /// open into a registered file slot, which gives the process no
+    /// descriptor. The record has no path and no result follows.
+    pub const UNEXAMINED: u32 = 1 << 7;
+}
+
+/// io_uring's opcodes for opens (`enum io_uring_op`, part of the ABI).
+pub mod uring_op {
+    pub const OPENAT: u8 = 18;
+    pub const OPENAT2: u8 = 28;
 }
 
 /// Name endings the open probe treats as key or certificate files; the
@@ -564,6 +574,21 @@ pub struct TaskLayout {
     pub fs_root_mnt: u32,
 }
 
+/// Where an io_uring request (`struct io_kiocb`) keeps its opcode and
+/// its result, and an open request (`struct io_open`, at the start of
+/// the request) its registered file slot, from the kernel's BTF. Read at
+/// the completion of each request (`opens::io_uring_complete`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UringLayout {
+    /// Non-zero once the sensor filled the offsets in.
+    pub valid: u32,
+    pub req_opcode: u32,
+    /// `io_kiocb.cqe` plus `io_cqe.res`.
+    pub req_res: u32,
+    pub open_file_slot: u32,
+}
+
 /// `kind::EXIT` and `kind::EXEC_MARK`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
@@ -802,4 +827,6 @@ mod pod {
     unsafe impl aya::Pod for SockLayout {}
     // SAFETY: TaskLayout is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for TaskLayout {}
+    // SAFETY: UringLayout is repr(C) plain data, valid for any bit pattern.
+    unsafe impl aya::Pod for UringLayout {}
 }

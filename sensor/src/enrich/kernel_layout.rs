@@ -18,7 +18,7 @@
 use anyhow::{Context, Result, anyhow};
 use btf_rs::{Btf, Type};
 use hashbrown::HashMap;
-use keywarden_probe_types::{SockLayout, TaskLayout};
+use keywarden_probe_types::{SockLayout, TaskLayout, UringLayout};
 
 const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
 
@@ -162,6 +162,22 @@ pub fn task() -> Result<TaskLayout> {
     })
 }
 
+/// Where an io_uring request keeps its opcode and result, and an open
+/// request its registered file slot. Absent on kernels without io_uring.
+pub fn uring() -> Result<UringLayout> {
+    let btf = vmlinux()?;
+    let req = struct_fields(&btf, "io_kiocb")?;
+    let cqe = struct_fields(&btf, "io_cqe")?;
+    let open = struct_fields(&btf, "io_open")?;
+    Ok(UringLayout {
+        valid: 1,
+        req_opcode: field(&req, "io_kiocb", "opcode")?,
+        req_res: field(&req, "io_kiocb", "cqe")? + field(&cqe, "io_cqe", "res")?,
+        // `struct io_open` is the request's command data, at its start.
+        open_file_slot: field(&open, "io_open", "file_slot")?,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +194,15 @@ mod tests {
             l.v6_daddr >= 24 && l.v6_rcv_saddr == l.v6_daddr + 16,
             "{l:?}"
         );
+    }
+
+    /// `struct io_kiocb` starts with the command data an open request's
+    /// `struct io_open` fills (its file pointer, then `dfd`, then the slot).
+    #[test]
+    fn reads_the_io_uring_request_from_this_kernel() {
+        let l = uring().unwrap();
+        assert_eq!(l.open_file_slot, 12, "{l:?}");
+        assert!(l.req_opcode >= 8 && l.req_res > l.req_opcode, "{l:?}");
     }
 
     /// Offsets differ between kernel builds; what holds everywhere is that

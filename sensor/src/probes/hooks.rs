@@ -206,9 +206,10 @@ fn attach_open_fentry(ebpf: &mut aya::Ebpf, btf: &KernelBtf) -> Result<()> {
     Ok(())
 }
 
-/// Who may open files through io_uring on this host, which neither open
-/// mechanism sees: an `IORING_OP_OPENAT` request reaches the kernel's
-/// open code without `do_sys_openat2` or an open system call.
+/// Who may open files through io_uring on this host. An
+/// `IORING_OP_OPENAT` request reaches the kernel's open code without
+/// `do_sys_openat2` or an open system call: only the `io_uring_complete`
+/// hook sees it (`attach_uring`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum UringExposure {
     /// The kernel has no io_uring.
@@ -255,31 +256,83 @@ fn io_uring_available() -> bool {
     std::io::Error::last_os_error().raw_os_error() != Some(libc::ENOSYS)
 }
 
-/// Names, at start, the opens the sensor cannot see: files opened through
-/// io_uring. A warning when any process may use it, with the setting that
-/// closes the gap.
-pub fn say_io_uring() {
+/// io_uring's opens: a raw tracepoint on `io_uring_complete`, whose
+/// program looks at each open's descriptor as an open's exit does
+/// (`opens::io_uring_complete`). It needs the request's layout from BTF.
+/// `Err` says why opens through io_uring are not seen.
+pub fn attach_uring(ebpf: &mut aya::Ebpf) -> Result<(), String> {
+    let layout = crate::enrich::kernel_layout::uring().map_err(|e| format!("{e:#}"))?;
+    (|| -> Result<()> {
+        let map = ebpf.map_mut("URING_LAYOUT").context("URING_LAYOUT map")?;
+        aya::maps::Array::<_, keywarden_probe_types::UringLayout>::try_from(map)?
+            .set(0, &layout, 0)?;
+        let p: &mut RawTracePoint = ebpf
+            .program_mut("io_uring_complete")
+            .context("io_uring_complete")?
+            .try_into()?;
+        p.load()
+            .context("loading raw tracepoint program io_uring_complete")?;
+        p.attach("io_uring_complete")
+            .context("attaching to raw tracepoint io_uring_complete")?;
+        Ok(())
+    })()
+    .map_err(|e| brief(&e))
+}
+
+/// The log line about io_uring at start: how its opens are seen, or, when
+/// they are not, who may use it and the setting that closes the gap (a
+/// warning when anyone may).
+fn uring_report(
+    exposure: UringExposure,
+    hooked: &Result<(), String>,
+    setting: &str,
+) -> (tracing::Level, String) {
+    use tracing::Level;
+    match (exposure, hooked) {
+        (UringExposure::Absent, _) => (Level::DEBUG, "no io_uring on this kernel".to_owned()),
+        (UringExposure::Disabled, _) => (
+            Level::INFO,
+            "io_uring is disabled (kernel.io_uring_disabled=2): no open escapes the open probes"
+                .to_owned(),
+        ),
+        (_, Ok(())) => (
+            Level::INFO,
+            "opens through io_uring from its io_uring_complete tracepoint: key files by the \
+             opened file's own name; an open into a registered file slot is named, not examined"
+                .to_owned(),
+        ),
+        (UringExposure::Restricted, Err(why)) => (
+            Level::INFO,
+            format!(
+                "opens through io_uring are not seen ({why}); only processes with CAP_SYS_ADMIN \
+                 or in kernel.io_uring_group may use it (kernel.io_uring_disabled=1)"
+            ),
+        ),
+        (UringExposure::Anyone, Err(why)) => (
+            Level::WARN,
+            format!(
+                "opens through io_uring are not seen ({why}), and any process may use io_uring \
+                 (kernel.io_uring_disabled: {setting}): set kernel.io_uring_disabled=2 (or 1, \
+                 with kernel.io_uring_group) to close this"
+            ),
+        ),
+    }
+}
+
+/// Says, at start, how opens through io_uring are seen, or that they are
+/// not, and who may make them.
+pub fn say_io_uring(hooked: &Result<(), String>) {
     const SYSCTL: &str = "/proc/sys/kernel/io_uring_disabled";
     let setting = std::fs::read_to_string(SYSCTL).ok();
-    match uring_exposure(io_uring_available(), setting.as_deref()) {
-        UringExposure::Absent => tracing::debug!("no io_uring on this kernel"),
-        UringExposure::Disabled => {
-            info!(
-                "io_uring is disabled (kernel.io_uring_disabled=2): no open escapes the open probes"
-            )
-        }
-        UringExposure::Restricted => info!(
-            "opens through io_uring are not seen; only processes with CAP_SYS_ADMIN or in \
-             kernel.io_uring_group may use it (kernel.io_uring_disabled=1)"
-        ),
-        UringExposure::Anyone => tracing::warn!(
-            setting = setting
-                .as_deref()
-                .map(str::trim)
-                .unwrap_or("absent (Linux before 6.6)"),
-            "opens through io_uring are not seen, and any process may use io_uring: set \
-             kernel.io_uring_disabled=2 (or 1, with kernel.io_uring_group) to close this"
-        ),
+    let exposure = uring_exposure(io_uring_available(), setting.as_deref());
+    let shown = setting
+        .as_deref()
+        .map(str::trim)
+        .unwrap_or("absent (Linux before 6.6)");
+    match uring_report(exposure, hooked, shown) {
+        (tracing::Level::WARN, line) => tracing::warn!("{line}"),
+        (tracing::Level::INFO, line) => info!("{line}"),
+        (_, line) => tracing::debug!("{line}"),
     }
 }
 
@@ -305,6 +358,37 @@ mod tests {
         );
         let short = anyhow::anyhow!("EPERM").context("loading");
         assert_eq!(brief(&short), "loading: EPERM");
+    }
+
+    #[test]
+    fn io_uring_is_reported_by_hook_and_setting() {
+        use super::{UringExposure::*, uring_report};
+        use tracing::Level;
+        let hooked = Ok(());
+        let unhooked = Err("no io_uring_complete tracepoint".to_owned());
+        let (level, line) = uring_report(Anyone, &hooked, "0");
+        assert_eq!(level, Level::INFO);
+        assert!(
+            line.contains("from its io_uring_complete tracepoint"),
+            "{line}"
+        );
+        let (level, line) = uring_report(Anyone, &unhooked, "absent (Linux before 6.6)");
+        assert_eq!(level, Level::WARN);
+        assert!(
+            line.contains("not seen (no io_uring_complete tracepoint)"),
+            "{line}"
+        );
+        assert!(line.contains("absent (Linux before 6.6)"), "{line}");
+        assert!(line.contains("kernel.io_uring_disabled=2"), "{line}");
+        let (level, line) = uring_report(Restricted, &unhooked, "1");
+        assert_eq!(level, Level::INFO);
+        assert!(line.contains("not seen"), "{line}");
+        for hook in [&hooked, &unhooked] {
+            let (level, line) = uring_report(Disabled, hook, "2");
+            assert_eq!(level, Level::INFO);
+            assert!(line.contains("io_uring is disabled"), "{line}");
+            assert_eq!(uring_report(Absent, hook, "0").0, Level::DEBUG);
+        }
     }
 
     #[test]

@@ -250,7 +250,7 @@ impl Probes {
         let btf = hooks::kernel_btf();
         hooks::attach_peers(&mut ebpf, &btf)?;
         hooks::attach_opens(&mut ebpf, open_hook, &btf)?;
-        hooks::say_io_uring();
+        hooks::say_io_uring(&hooks::attach_uring(&mut ebpf));
         for (name, category, tp) in [
             ("process_exec", "sched", "sched_process_exec"),
             ("process_exit", "sched", "sched_process_exit"),

@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use hashbrown::HashMap;
+use hashbrown::{HashMap, HashSet};
 use keywarden_analyzer::event::{
     self, Event, IdentifiedBy, KeyIdentity, OpenResult, SecretFile, SecretFileOpen, Verdict,
 };
@@ -136,7 +136,14 @@ pub struct SecretOpens {
     /// Key files being read, by reader job.
     reading: HashMap<u64, Reading>,
     reader: KeyReader,
+    /// Processes already named for an io_uring open into a registered
+    /// file slot. By pid: a reused pid is not named again until the set
+    /// starts over.
+    unexamined_warned: HashSet<u32>,
 }
+
+/// Most processes remembered as named for unexamined opens.
+const UNEXAMINED_WARNED_MAX: usize = 4096;
 
 /// The first open of a secret file by a process in its coalescing window:
 /// everything its event says besides who opened it.
@@ -182,6 +189,7 @@ impl SecretOpens {
             awaiting: HashMap::new(),
             reading: HashMap::new(),
             reader: KeyReader::start()?,
+            unexamined_warned: HashSet::new(),
         })
     }
 
@@ -199,13 +207,43 @@ impl SecretOpens {
         self.reading.values().any(|r| r.open.f.task.tgid() == tgid)
     }
 
-    /// An open's entry record: it waits for its result.
+    /// An open's entry record: it waits for its result. An open the probe
+    /// could not look at is named instead.
     pub fn on_open(&mut self, f: Box<FileOpenRecord>, p: &mut OpenParts<'_>) {
+        if f.flags & open_flags::UNEXAMINED != 0 {
+            self.unexamined(&f, p);
+            return;
+        }
         let tid = f.task.tid();
         if let Some((lost, _)) = self.awaiting.insert(tid, (f, Instant::now())) {
             // The thread opened again: the earlier result was lost.
             self.judge(lost, Opened::Unknown, None, p);
         }
+    }
+
+    /// A process opened a file through io_uring into a registered file
+    /// slot: no descriptor, so the probe could not tell which file. A
+    /// coverage warning names the process, once per process (the set is
+    /// bounded and starts over when full).
+    fn unexamined(&mut self, f: &FileOpenRecord, p: &mut OpenParts<'_>) {
+        let tgid = f.task.tgid();
+        let info = p.attr.process_at(tgid, f.task.ktime_ns);
+        if !self.unexamined_warned.insert(tgid) {
+            return;
+        }
+        if self.unexamined_warned.len() > UNEXAMINED_WARNED_MAX {
+            self.unexamined_warned.clear();
+        }
+        let program = info.exe_path.clone().unwrap_or_else(|| c_str(&f.task.comm));
+        p.out.warn(
+            Some(p.attr.who(&f.task, &info).process),
+            info.exe_path.as_deref().map(event::File::regular),
+            format!(
+                "{program} (pid {tgid}) opened a file through io_uring into a registered file \
+                 slot: it gets no descriptor, so the sensor cannot tell which file (a key file \
+                 opened this way is not seen)"
+            ),
+        );
     }
 
     /// An open's result: its open is judged. `Some(tgid)` when a key file

@@ -28,8 +28,8 @@ use aya_ebpf::{
         bpf_probe_read_user, bpf_probe_read_user_str_bytes,
         generated::{bpf_get_current_task, bpf_send_signal},
     },
-    macros::{fentry, fexit, tracepoint},
-    programs::{FEntryContext, FExitContext, TracePointContext},
+    macros::{fentry, fexit, raw_tracepoint, tracepoint},
+    programs::{FEntryContext, FExitContext, RawTracePointContext, TracePointContext},
 };
 
 use keywarden_probe_types::*;
@@ -37,7 +37,7 @@ use keywarden_probe_types::*;
 use crate::{
     maps::{
         CONTROL, EVENTS, HELD, LIBRARY_SEEN, PATH_SCRATCH, PENDING_OPEN, PROTECTED_NAMES,
-        PendingOpen, WALK_SCRATCH, WATCH, pending,
+        PendingOpen, URING_LAYOUT, WALK_SCRATCH, WATCH, pending,
     },
     util::{
         SIGSTOP, config, count, current_root, current_task, file_id, kernel_ptr, kernel_read,
@@ -624,6 +624,68 @@ pub fn do_sys_openat2_entry(ctx: FEntryContext) -> i32 {
 pub fn do_sys_openat2_exit(ctx: FExitContext) -> i32 {
     on_exit(|| Some(ctx.arg::<u64>(3) as i64));
     0
+}
+
+/// `io_uring_complete(ctx, req, …)`: a request's completion is posted.
+/// An open through io_uring (`IORING_OP_OPENAT`, `OPENAT2`) runs no open
+/// system call and not `do_sys_openat2`; its descriptor is installed by
+/// the time its completion is posted, by a thread of the process (the
+/// submitter, or an io-wq worker sharing its descriptor table). So it is
+/// looked at as an open's exit is: by the opened file's own name. An open
+/// into a registered file slot gives no descriptor: it is named
+/// (`open_flags::UNEXAMINED`). The arguments after `req` differ between
+/// kernels (the result, or a `struct io_uring_cqe *`); the request's own
+/// copy of its result (`req->cqe.res`) is the same in all.
+#[raw_tracepoint(tracepoint = "io_uring_complete")]
+pub fn io_uring_complete(ctx: RawTracePointContext) -> i32 {
+    // The second argument is the request, only read through
+    // bpf_probe_read_kernel.
+    let req: u64 = ctx.arg(1);
+    uring_open_done(req);
+    0
+}
+
+#[inline(always)]
+fn uring_open_done(req: u64) -> Option<()> {
+    let l = URING_LAYOUT.get(0).filter(|l| l.valid != 0)?;
+    let op: u8 = kernel_read(req, l.req_opcode)?;
+    if op != uring_op::OPENAT && op != uring_op::OPENAT2 {
+        return None;
+    }
+    let res: i32 = kernel_read(req, l.req_res)?;
+    if res < 0 {
+        return None;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if (pid_tgid >> 32) == config(config::SENSOR_TGID) {
+        return None;
+    }
+    let slot: u32 = kernel_read(req, l.open_file_slot)?;
+    if slot != 0 {
+        let Some(mut rec) = EVENTS.reserve::<FileOpenRecord>(0) else {
+            count(stats::LOST_OTHER);
+            return None;
+        };
+        // SAFETY: writable ring memory sized for a `FileOpenRecord`; every
+        // field is written before it is submitted.
+        let r = unsafe { rec.assume_init_mut() };
+        r.kind = kind::FILE_OPEN;
+        r.flags = open_flags::UNEXAMINED;
+        r.task = current_task();
+        r.dfd = -1;
+        r.fd = -1;
+        r.root = RootId::default();
+        r.oflags = 0;
+        r._pad = 0;
+        r.path[0] = 0;
+        rec.submit(BPF_RB_NO_WAKEUP as u64);
+        return None;
+    }
+    let o = opened_file(res as i64)?;
+    if o.flags != 0 {
+        report_resolved(&o, res as i64);
+    }
+    Some(())
 }
 
 /// Reads a NUL-terminated user path into the per-CPU scratch buffer:
