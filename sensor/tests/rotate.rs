@@ -1257,6 +1257,18 @@ fn bulk_nginx(dir: &Path, keys: &[(String, PathBuf)], edits: &[(&str, String)]) 
     for (name, key) in &made {
         assert_eq!(served_spki(port, Some(&format!("{name}.test"))), key.spki);
     }
+    // Each handshake's signature is named by trying the known keys, which
+    // in a debug build takes long enough that the sensor can still be at
+    // it when the last handshake ends: a stop then would shed the rest
+    // (its final drain is bounded), and the inventory would lack them.
+    wait_for("a key use for every key", Duration::from_secs(120), || {
+        let events = sensor.events();
+        made.iter().all(|(_, k)| {
+            key_uses(&events)
+                .iter()
+                .any(|e| key_of(e).spki_sha256.as_deref() == Some(k.spki.as_str()))
+        })
+    });
     sensor.stop_allowing_shed();
     Bulk {
         config,
