@@ -6,6 +6,13 @@
 # of opens/s against the baseline of the same round.
 #
 #   ROUNDS=5 OPENS=1000000 bash benches/open_unwatched.sh
+# OTHER_BIN=PATH adds, in each round, a run with another build of the
+# sensor (default configuration), to compare two builds side by side.
+# BPF_STATS=1 turns on the kernel's per-program statistics
+# (kernel.bpf_stats_enabled, restored after) and records, for each sensor
+# run, the mean nanoseconds per call of the open programs, in
+# $OUT/bpf_stats.tsv: the probes' own cost, without the noise of the
+# open loop's rate.
 # Needs root, gcc and a release build (cargo xtask bench does the build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -64,22 +71,52 @@ YAML
 
 # Starts the sensor with extra arguments, runs the opener, stops the sensor.
 with_sensor() {
-    "$BIN" run --output /dev/null "$@" 2>"$OUT/sensor.log" &
+    with_binary "$BIN" "$@"
+}
+
+with_binary() {
+    local bin="$1"
+    shift
+    "$bin" run --output /dev/null "$@" 2>"$OUT/sensor.log" &
     local sensor=$!
     for _ in $(seq 1 200); do grep -q ready "$OUT/sensor.log" && break; sleep 0.05; done
     "$OUT/opener" "$OUT/files" "$OPENS"
+    [[ -n "${BPF_STATS:-}" ]] && program_costs "$bin" >>"$OUT/bpf_stats.tsv"
     kill -INT "$sensor"; wait "$sensor"
 }
 
+# One line per open program of the running sensor (the only one: bpftool
+# may not say which process holds a program): binary, program, calls,
+# mean ns per call.
+program_costs() {
+    bpftool prog show -j | python3 -c '
+import json, sys
+for p in json.load(sys.stdin):
+    if p.get("name", "") in ("open_exit", "openat_enter", "do_sys_openat2_e", "do_sys_openat2_x") \
+            and p.get("run_cnt"):
+        print(f"{sys.argv[1]}\t{p[\"name\"]}\t{p[\"run_cnt\"]}\t{p[\"run_time_ns\"] / p[\"run_cnt\"]:.0f}")
+' "$1"
+}
+
+if [[ -n "${BPF_STATS:-}" ]]; then
+    stats_before=$(sysctl -n kernel.bpf_stats_enabled)
+    trap 'sysctl -qw kernel.bpf_stats_enabled="$stats_before"' EXIT
+    sysctl -qw kernel.bpf_stats_enabled=1
+    : >"$OUT/bpf_stats.tsv"
+fi
+
 results="$OUT/results.tsv"
-echo -e "round\tbaseline\twith_sensor\tratio\twith_rules\trules_ratio" >"$results"
+echo -e "round\tbaseline\twith_sensor\tratio\twith_rules\trules_ratio\twith_other\tother_ratio" >"$results"
 for r in $(seq 1 "$ROUNDS"); do
     base=$("$OUT/opener" "$OUT/files" "$OPENS")
     with=$(with_sensor)
     rules=$(with_sensor --rules "$OUT/rules.yaml")
+    other="$base"
+    [[ -n "${OTHER_BIN:-}" ]] && other=$(with_binary "$OTHER_BIN")
     ratio=$(python3 -c "print(f'{$with / $base:.3f}')")
     rratio=$(python3 -c "print(f'{$rules / $base:.3f}')")
-    echo -e "$r\t$base\t$with\t$ratio\t$rules\t$rratio" | tee -a "$results"
+    oratio=$(python3 -c "print(f'{$other / $base:.3f}')")
+    echo -e "$r\t$base\t$with\t$ratio\t$rules\t$rratio\t$other\t$oratio" | tee -a "$results"
 done
 python3 - "$results" <<'PY'
 import csv, statistics, sys
@@ -90,3 +127,24 @@ print("| opens/s without (median) | with sensor (median) | median ratio | with b
 print("|---|---|---|---|---|")
 print(f"| {med('baseline'):.0f} | {med('with_sensor'):.0f} | {med('ratio'):.3f} | {med('with_rules'):.0f} | {med('rules_ratio'):.3f} |")
 PY
+if [[ -n "${OTHER_BIN:-}" ]]; then
+    python3 - "$results" "$OTHER_BIN" <<'PY'
+import csv, statistics, sys
+rows = list(csv.DictReader(open(sys.argv[1]), delimiter="\t"))
+r = [float(x["other_ratio"]) for x in rows]
+print(f"\nOTHER_BIN {sys.argv[2]}: median ratio {statistics.median(r):.3f} ({min(r):.3f}-{max(r):.3f})")
+PY
+fi
+if [[ -n "${BPF_STATS:-}" ]]; then
+    python3 - "$OUT/bpf_stats.tsv" <<'PY'
+import collections, statistics, sys
+runs = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    bin, prog, calls, ns = line.split("\t")
+    runs[(bin, prog)].append(float(ns))
+print("\n| sensor binary | program | runs | mean ns per call (median of runs) |")
+print("|---|---|---|---|")
+for (bin, prog), ns in sorted(runs.items()):
+    print(f"| {bin} | {prog} | {len(ns)} | {statistics.median(ns):.0f} |")
+PY
+fi
