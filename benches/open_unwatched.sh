@@ -94,7 +94,7 @@ import json, sys
 for p in json.load(sys.stdin):
     if p.get("name", "") in ("open_exit", "openat_enter", "do_sys_openat2_e", "do_sys_openat2_x") \
             and p.get("run_cnt"):
-        print(f"{sys.argv[1]}\t{p[\"name\"]}\t{p[\"run_cnt\"]}\t{p[\"run_time_ns\"] / p[\"run_cnt\"]:.0f}")
+        print("%s\t%s\t%d\t%.0f" % (sys.argv[1], p["name"], p["run_cnt"], p["run_time_ns"] / p["run_cnt"]))
 ' "$1"
 }
 
