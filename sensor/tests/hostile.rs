@@ -1038,6 +1038,16 @@ fn a_libgcrypt_key_cannot_borrow_another_keys_name() {
     );
 }
 
+/// An EC key at `dir/site.key`, readable by anyone (the attacker's own
+/// key, in the attacker's directory): the key and its path.
+fn site_key_in(dir: &Path) -> (TestKey, std::path::PathBuf) {
+    let key = openssl_key(dir, "k", "ec");
+    let site_key = dir.join("site.key");
+    std::fs::rename(&key.path, &site_key).unwrap();
+    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    (key, site_key)
+}
+
 /// Opens a path with the system call `argv[1]` names, never `openat`,
 /// reads a byte unless the call opened for writing, and exits.
 const OPEN_WITHOUT_OPENAT: &str = r#"
@@ -1070,10 +1080,7 @@ if call != "creat":
 #[test]
 fn a_key_file_opened_without_openat_is_still_seen() {
     let work = attacker_dir();
-    let key = openssl_key(work.path(), "k", "ec");
-    let site_key = work.path().join("site.key");
-    std::fs::rename(&key.path, &site_key).unwrap();
-    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (key, site_key) = site_key_in(work.path());
     let made = work.path().join("made.key");
     let sensor = Sensor::start(&[]);
     let mut pids = Vec::new();
@@ -1150,10 +1157,7 @@ fn a_key_path_rewritten_during_its_open_is_still_seen() {
     const RUNS: usize = 40;
     let work = attacker_dir();
     let racer = build_c("path_race", work.path());
-    let key = openssl_key(work.path(), "k", "ec");
-    let site_key = work.path().join("site.key");
-    std::fs::rename(&key.path, &site_key).unwrap();
-    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (key, site_key) = site_key_in(work.path());
     let sensor = Sensor::start(&[]);
     let pids: Vec<u32> = (0..RUNS)
         .map(|_| run_pid_ok(as_nobody(racer.to_str().unwrap()).arg(&site_key)).0)
@@ -1207,10 +1211,7 @@ sys.stdin.read()
 #[test]
 fn a_key_opened_under_another_name_or_a_long_path_is_seen() {
     let work = attacker_dir();
-    let key = openssl_key(work.path(), "k", "ec");
-    let site_key = work.path().join("site.key");
-    std::fs::rename(&key.path, &site_key).unwrap();
-    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (key, site_key) = site_key_in(work.path());
     let link = work.path().join("notes.txt");
     std::os::unix::fs::symlink(&site_key, &link).unwrap();
     let mut deep = work.path().to_path_buf();
@@ -1339,10 +1340,7 @@ fn a_key_opened_through_io_uring_is_seen_or_named() {
         std::fs::write(SYSCTL, "0").unwrap();
     }
     let work = attacker_dir();
-    let key = openssl_key(work.path(), "k", "ec");
-    let site_key = work.path().join("site.key");
-    std::fs::rename(&key.path, &site_key).unwrap();
-    std::fs::set_permissions(&site_key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (key, site_key) = site_key_in(work.path());
     let sensor = Sensor::start(&[]);
     let log = sensor.log();
     let uring = |how: &str| {

@@ -554,7 +554,6 @@ pub struct TaskLayout {
     pub mnt_ns_inum: u32,
     pub task_files: u32,
     pub files_fdt: u32,
-    pub fdtable_max_fds: u32,
     pub fdtable_fd: u32,
     /// `file.f_path` plus `path.dentry`, and plus `path.mnt`.
     pub file_dentry: u32,

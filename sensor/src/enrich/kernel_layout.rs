@@ -146,7 +146,6 @@ pub fn task() -> Result<TaskLayout> {
             + field(&ns_common, "ns_common", "inum")?,
         task_files: field(&task, "task_struct", "files")?,
         files_fdt: field(&files, "files_struct", "fdt")?,
-        fdtable_max_fds: field(&fdtable, "fdtable", "max_fds")?,
         fdtable_fd: field(&fdtable, "fdtable", "fd")?,
         file_dentry: f_path + path_dentry,
         file_mnt: f_path + path_mnt,

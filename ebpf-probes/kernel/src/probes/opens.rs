@@ -179,7 +179,7 @@ fn on_exit(ret: impl Fn() -> Option<i64>) {
                 hold(&task, &mut flags);
             }
         }
-        report_result(flags, pid_tgid, ret);
+        report_result(flags, pid_tgid, ret, opened.as_ref().map(|o| o.file));
         return;
     }
     if let Some(o) = &opened
@@ -234,14 +234,14 @@ fn library_opened(pending: &PendingOpen, fd: i64) {
 /// What a reported open came to: the return value and, for a descriptor,
 /// the file it names. Wakes the sensor when the opener is held, as the
 /// entry record did: the sensor releases it once it knows the result.
-/// `flags` are the entry's, with what the opened file's name added.
+/// `flags` are the entry's, with what the opened file's name added;
+/// `file` the `struct file` `opened_file` found for a descriptor.
 #[inline(always)]
-fn report_result(flags: u32, pid_tgid: u64, ret: i64) {
-    let file = if ret >= 0 {
-        current_fd_file(ret).unwrap_or_default()
-    } else {
-        ExeId::default()
-    };
+fn report_result(flags: u32, pid_tgid: u64, ret: i64, file: Option<u64>) {
+    let file = file
+        .zip(task_layout())
+        .and_then(|(f, l)| file_id(l, f))
+        .unwrap_or_default();
     let Some(mut rec) = EVENTS.reserve::<OpenResultRecord>(0) else {
         count(stats::LOST_OTHER);
         return;
@@ -277,16 +277,7 @@ struct OpenedFile {
 #[inline(always)]
 fn opened_file(fd: i64) -> Option<OpenedFile> {
     let l = task_layout()?;
-    // SAFETY: takes no arguments; the task pointer it returns is only read
-    // through bpf_probe_read_kernel (`kernel_ptr`, `kernel_read`).
-    let task = unsafe { bpf_get_current_task() };
-    let files = kernel_ptr(task, l.task_files)?;
-    let fdt = kernel_ptr(files, l.files_fdt)?;
-    // No check against `max_fds`: the open just installed `fd`, and a
-    // descriptor table is only ever replaced by a larger one. A stale read
-    // is a wrong name at worst (bpf_probe_read_kernel cannot fault).
-    let fds = kernel_ptr(fdt, l.fdtable_fd)?;
-    let file = kernel_ptr(fds, (fd as u32) << 3)?;
+    let file = current_fd(l, fd)?;
     let dentry = kernel_ptr(file, l.file_dentry)?;
     let len: u32 = kernel_read(dentry, l.dentry_name_len)?;
     let name = kernel_ptr(dentry, l.dentry_name_ptr)?;
@@ -392,7 +383,7 @@ fn report_resolved(o: &OpenedFile, fd: i64) {
     } else {
         BPF_RB_NO_WAKEUP
     } as u64);
-    report_result(flags, task.pid_tgid, fd);
+    report_result(flags, task.pid_tgid, fd, Some(o.file));
 }
 
 /// State for `walk_step`, which `bpf_loop` calls once per path component
@@ -784,22 +775,31 @@ fn fill_open(
     }
 }
 
-/// The file behind one of the current task's descriptors:
-/// `current->files->fdt->fd[fd]`.
+/// Inode, size and mtime of the file behind one of the current task's
+/// descriptors.
 #[inline(always)]
 fn current_fd_file(fd: i64) -> Option<ExeId> {
     let l = task_layout()?;
+    file_id(l, current_fd(l, fd)?)
+}
+
+/// The `struct file` behind a descriptor an open just returned:
+/// `current->files->fdt->fd[fd]`. No check against `max_fds`: the open
+/// just installed `fd`, and a descriptor table is only ever replaced by a
+/// larger one. A stale read is a wrong file at worst
+/// (bpf_probe_read_kernel cannot fault).
+#[inline(always)]
+fn current_fd(l: &TaskLayout, fd: i64) -> Option<u64> {
+    if fd < 0 {
+        return None;
+    }
     // SAFETY: takes no arguments; the task pointer it returns is only read
-    // through bpf_probe_read_kernel (`kernel_ptr`, `kernel_read`).
+    // through bpf_probe_read_kernel (`kernel_ptr`).
     let task = unsafe { bpf_get_current_task() };
     let files = kernel_ptr(task, l.task_files)?;
     let fdt = kernel_ptr(files, l.files_fdt)?;
-    let max: u32 = kernel_read(fdt, l.fdtable_max_fds)?;
-    if fd < 0 || fd >= max as i64 {
-        return None;
-    }
     let fds = kernel_ptr(fdt, l.fdtable_fd)?;
-    file_id(l, kernel_ptr(fds, fd as u32 * 8)?)
+    kernel_ptr(fds, (fd as u32) << 3)
 }
 
 const O_ACCMODE: u64 = 0o3;
