@@ -177,26 +177,30 @@ impl std::fmt::Debug for Captured {
 }
 
 impl Captured {
-    fn verifies(&self, key: &KeyInfo) -> (bool, u64) {
+    /// The first of `keys` the signature verifies under, and the
+    /// public-key operations that took (`Verifier`: a few per ECDSA curve,
+    /// however many keys of it there are).
+    fn first_verifying<'k>(&self, keys: &'k [Arc<KnownKey>]) -> (Option<&'k Arc<KnownKey>>, u64) {
         let readings = if self.in_value {
             ring_signature_readings(&self.sig)
         } else {
             [Some(self.sig.as_slice()), None, None, None]
         };
-        let mut tries = 0;
-        for reading in readings.iter().flatten() {
-            tries += 1;
-            let s = Signed {
+        let signeds: Vec<Signed<'_>> = readings
+            .iter()
+            .flatten()
+            .map(|reading| Signed {
                 signature: reading,
                 data: Some(&self.data),
                 data_is_digest: self.data_is_digest,
                 digest_hint: self.digest_hint.as_deref(),
-            };
-            if verifies(&key.public, &s) {
-                return (true, tries);
-            }
-        }
-        (false, tries)
+            })
+            .collect();
+        let verifiers: Vec<Verifier<'_, '_>> = signeds.iter().map(Verifier::new).collect();
+        let found = keys
+            .iter()
+            .find(|k| verifiers.iter().any(|v| v.verifies(&k.info.public)));
+        (found, verifiers.iter().map(Verifier::operations).sum())
     }
 }
 
@@ -441,11 +445,16 @@ impl Identifier {
         std::mem::take(&mut self.fresh)
     }
 
-    /// Checks a held signature against a key learnt since it was judged.
-    pub fn check_held(&mut self, held: &Captured, key: &KeyInfo) -> bool {
-        let (ok, tries) = held.verifies(key);
-        self.verifications += tries;
-        ok
+    /// The first of `keys` (learnt since it was judged) a held signature
+    /// verifies under.
+    pub fn name_held<'k>(
+        &mut self,
+        held: &Captured,
+        keys: &'k [Arc<KnownKey>],
+    ) -> Option<&'k Arc<KnownKey>> {
+        let (found, operations) = held.first_verifying(keys);
+        self.verifications += operations;
+        found
     }
 
     /// Whether `k` is process `tgid`'s own entry of a key (one it opened,
@@ -680,17 +689,27 @@ impl Identifier {
                 candidates.push(k.clone());
             }
         }
-        // Each reading's digests are computed once for all candidates.
+        // Each reading's digests are computed once for all candidates, and
+        // past a few ECDSA keys its possible keys are recovered once and
+        // the rest of the keys looked up (`Verifier`).
         let signeds: Vec<Signed<'_>> = readings.iter().flatten().map(|r| signed_as(r)).collect();
         let verifiers: Vec<Verifier<'_, '_>> = signeds.iter().map(Verifier::new).collect();
-        for k in &candidates {
-            for v in &verifiers {
-                self.verifications += 1;
-                if v.verifies(&k.info.public) {
-                    self.keep_verdict(r, k, cacheable);
-                    return Judged::done(identified(k, k.verified_as()));
-                }
-            }
+        let found = candidates
+            .iter()
+            .find(|k| verifiers.iter().any(|v| v.verifies(&k.info.public)));
+        let operations = |vs: &[Verifier<'_, '_>]| vs.iter().map(Verifier::operations).sum::<u64>();
+        let counted = operations(&verifiers);
+        self.verifications += counted;
+        if let Some(k) = found {
+            tracing::debug!(
+                pid = tgid,
+                candidates = candidates.len(),
+                operations = counted,
+                spki_sha256 = %k.info.spki_sha256,
+                "signature named by verification"
+            );
+            self.keep_verdict(r, k, cacheable);
+            return Judged::done(identified(k, k.verified_as()));
         }
         let n = candidates.len();
         tracing::debug!(
@@ -731,7 +750,15 @@ impl Identifier {
             };
             return Judged::done(KeyIdentity::unknown(self.explain(tgid, base, None)));
         };
-        let recovering = match self.recovery.recover(tgid, r.handle, &readings, signed_as) {
+        let possible = || {
+            verifiers
+                .iter()
+                .map(|v| (v.signature().to_vec(), v.possible_keys()))
+                .collect()
+        };
+        let recovery = self.recovery.recover(tgid, r.handle, possible);
+        self.verifications += operations(&verifiers) - counted;
+        let recovering = match recovery {
             recover::Recovery::Named(info) => {
                 let k = self
                     .add_process_keys_from(tgid, vec![*info], &Source::Recovered)
@@ -1380,7 +1407,7 @@ mod tests {
             .iter()
             .find(|k| k.info.spki_sha256 == spki)
             .expect("the recovered key is fresh");
-        assert!(id.check_held(&held, &key.info));
+        assert!(id.name_held(&held, std::slice::from_ref(key)).is_some());
 
         // Later signatures verify under the recovered key.
         id.on_data(&data(10, 4, &d3), &d3);
@@ -1388,6 +1415,43 @@ mod tests {
         let got = id.judge(&r, &s, true).key;
         assert_eq!(got.spki_sha256.as_deref(), Some(spki.as_str()));
         assert_eq!(got.identified_by, Some(IdentifiedBy::EcdsaRecovered));
+    }
+
+    /// One process with many ECDSA keys (a server with a certificate per
+    /// site): a key object's first signature is named after a few
+    /// verifications and one recovery, not one verification per key; an
+    /// unknown key's signature costs the same, and the recovery pool reuses
+    /// what was recovered.
+    #[test]
+    fn one_of_many_keys_is_named_by_a_few_operations() {
+        let files: Vec<_> = (0..24)
+            .map(|_| openssl_key(&["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"]))
+            .collect();
+        let mut id = Identifier::default();
+        for (i, (_, path, _)) in files[..23].iter().enumerate() {
+            let keys = read_key_file(path, "k").unwrap();
+            id.add_process_keys(10, keys, &format!("/site{i}.key"));
+        }
+        let digest = sha2::Sha256::digest(b"transcript").to_vec();
+        for (op, signer) in [(1, 22), (2, 5), (3, 23)] {
+            let sig = pkeyutl_sign(files[0].0.path(), &files[signer].1, &digest);
+            id.on_data(&data(10, op, &digest), &digest);
+            let before = id.verifications;
+            let got = identify(&mut id, record(10, 0x100 + op, op, &sig));
+            // 4 verifications, then one recovery over one digest (2).
+            assert!(
+                id.verifications - before <= 6,
+                "signer {signer}: {}",
+                id.verifications - before
+            );
+            if signer < 23 {
+                assert_eq!(got.spki_sha256.as_deref(), Some(files[signer].2.as_str()));
+                assert_eq!(got.identified_by, Some(IdentifiedBy::SignatureVerified));
+            } else {
+                assert_eq!(got.status, KeyStatus::Unknown);
+                assert_eq!(id.recovery.recoveries, 1, "pooled, from the same recovery");
+            }
+        }
     }
 
     /// A key learnt from a listener names a held signature, and later
@@ -1441,7 +1505,7 @@ mod tests {
         id.add_process_keys_from(20, vec![info], &source);
         let fresh = id.take_fresh();
         assert!(!fresh.is_empty() && fresh.iter().all(|k| k.source == source));
-        assert!(id.check_held(&held, &fresh[0].info));
+        assert!(id.name_held(&held, &fresh[..1]).is_some());
         let named = identified(&fresh[0], fresh[0].verified_as());
         assert_eq!(named.identified_by, Some(IdentifiedBy::TlsCertificate));
         assert_eq!(named.source_file, None);

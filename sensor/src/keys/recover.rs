@@ -13,7 +13,12 @@
 //! a chance of the order of the curve's security level. `Pools` keeps the
 //! points of the host's recent unnamed signatures, and `identify` names a
 //! key only on such an agreement (a point that is a key known otherwise is
-//! found first, by plain verification).
+//! found first, by verification).
+//!
+//! The same recovery makes naming a signature cheap among many known
+//! keys: the keys a signature verifies under are exactly those recovered
+//! from it, so past a few ECDSA keys of one curve `verify::Verifier`
+//! recovers once and compares points instead of verifying under each.
 //!
 //! Only public data is used: the signature, the signed data, and the
 //! curve. P-256 and P-384, the curves TLS servers use; a P-521 key is found
@@ -24,10 +29,7 @@ use std::collections::VecDeque;
 use hashbrown::HashMap;
 use spki::EncodePublicKey;
 
-use super::{
-    material::KeyInfo,
-    verify::{Signed, recovery_prehashes},
-};
+use super::material::{KeyInfo, PublicKey};
 
 /// Recovers every point from `sig` over each digest in `prehashes`. A
 /// digest shorter than the field is left-padded, as `verify` does: ECDSA
@@ -61,22 +63,44 @@ macro_rules! recover_on {
     }};
 }
 
-/// The public keys under which the DER ECDSA signature `s.signature`
-/// verifies over the captured data (every key it could have been made
-/// with, for each digest it could be over). Empty when it is not a P-256 or
-/// P-384 DER signature, or the data was not captured whole.
-///
-/// The curve is told by the integers' size: a P-256 signature also parses
-/// as a P-384 one, but a P-384 signature fits P-256 with a chance of about
-/// 2⁻²⁵⁶, so P-256 is tried first and alone when it parses.
-pub fn candidates(s: &Signed<'_>) -> Vec<KeyInfo> {
-    if let Ok(sig) = p256::ecdsa::Signature::from_der(s.signature) {
-        return recover_on!(p256, 32, sig, &recovery_prehashes(s));
-    }
-    if let Ok(sig) = p384::ecdsa::Signature::from_der(s.signature) {
-        return recover_on!(p384, 48, sig, &recovery_prehashes(s));
-    }
-    Vec::new()
+/// The curves recovery works on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Curve {
+    P256 = 0,
+    P384 = 1,
+}
+
+/// Every public key on `curve` under which the DER ECDSA `signature`
+/// verifies over one of `prehashes` (the crate checks each recovered key
+/// verifies, and every key it verifies under is recovered). `None` when it
+/// does not parse as a signature on `curve`: it then verifies under no key
+/// of that curve.
+pub fn possible_on(curve: Curve, signature: &[u8], prehashes: &[&[u8]]) -> Option<Vec<KeyInfo>> {
+    Some(match curve {
+        Curve::P256 => recover_on!(
+            p256,
+            32,
+            p256::ecdsa::Signature::from_der(signature).ok()?,
+            prehashes
+        ),
+        Curve::P384 => recover_on!(
+            p384,
+            48,
+            p384::ecdsa::Signature::from_der(signature).ok()?,
+            prehashes
+        ),
+    })
+}
+
+/// Whether `key` is among `keys` (recovered on its curve). Points are
+/// compared, not SPKI hashes: a certificate may encode the same point
+/// otherwise.
+pub fn contains(keys: &[KeyInfo], key: &PublicKey) -> bool {
+    keys.iter().any(|k| match (&k.public, key) {
+        (PublicKey::P256(a), PublicKey::P256(b)) => a == b,
+        (PublicKey::P384(a), PublicKey::P384(b)) => a == b,
+        _ => false,
+    })
 }
 
 /// Signatures of one key object that go through recovery before its
@@ -140,29 +164,27 @@ impl Pools {
     }
 
     /// Recovers one unnamed signature of key object `handle` in process
-    /// `tgid` (each plausible reading of it): names a key when an earlier,
-    /// distinct signature recovered the same one, else keeps its possible
-    /// keys for the next. Compared with every signature kept, not only
-    /// those of the same key object or process: the agreement of two
+    /// `tgid` (each plausible reading of it: `found` gives each reading and
+    /// its possible keys, computed only within budget): names a key when an
+    /// earlier, distinct signature recovered the same one, else keeps its
+    /// possible keys for the next. Compared with every signature kept, not
+    /// only those of the same key object or process: the agreement of two
     /// distinct signatures is what makes the answer exact, whoever made
     /// them, and a Rust signer's objects live for one signature, a forking
     /// server's processes for one connection.
-    pub fn recover<'s>(
+    pub fn recover(
         &mut self,
         tgid: u32,
         handle: u64,
-        readings: &[Option<&'s [u8]>; 4],
-        signed_as: impl Fn(&'s [u8]) -> Signed<'s>,
+        found: impl FnOnce() -> Vec<(Vec<u8>, Vec<KeyInfo>)>,
     ) -> Recovery {
         let tries = self.tries.get(&(tgid, handle)).copied().unwrap_or(0);
         let spent = self.spent.get(&tgid).copied().unwrap_or(0);
         if tries >= TRIES_PER_OBJECT || spent >= PER_PROCESS {
             return Recovery::Nothing;
         }
-        let found: Vec<(Vec<u8>, Vec<KeyInfo>)> = readings
-            .iter()
-            .flatten()
-            .map(|&reading| (reading.to_vec(), candidates(&signed_as(reading))))
+        let found: Vec<(Vec<u8>, Vec<KeyInfo>)> = found()
+            .into_iter()
             .filter(|(_, keys)| !keys.is_empty())
             .collect();
         if found.is_empty() {
@@ -218,7 +240,10 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::keys::material::{read_key_file, tests::openssl_key};
+    use crate::keys::{
+        material::{read_key_file, tests::openssl_key},
+        verify::{Signed, Verifier},
+    };
     use sha2::Digest;
     use std::process::Command;
 
@@ -236,6 +261,11 @@ mod tests {
             .unwrap();
         assert!(st.success());
         std::fs::read(s).unwrap()
+    }
+
+    /// Every key `s` could have been made with.
+    fn candidates(s: &Signed<'_>) -> Vec<KeyInfo> {
+        Verifier::new(s).possible_keys()
     }
 
     fn spkis(keys: &[KeyInfo]) -> Vec<String> {

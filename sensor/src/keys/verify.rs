@@ -7,7 +7,10 @@
 
 use sha2::Digest;
 
-use super::material::PublicKey;
+use super::{
+    material::{KeyInfo, PublicKey},
+    recover::{self, Curve},
+};
 
 /// What the probes captured about one signing operation.
 #[derive(Debug, Clone, Copy)]
@@ -105,23 +108,6 @@ fn prehashes(s: &Signed<'_>) -> Vec<(Option<Hash>, Vec<u8>)> {
         .collect()
 }
 
-/// The digests an ECDSA public-key recovery is tried over (`recover`): the
-/// captured digest; else the message hashed with the digest the caller
-/// named; else with each common digest. A wrong digest costs one more
-/// recovery and only gives points no other signature agrees on.
-pub(super) fn recovery_prehashes(s: &Signed<'_>) -> Vec<Vec<u8>> {
-    let Some(data) = s.data else {
-        return Vec::new();
-    };
-    if s.data_is_digest {
-        return vec![data.to_vec()];
-    }
-    match s.digest_hint.and_then(Hash::from_name) {
-        Some(h) => vec![h.digest(data)],
-        None => Hash::ALL.iter().map(|h| h.digest(data)).collect(),
-    }
-}
-
 /// ECDSA over a prehash; the DER signature is what OpenSSL produces.
 /// A digest shorter than the field (SHA-1 on P-384) is left-padded: ECDSA
 /// reads it as an integer, and the crate wants at least half a field.
@@ -129,22 +115,47 @@ macro_rules! ecdsa_verify {
     ($curve:ident, $field_len:expr, $key:expr, $v:expr) => {{
         use $curve::ecdsa::signature::hazmat::PrehashVerifier;
         match $curve::ecdsa::Signature::from_der($v.s.signature) {
-            Ok(sig) => $v.prehashes().iter().any(|(_, d)| {
-                let mut padded = vec![0u8; ($field_len as usize).saturating_sub(d.len())];
-                padded.extend_from_slice(d);
-                $key.verify_prehash(&padded, &sig).is_ok()
-            }),
+            Ok(sig) => {
+                $v.count()
+                    && $v.prehashes().iter().any(|(_, d)| {
+                        let mut padded = vec![0u8; ($field_len as usize).saturating_sub(d.len())];
+                        padded.extend_from_slice(d);
+                        $key.verify_prehash(&padded, &sig).is_ok()
+                    })
+            }
             Err(_) => false,
         }
     }};
 }
 
+/// Direct ECDSA verifications of one signature, per curve, before the
+/// rest of that curve's keys are answered by recovery: recovering its
+/// possible keys costs about four verifications per digest (two nonce
+/// points, each a multiplication and the crate's own check), after which
+/// every further key of that curve costs a comparison.
+const DIRECT_BEFORE_RECOVERY: u32 = 4;
+
 /// One signature checked against many keys (every candidate of a
 /// process, or the host's whole inventory): its digests are computed once,
-/// on the first key that needs them, not once per key.
+/// on the first key that needs them, not once per key. Past a few ECDSA
+/// keys of one curve, the signature's possible keys are recovered once
+/// (`super::recover`) and each further key is a lookup: naming one of
+/// 50 keys, or of an inventory of thousands, costs a handful of
+/// public-key operations instead of one per key.
 pub struct Verifier<'s, 'a> {
     s: &'s Signed<'a>,
     prehashes: std::cell::OnceCell<Vec<(Option<Hash>, Vec<u8>)>>,
+    /// The curve size the signature's integers fit (`ecdsa_bits`).
+    ecdsa_bits: std::cell::OnceCell<Option<u32>>,
+    /// Direct verifications so far under P-256 and P-384 keys.
+    direct: std::cell::Cell<[u32; 2]>,
+    /// The signature's possible keys on P-256 and P-384 (`None`: it is
+    /// no signature on that curve).
+    recovered: [std::cell::OnceCell<Option<Vec<KeyInfo>>>; 2],
+    /// Public-key operations run: a key checked is one (whatever digests
+    /// and paddings that tries), recovering over one digest two; a key
+    /// rejected by the signature's size or encoding, none.
+    operations: std::cell::Cell<u64>,
 }
 
 impl<'s, 'a> Verifier<'s, 'a> {
@@ -152,6 +163,10 @@ impl<'s, 'a> Verifier<'s, 'a> {
         Verifier {
             s,
             prehashes: std::cell::OnceCell::new(),
+            ecdsa_bits: std::cell::OnceCell::new(),
+            direct: std::cell::Cell::new([0; 2]),
+            recovered: Default::default(),
+            operations: std::cell::Cell::new(0),
         }
     }
 
@@ -159,8 +174,36 @@ impl<'s, 'a> Verifier<'s, 'a> {
         self.prehashes.get_or_init(|| prehashes(self.s))
     }
 
+    /// Counts one verification: one key checked past the cheap
+    /// rejections (a signature of another size or encoding). Returns true,
+    /// to chain before the check.
+    fn count(&self) -> bool {
+        self.operations.set(self.operations.get() + 1);
+        true
+    }
+
+    /// Public-key operations run so far, for the sensor's count.
+    pub fn operations(&self) -> u64 {
+        self.operations.get()
+    }
+
     /// Whether the signature verifies under `key` over the captured data.
     pub fn verifies(&self, key: &PublicKey) -> bool {
+        let (curve, bits) = match key {
+            PublicKey::P256(_) => (Some(Curve::P256), 256),
+            PublicKey::P384(_) => (Some(Curve::P384), 384),
+            PublicKey::P521(_) => (None, 521),
+            _ => (None, 0),
+        };
+        if bits != 0 && *self.ecdsa_bits.get_or_init(|| ecdsa_bits(self.s.signature)) != Some(bits)
+        {
+            return false;
+        }
+        if let Some(curve) = curve
+            && let Some(answer) = self.by_recovery(curve, key)
+        {
+            return answer;
+        }
         let s = self.s;
         match key {
             PublicKey::Ed25519(k) => {
@@ -171,6 +214,7 @@ impl<'s, 'a> Verifier<'s, 'a> {
                 let Ok(sig) = ed25519_dalek::Signature::from_slice(s.signature) else {
                     return false;
                 };
+                self.count();
                 k.verify_strict(msg, &sig).is_ok()
             }
             PublicKey::P256(k) => ecdsa_verify!(p256, 32, k, self),
@@ -178,6 +222,81 @@ impl<'s, 'a> Verifier<'s, 'a> {
             PublicKey::P521(k) => ecdsa_verify!(p521, 66, k, self),
             PublicKey::Rsa(k) => rsa_verify(k, self),
         }
+    }
+
+    /// The signature's possible keys on `curve`, recovered on first use
+    /// over each digest it could be over: a wrong digest costs one more
+    /// recovery and gives only keys no other signature agrees on.
+    fn recovered(&self, curve: Curve) -> Option<&[KeyInfo]> {
+        self.recovered[curve as usize]
+            .get_or_init(|| {
+                let digests: Vec<&[u8]> =
+                    self.prehashes().iter().map(|(_, d)| d.as_slice()).collect();
+                let keys = recover::possible_on(curve, self.s.signature, &digests);
+                if keys.is_some() {
+                    self.operations
+                        .set(self.operations.get() + 2 * digests.len() as u64);
+                }
+                keys
+            })
+            .as_deref()
+    }
+
+    /// Every key the signature could have been made with, for the
+    /// recovery pool once no known key verified it (recovered once, whether
+    /// the known keys already needed it or not), on the curve its size
+    /// tells (`ecdsa_bits`).
+    pub fn possible_keys(&self) -> Vec<KeyInfo> {
+        let curve = match self.ecdsa_bits.get_or_init(|| ecdsa_bits(self.s.signature)) {
+            Some(256) => Curve::P256,
+            Some(384) => Curve::P384,
+            _ => return Vec::new(),
+        };
+        self.recovered(curve)
+            .map(<[KeyInfo]>::to_vec)
+            .unwrap_or_default()
+    }
+
+    /// The signature this checks.
+    pub fn signature(&self) -> &'a [u8] {
+        self.s.signature
+    }
+
+    /// The answer for an ECDSA key from the signature's recovered keys,
+    /// once enough keys of its curve were asked about; `None`: verify it.
+    fn by_recovery(&self, curve: Curve, key: &PublicKey) -> Option<bool> {
+        if self.recovered[curve as usize].get().is_none() {
+            let mut direct = self.direct.get();
+            let n = &mut direct[curve as usize];
+            if *n < DIRECT_BEFORE_RECOVERY {
+                *n += 1;
+                self.direct.set(direct);
+                return None;
+            }
+        }
+        Some(
+            self.recovered(curve)
+                .is_some_and(|keys| recover::contains(keys, key)),
+        )
+    }
+}
+
+/// The size in bits of the smallest curve (P-256, P-384, P-521) whose
+/// order the DER ECDSA signature's integers fit under; `None` if it is no
+/// DER ECDSA signature. A signature is checked only under keys of that
+/// curve: one made on a larger curve has both integers that small with a
+/// chance of 2⁻²⁵⁶ or less, and it would verify under no smaller curve's
+/// key. So a P-256 signature costs nothing against an inventory's P-384
+/// keys.
+fn ecdsa_bits(signature: &[u8]) -> Option<u32> {
+    if p256::ecdsa::Signature::from_der(signature).is_ok() {
+        Some(256)
+    } else if p384::ecdsa::Signature::from_der(signature).is_ok() {
+        Some(384)
+    } else if p521::ecdsa::Signature::from_der(signature).is_ok() {
+        Some(521)
+    } else {
+        None
     }
 }
 
@@ -194,6 +313,7 @@ fn rsa_verify(k: &rsa::RsaPublicKey, v: &Verifier<'_, '_>) -> bool {
     if s.signature.len() != k.size() {
         return false;
     }
+    v.count();
     for (hash, digest) in v.prehashes() {
         let (hash, digest) = (*hash, digest.as_slice());
         let pkcs1 = match hash {
@@ -361,6 +481,103 @@ mod tests {
             };
             assert!(!verifies(&key.public, &s), "{md}");
         }
+    }
+
+    /// Past a few keys of a curve, keys are answered from the signature's
+    /// recovered keys: exactly what verifying each would answer, for keys
+    /// of both curves and others, over a digest and over a message whose
+    /// digest is not named, at a fraction of the operations.
+    #[test]
+    fn recovered_keys_answer_exactly_as_verification() {
+        let ec = |curve: &str| {
+            openssl_key(&[
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                &format!("ec_paramgen_curve:{curve}"),
+            ])
+        };
+        let mut files: Vec<_> = (0..12).map(|_| ec("P-256")).collect();
+        files.extend((0..6).map(|_| ec("P-384")));
+        files.push(openssl_key(&["-algorithm", "ED25519"]));
+        files.push(openssl_key(&[
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ]));
+        // P-384 keys first among the P-256 ones too: every curve switches
+        // on its own count.
+        files.swap(1, 13);
+        let keys: Vec<KeyInfo> = files
+            .iter()
+            .map(|(_, p, _)| read_key_file(p, "k").unwrap().remove(0))
+            .collect();
+        let dir = files[0].0.path();
+        let msg = b"a handshake transcript";
+        let d256 = sha2::Sha256::digest(msg).to_vec();
+        let d384 = sha2::Sha384::digest(msg).to_vec();
+        // (signer, signature, what was captured)
+        let mut cases = Vec::new();
+        for signer in [10, 15, 19] {
+            let key = &files[signer].1;
+            let digest = if signer == 10 { &d256 } else { &d384 };
+            let sig = sign(key, dir, &["pkeyutl", "-sign"], digest);
+            cases.push((signer, sig, digest.clone(), true));
+        }
+        let sig = sign(
+            &files[11].1,
+            dir,
+            &["pkeyutl", "-sign", "-rawin", "-digest", "sha512"],
+            msg,
+        );
+        cases.push((11, sig, msg.to_vec(), false));
+        for (signer, sig, data, is_digest) in &cases {
+            let s = Signed {
+                signature: sig,
+                data: Some(data),
+                data_is_digest: *is_digest,
+                digest_hint: None,
+            };
+            let shared = Verifier::new(&s);
+            for (j, k) in keys.iter().enumerate() {
+                let direct = verifies(&k.public, &s);
+                assert_eq!(
+                    shared.verifies(&k.public),
+                    direct,
+                    "signer {signer} key {j}"
+                );
+                assert_eq!(direct, j == *signer, "signer {signer} key {j}");
+            }
+            // On the signature's curve, 4 verifications and 2 per digest
+            // recovered (the other curve's keys cost nothing); the other
+            // keys only where their size matches (RSA 2048: 256 bytes;
+            // Ed25519: 64, over a message).
+            let digests = shared.prehashes().len() as u64;
+            let recovered: Vec<bool> = shared
+                .recovered
+                .iter()
+                .map(|r| r.get().is_some_and(Option::is_some))
+                .collect();
+            let ecdsa = *signer != 19;
+            assert_eq!(recovered, [signer == &10 || signer == &11, *signer == 15]);
+            let rsa = (sig.len() == 256) as u64;
+            let ed = (sig.len() == 64 && !is_digest) as u64;
+            assert_eq!(
+                shared.operations(),
+                (4 + 2 * digests) * ecdsa as u64 + rsa + ed,
+                "signer {signer}"
+            );
+        }
+        // A signature on neither curve: no ECDSA key verifies it.
+        let s = Signed {
+            signature: &[0x30, 0x03, 0x02, 0x01, 0x01],
+            data: Some(&d256),
+            data_is_digest: true,
+            digest_hint: None,
+        };
+        let shared = Verifier::new(&s);
+        assert!(keys.iter().all(|k| !shared.verifies(&k.public)));
     }
 
     #[test]

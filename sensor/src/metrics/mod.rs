@@ -301,7 +301,8 @@ pub struct Snapshot {
     /// Files with probes attached, and the functions probed in them.
     pub libraries: u64,
     pub functions: u64,
-    /// Signature verifications (public-key operations) run to identify keys.
+    /// Public-key operations (verifications, ECDSA recoveries) run to
+    /// identify keys.
     pub verifications: u64,
     pub queues: Queues,
     /// Bytes of the lines in `queues.sink_backlog`.

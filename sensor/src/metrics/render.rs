@@ -188,7 +188,7 @@ impl Snapshot {
         t.single(
             "keywarden_key_verifications_total",
             Counter,
-            "Signature verifications (public-key operations) run to identify which key signed.",
+            "Public-key operations (verifications, ECDSA recoveries) run to identify which key signed.",
             self.verifications,
         );
 

@@ -449,24 +449,18 @@ impl KeyUses {
             // The process's own entry of a key first: it says where this
             // process's key came from.
             let own = |k: &&Arc<KnownKey>| self.ident.holds(tgid, k);
+            let mut seen = std::collections::HashSet::with_capacity(fresh.len());
             let ordered: Vec<Arc<KnownKey>> = fresh
                 .iter()
                 .filter(own)
                 .chain(fresh.iter().filter(|k| !own(k)))
+                .filter(|k| seen.insert(k.info.spki_sha256.as_str()))
                 .cloned()
                 .collect();
-            let mut tried: Vec<&str> = Vec::new();
-            let mut named = None;
-            for k in &ordered {
-                if tried.contains(&k.info.spki_sha256.as_str()) {
-                    continue;
-                }
-                tried.push(&k.info.spki_sha256);
-                if self.ident.check_held(&self.held[i].captured, &k.info) {
-                    named = Some(k.clone());
-                    break;
-                }
-            }
+            let named = self
+                .ident
+                .name_held(&self.held[i].captured, &ordered)
+                .cloned();
             match named {
                 Some(k) => {
                     if let Some(mut h) = self.held.remove(i) {
