@@ -134,11 +134,16 @@ fn a_scrape_counts_a_signature_its_finding_and_passes_promtool() {
         value(&body, "keywarden_resident_memory_bytes").is_some_and(|n| n > 0.0),
         "{body}"
     );
-    assert_eq!(
-        value(&body, r#"keywarden_shed_events_total{cause="ring_buffer"}"#),
-        Some(0.0),
-        "{body}"
-    );
+    for cause in ["ring_buffer", "kernel_skipped"] {
+        assert_eq!(
+            value(
+                &body,
+                &format!(r#"keywarden_shed_events_total{{cause="{cause}"}}"#)
+            ),
+            Some(0.0),
+            "{body}"
+        );
+    }
     assert!(
         value(&body, r#"keywarden_queue_capacity{queue="analyzer_input"}"#)
             .is_some_and(|n| n >= 1.0),

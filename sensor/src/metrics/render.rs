@@ -123,6 +123,7 @@ impl Snapshot {
         let s = &self.shed;
         for (cause, n) in [
             ("ring_buffer", s.ring()),
+            ("kernel_skipped", s.kernel_skipped),
             ("coalescer", s.coalescer),
             ("analyzer_queue", s.analyzer),
             ("guard_queue", s.guard),
@@ -360,6 +361,7 @@ mod tests {
                 ring_sign: 1,
                 ring_data: 2,
                 coalescer: 3,
+                kernel_skipped: 6,
                 ..Shed::default()
             },
             kernel,
@@ -381,6 +383,10 @@ mod tests {
         assert_eq!(
             at(r#"keywarden_shed_events_total{cause="coalescer"}"#),
             Some(3)
+        );
+        assert_eq!(
+            at(r#"keywarden_shed_events_total{cause="kernel_skipped"}"#),
+            Some(6)
         );
         assert_eq!(
             at(r#"keywarden_ring_buffer_lost_records_total{record="signed_data"}"#),

@@ -11,7 +11,10 @@
 
 use std::{
     num::NonZeroU32,
-    os::{fd::AsRawFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd},
+        unix::fs::MetadataExt,
+    },
     path::Path,
     sync::Arc,
 };
@@ -35,6 +38,7 @@ use tracing::{debug, info};
 use crate::config::OpenHook;
 
 mod hooks;
+mod skipped;
 use crate::discovery::{
     placement,
     signing_code::{self, SigningCode, Stack, needs_return},
@@ -701,6 +705,21 @@ impl Probes {
         let lens = config.get(&slot, 0)? | 1u64 << basename.len().min(63);
         config.set(slot, &lens, 0)?;
         Ok(())
+    }
+
+    /// Each loaded program whose runs the kernel skipped, and how many
+    /// (`skipped`), in load order.
+    pub fn skipped_runs(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        for (name, program) in self.ebpf.programs() {
+            let Ok(fd) = program.fd() else { continue };
+            match skipped::recursion_misses(fd.as_fd()) {
+                Ok(0) => {}
+                Ok(n) => out.push((name.to_owned(), n)),
+                Err(e) => debug!(program = name, error = %e, "reading the program's skipped runs"),
+            }
+        }
+        out
     }
 
     /// Events the probes could not deliver, summed over CPUs, per

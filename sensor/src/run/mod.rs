@@ -124,6 +124,9 @@ struct Sensor {
     /// The probes' `STATS` counters as last read (the ring-buffer losses,
     /// `LOST_SIGN`, `LOST_DATA`, `LOST_OTHER`, among them), and when.
     kernel_stats: [u64; stats::SLOTS as usize],
+    /// Runs of each program the kernel skipped (`probes::skipped`), read
+    /// with `kernel_stats`.
+    kernel_skipped: Vec<(String, u64)>,
     ring_read_at: Option<Instant>,
     /// Files the probes are attached to, and the functions probed in them,
     /// read with `kernel_stats` (for the metrics endpoint).
@@ -274,6 +277,7 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
             }),
         ),
         kernel_stats: [0; stats::SLOTS as usize],
+        kernel_skipped: Vec::new(),
         ring_read_at: None,
         attached: (0, 0),
         metrics,
@@ -588,6 +592,7 @@ impl Sensor {
             ring_data: k[stats::LOST_DATA as usize],
             ring_other: k[stats::LOST_OTHER as usize],
             ring_unread: self.ring_unread,
+            kernel_skipped: self.kernel_skipped.iter().map(|(_, n)| n).sum(),
             coalescer: self.secrets.shed(),
             analyzer: self.out.counts.unanalysed,
             guard: self.guard_shed.load(Ordering::Relaxed),
@@ -620,6 +625,7 @@ impl Sensor {
             Ok(lost) => self.kernel_stats = lost,
             Err(e) => debug!(error = %e, "reading the probes' loss counters"),
         }
+        self.kernel_skipped = probes.skipped_runs();
         let libraries = probes.libraries();
         let functions: u64 = libraries.iter().map(|l| l.functions.len() as u64).sum();
         self.attached = (libraries.len() as u64, functions);
@@ -658,6 +664,13 @@ impl Sensor {
             unwritten,
             shed = shed.total(),
             shed_ring_buffer = shed.ring(),
+            shed_kernel_skipped = shed.kernel_skipped,
+            kernel_skipped_by_program = %self
+                .kernel_skipped
+                .iter()
+                .map(|(p, n)| format!("{p}={n}"))
+                .collect::<Vec<_>>()
+                .join(","),
             shed_coalescer = shed.coalescer,
             shed_analyzer_queue = shed.analyzer,
             shed_guard_queue = shed.guard,

@@ -2,7 +2,8 @@
 //!
 //! Each bound the sensor keeps sheds something when it is reached, and
 //! counts it where it sheds: the probes count records the full ring buffer
-//! refused (the kernel `STATS` map), the coalescer counts opens of a
+//! refused (the kernel `STATS` map), the kernel counts runs of a probe it
+//! skipped (`probes::skipped`), the coalescer counts opens of a
 //! process with too many files in open windows, the emitter counts events
 //! the full analyzer queue handed back (written unanalysed), the guard
 //! counts verdicts its full queue could not report, and the sink counts
@@ -34,6 +35,10 @@ pub struct Shed {
     /// Records still in the ring when the sensor stopped reading it at
     /// exit (a flood that outlasted the final drain).
     pub ring_unread: u64,
+    /// Runs of a probe program the kernel skipped: another BPF program was
+    /// running on that CPU (`probes::skipped`). What they would have seen
+    /// (a signature, an open, an exit) is missing.
+    pub kernel_skipped: u64,
     /// Secret-file opens not reported: their process had too many files
     /// in open coalescing windows.
     pub coalescer: u64,
@@ -61,6 +66,7 @@ impl Shed {
 
     pub fn total(&self) -> u64 {
         self.ring()
+            + self.kernel_skipped
             + self.coalescer
             + self.analyzer
             + self.guard
@@ -76,6 +82,7 @@ impl Shed {
             ring_data: self.ring_data.saturating_sub(earlier.ring_data),
             ring_other: self.ring_other.saturating_sub(earlier.ring_other),
             ring_unread: self.ring_unread.saturating_sub(earlier.ring_unread),
+            kernel_skipped: self.kernel_skipped.saturating_sub(earlier.kernel_skipped),
             coalescer: self.coalescer.saturating_sub(earlier.coalescer),
             analyzer: self.analyzer.saturating_sub(earlier.analyzer),
             guard: self.guard.saturating_sub(earlier.guard),
@@ -88,9 +95,10 @@ impl Shed {
     /// `cause=count` for every cause, in a fixed order (`docs/events.md`).
     pub fn causes(&self) -> String {
         format!(
-            "ring_buffer={} coalescer={} analyzer_queue={} guard_queue={} sink_backlog={} \
-             parquet_backlog={} parquet_write={}",
+            "ring_buffer={} kernel_skipped={} coalescer={} analyzer_queue={} guard_queue={} \
+             sink_backlog={} parquet_backlog={} parquet_write={}",
             self.ring(),
+            self.kernel_skipped,
             self.coalescer,
             self.analyzer,
             self.guard,
@@ -161,13 +169,14 @@ mod tests {
         let first = r.due(shed, t0, false).expect("the first loss at once");
         assert!(
             first.starts_with(
-                "events shed under load since the last report: ring_buffer=0 coalescer=5 \
-                 analyzer_queue=0 guard_queue=0 sink_backlog=0 parquet_backlog=0 parquet_write=0"
+                "events shed under load since the last report: ring_buffer=0 kernel_skipped=0 \
+                 coalescer=5 analyzer_queue=0 guard_queue=0 sink_backlog=0 parquet_backlog=0 parquet_write=0"
             ),
             "{first}"
         );
         // More shedding within the second: held back, not lost.
         shed.ring_other = 7;
+        shed.kernel_skipped = 4;
         shed.sink = 2;
         assert_eq!(r.due(shed, t0 + Duration::from_millis(300), false), None);
         shed.coalescer += 1;
@@ -177,7 +186,7 @@ mod tests {
             .expect("a second later");
         assert!(
             second.contains(
-                "since the last report: ring_buffer=7 coalescer=1 analyzer_queue=0 \
+                "since the last report: ring_buffer=7 kernel_skipped=4 coalescer=1 analyzer_queue=0 \
                  guard_queue=0 sink_backlog=2 parquet_backlog=0 parquet_write=0 \
                  (ring buffer by kind: signature=0 \
                  signed_data=0 process_file=7 unread_at_exit=0)"
@@ -186,7 +195,7 @@ mod tests {
         );
         assert!(
             second.ends_with(
-                "since the start: ring_buffer=7 coalescer=6 analyzer_queue=0 guard_queue=0 \
+                "since the start: ring_buffer=7 kernel_skipped=4 coalescer=6 analyzer_queue=0 guard_queue=0 \
                  sink_backlog=2 parquet_backlog=0 parquet_write=0"
             ),
             "{second}"
@@ -208,6 +217,7 @@ mod tests {
             ring_data: 2,
             ring_other: 3,
             ring_unread: 4,
+            kernel_skipped: 11,
             coalescer: 5,
             analyzer: 6,
             guard: 7,
@@ -216,10 +226,10 @@ mod tests {
             parquet_write: 10,
         };
         assert_eq!(shed.ring(), 10);
-        assert_eq!(shed.total(), 55);
+        assert_eq!(shed.total(), 66);
         assert_eq!(
             shed.causes(),
-            "ring_buffer=10 coalescer=5 analyzer_queue=6 guard_queue=7 sink_backlog=8 \
+            "ring_buffer=10 kernel_skipped=11 coalescer=5 analyzer_queue=6 guard_queue=7 sink_backlog=8 \
              parquet_backlog=9 parquet_write=10"
         );
     }
