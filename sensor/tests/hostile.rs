@@ -1259,6 +1259,80 @@ fn a_key_opened_under_another_name_or_a_long_path_is_seen() {
     }
 }
 
+/// Watched files that hold no key (a `.env`, an SSH identity, a `*.p12`
+/// a glob adds) were judged by the path the process gave only: a symlink
+/// of a harmless name, or a path longer than the probe copies, hid their
+/// opens. The exit of an open now tests the opened file's own name
+/// against the last components of the watch list too: each open, as
+/// `nobody`, is reported under the file's real path (the long one's as
+/// its tail, marked cut). A file with a watched name (`token`) that no
+/// glob's path matches is not reported.
+#[test]
+fn a_watched_file_opened_under_another_name_or_a_long_path_is_seen() {
+    let work = attacker_dir();
+    let dir = work.path();
+    std::fs::create_dir(dir.join(".ssh")).unwrap();
+    let files = [".env", ".ssh/id_test", "bundle.p12", "token"].map(|f| dir.join(f));
+    for f in &files {
+        std::fs::write(f, "not a secret, a test\n").unwrap();
+    }
+    let mut opened = Vec::new();
+    for (link, target) in ["notes.txt", "readme", "data.bin", "t.txt"]
+        .iter()
+        .zip(&files)
+    {
+        std::os::unix::fs::symlink(target, dir.join(link)).unwrap();
+        opened.push(dir.join(link));
+    }
+    let mut deep = dir.to_path_buf();
+    for _ in 0..12 {
+        deep.push("d".repeat(24));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    let deep_env = deep.join(".env");
+    std::fs::write(&deep_env, "not a secret either\n").unwrap();
+    assert!(deep_env.as_os_str().len() > 300);
+    opened.push(deep_env);
+    let conf = tempfile::tempdir().unwrap();
+    let config = sensor_config(
+        conf.path(),
+        &[],
+        &[(
+            "    - \"**/.ssh/id_*\"\n",
+            "    - \"**/.ssh/id_*\"\n    - \"**/*.p12\"\n".into(),
+        )],
+    );
+    let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
+    let mut opener = as_nobody("python3")
+        .arg("-c")
+        .arg(OPEN_AND_HOLD)
+        .args(&opened)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = opener.id();
+    wait_for("four opens reported", Duration::from_secs(60), || {
+        secret_opens_of(&sensor.events(), pid).len() >= 4
+    });
+    drop(opener.stdin.take());
+    assert!(opener.wait().unwrap().success());
+    let events = sensor.stop();
+    let opens = secret_opens_of(&events, pid);
+    assert_eq!(opens.len(), 4, "{}", pretty(&opens));
+    let one_of = |want: &dyn Fn(&str) -> bool| {
+        let found: Vec<&&Event> = opens
+            .iter()
+            .filter(|e| file_path_of(e).is_some_and(want))
+            .collect();
+        assert_eq!(found.len(), 1, "{}", pretty(&opens));
+        assert_eq!(found[0].status_id, 1, "{}", pretty(found[0]));
+    };
+    for f in &files[..3] {
+        one_of(&|p| p == f.to_str().unwrap());
+    }
+    one_of(&|p| p.starts_with("...") && p.ends_with("/dddddddddddddddddddddddd/.env"));
+}
+
 /// Opens the file named by argv[1] through io_uring (`IORING_OP_OPENAT`,
 /// no open system call), reads it, and exits. With argv[2] `fixed`, the
 /// file goes into the ring's first registered file slot instead of a

@@ -108,10 +108,13 @@ pub(crate) static HOLD_LEASE: Array<HoldLease> = Array::pinned(1, 0);
 #[map]
 pub(crate) static VERDICT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
-/// Basename hashes (`protected_name_hash`) of files that hold protected
-/// keys: opening one holds the process until the sensor has judged it.
+/// Basename hashes (`name_hash`) the exit of an open tests the opened
+/// file's own name against. Value: `name_kind` bits. A `PROTECTED` name's
+/// opener is held until the sensor has judged it; a `WATCHED` one (the
+/// last component of a watch-list glob) is reported for the sensor to
+/// match its path.
 #[map]
-pub(crate) static PROTECTED_NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+pub(crate) static FILE_NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
 
 #[map]
 pub(crate) static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);

@@ -184,10 +184,13 @@ pub mod open_flags {
     pub const HELD: u32 = 1 << 2;
     /// The path was longer than `PATH_MAX` and is cut.
     pub const TRUNCATED: u32 = 1 << 3;
-    /// The path passed the kernel prefilter of the secret-file watch list.
+    /// The path passed the kernel prefilter of the secret-file watch list;
+    /// with `RESOLVED`, the opened file's own name did (a basename in
+    /// `FILE_NAMES` as `name_kind::WATCHED`, or one of the configured
+    /// endings and beginnings, `config::NAME_ENDINGS`).
     pub const WATCHED: u32 = 1 << 4;
     /// The basename is that of a file holding a protected key
-    /// (`PROTECTED_NAMES`); with `HELD`, the process is stopped until the
+    /// (`FILE_NAMES`, `name_kind::PROTECTED`); with `HELD`, the process is stopped until the
     /// sensor has decided whether it may sign with that key.
     pub const PROTECTED: u32 = 1 << 5;
     /// Reported from the open's exit, by the name of the file the kernel
@@ -214,13 +217,44 @@ pub mod uring_op {
 /// sensor uses the same list for opens it learns of another way.
 pub const KEY_SUFFIXES: [&[u8]; 5] = [b".pem", b".key", b".der", b".crt", b".p8"];
 
-/// Longest basename prefix hashed for `PROTECTED_NAMES`.
-pub const PROTECTED_NAME_MAX: usize = 64;
+/// What a basename in `FILE_NAMES` is (its value, a bitmask).
+pub mod name_kind {
+    /// A file holding a protected key: its opener is held until the
+    /// sensor has judged it (`open_flags::PROTECTED`).
+    pub const PROTECTED: u8 = 1;
+    /// The last component of a watch-list glob (`**/.env`, `.../token`):
+    /// an open of a file so named is reported, and the sensor matches the
+    /// file's path against the globs (`open_flags::WATCHED`).
+    pub const WATCHED: u8 = 2;
+}
 
-/// Hash of a basename as `PROTECTED_NAMES` keys it: FNV-1a over its first
-/// `PROTECTED_NAME_MAX` bytes. The kernel computes the same in place.
-pub fn protected_name_hash(name: &[u8]) -> u64 {
-    let n = name.len().min(PROTECTED_NAME_MAX);
+/// A file-name ending or beginning of up to 7 bytes, as one `CONFIG`
+/// word: the bytes little-endian in the low 56 bits, their count in the
+/// top 8. 0 is an unused slot. A longer one keeps its last (ending) or
+/// first (beginning) 7 bytes, which only widens the kernel's test.
+pub fn name_affix(bytes: &[u8], ending: bool) -> u64 {
+    let n = bytes.len().min(7);
+    let part = if ending {
+        &bytes[bytes.len() - n..]
+    } else {
+        &bytes[..n]
+    };
+    let mut word = (n as u64) << 56;
+    let mut i = 0;
+    while i < n {
+        word |= (part[i] as u64) << (8 * i);
+        i += 1;
+    }
+    word
+}
+
+/// Longest basename prefix hashed for `FILE_NAMES`.
+pub const NAME_HASH_MAX: usize = 64;
+
+/// Hash of a basename as `FILE_NAMES` keys it: FNV-1a over its first
+/// `NAME_HASH_MAX` bytes. The kernel computes the same in place.
+pub fn name_hash(name: &[u8]) -> u64 {
+    let n = name.len().min(NAME_HASH_MAX);
     fnv1a(&name[..n])
 }
 
@@ -310,11 +344,21 @@ pub mod config {
     /// The sensor's own tgid: its opens and exec are never held or reported
     /// (it reads every library it attaches to, and would stop itself).
     pub const SENSOR_TGID: u32 = 2;
-    /// Bit `min(len, 63)` is set for the length of each protected
-    /// basename (`PROTECTED_NAMES`): the exit of an open hashes the
-    /// opened file's own name only when its length is one of them.
-    pub const PROTECTED_NAME_LENS: u32 = 3;
-    pub const SLOTS: u32 = 4;
+    /// Bit `min(len, 63)` is set for the length of each basename in
+    /// `FILE_NAMES`: the exit of an open hashes the opened file's own name
+    /// only when its length is one of them.
+    pub const NAME_LENS: u32 = 3;
+    /// First of `NAME_AFFIXES` slots of endings (`name_affix`) of
+    /// watch-list globs like `**/*.p12`, tested against the opened file's
+    /// name at the exit of every open (the key suffixes are built in).
+    pub const NAME_ENDINGS: u32 = 4;
+    /// First of `NAME_AFFIXES` slots of beginnings of watch-list globs
+    /// like `**/.ssh/id_*`.
+    pub const NAME_BEGINNINGS: u32 = 8;
+    /// Slots of each kind: globs past these are judged by the path the
+    /// process gave only.
+    pub const NAME_AFFIXES: u32 = 4;
+    pub const SLOTS: u32 = 12;
     /// A lease whose heartbeat is older than this is void: its sensor died
     /// or stalled, holding stops, and another sensor may take the lease.
     pub const HEARTBEAT_MAX_AGE_NS: u64 = 2_000_000_000;

@@ -297,8 +297,9 @@ fn uring_report(
         ),
         (_, Ok(())) => (
             Level::INFO,
-            "opens through io_uring from its io_uring_complete tracepoint: key files by the \
-             opened file's own name; an open into a registered file slot is named, not examined"
+            "opens through io_uring from its io_uring_complete tracepoint: key and watched \
+             files by the opened file's own name; an open into a registered file slot is named, \
+             not examined"
                 .to_owned(),
         ),
         (UringExposure::Restricted, Err(why)) => (

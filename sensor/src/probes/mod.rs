@@ -31,11 +31,11 @@ use aya::{
 use hashbrown::HashMap;
 use keywarden_probe_types::{
     ExeId, HoldLease, KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, TaskLayout, WatchPattern,
-    config, func, stats, watch,
+    config, func, name_affix, name_hash, name_kind, stats, watch,
 };
 use tracing::{debug, info};
 
-use crate::config::OpenHook;
+use crate::{config::OpenHook, secrets::prefilter::ExitNames};
 
 mod hooks;
 mod skipped;
@@ -688,22 +688,42 @@ impl Probes {
     /// Adds the basename of a file holding a protected key: opening any
     /// file of that name holds the opener until the sensor has judged it.
     pub fn protect_name(&mut self, basename: &str) -> Result<()> {
-        let mut map: BpfHashMap<&mut MapData, u64, u8> = BpfHashMap::try_from(
-            self.ebpf
-                .map_mut("PROTECTED_NAMES")
-                .context("PROTECTED_NAMES map")?,
-        )?;
-        map.insert(
-            &keywarden_probe_types::protected_name_hash(basename.as_bytes()),
-            &1,
-            0,
-        )?;
-        // The exit of every open hashes the opened file's name only when
-        // its length is one of these.
-        let slot = keywarden_probe_types::config::PROTECTED_NAME_LENS;
-        let mut config = self.array::<u64>("CONFIG")?;
-        let lens = config.get(&slot, 0)? | 1u64 << basename.len().min(63);
-        config.set(slot, &lens, 0)?;
+        self.add_file_name(basename, name_kind::PROTECTED)
+    }
+
+    /// What the exit of every open tests the opened file's own name
+    /// against for the watch list (`secrets::prefilter::exit_names`).
+    pub fn set_exit_names(&mut self, names: &ExitNames) -> Result<()> {
+        for n in &names.names {
+            self.add_file_name(n, name_kind::WATCHED)?;
+        }
+        let mut slots = self.array::<u64>("CONFIG")?;
+        for (first, affixes, ending) in [
+            (config::NAME_ENDINGS, &names.endings, true),
+            (config::NAME_BEGINNINGS, &names.beginnings, false),
+        ] {
+            for i in 0..config::NAME_AFFIXES {
+                let word = affixes
+                    .get(i as usize)
+                    .map_or(0, |a| name_affix(a.as_bytes(), ending));
+                slots.set(first + i, &word, 0)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks `basename` as `kind` in `FILE_NAMES`, beside what it already
+    /// is, and its length in `config::NAME_LENS`: the exit of every open
+    /// hashes the opened file's name only when its length is one of these.
+    fn add_file_name(&mut self, basename: &str, kind: u8) -> Result<()> {
+        let mut map: BpfHashMap<&mut MapData, u64, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("FILE_NAMES").context("FILE_NAMES map")?)?;
+        let hash = name_hash(basename.as_bytes());
+        let was = map.get(&hash, 0).unwrap_or(0);
+        map.insert(&hash, &(was | kind), 0)?;
+        let mut slots = self.array::<u64>("CONFIG")?;
+        let lens = slots.get(&config::NAME_LENS, 0)? | 1u64 << basename.len().min(63);
+        slots.set(config::NAME_LENS, &lens, 0)?;
         Ok(())
     }
 

@@ -243,6 +243,8 @@ pub fn run(cfg: Config, shutdown: Arc<AtomicBool>, reload: Arc<AtomicBool>) -> R
     // Ready before the lease is taken, so these probes never hold it.
     let (watchdog, watchdog_out) = Watchdog::start(probes.hold_token())?;
     probes.set_watch(&watch.kernel)?;
+    probes.set_exit_names(&watch.exit)?;
+    info!("{}", watch.exit.describe());
     probes.set_config(config::SENSOR_TGID, std::process::id() as u64)?;
     probes.register_sensor()?;
     let lease_at_start = probes.heartbeat()?;

@@ -395,6 +395,20 @@ impl SecretOpens {
             .enforcer
             .is_guarded(host_path.as_deref().unwrap_or(&absolute));
         let is_key_file = f.flags & open_flags::KEY_FILE != 0;
+        // The kernel's watch prefilter ran on the path the process gave,
+        // and the exit's test on the opened file's name only (a `token`
+        // anywhere): the globs are matched here.
+        let watched = if f.flags & (open_flags::WATCHED | open_flags::RESOLVED) != 0 {
+            self.watch.matches(&absolute)
+        } else {
+            None
+        };
+        if !guarded && !is_key_file && f.flags & open_flags::PROTECTED == 0 && watched.is_none() {
+            // Passed a kernel test, matched no glob: nothing to report or
+            // read, and no coalescing window to spend on it.
+            release_if_held(&f, p.decisions);
+            return None;
+        }
         if !guarded
             && !is_key_file
             && self
@@ -405,13 +419,6 @@ impl SecretOpens {
             release_if_held(&f, p.decisions);
             return None;
         }
-        // The kernel's watch prefilter ran on the path the process gave;
-        // a file found by its own name at the exit is matched here alone.
-        let watched = if f.flags & (open_flags::WATCHED | open_flags::RESOLVED) != 0 {
-            self.watch.matches(&absolute)
-        } else {
-            None
-        };
         // Only files that may hold keys are read; a .env or a token never is.
         let wants_keys = is_key_file
             || f.flags & open_flags::PROTECTED != 0

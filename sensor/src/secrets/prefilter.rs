@@ -118,6 +118,107 @@ pub fn compile_all(globs: &[String]) -> Result<Vec<WatchPattern>, PatternError> 
     Ok(out)
 }
 
+/// What the exit of an open tests the opened file's own name against, for
+/// one glob: the entry's test reads the path the process gave, which a
+/// symlink of another name, a path too long to copy, or a thread
+/// rewriting it hides. Taken from the glob's last component, so it is a
+/// superset too; the sensor matches the file's walked path against the
+/// glob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExitTest {
+    /// `**/.env`, `/var/run/secrets/.../token`: that basename.
+    Name(String),
+    /// `**/*.p12`: names ending so.
+    Ending(String),
+    /// `**/.ssh/id_*`: names beginning so.
+    Beginning(String),
+}
+
+/// The exit test for `glob`; `None` when its last component tells no name
+/// (`/etc/ssl/private/**`, `a*b`): files it matches are judged by the path
+/// the process gave only, unless named like a key file.
+pub fn exit_test(glob: &str) -> Option<ExitTest> {
+    let last = glob.rsplit('/').next().filter(|l| !l.is_empty())?;
+    if !last.contains(is_meta) {
+        return Some(ExitTest::Name(last.to_owned()));
+    }
+    if let Some(ending) = last.strip_prefix('*')
+        && !ending.is_empty()
+        && !ending.contains(is_meta)
+    {
+        return Some(ExitTest::Ending(ending.to_owned()));
+    }
+    match last.find(is_meta) {
+        Some(i) if i > 0 && last[i..].chars().all(|c| c == '*') => {
+            Some(ExitTest::Beginning(last[..i].to_owned()))
+        }
+        _ => None,
+    }
+}
+
+/// The exit's tests for a whole watch list.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ExitNames {
+    /// Basenames (`name_kind::WATCHED` in `FILE_NAMES`).
+    pub names: Vec<String>,
+    /// Endings and beginnings, at most `config::NAME_AFFIXES` of each. An
+    /// ending the built-in key suffixes already cover is not repeated.
+    pub endings: Vec<String>,
+    pub beginnings: Vec<String>,
+    /// Globs whose files are judged by the path the process gave only
+    /// (unless named like a key file), for the start log.
+    pub by_given_path: Vec<String>,
+}
+
+impl ExitNames {
+    /// The start log's line.
+    pub fn describe(&self) -> String {
+        let list = |v: &[String]| {
+            if v.is_empty() {
+                "none".to_owned()
+            } else {
+                v.join(" ")
+            }
+        };
+        format!(
+            "opens of watched files are also judged by the opened file's own name (names: {}; \
+             endings: {}; beginnings: {}), so a symlink of another name or a long or rewritten \
+             path does not hide them; judged by the path the process gave only (unless named \
+             like a key file): {}",
+            list(&self.names),
+            list(&self.endings),
+            list(&self.beginnings),
+            list(&self.by_given_path)
+        )
+    }
+}
+
+pub fn exit_names(globs: &[String]) -> ExitNames {
+    let mut out = ExitNames::default();
+    let room = keywarden_probe_types::config::NAME_AFFIXES as usize;
+    let key_suffix = |e: &str| {
+        keywarden_probe_types::KEY_SUFFIXES
+            .iter()
+            .any(|k| e.as_bytes().ends_with(k))
+    };
+    for g in globs {
+        match exit_test(g) {
+            Some(ExitTest::Name(n)) => {
+                if !out.names.contains(&n) {
+                    out.names.push(n);
+                }
+            }
+            Some(ExitTest::Ending(e)) if key_suffix(&e) => {}
+            Some(ExitTest::Ending(e)) if out.endings.contains(&e) => {}
+            Some(ExitTest::Ending(e)) if out.endings.len() < room => out.endings.push(e),
+            Some(ExitTest::Beginning(b)) if out.beginnings.contains(&b) => {}
+            Some(ExitTest::Beginning(b)) if out.beginnings.len() < room => out.beginnings.push(b),
+            _ => out.by_given_path.push(g.clone()),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,6 +228,46 @@ mod tests {
             p.kind,
             String::from_utf8_lossy(&p.literal()[..p.len as usize]).into_owned(),
         )
+    }
+
+    /// The default watch list: every glob but the directory one is
+    /// tested at the exit too, by its last component.
+    #[test]
+    fn exit_tests_take_the_last_component() {
+        let globs: Vec<String> = [
+            "/etc/ssl/private/**",
+            "**/*.key",
+            "**/*.pem",
+            "**/.env",
+            "**/.aws/credentials",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token",
+            "**/.ssh/id_*",
+            "**/*.p12",
+            "/srv/**/*.p12",
+            "**/a*b",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(
+            exit_names(&globs),
+            ExitNames {
+                names: vec![".env".into(), "credentials".into(), "token".into()],
+                endings: vec![".p12".into()],
+                beginnings: vec!["id_".into()],
+                by_given_path: vec!["/etc/ssl/private/**".into(), "**/a*b".into()],
+            }
+        );
+        // As CONFIG words: the count on top, the bytes little-endian; a
+        // longer affix keeps the 7 bytes next to the name's end or start.
+        use keywarden_probe_types::name_affix;
+        assert_eq!(name_affix(b".p12", true), 4 << 56 | 0x3231_702e);
+        assert_eq!(name_affix(b".keystore", true), name_affix(b"eystore", true));
+        assert_eq!(name_affix(b"id_rsa_backup", false), name_affix(b"id_rsa_", false));
+        // Past the kernel's slots, globs are judged by the given path.
+        let many: Vec<String> = (0..6).map(|i| format!("**/*.x{i}")).collect();
+        let e = exit_names(&many);
+        assert_eq!(e.endings.len(), 4);
+        assert_eq!(e.by_given_path, vec!["**/*.x4", "**/*.x5"]);
     }
 
     #[test]

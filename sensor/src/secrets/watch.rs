@@ -57,12 +57,15 @@ pub struct WatchList {
     entries: Vec<WatchEntry>,
     /// What the probe filters on, one per entry.
     pub kernel: Vec<WatchPattern>,
+    /// What the exit of an open tests the opened file's name against.
+    pub exit: prefilter::ExitNames,
 }
 
 impl WatchList {
     pub fn new(entries: &[WatchEntry]) -> Result<Self, PatternError> {
         let globs: Vec<String> = entries.iter().map(|e| e.glob().to_owned()).collect();
         let kernel = prefilter::compile_all(&globs)?;
+        let exit = prefilter::exit_names(&globs);
         let mut builder = GlobSetBuilder::new();
         for g in &globs {
             let glob = GlobBuilder::new(g)
@@ -82,6 +85,7 @@ impl WatchList {
             set,
             entries: entries.to_vec(),
             kernel,
+            exit,
         })
     }
 

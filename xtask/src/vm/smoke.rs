@@ -9,7 +9,7 @@
 use std::{collections::BTreeMap, path::Path};
 
 /// (test binary, exact test name, what it covers on a kernel)
-pub const SMOKE: [(&str, &str, &str); 10] = [
+pub const SMOKE: [(&str, &str, &str); 11] = [
     (
         "openssl_cli",
         "cli_signing_gives_one_event_per_signature_with_the_right_key",
@@ -34,6 +34,11 @@ pub const SMOKE: [(&str, &str, &str); 10] = [
         "hostile",
         "a_key_opened_under_another_name_or_a_long_path_is_seen",
         "the exit's look at the opened file's own name (dentry), and the path walked up across mounts, run as nobody",
+    ),
+    (
+        "hostile",
+        "a_watched_file_opened_under_another_name_or_a_long_path_is_seen",
+        "the exit's tests of watch-list names, endings and beginnings (FILE_NAMES, CONFIG), run as nobody",
     ),
     (
         "hostile",

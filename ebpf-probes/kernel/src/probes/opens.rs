@@ -36,8 +36,8 @@ use keywarden_probe_types::*;
 
 use crate::{
     maps::{
-        CONTROL, EVENTS, HELD, LIBRARY_SEEN, PATH_SCRATCH, PENDING_OPEN, PROTECTED_NAMES,
-        PendingOpen, URING_LAYOUT, WALK_SCRATCH, WATCH, pending,
+        CONTROL, EVENTS, FILE_NAMES, HELD, LIBRARY_SEEN, PATH_SCRATCH, PENDING_OPEN, PendingOpen,
+        URING_LAYOUT, WALK_SCRATCH, WATCH, pending,
     },
     util::{
         SIGSTOP, config, count, current_root, current_task, file_id, kernel_ptr, kernel_read,
@@ -105,7 +105,7 @@ fn on_enter(filename: u64, dfd: impl Fn() -> i64, sys_flags: impl Fn() -> u64) {
     let name = basename_hash(buf, basename, len);
     // SAFETY: only whether an entry exists is used; the reference is dropped at
     // once.
-    if unsafe { PROTECTED_NAMES.get(&name) }.is_some() {
+    if unsafe { FILE_NAMES.get(&name) }.is_some_and(|k| k & name_kind::PROTECTED != 0) {
         flags |= open_flags::PROTECTED;
     }
     let sys_flags = sys_flags();
@@ -263,7 +263,8 @@ fn report_result(flags: u32, pid_tgid: u64, ret: i64, file: Option<u64>) {
 
 /// The file behind a descriptor an open just returned, and what its own
 /// name says: `KEY_FILE` for a key file's suffix, `PROTECTED` for a
-/// protected key's basename.
+/// protected key's basename, `WATCHED` for a name a watch-list glob ends
+/// with (a basename, an ending or a beginning).
 struct OpenedFile {
     file: u64,
     dentry: u64,
@@ -272,8 +273,9 @@ struct OpenedFile {
 
 /// Runs at the exit of every open that returned a descriptor, so it reads
 /// as little as it can: the descriptor's file, its dentry, the name's
-/// length and last eight bytes. The name is hashed for `PROTECTED_NAMES`
-/// only when a protected basename has its length.
+/// length and last eight bytes (and its first eight, when a watch-list
+/// glob names a beginning). The name is hashed for `FILE_NAMES` only when
+/// a basename there has its length.
 #[inline(always)]
 fn opened_file(fd: i64) -> Option<OpenedFile> {
     let l = task_layout()?;
@@ -310,9 +312,28 @@ fn opened_file(fd: i64) -> Option<OpenedFile> {
             break;
         }
     }
-    let lens = config(config::PROTECTED_NAME_LENS);
-    if lens & (1u64 << (len.min(63) as u64)) != 0 && is_protected_name(name) {
-        flags |= open_flags::PROTECTED;
+    if name_affix_matches(config::NAME_ENDINGS, tail, end, true) {
+        flags |= open_flags::WATCHED;
+    }
+    if config(config::NAME_BEGINNINGS) != 0 {
+        let head = if len <= 8 {
+            tail
+        } else {
+            kernel_read::<u64>(name, 0).unwrap_or(0)
+        };
+        if name_affix_matches(config::NAME_BEGINNINGS, head, len.min(8) as usize, false) {
+            flags |= open_flags::WATCHED;
+        }
+    }
+    let lens = config(config::NAME_LENS);
+    if lens & (1u64 << (len.min(63) as u64)) != 0 {
+        let kind = name_kind_of(name);
+        if kind & name_kind::PROTECTED != 0 {
+            flags |= open_flags::PROTECTED;
+        }
+        if kind & name_kind::WATCHED != 0 {
+            flags |= open_flags::WATCHED;
+        }
     }
     Some(OpenedFile {
         file,
@@ -321,11 +342,36 @@ fn opened_file(fd: i64) -> Option<OpenedFile> {
     })
 }
 
-/// Whether a dentry's name (a kernel string) is a protected basename.
+/// Whether one of the `config::NAME_AFFIXES` slots from `first` (endings
+/// or beginnings, `name_affix`) matches `word`, which holds `have` bytes
+/// of the name: its last ones for an ending, its first for a beginning.
 #[inline(always)]
-fn is_protected_name(name: u64) -> bool {
+fn name_affix_matches(first: u32, word: u64, have: usize, ending: bool) -> bool {
+    let mut i = 0u32;
+    while i < config::NAME_AFFIXES {
+        let affix = config(first + i);
+        if affix == 0 {
+            return false;
+        }
+        let n = ((affix >> 56) & 7) as usize;
+        if n > 0 && n <= have {
+            let at = if ending { (have - n) & 7 } else { 0 };
+            let mask = (1u64 << ((n * 8) & 63)) - 1;
+            if (word >> (at * 8)) & mask == affix & mask {
+                return true;
+            }
+        }
+        i += 1;
+    }
+    false
+}
+
+/// What a dentry's name (a kernel string) is in `FILE_NAMES`
+/// (`name_kind`), 0 if it is not there.
+#[inline(always)]
+fn name_kind_of(name: u64) -> u8 {
     let Some(scratch) = PATH_SCRATCH.get_ptr_mut(scratch::EXIT) else {
-        return false;
+        return 0;
     };
     // SAFETY: this CPU's EXIT slot, used only by the exit programs, which do
     // not nest on a CPU (see `read_path`); PATH_SCRATCH >= PATH_MAX.
@@ -333,19 +379,19 @@ fn is_protected_name(name: u64) -> bool {
     // SAFETY: the helper checks the kernel address and writes at most
     // `buf`'s PATH_MAX bytes.
     let Ok(read) = (unsafe { bpf_probe_read_kernel_str_bytes(name as *const u8, buf) }) else {
-        return false;
+        return 0;
     };
     let len = read.len();
     // SAFETY: the same slot, its mutable borrow over.
     let buf: &[u8; PATH_MAX] = unsafe { &*(scratch as *const [u8; PATH_MAX]) };
     let hash = basename_hash(buf, 0, len);
-    // SAFETY: only whether an entry exists is used; the reference is dropped at
-    // once.
-    unsafe { PROTECTED_NAMES.get(&hash) }.is_some()
+    // SAFETY: the value is copied out at once.
+    unsafe { FILE_NAMES.get(&hash) }.copied().unwrap_or(0)
 }
 
 /// Reports an open entry did not: the file the kernel opened is named
-/// like a key file or a protected key, the path the process gave was not.
+/// like a key file, a protected key or a watched file, the path the
+/// process gave was not.
 /// Its path is walked up from the file's dentry (`walk_path`); its result
 /// follows at once. A protected key's opener is held, as at entry.
 #[inline(always)]
@@ -819,7 +865,7 @@ fn should_hold(open_flags: u64, task: &Task) -> bool {
     config(config::HOLD_NEW_LIBRARIES) != 0 && open_flags & O_CLOEXEC != 0 && sensor_alive(task)
 }
 
-/// `protected_name_hash` of the last path component, computed in place.
+/// `name_hash` of the last path component, computed in place.
 #[inline(always)]
 fn basename_hash(buf: &[u8; PATH_MAX], start: usize, len: usize) -> u64 {
     let mut scan = PathScan {
@@ -828,7 +874,7 @@ fn basename_hash(buf: &[u8; PATH_MAX], start: usize, len: usize) -> u64 {
         at: start as u64,
         out: 0xcbf2_9ce4_8422_2325,
     };
-    path_loop(PROTECTED_NAME_MAX as u32, hash_step, &mut scan);
+    path_loop(NAME_HASH_MAX as u32, hash_step, &mut scan);
     scan.out
 }
 
