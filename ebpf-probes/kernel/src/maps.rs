@@ -108,6 +108,15 @@ pub(crate) static HOLD_LEASE: Array<HoldLease> = Array::pinned(1, 0);
 #[map]
 pub(crate) static VERDICT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0);
 
+/// Basename hashes (`name_hash`) of files that hold protected keys,
+/// tested at the entry of every open of a key-named or watched path:
+/// opening one holds the process until the sensor has judged it. Apart
+/// from `FILE_NAMES` so the entry only asks whether a name is here:
+/// reading `FILE_NAMES`' bits there took Debian 6.1's verifier past its
+/// million-instruction limit for the entry programs.
+#[map]
+pub(crate) static PROTECTED_NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
 /// Basename hashes (`name_hash`) the exit of an open tests the opened
 /// file's own name against. Value: `name_kind` bits. A `PROTECTED` name's
 /// opener is held until the sensor has judged it; a `WATCHED` one (the
@@ -115,6 +124,13 @@ pub(crate) static VERDICT: HashMap<u32, u32> = HashMap::with_max_entries(4096, 0
 /// match its path.
 #[map]
 pub(crate) static FILE_NAMES: HashMap<u64, u8> = HashMap::with_max_entries(1024, 0);
+
+/// The basenames of `FILE_NAMES`, keyed by length and last eight bytes
+/// (`NameTail`), with the same `name_kind` bits: the exit of every open
+/// tests the opened file's name here first, at the cost of one lookup.
+/// Only a longer name found here is read whole and hashed.
+#[map]
+pub(crate) static NAME_TAILS: HashMap<NameTail, u8> = HashMap::with_max_entries(1024, 0);
 
 #[map]
 pub(crate) static CONFIG: Array<u64> = Array::with_max_entries(config::SLOTS, 0);

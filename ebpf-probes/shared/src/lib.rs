@@ -189,9 +189,10 @@ pub mod open_flags {
     /// `FILE_NAMES` as `name_kind::WATCHED`, or one of the configured
     /// endings and beginnings, `config::NAME_ENDINGS`).
     pub const WATCHED: u32 = 1 << 4;
-    /// The basename is that of a file holding a protected key
-    /// (`FILE_NAMES`, `name_kind::PROTECTED`); with `HELD`, the process is stopped until the
-    /// sensor has decided whether it may sign with that key.
+    /// The basename is that of a file holding a protected key (at entry
+    /// `PROTECTED_NAMES`, at exit `name_kind::PROTECTED`); with `HELD`,
+    /// the process is stopped until the sensor has decided whether it may
+    /// sign with that key.
     pub const PROTECTED: u32 = 1 << 5;
     /// Reported from the open's exit, by the name of the file the kernel
     /// opened (its dentry), because the path the process gave did not
@@ -248,10 +249,38 @@ pub fn name_affix(bytes: &[u8], ending: bool) -> u64 {
     word
 }
 
-/// Longest basename prefix hashed for `FILE_NAMES`.
+/// A basename as `NAME_TAILS` keys it: its length and its last eight
+/// bytes (all of a shorter one), little-endian. What the exit of an open
+/// reads of every opened file's name anyway, so testing it costs one
+/// lookup; a name of up to eight bytes is told exactly, a longer one is
+/// then hashed whole for `FILE_NAMES`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NameTail {
+    pub len: u64,
+    pub tail: u64,
+}
+
+impl NameTail {
+    pub fn new(name: &[u8]) -> Self {
+        let n = name.len().min(8);
+        let mut tail = 0u64;
+        let mut i = 0;
+        while i < n {
+            tail |= (name[name.len() - n + i] as u64) << (8 * i);
+            i += 1;
+        }
+        NameTail {
+            len: name.len() as u64,
+            tail,
+        }
+    }
+}
+
+/// Longest basename prefix hashed for `FILE_NAMES` and `PROTECTED_NAMES`.
 pub const NAME_HASH_MAX: usize = 64;
 
-/// Hash of a basename as `FILE_NAMES` keys it: FNV-1a over its first
+/// Hash of a basename as `FILE_NAMES` and `PROTECTED_NAMES` key it: FNV-1a over its first
 /// `NAME_HASH_MAX` bytes. The kernel computes the same in place.
 pub fn name_hash(name: &[u8]) -> u64 {
     let n = name.len().min(NAME_HASH_MAX);
@@ -353,8 +382,10 @@ pub mod config {
     /// name at the exit of every open (the key suffixes are built in).
     pub const NAME_ENDINGS: u32 = 4;
     /// First of `NAME_AFFIXES` slots of beginnings of watch-list globs
-    /// like `**/.ssh/id_*`.
+    /// like `**/.ssh/id_*`, right after the endings: the probe walks both
+    /// in one loop.
     pub const NAME_BEGINNINGS: u32 = 8;
+    const _: () = assert!(NAME_BEGINNINGS == NAME_ENDINGS + NAME_AFFIXES);
     /// Slots of each kind: globs past these are judged by the path the
     /// process gave only.
     pub const NAME_AFFIXES: u32 = 4;
@@ -872,4 +903,6 @@ mod pod {
     unsafe impl aya::Pod for TaskLayout {}
     // SAFETY: UringLayout is repr(C) plain data, valid for any bit pattern.
     unsafe impl aya::Pod for UringLayout {}
+    // SAFETY: NameTail is repr(C) plain data, valid for any bit pattern.
+    unsafe impl aya::Pod for NameTail {}
 }

@@ -21,7 +21,7 @@ use crate::{
 pub struct Decisions {
     pub enforcer: Enforcer,
     probes: Arc<Mutex<Probes>>,
-    /// Basenames already in the kernel's `FILE_NAMES`.
+    /// Basenames already in the kernel's `PROTECTED_NAMES`.
     protected_names: hashbrown::HashSet<String>,
     /// Protected keys found in a file (so their openers can be held).
     protected_found: hashbrown::HashSet<String>,

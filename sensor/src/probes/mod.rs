@@ -30,8 +30,8 @@ use aya::{
 };
 use hashbrown::HashMap;
 use keywarden_probe_types::{
-    ExeId, HoldLease, KnownHandle, LibrarySeenKey, ProcPtr, SockLayout, TaskLayout, WatchPattern,
-    config, func, name_affix, name_hash, name_kind, stats, watch,
+    ExeId, HoldLease, KnownHandle, LibrarySeenKey, NameTail, ProcPtr, SockLayout, TaskLayout,
+    WatchPattern, config, func, name_affix, name_hash, name_kind, stats, watch,
 };
 use tracing::{debug, info};
 
@@ -688,6 +688,14 @@ impl Probes {
     /// Adds the basename of a file holding a protected key: opening any
     /// file of that name holds the opener until the sensor has judged it.
     pub fn protect_name(&mut self, basename: &str) -> Result<()> {
+        // The entry's test of the path the process gave.
+        let mut map: BpfHashMap<&mut MapData, u64, u8> = BpfHashMap::try_from(
+            self.ebpf
+                .map_mut("PROTECTED_NAMES")
+                .context("PROTECTED_NAMES map")?,
+        )?;
+        map.insert(&name_hash(basename.as_bytes()), &1, 0)?;
+        // The exit's test of the opened file's own name.
         self.add_file_name(basename, name_kind::PROTECTED)
     }
 
@@ -712,15 +720,21 @@ impl Probes {
         Ok(())
     }
 
-    /// Marks `basename` as `kind` in `FILE_NAMES`, beside what it already
-    /// is, and its length in `config::NAME_LENS`: the exit of every open
-    /// hashes the opened file's name only when its length is one of these.
+    /// Marks `basename` as `kind` in `FILE_NAMES` and `NAME_TAILS`, beside
+    /// what it already is, and its length in `config::NAME_LENS`: the exit
+    /// of every open looks the opened file's name up only when its length
+    /// is one of these.
     fn add_file_name(&mut self, basename: &str, kind: u8) -> Result<()> {
         let mut map: BpfHashMap<&mut MapData, u64, u8> =
             BpfHashMap::try_from(self.ebpf.map_mut("FILE_NAMES").context("FILE_NAMES map")?)?;
         let hash = name_hash(basename.as_bytes());
         let was = map.get(&hash, 0).unwrap_or(0);
         map.insert(&hash, &(was | kind), 0)?;
+        let mut tails: BpfHashMap<&mut MapData, NameTail, u8> =
+            BpfHashMap::try_from(self.ebpf.map_mut("NAME_TAILS").context("NAME_TAILS map")?)?;
+        let tail = NameTail::new(basename.as_bytes());
+        let was = tails.get(&tail, 0).unwrap_or(0);
+        tails.insert(&tail, &(was | kind), 0)?;
         let mut slots = self.array::<u64>("CONFIG")?;
         let lens = slots.get(&config::NAME_LENS, 0)? | 1u64 << basename.len().min(63);
         slots.set(config::NAME_LENS, &lens, 0)?;

@@ -262,7 +262,26 @@ mod tests {
         use keywarden_probe_types::name_affix;
         assert_eq!(name_affix(b".p12", true), 4 << 56 | 0x3231_702e);
         assert_eq!(name_affix(b".keystore", true), name_affix(b"eystore", true));
-        assert_eq!(name_affix(b"id_rsa_backup", false), name_affix(b"id_rsa_", false));
+        assert_eq!(
+            name_affix(b"id_rsa_backup", false),
+            name_affix(b"id_rsa_", false)
+        );
+        // NAME_TAILS keys: the length, and the last eight bytes.
+        use keywarden_probe_types::NameTail;
+        assert_eq!(
+            NameTail::new(b".env"),
+            NameTail {
+                len: 4,
+                tail: u32::from_le_bytes(*b".env") as u64
+            }
+        );
+        assert_eq!(
+            NameTail::new(b"credentials"),
+            NameTail {
+                len: 11,
+                tail: u64::from_le_bytes(*b"dentials")
+            }
+        );
         // Past the kernel's slots, globs are judged by the given path.
         let many: Vec<String> = (0..6).map(|i| format!("**/*.x{i}")).collect();
         let e = exit_names(&many);
