@@ -355,9 +355,9 @@ struct AffixScan {
 
 /// Whether one of the configured endings or beginnings (`name_affix`,
 /// `config::NAME_ENDINGS`) matches the name. A `bpf_loop`, like the watch
-/// list at entry: the verifier checks its callback once, where the same
-/// test unrolled over eight slots multiplied the paths it explores (Debian
-/// 6.1's took over a minute under TCG to load the open programs).
+/// list at entry: the verifier checks its callback once instead of eight
+/// unrolled copies, and these programs are near Debian 6.1's verifier
+/// limit (docs/design.md, "Mechanisms per kernel").
 #[inline(always)]
 fn name_affix_matches(tail: u64, tail_have: u64, head: u64, head_have: u64) -> bool {
     let mut scan = AffixScan {
