@@ -187,7 +187,7 @@ pub mod open_flags {
     /// The path passed the kernel prefilter of the secret-file watch list;
     /// with `RESOLVED`, the opened file's own name did (a basename in
     /// `FILE_NAMES` as `name_kind::WATCHED`, or one of the configured
-    /// endings and beginnings, `config::NAME_ENDINGS`).
+    /// endings and beginnings, `config::NAME_AFFIX_SLOTS`).
     pub const WATCHED: u32 = 1 << 4;
     /// The basename is that of a file holding a protected key (at entry
     /// `PROTECTED_NAMES`, at exit `name_kind::PROTECTED`); with `HELD`,
@@ -230,9 +230,10 @@ pub mod name_kind {
 }
 
 /// A file-name ending or beginning of up to 7 bytes, as one `CONFIG`
-/// word: the bytes little-endian in the low 56 bits, their count in the
-/// top 8. 0 is an unused slot. A longer one keeps its last (ending) or
-/// first (beginning) 7 bytes, which only widens the kernel's test.
+/// word: the bytes little-endian in the low 56 bits, their count in bits
+/// 56–58, and `NAME_AFFIX_ENDING` for an ending. 0 is an unused slot. A
+/// longer one keeps its last (ending) or first (beginning) 7 bytes, which
+/// only widens the kernel's test.
 pub fn name_affix(bytes: &[u8], ending: bool) -> u64 {
     let n = bytes.len().min(7);
     let part = if ending {
@@ -241,6 +242,9 @@ pub fn name_affix(bytes: &[u8], ending: bool) -> u64 {
         &bytes[..n]
     };
     let mut word = (n as u64) << 56;
+    if ending {
+        word |= NAME_AFFIX_ENDING;
+    }
     let mut i = 0;
     while i < n {
         word |= (part[i] as u64) << (8 * i);
@@ -276,6 +280,9 @@ impl NameTail {
         }
     }
 }
+
+/// The bit of a `name_affix` word that makes it an ending.
+pub const NAME_AFFIX_ENDING: u64 = 1 << 63;
 
 /// Longest basename prefix hashed for `FILE_NAMES` and `PROTECTED_NAMES`.
 pub const NAME_HASH_MAX: usize = 64;
@@ -377,17 +384,16 @@ pub mod config {
     /// `FILE_NAMES`: the exit of an open hashes the opened file's own name
     /// only when its length is one of them.
     pub const NAME_LENS: u32 = 3;
-    /// First of `NAME_AFFIXES` slots of endings (`name_affix`) of
-    /// watch-list globs like `**/*.p12`, tested against the opened file's
-    /// name at the exit of every open (the key suffixes are built in).
-    pub const NAME_ENDINGS: u32 = 4;
-    /// First of `NAME_AFFIXES` slots of beginnings of watch-list globs
-    /// like `**/.ssh/id_*`, right after the endings: the probe walks both
-    /// in one loop.
-    pub const NAME_BEGINNINGS: u32 = 8;
-    const _: () = assert!(NAME_BEGINNINGS == NAME_ENDINGS + NAME_AFFIXES);
-    /// Slots of each kind: globs past these are judged by the path the
-    /// process gave only.
+    /// First of `2 * NAME_AFFIXES` slots of name endings and beginnings
+    /// (`name_affix`) of watch-list globs like `**/*.p12` and
+    /// `**/.ssh/id_*`, tested against the opened file's name at the exit
+    /// of every open (the key suffixes are built in). Packed from the
+    /// first slot, beginnings first: the probe stops at the first unused
+    /// slot, and reads the name's first bytes only when the first slot is
+    /// a beginning.
+    pub const NAME_AFFIX_SLOTS: u32 = 4;
+    /// At most this many endings, and this many beginnings: globs past
+    /// these are judged by the path the process gave only.
     pub const NAME_AFFIXES: u32 = 4;
     pub const SLOTS: u32 = 12;
     /// A lease whose heartbeat is older than this is void: its sensor died

@@ -705,17 +705,17 @@ impl Probes {
         for n in &names.names {
             self.add_file_name(n, name_kind::WATCHED)?;
         }
+        // Packed, beginnings first (`config::NAME_AFFIX_SLOTS`).
+        let words: Vec<u64> = (names
+            .beginnings
+            .iter()
+            .map(|b| name_affix(b.as_bytes(), false)))
+        .chain(names.endings.iter().map(|e| name_affix(e.as_bytes(), true)))
+        .collect();
         let mut slots = self.array::<u64>("CONFIG")?;
-        for (first, affixes, ending) in [
-            (config::NAME_ENDINGS, &names.endings, true),
-            (config::NAME_BEGINNINGS, &names.beginnings, false),
-        ] {
-            for i in 0..config::NAME_AFFIXES {
-                let word = affixes
-                    .get(i as usize)
-                    .map_or(0, |a| name_affix(a.as_bytes(), ending));
-                slots.set(first + i, &word, 0)?;
-            }
+        for i in 0..2 * config::NAME_AFFIXES {
+            let word = words.get(i as usize).copied().unwrap_or(0);
+            slots.set(config::NAME_AFFIX_SLOTS + i, &word, 0)?;
         }
         Ok(())
     }

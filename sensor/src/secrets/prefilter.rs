@@ -259,8 +259,12 @@ mod tests {
         );
         // As CONFIG words: the count on top, the bytes little-endian; a
         // longer affix keeps the 7 bytes next to the name's end or start.
-        use keywarden_probe_types::name_affix;
-        assert_eq!(name_affix(b".p12", true), 4 << 56 | 0x3231_702e);
+        use keywarden_probe_types::{NAME_AFFIX_ENDING, name_affix};
+        assert_eq!(
+            name_affix(b".p12", true),
+            NAME_AFFIX_ENDING | 4 << 56 | 0x3231_702e
+        );
+        assert_eq!(name_affix(b"id_", false), 3 << 56 | 0x5f_6469);
         assert_eq!(name_affix(b".keystore", true), name_affix(b"eystore", true));
         assert_eq!(
             name_affix(b"id_rsa_backup", false),

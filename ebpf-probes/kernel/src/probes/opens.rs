@@ -312,9 +312,10 @@ fn opened_file(fd: i64) -> Option<OpenedFile> {
             break;
         }
     }
-    let beginnings = config(config::NAME_BEGINNINGS) != 0;
-    if beginnings || config(config::NAME_ENDINGS) != 0 {
-        let head = if !beginnings {
+    let first = config(config::NAME_AFFIX_SLOTS);
+    if first != 0 {
+        // Beginnings come first: with none, the first slot is an ending.
+        let head = if first & NAME_AFFIX_ENDING != 0 {
             0
         } else if len <= 8 {
             tail
@@ -354,7 +355,7 @@ struct AffixScan {
 }
 
 /// Whether one of the configured endings or beginnings (`name_affix`,
-/// `config::NAME_ENDINGS`) matches the name. A `bpf_loop`, like the watch
+/// `config::NAME_AFFIX_SLOTS`) matches the name. A `bpf_loop`, like the watch
 /// list at entry: the verifier checks its callback once instead of eight
 /// unrolled copies, and these programs are near Debian 6.1's verifier
 /// limit (docs/design.md, "Mechanisms per kernel").
@@ -380,15 +381,18 @@ fn name_affix_matches(tail: u64, tail_have: u64, head: u64, head_have: u64) -> b
     scan.hit != 0
 }
 
-/// One `bpf_loop` step over the ending slots, then the beginning ones
-/// (`NAME_BEGINNINGS` follows `NAME_ENDINGS`): 0 to go on, 1 on a match.
+/// One `bpf_loop` step over the affix slots: 0 to go on, 1 on a match or
+/// at the first unused slot (they are packed).
 extern "C" fn affix_slot(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: `ctx` is the `&mut scan` name_affix_matches passed to
     // bpf_loop: live for the whole loop, and nothing else touches it.
     let scan = unsafe { &mut *(ctx as *mut AffixScan) };
-    let affix = config(config::NAME_ENDINGS + (index as u32 & 7));
+    let affix = config(config::NAME_AFFIX_SLOTS + (index as u32 & 7));
+    if affix == 0 {
+        return 1;
+    }
     let n = (affix >> 56) & 7;
-    let ending = index < config::NAME_AFFIXES as u64;
+    let ending = affix & NAME_AFFIX_ENDING != 0;
     let (word, have) = if ending {
         (scan.tail, scan.tail_have)
     } else {
