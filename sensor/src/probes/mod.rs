@@ -706,12 +706,12 @@ impl Probes {
             self.add_file_name(n, name_kind::WATCHED)?;
         }
         // Packed, beginnings first (`config::NAME_AFFIX_SLOTS`).
-        let words: Vec<u64> = (names
+        let beginnings = names
             .beginnings
             .iter()
-            .map(|b| name_affix(b.as_bytes(), false)))
-        .chain(names.endings.iter().map(|e| name_affix(e.as_bytes(), true)))
-        .collect();
+            .map(|b| name_affix(b.as_bytes(), false));
+        let endings = names.endings.iter().map(|e| name_affix(e.as_bytes(), true));
+        let words: Vec<u64> = beginnings.chain(endings).collect();
         let mut slots = self.array::<u64>("CONFIG")?;
         for i in 0..2 * config::NAME_AFFIXES {
             let word = words.get(i as usize).copied().unwrap_or(0);
