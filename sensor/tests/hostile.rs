@@ -7,7 +7,7 @@ mod support;
 
 use std::{
     os::unix::{fs::PermissionsExt, process::CommandExt},
-    path::Path,
+    path::{Path, PathBuf},
     process::Command,
     time::Duration,
 };
@@ -1201,6 +1201,51 @@ for f in files:
 sys.stdin.read()
 "#;
 
+/// A directory under `base` whose path is longer than the probe copies
+/// (twelve levels of 24 bytes).
+fn deep_dir(base: &Path) -> PathBuf {
+    let mut deep = base.to_path_buf();
+    for _ in 0..12 {
+        deep.push("d".repeat(24));
+    }
+    std::fs::create_dir_all(&deep).unwrap();
+    deep
+}
+
+/// `nobody` opens and reads each of `paths`, keeping them open until the
+/// sensor has reported `n` opens of its (a long path's file is read only
+/// through the opener's descriptor); then the sensor stops. Returns the
+/// process's secret-file opens, exactly `n`.
+fn opens_held_by_nobody(sensor: Sensor, paths: &[PathBuf], n: usize) -> Vec<Event> {
+    let mut opener = as_nobody("python3")
+        .arg("-c")
+        .arg(OPEN_AND_HOLD)
+        .args(paths)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = opener.id();
+    wait_for("the opens reported", Duration::from_secs(60), || {
+        secret_opens_of(&sensor.events(), pid).len() >= n
+    });
+    drop(opener.stdin.take());
+    assert!(opener.wait().unwrap().success());
+    let events = sensor.stop();
+    let opens: Vec<Event> = secret_opens_of(&events, pid).into_iter().cloned().collect();
+    assert_eq!(opens.len(), n, "{}", pretty(&opens));
+    opens
+}
+
+/// The one open among `opens` whose path `want` accepts.
+fn the_open<'a>(opens: &'a [Event], want: &dyn Fn(&str) -> bool) -> &'a Event {
+    let found: Vec<&Event> = opens
+        .iter()
+        .filter(|e| file_path_of(e).is_some_and(want))
+        .collect();
+    assert_eq!(found.len(), 1, "{}", pretty(&opens));
+    found[0]
+}
+
 /// The open probe first judges the path the process gave. A symlink of an
 /// unremarkable name (`notes.txt`) to a key file, and a key file whose
 /// path is longer than the probe copies (entry sees it cut, with no
@@ -1214,45 +1259,14 @@ fn a_key_opened_under_another_name_or_a_long_path_is_seen() {
     let (key, site_key) = site_key_in(work.path());
     let link = work.path().join("notes.txt");
     std::os::unix::fs::symlink(&site_key, &link).unwrap();
-    let mut deep = work.path().to_path_buf();
-    for _ in 0..12 {
-        deep.push("d".repeat(24));
-    }
-    std::fs::create_dir_all(&deep).unwrap();
-    let deep_key = deep.join("deep.key");
+    let deep_key = deep_dir(work.path()).join("deep.key");
     std::fs::copy(&site_key, &deep_key).unwrap();
     assert!(deep_key.as_os_str().len() > 300);
-    let sensor = Sensor::start(&[]);
-    let mut opener = as_nobody("python3")
-        .arg("-c")
-        .arg(OPEN_AND_HOLD)
-        .arg(&link)
-        .arg(&deep_key)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = opener.id();
-    // The long path is read only through the process's descriptor: the
-    // process keeps it open until both opens are reported.
-    wait_for("both opens reported", Duration::from_secs(60), || {
-        secret_opens_of(&sensor.events(), pid).len() >= 2
+    let opens = opens_held_by_nobody(Sensor::start(&[]), &[link, deep_key], 2);
+    let linked = the_open(&opens, &|p| p == site_key.to_str().unwrap());
+    let long = the_open(&opens, &|p| {
+        p.starts_with("...") && p.ends_with("/dddddddddddddddddddddddd/deep.key")
     });
-    drop(opener.stdin.take());
-    assert!(opener.wait().unwrap().success());
-    let events = sensor.stop();
-    let opens = secret_opens_of(&events, pid);
-    assert_eq!(opens.len(), 2, "{}", pretty(&opens));
-    let by_path = |want: &dyn Fn(&str) -> bool| {
-        let found: Vec<&&Event> = opens
-            .iter()
-            .filter(|e| file_path_of(e).is_some_and(want))
-            .collect();
-        assert_eq!(found.len(), 1, "{}", pretty(&opens));
-        *found[0]
-    };
-    let linked = by_path(&|p| p == site_key.to_str().unwrap());
-    let long =
-        by_path(&|p| p.starts_with("...") && p.ends_with("/dddddddddddddddddddddddd/deep.key"));
     for e in [linked, long] {
         assert_eq!(e.status_id, 1, "{}", pretty(e));
         assert_eq!(spki_of(e), Some(key.spki.as_str()), "{}", pretty(e));
@@ -1284,12 +1298,7 @@ fn a_watched_file_opened_under_another_name_or_a_long_path_is_seen() {
         std::os::unix::fs::symlink(target, dir.join(link)).unwrap();
         opened.push(dir.join(link));
     }
-    let mut deep = dir.to_path_buf();
-    for _ in 0..12 {
-        deep.push("d".repeat(24));
-    }
-    std::fs::create_dir_all(&deep).unwrap();
-    let deep_env = deep.join(".env");
+    let deep_env = deep_dir(dir).join(".env");
     std::fs::write(&deep_env, "not a secret either\n").unwrap();
     assert!(deep_env.as_os_str().len() > 300);
     opened.push(deep_env);
@@ -1303,34 +1312,15 @@ fn a_watched_file_opened_under_another_name_or_a_long_path_is_seen() {
         )],
     );
     let sensor = Sensor::start(&["--config", config.to_str().unwrap()]);
-    let mut opener = as_nobody("python3")
-        .arg("-c")
-        .arg(OPEN_AND_HOLD)
-        .args(&opened)
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = opener.id();
-    wait_for("four opens reported", Duration::from_secs(60), || {
-        secret_opens_of(&sensor.events(), pid).len() >= 4
-    });
-    drop(opener.stdin.take());
-    assert!(opener.wait().unwrap().success());
-    let events = sensor.stop();
-    let opens = secret_opens_of(&events, pid);
-    assert_eq!(opens.len(), 4, "{}", pretty(&opens));
-    let one_of = |want: &dyn Fn(&str) -> bool| {
-        let found: Vec<&&Event> = opens
-            .iter()
-            .filter(|e| file_path_of(e).is_some_and(want))
-            .collect();
-        assert_eq!(found.len(), 1, "{}", pretty(&opens));
-        assert_eq!(found[0].status_id, 1, "{}", pretty(found[0]));
-    };
+    let opens = opens_held_by_nobody(sensor, &opened, 4);
     for f in &files[..3] {
-        one_of(&|p| p == f.to_str().unwrap());
+        let e = the_open(&opens, &|p| p == f.to_str().unwrap());
+        assert_eq!(e.status_id, 1, "{}", pretty(e));
     }
-    one_of(&|p| p.starts_with("...") && p.ends_with("/dddddddddddddddddddddddd/.env"));
+    let long = the_open(&opens, &|p| {
+        p.starts_with("...") && p.ends_with("/dddddddddddddddddddddddd/.env")
+    });
+    assert_eq!(long.status_id, 1, "{}", pretty(long));
 }
 
 /// Opens the file named by argv[1] through io_uring (`IORING_OP_OPENAT`,
